@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build on machines without a GPU.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "vqar needs Python >= 3.10"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Trains the default tokenizer on the bundled MNIST digits and writes its reconstruction grid.
+demo: install
+	$(BIN)/vqar train tokenizer rqvae-mnist --out $(DEMO_DIR)/tokenizer --overwrite
+	@echo "reconstruction grid: $(DEMO_DIR)/tokenizer/recon_grid.png"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Also runs the tests marked slow.
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/rate_distortion.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

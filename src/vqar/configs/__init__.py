@@ -1,0 +1,163 @@
+"""Run configurations: dataclass schemas filled from packaged YAML presets and `key=value` overrides.
+
+A preset is a YAML file shipped in this folder (`configs/<group>/<name>.yaml`) or any YAML path. Overrides use
+OmegaConf dotlists (`model.quantizer.depth=4`, `train.steps=500`) plus per-group shorthands in the style of the
+RQ-Transformer tools (`d=4 c=256`). Unknown keys, ill-typed values and invalid combinations raise `ConfigError`
+with a message that names the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message saying why."""
+
+
+def preset_names(group: str) -> list[str]:
+    """Names of the presets shipped for `group` (e.g. "tokenizer")."""
+    folder = resources.files(__name__).joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(group: str, name: str) -> str:
+    path = resources.files(__name__).joinpath(group, f"{name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"no {group} preset named {name!r}; available: {', '.join(preset_names(group))}")
+    return path.read_text()
+
+
+def compose(
+    schema: type[T],
+    group: str,
+    preset: str | Path | None,
+    overrides: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> T:
+    """Builds a `schema` instance from defaults, then the preset (a name in `group` or a YAML path), then overrides."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    if preset is not None:
+        layers.append(_load_preset(group, preset, base))
+    layers.append(parse_overrides(base, overrides, aliases or {}))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return config
+
+
+def parse_overrides(base: DictConfig, overrides: Sequence[str], aliases: Mapping[str, str]) -> DictConfig:
+    """`key=value` strings -> a DictConfig, with shorthands expanded and every key checked against `base`."""
+    dotlist = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"overrides are key=value pairs, got {item!r}")
+        key = aliases.get(key, key)
+        check_key(base, key, aliases)
+        dotlist.append(f"{key}={value}")
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+
+
+def check_key(base: DictConfig, key: str, aliases: Mapping[str, str] | None = None) -> None:
+    """Raises ConfigError unless the dotted `key` names a field of `base`."""
+    node: Any = base
+    walked: list[str] = []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise ConfigError(_unknown_key_message(key, walked, node, aliases or {}))
+        walked.append(part)
+        node = node[part]
+
+
+def to_yaml(config: Any) -> str:
+    """YAML text of a schema instance (what run directories store as `run.yaml`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def from_dict(schema: type[T], data: Mapping[str, Any]) -> T:
+    """A schema instance from a plain dict (for configs stored next to weights); unknown keys are an error."""
+    base = OmegaConf.structured(schema)
+    _check_tree(base, OmegaConf.create(dict(data)), "")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+
+
+def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text, origin = path.read_text(), str(path)
+    else:
+        text, origin = preset_text(group, str(preset)), f"preset {preset!r}"
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as err:  # YAML syntax errors come in several types
+        raise ConfigError(f"cannot parse {origin}: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{origin} must hold a mapping at the top level")
+    _check_tree(base, loaded, "", origin)
+    return loaded
+
+
+def _check_tree(base: DictConfig, tree: DictConfig, prefix: str, origin: str = "config") -> None:
+    for key in tree:
+        dotted = f"{prefix}{key}"
+        try:
+            check_key(base, dotted)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+        child = tree[key]
+        if isinstance(child, DictConfig):
+            _check_tree(base, child, f"{dotted}.", origin)
+
+
+def _unknown_key_message(key: str, walked: list[str], node: Any, aliases: Mapping[str, str]) -> str:
+    where = ".".join(walked)
+    if not isinstance(node, DictConfig):
+        return f"unknown config key {key!r}: {where!r} is a value, not a section"
+    valid = sorted(str(k) for k in node)
+    bad = key.split(".")[len(walked)]
+    guess = difflib.get_close_matches(bad, valid, n=1)
+    hint = f" (did you mean {'.'.join([*walked, guess[0]])!r}?)" if guess else ""
+    scope = f"under {where!r}" if where else "at the top level"
+    text = f"unknown config key {key!r}{hint}. Valid keys {scope}: {', '.join(valid)}"
+    if aliases:
+        text += ". Shorthands: " + ", ".join(f"{a}={target}" for a, target in sorted(aliases.items()))
+    return text
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).split("\n")[0]
+    return f"invalid value for {key!r}: {message}" if key else message

@@ -1,0 +1,51 @@
+"""Training data: datasets, transforms, batching and the bundled MNIST digits."""
+
+from vqar.data.config import DataConfig
+from vqar.data.datasets import (
+    ArrayDataset,
+    BadSample,
+    DatasetSplit,
+    ImageFolderDataset,
+    MnistDataset,
+    Sample,
+    build_datasets,
+    load_array_file,
+    open_dataset,
+    split_dataset,
+)
+from vqar.data.loading import BadFileReport, Batch, EpochSampler, collate_samples, make_loader
+from vqar.data.mnist import load_mnist_digits
+from vqar.data.transforms import (
+    convert_channels,
+    fit_image,
+    random_hflip,
+    ten_crop,
+    to_tensor,
+    to_uint8_nhwc,
+)
+
+__all__ = [
+    "ArrayDataset",
+    "BadFileReport",
+    "BadSample",
+    "Batch",
+    "DataConfig",
+    "DatasetSplit",
+    "EpochSampler",
+    "ImageFolderDataset",
+    "MnistDataset",
+    "Sample",
+    "build_datasets",
+    "collate_samples",
+    "convert_channels",
+    "fit_image",
+    "load_array_file",
+    "load_mnist_digits",
+    "make_loader",
+    "open_dataset",
+    "random_hflip",
+    "split_dataset",
+    "ten_crop",
+    "to_tensor",
+    "to_uint8_nhwc",
+]

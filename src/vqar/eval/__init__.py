@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction quality now; generation metrics build on it."""

@@ -1,0 +1,76 @@
+"""Reconstruct image files with a trained tokenizer: original | reconstruction side by side, with PSNR."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vqar.data import convert_channels, fit_image, to_tensor
+from vqar.pretrained import load
+from vqar.tokenizers import Tokenizer
+from vqar.utils.device import resolve_device
+from vqar.utils.images import make_grid, psnr, save_image
+
+log = logging.getLogger("vqar.eval")
+
+
+def load_image_tensor(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """A file as a (1, C, size, size) tensor in [-1, 1]; unreadable files raise ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            picture = fit_image(convert_channels(image, channels), size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return to_tensor(picture).unsqueeze(0)
+
+
+def reconstruct_files(
+    tokenizer: str | Path | Tokenizer,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    size: int | None = None,
+    depth: int | None = None,
+    device: str = "auto",
+) -> list[str]:
+    """Writes `<out_dir>/<name>_recon.png` for each image and prints its PSNR; returns the files that failed.
+
+    One unreadable file does not stop the others; it is reported and listed in the return value."""
+    dev = resolve_device(device)
+    model = tokenizer if isinstance(tokenizer, Tokenizer) else load(tokenizer, device=dev)
+    if not isinstance(model, Tokenizer):
+        raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer")
+    size = size or model.image_size
+    if size % model.downsample_factor:
+        raise ValueError(
+            f"--size {size} is not a multiple of the tokenizer's downsampling factor {model.downsample_factor}"
+        )
+    if depth is not None and not model.is_residual and depth != 1:
+        raise ValueError("--depth applies to residual tokenizers; this one has one code per position")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures, written = [], set()
+    for path in images:
+        try:
+            x = load_image_tensor(path, model.in_channels, size).to(dev)
+        except (FileNotFoundError, ValueError) as err:
+            log.error("%s", err)
+            failures.append(str(path))
+            continue
+        with torch.no_grad():
+            recon = model.decode(model.encode(x), depth=depth).clamp(-1, 1)
+        value = float(psnr(x, recon)[0])
+        stem = Path(path).stem
+        name = stem if stem not in written else f"{stem}_{len(written)}"
+        written.add(name)
+        target = out_dir / f"{name}_recon.png"
+        save_image(make_grid([torch.cat([x, recon]).cpu()]), target)
+        print(f"{path}: PSNR {value:.2f} dB -> {target}")
+    return failures

@@ -1,0 +1,88 @@
+"""vqar's own model format: a folder with `config.json` and `model.safetensors` (the Hugging Face Hub layout).
+
+`save_pretrained(model, folder)` writes it; `load(folder)` rebuilds the model from the config and loads the
+weights. Training runs export this format into their run directory, so `load(RUN_DIR)` gives the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqar.configs import ConfigError, from_dict, to_dict
+from vqar.utils.io import atomic_write, atomic_write_text
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _model_kinds() -> dict[str, tuple[type, type]]:
+    """kind -> (config dataclass, model class). Imported lazily to keep `vqar.pretrained` cheap to import."""
+    from vqar.tokenizers import Tokenizer, TokenizerConfig
+
+    return {"tokenizer": (TokenizerConfig, Tokenizer)}
+
+
+def save_pretrained(model: nn.Module, folder: str | Path) -> None:
+    """Writes `model` (a vqar model with `.kind` and `.cfg`) as config.json + model.safetensors, atomically."""
+    folder = Path(folder)
+    kind = getattr(model, "kind", None)
+    if kind not in _model_kinds():
+        raise TypeError(f"save_pretrained needs a vqar model, got {type(model).__name__}")
+    import vqar
+
+    config = {
+        "vqar_format": FORMAT_VERSION,
+        "vqar_version": vqar.__version__,
+        "kind": kind,
+        "config": to_dict(model.cfg),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kind": kind}))
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Loads a model saved by `save_pretrained` (or a training run directory), in eval mode."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"no model at {folder}")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a vqar model folder: it has no {CONFIG_FILE} "
+            f"(a training run writes one at its first checkpoint)"
+        )
+    try:
+        meta = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    kinds = _model_kinds()
+    kind = meta.get("kind")
+    if kind not in kinds:
+        raise ValueError(f"{config_path} describes an unknown model kind {kind!r}; known: {', '.join(kinds)}")
+    config_cls, model_cls = kinds[kind]
+    try:
+        config = from_dict(config_cls, meta.get("config", {}))
+    except ConfigError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    model = model_cls(config)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {weights_path}: {err}") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{weights_path} does not match its config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(device).eval()

@@ -1,0 +1,114 @@
+"""Residual quantization: "Autoregressive Image Generation using Residual Quantization" (RQ-VAE, Lee et al., CVPR 2022).
+
+Each latent vector z is approximated by a stack of D codes chosen coarse to fine:
+
+    r_0 = z,   k_d = argmin_k ||r_{d-1} - e_k||^2,   r_d = r_{d-1} - e(k_d),   z_q = sum_d e(k_d)
+
+with one codebook shared across the depths (the paper's choice) or one per depth. The commitment loss is the
+paper's cumulative one, mean over d of ||z - sg(sum_{i<=d} e(k_i))||^2, so every prefix of the stack is pushed
+towards z. With a shared EMA codebook the update after depth d already changes the codebook that depth d+1 looks
+up, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqar.quantize.codebook import Codebook, check_codes, code_statistics
+from vqar.quantize.output import QuantizerOutput
+
+
+class ResidualQuantizer(nn.Module):
+    """Quantizes channels-last latents (..., dim) to D codes per vector, returned as (..., D).
+
+    Args:
+        codebook_size: number of codes K per codebook.
+        dim: latent (and code) dimension.
+        depth: number of residual steps D.
+        shared_codebook: one codebook for all depths (otherwise one per depth).
+        beta: weight of the cumulative commitment loss.
+        **codebook_options: how the codebooks learn (ema, decay, eps, kmeans_init, kmeans_iters, restart_dead,
+            dead_threshold); see `Codebook`.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        depth: int,
+        *,
+        shared_codebook: bool = True,
+        beta: float = 0.25,
+        **codebook_options,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"residual quantization needs depth >= 1, got {depth}")
+        self.dim, self.depth, self.codebook_size = dim, depth, codebook_size
+        self.shared_codebook = shared_codebook
+        self.beta = beta
+        self.codebooks = nn.ModuleList(
+            Codebook(codebook_size, dim, **codebook_options) for _ in range(1 if shared_codebook else depth)
+        )
+
+    def codebook(self, d: int) -> Codebook:
+        """The codebook used at depth `d`."""
+        return self.codebooks[0 if self.shared_codebook else d]
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"expected latents with last dimension {self.dim}, got shape {tuple(z.shape)}")
+        with torch.autocast(z.device.type, enabled=False):
+            flat = z.reshape(-1, self.dim).float()
+            residual = flat.detach()
+            partial_sum = torch.zeros_like(residual)
+            codes, commitments, codebook_losses = [], [], []
+            for d in range(self.depth):
+                codebook = self.codebook(d)
+                if self.training:
+                    codebook.maybe_init(residual)
+                code = codebook.nearest(residual)
+                q = codebook.lookup(code)  # looked up before this depth's EMA update
+                if self.training:
+                    codebook.update(residual, code)
+                if not codebook.ema:
+                    codebook_losses.append(F.mse_loss(q, residual))
+                q = q.detach()
+                residual = residual - q
+                partial_sum = partial_sum + q
+                commitments.append(F.mse_loss(flat, partial_sum))
+                codes.append(code)
+            commitment = torch.stack(commitments).mean()
+            loss = self.beta * commitment
+            if codebook_losses:
+                loss = loss + torch.stack(codebook_losses).mean()
+            quantized = flat + (partial_sum - flat).detach()
+        stats = [code_statistics(c, self.codebook_size) for c in codes]
+        return QuantizerOutput(
+            quantized=quantized.view(z.shape).to(z.dtype),
+            codes=torch.stack(codes, dim=-1).view(*z.shape[:-1], self.depth),
+            loss=loss,
+            commitment=commitment,
+            usage=torch.stack([s[0] for s in stats]),
+            perplexity=torch.stack([s[1] for s in stats]),
+        )
+
+    def embed_per_depth(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code vectors per depth, (..., D, dim), for codes (..., D)."""
+        codes = self._check(codes)
+        return torch.stack([self.codebook(d).lookup(codes[..., d]) for d in range(self.depth)], dim=-2)
+
+    def embed(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Latents (..., dim): the sum of the first `depth` (default all D) code vectors of each stack."""
+        depth = self.depth if depth is None else depth
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must be in [1, {self.depth}], got {depth}")
+        return self.embed_per_depth(codes)[..., :depth, :].sum(-2)
+
+    def _check(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = check_codes(codes, self.codebook_size)
+        if codes.dim() == 0 or codes.shape[-1] != self.depth:
+            raise ValueError(f"residual codes need a last axis of size D={self.depth}, got shape {tuple(codes.shape)}")
+        return codes

@@ -1,0 +1,48 @@
+"""Cross-rank synchronisation for codebook statistics.
+
+Every helper is a no-op outside an initialised process group with more than one rank, so quantizers call them
+unconditionally. The rule that keeps training from hanging: a collective is only ever skipped by *all* ranks
+together. Decisions that depend on local data (is the codebook initialised? are there dead codes?) are first
+agreed on with `any_rank`, and every collective has a fixed shape that does not depend on the local batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """Sums each tensor over ranks, in place."""
+    if world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
+    """Overwrites `tensor` on every rank with rank `src`'s copy, in place."""
+    if world_size() == 1:
+        return
+    dist.broadcast(tensor, src=src)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on at least one rank (so all ranks take the same branch)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

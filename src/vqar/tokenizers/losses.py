@@ -1,0 +1,116 @@
+"""The stage-1 training objective of VQGAN / RQ-VAE.
+
+    L_G = w_rec * L_rec + w_q * L_quantizer + w_p * LPIPS + lambda * w_d * L_gan       (after disc_start)
+    L_D = hinge (or vanilla) loss of a PatchGAN on real images vs reconstructions     (after disc_start)
+
+lambda is VQGAN's adaptive weight ||grad L_nll|| / (||grad L_gan|| + 1e-4) on the decoder's last layer, with
+L_nll = w_rec * L_rec + w_p * LPIPS ("Taming Transformers", Esser et al., CVPR 2021; kept by RQ-VAE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqar.tokenizers.discriminator import (
+    PatchGANDiscriminator,
+    adaptive_generator_weight,
+    discriminator_loss,
+    generator_loss,
+)
+from vqar.tokenizers.lpips import build_perceptual_loss
+from vqar.tokenizers.tokenizer import TokenizerOutput
+
+RECON_LOSSES = ("l2", "l1")
+GAN_LOSSES = ("hinge", "vanilla")
+
+
+@dataclass
+class TokenizerLossConfig:
+    """Weights and switches of the stage-1 losses. `disc_weight: 0` trains without a discriminator; the
+    perceptual loss needs VGG16 weights (`lpips_vgg`: a torchvision vgg16 state dict) and LPIPS linear layers
+    (`lpips_lin`, e.g. LPIPS' weights/v0.1/vgg.pth); without them it is off, and says so once."""
+
+    recon: str = "l2"
+    recon_weight: float = 1.0
+    quantizer_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    lpips_vgg: str | None = None
+    lpips_lin: str | None = None
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_loss: str = "hinge"
+    gen_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_norm: str = "batch"
+    disc_lr: float | None = None
+    adaptive_disc_weight: bool = True
+
+    def validate(self) -> None:
+        if self.recon not in RECON_LOSSES:
+            raise ValueError(f"loss.recon must be one of {RECON_LOSSES}, got {self.recon!r}")
+        for name in ("disc_loss", "gen_loss"):
+            if getattr(self, name) not in GAN_LOSSES:
+                raise ValueError(f"loss.{name} must be one of {GAN_LOSSES}, got {getattr(self, name)!r}")
+        for name in ("recon_weight", "quantizer_weight", "perceptual_weight", "disc_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_start < 0 or self.disc_layers < 1:
+            raise ValueError("loss.disc_start must be >= 0 and loss.disc_layers >= 1")
+
+
+class TokenizerObjective(nn.Module):
+    """Holds the frozen perceptual network and the discriminator; computes both players' losses."""
+
+    def __init__(self, cfg: TokenizerLossConfig, image_channels: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.perceptual = build_perceptual_loss(cfg.lpips_vgg, cfg.lpips_lin, cfg.perceptual_weight)
+        self.discriminator = (
+            PatchGANDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers, norm=cfg.disc_norm)
+            if cfg.disc_weight > 0
+            else None
+        )
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.disc_start
+
+    def generator_loss(
+        self, images: torch.Tensor, out: TokenizerOutput, last_layer: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        recon = out.recon.float()
+        rec = F.mse_loss(recon, images) if cfg.recon == "l2" else F.l1_loss(recon, images)
+        nll = cfg.recon_weight * rec
+        metrics = {"rec_loss": rec.detach()}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(recon, images).mean()
+            nll = nll + cfg.perceptual_weight * perceptual
+            metrics["lpips"] = perceptual.detach()
+        loss = nll + cfg.quantizer_weight * out.quant.loss
+        if self.gan_active(step):
+            g_loss = generator_loss(self.discriminator(recon), cfg.gen_loss)
+            weight = torch.tensor(1.0, device=recon.device)
+            if cfg.adaptive_disc_weight:
+                weight = adaptive_generator_weight(nll, g_loss, last_layer)
+            loss = loss + cfg.disc_weight * weight * g_loss
+            metrics.update(g_loss=g_loss.detach(), disc_adaptive_weight=weight.detach())
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def discriminator_step_loss(
+        self, images: torch.Tensor, recon: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        real = self.discriminator(images)
+        fake = self.discriminator(recon.detach().float())
+        loss = discriminator_loss(real, fake, self.cfg.disc_loss)
+        return loss, {
+            "d_loss": loss.detach(),
+            "logits_real": real.mean().detach(),
+            "logits_fake": fake.mean().detach(),
+        }

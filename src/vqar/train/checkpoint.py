@@ -1,0 +1,156 @@
+"""Training checkpoints: one directory per step, written atomically, verified by a checksum manifest.
+
+    RUN_DIR/checkpoints/step-0001000/
+        model.safetensors, <other modules>.safetensors   weights (safetensors, never pickles)
+        trainer.pt                                        optimizer/scheduler state, step, RNG states
+        run.yaml                                          the run's configuration
+        manifest.json                                     sha256 of every file above
+
+A checkpoint is assembled in a hidden temporary directory, fsynced, then renamed into place, so a crash leaves
+either no new checkpoint or a complete one. On load the manifest is checked; a damaged checkpoint is skipped
+with a warning and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqar.utils.io import fsync_dir, sha256_file
+
+log = logging.getLogger("vqar.train")
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.pt"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Checkpoints present in a run, oldest first (without verifying them)."""
+    found = []
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_dir() and entry.name.startswith("step-") and entry.name[5:].isdigit():
+                found.append(Checkpoint(int(entry.name[5:]), entry))
+    return sorted(found, key=lambda c: c.step)
+
+
+def save_state_dict(module: nn.Module, path: Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_state_dict(module: nn.Module, path: Path) -> None:
+    try:
+        module.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as err:  # shape or key mismatch: the checkpoint belongs to another configuration
+        message = f"{path} does not fit the configured model ({str(err).splitlines()[0]})"
+        raise ValueError(f"{message}; was the architecture changed?") from None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    trainer_state: dict[str, Any],
+    run_yaml: str,
+    keep: int,
+) -> Path:
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, module in modules.items():
+            save_state_dict(module, tmp / f"{name}.safetensors")
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / "run.yaml").write_text(run_yaml)
+        manifest = {"step": step, "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest ({err})"
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        if sha256_file(file) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint whose files match its manifest; damaged ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt.path)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt.path, problem)
+    return None
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses to start a new run on top of an existing one unless asked to resume or overwrite it."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} exists and is not a directory")
+    has_run = run_dir.is_dir() and (any(list_checkpoints(run_dir)) or (run_dir / "run.yaml").exists())
+    if has_run and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to replace "
+                "it, or choose another --out"
+            )
+        for name in ("checkpoints", "metrics.jsonl", "run.yaml"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)

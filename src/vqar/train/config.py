@@ -1,0 +1,44 @@
+"""Settings of the shared training loop (both stages)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vqar.utils.device import PRECISIONS
+
+
+@dataclass
+class TrainConfig:
+    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`, counted in optimizer steps."""
+
+    steps: int = 2000
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    log_every: int = 50
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be positive, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")

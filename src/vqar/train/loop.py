@@ -1,0 +1,252 @@
+"""The training loop both stages share.
+
+A stage supplies a `TrainTask` (its modules, optimizers, one training step, evaluation, artifacts, export); the
+`Trainer` owns everything else: the step-based schedule, the data order, progress bar and metric log, periodic
+evaluation, checkpoints and exact resume. The data order is a pure function of (seed, epoch), so the position in
+the data is recovered from the step count alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vqar.data import BadFileReport, Batch, DataConfig, EpochSampler, make_loader, random_hflip
+from vqar.train.checkpoint import (
+    latest_checkpoint,
+    load_state_dict,
+    load_trainer_state,
+    save_checkpoint,
+)
+from vqar.train.config import TrainConfig
+
+log = logging.getLogger("vqar.train")
+
+
+class TrainTask(ABC):
+    """One stage's part of training."""
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Modules whose weights a checkpoint holds, by file name ("model", "discriminator", ...)."""
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+
+    @abstractmethod
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        """Forward, backward and optimizer step(s) on one batch; returns scalar metrics including "loss"."""
+
+    @abstractmethod
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]: ...
+
+    def write_artifacts(self, run_dir: Path, step: int) -> None:  # noqa: B027 - optional hook
+        """Pictures or other files that show progress (called after each evaluation)."""
+
+    @abstractmethod
+    def export(self, out_dir: Path) -> None:
+        """Writes the trained model in vqar's loadable format (config.json + model.safetensors)."""
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine from 1 down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(
+        self,
+        task: TrainTask,
+        train_set: Dataset,
+        val_set: Dataset,
+        data: DataConfig,
+        cfg: TrainConfig,
+        run_dir: Path,
+        run_yaml: str,
+    ):
+        self.task, self.train_set, self.val_set = task, train_set, val_set
+        self.data, self.cfg = data, cfg
+        self.run_dir, self.run_yaml = Path(run_dir), run_yaml
+        self.batches_per_epoch = len(train_set) // data.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {len(train_set)} images, fewer than one batch of {data.batch_size}; "
+                "lower data.batch_size or add images"
+            )
+
+        # A plain function, not a callable object: LambdaLR then saves only the step count, and a resumed run
+        # whose train.steps was raised follows the schedule of its new configuration.
+        def factor(step: int) -> float:
+            return warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in task.optimizers().items()
+        }
+        # Subnormal floats (activations of near-black images drift there) slow CPU kernels several-fold;
+        # flushing them to zero changes nothing measurable in training.
+        torch.set_flush_denormal(True)
+        self.bad_files = BadFileReport()
+        self.flip_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizers": {k: o.state_dict() for k, o in self.task.optimizers().items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "rng": {"torch": torch.get_rng_state(), "flip": self.flip_generator.get_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        path = save_checkpoint(
+            self.run_dir, self.step, self.task.modules(), state, self.run_yaml, self.cfg.keep_checkpoints
+        )
+        self.task.export(self.run_dir)
+        return path
+
+    def restore(self) -> bool:
+        """Loads the newest intact checkpoint of the run; False when there is none."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        for name, module in self.task.modules().items():
+            load_state_dict(module, ckpt.path / f"{name}.safetensors")
+        state = load_trainer_state(ckpt.path)
+        for name, opt in self.task.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][name])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.flip_generator.set_state(state["rng"]["flip"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+        log.info("resumed from %s (step %d)", ckpt.path, self.step)
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        cfg = self.cfg
+        if resume and not self.restore():
+            log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
+        if self.step >= cfg.steps:
+            log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
+            return self.evaluate()
+        sampler = EpochSampler(len(self.train_set), seed=cfg.seed)
+        running: dict[str, list[float]] = defaultdict(list)
+        last_eval: dict[str, float] = {}
+        interactive = sys.stderr.isatty()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5 if interactive else 30.0,
+            disable=None if interactive else False,
+        )
+        try:
+            while self.step < cfg.steps:
+                epoch, position = divmod(self.step, self.batches_per_epoch)
+                sampler.set_epoch(epoch, start=position * self.data.batch_size)
+                loader = make_loader(
+                    self.train_set,
+                    self.data.batch_size,
+                    sampler=sampler,
+                    num_workers=self.data.num_workers,
+                    drop_last=True,
+                    seed=cfg.seed + epoch,
+                )
+                for batch in loader:
+                    metrics = self._train_step(batch)
+                    self.step += 1
+                    bar.update(1)
+                    for key, value in metrics.items():
+                        running[key].append(value)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        means = {k: sum(v) / len(v) for k, v in running.items()}
+                        running.clear()
+                        bar.set_postfix(_short(means), refresh=False)
+                        self._log("train", means)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        last_eval = self.evaluate()
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                        self.save()
+                    if self.step >= cfg.steps:
+                        break
+        finally:
+            bar.close()
+            summary = self.bad_files.summary()
+            if summary:
+                log.warning(summary)
+        return last_eval
+
+    def _train_step(self, batch: Batch) -> dict[str, float]:
+        self.bad_files.add(batch.bad)
+        if len(batch) == 0:
+            return {}
+        if self.data.random_flip:
+            batch.images = random_hflip(batch.images, self.flip_generator)
+        metrics = self.task.train_step(batch, self.step)
+        with warnings.catch_warnings():
+            # A discriminator waiting for `disc_start` has not stepped yet; its schedule still advances.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for sched in self.schedulers.values():
+                sched.step()
+        loss = metrics.get("loss", 0.0)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {self.step}; the last checkpoint in "
+                f"{self.run_dir / 'checkpoints'} is intact (try a lower train.lr or train.precision=fp32)"
+            )
+        metrics["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        loader = make_loader(
+            self.val_set,
+            self.data.eval_batch_size,
+            sampler=EpochSampler(len(self.val_set), seed=0, shuffle=False),
+            num_workers=self.data.num_workers,
+        )
+
+        def batches() -> Iterable[Batch]:
+            for batch in loader:
+                self.bad_files.add(batch.bad)
+                if len(batch):
+                    yield batch
+
+        metrics = self.task.evaluate(batches())
+        self._log("val", metrics)
+        log.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.task.write_artifacts(self.run_dir, self.step)
+        return metrics
+
+    def _log(self, split: str, metrics: dict[str, float]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")
+
+
+def _short(metrics: dict[str, float]) -> dict[str, str]:
+    keep = ("loss", "psnr", "usage", "d_loss")
+    return {k: f"{metrics[k]:.4g}" for k in keep if k in metrics}

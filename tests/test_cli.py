@@ -1,0 +1,75 @@
+"""The `vqar` command line: help, presets, config errors, train -> reconstruct."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import TINY_RUN
+from vqar.cli import main
+from vqar.data import load_mnist_digits
+
+
+def test_help_explains_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("train", "reconstruct", "presets", "config", "examples"):
+        assert word in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "d=<depth>" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "vqar.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("vqar ")
+
+
+def test_presets_and_config(capsys):
+    assert main(["presets"]) == 0
+    assert "rqvae-mnist" in capsys.readouterr().out
+    assert main(["config", "tokenizer", "rqvae-mnist", "d=2", "c=128"]) == 0
+    text = capsys.readouterr().out
+    assert "depth: 2" in text and "codebook_size: 128" in text
+
+
+def test_config_errors_exit_2_with_the_reason(capsys):
+    assert main(["config", "tokenizer", "rqvae-mnist", "model.quantizer.deph=2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.quantizer.deph'" in err and "depth" in err
+    assert main(["train", "tokenizer", "--out", "/nonexistent/run", "--resume"]) == 2
+    assert "run.yaml not found" in capsys.readouterr().err
+
+
+def test_train_then_reconstruct(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0
+    assert "reconstruction grid" in capsys.readouterr().out
+    assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # Resume from the saved run.yaml and train further.
+    assert main(["train", "tokenizer", "--resume", "steps=8", "--out", str(run_dir)]) == 0
+    assert (run_dir / "checkpoints" / "step-0000008").is_dir()
+
+    digits, _ = load_mnist_digits()
+    good = tmp_path / "digit.png"
+    Image.fromarray(digits[7]).resize((40, 40)).convert("RGB").save(good)  # resized and gray-converted on load
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    out_dir = tmp_path / "recon"
+    code = main(
+        ["reconstruct", "--tokenizer", str(run_dir), str(good), str(bad), "--out", str(out_dir), "--depth", "2"]
+    )
+    assert code == 1  # one file failed, the other was still written
+    captured = capsys.readouterr()
+    assert "digit.png: PSNR" in captured.out
+    picture = Image.open(out_dir / "digit_recon.png")
+    assert picture.size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+    assert not (out_dir / "bad_recon.png").exists()
+    assert main(["reconstruct", "--tokenizer", str(run_dir), str(good), "--out", str(out_dir), "--size", "30"]) == 2
+    assert "multiple of" in capsys.readouterr().err

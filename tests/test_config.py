@@ -1,0 +1,108 @@
+"""Presets, overrides, shorthands and the errors that bad configurations give."""
+
+from __future__ import annotations
+
+import pytest
+
+from vqar.configs import ConfigError, preset_names, to_yaml
+from vqar.tokenizers import Tokenizer
+from vqar.train.tokenizer import TokenizerRunConfig, load_run_config
+
+
+def test_shipped_tokenizer_presets():
+    names = preset_names("tokenizer")
+    for expected in (
+        "rqvae-mnist",
+        "vq-mnist",
+        "vq-mnist-4x4",
+        "rqvae-imagenet256",
+        "llamagen-vq16",
+        "llamagen-vq8",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize(
+    ("preset", "code_shape"),
+    [("rqvae-mnist", (4, 4, 4)), ("vq-mnist", (8, 8)), ("vq-mnist-4x4", (4, 4))],
+)
+def test_small_presets_give_the_promised_code_grids(preset, code_shape):
+    cfg = load_run_config(preset)
+    assert cfg.data.source == "mnist" and cfg.data.image_size == 32
+    assert Tokenizer(cfg.model).code_shape() == code_shape
+
+
+def test_overrides_and_shorthands():
+    cfg = load_run_config("rqvae-mnist", ["d=2", "c=512", "train.lr=3e-4", "model.conv.ch_mult=[1,2,2,2]", "bs=8"])
+    assert cfg.model.quantizer.depth == 2
+    assert cfg.model.quantizer.codebook_size == 512
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.conv.ch_mult == [1, 2, 2, 2]
+    assert cfg.data.batch_size == 8
+    assert isinstance(cfg, TokenizerRunConfig)
+
+
+def test_unknown_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_run_config("rqvae-mnist", ["model.quantizer.deph=3"])
+    message = str(err.value)
+    assert "'model.quantizer.deph'" in message
+    assert "did you mean 'model.quantizer.depth'" in message
+    assert "codebook_size" in message and "shared_codebook" in message
+    assert "d=model.quantizer.depth" in message  # shorthands are listed too
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match=r"Valid keys at the top level: data, loss, model, train"):
+        load_run_config("rqvae-mnist", ["optim.lr=1"])
+
+
+def test_ill_typed_value_and_bad_syntax():
+    with pytest.raises(ConfigError, match="model.quantizer.depth"):
+        load_run_config("rqvae-mnist", ["d=four"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_run_config("rqvae-mnist", ["depth"])
+
+
+def test_invalid_combinations_are_rejected():
+    with pytest.raises(ConfigError, match="kind='rq'"):
+        load_run_config("vq-mnist", ["d=4"])
+    with pytest.raises(ConfigError, match="data.channels"):
+        load_run_config("rqvae-mnist", ["data.channels=3"])
+    with pytest.raises(ConfigError, match="data.image_size"):
+        load_run_config("rqvae-mnist", ["data.image_size=64"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_run_config("rqvae-mnist", ["data.image_size=36", "model.conv.resolution=36"])
+    with pytest.raises(ConfigError, match="precision"):
+        load_run_config("rqvae-mnist", ["train.precision=fp8"])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="rqvae-mnist"):
+        load_run_config("no-such-preset")
+
+
+def test_yaml_file_preset_round_trip(tmp_path):
+    cfg = load_run_config("rqvae-mnist", ["d=3"])
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_run_config(path) == cfg
+    path.write_text(to_yaml(cfg).replace("depth: 3", "depht: 3"))
+    with pytest.raises(ConfigError, match="depht"):
+        load_run_config(path)
+
+
+def test_paper_presets_build_with_the_published_sizes():
+    """The ImageNet RQ-VAE has 104.4M parameters with its codebook (paper, appendix); both LlamaGen VQ models
+    build too. Built on the meta device: nothing is allocated."""
+    import torch
+
+    with torch.device("meta"):
+        rq = Tokenizer(load_run_config("rqvae-imagenet256").model)
+        vq16 = Tokenizer(load_run_config("llamagen-vq16").model)
+        vq8 = Tokenizer(load_run_config("llamagen-vq8").model)
+    n_rq = sum(p.numel() for p in rq.parameters())
+    assert abs(n_rq / 1e6 - 104.4) < 0.5, n_rq
+    assert rq.code_shape() == (8, 8, 4) and rq.codebook_size == 16384
+    assert vq16.code_shape() == (16, 16) and vq8.code_shape() == (32, 32)
+    assert vq16.quantizer.codebook.weight.shape == (16384, 8)

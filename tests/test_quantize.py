@@ -1,0 +1,290 @@
+"""Quantizers against direct computations, hand-computed EMA steps and the official RQ-VAE fixture."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from vqar.quantize import (
+    Codebook,
+    QuantizerConfig,
+    ResidualQuantizer,
+    VectorQuantizer,
+    build_quantizer,
+    kmeans,
+)
+from vqar.quantize.codebook import code_statistics
+
+
+def _brute_force_codes(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """argmin over explicit pairwise distances, in float64."""
+    d = ((x.double()[:, None, :] - vectors.double()[None]) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def test_vector_quantizer_matches_direct_computation():
+    vq = VectorQuantizer(64, 8, ema=False, restart_dead=False).eval()
+    z = torch.randn(3, 5, 7, 8)
+    out = vq(z)
+    flat = z.reshape(-1, 8)
+    expected = _brute_force_codes(flat, vq.codebook.weight.detach())
+    assert out.codes.shape == (3, 5, 7)
+    assert torch.equal(out.codes.reshape(-1), expected)
+    assert torch.allclose(out.quantized.reshape(-1, 8), vq.codebook.weight[expected], atol=1e-6)
+    commitment = ((flat - vq.codebook.weight[expected]) ** 2).mean()
+    assert torch.allclose(out.commitment, commitment)
+    # Codebook loss + beta * commitment for a gradient-learned codebook: the two terms are equal in value.
+    assert torch.allclose(out.loss, (1 + vq.beta) * commitment)
+
+
+def test_straight_through_gradient_is_identity():
+    for quantizer in (VectorQuantizer(32, 6), ResidualQuantizer(32, 6, 3)):
+        quantizer.eval()
+        z = torch.randn(4, 6, requires_grad=True)
+        weights = torch.randn(4, 6)
+        (quantizer(z).quantized * weights).sum().backward()
+        assert torch.allclose(z.grad, weights), type(quantizer).__name__
+
+
+def test_commitment_gradient_pulls_latents_to_codes():
+    vq = VectorQuantizer(16, 4, beta=0.25).eval()
+    z = torch.randn(10, 4, requires_grad=True)
+    out = vq(z)
+    out.loss.backward()
+    q = vq.codebook.weight[out.codes]
+    assert torch.allclose(z.grad, 0.25 * 2 * (z - q).detach() / z.numel(), atol=1e-7)
+
+
+def test_gradient_codebook_learns_and_ema_codebook_does_not():
+    grad_vq = VectorQuantizer(16, 4, ema=False, restart_dead=False).train()
+    grad_vq(torch.randn(32, 4)).loss.backward()
+    assert grad_vq.codebook.weight.grad is not None and grad_vq.codebook.weight.grad.abs().sum() > 0
+    ema_vq = VectorQuantizer(16, 4, ema=True).train()
+    assert not ema_vq.codebook.weight.requires_grad
+
+
+def test_ema_update_matches_hand_computed_step():
+    torch.manual_seed(1)
+    size, dim, decay, eps = 6, 3, 0.9, 1e-5
+    vq = VectorQuantizer(size, dim, decay=decay, eps=eps, restart_dead=False).train()
+    cb = vq.codebook
+    weight0 = torch.randn(size, dim)
+    counts0 = torch.rand(size) + 2
+    embed0 = weight0 * counts0[:, None]
+    cb.weight.data.copy_(weight0)
+    cb.cluster_size_ema.copy_(counts0)
+    cb.embed_ema.copy_(embed0)
+    z = torch.randn(20, dim)
+    out = vq(z)
+
+    codes = [min(range(size), key=lambda k, v=v: float(((v - weight0[k]) ** 2).sum())) for v in z]
+    assert out.codes.tolist() == codes
+    n_k = torch.tensor([codes.count(k) for k in range(size)], dtype=torch.float64)
+    sums = torch.zeros(size, dim, dtype=torch.float64)
+    for v, k in zip(z.double(), codes, strict=True):
+        sums[k] += v
+    cs = decay * counts0.double() + (1 - decay) * n_k
+    ee = decay * embed0.double() + (1 - decay) * sums
+    n = cs.sum()
+    weight = ee / (n * (cs + eps) / (n + size * eps))[:, None]
+    assert torch.allclose(cb.cluster_size_ema.double(), cs, rtol=1e-6)
+    assert torch.allclose(cb.embed_ema.double(), ee, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(cb.weight.double(), weight, rtol=1e-5, atol=1e-7)
+    # The returned codes are the ones looked up before the update.
+    assert torch.allclose(out.quantized, weight0[out.codes], atol=1e-6)
+
+
+def test_eval_mode_and_encode_leave_the_codebook_alone():
+    vq = VectorQuantizer(8, 2).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(50, 2))
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_dead_codes_restart_from_batch_vectors():
+    torch.manual_seed(2)
+    vq = VectorQuantizer(8, 4, decay=0.99, restart_dead=True, dead_threshold=1.0).train()
+    cb = vq.codebook
+    cb.cluster_size_ema.copy_(torch.tensor([50.0, 50.0, 50, 50, 0, 0, 0, 0]))
+    cb.embed_ema.copy_(cb.weight.detach() * cb.cluster_size_ema[:, None])
+    live_before = cb.weight.detach()[:4].clone()
+    z = torch.randn(64, 4) * 0.01 + live_before[0]  # everything maps to code 0
+    vq(z)
+    restarted = cb.weight.detach()[4:]
+    # Each restarted code now sits on (a rescaled copy of) one of the batch vectors.
+    nearest = torch.cdist(restarted, z).min(1).values
+    assert nearest.max() < 0.05
+    assert torch.allclose(cb.cluster_size_ema[4:], torch.ones(4))
+    assert torch.allclose(cb.weight.detach()[1:4], live_before[1:4], rtol=0.05)
+
+
+def test_restart_for_gradient_codebooks_copies_batch_vectors():
+    vq = VectorQuantizer(8, 4, ema=False, restart_dead=True).train()
+    z = torch.randn(40, 4) + 10  # far from the N(0, 1) initial codes
+    vq(z)
+    # At step 1 every count is (1 - decay) * n_k < 1, so all codes restart from batch vectors.
+    assert torch.cdist(vq.codebook.weight.detach(), z).min(1).values.max() < 1e-5
+
+
+def test_kmeans_init_finds_clusters():
+    torch.manual_seed(3)
+    centers = torch.tensor([[5.0, 0], [-5, 0], [0, 5], [0, -5]])
+    x = (centers[:, None, :] + 0.1 * torch.randn(4, 100, 2)).reshape(-1, 2)
+    vq = VectorQuantizer(4, 2, kmeans_init=True, restart_dead=False).train()
+    assert not bool(vq.codebook.initialized)
+    vq(x)
+    assert bool(vq.codebook.initialized)
+    found = vq.codebook.weight.detach()
+    assert torch.cdist(centers, found).min(1).values.max() < 0.2
+    snapshot = found.clone()
+    vq.codebook.maybe_init(torch.randn(10, 2))  # initialises only once
+    assert torch.equal(vq.codebook.weight.detach(), snapshot)
+
+
+def test_spherical_kmeans_returns_unit_vectors():
+    c = kmeans(torch.randn(200, 5), 8, iters=5, l2_norm=True)
+    assert torch.allclose(c.norm(dim=1), torch.ones(8), atol=1e-5)
+
+
+def test_l2_normalised_factorized_lookup():
+    vq = VectorQuantizer(32, 24, lookup_dim=4, l2_norm=True, ema=False, restart_dead=False).eval()
+    z = torch.randn(2, 3, 3, 24)
+    out = vq(z)
+    h = F.normalize(vq.project_in(z.reshape(-1, 24)), dim=-1)
+    e = F.normalize(vq.codebook.weight.detach(), dim=-1)
+    assert torch.equal(out.codes.reshape(-1), (h @ e.t()).argmax(1))  # nearest = highest cosine similarity
+    assert out.quantized.shape == z.shape
+    assert torch.allclose(vq.embed(out.codes), out.quantized, atol=1e-5)
+    assert sum(p.numel() for p in vq.project_in.parameters()) == 24 * 4 + 4
+
+
+def test_usage_and_perplexity():
+    usage, perplexity = code_statistics(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 8)
+    assert usage.item() == pytest.approx(50.0)
+    assert perplexity.item() == pytest.approx(4.0)
+    rq = ResidualQuantizer(16, 4, 3).eval()
+    out = rq(torch.randn(100, 4))
+    assert out.usage.shape == (3,) and out.perplexity.shape == (3,)
+    for d in range(3):
+        expected = len(out.codes[:, d].unique()) / 16 * 100
+        assert out.usage[d].item() == pytest.approx(expected)
+
+
+def test_residual_quantizer_with_one_depth_equals_vector_quantizer():
+    torch.manual_seed(4)
+    vq = VectorQuantizer(32, 8, decay=0.9, restart_dead=False)
+    rq = ResidualQuantizer(32, 8, 1, decay=0.9, restart_dead=False)
+    rq.codebook(0).load_state_dict(vq.codebook.state_dict())
+    z = torch.randn(6, 4, 4, 8)
+    for mode in (False, True):
+        vq.train(mode)
+        rq.train(mode)
+        a, b = vq(z), rq(z)
+        assert torch.equal(a.codes, b.codes[..., 0])
+        assert torch.allclose(a.quantized, b.quantized)
+        assert torch.allclose(a.loss, b.loss) and torch.allclose(a.commitment, b.commitment)
+    assert torch.allclose(vq.codebook.weight, rq.codebook(0).weight)
+
+
+def test_residual_quantization_follows_the_recursion():
+    torch.manual_seed(5)
+    for shared in (True, False):
+        rq = ResidualQuantizer(64, 5, 4, shared_codebook=shared).eval()
+        assert len(rq.codebooks) == (1 if shared else 4)
+        if not shared:
+            assert not torch.equal(rq.codebook(0).weight, rq.codebook(1).weight)
+        z = torch.randn(50, 5)
+        out = rq(z)
+        residual, total = z.clone(), torch.zeros_like(z)
+        partial_losses = []
+        for d in range(4):
+            vectors = rq.codebook(d).weight.detach()
+            k = _brute_force_codes(residual, vectors)
+            assert torch.equal(out.codes[:, d], k), (shared, d)
+            residual = residual - vectors[k]
+            total = total + vectors[k]
+            partial_losses.append(((z - total) ** 2).mean())
+        assert torch.allclose(out.quantized, total, atol=1e-5)
+        assert torch.allclose(out.commitment, torch.stack(partial_losses).mean())
+        assert torch.allclose(rq.embed(out.codes), total, atol=1e-5)
+        assert torch.allclose(rq.embed(out.codes, depth=2), rq.embed_per_depth(out.codes)[:, :2].sum(1))
+
+
+def test_residual_error_falls_with_depth():
+    torch.manual_seed(6)
+    rq = ResidualQuantizer(128, 4, 6).train()
+    z = torch.randn(2048, 4)
+    for _ in range(20):  # EMA steps so the codebook fits the residuals
+        rq(z)
+    rq.eval()
+    codes = rq(z).codes
+    errors = [((z - rq.embed(codes, depth=d)) ** 2).mean().item() for d in range(1, 7)]
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 0.3 * errors[0]
+
+
+def test_quantizers_run_in_float32_under_autocast():
+    vq = VectorQuantizer(256, 16).eval()
+    z = torch.randn(500, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes_bf16 = vq(z).codes
+    assert torch.equal(codes_bf16, vq(z).codes)
+
+
+def test_bad_inputs_raise_clear_errors():
+    vq = VectorQuantizer(16, 4)
+    rq = ResidualQuantizer(16, 4, 2)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        vq(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        vq.embed(torch.tensor([0, 16]))
+    with pytest.raises(TypeError, match="integer"):
+        vq.embed(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="D=2"):
+        rq.embed(torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="depth must be in"):
+        rq.embed(torch.zeros(3, 2, dtype=torch.long), depth=3)
+    with pytest.raises(ValueError, match="at least 2 codes"):
+        Codebook(1, 4)
+    with pytest.raises(ValueError, match="decay"):
+        Codebook(8, 4, decay=1.5)
+    with pytest.raises(ValueError, match="kind='rq'"):
+        build_quantizer(QuantizerConfig(kind="vq", depth=3))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_quantizer(QuantizerConfig(kind="fsq"))
+
+
+def test_official_rqvae_quantizer_parity(fixtures):
+    """Codes, straight-through latents, the cumulative commitment loss and one shared-codebook EMA step equal the
+    official RQ-VAE's (kakaobrain/rq-vae-transformer, run on a tiny model)."""
+    io = load_file(str(fixtures / "rqvae" / "rqvae_io.safetensors"))
+    rq = ResidualQuantizer(128, 16, 4, shared_codebook=True, decay=0.99)
+    cb = rq.codebook(0)
+
+    def set_state(prefix: str) -> None:
+        cb.weight.data.copy_(io[f"{prefix}_cb0_weight"][:-1])  # drop the reference's padding row
+        cb.cluster_size_ema.copy_(io[f"{prefix}_cb0_cluster_size_ema"])
+        cb.embed_ema.copy_(io[f"{prefix}_cb0_embed_ema"])
+
+    set_state("ema_pre")
+    rq.eval()
+    out = rq(io["z_e"])
+    assert torch.equal(out.codes, io["codes"])
+    assert torch.allclose(out.quantized, io["z_q_st"], atol=1e-6)
+    assert torch.allclose(rq.embed(io["codes"]), io["z_q_codes"], atol=1e-6)
+    assert torch.allclose(out.commitment, io["quant_loss"], rtol=1e-5)
+
+    rq.train()
+    out = rq(io["z_e"])
+    assert torch.equal(out.codes, io["train_codes"])
+    assert torch.allclose(out.quantized, io["train_z_q_st"], atol=1e-6)
+    assert torch.allclose(out.commitment, io["train_commitment_loss"], rtol=1e-5)
+    assert torch.allclose(cb.cluster_size_ema, io["ema_post_cb0_cluster_size_ema"], rtol=1e-5)
+    assert torch.allclose(cb.embed_ema, io["ema_post_cb0_embed_ema"], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(cb.weight, io["ema_post_cb0_weight"][:-1], rtol=1e-5, atol=1e-7)
+    assert math.isclose(float(out.loss), 0.25 * float(io["train_commitment_loss"]), rel_tol=1e-5)

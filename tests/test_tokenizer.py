@@ -1,0 +1,151 @@
+"""The stage-1 Tokenizer: shapes, the official RQ-VAE fixture, save/load, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vqar
+from vqar.quantize import QuantizerConfig
+from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+
+
+def tiny_config(kind: str = "rq", depth: int = 3, **conv) -> TokenizerConfig:
+    conv_cfg = ConvConfig(
+        in_channels=1,
+        out_channels=1,
+        resolution=16,
+        ch=8,
+        ch_mult=[1, 2, 2],
+        num_res_blocks=1,
+        attn_resolutions=[4],
+        z_channels=8,
+        norm_groups=4,
+    )
+    for key, value in conv.items():
+        setattr(conv_cfg, key, value)
+    quantizer = QuantizerConfig(kind=kind, codebook_size=32, dim=6, depth=depth if kind == "rq" else 1)
+    return TokenizerConfig(conv=conv_cfg, quantizer=quantizer)
+
+
+@pytest.mark.parametrize(("kind", "code_shape"), [("vq", (2, 4, 4)), ("rq", (2, 4, 4, 3))])
+def test_encode_decode_shapes(kind, code_shape):
+    model = Tokenizer(tiny_config(kind)).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    codes = model.encode(images)
+    assert codes.dtype == torch.int64 and codes.shape == code_shape
+    assert model.code_shape() == code_shape[1:]
+    assert model.decode(codes).shape == images.shape
+    out = model(images)
+    assert out.recon.shape == images.shape
+    assert torch.equal(out.quant.codes, codes)
+    # Fully convolutional: other multiples of the downsampling factor work too.
+    assert model.encode(torch.zeros(1, 1, 24, 32)).shape[1:3] == (6, 8)
+
+
+def test_decode_matches_forward_reconstruction():
+    model = Tokenizer(tiny_config("rq")).eval()
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(model(images).recon, model.decode(model.encode(images)), atol=1e-5)
+
+
+def test_encode_never_updates_the_codebook():
+    model = Tokenizer(tiny_config("rq")).train()
+    before = model.quantizer.codebook(0).weight.clone()
+    model.encode(torch.rand(4, 1, 16, 16))
+    assert torch.equal(before, model.quantizer.codebook(0).weight)
+    assert model.quantizer.training  # mode restored
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = Tokenizer(tiny_config("rq")).eval()
+    vqar.save_pretrained(model, tmp_path / "tok")
+    assert {p.name for p in (tmp_path / "tok").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = vqar.load(tmp_path / "tok")
+    assert isinstance(loaded, Tokenizer) and not loaded.training
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.equal(model.encode(images), loaded.encode(images))
+    with torch.no_grad():
+        assert torch.equal(model(images).recon, loaded(images).recon)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model"):
+        vqar.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        vqar.load(tmp_path / "empty")
+    vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "tok")
+    (tmp_path / "tok" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read"):
+        vqar.load(tmp_path / "tok")
+    # Weights from a different architecture do not load silently.
+    vqar.save_pretrained(Tokenizer(tiny_config("vq")), tmp_path / "vq")
+    vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "rq")
+    (tmp_path / "rq" / "config.json").replace(tmp_path / "vq" / "config.json")
+    with pytest.raises(ValueError, match="does not match its config"):
+        vqar.load(tmp_path / "vq")
+
+
+def test_bad_inputs_raise_clear_errors():
+    rq = Tokenizer(tiny_config("rq")).eval()
+    vq = Tokenizer(tiny_config("vq")).eval()
+    with pytest.raises(TypeError, match="float tensor"):
+        rq.encode(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        rq.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="multiples of the downsampling factor 4"):
+        rq.encode(torch.zeros(1, 1, 18, 16))
+    with pytest.raises(ValueError, match=r"\(B, h, w, D\)"):
+        rq.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"D=3"):
+        rq.decode(torch.zeros(1, 4, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        vq.decode(torch.full((1, 4, 4), 40))
+    with pytest.raises(ValueError, match="only applies to residual"):
+        vq.decode(torch.zeros(1, 4, 4, dtype=torch.long), depth=2)
+    with pytest.raises(ValueError, match="norm_groups"):
+        Tokenizer(tiny_config(ch=6))
+
+
+def _load_official_rqvae(fixtures) -> Tokenizer:
+    """The fixture's RQ-VAE in vqar's Tokenizer: taming key names carry over; the shared codebook is stored once
+    and without the reference's padding row."""
+    cfg = TokenizerConfig(
+        conv=ConvConfig(resolution=32, ch=32, ch_mult=[1, 2, 1], num_res_blocks=1, attn_resolutions=[8], z_channels=16),
+        quantizer=QuantizerConfig(kind="rq", codebook_size=128, dim=16, depth=4, shared_codebook=True),
+    )
+    state = torch.load(fixtures / "rqvae" / "stage1" / "model.pt", map_location="cpu", weights_only=True)
+    mapped = {}
+    for key, value in state["state_dict"].items():
+        if key.startswith("quantizer.codebooks."):
+            if not key.startswith("quantizer.codebooks.0."):
+                continue
+            if key.endswith(".weight"):
+                value = value[:-1]
+        mapped[key] = value
+    model = Tokenizer(cfg)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    assert missing == ["quantizer.codebooks.0.initialized"] and unexpected == []
+    return model.eval()
+
+
+def test_official_rqvae_tokenizer_parity(fixtures):
+    """Encoder, quantizer and decoder reproduce the official RQ-VAE (kakaobrain/rq-vae-transformer)."""
+    io = load_file(str(fixtures / "rqvae" / "rqvae_io.safetensors"))
+    model = _load_official_rqvae(fixtures)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_latent(io["images"]), io["z_e"], atol=1e-4, rtol=1e-4)
+        out = model(io["images"])
+        assert torch.equal(out.quant.codes, io["codes"])
+        assert torch.equal(model.encode(io["images"]), io["codes"])
+        assert torch.allclose(out.recon, io["recon_forward"], atol=2e-4, rtol=1e-4)
+        assert torch.allclose(model.decode(io["codes"]), io["recon_from_codes"], atol=2e-4, rtol=1e-4)
+        # The reference's decode_partial_code(codes, 1) uses depths 0 and 1: our depth=2.
+        assert torch.allclose(model.decode(io["codes"], depth=2), io["decode_partial_add_idx1"], atol=2e-4, rtol=1e-4)
+        assert torch.allclose(model.quantizer.embed_per_depth(io["codes"]), io["code_emb_with_depth"], atol=1e-6)
+        loss_recon = torch.nn.functional.mse_loss(out.recon, io["images"])
+        assert torch.allclose(loss_recon, io["loss_recon"], rtol=1e-4)
+        assert torch.allclose(loss_recon + 0.25 * out.quant.commitment, io["loss_total"], rtol=1e-4)
