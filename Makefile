@@ -18,10 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Trains the default tokenizer on the bundled MNIST digits and writes its reconstruction grid.
+# The whole pipeline on the bundled MNIST digits: RQ tokenizer -> codes -> RQ-Transformer -> samples + report.
 demo: install
-	$(BIN)/vqar train tokenizer rqvae-mnist --out $(DEMO_DIR)/tokenizer --overwrite
-	@echo "reconstruction grid: $(DEMO_DIR)/tokenizer/recon_grid.png"
+	$(BIN)/vqar demo --out $(DEMO_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

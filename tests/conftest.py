@@ -42,3 +42,30 @@ TINY_RUN = [
     "train.warmup_steps=5",
     "train.log_every=5",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A briefly trained tiny RQ tokenizer and the code store of 600 digits (2 views: as is and mirrored)."""
+    from vqar.data import DataConfig
+    from vqar.data.codes import extract_codes
+    from vqar.pretrained import load
+    from vqar.train.tokenizer import load_run_config, train_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=30", "train.eval_every=30"])
+    train_tokenizer(cfg, root / "tokenizer")
+    tokenizer = load(root / "tokenizer")
+    data = DataConfig(source="mnist", max_images=600)
+    extract_codes(tokenizer, data, root / "codes", views="flip", tokenizer_dir=root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory):
+    """A folder holding the digit classifier, trained once per test session."""
+    from vqar.eval.digits import digit_classifier
+
+    folder = tmp_path_factory.mktemp("classifier")
+    digit_classifier(folder)
+    return folder

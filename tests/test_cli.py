@@ -49,7 +49,7 @@ def test_config_errors_exit_2_with_the_reason(capsys):
 def test_train_then_reconstruct(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0
-    assert "reconstruction grid" in capsys.readouterr().out
+    assert "recon_grid.png" in capsys.readouterr().out
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 2
     assert "--resume" in capsys.readouterr().err
     # Resume from the saved run.yaml and train further.

@@ -229,16 +229,15 @@ def test_fit_image_keeps_the_center():
 
 
 def test_ten_crop_corners_center_and_mirrors():
-    square = _noise(22, 22)
-    crops = [np.asarray(c) for c in vd.ten_crop(Image.fromarray(square), 20, crop_range=1.1)]
-    assert len(crops) == 10 and all(c.shape == (20, 20, 3) for c in crops)
+    square = torch.randn(2, 3, 22, 22)
+    crops = vd.ten_crop(square, 20)
+    assert crops.shape == (2, 10, 3, 20, 20)
     windows = [(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)]  # (top, left)
-    for crop, (top, left) in zip(crops[:5], windows, strict=True):
-        assert np.array_equal(crop, square[top : top + 20, left : left + 20])
-    for i in range(5):
-        assert np.array_equal(crops[5 + i], crops[i][:, ::-1])
-    resized = vd.ten_crop(Image.fromarray(_noise(50, 80)), 16)
-    assert len(resized) == 10 and all(c.size == (16, 16) for c in resized)
+    for i, (top, left) in enumerate(windows):
+        assert torch.equal(crops[:, i], square[..., top : top + 20, left : left + 20])
+        assert torch.equal(crops[:, 5 + i], crops[:, i].flip(-1))
+    with pytest.raises(ValueError, match="square"):
+        vd.ten_crop(torch.randn(1, 3, 18, 18), 20)
 
 
 def test_random_hflip_is_seeded_and_flips_about_half():

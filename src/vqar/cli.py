@@ -1,7 +1,10 @@
 """The `vqar` command line.
 
-vqar train tokenizer PRESET [key=value ...] --out RUN_DIR [--resume | --overwrite]
+vqar train tokenizer|ar PRESET [key=value ...] --out RUN_DIR [--resume | --overwrite]
 vqar reconstruct --tokenizer RUN_DIR IMAGE [IMAGE ...] --out DIR
+vqar extract-codes --tokenizer RUN_DIR --data SOURCE --out CODES_DIR [--flip | --ten-crop]
+vqar sample --model RUN_DIR --classes 0,1,... --n-per-class N --out DIR
+vqar demo --out DIR
 vqar presets [GROUP]
 vqar config GROUP PRESET [key=value ...]
 """
@@ -17,13 +20,17 @@ from vqar.configs import ConfigError, preset_names, to_yaml
 
 log = logging.getLogger("vqar")
 
-GROUPS = ("tokenizer",)
+GROUPS = ("tokenizer", "ar")
 
 EPILOG = """examples:
   vqar train tokenizer rqvae-mnist --out runs/rq            train the default RQ-VAE on the bundled digits
   vqar train tokenizer rqvae-mnist d=2 c=512 --out runs/rq2 same, 2 codes per position and K=512
   vqar train tokenizer --resume --out runs/rq               continue a run from its newest checkpoint
   vqar reconstruct --tokenizer runs/rq digit.png --out recon
+  vqar extract-codes --tokenizer runs/rq --data mnist --out runs/codes
+  vqar train ar rq-mnist codes=runs/codes --out runs/ar       train a class-conditional RQ-Transformer
+  vqar sample --model runs/ar --classes all --n-per-class 8 --out samples
+  vqar demo --out runs/demo                                 the whole pipeline on the bundled digits
   vqar presets                                              list the shipped configurations
 """
 
@@ -40,12 +47,14 @@ def _config_loader(group: str):
         from vqar.train.tokenizer import load_run_config
 
         return load_run_config
+    if group == "ar":
+        from vqar.train.ar import load_run_config
+
+        return load_run_config
     raise ConfigError(f"unknown config group {group!r}; known: {', '.join(GROUPS)}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vqar.train.tokenizer import train_tokenizer
-
     preset, overrides = _split_preset(args.config)
     run_dir = Path(args.out)
     if args.resume and preset is None:
@@ -56,10 +65,102 @@ def cmd_train(args: argparse.Namespace) -> int:
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     cfg = _config_loader(args.group)(preset, overrides)
-    metrics = train_tokenizer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
+    if args.group == "tokenizer":
+        from vqar.train.tokenizer import train_tokenizer as train
+    else:
+        from vqar.train.ar import train_ar as train
+    metrics = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"done: {run_dir} (validation: {shown})")
-    print(f"reconstruction grid: {run_dir / 'recon_grid.png'}")
+    picture = "recon_grid.png" if args.group == "tokenizer" else "samples_grid.png"
+    print(f"pictures: {run_dir / picture}")
+    return 0
+
+
+def cmd_extract_codes(args: argparse.Namespace) -> int:
+    from vqar.data import DataConfig
+    from vqar.data.codes import extract_codes
+    from vqar.pretrained import load
+    from vqar.tokenizers import Tokenizer
+    from vqar.utils.device import resolve_device
+
+    device = resolve_device(args.device)
+    tokenizer = load(args.tokenizer, device=device)
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
+    data = DataConfig(
+        source=args.data,
+        image_size=args.image_size or tokenizer.image_size,
+        channels=tokenizer.in_channels,
+        eval_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
+    manifest = extract_codes(
+        tokenizer,
+        data,
+        args.out,
+        views=views,
+        crop_range=args.crop_range,
+        device=device,
+        overwrite=args.overwrite,
+        tokenizer_dir=args.tokenizer,
+    )
+    shape = "x".join(map(str, manifest["code_shape"]))
+    print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
+    return 0
+
+
+def _per_depth_arg(text: str | None, kind):
+    """ "0.9" or "0.9,0.9,0.95,1" (one value per depth); "none" means no filter."""
+    if text is None:
+        return None
+    values = [None if item.strip().lower() == "none" else kind(item) for item in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from vqar.pretrained import load
+    from vqar.sampling.export import sample_images, write_samples
+    from vqar.utils.device import resolve_device
+
+    device = resolve_device(args.device)
+    model = load(args.model, device=device)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
+    tokenizer = load(args.tokenizer, device=device) if args.tokenizer else model.tokenizer
+    if args.classes is None or args.classes == "all":
+        classes = list(range(model.num_classes)) if model.num_classes else None
+    elif args.classes == "none":
+        classes = None
+    else:
+        classes = [int(c) for c in args.classes.split(",")]
+    result = sample_images(
+        model,
+        tokenizer,
+        classes,
+        args.n_per_class,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        precision=args.precision,
+        temperature=1.0 if args.temperature is None else _per_depth_arg(args.temperature, float),
+        top_k=_per_depth_arg(args.top_k, int),
+        top_p=_per_depth_arg(args.top_p, float),
+        cfg_scale=args.cfg,
+        cfg_interval=args.cfg_interval,
+        greedy=args.greedy,
+    )
+    paths = write_samples(result, args.out, args.n_per_class, individual=not args.no_images)
+    n = len(result.images)
+    print(f"{n} samples in {result.seconds:.1f} s ({n / result.seconds:.2f} images/s)")
+    print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vqar.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
     return 0
 
 
@@ -103,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model from a preset",
         description="Train a model. Overrides are key=value pairs on top of the preset; shorthands for "
-        "tokenizers: d=<depth> c=<codebook size> steps=<n> lr=<x> bs=<batch size>. "
-        "See the full configuration with `vqar config tokenizer PRESET`.",
+        "tokenizers: d=<depth> c=<codebook size> steps=<n> lr=<x> bs=<batch size>; AR models: codes=<code store> "
+        "size=<GPT-B|RQ-1.4B|...> steps=<n> lr=<x> bs=<batch size>. "
+        "See the full configuration with `vqar config tokenizer|ar PRESET`.",
     )
-    train.add_argument("group", choices=GROUPS, help="what to train")
+    train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")
     train.add_argument("config", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
     train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, pictures, model)")
     mode = train.add_mutually_exclusive_group()
@@ -126,6 +228,60 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--depth", type=int, help="residual tokenizers: decode with the first DEPTH codes only")
     recon.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     recon.set_defaults(func=cmd_reconstruct)
+
+    extract = sub.add_parser(
+        "extract-codes",
+        help="encode a dataset once into a code store for AR training",
+        description="Encodes every image of a dataset with a tokenizer into a sharded code store (codes, labels, "
+        "manifest, and a copy of the tokenizer).",
+    )
+    extract.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
+    extract.add_argument("--data", required=True, help="'mnist', an image folder, or a .npz/.npy file")
+    extract.add_argument("--out", required=True, help="the code store folder to create")
+    views = extract.add_mutually_exclusive_group()
+    views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
+    views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
+    extract.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: fit images to size*range first")
+    extract.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")
+    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument("--num-workers", type=int, default=0)
+    extract.add_argument("--device", default="auto")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing code store")
+    extract.set_defaults(func=cmd_extract_codes)
+
+    sample = sub.add_parser(
+        "sample",
+        help="generate images with a trained AR model",
+        description="Writes grid.png (one row per class), images/*.png and samples.npz (ADM evaluator layout). "
+        "For RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1).",
+    )
+    sample.add_argument("--model", required=True, help="an AR run directory or saved model folder")
+    sample.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
+    sample.add_argument("--classes", help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")
+    sample.add_argument("--n-per-class", type=int, default=8, help="samples per class (or in all, unconditional)")
+    sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    sample.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning)")
+    sample.add_argument("--temperature", default=None, help="default 1.0")
+    sample.add_argument("--top-k", default=None, help="keep the k most likely codes")
+    sample.add_argument("--top-p", default=None, help="nucleus sampling threshold in (0, 1]")
+    sample.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.set_defaults(func=cmd_sample)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the bundled digits",
+        description="Trains the RQ tokenizer, extracts codes, trains a class-conditional RQ-Transformer, samples "
+        "one row per digit and reports PSNR, usage, validation loss, throughput and class accuracy.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
+    demo.set_defaults(func=cmd_demo)
 
     presets = sub.add_parser("presets", help="list shipped configuration presets")
     presets.add_argument("group", nargs="?", choices=GROUPS)

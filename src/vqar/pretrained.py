@@ -1,5 +1,7 @@
 """vqar's own model format: a folder with `config.json` and `model.safetensors` (the Hugging Face Hub layout).
 
+An AR model's folder may hold its tokenizer in `tokenizer/`; `load` then attaches it as `model.tokenizer`.
+
 `save_pretrained(model, folder)` writes it; `load(folder)` rebuilds the model from the config and loads the
 weights. Training runs export this format into their run directory, so `load(RUN_DIR)` gives the trained model.
 """
@@ -23,9 +25,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 def _model_kinds() -> dict[str, tuple[type, type]]:
     """kind -> (config dataclass, model class). Imported lazily to keep `vqar.pretrained` cheap to import."""
+    from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
     from vqar.tokenizers import Tokenizer, TokenizerConfig
 
-    return {"tokenizer": (TokenizerConfig, Tokenizer)}
+    return {
+        "tokenizer": (TokenizerConfig, Tokenizer),
+        "gpt": (GPTConfig, GPT),
+        "rq_transformer": (RQTransformerConfig, RQTransformer),
+    }
 
 
 def save_pretrained(model: nn.Module, folder: str | Path) -> None:
@@ -85,4 +92,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             f"{weights_path} does not match its config: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if kind != "tokenizer" and (folder / "tokenizer" / CONFIG_FILE).is_file():
+        # Kept out of the module tree on purpose: the AR model's own weights stay the AR model's only.
+        object.__setattr__(model, "tokenizer", load(folder / "tokenizer", device=device))
+    return model

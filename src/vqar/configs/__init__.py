@@ -45,15 +45,17 @@ def compose(
     preset: str | Path | None,
     overrides: Sequence[str] = (),
     aliases: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> T:
-    """Builds a `schema` instance from defaults, then the preset (a name in `group` or a YAML path), then overrides."""
-    base = OmegaConf.structured(schema)
-    layers = []
+    """Builds a `schema` instance from its defaults, then `base` (e.g. a named model size), then the preset (a name
+    in `group` or a YAML path), then the overrides."""
+    base_cfg = OmegaConf.structured(schema)
+    layers = [OmegaConf.create(dict(base))] if base else []
     if preset is not None:
-        layers.append(_load_preset(group, preset, base))
-    layers.append(parse_overrides(base, overrides, aliases or {}))
+        layers.append(_load_preset(group, preset, base_cfg))
+    layers.append(parse_overrides(base_cfg, overrides, aliases or {}))
     try:
-        merged = OmegaConf.merge(base, *layers)
+        merged = OmegaConf.merge(base_cfg, *layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None

@@ -110,6 +110,7 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     seed: int = 0,
+    collate_fn=collate_samples,
 ) -> DataLoader:
     """A DataLoader yielding `Batch`es. Workers are not persistent because a resumed epoch swaps the sampler
     state, and pinned memory is left off since most runs here are on CPU; both are cheap to turn on later.
@@ -121,7 +122,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_samples,
+        collate_fn=collate_fn,
         drop_last=drop_last,
         persistent_workers=False,
         pin_memory=False,

@@ -171,19 +171,15 @@ def random_hflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip, batch.flip(-1), batch)
 
 
-def ten_crop(image: Image.Image, size: int, crop_range: float = 1.1) -> list[Image.Image]:
-    """The ten views LlamaGen extracts codes from: the image is resized (shorter side to
-    round(size * crop_range), Pillow BICUBIC) and center-cropped to that square, then cut into its 4 corner
-    crops and its center crop of `size` x `size` (in that order: top-left, top-right, bottom-left,
-    bottom-right, center), followed by the left-right mirror images of those 5 crops. Training the AR model
-    on all ten views is a cheap augmentation.
-    """
-    if crop_range < 1.0:
-        raise ValueError(f"crop_range must be >= 1, got {crop_range}")
-    big = round(size * crop_range)
-    square = _center_crop(_resize_shorter_side(image, big), big)
-    offset = big - size
-    corners = [(0, 0), (offset, 0), (0, offset), (offset, offset)]
-    crops = [square.crop((x, y, x + size, y + size)) for x, y in corners]
-    crops.append(_center_crop(square, size))
-    return crops + [crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for crop in crops]
+def ten_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The ten views LlamaGen extracts codes from, for square images (B, C, S, S) with S >= size (made by fitting
+    the source to round(size * crop_range), e.g. 1.1): the 4 corner crops and the center crop of `size` x `size`
+    (top-left, top-right, bottom-left, bottom-right, center), then the left-right mirrors of those 5.
+    Returns (B, 10, C, size, size). Training the AR model on all ten views is a cheap augmentation."""
+    big = images.shape[-1]
+    if images.ndim != 4 or images.shape[-2] != big or big < size:
+        raise ValueError(f"ten_crop needs square (B, C, S, S) images with S >= {size}, got {tuple(images.shape)}")
+    offset, middle = big - size, (big - size) // 2
+    windows = [(0, 0), (0, offset), (offset, 0), (offset, offset), (middle, middle)]  # (top, left)
+    crops = [images[..., top : top + size, left : left + size] for top, left in windows]
+    return torch.stack(crops + [crop.flip(-1) for crop in crops], dim=1)

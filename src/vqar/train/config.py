@@ -9,7 +9,8 @@ from vqar.utils.device import PRECISIONS
 
 @dataclass
 class TrainConfig:
-    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`, counted in optimizer steps."""
+    """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`, counted in optimizer steps.
+    `ema_decay` keeps an exponential moving average of the weights (stage 2), exported in place of the raw ones."""
 
     steps: int = 2000
     lr: float = 1e-3
@@ -25,6 +26,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    ema_decay: float | None = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -40,5 +42,7 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")

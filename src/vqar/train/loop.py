@@ -17,13 +17,14 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vqar.data import BadFileReport, Batch, DataConfig, EpochSampler, make_loader, random_hflip
+from vqar.data import BadFileReport, EpochSampler, collate_samples, make_loader
 from vqar.train.checkpoint import (
     latest_checkpoint,
     load_state_dict,
@@ -36,7 +37,9 @@ log = logging.getLogger("vqar.train")
 
 
 class TrainTask(ABC):
-    """One stage's part of training."""
+    """One stage's part of training. Batches come from `collate` (image `Batch`es by default)."""
+
+    collate = staticmethod(collate_samples)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -46,11 +49,18 @@ class TrainTask(ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
     @abstractmethod
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch, step: int) -> dict[str, float]:
         """Forward, backward and optimizer step(s) on one batch; returns scalar metrics including "loss"."""
 
     @abstractmethod
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]: ...
+    def evaluate(self, batches: Iterable) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict:
+        """Extra state a checkpoint must keep for an exact resume (e.g. an augmentation generator)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
+        pass
 
     def write_artifacts(self, run_dir: Path, step: int) -> None:  # noqa: B027 - optional hook
         """Pictures or other files that show progress (called after each evaluation)."""
@@ -68,6 +78,14 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class LoaderSettings(Protocol):
+    """What the loop needs of a data config (image `DataConfig` and the code-store config both fit)."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -78,7 +96,7 @@ class Trainer:
         task: TrainTask,
         train_set: Dataset,
         val_set: Dataset,
-        data: DataConfig,
+        data: LoaderSettings,
         cfg: TrainConfig,
         run_dir: Path,
         run_yaml: str,
@@ -105,7 +123,6 @@ class Trainer:
         # flushing them to zero changes nothing measurable in training.
         torch.set_flush_denormal(True)
         self.bad_files = BadFileReport()
-        self.flip_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
 
     # ---------------------------------------------------------------- checkpoints
@@ -114,7 +131,8 @@ class Trainer:
             "step": self.step,
             "optimizers": {k: o.state_dict() for k, o in self.task.optimizers().items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": {"torch": torch.get_rng_state(), "flip": self.flip_generator.get_state()},
+            "rng": {"torch": torch.get_rng_state()},
+            "task": self.task.state_dict(),
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -137,7 +155,7 @@ class Trainer:
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
         torch.set_rng_state(state["rng"]["torch"])
-        self.flip_generator.set_state(state["rng"]["flip"])
+        self.task.load_state_dict(state.get("task", {}))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = state["step"]
@@ -175,6 +193,7 @@ class Trainer:
                     num_workers=self.data.num_workers,
                     drop_last=True,
                     seed=cfg.seed + epoch,
+                    collate_fn=self.task.collate,
                 )
                 for batch in loader:
                     metrics = self._train_step(batch)
@@ -200,12 +219,10 @@ class Trainer:
                 log.warning(summary)
         return last_eval
 
-    def _train_step(self, batch: Batch) -> dict[str, float]:
-        self.bad_files.add(batch.bad)
+    def _train_step(self, batch) -> dict[str, float]:
+        self.bad_files.add(getattr(batch, "bad", ()))
         if len(batch) == 0:
             return {}
-        if self.data.random_flip:
-            batch.images = random_hflip(batch.images, self.flip_generator)
         metrics = self.task.train_step(batch, self.step)
         with warnings.catch_warnings():
             # A discriminator waiting for `disc_start` has not stepped yet; its schedule still advances.
@@ -227,11 +244,12 @@ class Trainer:
             self.data.eval_batch_size,
             sampler=EpochSampler(len(self.val_set), seed=0, shuffle=False),
             num_workers=self.data.num_workers,
+            collate_fn=self.task.collate,
         )
 
-        def batches() -> Iterable[Batch]:
+        def batches() -> Iterable:
             for batch in loader:
-                self.bad_files.add(batch.bad)
+                self.bad_files.add(getattr(batch, "bad", ()))
                 if len(batch):
                     yield batch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -12,13 +13,14 @@ import torch
 from torch import nn
 
 from vqar.configs import compose, to_yaml
-from vqar.data import Batch, DataConfig, build_datasets
+from vqar.data import Batch, DataConfig, build_datasets, random_hflip
 from vqar.pretrained import save_pretrained
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
 from vqar.train.checkpoint import prepare_run_dir
 from vqar.train.config import TrainConfig
 from vqar.train.loop import Trainer, TrainTask
+from vqar.train.optim import adamw
 from vqar.utils.device import autocast, resolve_device
 from vqar.utils.images import make_grid, psnr, save_image
 from vqar.utils.io import atomic_write_text
@@ -72,18 +74,13 @@ class TokenizerTask(TrainTask):
         self.cfg, self.device = cfg, device
         self.model = Tokenizer(cfg.model).to(device)
         self.objective = TokenizerObjective(cfg.loss, cfg.model.conv.in_channels).to(device)
-        t = cfg.train
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.optimizer = adamw(self.model, cfg.train)
         self.disc_optimizer = None
         if self.objective.discriminator is not None:
-            self.disc_optimizer = torch.optim.AdamW(
-                self.objective.discriminator.parameters(),
-                lr=cfg.loss.disc_lr or t.lr,
-                betas=tuple(t.betas),
-                weight_decay=t.weight_decay,
-            )
+            disc_cfg = dataclasses.replace(cfg.train, lr=cfg.loss.disc_lr or cfg.train.lr)
+            self.disc_optimizer = adamw(self.objective.discriminator, disc_cfg)
         self._grid_images: torch.Tensor | None = None
+        self.flip_generator = torch.Generator().manual_seed(cfg.train.seed + 1)
 
     def modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"model": self.model}
@@ -97,8 +94,17 @@ class TokenizerTask(TrainTask):
             opts["discriminator"] = self.disc_optimizer
         return opts
 
+    def state_dict(self) -> dict:
+        return {"flip_generator": self.flip_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flip_generator.set_state(state["flip_generator"])
+
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        images = batch.images.to(self.device)
+        images = batch.images
+        if self.cfg.data.random_flip:
+            images = random_hflip(images, self.flip_generator)
+        images = images.to(self.device)
         precision = self.cfg.train.precision
         self.model.train()
         with autocast(self.device, precision):

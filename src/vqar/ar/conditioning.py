@@ -1,0 +1,104 @@
+"""Class conditioning shared by the AR models: an embedding table with a null row for classifier-free guidance.
+
+"Classifier-Free Diffusion Guidance" (Ho & Salimans, 2021): in training a class id is replaced by the null id with
+probability `dropout_prob`, so the same network also learns the unconditional distribution. An unconditional
+model (num_classes = 0) has a single learned start row and no condition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassEmbedding(nn.Module):
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.0):
+        super().__init__()
+        if num_classes < 0 or not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"need num_classes >= 0 and dropout_prob in [0, 1), got {num_classes}, {dropout_prob}")
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob if num_classes else 0.0
+        self.has_null = num_classes > 0 and dropout_prob > 0
+        rows = num_classes + int(self.has_null) if num_classes else 1
+        self.embedding_table = nn.Embedding(rows, dim)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def null_id(self) -> int:
+        """The row used for "no condition": the null class, or the start row of an unconditional model."""
+        return self.num_classes if self.conditional else 0
+
+    def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
+        """Validated class ids (B,) for `cond`. cond=None means no condition: the start row of an unconditional
+        model, or the null class of a conditional one trained with class dropout (`batch_size` rows)."""
+        device = self.embedding_table.weight.device
+        if not self.conditional:
+            if cond is not None:
+                raise ValueError("this model is unconditional; pass cond=None")
+            if batch_size is None:
+                raise ValueError("an unconditional model needs batch_size")
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if cond is None:  # "no condition": the null class, when the model was trained with one
+            if not self.has_null or batch_size is None:
+                raise ValueError(
+                    f"this model is class-conditional ({self.num_classes} classes); pass class ids as cond"
+                )
+            return self.null_ids(batch_size)
+        if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 1:
+            raise TypeError("cond must be a 1-D integer tensor of class ids")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
+            raise ValueError(
+                f"class ids must lie in [0, {self.num_classes}), got values in [{int(cond.min())}, {int(cond.max())}]"
+            )
+        return cond.long().to(device)
+
+    def null_ids(self, batch_size: int) -> torch.Tensor:
+        if self.conditional and not self.has_null:
+            raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
+        return torch.full((batch_size,), self.null_id, dtype=torch.long, device=self.embedding_table.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, dim); in training, ids are dropped to the null class with probability dropout_prob."""
+        if self.training and self.has_null and self.dropout_prob > 0:
+            drop = torch.rand(ids.shape, device=ids.device) < self.dropout_prob
+            ids = torch.where(drop, torch.full_like(ids, self.null_id), ids)
+        return self.embedding_table(ids)
+
+
+class TextEmbedding(nn.Module):
+    """A caption as a prefix of `length` token embeddings (the RQ-Transformer's text conditioning).
+
+    Exposes the `ids` / `null_ids` interface of `ClassEmbedding`, so generation loops treat both alike. Models in
+    the RQ release have no null caption, so classifier-free guidance is refused for them."""
+
+    def __init__(self, vocab_size: int, length: int, dim: int):
+        super().__init__()
+        if vocab_size < 2 or length < 1:
+            raise ValueError(f"need a text vocabulary of >= 2 tokens and length >= 1, got {vocab_size}, {length}")
+        self.vocab_size, self.length = vocab_size, length
+        self.embedding_table = nn.Embedding(vocab_size, dim)
+
+    conditional = True
+    has_null = False
+
+    def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
+        """Validated text token ids (B, length)."""
+        if cond is None:
+            raise ValueError(f"this model is text-conditioned; pass token ids of shape (B, {self.length}) as cond")
+        if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32):
+            raise TypeError("cond must be an integer tensor of text token ids")
+        if cond.dim() != 2 or cond.shape[1] != self.length:
+            raise ValueError(f"text ids must have shape (B, {self.length}), got {tuple(cond.shape)}")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.vocab_size):
+            raise ValueError(f"text token ids must lie in [0, {self.vocab_size})")
+        return cond.long().to(self.embedding_table.weight.device)
+
+    def null_ids(self, batch_size: int) -> torch.Tensor:
+        raise ValueError("classifier-free guidance needs a model trained with a null caption; this one has none")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, length, dim)."""
+        return self.embedding_table(ids)

@@ -1,0 +1,140 @@
+"""Building blocks shared by the autoregressive models: RMSNorm, SwiGLU, 2D rotary embeddings, a static KV cache
+and causal self-attention that uses it.
+
+The cache is the gpt-fast kind: tensors allocated once per generation for the whole sequence, written in place
+at the current position; a decode step attends to the filled prefix only (a view, no copy, no padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 ("Root Mean Square Layer Normalization", Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """LLaMA's FFN width: 2/3 of 4*dim, optionally scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) ("GLU Variants Improve Transformer", Shazeer 2020)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d_table(height: int, width: int, head_dim: int, base: float, prefix: int) -> torch.Tensor:
+    """Cos/sin table (prefix + height*width, head_dim/2, 2) of LlamaGen's 2D RoPE.
+
+    Rotation pairs are interleaved channels (2m, 2m+1). The first head_dim/4 pairs rotate by row * freq, the last
+    head_dim/4 by column * freq, with freq_k = base^(-2k / (head_dim/2)). The `prefix` rows (condition tokens) are
+    all zero, so those tokens' queries and keys are multiplied by 0, exactly as upstream does.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float32) * 2 / (head_dim // 2))
+    rows = torch.outer(torch.arange(height, dtype=torch.float32), freqs)  # (h, hd/4)
+    cols = torch.outer(torch.arange(width, dtype=torch.float32), freqs)  # (w, hd/4)
+    angles = torch.cat(
+        [rows[:, None, :].expand(height, width, quarter), cols[None, :, :].expand(height, width, quarter)], dim=-1
+    ).reshape(height * width, 2 * quarter)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return torch.cat([torch.zeros(prefix, 2 * quarter, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotates x (B, L, H, head_dim) by table (L, head_dim/2, 2), in float32."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    rotated = torch.stack(
+        [pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1
+    )
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of one attention layer for a whole generation, (B, heads, max_len, head_dim).
+
+    Allocated on the first write. On GPUs it takes the dtype of the keys (bf16 under autocast halves its memory).
+    On CPUs a low-precision run still caches float32: single-query attention over the cache is memory-bound there,
+    and CPU bf16 batched matmuls over it run about 3x slower than float32 ones (measured in
+    `benchmarks/sampling.py`, where a bf16 cache made the 16x16 GPT slower than fp32)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, H, L, hd) at positions [start, start + L) and returns the filled prefix."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        dtype = cache_dtype(k)
+        if self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != dtype:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k = torch.empty(shape, dtype=dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=dtype, device=v.device)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache | None,
+    start: int,
+    dropout: float,
+) -> torch.Tensor:
+    """Attention of q (B, H, L, hd) over the keys so far. Without a cache: plain causal attention. With one: the
+    new keys are cached at `start`; a single query (decoding) attends to the whole filled prefix, several queries
+    (prefill from position 0) attend causally."""
+    if cache is not None:
+        cached_k, cached_v = cache.update(start, k, v)
+        if q.shape[2] == 1:
+            k, v = cached_k, cached_v
+        elif start != 0:
+            raise ValueError("multi-token attention with a cache must start at position 0 (prefill)")
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head across a group
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if q.shape[2] == 1:
+        # One query over the cached prefix: two batched matmuls beat SDPA's kernels at this shape on CPU.
+        scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.matmul(scores.softmax(-1), v).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+
+
+def cache_dtype(keys: torch.Tensor) -> torch.dtype:
+    """The dtype a KV cache stores `keys` in; see `KVCache`."""
+    if keys.device.type == "cpu" and keys.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return keys.dtype

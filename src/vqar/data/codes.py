@@ -1,0 +1,245 @@
+"""The code store: a dataset encoded once by a tokenizer, so AR training reads integer codes, not images.
+
+    CODES_DIR/
+        manifest.json           code shape, codebook size, views, classes, shard list with sha256
+        tokenizer/              the tokenizer that made the codes (config.json + model.safetensors)
+        codes-00000.npy         (n, V, h, w[, D]) uint16 (int32 for codebooks over 65,536 codes)
+        labels-00000.npy        (n,) int64, -1 for unlabeled images
+        ...
+
+Each item holds V views of one image: 1 (as is), 2 (with its mirror image, `flip`) or 10 (LlamaGen's ten-crop).
+The store is assembled in a temporary folder and renamed into place when complete, so a crash never leaves a
+half-written store behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vqar.data.config import DataConfig
+from vqar.data.datasets import open_dataset
+from vqar.data.loading import BadFileReport, EpochSampler, make_loader
+from vqar.data.transforms import ten_crop
+from vqar.utils.io import fsync_dir, sha256_file
+
+log = logging.getLogger("vqar.data")
+
+FORMAT = "vqar-codes"
+MANIFEST = "manifest.json"
+VIEWS = {"none": ["image"], "flip": ["image", "mirror"], "ten-crop": [f"crop{i}" for i in range(10)]}
+
+
+@dataclass
+class CodeSample:
+    codes: torch.Tensor  # (V, h, w[, D]) int64
+    label: int
+    index: int
+
+
+@dataclass
+class CodeBatch:
+    codes: torch.Tensor  # (B, V, h, w[, D]) int64
+    labels: torch.Tensor  # (B,)
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def collate_codes(items: list[CodeSample]) -> CodeBatch:
+    return CodeBatch(
+        codes=torch.stack([item.codes for item in items]),
+        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        indices=torch.tensor([item.index for item in items], dtype=torch.long),
+    )
+
+
+def read_manifest(path: str | Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path} is not a code store (no {MANIFEST}); make one with `vqar extract-codes`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path} is not a vqar code store manifest")
+    return manifest
+
+
+class CodeDataset(Dataset):
+    """All items of a code store, memory-mapped. `verify=True` checks every shard against its checksum."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        codes, labels = [], []
+        for shard in self.manifest["shards"]:
+            for key in ("codes", "labels"):
+                file = self.path / shard[key]
+                if not file.is_file():
+                    raise FileNotFoundError(f"code store {self.path} is missing {shard[key]}")
+                if verify and sha256_file(file) != shard["sha256"][key]:
+                    raise ValueError(f"code store shard {file} is damaged (checksum mismatch); extract the codes again")
+            codes.append(np.load(self.path / shard["codes"], mmap_mode="r"))
+            labels.append(np.load(self.path / shard["labels"]))
+        self.shard_codes = codes
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        self.offsets = np.cumsum([0] + [len(c) for c in codes])
+        if len(self.labels) == 0:
+            raise ValueError(f"code store {self.path} holds no items")
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["code_shape"])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.manifest["codebook_size"])
+
+    @property
+    def num_views(self) -> int:
+        return len(self.manifest["views"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> CodeSample:
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        row = np.asarray(self.shard_codes[shard][index - self.offsets[shard]], dtype=np.int64)
+        return CodeSample(codes=torch.from_numpy(row), label=int(self.labels[index]), index=index)
+
+
+def _views(images: torch.Tensor, views: str, size: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, V, C, size, size)."""
+    if views == "ten-crop":
+        return ten_crop(images, size)
+    if views == "flip":
+        return torch.stack([images, images.flip(-1)], dim=1)
+    return images[:, None]
+
+
+@torch.no_grad()
+def extract_codes(
+    tokenizer,
+    data: DataConfig,
+    out_dir: str | Path,
+    *,
+    views: str = "none",
+    crop_range: float = 1.1,
+    device: torch.device | str = "cpu",
+    shard_size: int = 100_000,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
+    """Encodes every image of `data.source` with `tokenizer` into a code store at `out_dir`; returns the manifest.
+
+    `data.image_size` and `data.channels` are the tokenizer's input; with `views="ten-crop"` images are first fitted
+    to round(image_size * crop_range). `tokenizer_dir`, when given, is copied into the store (else the tokenizer is
+    saved there)."""
+    from vqar.pretrained import save_pretrained
+
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
+    if crop_range < 1.0:
+        raise ValueError(f"crop_range must be >= 1, got {crop_range}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
+    size = data.image_size
+    fit = round(size * crop_range) if views == "ten-crop" else size
+    dataset = open_dataset(DataConfig(**{**data.__dict__, "image_size": fit, "val_fraction": 0.0}))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bad = BadFileReport()
+    shards, buffer_codes, buffer_labels = [], [], []
+    tokenizer = tokenizer.to(device).eval()
+
+    def flush() -> None:
+        if not buffer_codes:
+            return
+        name = f"{len(shards):05d}"
+        codes = np.concatenate(buffer_codes)
+        dtype = np.uint16 if tokenizer.codebook_size <= 65536 else np.int32
+        np.save(tmp / f"codes-{name}.npy", codes.astype(dtype))
+        np.save(tmp / f"labels-{name}.npy", np.concatenate(buffer_labels).astype(np.int64))
+        files = {"codes": f"codes-{name}.npy", "labels": f"labels-{name}.npy"}
+        shards.append({**files, "count": len(codes), "sha256": {k: sha256_file(tmp / f) for k, f in files.items()}})
+        buffer_codes.clear()
+        buffer_labels.clear()
+
+    try:
+        loader = make_loader(
+            dataset,
+            data.eval_batch_size,
+            sampler=EpochSampler(len(dataset), seed=0, shuffle=False),
+            num_workers=data.num_workers,
+        )
+        pending = 0
+        for batch in tqdm(loader, desc="extracting codes", leave=False):
+            bad.add(batch.bad)
+            if len(batch) == 0:
+                continue
+            stack = _views(batch.images.to(device), views, size)
+            codes = tokenizer.encode(stack.flatten(0, 1)).view(len(batch), stack.shape[1], *tokenizer.code_shape(size))
+            buffer_codes.append(codes.cpu().numpy())
+            buffer_labels.append(batch.labels.numpy())
+            pending += len(batch)
+            if pending >= shard_size:
+                flush()
+                pending = 0
+        flush()
+        if not shards:
+            raise ValueError(f"no readable images in {data.source}")
+        if tokenizer_dir is not None:
+            skip = shutil.ignore_patterns("checkpoints", "*.png", "*.jsonl", "*.yaml")
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer", ignore=skip)
+        else:
+            save_pretrained(tokenizer, tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "code_shape": list(tokenizer.code_shape(size)),
+            "codebook_size": tokenizer.codebook_size,
+            "image_size": size,
+            "channels": data.channels,
+            "source": str(data.source),
+            "views": VIEWS[views],
+            "crop_range": crop_range if views == "ten-crop" else None,
+            "num_items": int(sum(s["count"] for s in shards)),
+            "num_classes": int(getattr(dataset, "num_classes", 0)),
+            "class_names": list(getattr(dataset, "class_names", [])),
+            "skipped_files": bad.count,
+            "shards": shards,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsync_dir(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if bad.summary():
+        log.warning(bad.summary())
+    return manifest

@@ -1,0 +1,58 @@
+"""Putting a converted state dict into a vqar model, with errors that say what does not fit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops the prefixes DDP, torch.compile and FSDP add to parameter names."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+            key = key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+        out[key] = value
+    return out
+
+
+def tensors_only(state: dict, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{source} holds no state dict")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{source} is not a state dict: entries {bad[:5]} are not tensors")
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
+    """Copies `state` into `model`; every parameter and persistent buffer must be present with its shape.
+    Keys ending in one of `ignore` are training-only statistics that the model may lack."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.endswith(ignore)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches, first: {shapes[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first: {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:5]}")
+        raise ValueError(
+            f"{source} does not fit the configured architecture ({'; '.join(parts)}). "
+            "Check that the config (preset name or JSON) is the one the checkpoint was trained with."
+        )
+    model.load_state_dict({k: state[k] for k in own}, strict=True)

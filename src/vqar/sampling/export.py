@@ -1,0 +1,114 @@
+"""Sample a trained AR model to files: a grid (one row per class), individual PNGs and an ADM `samples.npz`.
+
+`samples.npz` follows the layout of the ADM evaluator that LlamaGen and others use: `arr_0` uint8 (N, H, W, 3)
+(grey images are repeated to RGB, as the Inception network expects 3 channels) and `arr_1` int64 labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vqar.sampling.filters import check_sampling_args, per_depth
+from vqar.utils.device import autocast
+from vqar.utils.images import make_grid, save_image, to_uint8
+from vqar.utils.io import atomic_write
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor  # (N,), -1 when unconditional
+    seconds: float
+
+
+def check_compatible(model, tokenizer) -> None:
+    """The tokenizer must produce exactly the codes the AR model was trained on."""
+    if tokenizer is None:
+        raise ValueError("this model folder has no tokenizer; pass one with --tokenizer")
+    grid = tokenizer.code_shape()
+    if tuple(grid) != tuple(model.code_shape) or tokenizer.codebook_size != model.codebook_size:
+        raise ValueError(
+            f"the tokenizer makes codes of shape {tuple(grid)} with K={tokenizer.codebook_size}, but the model "
+            f"expects {tuple(model.code_shape)} with K={model.codebook_size}"
+        )
+
+
+def sample_images(
+    model,
+    tokenizer,
+    classes: Sequence[int] | None,
+    n_per_class: int,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+    **sampling,
+) -> SampleResult:
+    """`n_per_class` images for each class id in `classes` (or `n_per_class` unconditional images when None), in
+    batches of `batch_size`; `sampling` holds temperature, top_k, top_p, cfg_scale, cfg_interval, greedy."""
+    check_compatible(model, tokenizer)
+    depth = getattr(model, "depth", 1)
+    for t, k, p in zip(
+        per_depth(sampling.get("temperature", 1.0), depth, "temperature"),
+        per_depth(sampling.get("top_k"), depth, "top_k"),
+        per_depth(sampling.get("top_p"), depth, "top_p"),
+        strict=True,
+    ):
+        check_sampling_args(t, k, p, sampling.get("cfg_scale", 1.0), sampling.get("cfg_interval"))
+    if depth == 1:  # a GPT takes single values
+        sampling = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in sampling.items()}
+    device = next(model.parameters()).device
+    if classes is not None:
+        bad = [c for c in classes if not 0 <= c < model.num_classes]
+        if model.num_classes == 0:
+            raise ValueError("this model is unconditional; sample it without classes")
+        if bad:
+            raise ValueError(f"unknown class id(s) {bad}: this model has classes 0..{model.num_classes - 1}")
+        labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(n_per_class)
+    else:
+        if model.num_classes > 0:
+            raise ValueError("this model is class-conditional; give the classes to sample")
+        labels = torch.full((n_per_class,), -1, dtype=torch.long)
+    if sampling.get("cfg_scale", 1.0) != 1.0:
+        embedding = getattr(model, "cls_embedding", None) or model.cond_emb
+        embedding.null_ids(1)  # raises a clear error when the model has no null class
+    generator = torch.Generator(device).manual_seed(seed)
+    images = []
+    start = time.perf_counter()
+    for chunk in tqdm(labels.split(batch_size), desc="sampling", disable=not progress):
+        with autocast(device, precision):
+            if classes is not None:
+                codes = model.generate(chunk.to(device), generator=generator, **sampling)
+            else:
+                codes = model.generate(None, batch_size=len(chunk), generator=generator, **sampling)
+            images.append(tokenizer.decode(codes).float().clamp(-1, 1).cpu())
+    return SampleResult(torch.cat(images), labels, time.perf_counter() - start)
+
+
+def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
+    """grid.png (one row per class), images/*.png and samples.npz; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(result.images.split(n_per_class))
+    save_image(make_grid(rows), out_dir / "grid.png")
+    pixels = to_uint8(result.images)  # (N, H, W, C)
+    if individual:
+        for i, (picture, label) in enumerate(zip(pixels, result.labels.tolist(), strict=True)):
+            name = f"class{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
+            save_image(picture, out_dir / "images" / name)
+    rgb = np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+    def write_npz(path: Path) -> None:
+        with open(path, "wb") as handle:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(handle, arr_0=rgb, arr_1=result.labels.numpy())
+
+    atomic_write(out_dir / "samples.npz", write_npz)
+    return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}

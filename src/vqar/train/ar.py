@@ -1,0 +1,261 @@
+"""Stage-2 training: a GPT or an RQ-Transformer on a code store, through the shared loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig, size_fields
+from vqar.configs import compose, to_yaml
+from vqar.data import split_dataset
+from vqar.data.codes import CodeBatch, CodeDataset, collate_codes
+from vqar.pretrained import load, save_pretrained
+from vqar.sampling.filters import check_sampling_args
+from vqar.train.checkpoint import prepare_run_dir
+from vqar.train.config import TrainConfig
+from vqar.train.ema import ModelEMA
+from vqar.train.loop import Trainer, TrainTask
+from vqar.train.optim import adamw
+from vqar.utils.device import autocast, resolve_device
+from vqar.utils.images import make_grid, save_image
+from vqar.utils.io import atomic_write_text
+
+log = logging.getLogger("vqar.train")
+
+ARCHS = ("gpt", "rq")
+
+
+@dataclass
+class ARModelConfig:
+    """`arch` picks the model; `size` (see `vqar.ar.presets`) fills its width and depth. Vocabulary, code grid,
+    classes and code embeddings always come from the code store."""
+
+    arch: str = "rq"
+    size: str | None = None
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    rq: RQTransformerConfig = field(default_factory=RQTransformerConfig)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.size is not None:
+            size_fields(self.arch, self.size)
+        (self.gpt if self.arch == "gpt" else self.rq).validate()
+
+
+@dataclass
+class CodeDataConfig:
+    codes: str = ""
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
+            raise ValueError("data.batch_size and data.eval_batch_size must be positive, data.num_workers >= 0")
+
+
+@dataclass
+class SampleConfig:
+    """The sample grid drawn after each evaluation: `n_per_class` samples for each of the first `max_classes`."""
+
+    n_per_class: int = 8
+    max_classes: int = 10
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+        if self.n_per_class < 0 or self.max_classes < 1:
+            raise ValueError("sample.n_per_class must be >= 0 and sample.max_classes >= 1")
+
+
+@dataclass
+class ARRunConfig:
+    model: ARModelConfig = field(default_factory=ARModelConfig)
+    data: CodeDataConfig = field(default_factory=CodeDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "codes": "data.codes",
+        "size": "model.size",
+        "steps": "train.steps",
+        "lr": "train.lr",
+        "bs": "data.batch_size",
+    }
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.sample.validate()
+
+
+def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> ARRunConfig:
+    """An AR run configuration from a preset (see `vqar presets ar`) or YAML path plus overrides. A `model.size`
+    sets the architecture first; explicit model fields in the preset or the overrides still win."""
+    overrides = list(overrides)
+    probe = compose(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES)
+    if probe.model.size is None:
+        return probe
+    base = {"model": {probe.model.arch: size_fields(probe.model.arch, probe.model.size)}}
+    return compose(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base)
+
+
+def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | None = None) -> nn.Module:
+    """The configured model with its data-dependent fields taken from the code store (and, for an RQ-Transformer,
+    its code embeddings from the store's tokenizer)."""
+    shape, classes = list(store.code_shape), store.num_classes
+    if cfg.arch == "gpt":
+        if len(shape) != 2:
+            raise ValueError(f"a GPT models one code per position; this code store has codes of shape {shape}")
+        return GPT(dataclasses.replace(cfg.gpt, vocab_size=store.codebook_size, grid=shape, num_classes=classes))
+    if len(shape) != 3:
+        raise ValueError(f"an RQ-Transformer models stacks of codes; this code store has codes of shape {shape}")
+    tokenizer = tokenizer if tokenizer is not None else load(store.tokenizer_path)
+    books = torch.stack([tokenizer.quantizer.codebook(d).vectors() for d in range(len(tokenizer.quantizer.codebooks))])
+    rq_cfg = dataclasses.replace(
+        cfg.rq,
+        vocab_size=store.codebook_size,
+        code_shape=shape,
+        num_classes=classes,
+        code_dim=books.shape[-1],
+        shared_codebook=books.shape[0] == 1,
+    )
+    return RQTransformer(rq_cfg, code_embeddings=books)
+
+
+class ARTask(TrainTask):
+    collate = staticmethod(collate_codes)
+
+    def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device):
+        self.cfg, self.store, self.device = cfg, store, device
+        self.tokenizer = load(store.tokenizer_path, device=device)
+        self.model = build_model(cfg.model, store, self.tokenizer).to(device)
+        self.optimizer = adamw(self.model, cfg.train)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.conditional = store.num_classes > 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.shadow if self.ema is not None else self.model
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, **({"ema": self.ema.shadow} if self.ema is not None else {})}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self.optimizer}
+
+    def _inputs(self, batch: CodeBatch, random_view: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        codes = batch.codes
+        if random_view:  # one of the stored views (flip / ten-crop) per item; the global RNG is checkpointed
+            view = torch.randint(codes.shape[1], (len(codes),))
+            codes = codes[torch.arange(len(codes)), view]
+        else:
+            codes = codes[:, 0]
+        cond = batch.labels.to(self.device) if self.conditional else None
+        return codes.to(self.device), cond
+
+    def train_step(self, batch: CodeBatch, step: int) -> dict[str, float]:
+        codes, cond = self._inputs(batch, random_view=True)
+        self.model.train()
+        with autocast(self.device, self.cfg.train.precision):
+            logits = self.model(codes, cond)
+        loss = self.model.loss(logits, codes)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        accuracy = (logits.detach().argmax(-1) == codes).float().mean()
+        return {"loss": float(loss.detach()), "accuracy": float(accuracy)}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[CodeBatch]) -> dict[str, float]:
+        model = self.eval_model.eval()
+        total_nll = total_correct = count = 0.0
+        for batch in batches:
+            codes, cond = self._inputs(batch, random_view=False)
+            with autocast(self.device, self.cfg.train.precision):
+                logits = model(codes, cond)
+            logits = logits.float()
+            total_nll += float(
+                torch.nn.functional.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="sum")
+            )
+            total_correct += float((logits.argmax(-1) == codes).sum())
+            count += codes.numel()
+        return {"nll": total_nll / count, "accuracy": total_correct / count}
+
+    @torch.no_grad()
+    def write_artifacts(self, run_dir: Path, step: int) -> None:
+        """samples_grid.png: one row per class (or rows of unconditional samples)."""
+        s = self.cfg.sample
+        if s.n_per_class == 0:
+            return
+        model = self.eval_model.eval()
+        generator = torch.Generator(self.device).manual_seed(s.seed)
+        rows = min(self.store.num_classes, s.max_classes) if self.conditional else 2
+        kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+        if self.conditional:
+            cond = torch.arange(rows, device=self.device).repeat_interleave(s.n_per_class)
+            codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
+        else:
+            codes = model.generate(None, batch_size=rows * s.n_per_class, **kwargs)
+        images = self.tokenizer.decode(codes).float().cpu()
+        save_image(make_grid(list(images.split(s.n_per_class))), Path(run_dir) / "samples_grid.png")
+
+    def export(self, out_dir: Path) -> None:
+        save_pretrained(self.eval_model, out_dir)
+        target = Path(out_dir) / "tokenizer"
+        if not target.exists():
+            shutil.copytree(self.store.tokenizer_path, target)
+
+
+def model_has_null(model: nn.Module) -> bool:
+    embedding = model.cls_embedding if isinstance(model, GPT) else model.cond_emb
+    return embedding.has_null
+
+
+def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Trains an AR model on `cfg.data.codes` into `run_dir` and returns the final validation metrics."""
+    if not cfg.data.codes:
+        raise ValueError("set data.codes (or codes=...) to a code store made by `vqar extract-codes`")
+    run_dir = Path(run_dir)
+    store = CodeDataset(cfg.data.codes)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
+    task = ARTask(cfg, store, device)
+    params = sum(p.numel() for p in task.model.parameters())
+    log.info(
+        "training a %s (%.1fM parameters) on %d code maps of shape %s (%d for validation) on %s",
+        type(task.model).__name__,
+        params / 1e6,
+        len(train_set),
+        "x".join(map(str, store.code_shape)),
+        len(val_set),
+        device,
+    )
+    run_yaml = to_yaml(cfg)
+    atomic_write_text(run_dir / "run.yaml", run_yaml)
+    trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, run_yaml)
+    return trainer.fit(resume=resume)

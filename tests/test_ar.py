@@ -1,0 +1,195 @@
+"""Stage-2 training on a code store, exported models, `vqar sample`, and the demo pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vqar
+from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
+from vqar.cli import main
+from vqar.configs import ConfigError
+from vqar.train.ar import load_run_config, train_ar
+
+TINY_AR = ["size=RQ-XS", "bs=32", "train.log_every=5", "train.warmup_steps=5", "sample.n_per_class=2"]
+
+
+def _records(run_dir, split):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def rq_run(tiny_pipeline):
+    run_dir = tiny_pipeline / "rq-ar"
+    cfg = load_run_config(
+        "rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=60", "train.eval_every=30", "lr=3e-3"]
+    )
+    train_ar(cfg, run_dir)
+    return run_dir
+
+
+def test_rq_transformer_trains_and_exports(rq_run):
+    train = _records(rq_run, "train")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    val = _records(rq_run, "val")
+    assert val[-1]["nll"] < val[0]["nll"]
+    assert (rq_run / "samples_grid.png").is_file()
+    assert Image.open(rq_run / "samples_grid.png").size[1] > 10 * 32  # one row per digit
+    model = vqar.load(rq_run)
+    assert isinstance(model, RQTransformer) and model.tokenizer is not None
+    assert model.code_shape == (4, 4, 4) and model.num_classes == 10
+    assert torch.equal(model.code_embeddings[0], model.tokenizer.quantizer.codebook(0).vectors())
+    codes = model.generate(torch.arange(3), greedy=True)
+    assert model.tokenizer.decode(codes).shape == (3, 1, 32, 32)
+
+
+def test_loss_decreases_on_a_small_batch_for_both_models(tiny_pipeline):
+    from vqar.data.codes import CodeDataset
+    from vqar.train.ar import ARModelConfig, build_model
+
+    store = CodeDataset(tiny_pipeline / "codes")
+    codes = torch.stack([store[i].codes[0] for i in range(16)])
+    labels = torch.tensor([store[i].label for i in range(16)])
+    no_dropout = dict(class_dropout_prob=0.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    gpt = GPT(GPTConfig(**GPT_SIZES["GPT-XS"], vocab_size=64, grid=[4, 4], num_classes=10, **no_dropout))
+    rq_cfg = ARModelConfig(arch="rq")
+    rq_cfg.rq.resid_pdrop = 0.0
+    for key, value in RQ_SIZES["RQ-XS"].items():
+        setattr(rq_cfg.rq, key, value)
+    rq = build_model(rq_cfg, store)
+    for model, batch in ((gpt, codes[..., 0]), (rq, codes)):  # the GPT learns the first-depth code grid
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(60):
+            loss = model.loss(model(batch, labels), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < 0.5 * losses[0], (type(model).__name__, losses[0], losses[-1])
+
+
+def test_resume_reaches_the_same_weights(tiny_pipeline, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=16", "train.ckpt_every=8", "train.eval_every=8"]
+    cfg = load_run_config("rq-mnist", [*overrides, "train.ema_decay=0.9"])
+    train_ar(cfg, tmp_path / "run")
+    final = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000016" / "ema.safetensors"))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000016")
+    torch.manual_seed(99)
+    train_ar(cfg, tmp_path / "run", resume=True)
+    resumed = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000016" / "ema.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_gpt_on_a_vq_code_store(tmp_path):
+    from conftest import TINY_RUN
+    from vqar.data import DataConfig
+    from vqar.data.codes import extract_codes
+    from vqar.train.tokenizer import load_run_config as tokenizer_config
+    from vqar.train.tokenizer import train_tokenizer
+
+    train_tokenizer(tokenizer_config("vq-mnist", [*TINY_RUN, "model.conv.ch_mult=[1,2,4]", "steps=5"]), tmp_path / "vq")
+    extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200), tmp_path / "codes")
+    cfg = load_run_config("gpt-mnist", [f"codes={tmp_path / 'codes'}", "size=GPT-XS", "steps=10", "bs=16"])
+    metrics = train_ar(cfg, tmp_path / "gpt")
+    assert np.isfinite(metrics["nll"])
+    model = vqar.load(tmp_path / "gpt")
+    assert model.code_shape == (8, 8) and model.tokenizer is not None
+    with pytest.raises(ValueError, match="stacks of codes"):
+        train_ar(load_run_config("rq-mnist", [f"codes={tmp_path / 'codes'}"]), tmp_path / "rq")
+
+
+def test_size_presets_fill_the_architecture_and_overrides_win(tiny_pipeline):
+    cfg = load_run_config("rq-mnist", ["size=RQ-480M"])
+    assert (cfg.model.rq.embed_dim, cfg.model.rq.body_layers, cfg.model.rq.head_layers) == (1536, 12, 4)
+    cfg = load_run_config("rq-mnist", ["size=RQ-480M", "model.rq.body_layers=3"])
+    assert cfg.model.rq.body_layers == 3 and cfg.model.rq.embed_dim == 1536
+    cfg = load_run_config("gpt-imagenet", ["size=GPT-XL"])
+    assert (cfg.model.gpt.n_layer, cfg.model.gpt.dim) == (36, 1280)
+    with pytest.raises(ConfigError, match="unknown rq size"):
+        load_run_config("rq-mnist", ["size=GPT-B"])
+    with pytest.raises(ValueError, match="data.codes"):
+        train_ar(load_run_config("rq-mnist"), tiny_pipeline / "nowhere")
+
+
+def test_sample_cli_writes_grid_pngs_and_adm_npz(rq_run, tmp_path, capsys):
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(rq_run), "--classes", "0,7", "--n-per-class", "3", "--top-k", "16,16,8,8",
+            "--top-p", "0.95", "--seed", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "images/s" in capsys.readouterr().out
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (6, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_1"].tolist() == [0, 0, 0, 7, 7, 7]
+        first = npz["arr_0"].copy()
+    assert len(list((out / "images").glob("class0007_*.png"))) == 3
+    assert Image.open(out / "grid.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    assert main([*args[:-1], str(tmp_path / "again")]) == 0
+    with np.load(tmp_path / "again" / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], first)  # the same seed gives the same images
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--classes", "12"], "unknown class id"),
+        (["--top-p", "2"], "top_p"),
+        (["--temperature", "0"], "temperature"),
+        (["--top-k", "0"], "top_k"),
+        (["--top-k", "1,2"], "depth 4"),
+    ],
+)
+def test_sample_cli_rejects_bad_arguments(rq_run, tmp_path, capsys, extra, message):
+    assert main(["sample", "--model", str(rq_run), "--out", str(tmp_path / "s"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_cli_rejects_a_mismatched_tokenizer(rq_run, tmp_path, capsys):
+    from conftest import TINY_RUN
+    from vqar.train.tokenizer import load_run_config as tokenizer_config
+    from vqar.train.tokenizer import train_tokenizer
+
+    train_tokenizer(tokenizer_config("rqvae-mnist", [*TINY_RUN, "d=2", "steps=2"]), tmp_path / "tok")
+    args = ["sample", "--model", str(rq_run), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    assert "expects (4, 4, 4)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, classifier_cache):
+    from vqar.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", quick=True, classifier_cache=classifier_cache)
+    for key in ("tokenizer_psnr_db", "ar_val_nll_per_code", "sampling_images_per_second", "class_accuracy"):
+        assert np.isfinite(report[key])
+    assert (tmp_path / "demo" / "samples" / "grid.png").is_file()
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["samples"] == 40
+
+
+@pytest.mark.parametrize(
+    ("size", "millions"),
+    [("GPT-B", 111), ("GPT-L", 343), ("GPT-XL", 775), ("GPT-XXL", 1411), ("GPT-3B", 3097)],
+)
+def test_gpt_sizes_have_the_papers_parameter_counts(size, millions):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_classes=1000))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 1
+
+
+@pytest.mark.parametrize(
+    ("size", "millions"), [("RQ-480M", 481), ("RQ-821M", 821), ("RQ-1.4B", 1388), ("RQ-3.8B", 3822)]
+)
+def test_rq_sizes_have_the_papers_parameter_counts(size, millions):
+    with torch.device("meta"):
+        model = RQTransformer(RQTransformerConfig(**RQ_SIZES[size], vocab_size=16384, num_classes=1000))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 1

@@ -1,0 +1,67 @@
+"""The code store: extraction views, the manifest, reading back, and damage detection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vqar.data import DataConfig, build_datasets
+from vqar.data.codes import CodeDataset, extract_codes, read_manifest
+from vqar.pretrained import load
+
+
+def test_store_layout_and_codes_match_the_tokenizer(tiny_pipeline):
+    store = CodeDataset(tiny_pipeline / "codes")
+    manifest = read_manifest(tiny_pipeline / "codes")
+    assert manifest["views"] == ["image", "mirror"] and manifest["num_items"] == 600 == len(store)
+    assert store.code_shape == (4, 4, 4) and store.codebook_size == 64 and store.num_classes == 10
+    assert (tiny_pipeline / "codes" / "tokenizer" / "model.safetensors").is_file()
+    tokenizer = load(store.tokenizer_path)
+    images, labels = [], []
+    full = DataConfig(source="mnist", max_images=600, val_fraction=0.0)
+    dataset = build_datasets(full)[0]
+    for i in (0, 123, 599):
+        sample = dataset[i]
+        item = store[i]
+        assert item.label == sample.label
+        images.append(sample.image)
+        labels.append(item.codes)
+    images = torch.stack(images)
+    codes = torch.stack(labels)
+    assert torch.equal(codes[:, 0], tokenizer.encode(images))
+    assert torch.equal(codes[:, 1], tokenizer.encode(images.flip(-1)))
+
+
+def test_ten_crop_views(tiny_pipeline, tmp_path):
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    data = DataConfig(source="mnist", max_images=20)
+    manifest = extract_codes(tokenizer, data, tmp_path / "tc", views="ten-crop", crop_range=1.25)
+    store = CodeDataset(tmp_path / "tc")
+    assert len(manifest["views"]) == 10 and store[0].codes.shape == (10, 4, 4, 4)
+    assert manifest["crop_range"] == 1.25
+    # Crops 5..9 are the mirror images of crops 0..4.
+    big = build_datasets(DataConfig(source="mnist", max_images=20, image_size=40, val_fraction=0.0))[0][3].image
+    center = big[None, :, 4:36, 4:36]
+    assert torch.equal(store[3].codes[4], tokenizer.encode(center)[0])
+    assert torch.equal(store[3].codes[9], tokenizer.encode(center.flip(-1))[0])
+
+
+def test_existing_store_is_not_overwritten_and_damage_is_detected(tiny_pipeline, tmp_path):
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    data = DataConfig(source="mnist", max_images=20)
+    extract_codes(tokenizer, data, tmp_path / "codes")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        extract_codes(tokenizer, data, tmp_path / "codes")
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    shard = tmp_path / "codes" / manifest["shards"][0]["codes"]
+    codes = np.load(shard)
+    codes[0, 0, 0, 0, 0] = (int(codes[0, 0, 0, 0, 0]) + 1) % 64
+    np.save(shard, codes)
+    with pytest.raises(ValueError, match="damaged"):
+        CodeDataset(tmp_path / "codes")
+    with pytest.raises(FileNotFoundError, match="extract-codes"):
+        CodeDataset(tmp_path)
+    assert not list(tmp_path.glob(".codes.tmp-*"))
