@@ -24,6 +24,37 @@ def fixtures() -> Path:
     return root
 
 
+# Fixture folders by kind, recognised by their files, so a new folder in a known format is tested without code changes.
+FIXTURE_KINDS = {
+    "rq_release": ("stage1/model.pt", "stage1/config.yaml", "rqvae_io.safetensors"),
+    "rq_transformer_release": ("stage2/model.pt", "stage2/config.yaml", "rqtransformer_io.safetensors"),
+    "llamagen_vq": ("vq_ckpt.pt", "vq_config.json", "vq_io.safetensors"),
+    "llamagen_gpt": ("gpt_ckpt.pt", "gpt_config.json", "gpt_io.safetensors"),
+    "npp": ("gpt_ckpt.pt", "gpt_config.json", "npp_io.safetensors"),
+}
+
+
+def fixture_folders(kind: str) -> list[Path]:
+    root = fixtures_root()
+    if not root.is_dir():
+        return []
+    needed = FIXTURE_KINDS[kind]
+    return sorted({p.parent for p in root.rglob(needed[-1]) if all((p.parent / f).is_file() for f in needed)})
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking `<kind>_folder` runs once per fixture folder of that kind (skipped when there is none)."""
+    for kind in FIXTURE_KINDS:
+        name = f"{kind}_folder"
+        if name in metafunc.fixturenames:
+            folders = fixture_folders(kind)
+            if folders:
+                metafunc.parametrize(name, folders, ids=[str(f.relative_to(fixtures_root())) for f in folders])
+            else:
+                reason = f"no {kind} parity fixtures under {fixtures_root()} (set VQAR_FIXTURES)"
+                metafunc.parametrize(name, [pytest.param(None, marks=pytest.mark.skip(reason=reason))])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -162,7 +162,7 @@ def test_sample_cli_rejects_a_mismatched_tokenizer(rq_run, tmp_path, capsys):
     train_tokenizer(tokenizer_config("rqvae-mnist", [*TINY_RUN, "d=2", "steps=2"]), tmp_path / "tok")
     args = ["sample", "--model", str(rq_run), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s")]
     assert main(args) == 2
-    assert "expects (4, 4, 4)" in capsys.readouterr().err
+    assert "2 code(s) per position) does not fit the model" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

@@ -120,15 +120,15 @@ def _per_depth_arg(text: str | None, kind):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from vqar.pretrained import load
+    from vqar.interop import load_pretrained
     from vqar.sampling.export import sample_images, write_samples
     from vqar.utils.device import resolve_device
 
     device = resolve_device(args.device)
-    model = load(args.model, device=device)
+    model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer).to(device)
     if not hasattr(model, "generate"):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
-    tokenizer = load(args.tokenizer, device=device) if args.tokenizer else model.tokenizer
+    tokenizer = model.tokenizer.to(device) if model.tokenizer is not None else None
     if args.classes is None or args.classes == "all":
         classes = list(range(model.num_classes)) if model.num_classes else None
     elif args.classes == "none":
@@ -171,6 +171,25 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         args.tokenizer, args.images, args.out, size=args.size, depth=args.depth, device=args.device
     )
     return 1 if failures else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vqar.interop import load_pretrained
+    from vqar.pretrained import save_pretrained
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its model files")
+    model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
+    save_pretrained(model, out)
+    written = [out]
+    if getattr(model, "tokenizer", None) is not None:
+        save_pretrained(model.tokenizer, out / "tokenizer")
+        written.append(out / "tokenizer")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {', '.join(map(str, written))}")
+    print(f"load it with vqar.load({str(out)!r}) or `vqar sample --model {out}`")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -255,8 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes grid.png (one row per class), images/*.png and samples.npz (ADM evaluator layout). "
         "For RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1).",
     )
-    sample.add_argument("--model", required=True, help="an AR run directory or saved model folder")
-    sample.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
+    sample.add_argument(
+        "--model", required=True, help="an AR run directory, vqar model folder, RQ release folder or LlamaGen .pt"
+    )
+    sample.add_argument("--tokenizer", help="default: the tokenizer saved with the model (or an RQ release's stage1)")
+    sample.add_argument("--config", help="architecture of a LlamaGen .pt: preset name (GPT-XL) or JSON file")
+    sample.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     sample.add_argument("--classes", help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")
     sample.add_argument("--n-per-class", type=int, default=8, help="samples per class (or in all, unconditional)")
     sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
@@ -282,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
     demo.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert released weights (RQ release, LlamaGen / NPP .pt) to vqar's format",
+        description="Loads SRC with the official format's conventions and writes OUT_DIR/config.json + "
+        "model.safetensors (and OUT_DIR/tokenizer/ for AR models that carry one). vqar.load(OUT_DIR) reads it back. "
+        "Examples: `vqar convert imagenet_1.4B_rqvae_50e/stage2 out/rq-1.4b`, "
+        "`vqar convert vq_ds16_c2i.pt out/vq16 --config VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl "
+        '--config \'{"preset": "GPT-XL", "block_size": 576}\'`.',
+    )
+    convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt) or a LlamaGen .pt")
+    convert.add_argument("out_dir", help="the vqar model folder to write")
+    convert.add_argument(
+        "--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an inline JSON object"
+    )
+    convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads)")
+    convert.add_argument("--ema", action="store_true", help="convert the EMA weights")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    convert.set_defaults(func=cmd_convert)
 
     presets = sub.add_parser("presets", help="list shipped configuration presets")
     presets.add_argument("group", nargs="?", choices=GROUPS)

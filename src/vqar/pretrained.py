@@ -4,11 +4,14 @@ An AR model's folder may hold its tokenizer in `tokenizer/`; `load` then attache
 
 `save_pretrained(model, folder)` writes it; `load(folder)` rebuilds the model from the config and loads the
 weights. Training runs export this format into their run directory, so `load(RUN_DIR)` gives the trained model.
+Because the layout is the Hub's, a folder can be uploaded as a model repository as it is, and `load("owner/name")`
+downloads one (with the optional `huggingface_hub` package) when no local folder of that name exists.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +38,25 @@ def _model_kinds() -> dict[str, tuple[type, type]]:
     }
 
 
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of Hub model repository `repo_id` (only vqar's files: config, weights, tokenizer/)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"no local model folder {repo_id!r}; to load it from the Hugging Face Hub, install huggingface_hub "
+            "(pip install 'vqar[hub]')"
+        ) from None
+    patterns = [CONFIG_FILE, WEIGHTS_FILE, f"tokenizer/{CONFIG_FILE}", f"tokenizer/{WEIGHTS_FILE}"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # network errors, unknown repos, gated repos: say which repo and why
+        raise FileNotFoundError(f"cannot download {repo_id!r} from the Hugging Face Hub: {err}") from None
+
+
 def save_pretrained(model: nn.Module, folder: str | Path) -> None:
     """Writes `model` (a vqar model with `.kind` and `.cfg`) as config.json + model.safetensors, atomically."""
     folder = Path(folder)
@@ -58,7 +80,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Loads a model saved by `save_pretrained` (or a training run directory), in eval mode."""
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"no model at {folder}")
+        if not HUB_REPO_ID.match(str(path)):
+            raise FileNotFoundError(f"no model at {folder}")
+        folder = download_from_hub(str(path))
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(

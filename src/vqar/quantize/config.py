@@ -24,6 +24,8 @@ class QuantizerConfig:
     lookup_dim: int | None = None
     l2_norm: bool = False
     beta: float = 0.25
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
     ema: bool = True
     decay: float = 0.99
     eps: float = 1e-5
@@ -45,6 +47,8 @@ class QuantizerConfig:
             )
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if self.entropy_weight and (self.kind != "vq" or self.entropy_temperature <= 0):
+            raise ValueError("entropy_weight applies to 'vq' quantizers and needs entropy_temperature > 0")
 
 
 def build_quantizer(cfg: QuantizerConfig) -> nn.Module:
@@ -61,4 +65,12 @@ def build_quantizer(cfg: QuantizerConfig) -> nn.Module:
     )
     if cfg.kind == "rq":
         return ResidualQuantizer(cfg.codebook_size, cfg.dim, cfg.depth, shared_codebook=cfg.shared_codebook, **common)
-    return VectorQuantizer(cfg.codebook_size, cfg.dim, lookup_dim=cfg.lookup_dim, l2_norm=cfg.l2_norm, **common)
+    return VectorQuantizer(
+        cfg.codebook_size,
+        cfg.dim,
+        lookup_dim=cfg.lookup_dim,
+        l2_norm=cfg.l2_norm,
+        entropy_weight=cfg.entropy_weight,
+        entropy_temperature=cfg.entropy_temperature,
+        **common,
+    )

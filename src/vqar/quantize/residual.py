@@ -95,6 +95,22 @@ class ResidualQuantizer(nn.Module):
             perplexity=torch.stack([s[1] for s in stats]),
         )
 
+    @torch.no_grad()
+    def soft_codes(self, z: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+        """Soft assignments (..., D, K) of latents (..., dim): at depth d, softmax(-||r_d - e_k||^2 / temperature)
+        where r_d is the residual after the hard codes of depths < d. RQ-Transformer trains on them as soft
+        targets (the release's `soft_target_cross_entropy`, temperature 0.5)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        with torch.autocast(z.device.type, enabled=False):
+            residual = z.reshape(-1, self.dim).float()
+            probs = []
+            for d in range(self.depth):
+                distances = self.codebook(d).distances(residual)
+                probs.append((-distances / temperature).softmax(-1))
+                residual = residual - self.codebook(d).lookup(distances.argmin(-1))
+        return torch.stack(probs, dim=1).view(*z.shape[:-1], self.depth, self.codebook_size)
+
     def embed_per_depth(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors per depth, (..., D, dim), for codes (..., D)."""
         codes = self._check(codes)

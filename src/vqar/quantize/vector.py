@@ -5,7 +5,8 @@ The codebook is learned by EMA (with Laplace smoothing) or by gradient (adding |
 initialised by k-means on the first batch and its dead codes restarted from batch vectors (see `Codebook`).
 The factorized, l2-normalised lookup of ViT-VQGAN ("Vector-quantized Image Modeling with Improved VQGAN",
 Yu et al., ICLR 2022) is `lookup_dim` (a linear projection to a low-dimensional lookup space and back) plus
-`l2_norm` (nearest neighbour by cosine similarity).
+`l2_norm` (nearest neighbour by cosine similarity). The optional entropy penalty (LlamaGen's `entropy_loss_ratio`,
+from MaskGIT's tokenizer) rewards confident per-vector assignments that still spread over the whole codebook.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class VectorQuantizer(nn.Module):
             dim -> lookup_dim before the lookup and back after it (ViT-VQGAN's factorized codes).
         l2_norm: l2-normalise latents and codes before the lookup.
         beta: weight of the commitment loss.
+        entropy_weight: weight of `entropy_penalty` on the soft assignments in training (0 = off).
+        entropy_temperature: temperature of those soft assignments (softmax of -distance / temperature).
         **codebook_options: how the codebook learns (ema, decay, eps, kmeans_init, kmeans_iters, restart_dead,
             dead_threshold); see `Codebook`.
     """
@@ -42,12 +45,15 @@ class VectorQuantizer(nn.Module):
         lookup_dim: int | None = None,
         l2_norm: bool = False,
         beta: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
         **codebook_options,
     ):
         super().__init__()
         self.dim = dim
         self.codebook_size = codebook_size
         self.beta = beta
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.l2_norm = l2_norm
         lookup_dim = lookup_dim or dim
         factorized = lookup_dim != dim
@@ -73,6 +79,9 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * commitment
             if not self.codebook.ema:
                 loss = loss + F.mse_loss(q, h.detach())
+            if self.training and self.entropy_weight:
+                affinity = -self.codebook.distances(h)
+                loss = loss + self.entropy_weight * entropy_penalty(affinity, self.entropy_temperature)
             out = self.project_out(h + (q - h).detach())
         usage, perplexity = code_statistics(codes, self.codebook_size)
         return QuantizerOutput(
@@ -89,3 +98,16 @@ class VectorQuantizer(nn.Module):
         codes = check_codes(codes, self.codebook_size)
         with torch.autocast(codes.device.type, enabled=False):
             return self.project_out(self.codebook.lookup(codes))
+
+
+def entropy_penalty(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+    """Mean per-vector entropy of softmax(affinity / temperature) minus the entropy of the mean assignment.
+
+    `affinity` (..., K) is usually the negative squared distance to each code. Low when every vector picks one
+    code confidently and all codes get picked; added to the loss with a small weight against codebook collapse."""
+    logits = affinity.reshape(-1, affinity.shape[-1]).float() / temperature
+    probs = logits.softmax(-1)
+    sample_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+    mean_probs = probs.mean(0)
+    codebook_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
+    return sample_entropy - codebook_entropy

@@ -29,14 +29,18 @@ class SampleResult:
 
 
 def check_compatible(model, tokenizer) -> None:
-    """The tokenizer must produce exactly the codes the AR model was trained on."""
+    """The tokenizer must decode the AR model's codes: same codebook, same codes per position. A conv tokenizer
+    works at any multiple of its downsampling factor, so the grid may differ from the one it was trained at
+    (LlamaGen's 384px GPTs use the 256px VQ-16)."""
     if tokenizer is None:
-        raise ValueError("this model folder has no tokenizer; pass one with --tokenizer")
-    grid = tokenizer.code_shape()
-    if tuple(grid) != tuple(model.code_shape) or tokenizer.codebook_size != model.codebook_size:
+        raise ValueError("this model has no tokenizer; pass one with --tokenizer")
+    if getattr(tokenizer, "kind", None) != "tokenizer":
+        raise TypeError(f"the tokenizer must be a stage-1 tokenizer, got {type(tokenizer).__name__}")
+    depth = model.code_shape[2] if len(model.code_shape) == 3 else 1
+    if tokenizer.codebook_size != model.codebook_size or tokenizer.depth != depth:
         raise ValueError(
-            f"the tokenizer makes codes of shape {tuple(grid)} with K={tokenizer.codebook_size}, but the model "
-            f"expects {tuple(model.code_shape)} with K={model.codebook_size}"
+            f"the tokenizer (codebook {tokenizer.codebook_size}, {tokenizer.depth} code(s) per position) does not fit "
+            f"the model (codebook {model.codebook_size}, {depth} code(s) per position)"
         )
 
 

@@ -109,6 +109,13 @@ class Tokenizer(nn.Module):
         finally:
             self.quantizer.train(was_training)
 
+    @torch.no_grad()
+    def soft_codes(self, images: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+        """Soft code assignments (B, h, w, D, K) of a residual tokenizer; see `ResidualQuantizer.soft_codes`."""
+        if not self.is_residual:
+            raise ValueError("soft codes are defined for residual (RQ) tokenizers")
+        return self.quantizer.soft_codes(self.encode_latent(images), temperature)
+
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) from codes; for a residual tokenizer `depth=d` uses only the first d codes of
         each stack (coarse to fine)."""

@@ -1,0 +1,7 @@
+"""Reading the official released checkpoints: the kakaobrain RQ-VAE / RQ-Transformer release format and
+LlamaGen's (and NPP's) `.pt` files, with a pickle allow-list (`safe_load`)."""
+
+from vqar.interop.load import load_pretrained
+from vqar.interop.safe_load import UnsafeCheckpointError, load_checkpoint
+
+__all__ = ["UnsafeCheckpointError", "load_checkpoint", "load_pretrained"]

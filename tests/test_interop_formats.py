@@ -1,0 +1,376 @@
+"""The official checkpoint formats beyond the golden fixtures' shapes: loaders follow the checkpoint and its config
+(text conditioning, one codebook per depth, non-square grids, sigmoid GELU, ffn_dim_multiplier, rope_base, FSDP
+raw files, EMA entries), refuse unsafe pickles, explain mismatches, and convert to vqar's format and back."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+
+import vqar
+from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
+from vqar.cli import main
+from vqar.interop import UnsafeCheckpointError
+from vqar.quantize import QuantizerConfig
+from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- writers of the official layouts (test-only)
+def write_rq_release(folder, tokenizer: Tokenizer, model: RQTransformer) -> None:
+    """An RQ release folder as the official trainer writes it, from vqar models."""
+    conv, q = tokenizer.cfg.conv, tokenizer.cfg.quantizer
+    stage1_arch = {
+        "type": "rq-vae",
+        "hparams": {
+            "bottleneck_type": "rq",
+            "embed_dim": q.dim,
+            "n_embed": q.codebook_size,
+            "latent_shape": [conv.resolution // conv.downsample_factor] * 2 + [q.dim],
+            "code_shape": [conv.resolution // conv.downsample_factor] * 2 + [q.depth],
+            "shared_codebook": q.shared_codebook,
+            "decay": q.decay,
+            "latent_loss_weight": q.beta,
+            "restart_unused_codes": True,
+        },
+        "ddconfig": {
+            "double_z": False,
+            "z_channels": conv.z_channels,
+            "resolution": conv.resolution,
+            "in_channels": conv.in_channels,
+            "out_ch": conv.out_channels,
+            "ch": conv.ch,
+            "ch_mult": conv.ch_mult,
+            "num_res_blocks": conv.num_res_blocks,
+            "attn_resolutions": conv.attn_resolutions,
+            "dropout": 0.0,
+        },
+    }
+    state = {}
+    for key, value in tokenizer.state_dict().items():
+        if key.endswith(".initialized"):
+            continue
+        if key.startswith("quantizer.codebooks."):
+            if key.endswith(".weight"):
+                value = torch.cat([value, torch.zeros(1, value.shape[1])])  # the padding row
+            if q.shared_codebook:  # the same module under every depth
+                for d in range(q.depth):
+                    state[key.replace("codebooks.0.", f"codebooks.{d}.")] = value
+                continue
+        state[key] = value
+    _write_stage(folder / "stage1", stage1_arch, state)
+
+    c = model.cfg
+    text = c.text_length > 0
+    block = {"n_head": c.n_head, "gelu": "v2" if c.gelu == "sigmoid" else "v1", "mlp_bias": True, "attn_bias": True}
+    stage2_arch = {
+        "type": "rq-transformer",
+        "vocab_size": c.vocab_size,
+        "block_size": list(c.code_shape),
+        "vocab_size_cond": c.text_vocab_size if text else max(c.num_classes, 1),
+        "block_size_cond": c.text_length if text else 1,
+        "embed_dim": c.embed_dim,
+        "input_embed_dim": c.code_dim,
+        "input_emb_vqvae": True,
+        "head_emb_vqvae": True,
+        "cumsum_depth_ctx": True,
+        "shared_tok_emb": True,
+        "shared_cls_emb": True,
+        "body": {"n_layer": c.body_layers, "block": block},
+        "head": {"n_layer": c.head_layers, "block": block},
+    }
+    state = {
+        k.replace("cond_emb.embedding_table.weight", "cond_emb.weight"): v
+        for k, v in model.state_dict().items()
+        if k != "code_embeddings"
+    }
+    _write_stage(folder / "stage2", stage2_arch, state)
+
+
+def _write_stage(folder, arch, state) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"arch": arch, "seed": 0}))
+    torch.save(
+        {"epoch": 3, "state_dict": state, "state_dict_ema": {k: v + 1 for k, v in state.items()}}, folder / "model.pt"
+    )
+
+
+def llamagen_vq_state(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """vqar conv VQ weights in LlamaGen's names (the inverse of the loader's mapping)."""
+    import re
+
+    levels = len(tokenizer.cfg.conv.ch_mult)
+    mid = {"block_1": "0", "attn_1": "1", "block_2": "2"}
+    out = {}
+    for key, value in tokenizer.state_dict().items():
+        if key in ("quantizer.codebook.cluster_size_ema", "quantizer.codebook.initialized"):
+            continue
+        new = key.replace("quantizer.codebook.weight", "quantize.embedding.weight")
+        new = re.sub(r"\.mid\.(block_1|attn_1|block_2)\.", lambda m: f".mid.{mid[m[1]]}.", new)
+        new = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.conv_blocks.\1.res.", new)
+        new = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.conv_blocks.\1.", new)
+        match = re.match(r"^decoder\.up\.(\d+)\.(block|attn|upsample)\.(.*)$", new)
+        if match:
+            part = "res" if match[2] == "block" else match[2]
+            new = f"decoder.conv_blocks.{levels - 1 - int(match[1])}.{part}.{match[3]}"
+        out[new] = value
+    out["quantize.codebook_used"] = torch.zeros(65536)
+    return out
+
+
+# ---------------------------------------------------------------- RQ release variants
+@pytest.mark.parametrize("variant", ["text_per_depth_books", "class_shared_book"])
+def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
+    text = variant.startswith("text")
+    tokenizer = _randomize(
+        Tokenizer(
+            TokenizerConfig(
+                conv=ConvConfig(
+                    resolution=16,
+                    ch=32,
+                    ch_mult=[1, 2, 2],
+                    num_res_blocks=1,
+                    attn_resolutions=[8, 4],
+                    z_channels=8,
+                ),
+                quantizer=QuantizerConfig(kind="rq", codebook_size=24, dim=6, depth=3, shared_codebook=not text),
+            )
+        )
+    )
+    books = torch.stack([tokenizer.quantizer.codebook(d).vectors() for d in range(len(tokenizer.quantizer.codebooks))])
+    cfg = RQTransformerConfig(
+        vocab_size=24,
+        code_shape=[2, 3, 3],
+        code_dim=6,
+        shared_codebook=not text,
+        embed_dim=16,
+        n_head=2,
+        body_layers=2,
+        head_layers=1,
+        num_classes=0 if text else 7,
+        text_length=5 if text else 0,
+        text_vocab_size=30 if text else 0,
+        gelu="sigmoid" if text else "exact",
+    )
+    model = _randomize(RQTransformer(cfg, code_embeddings=books))
+    model.set_code_embeddings(books)
+    write_rq_release(tmp_path / "release", tokenizer, model)
+
+    loaded = vqar.load_pretrained(tmp_path / "release")
+    assert loaded.cfg.text_length == cfg.text_length and loaded.cfg.gelu == cfg.gelu
+    assert loaded.cfg.shared_codebook == cfg.shared_codebook
+    codes = torch.randint(0, 24, (2, 2, 3, 3))
+    cond = torch.randint(0, 30, (2, 5)) if text else torch.tensor([1, 6])
+    with torch.no_grad():
+        expected, got = model(codes, cond), loaded(codes, cond)
+        if text:
+            assert isinstance(got, tuple) and got[1].shape == (2, 4, 30)
+            torch.testing.assert_close(got[1], expected[1])
+            got, expected = got[0], expected[0]
+        torch.testing.assert_close(got, expected)
+        images = torch.rand(2, 3, 16, 24) * 2 - 1  # a non-square image gives a non-square code grid
+        assert torch.equal(loaded.tokenizer.encode(images), tokenizer.encode(images))
+        assert loaded.tokenizer.encode(images).shape == (2, 4, 6, 3)
+        sample = loaded.generate(cond, greedy=True)
+        assert torch.equal(sample, model.generate(cond, greedy=True))
+    ema = vqar.load_pretrained(tmp_path / "release" / "stage1", ema=True)
+    assert torch.allclose(ema.encoder.conv_in.weight, tokenizer.encoder.conv_in.weight + 1)
+
+
+def test_rq_transformer_without_its_stage1_says_what_to_pass(tmp_path, rq_transformer_release_folder):
+    import shutil
+
+    shutil.copytree(rq_transformer_release_folder / "stage2", tmp_path / "stage2")
+    with pytest.raises(FileNotFoundError, match="tokenizer="):
+        vqar.load_pretrained(tmp_path / "stage2")
+    vq = Tokenizer(
+        TokenizerConfig(
+            conv=ConvConfig(resolution=16, ch=8, ch_mult=[1, 2], z_channels=8, norm_groups=4),
+            quantizer=QuantizerConfig(kind="vq", codebook_size=128, dim=16),
+        )
+    )
+    with pytest.raises(ValueError, match="residual"):
+        vqar.load_pretrained(tmp_path / "stage2", tokenizer=vq)
+
+
+# ---------------------------------------------------------------- LlamaGen variants
+def test_llamagen_gpt_from_json_fields_in_fsdp_raw_format(tmp_path):
+    cfg = GPTConfig(
+        vocab_size=40,
+        grid=[4, 4],
+        dim=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        multiple_of=48,
+        ffn_dim_multiplier=1.3,
+        rope_base=500.0,
+        num_classes=5,
+    )
+    model = _randomize(GPT(cfg))
+    raw = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # FSDP-consolidated, compiled
+    torch.save(raw, tmp_path / "consolidated.pt")
+    fields = {
+        "dim": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "multiple_of": 48,
+        "ffn_dim_multiplier": 1.3,
+        "rope_base": 500,
+        "vocab_size": 40,
+        "block_size": 16,
+        "num_classes": 5,
+        "cls_token_num": 1,
+        "model_type": "c2i",
+        "caption_dim": 2048,
+        "max_batch_size": 32,
+        "_checkpoint_format": "fsdp",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    loaded = vqar.load_pretrained(tmp_path / "consolidated.pt", config=tmp_path / "config.json")
+    codes, labels = torch.randint(0, 40, (3, 4, 4)), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes, labels), model(codes, labels), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="EMA"):
+        vqar.load_pretrained(tmp_path / "consolidated.pt", config=tmp_path / "config.json", ema=True)
+
+
+def test_llamagen_gpt_preset_reads_vocab_and_classes_off_the_weights_and_explains_mismatches(tmp_path):
+    model = GPT(GPTConfig(vocab_size=50, grid=[4, 4], dim=64, n_layer=2, n_head=4, num_classes=3))
+    torch.save(
+        {"model": model.state_dict(), "args": __import__("argparse").Namespace(gpt_model="x")}, tmp_path / "g.pt"
+    )
+    config = {"preset": "GPT-B", "dim": 64, "n_layer": 2, "n_head": 4, "block_size": 16}
+    loaded = vqar.load_pretrained(tmp_path / "g.pt", config=config)
+    assert (loaded.cfg.vocab_size, loaded.num_classes) == (50, 3)
+    with pytest.raises(ValueError, match=r"does not fit the configured architecture.*missing keys.*layers\.2"):
+        vqar.load_pretrained(tmp_path / "g.pt", config={**config, "n_layer": 3})
+    with pytest.raises(ValueError, match="shape mismatches"):
+        vqar.load_pretrained(tmp_path / "g.pt", config={**config, "multiple_of": 512})
+    with pytest.raises(ValueError, match="pass config= a preset name"):
+        vqar.load_pretrained(tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="unknown GPT preset 'GPT-Z'"):
+        vqar.load_pretrained(tmp_path / "g.pt", config="GPT-Z")
+    with pytest.raises(ValueError, match="unknown GPT config fields"):
+        vqar.load_pretrained(tmp_path / "g.pt", config={**config, "n_layers": 2})
+
+
+def test_llamagen_vq_with_ema_entropy_and_other_levels(tmp_path):
+    fields = {
+        "codebook_size": 64,
+        "codebook_embed_dim": 4,
+        "codebook_l2_norm": True,
+        "encoder_ch_mult": [1, 2, 2],
+        "decoder_ch_mult": [1, 2, 2],
+        "z_channels": 16,
+        "ch": 32,
+        "image_size": 32,
+        "entropy_loss_ratio": 0.1,
+    }
+    from vqar.interop.llamagen import vq_config
+
+    model = _randomize(Tokenizer(vq_config(dict(fields))))
+    state = llamagen_vq_state(model)
+    torch.save({"model": state, "ema": {k: v * 0.5 for k, v in state.items()}}, tmp_path / "vq.pt")
+    loaded = vqar.load_pretrained(tmp_path / "vq.pt", config={**fields, "_note": "informational"})
+    assert loaded.cfg.conv.attn_resolutions == [8] and loaded.cfg.quantizer.entropy_weight == 0.1
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images), model.encode(images))
+        torch.testing.assert_close(loaded(images).recon, model(images).recon, atol=0, rtol=0)
+    ema = vqar.load_pretrained(tmp_path / "vq.pt", config=fields, ema=True)
+    torch.testing.assert_close(ema.decoder.conv_out.weight, model.decoder.conv_out.weight * 0.5)
+    with pytest.raises(ValueError, match="encoder_ch_mult == decoder_ch_mult"):
+        vqar.load_pretrained(tmp_path / "vq.pt", config={**fields, "decoder_ch_mult": [1, 1, 2]})
+
+
+# ---------------------------------------------------------------- safety
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"system"):
+        vqar.load_pretrained(tmp_path / "evil.pt", config="GPT-B")
+    assert not marker.exists()
+
+
+def test_allow_listed_types_load(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vqar.interop import load_checkpoint
+
+    payload = {
+        "state_dict": {"w": torch.ones(2)},
+        "optimizer": {"betas": OmegaConf.create([0.5, 0.9])},
+        "args": __import__("argparse").Namespace(lr=1e-4),
+    }
+    torch.save(payload, tmp_path / "ok.pt")
+    loaded = load_checkpoint(tmp_path / "ok.pt")
+    assert list(loaded["optimizer"]["betas"]) == [0.5, 0.9] and loaded["args"].lr == 1e-4
+
+
+def test_corrupt_and_unknown_files_are_clear_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="junk.pt"):
+        vqar.load_pretrained(tmp_path / "junk.pt", config="GPT-B")
+    torch.save({"model": {"something.else": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a LlamaGen GPT"):
+        vqar.load_pretrained(tmp_path / "other.pt", config="GPT-B")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        vqar.load_pretrained(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- vqar's own format
+def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, rq_transformer_release_folder, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", str(rq_transformer_release_folder), str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer" / "model.safetensors").is_file()
+    original, converted = vqar.load_pretrained(rq_transformer_release_folder), vqar.load(out)
+    codes = torch.randint(0, original.codebook_size, (2, *original.code_shape))
+    cond = torch.tensor([3, 7])
+    with torch.no_grad():
+        assert torch.equal(original(codes, cond), converted(codes, cond))
+        assert torch.equal(original.tokenizer.decode(codes), converted.tokenizer.decode(codes))
+    assert main(["convert", str(rq_transformer_release_folder), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_hub_repo_ids_download_through_huggingface_hub(tmp_path, monkeypatch):
+    folder = tmp_path / "snapshot"
+    model = GPT(GPTConfig(vocab_size=16, grid=[2, 2], dim=32, n_layer=1, n_head=2, num_classes=2))
+    vqar.save_pretrained(model, folder)
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    loaded = vqar.load("someone/tiny-gpt")
+    assert calls[0][0] == "someone/tiny-gpt" and "model.safetensors" in calls[0][1]
+    assert isinstance(loaded, GPT)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(FileNotFoundError, match="huggingface_hub"):
+        vqar.load("someone/tiny-gpt")
