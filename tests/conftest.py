@@ -75,6 +75,10 @@ TINY_RUN = [
 ]
 
 
+# A tiny AR run on top of it.
+TINY_AR = ["size=RQ-XS", "bs=32", "train.log_every=5", "train.warmup_steps=5", "sample.n_per_class=2"]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A briefly trained tiny RQ tokenizer and the code store of 600 digits (2 views: as is and mirrored)."""

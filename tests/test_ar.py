@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 
 import vqar
+from conftest import TINY_AR
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.configs import ConfigError
 from vqar.train.ar import load_run_config, train_ar
-
-TINY_AR = ["size=RQ-XS", "bs=32", "train.log_every=5", "train.warmup_steps=5", "sample.n_per_class=2"]
 
 
 def _records(run_dir, split):

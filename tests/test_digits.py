@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vqar.eval.digits import CACHE_NAME, class_accuracy, digit_classifier
-from vqar.eval.digits import _digits as held_out_digits
+from vqar.eval.digits import real_digits as held_out_digits
 
 
 def test_classifier_recognises_held_out_digits(classifier_cache):

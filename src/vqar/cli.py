@@ -135,11 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         classes = None
     else:
         classes = [int(c) for c in args.classes.split(",")]
-    result = sample_images(
-        model,
-        tokenizer,
-        classes,
-        args.n_per_class,
+    settings = dict(
         batch_size=args.batch_size,
         seed=args.seed,
         precision=args.precision,
@@ -150,6 +146,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cfg_interval=args.cfg_interval,
         greedy=args.greedy,
     )
+    if args.accept_rate is not None:
+        from vqar.sampling.rejection import load_classifier, rejection_sample
+
+        if args.classifier is None:
+            raise ValueError("--accept-rate needs --classifier (a TorchScript classifier file, or 'digits')")
+        classifier = load_classifier(args.classifier)
+        result, report = rejection_sample(
+            model, tokenizer, classes, args.n_per_class, args.accept_rate, classifier, **settings
+        )
+        print(
+            f"rejection sampling: kept {report['kept']} of {report['drawn']} (acceptance rate "
+            f"{report['accept_rate']:.3f}); mean classifier score {report['mean_score_all']:.3f} -> "
+            f"{report['mean_score_kept']:.3f}"
+        )
+    else:
+        result = sample_images(model, tokenizer, classes, args.n_per_class, **settings)
     paths = write_samples(result, args.out, args.n_per_class, individual=not args.no_images)
     n = len(result.images)
     print(f"{n} samples in {result.seconds:.1f} s ({n / result.seconds:.2f} images/s)")
@@ -294,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
     sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument(
+        "--accept-rate", type=float, help="rejection sampling: draw n/rate per class, keep the n the classifier likes"
+    )
+    sample.add_argument("--classifier", help="rejection sampling: a TorchScript classifier file, or 'digits'")
     sample.set_defaults(func=cmd_sample)
 
     demo = sub.add_parser(
@@ -324,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--ema", action="store_true", help="convert the EMA weights")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     convert.set_defaults(func=cmd_convert)
+
+    from vqar.eval.commands import register as register_eval
+
+    register_eval(sub)
 
     presets = sub.add_parser("presets", help="list shipped configuration presets")
     presets.add_argument("group", nargs="?", choices=GROUPS)

@@ -19,9 +19,9 @@ import torch
 
 from vqar.data import DataConfig
 from vqar.data.codes import extract_codes
-from vqar.eval.digits import class_accuracy, digit_classifier
+from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.pretrained import load
-from vqar.sampling.export import sample_images, write_samples
+from vqar.sampling.export import sample_images, write_adm_npz, write_samples
 from vqar.train import ar as ar_training
 from vqar.train import tokenizer as tokenizer_training
 
@@ -75,9 +75,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     grid_rows = torch.cat([chunk[:GRID_PER_DIGIT] for chunk in result.images.split(per_digit)])
     grid_result = type(result)(grid_rows, result.labels.view(10, -1)[:, :GRID_PER_DIGIT].flatten(), result.seconds)
     paths = write_samples(grid_result, out / "samples", min(per_digit, GRID_PER_DIGIT))
+    write_adm_npz(result, paths["npz"])  # every sample, for `vqar eval fid`
     classifier = digit_classifier(classifier_cache)
     accuracy = class_accuracy(result.images, result.labels, classifier)
     unguided_accuracy = class_accuracy(unguided.images, unguided.labels, classifier)
+    real_images, _ = real_digits("val")
+    fid_domain = domain_fid(result.images, real_images, classifier)
     timings["sampling"] = time.perf_counter() - start
 
     report = {
@@ -90,6 +93,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
         "cfg_scale": CFG_SCALE,
         "class_accuracy": accuracy,
         "class_accuracy_without_guidance": unguided_accuracy,
+        "domain_fid": fid_domain,
+        "domain_fid_reference": f"{len(real_images)} held-out real digits",
         "seconds": timings,
         "outputs": {
             "tokenizer": str(out / "tokenizer"),
@@ -122,6 +127,8 @@ def format_report(report: dict) -> str:
             f"  class accuracy {100 * report['class_accuracy']:.1f}% of samples recognised as the digit asked for "
             f"(target >= 80%; {100 * report['class_accuracy_without_guidance']:.1f}% without guidance)   "
             f"[{t['sampling']:.0f} s]",
+            f"  domain FID     {report['domain_fid']:.2f} vs {report['domain_fid_reference']} (digit-classifier "
+            "features; not comparable with Inception FID)",
             f"  total          {sum(t.values()) / 60:.1f} min",
             "",
             f"  sample grid (one row per digit): {o['sample_grid']}",

@@ -35,9 +35,13 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(64 * 4, 10)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, 256): the space of the demo's domain FID."""
         if images.shape[1] == 3:
             images = images.mean(1, keepdim=True)
-        return self.head(self.features(images).flatten(1))
+        return self.features(images).flatten(1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -45,7 +49,8 @@ class DigitClassifier(nn.Module):
         return torch.cat([self(chunk).argmax(-1) for chunk in images.split(batch_size)])
 
 
-def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def real_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled digits of the default split ("train" or "val") as images in [-1, 1] and labels."""
     train, val = build_datasets(DataConfig())
     subset = train if split == "train" else val
     images = torch.stack([subset[i].image for i in range(len(subset))])
@@ -57,7 +62,7 @@ def train_digit_classifier(epochs: int = 6, seed: int = 0) -> tuple[DigitClassif
     """Trains on the training split (with small random shifts) and returns (model, validation accuracy)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images, labels = _digits("train")
+    images, labels = real_digits("train")
     model = DigitClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in range(epochs):
@@ -71,7 +76,7 @@ def train_digit_classifier(epochs: int = 6, seed: int = 0) -> tuple[DigitClassif
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    val_images, val_labels = _digits("val")
+    val_images, val_labels = real_digits("val")
     accuracy = float((model.predict(val_images) == val_labels).float().mean())
     return model.eval(), accuracy
 
@@ -98,3 +103,17 @@ def digit_classifier(cache_dir: str | Path | None = None) -> DigitClassifier:
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier) -> float:
     """Fraction of `images` the classifier recognises as their intended digit `labels`."""
     return float((classifier.predict(images.float()) == labels).float().mean())
+
+
+@torch.no_grad()
+def domain_fid(fake: torch.Tensor, real: torch.Tensor, classifier: DigitClassifier, batch_size: int = 512) -> float:
+    """Fréchet distance between digit-classifier features of `fake` and `real` images in [-1, 1]. A domain metric
+    for small data: NOT comparable with Inception FID."""
+    from vqar.eval.metrics import GaussianStats, frechet_distance
+
+    classifier.eval()
+
+    def features(images: torch.Tensor):
+        return torch.cat([classifier.embed(c.float()) for c in images.split(batch_size)]).double().numpy()
+
+    return frechet_distance(GaussianStats.of(features(fake)), GaussianStats.of(features(real)))

@@ -108,11 +108,17 @@ def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, i
         for i, (picture, label) in enumerate(zip(pixels, result.labels.tolist(), strict=True)):
             name = f"class{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
             save_image(picture, out_dir / "images" / name)
+    write_adm_npz(result, out_dir / "samples.npz")
+    return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}
+
+
+def write_adm_npz(result: SampleResult, path: str | Path) -> None:
+    """`arr_0` uint8 (N, H, W, 3) (grey repeated to RGB) and `arr_1` labels, atomically."""
+    pixels = to_uint8(result.images)
     rgb = np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
-    def write_npz(path: Path) -> None:
-        with open(path, "wb") as handle:  # a file object: np.savez would append ".npz" to the temporary name
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(handle, arr_0=rgb, arr_1=result.labels.numpy())
 
-    atomic_write(out_dir / "samples.npz", write_npz)
-    return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}
+    atomic_write(path, write_npz)

@@ -1,0 +1,88 @@
+"""Linear probing of an AR model's features (the ViT-VQGAN / VIM protocol, after iGPT): encode images to codes,
+run the frozen model teacher-forced, average-pool the outputs of one transformer block over the image tokens, and
+fit a linear (multinomial logistic) classifier on the training split; report accuracy on the held-out split.
+Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid.
+
+Class-conditional models are probed without their label (the null class), which would otherwise leak it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from tqdm.auto import tqdm
+
+from vqar.data import DataConfig, build_datasets
+
+
+def probe_blocks(model: nn.Module) -> nn.ModuleList:
+    """The blocks whose outputs can be probed: the GPT's layers or the RQ-Transformer's spatial blocks."""
+    if hasattr(model, "layers"):
+        return model.layers
+    if hasattr(model, "body_transformer"):
+        return model.body_transformer.blocks
+    raise TypeError(f"cannot probe a {type(model).__name__}")
+
+
+@torch.no_grad()
+def block_features(model: nn.Module, codes: torch.Tensor, layer: int) -> torch.Tensor:
+    """Mean over image tokens of block `layer`'s output, (B, dim)."""
+    blocks = probe_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer must be in [0, {len(blocks)}) for this model, got {layer}")
+    captured = {}
+    handle = blocks[layer].register_forward_hook(lambda module, args, out: captured.__setitem__("out", out))
+    try:
+        cond = None
+        if model.num_classes:
+            embedding = getattr(model, "cls_embedding", None) or model.cond_emb
+            if not embedding.has_null:
+                raise ValueError("probing a class-conditional model needs its null class (train with class dropout)")
+        model(codes, cond)
+    finally:
+        handle.remove()
+    hidden = captured["out"]
+    return hidden[:, 1:].float().mean(1)  # position 0 is the condition token
+
+
+def _split_arrays(split, size: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
+    images = torch.stack([split[i].image for i in range(len(split))])
+    labels = np.array([split[i].label for i in range(len(split))])
+    if (labels < 0).any():
+        raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
+    return images, labels
+
+
+def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    scaler = StandardScaler().fit(train_x)
+    classifier = LogisticRegression(max_iter=2000, C=1.0)
+    classifier.fit(scaler.transform(train_x), train_y)
+    return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
+
+
+def linear_probe(model: nn.Module, data: str, layer: int, batch_size: int = 128, max_images: int | None = None) -> dict:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer to encode images with; load it from a folder that has one")
+    cfg = DataConfig(source=data, image_size=tokenizer.image_size, channels=tokenizer.in_channels,
+                     max_images=max_images)  # fmt: skip
+    train, test = build_datasets(cfg)
+    grid = model.code_shape[:2]
+    result = {"layer": layer, "train_images": len(train), "test_images": len(test)}
+    arrays = {}
+    for name, split in (("train", train), ("test", test)):
+        images, labels = _split_arrays(split, cfg.image_size, cfg.channels)
+        feats = []
+        for chunk in tqdm(images.split(batch_size), desc=f"features ({name})", leave=False):
+            feats.append(block_features(model, tokenizer.encode(chunk), layer))
+        pixels = F.interpolate(images, size=tuple(grid), mode="area").flatten(1)
+        arrays[name] = (torch.cat(feats).numpy(), pixels.numpy(), labels)
+    (tr_f, tr_p, tr_y), (te_f, te_p, te_y) = arrays["train"], arrays["test"]
+    result["accuracy"] = _fit(tr_f, tr_y, te_f, te_y)
+    result["pixel_baseline_accuracy"] = _fit(tr_p, tr_y, te_p, te_y)
+    result["feature_dim"], result["pixel_dim"] = tr_f.shape[1], tr_p.shape[1]
+    return result

@@ -1,0 +1,116 @@
+"""Tokenizer evaluation: rFID, PSNR, SSIM and codebook usage on a validation set.
+
+Images are center-cropped to a square and resized to the evaluation size (the tokenizer's resolution by default),
+encoded, decoded and rounded to uint8 (a PNG round trip); rFID compares the reconstructions with the cropped
+originals in the same Inception, as the RQ-VAE and LlamaGen papers measure it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vqar.eval.generation import inception_outputs
+from vqar.eval.inception import Inception
+from vqar.eval.metrics import GaussianStats, frechet_distance
+from vqar.eval.sources import batches, load_images
+from vqar.quantize import code_statistics
+
+
+def center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Square center crop, then a bicubic resize to size x size (uint8 (N, H, W, C) in and out)."""
+    n, h, w, c = images.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    cropped = images[:, top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(cropped)
+    mode = "L" if c == 1 else "RGB"
+    out = [
+        np.asarray(Image.fromarray(img.squeeze(-1) if c == 1 else img, mode).resize((size, size), Image.BICUBIC))
+        for img in cropped
+    ]
+    return np.stack(out).reshape(n, size, size, c)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al., 2004) of images in [0, 1], (B, C, H, W): Gaussian window, C1=0.01^2, C2=0.03^2,
+    averaged over channels and valid positions."""
+    coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum()).to(a.dtype)
+    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, window, window).contiguous()
+
+    def blur(x):
+        return F.conv2d(x, kernel, groups=a.shape[1])
+
+    if min(a.shape[2:]) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window} pixels")
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return score.flatten(1).mean(1)
+
+
+def _to_model(images: np.ndarray, channels: int) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    return x
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tokenizer,
+    source,
+    inception: Inception | None = None,
+    image_size: int | None = None,
+    batch_size: int = 32,
+    max_images: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    size = image_size or tokenizer.image_size
+    originals = center_crop_resize(load_images(source, max_images), size)
+    tokenizer = tokenizer.to(device).eval()
+    recons, psnrs, ssims, codes = [], [], [], []
+    total = (len(originals) + batch_size - 1) // batch_size
+    for chunk in tqdm(batches(originals, batch_size), total=total, desc="reconstructing", leave=False):
+        x = _to_model(chunk, tokenizer.in_channels).to(device)
+        batch_codes = tokenizer.encode(x)
+        recon = tokenizer.decode(batch_codes).float().cpu()
+        recon_u8 = _to_uint8(recon)
+        recons.append(recon_u8)
+        codes.append(batch_codes.cpu())
+        a = torch.from_numpy(_to_uint8(x.cpu())).permute(0, 3, 1, 2).float() / 255
+        b = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 255
+        psnrs.append(10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)))
+        ssims.append(ssim(a, b))
+    codes_all = torch.cat(codes)
+    codes_all = codes_all if codes_all.dim() == 4 else codes_all[..., None]
+    usage, perplexity = zip(
+        *(code_statistics(codes_all[..., d], tokenizer.codebook_size) for d in range(codes_all.shape[-1])), strict=True
+    )
+    result = {
+        "images": len(originals),
+        "image_size": size,
+        "psnr_db": float(torch.cat(psnrs).mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "codebook_usage_percent": [float(u) for u in usage],
+        "perplexity": [float(p) for p in perplexity],
+    }
+    if inception is not None:
+        reconstructions = np.concatenate(recons)
+        real = GaussianStats.of(inception_outputs(originals, inception, desc="originals"))
+        fake = GaussianStats.of(inception_outputs(reconstructions, inception, desc="reconstructions"))
+        result["rfid"] = frechet_distance(fake, real)
+        result["inception"] = str(inception.path)
+    return result

@@ -1,0 +1,110 @@
+"""Sampling throughput in the manner of the RQ-Transformer's `measure_throughput` tool.
+
+Random weights: a conv tokenizer with latent stride `f` on `image_size` images, residual depth `d` and codebook
+size `c`, and an RQ-Transformer of a named size over its (image_size/f) x (image_size/f) x d codes (d = 1 is the
+VQ setting). After `warmup` discarded loops, `loops` batches are timed; the result is milliseconds per image,
+split into AR sampling and decoding. CUDA timings are synchronised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from vqar.ar import RQ_SIZES, RQTransformer, RQTransformerConfig
+from vqar.quantize import QuantizerConfig
+from vqar.tokenizers import Tokenizer, TokenizerConfig
+from vqar.tokenizers.conv import ConvConfig
+from vqar.utils.device import autocast
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    f: int = 32
+    d: int = 4
+    c: int = 16384
+    model: str = "RQ-1.4B"
+    batch_size: int = 100
+    image_size: int = 256
+    ch: int = 128
+    loops: int = 3
+    warmup: int = 1
+    num_classes: int = 1000
+    precision: str = "fp32"
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def validate(self) -> None:
+        levels = math.log2(self.f)
+        if self.f < 1 or levels != int(levels):
+            raise ValueError(f"f (the latent stride) must be a power of 2, got {self.f}")
+        if self.image_size % self.f:
+            raise ValueError(f"image_size {self.image_size} is not divisible by f={self.f}")
+        if self.model not in RQ_SIZES:
+            raise ValueError(f"unknown model size {self.model!r}; known: {', '.join(RQ_SIZES)}")
+        if min(self.d, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
+            raise ValueError("need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+
+def build_models(cfg: BenchConfig, device: torch.device) -> tuple[Tokenizer, RQTransformer]:
+    levels = int(math.log2(cfg.f))
+    mults = [1, 1, 2, 2, 4, 4, 4, 4, 4][: levels + 1]
+    grid = cfg.image_size // cfg.f
+    tok_cfg = TokenizerConfig(
+        conv=ConvConfig(resolution=cfg.image_size, ch=cfg.ch, ch_mult=mults, attn_resolutions=[grid], z_channels=256),
+        quantizer=QuantizerConfig(kind="rq" if cfg.d > 1 else "vq", codebook_size=cfg.c, dim=256, depth=cfg.d),
+    )
+    tokenizer = Tokenizer(tok_cfg).to(device).eval()
+    quantizer = tokenizer.quantizer
+    books = torch.stack([quantizer.codebook(i).vectors() for i in range(len(quantizer.codebooks))]) if cfg.d > 1 \
+        else quantizer.codebook.vectors()[None]  # fmt: skip
+    ar_cfg = RQTransformerConfig(
+        vocab_size=cfg.c, code_shape=[grid, grid, cfg.d], code_dim=256, shared_codebook=books.shape[0] == 1,
+        num_classes=cfg.num_classes, **RQ_SIZES[cfg.model],
+    )  # fmt: skip
+    model = RQTransformer(ar_cfg, code_embeddings=books).to(device).eval()
+    return tokenizer, model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = True) -> dict:
+    cfg.validate()
+    tokenizer, model = build_models(cfg, device)
+    generator = torch.Generator(device).manual_seed(0)
+    sample_s = decode_s = 0.0
+    for loop in tqdm(range(cfg.warmup + cfg.loops), desc="bench", disable=not progress):
+        cond = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device, generator=generator)
+        with autocast(device, cfg.precision):
+            _sync(device)
+            t0 = time.perf_counter()
+            codes = model.generate(cond, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+            _sync(device)
+            t1 = time.perf_counter()
+            tokenizer.decode(codes if cfg.d > 1 else codes[..., 0])
+            _sync(device)
+            t2 = time.perf_counter()
+        if loop >= cfg.warmup:
+            sample_s, decode_s = sample_s + t1 - t0, decode_s + t2 - t1
+    images = cfg.loops * cfg.batch_size
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        **dataclasses.asdict(cfg),
+        "device": str(device),
+        "code_shape": list(model.code_shape),
+        "ar_parameters_millions": round(params / 1e6, 2),
+        "images_timed": images,
+        "ms_per_image_sampling": 1000 * sample_s / images,
+        "ms_per_image_decoding": 1000 * decode_s / images,
+        "ms_per_image_total": 1000 * (sample_s + decode_s) / images,
+    }

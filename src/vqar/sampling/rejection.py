@@ -1,0 +1,77 @@
+"""Classifier rejection sampling, as the RQ-Transformer and ViT-VQGAN papers use for their "with rejection"
+numbers (an acceptance rate of 5% with a ResNet-101 gives RQ-Transformer's FID 3.80): draw 1 / rate times the
+samples wanted per class, score each by the classifier's probability of the class it was asked for, and keep the
+best-scoring ones of each class. None of the official repositories ships it.
+
+A classifier is any callable from images in [-1, 1] (B, C, H, W) to logits (B, classes): a TorchScript file, or
+`digits` for the bundled digit classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from vqar.sampling.export import SampleResult, sample_images
+
+
+def load_classifier(spec: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    if str(spec) == "digits":
+        from vqar.eval.digits import digit_classifier
+
+        return digit_classifier().eval()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier at {path} (a TorchScript file, or 'digits')")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a TorchScript classifier: {err}") from None
+
+
+@torch.no_grad()
+def class_scores(classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """p(label | image) for each image."""
+    probs = []
+    for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+        logits = classifier(x.float())
+        if logits.dim() != 2 or int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"the classifier returns {tuple(logits.shape)} logits, which do not cover the class ids")
+        probs.append(logits.float().softmax(-1).gather(1, y[:, None]).squeeze(1))
+    return torch.cat(probs)
+
+
+def rejection_sample(
+    model,
+    tokenizer,
+    classes: Sequence[int],
+    n_per_class: int,
+    accept_rate: float,
+    classifier,
+    **sampling,
+) -> tuple[SampleResult, dict]:
+    """`n_per_class` accepted images per class; returns them and a report (drawn, kept, rate, mean scores)."""
+    if not 0.0 < accept_rate <= 1.0:
+        raise ValueError(f"accept_rate must be in (0, 1], got {accept_rate}")
+    if not classes:
+        raise ValueError("rejection sampling needs class-conditional sampling (the classifier scores classes)")
+    drawn_per_class = math.ceil(n_per_class / accept_rate)
+    drawn = sample_images(model, tokenizer, classes, drawn_per_class, **sampling)
+    scores = class_scores(classifier, drawn.images, drawn.labels)
+    keep = []
+    for i in range(len(classes)):
+        block = torch.arange(i * drawn_per_class, (i + 1) * drawn_per_class)
+        keep.append(block[scores[block].topk(n_per_class).indices.sort().values])
+    keep = torch.cat(keep)
+    result = SampleResult(drawn.images[keep], drawn.labels[keep], drawn.seconds)
+    report = {
+        "accept_rate": n_per_class / drawn_per_class,
+        "drawn": len(drawn.images),
+        "kept": len(keep),
+        "mean_score_all": float(scores.mean()),
+        "mean_score_kept": float(scores[keep].mean()),
+    }
+    return result, report
