@@ -106,6 +106,24 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     with pytest.raises(ValueError, match="stacks of codes"):
         train_ar(load_run_config("rq-mnist", [f"codes={tmp_path / 'codes'}"]), tmp_path / "rq")
 
+    # Next patch prediction (level 3: 4x4 patches, then 2x2, then tokens) and VIM train on the same store.
+    overrides = [f"codes={tmp_path / 'codes'}", "size=GPT-XS", "steps=8", "bs=16", "train.log_every=1",
+                 "npp.level=3", "npp.rate=0.5", "npp.segment_lr=true", "npp.warmup_steps=1"]  # fmt: skip
+    train_ar(load_run_config("gpt-mnist", overrides), tmp_path / "npp")
+    records = [json.loads(line) for line in (tmp_path / "npp" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["patch"] for r in train] == [4, 4, 2, 2, 1, 1, 1, 1]
+    assert [r["positions"] for r in train[::2]] == [16 * 4, 16 * 16, 16 * 64, 16 * 64]
+    assert train[0]["lr"] == 0.0 and train[2]["lr"] == 0.0  # every segment restarts its warmup
+    with pytest.raises(ValueError, match="trains a GPT"):
+        load_run_config("rq-mnist", ["npp.level=2"])
+    with pytest.raises(ValueError, match="patch size 16"):
+        train_ar(load_run_config("gpt-mnist", [*overrides[:4], "npp.level=5"]), tmp_path / "npp5")
+    metrics = train_ar(
+        load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"]), tmp_path / "vim"
+    )
+    assert np.isfinite(metrics["nll"]) and vqar.load(tmp_path / "vim").kind == "vim"
+
 
 def test_size_presets_fill_the_architecture_and_overrides_win(tiny_pipeline):
     cfg = load_run_config("rq-mnist", ["size=RQ-480M"])

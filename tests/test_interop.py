@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -226,3 +227,25 @@ def test_npp_training_forward_parity(npp_folder):
         assert torch.equal(logits.view_as(model(tokens, labels)), model(tokens, labels))
         assert torch.equal(next_patch_loss(logits, tokens, 1), model.loss(model(tokens, labels), tokens))
         close(next_patch_loss(logits, tokens, 1), io["npp_p1_loss"], atol=0, rtol=1e-6)
+
+
+def test_npp_schedules_match_the_released_code(npp_folder):
+    from vqar.train.npp import patch_sides, relative_cost, segment_ends, segment_lr
+
+    schedule = json.loads((npp_folder / "npp_schedule.json").read_text())
+    for name, expected in schedule["patch_schedule"].items():
+        level = int(name.split("_")[0].removeprefix("level"))
+        epochs = int(name.split("_")[1].removeprefix("epochs"))
+        rate = float(name.split("_")[2].removeprefix("rate"))
+        assert segment_ends(epochs, level, rate) == expected["epoch_range"], name
+        assert [side * side for side in patch_sides(level)] == expected["patch_sizes"], name
+        assert relative_cost(epochs, level, rate) == pytest.approx(expected["relative_sequence_length_cost"]), name
+    for name, expected in schedule["lr_schedule"].items():
+        a = expected["args"]
+        ends = [e * a["steps_per_epoch"] for e in a["epoch_range"]]
+        warmup = a["warmup_epochs"] * a["steps_per_epoch"]
+        lrs = [
+            a["base_lr"] * segment_lr(step, ends, warmup, a["decay_ratio"], a["end_lr"] / a["base_lr"])
+            for step in range(a["epochs"] * a["steps_per_epoch"])
+        ]
+        assert lrs == pytest.approx(expected["lr_per_step"], abs=1e-12), name

@@ -28,13 +28,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 def _model_kinds() -> dict[str, tuple[type, type]]:
     """kind -> (config dataclass, model class). Imported lazily to keep `vqar.pretrained` cheap to import."""
-    from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
+    from vqar.ar import GPT, VIM, GPTConfig, RQTransformer, RQTransformerConfig, VIMConfig
     from vqar.tokenizers import Tokenizer, TokenizerConfig
 
     return {
         "tokenizer": (TokenizerConfig, Tokenizer),
         "gpt": (GPTConfig, GPT),
         "rq_transformer": (RQTransformerConfig, RQTransformer),
+        "vim": (VIMConfig, VIM),
     }
 
 

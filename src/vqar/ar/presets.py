@@ -3,7 +3,8 @@
 
 Parameter counts of the paper sizes (ImageNet: K=16384, 1000 classes):
 GPT-B 111M, GPT-L 343M, GPT-XL 775M, GPT-XXL 1.4B, GPT-3B 3.1B (LlamaGen, 16x16 codes);
-RQ-480M, RQ-821M, RQ-1.4B, RQ-3.8B (RQ-Transformer, 8x8x4 codes).
+RQ-480M, RQ-821M, RQ-1.4B, RQ-3.8B (RQ-Transformer, 8x8x4 codes);
+VIM-Base 650M, VIM-Large 1.7B (VIM, 8192 codes on a 32x32 grid).
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ RQ_SIZES: dict[str, dict] = {
 }
 
 
+VIM_SIZES: dict[str, dict] = {
+    "VIM-Base": {"embed_dim": 1536, "n_head": 16, "n_layer": 24},
+    "VIM-Large": {"embed_dim": 2048, "n_head": 32, "n_layer": 36},
+    # CPU-sized
+    "VIM-S": {"embed_dim": 256, "n_head": 8, "n_layer": 6},
+    "VIM-XS": {"embed_dim": 128, "n_head": 4, "n_layer": 4},
+}
+
+
 def size_fields(arch: str, size: str) -> dict:
-    table = GPT_SIZES if arch == "gpt" else RQ_SIZES
+    table = {"gpt": GPT_SIZES, "rq": RQ_SIZES, "vim": VIM_SIZES}[arch]
     if size not in table:
         raise ValueError(f"unknown {arch} size {size!r}; known: {', '.join(table)}")
     return dict(table[size])

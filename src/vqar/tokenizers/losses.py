@@ -5,10 +5,14 @@
 
 lambda is VQGAN's adaptive weight ||grad L_nll|| / (||grad L_gan|| + 1e-4) on the decoder's last layer, with
 L_nll = w_rec * L_rec + w_p * LPIPS ("Taming Transformers", Esser et al., CVPR 2021; kept by RQ-VAE).
+
+ViT-VQGAN (Yu et al., ICLR 2022) adds a logit-laplace term (DALL-E's) to L_nll and trains a StyleGAN
+discriminator with an R1 penalty; its weights are 1.0 L2, 0.1 logit-laplace, 0.1 perceptual, 0.1 adversarial.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +26,12 @@ from vqar.tokenizers.discriminator import (
     generator_loss,
 )
 from vqar.tokenizers.lpips import build_perceptual_loss
+from vqar.tokenizers.stylegan_discriminator import StyleGANDiscriminator, r1_penalty
 from vqar.tokenizers.tokenizer import TokenizerOutput
 
 RECON_LOSSES = ("l2", "l1")
 GAN_LOSSES = ("hinge", "vanilla")
+DISC_ARCHS = ("patchgan", "stylegan")
 
 
 @dataclass
@@ -36,11 +42,15 @@ class TokenizerLossConfig:
 
     recon: str = "l2"
     recon_weight: float = 1.0
+    logit_laplace_weight: float = 0.0
+    logit_laplace_eps: float = 0.1
     quantizer_weight: float = 1.0
     perceptual_weight: float = 1.0
     lpips_vgg: str | None = None
     lpips_lin: str | None = None
     disc_weight: float = 0.0
+    disc_arch: str = "patchgan"
+    r1_weight: float = 0.0  # gamma of the R1 penalty (the StyleGAN discriminator's regulariser)
     disc_start: int = 0
     disc_loss: str = "hinge"
     gen_loss: str = "hinge"
@@ -56,7 +66,12 @@ class TokenizerLossConfig:
         for name in ("disc_loss", "gen_loss"):
             if getattr(self, name) not in GAN_LOSSES:
                 raise ValueError(f"loss.{name} must be one of {GAN_LOSSES}, got {getattr(self, name)!r}")
-        for name in ("recon_weight", "quantizer_weight", "perceptual_weight", "disc_weight"):
+        if self.disc_arch not in DISC_ARCHS:
+            raise ValueError(f"loss.disc_arch must be one of {DISC_ARCHS}, got {self.disc_arch!r}")
+        if not 0 < self.logit_laplace_eps < 0.5:
+            raise ValueError(f"loss.logit_laplace_eps must be in (0, 0.5), got {self.logit_laplace_eps}")
+        for name in ("recon_weight", "quantizer_weight", "perceptual_weight", "disc_weight", "logit_laplace_weight",
+                     "r1_weight"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_start < 0 or self.disc_layers < 1:
@@ -66,16 +81,18 @@ class TokenizerLossConfig:
 class TokenizerObjective(nn.Module):
     """Holds the frozen perceptual network and the discriminator; computes both players' losses."""
 
-    def __init__(self, cfg: TokenizerLossConfig, image_channels: int):
+    def __init__(self, cfg: TokenizerLossConfig, image_channels: int, image_size: int = 256):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.perceptual = build_perceptual_loss(cfg.lpips_vgg, cfg.lpips_lin, cfg.perceptual_weight)
-        self.discriminator = (
-            PatchGANDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers, norm=cfg.disc_norm)
-            if cfg.disc_weight > 0
-            else None
-        )
+        self.discriminator = None
+        if cfg.disc_weight > 0 and cfg.disc_arch == "stylegan":
+            self.discriminator = StyleGANDiscriminator(image_channels, image_size, cfg.disc_channels)
+        elif cfg.disc_weight > 0:
+            self.discriminator = PatchGANDiscriminator(
+                image_channels, cfg.disc_channels, cfg.disc_layers, norm=cfg.disc_norm
+            )
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.cfg.disc_start
@@ -88,6 +105,10 @@ class TokenizerObjective(nn.Module):
         rec = F.mse_loss(recon, images) if cfg.recon == "l2" else F.l1_loss(recon, images)
         nll = cfg.recon_weight * rec
         metrics = {"rec_loss": rec.detach()}
+        if cfg.logit_laplace_weight > 0:
+            laplace = logit_laplace_loss(recon, images, cfg.logit_laplace_eps)
+            nll = nll + cfg.logit_laplace_weight * laplace
+            metrics["logit_laplace"] = laplace.detach()
         if self.perceptual is not None:
             perceptual = self.perceptual(recon, images).mean()
             nll = nll + cfg.perceptual_weight * perceptual
@@ -109,8 +130,25 @@ class TokenizerObjective(nn.Module):
         real = self.discriminator(images)
         fake = self.discriminator(recon.detach().float())
         loss = discriminator_loss(real, fake, self.cfg.disc_loss)
-        return loss, {
-            "d_loss": loss.detach(),
-            "logits_real": real.mean().detach(),
-            "logits_fake": fake.mean().detach(),
-        }
+        metrics = {"d_loss": loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+        if self.cfg.r1_weight > 0:
+            penalty = r1_penalty(self.discriminator, images)
+            loss = loss + self.cfg.r1_weight / 2 * penalty
+            metrics["r1"] = penalty.detach()
+        return loss, metrics
+
+
+def logit_laplace_loss(recon: torch.Tensor, images: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """Mean negative log-likelihood of `images` under a logit-Laplace distribution centred on `recon` (both in
+    [-1, 1]), with DALL-E's pixel mapping x -> (1 - 2 eps) x + eps of [0, 1] pixels into (eps, 1 - eps).
+
+    The decoder predicts the location only, so the scale is 1: per pixel, with y and y_hat the mapped pixels,
+    |logit(y) - logit(y_hat)| + log(y (1 - y)) + log 2. The last two terms do not depend on the model; they keep
+    the value a proper NLL."""
+
+    def mapped(x: torch.Tensor) -> torch.Tensor:
+        return (1 - 2 * eps) * ((x.float() + 1) / 2).clamp(0, 1) + eps
+
+    y, y_hat = mapped(images), mapped(recon)
+    nll = (torch.logit(y) - torch.logit(y_hat)).abs() + torch.log(y * (1 - y)) + math.log(2.0)
+    return nll.mean()

@@ -14,20 +14,29 @@ from torch import nn
 
 from vqar.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
 from vqar.tokenizers.conv import ConvConfig, ConvDecoder, ConvEncoder
+from vqar.tokenizers.vit import VIT_SIZES, ViTConfig, ViTDecoder, ViTEncoder
 
-TOKENIZER_ARCHS = ("conv",)
+TOKENIZER_ARCHS = ("conv", "vit")
 
 
 @dataclass
 class TokenizerConfig:
+    """`arch` "conv" (VQGAN / RQ-VAE / LlamaGen encoder-decoder, shaped by `conv`) or "vit" (ViT-VQGAN, `vit`)."""
+
     arch: str = "conv"
     conv: ConvConfig = field(default_factory=ConvConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    @property
+    def backbone(self) -> ConvConfig | ViTConfig:
+        """The encoder-decoder config in use."""
+        return self.vit if self.arch == "vit" else self.conv
 
     def validate(self) -> None:
         if self.arch not in TOKENIZER_ARCHS:
             raise ValueError(f"tokenizer arch must be one of {TOKENIZER_ARCHS}, got {self.arch!r}")
-        self.conv.validate()
+        self.backbone.validate()
         self.quantizer.validate()
 
 
@@ -44,25 +53,29 @@ class Tokenizer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.encoder = ConvEncoder(cfg.conv)
-        self.quant_conv = nn.Conv2d(cfg.conv.z_channels, cfg.quantizer.dim, 1)
+        if cfg.arch == "vit":
+            self.encoder, self.decoder = ViTEncoder(cfg.vit), ViTDecoder(cfg.vit)
+            enc_out, dec_in = VIT_SIZES[cfg.vit.encoder]["dim"], VIT_SIZES[cfg.vit.decoder]["dim"]
+        else:
+            self.encoder, self.decoder = ConvEncoder(cfg.conv), ConvDecoder(cfg.conv)
+            enc_out = dec_in = cfg.conv.z_channels
+        self.quant_conv = nn.Conv2d(enc_out, cfg.quantizer.dim, 1)
         self.quantizer = build_quantizer(cfg.quantizer)
-        self.post_quant_conv = nn.Conv2d(cfg.quantizer.dim, cfg.conv.z_channels, 1)
-        self.decoder = ConvDecoder(cfg.conv)
+        self.post_quant_conv = nn.Conv2d(cfg.quantizer.dim, dec_in, 1)
 
     # ---------------------------------------------------------------- description
     @property
     def in_channels(self) -> int:
-        return self.cfg.conv.in_channels
+        return self.cfg.backbone.in_channels
 
     @property
     def image_size(self) -> int:
         """The resolution the tokenizer was built for (any multiple of `downsample_factor` works)."""
-        return self.cfg.conv.resolution
+        return self.cfg.vit.image_size if self.cfg.arch == "vit" else self.cfg.conv.resolution
 
     @property
     def downsample_factor(self) -> int:
-        return self.cfg.conv.downsample_factor
+        return self.cfg.backbone.downsample_factor
 
     @property
     def codebook_size(self) -> int:

@@ -1,4 +1,4 @@
-"""Stage-2 training: a GPT or an RQ-Transformer on a code store, through the shared loop."""
+"""Stage-2 training: a GPT, an RQ-Transformer or a VIM on a code store, through the shared loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig, size_fields
+from vqar.ar import GPT, VIM, GPTConfig, RQTransformer, RQTransformerConfig, VIMConfig, size_fields
+from vqar.ar.next_patch import check_patch_size, next_patch_logits, next_patch_loss
 from vqar.configs import compose, to_yaml
 from vqar.data import split_dataset
 from vqar.data.codes import CodeBatch, CodeDataset, collate_codes
@@ -23,6 +24,7 @@ from vqar.train.checkpoint import prepare_run_dir
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.loop import Trainer, TrainTask
+from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
 from vqar.train.optim import adamw
 from vqar.utils.device import autocast, resolve_device
 from vqar.utils.images import make_grid, save_image
@@ -30,7 +32,7 @@ from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
 
-ARCHS = ("gpt", "rq")
+ARCHS = ("gpt", "rq", "vim")
 
 
 @dataclass
@@ -42,13 +44,14 @@ class ARModelConfig:
     size: str | None = None
     gpt: GPTConfig = field(default_factory=GPTConfig)
     rq: RQTransformerConfig = field(default_factory=RQTransformerConfig)
+    vim: VIMConfig = field(default_factory=VIMConfig)
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.size is not None:
             size_fields(self.arch, self.size)
-        (self.gpt if self.arch == "gpt" else self.rq).validate()
+        getattr(self, self.arch).validate()
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ARRunConfig:
     data: CodeDataConfig = field(default_factory=CodeDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    npp: NPPConfig = field(default_factory=NPPConfig)
 
     ALIASES: ClassVar[dict[str, str]] = {
         "codes": "data.codes",
@@ -105,6 +109,9 @@ class ARRunConfig:
         self.data.validate()
         self.train.validate()
         self.sample.validate()
+        self.npp.validate()
+        if self.npp.level > 1 and self.model.arch != "gpt":
+            raise ValueError(f"next patch prediction (npp.level > 1) trains a GPT, not model.arch={self.model.arch}")
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> ARRunConfig:
@@ -126,6 +133,10 @@ def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | N
         if len(shape) != 2:
             raise ValueError(f"a GPT models one code per position; this code store has codes of shape {shape}")
         return GPT(dataclasses.replace(cfg.gpt, vocab_size=store.codebook_size, grid=shape, num_classes=classes))
+    if cfg.arch == "vim":
+        if len(shape) != 2:
+            raise ValueError(f"VIM models one code per position; this code store has codes of shape {shape}")
+        return VIM(dataclasses.replace(cfg.vim, vocab_size=store.codebook_size, grid=shape, num_classes=classes))
     if len(shape) != 3:
         raise ValueError(f"an RQ-Transformer models stacks of codes; this code store has codes of shape {shape}")
     tokenizer = tokenizer if tokenizer is not None else load(store.tokenizer_path)
@@ -151,6 +162,20 @@ class ARTask(TrainTask):
         self.optimizer = adamw(self.model, cfg.train)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.conditional = store.num_classes > 0
+        if cfg.npp.level > 1:
+            check_patch_size(self.model.code_shape, 2 ** (cfg.npp.level - 1))
+
+    def patch_side(self, step: int) -> int:
+        npp = self.cfg.npp
+        return patch_side_at(step, self.cfg.train.steps, npp.level, npp.rate) if npp.level > 1 else 1
+
+    def lr_factor(self, step: int) -> float | None:
+        """NPP's per-segment learning rate when asked for; None keeps the loop's warmup + cosine."""
+        npp = self.cfg.npp
+        if npp.level == 1 or not npp.segment_lr:
+            return None
+        ends = segment_ends(self.cfg.train.steps, npp.level, npp.rate)
+        return segment_lr(step, ends, npp.warmup_steps, npp.decay_ratio, npp.end_lr_ratio)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -175,9 +200,10 @@ class ARTask(TrainTask):
     def train_step(self, batch: CodeBatch, step: int) -> dict[str, float]:
         codes, cond = self._inputs(batch, random_view=True)
         self.model.train()
+        side = self.patch_side(step)
         with autocast(self.device, self.cfg.train.precision):
-            logits = self.model(codes, cond)
-        loss = self.model.loss(logits, codes)
+            logits = self.model(codes, cond) if side == 1 else next_patch_logits(self.model, codes, cond, side)
+        loss = self.model.loss(logits, codes) if side == 1 else next_patch_loss(logits, codes, side)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip is not None:
@@ -185,8 +211,11 @@ class ARTask(TrainTask):
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        accuracy = (logits.detach().argmax(-1) == codes).float().mean()
-        return {"loss": float(loss.detach()), "accuracy": float(accuracy)}
+        positions = logits.shape[1] * (logits.shape[2] if side == 1 and logits.dim() > 3 else 1)
+        metrics = {"loss": float(loss.detach()), "positions": float(positions * len(codes)), "patch": float(side)}
+        if side == 1:
+            metrics["accuracy"] = float((logits.detach().argmax(-1) == codes).float().mean())
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[CodeBatch]) -> dict[str, float]:
@@ -230,7 +259,7 @@ class ARTask(TrainTask):
 
 
 def model_has_null(model: nn.Module) -> bool:
-    embedding = model.cls_embedding if isinstance(model, GPT) else model.cond_emb
+    embedding = model.cls_embedding if isinstance(model, (GPT, VIM)) else model.cond_emb
     return embedding.has_null
 
 

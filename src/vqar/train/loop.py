@@ -113,8 +113,11 @@ class Trainer:
 
         # A plain function, not a callable object: LambdaLR then saves only the step count, and a resumed run
         # whose train.steps was raised follows the schedule of its new configuration.
+        custom = getattr(task, "lr_factor", None)  # a task may bring its own schedule (NPP's segment restarts)
+
         def factor(step: int) -> float:
-            return warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            own = custom(step) if custom is not None else None
+            return own if own is not None else warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
         self.schedulers = {
             name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in task.optimizers().items()
@@ -223,6 +226,8 @@ class Trainer:
         self.bad_files.add(getattr(batch, "bad", ()))
         if len(batch) == 0:
             return {}
+        # The learning rate this step uses (the schedulers move on to the next step's below).
+        lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
         metrics = self.task.train_step(batch, self.step)
         with warnings.catch_warnings():
             # A discriminator waiting for `disc_start` has not stepped yet; its schedule still advances.
@@ -235,7 +240,7 @@ class Trainer:
                 f"the training loss became {loss} at step {self.step}; the last checkpoint in "
                 f"{self.run_dir / 'checkpoints'} is intact (try a lower train.lr or train.precision=fp32)"
             )
-        metrics["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
+        metrics["lr"] = lr
         return metrics
 
     def evaluate(self) -> dict[str, float]:

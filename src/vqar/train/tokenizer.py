@@ -51,16 +51,18 @@ class TokenizerRunConfig:
         self.loss.validate()
         self.data.validate()
         self.train.validate()
-        conv = self.model.conv
-        if self.data.channels != conv.in_channels or conv.out_channels != conv.in_channels:
+        arch = self.model.arch
+        net = self.model.backbone
+        resolution = net.image_size if arch == "vit" else net.resolution
+        if self.data.channels != net.in_channels or net.out_channels != net.in_channels:
             raise ValueError(
-                f"data.channels={self.data.channels} must equal model.conv.in_channels={conv.in_channels} "
-                f"and model.conv.out_channels={conv.out_channels}"
+                f"data.channels={self.data.channels} must equal model.{arch}.in_channels={net.in_channels} "
+                f"and model.{arch}.out_channels={net.out_channels}"
             )
-        if self.data.image_size != conv.resolution:
+        if self.data.image_size != resolution:
+            name = "image_size" if arch == "vit" else "resolution"
             raise ValueError(
-                f"data.image_size={self.data.image_size} differs from model.conv.resolution={conv.resolution}; "
-                "set both (the resolution decides where attention layers sit)"
+                f"data.image_size={self.data.image_size} differs from model.{arch}.{name}={resolution}; set both"
             )
 
 
@@ -73,7 +75,7 @@ class TokenizerTask(TrainTask):
     def __init__(self, cfg: TokenizerRunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.model = Tokenizer(cfg.model).to(device)
-        self.objective = TokenizerObjective(cfg.loss, cfg.model.conv.in_channels).to(device)
+        self.objective = TokenizerObjective(cfg.loss, cfg.model.backbone.in_channels, cfg.data.image_size).to(device)
         self.optimizer = adamw(self.model, cfg.train)
         self.disc_optimizer = None
         if self.objective.discriminator is not None:

@@ -1,0 +1,74 @@
+"""The training schedule of Next Patch Prediction (arXiv 2412.15321): coarse patches first, then single tokens.
+
+`level` L trains with patches of 4^(L-1), ..., 4, 1 tokens (p = 2^(L-1), ..., 2, 1). Segment i ends at
+int(total * rate^i) (i = 0..L-1), taken in reverse order, so with level 2 and rate 0.5 the first half of training
+uses 2x2 patches and the second half single tokens: 0.625 of the token-level sequence cost. Totals count epochs
+in the paper and optimizer steps in vqar (one boundary rule, any unit). Optionally every segment restarts the
+learning rate: a linear warmup from 0, constant, then a linear decay towards `end_lr_ratio` over its last
+`decay_ratio`, as NPP's scheduler does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class NPPConfig:
+    """`level` 1 is plain next-token training."""
+
+    level: int = 1
+    rate: float = 0.5
+    segment_lr: bool = False
+    warmup_steps: int = 0
+    decay_ratio: float = 0.2
+    end_lr_ratio: float = 0.1
+
+    def validate(self) -> None:
+        if self.level < 1 or not 0.0 < self.rate < 1.0:
+            raise ValueError(f"npp.level must be >= 1 and npp.rate in (0, 1), got {self.level}, {self.rate}")
+        if not 0.0 <= self.decay_ratio <= 1.0 or self.warmup_steps < 0 or self.end_lr_ratio < 0:
+            raise ValueError("npp.decay_ratio must be in [0, 1], npp.warmup_steps and npp.end_lr_ratio >= 0")
+
+
+def segment_ends(total: int, level: int, rate: float) -> list[int]:
+    """Where each patch size stops: [int(total * rate^(L-1)), ..., int(total * rate), total]."""
+    return [int(total * rate**i) for i in range(level)][::-1]
+
+
+def patch_sides(level: int) -> list[int]:
+    """Patch side p of each segment: [2^(L-1), ..., 2, 1] (patches of p^2 tokens)."""
+    return [2**i for i in range(level)][::-1]
+
+
+def patch_side_at(step: int, total: int, level: int, rate: float) -> int:
+    for end, side in zip(segment_ends(total, level, rate), patch_sides(level), strict=True):
+        if step < end:
+            return side
+    return 1
+
+
+def relative_cost(total: int, level: int, rate: float) -> float:
+    """Sequence length processed, relative to token-level training for the same number of steps."""
+    start, cost = 0, 0.0
+    for end, side in zip(segment_ends(total, level, rate), patch_sides(level), strict=True):
+        cost += (end - start) / side**2
+        start = end
+    return cost / total
+
+
+def segment_lr(step: int, ends: list[int], warmup: int, decay_ratio: float, end_ratio: float) -> float:
+    """Learning-rate factor at `step` (units of `ends`, e.g. optimizer steps) with a restart at every segment."""
+    start = 0
+    for end in ends:
+        if step < end:
+            break
+        start = end
+    i, n = step - start, end - start
+    if i < warmup:
+        return i / warmup
+    decay = decay_ratio * n
+    decay_start = n - decay
+    if decay > 0 and i > decay_start:
+        return 1.0 - (1.0 - end_ratio) * (i - decay_start) / decay
+    return 1.0
