@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.ar.conditioning import ClassEmbedding
-from vqar.ar.layers import KVCache, RMSNorm, SwiGLU, apply_rope, causal_attention, rope_2d_table, swiglu_hidden_dim
+from vqar.ar.layers import (
+    CodeModel,
+    KVCache,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    causal_attention,
+    rope_2d_table,
+    swiglu_hidden_dim,
+)
 from vqar.quantize.codebook import check_codes
 
 
@@ -102,7 +111,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class GPT(nn.Module):
+class GPT(CodeModel):
     kind = "gpt"
     tokenizer = None  # set by `vqar.load` when the model folder holds its tokenizer
 
@@ -121,23 +130,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
     @property
     def code_shape(self) -> tuple[int, int]:
         return tuple(self.cfg.grid)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     # ---------------------------------------------------------------- training
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

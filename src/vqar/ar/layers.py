@@ -138,3 +138,24 @@ def cache_dtype(keys: torch.Tensor) -> torch.dtype:
     if keys.device.type == "cpu" and keys.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return keys.dtype
+
+
+class CodeModel(nn.Module):
+    """What every stage-2 model shares: its config `cfg` (with `vocab_size`, `num_classes`,
+    `initializer_range`), the GPT-2 / LlamaGen weight initialisation, and the description properties."""
+
+    cfg: object
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes

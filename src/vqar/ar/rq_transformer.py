@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.ar.conditioning import ClassEmbedding, TextEmbedding
-from vqar.ar.layers import KVCache, causal_attention
+from vqar.ar.layers import CodeModel, KVCache, causal_attention
 from vqar.quantize.codebook import check_codes
 
 
@@ -144,7 +144,7 @@ class Classifier(nn.Module):
         return self.linear(self.layer_norm(x))
 
 
-class RQTransformer(nn.Module):
+class RQTransformer(CodeModel):
     kind = "rq_transformer"
     tokenizer = None  # set by `vqar.load` when the model folder holds its tokenizer
 
@@ -176,12 +176,6 @@ class RQTransformer(nn.Module):
         if code_embeddings is not None:
             self.set_code_embeddings(code_embeddings)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
     def set_code_embeddings(self, vectors: torch.Tensor) -> None:
         """Copies the tokenizer's codebook(s), (K, code_dim) or (books, K, code_dim)."""
         vectors = vectors.detach().float()
@@ -198,14 +192,6 @@ class RQTransformer(nn.Module):
     @property
     def code_shape(self) -> tuple[int, int, int]:
         return tuple(self.cfg.code_shape)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     @property
     def is_text_conditioned(self) -> bool:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.ar.conditioning import ClassEmbedding
-from vqar.ar.layers import KVCache
+from vqar.ar.layers import CodeModel, KVCache
 from vqar.ar.rq_transformer import Block
 from vqar.quantize.codebook import check_codes
 
@@ -55,7 +55,7 @@ class VIMConfig:
             raise ValueError("need vocab_size >= 2 and num_classes >= 0")
 
 
-class VIM(nn.Module):
+class VIM(CodeModel):
     kind = "vim"
     tokenizer = None  # set by `vqar.load` when the model folder holds its tokenizer
 
@@ -74,23 +74,9 @@ class VIM(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=cfg.initializer_range)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
     @property
     def code_shape(self) -> tuple[int, int]:
         return tuple(self.cfg.grid)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.vocab_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     @property
     def layers(self) -> nn.ModuleList:
