@@ -17,7 +17,7 @@ from conftest import TINY_RUN
 from vqar.data import load_mnist_digits
 from vqar.tokenizers import Tokenizer
 from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
-from vqar.train.loop import NonFiniteLossError
+from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
 from vqar.train.tokenizer import TokenizerTask, load_run_config, train_tokenizer
 
 
@@ -129,19 +129,76 @@ def test_an_existing_run_is_never_overwritten_by_accident(trained_run, tmp_path)
     assert (run_dir / "model.safetensors").read_bytes() == before
 
 
-def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=10", "train.ckpt_every=4"])
+def _nan_loss_from(monkeypatch, bad_steps):
+    from vqar.tokenizers.losses import TokenizerObjective
+
+    real = TokenizerObjective.generator_loss
+
+    def generator_loss(self, images, out, last_layer, step):
+        loss, metrics = real(self, images, out, last_layer, step)
+        return (loss * float("nan"), metrics) if step in bad_steps else (loss, metrics)
+
+    monkeypatch.setattr(TokenizerObjective, "generator_loss", generator_loss)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    _nan_loss_from(monkeypatch, {5, 6})
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=10", "train.ckpt_every=10", "train.log_every=1"])
+    with caplog.at_level(logging.WARNING):
+        metrics = train_tokenizer(cfg, tmp_path / "run")
+    assert math.isfinite(metrics["psnr"])
+    assert caplog.text.count("non-finite loss or gradient") == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train if "skipped_steps" in r] == [6, 7]  # the 6th and 7th steps
+    assert all(math.isfinite(r["loss"]) for r in train if "loss" in r) and sum("loss" in r for r in train) == 8
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    _nan_loss_from(monkeypatch, set(range(5, 100)))
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=12", "train.ckpt_every=4", "train.max_nonfinite_steps=3"])
+    with pytest.raises(NonFiniteLossError, match="4 training steps in a row"):
+        train_tokenizer(cfg, tmp_path / "run")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.step == 8 and verify_checkpoint(ckpt.path) is None
+    # Steps 5 and later were all skipped: the checkpoint holds the (finite) weights trained by steps 0-4.
+    assert math.isfinite(float(load_file(str(ckpt.path / "model.safetensors"))["encoder.conv_in.weight"].sum()))
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    import os
+    import signal
+
     real_step = TokenizerTask.train_step
 
     def step(self, batch, step):
-        metrics = real_step(self, batch, step)
-        return {**metrics, "loss": float("nan")} if step == 5 else metrics
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption would
+        return real_step(self, batch, step)
 
     monkeypatch.setattr(TokenizerTask, "train_step", step)
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=20", "train.ckpt_every=100"])
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 4"):
         train_tokenizer(cfg, tmp_path / "run")
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.step == 4 and verify_checkpoint(ckpt.path) is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    monkeypatch.setattr(TokenizerTask, "train_step", real_step)
+    train_tokenizer(cfg, tmp_path / "run", resume=True)  # and it resumes from there
+    assert latest_checkpoint(tmp_path / "run").step == 20
+
+
+def test_an_unwritable_or_full_run_directory_fails_before_training(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from vqar.train import loop
+
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=4"])
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(OSError, match="MiB free"):
+        train_tokenizer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(trained_run, tmp_path, caplog):
@@ -167,10 +224,12 @@ def test_failed_checkpoint_write_leaves_no_partial_files(trained_run, tmp_path, 
     monkeypatch.setattr(torch, "save", broken_save)
     from vqar.train.checkpoint import save_checkpoint
 
+    best_before = (run_dir / "checkpoints" / "best.json").read_text()
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(run_dir, 120, task.modules(), {}, "", keep=2)
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["step-0000040", "step-0000080"]
+    assert names == ["best.json", "step-0000040", "step-0000080"]
+    assert (run_dir / "checkpoints" / "best.json").read_text() == best_before
     assert verify_checkpoint(run_dir / "checkpoints" / "step-0000080") is None
 
 
@@ -191,3 +250,55 @@ def test_resuming_with_another_architecture_is_a_clear_error(trained_run, tmp_pa
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=100", "c=32"])
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train_tokenizer(cfg, run_dir, resume=True)
+
+
+def test_the_best_checkpoint_is_kept_beside_the_newest(tmp_path, monkeypatch):
+    scores = iter([30.0, 20.0, 10.0])  # validation PSNR gets worse after the first evaluation
+
+    def evaluate(self, batches):
+        for _ in batches:
+            pass
+        return {"psnr": next(scores)}
+
+    monkeypatch.setattr(TokenizerTask, "evaluate", evaluate)
+    overrides = [*TINY_RUN, "steps=12", "train.eval_every=4", "train.ckpt_every=4", "train.keep_checkpoints=1"]
+    train_tokenizer(load_run_config("rqvae-mnist", overrides), tmp_path / "run")
+    assert [c.step for c in list_checkpoints(tmp_path / "run")] == [4, 12]
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best == {"step": 4, "metric": "psnr", "value": 30.0}
+
+
+@pytest.mark.slow
+def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
+    """Real `vqar train` processes killed with SIGKILL at random moments (inside steps, during checkpoint writes)
+    and resumed each time end with the weights of an uninterrupted run, and no checkpoint is ever corrupt."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    overrides = [*TINY_RUN, "steps=30", "train.eval_every=30", "train.ckpt_every=3", "train.keep_checkpoints=2"]
+    command = [sys.executable, "-m", "vqar.cli", "train", "tokenizer", "rqvae-mnist", *overrides]
+    subprocess.run([*command, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    expected = load_file(str(tmp_path / "clean" / "model.safetensors"))
+
+    rng = random.Random(7)
+    run = tmp_path / "killed"
+    kills = 0
+    for _ in range(4):
+        args = [*command, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is not None:
+            break
+        proc.kill()  # SIGKILL: no handler runs, possibly in the middle of writing a checkpoint
+        proc.wait()
+        kills += 1
+        for ckpt in list_checkpoints(run):  # finished checkpoints are whole; partial ones are hidden temp dirs
+            assert verify_checkpoint(ckpt.path) is None, ckpt.path
+    subprocess.run([*command, "--out", str(run), "--resume"], check=True, capture_output=True)
+    assert kills >= 1, "the run finished before any kill; raise train.steps"
+    assert latest_checkpoint(run).step == 30
+    resumed = load_file(str(run / "model.safetensors"))
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from vqar.configs import ConfigError, preset_names, to_yaml
+from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
 
 log = logging.getLogger("vqar")
 
@@ -372,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, OSError, ValueError, NonFiniteLossError) as err:
         if args.verbose:
             raise
         print(f"vqar: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("vqar: interrupted; the newest checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.loop import Trainer, TrainTask
 from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
-from vqar.train.optim import adamw
+from vqar.train.optim import adamw, guarded_step
 from vqar.utils.device import autocast, resolve_device
 from vqar.utils.images import make_grid, save_image
 from vqar.utils.io import atomic_write_text
@@ -154,6 +154,7 @@ def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | N
 
 class ARTask(TrainTask):
     collate = staticmethod(collate_codes)
+    best_metric = ("nll", "min")
 
     def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device):
         self.cfg, self.store, self.device = cfg, store, device
@@ -204,11 +205,8 @@ class ARTask(TrainTask):
         with autocast(self.device, self.cfg.train.precision):
             logits = self.model(codes, cond) if side == 1 else next_patch_logits(self.model, codes, cond, side)
         loss = self.model.loss(logits, codes) if side == 1 else next_patch_loss(logits, codes, side)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        if not guarded_step(loss, self.optimizer, list(self.model.parameters()), self.cfg.train.grad_clip):
+            return {"skipped": 1.0}
         if self.ema is not None:
             self.ema.update(self.model)
         positions = logits.shape[1] * (logits.shape[2] if side == 1 and logits.dim() > 3 else 1)

@@ -98,9 +98,20 @@ def save_checkpoint(
         fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    best = best_step(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        if old.step != best:
+            shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def best_step(run_dir: Path) -> int | None:
+    """The step of the best validation result so far (`checkpoints/best.json`), if any."""
+    path = checkpoint_dir(run_dir) / "best.json"
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def verify_checkpoint(path: Path) -> str | None:

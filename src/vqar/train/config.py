@@ -23,6 +23,7 @@ class TrainConfig:
     eval_every: int = 500
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 20  # consecutive NaN/inf steps (skipped) before the run stops
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -39,7 +40,7 @@ class TrainConfig:
             raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
-        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -32,6 +36,8 @@ from vqar.train.checkpoint import (
     save_checkpoint,
 )
 from vqar.train.config import TrainConfig
+from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
+from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
 
@@ -40,6 +46,8 @@ class TrainTask(ABC):
     """One stage's part of training. Batches come from `collate` (image `Batch`es by default)."""
 
     collate = staticmethod(collate_samples)
+    # The validation metric that picks the best checkpoint, kept beside the newest ones: (name, "max" or "min").
+    best_metric: tuple[str, str] | None = None
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -70,6 +78,25 @@ class TrainTask(ABC):
         """Writes the trained model in vqar's loadable format (config.json + model.safetensors)."""
 
 
+def check_writable(run_dir: Path, need_bytes: int) -> None:
+    """Fails before training when the run directory cannot take a checkpoint (permissions, a full disk)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the run directory {run_dir}: {err}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise OSError(
+            f"only {free / 2**20:.0f} MiB free where {run_dir} lives; a checkpoint needs about "
+            f"{need_bytes / 2**20:.0f} MiB (train.keep_checkpoints of them are kept): free some space or use --out "
+            "on another disk"
+        )
+
+
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     """Learning-rate factor: linear warmup over `warmup` steps, then cosine from 1 down to `floor` at `total`."""
     if step < warmup:
@@ -84,10 +111,6 @@ class LoaderSettings(Protocol):
     batch_size: int
     eval_batch_size: int
     num_workers: int
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -127,6 +150,8 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.bad_files = BadFileReport()
         self.step = 0
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.stop_signal: int | None = None
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -139,9 +164,15 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        path = save_checkpoint(
-            self.run_dir, self.step, self.task.modules(), state, self.run_yaml, self.cfg.keep_checkpoints
-        )
+        try:
+            path = save_checkpoint(
+                self.run_dir, self.step, self.task.modules(), state, self.run_yaml, self.cfg.keep_checkpoints
+            )
+        except OSError as err:  # a full disk, a vanished mount: the previous checkpoint was not touched
+            raise OSError(
+                f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); "
+                "the previous checkpoint is intact"
+            ) from err
         self.task.export(self.run_dir)
         return path
 
@@ -167,6 +198,30 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, float]:
+        """Trains to `train.steps`. SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) finish the current step,
+        write a checkpoint and raise `TrainingInterrupted`."""
+        check_writable(self.run_dir, self.checkpoint_bytes())
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self._fit(resume)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop at once (the previous checkpoint is intact)
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    def checkpoint_bytes(self) -> int:
+        """A generous estimate of one checkpoint: weights plus two optimizer moments per parameter."""
+        params = sum(p.numel() * p.element_size() for m in self.task.modules().values() for p in m.parameters())
+        return 3 * params + (1 << 20)
+
+    def _fit(self, resume: bool) -> dict[str, float]:
         cfg = self.cfg
         if resume and not self.restore():
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
@@ -175,6 +230,7 @@ class Trainer:
             return self.evaluate()
         sampler = EpochSampler(len(self.train_set), seed=cfg.seed)
         running: dict[str, list[float]] = defaultdict(list)
+        skipped_in_window = 0
         last_eval: dict[str, float] = {}
         interactive = sys.stderr.isatty()
         bar = tqdm(
@@ -202,11 +258,21 @@ class Trainer:
                     metrics = self._train_step(batch)
                     self.step += 1
                     bar.update(1)
+                    if metrics.pop("skipped", 0.0):
+                        self._count_nonfinite()
+                        skipped_in_window += 1
+                    else:
+                        self.nonfinite_in_a_row = 0
                     for key, value in metrics.items():
                         running[key].append(value)
+                    if self.stop_signal is not None:
+                        self._stop_on_signal()
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         means = {k: sum(v) / len(v) for k, v in running.items()}
+                        if skipped_in_window:
+                            means["skipped_steps"] = skipped_in_window
                         running.clear()
+                        skipped_in_window = 0
                         bar.set_postfix(_short(means), refresh=False)
                         self._log("train", means)
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -234,14 +300,29 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             for sched in self.schedulers.values():
                 sched.step()
-        loss = metrics.get("loss", 0.0)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss} at step {self.step}; the last checkpoint in "
-                f"{self.run_dir / 'checkpoints'} is intact (try a lower train.lr or train.precision=fp32)"
-            )
-        metrics["lr"] = lr
+        if not metrics.get("skipped") and not math.isfinite(metrics.get("loss", 0.0)):
+            metrics["skipped"] = 1.0  # a task that does not guard its own step: count it all the same
+        if not metrics.get("skipped"):
+            metrics["lr"] = lr
         return metrics
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", self.step,
+                    self.nonfinite_in_a_row)  # fmt: skip
+        if self.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} training steps in a row had a NaN or infinite loss or gradient (up to "
+                f"step {self.step}); stopping. The last good checkpoint in {self.run_dir / 'checkpoints'} is "
+                "intact: resume with a lower train.lr, train.precision=fp32 or check the data"
+            )
+
+    def _stop_on_signal(self) -> None:
+        name = signal.Signals(self.stop_signal).name
+        log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
+        self.save()
+        raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume")
 
     def evaluate(self) -> dict[str, float]:
         loader = make_loader(
@@ -259,10 +340,23 @@ class Trainer:
                     yield batch
 
         metrics = self.task.evaluate(batches())
+        self._track_best(metrics)
         self._log("val", metrics)
         log.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         self.task.write_artifacts(self.run_dir, self.step)
         return metrics
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        """Remembers the step of the best validation result; its checkpoint is never pruned."""
+        if self.task.best_metric is None or self.task.best_metric[0] not in metrics:
+            return
+        name, mode = self.task.best_metric
+        value = metrics[name]
+        path = self.run_dir / "checkpoints" / "best.json"
+        best = json.loads(path.read_text()) if path.is_file() else None
+        if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"step": self.step, "metric": name, "value": value}))
 
     def _log(self, split: str, metrics: dict[str, float]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
 from vqar.train.checkpoint import prepare_run_dir
 from vqar.train.config import TrainConfig
 from vqar.train.loop import Trainer, TrainTask
-from vqar.train.optim import adamw
+from vqar.train.optim import adamw, guarded_step
 from vqar.utils.device import autocast, resolve_device
 from vqar.utils.images import make_grid, psnr, save_image
 from vqar.utils.io import atomic_write_text
@@ -72,6 +72,8 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
 
 
 class TokenizerTask(TrainTask):
+    best_metric = ("psnr", "max")
+
     def __init__(self, cfg: TokenizerRunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.model = Tokenizer(cfg.model).to(device)
@@ -112,18 +114,15 @@ class TokenizerTask(TrainTask):
         with autocast(self.device, precision):
             out = self.model(images)
             loss, metrics = self.objective.generator_loss(images, out, self.model.last_layer(), step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _clip(self.model, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        grad_clip = self.cfg.train.grad_clip
+        if not guarded_step(loss, self.optimizer, list(self.model.parameters()), grad_clip):
+            return {"skipped": 1.0}
         if self.disc_optimizer is not None and self.objective.gan_active(step):
             with autocast(self.device, precision):
                 d_loss, d_metrics = self.objective.discriminator_step_loss(images, out.recon)
-            self.disc_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            _clip(self.objective.discriminator, self.cfg.train.grad_clip)
-            self.disc_optimizer.step()
-            metrics.update(d_metrics)
+            disc_params = list(self.objective.discriminator.parameters())
+            if guarded_step(d_loss, self.disc_optimizer, disc_params, grad_clip):
+                metrics.update(d_metrics)
         metrics.update(
             psnr=psnr(images, out.recon.detach()).mean(),
             usage=out.quant.usage.float().mean(),
@@ -200,11 +199,6 @@ class _GridPicker:
     def images(self) -> torch.Tensor | None:
         chosen = (self.picked + self.spare)[: self.size]
         return torch.stack(chosen) if chosen else None
-
-
-def _clip(module: nn.Module, max_norm: float | None) -> None:
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
 def train_tokenizer(
