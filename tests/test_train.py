@@ -302,3 +302,32 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     resumed = load_file(str(run / "model.safetensors"))
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_fp16_loss_scaling_skips_overflows_and_lowers_the_scale():
+    from vqar.train.optim import StepGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    guard = StepGuard("fp16", torch.device("cpu"))
+    scale = guard.scaler.get_scale()
+    # A gradient that overflows once scaled: the step is skipped, the weights stay, the scale drops.
+    assert not guard.step((weight * 1e36).sum(), optimizer, grad_clip=None)
+    assert torch.equal(weight.detach(), torch.ones(3))
+    assert guard.scaler.get_scale() < scale
+    # An ordinary loss: the step is taken with the unscaled gradient (1 per weight here).
+    assert guard.step(weight.sum(), optimizer, grad_clip=None)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.9))
+    # The scale survives a checkpoint.
+    restored = StepGuard("fp16", torch.device("cpu"))
+    restored.load_state_dict(guard.state_dict())
+    assert restored.scaler.get_scale() == guard.scaler.get_scale()
+
+
+def test_non_finite_loss_is_skipped_without_touching_gradients_or_weights():
+    from vqar.train.optim import StepGuard
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    assert not StepGuard().step((weight * float("nan")).sum(), optimizer, grad_clip=1.0)
+    assert weight.grad is None and torch.equal(weight.detach(), torch.ones(2))

@@ -121,11 +121,23 @@ def _per_depth_arg(text: str | None, kind):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from vqar.interop import load_pretrained
-    from vqar.sampling.export import sample_images, write_samples
+    from vqar.parallel import setup, teardown
     from vqar.utils.device import resolve_device
 
-    device = resolve_device(args.device)
+    par = setup(device=resolve_device(args.device))  # under torchrun, each rank draws its share of the batches
+    try:
+        return _sample(args, par)
+    finally:
+        teardown(par)
+
+
+def _sample(args: argparse.Namespace, par) -> int:
+    from vqar.interop import load_pretrained
+    from vqar.sampling.export import SampleResult, sample_images, write_samples
+
+    if par.distributed and args.accept_rate is not None:
+        raise ValueError("--accept-rate ranks all samples together: run it in one process, not under torchrun")
+    device = par.device
     model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer).to(device)
     if not hasattr(model, "generate"):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
@@ -162,10 +174,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{report['mean_score_kept']:.3f}"
         )
     else:
-        result = sample_images(model, tokenizer, classes, args.n_per_class, **settings)
+        shard = (par.rank, par.world_size)
+        result = sample_images(model, tokenizer, classes, args.n_per_class, shard=shard, **settings)
+        if par.distributed:
+            parts = {"images": result.images, "labels": result.labels, "index": result.index}
+            merged = par.gather_to_main(parts, Path(args.out))
+            if merged is None:
+                return 0
+            order = merged["index"].argsort()
+            result = SampleResult(merged["images"][order], merged["labels"][order], result.seconds)
     paths = write_samples(result, args.out, args.n_per_class, individual=not args.no_images)
     n = len(result.images)
-    print(f"{n} samples in {result.seconds:.1f} s ({n / result.seconds:.2f} images/s)")
+    workers = f" on {par.world_size} processes" if par.distributed else ""
+    print(f"{n} samples in {result.seconds:.1f} s{workers} ({n / result.seconds:.2f} images/s)")
     print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
     return 0
 

@@ -58,8 +58,9 @@ def download_from_hub(repo_id: str) -> Path:
         raise FileNotFoundError(f"cannot download {repo_id!r} from the Hugging Face Hub: {err}") from None
 
 
-def save_pretrained(model: nn.Module, folder: str | Path) -> None:
-    """Writes `model` (a vqar model with `.kind` and `.cfg`) as config.json + model.safetensors, atomically."""
+def save_pretrained(model: nn.Module, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Writes `model` (a vqar model with `.kind` and `.cfg`) as config.json + model.safetensors, atomically;
+    `state_dict` replaces the model's own weights (e.g. the full weights gathered from FSDP shards)."""
     folder = Path(folder)
     kind = getattr(model, "kind", None)
     if kind not in _model_kinds():
@@ -72,7 +73,8 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> None:
         "kind": kind,
         "config": to_dict(model.cfg),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kind": kind}))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
 

@@ -135,8 +135,14 @@ class GPT(CodeModel):
         return tuple(self.cfg.grid)
 
     # ---------------------------------------------------------------- training
-    def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, h, w, V): position (i, j) predicts codes[:, i, j] from earlier codes."""
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None, patch_side: int = 1) -> torch.Tensor:
+        """Teacher-forced logits (B, h, w, V): position (i, j) predicts codes[:, i, j] from earlier codes.
+        `patch_side` p > 1 gives next-patch-prediction training logits (B, hw / p^2, V) instead (see
+        `vqar.ar.next_patch`); it is an argument of forward so that wrappers such as DDP see the pass."""
+        if patch_side > 1:
+            from vqar.ar.next_patch import next_patch_logits
+
+            return next_patch_logits(self, codes, cond, patch_side)
         tokens = check_codes(codes, self.cfg.vocab_size, self.code_shape).flatten(1)
         ids = self.cls_embedding.ids(cond, len(tokens))
         x = torch.cat([self.cls_embedding(ids)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)

@@ -26,6 +26,14 @@ class SampleResult:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
     labels: torch.Tensor  # (N,), -1 when unconditional
     seconds: float
+    index: torch.Tensor | None = None  # (N,) position of each image in the whole run (when sampled in shards)
+
+
+def batch_generator(device: torch.device, seed: int, batch: int) -> torch.Generator:
+    """The random stream of batch number `batch`: a function of (seed, batch) alone, so the samples do not
+    depend on how many processes share the batches."""
+    state = np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def check_compatible(model, tokenizer) -> None:
@@ -54,10 +62,12 @@ def sample_images(
     seed: int = 0,
     precision: str = "fp32",
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
     **sampling,
 ) -> SampleResult:
     """`n_per_class` images for each class id in `classes` (or `n_per_class` unconditional images when None), in
-    batches of `batch_size`; `sampling` holds temperature, top_k, top_p, cfg_scale, cfg_interval, greedy."""
+    batches of `batch_size`; `sampling` holds temperature, top_k, top_p, cfg_scale, cfg_interval, greedy.
+    `shard=(rank, world_size)` draws only batches rank, rank + world_size, ... (for `torchrun vqar sample`)."""
     check_compatible(model, tokenizer)
     depth = getattr(model, "depth", 1)
     for t, k, p in zip(
@@ -84,17 +94,22 @@ def sample_images(
     if sampling.get("cfg_scale", 1.0) != 1.0:
         embedding = getattr(model, "cls_embedding", None) or model.cond_emb
         embedding.null_ids(1)  # raises a clear error when the model has no null class
-    generator = torch.Generator(device).manual_seed(seed)
+    rank, world_size = shard
+    index = torch.arange(len(labels))
+    mine = [(i, chunk) for i, chunk in enumerate(index.split(batch_size)) if i % world_size == rank]
     images = []
     start = time.perf_counter()
-    for chunk in tqdm(labels.split(batch_size), desc="sampling", disable=not progress):
+    for batch, chunk in tqdm(mine, desc="sampling", disable=not progress):
+        generator = batch_generator(device, seed, batch)
         with autocast(device, precision):
             if classes is not None:
-                codes = model.generate(chunk.to(device), generator=generator, **sampling)
+                codes = model.generate(labels[chunk].to(device), generator=generator, **sampling)
             else:
                 codes = model.generate(None, batch_size=len(chunk), generator=generator, **sampling)
             images.append(tokenizer.decode(codes).float().clamp(-1, 1).cpu())
-    return SampleResult(torch.cat(images), labels, time.perf_counter() - start)
+    index = torch.cat([chunk for _, chunk in mine]) if mine else index[:0]
+    pictures = torch.cat(images) if images else torch.empty(0)
+    return SampleResult(pictures, labels[index], time.perf_counter() - start, index)
 
 
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:

@@ -125,14 +125,16 @@ class TokenizerObjective(nn.Module):
         return loss, metrics
 
     def discriminator_step_loss(
-        self, images: torch.Tensor, recon: torch.Tensor
+        self, images: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        real = self.discriminator(images)
-        fake = self.discriminator(recon.detach().float())
+        """`discriminator`: the module to run (a DDP wrapper of `self.discriminator` under torchrun)."""
+        disc = discriminator if discriminator is not None else self.discriminator
+        real = disc(images)
+        fake = disc(recon.detach().float())
         loss = discriminator_loss(real, fake, self.cfg.disc_loss)
         metrics = {"d_loss": loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
         if self.cfg.r1_weight > 0:
-            penalty = r1_penalty(self.discriminator, images)
+            penalty = r1_penalty(disc, images)
             loss = loss + self.cfg.r1_weight / 2 * penalty
             metrics["r1"] = penalty.detach()
         return loss, metrics

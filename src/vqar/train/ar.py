@@ -14,21 +14,22 @@ import torch
 from torch import nn
 
 from vqar.ar import GPT, VIM, GPTConfig, RQTransformer, RQTransformerConfig, VIMConfig, size_fields
-from vqar.ar.next_patch import check_patch_size, next_patch_logits, next_patch_loss
+from vqar.ar.next_patch import check_patch_size, next_patch_loss
 from vqar.configs import compose, to_yaml
 from vqar.data import split_dataset
 from vqar.data.codes import CodeBatch, CodeDataset, collate_codes
+from vqar.parallel import DistConfig, Parallel
 from vqar.pretrained import load, save_pretrained
+from vqar.quantize import sync
 from vqar.sampling.filters import check_sampling_args
-from vqar.train.checkpoint import prepare_run_dir
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
+from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
 from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
-from vqar.train.optim import adamw, guarded_step
-from vqar.utils.device import autocast, resolve_device
+from vqar.train.optim import StepGuard, adamw
+from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, save_image
-from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
 
@@ -95,6 +96,7 @@ class ARRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     npp: NPPConfig = field(default_factory=NPPConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     ALIASES: ClassVar[dict[str, str]] = {
         "codes": "data.codes",
@@ -110,6 +112,12 @@ class ARRunConfig:
         self.train.validate()
         self.sample.validate()
         self.npp.validate()
+        self.dist.validate()
+        if self.dist.strategy == "fsdp" and self.train.ema_decay:
+            raise ValueError(
+                "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
+                "use dist.strategy=ddp or train.ema_decay=null"
+            )
         if self.npp.level > 1 and self.model.arch != "gpt":
             raise ValueError(f"next patch prediction (npp.level > 1) trains a GPT, not model.arch={self.model.arch}")
 
@@ -156,11 +164,15 @@ class ARTask(TrainTask):
     collate = staticmethod(collate_codes)
     best_metric = ("nll", "min")
 
-    def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device):
-        self.cfg, self.store, self.device = cfg, store, device
+    def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None):
+        self.cfg, self.store, self.device, self.par = cfg, store, device, par or Parallel()
         self.tokenizer = load(store.tokenizer_path, device=device)
         self.model = build_model(cfg.model, store, self.tokenizer).to(device)
+        # Training forward passes go through `train_model` (DDP's wrapper; under FSDP the model itself, sharded
+        # in place before the optimizer sees its parameters).
+        self.train_model = self.par.wrap(self.model)
         self.optimizer = adamw(self.model, cfg.train)
+        self.guard = StepGuard(cfg.train.precision, device)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.conditional = store.num_classes > 0
         if cfg.npp.level > 1:
@@ -188,6 +200,12 @@ class ARTask(TrainTask):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": self.optimizer}
 
+    def state_dict(self) -> dict:
+        return {"guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state.get("guard", {}))
+
     def _inputs(self, batch: CodeBatch, random_view: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         codes = batch.codes
         if random_view:  # one of the stored views (flip / ten-crop) per item; the global RNG is checkpointed
@@ -203,14 +221,18 @@ class ARTask(TrainTask):
         self.model.train()
         side = self.patch_side(step)
         with autocast(self.device, self.cfg.train.precision):
-            logits = self.model(codes, cond) if side == 1 else next_patch_logits(self.model, codes, cond, side)
+            logits = self.train_model(codes, cond) if side == 1 else self.train_model(codes, cond, patch_side=side)
         loss = self.model.loss(logits, codes) if side == 1 else next_patch_loss(logits, codes, side)
-        if not guarded_step(loss, self.optimizer, list(self.model.parameters()), self.cfg.train.grad_clip):
+        if not self.guard.step(loss, self.optimizer, self.cfg.train.grad_clip):
             return {"skipped": 1.0}
         if self.ema is not None:
             self.ema.update(self.model)
         positions = logits.shape[1] * (logits.shape[2] if side == 1 and logits.dim() > 3 else 1)
-        metrics = {"loss": float(loss.detach()), "positions": float(positions * len(codes)), "patch": float(side)}
+        metrics = {
+            "loss": float(loss.detach()),
+            "positions": float(positions * len(codes) * self.par.world_size),
+            "patch": float(side),
+        }
         if side == 1:
             metrics["accuracy"] = float((logits.detach().argmax(-1) == codes).float().mean())
         return metrics
@@ -229,6 +251,9 @@ class ARTask(TrainTask):
             )
             total_correct += float((logits.argmax(-1) == codes).sum())
             count += codes.numel()
+        totals = torch.tensor([total_nll, total_correct, count], dtype=torch.float64, device=self.device)
+        sync.all_reduce_sum_(totals)  # each rank scored its share of the validation split
+        total_nll, total_correct, count = totals.tolist()
         return {"nll": total_nll / count, "accuracy": total_correct / count}
 
     @torch.no_grad()
@@ -241,16 +266,19 @@ class ARTask(TrainTask):
         generator = torch.Generator(self.device).manual_seed(s.seed)
         rows = min(self.store.num_classes, s.max_classes) if self.conditional else 2
         kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
-        if self.conditional:
-            cond = torch.arange(rows, device=self.device).repeat_interleave(s.n_per_class)
-            codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
-        else:
-            codes = model.generate(None, batch_size=rows * s.n_per_class, **kwargs)
+        with self.par.full_params(model):  # under FSDP every rank runs this same sampling
+            if self.conditional:
+                cond = torch.arange(rows, device=self.device).repeat_interleave(s.n_per_class)
+                codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
+            else:
+                codes = model.generate(None, batch_size=rows * s.n_per_class, **kwargs)
+        if not self.par.is_main:
+            return
         images = self.tokenizer.decode(codes).float().cpu()
         save_image(make_grid(list(images.split(s.n_per_class))), Path(run_dir) / "samples_grid.png")
 
-    def export(self, out_dir: Path) -> None:
-        save_pretrained(self.eval_model, out_dir)
+    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        save_pretrained(self.eval_model, out_dir, weights["ema" if self.ema is not None else "model"])
         target = Path(out_dir) / "tokenizer"
         if not target.exists():
             shutil.copytree(self.store.tokenizer_path, target)
@@ -265,24 +293,22 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     """Trains an AR model on `cfg.data.codes` into `run_dir` and returns the final validation metrics."""
     if not cfg.data.codes:
         raise ValueError("set data.codes (or codes=...) to a code store made by `vqar extract-codes`")
-    run_dir = Path(run_dir)
     store = CodeDataset(cfg.data.codes)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
-    task = ARTask(cfg, store, device)
-    params = sum(p.numel() for p in task.model.parameters())
-    log.info(
-        "training a %s (%.1fM parameters) on %d code maps of shape %s (%d for validation) on %s",
-        type(task.model).__name__,
-        params / 1e6,
-        len(train_set),
-        "x".join(map(str, store.code_shape)),
-        len(val_set),
-        device,
-    )
-    run_yaml = to_yaml(cfg)
-    atomic_write_text(run_dir / "run.yaml", run_yaml)
-    trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, run_yaml)
-    return trainer.fit(resume=resume)
+    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
+        task = ARTask(cfg, store, par.device, par)
+        torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank
+        params = sum(p.numel() for p in task.model.parameters())
+        log.info(
+            "training a %s (%.1fM parameters) on %d code maps of shape %s (%d for validation) on %s%s",
+            type(task.model).__name__,
+            params / 1e6 * (par.world_size if par.sharded else 1),
+            len(train_set),
+            "x".join(map(str, store.code_shape)),
+            len(val_set),
+            par.device,
+            f" x {par.world_size} processes ({cfg.dist.strategy})" if par.distributed else "",
+        )
+        trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
+        return trainer.fit(resume=resume)

@@ -54,23 +54,34 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def save_state_dict(module: nn.Module, path: Path) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+Weights = dict[str, torch.Tensor]
+
+
+def save_weights(weights: nn.Module | Weights, path: Path) -> None:
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def load_state_dict(module: nn.Module, path: Path) -> None:
-    try:
-        module.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as err:  # shape or key mismatch: the checkpoint belongs to another configuration
-        message = f"{path} does not fit the configured model ({str(err).splitlines()[0]})"
-        raise ValueError(f"{message}; was the architecture changed?") from None
+def load_weights(path: Path, module: nn.Module) -> Weights:
+    """The full weights stored at `path`, checked against `module`'s names and (global) shapes first, so a
+    checkpoint of another configuration is a clear error whether or not the module is sharded."""
+    state = load_file(str(path))
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:3])}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong)) if keys]  # fmt: skip
+        problem = "; ".join(parts)
+        raise ValueError(f"{path} does not fit the configured model ({problem}); was the architecture changed?")
+    return state
 
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    modules: dict[str, nn.Module],
+    weights: dict[str, nn.Module | Weights],
     trainer_state: dict[str, Any],
     run_yaml: str,
     keep: int,
@@ -82,8 +93,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, module in modules.items():
-            save_state_dict(module, tmp / f"{name}.safetensors")
+        for name, module_weights in weights.items():
+            save_weights(module_weights, tmp / f"{name}.safetensors")
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / "run.yaml").write_text(run_yaml)
         manifest = {"step": step, "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}

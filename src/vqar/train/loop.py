@@ -4,6 +4,10 @@ A stage supplies a `TrainTask` (its modules, optimizers, one training step, eval
 `Trainer` owns everything else: the step-based schedule, the data order, progress bar and metric log, periodic
 evaluation, checkpoints and exact resume. The data order is a pure function of (seed, epoch), so the position in
 the data is recovered from the step count alone.
+
+Under torchrun the same loop runs on every rank with a `Parallel` (see `vqar.parallel`): `data.batch_size` is the
+global batch, each rank loads its share of it, metrics are averaged over ranks, and rank 0 alone writes the metric
+log, checkpoints, pictures and exports.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -29,10 +34,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vqar.data import BadFileReport, EpochSampler, collate_samples, make_loader
+from vqar.parallel import Parallel
 from vqar.train.checkpoint import (
     latest_checkpoint,
-    load_state_dict,
     load_trainer_state,
+    load_weights,
     save_checkpoint,
 )
 from vqar.train.config import TrainConfig
@@ -74,8 +80,9 @@ class TrainTask(ABC):
         """Pictures or other files that show progress (called after each evaluation)."""
 
     @abstractmethod
-    def export(self, out_dir: Path) -> None:
-        """Writes the trained model in vqar's loadable format (config.json + model.safetensors)."""
+    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Writes the trained model in vqar's loadable format (config.json + model.safetensors); `weights` holds
+        the full state dict of each of `modules()` (gathered from the shards under FSDP)."""
 
 
 def check_writable(run_dir: Path, need_bytes: int) -> None:
@@ -123,10 +130,14 @@ class Trainer:
         cfg: TrainConfig,
         run_dir: Path,
         run_yaml: str,
+        par: Parallel | None = None,
     ):
         self.task, self.train_set, self.val_set = task, train_set, val_set
         self.data, self.cfg = data, cfg
         self.run_dir, self.run_yaml = Path(run_dir), run_yaml
+        self.par = par or Parallel()
+        self.local_batch = self.par.local_batch(data.batch_size)
+        self.local_eval_batch = max(1, data.eval_batch_size // self.par.world_size)
         self.batches_per_epoch = len(train_set) // data.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -154,26 +165,36 @@ class Trainer:
         self.stop_signal: int | None = None
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "optimizers": {k: o.state_dict() for k, o in self.task.optimizers().items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": {"torch": torch.get_rng_state()},
-            "task": self.task.state_dict(),
-        }
+    def save(self) -> Path | None:
+        """Writes a checkpoint of every rank's state (a collective: all ranks call it); rank 0 writes the files."""
+        par, modules = self.par, self.task.modules()
+        weights = {name: par.full_state_dict(module) for name, module in modules.items()}
+        optimizers = {k: par.optimizer_state(modules[k], o) for k, o in self.task.optimizers().items()}
+        rank_state = {"rng": {"torch": torch.get_rng_state()}, "task": self.task.state_dict()}
         if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        try:
-            path = save_checkpoint(
-                self.run_dir, self.step, self.task.modules(), state, self.run_yaml, self.cfg.keep_checkpoints
-            )
-        except OSError as err:  # a full disk, a vanished mount: the previous checkpoint was not touched
-            raise OSError(
-                f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); "
-                "the previous checkpoint is intact"
-            ) from err
-        self.task.export(self.run_dir)
+            rank_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        per_rank = par.gather(rank_state)
+        path, error = None, None
+        if par.is_main:
+            state = {
+                "step": self.step,
+                "world_size": par.world_size,
+                "optimizers": optimizers,
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "ranks": per_rank,
+            }
+            try:
+                path = save_checkpoint(
+                    self.run_dir, self.step, weights, state, self.run_yaml, self.cfg.keep_checkpoints
+                )
+                self.task.export(self.run_dir, weights)
+            except OSError as err:  # a full disk, a vanished mount: the previous checkpoint was not touched
+                error = (
+                    f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); "
+                    "the previous checkpoint is intact"
+                )
+        if par.any(error is not None):
+            raise OSError(error or f"rank 0 failed to write the checkpoint of step {self.step}")
         return path
 
     def restore(self) -> bool:
@@ -181,17 +202,28 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return False
-        for name, module in self.task.modules().items():
-            load_state_dict(module, ckpt.path / f"{name}.safetensors")
+        par, modules = self.par, self.task.modules()
+        for name, module in modules.items():
+            par.load_full_state_dict(module, load_weights(ckpt.path / f"{name}.safetensors", module))
         state = load_trainer_state(ckpt.path)
         for name, opt in self.task.optimizers().items():
-            opt.load_state_dict(state["optimizers"][name])
+            par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.task.load_state_dict(state.get("task", {}))
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        ranks = state.get("ranks") or [{"rng": state["rng"], "task": state.get("task", {})}]  # older layout
+        if len(ranks) == par.world_size:
+            mine = ranks[par.rank]
+            torch.set_rng_state(mine["rng"]["torch"])
+            if "cuda" in mine["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+            self.task.load_state_dict(mine.get("task", {}))
+        else:  # resumed on another number of processes: the weights are exact, the random streams start afresh
+            log.warning(
+                "the checkpoint was written by %d processes and is resumed by %d: random streams are reseeded",
+                len(ranks),
+                par.world_size,
+            )
+            torch.manual_seed(self.cfg.seed + 1000 * state["step"] + par.rank)
         self.step = state["step"]
         log.info("resumed from %s (step %d)", ckpt.path, self.step)
         return True
@@ -200,7 +232,16 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Trains to `train.steps`. SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) finish the current step,
         write a checkpoint and raise `TrainingInterrupted`."""
-        check_writable(self.run_dir, self.checkpoint_bytes())
+        problem = None
+        if self.par.is_main:
+            try:
+                check_writable(self.run_dir, self.checkpoint_bytes())
+            except OSError as err:
+                problem = str(err)
+        if self.par.any(problem is not None):
+            raise OSError(problem or "rank 0 cannot write to the run directory")
+        if self.par.is_main:
+            atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -228,9 +269,11 @@ class Trainer:
         if self.step >= cfg.steps:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self.evaluate()
-        sampler = EpochSampler(len(self.train_set), seed=cfg.seed)
+        par = self.par
+        sampler = EpochSampler(len(self.train_set), seed=cfg.seed, rank=par.rank, world_size=par.world_size)
         running: dict[str, list[float]] = defaultdict(list)
-        skipped_in_window = 0
+        skipped_in_window = steps_in_window = 0
+        window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
         interactive = sys.stderr.isatty()
         bar = tqdm(
@@ -239,15 +282,15 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
             mininterval=0.5 if interactive else 30.0,
-            disable=None if interactive else False,
+            disable=(None if interactive else False) if par.is_main else True,
         )
         try:
             while self.step < cfg.steps:
                 epoch, position = divmod(self.step, self.batches_per_epoch)
-                sampler.set_epoch(epoch, start=position * self.data.batch_size)
+                sampler.set_epoch(epoch, start=position * self.local_batch)
                 loader = make_loader(
                     self.train_set,
-                    self.data.batch_size,
+                    self.local_batch,
                     sampler=sampler,
                     num_workers=self.data.num_workers,
                     drop_last=True,
@@ -255,8 +298,11 @@ class Trainer:
                     collate_fn=self.task.collate,
                 )
                 for batch in loader:
+                    if self.step // self.batches_per_epoch != epoch:
+                        break  # padding for the ranks can leave one more local batch than the global epoch has
                     metrics = self._train_step(batch)
                     self.step += 1
+                    steps_in_window += 1
                     bar.update(1)
                     if metrics.pop("skipped", 0.0):
                         self._count_nonfinite()
@@ -265,20 +311,27 @@ class Trainer:
                         self.nonfinite_in_a_row = 0
                     for key, value in metrics.items():
                         running[key].append(value)
-                    if self.stop_signal is not None:
+                    if par.any(self.stop_signal is not None):
                         self._stop_on_signal()
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        means = {k: sum(v) / len(v) for k, v in running.items()}
+                        means = par.mean({k: sum(v) / len(v) for k, v in running.items()})
                         if skipped_in_window:
                             means["skipped_steps"] = skipped_in_window
+                        # Global training throughput over the window (evaluation and checkpoint time excluded).
+                        means["samples_per_s"] = (
+                            steps_in_window * self.data.batch_size / (time.perf_counter() - window_start)
+                        )
                         running.clear()
-                        skipped_in_window = 0
+                        skipped_in_window = steps_in_window = 0
+                        window_start = time.perf_counter()
                         bar.set_postfix(_short(means), refresh=False)
                         self._log("train", means)
+                    paused = time.perf_counter()
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         last_eval = self.evaluate()
                     if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                         self.save()
+                    window_start += time.perf_counter() - paused
                     if self.step >= cfg.steps:
                         break
         finally:
@@ -319,16 +372,19 @@ class Trainer:
             )
 
     def _stop_on_signal(self) -> None:
-        name = signal.Signals(self.stop_signal).name
+        name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another rank may have got it
         log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
         self.save()
         raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume")
 
     def evaluate(self) -> dict[str, float]:
+        par = self.par
+        # Every rank scores its share (padded to equal length, so under FSDP all ranks run the same forwards);
+        # the tasks sum their statistics over ranks.
         loader = make_loader(
             self.val_set,
-            self.data.eval_batch_size,
-            sampler=EpochSampler(len(self.val_set), seed=0, shuffle=False),
+            self.local_eval_batch,
+            sampler=EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=par.rank, world_size=par.world_size),
             num_workers=self.data.num_workers,
             collate_fn=self.task.collate,
         )
@@ -340,10 +396,12 @@ class Trainer:
                     yield batch
 
         metrics = self.task.evaluate(batches())
-        self._track_best(metrics)
-        self._log("val", metrics)
-        log.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self.task.write_artifacts(self.run_dir, self.step)
+        if par.is_main:
+            self._track_best(metrics)
+            self._log("val", metrics)
+            log.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if par.is_main or par.sharded:  # sharded weights: every rank takes part in sampling the pictures
+            self.task.write_artifacts(self.run_dir, self.step)
         return metrics
 
     def _track_best(self, metrics: dict[str, float]) -> None:
@@ -359,6 +417,8 @@ class Trainer:
             atomic_write_text(path, json.dumps({"step": self.step, "metric": name, "value": value}))
 
     def _log(self, split: str, metrics: dict[str, float]) -> None:
+        if not self.par.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from vqar.quantize import sync
 from vqar.train.config import TrainConfig
 
 
@@ -20,19 +22,52 @@ def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def guarded_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], grad_clip: float | None
-) -> bool:
-    """backward + clip + step, unless the loss or the gradient norm is NaN or infinite: then the gradients are
-    dropped and the weights stay as they were. Returns whether the step was taken."""
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss.detach()).all():
-        return False
-    loss.backward()
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
-    if not torch.isfinite(norm):
+class StepGuard:
+    """backward + clip + optimizer step for one optimizer, skipped when the loss or the gradient norm is NaN or
+    infinite (the gradients are dropped and the weights stay as they were).
+
+    With fp16 the loss is scaled (a `GradScaler` per optimizer): an overflow lowers the scale and skips the step,
+    as GradScaler does, and is counted like any other non-finite step. Under torch.distributed the ranks agree
+    on a non-finite loss before any backward, so no rank waits in a gradient all-reduce the others skip."""
+
+    def __init__(self, precision: str = "fp32", device: torch.device | None = None):
+        device_type = device.type if device is not None else "cpu"
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> bool:
+        """Returns whether the step was taken. The parameters are the optimizer's own: after a forward pass an
+        FSDP2 root module's `.parameters()` are its temporary unsharded copies, which never hold gradients."""
         optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
+        if sync.any_rank(not bool(torch.isfinite(loss.detach()).all()), _comm_device(loss)):
+            return False
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over every shard
+            norm = norm.full_tensor()
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            return False
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    if sync.world_size() > 1 and dist.get_backend() == "nccl":
+        return tensor.device
+    return torch.device("cpu")

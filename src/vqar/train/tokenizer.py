@@ -14,16 +14,17 @@ from torch import nn
 
 from vqar.configs import compose, to_yaml
 from vqar.data import Batch, DataConfig, build_datasets, random_hflip
+from vqar.parallel import DistConfig, Parallel
 from vqar.pretrained import save_pretrained
+from vqar.quantize import sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
-from vqar.train.checkpoint import prepare_run_dir
 from vqar.train.config import TrainConfig
+from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
-from vqar.train.optim import adamw, guarded_step
-from vqar.utils.device import autocast, resolve_device
+from vqar.train.optim import StepGuard, adamw
+from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, psnr, save_image
-from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
 
@@ -36,6 +37,7 @@ class TokenizerRunConfig:
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     # Shorthands accepted on the command line, in the style of the RQ-Transformer tools (`d=4 c=256`).
     ALIASES: ClassVar[dict[str, str]] = {
@@ -51,6 +53,7 @@ class TokenizerRunConfig:
         self.loss.validate()
         self.data.validate()
         self.train.validate()
+        self.dist.validate()
         arch = self.model.arch
         net = self.model.backbone
         resolution = net.image_size if arch == "vit" else net.resolution
@@ -74,17 +77,22 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
 class TokenizerTask(TrainTask):
     best_metric = ("psnr", "max")
 
-    def __init__(self, cfg: TokenizerRunConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: TokenizerRunConfig, device: torch.device, par: Parallel | None = None):
+        self.cfg, self.device, self.par = cfg, device, par or Parallel()
         self.model = Tokenizer(cfg.model).to(device)
         self.objective = TokenizerObjective(cfg.loss, cfg.model.backbone.in_channels, cfg.data.image_size).to(device)
+        # Training forward passes go through the DDP wrappers; everything else uses the modules themselves.
+        self.train_model = self.par.wrap(self.model)
         self.optimizer = adamw(self.model, cfg.train)
-        self.disc_optimizer = None
+        self.guard = StepGuard(cfg.train.precision, device)
+        self.disc_optimizer = self.train_disc = None
         if self.objective.discriminator is not None:
+            self.train_disc = self.par.wrap(self.objective.discriminator)
             disc_cfg = dataclasses.replace(cfg.train, lr=cfg.loss.disc_lr or cfg.train.lr)
             self.disc_optimizer = adamw(self.objective.discriminator, disc_cfg)
+            self.disc_guard = StepGuard(cfg.train.precision, device)
         self._grid_images: torch.Tensor | None = None
-        self.flip_generator = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.flip_generator = torch.Generator().manual_seed(cfg.train.seed + 1 + self.par.rank)
 
     def modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"model": self.model}
@@ -99,10 +107,16 @@ class TokenizerTask(TrainTask):
         return opts
 
     def state_dict(self) -> dict:
-        return {"flip_generator": self.flip_generator.get_state()}
+        state = {"flip_generator": self.flip_generator.get_state(), "guard": self.guard.state_dict()}
+        if self.disc_optimizer is not None:
+            state["disc_guard"] = self.disc_guard.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.flip_generator.set_state(state["flip_generator"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        if self.disc_optimizer is not None:
+            self.disc_guard.load_state_dict(state.get("disc_guard", {}))
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         images = batch.images
@@ -112,16 +126,15 @@ class TokenizerTask(TrainTask):
         precision = self.cfg.train.precision
         self.model.train()
         with autocast(self.device, precision):
-            out = self.model(images)
+            out = self.train_model(images)
             loss, metrics = self.objective.generator_loss(images, out, self.model.last_layer(), step)
         grad_clip = self.cfg.train.grad_clip
-        if not guarded_step(loss, self.optimizer, list(self.model.parameters()), grad_clip):
+        if not self.guard.step(loss, self.optimizer, grad_clip):
             return {"skipped": 1.0}
         if self.disc_optimizer is not None and self.objective.gan_active(step):
             with autocast(self.device, precision):
-                d_loss, d_metrics = self.objective.discriminator_step_loss(images, out.recon)
-            disc_params = list(self.objective.discriminator.parameters())
-            if guarded_step(d_loss, self.disc_optimizer, disc_params, grad_clip):
+                d_loss, d_metrics = self.objective.discriminator_step_loss(images, out.recon, self.train_disc)
+            if self.disc_guard.step(d_loss, self.disc_optimizer, grad_clip):
                 metrics.update(d_metrics)
         metrics.update(
             psnr=psnr(images, out.recon.detach()).mean(),
@@ -151,10 +164,14 @@ class TokenizerTask(TrainTask):
             for d in range(depth):
                 seen[d, codes[:, d]] = True
             grid.offer(batch)
+        totals = torch.tensor([total_psnr, total_mse, count], dtype=torch.float64, device=self.device)
+        seen = seen.float()
+        sync.all_reduce_sum_(totals, seen)  # each rank scored its share of the validation split
+        total_psnr, total_mse, count = totals.tolist()
         if count == 0:
             raise ValueError("the validation split is empty; raise data.val_fraction")
         self._grid_images = grid.images()
-        usage = seen.float().mean(1) * 100
+        usage = (seen > 0).float().mean(1) * 100
         metrics = {"psnr": total_psnr / count, "mse": total_mse / count, "usage": float(usage.mean())}
         if depth > 1:
             metrics.update({f"usage_d{d}": float(u) for d, u in enumerate(usage)})
@@ -172,8 +189,8 @@ class TokenizerTask(TrainTask):
         rows = [images] + [self.model.decode(codes, depth=d) for d in depths]
         save_image(make_grid([r.float().cpu() for r in rows]), Path(run_dir) / "recon_grid.png")
 
-    def export(self, out_dir: Path) -> None:
-        save_pretrained(self.model, out_dir)
+    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        save_pretrained(self.model, out_dir, weights["model"])
 
 
 class _GridPicker:
@@ -205,22 +222,22 @@ def train_tokenizer(
     cfg: TokenizerRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
 ) -> dict[str, float]:
     """Trains a tokenizer into `run_dir` and returns the final validation metrics."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    train_set, val_set = build_datasets(cfg.data)
-    task = TokenizerTask(cfg, device)
-    log.info(
-        "training a %s tokenizer (codes %s, K=%d) on %d images (%d for validation) on %s",
-        cfg.model.quantizer.kind.upper(),
-        "x".join(map(str, task.model.code_shape())),
-        cfg.model.quantizer.codebook_size,
-        len(train_set),
-        len(val_set),
-        device,
-    )
-    run_yaml = to_yaml(cfg)
-    atomic_write_text(run_dir / "run.yaml", run_yaml)
-    trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, run_yaml)
-    return trainer.fit(resume=resume)
+    if cfg.dist.strategy != "ddp":
+        raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {cfg.dist.strategy}")
+    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
+        train_set, val_set = build_datasets(cfg.data)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        task = TokenizerTask(cfg, par.device, par)
+        torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank
+        log.info(
+            "training a %s tokenizer (codes %s, K=%d) on %d images (%d for validation) on %s%s",
+            cfg.model.quantizer.kind.upper(),
+            "x".join(map(str, task.model.code_shape())),
+            cfg.model.quantizer.codebook_size,
+            len(train_set),
+            len(val_set),
+            par.device,
+            f" x {par.world_size} processes" if par.distributed else "",
+        )
+        trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
+        return trainer.fit(resume=resume)

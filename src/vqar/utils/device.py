@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -23,9 +23,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision for the forward pass: bf16 autocast, or nothing for fp32."""
+    """Mixed precision for the forward pass: bf16 or fp16 autocast (fp16 training also scales the loss, see
+    `vqar.train.optim.StepGuard`), or nothing for fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -1,0 +1,245 @@
+"""The process group of a torchrun launch and what trainers do with it: wrap, reduce, gather, shard state.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (a plain `python` or `vqar` call) `setup` returns a
+single-process `Parallel` whose methods pass everything through untouched. CUDA runs use NCCL with one GPU per
+process (cuda:LOCAL_RANK); CPU runs use gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqar.parallel.config import DistConfig
+from vqar.quantize.sync import any_rank
+
+log = logging.getLogger("vqar.parallel")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+@dataclass
+class Parallel:
+    """One process's view of the run. `world_size == 1` means no process group: every method is a no-op."""
+
+    cfg: DistConfig = field(default_factory=DistConfig)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: parameters live in shards, so every rank must take part in any forward pass or state gather."""
+        return self.distributed and self.cfg.strategy == "fsdp"
+
+    # ------------------------------------------------------------------ data
+    def local_batch(self, global_batch: int) -> int:
+        if global_batch % self.world_size:
+            raise ValueError(
+                f"data.batch_size={global_batch} is the global batch and must divide evenly over the "
+                f"{self.world_size} processes; use a multiple of {self.world_size}"
+            )
+        return global_batch // self.world_size
+
+    # ------------------------------------------------------------------ models
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module to run training forward passes through: DDP's wrapper (which averages gradients during
+        backward), the module itself sharded in place for FSDP, or the module unchanged in one process.
+        Create optimizers after this call: FSDP replaces the parameters by their shards."""
+        if not self.distributed:
+            return module
+        if self.sharded:
+            self._shard(module)
+            return module
+        if self.device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            log.warning("batch norm statistics stay per process on CPU (SyncBatchNorm needs CUDA)")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=device_ids, find_unused_parameters=self.cfg.find_unused_parameters
+        )
+
+    def _shard(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self._mesh()
+        # One unit per transformer block (every module held in a ModuleList), then the root for the rest
+        # (embeddings, heads), so only one block's full weights exist at a time.
+        for child in list(module.modules()):
+            if isinstance(child, nn.ModuleList):
+                for block in child:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kind = self.device.type
+        if self.cfg.fsdp_mode == "full":
+            return init_device_mesh(kind, (self.world_size,), mesh_dim_names=("shard",))
+        shard = self.cfg.hybrid_shard_size or self.local_world_size
+        if self.world_size % shard:
+            raise ValueError(
+                f"dist.hybrid_shard_size={shard} must divide the {self.world_size} processes for hybrid sharding"
+            )
+        return init_device_mesh(kind, (self.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+    @contextlib.contextmanager
+    def full_params(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Lets code outside `forward` (sampling, evaluation helpers) use a sharded root's own weights; its
+        sharded blocks gather themselves when called. Every rank must run the same calls inside."""
+        if not self.sharded:
+            yield module
+            return
+        module.unshard()
+        try:
+            yield module
+        finally:
+            module.reshard()
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole, unsharded weights on CPU (on rank 0 only under FSDP; a collective there)."""
+        if not self.sharded:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not self.sharded:
+            module.load_state_dict(state, strict=True)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Optimizer state in a form any world size can load: keyed by parameter name under FSDP."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"by_name": get_optimizer_state_dict(module, optimizer, options=options)}
+
+    def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        if "by_name" not in state:
+            if self.sharded:
+                raise ValueError(
+                    "this checkpoint's optimizer state was written without FSDP; resume it with dist.strategy=ddp"
+                )
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state["by_name"], options=options)
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one (so all ranks take the same branch)."""
+        return any_rank(flag, self._comm_device()) if self.distributed else flag
+
+    def mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Averages scalar metrics over ranks (every rank must pass the same keys)."""
+        if not self.distributed or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor] | None:
+        """Concatenates every rank's tensors (along dim 0, in rank order) on rank 0; None on the other ranks.
+        Goes through safetensors files in `folder` rather than a collective, so rank 0 alone holds the whole
+        (possibly large) result in memory."""
+        if not self.distributed:
+            return tensors
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        part = folder / f".gather-rank{self.rank:05d}.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(part))
+        self.barrier()
+        if not self.is_main:
+            self.barrier()
+            return None
+        parts = [folder / f".gather-rank{r:05d}.safetensors" for r in range(self.world_size)]
+        loaded = [load_file(str(p)) for p in parts]
+        merged = {k: torch.cat([piece[k] for piece in loaded]) for k in tensors}
+        for p in parts:
+            p.unlink()
+        self.barrier()
+        return merged
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup(cfg: DistConfig | None = None, device: torch.device | None = None) -> Parallel:
+    """Joins the torchrun process group (creating it when needed) and picks this process's device."""
+    cfg = cfg or DistConfig()
+    device = device or torch.device("cpu")
+    if not launched_by_torchrun():
+        return Parallel(cfg=cfg, device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_minutes))
+    par = Parallel(
+        cfg=cfg,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+        device=device,
+        owns_group=owns,
+    )
+    if not par.is_main:  # one voice in the console: other ranks report only problems
+        logging.getLogger("vqar").setLevel(logging.WARNING)
+    return par
+
+
+def teardown(par: Parallel) -> None:
+    if par.owns_group and dist.is_initialized():
+        dist.destroy_process_group()

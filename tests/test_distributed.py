@@ -1,0 +1,169 @@
+"""Multi-process training and sampling under torchrun with the gloo backend (CPU).
+
+A run on 2 processes with the same global batch and seed must give the weights of a 1-process run (to float
+tolerance: only the order of the gradient sums differs), for the tokenizer and for the AR model under DDP, FSDP
+full shard and FSDP hybrid shard. Each launch starts real processes, so these tests are marked slow (CI runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_AR, TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+# Equal updates on any number of processes need randomness that does not depend on the split of the batch:
+# no random flips, no dead-code restarts (their candidates come from each rank's half batch), no dropout, one view
+# per item.
+TOKENIZER_RUN = [*TINY_RUN, "data.max_images=256", "data.random_flip=false", "model.quantizer.restart_dead=false"]
+TOKENIZER_RUN += ["steps=6", "train.eval_every=6", "train.ckpt_every=3", "train.log_every=3"]
+AR_RUN = [
+    *TINY_AR,
+    "model.rq.resid_pdrop=0",
+    "model.rq.class_dropout_prob=0",
+    "steps=6",
+    "train.eval_every=6",
+    "train.ckpt_every=3",
+    "train.log_every=3",
+    "sample.n_per_class=1",
+]
+
+
+def _vqar(args: list[str], procs: int, cwd) -> subprocess.CompletedProcess:
+    if procs == 1:
+        command = [sys.executable, "-m", "vqar.cli", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+        command += ["--master_port", str(29500 + os.getpid() % 1000), "-m", "vqar.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def _weights(run_dir, name="model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / name))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _flat(weights: dict) -> torch.Tensor:
+    return torch.cat([weights[k].double().flatten() for k in sorted(weights) if weights[k].is_floating_point()])
+
+
+def _assert_same_training(one, two, step: int = 6, since: int = 3) -> None:
+    """Runs `one` and `two` took the same updates: their weights after `step` differ by far less than training
+    moved them between checkpoints `since` and `step`, and their logged losses agree.
+
+    Exact equality is not expected: two processes sum the gradient in another order, and Adam divides by the
+    root of the second moment, which magnifies that rounding for parameters whose gradients are near zero.
+    A real fault (a rank training on its half batch alone, gradients summed instead of averaged, another data
+    order) moves the weights by an amount comparable to the training step itself."""
+    ckpt = f"checkpoints/step-{step:07d}/model.safetensors"
+    a, b = _weights(one, ckpt), _weights(two, ckpt)
+    assert a.keys() == b.keys()
+    moved = (_flat(a) - _flat(_weights(one, f"checkpoints/step-{since:07d}/model.safetensors"))).norm()
+    apart = (_flat(a) - _flat(b)).norm()
+    assert moved > 0 and apart / moved < 1e-3, f"runs differ by {apart / moved:.2e} of a training step"
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+
+
+def _assert_trained(start: dict, end: dict) -> None:
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], end[k])]
+    assert len(moved) > len(start) // 2, "training did not change the weights"
+
+
+@pytest.fixture(scope="module")
+def single_view_codes(tiny_pipeline):
+    from vqar.data import DataConfig
+    from vqar.data.codes import extract_codes
+    from vqar.pretrained import load
+
+    out = tiny_pipeline / "codes-1view"
+    if not out.exists():
+        data = DataConfig(source="mnist", max_images=300)
+        tokenizer = load(tiny_pipeline / "tokenizer")
+        extract_codes(tokenizer, data, out, views="none", tokenizer_dir=tiny_pipeline / "tokenizer")
+    return out
+
+
+def test_two_process_ddp_tokenizer_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _vqar(["train", "tokenizer", "rqvae-mnist", "--out", str(one), *TOKENIZER_RUN], 1, tmp_path)
+    done = _vqar(["train", "tokenizer", "rqvae-mnist", "--out", str(two), *TOKENIZER_RUN], 2, tmp_path)
+    assert "x 2 processes" in done.stderr
+    _assert_same_training(one, two)
+    # Rank 0 alone writes: one metric log with one line per logging step, one set of checkpoints.
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"train"' in line]) == 2
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("step-")) == [
+        "step-0000003",
+        "step-0000006",
+    ]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [["dist.strategy=ddp"], ["dist.strategy=fsdp"], ["dist.strategy=fsdp", "dist.fsdp_mode=hybrid"]],
+    ids=["ddp", "fsdp-full", "fsdp-hybrid"],
+)
+def test_two_process_ar_training_matches_one_process(tmp_path, single_view_codes, strategy):
+    run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _vqar([*run, "--out", str(one)], 1, tmp_path)
+    _vqar([*run, *strategy, "--out", str(two)], 2, tmp_path)
+    _assert_same_training(one, two)
+    _assert_same_weights(_weights(two), _weights(two, "checkpoints/step-0000006/model.safetensors"))
+
+
+def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_codes):
+    """The consolidated FSDP checkpoint is an ordinary one: a single process loads the model and continues the
+    run from it (optimizer state included) to the weights of an uninterrupted 1-process run."""
+    from vqar.pretrained import load
+
+    run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
+    sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    _vqar([*run, "steps=3", "dist.strategy=fsdp", "--out", str(sharded)], 2, tmp_path)
+    model = load(sharded)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    assert start.keys() == _weights(sharded).keys()
+    _vqar([*run, "--out", str(sharded), "--resume"], 1, tmp_path)
+    _vqar([*run, "--out", str(plain)], 1, tmp_path)
+    resumed = _weights(sharded)
+    _assert_trained(start, resumed)
+    _assert_same_training(plain, sharded)
+
+
+def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny_pipeline):
+    from vqar.train.ar import load_run_config, train_ar
+
+    run_dir = tmp_path / "ar"
+    cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "sample.n_per_class=0"])
+    train_ar(cfg, run_dir)
+    args = ["sample", "--model", str(run_dir), "--n-per-class", "1", "--batch-size", "3", "--seed", "3"]
+    _vqar([*args, "--out", str(tmp_path / "two")], 2, tmp_path)
+    _vqar([*args, "--out", str(tmp_path / "one")], 1, tmp_path)
+    two = np.load(tmp_path / "two" / "samples.npz")
+    one = np.load(tmp_path / "one" / "samples.npz")
+    assert two["arr_0"].shape == one["arr_0"].shape == (10, 32, 32, 3)  # 10 digits x 1, batches of 3 over 2 ranks
+    assert two["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(two["arr_1"], np.arange(10))  # the class labels, in order
+    np.testing.assert_array_equal(two["arr_0"], one["arr_0"])  # batch i's noise depends on (seed, i) only
+    assert not list((tmp_path / "two").glob(".gather-*")), "temporary shards are removed"
