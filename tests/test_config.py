@@ -53,7 +53,7 @@ def test_unknown_key_names_the_key_and_lists_valid_ones():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match=r"Valid keys at the top level: data, loss, model, train"):
+    with pytest.raises(ConfigError, match=r"Valid keys at the top level: data, dist, loss, model, train"):
         load_run_config("rqvae-mnist", ["optim.lr=1"])
 
 

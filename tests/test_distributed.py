@@ -167,3 +167,18 @@ def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny
     np.testing.assert_array_equal(two["arr_1"], np.arange(10))  # the class labels, in order
     np.testing.assert_array_equal(two["arr_0"], one["arr_0"])  # batch i's noise depends on (seed, i) only
     assert not list((tmp_path / "two").glob(".gather-*")), "temporary shards are removed"
+
+
+def test_two_process_tokenizer_trains_its_discriminator(tmp_path):
+    """The GAN terms under DDP: the StyleGAN discriminator with R1 (a double backward through DDP) and the
+    generator's adaptive weight both run and are logged."""
+    run = tmp_path / "gan"
+    gan = ["loss.disc_start=0", "loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.r1_weight=1.0"]
+    args = ["train", "tokenizer", "vitvqgan-mnist", "--out", str(run), "steps=4", "data.max_images=256", "bs=16"]
+    done = _vqar([*args, *gan, "train.eval_every=4", "train.log_every=2"], 2, tmp_path)
+    assert done.stdout.count("done:") == 1  # rank 0 reports
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all(np.isfinite(r["d_loss"]) and r["r1"] >= 0 for r in train)
+    disc = _weights(run, "checkpoints/step-0000004/discriminator.safetensors")
+    assert disc and all(torch.isfinite(v).all() for v in disc.values())

@@ -3,6 +3,7 @@ VIM (the decoder-only transformer over its codes)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -88,21 +89,41 @@ def test_stylegan_objective_adds_r1():
     assert loss.item() == pytest.approx(metrics["d_loss"].item() + 5.0 * metrics["r1"].item(), rel=1e-5)
 
 
-def test_vit_tokenizer_trains_and_its_loss_goes_down(tmp_path):
+def test_vit_tokenizer_trains_and_its_loss_goes_down(tmp_path, capsys):
     overrides = ["steps=40", "data.max_images=400", "train.eval_every=40", "train.log_every=5",
                  "train.warmup_steps=5", "data.batch_size=32"]  # fmt: skip
     cfg = load_run_config("vitvqgan-mnist", overrides)
     assert cfg.model.arch == "vit" and cfg.loss.logit_laplace_weight == 0.1
     train_tokenizer(cfg, tmp_path / "vit")
     lines = [line for line in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    import json
-
     losses = [json.loads(line)["loss"] for line in lines]
     assert losses[-1] < losses[0] * 0.7
     model = vqar.load(tmp_path / "vit")
     assert isinstance(model, Tokenizer) and model.cfg.arch == "vit"
     codes = model.encode(torch.rand(3, 1, 32, 32) * 2 - 1)
     assert codes.shape == (3, 8, 8) and model.decode(codes).shape == (3, 1, 32, 32)
+
+    # The stage-1 commands take a ViT tokenizer unchanged.
+    from PIL import Image
+
+    from vqar.cli import main
+    from vqar.data import load_mnist_digits
+
+    digits, _ = load_mnist_digits()
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(digits[i * 500]).save(folder / f"digit{i}.png")
+    run = str(tmp_path / "vit")
+    assert main(["reconstruct", "--tokenizer", run, "--out", str(tmp_path / "recon"), str(folder / "digit0.png")]) == 0
+    assert len(list((tmp_path / "recon").glob("*.png"))) == 1
+    assert main(["extract-codes", "--tokenizer", run, "--data", str(folder), "--out", str(tmp_path / "codes")]) == 0
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    assert manifest["num_items"] == 6 and list(manifest["code_shape"]) == [8, 8]
+    capsys.readouterr()
+    assert main(["eval", "rfid", "--tokenizer", run, "mnist", "--max-images", "64", "--no-fid", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["psnr_db"] > 10 and 0 < report["codebook_usage_percent"][0] <= 100
 
 
 def tiny_vim(**overrides) -> VIM:

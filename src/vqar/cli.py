@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from vqar.train.ar import train_ar as train
     metrics = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"done: {run_dir} (validation: {shown})")
     picture = "recon_grid.png" if args.group == "tokenizer" else "samples_grid.png"
@@ -175,7 +178,9 @@ def _sample(args: argparse.Namespace, par) -> int:
         )
     else:
         shard = (par.rank, par.world_size)
-        result = sample_images(model, tokenizer, classes, args.n_per_class, shard=shard, **settings)
+        result = sample_images(
+            model, tokenizer, classes, args.n_per_class, shard=shard, progress=par.is_main, **settings
+        )
         if par.distributed:
             parts = {"images": result.images, "labels": result.labels, "index": result.index}
             merged = par.gather_to_main(parts, Path(args.out))

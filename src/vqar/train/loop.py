@@ -260,7 +260,8 @@ class Trainer:
     def checkpoint_bytes(self) -> int:
         """A generous estimate of one checkpoint: weights plus two optimizer moments per parameter."""
         params = sum(p.numel() * p.element_size() for m in self.task.modules().values() for p in m.parameters())
-        return 3 * params + (1 << 20)
+        shards = self.par.world_size if self.par.sharded else 1  # FSDP: each rank holds 1/W of the parameters
+        return 3 * params * shards + (1 << 20)
 
     def _fit(self, resume: bool) -> dict[str, float]:
         cfg = self.cfg
@@ -343,7 +344,7 @@ class Trainer:
 
     def _train_step(self, batch) -> dict[str, float]:
         self.bad_files.add(getattr(batch, "bad", ()))
-        if len(batch) == 0:
+        if self.par.any(len(batch) == 0):  # every file of a batch unreadable: all ranks skip it together
             return {}
         # The learning rate this step uses (the schedulers move on to the next step's below).
         lr = next(iter(self.schedulers.values())).get_last_lr()[0] if self.schedulers else 0.0
