@@ -111,6 +111,7 @@ class Inception:
         try:
             with warnings.catch_warnings():  # TorchScript is the format these weights ship in
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.14 words the same notice this way
                 self.net = torch.jit.load(str(self.path), map_location=device).eval()
         except (RuntimeError, ValueError) as err:
             raise ValueError(f"{self.path} is not a TorchScript Inception network: {err}") from None
