@@ -167,14 +167,14 @@ class Parallel:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on at least one (so all ranks take the same branch)."""
-        return any_rank(flag, self._comm_device()) if self.distributed else flag
+        return any_rank(flag, self.device) if self.distributed else flag
 
     def mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Averages scalar metrics over ranks (every rank must pass the same keys)."""
         if not self.distributed or not metrics:
             return metrics
         keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
 
@@ -207,9 +207,6 @@ class Parallel:
             p.unlink()
         self.barrier()
         return merged
-
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def setup(cfg: DistConfig | None = None, device: torch.device | None = None) -> Parallel:

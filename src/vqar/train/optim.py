@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from vqar.quantize import sync
@@ -38,7 +37,7 @@ class StepGuard:
         """Returns whether the step was taken. The parameters are the optimizer's own: after a forward pass an
         FSDP2 root module's `.parameters()` are its temporary unsharded copies, which never hold gradients."""
         optimizer.zero_grad(set_to_none=True)
-        if sync.any_rank(not bool(torch.isfinite(loss.detach()).all()), _comm_device(loss)):
+        if sync.any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
             return False
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
@@ -65,9 +64,3 @@ class StepGuard:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-
-
-def _comm_device(tensor: torch.Tensor) -> torch.device:
-    if sync.world_size() > 1 and dist.get_backend() == "nccl":
-        return tensor.device
-    return torch.device("cpu")
