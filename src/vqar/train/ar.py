@@ -177,6 +177,11 @@ class ARTask(TrainTask):
         self.conditional = store.num_classes > 0
         if cfg.npp.level > 1:
             check_patch_size(self.model.code_shape, 2 ** (cfg.npp.level - 1))
+            ends = segment_ends(cfg.train.steps, cfg.npp.level, cfg.npp.rate)
+            shortest = min(b - a for a, b in zip([0, *ends], ends, strict=False))
+            if cfg.npp.segment_lr and cfg.npp.warmup_steps >= shortest:
+                log.warning("npp.warmup_steps=%d is not shorter than the shortest NPP segment (%d steps): that "
+                            "segment never reaches the full learning rate", cfg.npp.warmup_steps, shortest)  # fmt: skip
 
     def patch_side(self, step: int) -> int:
         npp = self.cfg.npp

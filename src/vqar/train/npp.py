@@ -3,9 +3,11 @@
 `level` L trains with patches of 4^(L-1), ..., 4, 1 tokens (p = 2^(L-1), ..., 2, 1). Segment i ends at
 int(total * rate^i) (i = 0..L-1), taken in reverse order, so with level 2 and rate 0.5 the first half of training
 uses 2x2 patches and the second half single tokens: 0.625 of the token-level sequence cost. Totals count epochs
-in the paper and optimizer steps in vqar (one boundary rule, any unit). Optionally every segment restarts the
-learning rate: a linear warmup from 0, constant, then a linear decay towards `end_lr_ratio` over its last
-`decay_ratio`, as NPP's scheduler does.
+in the paper and optimizer steps in vqar (one boundary rule, any unit). By default every segment restarts the
+learning rate, as NPP's scheduler does: a linear warmup from 0, constant, then a linear decay towards
+`end_lr_ratio` over its last `decay_ratio`. Measured on the digits (benchmarks/README.md), NPP without the restarts
+(`segment_lr=false`: the run's single warmup + cosine) ends 0.12 nats/token behind token-level training; with them
+it matches it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ class NPPConfig:
 
     level: int = 1
     rate: float = 0.5
-    segment_lr: bool = False
-    warmup_steps: int = 0
+    segment_lr: bool = True
+    warmup_steps: int = 100
     decay_ratio: float = 0.2
     end_lr_ratio: float = 0.1
 
