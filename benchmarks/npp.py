@@ -20,26 +20,12 @@ import logging
 import time
 from pathlib import Path
 
-from vqar.data import DataConfig
-from vqar.data.codes import extract_codes
+from common import cached_code_store
 from vqar.eval.digits import class_accuracy, digit_classifier
 from vqar.pretrained import load
 from vqar.sampling.export import sample_images
 from vqar.train.ar import load_run_config, train_ar
 from vqar.train.npp import relative_cost
-from vqar.train.tokenizer import load_run_config as tokenizer_config
-from vqar.train.tokenizer import train_tokenizer
-
-
-def prepare_codes(out: Path, tokenizer_steps: int) -> Path:
-    codes = out / "codes"
-    if (codes / "manifest.json").is_file():
-        return codes
-    tokenizer_dir = out / "tokenizer"
-    if not (tokenizer_dir / "config.json").is_file():
-        train_tokenizer(tokenizer_config("vq-mnist", [f"steps={tokenizer_steps}"]), tokenizer_dir, overwrite=True)
-    extract_codes(load(tokenizer_dir), DataConfig(), codes, views="flip", tokenizer_dir=tokenizer_dir)
-    return codes
 
 
 def positions_processed(run_dir: Path, log_every: int) -> float:
@@ -63,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = Path(args.out)
-    codes = prepare_codes(out, args.tokenizer_steps)
+    codes = cached_code_store(out, "vq-mnist", args.tokenizer_steps, views="flip")
     classifier = digit_classifier()
     log_every = 10
     npp = ["npp.level=2", "npp.rate=0.5"]

@@ -14,6 +14,7 @@ from conftest import TINY_AR
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.configs import ConfigError
+from vqar.sampling.export import sample_images
 from vqar.train.ar import load_run_config, train_ar
 
 
@@ -123,6 +124,18 @@ def test_gpt_on_a_vq_code_store(tmp_path):
         load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"]), tmp_path / "vim"
     )
     assert np.isfinite(metrics["nll"]) and vqar.load(tmp_path / "vim").kind == "vim"
+
+    # A text-conditioned GPT: the captions of the digits as a prefix, caption dropout, a prompt at sampling time.
+    extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200, captions="digits"), tmp_path / "text-codes")
+    overrides = [f"codes={tmp_path / 'text-codes'}", "size=GPT-XS", "steps=6", "bs=16", "text.length=8",
+                 "text.vocab_size=64", "sample.n_per_class=1"]  # fmt: skip
+    assert np.isfinite(train_ar(load_run_config("gpt-mnist", overrides), tmp_path / "gpt-text")["nll"])
+    gpt = vqar.load(tmp_path / "gpt-text")
+    assert gpt.is_text_conditioned and gpt.cfg.prefix_length == 8 and gpt.cls_embedding.has_null
+    result = sample_images(gpt, gpt.tokenizer, None, 2, prompts=["the digit 4"], cfg_scale=2.0, progress=False)
+    assert result.images.shape == (2, 1, 32, 32) and result.prompts == ["the digit 4"]
+    with pytest.raises(ValueError, match="VIM is class-conditional"):
+        train_ar(load_run_config("vim-mnist", overrides[:1] + ["steps=2"]), tmp_path / "vim-text")
 
 
 def test_size_presets_fill_the_architecture_and_overrides_win(tiny_pipeline):

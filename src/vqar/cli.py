@@ -98,6 +98,7 @@ def cmd_extract_codes(args: argparse.Namespace) -> int:
         channels=tokenizer.in_channels,
         eval_batch_size=args.batch_size,
         num_workers=args.num_workers,
+        captions=args.captions,
     )
     views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
     manifest = extract_codes(
@@ -112,6 +113,8 @@ def cmd_extract_codes(args: argparse.Namespace) -> int:
     )
     shape = "x".join(map(str, manifest["code_shape"]))
     print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
+    if "captions" in manifest:
+        print(f"with captions ({manifest['uncaptioned_images']} images without a caption left out)")
     return 0
 
 
@@ -145,7 +148,12 @@ def _sample(args: argparse.Namespace, par) -> int:
     if not hasattr(model, "generate"):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
     tokenizer = model.tokenizer.to(device) if model.tokenizer is not None else None
-    if args.classes is None or args.classes == "all":
+    prompts, text_tokenizer = _prompts(args, model)
+    if prompts:
+        if args.classes is not None:
+            raise ValueError("give either --classes or prompts, not both")
+        classes = None
+    elif args.classes is None or args.classes == "all":
         classes = list(range(model.num_classes)) if model.num_classes else None
     elif args.classes == "none":
         classes = None
@@ -162,7 +170,11 @@ def _sample(args: argparse.Namespace, par) -> int:
         cfg_interval=args.cfg_interval,
         greedy=args.greedy,
     )
+    if prompts:
+        settings.update(prompts=prompts, text_tokenizer=text_tokenizer)
     if args.accept_rate is not None:
+        if prompts:
+            raise ValueError("--accept-rate ranks samples by class; it does not apply to prompts")
         from vqar.sampling.rejection import load_classifier, rejection_sample
 
         if args.classifier is None:
@@ -187,13 +199,32 @@ def _sample(args: argparse.Namespace, par) -> int:
             if merged is None:
                 return 0
             order = merged["index"].argsort()
-            result = SampleResult(merged["images"][order], merged["labels"][order], result.seconds)
+            result = SampleResult(merged["images"][order], merged["labels"][order], result.seconds,
+                                  prompts=result.prompts)  # fmt: skip
     paths = write_samples(result, args.out, args.n_per_class, individual=not args.no_images)
     n = len(result.images)
     workers = f" on {par.world_size} processes" if par.distributed else ""
     print(f"{n} samples in {result.seconds:.1f} s{workers} ({n / result.seconds:.2f} images/s)")
     print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
     return 0
+
+
+def _prompts(args: argparse.Namespace, model) -> tuple[list[str] | None, object]:
+    """The prompts of --prompt / --prompts FILE (one per line, blank lines skipped) and the caption tokenizer."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text_tokenizer = None
+    if args.text_tokenizer:
+        from vqar.text import TextTokenizer
+
+        text_tokenizer = TextTokenizer.load(args.text_tokenizer, length=getattr(model.cfg, "text_length", 0) or None)
+    if getattr(model, "is_text_conditioned", False) and not prompts:
+        raise ValueError("this model is text-conditioned: give --prompt 'a painting of a cat' or --prompts FILE")
+    return prompts or None, text_tokenizer
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -225,9 +256,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if getattr(model, "tokenizer", None) is not None:
         save_pretrained(model.tokenizer, out / "tokenizer")
         written.append(out / "tokenizer")
+    if getattr(model, "text_tokenizer", None) is not None:
+        model.text_tokenizer.save(out / "text_tokenizer")
+        written.append(out / "text_tokenizer")
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {', '.join(map(str, written))}")
     print(f"load it with vqar.load({str(out)!r}) or `vqar sample --model {out}`")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from vqar.serve.app import class_names_for, serve
+        from vqar.serve.engine import SamplingEngine
+    except ImportError as err:
+        raise RuntimeError(f"`vqar serve` needs the serve extra: pip install 'vqar[serve]' ({err})") from None
+    from vqar.interop import load_pretrained
+    from vqar.text import TextTokenizer
+    from vqar.utils.device import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer).to(device)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to decode its codes; pass --tokenizer")
+    text_tokenizer = None
+    if args.text_tokenizer:
+        text_tokenizer = TextTokenizer.load(args.text_tokenizer, length=getattr(model.cfg, "text_length", 0) or None)
+    engine = SamplingEngine(
+        model,
+        model.tokenizer.to(device),
+        text_tokenizer=text_tokenizer,
+        max_images=args.max_images,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        class_names=class_names_for(args.model, args.class_names),
+    )
+    serve(engine, host=args.host, port=args.port)
     return 0
 
 
@@ -301,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
     extract.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: fit images to size*range first")
     extract.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")
+    extract.add_argument(
+        "--captions",
+        help="text-to-image stores: a captions.jsonl / .tsv (default: the folder's own, if any), 'digits' "
+        "(generated captions for the bundled digits) or 'none'",
+    )
     extract.add_argument("--batch-size", type=int, default=256)
     extract.add_argument("--num-workers", type=int, default=0)
     extract.add_argument("--device", default="auto")
@@ -310,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser(
         "sample",
         help="generate images with a trained AR model",
-        description="Writes grid.png (one row per class), images/*.png and samples.npz (ADM evaluator layout). "
-        "For RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1).",
+        description="Writes grid.png (one row per class or prompt), images/*.png and samples.npz (ADM evaluator "
+        "layout). For RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1).",
     )
     sample.add_argument(
         "--model", required=True, help="an AR run directory, vqar model folder, RQ release folder or LlamaGen .pt"
@@ -320,7 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--config", help="architecture of a LlamaGen .pt: preset name (GPT-XL) or JSON file")
     sample.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     sample.add_argument("--classes", help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")
-    sample.add_argument("--n-per-class", type=int, default=8, help="samples per class (or in all, unconditional)")
+    sample.add_argument(
+        "--prompt", action="append", help="text-to-image models: a caption to draw (repeat for several prompts)"
+    )
+    sample.add_argument("--prompts", help="text-to-image models: a file with one prompt per line")
+    sample.add_argument(
+        "--text-tokenizer",
+        help="caption tokenizer: a saved folder or an RQ release's bpe-16k-vocab.json (default: the model's own)",
+    )
+    sample.add_argument(
+        "--n-per-class", type=int, default=8, help="samples per class or prompt (or in all, unconditional)"
+    )
     sample.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     sample.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning)")
     sample.add_argument("--temperature", default=None, help="default 1.0")
@@ -338,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--classifier", help="rejection sampling: a TorchScript classifier file, or 'digits'")
     sample.set_defaults(func=cmd_sample)
+
+    serve = sub.add_parser(
+        "serve",
+        help="a web page and an HTTP API for sampling a model",
+        description="Serves one model: a Gradio page at / (class or prompt, seed, temperature, top-k/top-p, CFG, a "
+        "gallery and a zip download; coarse-to-fine decoding for RQ models) and an HTTP API (POST /generate, "
+        "GET /model, GET /health). Requests wait in one queue and are batched; the model never runs twice at once.",
+    )
+    serve.add_argument("--model", required=True, help="an AR run directory, vqar model folder, RQ release or .pt")
+    serve.add_argument("--tokenizer", help="default: the tokenizer saved with the model (or an RQ release's stage1)")
+    serve.add_argument("--text-tokenizer", help="caption tokenizer of a text model (default: the model's own)")
+    serve.add_argument("--config", help="architecture of a LlamaGen .pt: preset name (GPT-XL) or JSON file")
+    serve.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    serve.add_argument("--class-names", help="a file with one class name per line (default: the run's code store)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address prints a warning")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--max-images", type=int, default=16, help="images per request (more: HTTP 413)")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting at once (more: HTTP 429)")
+    serve.add_argument("--max-batch", type=int, default=64, help="images drawn in one model run")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser(
         "demo",

@@ -1,6 +1,7 @@
 """vqar's own model format: a folder with `config.json` and `model.safetensors` (the Hugging Face Hub layout).
 
-An AR model's folder may hold its tokenizer in `tokenizer/`; `load` then attaches it as `model.tokenizer`.
+An AR model's folder may hold its tokenizer in `tokenizer/`; `load` then attaches it as `model.tokenizer`
+(and a text-to-image model's caption tokenizer in `text_tokenizer/`, as `model.text_tokenizer`).
 
 `save_pretrained(model, folder)` writes it; `load(folder)` rebuilds the model from the config and loads the
 weights. Training runs export this format into their run directory, so `load(RUN_DIR)` gives the trained model.
@@ -123,4 +124,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     if kind != "tokenizer" and (folder / "tokenizer" / CONFIG_FILE).is_file():
         # Kept out of the module tree on purpose: the AR model's own weights stay the AR model's only.
         object.__setattr__(model, "tokenizer", load(folder / "tokenizer", device=device))
+    if (folder / "text_tokenizer" / "text_tokenizer.json").is_file():
+        from vqar.text import TextTokenizer
+
+        object.__setattr__(model, "text_tokenizer", TextTokenizer.load(folder / "text_tokenizer"))
     return model

@@ -69,25 +69,30 @@ class ClassEmbedding(nn.Module):
 
 
 class TextEmbedding(nn.Module):
-    """A caption as a prefix of `length` token embeddings (the RQ-Transformer's text conditioning).
+    """A caption as a prefix of `length` token embeddings (RQ-Transformer text-to-image; LlamaGen's text prefix).
 
-    Exposes the `ids` / `null_ids` interface of `ClassEmbedding`, so generation loops treat both alike. Models in
-    the RQ release have no null caption, so classifier-free guidance is refused for them."""
+    Exposes the `ids` / `null_ids` interface of `ClassEmbedding`, so generation loops treat both alike. The null
+    caption is the empty one (all `pad_id`). A model trained with caption dropout (`has_null`) learned it as "no
+    condition", which classifier-free guidance needs; the RQ release models did not, so guidance is refused for
+    them. Captions are dropped by the training task, not here, so a text head is trained on what the model saw."""
 
-    def __init__(self, vocab_size: int, length: int, dim: int):
+    def __init__(self, vocab_size: int, length: int, dim: int, *, has_null: bool = False, pad_id: int = 0):
         super().__init__()
         if vocab_size < 2 or length < 1:
             raise ValueError(f"need a text vocabulary of >= 2 tokens and length >= 1, got {vocab_size}, {length}")
-        self.vocab_size, self.length = vocab_size, length
+        if not 0 <= pad_id < vocab_size:
+            raise ValueError(f"the padding id {pad_id} is outside the text vocabulary of {vocab_size}")
+        self.vocab_size, self.length, self.has_null, self.pad_id = vocab_size, length, has_null, pad_id
         self.embedding_table = nn.Embedding(vocab_size, dim)
 
     conditional = True
-    has_null = False
 
     def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
-        """Validated text token ids (B, length)."""
+        """Validated text token ids (B, length); None means the null caption (`batch_size` rows)."""
         if cond is None:
-            raise ValueError(f"this model is text-conditioned; pass token ids of shape (B, {self.length}) as cond")
+            if not self.has_null or batch_size is None:
+                raise ValueError(f"this model is text-conditioned; pass token ids of shape (B, {self.length}) as cond")
+            return self.null_ids(batch_size)
         if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32):
             raise TypeError("cond must be an integer tensor of text token ids")
         if cond.dim() != 2 or cond.shape[1] != self.length:
@@ -97,7 +102,10 @@ class TextEmbedding(nn.Module):
         return cond.long().to(self.embedding_table.weight.device)
 
     def null_ids(self, batch_size: int) -> torch.Tensor:
-        raise ValueError("classifier-free guidance needs a model trained with a null caption; this one has none")
+        if not self.has_null:
+            raise ValueError("classifier-free guidance needs a model trained with caption dropout; this one was not")
+        device = self.embedding_table.weight.device
+        return torch.full((batch_size, self.length), self.pad_id, dtype=torch.long, device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, length, dim)."""

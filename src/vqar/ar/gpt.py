@@ -2,8 +2,10 @@
 
 A decoder-only Llama transformer over a raster-ordered grid of VQ codes: pre-norm RMSNorm (float32), SwiGLU FFN,
 fused bias-free qkv, 2D rotary embeddings over the code grid, untied input and output embeddings. The condition
-(a class embedding with a null row for classifier-free guidance) is the first token; position i of the output
-predicts code i. Module names follow LlamaGen, so its checkpoints map one to one.
+(a class embedding with a null row for classifier-free guidance) is the first token, or a caption of
+`text_length` token embeddings is the prefix (as LlamaGen's text-to-image GPT, with BPE ids instead of T5
+features; the empty caption is the null condition); the output at the last prefix position predicts the first
+code. Module names follow LlamaGen, so its checkpoints map one to one.
 
 Sampling uses a static KV cache: `prefill` runs the condition token, `decode_one_token` feeds one code at a time.
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqar.ar.conditioning import ClassEmbedding
+from vqar.ar.conditioning import ClassEmbedding, TextEmbedding
 from vqar.ar.layers import (
     CodeModel,
     KVCache,
@@ -50,6 +52,14 @@ class GPTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     cls_token_num: int = 1
+    text_length: int = 0  # > 0: conditioned on a caption of this many tokens instead of a class
+    text_vocab_size: int = 0
+    text_pad_id: int = 0
+
+    @property
+    def prefix_length(self) -> int:
+        """Condition tokens before the first code: the caption, or one class / start token."""
+        return self.text_length or self.cls_token_num
 
     @property
     def head_dim(self) -> int:
@@ -73,6 +83,8 @@ class GPTConfig:
             raise ValueError("class-conditional and unconditional GPTs use cls_token_num=1")
         if self.vocab_size < 2 or self.num_classes < 0:
             raise ValueError("need vocab_size >= 2 and num_classes >= 0")
+        if self.text_length and (self.num_classes or self.text_vocab_size < 2):
+            raise ValueError("a text-conditioned GPT needs num_classes=0 and text_vocab_size >= 2")
 
 
 class Attention(nn.Module):
@@ -114,18 +126,23 @@ class TransformerBlock(nn.Module):
 class GPT(CodeModel):
     kind = "gpt"
     tokenizer = None  # set by `vqar.load` when the model folder holds its tokenizer
+    text_tokenizer = None  # likewise, the caption tokenizer of a text-to-image model
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        if cfg.text_length:
+            self.cls_embedding = TextEmbedding(cfg.text_vocab_size, cfg.text_length, cfg.dim,
+                                               has_null=cfg.class_dropout_prob > 0, pad_id=cfg.text_pad_id)  # fmt: skip
+        else:
+            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        table = rope_2d_table(*cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+        table = rope_2d_table(*cfg.grid, cfg.head_dim, cfg.rope_base, cfg.prefix_length)
         self.register_buffer("rope", table, persistent=False)
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
@@ -133,6 +150,15 @@ class GPT(CodeModel):
     @property
     def code_shape(self) -> tuple[int, int]:
         return tuple(self.cfg.grid)
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        return self.cfg.text_length > 0
+
+    def condition_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prefix (B, prefix_length, dim) for validated condition ids: (B,) classes or (B, text_length)."""
+        emb = self.cls_embedding(ids)
+        return emb if emb.dim() == 3 else emb[:, None]
 
     # ---------------------------------------------------------------- training
     def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None, patch_side: int = 1) -> torch.Tensor:
@@ -145,9 +171,9 @@ class GPT(CodeModel):
             return next_patch_logits(self, codes, cond, patch_side)
         tokens = check_codes(codes, self.cfg.vocab_size, self.code_shape).flatten(1)
         ids = self.cls_embedding.ids(cond, len(tokens))
-        x = torch.cat([self.cls_embedding(ids)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
+        x = torch.cat([self.condition_tokens(ids), self.tok_embeddings(tokens[:, :-1])], dim=1)
         hidden = self.run_layers(self.tok_dropout(x), self.rope[: x.shape[1]])
-        logits = self.output(self.norm(hidden)).float()
+        logits = self.output(self.norm(hidden[:, self.cfg.prefix_length - 1 :])).float()
         return logits.view(*codes.shape, -1)
 
     def run_layers(
@@ -164,24 +190,24 @@ class GPT(CodeModel):
     # Step logits stay in the compute dtype: under bf16, converting all V logits every step costs more than the
     # sampler, which converts only the top-k candidates.
     def new_caches(self) -> list[KVCache]:
-        return [KVCache(self.cfg.cls_token_num + self.cfg.num_tokens) for _ in self.layers]
+        return [KVCache(self.cfg.prefix_length + self.cfg.num_tokens) for _ in self.layers]
 
     def prefill(self, ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """Runs the condition token of each row; returns the logits (B, V) of the first code."""
-        x = self.cls_embedding(ids)[:, None]
-        hidden = self.run_layers(x, self.rope[:1], caches, 0)
+        """Runs the condition token(s) of each row; returns the logits (B, V) of the first code."""
+        x = self.condition_tokens(ids)
+        hidden = self.run_layers(x, self.rope[: x.shape[1]], caches, 0)
         return self.output(self.norm(hidden[:, -1]))
 
     def decode_one_token(self, tokens: torch.Tensor, index: int, caches: list[KVCache]) -> torch.Tensor:
         """Feeds code number `index` (B,) of the raster order; returns the logits (B, V) of code index + 1."""
-        position = self.cfg.cls_token_num + index
+        position = self.cfg.prefix_length + index
         x = self.tok_embeddings(tokens)[:, None]
         hidden = self.run_layers(x, self.rope[position : position + 1], caches, position)
         return self.output(self.norm(hidden[:, -1]))
 
     def next_token_logits(self, ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the code after `prefix` (B, t), recomputed from scratch (no cache)."""
-        x = torch.cat([self.cls_embedding(ids)[:, None], self.tok_embeddings(prefix)], dim=1)
+        x = torch.cat([self.condition_tokens(ids), self.tok_embeddings(prefix)], dim=1)
         hidden = self.run_layers(x, self.rope[: x.shape[1]])
         return self.output(self.norm(hidden[:, -1]))
 

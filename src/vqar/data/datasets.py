@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 from vqar.data.config import DataConfig
 from vqar.data.mnist import load_mnist_digits
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
+from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
 
 
 @dataclass
@@ -107,6 +108,10 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         self.labels = [class_ids[folders[i][0]] if len(folders[i]) > 1 else -1 for i in keep]
         self.image_size = image_size
         self.channels = channels
+        self.captions: list[list[str]] | None = None  # per item, when the folder has a caption file
+
+    def attach_captions(self, caption_file: str | Path) -> None:
+        self.captions = captions_for_files(self.root, self.files, read_captions(caption_file))
 
     @property
     def num_classes(self) -> int:
@@ -165,6 +170,7 @@ class ArrayDataset(Dataset[Sample]):
         self.labels = label_array
         self.image_size = image_size
         self.channels = channels
+        self.captions: list[list[str]] | None = None
         if class_names is None:
             class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
         self.class_names: list[str] = list(class_names)
@@ -231,10 +237,21 @@ def open_dataset(cfg: DataConfig) -> Dataset:
     """The full dataset named by `cfg.source`: "mnist", an image folder, or a `.npz`/`.npy` file."""
     cfg.validate()
     if cfg.source == "mnist":
-        return MnistDataset(cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        digits = MnistDataset(cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        if cfg.captions == "digits":
+            digits.captions = [digit_captions(int(label)) for label in digits.labels]
+        elif cfg.captions not in (None, "none"):
+            raise ValueError("the bundled digits take data.captions=digits (generated captions) or none")
+        return digits
     path = Path(cfg.source).expanduser()
     if path.is_dir():
-        return ImageFolderDataset(path, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        folder = ImageFolderDataset(path, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        caption_file = find_caption_file(path) if cfg.captions is None else cfg.captions
+        if caption_file not in (None, "none"):
+            folder.attach_captions(caption_file)
+        return folder
+    if cfg.captions not in (None, "none"):
+        raise ValueError("captions need an image folder (file names to match) or the bundled digits")
     if path.is_file():
         images, labels = load_array_file(path)
         return ArrayDataset(images, labels, cfg.image_size, cfg.channels, max_images=cfg.max_images)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vqar.data import DataConfig, build_datasets
+from vqar.sampling.export import condition_embedding
 
 
 def probe_blocks(model: nn.Module) -> nn.ModuleList:
@@ -38,10 +39,8 @@ def block_features(model: nn.Module, codes: torch.Tensor, layer: int) -> torch.T
     handle = blocks[layer].register_forward_hook(lambda module, args, out: captured.__setitem__("out", out))
     try:
         cond = None
-        if model.num_classes:
-            embedding = getattr(model, "cls_embedding", None) or model.cond_emb
-            if not embedding.has_null:
-                raise ValueError("probing a class-conditional model needs its null class (train with class dropout)")
+        if model.num_classes and not condition_embedding(model).has_null:
+            raise ValueError("probing a class-conditional model needs its null class (train with class dropout)")
         model(codes, cond)
     finally:
         handle.remove()

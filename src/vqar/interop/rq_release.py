@@ -190,7 +190,25 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
     state["code_embeddings"] = model.code_embeddings
     load_into(model, state, str(folder / WEIGHTS_FILE))
     object.__setattr__(model, "tokenizer", tokenizer.eval())
+    if cfg.text_length:
+        attach_release_text_tokenizer(model, folder)
     return model.eval()
+
+
+def attach_release_text_tokenizer(model: RQTransformer, folder: Path) -> None:
+    """A text-to-image release ships no caption tokenizer; its BPE files (`bpe-16k-vocab.json` + `-merges.txt`
+    from the official repository) are picked up when placed in the stage2 folder or the release folder."""
+    from vqar.text import TextTokenizer
+
+    for place in (folder, folder.parent):
+        vocab = sorted(place.glob("*vocab.json"))
+        if vocab:
+            tokenizer = TextTokenizer.load(vocab[0], length=model.cfg.text_length)
+            if tokenizer.vocab_size > model.cfg.text_vocab_size:
+                raise ValueError(f"{vocab[0]} has {tokenizer.vocab_size} entries; the model knows "
+                                 f"{model.cfg.text_vocab_size} text tokens")  # fmt: skip
+            object.__setattr__(model, "text_tokenizer", tokenizer)
+            return
 
 
 def _state_dict(path: Path, ema: bool) -> dict[str, torch.Tensor]:

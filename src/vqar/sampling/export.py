@@ -1,4 +1,5 @@
-"""Sample a trained AR model to files: a grid (one row per class), individual PNGs and an ADM `samples.npz`.
+"""Sample a trained AR model to files: a grid (one row per class or prompt), individual PNGs and an ADM
+`samples.npz` (for prompts, `prompts.txt` too: label i is prompt line i + 1).
 
 `samples.npz` follows the layout of the ADM evaluator that LlamaGen and others use: `arr_0` uint8 (N, H, W, 3)
 (grey images are repeated to RGB, as the Inception network expects 3 channels) and `arr_1` int64 labels.
@@ -24,9 +25,10 @@ from vqar.utils.io import atomic_write
 @dataclass
 class SampleResult:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
-    labels: torch.Tensor  # (N,), -1 when unconditional
+    labels: torch.Tensor  # (N,) class ids, or prompt numbers with `prompts`; -1 when unconditional
     seconds: float
     index: torch.Tensor | None = None  # (N,) position of each image in the whole run (when sampled in shards)
+    prompts: list[str] | None = None
 
 
 def batch_generator(device: torch.device, seed: int, batch: int) -> torch.Generator:
@@ -52,6 +54,11 @@ def check_compatible(model, tokenizer) -> None:
         )
 
 
+def condition_embedding(model):
+    """The class or caption embedding of an AR model (GPT / VIM: cls_embedding, RQ-Transformer: cond_emb)."""
+    return getattr(model, "cls_embedding", None) or model.cond_emb
+
+
 def sample_images(
     model,
     tokenizer,
@@ -63,11 +70,15 @@ def sample_images(
     precision: str = "fp32",
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    prompts: Sequence[str] | None = None,
+    text_tokenizer=None,
     **sampling,
 ) -> SampleResult:
     """`n_per_class` images for each class id in `classes` (or `n_per_class` unconditional images when None), in
     batches of `batch_size`; `sampling` holds temperature, top_k, top_p, cfg_scale, cfg_interval, greedy.
-    `shard=(rank, world_size)` draws only batches rank, rank + world_size, ... (for `torchrun vqar sample`)."""
+    A text-to-image model takes `prompts` instead of classes (tokenized by `text_tokenizer`, by default the
+    model's own). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ... (for `torchrun vqar
+    sample`)."""
     check_compatible(model, tokenizer)
     depth = getattr(model, "depth", 1)
     for t, k, p in zip(
@@ -80,7 +91,22 @@ def sample_images(
     if depth == 1:  # a GPT takes single values
         sampling = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in sampling.items()}
     device = next(model.parameters()).device
-    if classes is not None:
+    captions = None
+    if getattr(model, "is_text_conditioned", False):
+        if classes is not None or not prompts:
+            raise ValueError("this model is text-conditioned: give prompts (e.g. --prompt 'a painting of a cat')")
+        text_tokenizer = text_tokenizer or model.text_tokenizer
+        if text_tokenizer is None:
+            raise ValueError("this text-to-image model has no caption tokenizer; pass one (--text-tokenizer)")
+        captions = text_tokenizer.encode(list(prompts))  # empty prompts raise, long ones are truncated
+        length = condition_embedding(model).length
+        if captions.shape[1] != length:
+            raise ValueError(f"the text tokenizer makes {captions.shape[1]}-token captions; the model takes {length}")
+        labels = torch.arange(len(prompts)).repeat_interleave(n_per_class)
+        classes = None
+    elif prompts:
+        raise ValueError("this model is not text-conditioned; sample it with classes, not prompts")
+    elif classes is not None:
         bad = [c for c in classes if not 0 <= c < model.num_classes]
         if model.num_classes == 0:
             raise ValueError("this model is unconditional; sample it without classes")
@@ -92,8 +118,7 @@ def sample_images(
             raise ValueError("this model is class-conditional; give the classes to sample")
         labels = torch.full((n_per_class,), -1, dtype=torch.long)
     if sampling.get("cfg_scale", 1.0) != 1.0:
-        embedding = getattr(model, "cls_embedding", None) or model.cond_emb
-        embedding.null_ids(1)  # raises a clear error when the model has no null class
+        condition_embedding(model).null_ids(1)  # raises a clear error when the model has no null condition
     rank, world_size = shard
     index = torch.arange(len(labels))
     mine = [(i, chunk) for i, chunk in enumerate(index.split(batch_size)) if i % world_size == rank]
@@ -102,14 +127,17 @@ def sample_images(
     for batch, chunk in tqdm(mine, desc="sampling", disable=not progress):
         generator = batch_generator(device, seed, batch)
         with autocast(device, precision):
-            if classes is not None:
+            if captions is not None:
+                codes = model.generate(captions[labels[chunk]].to(device), generator=generator, **sampling)
+            elif classes is not None:
                 codes = model.generate(labels[chunk].to(device), generator=generator, **sampling)
             else:
                 codes = model.generate(None, batch_size=len(chunk), generator=generator, **sampling)
             images.append(tokenizer.decode(codes).float().clamp(-1, 1).cpu())
     index = torch.cat([chunk for _, chunk in mine]) if mine else index[:0]
     pictures = torch.cat(images) if images else torch.empty(0)
-    return SampleResult(pictures, labels[index], time.perf_counter() - start, index)
+    prompt_list = list(prompts) if captions is not None else None
+    return SampleResult(pictures, labels[index], time.perf_counter() - start, index, prompt_list)
 
 
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
@@ -121,9 +149,12 @@ def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, i
     pixels = to_uint8(result.images)  # (N, H, W, C)
     if individual:
         for i, (picture, label) in enumerate(zip(pixels, result.labels.tolist(), strict=True)):
-            name = f"class{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
+            kind = "prompt" if result.prompts is not None else "class"
+            name = f"{kind}{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
             save_image(picture, out_dir / "images" / name)
     write_adm_npz(result, out_dir / "samples.npz")
+    if result.prompts is not None:
+        (out_dir / "prompts.txt").write_text("\n".join(result.prompts) + "\n", encoding="utf-8")
     return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}
 
 

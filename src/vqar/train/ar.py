@@ -21,13 +21,16 @@ from vqar.data.codes import CodeBatch, CodeDataset, collate_codes
 from vqar.parallel import DistConfig, Parallel
 from vqar.pretrained import load, save_pretrained
 from vqar.quantize import sync
+from vqar.sampling.export import condition_embedding
 from vqar.sampling.filters import check_sampling_args
+from vqar.text import TextTokenizer
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
 from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
 from vqar.train.optim import StepGuard, adamw
+from vqar.train.text import TEXT_TOKENIZER_DIR, TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, save_image
 
@@ -90,6 +93,22 @@ class SampleConfig:
 
 
 @dataclass
+class LossConfig:
+    """The RQ-Transformer's training loss, as its releases set it (their `loss:` section): soft image targets
+    (`soft_temperature` 0.5 in the release configs; off by default here) and, for text-to-image models,
+    `txt_weight * caption CE + img_weight * image CE` (0.1 / 0.9)."""
+
+    soft_targets: bool = False
+    soft_temperature: float = 0.5
+    txt_weight: float = 0.1
+    img_weight: float = 0.9
+
+    def validate(self) -> None:
+        if self.txt_weight < 0 or self.img_weight <= 0 or self.soft_temperature <= 0:
+            raise ValueError("loss.txt_weight must be >= 0, loss.img_weight and loss.soft_temperature > 0")
+
+
+@dataclass
 class ARRunConfig:
     model: ARModelConfig = field(default_factory=ARModelConfig)
     data: CodeDataConfig = field(default_factory=CodeDataConfig)
@@ -97,6 +116,8 @@ class ARRunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     npp: NPPConfig = field(default_factory=NPPConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     ALIASES: ClassVar[dict[str, str]] = {
         "codes": "data.codes",
@@ -113,6 +134,10 @@ class ARRunConfig:
         self.sample.validate()
         self.npp.validate()
         self.dist.validate()
+        self.text.validate()
+        self.loss.validate()
+        if self.loss.soft_targets and self.model.arch != "rq":
+            raise ValueError("loss.soft_targets is the RQ-Transformer's training loss (model.arch=rq)")
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
@@ -133,14 +158,25 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
     return compose(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base)
 
 
-def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | None = None) -> nn.Module:
+def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | None = None,
+                text_tokenizer: TextTokenizer | None = None) -> nn.Module:  # fmt: skip
     """The configured model with its data-dependent fields taken from the code store (and, for an RQ-Transformer,
-    its code embeddings from the store's tokenizer)."""
+    its code embeddings from the store's tokenizer). A store with captions gives a text-conditioned model whose
+    caption length and vocabulary are `text_tokenizer`'s."""
     shape, classes = list(store.code_shape), store.num_classes
+    text = {}
+    if text_tokenizer is not None:
+        if cfg.arch == "vim":
+            raise ValueError("VIM is class-conditional or unconditional; train a gpt or rq model on captions")
+        classes = 0
+        text = {"text_length": text_tokenizer.length, "text_vocab_size": text_tokenizer.vocab_size,
+                "text_pad_id": text_tokenizer.pad_id}  # fmt: skip
     if cfg.arch == "gpt":
         if len(shape) != 2:
             raise ValueError(f"a GPT models one code per position; this code store has codes of shape {shape}")
-        return GPT(dataclasses.replace(cfg.gpt, vocab_size=store.codebook_size, grid=shape, num_classes=classes))
+        return GPT(
+            dataclasses.replace(cfg.gpt, vocab_size=store.codebook_size, grid=shape, num_classes=classes, **text)
+        )
     if cfg.arch == "vim":
         if len(shape) != 2:
             raise ValueError(f"VIM models one code per position; this code store has codes of shape {shape}")
@@ -156,6 +192,7 @@ def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | N
         num_classes=classes,
         code_dim=books.shape[-1],
         shared_codebook=books.shape[0] == 1,
+        **text,
     )
     return RQTransformer(rq_cfg, code_embeddings=books)
 
@@ -164,17 +201,19 @@ class ARTask(TrainTask):
     collate = staticmethod(collate_codes)
     best_metric = ("nll", "min")
 
-    def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None):
+    def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None,
+                 text_tokenizer: TextTokenizer | None = None):  # fmt: skip
         self.cfg, self.store, self.device, self.par = cfg, store, device, par or Parallel()
         self.tokenizer = load(store.tokenizer_path, device=device)
-        self.model = build_model(cfg.model, store, self.tokenizer).to(device)
+        self.text_tokenizer = text_tokenizer
+        self.model = build_model(cfg.model, store, self.tokenizer, text_tokenizer).to(device)
         # Training forward passes go through `train_model` (DDP's wrapper; under FSDP the model itself, sharded
         # in place before the optimizer sees its parameters).
         self.train_model = self.par.wrap(self.model)
         self.optimizer = adamw(self.model, cfg.train)
         self.guard = StepGuard(cfg.train.precision, device)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.conditional = store.num_classes > 0
+        self.conditional = store.num_classes > 0 or text_tokenizer is not None
         if cfg.npp.level > 1:
             check_patch_size(self.model.code_shape, 2 ** (cfg.npp.level - 1))
             ends = segment_ends(cfg.train.steps, cfg.npp.level, cfg.npp.rate)
@@ -218,16 +257,40 @@ class ARTask(TrainTask):
             codes = codes[torch.arange(len(codes)), view]
         else:
             codes = codes[:, 0]
-        cond = batch.labels.to(self.device) if self.conditional else None
+        if self.text_tokenizer is not None:
+            drop = self.model.cfg.class_dropout_prob
+            cond = caption_ids(self.text_tokenizer, batch.captions, train=random_view, drop_prob=drop,
+                               device=self.device)  # fmt: skip
+        else:
+            cond = batch.labels.to(self.device) if self.conditional else None
         return codes.to(self.device), cond
+
+    def _loss(self, outputs, codes: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The image loss (soft targets when asked for), plus the weighted text loss of an RQ-Transformer that
+        predicts its caption."""
+        c = self.cfg.loss
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        if c.soft_targets:
+            image = self.model.loss(logits, codes, self.model.soft_targets(codes, c.soft_temperature))
+        else:
+            image = self.model.loss(logits, codes)
+        if not isinstance(outputs, tuple):
+            return image, {}
+        caption = text_loss(outputs[1], cond)
+        return c.img_weight * image + c.txt_weight * caption, {"image_loss": image, "text_loss": caption}
 
     def train_step(self, batch: CodeBatch, step: int) -> dict[str, float]:
         codes, cond = self._inputs(batch, random_view=True)
         self.model.train()
         side = self.patch_side(step)
         with autocast(self.device, self.cfg.train.precision):
-            logits = self.train_model(codes, cond) if side == 1 else self.train_model(codes, cond, patch_side=side)
-        loss = self.model.loss(logits, codes) if side == 1 else next_patch_loss(logits, codes, side)
+            outputs = self.train_model(codes, cond) if side == 1 else self.train_model(codes, cond, patch_side=side)
+        parts = {}
+        if side == 1:
+            loss, parts = self._loss(outputs, codes, cond)
+        else:
+            loss = next_patch_loss(outputs, codes, side)
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
         if not self.guard.step(loss, self.optimizer, self.cfg.train.grad_clip):
             return {"skipped": 1.0}
         if self.ema is not None:
@@ -237,6 +300,7 @@ class ARTask(TrainTask):
             "loss": float(loss.detach()),
             "positions": float(positions * len(codes) * self.par.world_size),
             "patch": float(side),
+            **{name: float(value.detach()) for name, value in parts.items()},
         }
         if side == 1:
             metrics["accuracy"] = float((logits.detach().argmax(-1) == codes).float().mean())
@@ -250,7 +314,7 @@ class ARTask(TrainTask):
             codes, cond = self._inputs(batch, random_view=False)
             with autocast(self.device, self.cfg.train.precision):
                 logits = model(codes, cond)
-            logits = logits.float()
+            logits = (logits[0] if isinstance(logits, tuple) else logits).float()
             total_nll += float(
                 torch.nn.functional.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="sum")
             )
@@ -270,9 +334,16 @@ class ARTask(TrainTask):
         model = self.eval_model.eval()
         generator = torch.Generator(self.device).manual_seed(s.seed)
         rows = min(self.store.num_classes, s.max_classes) if self.conditional else 2
+        if self.text_tokenizer is not None:
+            rows = min(len(self.store), s.max_classes)
         kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
+        prompts = self._sample_prompts(rows) if self.text_tokenizer is not None else None
         with self.par.full_params(model):  # under FSDP every rank runs this same sampling
-            if self.conditional:
+            if prompts is not None:
+                cond = self.text_tokenizer.encode(prompts, strict=False).to(self.device)
+                cond = cond.repeat_interleave(s.n_per_class, dim=0)
+                codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
+            elif self.conditional:
                 cond = torch.arange(rows, device=self.device).repeat_interleave(s.n_per_class)
                 codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
             else:
@@ -281,17 +352,25 @@ class ARTask(TrainTask):
             return
         images = self.tokenizer.decode(codes).float().cpu()
         save_image(make_grid(list(images.split(s.n_per_class))), Path(run_dir) / "samples_grid.png")
+        if prompts is not None:
+            (Path(run_dir) / "samples_grid_prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+
+    def _sample_prompts(self, rows: int) -> list[str]:
+        """One caption from each of `rows` items spread over the store: the rows of the sample grid."""
+        captions = self.store.captions
+        return [captions[i * len(captions) // rows][0] for i in range(rows)]
 
     def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         save_pretrained(self.eval_model, out_dir, weights["ema" if self.ema is not None else "model"])
         target = Path(out_dir) / "tokenizer"
         if not target.exists():
             shutil.copytree(self.store.tokenizer_path, target)
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save(Path(out_dir) / TEXT_TOKENIZER_DIR)
 
 
 def model_has_null(model: nn.Module) -> bool:
-    embedding = model.cls_embedding if isinstance(model, (GPT, VIM)) else model.cond_emb
-    return embedding.has_null
+    return condition_embedding(model).has_null
 
 
 def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -302,7 +381,11 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
-        task = ARTask(cfg, store, par.device, par)
+        text_tokenizer = None
+        if store.has_captions:
+            text_tokenizer = prepare_text_tokenizer(cfg.text, store, list(train_set.indices), run_dir, par)
+            torch.manual_seed(cfg.train.seed)
+        task = ARTask(cfg, store, par.device, par, text_tokenizer)
         torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank
         params = sum(p.numel() for p in task.model.parameters())
         log.info(

@@ -1,0 +1,96 @@
+"""Caption files for image folders, and the generated captions of the bundled digits.
+
+An image folder is captioned by a `captions.jsonl` (one `{"file": "cats/001.jpg", "caption": "..."}` per line;
+an image may have several lines) or a `captions.tsv` (`file<TAB>caption` per line, the layout of the RQ release's
+CC-3M lists). File names are relative to the folder. Lines with a missing or empty caption are counted and
+skipped with a warning, as are images that end up with no caption.
+
+The digits have no captions, so vqar writes them from templates: `DIGIT_TEMPLATES` in training and the disjoint
+`HELD_OUT_DIGIT_TEMPLATES` to test that a model follows phrasings it has never seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+log = logging.getLogger("vqar.text")
+
+CAPTION_FILES = ("captions.jsonl", "captions.tsv")
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES = [
+    "a handwritten {word}",
+    "the digit {number}",
+    "a {word}",
+    "the number {word}",
+    "a hand drawn digit {number}",
+    "an image of the numeral {number}",
+    "{word}",
+    "a sketch of the number {number}",
+]
+HELD_OUT_DIGIT_TEMPLATES = [
+    "a picture of a handwritten {word}",
+    "number {number}, written by hand",
+    "someone wrote the digit {word}",
+]
+
+
+def digit_captions(label: int, templates: list[str] | None = None) -> list[str]:
+    """Every caption of digit `label` from `templates` (default: the training templates)."""
+    if not 0 <= label <= 9:
+        raise ValueError(f"digit labels are 0..9, got {label}")
+    return [t.format(word=DIGIT_WORDS[label], number=label) for t in (templates or DIGIT_TEMPLATES)]
+
+
+def read_captions(path: str | Path) -> dict[str, list[str]]:
+    """{relative file name: [captions]} from a `.jsonl` or `.tsv` caption file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file not found: {path}")
+    if path.suffix not in (".jsonl", ".tsv"):
+        raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
+    table: dict[str, list[str]] = defaultdict(list)
+    skipped = 0
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{number} is not a JSON object: {err}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+                    raise ValueError(f'{path}:{number} needs {{"file": ..., "caption": ...}}')
+                name, caption = record["file"], record.get("caption")
+            else:
+                name, _, caption = line.rstrip("\n").partition("\t")
+            if not isinstance(caption, str) or not caption.strip():
+                skipped += 1
+                continue
+            table[Path(name).as_posix()].append(" ".join(caption.split()))
+    if skipped:
+        log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped)
+    if not table:
+        raise ValueError(f"{path} holds no captions")
+    return dict(table)
+
+
+def find_caption_file(folder: str | Path) -> Path | None:
+    for name in CAPTION_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def captions_for_files(root: Path, files: list[Path], table: dict[str, list[str]]) -> list[list[str]]:
+    """The captions of each file (an empty list when it has none; counted and reported)."""
+    captions = [table.get(path.relative_to(root).as_posix(), []) for path in files]
+    missing = sum(1 for c in captions if not c)
+    if missing:
+        log.warning("%d of %d images have no caption and are left out of text-conditioned training", missing,
+                    len(files))  # fmt: skip
+    return captions

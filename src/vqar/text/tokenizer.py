@@ -1,0 +1,138 @@
+"""Caption tokenizer: the character-level BPE of the RQ-Transformer's text-to-image release, on Hugging Face's
+`tokenizers` (its `CharBPETokenizer`: BERT normalisation with lower-casing, words split on whitespace and
+punctuation, sub-words ending in "</w>").
+
+Captions become exactly `length` ids: lower-cased, truncated (with a warning outside training) and right-padded
+with `[PAD]`. The release's vocabulary files (`bpe-16k-vocab.json` + `bpe-16k-merges.txt`, 16,384 entries,
+`[PAD]` = 0, `[UNK]` = 1) load with `TextTokenizer.from_files`; `TextTokenizer.train` makes a new vocabulary
+from captions with the same layout. BPE dropout ("BPE-Dropout", Provilkov et al., 2020) randomly skips merges
+in training so the model sees several segmentations of a word; `encode(..., dropout=True)` applies it.
+
+Saved as a folder: `vocab.json`, `merges.txt` and `text_tokenizer.json` (length, dropout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import CharBPETokenizer
+
+log = logging.getLogger("vqar.text")
+
+PAD, UNK = "[PAD]", "[UNK]"
+SETTINGS_FILE = "text_tokenizer.json"
+RELEASE_LENGTH = 32  # caption tokens of the RQ-Transformer's text-to-image models
+
+
+class TextTokenizer:
+    def __init__(self, vocab_file: str | Path, merges_file: str | Path, length: int = RELEASE_LENGTH,
+                 dropout: float | None = None):  # fmt: skip
+        if length < 2:
+            raise ValueError(f"the caption length must be >= 2 tokens, got {length}")
+        if dropout is not None and not 0.0 < dropout < 1.0:
+            raise ValueError(f"BPE dropout must be in (0, 1) or None, got {dropout}")
+        self.vocab_file, self.merges_file = Path(vocab_file), Path(merges_file)
+        for path in (self.vocab_file, self.merges_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"BPE vocabulary file not found: {path}")
+        self.length, self.dropout = length, dropout
+        self._plain = self._build(None)
+        self._dropout = self._build(dropout) if dropout else self._plain
+        self.pad_id = self._plain.token_to_id(PAD)
+        if self.pad_id is None:
+            raise ValueError(f"{self.vocab_file} has no {PAD} token; captions could not be padded")
+
+    def _build(self, dropout: float | None) -> CharBPETokenizer:
+        try:
+            tokenizer = CharBPETokenizer.from_file(
+                str(self.vocab_file), str(self.merges_file), unk_token=UNK, lowercase=True, dropout=dropout
+            )
+        except Exception as err:  # the Rust side raises plain Exceptions for malformed files
+            raise ValueError(f"cannot read the BPE files {self.vocab_file} / {self.merges_file}: {err}") from None
+        tokenizer.add_special_tokens([PAD])
+        tokenizer.enable_truncation(max_length=self.length)
+        tokenizer.enable_padding(length=self.length, pad_id=tokenizer.token_to_id(PAD), pad_token=PAD)
+        return tokenizer
+
+    # ---------------------------------------------------------------- making and storing
+    @classmethod
+    def train(cls, captions: Iterable[str], folder: str | Path, *, vocab_size: int = 4096, length: int = RELEASE_LENGTH,
+              dropout: float | None = 0.1, min_frequency: int = 2) -> TextTokenizer:  # fmt: skip
+        """Learns a BPE vocabulary (at most `vocab_size` entries, `[PAD]` = 0 and `[UNK]` = 1 as in the release)
+        from `captions` and saves the tokenizer to `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = CharBPETokenizer(unk_token=UNK, lowercase=True)
+        tokenizer.train_from_iterator(
+            (c for c in captions if c and c.strip()),
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[PAD, UNK],
+            show_progress=False,
+        )
+        if tokenizer.get_vocab_size() <= 2:
+            raise ValueError("no caption text to learn a BPE vocabulary from")
+        tokenizer.save_model(str(folder))  # vocab.json + merges.txt
+        made = cls(folder / "vocab.json", folder / "merges.txt", length, dropout)
+        made.save(folder)
+        return made
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for source, name in ((self.vocab_file, "vocab.json"), (self.merges_file, "merges.txt")):
+            target = folder / name
+            if source.resolve() != target.resolve():
+                target.write_bytes(source.read_bytes())
+        settings = {"format": "vqar-text-tokenizer", "length": self.length, "dropout": self.dropout}
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, length: int | None = None) -> TextTokenizer:
+        """A folder saved by `save`, or a release's `*-vocab.json` file (its `*-merges.txt` beside it)."""
+        path = Path(path)
+        if path.is_file() and path.name.endswith("vocab.json"):
+            merges = path.with_name(path.name[: -len("vocab.json")] + "merges.txt")
+            return cls(path, merges, length or RELEASE_LENGTH)
+        settings_file = path / SETTINGS_FILE
+        if not settings_file.is_file():
+            raise FileNotFoundError(f"{path} holds no text tokenizer ({SETTINGS_FILE}, vocab.json, merges.txt)")
+        settings = json.loads(settings_file.read_text())
+        return cls(path / "vocab.json", path / "merges.txt", length or settings["length"], settings.get("dropout"))
+
+    # ---------------------------------------------------------------- using
+    @property
+    def vocab_size(self) -> int:
+        return self._plain.get_vocab_size()
+
+    def encode(self, captions: str | Sequence[str], *, dropout: bool = False, strict: bool = True) -> torch.Tensor:
+        """Ids (B, length) for a caption or a list of captions. `dropout` applies BPE dropout (training). With
+        `strict` (prompts), an empty caption is an error and a truncated one a warning; training data is
+        neither checked nor reported."""
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = list(captions)
+        if strict:
+            for caption in captions:
+                if not isinstance(caption, str) or not caption.strip():
+                    raise ValueError(f"empty prompt {caption!r}: give some text (the model was trained on captions)")
+        encodings = (self._dropout if dropout else self._plain).encode_batch(captions)
+        if strict:
+            for caption, encoding in zip(captions, encodings, strict=True):
+                if encoding.overflowing:
+                    log.warning("prompt %r is longer than the model's %d text tokens; truncated to %r", caption,
+                                self.length, self.decode(encoding.ids))  # fmt: skip
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """The text of one row of ids, without padding."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self._plain.decode([i for i in ids if i != self.pad_id])
+
+    def null_caption(self, batch_size: int = 1) -> torch.Tensor:
+        """The empty caption (all `[PAD]`): what caption dropout trains as "no condition"."""
+        return torch.full((batch_size, self.length), self.pad_id, dtype=torch.long)

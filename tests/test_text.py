@@ -1,0 +1,290 @@
+"""Text-to-image: the BPE caption tokenizer, caption files and stores, text-conditioned RQ-Transformer and GPT
+(text head loss, soft targets, caption dropout and guidance), `vqar sample --prompt`, and the RQ release's
+text-conditioned format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+import vqar
+from conftest import TINY_AR
+from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
+from vqar.cli import main
+from vqar.data import DataConfig
+from vqar.data.codes import CodeDataset, extract_codes
+from vqar.text import TextTokenizer, read_captions
+from vqar.text.captions import DIGIT_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, digit_captions
+from vqar.train.ar import load_run_config, train_ar
+from vqar.train.text import text_loss
+
+CAPTIONS = [
+    "A photo of a cat sitting on a red sofa",
+    "a painting of a dog in the snow",
+    "The digit 7, handwritten",
+    "two cats and a dog",
+    "a red car parked near the sea",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory) -> TextTokenizer:
+    return TextTokenizer.train(CAPTIONS, tmp_path_factory.mktemp("bpe"), vocab_size=120, length=10, min_frequency=1)
+
+
+# ---------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_pads_and_lowercases(text_tokenizer):
+    ids = text_tokenizer.encode(["A Painting of a DOG", "two cats"])
+    assert ids.shape == (2, 10) and ids.dtype == torch.long
+    assert text_tokenizer.pad_id == 0 and text_tokenizer.encode("x").shape == (1, 10)
+    assert text_tokenizer.decode(ids[0]) == "a painting of a dog"
+    assert text_tokenizer.decode(ids[1]) == "two cats"
+    assert (ids[1] == 0).sum() > 0 and ids[1, -1] == 0  # right-padded with [PAD]
+    assert torch.equal(text_tokenizer.null_caption(3), torch.zeros(3, 10, dtype=torch.long))
+
+
+def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_tokenizer, caplog):
+    long = "a photo of a cat sitting on a red sofa near the sea with two dogs and a car"
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        ids = text_tokenizer.encode(long)
+    assert ids.shape == (1, 10) and (ids != 0).all()
+    assert "longer than the model's 10 text tokens" in caplog.text
+    for empty in ("", "   "):
+        with pytest.raises(ValueError, match="empty prompt"):
+            text_tokenizer.encode(["a cat", empty])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):  # training data: no checks, no warnings
+        text_tokenizer.encode([long, ""], strict=False)
+    assert not caplog.text
+
+
+def test_bpe_dropout_varies_segmentation_but_not_text(text_tokenizer):
+    caption = "a red car"
+    plain = text_tokenizer.encode(caption)
+    segmentations = {tuple(text_tokenizer.encode(caption, dropout=True)[0].tolist()) for _ in range(30)}
+    assert len(segmentations) > 1
+    assert {text_tokenizer.decode(list(ids)) for ids in segmentations} == {caption}
+    assert all(torch.equal(text_tokenizer.encode(caption), plain) for _ in range(5))  # no dropout outside training
+
+
+def test_tokenizer_saves_and_loads_the_release_file_layout(text_tokenizer, tmp_path):
+    text_tokenizer.save(tmp_path / "saved")
+    again = TextTokenizer.load(tmp_path / "saved")
+    assert (again.length, again.dropout, again.vocab_size) == (10, text_tokenizer.dropout, text_tokenizer.vocab_size)
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(text_tokenizer.vocab_file, release / "bpe-16k-vocab.json")
+    shutil.copy(text_tokenizer.merges_file, release / "bpe-16k-merges.txt")
+    from_release = TextTokenizer.load(release / "bpe-16k-vocab.json", length=32)
+    assert from_release.length == 32 and from_release.pad_id == 0
+    assert torch.equal(from_release.encode("two cats")[:, :10], text_tokenizer.encode("two cats"))
+    with pytest.raises(FileNotFoundError, match="text tokenizer"):
+        TextTokenizer.load(tmp_path)
+    (release / "broken-vocab.json").write_text("{not json")
+    (release / "broken-merges.txt").write_text("")
+    with pytest.raises(ValueError, match="cannot read the BPE files"):
+        TextTokenizer.load(release / "broken-vocab.json")
+
+
+# ---------------------------------------------------------------- caption files and stores
+def test_caption_files_count_and_skip_missing_captions(tmp_path, caplog):
+    jsonl = tmp_path / "captions.jsonl"
+    lines = [{"file": "a.png", "caption": "A  red car "}, {"file": "a.png", "caption": "a car"},
+             {"file": "b.png", "caption": ""}, {"file": "c.png"}]  # fmt: skip
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        table = read_captions(jsonl)
+    assert table == {"a.png": ["A red car", "a car"]} and "2 line(s) with a missing or empty caption" in caplog.text
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text("x/1.jpg\ta dog\nx/2.jpg\t\n")
+    assert read_captions(tsv) == {"x/1.jpg": ["a dog"]}
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_captions(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.tsv").write_text("\n")
+    with pytest.raises(ValueError, match="holds no captions"):
+        read_captions(tmp_path / "empty.tsv")
+    (tmp_path / "captions.txt").write_text("a.png a car\n")
+    with pytest.raises(ValueError, match=".jsonl or .tsv"):
+        read_captions(tmp_path / "captions.txt")
+
+
+def test_digit_caption_phrasings_are_disjoint():
+    assert digit_captions(7)[:2] == ["a handwritten seven", "the digit 7"]
+    train = {c for d in range(10) for c in digit_captions(d)}
+    held_out = {c for d in range(10) for c in digit_captions(d, HELD_OUT_DIGIT_TEMPLATES)}
+    assert not train & held_out and len(train) == 10 * len(DIGIT_TEMPLATES)
+
+
+def test_captioned_folder_becomes_a_text_store(tiny_pipeline, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / "cats" / f"{i}.png")
+    captions = [{"file": f"cats/{i}.png", "caption": f"a grey square number {i}"} for i in range(4)]
+    captions.append({"file": "cats/0.png", "caption": "a dark square"})
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    tokenizer = vqar.load(tiny_pipeline / "tokenizer")
+    with caplog.at_level(logging.WARNING):
+        manifest = extract_codes(tokenizer, DataConfig(source=str(folder)), tmp_path / "codes")
+    assert manifest["num_items"] == 4 and manifest["uncaptioned_images"] == 1 and "have no caption" in caplog.text
+    store = CodeDataset(tmp_path / "codes")
+    assert store.captions[0] == ["a grey square number 0", "a dark square"]
+    assert store[3].captions == ["a grey square number 3"]
+    (tmp_path / "codes" / "captions.json").write_text("[]")
+    with pytest.raises(ValueError, match="damaged"):
+        CodeDataset(tmp_path / "codes")
+
+
+# ---------------------------------------------------------------- models
+def _rq_text_model(dropout: float = 0.1) -> RQTransformer:
+    cfg = RQTransformerConfig(vocab_size=16, code_shape=[2, 2, 3], code_dim=8, embed_dim=32, n_head=4, body_layers=2,
+                              head_layers=1, num_classes=0, text_length=6, text_vocab_size=40,
+                              class_dropout_prob=dropout)  # fmt: skip
+    return RQTransformer(cfg, code_embeddings=torch.randn(16, 8)).eval()
+
+
+def test_rq_text_head_loss_and_soft_targets():
+    model = _rq_text_model()
+    codes, text = torch.randint(16, (3, 2, 2, 3)), torch.randint(1, 40, (3, 6))
+    logits, text_logits = model(codes, text)
+    assert logits.shape == (3, 2, 2, 3, 16) and text_logits.shape == (3, 5, 40)
+    expected = F.cross_entropy(text_logits.reshape(-1, 40), text[:, 1:].reshape(-1))
+    torch.testing.assert_close(text_loss(text_logits, text), expected)
+    soft = model.soft_targets(codes, temperature=0.5)
+    assert soft.shape == (3, 2, 2, 3, 16)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(3, 2, 2, 3))
+    # the last depth's residual is exactly its own code vector, so a cold softmax puts all mass on that code
+    assert torch.equal(model.soft_targets(codes, temperature=1e-4)[..., -1, :].argmax(-1), codes[..., -1])
+    hard = model.loss(logits, codes)
+    one_hot = F.one_hot(codes, 16).float()
+    torch.testing.assert_close(model.loss(logits, codes, one_hot), hard)
+
+
+def test_text_models_sample_with_guidance_and_cache():
+    torch.manual_seed(0)
+    rq = _rq_text_model()
+    text = torch.randint(1, 40, (2, 6))
+    cached = rq.generate(text, greedy=True, cfg_scale=2.0)
+    assert torch.equal(rq.generate(text, greedy=True, cfg_scale=2.0, use_cache=False), cached)
+    with pytest.raises(ValueError, match="caption dropout"):
+        _rq_text_model(dropout=0.0).generate(text, cfg_scale=2.0)
+    cfg = GPTConfig(vocab_size=20, grid=[4, 4], dim=32, n_layer=2, n_head=2, num_classes=0, text_length=5,
+                    text_vocab_size=30, class_dropout_prob=0.1)  # fmt: skip
+    gpt = GPT(cfg).eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)  # LlamaGen zero-initialises it: make greedy choices differ
+    prompt = torch.randint(1, 30, (2, 5))
+    assert gpt(torch.randint(20, (2, 4, 4)), prompt).shape == (2, 4, 4, 20)
+    codes = gpt.generate(prompt, greedy=True, cfg_scale=1.5)
+    assert torch.equal(gpt.generate(prompt, greedy=True, cfg_scale=1.5, use_cache=False), codes)
+    logits = gpt(codes, prompt)
+    assert torch.equal(logits.argmax(-1)[:, 0, 0], codes[:, 0, 0])  # teacher forcing agrees with the sampler
+    with pytest.raises(ValueError, match=r"shape \(B, 5\)"):
+        gpt.generate(torch.zeros(2, 4, dtype=torch.long))
+    npp = gpt(codes, prompt, patch_side=2)  # next patch prediction takes the caption prefix too
+    assert npp.shape == (2, 4, 20)
+
+
+# ---------------------------------------------------------------- training and sampling
+@pytest.fixture(scope="module")
+def text_run(tiny_pipeline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    tokenizer = vqar.load(tiny_pipeline / "tokenizer")
+    extract_codes(tokenizer, DataConfig(source="mnist", max_images=300, captions="digits"), root / "codes",
+                  tokenizer_dir=tiny_pipeline / "tokenizer")  # fmt: skip
+    overrides = [f"codes={root / 'codes'}", *TINY_AR, "steps=30", "train.eval_every=30", "train.log_every=1",
+                 "text.length=8", "text.vocab_size=80", "loss.soft_targets=true"]  # fmt: skip
+    metrics = train_ar(load_run_config("rq-mnist-text", overrides), root / "ar")
+    return root, metrics
+
+
+def test_text_rq_trains_with_weighted_text_loss(text_run):
+    root, metrics = text_run
+    records = [json.loads(line) for line in (root / "ar" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    for r in train:  # the logged loss is 0.1 * caption CE + 0.9 * image CE
+        assert r["loss"] == pytest.approx(0.1 * r["text_loss"] + 0.9 * r["image_loss"], rel=1e-5)
+    assert np.mean([r["text_loss"] for r in train[-5:]]) < np.mean([r["text_loss"] for r in train[:5]])
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
+    assert np.isfinite(metrics["nll"])
+    model = vqar.load(root / "ar")
+    assert model.is_text_conditioned and model.text_tokenizer.length == 8 and model.cond_emb.has_null
+    assert (root / "ar" / "samples_grid_prompts.txt").is_file()
+
+
+def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
+    root, _ = text_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the digit 3\n\nsomeone wrote the digit seven\n")
+    out = tmp_path / "s"
+    args = ["sample", "--model", str(root / "ar"), "--prompt", "a handwritten one", "--prompts", str(prompts),
+            "--n-per-class", "2", "--cfg", "2.0", "--top-k", "8", "--top-p", "0.95", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (6, 32, 32, 3) and npz["arr_1"].tolist() == [0, 0, 1, 1, 2, 2]
+        first = npz["arr_0"].copy()
+    assert (out / "prompts.txt").read_text().splitlines()[2] == "someone wrote the digit seven"
+    assert len(list((out / "images").glob("prompt0002_*.png"))) == 2
+    assert main([*args[:-1], str(tmp_path / "again")]) == 0
+    with np.load(tmp_path / "again" / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], first)
+    capsys.readouterr()
+    for bad, message in ((["--prompt", " "], "empty prompt"), ([], "text-conditioned"),
+                         (["--prompt", "a one", "--classes", "1"], "either --classes or prompts")):  # fmt: skip
+        assert main(["sample", "--model", str(root / "ar"), "--out", str(tmp_path / "bad"), *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the RQ release's text-to-image format
+def test_text_conditioned_release_format_loads(rq_transformer_release_folder, tmp_path, text_tokenizer):
+    """A release folder whose stage2 is text-conditioned (block_size_cond > 1, a cond_classifier): loaded, its
+    outputs are those of the release's forward, assembled here by hand from the loaded modules."""
+    release = tmp_path / "t2i"
+    shutil.copytree(rq_transformer_release_folder / "stage1", release / "stage1")
+    (release / "stage2").mkdir()
+    config = yaml.safe_load((rq_transformer_release_folder / "stage2" / "config.yaml").read_text())
+    length, vocab = 10, text_tokenizer.vocab_size
+    config["arch"]["block_size_cond"], config["arch"]["vocab_size_cond"] = length, vocab
+    (release / "stage2" / "config.yaml").write_text(yaml.safe_dump(config))
+    state = torch.load(rq_transformer_release_folder / "stage2" / "model.pt", weights_only=True)["state_dict"]
+    e = state["pos_emb_cond"].shape[-1]
+    generator = torch.Generator().manual_seed(0)
+    state["cond_emb.weight"] = torch.randn(vocab, e, generator=generator) * 0.02
+    state["pos_emb_cond"] = torch.randn(1, length, e, generator=generator) * 0.02
+    state["cond_classifier.layer_norm.weight"], state["cond_classifier.layer_norm.bias"] = torch.ones(e), torch.zeros(e)
+    state["cond_classifier.linear.weight"] = torch.randn(vocab, e, generator=generator) * 0.02
+    state["cond_classifier.linear.bias"] = torch.zeros(vocab)
+    torch.save({"epoch": 0, "state_dict": state}, release / "stage2" / "model.pt")
+    shutil.copy(text_tokenizer.vocab_file, release / "bpe-16k-vocab.json")
+    shutil.copy(text_tokenizer.merges_file, release / "bpe-16k-merges.txt")
+
+    model = vqar.load_pretrained(release)
+    assert isinstance(model, RQTransformer) and model.cfg.text_length == length and not model.cond_emb.has_null
+    assert model.text_tokenizer is not None and model.text_tokenizer.length == length
+    text = model.text_tokenizer.encode(["a painting of a dog", "two cats"])
+    codes = torch.randint(model.cfg.vocab_size, (2, *model.code_shape), generator=generator)
+    with torch.no_grad():
+        logits, text_logits = model(codes, text)
+        b, (h, w, d) = 2, model.code_shape
+        emb = model.embed_codes(codes.view(b, h * w, d))
+        prefix = F.embedding(text, state["cond_emb.weight"]) + state["pos_emb_cond"]
+        body_in = torch.cat([prefix, model.input_mlp(emb).sum(2)[:, :-1] + state["pos_emb_hw"][:, : h * w - 1]], 1)
+        latents = model.body_transformer(body_in)
+        spatial = latents[:, length - 1 :]
+        depth_in = torch.cat([spatial[:, :, None], model.head_mlp(emb.cumsum(2))[:, :, :-1]], 2) + state["pos_emb_d"]
+        expected = model.classifier(model.head_transformer(depth_in.view(b * h * w, d, -1))).view(b, h, w, d, -1)
+        expected_text = F.linear(F.layer_norm(latents[:, : length - 1], (e,)), state["cond_classifier.linear.weight"])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_logits, expected_text, atol=1e-5, rtol=1e-5)
+    sample = model.generate(text, greedy=True)
+    assert torch.equal(model.generate(text, greedy=True, use_cache=False), sample)
+    with pytest.raises(ValueError, match="caption dropout"):
+        model.generate(text, cfg_scale=2.0)
