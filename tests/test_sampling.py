@@ -190,3 +190,15 @@ def test_fast_sampler_draws_from_the_filtered_softmax():
     freq = torch.bincount(draws, minlength=20).float() / len(draws)
     assert torch.allclose(freq, expected, atol=0.01)
     assert set(draws.unique().tolist()) == set(expected.nonzero().flatten().tolist())
+
+
+def test_one_generator_per_row_makes_rows_independent_of_the_batch():
+    logits = torch.randn(4, 50)
+    streams = [torch.Generator().manual_seed(s) for s in range(4)]
+    together = sample_logits(logits, top_k=20, top_p=0.9, generator=streams)
+    for row in range(4):  # each row alone, with a fresh copy of its own stream, draws the same code
+        fresh = [torch.Generator().manual_seed(row)]
+        alone = sample_logits(logits[row : row + 1], top_k=20, top_p=0.9, generator=fresh)
+        assert alone.item() == together[row].item()
+    with pytest.raises(ValueError, match="3 generators for 4 rows"):
+        sample_logits(logits, generator=streams[:3])

@@ -68,9 +68,11 @@ def sample_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """One code per row of `logits` (B, V): the argmax when greedy, else a draw from the filtered softmax.
+    `generator` may be one generator per row, so that each row's draws do not depend on which other rows share
+    the batch (the server batches unrelated requests).
 
     Same distribution as `filter_logits` followed by a softmax draw, computed where it is cheap: top-k first
     selects the k candidates (the temperature does not change their order), top-p then works on those k sorted
@@ -89,6 +91,12 @@ def sample_logits(
         # Drop a code when the codes before it already reach p (the code that crosses p is kept).
         logits = logits.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
+    if isinstance(generator, Sequence):
+        if len(generator) != len(cdf):
+            raise ValueError(f"{len(generator)} generators for {len(cdf)} rows")
+        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generator]).view(-1, 1)
+    else:
+        u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)
+    u = u * cdf[..., -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

@@ -1,0 +1,101 @@
+"""The HTTP API of `vqar serve` (FastAPI, the server Gradio itself runs on).
+
+    GET  /health     {"status": "ok", "queued": N}
+    GET  /model      what is loaded: architecture, conditioning, classes, limits
+    POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
+
+Invalid parameters are answered 422 with the reason, more images than the server allows 413, a full queue 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import typing
+import zipfile
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
+from vqar.utils.images import to_uint8
+
+
+def _body_model() -> type[BaseModel]:
+    """POST /generate's body: the fields of `GenerateRequest` (unknown fields refused) plus the answer format."""
+    hints = typing.get_type_hints(GenerateRequest)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(GenerateRequest)}
+    fields["format"] = (str, Field("png_base64", pattern="^(png_base64|zip)$"))
+    return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+GenerateBody = _body_model()
+
+
+def png_bytes(image) -> bytes:
+    """PNG of one (C, H, W) image in [-1, 1]."""
+    pixels = to_uint8(image[None])[0]
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def images_as_png(images) -> list[bytes]:
+    return [png_bytes(image) for image in images]
+
+
+def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "queued": engine.jobs.qsize()}
+
+    @router.get("/model")
+    def describe() -> dict:
+        return engine.describe()
+
+    @router.post("/generate")
+    async def generate(body: GenerateBody):  # type: ignore[valid-type]
+        fields = body.model_dump(exclude={"format"})
+        try:
+            future = engine.submit(GenerateRequest(**fields))
+        except RequestError as err:
+            raise HTTPException(status_code=err.status, detail=str(err)) from None
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            raise HTTPException(status_code=504, detail=f"sampling took longer than {timeout:.0f} s") from None
+        pngs = images_as_png(result.images)
+        if body.format == "zip":
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as archive:
+                for i, data in enumerate(pngs):
+                    archive.writestr(f"image_{i:03d}.png", data)
+                for d, level in enumerate(result.coarse_to_fine or [], start=1):
+                    for i, data in enumerate(images_as_png(level)):
+                        archive.writestr(f"coarse_to_fine/image_{i:03d}_depth{d}.png", data)
+            headers = {"Content-Disposition": 'attachment; filename="samples.zip"'}
+            return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
+        answer = {
+            "images": [base64.b64encode(data).decode() for data in pngs],
+            "seconds": result.seconds,
+            "batched_with": result.batched_with,
+        }
+        if result.coarse_to_fine is not None:
+            answer["coarse_to_fine"] = [[base64.b64encode(d).decode() for d in images_as_png(level)]
+                                        for level in result.coarse_to_fine]  # fmt: skip
+        return answer
+
+    return router
+
+
+def decode_png(text: str) -> np.ndarray:
+    """A base64 PNG from /generate as a uint8 array (for clients and tests)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))

@@ -1,0 +1,128 @@
+"""The web page of `vqar serve` (Gradio): pick a class or type a prompt, set the sampling knobs, Generate.
+
+The page calls the same `SamplingEngine` as the HTTP API, so its requests wait in the same queue and share
+batches with API calls. For RQ models a second gallery shows each image decoded with 1, 2, ..., D codes per
+position (coarse to fine).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from vqar.serve.api import png_bytes
+from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
+from vqar.utils.images import to_uint8
+
+
+def parse_setting(text: str | float | None, kind, depth: int, name: str):
+    """A knob typed as one value ("0.95"), one per depth ("0.9,0.9,1,1"), or nothing (off)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if not isinstance(text, str):
+        return kind(text)
+    try:
+        values = [None if item.strip().lower() in ("", "none") else kind(item) for item in text.split(",")]
+    except ValueError:
+        raise RequestError(f"{name}: {text!r} is not a number (or one number per depth, comma-separated)") from None
+    if len(values) == 1:
+        return values[0]
+    if depth == 1:
+        raise RequestError(f"{name}: this model has one code per position; give one value")
+    return values
+
+
+def _pictures(images) -> list[Image.Image]:
+    pixels = to_uint8(images)
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+
+
+def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.Blocks:
+    info = engine.describe()
+    depth, names = engine.depth, info["class_names"]
+    work = Path(work_dir or tempfile.mkdtemp(prefix="vqar-serve-"))
+    per_depth_hint = " (one value, or one per depth: 0.9,0.9,1,1)" if depth > 1 else ""
+    with gr.Blocks(title="vqar") as page:
+        conditioning = {"text": "prompt", "class": "class", "none": "unconditional"}[info["conditioning"]]
+        gr.Markdown(
+            f"## vqar: {info['architecture']} ({info['parameters'] / 1e6:.1f}M parameters, codes "
+            f"{'x'.join(map(str, info['code_shape']))}, {conditioning})"
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = class_id = None
+                if info["conditioning"] == "text":
+                    prompt = gr.Textbox(label="Prompt", placeholder="a painting of a cat", elem_id="prompt")
+                elif info["conditioning"] == "class":
+                    choices = [(f"{i}: {name}" if name != str(i) else str(i), i) for i, name in enumerate(names)]
+                    class_id = gr.Dropdown(choices=choices, value=0, label="Class", elem_id="class")
+                n = gr.Slider(1, engine.max_images, value=min(4, engine.max_images), step=1,
+                              label="Number of images", elem_id="n")  # fmt: skip
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                temperature = gr.Textbox("1.0", label=f"Temperature{per_depth_hint}", elem_id="temperature")
+                top_k = gr.Textbox("", label=f"Top-k, empty for off{per_depth_hint}", elem_id="top_k")
+                top_p = gr.Textbox("", label=f"Top-p, empty for off{per_depth_hint}", elem_id="top_p")
+                guidance = engine.has_null
+                cfg_scale = gr.Slider(1.0, 10.0, value=2.0 if guidance else 1.0, step=0.1, interactive=guidance,
+                                      label="CFG scale" + ("" if guidance else " (not trained for guidance)"),
+                                      elem_id="cfg_scale")  # fmt: skip
+                cfg_interval = gr.Number(value=-1, precision=0, label="CFG interval (-1: guide every code)",
+                                         interactive=guidance, elem_id="cfg_interval")  # fmt: skip
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery")
+                status = gr.Markdown(elem_id="status")
+                download = gr.File(label="Download all (zip)", elem_id="download")
+                ladder = gr.Gallery(label=f"Coarse to fine: each image with 1..{depth} codes per position",
+                                    columns=depth, format="png", visible=depth > 1, elem_id="coarse")  # fmt: skip
+
+        runs = [0]
+
+        def run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way of asking for a progress bar)
+            settings = dict(zip(keys, values, strict=True))
+            try:
+                request = GenerateRequest(
+                    class_id=int(settings["class_id"]) if settings.get("class_id") is not None else None,
+                    prompt=settings.get("prompt"),
+                    n=int(settings["n"]),
+                    seed=int(settings["seed"] or 0),
+                    temperature=parse_setting(settings["temperature"], float, depth, "temperature") or 1.0,
+                    top_k=parse_setting(settings["top_k"], int, depth, "top-k"),
+                    top_p=parse_setting(settings["top_p"], float, depth, "top-p"),
+                    cfg_scale=float(settings["cfg_scale"]),
+                    cfg_interval=None if settings["cfg_interval"] in (None, -1) else int(settings["cfg_interval"]),
+                    coarse_to_fine=depth > 1,
+                )
+                progress(0.0, desc="waiting in the queue")
+                future = engine.submit(request)
+            except RequestError as err:
+                raise gr.Error(str(err)) from None
+            while not future.done():
+                progress(0.5, desc="sampling")
+                time.sleep(0.05)
+            result = future.result()
+            progress(1.0, desc="done")
+            archive = work / f"samples-{time.time_ns()}.zip"
+            with zipfile.ZipFile(archive, "w") as handle:
+                for i, image in enumerate(result.images):
+                    handle.writestr(f"image_{i:03d}.png", png_bytes(image))
+            rows = []
+            if result.coarse_to_fine is not None:
+                levels = [_pictures(level) for level in result.coarse_to_fine]
+                for i in range(len(result.images)):
+                    rows += [(levels[d][i], f"image {i + 1}, {d + 1} code(s)") for d in range(depth)]
+            runs[0] += 1
+            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {request.seed})"
+            return _pictures(result.images), note, str(archive), rows
+
+        controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,
+                    "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}  # fmt: skip
+        keys = [k for k, v in controls.items() if v is not None]
+        inputs = [controls[k] for k in keys]
+        button.click(run, inputs=inputs, outputs=[gallery, status, download, ladder], api_name=False)
+    return page

@@ -1,0 +1,287 @@
+"""`vqar serve`: the sampling engine (validation, queue limits, batching that keeps seeds reproducible), the HTTP
+API, and the web page driven in a real headless Chromium (Debian's package, through Playwright)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the serve extra is not installed (pip install 'vqar[serve]')")
+
+import vqar  # noqa: E402
+from conftest import TINY_AR  # noqa: E402
+from vqar.serve.api import decode_png  # noqa: E402
+from vqar.serve.app import build_app, is_loopback  # noqa: E402
+from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine  # noqa: E402
+from vqar.train.ar import load_run_config, train_ar  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") and "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def class_run(tiny_pipeline, tmp_path_factory):
+    run = tmp_path_factory.mktemp("serve") / "ar"
+    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10", "train.eval_every=10",
+                 "sample.n_per_class=0"]  # fmt: skip
+    train_ar(load_run_config("rq-mnist", overrides), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def class_model(class_run):
+    return vqar.load(class_run)
+
+
+@pytest.fixture(scope="module")
+def engine(class_model):
+    engine = SamplingEngine(class_model, class_model.tokenizer, max_images=6, max_queue=64, max_batch=16)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    return TestClient(build_app(engine, ui=False))
+
+
+# ---------------------------------------------------------------- engine
+def test_seeds_give_the_same_images_alone_or_batched(engine):
+    alone = engine.generate(GenerateRequest(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    assert alone.images.shape == (4, 1, 32, 32)
+    again = engine.generate(GenerateRequest(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    assert torch.equal(alone.images, again.images)
+    other = engine.generate(GenerateRequest(class_id=3, n=4, seed=8, top_k=16, cfg_scale=2.0), timeout=120)
+    assert not torch.equal(alone.images, other.images)
+    runs = engine.model_runs
+    with engine._lock:  # hold the model so that all three requests are waiting together, then batched
+        futures = [engine.submit(GenerateRequest(class_id=c, n=4, seed=s, top_k=16, cfg_scale=2.0))
+                   for c, s in ((3, 7), (5, 1), (3, 8))]  # fmt: skip
+        time.sleep(0.2)
+    results = [f.result(timeout=120) for f in futures]
+    assert engine.model_runs == runs + 1 and results[0].batched_with == 12
+    assert torch.equal(results[0].images, alone.images) and torch.equal(results[2].images, other.images)
+    first_two = engine.generate(GenerateRequest(class_id=3, n=2, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    assert torch.equal(first_two.images, alone.images[:2])  # image j depends on (seed, j) only
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "status", "message"),
+    [
+        ({"class_id": 12}, 422, "unknown class_id 12"),
+        ({}, 422, "send a class_id"),
+        ({"class_id": 1, "top_p": 2.0}, 422, "top_p"),
+        ({"class_id": 1, "temperature": 0.0}, 422, "temperature"),
+        ({"class_id": 1, "top_k": [4, 4]}, 422, "depth 4"),
+        ({"class_id": 1, "n": 0}, 422, "positive number"),
+        ({"class_id": 1, "n": 7}, 413, "6 images per request"),
+        ({"class_id": 1, "prompt": "a cat"}, 422, "not text-conditioned"),
+        ({"class_id": 1, "cfg_interval": -5}, 422, "cfg_interval"),
+    ],
+)
+def test_invalid_requests_are_refused_with_the_reason(engine, request_fields, status, message):
+    with pytest.raises(RequestError, match=message) as err:
+        engine.submit(GenerateRequest(**request_fields))
+    assert err.value.status == status
+
+
+def test_a_full_queue_answers_429_and_recovers(class_model):
+    small = SamplingEngine(class_model, class_model.tokenizer, max_images=2, max_queue=2)
+    try:
+        with small._lock:  # the worker is stuck on the first job: two more fill the queue, the fourth is refused
+            first = small.submit(GenerateRequest(class_id=0, n=1))
+            time.sleep(0.2)
+            waiting = [small.submit(GenerateRequest(class_id=0, n=1)) for _ in range(2)]
+            with pytest.raises(RequestError, match="busy") as err:
+                small.submit(GenerateRequest(class_id=0, n=1))
+            assert err.value.status == 429
+        assert all(f.result(timeout=120).images.shape == (1, 1, 32, 32) for f in [first, *waiting])
+        assert small.generate(GenerateRequest(class_id=0, n=1), timeout=120).images.shape[0] == 1
+    finally:
+        small.close()
+
+
+# ---------------------------------------------------------------- HTTP API
+def test_api_health_model_and_generate(client):
+    assert client.get("/health").json()["status"] == "ok"
+    described = client.get("/model").json()
+    assert described["architecture"] == "RQTransformer" and described["conditioning"] == "class"
+    assert described["num_classes"] == 10 and described["depth"] == 4 and described["max_images_per_request"] == 6
+    body = {"class_id": 2, "n": 3, "seed": 5, "top_k": [16, 16, 8, 8], "top_p": 0.95, "cfg_scale": 2.0,
+            "coarse_to_fine": True}  # fmt: skip
+    answer = client.post("/generate", json=body)
+    assert answer.status_code == 200
+    data = answer.json()
+    images = [decode_png(text) for text in data["images"]]
+    assert len(images) == 3 and images[0].shape == (32, 32) and images[0].dtype == np.uint8
+    assert len(data["coarse_to_fine"]) == 4 and all(len(level) == 3 for level in data["coarse_to_fine"])
+    assert data["coarse_to_fine"][-1] == data["images"]  # all D codes: the images themselves
+    assert client.post("/generate", json=body).json()["images"] == data["images"]
+    archive = client.post("/generate", json={**body, "format": "zip"})
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+    assert sorted(n for n in names if "/" not in n) == ["image_000.png", "image_001.png", "image_002.png"]
+    assert len([n for n in names if n.startswith("coarse_to_fine/")]) == 12
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"class_id": 1, "top_p": 2}, 422, "top_p"),
+        ({"class_id": 99}, 422, "unknown class_id"),
+        ({"class_id": 1, "n": 100}, 413, "images per request"),
+        ({"class_id": 1, "steps": 3}, 422, "extra"),
+        ({"class_id": "seven"}, 422, "int"),
+        ({"class_id": 1, "format": "gif"}, 422, "pattern"),
+    ],
+)
+def test_api_rejects_bad_requests(client, body, status, message):
+    answer = client.post("/generate", json=body)
+    assert answer.status_code == status
+    assert message in str(answer.json()["detail"])
+
+
+def test_api_burst_of_concurrent_requests(client, engine):
+    import tracemalloc
+
+    runs = engine.model_runs
+    tracemalloc.start()
+
+    def ask(i: int):
+        return i, client.post("/generate", json={"class_id": i % 10, "n": 2, "seed": i, "top_k": 16})
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(ask, range(32)))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert all(answer.status_code == 200 and len(answer.json()["images"]) == 2 for _, answer in answers)
+    assert engine.model_runs - runs < 32  # requests waiting together were batched
+    assert peak < 64 * 2**20  # 64 tiny images and their requests: bounded, far below a leak's growth
+    alone = client.post("/generate", json={"class_id": 5 % 10, "n": 2, "seed": 5, "top_k": 16}).json()
+    assert answers[5][1].json()["images"] == alone["images"]  # batching did not change what seed 5 draws
+
+
+def test_serve_binds_to_loopback_unless_told_otherwise():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def test_vqar_serve_command(class_run, tmp_path):
+    """The real command: loads the run, names its classes from the run's code store, warns about 0.0.0.0."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"digit {i}" for i in range(10)))
+    command = [sys.executable, "-m", "vqar.cli", "serve", "--model", str(class_run), "--host", "0.0.0.0",
+               "--port", str(port), "--class-names", str(names), "--max-images", "3"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/model", timeout=2) as answer:
+                    described = json.loads(answer.read())
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1]
+                time.sleep(0.2)
+        else:
+            pytest.fail("vqar serve did not answer within 120 s")
+        assert described["class_names"][7] == "digit 7" and described["max_images_per_request"] == 3
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert "binding to 0.0.0.0" in err
+
+
+# ---------------------------------------------------------------- the page in a real browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    for _ in range(300):
+        if running.started:
+            break
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    running.should_exit = True
+    thread.join(timeout=10)
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed (`make browser` installs it)")
+def test_page_generates_in_a_real_browser(server, client):
+    pytest.importorskip("playwright", reason="playwright (Python) is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server, wait_until="networkidle")
+            page.locator("#class input").click()
+            page.get_by_role("option", name="7", exact=True).click()
+            page.locator("#seed input").fill("11")
+            page.locator("#n input[type=number]").fill("3")
+            page.locator("#n input[type=number]").press("Enter")
+
+            def generate(run: int) -> list[bytes]:
+                page.locator("#generate").click()
+                page.get_by_text(f"Run {run}: 3 images").wait_for(timeout=120_000)
+                sources = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
+                sources = list(dict.fromkeys(sources))  # a gallery may show a picture twice (thumbnail + preview)
+                assert len(sources) == 3
+                return [page.request.get(src).body() for src in sources]
+
+            first = generate(1)
+            assert all(body.startswith(b"\x89PNG") for body in first)
+            assert generate(2) == first  # the same seed gives the same images
+            # ... and they are what the API draws for class 7, seed 11 with the page's default settings
+            api = client.post("/generate", json={"class_id": 7, "n": 3, "seed": 11, "cfg_scale": 2.0}).json()
+            shown = [np.asarray(Image.open(io.BytesIO(body)).convert("L")) for body in first]
+            assert all(np.array_equal(a, decode_png(b)) for a, b in zip(shown, api["images"], strict=True))
+            assert page.locator("#coarse img").count() >= 3 * 4  # each image with 1..4 codes per position
+            shot = os.environ.get("VQAR_SCREENSHOT")
+            if shot:
+                Path(shot).parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=shot, full_page=True)
+        finally:
+            browser.close()
+
+
+def test_base64_images_round_trip():
+    pixels = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    assert np.array_equal(decode_png(base64.b64encode(buffer.getvalue()).decode()), pixels)
