@@ -42,14 +42,19 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=20, help="samples per prompt")
     parser.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--out", default="runs/bench/t2i")
+    parser.add_argument("--reuse", action="store_true", help="evaluate the model already trained in --out/ar")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = Path(args.out)
     codes = cached_code_store(out, "rqvae-mnist", args.tokenizer_steps, captions="digits")
-    start = time.perf_counter()
-    metrics = train_ar(load_run_config("rq-mnist-text", [f"codes={codes}", f"steps={args.steps}"]), out / "ar",
-                       overwrite=True)  # fmt: skip
-    seconds = time.perf_counter() - start
+    if args.reuse and (out / "ar" / "config.json").is_file():
+        earlier = json.loads((out / "results.json").read_text())
+        metrics, seconds = {"nll": earlier["val_nll"]}, earlier["seconds"]
+    else:
+        start = time.perf_counter()
+        metrics = train_ar(load_run_config("rq-mnist-text", [f"codes={codes}", f"steps={args.steps}"]), out / "ar",
+                           overwrite=True)  # fmt: skip
+        seconds = time.perf_counter() - start
     model = load(out / "ar")
     classifier = digit_classifier()
     rows = []
@@ -61,6 +66,11 @@ def main() -> None:
                   flush=True)  # fmt: skip
             if name == "unseen phrasings" and scale == args.cfg:
                 write_samples(result, out / "samples_unseen", args.per_prompt, individual=False)
+                for i, template in enumerate(templates):  # each phrasing on its own
+                    mine = result.labels % len(templates) == i
+                    digits = result.labels[mine] // len(templates)
+                    share = class_accuracy(result.images[mine], digits, classifier)
+                    print(f"  {template!r}: {100 * share:.1f}%", flush=True)
     print(f"\nrq-mnist-text (RQ-XS, {args.steps} steps, {seconds:.0f} s): val NLL {metrics['nll']:.4f}\n")
     print("| prompts | CFG | samples | digit named (classifier) |")
     print("|---|---|---|---|")

@@ -60,6 +60,11 @@ def client(engine):
 
 
 # ---------------------------------------------------------------- engine
+def _wait_until_taken(engine: SamplingEngine) -> None:
+    """Until the worker has taken the queued requests into a round (it then waits for the lock the test holds)."""
+    assert engine.sampling.wait(timeout=60), "the sampling worker did not take the queued request"
+
+
 def test_seeds_give_the_same_images_alone_or_batched(engine):
     alone = engine.generate(GenerateRequest(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
     assert alone.images.shape == (4, 1, 32, 32)
@@ -68,12 +73,14 @@ def test_seeds_give_the_same_images_alone_or_batched(engine):
     other = engine.generate(GenerateRequest(class_id=3, n=4, seed=8, top_k=16, cfg_scale=2.0), timeout=120)
     assert not torch.equal(alone.images, other.images)
     runs = engine.model_runs
-    with engine._lock:  # hold the model so that all three requests are waiting together, then batched
+    with engine._lock:  # the worker takes a first request and waits for the model; three more queue up meanwhile
+        blocker = engine.submit(GenerateRequest(class_id=0, n=1))
+        _wait_until_taken(engine)
         futures = [engine.submit(GenerateRequest(class_id=c, n=4, seed=s, top_k=16, cfg_scale=2.0))
                    for c, s in ((3, 7), (5, 1), (3, 8))]  # fmt: skip
-        time.sleep(0.2)
+    blocker.result(timeout=120)
     results = [f.result(timeout=120) for f in futures]
-    assert engine.model_runs == runs + 1 and results[0].batched_with == 12
+    assert engine.model_runs == runs + 2 and results[0].batched_with == 12  # the three shared one model run
     assert torch.equal(results[0].images, alone.images) and torch.equal(results[2].images, other.images)
     first_two = engine.generate(GenerateRequest(class_id=3, n=2, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
     assert torch.equal(first_two.images, alone.images[:2])  # image j depends on (seed, j) only
@@ -104,7 +111,7 @@ def test_a_full_queue_answers_429_and_recovers(class_model):
     try:
         with small._lock:  # the worker is stuck on the first job: two more fill the queue, the fourth is refused
             first = small.submit(GenerateRequest(class_id=0, n=1))
-            time.sleep(0.2)
+            _wait_until_taken(small)
             waiting = [small.submit(GenerateRequest(class_id=0, n=1)) for _ in range(2)]
             with pytest.raises(RequestError, match="busy") as err:
                 small.submit(GenerateRequest(class_id=0, n=1))
@@ -285,3 +292,16 @@ def test_base64_images_round_trip():
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     assert np.array_equal(decode_png(base64.b64encode(buffer.getvalue()).decode()), pixels)
+
+
+def test_page_settings_parse_one_value_or_one_per_depth():
+    from vqar.serve.ui import _or_default, parse_setting
+
+    assert parse_setting("0.9", float, 4, "top-p") == 0.9
+    assert parse_setting("512, 256,none,64", int, 4, "top-k") == [512, 256, None, 64]
+    assert parse_setting(" ", int, 4, "top-k") is None
+    assert _or_default(parse_setting("0", float, 4, "temperature"), 1.0) == 0.0  # refused later, not defaulted
+    with pytest.raises(RequestError, match="not a number"):
+        parse_setting("high", float, 4, "temperature")
+    with pytest.raises(RequestError, match="one code per position"):
+        parse_setting("1,2", int, 1, "top-k")

@@ -37,7 +37,7 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def text_tokenizer(tmp_path_factory) -> TextTokenizer:
-    return TextTokenizer.train(CAPTIONS, tmp_path_factory.mktemp("bpe"), vocab_size=120, length=10, min_frequency=1)
+    return TextTokenizer.train(CAPTIONS, tmp_path_factory.mktemp("bpe"), vocab_size=400, length=10, min_frequency=1)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -49,6 +49,8 @@ def test_tokenizer_round_trips_pads_and_lowercases(text_tokenizer):
     assert text_tokenizer.decode(ids[1]) == "two cats"
     assert (ids[1] == 0).sum() > 0 and ids[1, -1] == 0  # right-padded with [PAD]
     assert torch.equal(text_tokenizer.null_caption(3), torch.zeros(3, 10, dtype=torch.long))
+    unseen = text_tokenizer.encode("jqxz? 9")  # letters the captions lack are spelled out, never [UNK]
+    assert 1 not in unseen.tolist()[0] and text_tokenizer.decode(unseen[0]) == "jqxz ? 9"
 
 
 def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_tokenizer, caplog):
@@ -88,6 +90,8 @@ def test_tokenizer_saves_and_loads_the_release_file_layout(text_tokenizer, tmp_p
     assert torch.equal(from_release.encode("two cats")[:, :10], text_tokenizer.encode("two cats"))
     with pytest.raises(FileNotFoundError, match="text tokenizer"):
         TextTokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match="no caption text"):
+        TextTokenizer.train(["", "  "], tmp_path / "none")
     (release / "broken-vocab.json").write_text("{not json")
     (release / "broken-merges.txt").write_text("")
     with pytest.raises(ValueError, match="cannot read the BPE files"):

@@ -1,6 +1,6 @@
 """The HTTP API of `vqar serve` (FastAPI, the server Gradio itself runs on).
 
-    GET  /health     {"status": "ok", "queued": N}
+    GET  /health     {"status": "ok", "queued": N, "sampling": true while the model runs}
     GET  /model      what is loaded: architecture, conditioning, classes, limits
     POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
 
@@ -55,7 +55,7 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
 
     @router.get("/health")
     def health() -> dict:
-        return {"status": "ok", "queued": engine.jobs.qsize()}
+        return {"status": "ok", "queued": engine.jobs.qsize(), "sampling": engine.sampling.is_set()}
 
     @router.get("/model")
     def describe() -> dict:

@@ -89,6 +89,7 @@ class SamplingEngine:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.model_runs = 0  # how many generate calls served the requests (batching makes it fewer)
         self._lock = threading.Lock()  # one model run at a time, also for callers outside the worker
+        self.sampling = threading.Event()  # set while the worker holds a round of requests (for /health)
         self._worker = threading.Thread(target=self._work, name="vqar-sampler", daemon=True)
         self._worker.start()
 
@@ -200,8 +201,12 @@ class SamplingEngine:
             groups: dict[tuple, list[Job]] = {}
             for job in pending:
                 groups.setdefault(job.request.sampling_key(), []).append(job)
-            for jobs in groups.values():
-                self._run_group(jobs)
+            self.sampling.set()
+            try:
+                for jobs in groups.values():
+                    self._run_group(jobs)
+            finally:
+                self.sampling.clear()
 
     def _run_group(self, jobs: list[Job]) -> None:
         """Draws the images of `jobs` (same sampling settings) in batches of at most max_batch rows."""

@@ -37,6 +37,10 @@ def parse_setting(text: str | float | None, kind, depth: int, name: str):
     return values
 
 
+def _or_default(value, default):
+    return default if value is None else value  # an explicit 0 must reach validation, not become the default
+
+
 def _pictures(images) -> list[Image.Image]:
     pixels = to_uint8(images)
     return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
@@ -46,7 +50,10 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
     info = engine.describe()
     depth, names = engine.depth, info["class_names"]
     work = Path(work_dir or tempfile.mkdtemp(prefix="vqar-serve-"))
-    per_depth_hint = " (one value, or one per depth: 0.9,0.9,1,1)" if depth > 1 else ""
+
+    def per_depth_hint(example: str) -> str:
+        return f" (one value, or one per depth: {example})" if depth > 1 else ""
+
     with gr.Blocks(title="vqar") as page:
         conditioning = {"text": "prompt", "class": "class", "none": "unconditional"}[info["conditioning"]]
         gr.Markdown(
@@ -64,9 +71,11 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 n = gr.Slider(1, engine.max_images, value=min(4, engine.max_images), step=1,
                               label="Number of images", elem_id="n")  # fmt: skip
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                temperature = gr.Textbox("1.0", label=f"Temperature{per_depth_hint}", elem_id="temperature")
-                top_k = gr.Textbox("", label=f"Top-k, empty for off{per_depth_hint}", elem_id="top_k")
-                top_p = gr.Textbox("", label=f"Top-p, empty for off{per_depth_hint}", elem_id="top_p")
+                temperature = gr.Textbox(
+                    "1.0", label="Temperature" + per_depth_hint("1,1,0.9,0.9"), elem_id="temperature"
+                )
+                top_k = gr.Textbox("", label="Top-k, empty for off" + per_depth_hint("512,256,128,64"), elem_id="top_k")
+                top_p = gr.Textbox("", label="Top-p, empty for off" + per_depth_hint("0.9,0.9,1,1"), elem_id="top_p")
                 guidance = engine.has_null
                 cfg_scale = gr.Slider(1.0, 10.0, value=2.0 if guidance else 1.0, step=0.1, interactive=guidance,
                                       label="CFG scale" + ("" if guidance else " (not trained for guidance)"),
@@ -91,7 +100,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     prompt=settings.get("prompt"),
                     n=int(settings["n"]),
                     seed=int(settings["seed"] or 0),
-                    temperature=parse_setting(settings["temperature"], float, depth, "temperature") or 1.0,
+                    temperature=_or_default(parse_setting(settings["temperature"], float, depth, "temperature"), 1.0),
                     top_k=parse_setting(settings["top_k"], int, depth, "top-k"),
                     top_p=parse_setting(settings["top_p"], float, depth, "top-p"),
                     cfg_scale=float(settings["cfg_scale"]),

@@ -30,11 +30,19 @@ DIGIT_TEMPLATES = [
     "an image of the numeral {number}",
     "{word}",
     "a sketch of the number {number}",
+    "a photo of the digit {word}",
+    "{number}",
+    "this is a {word}, drawn by hand",
+    "a black and white image of a handwritten {word}",
+    "the numeral {word} in ink",
+    "a small grey image showing the number {number}",
 ]
+# No held-out phrasing may contain another digit's name, even inside a word: "someone wrote the digit seven" was
+# one, and the BPE splits "someone" into s-o-m-e-"one", the token that names the digit 1.
 HELD_OUT_DIGIT_TEMPLATES = [
     "a picture of a handwritten {word}",
     "number {number}, written by hand",
-    "someone wrote the digit {word}",
+    "a student wrote the digit {word}",
 ]
 
 

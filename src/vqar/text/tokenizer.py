@@ -13,8 +13,10 @@ Saved as a folder: `vocab.json`, `merges.txt` and `text_tokenizer.json` (length,
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -63,19 +65,25 @@ class TextTokenizer:
     def train(cls, captions: Iterable[str], folder: str | Path, *, vocab_size: int = 4096, length: int = RELEASE_LENGTH,
               dropout: float | None = 0.1, min_frequency: int = 2) -> TextTokenizer:  # fmt: skip
         """Learns a BPE vocabulary (at most `vocab_size` entries, `[PAD]` = 0 and `[UNK]` = 1 as in the release)
-        from `captions` and saves the tokenizer to `folder`."""
+        from `captions` and saves the tokenizer to `folder`. Every printable ASCII character is in the vocabulary
+        even when the captions lack it, so a prompt's new words are spelled out, never `[UNK]`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tokenizer = CharBPETokenizer(unk_token=UNK, lowercase=True)
+        alphabet = string.ascii_lowercase + string.digits + string.punctuation
+        captions = [c for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            raise ValueError("no caption text to learn a BPE vocabulary from")
+        # One extra line of single-character words puts each character's word-final form ("z</w>") in too.
+        lines = itertools.chain(captions, [" ".join(alphabet)])
         tokenizer.train_from_iterator(
-            (c for c in captions if c and c.strip()),
+            lines,
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=[PAD, UNK],
+            initial_alphabet=list(alphabet),
             show_progress=False,
         )
-        if tokenizer.get_vocab_size() <= 2:
-            raise ValueError("no caption text to learn a BPE vocabulary from")
         tokenizer.save_model(str(folder))  # vocab.json + merges.txt
         made = cls(folder / "vocab.json", folder / "merges.txt", length, dropout)
         made.save(folder)
