@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vqar.sampling.filters import check_sampling_args, per_depth
+from vqar.sampling.filters import per_depth_settings
 from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, save_image, to_uint8
 from vqar.utils.io import atomic_write
@@ -81,13 +81,8 @@ def sample_images(
     sample`)."""
     check_compatible(model, tokenizer)
     depth = getattr(model, "depth", 1)
-    for t, k, p in zip(
-        per_depth(sampling.get("temperature", 1.0), depth, "temperature"),
-        per_depth(sampling.get("top_k"), depth, "top_k"),
-        per_depth(sampling.get("top_p"), depth, "top_p"),
-        strict=True,
-    ):
-        check_sampling_args(t, k, p, sampling.get("cfg_scale", 1.0), sampling.get("cfg_interval"))
+    per_depth_settings(depth, sampling.get("temperature", 1.0), sampling.get("top_k"), sampling.get("top_p"),
+                       sampling.get("cfg_scale", 1.0), sampling.get("cfg_interval"))  # fmt: skip
     if depth == 1:  # a GPT takes single values
         sampling = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in sampling.items()}
     device = next(model.parameters()).device

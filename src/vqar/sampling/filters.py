@@ -38,6 +38,16 @@ def per_depth(value, depth: int, name: str) -> list:
     return [value] * depth
 
 
+def per_depth_settings(depth: int, temperature, top_k, top_p, cfg_scale: float = 1.0,
+                       cfg_interval: int | None = None) -> tuple[list, list, list]:  # fmt: skip
+    """Checked per-depth lists (temperatures, top-ks, top-ps) from settings given once or one per depth."""
+    temps = per_depth(temperature, depth, "temperature")
+    ks, ps = per_depth(top_k, depth, "top_k"), per_depth(top_p, depth, "top_p")
+    for t, k, p in zip(temps, ks, ps, strict=True):
+        check_sampling_args(t, k, p, cfg_scale, cfg_interval)
+    return temps, ks, ps
+
+
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on a batch stacked as [conditional; unconditional] -> (B/2, V)."""
     cond, uncond = logits.float().chunk(2, dim=0)

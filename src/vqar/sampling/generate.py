@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vqar.sampling.filters import check_sampling_args, guide, per_depth, sample_logits
+from vqar.sampling.filters import check_sampling_args, guide, per_depth_settings, sample_logits
 
 
 def _guided_at(index: int, cfg_scale: float, cfg_interval: int | None) -> bool:
@@ -99,10 +99,7 @@ def generate_rq(
     """Samples codes (B, h, w, D) from an `RQTransformer`; temperature, top_k and top_p may be per-depth lists.
     `use_cache=False` recomputes both transformers from scratch at every step."""
     depth = model.depth
-    temps = per_depth(temperature, depth, "temperature")
-    ks, ps = per_depth(top_k, depth, "top_k"), per_depth(top_p, depth, "top_p")
-    for t, k, p in zip(temps, ks, ps, strict=True):
-        check_sampling_args(t, k, p, cfg_scale, cfg_interval)
+    temps, ks, ps = per_depth_settings(depth, temperature, top_k, top_p, cfg_scale, cfg_interval)
     ids, n = _condition_ids(model, model.cond_emb, cond, batch_size, cfg_scale)
     doubled = cfg_scale != 1.0
     body_caches, head_caches = model.new_caches()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vqar.sampling.export import batch_generator, check_compatible, condition_embedding
-from vqar.sampling.filters import check_sampling_args, per_depth
+from vqar.sampling.filters import per_depth_settings
 
 log = logging.getLogger("vqar.serve")
 
@@ -130,13 +130,11 @@ class SamplingEngine:
             raise RequestError(f"n={request.n} is more than this server's {self.max_images} images per request",
                                status=413)  # fmt: skip
         try:
-            temps = per_depth(request.temperature, self.depth, "temperature")
-            ks, ps = per_depth(request.top_k, self.depth, "top_k"), per_depth(request.top_p, self.depth, "top_p")
             if self.depth == 1 and any(isinstance(v, list) for v in (request.temperature, request.top_k,
                                                                     request.top_p)):  # fmt: skip
                 raise ValueError("this model has one code per position: give single sampling values, not lists")
-            for t, k, p in zip(temps, ks, ps, strict=True):
-                check_sampling_args(t, k, p, request.cfg_scale, request.cfg_interval)
+            per_depth_settings(self.depth, request.temperature, request.top_k, request.top_p, request.cfg_scale,
+                               request.cfg_interval)  # fmt: skip
         except (ValueError, TypeError) as err:
             raise RequestError(str(err)) from None
         if request.cfg_scale != 1.0 and not self.has_null:
