@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vqar.data import DataConfig, build_datasets
 from vqar.data.codes import CodeDataset, extract_codes, read_manifest
@@ -65,3 +66,44 @@ def test_existing_store_is_not_overwritten_and_damage_is_detected(tiny_pipeline,
     with pytest.raises(FileNotFoundError, match="extract-codes"):
         CodeDataset(tmp_path)
     assert not list(tmp_path.glob(".codes.tmp-*"))
+
+
+def test_shards_of_a_captioned_folder_hold_what_one_shard_holds(tiny_pipeline, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "squares").mkdir(parents=True)
+    for i in range(7):
+        Image.fromarray(np.full((32, 32), 30 * i, dtype=np.uint8)).save(folder / "squares" / f"{i}.png")
+    (folder / "squares" / "broken.png").write_bytes(b"not a png")
+    captions = [{"file": f"squares/{i}.png", "caption": f"square {i}"} for i in (0, 2, 3, 5)]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    data = DataConfig(source=str(folder), eval_batch_size=2)
+    whole = extract_codes(tokenizer, data, tmp_path / "whole")
+    sharded = extract_codes(tokenizer, data, tmp_path / "sharded", shard_size=3)
+    assert [s["count"] for s in sharded["shards"]] == [3, 1] and len(whole["shards"]) == 1
+    for manifest in (whole, sharded):
+        assert manifest["num_items"] == 4 and manifest["uncaptioned_images"] == 3 and manifest["skipped_files"] == 1
+    one, many = CodeDataset(tmp_path / "whole"), CodeDataset(tmp_path / "sharded")
+    assert [many[i].captions for i in range(4)] == [[f"square {i}"] for i in (0, 2, 3, 5)]
+    assert all(torch.equal(one[i].codes, many[i].codes) and one[i].captions == many[i].captions for i in range(4))
+
+
+def test_a_failed_extraction_keeps_the_previous_store_and_leaves_no_partial_files(tiny_pipeline, tmp_path, monkeypatch):
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    data = DataConfig(source="mnist", max_images=40, eval_batch_size=8)
+    extract_codes(tokenizer, data, tmp_path / "codes")
+    before = (tmp_path / "codes" / "manifest.json").read_text()
+    encode, calls = type(tokenizer).encode, []
+
+    def failing_encode(self, images):
+        calls.append(len(images))
+        if len(calls) == 4:  # after three shards were written
+            raise RuntimeError("out of memory")
+        return encode(self, images)
+
+    monkeypatch.setattr(type(tokenizer), "encode", failing_encode)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_codes(tokenizer, data, tmp_path / "codes", overwrite=True, shard_size=8)
+    assert (tmp_path / "codes" / "manifest.json").read_text() == before
+    assert len(CodeDataset(tmp_path / "codes")) == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes"]

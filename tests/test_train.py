@@ -244,6 +244,70 @@ def test_learning_rate_schedule():
     assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+def test_a_task_schedule_replaces_warmup_cosine_where_it_answers(tmp_path, monkeypatch):
+    from vqar.train.loop import warmup_cosine
+
+    monkeypatch.setattr(TokenizerTask, "lr_factor", lambda self, step: 0.5 if step < 3 else None)
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=6", "train.log_every=1"])
+    train_tokenizer(cfg, tmp_path / "run")
+    train = cfg.train
+    expected = [0.5] * 3 + [warmup_cosine(step, train.warmup_steps, 6, train.min_lr_ratio) for step in (3, 4, 5)]
+    assert [r["lr"] for r in _records(tmp_path / "run", "train")] == pytest.approx([train.lr * f for f in expected])
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vqar.train import loop
+
+    clock = [0.0]  # a fake clock: a training step takes 1 s, an evaluation or a checkpoint 100 s
+
+    def taking(seconds, method):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return method(*args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(TokenizerTask, "train_step", taking(1.0, TokenizerTask.train_step))
+    monkeypatch.setattr(loop.Trainer, "evaluate", taking(100.0, loop.Trainer.evaluate))
+    monkeypatch.setattr(loop.Trainer, "save", taking(100.0, loop.Trainer.save))
+    overrides = [*TINY_RUN, "steps=9", "train.log_every=3", "train.eval_every=2", "train.ckpt_every=4"]
+    train_tokenizer(load_run_config("rqvae-mnist", overrides), tmp_path / "run")
+    assert [r["samples_per_s"] for r in _records(tmp_path / "run", "train")] == [32.0] * 3  # data.batch_size=32
+
+
+def test_the_progress_bar_shows_the_task_metrics(tmp_path, monkeypatch):
+    from vqar.train import loop
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **settings):
+            self.settings, self.postfixes = settings, []
+            bars.append(self)
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, postfix, refresh):
+            self.postfixes.append(postfix)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: False)  # as in a batch job's log
+    train_tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "steps=5"]), tmp_path / "run")
+    (bar,) = bars
+    shown = {"total": 5, "initial": 0, "desc": "train", "dynamic_ncols": True, "mininterval": 30.0, "disable": False}
+    assert bar.settings == shown
+    # The tokenizer's choice (d_loss joins once the discriminator trains); the metric log keeps every metric.
+    assert list(bar.postfixes[-1]) == ["loss", "psnr", "usage"]
+    assert {"perplexity", "lr", "samples_per_s"} <= _records(tmp_path / "run", "train")[-1].keys()
+
+
 def test_resuming_with_another_architecture_is_a_clear_error(trained_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(trained_run[0], run_dir)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vqar.data.config import DataConfig
 from vqar.data.datasets import open_dataset
-from vqar.data.loading import BadFileReport, EpochSampler, make_loader
+from vqar.data.loading import BadFileReport, Batch, EpochSampler, make_loader
 from vqar.data.transforms import ten_crop
 from vqar.utils.io import fsync_dir, sha256_file
 
@@ -156,6 +157,100 @@ def _views(images: torch.Tensor, views: str, size: int) -> torch.Tensor:
     return images[:, None]
 
 
+def _encode(tokenizer, images: torch.Tensor, views: str, size: int) -> np.ndarray:
+    """(B, C, S, S) images -> (B, V, h, w[, D]) codes of their views."""
+    stack = _views(images, views, size)
+    codes = tokenizer.encode(stack.flatten(0, 1)).view(len(stack), stack.shape[1], *tokenizer.code_shape(size))
+    return codes.cpu().numpy()
+
+
+def _save_tokenizer(tokenizer, tokenizer_dir: str | Path | None, dest: Path) -> None:
+    """Copies `tokenizer_dir` without its training leftovers when given, else saves `tokenizer`."""
+    from vqar.pretrained import save_pretrained
+
+    if tokenizer_dir is not None:
+        skip = shutil.ignore_patterns("checkpoints", "*.png", "*.jsonl", "*.yaml")
+        shutil.copytree(tokenizer_dir, dest, ignore=skip)
+    else:
+        save_pretrained(tokenizer, dest)
+
+
+class _StoreWriter:
+    """Assembles a code store in a temporary folder beside `out_dir`, in shards of `shard_size` items or more.
+    `publish` renames the complete store into place; leaving the `with` block removes whatever is left, so a crash
+    never leaves a half-written store.
+
+    `source_captions` (a caption list per dataset index) makes a text-to-image store: it keeps only the images
+    with a caption."""
+
+    def __init__(self, out_dir: Path, codebook_size: int, shard_size: int, source_captions: Sequence[list[str]] | None):
+        self.out_dir, self.shard_size, self.source_captions = out_dir, shard_size, source_captions
+        self.folder = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed extraction that had the same process id
+        self.folder.mkdir(parents=True)
+        self.dtype = np.uint16 if codebook_size <= 65536 else np.int32
+        self.shards: list[dict] = []
+        self.captions: list[list[str]] = []
+        self.uncaptioned = 0
+        self._codes: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+
+    def __enter__(self) -> _StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def keep_captioned(self, batch: Batch) -> None:
+        """In a text-to-image store, drops the images of `batch` without a caption (in place) and keeps the captions
+        of the others."""
+        if self.source_captions is None or len(batch) == 0:
+            return
+        keep = torch.tensor([bool(self.source_captions[i]) for i in batch.indices.tolist()])
+        self.uncaptioned += int((~keep).sum())
+        batch.images, batch.labels, batch.indices = batch.images[keep], batch.labels[keep], batch.indices[keep]
+        self.captions.extend(self.source_captions[i] for i in batch.indices.tolist())
+
+    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        self._codes.append(codes)
+        self._labels.append(labels)
+        self._pending += len(codes)
+        if self._pending >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered items as the next shard, with the checksums `CodeDataset` verifies."""
+        if not self._codes:
+            return
+        name = f"{len(self.shards):05d}"
+        codes = np.concatenate(self._codes)
+        files = {"codes": f"codes-{name}.npy", "labels": f"labels-{name}.npy"}
+        np.save(self.folder / files["codes"], codes.astype(self.dtype))
+        np.save(self.folder / files["labels"], np.concatenate(self._labels).astype(np.int64))
+        sha256 = {key: sha256_file(self.folder / file) for key, file in files.items()}
+        self.shards.append({**files, "count": len(codes), "sha256": sha256})
+        self._codes.clear()
+        self._labels.clear()
+        self._pending = 0
+
+    def publish(self, manifest: dict) -> None:
+        """Writes the captions, if any (adding their entries to `manifest`), and the manifest, then renames the store
+        to `out_dir`, replacing an existing one."""
+        if self.source_captions is not None:
+            file = self.folder / "captions.json"
+            file.write_text(json.dumps(self.captions, ensure_ascii=False), encoding="utf-8")
+            manifest["captions"] = {"file": file.name, "sha256": sha256_file(file)}
+            manifest["uncaptioned_images"] = self.uncaptioned
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsync_dir(self.folder)
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        os.replace(self.folder, self.out_dir)
+        fsync_dir(self.out_dir.parent)
+        return manifest
+
+
 @torch.no_grad()
 def extract_codes(
     tokenizer,
@@ -174,8 +269,6 @@ def extract_codes(
     `data.image_size` and `data.channels` are the tokenizer's input; with `views="ten-crop"` images are first fitted
     to round(image_size * crop_range). `tokenizer_dir`, when given, is copied into the store (else the tokenizer is
     saved there)."""
-    from vqar.pretrained import save_pretrained
-
     if views not in VIEWS:
         raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
     if crop_range < 1.0:
@@ -186,64 +279,21 @@ def extract_codes(
     size = data.image_size
     fit = round(size * crop_range) if views == "ten-crop" else size
     dataset = open_dataset(DataConfig(**{**data.__dict__, "image_size": fit, "val_fraction": 0.0}))
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    bad = BadFileReport()
-    shards, buffer_codes, buffer_labels = [], [], []
-    dataset_captions = getattr(dataset, "captions", None)
-    captions: list[list[str]] = []
-    uncaptioned = 0
     tokenizer = tokenizer.to(device).eval()
-
-    def flush() -> None:
-        if not buffer_codes:
-            return
-        name = f"{len(shards):05d}"
-        codes = np.concatenate(buffer_codes)
-        dtype = np.uint16 if tokenizer.codebook_size <= 65536 else np.int32
-        np.save(tmp / f"codes-{name}.npy", codes.astype(dtype))
-        np.save(tmp / f"labels-{name}.npy", np.concatenate(buffer_labels).astype(np.int64))
-        files = {"codes": f"codes-{name}.npy", "labels": f"labels-{name}.npy"}
-        shards.append({**files, "count": len(codes), "sha256": {k: sha256_file(tmp / f) for k, f in files.items()}})
-        buffer_codes.clear()
-        buffer_labels.clear()
-
-    try:
-        loader = make_loader(
-            dataset,
-            data.eval_batch_size,
-            sampler=EpochSampler(len(dataset), seed=0, shuffle=False),
-            num_workers=data.num_workers,
-        )
-        pending = 0
+    bad = BadFileReport()
+    source_captions = getattr(dataset, "captions", None)
+    with _StoreWriter(out_dir, tokenizer.codebook_size, shard_size, source_captions) as store:
+        sampler = EpochSampler(len(dataset), seed=0, shuffle=False)
+        loader = make_loader(dataset, data.eval_batch_size, sampler=sampler, num_workers=data.num_workers)
         for batch in tqdm(loader, desc="extracting codes", leave=False):
             bad.add(batch.bad)
-            if len(batch) == 0:
-                continue
-            if dataset_captions is not None:  # a text-to-image store keeps only the captioned images
-                keep = torch.tensor([bool(dataset_captions[i]) for i in batch.indices.tolist()])
-                uncaptioned += int((~keep).sum())
-                if not keep.any():
-                    continue
-                batch.images, batch.labels = batch.images[keep], batch.labels[keep]
-                captions.extend(dataset_captions[i] for i in batch.indices[keep].tolist())
-            stack = _views(batch.images.to(device), views, size)
-            codes = tokenizer.encode(stack.flatten(0, 1)).view(len(stack), stack.shape[1], *tokenizer.code_shape(size))
-            buffer_codes.append(codes.cpu().numpy())
-            buffer_labels.append(batch.labels.numpy())
-            pending += len(batch)
-            if pending >= shard_size:
-                flush()
-                pending = 0
-        flush()
-        if not shards:
+            store.keep_captioned(batch)
+            if len(batch):
+                store.add(_encode(tokenizer, batch.images.to(device), views, size), batch.labels.numpy())
+        store.flush()
+        if not store.shards:
             raise ValueError(f"no readable images in {data.source}")
-        if tokenizer_dir is not None:
-            skip = shutil.ignore_patterns("checkpoints", "*.png", "*.jsonl", "*.yaml")
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer", ignore=skip)
-        else:
-            save_pretrained(tokenizer, tmp / "tokenizer")
+        _save_tokenizer(tokenizer, tokenizer_dir, store.folder / "tokenizer")
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -254,24 +304,13 @@ def extract_codes(
             "source": str(data.source),
             "views": VIEWS[views],
             "crop_range": crop_range if views == "ten-crop" else None,
-            "num_items": int(sum(s["count"] for s in shards)),
+            "num_items": int(sum(s["count"] for s in store.shards)),
             "num_classes": int(getattr(dataset, "num_classes", 0)),
             "class_names": list(getattr(dataset, "class_names", [])),
             "skipped_files": bad.count,
-            "shards": shards,
+            "shards": store.shards,
         }
-        if dataset_captions is not None:
-            (tmp / "captions.json").write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
-            manifest["captions"] = {"file": "captions.json", "sha256": sha256_file(tmp / "captions.json")}
-            manifest["uncaptioned_images"] = uncaptioned
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.publish(manifest)
     if bad.summary():
         log.warning(bad.summary())
     return manifest

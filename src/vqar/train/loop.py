@@ -24,7 +24,8 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +55,8 @@ class TrainTask(ABC):
     collate = staticmethod(collate_samples)
     # The validation metric that picks the best checkpoint, kept beside the newest ones: (name, "max" or "min").
     best_metric: tuple[str, str] | None = None
+    # The training metrics the progress bar shows, of those a step returns (the metric log keeps them all).
+    progress_metrics: tuple[str, ...] = ("loss",)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -68,6 +71,11 @@ class TrainTask(ABC):
 
     @abstractmethod
     def evaluate(self, batches: Iterable) -> dict[str, float]: ...
+
+    def lr_factor(self, step: int) -> float | None:
+        """A task may bring its own learning-rate schedule (e.g. NPP's per-segment restarts): the factor of the base
+        learning rate at `step`. None keeps the loop's warmup + cosine."""
+        return None
 
     def state_dict(self) -> dict:
         """Extra state a checkpoint must keep for an exact resume (e.g. an augmentation generator)."""
@@ -120,6 +128,41 @@ class LoaderSettings(Protocol):
     num_workers: int
 
 
+class _LogWindow:
+    """The training steps since the last metric log: their metrics, how many were skipped, and their time."""
+
+    def __init__(self) -> None:
+        self._restart()
+
+    def _restart(self) -> None:
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.steps = self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict[str, float], skipped: bool) -> None:
+        self.steps += 1
+        self.skipped += int(skipped)
+        for key, value in metrics.items():
+            self.metrics[key].append(value)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) is not training time: throughput leaves it out."""
+        paused = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - paused
+
+    def flush(self, par: Parallel, batch_size: int) -> dict[str, float]:
+        """The window's metric means over all ranks (a collective), skipped steps and global throughput in samples
+        per second; a new window starts."""
+        means = par.mean({k: sum(v) / len(v) for k, v in self.metrics.items()})
+        if self.skipped:
+            means["skipped_steps"] = self.skipped
+        means["samples_per_s"] = self.steps * batch_size / (time.perf_counter() - self.start)
+        self._restart()
+        return means
+
+
 class Trainer:
     def __init__(
         self,
@@ -147,10 +190,8 @@ class Trainer:
 
         # A plain function, not a callable object: LambdaLR then saves only the step count, and a resumed run
         # whose train.steps was raised follows the schedule of its new configuration.
-        custom = getattr(task, "lr_factor", None)  # a task may bring its own schedule (NPP's segment restarts)
-
         def factor(step: int) -> float:
-            own = custom(step) if custom is not None else None
+            own = task.lr_factor(step)
             return own if own is not None else warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
         self.schedulers = {
@@ -264,75 +305,34 @@ class Trainer:
         return 3 * params * shards + (1 << 20)
 
     def _fit(self, resume: bool) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, par = self.cfg, self.par
         if resume and not self.restore():
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
         if self.step >= cfg.steps:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self.evaluate()
-        par = self.par
         sampler = EpochSampler(len(self.train_set), seed=cfg.seed, rank=par.rank, world_size=par.world_size)
-        running: dict[str, list[float]] = defaultdict(list)
-        skipped_in_window = steps_in_window = 0
-        window_start = time.perf_counter()
+        window = _LogWindow()
         last_eval: dict[str, float] = {}
-        interactive = sys.stderr.isatty()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            desc="train",
-            dynamic_ncols=True,
-            mininterval=0.5 if interactive else 30.0,
-            disable=(None if interactive else False) if par.is_main else True,
-        )
+        bar = self._progress_bar()
         try:
             while self.step < cfg.steps:
-                epoch, position = divmod(self.step, self.batches_per_epoch)
-                sampler.set_epoch(epoch, start=position * self.local_batch)
-                loader = make_loader(
-                    self.train_set,
-                    self.local_batch,
-                    sampler=sampler,
-                    num_workers=self.data.num_workers,
-                    drop_last=True,
-                    seed=cfg.seed + epoch,
-                    collate_fn=self.task.collate,
-                )
-                for batch in loader:
-                    if self.step // self.batches_per_epoch != epoch:
-                        break  # padding for the ranks can leave one more local batch than the global epoch has
+                for batch in self._epoch_batches(sampler):
                     metrics = self._train_step(batch)
                     self.step += 1
-                    steps_in_window += 1
                     bar.update(1)
-                    if metrics.pop("skipped", 0.0):
-                        self._count_nonfinite()
-                        skipped_in_window += 1
-                    else:
-                        self.nonfinite_in_a_row = 0
-                    for key, value in metrics.items():
-                        running[key].append(value)
+                    self._record(metrics, window)
                     if par.any(self.stop_signal is not None):
                         self._stop_on_signal()
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        means = par.mean({k: sum(v) / len(v) for k, v in running.items()})
-                        if skipped_in_window:
-                            means["skipped_steps"] = skipped_in_window
-                        # Global training throughput over the window (evaluation and checkpoint time excluded).
-                        means["samples_per_s"] = (
-                            steps_in_window * self.data.batch_size / (time.perf_counter() - window_start)
-                        )
-                        running.clear()
-                        skipped_in_window = steps_in_window = 0
-                        window_start = time.perf_counter()
-                        bar.set_postfix(_short(means), refresh=False)
+                    if self._due(cfg.log_every):
+                        means = window.flush(par, self.data.batch_size)
+                        bar.set_postfix(_short(means, self.task.progress_metrics), refresh=False)
                         self._log("train", means)
-                    paused = time.perf_counter()
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        last_eval = self.evaluate()
-                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                        self.save()
-                    window_start += time.perf_counter() - paused
+                    with window.paused():
+                        if self._due(cfg.eval_every):
+                            last_eval = self.evaluate()
+                        if self._due(cfg.ckpt_every):
+                            self.save()
                     if self.step >= cfg.steps:
                         break
         finally:
@@ -341,6 +341,51 @@ class Trainer:
             if summary:
                 log.warning(summary)
         return last_eval
+
+    def _progress_bar(self) -> tqdm:
+        """Rank 0's progress bar (the other ranks' is disabled): redrawn twice a second on a terminal, every 30 s
+        into a log file."""
+        interactive = sys.stderr.isatty()
+        return tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5 if interactive else 30.0,
+            # False, not tqdm's default None, keeps the bar in a job's log, where stderr is no terminal.
+            disable=(None if interactive else False) if self.par.is_main else True,
+        )
+
+    def _epoch_batches(self, sampler: EpochSampler) -> Iterator:
+        """The current epoch's batches from the position the step count has reached (hence an exact resume)."""
+        epoch, position = divmod(self.step, self.batches_per_epoch)
+        sampler.set_epoch(epoch, start=position * self.local_batch)
+        loader = make_loader(
+            self.train_set,
+            self.local_batch,
+            sampler=sampler,
+            num_workers=self.data.num_workers,
+            drop_last=True,
+            seed=self.cfg.seed + epoch,
+            collate_fn=self.task.collate,
+        )
+        for batch in loader:
+            if self.step // self.batches_per_epoch != epoch:
+                break  # padding for the ranks can leave one more local batch than the global epoch has
+            yield batch
+
+    def _record(self, metrics: dict[str, float], window: _LogWindow) -> None:
+        """Counts a skipped step (stopping after too many in a row) and adds the step to the log window."""
+        skipped = bool(metrics.pop("skipped", 0.0))
+        if skipped:
+            self._count_nonfinite()
+        else:
+            self.nonfinite_in_a_row = 0
+        window.add(metrics, skipped)
+
+    def _due(self, every: int) -> bool:
+        """Whether a periodic action (log, evaluation, checkpoint) falls on this step; all fall on the last one."""
+        return self.step % every == 0 or self.step == self.cfg.steps
 
     def _train_step(self, batch) -> dict[str, float]:
         self.bad_files.add(getattr(batch, "bad", ()))
@@ -425,6 +470,5 @@ class Trainer:
             handle.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")
 
 
-def _short(metrics: dict[str, float]) -> dict[str, str]:
-    keep = ("loss", "psnr", "usage", "d_loss")
-    return {k: f"{metrics[k]:.4g}" for k in keep if k in metrics}
+def _short(metrics: dict[str, float], names: Iterable[str]) -> dict[str, str]:
+    return {k: f"{metrics[k]:.4g}" for k in names if k in metrics}
