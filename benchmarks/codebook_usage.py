@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
-from vqar.train.tokenizer import load_run_config, train_tokenizer
+from common import equal_budget, print_table, train_each
 
 GRADIENT_CODEBOOK = ["model.quantizer.ema=false", "model.quantizer.restart_dead=false"]
 CONFIGS = [
@@ -55,29 +54,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = Path(args.out) / f"K{args.codebook}"
     rows = []
-    for name, preset, extra in CONFIGS:
-        overrides = [
-            *GRADIENT_CODEBOOK,
-            *extra,
-            f"c={args.codebook}",
-            f"steps={args.steps}",
-            f"lr={args.lr}",
-            "train.warmup_steps=100",
-            f"train.eval_every={args.steps}",
-            f"train.ckpt_every={args.steps}",
-            f"train.seed={args.seed}",
-        ]
-        start = time.perf_counter()
-        metrics = train_tokenizer(load_run_config(preset, overrides), out / name.replace(", ", "_").replace(" ", ""),
-                                  overwrite=True)  # fmt: skip
-        rows.append({"tokenizer": name, "usage": metrics["usage"], "psnr": metrics["psnr"],
-                     "seconds": time.perf_counter() - start, "paper_usage": PAPER[name]})  # fmt: skip
+    shared = [*GRADIENT_CODEBOOK, f"lr={args.lr}", "train.warmup_steps=100",
+              *equal_budget(args.codebook, args.steps, args.seed)]  # fmt: skip
+    for name, _, _, _, metrics, seconds in train_each(CONFIGS, out, shared):
+        rows.append({"tokenizer": name, "usage": metrics["usage"], "psnr": metrics["psnr"], "seconds": seconds,
+                     "paper_usage": PAPER[name]})  # fmt: skip
         print(f"{name}: usage {metrics['usage']:.1f}%, PSNR {metrics['psnr']:.2f} dB", flush=True)
     print(f"\nK = {args.codebook}, {args.steps} steps each, validation = 500 held-out digits\n")
-    print("| tokenizer | usage (%) | val PSNR (dB) | paper usage (ImageNet, K=8192) |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokenizer']} | {r['usage']:.1f} | {r['psnr']:.2f} | {r['paper_usage']} |")
+    print_table(["tokenizer", "usage (%)", "val PSNR (dB)", "paper usage (ImageNet, K=8192)"],
+                [[r["tokenizer"], f"{r['usage']:.1f}", f"{r['psnr']:.2f}", r["paper_usage"]] for r in rows])
     by_name = {r["tokenizer"]: r for r in rows}
     low_dim_l2 = min(by_name[f"ViT, dim {d}, l2"]["usage"] for d in (16, 8, 4))
     no_l2 = by_name["ViT, dim 32, no l2"]["usage"]

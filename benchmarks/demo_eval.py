@@ -18,14 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from vqar.bundle import load
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.eval.generation import evaluate_samples, inception_outputs, save_stats
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats
 from vqar.eval.probe import linear_probe
 from vqar.eval.sources import load_images
-from vqar.pretrained import load
-from vqar.sampling.export import sample_images, write_adm_npz
+from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling.export import write_adm_npz
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
     report: dict = {"run": args.run, "cfg_scale": args.cfg}
 
     start = time.perf_counter()
-    result = sample_images(model, model.tokenizer, list(range(10)), args.per_class, seed=1, cfg_scale=args.cfg)
+    conditions = make_conditions(model, classes=list(range(10)), n_per_condition=args.per_class)
+    result = draw(model, conditions, SamplingSettings(cfg_scale=args.cfg, seed=1), progress=True)
     write_adm_npz(result, work / "samples.npz")
     report["samples"] = len(result.images)
     classifier = digit_classifier()
@@ -61,7 +63,7 @@ def main() -> None:
         report["reference_images"] = len(images)
     report.update(evaluate_samples(work / "samples.npz", ref, inception))
 
-    blocks = model.cfg.body_layers
+    blocks = model.cfg.n_layer
     layer = blocks // 2 if args.layer is None else args.layer
     probe = linear_probe(model, "mnist", layer)
     report["linear_probe"] = probe

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from common import cached_code_store
+from vqar.bundle import load
 from vqar.eval.digits import class_accuracy, digit_classifier
-from vqar.pretrained import load
-from vqar.sampling.export import sample_images
+from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.train.ar import load_run_config, train_ar
 from vqar.train.npp import relative_cost
 
@@ -68,8 +68,8 @@ def main() -> None:
         metrics = train_ar(load_run_config("gpt-mnist", overrides), run_dir, overwrite=True)
         seconds = time.perf_counter() - start
         model = load(run_dir)
-        samples = sample_images(model, model.tokenizer, list(range(10)), args.per_class, seed=args.seed, progress=False,
-                                cfg_scale=1.5)  # fmt: skip
+        conditions = make_conditions(model, classes=list(range(10)), n_per_condition=args.per_class)
+        samples = draw(model, conditions, SamplingSettings(cfg_scale=1.5, seed=args.seed))
         rows.append({
             "run": name,
             "seconds": seconds,

@@ -26,10 +26,9 @@ import argparse
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
-from vqar.train.tokenizer import load_run_config, train_tokenizer
+from common import equal_budget, print_table, train_each
 
 CONFIGS = [
     ("VQ 4x4x1", "vq-mnist-4x4", []),
@@ -54,20 +53,8 @@ def main() -> None:
     out = Path(args.out) / f"K{args.codebook}"
 
     rows = []
-    for name, preset, extra in CONFIGS:
-        overrides = [
-            *extra,
-            f"c={args.codebook}",
-            f"steps={args.steps}",
-            f"train.eval_every={args.steps}",
-            f"train.ckpt_every={args.steps}",
-            f"train.seed={args.seed}",
-        ]
-        cfg = load_run_config(preset, overrides)
-        run_dir = out / name.replace(" ", "_")
-        start = time.perf_counter()
-        metrics = train_tokenizer(cfg, run_dir, overwrite=True)
-        seconds = time.perf_counter() - start
+    for name, preset, extra, cfg, metrics, seconds in train_each(CONFIGS, out, equal_budget(args.codebook, args.steps,
+                                                                                          args.seed)):  # fmt: skip
         side = cfg.data.image_size // cfg.model.conv.downsample_factor
         depth = cfg.model.quantizer.depth
         rows.append(
@@ -84,17 +71,11 @@ def main() -> None:
         )
         print(f"{name}: PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1f}% ({seconds:.0f} s)", flush=True)
 
-    print()
-    print(f"K = {args.codebook}, {args.steps} steps each, validation = 500 held-out digits")
-    print()
+    print(f"\nK = {args.codebook}, {args.steps} steps each, validation = 500 held-out digits\n")
     # Wall times are in results.json only: the budget that is equal here is the number of steps.
-    print("| tokenizer | preset | AR positions | codes / image | bits / image | val PSNR (dB) | usage (%) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['tokenizer']} | `{r['preset']}` | {r['positions']} | {r['codes_per_image']} | "
-            f"{r['bits_per_image']:.0f} | {r['psnr']:.2f} | {r['usage']:.1f} |"
-        )
+    print_table(["tokenizer", "preset", "AR positions", "codes / image", "bits / image", "val PSNR (dB)", "usage (%)"],
+                [[r["tokenizer"], f"`{r['preset']}`", r["positions"], r["codes_per_image"],
+                  f"{r['bits_per_image']:.0f}", f"{r['psnr']:.2f}", f"{r['usage']:.1f}"] for r in rows])  # fmt: skip
     by_name = {r["tokenizer"]: r for r in rows}
     gain = by_name["RQ 4x4x4"]["psnr"] - by_name["VQ 4x4x1"]["psnr"]
     gap = by_name["VQ 8x8x1"]["psnr"] - by_name["RQ 4x4x4"]["psnr"]

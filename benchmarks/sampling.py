@@ -7,11 +7,13 @@ have random weights and (nearly) equal parameter counts, K=16384 codes, and gene
     large grid:  GPT over 16x16x1 codes  vs  RQ-Transformer over 8x8x4 codes
 
 at batch sizes 16, 64 and 256, in fp32 and with bf16 autocast, with the KV cache, and without it at the smallest
-setting. It prints images per second, the RQ/GPT speed ratio, and the achieved decode FLOP/s against this
-machine's matmul peak measured in the same run.
+setting (the reference of `vqar.testing`, which reruns the teacher-forced forward pass before every code). It
+prints images per second, the RQ/GPT speed ratio, and the achieved decode FLOP/s against this machine's matmul peak
+measured in the same run.
 
     python benchmarks/sampling.py                  # the full table (~10 minutes on 2 CPU cores)
     python benchmarks/sampling.py --quick          # batch 16 only
+    python benchmarks/sampling_vs.py REV           # this table beside the one of git revision REV, interleaved
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
+from vqar.sampling import SamplingSettings, generate
+from vqar.testing import generate_uncached
 
 K = 16384
 WIDTH, HEADS = 512, 8
@@ -32,7 +36,8 @@ CODE_DIM = 64
 
 
 def build_gpt(grid: int) -> GPT:
-    cfg = GPTConfig(vocab_size=K, grid=[grid, grid], dim=WIDTH, n_layer=GPT_LAYERS, n_head=HEADS, num_classes=1000)
+    cfg = GPTConfig(vocab_size=K, code_shape=[grid, grid], dim=WIDTH, n_layer=GPT_LAYERS, n_head=HEADS,
+                    num_classes=1000)  # fmt: skip
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)
     return model
@@ -43,10 +48,10 @@ def build_rq(grid: int, depth: int) -> RQTransformer:
         vocab_size=K,
         code_shape=[grid, grid, depth],
         code_dim=CODE_DIM,
-        embed_dim=WIDTH,
+        dim=WIDTH,
         n_head=HEADS,
-        body_layers=RQ_BODY,
-        head_layers=RQ_HEAD,
+        n_layer=RQ_BODY,
+        n_depth_layer=RQ_HEAD,
         num_classes=1000,
         class_dropout_prob=0.1,
     )
@@ -60,16 +65,16 @@ def params(model) -> int:
 def gpt_flops_per_image(model: GPT) -> float:
     """Matmul FLOPs of one generated image: per step, every layer's weights (12 d^2 MACs), attention over the
     cached prefix (2 d MACs per cached token), and the output projection (d K)."""
-    d, layers, steps = model.cfg.dim, model.cfg.n_layer, model.cfg.num_tokens
+    d, layers, steps = model.cfg.dim, model.cfg.n_layer, model.cfg.num_positions
     per_layer = sum(2 * (12 * d * d + 2 * d * (t + 1)) for t in range(steps))
     return layers * per_layer + steps * 2 * d * K
 
 
 def rq_flops_per_image(model: RQTransformer) -> float:
-    e, (h, w, depth) = model.cfg.embed_dim, model.cfg.code_shape
+    e, (h, w, depth) = model.cfg.dim, model.cfg.code_shape
     positions = h * w
-    body = model.cfg.body_layers * sum(2 * (12 * e * e + 2 * e * (t + 1)) for t in range(positions))
-    head = positions * model.cfg.head_layers * sum(2 * (12 * e * e + 2 * e * (t + 1)) for t in range(depth))
+    body = model.cfg.n_layer * sum(2 * (12 * e * e + 2 * e * (t + 1)) for t in range(positions))
+    head = positions * model.cfg.n_depth_layer * sum(2 * (12 * e * e + 2 * e * (t + 1)) for t in range(depth))
     return body + head + positions * depth * 2 * e * K
 
 
@@ -84,11 +89,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 def images_per_second(model, batch: int, precision: str, use_cache: bool = True) -> float:
     cond = torch.randint(0, 1000, (batch,))
+    sample = generate if use_cache else generate_uncached
+    settings = SamplingSettings(top_k=1024)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.no_grad()
     with context:
-        model.generate(cond[:2], top_k=1024, use_cache=use_cache)  # warm-up
+        sample(model, cond[:2], settings)  # warm-up
         start = time.perf_counter()
-        model.generate(cond, top_k=1024, use_cache=use_cache)
+        sample(model, cond, settings)
         return batch / (time.perf_counter() - start)
 
 

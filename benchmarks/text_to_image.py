@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from common import cached_code_store
+from common import cached_code_store, print_table
+from vqar.bundle import load
 from vqar.eval.digits import class_accuracy, digit_classifier
-from vqar.pretrained import load
-from vqar.sampling.export import sample_images, write_samples
+from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling.export import write_samples
 from vqar.text.captions import DIGIT_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, digit_captions
 from vqar.train.ar import load_run_config, train_ar
 
@@ -29,8 +30,8 @@ from vqar.train.ar import load_run_config, train_ar
 def prompt_accuracy(model, templates: list[str], per_prompt: int, cfg_scale: float, classifier, seed: int):
     prompts = [caption for digit in range(10) for caption in digit_captions(digit, templates)]
     digits = torch.arange(10).repeat_interleave(len(templates))
-    result = sample_images(model, model.tokenizer, None, per_prompt, prompts=prompts, batch_size=250, seed=seed,
-                           progress=False, cfg_scale=cfg_scale)  # fmt: skip
+    conditions = make_conditions(model, prompts=prompts, n_per_condition=per_prompt)
+    result = draw(model, conditions, SamplingSettings(cfg_scale=cfg_scale, seed=seed), batch_size=250)
     accuracy = class_accuracy(result.images, digits[result.labels], classifier)
     return accuracy, result
 
@@ -72,10 +73,8 @@ def main() -> None:
                     share = class_accuracy(result.images[mine], digits, classifier)
                     print(f"  {template!r}: {100 * share:.1f}%", flush=True)
     print(f"\nrq-mnist-text (RQ-XS, {args.steps} steps, {seconds:.0f} s): val NLL {metrics['nll']:.4f}\n")
-    print("| prompts | CFG | samples | digit named (classifier) |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['prompts']} | {r['cfg']} | {r['n']} | {100 * r['accuracy']:.1f}% |")
+    print_table(["prompts", "CFG", "samples", "digit named (classifier)"],
+                [[r["prompts"], r["cfg"], r["n"], f"{100 * r['accuracy']:.1f}%"] for r in rows])
     unseen = max(r["accuracy"] for r in rows if r["prompts"] == "unseen phrasings")
     print(f"\nunseen phrasings: {100 * unseen:.1f}% (target >= 80%)")
     summary = {"steps": args.steps, "seconds": seconds, "val_nll": metrics["nll"], "rows": rows}

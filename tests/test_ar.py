@@ -14,8 +14,8 @@ from conftest import TINY_AR
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.configs import ConfigError
-from vqar.sampling.export import sample_images
-from vqar.train.ar import load_run_config, train_ar
+from vqar.sampling import SamplingSettings, draw, generate, make_conditions
+from vqar.train.ar import build_model, compose_run_config, load_run_config, train_ar
 
 
 def _records(run_dir, split):
@@ -44,29 +44,27 @@ def test_rq_transformer_trains_and_exports(rq_run):
     assert isinstance(model, RQTransformer) and model.tokenizer is not None
     assert model.code_shape == (4, 4, 4) and model.num_classes == 10
     assert torch.equal(model.code_embeddings[0], model.tokenizer.quantizer.codebook(0).vectors())
-    codes = model.generate(torch.arange(3), greedy=True)
+    codes = generate(model, torch.arange(3), SamplingSettings(greedy=True))
     assert model.tokenizer.decode(codes).shape == (3, 1, 32, 32)
 
 
 def test_loss_decreases_on_a_small_batch_for_both_models(tiny_pipeline):
     from vqar.data.codes import CodeDataset
-    from vqar.train.ar import ARModelConfig, build_model
 
     store = CodeDataset(tiny_pipeline / "codes")
     codes = torch.stack([store[i].codes[0] for i in range(16)])
     labels = torch.tensor([store[i].label for i in range(16)])
     no_dropout = dict(class_dropout_prob=0.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-    gpt = GPT(GPTConfig(**GPT_SIZES["GPT-XS"], vocab_size=64, grid=[4, 4], num_classes=10, **no_dropout))
-    rq_cfg = ARModelConfig(arch="rq")
-    rq_cfg.rq.resid_pdrop = 0.0
-    for key, value in RQ_SIZES["RQ-XS"].items():
-        setattr(rq_cfg.rq, key, value)
-    rq = build_model(rq_cfg, store)
+    gpt = GPT(GPTConfig(**GPT_SIZES["GPT-XS"], vocab_size=64, code_shape=[4, 4], num_classes=10, **no_dropout))
+    rq_cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", "size=RQ-XS",
+                                          "model.resid_dropout_p=0.0", "model.class_dropout_prob=0.0"])  # fmt: skip
+    rq = build_model(rq_cfg, vqar.load(tiny_pipeline / "codes" / "tokenizer"))
     for model, batch in ((gpt, codes[..., 0]), (rq, codes)):  # the GPT learns the first-depth code grid
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
         for _ in range(60):
-            loss = model.loss(model(batch, labels), batch)
+            logits = model(batch, labels).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.reshape(-1))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -117,38 +115,40 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert [r["positions"] for r in train[::2]] == [16 * 4, 16 * 16, 16 * 64, 16 * 64]
     assert train[0]["lr"] == 0.0 and train[2]["lr"] == 0.0  # every segment restarts its warmup
     with pytest.raises(ValueError, match="trains a GPT"):
-        load_run_config("rq-mnist", ["npp.level=2"])
+        load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "npp.level=2"])
     with pytest.raises(ValueError, match="patch size 16"):
         train_ar(load_run_config("gpt-mnist", [*overrides[:4], "npp.level=5"]), tmp_path / "npp5")
     metrics = train_ar(
         load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"]), tmp_path / "vim"
     )
-    assert np.isfinite(metrics["nll"]) and vqar.load(tmp_path / "vim").kind == "vim"
+    assert np.isfinite(metrics["nll"]) and vqar.load(tmp_path / "vim").arch == "vim"
 
     # A text-conditioned GPT: the captions of the digits as a prefix, caption dropout, a prompt at sampling time.
     extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200, captions="digits"), tmp_path / "text-codes")
     overrides = [f"codes={tmp_path / 'text-codes'}", "size=GPT-XS", "steps=6", "bs=16", "text.length=8",
-                 "text.vocab_size=64", "sample.n_per_class=1"]  # fmt: skip
+                 "text.vocab_size=160", "sample.n_per_class=1"]  # fmt: skip
     assert np.isfinite(train_ar(load_run_config("gpt-mnist", overrides), tmp_path / "gpt-text")["nll"])
     gpt = vqar.load(tmp_path / "gpt-text")
-    assert gpt.is_text_conditioned and gpt.cfg.prefix_length == 8 and gpt.cls_embedding.has_null
-    result = sample_images(gpt, gpt.tokenizer, None, 2, prompts=["the digit 4"], cfg_scale=2.0, progress=False)
+    assert gpt.conditioning.value == "text" and gpt.cfg.prefix_length == 8 and gpt.has_null_condition
+    conditions = make_conditions(gpt, prompts=["the digit 4"], n_per_condition=2)
+    result = draw(gpt, conditions, SamplingSettings(cfg_scale=2.0))
     assert result.images.shape == (2, 1, 32, 32) and result.prompts == ["the digit 4"]
     with pytest.raises(ValueError, match="VIM is class-conditional"):
         train_ar(load_run_config("vim-mnist", overrides[:1] + ["steps=2"]), tmp_path / "vim-text")
 
 
 def test_size_presets_fill_the_architecture_and_overrides_win(tiny_pipeline):
-    cfg = load_run_config("rq-mnist", ["size=RQ-480M"])
-    assert (cfg.model.rq.embed_dim, cfg.model.rq.body_layers, cfg.model.rq.head_layers) == (1536, 12, 4)
-    cfg = load_run_config("rq-mnist", ["size=RQ-480M", "model.rq.body_layers=3"])
-    assert cfg.model.rq.body_layers == 3 and cfg.model.rq.embed_dim == 1536
-    cfg = load_run_config("gpt-imagenet", ["size=GPT-XL"])
-    assert (cfg.model.gpt.n_layer, cfg.model.gpt.dim) == (36, 1280)
+    codes = f"codes={tiny_pipeline / 'codes'}"
+    cfg = load_run_config("rq-mnist", [codes, "size=RQ-480M"])
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.model.n_depth_layer) == (1536, 12, 4)
+    cfg = load_run_config("rq-mnist", [codes, "size=RQ-480M", "model.n_layer=3"])
+    assert cfg.model.n_layer == 3 and cfg.model.dim == 1536
+    node, _ = compose_run_config("gpt-imagenet", ["size=GPT-XL"])  # no code store: the architecture is known
+    assert (node.model.n_layer, node.model.dim) == (36, 1280)
     with pytest.raises(ConfigError, match="unknown rq size"):
         load_run_config("rq-mnist", ["size=GPT-B"])
-    with pytest.raises(ValueError, match="data.codes"):
-        train_ar(load_run_config("rq-mnist"), tiny_pipeline / "nowhere")
+    with pytest.raises(ConfigError, match="data.codes"):
+        load_run_config("rq-mnist")
 
 
 def test_sample_cli_writes_grid_pngs_and_adm_npz(rq_run, tmp_path, capsys):
@@ -212,7 +212,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, classifier_cache):
 )
 def test_gpt_sizes_have_the_papers_parameter_counts(size, millions):
     with torch.device("meta"):
-        model = GPT(GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_classes=1000))
+        model = GPT(GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_classes=1000))  # a 16x16 grid
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 1
 
 
@@ -223,3 +223,26 @@ def test_rq_sizes_have_the_papers_parameter_counts(size, millions):
     with torch.device("meta"):
         model = RQTransformer(RQTransformerConfig(**RQ_SIZES[size], vocab_size=16384, num_classes=1000))
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 1
+
+
+def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tiny_pipeline, capsys):
+    from vqar.configs import to_dict
+
+    codes = tiny_pipeline / "codes"
+    assert main(["config", "ar", "rq-mnist", f"codes={codes}"]) == 0
+    text = capsys.readouterr().out
+    assert "arch: rq\n" in text and "size: RQ-XS\n" in text
+    assert "n_kv_head" not in text and "rope_base" not in text  # the GPT's fields: not this run's architecture
+    assert f"  vocab_size: 64  # from the code store {codes}" in text
+    assert f"  num_classes: 10  # from the code store {codes}" in text
+    assert f"  code_shape:  # from the code store {codes}\n  - 4\n  - 4\n  - 4\n" in text
+    assert f"  code_dim: 32  # from the code store {codes}" in text  # the tokenizer's code vectors
+    # what the trained run recorded and exported is what the configuration said
+    overrides = [f"codes={codes}", *TINY_AR, "steps=60", "train.eval_every=30", "lr=3e-3"]  # as rq_run
+    assert to_dict(load_run_config("rq-mnist", overrides).model) == to_dict(vqar.load(rq_run).cfg)
+    assert main(["config", "ar", "gpt-mnist"]) == 0
+    assert "  vocab_size: ???  # from the code store: give codes=DIR" in capsys.readouterr().out
+    assert main(["config", "ar", "rq-mnist", f"codes={codes}", "model.vocab_size=512"]) == 2
+    assert "model.vocab_size=512 contradicts the code store" in capsys.readouterr().err
+    assert main(["train", "ar", "rq-mnist", "--out", str(tiny_pipeline / "never")]) == 2
+    assert "come from the code store" in capsys.readouterr().err

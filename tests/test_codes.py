@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vqar.bundle import load
 from vqar.data import DataConfig, build_datasets
 from vqar.data.codes import CodeDataset, extract_codes, read_manifest
-from vqar.pretrained import load
 
 
 def test_store_layout_and_codes_match_the_tokenizer(tiny_pipeline):

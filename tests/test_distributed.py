@@ -28,8 +28,8 @@ TOKENIZER_RUN = [*TINY_RUN, "data.max_images=256", "data.random_flip=false", "mo
 TOKENIZER_RUN += ["steps=6", "train.eval_every=6", "train.ckpt_every=3", "train.log_every=3"]
 AR_RUN = [
     *TINY_AR,
-    "model.rq.resid_pdrop=0",
-    "model.rq.class_dropout_prob=0",
+    "model.resid_dropout_p=0",
+    "model.class_dropout_prob=0",
     "steps=6",
     "train.eval_every=6",
     "train.ckpt_every=3",
@@ -92,9 +92,9 @@ def _assert_trained(start: dict, end: dict) -> None:
 
 @pytest.fixture(scope="module")
 def single_view_codes(tiny_pipeline):
+    from vqar.bundle import load
     from vqar.data import DataConfig
     from vqar.data.codes import extract_codes
-    from vqar.pretrained import load
 
     out = tiny_pipeline / "codes-1view"
     if not out.exists():
@@ -136,7 +136,7 @@ def test_two_process_ar_training_matches_one_process(tmp_path, single_view_codes
 def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_codes):
     """The consolidated FSDP checkpoint is an ordinary one: a single process loads the model and continues the
     run from it (optimizer state included) to the weights of an uninterrupted 1-process run."""
-    from vqar.pretrained import load
+    from vqar.bundle import load
 
     run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"

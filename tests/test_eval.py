@@ -154,8 +154,8 @@ def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
 
 # ---------------------------------------------------------------- tokenizer, AR model, sampling
 def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
+    from vqar.bundle import load
     from vqar.eval.rfid import evaluate_tokenizer
-    from vqar.pretrained import load
 
     tokenizer = load(tiny_pipeline / "tokenizer")
     result = evaluate_tokenizer(tokenizer, "mnist", None, max_images=40, batch_size=16)
@@ -171,40 +171,40 @@ def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
 
     run = tmp_path / "ar"
     train_ar(load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10"]), run)
-    from vqar.pretrained import load
+    from vqar.bundle import load
 
     model = load(run)
     result = linear_probe(model, "mnist", layer=1, max_images=300)
     assert result["test_images"] == 30 and 0.0 <= result["accuracy"] <= 1.0
-    assert result["feature_dim"] == model.cfg.embed_dim and result["pixel_dim"] == 16
+    assert result["feature_dim"] == model.cfg.dim and result["pixel_dim"] == 16
     with pytest.raises(ValueError, match="layer must be in"):
         block_features(model, torch.zeros(1, *model.code_shape, dtype=torch.long), 99)
 
 
 def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):
     from vqar.ar import RQTransformer, RQTransformerConfig
-    from vqar.pretrained import load
-    from vqar.sampling.rejection import class_scores, rejection_sample
+    from vqar.bundle import load
+    from vqar.eval.rejection import class_scores, rejection_sample
 
     tokenizer = load(tiny_pipeline / "tokenizer")
-    books = torch.stack([tokenizer.quantizer.codebook(d).vectors() for d in range(len(tokenizer.quantizer.codebooks))])
+    books = tokenizer.code_vectors()
     cfg = RQTransformerConfig(vocab_size=tokenizer.codebook_size, code_shape=list(tokenizer.code_shape()),
-                              code_dim=books.shape[-1], embed_dim=32, n_head=2, body_layers=1, head_layers=1,
+                              code_dim=books.shape[-1], dim=32, n_head=2, n_layer=1, n_depth_layer=1,
                               num_classes=3)  # fmt: skip
-    model = RQTransformer(cfg, code_embeddings=books).eval()
+    model = RQTransformer(cfg, code_embeddings=books).eval().attach(tokenizer)
 
     def brightness_classifier(images):  # class 0 prefers dark images, class 2 bright ones
         mean = images.mean((1, 2, 3))
         return torch.stack([-10 * mean, torch.zeros_like(mean), 10 * mean], dim=1)
 
-    result, report = rejection_sample(model, tokenizer, [0, 2], 3, 0.25, brightness_classifier, progress=False)
+    result, report = rejection_sample(model, [0, 2], 3, 0.25, brightness_classifier)
     assert report["drawn"] == 24 and report["kept"] == 6 and report["accept_rate"] == 0.25
     assert report["mean_score_kept"] >= report["mean_score_all"]
     assert result.labels.tolist() == [0, 0, 0, 2, 2, 2]
     scores = class_scores(brightness_classifier, result.images, result.labels)
     assert float(scores.mean()) == pytest.approx(report["mean_score_kept"], rel=1e-5)
     with pytest.raises(ValueError, match="accept_rate"):
-        rejection_sample(model, tokenizer, [0], 3, 1.5, brightness_classifier)
+        rejection_sample(model, [0], 3, 1.5, brightness_classifier)
 
 
 def test_bench_sample_cli(capsys):

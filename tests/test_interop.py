@@ -14,8 +14,11 @@ from safetensors.torch import load_file
 import vqar
 from vqar.ar import GPT, RQTransformer
 from vqar.quantize.vector import entropy_penalty
-from vqar.sampling.filters import filter_logits
+from vqar.sampling import SamplingSettings, filter_logits, generate
+from vqar.testing import generate_uncached
 from vqar.tokenizers import Tokenizer
+
+GREEDY = SamplingSettings(greedy=True)
 
 ATOL, IMAGE_ATOL = 1e-4, 2e-4
 
@@ -77,12 +80,11 @@ def test_rqvae_release_ema_step_parity(rq_release_folder):
         close(codebook.weight, io[f"ema_post_cb{i}_weight"][:-1], atol=1e-7, rtol=1e-5)
 
 
+def mean_cross_entropy(logits, codes):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
 # ---------------------------------------------------------------- RQ-Transformer
-def _rq_outputs(model: RQTransformer, codes, cond):
-    out = model(codes, cond)
-    return out if isinstance(out, tuple) else (out, None)
-
-
 def test_rq_transformer_release_parity(rq_transformer_release_folder):
     folder = rq_transformer_release_folder
     io = load_file(str(folder / "rqtransformer_io.safetensors"))
@@ -90,18 +92,18 @@ def test_rq_transformer_release_parity(rq_transformer_release_folder):
     assert isinstance(model, RQTransformer) and isinstance(model.tokenizer, Tokenizer)
     codes, cond = io["codes"], io.get("cond")
     with torch.no_grad():
-        logits, text_logits = _rq_outputs(model, codes, cond)
+        logits, text_logits = model(codes, cond)
         close(logits, io["logits"])
-        close(model.loss(logits, codes), io["ce_loss"], atol=0, rtol=1e-5)
+        close(mean_cross_entropy(logits, codes), io["ce_loss"], atol=0, rtol=1e-5)
         per_depth = F.cross_entropy(logits.flatten(0, 3), codes.flatten(), reduction="none").view(-1, codes.shape[-1])
         close(per_depth.mean(0), io["per_depth_ce"], atol=0, rtol=1e-5)
         for key in ("cond_logits", "text_logits"):
             if key in io:
                 close(text_logits, io[key])
-        sample = model.generate(cond, batch_size=len(codes), greedy=True)
+        sample = generate(model, cond, GREEDY, batch_size=len(codes))
         assert torch.equal(sample, io["greedy_sample_codes"])
-        assert torch.equal(model.generate(cond, batch_size=len(codes), greedy=True, use_cache=False), sample)
-        close(_rq_outputs(model, sample, cond)[0], io["greedy_sample_logits"])
+        assert torch.equal(generate_uncached(model, cond, GREEDY, batch_size=len(codes)), sample)
+        close(model(sample, cond).logits, io["greedy_sample_logits"])
         close(model.tokenizer.decode(sample), io["greedy_sample_pixels"], atol=IMAGE_ATOL)
 
 
@@ -161,10 +163,10 @@ def test_llamagen_gpt_teacher_forced_parity(llamagen_gpt_folder):
     io, model, tokens = _gpt_and_tokens(llamagen_gpt_folder)
     labels = io["labels"]
     with torch.no_grad():
-        logits = model(tokens, labels)
+        logits = model(tokens, labels).logits
         close(logits.flatten(1, 2), io["tf_logits"])
-        close(model.loss(logits, tokens), io["tf_loss"], atol=0, rtol=1e-5)
-        close(model(tokens, None).flatten(1, 2), io["tf_logits_uncond"])  # cond=None is the null class
+        close(mean_cross_entropy(logits, tokens), io["tf_loss"], atol=0, rtol=1e-5)
+        close(model(tokens, None).logits.flatten(1, 2), io["tf_logits_uncond"])  # cond=None is the null class
     close(model.rope, io["rope_freqs_cis"], atol=1e-6)
 
 
@@ -178,12 +180,17 @@ def test_llamagen_gpt_greedy_generation_parity(llamagen_gpt_folder):
     assert runs
     for run in runs:
         tag, scale, interval = run["tag"], run["cfg_scale"], run["cfg_interval"]
+        settings = SamplingSettings(greedy=True, cfg_scale=scale, cfg_interval=interval)
         with torch.no_grad():
-            generated = model.generate(labels, greedy=True, cfg_scale=scale, cfg_interval=interval)
+            generated = generate(model, labels, settings)
             assert torch.equal(generated.flatten(1), io[f"gen_{tag}_tokens"]), tag
-            cond = model(generated, labels)
-            guided = cond if scale == 1 else model(generated, None) + scale * (cond - model(generated, None))
-            close(guided.flatten(1, 2), io[f"gen_{tag}_guided_logits"])
+            cond = model(generated, labels).logits.flatten(1, 2)
+            null = model(generated, None).logits.flatten(1, 2) if scale > 1 else cond
+            # LlamaGen's interval: token 0 always guided, token t > 0 while t - 1 <= interval (-1: every token)
+            steps = torch.arange(cond.shape[1])
+            guided_at = (steps == 0) | (interval < 0) | (steps - 1 <= interval) if scale > 1 else steps < 0
+            expected = torch.where(guided_at[None, :, None], null + scale * (cond - null), cond)
+            close(expected, io[f"gen_{tag}_guided_logits"])
             if vq is not None and f"gen_{tag}_images" in io:
                 close(vq.decode(generated), io[f"gen_{tag}_images"], atol=IMAGE_ATOL)
 
@@ -218,14 +225,16 @@ def test_npp_training_forward_parity(npp_folder):
         for p in sizes:
             close(patch_embeddings(model, tokens, p), io[f"npp_p{p}_patch_embeddings"], atol=1e-6)
             assert torch.equal(patchify(tokens, p), io[f"npp_p{p}_patch_targets"])
-            close(patch_rope(model, p), io[f"npp_p{p}_freqs_cis"], atol=1e-6)
+            close(patch_rope(model.cfg, p), io[f"npp_p{p}_freqs_cis"], atol=1e-6)
             logits = next_patch_logits(model, tokens, labels, p)
             close(logits, io[f"npp_p{p}_logits"])
             close(next_patch_loss(logits, tokens, p), io[f"npp_p{p}_loss"], atol=0, rtol=1e-5)
-        # p = 1 is ordinary next-token training, exactly
+        # p = 1 is ordinary next-token training: the same logits exactly, the same loss up to the order in which
+        # two different reductions add the same terms
         logits = next_patch_logits(model, tokens, labels, 1)
-        assert torch.equal(logits.view_as(model(tokens, labels)), model(tokens, labels))
-        assert torch.equal(next_patch_loss(logits, tokens, 1), model.loss(model(tokens, labels), tokens))
+        token_logits = model(tokens, labels).logits
+        assert torch.equal(logits.view_as(token_logits), token_logits)
+        close(next_patch_loss(logits, tokens, 1), mean_cross_entropy(token_logits, tokens), atol=0, rtol=1e-6)
         close(next_patch_loss(logits, tokens, 1), io["npp_p1_loss"], atol=0, rtol=1e-6)
 
 

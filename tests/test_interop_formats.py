@@ -8,8 +8,10 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
@@ -17,7 +19,10 @@ import vqar
 from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.interop import UnsafeCheckpointError
+from vqar.interop.llamagen import GPT_NAMES
+from vqar.interop.rq_release import RQ_TRANSFORMER_NAMES
 from vqar.quantize import QuantizerConfig
+from vqar.sampling import SamplingSettings, generate
 from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
 
 
@@ -82,21 +87,17 @@ def write_rq_release(folder, tokenizer: Tokenizer, model: RQTransformer) -> None
         "block_size": list(c.code_shape),
         "vocab_size_cond": c.text_vocab_size if text else max(c.num_classes, 1),
         "block_size_cond": c.text_length if text else 1,
-        "embed_dim": c.embed_dim,
+        "embed_dim": c.dim,
         "input_embed_dim": c.code_dim,
         "input_emb_vqvae": True,
         "head_emb_vqvae": True,
         "cumsum_depth_ctx": True,
         "shared_tok_emb": True,
         "shared_cls_emb": True,
-        "body": {"n_layer": c.body_layers, "block": block},
-        "head": {"n_layer": c.head_layers, "block": block},
+        "body": {"n_layer": c.n_layer, "block": block},
+        "head": {"n_layer": c.n_depth_layer, "block": block},
     }
-    state = {
-        k.replace("cond_emb.embedding_table.weight", "cond_emb.weight"): v
-        for k, v in model.state_dict().items()
-        if k != "code_embeddings"
-    }
+    state = RQ_TRANSFORMER_NAMES.to_upstream({k: v for k, v in model.state_dict().items() if k != "code_embeddings"})
     _write_stage(folder / "stage2", stage2_arch, state)
 
 
@@ -150,16 +151,16 @@ def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
             )
         )
     )
-    books = torch.stack([tokenizer.quantizer.codebook(d).vectors() for d in range(len(tokenizer.quantizer.codebooks))])
+    books = tokenizer.code_vectors()
     cfg = RQTransformerConfig(
         vocab_size=24,
         code_shape=[2, 3, 3],
         code_dim=6,
         shared_codebook=not text,
-        embed_dim=16,
+        dim=16,
         n_head=2,
-        body_layers=2,
-        head_layers=1,
+        n_layer=2,
+        n_depth_layer=1,
         num_classes=0 if text else 7,
         text_length=5 if text else 0,
         text_vocab_size=30 if text else 0,
@@ -177,15 +178,16 @@ def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
     with torch.no_grad():
         expected, got = model(codes, cond), loaded(codes, cond)
         if text:
-            assert isinstance(got, tuple) and got[1].shape == (2, 4, 30)
-            torch.testing.assert_close(got[1], expected[1])
-            got, expected = got[0], expected[0]
-        torch.testing.assert_close(got, expected)
+            assert got.text_logits.shape == (2, 4, 30)
+            torch.testing.assert_close(got.text_logits, expected.text_logits)
+        else:
+            assert got.text_logits is None
+        torch.testing.assert_close(got.logits, expected.logits)
         images = torch.rand(2, 3, 16, 24) * 2 - 1  # a non-square image gives a non-square code grid
         assert torch.equal(loaded.tokenizer.encode(images), tokenizer.encode(images))
         assert loaded.tokenizer.encode(images).shape == (2, 4, 6, 3)
-        sample = loaded.generate(cond, greedy=True)
-        assert torch.equal(sample, model.generate(cond, greedy=True))
+        sample = generate(loaded, cond, SamplingSettings(greedy=True))
+        assert torch.equal(sample, generate(model, cond, SamplingSettings(greedy=True)))
     ema = vqar.load_pretrained(tmp_path / "release" / "stage1", ema=True)
     assert torch.allclose(ema.encoder.conv_in.weight, tokenizer.encoder.conv_in.weight + 1)
 
@@ -210,7 +212,7 @@ def test_rq_transformer_without_its_stage1_says_what_to_pass(tmp_path, rq_transf
 def test_llamagen_gpt_from_json_fields_in_fsdp_raw_format(tmp_path):
     cfg = GPTConfig(
         vocab_size=40,
-        grid=[4, 4],
+        code_shape=[4, 4],
         dim=32,
         n_layer=2,
         n_head=4,
@@ -221,7 +223,8 @@ def test_llamagen_gpt_from_json_fields_in_fsdp_raw_format(tmp_path):
         num_classes=5,
     )
     model = _randomize(GPT(cfg))
-    raw = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # FSDP-consolidated, compiled
+    upstream = GPT_NAMES.to_upstream(model.state_dict())
+    raw = {f"_orig_mod.{k}": v for k, v in upstream.items()}  # FSDP-consolidated, compiled
     torch.save(raw, tmp_path / "consolidated.pt")
     fields = {
         "dim": 32,
@@ -244,16 +247,15 @@ def test_llamagen_gpt_from_json_fields_in_fsdp_raw_format(tmp_path):
     loaded = vqar.load_pretrained(tmp_path / "consolidated.pt", config=tmp_path / "config.json")
     codes, labels = torch.randint(0, 40, (3, 4, 4)), torch.tensor([0, 4, 2])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(codes, labels), model(codes, labels), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(codes, labels).logits, model(codes, labels).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="EMA"):
         vqar.load_pretrained(tmp_path / "consolidated.pt", config=tmp_path / "config.json", ema=True)
 
 
 def test_llamagen_gpt_preset_reads_vocab_and_classes_off_the_weights_and_explains_mismatches(tmp_path):
-    model = GPT(GPTConfig(vocab_size=50, grid=[4, 4], dim=64, n_layer=2, n_head=4, num_classes=3))
-    torch.save(
-        {"model": model.state_dict(), "args": __import__("argparse").Namespace(gpt_model="x")}, tmp_path / "g.pt"
-    )
+    model = GPT(GPTConfig(vocab_size=50, code_shape=[4, 4], dim=64, n_layer=2, n_head=4, num_classes=3))
+    upstream = GPT_NAMES.to_upstream(model.state_dict())
+    torch.save({"model": upstream, "args": __import__("argparse").Namespace(gpt_model="x")}, tmp_path / "g.pt")
     config = {"preset": "GPT-B", "dim": 64, "n_layer": 2, "n_head": 4, "block_size": 16}
     loaded = vqar.load_pretrained(tmp_path / "g.pt", config=config)
     assert (loaded.cfg.vocab_size, loaded.num_classes) == (50, 3)
@@ -351,26 +353,81 @@ def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, rq_tra
     codes = torch.randint(0, original.codebook_size, (2, *original.code_shape))
     cond = torch.tensor([3, 7])
     with torch.no_grad():
-        assert torch.equal(original(codes, cond), converted(codes, cond))
+        assert torch.equal(original(codes, cond).logits, converted(codes, cond).logits)
         assert torch.equal(original.tokenizer.decode(codes), converted.tokenizer.decode(codes))
     assert main(["convert", str(rq_transformer_release_folder), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_hub_repo_ids_download_through_huggingface_hub(tmp_path, monkeypatch):
-    folder = tmp_path / "snapshot"
-    model = GPT(GPTConfig(vocab_size=16, grid=[2, 2], dim=32, n_layer=1, n_head=2, num_classes=2))
-    vqar.save_pretrained(model, folder)
+def _tiny_text_gpt_bundle(tmp_path):
+    """A text-to-image GPT with its VQ tokenizer and caption tokenizer attached."""
+    from vqar.text import TextTokenizer
+
+    tokenizer = Tokenizer(TokenizerConfig(conv=ConvConfig(resolution=16, ch=8, ch_mult=[1, 2], z_channels=8,
+                                                          norm_groups=4),
+                                          quantizer=QuantizerConfig(kind="vq", codebook_size=16, dim=4)))  # fmt: skip
+    captions = TextTokenizer.train(["a red square", "a blue circle", "two green dots"] * 3, tmp_path / "bpe",
+                                   vocab_size=150, length=6, min_frequency=1)  # fmt: skip
+    cfg = GPTConfig(vocab_size=16, code_shape=[8, 8], dim=32, n_layer=1, n_head=2, num_classes=0, text_length=6,
+                    text_vocab_size=captions.vocab_size, class_dropout_prob=0.1)  # fmt: skip
+    return GPT(cfg).eval().attach(tokenizer.eval(), captions)
+
+
+def test_hub_repo_ids_download_the_whole_bundle_and_nothing_else(tmp_path, monkeypatch):
+    """A stand-in for the Hub that honours allow_patterns as huggingface_hub does (fnmatch on repo paths)."""
+    import fnmatch
+    import shutil
+
+    remote = tmp_path / "remote"
+    model = _tiny_text_gpt_bundle(tmp_path)
+    vqar.save_pretrained(model, remote)
+    (remote / "checkpoints").mkdir()
+    (remote / "checkpoints" / "optimizer.pt").write_bytes(b"large")
+    (remote / "README.md").write_text("a model card")
     calls = []
 
     def snapshot_download(repo_id, allow_patterns):
-        calls.append((repo_id, allow_patterns))
-        return str(folder)
+        calls.append(repo_id)
+        snapshot = tmp_path / "cache" / repo_id.replace("/", "--")
+        for file in remote.rglob("*"):
+            name = file.relative_to(remote).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, snapshot / name)
+        return str(snapshot)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
-    loaded = vqar.load("someone/tiny-gpt")
-    assert calls[0][0] == "someone/tiny-gpt" and "model.safetensors" in calls[0][1]
-    assert isinstance(loaded, GPT)
+    loaded = vqar.load("someone/tiny-t2i")
+    assert calls == ["someone/tiny-t2i"] and isinstance(loaded, GPT)
+    fetched = {p.relative_to(tmp_path / "cache" / "someone--tiny-t2i").as_posix()
+               for p in (tmp_path / "cache").rglob("*") if p.is_file()}  # fmt: skip
+    assert "checkpoints/optimizer.pt" not in fetched and "README.md" not in fetched
+    assert {"config.json", "model.safetensors", "tokenizer/config.json", "text_tokenizer/vocab.json"} <= fetched
+    assert loaded.text_tokenizer is not None and loaded.tokenizer is not None
+    prompt = ["a red circle"]
+    assert torch.equal(loaded.text_tokenizer.encode(prompt), model.text_tokenizer.encode(prompt))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(FileNotFoundError, match="huggingface_hub"):
         vqar.load("someone/tiny-gpt")
+
+
+# ---------------------------------------------------------------- folders of vqar 0.1
+V1 = Path(__file__).parent / "data" / "vqar_v1"  # written by vqar 0.1.0 itself; see its README
+
+
+@pytest.mark.parametrize("arch", ["gpt", "rq", "vim"])
+def test_folders_of_vqar_0_1_load_convert_and_give_their_logits(tmp_path, arch, capsys):
+    io = safetensors.torch.load_file(str(V1 / "io.safetensors"))
+    codes, cond = io[f"{arch}_codes"], io["cond"]
+    with pytest.raises(ValueError, match="load_pretrained"):
+        vqar.load(V1 / arch)
+    loaded = vqar.load_pretrained(V1 / arch)
+    assert loaded.arch == arch and (arch != "rq" or loaded.tokenizer is not None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes, cond).logits, io[f"{arch}_logits"], atol=1e-6, rtol=1e-6)
+    assert main(["convert", str(V1 / arch), str(tmp_path / "new")]) == 0
+    converted = vqar.load(tmp_path / "new")
+    with torch.no_grad():
+        assert torch.equal(converted(codes, cond).logits, loaded(codes, cond).logits)
+    if arch == "rq":
+        assert torch.equal(converted.tokenizer.decode(codes), loaded.tokenizer.decode(codes))

@@ -23,10 +23,15 @@ pytest.importorskip("gradio", reason="the serve extra is not installed (pip inst
 
 import vqar  # noqa: E402
 from conftest import TINY_AR  # noqa: E402
+from vqar.sampling import SamplingSettings  # noqa: E402
 from vqar.serve.api import decode_png  # noqa: E402
 from vqar.serve.app import build_app, is_loopback  # noqa: E402
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine  # noqa: E402
 from vqar.train.ar import load_run_config, train_ar  # noqa: E402
+
+
+def ask(class_id=None, n=4, prompt=None, coarse_to_fine=False, **settings) -> GenerateRequest:
+    return GenerateRequest(class_id, prompt, n, SamplingSettings(**settings), coarse_to_fine)
 
 CHROMIUM = shutil.which("chromium") and "/usr/bin/chromium"
 
@@ -66,31 +71,33 @@ def _wait_until_taken(engine: SamplingEngine) -> None:
 
 
 def test_seeds_give_the_same_images_alone_or_batched(engine):
-    alone = engine.generate(GenerateRequest(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    alone = engine.generate(ask(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
     assert alone.images.shape == (4, 1, 32, 32)
-    again = engine.generate(GenerateRequest(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    again = engine.generate(ask(class_id=3, n=4, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
     assert torch.equal(alone.images, again.images)
-    other = engine.generate(GenerateRequest(class_id=3, n=4, seed=8, top_k=16, cfg_scale=2.0), timeout=120)
+    other = engine.generate(ask(class_id=3, n=4, seed=8, top_k=16, cfg_scale=2.0), timeout=120)
     assert not torch.equal(alone.images, other.images)
     runs = engine.model_runs
     with engine._lock:  # the worker takes a first request and waits for the model; three more queue up meanwhile
-        blocker = engine.submit(GenerateRequest(class_id=0, n=1))
+        blocker = engine.submit(ask(class_id=0, n=1))
         _wait_until_taken(engine)
-        futures = [engine.submit(GenerateRequest(class_id=c, n=4, seed=s, top_k=16, cfg_scale=2.0))
+        futures = [engine.submit(ask(class_id=c, n=4, seed=s, top_k=16, cfg_scale=2.0))
                    for c, s in ((3, 7), (5, 1), (3, 8))]  # fmt: skip
     blocker.result(timeout=120)
     results = [f.result(timeout=120) for f in futures]
     assert engine.model_runs == runs + 2 and results[0].batched_with == 12  # the three shared one model run
     assert torch.equal(results[0].images, alone.images) and torch.equal(results[2].images, other.images)
-    first_two = engine.generate(GenerateRequest(class_id=3, n=2, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
+    first_two = engine.generate(ask(class_id=3, n=2, seed=7, top_k=16, cfg_scale=2.0), timeout=120)
     assert torch.equal(first_two.images, alone.images[:2])  # image j depends on (seed, j) only
 
 
 @pytest.mark.parametrize(
     ("request_fields", "status", "message"),
     [
-        ({"class_id": 12}, 422, "unknown class_id 12"),
-        ({}, 422, "send a class_id"),
+        ({"class_id": 12}, 422, "unknown class id 12"),
+        ({}, 422, "give a class id"),
+        ({"class_id": 1, "seed": -1}, 422, "seed"),
+        ({"class_id": 1, "cfg_scale": 0.5}, 422, "cfg_scale"),
         ({"class_id": 1, "top_p": 2.0}, 422, "top_p"),
         ({"class_id": 1, "temperature": 0.0}, 422, "temperature"),
         ({"class_id": 1, "top_k": [4, 4]}, 422, "depth 4"),
@@ -102,7 +109,7 @@ def test_seeds_give_the_same_images_alone_or_batched(engine):
 )
 def test_invalid_requests_are_refused_with_the_reason(engine, request_fields, status, message):
     with pytest.raises(RequestError, match=message) as err:
-        engine.submit(GenerateRequest(**request_fields))
+        engine.submit(ask(**request_fields))
     assert err.value.status == status
 
 
@@ -110,14 +117,14 @@ def test_a_full_queue_answers_429_and_recovers(class_model):
     small = SamplingEngine(class_model, class_model.tokenizer, max_images=2, max_queue=2)
     try:
         with small._lock:  # the worker is stuck on the first job: two more fill the queue, the fourth is refused
-            first = small.submit(GenerateRequest(class_id=0, n=1))
+            first = small.submit(ask(class_id=0, n=1))
             _wait_until_taken(small)
-            waiting = [small.submit(GenerateRequest(class_id=0, n=1)) for _ in range(2)]
+            waiting = [small.submit(ask(class_id=0, n=1)) for _ in range(2)]
             with pytest.raises(RequestError, match="busy") as err:
-                small.submit(GenerateRequest(class_id=0, n=1))
+                small.submit(ask(class_id=0, n=1))
             assert err.value.status == 429
         assert all(f.result(timeout=120).images.shape == (1, 1, 32, 32) for f in [first, *waiting])
-        assert small.generate(GenerateRequest(class_id=0, n=1), timeout=120).images.shape[0] == 1
+        assert small.generate(ask(class_id=0, n=1), timeout=120).images.shape[0] == 1
     finally:
         small.close()
 
@@ -149,7 +156,8 @@ def test_api_health_model_and_generate(client):
     ("body", "status", "message"),
     [
         ({"class_id": 1, "top_p": 2}, 422, "top_p"),
-        ({"class_id": 99}, 422, "unknown class_id"),
+        ({"class_id": 99}, 422, "unknown class id"),
+        ({"class_id": 1, "greedy": "maybe"}, 422, "greedy"),
         ({"class_id": 1, "n": 100}, 413, "images per request"),
         ({"class_id": 1, "steps": 3}, 422, "extra"),
         ({"class_id": "seven"}, 422, "int"),

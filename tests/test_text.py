@@ -18,9 +18,12 @@ from PIL import Image
 import vqar
 from conftest import TINY_AR
 from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
+from vqar.ar.layers import run_blocks
 from vqar.cli import main
 from vqar.data import DataConfig
 from vqar.data.codes import CodeDataset, extract_codes
+from vqar.sampling import SamplingSettings, generate
+from vqar.testing import generate_uncached
 from vqar.text import TextTokenizer, read_captions
 from vqar.text.captions import DIGIT_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, digit_captions
 from vqar.train.ar import load_run_config, train_ar
@@ -150,8 +153,8 @@ def test_captioned_folder_becomes_a_text_store(tiny_pipeline, tmp_path, caplog):
 
 # ---------------------------------------------------------------- models
 def _rq_text_model(dropout: float = 0.1) -> RQTransformer:
-    cfg = RQTransformerConfig(vocab_size=16, code_shape=[2, 2, 3], code_dim=8, embed_dim=32, n_head=4, body_layers=2,
-                              head_layers=1, num_classes=0, text_length=6, text_vocab_size=40,
+    cfg = RQTransformerConfig(vocab_size=16, code_shape=[2, 2, 3], code_dim=8, dim=32, n_head=4, n_layer=2,
+                              n_depth_layer=1, num_classes=0, text_length=6, text_vocab_size=40,
                               class_dropout_prob=dropout)  # fmt: skip
     return RQTransformer(cfg, code_embeddings=torch.randn(16, 8)).eval()
 
@@ -168,32 +171,30 @@ def test_rq_text_head_loss_and_soft_targets():
     torch.testing.assert_close(soft.sum(-1), torch.ones(3, 2, 2, 3))
     # the last depth's residual is exactly its own code vector, so a cold softmax puts all mass on that code
     assert torch.equal(model.soft_targets(codes, temperature=1e-4)[..., -1, :].argmax(-1), codes[..., -1])
-    hard = model.loss(logits, codes)
-    one_hot = F.one_hot(codes, 16).float()
-    torch.testing.assert_close(model.loss(logits, codes, one_hot), hard)
 
 
 def test_text_models_sample_with_guidance_and_cache():
     torch.manual_seed(0)
     rq = _rq_text_model()
     text = torch.randint(1, 40, (2, 6))
-    cached = rq.generate(text, greedy=True, cfg_scale=2.0)
-    assert torch.equal(rq.generate(text, greedy=True, cfg_scale=2.0, use_cache=False), cached)
+    guided = SamplingSettings(greedy=True, cfg_scale=2.0)
+    cached = generate(rq, text, guided)
+    assert torch.equal(generate_uncached(rq, text, guided), cached)
     with pytest.raises(ValueError, match="caption dropout"):
-        _rq_text_model(dropout=0.0).generate(text, cfg_scale=2.0)
-    cfg = GPTConfig(vocab_size=20, grid=[4, 4], dim=32, n_layer=2, n_head=2, num_classes=0, text_length=5,
+        generate(_rq_text_model(dropout=0.0), text, SamplingSettings(cfg_scale=2.0))
+    cfg = GPTConfig(vocab_size=20, code_shape=[4, 4], dim=32, n_layer=2, n_head=2, num_classes=0, text_length=5,
                     text_vocab_size=30, class_dropout_prob=0.1)  # fmt: skip
     gpt = GPT(cfg).eval()
     torch.nn.init.normal_(gpt.output.weight, std=0.5)  # LlamaGen zero-initialises it: make greedy choices differ
     prompt = torch.randint(1, 30, (2, 5))
-    assert gpt(torch.randint(20, (2, 4, 4)), prompt).shape == (2, 4, 4, 20)
-    codes = gpt.generate(prompt, greedy=True, cfg_scale=1.5)
-    assert torch.equal(gpt.generate(prompt, greedy=True, cfg_scale=1.5, use_cache=False), codes)
-    logits = gpt(codes, prompt)
-    assert torch.equal(logits.argmax(-1)[:, 0, 0], codes[:, 0, 0])  # teacher forcing agrees with the sampler
+    assert gpt(torch.randint(20, (2, 4, 4)), prompt).logits.shape == (2, 4, 4, 20)
+    codes = generate(gpt, prompt, SamplingSettings(greedy=True, cfg_scale=1.5))
+    assert torch.equal(generate_uncached(gpt, prompt, SamplingSettings(greedy=True, cfg_scale=1.5)), codes)
+    unguided = generate(gpt, prompt, SamplingSettings(greedy=True))
+    assert torch.equal(gpt(unguided, prompt).logits.argmax(-1), unguided)  # teacher forcing agrees with the sampler
     with pytest.raises(ValueError, match=r"shape \(B, 5\)"):
-        gpt.generate(torch.zeros(2, 4, dtype=torch.long))
-    npp = gpt(codes, prompt, patch_side=2)  # next patch prediction takes the caption prefix too
+        generate(gpt, torch.zeros(2, 4, dtype=torch.long))
+    npp = gpt(codes, prompt, patch_side=2).logits  # next patch prediction takes the caption prefix too
     assert npp.shape == (2, 4, 20)
 
 
@@ -205,7 +206,7 @@ def text_run(tiny_pipeline, tmp_path_factory):
     extract_codes(tokenizer, DataConfig(source="mnist", max_images=300, captions="digits"), root / "codes",
                   tokenizer_dir=tiny_pipeline / "tokenizer")  # fmt: skip
     overrides = [f"codes={root / 'codes'}", *TINY_AR, "steps=30", "train.eval_every=30", "train.log_every=1",
-                 "text.length=8", "text.vocab_size=80", "loss.soft_targets=true"]  # fmt: skip
+                 "text.length=8", "text.vocab_size=160", "loss.soft_targets=true"]  # fmt: skip
     metrics = train_ar(load_run_config("rq-mnist-text", overrides), root / "ar")
     return root, metrics
 
@@ -220,7 +221,7 @@ def test_text_rq_trains_with_weighted_text_loss(text_run):
     assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
     assert np.isfinite(metrics["nll"])
     model = vqar.load(root / "ar")
-    assert model.is_text_conditioned and model.text_tokenizer.length == 8 and model.cond_emb.has_null
+    assert model.conditioning.value == "text" and model.text_tokenizer.length == 8 and model.has_null_condition
     assert (root / "ar" / "samples_grid_prompts.txt").is_file()
 
 
@@ -271,7 +272,7 @@ def test_text_conditioned_release_format_loads(rq_transformer_release_folder, tm
     shutil.copy(text_tokenizer.merges_file, release / "bpe-16k-merges.txt")
 
     model = vqar.load_pretrained(release)
-    assert isinstance(model, RQTransformer) and model.cfg.text_length == length and not model.cond_emb.has_null
+    assert isinstance(model, RQTransformer) and model.cfg.text_length == length and not model.has_null_condition
     assert model.text_tokenizer is not None and model.text_tokenizer.length == length
     text = model.text_tokenizer.encode(["a painting of a dog", "two cats"])
     codes = torch.randint(model.cfg.vocab_size, (2, *model.code_shape), generator=generator)
@@ -280,15 +281,16 @@ def test_text_conditioned_release_format_loads(rq_transformer_release_folder, tm
         b, (h, w, d) = 2, model.code_shape
         emb = model.embed_codes(codes.view(b, h * w, d))
         prefix = F.embedding(text, state["cond_emb.weight"]) + state["pos_emb_cond"]
-        body_in = torch.cat([prefix, model.input_mlp(emb).sum(2)[:, :-1] + state["pos_emb_hw"][:, : h * w - 1]], 1)
-        latents = model.body_transformer(body_in)
+        body_in = torch.cat([prefix, model.spatial_input(emb).sum(2)[:, :-1] + state["pos_emb_hw"][:, : h * w - 1]], 1)
+        latents = run_blocks(model.layers, body_in)
         spatial = latents[:, length - 1 :]
-        depth_in = torch.cat([spatial[:, :, None], model.head_mlp(emb.cumsum(2))[:, :, :-1]], 2) + state["pos_emb_d"]
-        expected = model.classifier(model.head_transformer(depth_in.view(b * h * w, d, -1))).view(b, h, w, d, -1)
+        depth_in = torch.cat([spatial[:, :, None], model.depth_input(emb.cumsum(2))[:, :, :-1]], 2) + state["pos_emb_d"]
+        depth_out = run_blocks(model.depth_layers, depth_in.view(b * h * w, d, -1))
+        expected = model.output(model.norm(depth_out)).view(b, h, w, d, -1)
         expected_text = F.linear(F.layer_norm(latents[:, : length - 1], (e,)), state["cond_classifier.linear.weight"])
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(text_logits, expected_text, atol=1e-5, rtol=1e-5)
-    sample = model.generate(text, greedy=True)
-    assert torch.equal(model.generate(text, greedy=True, use_cache=False), sample)
+    sample = generate(model, text, SamplingSettings(greedy=True))
+    assert torch.equal(generate_uncached(model, text, SamplingSettings(greedy=True)), sample)
     with pytest.raises(ValueError, match="caption dropout"):
-        model.generate(text, cfg_scale=2.0)
+        generate(model, text, SamplingSettings(cfg_scale=2.0))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from vqar.bundle import load
 from vqar.data import DataConfig
 from vqar.data.codes import extract_codes
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
-from vqar.pretrained import load
-from vqar.sampling.export import sample_images, write_adm_npz, write_samples
+from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling.export import write_adm_npz, write_samples
 from vqar.train import ar as ar_training
 from vqar.train import tokenizer as tokenizer_training
 
@@ -67,14 +68,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     log.info("4/4 sampling and checking the digits")
     model = load(out / "ar")
     per_digit = 4 if quick else SAMPLES_PER_DIGIT
-    digits = list(range(10))
-    result = sample_images(
-        model, model.tokenizer, digits, per_digit, batch_size=250, seed=0, progress=False, cfg_scale=CFG_SCALE
-    )
-    unguided = sample_images(model, model.tokenizer, digits, per_digit, batch_size=250, seed=0, progress=False)
-    grid_rows = torch.cat([chunk[:GRID_PER_DIGIT] for chunk in result.images.split(per_digit)])
-    grid_result = type(result)(grid_rows, result.labels.view(10, -1)[:, :GRID_PER_DIGIT].flatten(), result.seconds)
-    paths = write_samples(grid_result, out / "samples", min(per_digit, GRID_PER_DIGIT))
+    conditions = make_conditions(model, classes=list(range(10)), n_per_condition=per_digit)
+    result = draw(model, conditions, SamplingSettings(cfg_scale=CFG_SCALE), batch_size=250)
+    unguided = draw(model, conditions, SamplingSettings(), batch_size=250)
+    first_of_each = (torch.arange(len(result.labels)) % per_digit) < GRID_PER_DIGIT
+    paths = write_samples(result.subset(first_of_each), out / "samples", min(per_digit, GRID_PER_DIGIT))
     write_adm_npz(result, paths["npz"])  # every sample, for `vqar eval fid`
     classifier = digit_classifier(classifier_cache)
     accuracy = class_accuracy(result.images, result.labels, classifier)

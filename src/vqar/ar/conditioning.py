@@ -1,8 +1,11 @@
-"""Class conditioning shared by the AR models: an embedding table with a null row for classifier-free guidance.
+"""The condition of a stage-2 model: a class, a caption, or nothing, embedded as the tokens before the first code.
 
-"Classifier-Free Diffusion Guidance" (Ho & Salimans, 2021): in training a class id is replaced by the null id with
-probability `dropout_prob`, so the same network also learns the unconditional distribution. An unconditional
-model (num_classes = 0) has a single learned start row and no condition.
+Both embeddings answer the same questions: `ids(cond, batch_size)` validates what a caller passes, `has_null` says
+whether the model learned a null condition, and `null_ids(batch_size)` gives it. The null condition is what
+classifier-free guidance ("Classifier-Free Diffusion Guidance", Ho & Salimans, 2021) compares against, and a model
+has one only when it was trained with condition dropout: in training a class is replaced by the null class (or a
+caption by the empty caption) with probability `class_dropout_prob`, so the same network also learns the
+unconditional distribution. An unconditional model has a single learned start row and no null condition.
 """
 
 from __future__ import annotations
@@ -26,11 +29,6 @@ class ClassEmbedding(nn.Module):
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    @property
-    def null_id(self) -> int:
-        """The row used for "no condition": the null class, or the start row of an unconditional model."""
-        return self.num_classes if self.conditional else 0
-
     def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
         """Validated class ids (B,) for `cond`. cond=None means no condition: the start row of an unconditional
         model, or the null class of a conditional one trained with class dropout (`batch_size` rows)."""
@@ -41,7 +39,7 @@ class ClassEmbedding(nn.Module):
             if batch_size is None:
                 raise ValueError("an unconditional model needs batch_size")
             return torch.zeros(batch_size, dtype=torch.long, device=device)
-        if cond is None:  # "no condition": the null class, when the model was trained with one
+        if cond is None:
             if not self.has_null or batch_size is None:
                 raise ValueError(
                     f"this model is class-conditional ({self.num_classes} classes); pass class ids as cond"
@@ -56,25 +54,28 @@ class ClassEmbedding(nn.Module):
         return cond.long().to(device)
 
     def null_ids(self, batch_size: int) -> torch.Tensor:
-        if self.conditional and not self.has_null:
-            raise ValueError("classifier-free guidance needs a model trained with class dropout (a null class)")
-        return torch.full((batch_size,), self.null_id, dtype=torch.long, device=self.embedding_table.weight.device)
+        """The null class (B,); ValueError when the model has none (see the module docstring)."""
+        if not self.has_null:
+            what = "class dropout (a null class)" if self.conditional else "a condition (this model is unconditional)"
+            raise ValueError(f"classifier-free guidance needs a model trained with {what}")
+        return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.embedding_table.weight.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings (B, dim); in training, ids are dropped to the null class with probability dropout_prob."""
+        """Embeddings (B, 1, dim); in training, ids are dropped to the null class with probability dropout_prob."""
         if self.training and self.has_null and self.dropout_prob > 0:
             drop = torch.rand(ids.shape, device=ids.device) < self.dropout_prob
-            ids = torch.where(drop, torch.full_like(ids, self.null_id), ids)
-        return self.embedding_table(ids)
+            ids = torch.where(drop, torch.full_like(ids, self.num_classes), ids)
+        return self.embedding_table(ids)[:, None]
 
 
 class TextEmbedding(nn.Module):
     """A caption as a prefix of `length` token embeddings (RQ-Transformer text-to-image; LlamaGen's text prefix).
 
-    Exposes the `ids` / `null_ids` interface of `ClassEmbedding`, so generation loops treat both alike. The null
-    caption is the empty one (all `pad_id`). A model trained with caption dropout (`has_null`) learned it as "no
-    condition", which classifier-free guidance needs; the RQ release models did not, so guidance is refused for
-    them. Captions are dropped by the training task, not here, so a text head is trained on what the model saw."""
+    The null caption is the empty one (all `pad_id`). A model trained with caption dropout (`has_null`) learned it
+    as "no condition"; the RQ release models did not, so guidance is refused for them. Captions are dropped by the
+    training task, not here, so a text head is trained on what the model saw."""
+
+    conditional = True
 
     def __init__(self, vocab_size: int, length: int, dim: int, *, has_null: bool = False, pad_id: int = 0):
         super().__init__()
@@ -84,8 +85,6 @@ class TextEmbedding(nn.Module):
             raise ValueError(f"the padding id {pad_id} is outside the text vocabulary of {vocab_size}")
         self.vocab_size, self.length, self.has_null, self.pad_id = vocab_size, length, has_null, pad_id
         self.embedding_table = nn.Embedding(vocab_size, dim)
-
-    conditional = True
 
     def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
         """Validated text token ids (B, length); None means the null caption (`batch_size` rows)."""
@@ -110,3 +109,11 @@ class TextEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, length, dim)."""
         return self.embedding_table(ids)
+
+
+def condition_embedding(cfg, dim: int) -> ClassEmbedding | TextEmbedding:
+    """The embedding an `ARConfig` asks for: a caption prefix when `text_length` > 0, else a class (or start) row."""
+    if cfg.text_length:
+        return TextEmbedding(cfg.text_vocab_size, cfg.text_length, dim, has_null=cfg.class_dropout_prob > 0,
+                             pad_id=cfg.text_pad_id)  # fmt: skip
+    return ClassEmbedding(cfg.num_classes, dim, cfg.class_dropout_prob)

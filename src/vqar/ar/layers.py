@@ -1,5 +1,5 @@
-"""Building blocks shared by the autoregressive models: RMSNorm, SwiGLU, 2D rotary embeddings, a static KV cache
-and causal self-attention that uses it.
+"""Building blocks shared by the autoregressive models: RMSNorm, SwiGLU, 2D rotary embeddings, a static KV cache,
+causal self-attention that uses it, and the pre-LN GPT-2 block of the RQ-Transformer and VIM.
 
 The cache is the gpt-fast kind: tensors allocated once per generation for the whole sequence, written in place
 at the current position; a decode step attends to the filled prefix only (a view, no copy, no padding).
@@ -140,22 +140,64 @@ def cache_dtype(keys: torch.Tensor) -> torch.dtype:
     return keys.dtype
 
 
-class CodeModel(nn.Module):
-    """What every stage-2 model shares: its config `cfg` (with `vocab_size`, `num_classes`,
-    `initializer_range`), the GPT-2 / LlamaGen weight initialisation, and the description properties."""
+class SigmoidGELU(nn.Module):
+    """The sigmoid approximation of GELU (Hendrycks & Gimpel, 2016), used by some released RQ models."""
 
-    cfg: object
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.vocab_size
+class GPT2Attention(nn.Module):
+    """Multi-head attention with separate biased query / key / value projections (GPT-2; the RQ release)."""
 
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
+    def __init__(self, dim: int, n_head: int, bias: bool, attn_dropout_p: float, resid_dropout_p: float):
+        super().__init__()
+        self.n_head = n_head
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=bias) for _ in range(4))
+        self.attn_dropout_p = attn_dropout_p
+        self.resid_dropout = nn.Dropout(resid_dropout_p)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+        b, length, dim = x.shape
+        q, k, v = (p(x).view(b, length, self.n_head, -1).transpose(1, 2) for p in (self.wq, self.wk, self.wv))
+        out = causal_attention(q, k, v, cache, start, self.attn_dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, length, dim)))
+
+
+class GPT2FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool, gelu: str, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU() if gelu == "exact" else SigmoidGELU()
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(self.act(self.w1(x))))
+
+
+class GPT2Block(nn.Module):
+    """Pre-LN block: x + attention(LN(x)), then + MLP(LN(.)) with a `mlp_ratio`-wide GELU MLP. `cfg` needs dim,
+    n_head, mlp_ratio, mlp_bias, attn_bias, gelu ("exact" or "sigmoid") and the dropout rates."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(cfg.dim)
+        self.attention = GPT2Attention(cfg.dim, cfg.n_head, cfg.attn_bias, cfg.attn_dropout_p, cfg.resid_dropout_p)
+        self.ffn_norm = nn.LayerNorm(cfg.dim)
+        self.feed_forward = GPT2FeedForward(cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.mlp_bias, cfg.gelu,
+                                            cfg.resid_dropout_p)  # fmt: skip
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cache, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0, **inputs
+) -> torch.Tensor:
+    """x through every block; with caches, block i reads and writes caches[i] from position `start`. `inputs`
+    (a rotary table, say) go to every block."""
+    for i, block in enumerate(blocks):
+        x = block(x, cache=caches[i] if caches is not None else None, start=start, **inputs)
+    return x

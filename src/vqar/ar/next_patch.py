@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vqar.ar.layers import rope_2d_table
+from vqar.utils.codes import check_codes
 
 
 def check_patch_size(grid: tuple[int, int], p: int) -> None:
@@ -36,25 +37,19 @@ def patch_embeddings(model, codes: torch.Tensor, p: int) -> torch.Tensor:
     return patchify(model.tok_embeddings(codes), p).mean(2)
 
 
-def patch_rope(model, p: int) -> torch.Tensor:
-    """The 2D RoPE table of the patch grid, (prefix_length + num_patches, head_dim / 2, 2)."""
-    cfg = model.cfg
-    return rope_2d_table(cfg.grid[0] // p, cfg.grid[1] // p, cfg.head_dim, cfg.rope_base, cfg.prefix_length)
+def patch_rope(cfg, p: int) -> torch.Tensor:
+    """The 2D RoPE table of a `GPTConfig`'s patch grid, (prefix_length + num_patches, head_dim / 2, 2)."""
+    height, width = cfg.code_shape
+    return rope_2d_table(height // p, width // p, cfg.head_dim, cfg.rope_base, cfg.prefix_length)
 
 
 def next_patch_logits(model, codes: torch.Tensor, cond: torch.Tensor | None, p: int) -> torch.Tensor:
     """Logits (B, num_patches, V) of a `GPT`: position j predicts the tokens of patch j from the condition and
     patches 0..j-1."""
-    from vqar.quantize.codebook import check_codes
-
     check_patch_size(model.code_shape, p)
     codes = check_codes(codes, model.cfg.vocab_size, model.code_shape)
-    ids = model.cls_embedding.ids(cond, len(codes))
-    patches = patch_embeddings(model, codes, p)
-    x = torch.cat([model.condition_tokens(ids), patches[:, :-1]], dim=1)
-    rope = model.rope if p == 1 else patch_rope(model, p).to(model.rope.device)
-    hidden = model.run_layers(model.tok_dropout(x), rope[: x.shape[1]])
-    return model.output(model.norm(hidden[:, model.cfg.prefix_length - 1 :])).float()
+    rope = model.rope if p == 1 else patch_rope(model.cfg, p).to(model.rope.device)
+    return model.logits_after(cond, patch_embeddings(model, codes, p)[:, :-1], rope)
 
 
 def next_patch_loss(logits: torch.Tensor, codes: torch.Tensor, p: int) -> torch.Tensor:

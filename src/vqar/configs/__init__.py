@@ -9,7 +9,7 @@ with a message that names the key and what is valid.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,24 +39,36 @@ def preset_text(group: str, name: str) -> str:
     return path.read_text()
 
 
-def compose(
-    schema: type[T],
+def compose_node(
+    schema: type,
     group: str,
     preset: str | Path | None,
     overrides: Sequence[str] = (),
     aliases: Mapping[str, str] | None = None,
     base: Mapping[str, Any] | None = None,
-) -> T:
-    """Builds a `schema` instance from its defaults, then `base` (e.g. a named model size), then the preset (a name
-    in `group` or a YAML path), then the overrides."""
+    shape: Callable[[DictConfig], None] | None = None,
+) -> DictConfig:
+    """A configuration from `schema`'s defaults, then `base` (e.g. a named model size), then the preset (a name in
+    `group` or a YAML path), then the overrides, before it becomes a `schema` instance (`to_config`); values may
+    still be missing ("???"). `shape` may change the schema first, e.g. put the chosen architecture's dataclass in
+    a section typed Any."""
     base_cfg = OmegaConf.structured(schema)
+    if shape is not None:
+        shape(base_cfg)
     layers = [OmegaConf.create(dict(base))] if base else []
     if preset is not None:
         layers.append(_load_preset(group, preset, base_cfg))
     layers.append(parse_overrides(base_cfg, overrides, aliases or {}))
     try:
-        merged = OmegaConf.merge(base_cfg, *layers)
-        config = OmegaConf.to_object(merged)
+        return OmegaConf.merge(base_cfg, *layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+
+
+def to_config(node: DictConfig) -> Any:
+    """The dataclass instance of a composed configuration, validated (ConfigError naming what is wrong)."""
+    try:
+        config = OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
     validate = getattr(config, "validate", None)
@@ -66,6 +78,21 @@ def compose(
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return config
+
+
+def preset_fields(group: str, preset: str | Path | None, overrides: Sequence[str], keys: Sequence[str]) -> dict:
+    """The raw values of top-level `keys` that a preset and overrides set (the last one wins), read before the
+    schema is known: what decides the schema (an architecture name, say)."""
+    found: dict[str, Any] = {}
+    if preset is not None:
+        loaded = OmegaConf.create(_preset_text(group, preset)[0])
+        if isinstance(loaded, DictConfig):
+            found.update({k: loaded[k] for k in keys if k in loaded})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in keys:
+            found[key] = OmegaConf.from_dotlist([f"{key}={value}"])[key]
+    return found
 
 
 def parse_overrides(base: DictConfig, overrides: Sequence[str], aliases: Mapping[str, str]) -> DictConfig:
@@ -89,10 +116,10 @@ def check_key(base: DictConfig, key: str, aliases: Mapping[str, str] | None = No
     node: Any = base
     walked: list[str] = []
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, DictConfig) or part not in node.keys():  # noqa: SIM118 (`in node` skips "???" values)
             raise ConfigError(_unknown_key_message(key, walked, node, aliases or {}))
         walked.append(part)
-        node = node[part]
+        node = None if OmegaConf.is_missing(node, part) else node[part]
 
 
 def to_yaml(config: Any) -> str:
@@ -114,14 +141,18 @@ def from_dict(schema: type[T], data: Mapping[str, Any]) -> T:
         raise ConfigError(_describe_omegaconf_error(err)) from None
 
 
-def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig:
+def _preset_text(group: str, preset: str | Path) -> tuple[str, str]:
+    """(YAML text, where it came from) of a preset name in `group` or a YAML path."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text, origin = path.read_text(), str(path)
-    else:
-        text, origin = preset_text(group, str(preset)), f"preset {preset!r}"
+        return path.read_text(), str(path)
+    return preset_text(group, str(preset)), f"preset {preset!r}"
+
+
+def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig:
+    text, origin = _preset_text(group, preset)
     try:
         loaded = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come in several types

@@ -166,7 +166,7 @@ def _encode(tokenizer, images: torch.Tensor, views: str, size: int) -> np.ndarra
 
 def _save_tokenizer(tokenizer, tokenizer_dir: str | Path | None, dest: Path) -> None:
     """Copies `tokenizer_dir` without its training leftovers when given, else saves `tokenizer`."""
-    from vqar.pretrained import save_pretrained
+    from vqar.bundle import save_pretrained
 
     if tokenizer_dir is not None:
         skip = shutil.ignore_patterns("checkpoints", "*.png", "*.jsonl", "*.yaml")

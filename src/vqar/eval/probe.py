@@ -3,7 +3,7 @@ run the frozen model teacher-forced, average-pool the outputs of one transformer
 fit a linear (multinomial logistic) classifier on the training split; report accuracy on the held-out split.
 Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid.
 
-Class-conditional models are probed without their label (the null class), which would otherwise leak it.
+Conditional models are probed without their condition (the null class), which would otherwise leak the label.
 """
 
 from __future__ import annotations
@@ -13,39 +13,28 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from torch import nn
 from tqdm.auto import tqdm
 
+from vqar.ar import ARModel, Conditioning
 from vqar.data import DataConfig, build_datasets
-from vqar.sampling.export import condition_embedding
-
-
-def probe_blocks(model: nn.Module) -> nn.ModuleList:
-    """The blocks whose outputs can be probed: the GPT's layers or the RQ-Transformer's spatial blocks."""
-    if hasattr(model, "layers"):
-        return model.layers
-    if hasattr(model, "body_transformer"):
-        return model.body_transformer.blocks
-    raise TypeError(f"cannot probe a {type(model).__name__}")
 
 
 @torch.no_grad()
-def block_features(model: nn.Module, codes: torch.Tensor, layer: int) -> torch.Tensor:
-    """Mean over image tokens of block `layer`'s output, (B, dim)."""
-    blocks = probe_blocks(model)
+def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Tensor:
+    """Mean over image tokens of block `layer`'s output, (B, dim): the model's `layers` (an RQ-Transformer's
+    spatial blocks), run without the condition (the null class or caption, or the start token)."""
+    blocks = model.layers
     if not 0 <= layer < len(blocks):
         raise ValueError(f"layer must be in [0, {len(blocks)}) for this model, got {layer}")
+    if model.conditioning is not Conditioning.NONE and not model.has_null_condition:
+        raise ValueError("probing a conditional model needs its null condition (train with class dropout)")
     captured = {}
     handle = blocks[layer].register_forward_hook(lambda module, args, out: captured.__setitem__("out", out))
     try:
-        cond = None
-        if model.num_classes and not condition_embedding(model).has_null:
-            raise ValueError("probing a class-conditional model needs its null class (train with class dropout)")
-        model(codes, cond)
+        model(codes, None)
     finally:
         handle.remove()
-    hidden = captured["out"]
-    return hidden[:, 1:].float().mean(1)  # position 0 is the condition token
+    return captured["out"][:, model.prefix_length :].float().mean(1)  # the condition tokens come first
 
 
 def _split_arrays(split, size: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -63,7 +52,7 @@ def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
 
 
-def linear_probe(model: nn.Module, data: str, layer: int, batch_size: int = 128, max_images: int | None = None) -> dict:
+def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, max_images: int | None = None) -> dict:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer to encode images with; load it from a folder that has one")

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vqar.bundle import load
 from vqar.data import convert_channels, fit_image, to_tensor
-from vqar.pretrained import load
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
 from vqar.utils.images import make_grid, psnr, save_image

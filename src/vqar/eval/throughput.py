@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from vqar.ar import RQ_SIZES, RQTransformer, RQTransformerConfig
 from vqar.quantize import QuantizerConfig
+from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
-from vqar.utils.device import autocast
 
 
 @dataclasses.dataclass
@@ -61,41 +61,42 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[Tokenizer, RQT
         quantizer=QuantizerConfig(kind="rq" if cfg.d > 1 else "vq", codebook_size=cfg.c, dim=256, depth=cfg.d),
     )
     tokenizer = Tokenizer(tok_cfg).to(device).eval()
-    quantizer = tokenizer.quantizer
-    books = torch.stack([quantizer.codebook(i).vectors() for i in range(len(quantizer.codebooks))]) if cfg.d > 1 \
-        else quantizer.codebook.vectors()[None]  # fmt: skip
+    books = tokenizer.code_vectors()
     ar_cfg = RQTransformerConfig(
-        vocab_size=cfg.c, code_shape=[grid, grid, cfg.d], code_dim=256, shared_codebook=books.shape[0] == 1,
-        num_classes=cfg.num_classes, **RQ_SIZES[cfg.model],
+        vocab_size=cfg.c, code_shape=[grid, grid, cfg.d], code_dim=books.shape[-1],
+        shared_codebook=books.shape[0] == 1, num_classes=cfg.num_classes, **RQ_SIZES[cfg.model],
     )  # fmt: skip
     model = RQTransformer(ar_cfg, code_embeddings=books).to(device).eval()
     return tokenizer, model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _StackOfOne:
+    """A VQ tokenizer (d = 1) seen as a residual one with one code per position, so the RQ-Transformer's
+    (h, w, 1) codes decode."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.codebook_size, self.depth = tokenizer, tokenizer.codebook_size, 1
+
+    def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        return self.tokenizer.decode(codes[..., 0])
 
 
 @torch.no_grad()
 def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = True) -> dict:
     cfg.validate()
     tokenizer, model = build_models(cfg, device)
-    generator = torch.Generator(device).manual_seed(0)
+    decoder = tokenizer if cfg.d > 1 else _StackOfOne(tokenizer)
+    settings = SamplingSettings(top_k=cfg.top_k, top_p=cfg.top_p)
+    generator = torch.Generator().manual_seed(0)
     sample_s = decode_s = 0.0
     for loop in tqdm(range(cfg.warmup + cfg.loops), desc="bench", disable=not progress):
-        cond = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device, generator=generator)
-        with autocast(device, cfg.precision):
-            _sync(device)
-            t0 = time.perf_counter()
-            codes = model.generate(cond, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-            _sync(device)
-            t1 = time.perf_counter()
-            tokenizer.decode(codes if cfg.d > 1 else codes[..., 0])
-            _sync(device)
-            t2 = time.perf_counter()
+        classes = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator).tolist()
+        conditions = make_conditions(model, classes=classes)
+        settings = replace(settings, seed=loop)
+        result = draw(model, conditions, settings, tokenizer=decoder, batch_size=cfg.batch_size,
+                      precision=cfg.precision)  # fmt: skip
         if loop >= cfg.warmup:
-            sample_s, decode_s = sample_s + t1 - t0, decode_s + t2 - t1
+            sample_s, decode_s = sample_s + result.seconds_sampling, decode_s + result.seconds_decoding
     images = cfg.loops * cfg.batch_size
     params = sum(p.numel() for p in model.parameters())
     return {

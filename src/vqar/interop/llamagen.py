@@ -5,8 +5,9 @@ Files carry weights only: the architecture comes from a preset name (`VQ-16`, `V
 from the upstream constructor fields (`ModelArgs`), given as a dict or a JSON file. VQ tokenizers are stored as
 `{"model": ...}` (maybe with `"ema"`); GPTs as DDP `{"model": ...}` or as a raw (FSDP-consolidated) state dict.
 
-The GPT's module names are LlamaGen's, as are vqar's. The VQ tokenizer's encoder/decoder are taming's with other
-names: `conv_blocks.i.res.j` for `down.i.block.j`, `mid.0/1/2` for `mid.block_1/attn_1/block_2`, and the decoder's
+The GPT's module names are LlamaGen's, as are vqar's, but for the condition (`cls_embedding` there,
+`cond_embedding` here: `GPT_NAMES`). The VQ tokenizer's encoder/decoder are taming's with other names:
+`conv_blocks.i.res.j` for `down.i.block.j`, `mid.0/1/2` for `mid.block_1/attn_1/block_2`, and the decoder's
 levels counted from the lowest resolution.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vqar.ar import GPT, GPT_SIZES, GPTConfig
-from vqar.interop.state import load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import StateDictAdapter, load_into, strip_wrapper_prefixes, tensors_only
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -194,13 +195,19 @@ def gpt_config(config, state: dict[str, torch.Tensor] | None = None) -> GPTConfi
     grid = math.isqrt(fields["block_size"])
     if grid * grid != fields["block_size"]:
         raise ValueError(f"block_size {fields['block_size']} is not a square number of codes")
+    if fields["cls_token_num"] != 1:
+        raise ValueError(f"cls_token_num {fields['cls_token_num']} is not supported (class-conditional GPTs use 1)")
     fields["rope_base"] = float(fields["rope_base"])
     names = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(grid=[grid, grid], **{k: v for k, v in fields.items() if k in names})
+    return GPTConfig(code_shape=[grid, grid], **{k: v for k, v in fields.items() if k in names})
+
+
+GPT_NAMES = StateDictAdapter([("cls_embedding.", "cond_embedding.")])
 
 
 def build_gpt(state: dict[str, torch.Tensor], config, source: str) -> GPT:
     model = GPT(gpt_config(config, state))
+    state = GPT_NAMES.from_upstream(state)
     load_into(model, state, source, ignore=("freqs_cis", "causal_mask", "k_cache", "v_cache"))
     return model.eval()
 

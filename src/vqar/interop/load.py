@@ -1,6 +1,7 @@
 """`load_pretrained`: one entry point for every checkpoint format vqar reads.
 
-* a vqar folder (`config.json` + `model.safetensors`, what `vqar convert` and training write) or a Hub repo id;
+* a vqar bundle folder (`config.json` + `model.safetensors`, what `vqar convert` and training write; also those of
+  vqar 0.1) or a Hub repo id;
 * an RQ release: `<name>/` (its stage-2 model, or stage 1 alone), `<name>/stage1` or `<name>/stage2`, or the
   `model.pt` inside one;
 * a LlamaGen / NPP `.pt` file (VQ tokenizer or GPT, told apart by their weights), whose architecture `config`
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
+from vqar.ar import ARModel
+from vqar.bundle import CONFIG_FILE, WEIGHTS_FILE, load
 from vqar.interop import llamagen, rq_release
 from vqar.interop.safe_load import load_checkpoint
-from vqar.pretrained import CONFIG_FILE, WEIGHTS_FILE, load
-from vqar.sampling.export import check_compatible
+from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 
 
 def load_pretrained(path, config=None, ema: bool = False, tokenizer=None) -> nn.Module:
@@ -40,14 +42,14 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None) -> nn.
         model = _load_llamagen(source, config, ema)
     else:
         model = load(str(path))  # a Hub repo id, or a clear "not found"
-    if tokenizer is not None and getattr(model, "kind", "tokenizer") != "tokenizer":
-        _attach_tokenizer(model, tokenizer)
+    if tokenizer is not None and isinstance(model, ARModel):
+        model.attach(tokenizer.eval())
     return model
 
 
 def _load_folder(folder: Path, config, ema: bool, tokenizer) -> nn.Module:
     if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        return load(folder)
+        return load_v1(folder) if is_v1_ar_folder(folder) else load(folder)
     if (folder / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(folder):
         raise FileNotFoundError(f"{folder} has a {rq_release.CONFIG_FILE} but no {rq_release.WEIGHTS_FILE}")
     for stage in (folder, folder / "stage2", folder / "stage1"):
@@ -72,8 +74,3 @@ def _load_llamagen(path: Path, config, ema: bool) -> nn.Module:
         f"{path} is neither a LlamaGen GPT (no tok_embeddings.weight) nor a VQ tokenizer (no encoder.* / quantize.*); "
         f"first keys: {list(state)[:5]}"
     )
-
-
-def _attach_tokenizer(model: nn.Module, tokenizer: nn.Module) -> None:
-    check_compatible(model, tokenizer)
-    object.__setattr__(model, "tokenizer", tokenizer.eval())

@@ -7,7 +7,8 @@ A release unpacks to `<name>/stage1/{model.pt,config.yaml}` (the RQ-VAE) and `<n
 
 The RQ-VAE's module names are taming's, as are vqar's; its codebook tensors carry a padding row K, and a shared
 codebook appears under every depth's key. The RQ-Transformer has no code embedding table of its own: it embeds
-codes through the RQ-VAE's codebook, which vqar copies into the model.
+codes through the RQ-VAE's codebook, which vqar copies into the model; its module names map to vqar's through
+`RQ_TRANSFORMER_NAMES`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from vqar.ar import RQTransformer, RQTransformerConfig
 from vqar.interop.safe_load import load_checkpoint
-from vqar.interop.state import load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import StateDictAdapter, load_into, strip_wrapper_prefixes, tensors_only
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -138,31 +139,48 @@ def rq_transformer_config(arch: dict, source: Path) -> RQTransformerConfig:
         vocab_size=vocab,
         code_shape=list(arch["block_size"]),
         code_dim=arch.get("input_embed_dim") or arch["embed_dim"],
-        embed_dim=arch["embed_dim"],
+        dim=arch["embed_dim"],
         n_head=block["n_head"],
-        body_layers=body["n_layer"],
-        head_layers=head["n_layer"],
+        n_layer=body["n_layer"],
+        n_depth_layer=head["n_layer"],
         num_classes=0 if text or vocab_cond == 1 else vocab_cond,
         text_length=block_cond if text else 0,
         text_vocab_size=vocab_cond if text else 0,
         mlp_bias=block.get("mlp_bias", True),
         attn_bias=block.get("attn_bias", True),
         gelu={"v1": "exact", "v2": "sigmoid"}[block.get("gelu", "v1")],
-        embd_pdrop=arch.get("embd_pdrop", 0.0),
-        resid_pdrop=block.get("resid_pdrop", 0.1),
-        attn_pdrop=block.get("attn_pdrop", 0.0),
+        token_dropout_p=arch.get("embd_pdrop", 0.0),
+        resid_dropout_p=block.get("resid_pdrop", 0.1),
+        attn_dropout_p=block.get("attn_pdrop", 0.0),
     )
 
 
-def convert_rq_transformer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renames = {"cond_emb.weight": "cond_emb.embedding_table.weight"}
-    return {renames.get(k, k): v for k, v in state.items()}
+_BLOCK_NAMES = [("ln1.", "attention_norm."), ("attn.query.", "attention.wq."), ("attn.key.", "attention.wk."),
+                ("attn.value.", "attention.wv."), ("attn.proj.", "attention.wo."), ("ln2.", "ffn_norm."),
+                ("mlp.0.", "feed_forward.w1."), ("mlp.2.", "feed_forward.w2.")]  # fmt: skip
 
 
-def codebook_vectors(tokenizer: Tokenizer) -> torch.Tensor:
-    """The code vectors (books, K, dim) an RQ-Transformer embeds codes with."""
-    quantizer = tokenizer.quantizer
-    return torch.stack([quantizer.codebook(d).vectors() for d in range(len(quantizer.codebooks))])
+def block_rules(upstream_stack: str, stack: str) -> list[tuple[str, str]]:
+    """Renames of the release's GPT-2 blocks under `upstream_stack.N.` to vqar's under `stack.N.`."""
+    return [(f"{upstream_stack}.{{i}}.{up}", f"{stack}.{{i}}.{ours}") for up, ours in _BLOCK_NAMES]
+
+
+RQ_TRANSFORMER_NAMES = StateDictAdapter(
+    [
+        ("cond_emb.weight", "cond_embedding.embedding_table.weight"),
+        ("pos_emb_cond", "cond_pos_emb"),
+        ("pos_emb_hw", "pos_emb"),
+        ("pos_emb_d", "depth_pos_emb"),
+        ("input_mlp.", "spatial_input."),
+        ("head_mlp.", "depth_input."),
+        *block_rules("body_transformer.blocks", "layers"),
+        *block_rules("head_transformer.blocks", "depth_layers"),
+        ("classifier.layer_norm.", "norm."),
+        ("classifier.linear.", "output."),
+        ("cond_classifier.layer_norm.", "text_norm."),
+        ("cond_classifier.linear.", "text_output."),
+    ]
+)
 
 
 def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | None = None) -> RQTransformer:
@@ -176,9 +194,9 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
                 f"{stage1}/{{{CONFIG_FILE},{WEIGHTS_FILE}}} beside it; pass tokenizer= (a folder or a loaded model)"
             )
         tokenizer = load_rqvae(stage1, ema=ema)
-    if not getattr(tokenizer, "is_residual", False):
+    if not isinstance(tokenizer, Tokenizer) or not tokenizer.is_residual:
         raise ValueError(f"the RQ-Transformer in {folder} needs a residual (RQ) tokenizer")
-    books = codebook_vectors(tokenizer)
+    books = tokenizer.code_vectors()
     if tuple(books.shape[1:]) != (cfg.vocab_size, cfg.code_dim) or tokenizer.depth != cfg.depth:
         raise ValueError(
             f"the tokenizer (codebook {tuple(books.shape)}, depth {tokenizer.depth}) does not fit the RQ-Transformer "
@@ -186,10 +204,10 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
         )
     cfg.shared_codebook = books.shape[0] == 1
     model = RQTransformer(cfg, code_embeddings=books)
-    state = convert_rq_transformer_state(_state_dict(folder / WEIGHTS_FILE, ema))
+    state = RQ_TRANSFORMER_NAMES.from_upstream(_state_dict(folder / WEIGHTS_FILE, ema))
     state["code_embeddings"] = model.code_embeddings
     load_into(model, state, str(folder / WEIGHTS_FILE))
-    object.__setattr__(model, "tokenizer", tokenizer.eval())
+    model.attach(tokenizer.eval())
     if cfg.text_length:
         attach_release_text_tokenizer(model, folder)
     return model.eval()
@@ -203,11 +221,10 @@ def attach_release_text_tokenizer(model: RQTransformer, folder: Path) -> None:
     for place in (folder, folder.parent):
         vocab = sorted(place.glob("*vocab.json"))
         if vocab:
-            tokenizer = TextTokenizer.load(vocab[0], length=model.cfg.text_length)
-            if tokenizer.vocab_size > model.cfg.text_vocab_size:
-                raise ValueError(f"{vocab[0]} has {tokenizer.vocab_size} entries; the model knows "
-                                 f"{model.cfg.text_vocab_size} text tokens")  # fmt: skip
-            object.__setattr__(model, "text_tokenizer", tokenizer)
+            try:
+                model.attach(text_tokenizer=TextTokenizer.load(vocab[0], length=model.cfg.text_length))
+            except ValueError as err:
+                raise ValueError(f"{vocab[0]}: {err}") from None
             return
 
 

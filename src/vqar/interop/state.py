@@ -1,6 +1,9 @@
-"""Putting a converted state dict into a vqar model, with errors that say what does not fit."""
+"""Renaming upstream state dicts into vqar's names and putting them into a vqar model, with errors that say what
+does not fit."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -56,3 +59,34 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ign
             "Check that the config (preset name or JSON) is the one the checkpoint was trained with."
         )
     model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+class StateDictAdapter:
+    """Maps an upstream checkpoint's parameter names to vqar's and back (torchtitan's `state_dict_adapter` idea),
+    so vqar's models keep one vocabulary of their own.
+
+    `rules` are (upstream, vqar) name prefixes; `{i}` stands for a block number. The first rule whose prefix
+    matches renames a key (the rest of the key is kept); keys no rule matches keep their name."""
+
+    def __init__(self, rules: list[tuple[str, str]]):
+        self.rules = [(_prefix_pattern(up), up, _prefix_pattern(ours), ours) for up, ours in rules]
+
+    def rule_pairs(self) -> list[tuple[str, str]]:
+        return [(up, ours) for _, up, _, ours in self.rules]
+
+    def from_upstream(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self._rename(key, to_vqar=True): value for key, value in state.items()}
+
+    def to_upstream(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self._rename(key, to_vqar=False): value for key, value in state.items()}
+
+    def _rename(self, key: str, to_vqar: bool) -> str:
+        for up_pattern, up, ours_pattern, ours in self.rules:
+            match = (up_pattern if to_vqar else ours_pattern).match(key)
+            if match:
+                return (ours if to_vqar else up).format(**match.groupdict()) + key[match.end() :]
+        return key
+
+
+def _prefix_pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))

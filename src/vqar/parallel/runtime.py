@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqar.parallel.config import DistConfig
-from vqar.quantize.sync import any_rank
+from vqar.parallel.sync import any_rank
 
 log = logging.getLogger("vqar.parallel")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqar.quantize import sync
+from vqar.parallel import sync
 
 # Distances are computed in row chunks so that chunk_rows * K floats stay around 256 MB at most.
 _DISTANCE_BUDGET = 64 * 1024 * 1024
@@ -143,27 +143,6 @@ class Codebook(nn.Module):
         else:
             self.weight.data.copy_(torch.where(column, candidates, self.weight.data.float()))
         self.cluster_size_ema.copy_(torch.where(dead, torch.ones_like(self.cluster_size_ema), self.cluster_size_ema))
-
-
-def check_codes(codes: torch.Tensor, size: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Validates user-supplied codes against a codebook of `size` (and, if given, a per-sample `shape`) and returns
-    them as int64."""
-    if not isinstance(codes, torch.Tensor) or codes.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.uint8,
-    ):
-        kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-        raise TypeError(f"codes must be an integer tensor, got {kind}")
-    if shape is not None and tuple(codes.shape[1:]) != tuple(shape):
-        expected = f"(B, {', '.join(map(str, shape))})"
-        raise ValueError(f"codes must have shape {expected}, got {tuple(codes.shape)}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
-        raise ValueError(
-            f"codes must lie in [0, {size}) for this codebook, got values in [{int(codes.min())}, {int(codes.max())}]"
-        )
-    return codes.long()
 
 
 def code_statistics(codes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqar.quantize.codebook import Codebook, check_codes, code_statistics
+from vqar.quantize.codebook import Codebook, code_statistics
 from vqar.quantize.output import QuantizerOutput
+from vqar.utils.codes import check_codes
 
 
 class ResidualQuantizer(nn.Module):

@@ -1,6 +1,21 @@
-"""Sampling: logits filters, classifier-free guidance and the KV-cached generation loops."""
+"""Sampling: one settings type, one generation loop over the models' KV caches, and `draw`, which turns classes,
+prompts or nothing into decoded images for every entry point."""
 
-from vqar.sampling.filters import check_sampling_args, filter_logits, guide, sample_logits
-from vqar.sampling.generate import generate_gpt, generate_rq
+from vqar.sampling.conditions import Conditions, make_conditions
+from vqar.sampling.draw import SampleResult, draw
+from vqar.sampling.filters import filter_logits, guide, sample_logits
+from vqar.sampling.generate import generate, image_noise
+from vqar.sampling.settings import SamplingSettings
 
-__all__ = ["check_sampling_args", "filter_logits", "generate_gpt", "generate_rq", "guide", "sample_logits"]
+__all__ = [
+    "Conditions",
+    "SampleResult",
+    "SamplingSettings",
+    "draw",
+    "filter_logits",
+    "generate",
+    "guide",
+    "image_noise",
+    "make_conditions",
+    "sample_logits",
+]

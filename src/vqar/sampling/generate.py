@@ -1,129 +1,97 @@
-"""Generation loops over a static KV cache: one prefill of the condition, then one decode step per code.
+"""The generation loop every model samples through, over its static KV cache (gpt-fast's prefill / decode split).
 
-For the GPT a step is one token. For the RQ-Transformer a step is one position: D depth-transformer steps (with
-their own short cache, reused at every position) then one spatial step. With classifier-free guidance the batch
-is run as [conditional; unconditional] and the logits are combined before filtering. `cfg_interval` has
-LlamaGen's meaning: the first code is always guided, decode step i (producing code i + 1) is guided while
-i <= cfg_interval; None (or -1) guides every code.
+One prefill of the condition, then for each position one `code_logits` step per depth (1 for GPT and VIM, D for
+the RQ-Transformer, whose depth steps share a short cache reused at every position) and one `decode_position`
+step. With classifier-free guidance the batch runs as [conditional; null condition] and the logits are combined
+before filtering. The semantics of every setting are in `vqar.sampling.settings`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vqar.sampling.filters import check_sampling_args, guide, per_depth_settings, sample_logits
+from vqar.ar import ARModel
+from vqar.sampling.filters import guide, sample_logits
+from vqar.sampling.settings import DepthSettings, SamplingSettings
 
 
-def _guided_at(index: int, cfg_scale: float, cfg_interval: int | None) -> bool:
-    if cfg_scale == 1.0:
-        return False
-    return index == 0 or cfg_interval is None or cfg_interval < 0 or index - 1 <= cfg_interval
+def image_noise(model: ARModel, seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The uniform numbers (B, positions * depth) that image `index[b]` of a run with seed `seeds[b]` draws its
+    codes with: a stream that depends on (seed, index) alone. Drawn on the CPU, so they do not depend on the
+    device either."""
+    count = model.num_positions * model.depth
+    rows = []
+    for seed, i in zip(seeds.tolist(), index.tolist(), strict=True):
+        state = np.random.SeedSequence([seed, i]).generate_state(2, dtype=np.uint32)
+        stream = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        rows.append(torch.rand(count, generator=stream))
+    return torch.stack(rows) if rows else torch.empty(0, count)
 
 
-def _condition_ids(model, embedding, cond, batch_size, cfg_scale) -> tuple[torch.Tensor, int]:
-    ids = embedding.ids(cond, batch_size)
-    if cfg_scale != 1.0:
-        return torch.cat([ids, embedding.null_ids(len(ids))]), len(ids)
-    return ids, len(ids)
+@dataclass
+class Plan:
+    """What a generation starts from: validated settings, the filters of each depth, the condition ids (B, ...)
+    and the uniform numbers (B, positions * depth) of the draws (None when greedy)."""
+
+    settings: SamplingSettings
+    filters: list[DepthSettings]
+    ids: torch.Tensor
+    noise: torch.Tensor | None
 
 
-def _cfg_rows(x: torch.Tensor, doubled: bool) -> torch.Tensor:
-    """The same rows for both halves of a [conditional; unconditional] batch."""
-    return torch.cat([x, x]) if doubled else x
-
-
-def _pick(logits: torch.Tensor, n: int, guided: bool, scale: float) -> torch.Tensor:
-    """The logits to sample from: guided, or the conditional half when the batch is doubled."""
-    if guided:
-        return guide(logits, scale)
-    return logits[:n]
-
-
-@torch.no_grad()
-def generate_gpt(
-    model,
-    cond: torch.Tensor | None = None,
-    *,
-    batch_size: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cfg_scale: float = 1.0,
-    cfg_interval: int | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    """Samples codes (B, h, w) from a `GPT`. `cond`: class ids (B,), or None with `batch_size` when unconditional.
-    `use_cache=False` recomputes the whole prefix at every step (a reference for tests and benchmarks)."""
-    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_interval)
-    ids, n = _condition_ids(model, model.cls_embedding, cond, batch_size, cfg_scale)
-    doubled = cfg_scale != 1.0
-    caches = model.new_caches()
-    total = model.cfg.num_tokens
-    tokens = torch.empty(n, total, dtype=torch.long, device=ids.device)
-    logits = (
-        model.prefill(ids, caches) if use_cache else model.next_token_logits(ids, _cfg_rows(tokens[:, :0], doubled))
-    )
-    for t in tqdm(range(total), desc="sampling", disable=not progress, leave=False):
-        chosen = _pick(logits, n, _guided_at(t, cfg_scale, cfg_interval), cfg_scale)
-        tokens[:, t] = sample_logits(chosen, temperature, top_k, top_p, greedy, generator)
-        if t + 1 < total:
-            if use_cache:
-                logits = model.decode_one_token(_cfg_rows(tokens[:, t], doubled), t, caches)
-            else:
-                logits = model.next_token_logits(ids, _cfg_rows(tokens[:, : t + 1], doubled))
-    return tokens.view(n, *model.code_shape)
+def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: int | None, noise) -> Plan:
+    """The start of a generation (see `generate` for the arguments); ValueError naming what does not fit."""
+    settings = settings or SamplingSettings()
+    filters = settings.per_depth(model.depth)
+    ids = model.cond_embedding.ids(cond, batch_size)
+    n, count = len(ids), model.num_positions * model.depth
+    if noise is None and not settings.greedy:
+        noise = image_noise(model, torch.full((n,), settings.seed), torch.arange(n))
+    if noise is not None and noise.shape != (n, count):
+        raise ValueError(f"noise must have shape ({n}, {count}), got {tuple(noise.shape)}")
+    return Plan(settings, filters, ids, None if noise is None else noise.to(ids.device))
 
 
 @torch.no_grad()
-def generate_rq(
-    model,
+def generate(
+    model: ARModel,
     cond: torch.Tensor | None = None,
+    settings: SamplingSettings | None = None,
     *,
     batch_size: int | None = None,
-    temperature: float | Sequence[float] = 1.0,
-    top_k: int | None | Sequence[int | None] = None,
-    top_p: float | None | Sequence[float | None] = None,
-    cfg_scale: float = 1.0,
-    cfg_interval: int | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     progress: bool = False,
-    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Samples codes (B, h, w, D) from an `RQTransformer`; temperature, top_k and top_p may be per-depth lists.
-    `use_cache=False` recomputes both transformers from scratch at every step."""
-    depth = model.depth
-    temps, ks, ps = per_depth_settings(depth, temperature, top_k, top_p, cfg_scale, cfg_interval)
-    ids, n = _condition_ids(model, model.cond_emb, cond, batch_size, cfg_scale)
-    doubled = cfg_scale != 1.0
-    body_caches, head_caches = model.new_caches()
-    positions = model.cfg.num_positions
+    """Codes (B, *code_shape) drawn from `model`. `cond`: class ids (B,), caption ids (B, text_length), or None
+    with `batch_size` for an unconditional model (or the null condition). `noise` (B, positions * depth) replaces
+    the uniform numbers of images 0..B-1 of `settings.seed` (see `image_noise`)."""
+    run = plan(model, cond, settings, batch_size, noise)
+    settings, ids, n = run.settings, run.ids, len(run.ids)
+    if settings.guided:
+        ids = torch.cat([ids, model.cond_embedding.null_ids(n)])
+
+    def both_halves(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if settings.guided else x
+
+    depth, positions = model.depth, model.num_positions
     codes = torch.empty(n, positions, depth, dtype=torch.long, device=ids.device)
-    context = (
-        model.prefill(ids, body_caches) if use_cache else model.context_uncached(ids, _cfg_rows(codes[:, :0], doubled))
-    )
+    state = model.new_decode_state()
+    context = model.prefill(ids, state)
     for p in tqdm(range(positions), desc="sampling", disable=not progress, leave=False):
-        guided = _guided_at(p, cfg_scale, cfg_interval)
-        running = None
-        for d in range(depth):
-            if use_cache:
-                logits = model.depth_logits(context, running, d, head_caches)
-            else:
-                logits = model.depth_logits_uncached(context, _cfg_rows(codes[:, p, :d], doubled))
-            chosen = _pick(logits, n, guided, cfg_scale)
-            codes[:, p, d] = sample_logits(chosen, temps[d], ks[d], ps[d], greedy, generator)
-            if d + 1 < depth:
-                vector = model.embed_code_at(_cfg_rows(codes[:, p, d], doubled), d)
-                running = vector if running is None else running + vector
+        guided = settings.guided_at(p)
+        for d, f in enumerate(run.filters):
+            logits = model.code_logits(context, both_halves(codes[:, p, :d]), state)
+            logits = guide(logits, settings.cfg_scale) if guided else logits[:n]
+            codes[:, p, d] = pick(logits, f, settings.greedy, run.noise, p * depth + d)
         if p + 1 < positions:
-            if use_cache:
-                context = model.decode_one_position(_cfg_rows(codes[:, p], doubled), p, body_caches)
-            else:
-                context = model.context_uncached(ids, _cfg_rows(codes[:, : p + 1], doubled))
+            context = model.decode_position(both_halves(codes[:, p]), p, state)
     return codes.view(n, *model.code_shape)
+
+
+def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, noise: torch.Tensor | None, step: int) -> torch.Tensor:
+    """The codes (B,) of draw number `step` of each image: the argmax, or a draw with its own uniform number."""
+    return logits.argmax(-1) if greedy else sample_logits(logits, *f, uniform=noise[:, step])

@@ -22,16 +22,30 @@ from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from vqar.sampling import SamplingSettings
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
+SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
+
 
 def _body_model() -> type[BaseModel]:
-    """POST /generate's body: the fields of `GenerateRequest` (unknown fields refused) plus the answer format."""
-    hints = typing.get_type_hints(GenerateRequest)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(GenerateRequest)}
+    """POST /generate's body, flat: the fields of `GenerateRequest` and of its `SamplingSettings` (unknown fields
+    refused) plus the answer format. Values are checked by the engine, which names what is wrong."""
+    fields = {}
+    for cls in (GenerateRequest, SamplingSettings):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != "settings":
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                fields[f.name] = (hints[f.name], default)
     fields["format"] = (str, Field("png_base64", pattern="^(png_base64|zip)$"))
     return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def request_from_body(fields: dict) -> GenerateRequest:
+    settings = SamplingSettings(**{name: fields.pop(name) for name in SETTINGS_FIELDS})
+    return GenerateRequest(**fields, settings=settings)
 
 
 GenerateBody = _body_model()
@@ -65,7 +79,7 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
     async def generate(body: GenerateBody):  # type: ignore[valid-type]
         fields = body.model_dump(exclude={"format"})
         try:
-            future = engine.submit(GenerateRequest(**fields))
+            future = engine.submit(request_from_body(fields))
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=str(err)) from None
         try:

@@ -17,10 +17,8 @@ from vqar.serve.engine import SamplingEngine  # noqa: E402
 log = logging.getLogger("vqar.serve")
 
 
-def class_names_for(model_path: str | Path, names_file: str | Path | None = None) -> list[str] | None:
-    """Class names from a file (one per line), else from the code store a training run was made from."""
-    if names_file is not None:
-        return [line.strip() for line in Path(names_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+def class_names_for(model_path: str | Path) -> list[str] | None:
+    """The class names of the code store a training run was made from (None when unknown)."""
     run_yaml = Path(model_path) / "run.yaml"
     if not run_yaml.is_file():
         return None

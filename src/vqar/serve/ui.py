@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from vqar.sampling import SamplingSettings
 from vqar.serve.api import png_bytes
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
@@ -95,16 +96,19 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
         def run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way of asking for a progress bar)
             settings = dict(zip(keys, values, strict=True))
             try:
-                request = GenerateRequest(
-                    class_id=int(settings["class_id"]) if settings.get("class_id") is not None else None,
-                    prompt=settings.get("prompt"),
-                    n=int(settings["n"]),
-                    seed=int(settings["seed"] or 0),
+                sampling = SamplingSettings(
                     temperature=_or_default(parse_setting(settings["temperature"], float, depth, "temperature"), 1.0),
                     top_k=parse_setting(settings["top_k"], int, depth, "top-k"),
                     top_p=parse_setting(settings["top_p"], float, depth, "top-p"),
                     cfg_scale=float(settings["cfg_scale"]),
                     cfg_interval=None if settings["cfg_interval"] in (None, -1) else int(settings["cfg_interval"]),
+                    seed=int(settings["seed"] or 0),
+                )
+                request = GenerateRequest(
+                    class_id=int(settings["class_id"]) if settings.get("class_id") is not None else None,
+                    prompt=settings.get("prompt"),
+                    n=int(settings["n"]),
+                    settings=sampling,
                     coarse_to_fine=depth > 1,
                 )
                 progress(0.0, desc="waiting in the queue")
@@ -126,7 +130,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 for i in range(len(result.images)):
                     rows += [(levels[d][i], f"image {i + 1}, {d + 1} code(s)") for d in range(depth)]
             runs[0] += 1
-            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {request.seed})"
+            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed})"
             return _pictures(result.images), note, str(archive), rows
 
         controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,

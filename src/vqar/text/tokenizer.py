@@ -28,6 +28,9 @@ log = logging.getLogger("vqar.text")
 PAD, UNK = "[PAD]", "[UNK]"
 SETTINGS_FILE = "text_tokenizer.json"
 RELEASE_LENGTH = 32  # caption tokens of the RQ-Transformer's text-to-image models
+ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+# A learned vocabulary always holds the two special tokens and every character, alone and word-final ("z</w>").
+MIN_VOCAB_SIZE = 2 + 2 * len(ALPHABET)
 
 
 class TextTokenizer:
@@ -67,21 +70,23 @@ class TextTokenizer:
         """Learns a BPE vocabulary (at most `vocab_size` entries, `[PAD]` = 0 and `[UNK]` = 1 as in the release)
         from `captions` and saves the tokenizer to `folder`. Every printable ASCII character is in the vocabulary
         even when the captions lack it, so a prompt's new words are spelled out, never `[UNK]`."""
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"a caption vocabulary needs at least {MIN_VOCAB_SIZE} entries (every printable "
+                             f"character, alone and word-final, and 2 special tokens), got {vocab_size}")  # fmt: skip
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tokenizer = CharBPETokenizer(unk_token=UNK, lowercase=True)
-        alphabet = string.ascii_lowercase + string.digits + string.punctuation
         captions = [c for c in captions if isinstance(c, str) and c.strip()]
         if not captions:
             raise ValueError("no caption text to learn a BPE vocabulary from")
         # One extra line of single-character words puts each character's word-final form ("z</w>") in too.
-        lines = itertools.chain(captions, [" ".join(alphabet)])
+        lines = itertools.chain(captions, [" ".join(ALPHABET)])
         tokenizer.train_from_iterator(
             lines,
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=[PAD, UNK],
-            initial_alphabet=list(alphabet),
+            initial_alphabet=list(ALPHABET),
             show_progress=False,
         )
         tokenizer.save_model(str(folder))  # vocab.json + merges.txt
@@ -111,6 +116,10 @@ class TextTokenizer:
             raise FileNotFoundError(f"{path} holds no text tokenizer ({SETTINGS_FILE}, vocab.json, merges.txt)")
         settings = json.loads(settings_file.read_text())
         return cls(path / "vocab.json", path / "merges.txt", length or settings["length"], settings.get("dropout"))
+
+    def with_length(self, length: int) -> TextTokenizer:
+        """The same vocabulary making captions of `length` tokens (a model's text length)."""
+        return type(self)(self.vocab_file, self.merges_file, length, self.dropout)
 
     # ---------------------------------------------------------------- using
     @property

@@ -47,8 +47,6 @@ class TokenizerOutput:
 
 
 class Tokenizer(nn.Module):
-    kind = "tokenizer"
-
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         cfg.validate()
@@ -93,6 +91,14 @@ class Tokenizer(nn.Module):
         """(h, w) or (h, w, D) for square images of `image_size` (default: the built resolution)."""
         side = (image_size or self.image_size) // self.downsample_factor
         return (side, side, self.depth) if self.is_residual else (side, side)
+
+    def code_vectors(self) -> torch.Tensor:
+        """The code vectors (books, K, dim) that codes stand for: one codebook, or one per depth when a residual
+        quantizer does not share its codebook."""
+        q = self.quantizer
+        if self.is_residual:
+            return torch.stack([book.vectors() for book in q.codebooks])
+        return q.codebook.vectors()[None]
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weight, where the adaptive GAN weight is measured."""

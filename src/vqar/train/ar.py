@@ -1,28 +1,32 @@
-"""Stage-2 training: a GPT, an RQ-Transformer or a VIM on a code store, through the shared loop."""
+"""Stage-2 training: a GPT, an RQ-Transformer or a VIM on a code store, through the shared loop.
+
+A run configuration holds one architecture: `arch` names it in `vqar.ar.ARCHITECTURES`, `size` fills its width and
+depth, and `model` is that architecture's config. The data-dependent fields of `model` (vocabulary, code shape,
+classes, caption length and vocabulary, and an RQ-Transformer's code vectors) are read from the code store when
+the configuration is made, so `vqar config ar PRESET codes=DIR` prints what the run will use and `run.yaml`
+records it; a preset or override that contradicts the store is an error.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vqar.ar import GPT, VIM, GPTConfig, RQTransformer, RQTransformerConfig, VIMConfig, size_fields
+from vqar.ar import ARModel, Conditioning, RQTransformer, get_architecture
 from vqar.ar.next_patch import check_patch_size, next_patch_loss
-from vqar.configs import compose, to_yaml
+from vqar.bundle import load, read_config, save_pretrained
+from vqar.configs import ConfigError, compose_node, preset_fields, to_config, to_yaml
 from vqar.data import split_dataset
-from vqar.data.codes import CodeBatch, CodeDataset, collate_codes
-from vqar.parallel import DistConfig, Parallel
-from vqar.pretrained import load, save_pretrained
-from vqar.quantize import sync
-from vqar.sampling.export import condition_embedding
-from vqar.sampling.filters import check_sampling_args
+from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
+from vqar.parallel import DistConfig, Parallel, sync
+from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.text import TextTokenizer
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
@@ -30,32 +34,11 @@ from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
 from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
 from vqar.train.optim import StepGuard, adamw
-from vqar.train.text import TEXT_TOKENIZER_DIR, TextConfig, caption_ids, prepare_text_tokenizer, text_loss
+from vqar.train.text import TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, save_image
 
 log = logging.getLogger("vqar.train")
-
-ARCHS = ("gpt", "rq", "vim")
-
-
-@dataclass
-class ARModelConfig:
-    """`arch` picks the model; `size` (see `vqar.ar.presets`) fills its width and depth. Vocabulary, code grid,
-    classes and code embeddings always come from the code store."""
-
-    arch: str = "rq"
-    size: str | None = None
-    gpt: GPTConfig = field(default_factory=GPTConfig)
-    rq: RQTransformerConfig = field(default_factory=RQTransformerConfig)
-    vim: VIMConfig = field(default_factory=VIMConfig)
-
-    def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.size is not None:
-            size_fields(self.arch, self.size)
-        getattr(self, self.arch).validate()
 
 
 @dataclass
@@ -75,19 +58,15 @@ class CodeDataConfig:
 
 
 @dataclass
-class SampleConfig:
-    """The sample grid drawn after each evaluation: `n_per_class` samples for each of the first `max_classes`."""
+class SampleGridConfig(SamplingSettings):
+    """The sample grid drawn after each evaluation: `n_per_class` samples for each of the first `max_classes`
+    classes (or captions), with these sampling settings."""
 
     n_per_class: int = 8
     max_classes: int = 10
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    cfg_scale: float = 1.0
-    seed: int = 0
 
     def validate(self) -> None:
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+        super().validate()
         if self.n_per_class < 0 or self.max_classes < 1:
             raise ValueError("sample.n_per_class must be >= 0 and sample.max_classes >= 1")
 
@@ -110,110 +89,156 @@ class LossConfig:
 
 @dataclass
 class ARRunConfig:
-    model: ARModelConfig = field(default_factory=ARModelConfig)
+    arch: str = "rq"
+    size: str | None = None
+    model: Any = None  # the config dataclass of `arch` (see `vqar.ar.ARCHITECTURES`)
     data: CodeDataConfig = field(default_factory=CodeDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: SampleGridConfig = field(default_factory=SampleGridConfig)
     npp: NPPConfig = field(default_factory=NPPConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     text: TextConfig = field(default_factory=TextConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
-    ALIASES: ClassVar[dict[str, str]] = {
-        "codes": "data.codes",
-        "size": "model.size",
-        "steps": "train.steps",
-        "lr": "train.lr",
-        "bs": "data.batch_size",
-    }
+    ALIASES: ClassVar[dict[str, str]] = {"codes": "data.codes", "steps": "train.steps", "lr": "train.lr",
+                                         "bs": "data.batch_size"}  # fmt: skip
 
     def validate(self) -> None:
-        self.model.validate()
-        self.data.validate()
-        self.train.validate()
-        self.sample.validate()
-        self.npp.validate()
-        self.dist.validate()
-        self.text.validate()
-        self.loss.validate()
-        if self.loss.soft_targets and self.model.arch != "rq":
-            raise ValueError("loss.soft_targets is the RQ-Transformer's training loss (model.arch=rq)")
+        for section in (self.model, self.data, self.train, self.sample, self.npp, self.dist, self.text, self.loss):
+            section.validate()
+        if self.loss.soft_targets and self.arch != "rq":
+            raise ValueError("loss.soft_targets is the RQ-Transformer's training loss (arch=rq)")
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
                 "use dist.strategy=ddp or train.ema_decay=null"
             )
-        if self.npp.level > 1 and self.model.arch != "gpt":
-            raise ValueError(f"next patch prediction (npp.level > 1) trains a GPT, not model.arch={self.model.arch}")
+        if self.npp.level > 1 and self.arch != "gpt":
+            raise ValueError(f"next patch prediction (npp.level > 1) trains a GPT, not arch={self.arch}")
+
+
+# ---------------------------------------------------------------- configuration
+def compose_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> tuple[DictConfig, dict]:
+    """The merged configuration of a preset (see `vqar presets ar`) or YAML path plus overrides, with the
+    data-dependent model fields read from the code store when `data.codes` names one ("???" otherwise), and
+    those fields' origins. A `size` sets the architecture's width and depth first; explicit model fields in the
+    preset or the overrides still win."""
+    overrides = list(overrides)
+    chosen = preset_fields("ar", preset, overrides, ("arch", "size"))
+    try:
+        arch = get_architecture(str(chosen.get("arch", ARRunConfig.arch)))
+        size = chosen.get("size")
+        base = {"model": arch.size_fields(str(size))} if size is not None else None
+    except ValueError as err:
+        raise ConfigError(f"{err} (arch=, size=)") from None
+
+    def shape(schema: DictConfig) -> None:
+        schema.model = OmegaConf.structured(arch.config)
+        for name in arch.config.DATA_FIELDS:  # unknown until the store is read, unless a config states them
+            schema.model[name] = MISSING
+
+    node = compose_node(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base, shape=shape)
+    origins = resolve_data_fields(node, arch.config.DATA_FIELDS)
+    return node, origins
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> ARRunConfig:
-    """An AR run configuration from a preset (see `vqar presets ar`) or YAML path plus overrides. A `model.size`
-    sets the architecture first; explicit model fields in the preset or the overrides still win."""
-    overrides = list(overrides)
-    probe = compose(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES)
-    if probe.model.size is None:
-        return probe
-    base = {"model": {probe.model.arch: size_fields(probe.model.arch, probe.model.size)}}
-    return compose(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base)
+    """An AR run configuration; every data-dependent field must be known (give `codes=DIR`)."""
+    node, origins = compose_run_config(preset, overrides)
+    missing = [name for name in node.model if OmegaConf.is_missing(node.model, name)]
+    if missing:
+        raise ConfigError(f"model.{missing[0]} (and {', '.join(missing[1:]) or 'nothing else'}) come from the code "
+                          "store: set data.codes (codes=DIR) to a store made by `vqar extract-codes`")  # fmt: skip
+    return to_config(node)
 
 
-def build_model(cfg: ARModelConfig, store: CodeDataset, tokenizer: nn.Module | None = None,
-                text_tokenizer: TextTokenizer | None = None) -> nn.Module:  # fmt: skip
-    """The configured model with its data-dependent fields taken from the code store (and, for an RQ-Transformer,
-    its code embeddings from the store's tokenizer). A store with captions gives a text-conditioned model whose
-    caption length and vocabulary are `text_tokenizer`'s."""
-    shape, classes = list(store.code_shape), store.num_classes
-    text = {}
-    if text_tokenizer is not None:
-        if cfg.arch == "vim":
-            raise ValueError("VIM is class-conditional or unconditional; train a gpt or rq model on captions")
-        classes = 0
-        text = {"text_length": text_tokenizer.length, "text_vocab_size": text_tokenizer.vocab_size,
-                "text_pad_id": text_tokenizer.pad_id}  # fmt: skip
-    if cfg.arch == "gpt":
-        if len(shape) != 2:
-            raise ValueError(f"a GPT models one code per position; this code store has codes of shape {shape}")
-        return GPT(
-            dataclasses.replace(cfg.gpt, vocab_size=store.codebook_size, grid=shape, num_classes=classes, **text)
-        )
-    if cfg.arch == "vim":
-        if len(shape) != 2:
-            raise ValueError(f"VIM models one code per position; this code store has codes of shape {shape}")
-        return VIM(dataclasses.replace(cfg.vim, vocab_size=store.codebook_size, grid=shape, num_classes=classes))
-    if len(shape) != 3:
-        raise ValueError(f"an RQ-Transformer models stacks of codes; this code store has codes of shape {shape}")
-    tokenizer = tokenizer if tokenizer is not None else load(store.tokenizer_path)
-    books = torch.stack([tokenizer.quantizer.codebook(d).vectors() for d in range(len(tokenizer.quantizer.codebooks))])
-    rq_cfg = dataclasses.replace(
-        cfg.rq,
-        vocab_size=store.codebook_size,
-        code_shape=shape,
-        num_classes=classes,
-        code_dim=books.shape[-1],
-        shared_codebook=books.shape[0] == 1,
-        **text,
-    )
-    return RQTransformer(rq_cfg, code_embeddings=books)
+def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> str:
+    """The YAML of a run configuration, the data-dependent model fields marked with where they come from."""
+    node, origins = compose_run_config(preset, overrides)
+    lines, in_model = [], False
+    for line in OmegaConf.to_yaml(node).splitlines():
+        if not line.startswith(" "):
+            in_model = line == "model:"
+        name = line.strip().split(":")[0]
+        if in_model and line.startswith("  ") and not line.startswith("   ") and name in origins:
+            line += f"  # {origins[name]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def resolve_data_fields(node: DictConfig, names: tuple[str, ...]) -> dict[str, str]:
+    """Fills the data-dependent `names` of `node.model` from the code store of `node.data.codes`; a value the
+    preset, the overrides or a resumed run's run.yaml state must agree with the store. Returns where each field's
+    value comes from."""
+    codes = node.data.codes
+    if not codes:
+        return {name: "from the code store: give codes=DIR" for name in names}
+    for name, value in data_fields(node, Path(codes)).items():
+        if not OmegaConf.is_missing(node.model, name):
+            stated = OmegaConf.to_container(node.model)[name]
+            if stated != value:
+                raise ConfigError(f"model.{name}={stated} contradicts the code store {codes}, which gives {value}; "
+                                  f"leave model.{name} unset")  # fmt: skip
+        node.model[name] = value
+    return {name: f"from the code store {codes}" for name in names}
+
+
+def data_fields(node: DictConfig, codes: Path) -> dict[str, Any]:
+    """The data-dependent model fields of a code store: vocabulary, code shape, classes, the caption sizes of a
+    text store, and the code vectors an RQ-Transformer embeds codes with."""
+    try:
+        manifest = read_manifest(codes)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.codes: {err}") from None
+    captions = bool(manifest.get("captions"))
+    values: dict[str, Any] = {
+        "vocab_size": int(manifest["codebook_size"]),
+        "code_shape": list(manifest["code_shape"]),
+        "num_classes": 0 if captions else int(manifest["num_classes"]),
+        "text_length": 0,
+        "text_vocab_size": 0,
+        "text_pad_id": 0,
+    }
+    if captions:
+        if node.arch == "vim":
+            raise ConfigError("VIM is class-conditional or unconditional; train a gpt or rq model on captions")
+        values.update(TextConfig(**OmegaConf.to_container(node.text)).model_fields())
+    if node.arch == "rq":
+        _, tokenizer, _ = read_config(codes / "tokenizer")
+        quantizer = tokenizer["quantizer"]
+        values.update(code_dim=int(quantizer["dim"]), shared_codebook=bool(quantizer.get("shared_codebook", True)))
+    return values
+
+
+# ---------------------------------------------------------------- the task
+def build_model(cfg: ARRunConfig, tokenizer=None) -> ARModel:
+    """The configured model; an RQ-Transformer also copies its code vectors from `tokenizer`."""
+    model = get_architecture(cfg.arch).model(cfg.model)
+    if isinstance(model, RQTransformer):
+        if tokenizer is None:
+            raise ValueError("an RQ-Transformer embeds codes with its tokenizer's codebook; pass the tokenizer")
+        model.set_code_embeddings(tokenizer.code_vectors())
+    return model
 
 
 class ARTask(TrainTask):
     collate = staticmethod(collate_codes)
     best_metric = ("nll", "min")
+    progress_metrics = ("loss", "accuracy")
 
     def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None,
                  text_tokenizer: TextTokenizer | None = None):  # fmt: skip
         self.cfg, self.store, self.device, self.par = cfg, store, device, par or Parallel()
         self.tokenizer = load(store.tokenizer_path, device=device)
         self.text_tokenizer = text_tokenizer
-        self.model = build_model(cfg.model, store, self.tokenizer, text_tokenizer).to(device)
+        self.model = build_model(cfg, self.tokenizer).to(device)
         # Training forward passes go through `train_model` (DDP's wrapper; under FSDP the model itself, sharded
         # in place before the optimizer sees its parameters).
         self.train_model = self.par.wrap(self.model)
         self.optimizer = adamw(self.model, cfg.train)
         self.guard = StepGuard(cfg.train.precision, device)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.conditional = store.num_classes > 0 or text_tokenizer is not None
+        self.grid_settings = self._grid_settings()
         if cfg.npp.level > 1:
             check_patch_size(self.model.code_shape, 2 ** (cfg.npp.level - 1))
             ends = segment_ends(cfg.train.steps, cfg.npp.level, cfg.npp.rate)
@@ -221,6 +246,15 @@ class ARTask(TrainTask):
             if cfg.npp.segment_lr and cfg.npp.warmup_steps >= shortest:
                 log.warning("npp.warmup_steps=%d is not shorter than the shortest NPP segment (%d steps): that "
                             "segment never reaches the full learning rate", cfg.npp.warmup_steps, shortest)  # fmt: skip
+
+    def _grid_settings(self) -> SamplingSettings:
+        """The grid's sampling settings; guidance needs a null condition, which some runs do not train."""
+        grid = self.cfg.sample
+        if grid.guided and not self.model.has_null_condition:
+            log.warning("sample.cfg_scale=%g needs a null condition (a conditional store and "
+                        "model.class_dropout_prob > 0); the sample grids are drawn without guidance", grid.cfg_scale)
+            return replace(grid, cfg_scale=1.0)
+        return grid
 
     def patch_side(self, step: int) -> int:
         npp = self.cfg.npp
@@ -235,10 +269,10 @@ class ARTask(TrainTask):
         return segment_lr(step, ends, npp.warmup_steps, npp.decay_ratio, npp.end_lr_ratio)
 
     @property
-    def eval_model(self) -> nn.Module:
+    def eval_model(self) -> ARModel:
         return self.ema.shadow if self.ema is not None else self.model
 
-    def modules(self) -> dict[str, nn.Module]:
+    def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, **({"ema": self.ema.shadow} if self.ema is not None else {})}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -257,26 +291,27 @@ class ARTask(TrainTask):
             codes = codes[torch.arange(len(codes)), view]
         else:
             codes = codes[:, 0]
-        if self.text_tokenizer is not None:
-            drop = self.model.cfg.class_dropout_prob
-            cond = caption_ids(self.text_tokenizer, batch.captions, train=random_view, drop_prob=drop,
-                               device=self.device)  # fmt: skip
+        conditioning = self.model.conditioning
+        if conditioning is Conditioning.TEXT:
+            cond = caption_ids(self.text_tokenizer, batch.captions, train=random_view,
+                               drop_prob=self.model.cfg.class_dropout_prob, device=self.device)  # fmt: skip
         else:
-            cond = batch.labels.to(self.device) if self.conditional else None
+            cond = batch.labels.to(self.device) if conditioning is Conditioning.CLASS else None
         return codes.to(self.device), cond
 
-    def _loss(self, outputs, codes: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """The image loss (soft targets when asked for), plus the weighted text loss of an RQ-Transformer that
-        predicts its caption."""
+    def _loss(self, out, codes: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The image loss (soft targets when asked for), plus the weighted text loss of a model that predicts its
+        caption."""
         c = self.cfg.loss
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        flat = out.logits.reshape(-1, out.logits.shape[-1])
         if c.soft_targets:
-            image = self.model.loss(logits, codes, self.model.soft_targets(codes, c.soft_temperature))
+            targets = self.model.soft_targets(codes, c.soft_temperature).reshape(flat.shape)
+            image = -(targets * F.log_softmax(flat.float(), dim=-1)).sum(-1).mean()
         else:
-            image = self.model.loss(logits, codes)
-        if not isinstance(outputs, tuple):
+            image = F.cross_entropy(flat, codes.reshape(-1))
+        if out.text_logits is None:
             return image, {}
-        caption = text_loss(outputs[1], cond)
+        caption = text_loss(out.text_logits, cond)
         return c.img_weight * image + c.txt_weight * caption, {"image_loss": image, "text_loss": caption}
 
     def train_step(self, batch: CodeBatch, step: int) -> dict[str, float]:
@@ -284,18 +319,17 @@ class ARTask(TrainTask):
         self.model.train()
         side = self.patch_side(step)
         with autocast(self.device, self.cfg.train.precision):
-            outputs = self.train_model(codes, cond) if side == 1 else self.train_model(codes, cond, patch_side=side)
+            out = self.train_model(codes, cond) if side == 1 else self.train_model(codes, cond, patch_side=side)
         parts = {}
         if side == 1:
-            loss, parts = self._loss(outputs, codes, cond)
+            loss, parts = self._loss(out, codes, cond)
         else:
-            loss = next_patch_loss(outputs, codes, side)
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+            loss = next_patch_loss(out.logits, codes, side)
         if not self.guard.step(loss, self.optimizer, self.cfg.train.grad_clip):
             return {"skipped": 1.0}
         if self.ema is not None:
             self.ema.update(self.model)
-        positions = logits.shape[1] * (logits.shape[2] if side == 1 and logits.dim() > 3 else 1)
+        positions = self.model.num_positions // (side * side)
         metrics = {
             "loss": float(loss.detach()),
             "positions": float(positions * len(codes) * self.par.world_size),
@@ -303,7 +337,7 @@ class ARTask(TrainTask):
             **{name: float(value.detach()) for name, value in parts.items()},
         }
         if side == 1:
-            metrics["accuracy"] = float((logits.detach().argmax(-1) == codes).float().mean())
+            metrics["accuracy"] = float((out.logits.detach().argmax(-1) == codes).float().mean())
         return metrics
 
     @torch.no_grad()
@@ -313,11 +347,8 @@ class ARTask(TrainTask):
         for batch in batches:
             codes, cond = self._inputs(batch, random_view=False)
             with autocast(self.device, self.cfg.train.precision):
-                logits = model(codes, cond)
-            logits = (logits[0] if isinstance(logits, tuple) else logits).float()
-            total_nll += float(
-                torch.nn.functional.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="sum")
-            )
+                logits = model(codes, cond).logits.float()
+            total_nll += float(F.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="sum"))
             total_correct += float((logits.argmax(-1) == codes).sum())
             count += codes.numel()
         totals = torch.tensor([total_nll, total_correct, count], dtype=torch.float64, device=self.device)
@@ -327,31 +358,28 @@ class ARTask(TrainTask):
 
     @torch.no_grad()
     def write_artifacts(self, run_dir: Path, step: int) -> None:
-        """samples_grid.png: one row per class (or rows of unconditional samples)."""
-        s = self.cfg.sample
-        if s.n_per_class == 0:
+        """samples_grid.png: one row per class or caption (or rows of unconditional samples)."""
+        grid = self.cfg.sample
+        if grid.n_per_class == 0:
             return
         model = self.eval_model.eval()
-        generator = torch.Generator(self.device).manual_seed(s.seed)
-        rows = min(self.store.num_classes, s.max_classes) if self.conditional else 2
-        if self.text_tokenizer is not None:
-            rows = min(len(self.store), s.max_classes)
-        kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator)
-        prompts = self._sample_prompts(rows) if self.text_tokenizer is not None else None
+        conditioning = model.conditioning
+        prompts = None
+        if conditioning is Conditioning.TEXT:
+            prompts = self._sample_prompts(min(len(self.store), grid.max_classes))
+            conditions = make_conditions(model, prompts=prompts, n_per_condition=grid.n_per_class,
+                                         text_tokenizer=self.text_tokenizer, strict_prompts=False)  # fmt: skip
+        elif conditioning is Conditioning.CLASS:
+            classes = list(range(min(model.num_classes, grid.max_classes)))
+            conditions = make_conditions(model, classes=classes, n_per_condition=grid.n_per_class)
+        else:
+            conditions = make_conditions(model, n_per_condition=2 * grid.n_per_class)
         with self.par.full_params(model):  # under FSDP every rank runs this same sampling
-            if prompts is not None:
-                cond = self.text_tokenizer.encode(prompts, strict=False).to(self.device)
-                cond = cond.repeat_interleave(s.n_per_class, dim=0)
-                codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
-            elif self.conditional:
-                cond = torch.arange(rows, device=self.device).repeat_interleave(s.n_per_class)
-                codes = model.generate(cond, cfg_scale=s.cfg_scale if model_has_null(model) else 1.0, **kwargs)
-            else:
-                codes = model.generate(None, batch_size=rows * s.n_per_class, **kwargs)
+            result = draw(model, conditions, self.grid_settings, tokenizer=self.tokenizer,
+                          batch_size=len(conditions))  # fmt: skip
         if not self.par.is_main:
             return
-        images = self.tokenizer.decode(codes).float().cpu()
-        save_image(make_grid(list(images.split(s.n_per_class))), Path(run_dir) / "samples_grid.png")
+        save_image(make_grid(list(result.images.split(grid.n_per_class))), Path(run_dir) / "samples_grid.png")
         if prompts is not None:
             (Path(run_dir) / "samples_grid_prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
 
@@ -361,16 +389,8 @@ class ARTask(TrainTask):
         return [captions[i * len(captions) // rows][0] for i in range(rows)]
 
     def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        save_pretrained(self.eval_model, out_dir, weights["ema" if self.ema is not None else "model"])
-        target = Path(out_dir) / "tokenizer"
-        if not target.exists():
-            shutil.copytree(self.store.tokenizer_path, target)
-        if self.text_tokenizer is not None:
-            self.text_tokenizer.save(Path(out_dir) / TEXT_TOKENIZER_DIR)
-
-
-def model_has_null(model: nn.Module) -> bool:
-    return condition_embedding(model).has_null
+        save_pretrained(self.eval_model, out_dir, weights["ema" if self.ema is not None else "model"],
+                        tokenizer=self.tokenizer, text_tokenizer=self.text_tokenizer, keep_companions=True)  # fmt: skip
 
 
 def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -400,3 +420,4 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
         )
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vqar.quantize import sync
+from vqar.parallel import sync
 from vqar.train.config import TrainConfig
 
 

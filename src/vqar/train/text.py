@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vqar.bundle import TEXT_TOKENIZER_DIR
 from vqar.data.codes import CodeDataset
-from vqar.text.tokenizer import RELEASE_LENGTH, TextTokenizer
+from vqar.text.tokenizer import MIN_VOCAB_SIZE, RELEASE_LENGTH, TextTokenizer
 
 log = logging.getLogger("vqar.train")
-
-TEXT_TOKENIZER_DIR = "text_tokenizer"
 
 
 @dataclass
 class TextConfig:
     """`tokenizer`: a saved text tokenizer folder or a release's `bpe-16k-vocab.json` (its merges file beside
-    it); by default a BPE vocabulary of `vocab_size` is learned from the training captions."""
+    it); by default a BPE vocabulary of at most `vocab_size` entries is learned from the training captions (the
+    model's text embedding has that many rows)."""
 
     length: int = RELEASE_LENGTH
     tokenizer: str | None = None
@@ -34,10 +34,19 @@ class TextConfig:
     bpe_dropout: float | None = 0.1
 
     def validate(self) -> None:
-        if self.length < 2 or self.vocab_size < 16:
-            raise ValueError("text.length must be >= 2 and text.vocab_size >= 16")
-        if self.bpe_dropout is not None and not 0.0 < self.bpe_dropout < 1.0:
-            raise ValueError(f"text.bpe_dropout must be in (0, 1) or null, got {self.bpe_dropout}")
+        if self.length < 2:
+            raise ValueError(f"text.length must be >= 2, got {self.length}")
+        if self.tokenizer is None and self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"text.vocab_size must be >= {MIN_VOCAB_SIZE} (every printable character, alone and "
+                             f"word-final, and 2 special tokens), got {self.vocab_size}")  # fmt: skip
+
+    def model_fields(self) -> dict[str, int]:
+        """The caption sizes a model trained with this config has: the given tokenizer's vocabulary and padding
+        id, or those a learned vocabulary can have at most (`[PAD]` is id 0 in a learned one)."""
+        if self.tokenizer:
+            given = TextTokenizer.load(self.tokenizer, length=self.length)
+            return {"text_length": self.length, "text_vocab_size": given.vocab_size, "text_pad_id": given.pad_id}
+        return {"text_length": self.length, "text_vocab_size": self.vocab_size, "text_pad_id": 0}
 
 
 def prepare_text_tokenizer(cfg: TextConfig, store: CodeDataset, train_items: list[int], run_dir: Path,
@@ -55,6 +64,11 @@ def prepare_text_tokenizer(cfg: TextConfig, store: CodeDataset, train_items: lis
                                 dropout=cfg.bpe_dropout)  # fmt: skip
     par.barrier()
     tokenizer = TextTokenizer.load(folder)
+    expected = cfg.model_fields()
+    if tokenizer.vocab_size > expected["text_vocab_size"] or tokenizer.pad_id != expected["text_pad_id"]:
+        raise ValueError(f"{folder} holds a tokenizer of {tokenizer.vocab_size} text tokens padded with id "
+                         f"{tokenizer.pad_id}; the model embeds {expected['text_vocab_size']} padded with "
+                         f"{expected['text_pad_id']}")  # fmt: skip
     if tokenizer.length != cfg.length:
         raise ValueError(f"{folder} holds a tokenizer for {tokenizer.length} text tokens, but text.length={cfg.length}")
     return tokenizer

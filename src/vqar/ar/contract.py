@@ -1,0 +1,234 @@
+"""The contract of a stage-2 model: everything sampling, training, evaluation and serving may rely on.
+
+`GPT`, `RQTransformer` and `VIM` implement `ARModel`. A model predicts one code map of shape `code_shape`: (h, w)
+for one code per position, (h, w, D) for a residual stack of D codes per position (`depth` = D, 1 otherwise).
+Codes are produced position by position in raster order and, within a position, depth by depth, after a prefix of
+`prefix_length` condition tokens (a class or start row, or a caption).
+
+Training: `forward(codes, cond)` is teacher-forced and returns a `ModelOutput`. Sampling (see
+`vqar.sampling.generate`, the one loop that drives every model, in the manner of gpt-fast's `prefill` /
+`decode_one_token`):
+
+    state = model.new_decode_state()
+    context = model.prefill(cond_ids, state)                 # the condition, once
+    for each position p:
+        for each depth d:  logits = model.code_logits(context, codes chosen at p so far, state)
+        context = model.decode_position(the D codes of p, p, state)
+
+Names are one vocabulary across the models (configs: `dim`, `n_layer`, `n_head`, `code_shape`, `*_dropout_p`;
+modules: `cond_embedding`, `layers`, `norm`, `output`, blocks of `attention_norm`, `attention`, `ffn_norm`,
+`feed_forward`); the official checkpoints' names are mapped in `vqar.interop`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from vqar.ar.conditioning import ClassEmbedding, TextEmbedding
+
+
+class Conditioning(str, Enum):
+    CLASS = "class"
+    TEXT = "text"
+    NONE = "none"
+
+
+@dataclass
+class ARConfig:
+    """The fields every stage-2 model has. The first six describe the data, not the architecture: a training run
+    takes them from its code store (and the caption tokenizer), never from a preset."""
+
+    vocab_size: int = 16384
+    code_shape: list[int] = field(default_factory=lambda: [16, 16])
+    num_classes: int = 1000
+    text_length: int = 0  # > 0: conditioned on a caption of this many tokens instead of a class
+    text_vocab_size: int = 0
+    text_pad_id: int = 0  # the null caption (all padding) is "no condition" when class_dropout_prob > 0
+    class_dropout_prob: float = 0.0  # classes / captions dropped to the null condition in training (for CFG)
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    token_dropout_p: float = 0.0
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    initializer_range: float = 0.02
+
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "code_shape", "num_classes", "text_length", "text_vocab_size", "text_pad_id",
+    )  # fmt: skip
+
+    @property
+    def prefix_length(self) -> int:
+        """Condition tokens before the first code: the caption, or one class / start token."""
+        return self.text_length or 1
+
+    @property
+    def depth(self) -> int:
+        """Codes per position: D for a residual stack, 1 otherwise."""
+        return self.code_shape[2] if len(self.code_shape) == 3 else 1
+
+    @property
+    def num_positions(self) -> int:
+        return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    def validate(self) -> None:
+        if len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1:
+            raise ValueError(f"code_shape must be [height, width] or [height, width, depth], got {self.code_shape}")
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}")
+        if self.vocab_size < 2 or self.num_classes < 0 or self.n_layer < 1:
+            raise ValueError("need vocab_size >= 2, num_classes >= 0 and n_layer >= 1")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.text_length and (self.num_classes or self.text_vocab_size < 2):
+            raise ValueError("a text-conditioned model needs num_classes=0 and text_vocab_size >= 2")
+
+
+class ModelOutput(NamedTuple):
+    """What a teacher-forced pass returns (a named tuple, which DDP and FSDP pass through).
+
+    `logits` (B, *code_shape, K): entry [b, i, j(, d)] predicts that code from the condition and every code before
+    it (for next-patch training, (B, num_patches, K)). `text_logits` (B, text_length - 1, text_vocab) for models
+    that also predict their caption: position t predicts token t + 1."""
+
+    logits: torch.Tensor
+    text_logits: torch.Tensor | None = None
+
+
+@runtime_checkable
+class CodeTokenizer(Protocol):
+    """What stage 2 needs of a stage-1 tokenizer to turn its codes into images."""
+
+    codebook_size: int
+    depth: int
+
+    def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor: ...
+
+
+class ARModel(nn.Module, ABC):
+    """A stage-2 model; see the module docstring. `tokenizer` and `text_tokenizer` are the companions a saved model
+    folder carries (`attach` sets them); they are kept outside the module tree, so `state_dict()`, `parameters()`
+    and `.to()` concern the AR model's own weights only."""
+
+    arch: ClassVar[str]  # the name in `vqar.ar.ARCHITECTURES`, also written to saved models
+    cfg: ARConfig
+    cond_embedding: ClassEmbedding | TextEmbedding
+    layers: nn.ModuleList  # the blocks a linear probe reads (an RQ-Transformer's spatial blocks)
+    tokenizer: CodeTokenizer | None = None
+    text_tokenizer: Any = None  # a `vqar.text.TextTokenizer`
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------- description
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return tuple(self.cfg.code_shape)
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    @property
+    def num_positions(self) -> int:
+        return self.cfg.num_positions
+
+    @property
+    def codebook_size(self) -> int:
+        """The size of the tokenizer codebook the model predicts over (`cfg.vocab_size`)."""
+        return self.cfg.vocab_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def prefix_length(self) -> int:
+        return self.cfg.prefix_length
+
+    @property
+    def conditioning(self) -> Conditioning:
+        if self.cfg.text_length:
+            return Conditioning.TEXT
+        return Conditioning.CLASS if self.cfg.num_classes else Conditioning.NONE
+
+    @property
+    def has_null_condition(self) -> bool:
+        """Whether classifier-free guidance is possible: the model learned a null class or the empty caption."""
+        return self.cond_embedding.has_null
+
+    # ---------------------------------------------------------------- companions
+    def attach(self, tokenizer: CodeTokenizer | None = None, text_tokenizer=None) -> ARModel:
+        """Sets the tokenizer that decodes this model's codes and the caption tokenizer of a text model, after
+        checking that they fit; returns the model."""
+        if tokenizer is not None:
+            check_tokenizer(self, tokenizer)
+            object.__setattr__(self, "tokenizer", tokenizer)  # not a submodule: see the class docstring
+        if text_tokenizer is not None:
+            if self.conditioning is not Conditioning.TEXT:
+                raise ValueError("a caption tokenizer only fits a text-conditioned model")
+            if text_tokenizer.vocab_size > self.cfg.text_vocab_size:
+                raise ValueError(f"the caption tokenizer has {text_tokenizer.vocab_size} entries; the model knows "
+                                 f"{self.cfg.text_vocab_size} text tokens")  # fmt: skip
+            if text_tokenizer.length != self.cfg.text_length:
+                text_tokenizer = text_tokenizer.with_length(self.cfg.text_length)
+            object.__setattr__(self, "text_tokenizer", text_tokenizer)
+        return self
+
+    # ---------------------------------------------------------------- training
+    @abstractmethod
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor | None = None) -> ModelOutput:
+        """Teacher-forced outputs for codes (B, *code_shape). `cond`: class ids (B,), caption ids
+        (B, text_length), or None (an unconditional model, or the null condition)."""
+
+    # ---------------------------------------------------------------- sampling
+    @abstractmethod
+    def new_decode_state(self) -> Any:
+        """Fresh static KV caches for one generation (opaque; passed back to the three methods below)."""
+
+    @abstractmethod
+    def prefill(self, cond_ids: torch.Tensor, state: Any) -> torch.Tensor:
+        """Runs the condition tokens of validated ids; returns the context (B, dim) of position 0."""
+
+    @abstractmethod
+    def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
+        """Logits (B, K) of the next code at the current position, given its context and the codes (B, d)
+        already chosen there (d = 0 .. depth - 1). Kept in the compute dtype: under bf16, converting all K logits
+        every step costs more than the sampler, which converts only its candidates."""
+
+    @abstractmethod
+    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
+        """Feeds the codes (B, depth) chosen at position `index`; returns the context of position index + 1."""
+
+    # ---------------------------------------------------------------- initialisation
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 / LlamaGen initialisation of linear and embedding weights."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def check_tokenizer(model: ARModel, tokenizer) -> None:
+    """The tokenizer must decode the model's codes: same codebook size, same codes per position. A conv tokenizer
+    works at any multiple of its downsampling factor, so the grid may differ from the one it was trained at
+    (LlamaGen's 384px GPTs use the 256px VQ-16)."""
+    if not isinstance(tokenizer, CodeTokenizer):
+        raise TypeError(f"the tokenizer must be a stage-1 tokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.codebook_size != model.codebook_size or tokenizer.depth != model.depth:
+        raise ValueError(
+            f"the tokenizer (codebook {tokenizer.codebook_size}, {tokenizer.depth} code(s) per position) does not fit "
+            f"the model (codebook {model.codebook_size}, {model.depth} code(s) per position)"
+        )

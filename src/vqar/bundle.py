@@ -1,0 +1,179 @@
+"""vqar's model folder, the bundle a trained model travels in: `config.json` + `model.safetensors` (the Hugging Face
+Hub layout) and, for an AR model, the companions it needs to make images: `tokenizer/` (the stage-1 model that
+decodes its codes, a folder of the same layout) and, for a text-to-image model, `text_tokenizer/` (its caption
+tokenizer). `save_pretrained` writes a bundle and `load` reads one; both are the only places that know the
+layout. Training runs export a bundle into their run directory, so `load(RUN_DIR)` gives the trained model.
+
+Because the layout is the Hub's, a folder can be uploaded as a model repository as it is, and `load("owner/name")`
+downloads one (with the optional `huggingface_hub` package) when no local folder of that name exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqar.ar import ARCHITECTURES, ARModel
+from vqar.configs import ConfigError, from_dict, to_dict
+from vqar.text import TextTokenizer
+from vqar.tokenizers import Tokenizer, TokenizerConfig
+from vqar.utils.io import atomic_write, atomic_write_text
+
+FORMAT_VERSION = 2  # 2: the one vocabulary of module and config names across the AR models
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+TOKENIZER_KIND = "tokenizer"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def bundle_patterns() -> list[str]:
+    """The files of a bundle, as `huggingface_hub.snapshot_download(allow_patterns=...)` takes them."""
+    return [CONFIG_FILE, WEIGHTS_FILE, f"{TOKENIZER_DIR}/{CONFIG_FILE}", f"{TOKENIZER_DIR}/{WEIGHTS_FILE}",
+            f"{TEXT_TOKENIZER_DIR}/*"]  # fmt: skip
+
+
+def vqar_version() -> str:
+    try:
+        return version("vqar")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _kinds() -> dict[str, tuple[type, type]]:
+    """kind -> (config dataclass, model class)."""
+    ar = {name: (arch.config, arch.model) for name, arch in ARCHITECTURES.items()}
+    return {TOKENIZER_KIND: (TokenizerConfig, Tokenizer), **ar}
+
+
+# ---------------------------------------------------------------- writing
+def save_pretrained(
+    model: nn.Module,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    tokenizer: nn.Module | None = None,
+    text_tokenizer: TextTokenizer | None = None,
+    keep_companions: bool = False,
+) -> None:
+    """Writes `model` (a vqar tokenizer or AR model) as a bundle, each file atomically. `state_dict` replaces the
+    model's own weights (e.g. the full weights gathered from FSDP shards). An AR model's companions are
+    `tokenizer` and `text_tokenizer`, by default the ones attached to it; `keep_companions` leaves companion
+    folders that already exist as they are (a training run exports the same tokenizer at every checkpoint)."""
+    folder = Path(folder)
+    kind = TOKENIZER_KIND if isinstance(model, Tokenizer) else model.arch if isinstance(model, ARModel) else None
+    if kind is None:
+        raise TypeError(f"save_pretrained needs a vqar tokenizer or AR model, got {type(model).__name__}")
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kind": kind}))
+    config = {"vqar_format": FORMAT_VERSION, "vqar_version": vqar_version(), "kind": kind, "config": to_dict(model.cfg)}
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
+    if not isinstance(model, ARModel):
+        return
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    text_tokenizer = text_tokenizer if text_tokenizer is not None else model.text_tokenizer
+    if tokenizer is not None and not (keep_companions and (folder / TOKENIZER_DIR / CONFIG_FILE).is_file()):
+        save_pretrained(tokenizer, folder / TOKENIZER_DIR)
+    if text_tokenizer is not None and not (keep_companions and (folder / TEXT_TOKENIZER_DIR).is_dir()):
+        text_tokenizer.save(folder / TEXT_TOKENIZER_DIR)
+
+
+# ---------------------------------------------------------------- reading
+def read_config(folder: Path) -> tuple[str, dict, int]:
+    """(kind, config fields, format version) of a bundle folder."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a vqar model folder: it has no {CONFIG_FILE} "
+            f"(a training run writes one at its first checkpoint)"
+        )
+    try:
+        meta = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path} does not describe a model (expected a JSON object)")
+    return meta.get("kind"), meta.get("config", {}), int(meta.get("vqar_format", 1))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {weights_path}: {err}") from None
+
+
+def build(kind: str, fields: dict, source: Path) -> nn.Module:
+    """An untrained model of `kind` from its config fields."""
+    kinds = _kinds()
+    if kind not in kinds:
+        raise ValueError(f"{source} describes an unknown model kind {kind!r}; known: {', '.join(kinds)}")
+    config_cls, model_cls = kinds[kind]
+    try:
+        config = from_dict(config_cls, fields)
+    except ConfigError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return model_cls(config)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a bundle (or a training run directory), in eval mode, with its companions attached."""
+    folder = Path(path)
+    if not folder.exists():
+        if not HUB_REPO_ID.match(str(path)):
+            raise FileNotFoundError(f"no model at {folder}")
+        folder = download_from_hub(str(path))
+    kind, fields, format_version = read_config(folder)
+    if format_version < FORMAT_VERSION and kind != TOKENIZER_KIND:
+        raise ValueError(
+            f"{folder} was written by vqar 0.1 (format {format_version}), whose AR models used other names; "
+            f"read it with vqar.load_pretrained({str(folder)!r}), or rewrite it once with `vqar convert {folder} NEW`"
+        )
+    model = build(kind, fields, folder / CONFIG_FILE)
+    state = read_weights(folder)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} does not match its config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model = model.to(device).eval()
+    if isinstance(model, ARModel):
+        attach_companions(model, folder, device)
+    return model
+
+
+def attach_companions(model: ARModel, folder: Path, device: str | torch.device = "cpu") -> None:
+    """Attaches the tokenizer and caption tokenizer a bundle folder carries beside `model`."""
+    tokenizer = text_tokenizer = None
+    if (folder / TOKENIZER_DIR / CONFIG_FILE).is_file():
+        tokenizer = load(folder / TOKENIZER_DIR, device=device)
+    if (folder / TEXT_TOKENIZER_DIR).is_dir():
+        text_tokenizer = TextTokenizer.load(folder / TEXT_TOKENIZER_DIR)
+    model.attach(tokenizer, text_tokenizer)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of Hub model repository `repo_id` (only the files of a bundle)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"no local model folder {repo_id!r}; to load it from the Hugging Face Hub, install huggingface_hub "
+            "(pip install 'vqar[hub]')"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=bundle_patterns()))
+    except Exception as err:  # network errors, unknown repos, gated repos: say which repo and why
+        raise FileNotFoundError(f"cannot download {repo_id!r} from the Hugging Face Hub: {err}") from None

@@ -1,0 +1,76 @@
+"""Option groups and argument readers that several commands share, defined once."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODEL_HELP = "an AR run directory, vqar model folder, RQ release folder, LlamaGen .pt or Hub repo id"
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, run, summary: str, details: str = ""
+) -> argparse.ArgumentParser:
+    """The parser of command `name`, which `run(args)` carries out; `summary` is its line in `vqar --help`."""
+    parser = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}".strip())
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> None:
+    """--model, and what loading it may need: --tokenizer, --config, --ema (and --text-tokenizer)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help=MODEL_HELP)
+    group.add_argument("--tokenizer", help="default: the tokenizer saved with the model (or an RQ release's stage1)")
+    group.add_argument("--config", help="architecture of a LlamaGen .pt: preset name (GPT-XL) or JSON file")
+    group.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    if text:
+        group.add_argument("--text-tokenizer", help="caption tokenizer of a text-to-image model: a saved folder or "
+                           "an RQ release's bpe-16k-vocab.json (default: the model's own)")  # fmt: skip
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:1 ... (default: {default})")
+
+
+def load_ar_model(args: argparse.Namespace, device):
+    """The AR model of --model (with --tokenizer / --config / --ema / --text-tokenizer) on `device`."""
+    from vqar.ar import ARModel
+    from vqar.interop import load_pretrained
+
+    model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
+    if not isinstance(model, ARModel):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
+    model = model.to(device)
+    text_tokenizer = None
+    if getattr(args, "text_tokenizer", None):
+        from vqar.text import TextTokenizer
+
+        text_tokenizer = TextTokenizer.load(args.text_tokenizer, length=model.cfg.text_length or None)
+    return model.attach(model.tokenizer.to(device) if model.tokenizer is not None else None, text_tokenizer)
+
+
+def split_preset(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item without '=' is the preset; the rest are key=value overrides."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def per_depth_arg(text: str | None, kind, name: str):
+    """ "0.9" or "0.9,0.9,0.95,1" (one value per depth); "none" means no filter."""
+    if text is None:
+        return None
+    try:
+        values = [None if item.strip().lower() == "none" else kind(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} takes a number or one per depth, comma-separated, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def read_lines(path: str) -> list[str]:
+    """The non-blank lines of a text file (prompts, class names)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"file not found: {file}")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

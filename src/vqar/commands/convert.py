@@ -1,0 +1,41 @@
+"""`vqar convert`: released checkpoints (and folders of older vqar versions) into vqar's model folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqar.commands.common import add_command
+
+DETAILS = """Loads SRC with the official format's conventions and writes OUT_DIR/config.json + model.safetensors (and
+OUT_DIR/tokenizer/, OUT_DIR/text_tokenizer/ for AR models that carry them); vqar.load(OUT_DIR) reads it back.
+Examples: `vqar convert imagenet_1.4B_rqvae_50e/stage2 out/rq-1.4b`, `vqar convert vq_ds16_c2i.pt out/vq16 --config
+VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl --config '{"preset": "GPT-XL", "block_size": 576}'`."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqar.bundle import save_pretrained
+    from vqar.interop import load_pretrained
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its model files")
+    model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
+    save_pretrained(model, out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {out}")
+    print(f"load it with vqar.load({str(out)!r}) or `vqar sample --model {out}`")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    convert = add_command(sub, "convert", run, "convert released weights (RQ release, LlamaGen / NPP .pt, vqar 0.1 "
+                          "folders) to vqar's format", DETAILS)  # fmt: skip
+    convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt) or a LlamaGen .pt")
+    convert.add_argument("out_dir", help="the vqar model folder to write")
+    convert.add_argument(
+        "--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an inline JSON object"
+    )
+    convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads)")
+    convert.add_argument("--ema", action="store_true", help="convert the EMA weights")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")

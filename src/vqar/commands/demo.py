@@ -1,0 +1,22 @@
+"""`vqar demo`: the whole pipeline on the bundled digits."""
+
+from __future__ import annotations
+
+import argparse
+
+from vqar.commands.common import add_command
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqar.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = add_command(sub, "demo", run, "run the whole pipeline on the bundled digits", "Trains the RQ tokenizer, "
+                       "extracts codes, trains a class-conditional RQ-Transformer, samples one row per digit and "
+                       "reports PSNR, usage, validation loss, throughput and class accuracy.")  # fmt: skip
+    demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")

@@ -1,0 +1,138 @@
+"""`vqar sample`: images from a trained AR model to files, in one process or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqar.commands.common import (
+    add_command,
+    add_device_option,
+    add_model_options,
+    load_ar_model,
+    per_depth_arg,
+    read_lines,
+)
+
+DETAILS = """Writes grid.png (one row per class or prompt), images/*.png and samples.npz (ADM evaluator layout). For
+RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1)."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqar.parallel import setup, teardown
+    from vqar.utils.device import resolve_device
+
+    par = setup(device=resolve_device(args.device))  # under torchrun, each rank draws its share of the batches
+    try:
+        return _sample(args, par)
+    finally:
+        teardown(par)
+
+
+def settings_from(args: argparse.Namespace):
+    from vqar.sampling import SamplingSettings
+
+    settings = SamplingSettings(
+        temperature=1.0 if args.temperature is None else per_depth_arg(args.temperature, float, "--temperature"),
+        top_k=per_depth_arg(args.top_k, int, "--top-k"),
+        top_p=per_depth_arg(args.top_p, float, "--top-p"),
+        cfg_scale=args.cfg,
+        cfg_interval=args.cfg_interval,
+        greedy=args.greedy,
+        seed=args.seed,
+    )
+    settings.validate()
+    return settings
+
+
+def _sample(args: argparse.Namespace, par) -> int:
+    from vqar.sampling import make_conditions
+    from vqar.sampling.draw import draw_distributed
+    from vqar.sampling.export import write_samples
+
+    if par.distributed and args.accept_rate is not None:
+        raise ValueError("--accept-rate ranks all samples together: run it in one process, not under torchrun")
+    settings = settings_from(args)  # bad settings are refused before the model is loaded
+    prompts = (args.prompt or []) + (read_lines(args.prompts) if args.prompts else [])
+    if prompts and args.classes is not None:
+        raise ValueError("give either --classes or prompts, not both")
+    model = load_ar_model(args, par.device)
+    classes = None if prompts else _classes(args.classes, model)
+    conditions = make_conditions(model, classes=classes, prompts=prompts or None, n_per_condition=args.n_per_class)
+    options = dict(batch_size=args.batch_size, precision=args.precision)
+    if args.accept_rate is not None:
+        result = _rejection_sample(args, model, conditions, settings, options)
+    else:
+        result = draw_distributed(model, conditions, settings, par, Path(args.out), **options)
+        if result is None:  # rank 0 writes the files
+            return 0
+    paths = write_samples(result, args.out, args.n_per_class, individual=not args.no_images)
+    n = len(result.images)
+    workers = f" on {par.world_size} processes" if par.distributed else ""
+    print(f"{n} samples in {result.seconds:.1f} s{workers} ({n / result.seconds:.2f} images/s)")
+    print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
+    return 0
+
+
+def _classes(text: str | None, model) -> list[int] | None:
+    """--classes: comma-separated ids, 'all' (the default) or 'none'."""
+    if text is None or text == "all":
+        return list(range(model.num_classes)) if model.num_classes else None
+    if text == "none":
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes takes comma-separated class ids, 'all' or 'none', got {text!r}") from None
+
+
+def _rejection_sample(args: argparse.Namespace, model, conditions, settings, options):
+    from vqar.eval.rejection import load_classifier, rejection_sample
+
+    if conditions.prompts is not None:
+        raise ValueError("--accept-rate ranks samples by class; it does not apply to prompts")
+    if args.classifier is None:
+        raise ValueError("--accept-rate needs --classifier (a TorchScript classifier file, or 'digits')")
+    classes = conditions.labels.unique_consecutive().tolist()
+    result, report = rejection_sample(model, classes, args.n_per_class, args.accept_rate,
+                                      load_classifier(args.classifier), settings, **options)  # fmt: skip
+    print(
+        f"rejection sampling: kept {report['kept']} of {report['drawn']} (acceptance rate "
+        f"{report['accept_rate']:.3f}); mean classifier score {report['mean_score_all']:.3f} -> "
+        f"{report['mean_score_kept']:.3f}"
+    )
+    return result
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (semantics: vqar.sampling.settings)")
+    group.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off, > 1 = on)")
+    group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning)")
+    group.add_argument("--temperature", default=None, help="default 1.0")
+    group.add_argument("--top-k", default=None, help="keep the k most likely codes (and any tied with the k-th)")
+    group.add_argument("--top-p", default=None, help="nucleus sampling threshold in (0, 1]")
+    group.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    group.add_argument("--seed", type=int, default=0, help="image j of the run depends on (seed, j) only")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sample = add_command(sub, "sample", run, "generate images with a trained AR model", DETAILS)
+    add_model_options(sample)
+    sample.add_argument("--classes", help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")
+    sample.add_argument(
+        "--prompt", action="append", help="text-to-image models: a caption to draw (repeat for several prompts)"
+    )
+    sample.add_argument("--prompts", help="text-to-image models: a file with one prompt per line")
+    sample.add_argument(
+        "--n-per-class", type=int, default=8, help="samples per class or prompt (or in all, unconditional)"
+    )
+    add_sampling_options(sample)
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    add_device_option(sample)
+    sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument(
+        "--accept-rate", type=float, help="rejection sampling: draw n/rate per class, keep the n the classifier likes"
+    )
+    sample.add_argument("--classifier", help="rejection sampling: a TorchScript classifier file, or 'digits'")

@@ -1,0 +1,39 @@
+"""`vqar serve`: a web page and an HTTP API over one model."""
+
+from __future__ import annotations
+
+import argparse
+
+from vqar.commands.common import add_command, add_device_option, add_model_options, load_ar_model, read_lines
+
+DETAILS = """A Gradio page at / (class or prompt, seed, temperature, top-k/top-p, CFG, a gallery and a zip download;
+coarse-to-fine decoding for RQ models) and an HTTP API (POST /generate, GET /model, GET /health). Requests wait in
+one queue and are batched; the model never runs twice at once."""
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from vqar.serve.app import class_names_for, serve
+        from vqar.serve.engine import SamplingEngine
+    except ImportError as err:
+        raise RuntimeError(f"`vqar serve` needs the serve extra: pip install 'vqar[serve]' ({err})") from None
+    from vqar.utils.device import resolve_device
+
+    model = load_ar_model(args, resolve_device(args.device))
+    names = read_lines(args.class_names) if args.class_names else class_names_for(args.model)
+    engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch,
+                            class_names=names)  # fmt: skip
+    serve(engine, host=args.host, port=args.port)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = add_command(sub, "serve", run, "a web page and an HTTP API for sampling a model", DETAILS)
+    add_model_options(serve)
+    serve.add_argument("--class-names", help="a file with one class name per line (default: the run's code store)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address prints a warning")
+    serve.add_argument("--port", type=int, default=7860)
+    add_device_option(serve)
+    serve.add_argument("--max-images", type=int, default=16, help="images per request (more: HTTP 413)")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting at once (more: HTTP 429)")
+    serve.add_argument("--max-batch", type=int, default=64, help="images drawn in one model run")

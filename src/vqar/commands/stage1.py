@@ -1,0 +1,77 @@
+"""`vqar reconstruct` and `vqar extract-codes`: using a trained tokenizer on images."""
+
+from __future__ import annotations
+
+import argparse
+
+from vqar.commands.common import add_command, add_device_option
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from vqar.eval.reconstruct import reconstruct_files
+
+    failures = reconstruct_files(
+        args.tokenizer, args.images, args.out, size=args.size, depth=args.depth, device=args.device
+    )
+    return 1 if failures else 0
+
+
+def run_extract_codes(args: argparse.Namespace) -> int:
+    from vqar.bundle import load
+    from vqar.data import DataConfig
+    from vqar.data.codes import extract_codes
+    from vqar.tokenizers import Tokenizer
+    from vqar.utils.device import resolve_device
+
+    device = resolve_device(args.device)
+    tokenizer = load(args.tokenizer, device=device)
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
+    data = DataConfig(
+        source=args.data,
+        image_size=args.image_size or tokenizer.image_size,
+        channels=tokenizer.in_channels,
+        eval_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        captions=args.captions,
+    )
+    views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
+    manifest = extract_codes(tokenizer, data, args.out, views=views, crop_range=args.crop_range, device=device,
+                             overwrite=args.overwrite, tokenizer_dir=args.tokenizer)  # fmt: skip
+    shape = "x".join(map(str, manifest["code_shape"]))
+    print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
+    if "captions" in manifest:
+        print(f"with captions ({manifest['uncaptioned_images']} images without a caption left out)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    recon = add_command(sub, "reconstruct", run_reconstruct, "encode and decode images with a trained tokenizer",
+                        "Writes original | reconstruction side by side for each image and prints its PSNR.")
+    recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
+    recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
+    recon.add_argument("--size", type=int, help="resize to this size (default: the tokenizer's resolution)")
+    recon.add_argument("--depth", type=int, help="residual tokenizers: decode with the first DEPTH codes only")
+    add_device_option(recon)
+
+    extract = add_command(sub, "extract-codes", run_extract_codes, "encode a dataset once into a code store for AR "
+                          "training", "The store holds sharded codes, labels, a manifest and a copy of the "
+                          "tokenizer.")  # fmt: skip
+    extract.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
+    extract.add_argument("--data", required=True, help="'mnist', an image folder, or a .npz/.npy file")
+    extract.add_argument("--out", required=True, help="the code store folder to create")
+    views = extract.add_mutually_exclusive_group()
+    views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
+    views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
+    extract.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: fit images to size*range first")
+    extract.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")
+    extract.add_argument(
+        "--captions",
+        help="text-to-image stores: a captions.jsonl / .tsv (default: the folder's own, if any), 'digits' "
+        "(generated captions for the bundled digits) or 'none'",
+    )
+    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument("--num-workers", type=int, default=0)
+    add_device_option(extract)
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing code store")

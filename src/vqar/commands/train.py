@@ -1,0 +1,86 @@
+"""`vqar train`, `vqar presets` and `vqar config`: run configurations and training of either stage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from vqar.commands.common import add_command, split_preset
+from vqar.configs import ConfigError, preset_names, to_yaml
+
+GROUPS = ("tokenizer", "ar")
+
+
+def _load_run_config(group: str, preset, overrides):
+    if group == "tokenizer":
+        from vqar.train.tokenizer import load_run_config
+    else:
+        from vqar.train.ar import load_run_config
+    return load_run_config(preset, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    preset, overrides = split_preset(args.config)
+    run_dir = Path(args.out)
+    if args.resume and preset is None:
+        saved = run_dir / "run.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {saved} not found; give a preset to start a new run")
+        preset = str(saved)
+    if preset is None:
+        raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
+    cfg = _load_run_config(args.group, preset, overrides)
+    if args.group == "tokenizer":
+        from vqar.train.tokenizer import train_tokenizer as train
+    else:
+        from vqar.train.ar import train_ar as train
+    metrics = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"done: {run_dir} (validation: {shown})")
+    picture = "recon_grid.png" if args.group == "tokenizer" else "samples_grid.png"
+    print(f"pictures: {run_dir / picture}")
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    for group in [args.group] if args.group else GROUPS:
+        print(f"{group}:")
+        for name in preset_names(group):
+            print(f"  {name}")
+    return 0
+
+
+def run_config(args: argparse.Namespace) -> int:
+    preset, overrides = split_preset(args.config)
+    if args.group == "ar":
+        from vqar.train.ar import describe_run_config
+
+        print(describe_run_config(preset, overrides), end="")
+    else:
+        print(to_yaml(_load_run_config(args.group, preset, overrides)), end="")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = add_command(sub, "train", run_train, "train a model from a preset", "Overrides are key=value pairs on "
+                        "top of the preset; shorthands for tokenizers: d=<depth> c=<codebook size> steps=<n> lr=<x> "
+                        "bs=<batch size>; AR models: codes=<code store> arch=<gpt|rq|vim> size=<GPT-B|RQ-1.4B|...> "
+                        "steps=<n> lr=<x> bs=<batch size>. See the full configuration with `vqar config tokenizer|ar "
+                        "PRESET`.")  # fmt: skip
+    train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")
+    train.add_argument("config", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
+    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, pictures, model)")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace a run that already exists in --out")
+
+    presets = add_command(sub, "presets", run_presets, "list shipped configuration presets")
+    presets.add_argument("group", nargs="?", choices=GROUPS)
+    config = add_command(sub, "config", run_config, "print the resolved configuration of a preset with overrides",
+                         "For AR models give codes=DIR: the vocabulary, code shape and classes come from the code "
+                         "store and are marked so.")  # fmt: skip
+    config.add_argument("group", choices=GROUPS)
+    config.add_argument("config", nargs="+", metavar="PRESET [key=value ...]")

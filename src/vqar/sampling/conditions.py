@@ -1,0 +1,78 @@
+"""What to draw: classes, prompts or nothing, turned into the condition rows of a model, checked once for every
+entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vqar.ar import ARModel, Conditioning
+
+
+@dataclass
+class Conditions:
+    """`rows`: the condition of each image, class ids (N,) or caption ids (N, text_length), None when the model
+    is unconditional. `labels` (N,): the class id, the prompt number (with `prompts`), or -1 (unconditional)."""
+
+    rows: torch.Tensor | None
+    labels: torch.Tensor
+    prompts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, index: torch.Tensor) -> torch.Tensor | None:
+        return None if self.rows is None else self.rows[index]
+
+
+def make_conditions(
+    model: ARModel,
+    *,
+    classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    n_per_condition: int = 1,
+    text_tokenizer=None,
+    strict_prompts: bool = True,
+) -> Conditions:
+    """`n_per_condition` images of each class or prompt (or in all, for an unconditional model), in that order.
+    A text model's prompts are tokenized by `text_tokenizer`, by default the model's own; `strict_prompts` (prompts
+    a user typed) makes an empty prompt an error and a truncated one a warning. Raises ValueError naming what does
+    not fit the model."""
+    if isinstance(n_per_condition, bool) or not isinstance(n_per_condition, int) or n_per_condition < 1:
+        raise ValueError(f"the number of images per class or prompt must be a positive integer, "
+                         f"got {n_per_condition!r}")  # fmt: skip
+    kind = model.conditioning
+    if kind is Conditioning.TEXT:
+        return _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict_prompts)
+    if prompts:
+        raise ValueError("this model is not text-conditioned: sample it with classes, not prompts")
+    if kind is Conditioning.NONE:
+        if classes:
+            raise ValueError("this model is unconditional: sample it without classes")
+        return Conditions(None, torch.full((n_per_condition,), -1, dtype=torch.long))
+    last = model.num_classes - 1
+    if not classes:
+        raise ValueError(f"this model is class-conditional: give a class id in 0..{last} (or several)")
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= last]
+    if bad:
+        raise ValueError(f"unknown class id {', '.join(map(str, bad))}: this model has classes 0..{last}")
+    labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(n_per_condition)
+    return Conditions(labels.clone(), labels)
+
+
+def _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict: bool) -> Conditions:
+    if classes:
+        raise ValueError("this model is text-conditioned: give prompts, not classes")
+    if not prompts:
+        raise ValueError("this model is text-conditioned: give prompts (e.g. 'a painting of a cat')")
+    text_tokenizer = text_tokenizer or model.text_tokenizer
+    if text_tokenizer is None:
+        raise ValueError("this text-to-image model has no caption tokenizer; pass one (--text-tokenizer)")
+    captions = text_tokenizer.encode(list(prompts), strict=strict)
+    if captions.shape[1] != model.cfg.text_length:
+        raise ValueError(f"the text tokenizer makes {captions.shape[1]}-token captions; the model takes "
+                         f"{model.cfg.text_length}")  # fmt: skip
+    labels = torch.arange(len(prompts)).repeat_interleave(n_per_condition)
+    return Conditions(captions[labels], labels, list(prompts))

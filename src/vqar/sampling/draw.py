@@ -1,0 +1,127 @@
+"""`draw`: images from a model, generated and decoded in batches. The command line, `vqar serve`, the training
+grids, the throughput bench and distributed sampling all come through here, so the same settings give the same
+images whichever entry point asks (image j of a run depends on (seed, j) alone; see `vqar.sampling.settings`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vqar.ar import ARModel, check_tokenizer
+from vqar.parallel import Parallel
+from vqar.sampling.conditions import Conditions
+from vqar.sampling.generate import generate, image_noise
+from vqar.sampling.settings import SamplingSettings
+from vqar.utils.device import autocast
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1], on the CPU
+    labels: torch.Tensor  # (N,) class ids, or prompt numbers with `prompts`; -1 when unconditional
+    codes: torch.Tensor  # (N, *code_shape)
+    index: torch.Tensor  # (N,) position of each image in the whole run (a shard holds some of them)
+    prompts: list[str] | None = None
+    seconds_sampling: float = 0.0
+    seconds_decoding: float = 0.0
+    batches: int = 0  # model runs
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_sampling + self.seconds_decoding
+
+    def subset(self, keep: torch.Tensor) -> SampleResult:
+        return SampleResult(self.images[keep], self.labels[keep], self.codes[keep], self.index[keep], self.prompts,
+                            self.seconds_sampling, self.seconds_decoding, self.batches)  # fmt: skip
+
+
+def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
+    """Everything that can be checked before any work: the settings, guidance, the tokenizer. Returns the
+    tokenizer (by default the model's own)."""
+    settings.per_depth(model.depth)
+    if settings.guided and not model.has_null_condition:
+        model.cond_embedding.null_ids(1)  # raises with the reason
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer to decode its codes; pass one (--tokenizer)")
+    check_tokenizer(model, tokenizer)
+    return tokenizer
+
+
+def draw(
+    model: ARModel,
+    conditions: Conditions,
+    settings: SamplingSettings | None = None,
+    *,
+    tokenizer=None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    shard: tuple[int, int] = (0, 1),
+    seeds: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    progress: bool = False,
+) -> SampleResult:
+    """The images of `conditions`, in batches of `batch_size`. Image i draws from the stream (seeds[i], index[i]),
+    by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ..."""
+    settings = settings or SamplingSettings()
+    tokenizer = check_drawable(model, settings, tokenizer)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    total = len(conditions)
+    seeds = torch.full((total,), settings.seed, dtype=torch.long) if seeds is None else seeds
+    index = torch.arange(total) if index is None else index
+    device = next(model.parameters()).device
+    rank, world_size = shard
+    mine = [chunk for i, chunk in enumerate(torch.arange(total).split(batch_size)) if i % world_size == rank]
+    images, codes, sample_s, decode_s = [], [], 0.0, 0.0
+    for chunk in tqdm(mine, desc="sampling", disable=not progress):
+        rows = conditions.select(chunk)
+        noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk])
+        with autocast(device, precision):
+            start = _synced(device)
+            drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=len(chunk),
+                             noise=noise)  # fmt: skip
+            middle = _synced(device)
+            images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
+            end = _synced(device)
+        codes.append(drawn.cpu())
+        sample_s, decode_s = sample_s + middle - start, decode_s + end - middle
+    taken = torch.cat(mine) if mine else torch.arange(0)
+    return SampleResult(
+        images=torch.cat(images) if images else torch.empty(0),
+        labels=conditions.labels[taken],
+        codes=torch.cat(codes) if codes else torch.empty(0, *model.code_shape, dtype=torch.long),
+        index=index[taken],
+        prompts=conditions.prompts,
+        seconds_sampling=sample_s,
+        seconds_decoding=decode_s,
+        batches=len(mine),
+    )
+
+
+def draw_distributed(model: ARModel, conditions: Conditions, settings: SamplingSettings, par: Parallel,
+                     scratch: Path, **options) -> SampleResult | None:  # fmt: skip
+    """`draw` under torchrun: each rank draws its share of the batches, rank 0 gets every image in run order
+    (the other ranks get None). `scratch` is a folder the ranks can all write (the output folder)."""
+    result = draw(model, conditions, settings, shard=(par.rank, par.world_size), progress=par.is_main, **options)
+    if not par.distributed:
+        return result
+    parts = {"images": result.images, "labels": result.labels, "codes": result.codes, "index": result.index}
+    merged = par.gather_to_main(parts, Path(scratch))
+    if merged is None:
+        return None
+    order = merged["index"].argsort()
+    return SampleResult(merged["images"][order], merged["labels"][order], merged["codes"][order],
+                        merged["index"][order], result.prompts, result.seconds_sampling, result.seconds_decoding,
+                        result.batches)  # fmt: skip
+
+
+def _synced(device: torch.device) -> float:
+    """The time, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
