@@ -43,8 +43,10 @@ test: install $(if $(filter true,$(CI)),browser,)
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
+# ruff, and the layer contracts of docs/architecture.md (also checked by tests/test_architecture.py).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/rate_distortion.py
