@@ -27,6 +27,12 @@ from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
 SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
+# The schema's types of the settings given once or per depth (SamplingSettings itself checks their values).
+PER_DEPTH_TYPES = {
+    "temperature": float | list[float],
+    "top_k": int | list[int | None] | None,
+    "top_p": float | list[float | None] | None,
+}
 
 
 def _body_model() -> type[BaseModel]:
@@ -38,7 +44,7 @@ def _body_model() -> type[BaseModel]:
         for f in dataclasses.fields(cls):
             if f.name != "settings":
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                fields[f.name] = (hints[f.name], default)
+                fields[f.name] = (PER_DEPTH_TYPES.get(f.name, hints[f.name]), default)
     fields["format"] = (str, Field("png_base64", pattern="^(png_base64|zip)$"))
     return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields)
 
