@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -38,12 +39,19 @@ AR_RUN = [
 ]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _vqar(args: list[str], procs: int, cwd) -> subprocess.CompletedProcess:
     if procs == 1:
         command = [sys.executable, "-m", "vqar.cli", *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
-        command += ["--master_port", str(29500 + os.getpid() % 1000), "-m", "vqar.cli", *args]
+        # A port that is free now for each launch: reusing one port launch after launch can meet it still held.
+        command += ["--master_port", str(_free_port()), "-m", "vqar.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

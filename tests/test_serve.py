@@ -157,7 +157,10 @@ def test_api_health_model_and_generate(client):
     [
         ({"class_id": 1, "top_p": 2}, 422, "top_p"),
         ({"class_id": 99}, 422, "unknown class id"),
-        ({"class_id": 1, "greedy": "maybe"}, 422, "greedy"),
+        ({"class_id": 1, "greedy": "maybe"}, 422, "bool"),
+        ({"class_id": 1, "n": True}, 422, "int"),
+        ({"class_id": 1, "seed": -1}, 422, "seed"),
+        ({"class_id": 1, "seed": "7"}, 422, "int"),
         ({"class_id": 1, "n": 100}, 413, "images per request"),
         ({"class_id": 1, "steps": 3}, 422, "extra"),
         ({"class_id": "seven"}, 422, "int"),
@@ -168,6 +171,44 @@ def test_api_rejects_bad_requests(client, body, status, message):
     answer = client.post("/generate", json=body)
     assert answer.status_code == status
     assert message in str(answer.json()["detail"])
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client, value):
+    body = f'{{"class_id": 1, "cfg_scale": {value}}}'  # what Python's json module sends for nan and inf
+    answer = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 422 and "cfg_scale" in answer.text
+
+
+def test_a_large_invalid_body_is_not_echoed_back(client):
+    answer = client.post("/generate", json={"class_id": 1, "prompt": "x" * 10_000_000})
+    assert answer.status_code == 422 and len(answer.content) < 2000
+    answer = client.post("/generate", json={"class_id": 1, "junk": ["y" * 1000] * 10_000})
+    assert answer.status_code == 422 and len(answer.content) < 2000 and "extra" in answer.text
+
+
+def test_a_request_that_fails_while_drawing_fails_alone(engine, monkeypatch):
+    """Two requests batched together; drawing fails for one of them: the other still gets its images, the same
+    ones it gets alone."""
+    import vqar.serve.engine as engine_module
+
+    real_draw = engine_module.draw
+
+    def draw_failing_for_seed_13(*args, seeds=None, **kwargs):
+        if seeds is not None and bool((seeds == 13).any()):
+            raise RuntimeError("out of memory (as if)")
+        return real_draw(*args, seeds=seeds, **kwargs)
+
+    alone = engine.generate(ask(class_id=2, n=2, seed=5), timeout=120)
+    monkeypatch.setattr(engine_module, "draw", draw_failing_for_seed_13)
+    with engine._lock:  # both requests wait for the model and are taken in one round
+        blocker = engine.submit(ask(class_id=0, n=1))
+        _wait_until_taken(engine)
+        failing, fine = engine.submit(ask(class_id=1, n=2, seed=13)), engine.submit(ask(class_id=2, n=2, seed=5))
+    blocker.result(timeout=120)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failing.result(timeout=120)
+    assert torch.equal(fine.result(timeout=120).images, alone.images)
 
 
 def test_api_burst_of_concurrent_requests(client, engine):
@@ -196,18 +237,24 @@ def test_serve_binds_to_loopback_unless_told_otherwise():
 
 
 def test_vqar_serve_command(class_run, tmp_path):
-    """The real command: loads the run, names its classes from the run's code store, warns about 0.0.0.0."""
+    """The real command: loads the run, names its classes from a file, warns about 0.0.0.0, limits uploads, and
+    leaves no temporary files behind when it stops."""
     import json
     import subprocess
     import sys
     import urllib.request
+
+    import httpx
 
     port = _free_port()
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"digit {i}" for i in range(10)))
     command = [sys.executable, "-m", "vqar.cli", "serve", "--model", str(class_run), "--host", "0.0.0.0",
                "--port", str(port), "--class-names", str(names), "--max-images", "3"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for _ in range(600):
             try:
@@ -220,10 +267,15 @@ def test_vqar_serve_command(class_run, tmp_path):
         else:
             pytest.fail("vqar serve did not answer within 120 s")
         assert described["class_names"][7] == "digit 7" and described["max_images_per_request"] == 3
+        upload = f"http://127.0.0.1:{port}/gradio_api/upload"
+        assert httpx.post(upload, files={"files": ("big.bin", b"x" * 4096)}).status_code == 413  # the page takes none
+        assert httpx.post(upload, files={"files": ("small.bin", b"x" * 16)}).status_code == 200
+        assert list(scratch.iterdir())  # the server's temporary folder, while it runs
     finally:
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert "binding to 0.0.0.0" in err
+    assert not list(scratch.rglob("*")), "vqar serve left temporary files behind"
 
 
 # ---------------------------------------------------------------- the page in a real browser

@@ -84,7 +84,7 @@ def test_load_errors(tmp_path):
     vqar.save_pretrained(Tokenizer(tiny_config("vq")), tmp_path / "vq")
     vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "rq")
     (tmp_path / "rq" / "config.json").replace(tmp_path / "vq" / "config.json")
-    with pytest.raises(ValueError, match="does not match its config"):
+    with pytest.raises(ValueError, match=r"does not match .*config.json"):
         vqar.load(tmp_path / "vq")
 
 

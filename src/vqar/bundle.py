@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,11 +63,13 @@ def save_pretrained(
     tokenizer: nn.Module | None = None,
     text_tokenizer: TextTokenizer | None = None,
     keep_companions: bool = False,
+    trained_steps: int | None = None,
 ) -> None:
     """Writes `model` (a vqar tokenizer or AR model) as a bundle, each file atomically. `state_dict` replaces the
     model's own weights (e.g. the full weights gathered from FSDP shards). An AR model's companions are
     `tokenizer` and `text_tokenizer`, by default the ones attached to it; `keep_companions` leaves companion
-    folders that already exist as they are (a training run exports the same tokenizer at every checkpoint)."""
+    folders that already exist as they are (a training run exports the same tokenizer at every checkpoint);
+    `trained_steps` records how far the model was trained."""
     folder = Path(folder)
     kind = TOKENIZER_KIND if isinstance(model, Tokenizer) else model.arch if isinstance(model, ARModel) else None
     if kind is None:
@@ -75,6 +78,8 @@ def save_pretrained(
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kind": kind}))
     config = {"vqar_format": FORMAT_VERSION, "vqar_version": vqar_version(), "kind": kind, "config": to_dict(model.cfg)}
+    if trained_steps is not None:
+        config["trained_steps"] = trained_steps
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
     if not isinstance(model, ARModel):
         return
@@ -104,14 +109,48 @@ def read_config(folder: Path) -> tuple[str, dict, int]:
     return meta.get("kind"), meta.get("config", {}), int(meta.get("vqar_format", 1))
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}")
+def trained_steps(folder: Path) -> int | None:
+    """The training step a bundle was exported at (None for a folder without one, or none at all)."""
     try:
-        return load_file(str(weights_path))
+        meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        return int(meta["trained_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(_weights_path(folder)))
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read {weights_path}: {err}") from None
+        raise ValueError(f"cannot read {folder / WEIGHTS_FILE}: {err}") from None
+
+
+def _weights_path(folder: Path) -> Path:
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    return path
+
+
+def check_weights_fit(kind: str, fields: dict, folder: Path) -> None:
+    """Compares the tensor names and shapes in the weights file's header with those of the configured model,
+    built on the meta device: a config that does not fit its weights (or asks for an absurd size) is refused
+    before anything is allocated."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(kind, fields, folder / CONFIG_FILE).state_dict().items()}
+    path = _weights_path(folder)
+    try:
+        with safe_open(str(path), "pt") as weights:
+            stored = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {path}: {err}") from None
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [f"{k}: {stored[k]} in the file, {expected[k]} by the config" for k in expected
+                 if k in stored and stored[k] != expected[k]]  # fmt: skip
+    if problems:
+        raise ValueError(f"{path} does not match {folder / CONFIG_FILE} ({len(problems)} differences; first: "
+                         f"{'; '.join(problems[:3])})")  # fmt: skip
 
 
 def build(kind: str, fields: dict, source: Path) -> nn.Module:
@@ -140,14 +179,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             f"{folder} was written by vqar 0.1 (format {format_version}), whose AR models used other names; "
             f"read it with vqar.load_pretrained({str(folder)!r}), or rewrite it once with `vqar convert {folder} NEW`"
         )
+    check_weights_fit(kind, fields, folder)
     model = build(kind, fields, folder / CONFIG_FILE)
-    state = read_weights(folder)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{folder / WEIGHTS_FILE} does not match its config: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    model.load_state_dict(read_weights(folder))
     model = model.to(device).eval()
     if isinstance(model, ARModel):
         attach_companions(model, folder, device)

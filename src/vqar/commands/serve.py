@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command, add_device_option, add_model_options, load_ar_model, read_lines
+from vqar.commands.common import (
+    add_command,
+    add_device_option,
+    add_model_options,
+    load_ar_model,
+    positive_int,
+    read_lines,
+)
 
 DETAILS = """A Gradio page at / (class or prompt, seed, temperature, top-k/top-p, CFG, a gallery and a zip download;
 coarse-to-fine decoding for RQ models) and an HTTP API (POST /generate, GET /model, GET /health). Requests wait in
@@ -34,6 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address prints a warning")
     serve.add_argument("--port", type=int, default=7860)
     add_device_option(serve)
-    serve.add_argument("--max-images", type=int, default=16, help="images per request (more: HTTP 413)")
-    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting at once (more: HTTP 429)")
-    serve.add_argument("--max-batch", type=int, default=64, help="images drawn in one model run")
+    serve.add_argument("--max-images", type=positive_int, default=16, help="images per request (more: HTTP 413)")
+    serve.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting at once (more: HTTP 429)")
+    serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command, add_device_option
+from vqar.commands.common import add_command, add_device_option, non_negative_int, positive_int
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
-    recon.add_argument("--size", type=int, help="resize to this size (default: the tokenizer's resolution)")
-    recon.add_argument("--depth", type=int, help="residual tokenizers: decode with the first DEPTH codes only")
+    recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")
+    recon.add_argument("--depth", type=positive_int, help="residual tokenizers: decode with the first DEPTH codes only")
     add_device_option(recon)
 
     extract = add_command(sub, "extract-codes", run_extract_codes, "encode a dataset once into a code store for AR "
@@ -65,13 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
     views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
     extract.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: fit images to size*range first")
-    extract.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")
+    extract.add_argument("--image-size", type=positive_int, help="default: the tokenizer's resolution")
     extract.add_argument(
         "--captions",
         help="text-to-image stores: a captions.jsonl / .tsv (default: the folder's own, if any), 'digits' "
         "(generated captions for the bundled digits) or 'none'",
     )
-    extract.add_argument("--batch-size", type=int, default=256)
-    extract.add_argument("--num-workers", type=int, default=0)
+    extract.add_argument("--batch-size", type=positive_int, default=256)
+    extract.add_argument("--num-workers", type=non_negative_int, default=0)
     add_device_option(extract)
     extract.add_argument("--overwrite", action="store_true", help="replace an existing code store")

@@ -32,7 +32,7 @@ from vqar.data.config import DataConfig
 from vqar.data.datasets import open_dataset
 from vqar.data.loading import BadFileReport, Batch, EpochSampler, make_loader
 from vqar.data.transforms import ten_crop
-from vqar.utils.io import fsync_dir, sha256_file
+from vqar.utils.io import fsync_dir, remove_leftovers, sha256_file
 
 log = logging.getLogger("vqar.data")
 
@@ -187,7 +187,10 @@ class _StoreWriter:
         self.out_dir, self.shard_size, self.source_captions = out_dir, shard_size, source_captions
         self.folder = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed extraction that had the same process id
-        self.folder.mkdir(parents=True)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(out_dir.parent, prefix=f".{out_dir.name}.tmp-"):
+            log.info("removed %s, left by an extraction that was killed", leftover)
+        self.folder.mkdir()
         self.dtype = np.uint16 if codebook_size <= 65536 else np.int32
         self.shards: list[dict] = []
         self.captions: list[list[str]] = []

@@ -277,6 +277,21 @@ def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dat
     return DatasetSplit(dataset, sorted(order[n_val:])), DatasetSplit(dataset, sorted(order[:n_val]))
 
 
+def check_readable(dataset: Dataset, source: str, tries: int = 64) -> None:
+    """Raises ValueError when none of up to `tries` items spread over `dataset` can be read: a source of broken
+    files is named before training starts on empty batches."""
+    total = len(dataset)  # type: ignore[arg-type]
+    errors = []
+    for index in _spread_indices(total, tries):
+        item = dataset[int(index)]
+        if not isinstance(item, BadSample):
+            return
+        errors.append(item)
+    if errors:
+        raise ValueError(f"no readable image in {source}: none of the {len(errors)} files tried could be read "
+                         f"(first: {errors[0].path}: {errors[0].error})")  # fmt: skip
+
+
 def build_datasets(cfg: DataConfig) -> tuple[DatasetSplit, DatasetSplit]:
     """(train, val) for a data config: `open_dataset` followed by `split_dataset`."""
     return split_dataset(open_dataset(cfg), cfg.val_fraction, cfg.split_seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vqar.ar import GPT, GPT_SIZES, GPTConfig
-from vqar.interop.state import StateDictAdapter, load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import StateDictAdapter, build_fitting, load_into, strip_wrapper_prefixes, tensors_only
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -206,9 +206,9 @@ GPT_NAMES = StateDictAdapter([("cls_embedding.", "cond_embedding.")])
 
 
 def build_gpt(state: dict[str, torch.Tensor], config, source: str) -> GPT:
-    model = GPT(gpt_config(config, state))
+    cfg = gpt_config(config, state)
     state = GPT_NAMES.from_upstream(state)
-    load_into(model, state, source, ignore=("freqs_cis", "causal_mask", "k_cache", "v_cache"))
+    model = build_fitting(lambda: GPT(cfg), state, source, ignore=("freqs_cis", "causal_mask", "k_cache", "v_cache"))
     return model.eval()
 
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from vqar.ar import RQTransformer, RQTransformerConfig
 from vqar.interop.safe_load import load_checkpoint
-from vqar.interop.state import StateDictAdapter, load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import StateDictAdapter, build_fitting, load_into, strip_wrapper_prefixes, tensors_only
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -203,10 +203,9 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
             f"in {folder} (codebook size {cfg.vocab_size}, code dim {cfg.code_dim}, depth {cfg.depth})"
         )
     cfg.shared_codebook = books.shape[0] == 1
-    model = RQTransformer(cfg, code_embeddings=books)
     state = RQ_TRANSFORMER_NAMES.from_upstream(_state_dict(folder / WEIGHTS_FILE, ema))
-    state["code_embeddings"] = model.code_embeddings
-    load_into(model, state, str(folder / WEIGHTS_FILE))
+    state["code_embeddings"] = books.detach().float()  # the model embeds codes with its tokenizer's vectors
+    model = build_fitting(lambda: RQTransformer(cfg), state, str(folder / WEIGHTS_FILE))
     model.attach(tokenizer.eval())
     if cfg.text_length:
         attach_release_text_tokenizer(model, folder)

@@ -4,6 +4,7 @@ does not fit."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,10 +36,27 @@ def tensors_only(state: dict, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str,
+                  ignore: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
+    """`make()` with `state` loaded (see `load_into`), after checking on a model built on the meta device that the
+    state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated."""
+    with torch.device("meta"):
+        check_fits(make().state_dict(), state, source, ignore)
+    model = make()
+    load_into(model, state, source, ignore)
+    return model
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
     """Copies `state` into `model`; every parameter and persistent buffer must be present with its shape.
     Keys ending in one of `ignore` are training-only statistics that the model may lack."""
     own = model.state_dict()
+    check_fits(own, state, source, ignore)
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+               ignore: tuple[str, ...] = ()) -> None:  # fmt: skip
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not k.endswith(ignore)]
     shapes = [
@@ -58,7 +76,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ign
             f"{source} does not fit the configured architecture ({'; '.join(parts)}). "
             "Check that the config (preset name or JSON) is the one the checkpoint was trained with."
         )
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 class StateDictAdapter:

@@ -13,7 +13,7 @@ from torch import nn
 
 from vqar.bundle import attach_companions, build, read_config, read_weights
 from vqar.interop.rq_release import RQ_TRANSFORMER_NAMES, block_rules
-from vqar.interop.state import StateDictAdapter, load_into
+from vqar.interop.state import StateDictAdapter, build_fitting
 
 KINDS = {"gpt": "gpt", "rq_transformer": "rq", "vim": "vim"}
 FIELDS = {
@@ -47,7 +47,7 @@ def load_v1(folder: Path) -> nn.Module:
     kind, fields, _ = read_config(folder)
     arch = KINDS[kind]
     fields = {FIELDS.get(k, k): v for k, v in fields.items() if k not in DROPPED_FIELDS}
-    model = build(arch, fields, folder)
-    load_into(model, NAMES[arch].from_upstream(read_weights(folder)), str(folder))
+    model = build_fitting(lambda: build(arch, fields, folder), NAMES[arch].from_upstream(read_weights(folder)),
+                          str(folder))  # fmt: skip
     attach_companions(model, folder)
     return model.eval()

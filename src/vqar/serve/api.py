@@ -15,12 +15,14 @@ import dataclasses
 import io
 import typing
 import zipfile
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model
 
 from vqar.sampling import SamplingSettings
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
@@ -28,10 +30,20 @@ from vqar.utils.images import to_uint8
 
 SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
 # The schema's types of the settings given once or per depth (SamplingSettings itself checks their values).
-PER_DEPTH_TYPES = {
+# Integers are strict: `"n": true` or `"seed": "7"` is refused, not read as 1 or 7. A prompt is at most
+# MAX_PROMPT_CHARS characters (a model reads a few dozen tokens of it).
+MAX_PROMPT_CHARS = 2000
+SCHEMA_TYPES = {
     "temperature": float | list[float],
-    "top_k": int | list[int | None] | None,
+    "top_k": StrictInt | list[StrictInt | None] | None,
     "top_p": float | list[float | None] | None,
+    "class_id": StrictInt | None,
+    "n": StrictInt,
+    "seed": StrictInt,
+    "cfg_interval": StrictInt | None,
+    "greedy": StrictBool,
+    "coarse_to_fine": StrictBool,
+    "prompt": Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None,
 }
 
 
@@ -44,7 +56,7 @@ def _body_model() -> type[BaseModel]:
         for f in dataclasses.fields(cls):
             if f.name != "settings":
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                fields[f.name] = (PER_DEPTH_TYPES.get(f.name, hints[f.name]), default)
+                fields[f.name] = (SCHEMA_TYPES.get(f.name, hints[f.name]), default)
     fields["format"] = (str, Field("png_base64", pattern="^(png_base64|zip)$"))
     return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields)
 
@@ -55,6 +67,12 @@ def request_from_body(fields: dict) -> GenerateRequest:
 
 
 GenerateBody = _body_model()
+
+
+def validation_error(request, error: RequestValidationError) -> JSONResponse:
+    """422 with where and why each field is wrong, without the values sent: a large body is not echoed back."""
+    detail = [{key: problem[key] for key in ("loc", "msg", "type") if key in problem} for problem in error.errors()]
+    return JSONResponse({"detail": detail[:20]}, status_code=422)
 
 
 def png_bytes(image) -> bytes:

@@ -6,6 +6,8 @@ import ipaddress
 import json
 import logging
 import os
+import signal
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a model server
@@ -15,6 +17,8 @@ from fastapi import FastAPI  # noqa: E402
 from vqar.serve.engine import SamplingEngine  # noqa: E402
 
 log = logging.getLogger("vqar.serve")
+
+MAX_UPLOAD_BYTES = 1024
 
 
 def class_names_for(model_path: str | Path) -> list[str] | None:
@@ -31,19 +35,28 @@ def class_names_for(model_path: str | Path) -> list[str] | None:
     return json.loads(manifest.read_text()).get("class_names") or None
 
 
-def build_app(engine: SamplingEngine, *, ui: bool = True) -> FastAPI:
-    """The FastAPI app: the API routes, and the Gradio page mounted at / (`ui=False` leaves it out)."""
-    from vqar.serve.api import build_router
+def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path | None = None) -> FastAPI:
+    """The FastAPI app: the API routes, and the Gradio page mounted at / (`ui=False` leaves it out), which writes
+    its zip downloads in `work_dir`."""
+    from fastapi.exceptions import RequestValidationError
+
+    from vqar.serve.api import build_router, validation_error
 
     app = FastAPI(title="vqar", description="Sample a vqar model: POST /generate, GET /model, GET /health")
     app.include_router(build_router(engine))
+    app.add_exception_handler(RequestValidationError, validation_error)
     if ui:
         import gradio as gr
 
         from vqar.serve.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(engine), path="/")
+        # The page takes no files: Gradio's upload route gets a token limit instead of an unbounded one.
+        app = gr.mount_gradio_app(app, build_ui(engine, work_dir), path="/", max_file_size=MAX_UPLOAD_BYTES)
     return app
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def is_loopback(host: str) -> bool:
@@ -61,6 +74,14 @@ def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860) -> 
     if not is_loopback(host):
         log.warning("binding to %s: anyone who can reach this machine on port %d can use the model (and its "
                     "CPU/GPU). Put it behind a proxy with authentication for shared networks.", host, port)  # fmt: skip
-    app = build_app(engine)
-    print(f"vqar serve: http://{host}:{port}/ (web page), POST http://{host}:{port}/generate (API)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Zip downloads and anything Gradio stores go to one temporary folder, removed when the server stops. Uvicorn
+    # stops on SIGTERM and then raises the signal again: exiting through SystemExit lets the folder be removed.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with tempfile.TemporaryDirectory(prefix="vqar-serve-") as work:
+        os.environ["GRADIO_TEMP_DIR"] = work
+        app = build_app(engine, work_dir=work)
+        print(f"vqar serve: http://{host}:{port}/ (web page), POST http://{host}:{port}/generate (API)", flush=True)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        finally:
+            engine.close()

@@ -171,13 +171,18 @@ class SamplingEngine:
                 self.sampling.clear()
 
     def _run_group(self, jobs: list[Job]) -> None:
-        """Draws the images of `jobs` (equal settings but for the seed) in batches of at most max_batch images."""
+        """Draws the images of `jobs` (equal settings but for the seed) in batches of at most max_batch images.
+        When drawing them together fails, each job is drawn alone, so a failure answers its own request only."""
         try:
             result, ladder = self._draw(jobs)
-        except Exception as err:  # every waiting caller gets the error instead of hanging
+        except Exception as err:
+            if len(jobs) > 1:
+                log.warning("drawing %d requests together failed (%s); drawing each alone", len(jobs), err)
+                for job in jobs:
+                    self._run_group([job])
+                return
             log.exception("sampling failed")
-            for job in jobs:
-                job.future.set_exception(err)
+            jobs[0].future.set_exception(err)  # the caller gets the error instead of waiting forever
             return
         begin = 0
         for job in jobs:

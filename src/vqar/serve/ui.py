@@ -7,6 +7,8 @@ position (coarse to fine).
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import time
 import zipfile
@@ -19,6 +21,8 @@ from vqar.sampling import SamplingSettings
 from vqar.serve.api import png_bytes
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
+
+KEEP_ZIPS = 32
 
 
 def parse_setting(text: str | float | None, kind, depth: int, name: str):
@@ -50,12 +54,16 @@ def _pictures(images) -> list[Image.Image]:
 def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.Blocks:
     info = engine.describe()
     depth, names = engine.depth, info["class_names"]
-    work = Path(work_dir or tempfile.mkdtemp(prefix="vqar-serve-"))
+    if work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="vqar-serve-")
+        atexit.register(shutil.rmtree, work_dir, True)
+    work = Path(work_dir)
 
     def per_depth_hint(example: str) -> str:
         return f" (one value, or one per depth: {example})" if depth > 1 else ""
 
-    with gr.Blocks(title="vqar") as page:
+    # Gradio's copies of the downloads are deleted an hour after they were made (checked every 10 minutes).
+    with gr.Blocks(title="vqar", delete_cache=(600, 3600)) as page:
         conditioning = {"text": "prompt", "class": "class", "none": "unconditional"}[info["conditioning"]]
         gr.Markdown(
             f"## vqar: {info['architecture']} ({info['parameters'] / 1e6:.1f}M parameters, codes "
@@ -124,6 +132,8 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
             with zipfile.ZipFile(archive, "w") as handle:
                 for i, image in enumerate(result.images):
                     handle.writestr(f"image_{i:03d}.png", png_bytes(image))
+            for old in sorted(work.glob("samples-*.zip"))[:-KEEP_ZIPS]:  # a long-running server keeps a few
+                old.unlink(missing_ok=True)
             rows = []
             if result.coarse_to_fine is not None:
                 levels = [_pictures(level) for level in result.coarse_to_fine]

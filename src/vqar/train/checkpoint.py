@@ -7,8 +7,11 @@
         manifest.json                                     sha256 of every file above
 
 A checkpoint is assembled in a hidden temporary directory, fsynced, then renamed into place, so a crash leaves
-either no new checkpoint or a complete one. On load the manifest is checked; a damaged checkpoint is skipped
-with a warning and the previous good one is used.
+either no new checkpoint or a complete one (and the next run removes the temporary directory). On load the
+manifest is checked; a damaged checkpoint is skipped with a warning and the previous good one is used, and a run
+whose checkpoints are all damaged is not resumed at all (`DamagedCheckpointsError`). Pruning keeps the newest
+intact checkpoints and moves damaged ones aside to `checkpoints/damaged/`, so an intact checkpoint is never
+deleted in favour of a damaged one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vqar.utils.io import fsync_dir, sha256_file
+from vqar.utils.io import fsync_dir, remove_leftovers, sha256_file
 
 log = logging.getLogger("vqar.train")
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.pt"
+DAMAGED = "damaged"
+
+
+class DamagedCheckpointsError(ValueError):
+    """A run has checkpoints but none is intact: resuming would start over and lose them."""
 
 
 @dataclass
@@ -109,11 +117,27 @@ def save_checkpoint(
         fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    best = best_step(run_dir)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old.step != best:
-            shutil.rmtree(old.path, ignore_errors=True)
+    _verified[str(final)] = (_file_stamps(final), None)  # intact: its manifest was computed from these files
+    prune(run_dir, keep)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keeps the `keep` newest intact checkpoints and the best one; older intact ones are deleted and damaged ones
+    moved to `checkpoints/damaged/` (a damaged checkpoint never takes the place of an intact one)."""
+    best, kept = best_step(run_dir), 0
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt.path)
+        if problem is not None:
+            aside = checkpoint_dir(run_dir) / DAMAGED / ckpt.path.name
+            log.warning("checkpoint %s is damaged (%s); moved to %s", ckpt.path, problem, aside)
+            aside.parent.mkdir(exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt.path, aside)
+        elif kept < keep:
+            kept += 1
+        elif ckpt.step != best:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
 def best_step(run_dir: Path) -> int | None:
@@ -125,8 +149,29 @@ def best_step(run_dir: Path) -> int | None:
         return None
 
 
+# Checkpoint folders do not change once renamed into place, so each is hashed once per process; the cache is keyed
+# by the size and modification time of every file, so a folder changed since is hashed again.
+_verified: dict[str, tuple[tuple, str | None]] = {}
+
+
+def _file_stamps(path: Path) -> tuple:
+    try:
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()))
+    except OSError:
+        return ()
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None when every file matches the manifest, else what is wrong."""
+    key, stamps = str(path), _file_stamps(path)
+    if key in _verified and _verified[key][0] == stamps:
+        return _verified[key][1]
+    problem = _check_manifest(path)
+    _verified[key] = (stamps, problem)
+    return problem
+
+
+def _check_manifest(path: Path) -> str | None:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest"
@@ -144,12 +189,21 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint whose files match its manifest; damaged ones are reported and skipped."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
+    """The newest checkpoint whose files match its manifest; damaged ones are reported and skipped. None when the
+    run has no checkpoint; `DamagedCheckpointsError` when it has some but none is intact."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for ckpt in reversed(found):
         problem = verify_checkpoint(ckpt.path)
         if problem is None:
             return ckpt
         log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt.path, problem)
+        problems.append(f"{ckpt.path.name}: {problem}")
+    if found:
+        raise DamagedCheckpointsError(
+            f"every checkpoint in {checkpoint_dir(run_dir)} is damaged ({'; '.join(problems)}); nothing was changed. "
+            "Move them aside to start this run over, or start a new run in their place with --overwrite"
+        )
     return None
 
 
@@ -176,3 +230,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             elif target.exists():
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, checkpoint_dir(run_dir), *[p for p in run_dir.iterdir() if p.is_dir()]):
+        for leftover in remove_leftovers(folder):
+            log.info("removed %s, left by a process that was killed while writing it", leftover)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vqar.bundle import trained_steps
 from vqar.data import BadFileReport, EpochSampler, collate_samples, make_loader
 from vqar.parallel import Parallel
 from vqar.train.checkpoint import (
@@ -88,9 +89,9 @@ class TrainTask(ABC):
         """Pictures or other files that show progress (called after each evaluation)."""
 
     @abstractmethod
-    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Writes the trained model in vqar's loadable format (config.json + model.safetensors); `weights` holds
-        the full state dict of each of `modules()` (gathered from the shards under FSDP)."""
+    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """Writes the model trained for `step` steps in vqar's loadable format (`vqar.bundle.save_pretrained`);
+        `weights` holds the full state dict of each of `modules()` (gathered from the shards under FSDP)."""
 
 
 def check_writable(run_dir: Path, need_bytes: int) -> None:
@@ -228,7 +229,7 @@ class Trainer:
                 path = save_checkpoint(
                     self.run_dir, self.step, weights, state, self.run_yaml, self.cfg.keep_checkpoints
                 )
-                self.task.export(self.run_dir, weights)
+                self._export(weights)
             except OSError as err:  # a full disk, a vanished mount: the previous checkpoint was not touched
                 error = (
                     f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); "
@@ -237,6 +238,16 @@ class Trainer:
         if par.any(error is not None):
             raise OSError(error or f"rank 0 failed to write the checkpoint of step {self.step}")
         return path
+
+    def _export(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The run's model, unless the run directory already holds one of a later step (a run resumed from an
+        older checkpoint): an export never goes back in time."""
+        exported = trained_steps(self.run_dir)
+        if exported is not None and exported > self.step:
+            log.warning("%s holds the model exported at step %d, later than this run's step %d: it is kept until "
+                        "the run passes it", self.run_dir, exported, self.step)  # fmt: skip
+            return
+        self.task.export(self.run_dir, weights, self.step)
 
     def restore(self) -> bool:
         """Loads the newest intact checkpoint of the run; False when there is none."""
@@ -266,8 +277,21 @@ class Trainer:
             )
             torch.manual_seed(self.cfg.seed + 1000 * state["step"] + par.rank)
         self.step = state["step"]
+        if par.is_main:
+            self._forget_metrics_after(self.step)
         log.info("resumed from %s (step %d)", ckpt.path, self.step)
         return True
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drops the metric rows a run logged after the checkpoint it resumes from: they are logged again, and
+        metrics.jsonl then holds one row per (step, split)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, float]:
@@ -281,8 +305,6 @@ class Trainer:
                 problem = str(err)
         if self.par.any(problem is not None):
             raise OSError(problem or "rank 0 cannot write to the run directory")
-        if self.par.is_main:
-            atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -306,8 +328,10 @@ class Trainer:
 
     def _fit(self, resume: bool) -> dict[str, float]:
         cfg, par = self.cfg, self.par
-        if resume and not self.restore():
+        if resume and not self.restore():  # raises, changing nothing, when every checkpoint is damaged
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
+        if par.is_main:
+            atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         if self.step >= cfg.steps:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self.evaluate()

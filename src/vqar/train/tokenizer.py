@@ -14,7 +14,7 @@ from torch import nn
 
 from vqar.bundle import save_pretrained
 from vqar.configs import compose_node, to_config, to_yaml
-from vqar.data import Batch, DataConfig, build_datasets, random_hflip
+from vqar.data import Batch, DataConfig, build_datasets, check_readable, random_hflip
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
@@ -169,7 +169,8 @@ class TokenizerTask(TrainTask):
         sync.all_reduce_sum_(totals, seen)  # each rank scored its share of the validation split
         total_psnr, total_mse, count = totals.tolist()
         if count == 0:
-            raise ValueError("the validation split is empty; raise data.val_fraction")
+            raise ValueError(f"no readable image in the validation split of {self.cfg.data.source} (empty, or every "
+                             "file failed to load: see the warnings above); raise data.val_fraction")  # fmt: skip
         self._grid_images = grid.images()
         usage = (seen > 0).float().mean(1) * 100
         metrics = {"psnr": total_psnr / count, "mse": total_mse / count, "usage": float(usage.mean())}
@@ -189,8 +190,8 @@ class TokenizerTask(TrainTask):
         rows = [images] + [self.model.decode(codes, depth=d) for d in depths]
         save_image(make_grid([r.float().cpu() for r in rows]), Path(run_dir) / "recon_grid.png")
 
-    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        save_pretrained(self.model, out_dir, weights["model"])
+    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        save_pretrained(self.model, out_dir, weights["model"], trained_steps=step)
 
 
 class _GridPicker:
@@ -226,6 +227,7 @@ def train_tokenizer(
         raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {cfg.dist.strategy}")
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
         train_set, val_set = build_datasets(cfg.data)
+        check_readable(train_set, cfg.data.source)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         task = TokenizerTask(cfg, par.device, par)
         torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank

@@ -1,13 +1,23 @@
-"""Crash-safe file writing: write a temporary file, fsync it, then rename it over the target."""
+"""Crash-safe file writing: write a temporary file, fsync it, then rename it over the target.
+
+Temporary names carry the writer's process id (`.NAME.PID.RANDOM.tmp`, `.tmp-...-PID`), so whatever a killed process
+left behind is recognised and removed by the next one (`remove_leftovers`) without touching the files of a process
+that is still writing.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# .NAME.PID.RANDOM.tmp (atomic files), .tmp-STEP-PID (checkpoints), .NAME.tmp-PID (code stores)
+LEFTOVER = re.compile(r"^\.(?:.+\.(\d+)\.[0-9a-f]+\.tmp|tmp-.+-(\d+)|.+\.tmp-(\d+))$")
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,17 +40,32 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     removed, so `target` is always either the old file or the complete new one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
         yield tmp_path
+        # The permissions a plain open() would give (writers such as safetensors create files 0600 whatever the
+        # umask, and a colleague on a shared cluster could not read the model).
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(target: str | Path, write: Callable[[Path], None]) -> None:
@@ -59,3 +84,32 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | Path, prefix: str = ".") -> list[Path]:
+    """Removes the temporary files and folders (named `prefix...`) in `folder` that a process which is no longer
+    running left (a SIGKILL during a write); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        match = LEFTOVER.match(entry.name) if entry.name.startswith(prefix) else None
+        if match is None or process_alive(int(match[1] or match[2] or match[3])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -1,0 +1,203 @@
+"""What vqar guarantees when things go wrong (README, "Failure modes"): damaged checkpoints never cost progress or
+turn the export back in time, a killed run's temporary files are removed by the next run, a resumed run's metric
+log has one row per step, written files get the permissions the umask gives, and bad input is one line naming the
+file or option, refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import vqar
+from conftest import TINY_RUN
+from vqar.cli import main
+from vqar.train.checkpoint import DamagedCheckpointsError, list_checkpoints, verify_checkpoint
+from vqar.train.tokenizer import load_run_config, train_tokenizer
+from vqar.utils.io import atomic_write_text
+
+RUN = [*TINY_RUN, "data.max_images=200", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1"]
+
+
+def _train(run_dir, steps: int, keep: int = 3, **options):
+    cfg = load_run_config("rqvae-mnist", [*RUN, f"steps={steps}", f"train.keep_checkpoints={keep}"])
+    return train_tokenizer(cfg, run_dir, **options)
+
+
+def _damage(checkpoint) -> None:
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    """vqar's exit status and what it wrote to stderr (argument errors exit from argparse, the rest return)."""
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _rows(run_dir) -> list[tuple[int, str]]:
+    return [(r["step"], r["split"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_a_run_whose_checkpoints_are_all_damaged_is_not_resumed(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, 8)
+    for checkpoint in list_checkpoints(run):
+        _damage(checkpoint.path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(DamagedCheckpointsError, match=r"step-0000004: checksum mismatch.*--overwrite"):
+        _train(run, 12, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing was changed
+    code, err = _cli(["train", "tokenizer", "--resume", "--out", str(run)], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("vqar: error: every checkpoint") and "Traceback" not in err
+
+
+def test_damaged_checkpoints_are_moved_aside_and_the_export_never_goes_back(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 12)  # checkpoints at steps 4, 8, 12; the export is step 12's
+    export = (run / "model.safetensors").read_bytes()
+    assert vqar.bundle.trained_steps(run) == 12
+    for step in (8, 12):
+        _damage(run / "checkpoints" / f"step-{step:07d}")
+    _train(run, 8, keep=2, resume=True)  # back to step 4, forward to step 8
+    assert [c.step for c in list_checkpoints(run)] == [4, 8]  # the new step 8 and the intact step 4
+    assert all(verify_checkpoint(c.path) is None for c in list_checkpoints(run))
+    assert (run / "checkpoints" / "damaged" / "step-0000012").is_dir()  # kept aside, not deleted
+    assert (run / "model.safetensors").read_bytes() == export  # step 8 < step 12: the newer export stays
+    assert vqar.bundle.trained_steps(run) == 12
+    _train(run, 16, keep=2, resume=True)
+    assert vqar.bundle.trained_steps(run) == 16 and [c.step for c in list_checkpoints(run)] == [12, 16]
+
+
+def test_a_resumed_run_continues_its_metric_log(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 8)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-0000008")  # killed after logging step 8, before its checkpoint
+    _train(run, 8, resume=True)
+    rows = _rows(run)
+    assert len(rows) == len(set(rows))  # one row per (step, split)
+    assert [step for step, split in rows if split == "train"] == list(range(1, 9))
+
+
+def test_the_next_run_removes_what_a_killed_one_left(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 4)
+    dead, alive = _dead_pid(), os.getpid()
+    left = [run / f".model.safetensors.{dead}.0a1b2c3d.tmp", run / "checkpoints" / f".tmp-step-0000008-{dead}",
+            run / f".run.yaml.{dead}.ffff0000.tmp"]  # fmt: skip
+    left[0].write_bytes(b"half a file")
+    left[1].mkdir()
+    (left[1] / "model.safetensors").write_bytes(b"half a checkpoint")
+    left[2].write_text("half")
+    writing = run / "checkpoints" / f".tmp-step-0000012-{alive}"  # a live process is still writing it
+    writing.mkdir()
+    _train(run, 8, resume=True)
+    assert not any(path.exists() for path in left)
+    assert writing.is_dir()
+
+
+def test_written_files_get_the_permissions_of_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "note.txt", "x")
+        vqar.save_pretrained(vqar.Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), tmp_path / "tok")
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "note.txt", tmp_path / "tok" / "config.json", tmp_path / "tok" / "model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.txt", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------- bad input: one line, before any work
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from vqar.ar import GPT, GPTConfig
+
+    folder = tmp_path_factory.mktemp("model") / "gpt"
+    vqar.save_pretrained(GPT(GPTConfig(vocab_size=16, code_shape=[2, 2], dim=32, n_layer=1, n_head=2,
+                                       num_classes=3)), folder)  # fmt: skip
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n-per-class", "-1"], "argument --n-per-class: must be a positive integer"),
+        (["--n-per-class", "0"], "argument --n-per-class: must be a positive integer"),
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["--classes", "abc"], "argument --classes: takes 'all', 'none' or comma-separated class ids"),
+        (["--top-k", "ten"], "--top-k takes a number"),
+        (["--cfg", "0.5"], "cfg_scale must be a finite number >= 1"),
+    ],
+)
+def test_bad_sample_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    # The model does not exist: an argument error, not "no model", shows that nothing was loaded first.
+    code, err = _cli(["sample", "--model", str(tmp_path / "no-such-model"), "--out", str(out), *args], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def _broken_copy(model_folder, tmp_path, edit) -> str:
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_folder, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(meta)))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta: [meta], "does not describe a model"),
+        (lambda meta: {**meta, "config": {**meta["config"], "dim": 64}}, r"does not match .*config.json"),
+        (lambda meta: {**meta, "config": {**meta["config"], "vocab_size": 2_000_000_000}}, "does not match"),
+    ],
+)
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(model_folder, tmp_path, capsys, edit,
+                                                                          message):  # fmt: skip
+    folder = _broken_copy(model_folder, tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        vqar.load(folder)  # a vocabulary of 2e9 would allocate 6 TB: refused from the file's header instead
+    code, err = _cli(["sample", "--model", folder, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "config.json" in err
+
+
+def test_a_folder_without_a_readable_image_says_so(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={images}", "steps=2"])
+    with pytest.raises(ValueError, match=r"no readable image in .*images: none of the 2 files"):  # (+1 for validation)
+        train_tokenizer(cfg, tmp_path / "run")
+    for i in range(12):  # with readable images beside them, the broken ones are skipped and counted
+        Image.new("L", (32, 32), color=20 * i).save(images / f"good{i}.png")
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={images}", "steps=2", "data.batch_size=4"])
+    assert torch.isfinite(torch.tensor(train_tokenizer(cfg, tmp_path / "run2")["psnr"]))
