@@ -209,8 +209,9 @@ class ARModel(nn.Module, ABC):
         every step costs more than the sampler, which converts only its candidates."""
 
     @abstractmethod
-    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
-        """Feeds the codes (B, depth) chosen at position `index`; returns the context of position index + 1."""
+    def decode_position(self, codes: torch.Tensor, index: int | torch.Tensor, state: Any) -> torch.Tensor:
+        """Feeds the codes (B, depth) chosen at position `index`; returns the context of position index + 1. A
+        compiled decoder passes the index as a tensor (1,), so one graph serves every position."""
 
     # ---------------------------------------------------------------- initialisation
     def _init_weights(self, module: nn.Module) -> None:

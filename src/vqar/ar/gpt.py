@@ -24,6 +24,7 @@ from vqar.ar.layers import (
     apply_rope,
     causal_attention,
     rope_2d_table,
+    rows_at,
     run_blocks,
     swiglu_hidden_dim,
 )
@@ -138,7 +139,7 @@ class GPT(ARModel):
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         return self.output(self.norm(context))
 
-    def decode_position(self, codes: torch.Tensor, index: int, caches: list[KVCache]) -> torch.Tensor:
+    def decode_position(self, codes: torch.Tensor, index, caches: list[KVCache]) -> torch.Tensor:
         position = self.cfg.prefix_length + index
         x = self.tok_embeddings(codes[:, 0])[:, None]
-        return run_blocks(self.layers, x, caches, position, rope=self.rope[position : position + 1])[:, -1]
+        return run_blocks(self.layers, x, caches, position, rope=rows_at(self.rope, position))[:, -1]

@@ -91,16 +91,29 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v (B, H, L, hd) at positions [start, start + L) and returns the filled prefix."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, H, L, hd) at positions [start, start + L) and returns the filled prefix. A position
+        given as a tensor (1,) is a step of the compiled decoder: one key is written there and the whole cache is
+        returned (static shapes; attention masks the positions not yet written)."""
+        if isinstance(start, torch.Tensor):
+            if self.k is None or self.k.shape[0] != k.shape[0]:
+                raise ValueError("a compiled decode step writes into a cache that the prefill allocated")
+            self.k.index_copy_(2, start, k.to(self.k.dtype))
+            self.v.index_copy_(2, start, v.to(self.v.dtype))
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
         dtype = cache_dtype(k)
         if self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != dtype:
+            # Zeros, not empty memory: a compiled step reads the whole cache, and a NaN left in memory at a masked
+            # position would still turn 0 * NaN into NaN.
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k = torch.empty(shape, dtype=dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=dtype, device=v.device)
+            self.k = torch.zeros(shape, dtype=dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=dtype, device=v.device)
+            if k.is_cuda:  # compiled steps write into these in place: CUDA graphs may keep them as static inputs
+                torch._dynamo.mark_static_address(self.k)
+                torch._dynamo.mark_static_address(self.v)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -111,26 +124,42 @@ def causal_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     cache: KVCache | None,
-    start: int,
+    start: int | torch.Tensor,
     dropout: float,
 ) -> torch.Tensor:
     """Attention of q (B, H, L, hd) over the keys so far. Without a cache: plain causal attention. With one: the
     new keys are cached at `start`; a single query (decoding) attends to the whole filled prefix, several queries
-    (prefill from position 0) attend causally."""
+    (prefill from position 0) attend causally. A tensor `start` (a compiled step) attends over the whole cache
+    with the positions after `start` masked out, so every step has the same shapes."""
+    visible = None
     if cache is not None:
         cached_k, cached_v = cache.update(start, k, v)
         if q.shape[2] == 1:
             k, v = cached_k, cached_v
-        elif start != 0:
+        elif not isinstance(start, int) or start != 0:
             raise ValueError("multi-token attention with a cache must start at position 0 (prefill)")
+        if isinstance(start, torch.Tensor):
+            visible = torch.arange(cache.max_len, device=q.device) <= start
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head across a group
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 and q.device.type == "cpu":
         # One query over the cached prefix: two batched matmuls beat SDPA's kernels at this shape on CPU.
         scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(scores.softmax(-1), v).to(q.dtype)
+    if q.shape[2] == 1:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+
+
+def rows_at(table: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+    """Row `index` of `table`, kept as a dimension of size 1: a slice for an int, a gather for a position tensor
+    (a compiled step, whose position is data rather than a constant)."""
+    if isinstance(index, torch.Tensor):
+        return table.index_select(0, index.reshape(1))
+    return table[index : index + 1]
 
 
 def cache_dtype(keys: torch.Tensor) -> torch.dtype:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vqar.ar.conditioning import condition_embedding
 from vqar.ar.contract import ARConfig, ARModel, ModelOutput
-from vqar.ar.layers import GPT2Block, KVCache, run_blocks
+from vqar.ar.layers import GPT2Block, KVCache, rows_at, run_blocks
 from vqar.utils.codes import check_codes
 
 
@@ -166,6 +166,6 @@ class RQTransformer(ARModel):
         x = (x + self.depth_pos_emb[:, d])[:, None]
         return self.output(self.norm(run_blocks(self.depth_layers, x, state[1], d)[:, -1]))
 
-    def decode_position(self, codes: torch.Tensor, index: int, state) -> torch.Tensor:
-        x = self.spatial_input(self.embed_codes(codes)).sum(1) + self.pos_emb[:, index]
+    def decode_position(self, codes: torch.Tensor, index, state) -> torch.Tensor:
+        x = self.spatial_input(self.embed_codes(codes)).sum(1) + rows_at(self.pos_emb[0], index)
         return run_blocks(self.layers, x[:, None], state[0], index + self.cfg.prefix_length)[:, -1]

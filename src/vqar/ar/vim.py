@@ -17,7 +17,7 @@ from torch import nn
 
 from vqar.ar.conditioning import condition_embedding
 from vqar.ar.contract import ARConfig, ARModel, ModelOutput
-from vqar.ar.layers import GPT2Block, KVCache, run_blocks
+from vqar.ar.layers import GPT2Block, KVCache, rows_at, run_blocks
 from vqar.utils.codes import check_codes
 
 
@@ -76,6 +76,6 @@ class VIM(ARModel):
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         return self.output(self.norm(context))
 
-    def decode_position(self, codes: torch.Tensor, index: int, caches: list[KVCache]) -> torch.Tensor:
-        x = (self.tok_embeddings(codes[:, 0]) + self.pos_emb[:, index])[:, None]
+    def decode_position(self, codes: torch.Tensor, index, caches: list[KVCache]) -> torch.Tensor:
+        x = (self.tok_embeddings(codes[:, 0]) + rows_at(self.pos_emb[0], index))[:, None]
         return run_blocks(self.layers, x, caches, index + 1)[:, -1]

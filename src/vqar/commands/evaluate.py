@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from vqar.commands.common import (
@@ -23,8 +22,8 @@ EVAL_DETAILS = """Generation and tokenizer metrics with the standard FID Incepti
 files (arr_0 uint8 NHWC), vqar sample runs or 'mnist'. Generated images enter as uint8, as a PNG round trip would
 leave them; grey images are repeated to RGB."""
 BENCH_DETAILS = """key=value settings: f (latent stride), d (depth), c (codebook size), model (an RQ size: RQ-480M,
-RQ-821M, RQ-1.4B, RQ-3.8B, RQ-S, RQ-XS), batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p.
-Prints ms/image for AR sampling and for decoding."""
+RQ-821M, RQ-1.4B, RQ-3.8B, RQ-S, RQ-XS), batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p,
+compile (true|false). Prints ms/image for AR sampling and for decoding."""
 
 
 def _inception(args):
@@ -98,19 +97,13 @@ def cmd_linear_probe(args) -> int:
 
 
 def cmd_bench_sample(args) -> int:
+    from vqar.configs import compose_node, to_config
     from vqar.eval.throughput import BenchConfig, measure_throughput
     from vqar.utils.device import resolve_device
 
-    fields = {f.name: f.type for f in dataclasses.fields(BenchConfig)}
-    settings = {}
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"expected key=value with key in {', '.join(fields)}, got {item!r}")
-        settings[key] = None if value.lower() == "none" else (value if key in ("model", "precision") else float(value))
-        if isinstance(settings[key], float) and "int" in fields[key]:
-            settings[key] = int(settings[key])
-    result = measure_throughput(BenchConfig(**settings), resolve_device(args.device))
+    overrides = [item[: -len("none")] + "null" if item.lower().endswith("=none") else item for item in args.config]
+    cfg = to_config(compose_node(BenchConfig, "bench", None, overrides))  # unknown keys and bad values: one line
+    result = measure_throughput(cfg, resolve_device(args.device))
     _print(result, args.json)
     return 0
 

@@ -9,6 +9,7 @@ from vqar.commands.common import (
     add_command,
     add_device_option,
     add_model_options,
+    add_speed_options,
     class_list,
     load_ar_model,
     non_negative_int,
@@ -49,8 +50,8 @@ def settings_from(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace, par) -> int:
-    from vqar.sampling import make_conditions
-    from vqar.sampling.draw import draw_distributed
+    from vqar.sampling import make_conditions, warm_up
+    from vqar.sampling.draw import batch_sizes_of, draw_distributed
     from vqar.sampling.export import write_samples
 
     if par.distributed and args.accept_rate is not None:
@@ -59,10 +60,18 @@ def _sample(args: argparse.Namespace, par) -> int:
     prompts = (args.prompt or []) + (read_lines(args.prompts) if args.prompts else [])
     if prompts and args.classes is not None:
         raise ValueError("give either --classes or prompts, not both")
-    model = load_ar_model(args, par.device)
+    from vqar.sampling import for_sampling
+
+    model = for_sampling(load_ar_model(args, par.device), args.precision)
     classes = None if prompts else _classes(args.classes, model)
     conditions = make_conditions(model, classes=classes, prompts=prompts or None, n_per_condition=args.n_per_class)
-    options = dict(batch_size=args.batch_size, precision=args.precision)
+    options = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    if args.compile:  # every rank compiles what it runs; the progress bar shows compile time apart from sampling
+        sizes = batch_sizes_of(len(conditions), args.batch_size, compile=True)
+        seconds = warm_up(model, sizes, guided=settings.guided, precision=args.precision, progress=par.is_main)
+        if par.is_main:
+            print(f"compiled the decode steps in {seconds:.0f} s (once per batch size; the same images as without "
+                  "--compile)")  # fmt: skip
     if args.accept_rate is not None:
         result = _rejection_sample(args, model, conditions, settings, options)
     else:
@@ -127,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_sampling_options(sample)
     sample.add_argument("--batch-size", type=positive_int, default=64)
-    sample.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    add_speed_options(sample)
     add_device_option(sample)
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
     sample.add_argument("--out", required=True, help="output folder")

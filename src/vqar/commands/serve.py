@@ -8,6 +8,7 @@ from vqar.commands.common import (
     add_command,
     add_device_option,
     add_model_options,
+    add_speed_options,
     load_ar_model,
     positive_int,
     read_lines,
@@ -24,12 +25,13 @@ def run(args: argparse.Namespace) -> int:
         from vqar.serve.engine import SamplingEngine
     except ImportError as err:
         raise RuntimeError(f"`vqar serve` needs the serve extra: pip install 'vqar[serve]' ({err})") from None
+    from vqar.sampling import for_sampling
     from vqar.utils.device import resolve_device
 
-    model = load_ar_model(args, resolve_device(args.device))
+    model = for_sampling(load_ar_model(args, resolve_device(args.device)), args.precision)
     names = read_lines(args.class_names) if args.class_names else class_names_for(args.model)
     engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch,
-                            class_names=names)  # fmt: skip
+                            class_names=names, compile=args.compile, precision=args.precision)  # fmt: skip
     serve(engine, host=args.host, port=args.port)
     return 0
 
@@ -44,3 +46,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-images", type=positive_int, default=16, help="images per request (more: HTTP 413)")
     serve.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting at once (more: HTTP 429)")
     serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run")
+    add_speed_options(serve)

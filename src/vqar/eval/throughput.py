@@ -2,8 +2,8 @@
 
 Random weights: a conv tokenizer with latent stride `f` on `image_size` images, residual depth `d` and codebook
 size `c`, and an RQ-Transformer of a named size over its (image_size/f) x (image_size/f) x d codes (d = 1 is the
-VQ setting). After `warmup` discarded loops, `loops` batches are timed; the result is milliseconds per image,
-split into AR sampling and decoding. CUDA timings are synchronised.
+VQ setting). After `warmup` discarded loops (which also compile, with `compile=true`), `loops` batches are
+timed; the result is milliseconds per image, split into AR sampling and decoding. CUDA timings are synchronised.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from vqar.ar import RQ_SIZES, RQTransformer, RQTransformerConfig
 from vqar.quantize import QuantizerConfig
-from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling import SamplingSettings, draw, for_sampling, make_conditions
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
 
@@ -35,6 +35,7 @@ class BenchConfig:
     warmup: int = 1
     num_classes: int = 1000
     precision: str = "fp32"
+    compile: bool = False
     top_k: int | None = None
     top_p: float | None = None
 
@@ -85,6 +86,8 @@ class _StackOfOne:
 def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = True) -> dict:
     cfg.validate()
     tokenizer, model = build_models(cfg, device)
+    model = for_sampling(model.attach(tokenizer if cfg.d > 1 else None), cfg.precision)
+    tokenizer = model.tokenizer or tokenizer
     decoder = tokenizer if cfg.d > 1 else _StackOfOne(tokenizer)
     settings = SamplingSettings(top_k=cfg.top_k, top_p=cfg.top_p)
     generator = torch.Generator().manual_seed(0)
@@ -94,7 +97,7 @@ def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = 
         conditions = make_conditions(model, classes=classes)
         settings = replace(settings, seed=loop)
         result = draw(model, conditions, settings, tokenizer=decoder, batch_size=cfg.batch_size,
-                      precision=cfg.precision)  # fmt: skip
+                      precision=cfg.precision, compile=cfg.compile)  # fmt: skip
         if loop >= cfg.warmup:
             sample_s, decode_s = sample_s + result.seconds_sampling, decode_s + result.seconds_decoding
     images = cfg.loops * cfg.batch_size

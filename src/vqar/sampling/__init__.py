@@ -2,7 +2,7 @@
 prompts or nothing into decoded images for every entry point."""
 
 from vqar.sampling.conditions import Conditions, make_conditions
-from vqar.sampling.draw import SampleResult, draw
+from vqar.sampling.draw import SampleResult, draw, for_sampling, warm_up
 from vqar.sampling.filters import filter_logits, guide, sample_logits
 from vqar.sampling.generate import generate, image_noise
 from vqar.sampling.settings import SamplingSettings
@@ -13,9 +13,11 @@ __all__ = [
     "SamplingSettings",
     "draw",
     "filter_logits",
+    "for_sampling",
     "generate",
     "guide",
     "image_noise",
     "make_conditions",
     "sample_logits",
+    "warm_up",
 ]

@@ -5,14 +5,16 @@ images whichever entry point asks (image j of a run depends on (seed, j) alone; 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from vqar.ar import ARModel, check_tokenizer
+from vqar.ar import ARModel, Conditioning, check_tokenizer
 from vqar.parallel import Parallel
+from vqar.sampling.compiled import bucket_for
 from vqar.sampling.conditions import Conditions
 from vqar.sampling.generate import generate, image_noise
 from vqar.sampling.settings import SamplingSettings
@@ -63,10 +65,12 @@ def draw(
     shard: tuple[int, int] = (0, 1),
     seeds: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
+    compile: bool = False,
     progress: bool = False,
 ) -> SampleResult:
     """The images of `conditions`, in batches of `batch_size`. Image i draws from the stream (seeds[i], index[i]),
-    by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ..."""
+    by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ...
+    `compile` runs compiled decode steps, on batches padded to `batch_buckets(batch_size)` (the same images)."""
     settings = settings or SamplingSettings()
     tokenizer = check_drawable(model, settings, tokenizer)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -81,10 +85,12 @@ def draw(
     for chunk in tqdm(mine, desc="sampling", disable=not progress):
         rows = conditions.select(chunk)
         noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk])
+        size = bucket_for(len(chunk), batch_size) if compile else len(chunk)
+        rows, noise = _pad(rows, size), _pad(noise, size)  # rows of their own: the padding changes no image
         with autocast(device, precision):
             start = _synced(device)
-            drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=len(chunk),
-                             noise=noise)  # fmt: skip
+            drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=size,
+                             noise=noise, compile=compile)[: len(chunk)]  # fmt: skip
             middle = _synced(device)
             images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
             end = _synced(device)
@@ -118,6 +124,58 @@ def draw_distributed(model: ARModel, conditions: Conditions, settings: SamplingS
     return SampleResult(merged["images"][order], merged["labels"][order], merged["codes"][order],
                         merged["index"][order], result.prompts, result.seconds_sampling, result.seconds_decoding,
                         result.batches)  # fmt: skip
+
+
+def warm_up(model: ARModel, sizes: Iterable[int], *, guided: bool | None = None, precision: str = "fp32",
+            progress: bool = True) -> float:  # fmt: skip
+    """Compiles the decode steps for batches of `sizes` images, with guidance or without (None: both, where the
+    model can be guided); returns the seconds it took. A server calls it at start, so its first request is not
+    the one that waits for the compiler."""
+    device = next(model.parameters()).device
+    variants = []
+    if guided is not True:
+        variants.append(SamplingSettings(greedy=True))
+    if guided is not False and model.has_null_condition:
+        variants.append(SamplingSettings(greedy=True, cfg_scale=2.0))
+    start = time.perf_counter()
+    runs = [(size, settings) for size in sorted(set(sizes)) for settings in variants]
+    for size, settings in tqdm(runs, desc="compiling (warm-up)", disable=not progress):
+        with autocast(device, precision):
+            generate(model, _placeholder_conditions(model, size, device), settings, batch_size=size, compile=True)
+    return time.perf_counter() - start
+
+
+def batch_sizes_of(total: int, batch_size: int, compile: bool) -> set[int]:
+    """The batch sizes `draw` runs for `total` images (padded to buckets when compiling)."""
+    sizes = {min(batch_size, total - start) for start in range(0, total, batch_size)}
+    return {bucket_for(size, batch_size) for size in sizes} if compile else sizes
+
+
+def for_sampling(model: ARModel, precision: str) -> ARModel:
+    """The model as sampling should run it: on CUDA with bf16, its weights (and its tokenizer's) in bf16, so a
+    decode step reads half the bytes; elsewhere unchanged (a CPU runs bf16 under autocast, with float32 weights
+    and caches). Logits are sampled in float32 either way."""
+    if precision == "bf16" and next(model.parameters()).device.type == "cuda":
+        model.to(torch.bfloat16)
+        if model.tokenizer is not None:
+            model.attach(model.tokenizer.to(torch.bfloat16))
+    return model
+
+
+def _placeholder_conditions(model: ARModel, size: int, device: torch.device) -> torch.Tensor | None:
+    """Conditions of the right shape for compiling: class 0, the empty caption, or none."""
+    if model.conditioning is Conditioning.TEXT:
+        return torch.full((size, model.cfg.text_length), model.cfg.text_pad_id, dtype=torch.long, device=device)
+    if model.conditioning is Conditioning.CLASS:
+        return torch.zeros(size, dtype=torch.long, device=device)
+    return None
+
+
+def _pad(rows: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """`rows` repeated at the end to `size` rows."""
+    if rows is None or len(rows) == size:
+        return rows
+    return torch.cat([rows, rows[-1:].expand(size - len(rows), *rows.shape[1:])])
 
 
 def _synced(device: torch.device) -> float:

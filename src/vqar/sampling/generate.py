@@ -2,8 +2,9 @@
 
 One prefill of the condition, then for each position one `code_logits` step per depth (1 for GPT and VIM, D for
 the RQ-Transformer, whose depth steps share a short cache reused at every position) and one `decode_position`
-step. With classifier-free guidance the batch runs as [conditional; null condition] and the logits are combined
-before filtering. The semantics of every setting are in `vqar.sampling.settings`.
+step; the steps run eagerly or compiled (`vqar.sampling.compiled`). With classifier-free guidance the batch runs
+as [conditional; null condition] and the logits are combined before filtering. The semantics of every setting are
+in `vqar.sampling.settings`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vqar.ar import ARModel
+from vqar.sampling.compiled import decode_steps
 from vqar.sampling.filters import guide, sample_logits
 from vqar.sampling.settings import DepthSettings, SamplingSettings
 
@@ -64,12 +66,15 @@ def generate(
     *,
     batch_size: int | None = None,
     noise: torch.Tensor | None = None,
+    compile: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
     """Codes (B, *code_shape) drawn from `model`. `cond`: class ids (B,), caption ids (B, text_length), or None
     with `batch_size` for an unconditional model (or the null condition). `noise` (B, positions * depth) replaces
-    the uniform numbers of images 0..B-1 of `settings.seed` (see `image_noise`)."""
+    the uniform numbers of images 0..B-1 of `settings.seed` (see `image_noise`). `compile` runs the decode steps
+    compiled (`vqar.sampling.compiled`); the codes are the same."""
     run = plan(model, cond, settings, batch_size, noise)
+    steps = decode_steps(model, compile)
     settings, ids, n = run.settings, run.ids, len(run.ids)
     if settings.guided:
         ids = torch.cat([ids, model.cond_embedding.null_ids(n)])
@@ -79,16 +84,16 @@ def generate(
 
     depth, positions = model.depth, model.num_positions
     codes = torch.empty(n, positions, depth, dtype=torch.long, device=ids.device)
-    state = model.new_decode_state()
+    state = steps.new_state(len(ids))
     context = model.prefill(ids, state)
     for p in tqdm(range(positions), desc="sampling", disable=not progress, leave=False):
         guided = settings.guided_at(p)
         for d, f in enumerate(run.filters):
-            logits = model.code_logits(context, both_halves(codes[:, p, :d]), state)
+            logits = steps.code_logits(context, both_halves(codes[:, p, :d]), state)
             logits = guide(logits, settings.cfg_scale) if guided else logits[:n]
             codes[:, p, d] = pick(logits, f, settings.greedy, run.noise, p * depth + d)
         if p + 1 < positions:
-            context = model.decode_position(both_halves(codes[:, p]), p, state)
+            context = steps.decode_position(both_halves(codes[:, p]), p, state)
     return codes.view(n, *model.code_shape)
 
 

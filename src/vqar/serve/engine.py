@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vqar.ar import ARModel, Conditioning
-from vqar.sampling import Conditions, SamplingSettings, draw, make_conditions
+from vqar.sampling import Conditions, SamplingSettings, draw, make_conditions, warm_up
+from vqar.sampling.compiled import batch_buckets
 from vqar.sampling.draw import check_drawable
 
 log = logging.getLogger("vqar.serve")
@@ -64,9 +65,11 @@ class Job:
 
 class SamplingEngine:
     def __init__(self, model: ARModel, tokenizer=None, *, text_tokenizer=None, max_images: int = 16,
-                 max_queue: int = 32, max_batch: int = 64, class_names: Sequence[str] | None = None):  # fmt: skip
+                 max_queue: int = 32, max_batch: int = 64, class_names: Sequence[str] | None = None,
+                 compile: bool = False, precision: str = "fp32"):  # fmt: skip
         if max_images < 1 or max_queue < 1 or max_batch < 1:
             raise ValueError("max_images, max_queue and max_batch must be positive")
+        self.compile, self.precision = compile, precision
         self.model = model.eval()
         self.tokenizer = check_drawable(model, SamplingSettings(), tokenizer).eval()
         self.text_tokenizer = text_tokenizer or model.text_tokenizer
@@ -81,6 +84,9 @@ class SamplingEngine:
         self.model_runs = 0  # how many generate calls served the requests (batching makes it fewer)
         self._lock = threading.Lock()  # one model run at a time, also for callers outside the worker
         self.sampling = threading.Event()  # set while the worker holds a round of requests (for /health)
+        if compile:  # before the first request, so that it is not the one that waits for the compiler
+            seconds = warm_up(model, batch_buckets(max_batch), precision=precision)
+            log.info("compiled the decode steps for batches of up to %d images in %.0f s", max_batch, seconds)
         self._worker = threading.Thread(target=self._work, name="vqar-sampler", daemon=True)
         self._worker.start()
 
@@ -201,7 +207,8 @@ class SamplingEngine:
         index = torch.cat([torch.arange(job.request.n) for job in jobs])
         with self._lock:
             result = draw(self.model, conditions, jobs[0].request.settings, tokenizer=self.tokenizer,
-                          batch_size=self.max_batch, seeds=seeds, index=index)  # fmt: skip
+                          batch_size=self.max_batch, seeds=seeds, index=index, compile=self.compile,
+                          precision=self.precision)  # fmt: skip
             self.model_runs += result.batches
             ladder = None
             if any(job.request.coarse_to_fine for job in jobs):

@@ -1,0 +1,115 @@
+"""The decode steps of a generation, eager or compiled (gpt-fast's compiled `decode_one_token`).
+
+`DecodeSteps` gives the generation loop the model's `code_logits` and `decode_position`. Compiled, each is
+`torch.compile`d once per model: the position goes in as a tensor, so one graph serves every position (the KV
+cache then returns its whole length and attention masks the positions not yet written). On CUDA the graphs are
+replayed as CUDA graphs (`mode="reduce-overhead"`), which removes the per-op launch cost that bounds a decode step
+at the batch sizes of demos and serving; the caches are kept per batch size and reused, so the graphs replay on
+the same memory. The prefill runs eagerly, once per batch. An RQ-Transformer's depth steps compile to one graph
+per depth. Sampling stays eager: the random numbers come from per-image streams drawn before the loop, so compiled
+and eager generations draw the same codes.
+
+New batch sizes compile new graphs: `draw` pads its batches to `batch_buckets` when compiling, and `warm_up`
+compiles them ahead of the first request. A compilation error falls back to the eager steps with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vqar.ar import ARModel
+
+log = logging.getLogger("vqar.sampling")
+
+
+class DecodeSteps:
+    def __init__(self, model: ARModel):
+        self.model = model
+
+    @property
+    def compiled(self) -> bool:
+        return False
+
+    def new_state(self, batch: int) -> Any:
+        """The KV caches of a generation of `batch` rows."""
+        return self.model.new_decode_state()
+
+    def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
+        return self.model.code_logits(context, chosen, state)
+
+    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
+        return self.model.decode_position(codes, index, state)
+
+
+class CompiledDecodeSteps(DecodeSteps):
+    """The model's steps compiled; see the module docstring."""
+
+    def __init__(self, model: ARModel):
+        super().__init__(model)
+        cuda = next(model.parameters()).device.type == "cuda"
+        options = {"mode": "reduce-overhead" if cuda else "default"}
+        self._code_logits = torch.compile(model.code_logits, **options)
+        self._decode_position = torch.compile(model.decode_position, **options)
+        self._cuda = cuda
+        self._states: dict[int, Any] = {}
+        self.failed: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.failed is None
+
+    def new_state(self, batch: int) -> Any:
+        """The caches of the last generation of `batch` rows, reused: CUDA graphs replay on the same memory. What
+        an earlier generation left beyond the current position is masked, never read."""
+        if batch not in self._states:
+            self._states[batch] = self.model.new_decode_state()
+        return self._states[batch]
+
+    def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
+        return self._call(self._code_logits, self.model.code_logits, context, chosen, state)
+
+    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
+        position = torch.tensor([index], device=codes.device)
+        return self._call(self._decode_position, self.model.decode_position, codes, position, state)
+
+    def _call(self, compiled: Callable, eager: Callable, *args) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                if self._cuda:  # the outputs of the previous replays are consumed (they are cloned below)
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(*args)
+                return out.clone() if self._cuda else out  # CUDA graphs reuse their output memory at the next replay
+            except Exception as err:  # compilers fail in many ways; sampling goes on eagerly
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log.warning("compiling the decode step failed (%s); sampling without compilation", self.failed)
+        return eager(*args)
+
+
+_compiled: weakref.WeakKeyDictionary[ARModel, CompiledDecodeSteps] = weakref.WeakKeyDictionary()
+
+
+def decode_steps(model: ARModel, compile: bool = False) -> DecodeSteps:
+    """The steps a generation of `model` calls; compiled ones are made once per model and reused."""
+    if not compile:
+        return DecodeSteps(model)
+    if model not in _compiled:
+        _compiled[model] = CompiledDecodeSteps(model)
+    return _compiled[model]
+
+
+def batch_buckets(batch_size: int) -> list[int]:
+    """The batch sizes a compiled sampler runs: powers of two below `batch_size`, and `batch_size` itself."""
+    sizes, size = [], 1
+    while size < batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, batch_size]
+
+
+def bucket_for(rows: int, batch_size: int) -> int:
+    return next(size for size in batch_buckets(batch_size) if size >= rows)
