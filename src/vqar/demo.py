@@ -19,7 +19,7 @@ import torch
 
 from vqar.bundle import load
 from vqar.data import DataConfig
-from vqar.data.codes import extract_codes
+from vqar.data.extraction import extract_codes
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.export import write_adm_npz, write_samples

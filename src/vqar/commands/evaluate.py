@@ -1,8 +1,20 @@
-"""`vqar eval ...` (FID / IS / precision-recall, reference statistics, rFID, linear probe) and `vqar bench ...`."""
+"""`vqar eval ...` (FID / IS / precision-recall, reference statistics, rFID, linear probe) and `vqar bench ...`.
+
+Image sets are folders, ADM `.npz` files, vqar sample runs, `mnist`, or WebDataset tar shards (a brace pattern such
+as `shards/shard-{000000..000049}.tar`, a `.txt` list of shards, or the `shards.json` index of `vqar pack-shards`).
+
+`eval stats`, `eval fid` and `eval rfid` also run under torchrun, e.g. on the 8 GPUs of a machine:
+
+    torchrun --nproc_per_node=8 -m vqar.cli eval fid samples/ --ref VIRTUAL_imagenet256_labeled.npz --device cuda
+
+Every rank reads and runs only its share of the images (a block of whole batches), rank 0 gathers the features in
+image order and reports what one process would report (to float rounding); the other ranks print nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 from vqar.commands.common import (
@@ -19,17 +31,39 @@ INCEPTION_HELP = (
 )
 RESIZE_HELP = "resize to 299: tf-bilinear (ADM/StyleGAN3, default) or clean (clean-fid's PIL bicubic)"
 EVAL_DETAILS = """Generation and tokenizer metrics with the standard FID Inception. Image sets are folders, ADM .npz
-files (arr_0 uint8 NHWC), vqar sample runs or 'mnist'. Generated images enter as uint8, as a PNG round trip would
-leave them; grey images are repeated to RGB."""
+files (arr_0 uint8 NHWC), vqar sample runs, 'mnist' or WebDataset tar shards. Generated images enter as uint8, as a
+PNG round trip would leave them; grey images are repeated to RGB."""
+SOURCES = """Image sets: a folder of images, an ADM .npz (arr_0 uint8 NHWC), a vqar sample run, 'mnist', or WebDataset
+tar shards: a brace pattern (quote it: 'shards/shard-{000000..000049}.tar'), a .txt list of shards, or the
+shards.json index that `vqar pack-shards` writes. Unreadable files and shard samples are skipped, counted and
+reported."""
+TORCHRUN = """Under torchrun (`torchrun --nproc_per_node=8 -m vqar.cli eval %s ... --device cuda`) each process
+reads and runs only its share of the images (whole batches) and rank 0 reports the result of one process (to float
+rounding); the others print nothing. On several machines, set TMPDIR to a folder they all share (rank 0 gathers
+the features through it)."""
 BENCH_DETAILS = """key=value settings: f (latent stride), d (depth), c (codebook size), model (an RQ size: RQ-480M,
 RQ-821M, RQ-1.4B, RQ-3.8B, RQ-S, RQ-XS), batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p,
 compile (true|false). Prints ms/image for AR sampling and for decoding."""
 
 
-def _inception(args):
+def _inception(args, device):
     from vqar.eval.inception import Inception
 
-    return Inception(args.inception, resize=args.resize, device=args.device)
+    return Inception(args.inception, resize=args.resize, device=device)
+
+
+def _on_ranks(command):
+    """`command(args, par)` in the process group of a torchrun launch, or in one process (`par.world_size == 1`)."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from vqar.parallel import joined
+        from vqar.utils.device import resolve_device
+
+        with joined(device=resolve_device(args.device)) as par:  # under torchrun on CUDA: cuda:LOCAL_RANK
+            return command(args, par)
+
+    return run
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -40,50 +74,57 @@ def _print(result: dict, as_json: bool) -> None:
         print(f"{key:>28}: {value:.4f}" if isinstance(value, float) else f"{key:>28}: {value}")
 
 
-def cmd_stats(args) -> int:
-    from vqar.eval.generation import inception_outputs, save_stats
+@_on_ranks
+def cmd_stats(args, par) -> int:
+    from vqar.eval.generation import save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
-    from vqar.eval.sources import load_images
 
-    inception = _inception(args)
-    images = load_images(args.data, args.max_images)
-    stats = GaussianStats.of(inception_outputs(images, inception, args.batch_size), keep_features=True)
-    save_stats(args.out, stats, images if args.with_images else None)
-    print(f"statistics of {len(images)} images ({inception.path.name}, resize {inception.resize}) -> {args.out}")
+    inception = _inception(args, par.device)
+    out = source_outputs(args.data, inception, args.batch_size, max_images=args.max_images,
+                         keep_images=args.with_images, par=par)  # fmt: skip
+    if out is None:  # rank 0 writes the statistics
+        return 0
+    stats = GaussianStats.of(out.features, keep_features=True)
+    save_stats(args.out, stats, out.images)
+    print(f"statistics of {out.count} images ({inception.path.name}, resize {inception.resize}) -> {args.out}")
     return 0
 
 
-def cmd_fid(args) -> int:
+@_on_ranks
+def cmd_fid(args, par) -> int:
     from vqar.eval.generation import evaluate_samples
 
     result = evaluate_samples(
         args.fake,
         args.ref,
-        _inception(args),
+        _inception(args, par.device),
         batch_size=args.batch_size,
         num_samples=args.num_samples,
         with_is=not args.no_is,
         with_pr=not args.no_pr,
+        par=par,
     )
-    _print(result, args.json)
+    if result is not None:  # rank 0 reports
+        _print(result, args.json)
     return 0
 
 
-def cmd_rfid(args) -> int:
+@_on_ranks
+def cmd_rfid(args, par) -> int:
     from vqar.eval.rfid import evaluate_tokenizer
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
-    from vqar.utils.device import resolve_device
 
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
-    inception = None if args.no_fid else _inception(args)
+    inception = None if args.no_fid else _inception(args, par.device)
     result = evaluate_tokenizer(
         tokenizer, args.data, inception, image_size=args.image_size, batch_size=args.batch_size,
-        max_images=args.max_images, device=resolve_device(args.device),
+        max_images=args.max_images, device=par.device, par=par,
     )  # fmt: skip
-    _print(result, args.json)
+    if result is not None:  # rank 0 reports
+        _print(result, args.json)
     return 0
 
 
@@ -121,24 +162,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "probe", description=EVAL_DETAILS)  # fmt: skip
     metrics = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
 
-    stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])")
-    stats.add_argument("data", help="image folder, .npz, sample run or 'mnist'")
+    stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])",
+                        f"{SOURCES} {TORCHRUN % 'stats'}")  # fmt: skip
+    stats.add_argument("data", help="image folder, .npz, sample run, tar shards or 'mnist'")
     stats.add_argument("--out", required=True, help="the .npz to write")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
     stats.add_argument("--max-images", type=positive_int)
     _inception_options(stats)
 
-    fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)")
-    fid.add_argument("fake", help="generated images: folder, .npz or a vqar sample run")
-    fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image source")
+    fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)",
+                      f"{SOURCES} {TORCHRUN % 'fid'}")  # fmt: skip
+    fid.add_argument("fake", help="generated images: folder, .npz, a vqar sample run or tar shards")
+    fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image set (folder, tar shards...)")
     fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples (error if fewer)")
     fid.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     fid.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     _inception_options(fid)
 
     rfid = add_command(metrics, "rfid", cmd_rfid, "tokenizer reconstruction: rFID, PSNR, SSIM, codebook usage per "
-                       "depth")  # fmt: skip
-    rfid.add_argument("data", help="validation images: folder, .npz or 'mnist'")
+                       "depth", f"{SOURCES} Images of any size are center-cropped and resized to the evaluation "
+                       f"size. {TORCHRUN % 'rfid'}")  # fmt: skip
+    rfid.add_argument("data", help="validation images: folder, .npz, tar shards or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
     rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's resolution)")

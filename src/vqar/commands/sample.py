@@ -23,14 +23,11 @@ RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.
 
 
 def run(args: argparse.Namespace) -> int:
-    from vqar.parallel import setup, teardown
+    from vqar.parallel import joined
     from vqar.utils.device import resolve_device
 
-    par = setup(device=resolve_device(args.device))  # under torchrun, each rank draws its share of the batches
-    try:
+    with joined(device=resolve_device(args.device)) as par:  # under torchrun, each rank draws its share
         return _sample(args, par)
-    finally:
-        teardown(par)
 
 
 def settings_from(args: argparse.Namespace):

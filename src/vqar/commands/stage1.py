@@ -6,6 +6,12 @@ import argparse
 
 from vqar.commands.common import add_command, add_device_option, non_negative_int, positive_int
 
+EXTRACT_DETAILS = """The store holds sharded codes, labels (and captions), a manifest with checksums and a copy of the
+tokenizer. Under torchrun (torchrun --nproc_per_node=8 -m vqar.cli extract-codes ...) every process encodes its
+share of the shards and rank 0 writes the manifest; the store is the same as one process would write. The work goes
+to .OUT.partial beside --out: running an interrupted extraction again with the same arguments encodes only the
+shards it lacks."""
+
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     from vqar.eval.reconstruct import reconstruct_files
@@ -17,14 +23,21 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def run_extract_codes(args: argparse.Namespace) -> int:
-    from vqar.bundle import load
-    from vqar.data import DataConfig
-    from vqar.data.codes import extract_codes
-    from vqar.tokenizers import Tokenizer
+    from vqar.parallel import joined
     from vqar.utils.device import resolve_device
 
-    device = resolve_device(args.device)
-    tokenizer = load(args.tokenizer, device=device)
+    # Under torchrun every rank encodes its share of the shards; on CUDA each uses cuda:LOCAL_RANK.
+    with joined(device=resolve_device(args.device)) as par:
+        return _extract_codes(args, par)
+
+
+def _extract_codes(args: argparse.Namespace, par) -> int:
+    from vqar.bundle import load
+    from vqar.data import DataConfig
+    from vqar.data.extraction import extract_codes
+    from vqar.tokenizers import Tokenizer
+
+    tokenizer = load(args.tokenizer, device=par.device)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
     data = DataConfig(
@@ -36,18 +49,25 @@ def run_extract_codes(args: argparse.Namespace) -> int:
         captions=args.captions,
     )
     views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
-    manifest = extract_codes(tokenizer, data, args.out, views=views, crop_range=args.crop_range, device=device,
-                             overwrite=args.overwrite, tokenizer_dir=args.tokenizer)  # fmt: skip
-    shape = "x".join(map(str, manifest["code_shape"]))
-    print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
-    if "captions" in manifest:
-        print(f"with captions ({manifest['uncaptioned_images']} images without a caption left out)")
+    manifest = extract_codes(tokenizer, data, args.out, views=views, crop_range=args.crop_range, device=par.device,
+                             shard_size=args.shard_size, overwrite=args.overwrite, tokenizer_dir=args.tokenizer,
+                             par=par)  # fmt: skip
+    if par.is_main:
+        shape = "x".join(map(str, manifest["code_shape"]))
+        print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
+        if "captions" in manifest:
+            print(f"with captions ({manifest['uncaptioned_images']} images without a caption left out)")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    recon = add_command(sub, "reconstruct", run_reconstruct, "encode and decode images with a trained tokenizer",
-                        "Writes original | reconstruction side by side for each image and prints its PSNR.")
+    recon = add_command(
+        sub,
+        "reconstruct",
+        run_reconstruct,
+        "encode and decode images with a trained tokenizer",
+        "Writes original | reconstruction side by side for each image and prints its PSNR.",
+    )
     recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
@@ -56,10 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_option(recon)
 
     extract = add_command(sub, "extract-codes", run_extract_codes, "encode a dataset once into a code store for AR "
-                          "training", "The store holds sharded codes, labels, a manifest and a copy of the "
-                          "tokenizer.")  # fmt: skip
+                          "training", EXTRACT_DETAILS)  # fmt: skip
     extract.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
-    extract.add_argument("--data", required=True, help="'mnist', an image folder, or a .npz/.npy file")
+    extract.add_argument(
+        "--data",
+        required=True,
+        help="'mnist', an image folder, a .npz/.npy file, or tar shards "
+        "(shards/train-{000000..000127}.tar, a .txt list of shard paths/URLs, or a shards.json)",
+    )
     extract.add_argument("--out", required=True, help="the code store folder to create")
     views = extract.add_mutually_exclusive_group()
     views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
@@ -70,6 +94,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--captions",
         help="text-to-image stores: a captions.jsonl / .tsv (default: the folder's own, if any), 'digits' "
         "(generated captions for the bundled digits) or 'none'",
+    )
+    extract.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=10_000,
+        help="source images per store shard, "
+        "the unit of work that ranks share and a rerun skips when done (tar sources: one store "
+        "shard per tar shard)",
     )
     extract.add_argument("--batch-size", type=positive_int, default=256)
     extract.add_argument("--num-workers", type=non_negative_int, default=0)

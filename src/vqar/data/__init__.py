@@ -14,8 +14,17 @@ from vqar.data.datasets import (
     open_dataset,
     split_dataset,
 )
-from vqar.data.loading import BadFileReport, Batch, EpochSampler, collate_samples, make_loader
+from vqar.data.loading import (
+    BadFileReport,
+    Batch,
+    EpochSampler,
+    collate_samples,
+    evaluation_loader,
+    make_loader,
+    training_loader,
+)
 from vqar.data.mnist import load_mnist_digits
+from vqar.data.shards import ShardDataset, is_shard_source, open_shards
 from vqar.data.transforms import (
     convert_channels,
     fit_image,
@@ -32,6 +41,7 @@ __all__ = [
     "Batch",
     "DataConfig",
     "DatasetSplit",
+    "ShardDataset",
     "EpochSampler",
     "ImageFolderDataset",
     "MnistDataset",
@@ -40,14 +50,18 @@ __all__ = [
     "check_readable",
     "collate_samples",
     "convert_channels",
+    "evaluation_loader",
     "fit_image",
+    "is_shard_source",
     "load_array_file",
     "load_mnist_digits",
     "make_loader",
     "open_dataset",
+    "open_shards",
     "random_hflip",
     "split_dataset",
     "ten_crop",
     "to_tensor",
     "to_uint8_nhwc",
+    "training_loader",
 ]

@@ -9,30 +9,21 @@
         captions.json           [[caption, ...] per item], for text-to-image stores (images without one are left out)
 
 Each item holds V views of one image: 1 (as is), 2 (with its mirror image, `flip`) or 10 (LlamaGen's ten-crop).
-The store is assembled in a temporary folder and renamed into place when complete, so a crash never leaves a
-half-written store behind.
+`vqar.data.extraction` writes stores; this module reads them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from vqar.data.config import DataConfig
-from vqar.data.datasets import open_dataset
-from vqar.data.loading import BadFileReport, Batch, EpochSampler, make_loader
-from vqar.data.transforms import ten_crop
-from vqar.utils.io import fsync_dir, remove_leftovers, sha256_file
+from vqar.utils.io import sha256_file
 
 log = logging.getLogger("vqar.data")
 
@@ -146,174 +137,3 @@ class CodeDataset(Dataset):
         row = np.asarray(self.shard_codes[shard][index - self.offsets[shard]], dtype=np.int64)
         captions = self.captions[index] if self.captions is not None else None
         return CodeSample(codes=torch.from_numpy(row), label=int(self.labels[index]), index=index, captions=captions)
-
-
-def _views(images: torch.Tensor, views: str, size: int) -> torch.Tensor:
-    """(B, C, S, S) -> (B, V, C, size, size)."""
-    if views == "ten-crop":
-        return ten_crop(images, size)
-    if views == "flip":
-        return torch.stack([images, images.flip(-1)], dim=1)
-    return images[:, None]
-
-
-def _encode(tokenizer, images: torch.Tensor, views: str, size: int) -> np.ndarray:
-    """(B, C, S, S) images -> (B, V, h, w[, D]) codes of their views."""
-    stack = _views(images, views, size)
-    codes = tokenizer.encode(stack.flatten(0, 1)).view(len(stack), stack.shape[1], *tokenizer.code_shape(size))
-    return codes.cpu().numpy()
-
-
-def _save_tokenizer(tokenizer, tokenizer_dir: str | Path | None, dest: Path) -> None:
-    """Copies `tokenizer_dir` without its training leftovers when given, else saves `tokenizer`."""
-    from vqar.bundle import save_pretrained
-
-    if tokenizer_dir is not None:
-        skip = shutil.ignore_patterns("checkpoints", "*.png", "*.jsonl", "*.yaml")
-        shutil.copytree(tokenizer_dir, dest, ignore=skip)
-    else:
-        save_pretrained(tokenizer, dest)
-
-
-class _StoreWriter:
-    """Assembles a code store in a temporary folder beside `out_dir`, in shards of `shard_size` items or more.
-    `publish` renames the complete store into place; leaving the `with` block removes whatever is left, so a crash
-    never leaves a half-written store.
-
-    `source_captions` (a caption list per dataset index) makes a text-to-image store: it keeps only the images
-    with a caption."""
-
-    def __init__(self, out_dir: Path, codebook_size: int, shard_size: int, source_captions: Sequence[list[str]] | None):
-        self.out_dir, self.shard_size, self.source_captions = out_dir, shard_size, source_captions
-        self.folder = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed extraction that had the same process id
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in remove_leftovers(out_dir.parent, prefix=f".{out_dir.name}.tmp-"):
-            log.info("removed %s, left by an extraction that was killed", leftover)
-        self.folder.mkdir()
-        self.dtype = np.uint16 if codebook_size <= 65536 else np.int32
-        self.shards: list[dict] = []
-        self.captions: list[list[str]] = []
-        self.uncaptioned = 0
-        self._codes: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._pending = 0
-
-    def __enter__(self) -> _StoreWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def keep_captioned(self, batch: Batch) -> None:
-        """In a text-to-image store, drops the images of `batch` without a caption (in place) and keeps the captions
-        of the others."""
-        if self.source_captions is None or len(batch) == 0:
-            return
-        keep = torch.tensor([bool(self.source_captions[i]) for i in batch.indices.tolist()])
-        self.uncaptioned += int((~keep).sum())
-        batch.images, batch.labels, batch.indices = batch.images[keep], batch.labels[keep], batch.indices[keep]
-        self.captions.extend(self.source_captions[i] for i in batch.indices.tolist())
-
-    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
-        self._codes.append(codes)
-        self._labels.append(labels)
-        self._pending += len(codes)
-        if self._pending >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        """Writes the buffered items as the next shard, with the checksums `CodeDataset` verifies."""
-        if not self._codes:
-            return
-        name = f"{len(self.shards):05d}"
-        codes = np.concatenate(self._codes)
-        files = {"codes": f"codes-{name}.npy", "labels": f"labels-{name}.npy"}
-        np.save(self.folder / files["codes"], codes.astype(self.dtype))
-        np.save(self.folder / files["labels"], np.concatenate(self._labels).astype(np.int64))
-        sha256 = {key: sha256_file(self.folder / file) for key, file in files.items()}
-        self.shards.append({**files, "count": len(codes), "sha256": sha256})
-        self._codes.clear()
-        self._labels.clear()
-        self._pending = 0
-
-    def publish(self, manifest: dict) -> None:
-        """Writes the captions, if any (adding their entries to `manifest`), and the manifest, then renames the store
-        to `out_dir`, replacing an existing one."""
-        if self.source_captions is not None:
-            file = self.folder / "captions.json"
-            file.write_text(json.dumps(self.captions, ensure_ascii=False), encoding="utf-8")
-            manifest["captions"] = {"file": file.name, "sha256": sha256_file(file)}
-            manifest["uncaptioned_images"] = self.uncaptioned
-        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_dir(self.folder)
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.folder, self.out_dir)
-        fsync_dir(self.out_dir.parent)
-        return manifest
-
-
-@torch.no_grad()
-def extract_codes(
-    tokenizer,
-    data: DataConfig,
-    out_dir: str | Path,
-    *,
-    views: str = "none",
-    crop_range: float = 1.1,
-    device: torch.device | str = "cpu",
-    shard_size: int = 100_000,
-    overwrite: bool = False,
-    tokenizer_dir: str | Path | None = None,
-) -> dict:
-    """Encodes every image of `data.source` with `tokenizer` into a code store at `out_dir`; returns the manifest.
-
-    `data.image_size` and `data.channels` are the tokenizer's input; with `views="ten-crop"` images are first fitted
-    to round(image_size * crop_range). `tokenizer_dir`, when given, is copied into the store (else the tokenizer is
-    saved there)."""
-    if views not in VIEWS:
-        raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
-    if crop_range < 1.0:
-        raise ValueError(f"crop_range must be >= 1, got {crop_range}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
-    size = data.image_size
-    fit = round(size * crop_range) if views == "ten-crop" else size
-    dataset = open_dataset(DataConfig(**{**data.__dict__, "image_size": fit, "val_fraction": 0.0}))
-    tokenizer = tokenizer.to(device).eval()
-    bad = BadFileReport()
-    source_captions = getattr(dataset, "captions", None)
-    with _StoreWriter(out_dir, tokenizer.codebook_size, shard_size, source_captions) as store:
-        sampler = EpochSampler(len(dataset), seed=0, shuffle=False)
-        loader = make_loader(dataset, data.eval_batch_size, sampler=sampler, num_workers=data.num_workers)
-        for batch in tqdm(loader, desc="extracting codes", leave=False):
-            bad.add(batch.bad)
-            store.keep_captioned(batch)
-            if len(batch):
-                store.add(_encode(tokenizer, batch.images.to(device), views, size), batch.labels.numpy())
-        store.flush()
-        if not store.shards:
-            raise ValueError(f"no readable images in {data.source}")
-        _save_tokenizer(tokenizer, tokenizer_dir, store.folder / "tokenizer")
-        manifest = {
-            "format": FORMAT,
-            "version": 1,
-            "code_shape": list(tokenizer.code_shape(size)),
-            "codebook_size": tokenizer.codebook_size,
-            "image_size": size,
-            "channels": data.channels,
-            "source": str(data.source),
-            "views": VIEWS[views],
-            "crop_range": crop_range if views == "ten-crop" else None,
-            "num_items": int(sum(s["count"] for s in store.shards)),
-            "num_classes": int(getattr(dataset, "num_classes", 0)),
-            "class_names": list(getattr(dataset, "class_names", [])),
-            "skipped_files": bad.count,
-            "shards": store.shards,
-        }
-        store.publish(manifest)
-    if bad.summary():
-        log.warning(bad.summary())
-    return manifest

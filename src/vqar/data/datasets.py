@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +18,10 @@ from torch.utils.data import Dataset, Subset
 
 from vqar.data.config import DataConfig
 from vqar.data.mnist import load_mnist_digits
+from vqar.data.samples import BadSample, Sample
+from vqar.data.shards import ShardDataset, is_shard_source, open_shards
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
 from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
-
-
-@dataclass
-class Sample:
-    """One image (float (C, H, W) in [-1, 1]), its class id (-1 when unlabeled) and its dataset index."""
-
-    image: torch.Tensor
-    label: int
-    index: int
-
-
-@dataclass
-class BadSample:
-    """An item that could not be read: which one, from where, and why."""
-
-    index: int
-    path: str
-    error: str
 
 
 def _spread_indices(total: int, max_images: int | None) -> np.ndarray:
@@ -132,7 +115,8 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
             # Decoders raise OSError, SyntaxError, ValueError, DecompressionBombError, struct.error and more;
             # all of them mean "this file is unusable", which the loader reports instead of crashing.
             return BadSample(index=index, path=str(path), error=f"{type(err).__name__}: {err}")
-        return Sample(image=pixels, label=self.labels[index], index=index)
+        captions = self.captions[index] if self.captions is not None else None
+        return Sample(image=pixels, label=self.labels[index], index=index, captions=captions)
 
 
 class ArrayDataset(Dataset[Sample]):
@@ -186,7 +170,8 @@ class ArrayDataset(Dataset[Sample]):
         pixels = convert_channels(self.images[index], self.channels)
         if pixels.shape[0] != self.image_size or pixels.shape[1] != self.image_size:
             pixels = np.asarray(fit_image(Image.fromarray(np.ascontiguousarray(pixels)), self.image_size))
-        return Sample(image=to_tensor(pixels), label=int(self.labels[index]), index=index)
+        captions = self.captions[index] if self.captions is not None else None
+        return Sample(image=to_tensor(pixels), label=int(self.labels[index]), index=index, captions=captions)
 
 
 class MnistDataset(ArrayDataset):
@@ -233,9 +218,12 @@ class DatasetSplit(Subset):
         return list(getattr(self.dataset, "class_names", []))
 
 
-def open_dataset(cfg: DataConfig) -> Dataset:
-    """The full dataset named by `cfg.source`: "mnist", an image folder, or a `.npz`/`.npy` file."""
+def open_dataset(cfg: DataConfig) -> Dataset | ShardDataset:
+    """The full dataset named by `cfg.source`: "mnist", an image folder, a `.npz`/`.npy` file or tar shards."""
     cfg.validate()
+    if cfg.source != "mnist" and is_shard_source(cfg.source):
+        return open_shards(cfg.source, cfg.image_size, cfg.channels, captions=cfg.captions,
+                           max_images=cfg.max_images, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
     if cfg.source == "mnist":
         digits = MnistDataset(cfg.image_size, cfg.channels, max_images=cfg.max_images)
         if cfg.captions == "digits":
@@ -256,7 +244,8 @@ def open_dataset(cfg: DataConfig) -> Dataset:
         images, labels = load_array_file(path)
         return ArrayDataset(images, labels, cfg.image_size, cfg.channels, max_images=cfg.max_images)
     raise FileNotFoundError(
-        f"data source {cfg.source!r} not found; expected 'mnist', an image folder, or a .npz/.npy file"
+        f"data source {cfg.source!r} not found; expected 'mnist', an image folder, a .npz/.npy file or tar shards "
+        "(a pattern such as shards/train-{000000..000127}.tar, a list file or a shard index .json)"
     )
 
 
@@ -264,9 +253,12 @@ def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dat
     """Cut `dataset` into (train, val) with a permutation from a torch.Generator seeded with `seed`, so every
     call on every machine gives the same split. Validation gets round(val_fraction * N) items, at least one
     when val_fraction > 0 and N > 1, and never all of them. Indices within each part are sorted, so evaluation
-    walks files in a stable order and shuffling is left to the sampler."""
+    walks files in a stable order and shuffling is left to the sampler. Tar shards are split by whole shards
+    (`ShardDataset.split`)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(dataset, ShardDataset):
+        return dataset.split(val_fraction, seed)
     total = len(dataset)  # type: ignore[arg-type]
     n_val = round(val_fraction * total)
     if val_fraction > 0 and total > 1:
@@ -280,6 +272,9 @@ def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dat
 def check_readable(dataset: Dataset, source: str, tries: int = 64) -> None:
     """Raises ValueError when none of up to `tries` items spread over `dataset` can be read: a source of broken
     files is named before training starts on empty batches."""
+    if isinstance(dataset, ShardDataset):
+        dataset.check_readable(tries)
+        return
     total = len(dataset)  # type: ignore[arg-type]
     errors = []
     for index in _spread_indices(total, tries):

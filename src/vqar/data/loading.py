@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vqar.data.datasets import BadSample, Sample
+from vqar.data.samples import BadSample, Sample
+from vqar.data.shards import ShardDataset
 
 logger = logging.getLogger("vqar.data")
 
@@ -28,6 +29,7 @@ class Batch:
     labels: torch.Tensor
     indices: torch.Tensor
     bad: list[BadSample] = field(default_factory=list)
+    captions: list[list[str]] | None = None  # per image, from a source with captions
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -47,11 +49,13 @@ def collate_samples(items: Sequence[Sample | BadSample]) -> Batch:
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
         return Batch(images=torch.empty(0), labels=empty, indices=empty.clone(), bad=bad)
+    captioned = good[0].captions is not None
     return Batch(
         images=torch.stack([sample.image for sample in good]),
         labels=torch.tensor([sample.label for sample in good], dtype=torch.int64),
         indices=torch.tensor([sample.index for sample in good], dtype=torch.int64),
         bad=bad,
+        captions=[sample.captions or [] for sample in good] if captioned else None,
     )
 
 
@@ -128,6 +132,31 @@ def make_loader(
         pin_memory=False,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def training_loader(dataset: Dataset | ShardDataset, *, epoch: int, start: int, batches: int, batch_size: int,
+                    seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                    collate_fn=collate_samples) -> DataLoader:  # fmt: skip
+    """One rank's training batches `start` .. `batches` - 1 of `epoch`, a pure function of (seed, epoch): an
+    `EpochSampler` over a map-style dataset, the seeded shard streams of tar shards (`ShardDataset`)."""
+    if isinstance(dataset, ShardDataset):
+        return dataset.training_loader(epoch=epoch, start=start, batches=batches, batch_size=batch_size, seed=seed,
+                                       rank=rank, world_size=world_size, num_workers=num_workers,
+                                       collate=collate_fn)  # fmt: skip
+    sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    sampler.set_epoch(epoch, start=start * batch_size)
+    return make_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                       seed=seed + epoch, collate_fn=collate_fn)  # fmt: skip
+
+
+def evaluation_loader(dataset: Dataset | ShardDataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                      num_workers: int = 0, collate_fn=collate_samples) -> DataLoader:  # fmt: skip
+    """One rank's share of `dataset` in order: every world_size-th item, padded by wrapping to equal counts."""
+    if isinstance(dataset, ShardDataset):
+        return dataset.evaluation_loader(batch_size=batch_size, rank=rank, world_size=world_size,
+                                         num_workers=num_workers, collate=collate_fn)  # fmt: skip
+    sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    return make_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
 
 
 class BadFileReport:

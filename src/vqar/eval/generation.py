@@ -4,30 +4,96 @@ Reference statistics are read and written in the ADM evaluator's layout: an `.np
 optionally `arr_0`, the reference images, which precision/recall needs), so the standard reference batches such as
 `VIRTUAL_imagenet256_labeled.npz` work unchanged. vqar also stores the pool features it computed (`features`), so a
 reference made by `vqar eval stats` needs no second pass for precision/recall.
+
+Image sets are any source of `vqar.eval.sources` (folders, `.npz`, sample runs, tar shards, `mnist`). Under
+torchrun (`par`) every image set is split over the processes by `vqar.eval.shards`: each reads only its block of
+whole batches and runs the Inception on it, rank 0 gets all the rows in image order and computes the metrics; the
+other ranks get None.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance, inception_score, precision_recall
-from vqar.eval.sources import batches, describe_source, load_images
+from vqar.eval.shards import gather_rows, read_share, share
+from vqar.eval.sources import batches, describe_source, open_source
+from vqar.parallel import Parallel
 from vqar.utils.io import atomic_write
 
 
-def inception_outputs(
-    images: np.ndarray, inception: Inception, batch_size: int = 50, probabilities: bool = False, desc: str = ""
-) -> np.ndarray:
+def _own_outputs(images: np.ndarray, inception: Inception, batch_size: int, probabilities: bool, desc: str,
+                 progress: bool) -> np.ndarray:  # fmt: skip
+    """One rank's pass: its images in batches of `batch_size`; an empty 1-D array when it has none."""
     total = (len(images) + batch_size - 1) // batch_size
-    parts = [
-        inception(chunk, probabilities=probabilities)
-        for chunk in tqdm(batches(images, batch_size), total=total, desc=desc or "inception", leave=False)
-    ]
-    return np.concatenate(parts)
+    bar = dict(total=total, desc=desc or "inception", leave=False, disable=not progress)
+    parts = [inception(chunk, probabilities=probabilities) for chunk in tqdm(batches(images, batch_size), **bar)]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def inception_outputs(
+    images: np.ndarray,
+    inception: Inception,
+    batch_size: int = 50,
+    probabilities: bool = False,
+    desc: str = "",
+    par: Parallel | None = None,
+) -> np.ndarray | None:
+    """Pool features (or class probabilities) of `images`, in batches of `batch_size`. Under torchrun each rank
+    runs its share of the batches and rank 0 gets every row in image order; the other ranks get None."""
+    par = par or Parallel()
+    mine = images[share(len(images), batch_size, par)]
+    rows = _own_outputs(mine, inception, batch_size, probabilities, desc, par.is_main)
+    gathered = gather_rows({"rows": torch.from_numpy(rows)}, par)
+    return None if gathered is None else gathered["rows"].numpy()
+
+
+@dataclass
+class SourceOutputs:
+    """What `source_outputs` computed for a whole image set (on rank 0)."""
+
+    count: int  # images read (unreadable files or shard samples are skipped)
+    features: np.ndarray  # (count, 2048) pool features
+    probabilities: np.ndarray | None = None  # (count, classes), when asked
+    images: np.ndarray | None = None  # the images themselves, when asked
+
+
+def source_outputs(
+    source: str | Path,
+    inception: Inception,
+    batch_size: int = 50,
+    *,
+    max_images: int | None = None,
+    at_least: int | None = None,
+    probabilities: bool = False,
+    keep_images: bool = False,
+    desc: str = "",
+    par: Parallel | None = None,
+) -> SourceOutputs | None:
+    """Inception features (and class probabilities) of the images of `source` (`vqar.eval.sources`): its first
+    `max_images`, an error when fewer than `at_least` can be read. Under torchrun each rank reads and runs only its
+    share of the batches, and rank 0 gets every row in image order; the other ranks get None. With `keep_images`
+    rank 0 also gets the images (all of them in memory, as in one process)."""
+    par = par or Parallel()
+    images, count = read_share(open_source(source, max_images), batch_size, par)
+    if at_least is not None and count < at_least:
+        raise ValueError(f"{source} holds {count} images, fewer than the {at_least} asked for")
+    rows = {"features": _own_outputs(images, inception, batch_size, False, desc, par.is_main)}
+    if probabilities:
+        rows["probabilities"] = _own_outputs(images, inception, batch_size, True, desc and f"{desc} (IS)", par.is_main)
+    if keep_images:
+        rows["images"] = images
+    gathered = gather_rows({key: torch.from_numpy(value) for key, value in rows.items()}, par)
+    if gathered is None:
+        return None
+    arrays = {key: value.numpy() for key, value in gathered.items()}
+    return SourceOutputs(count, arrays["features"], arrays.get("probabilities"), arrays.get("images"))
 
 
 def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None = None) -> None:
@@ -48,22 +114,30 @@ def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None
 
 
 def reference_stats(
-    source: str | Path, inception: Inception, batch_size: int = 50, need_features: bool = False
-) -> tuple[GaussianStats, np.ndarray | None]:
+    source: str | Path,
+    inception: Inception,
+    batch_size: int = 50,
+    need_features: bool = False,
+    par: Parallel | None = None,
+) -> tuple[GaussianStats | None, np.ndarray | None]:
     """Statistics of a reference: an `.npz` holding `mu`/`sigma` (ADM or vqar), or any image source. Returns the
-    stats and, when asked and available, the reference features for precision/recall."""
+    stats and, when asked and available, the reference features for precision/recall. Under torchrun rank 0 gets
+    them; the other ranks take their part in any Inception pass and get (None, None)."""
+    par = par or Parallel()
     path = Path(source)
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as data:
             if "mu" in data and "sigma" in data:
-                stats = GaussianStats(mu=data["mu"], sigma=data["sigma"], count=-1)
-                features = data.get("features")
-                if need_features and features is None and "arr_0" in data:
-                    features = inception_outputs(data["arr_0"], inception, batch_size, desc="reference")
-                return stats, features
-    images = load_images(source)
-    features = inception_outputs(images, inception, batch_size, desc="reference")
-    return GaussianStats.of(features), features
+                if need_features and "features" not in data and "arr_0" in data:  # every rank takes part
+                    out = source_outputs(path, inception, batch_size, desc="reference", par=par)
+                    features = None if out is None else out.features
+                else:  # read on rank 0 alone: stored features are as large as the ones computed
+                    features = data["features"] if "features" in data and par.is_main else None
+                if not par.is_main:
+                    return None, None
+                return GaussianStats(mu=data["mu"], sigma=data["sigma"], count=-1), features
+    out = source_outputs(source, inception, batch_size, desc="reference", par=par)
+    return (None, None) if out is None else (GaussianStats.of(out.features), out.features)
 
 
 def evaluate_samples(
@@ -74,26 +148,32 @@ def evaluate_samples(
     num_samples: int | None = None,
     with_is: bool = True,
     with_pr: bool = True,
-) -> dict:
+    par: Parallel | None = None,
+) -> dict | None:
     """FID (with `ref`), IS (when the network has its classifier head) and precision/recall (when reference
-    features are available) of the images in `fake`."""
-    images = load_images(fake, num_samples)
-    if num_samples is not None and len(images) < num_samples:
-        raise ValueError(f"{fake} holds {len(images)} images, fewer than the {num_samples} asked for")
+    features are available) of the images in `fake`. Under torchrun every rank reads and runs its share of each
+    image set and rank 0 returns the result; the other ranks get None."""
+    par = par or Parallel()
+    with_is = with_is and inception.has_classifier
+    # The samples' images are read once for both passes and let go before the reference is read.
+    samples = source_outputs(fake, inception, batch_size, max_images=num_samples, at_least=num_samples,
+                             probabilities=with_is, desc="samples", par=par)  # fmt: skip
+    ref_stats, ref_features = (None, None)
+    if ref is not None:
+        ref_stats, ref_features = reference_stats(ref, inception, batch_size, need_features=with_pr, par=par)
+    if samples is None:
+        return None
     result: dict = {
-        "samples": len(images),
+        "samples": samples.count,
         "source": describe_source(fake),
         "inception": str(inception.path),
         "resize": inception.resize,
     }
-    features = inception_outputs(images, inception, batch_size, desc="samples")
     if ref is not None:
-        ref_stats, ref_features = reference_stats(ref, inception, batch_size, need_features=with_pr)
         result["reference"] = describe_source(ref)
-        result["fid"] = frechet_distance(GaussianStats.of(features), ref_stats)
+        result["fid"] = frechet_distance(GaussianStats.of(samples.features), ref_stats)
         if with_pr and ref_features is not None:
-            result["precision"], result["recall"] = precision_recall(ref_features, features)
-    if with_is and inception.has_classifier:
-        probs = inception_outputs(images, inception, batch_size, probabilities=True, desc="IS")
-        result["inception_score"], result["inception_score_std"] = inception_score(probs)
+            result["precision"], result["recall"] = precision_recall(ref_features, samples.features)
+    if samples.probabilities is not None:
+        result["inception_score"], result["inception_score_std"] = inception_score(samples.probabilities)
     return result

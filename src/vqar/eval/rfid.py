@@ -1,8 +1,10 @@
 """Tokenizer evaluation: rFID, PSNR, SSIM and codebook usage on a validation set.
 
-Images are center-cropped to a square and resized to the evaluation size (the tokenizer's resolution by default),
-encoded, decoded and rounded to uint8 (a PNG round trip); rFID compares the reconstructions with the cropped
-originals in the same Inception, as the RQ-VAE and LlamaGen papers measure it.
+Images are center-cropped to a square and resized to the evaluation size (the tokenizer's resolution by default)
+as they are read, so a set may mix sizes; they are encoded, decoded and rounded to uint8 (a PNG round trip); rFID
+compares the reconstructions with the cropped originals in the same Inception, as the RQ-VAE and LlamaGen papers
+measure it. Each batch is reconstructed and passed through the Inception at once, so under torchrun a rank reads
+and runs only its share of the batches (`vqar.eval.shards`) and nothing but per-image rows is kept.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vqar.eval.generation import inception_outputs
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance
-from vqar.eval.sources import batches, load_images
+from vqar.eval.shards import gather_rows, read_share
+from vqar.eval.sources import batches, open_source
+from vqar.parallel import Parallel
 from vqar.quantize import code_statistics
+
+# What `_reconstruct` returns per image; a rank without images sends empty rows of these dtypes.
+ROW_DTYPES = {"psnr": torch.float32, "ssim": torch.float32, "codes": torch.long, "real": torch.float64,
+              "fake": torch.float64}  # fmt: skip
 
 
 def center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -77,40 +84,59 @@ def evaluate_tokenizer(
     batch_size: int = 32,
     max_images: int | None = None,
     device: str | torch.device = "cpu",
-) -> dict:
+    par: Parallel | None = None,
+) -> dict | None:
+    """rFID (with `inception`), PSNR, SSIM, codebook usage and perplexity per depth of `source` at `image_size`.
+    Under torchrun every rank reconstructs its share of the batches and rank 0 returns the result; the other ranks
+    get None."""
+    par = par or Parallel()
     size = image_size or tokenizer.image_size
-    originals = center_crop_resize(load_images(source, max_images), size)
+    # Cropped as they are read: only the evaluation-size images are held, and sets of mixed sizes (ImageNet's
+    # validation images) need no resizing first.
+    originals, count = read_share(open_source(source, max_images), batch_size, par,
+                                  transform=lambda image: center_crop_resize(image[None], size)[0])  # fmt: skip
     tokenizer = tokenizer.to(device).eval()
-    recons, psnrs, ssims, codes = [], [], [], []
-    total = (len(originals) + batch_size - 1) // batch_size
-    for chunk in tqdm(batches(originals, batch_size), total=total, desc="reconstructing", leave=False):
-        x = _to_model(chunk, tokenizer.in_channels).to(device)
-        batch_codes = tokenizer.encode(x)
-        recon = tokenizer.decode(batch_codes).float().cpu()
-        recon_u8 = _to_uint8(recon)
-        recons.append(recon_u8)
-        codes.append(batch_codes.cpu())
-        a = torch.from_numpy(_to_uint8(x.cpu())).permute(0, 3, 1, 2).float() / 255
-        b = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 255
-        psnrs.append(10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)))
-        ssims.append(ssim(a, b))
-    codes_all = torch.cat(codes)
-    codes_all = codes_all if codes_all.dim() == 4 else codes_all[..., None]
-    usage, perplexity = zip(
-        *(code_statistics(codes_all[..., d], tokenizer.codebook_size) for d in range(codes_all.shape[-1])), strict=True
-    )
-    result = {
-        "images": len(originals),
-        "image_size": size,
-        "psnr_db": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
-        "codebook_usage_percent": [float(u) for u in usage],
-        "perplexity": [float(p) for p in perplexity],
-    }
+    rows = gather_rows(_reconstruct(tokenizer, originals, inception, batch_size, device, par.is_main), par)
+    if rows is None:
+        return None
+    result = {"images": count, "image_size": size, **_reconstruction_metrics(rows, tokenizer.codebook_size)}
     if inception is not None:
-        reconstructions = np.concatenate(recons)
-        real = GaussianStats.of(inception_outputs(originals, inception, desc="originals"))
-        fake = GaussianStats.of(inception_outputs(reconstructions, inception, desc="reconstructions"))
+        real, fake = GaussianStats.of(rows["real"].numpy()), GaussianStats.of(rows["fake"].numpy())
         result["rfid"] = frechet_distance(fake, real)
         result["inception"] = str(inception.path)
     return result
+
+
+def _reconstruct(tokenizer, originals: np.ndarray, inception: Inception | None, batch_size: int, device,
+                 progress: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per image, in batches: PSNR, SSIM, the codes, and the Inception features of the original and of its
+    reconstruction rounded to uint8 ("real", "fake"). No images: empty 1-D rows (see `gather_rows`)."""
+    rows: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "codes": [], "real": [], "fake": []}
+    total = (len(originals) + batch_size - 1) // batch_size
+    for chunk in tqdm(batches(originals, batch_size), total=total, desc="reconstructing", leave=False,
+                      disable=not progress):  # fmt: skip
+        x = _to_model(chunk, tokenizer.in_channels).to(device)
+        codes = tokenizer.encode(x)
+        recon_u8 = _to_uint8(tokenizer.decode(codes).float().cpu())
+        a = torch.from_numpy(_to_uint8(x.cpu())).permute(0, 3, 1, 2).float() / 255
+        b = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 255
+        rows["psnr"].append(10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)))
+        rows["ssim"].append(ssim(a, b))
+        rows["codes"].append(codes.cpu())
+        if inception is not None:
+            rows["real"].append(torch.from_numpy(inception(chunk)))
+            rows["fake"].append(torch.from_numpy(inception(recon_u8)))
+    return {k: torch.cat(v) if v else torch.empty(0, dtype=ROW_DTYPES[k]) for k, v in rows.items()}
+
+
+def _reconstruction_metrics(rows: dict[str, torch.Tensor], codebook_size: int) -> dict:
+    codes = rows["codes"] if rows["codes"].dim() == 4 else rows["codes"][..., None]
+    usage, perplexity = zip(
+        *(code_statistics(codes[..., d], codebook_size) for d in range(codes.shape[-1])), strict=True
+    )
+    return {
+        "psnr_db": float(rows["psnr"].mean()),
+        "ssim": float(rows["ssim"].mean()),
+        "codebook_usage_percent": [float(u) for u in usage],
+        "perplexity": [float(p) for p in perplexity],
+    }

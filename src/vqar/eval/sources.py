@@ -1,37 +1,263 @@
 """Image sets for evaluation, as uint8 (N, H, W, C) arrays: a folder of image files, an ADM-layout `.npz`
-(`arr_0`, uint8 NHWC), a vqar sample run (its `samples.npz`), or `mnist` (the bundled real digits)."""
+(`arr_0`, uint8 NHWC), a vqar sample run (its `samples.npz`), WebDataset tar shards (a brace pattern such as
+`shards/shard-{000000..000049}.tar`, a `.txt` list of shards, or the `shards.json` index `vqar pack-shards` writes)
+or `mnist` (the bundled real digits).
+
+A source is a fixed sequence of entries (files sorted by path, array rows, shard samples in shard order), and any
+range of them can be read on its own, so that under torchrun each rank holds only its share (`vqar.eval.shards`).
+What reading entries [a, b) costs:
+
+- a folder: the sorted names of all its files, the headers of the first 16 (they choose grey or RGB for the whole
+  set, as in one process) and the decoding of files a to b - 1;
+- an `.npz`: numpy cannot memory-map an array inside an npz, so `arr_0`'s rows are read from the archive member
+  as a byte stream into an array of b - a rows. np.savez stores members uncompressed and the read starts at row a;
+  a compressed member (np.savez_compressed) is inflated from its start and the rows before a are dropped in small
+  chunks. Either way a rank never holds more than its rows;
+- tar shards: the sample counts come from the index (or a scan of the tar headers); only the shards holding
+  entries a to b - 1 are opened, and in the first of them the samples before a are passed over undecoded;
+- mnist: the bundled 5,000 digits (5 MB) are loaded, then sliced.
+
+Unreadable files and shard samples are skipped with a warning and counted; the reported image count is the number
+of images read. All images of a set must have one size (rFID's center crop, a `transform`, makes them one size).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from collections.abc import Iterator
+import math
+import struct
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from vqar.data.samples import BadSample
+from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_samples
 
 log = logging.getLogger("vqar.eval")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# How many entries from the start of a set decide whether it is read as grey ("L") or RGB.
+MODE_PEEK = 16
+# Bytes per read when streaming rows out of an npz member: the transient buffer beside the rows themselves.
+NPZ_CHUNK = 1 << 20
+
+Transform = Callable[[np.ndarray], np.ndarray]  # one uint8 (H, W, C) image -> another
 
 
 def describe_source(source: str | Path) -> str:
     return "the bundled MNIST digits" if str(source) == "mnist" else str(source)
 
 
-def _npz_images(path: Path) -> np.ndarray:
-    try:
-        with np.load(path) as data:
-            if "arr_0" not in data:
-                raise ValueError(f"{path} has no arr_0 image array (keys: {sorted(data.files)})")
-            images = data["arr_0"]
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read images from {path}: {err}") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
-    return images
+@dataclass(frozen=True)
+class PartSummary:
+    """What reading one range found: entries tried, images read, their sizes, or why the read failed. Under torchrun
+    every rank sends its summary, so all ranks check the whole set alike (`ImageSource.check`)."""
+
+    entries: int = 0
+    read: int = 0
+    shapes: frozenset = frozenset()
+    problem: str | None = None
 
 
+@dataclass
+class ImagePart:
+    images: np.ndarray  # (read, H, W, C); a flat empty array when nothing was read
+    summary: PartSummary
+
+
+class ImageSource:
+    """A sequence of image entries; `read` decodes a range of them, `check` judges the summaries of all ranges."""
+
+    unit = "images"  # what an entry is called in messages
+
+    def __init__(self, where: str | Path):
+        self.where = where
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        raise NotImplementedError
+
+    def check(self, summaries: Sequence[PartSummary], report: bool = True) -> int:
+        """Raises what one process would raise for the whole set (unreadable, no image read, several sizes); warns
+        about skipped entries when `report`. Returns the number of images read."""
+        problems = [s.problem for s in summaries if s.problem]
+        if problems:
+            raise ValueError(problems[0])
+        entries, read = sum(s.entries for s in summaries), sum(s.read for s in summaries)
+        if read < entries and report:
+            log.warning("%d of %d %s in %s could not be read and were skipped", entries - read, entries, self.unit,
+                        self.where)  # fmt: skip
+        if read == 0:
+            raise ValueError(f"none of the {entries} {self.unit} in {self.where} could be read")
+        shapes = set().union(*(s.shapes for s in summaries))
+        if len(shapes) > 1:
+            raise ValueError(f"images in {self.where} have different sizes {sorted(shapes)[:3]}; resize them to one "
+                             "size first")  # fmt: skip
+        return read
+
+
+class _Stack:
+    """Decoded images written into one array as they come (a list stacked at the end would hold every image twice).
+    An image of another size than the first is only counted: `check` rejects such a set anyway."""
+
+    def __init__(self, capacity: int, transform: Transform | None):
+        self.capacity, self.transform = capacity, transform
+        self.array: np.ndarray | None = None
+        self.filled = self.read = 0
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def add(self, image: np.ndarray | None) -> None:
+        if image is None:  # unreadable: counted as skipped by `part`
+            return
+        image = image[..., None] if image.ndim == 2 else image
+        if self.transform is not None:
+            image = self.transform(image)
+        self.read += 1
+        self.shapes.add(image.shape)
+        if self.array is None:
+            self.array = np.empty((self.capacity, *image.shape), dtype=np.uint8)
+        if image.shape == self.array.shape[1:]:
+            self.array[self.filled] = image
+            self.filled += 1
+
+    def part(self, entries: int) -> ImagePart:
+        images = np.empty(0, dtype=np.uint8) if self.array is None else self.array[: self.filled]
+        return ImagePart(images, PartSummary(entries, self.read, frozenset(self.shapes)))
+
+
+def _array_part(rows: np.ndarray, transform: Transform | None) -> ImagePart:
+    if transform is not None:
+        stack = _Stack(len(rows), transform)
+        for row in rows:
+            stack.add(row)
+        return stack.part(len(rows))
+    shapes = frozenset({rows.shape[1:]}) if len(rows) else frozenset()
+    return ImagePart(rows, PartSummary(len(rows), len(rows), shapes))
+
+
+def _bar(total: int, progress: bool):
+    return tqdm(total=total, desc="reading images", unit="img", leave=False, disable=not progress)
+
+
+# ---------------------------------------------------------------- the bundled digits
+class MnistSource(ImageSource):
+    def __init__(self, max_images: int | None):
+        from vqar.data.mnist import load_mnist_digits
+
+        super().__init__(describe_source("mnist"))
+        self.digits = load_mnist_digits()[0][:max_images]
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        return _array_part(self.digits[part, :, :, None].copy(), transform)
+
+
+# ---------------------------------------------------------------- .npz: arr_0, row ranges streamed
+class NpzSource(ImageSource):
+    """`arr_0` of an `.npz`, read by rows straight from the archive member (see the module docstring)."""
+
+    def __init__(self, path: Path, max_images: int | None):
+        super().__init__(path)
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if "arr_0.npy" not in names:
+                    found = sorted(n.removesuffix(".npy") for n in names)
+                    raise ValueError(f"{path} has no arr_0 image array (keys: {found})")
+                self.info = archive.getinfo("arr_0.npy")
+                with archive.open(self.info) as member:
+                    self.shape, fortran, self.dtype = _npy_header(member)
+                    self.header_size = member.tell()
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"cannot read images from {path}: {err}") from None
+        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
+            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {self.dtype} {self.shape}")
+        self.fortran = fortran
+        self.count = min(self.shape[0], max_images) if max_images is not None else self.shape[0]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        start, stop, _ = part.indices(self.count)
+        stop = max(start, stop)
+        try:
+            rows = self._fortran_rows(start, stop) if self.fortran else self._rows(start, stop)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise ValueError(f"cannot read images from {self.path}: {err}") from None
+        return _array_part(rows, transform)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        row_bytes = math.prod(self.shape[1:])
+        rows = np.empty((stop - start, *self.shape[1:]), dtype=np.uint8)
+        with contextlib.ExitStack() as stack:
+            if self.info.compress_type == zipfile.ZIP_STORED:  # the member's bytes lie in the file as they are
+                stream = stack.enter_context(open(self.path, "rb"))
+                stream.seek(_member_data_offset(stream, self.info) + self.header_size + start * row_bytes)
+            else:  # inflated from the start; what lies before row `start` is read and dropped
+                archive = stack.enter_context(zipfile.ZipFile(self.path))
+                stream = stack.enter_context(archive.open(self.info))
+                _skip(stream, self.header_size + start * row_bytes)
+            _read_into(stream, memoryview(rows.reshape(-1)))
+        return rows
+
+    def _fortran_rows(self, start: int, stop: int) -> np.ndarray:
+        # Column-major rows are not contiguous in the file: numpy reads the whole array (rare: np.savez writes C
+        # order unless handed a Fortran-ordered array).
+        with np.load(self.path) as data:
+            return np.ascontiguousarray(data["arr_0"][start:stop])
+
+
+def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"arr_0 is in .npy format version {version}, which this reader does not know")
+    return readers[version](stream)
+
+
+def _member_data_offset(stream, info: zipfile.ZipInfo) -> int:
+    """Where an uncompressed member's bytes start: after its local header, whose name and extra field lengths may
+    differ from the central directory's."""
+    stream.seek(info.header_offset)
+    header = stream.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise ValueError(f"bad zip local header for {info.filename}")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _skip(stream, size: int) -> None:
+    # Not `seek`: ZipExtFile seeks forward by reading pieces of up to 16 MB at once.
+    while size > 0:
+        got = len(stream.read(min(size, NPZ_CHUNK)))
+        if not got:
+            raise EOFError("arr_0 ends early")
+        size -= got
+
+
+def _read_into(stream, target: memoryview) -> None:
+    done = 0
+    while done < len(target):
+        got = stream.readinto(target[done : done + NPZ_CHUNK])
+        if not got:
+            raise EOFError(f"arr_0 ends {len(target) - done} bytes early")
+        done += got
+
+
+# ---------------------------------------------------------------- a folder of image files
 def _folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -46,34 +272,132 @@ def _read_image(path: Path, mode: str) -> np.ndarray | None:
         return None
 
 
-def load_images(source: str | Path, max_images: int | None = None) -> np.ndarray:
-    """All images of `source` (see the module docstring), at most `max_images`, as uint8 (N, H, W, C)."""
-    if str(source) == "mnist":
-        from vqar.data.mnist import load_mnist_digits
+def _common_mode(openers: Iterable[Callable[[], Image.Image]]) -> str:
+    """Grey ("L") when the first readable images all are, else "RGB". Only headers are read; unreadable ones are
+    left to the decoding, which skips and counts them."""
+    modes = []
+    for opener in openers:
+        with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), opener() as image:
+            modes.append(image.mode)
+    return "L" if modes and all(mode in ("L", "1") for mode in modes) else "RGB"
 
-        return load_mnist_digits()[0][:max_images, :, :, None].copy()
+
+class FolderSource(ImageSource):
+    unit = "image files"
+
+    def __init__(self, folder: Path, max_images: int | None):
+        super().__init__(folder)
+        self.files = _folder_files(folder)[:max_images]
+        if not self.files:
+            hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
+            raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
+        self.mode = _common_mode(lambda f=f: Image.open(f) for f in self.files[:MODE_PEEK])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        files = self.files[part]
+        stack = _Stack(len(files), transform)
+        for path in tqdm(files, desc="reading images", unit="img", leave=False, disable=not progress):
+            stack.add(_read_image(path, self.mode))
+        return stack.part(len(files))
+
+
+# ---------------------------------------------------------------- WebDataset tar shards
+def _sample_image(raw: dict) -> Image.Image:
+    key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if key is None:
+        found = sorted(k for k in raw if not k.startswith("_"))
+        raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
+    return Image.open(io.BytesIO(raw[key]))
+
+
+class ShardSource(ImageSource):
+    """The samples of tar shards in shard order, each image at its own size (not resized as training does)."""
+
+    unit = "samples"
+
+    def __init__(self, source: str, max_images: int | None):
+        super().__init__(source)
+        # image_size and channels only matter to the dataset's own (training) decoding, which is not used here.
+        self.data = open_shards(source, image_size=0, channels=3, max_images=max_images)
+        self.offsets = np.cumsum([0, *(shard.used for shard in self.data.shards)]).tolist()
+        self.mode = _common_mode(lambda raw=raw: _sample_image(raw) for raw in self._first_samples(MODE_PEEK))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _first_samples(self, count: int) -> Iterator[dict]:
+        for shard in self.data.shards:
+            with contextlib.closing(shard_samples(shard)) as samples:
+                for _, raw in samples:
+                    if count <= 0:
+                        return
+                    count -= 1
+                    if not isinstance(raw, BadSample):
+                        yield raw
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        start, stop, _ = part.indices(len(self))
+        stack = _Stack(max(0, stop - start), transform)
+        last_problem = None
+        with _bar(max(0, stop - start), progress) as bar:
+            for shard, first in zip(self.data.shards, self.offsets, strict=False):
+                if first >= stop or first + shard.used <= start:
+                    continue  # no entry of this range: never opened
+                with contextlib.closing(shard_samples(shard)) as samples:
+                    for index, raw in samples:
+                        position = first + index - shard.start
+                        if position < start:
+                            continue  # before the range: read through, not decoded
+                        if position >= stop:
+                            break
+                        image, last_problem = self._decode(raw, last_problem)
+                        stack.add(image)
+                        bar.update()
+        return stack.part(max(0, stop - start))
+
+    def _decode(self, raw: dict | BadSample, last_problem: str | None) -> tuple[np.ndarray | None, str | None]:
+        if isinstance(raw, BadSample):
+            # A damaged shard yields one BadSample per sample it cannot deliver, all alike: one warning for them.
+            problem = f"{raw.path}: {raw.error}"
+            if problem != last_problem:
+                log.warning("skipping unreadable sample %s", problem)
+            return None, problem
+        try:
+            with _sample_image(raw) as image:
+                image.load()
+                return np.asarray(image.convert(self.mode)), None
+        except Exception as err:  # any decoder error means "this sample is unusable", as for a folder's files
+            log.warning("skipping unreadable sample %s:%s: %s: %s", raw.get("__url__", "?"), raw.get("__key__", "?"),
+                        type(err).__name__, err)  # fmt: skip
+            return None, None
+
+
+# ---------------------------------------------------------------- opening a source
+def open_source(source: str | Path, max_images: int | None = None) -> ImageSource:
+    """The source named `source` (see the module docstring), limited to its first `max_images` entries."""
+    if str(source) == "mnist":
+        return MnistSource(max_images)
     path = Path(source)
     if path.is_dir() and (path / "samples.npz").is_file():
         path = path / "samples.npz"
     if path.is_file() and path.suffix == ".npz":
-        return _npz_images(path)[:max_images]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no image folder, .npz file or sample run at {path}")
-    files = _folder_files(path)[:max_images]
-    if not files:
-        raise ValueError(f"{path} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    mode = "L" if all(Image.open(f).mode in ("L", "1") for f in files[:16]) else "RGB"
-    images = [img for img in (_read_image(f, mode) for f in files) if img is not None]
-    skipped = len(files) - len(images)
-    if skipped:
-        log.warning("%d of %d files in %s could not be read and were skipped", skipped, len(files), path)
-    if not images:
-        raise ValueError(f"none of the {len(files)} image files in {path} could be read")
-    shapes = {img.shape for img in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {path} have different sizes {sorted(shapes)[:3]}; resize them to one size first")
-    stacked = np.stack(images)
-    return stacked[..., None] if stacked.ndim == 3 else stacked
+        return NpzSource(path, max_images)
+    if path.is_dir():
+        return FolderSource(path, max_images)
+    if is_shard_source(str(source)):
+        return ShardSource(str(source), max_images)
+    raise FileNotFoundError(f"no image folder, .npz file, sample run or tar shards at {path}")
+
+
+def load_images(source: str | Path, max_images: int | None = None) -> np.ndarray:
+    """All images of `source` (see the module docstring), at most `max_images`, as uint8 (N, H, W, C)."""
+    images = open_source(source, max_images)
+    part = images.read(slice(0, len(images)))
+    images.check([part.summary])
+    return part.images
 
 
 def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

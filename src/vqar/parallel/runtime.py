@@ -237,6 +237,24 @@ def setup(cfg: DistConfig | None = None, device: torch.device | None = None) -> 
     return par
 
 
-def teardown(par: Parallel) -> None:
+def teardown(par: Parallel, *, wait: bool = True) -> None:
+    """Leaves the process group. With `wait`, every rank first meets at a barrier: a rank that destroys the group
+    while another is still finishing its last collective can abort the whole launch (gloo, seen at exit)."""
     if par.owns_group and dist.is_initialized():
+        if wait:
+            with contextlib.suppress(RuntimeError):  # a peer that is already gone: leave anyway
+                dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(cfg: DistConfig | None = None, device: torch.device | None = None) -> Iterator[Parallel]:
+    """`setup`, then `teardown` at the end: after a barrier when the body finished, at once when it raised (the
+    other ranks may never reach a barrier then)."""
+    par = setup(cfg, device)
+    try:
+        yield par
+    except BaseException:
+        teardown(par, wait=False)
+        raise
+    teardown(par)

@@ -225,6 +225,7 @@ class ARTask(TrainTask):
     collate = staticmethod(collate_codes)
     best_metric = ("nll", "min")
     progress_metrics = ("loss", "accuracy")
+    pictures = ("samples_grid.png",)
 
     def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None,
                  text_tokenizer: TextTokenizer | None = None):  # fmt: skip

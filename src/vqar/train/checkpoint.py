@@ -223,7 +223,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to replace "
                 "it, or choose another --out"
             )
-        for name in ("checkpoints", "metrics.jsonl", "run.yaml"):
+        for name in ("checkpoints", "metrics.jsonl", "run.yaml", "tensorboard", "wandb"):  # the trackers' logs too
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)

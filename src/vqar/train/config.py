@@ -6,11 +6,16 @@ from dataclasses import dataclass, field
 
 from vqar.utils.device import PRECISIONS
 
+# Where the metric log goes besides metrics.jsonl, which is always written (see `train.tracking`).
+LOGGERS = ("none", "tensorboard", "wandb")
+
 
 @dataclass
 class TrainConfig:
     """AdamW with linear warmup then cosine decay to `lr * min_lr_ratio`, counted in optimizer steps.
-    `ema_decay` keeps an exponential moving average of the weights (stage 2), exported in place of the raw ones."""
+    `ema_decay` keeps an exponential moving average of the weights (stage 2), exported in place of the raw ones.
+    `logger` also sends the metric log and the pictures to TensorBoard or W&B (project `wandb_project`); both are
+    optional packages (the `tracking` extra)."""
 
     steps: int = 2000
     lr: float = 1e-3
@@ -28,6 +33,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     ema_decay: float | None = None
+    logger: str = "none"
+    wandb_project: str = "vqar"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -47,3 +54,7 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"train.logger must be one of {', '.join(LOGGERS)}, got {self.logger!r}")
+        if not self.wandb_project.strip():
+            raise ValueError("train.wandb_project must not be empty")

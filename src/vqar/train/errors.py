@@ -9,3 +9,8 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; a checkpoint of the current step was written first."""
+
+
+class TrackerUnavailable(RuntimeError):
+    """The experiment tracker `train.logger` names cannot be used: its package is missing or it cannot start a
+    run. Raised before the first training step."""

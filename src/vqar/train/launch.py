@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from vqar.parallel import DistConfig, Parallel, setup, teardown
+from vqar.parallel import DistConfig, Parallel, joined
 from vqar.train.checkpoint import prepare_run_dir
 from vqar.utils.device import resolve_device
 
@@ -18,8 +18,7 @@ def distributed_run(
     """Joins the process group (when launched by torchrun), lets rank 0 prepare the run directory, and leaves
     the group at the end. A problem on rank 0 (an existing run, say) is raised on every rank."""
     run_dir = Path(run_dir)
-    par = setup(cfg, resolve_device(device))
-    try:
+    with joined(cfg, resolve_device(device)) as par:
         problem: Exception | None = None
         if par.is_main:
             try:
@@ -31,5 +30,3 @@ def distributed_run(
                 raise problem
             raise RuntimeError(f"rank 0 could not prepare the run directory {run_dir}; see its error")
         yield par, run_dir
-    finally:
-        teardown(par)

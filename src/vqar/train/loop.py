@@ -7,7 +7,7 @@ the data is recovered from the step count alone.
 
 Under torchrun the same loop runs on every rank with a `Parallel` (see `vqar.parallel`): `data.batch_size` is the
 global batch, each rank loads its share of it, metrics are averaged over ranks, and rank 0 alone writes the metric
-log, checkpoints, pictures and exports.
+log, checkpoints, pictures and exports, and holds the experiment tracker (`train.logger`, see `train.tracking`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vqar.bundle import trained_steps
-from vqar.data import BadFileReport, EpochSampler, collate_samples, make_loader
+from vqar.data import BadFileReport, collate_samples, evaluation_loader, training_loader
 from vqar.parallel import Parallel
 from vqar.train.checkpoint import (
     latest_checkpoint,
@@ -44,7 +44,8 @@ from vqar.train.checkpoint import (
     save_checkpoint,
 )
 from vqar.train.config import TrainConfig
-from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
+from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
+from vqar.train.tracking import Tracker, append_metrics, forget_metrics_after, open_tracker, require_tracker
 from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
@@ -58,6 +59,8 @@ class TrainTask(ABC):
     best_metric: tuple[str, str] | None = None
     # The training metrics the progress bar shows, of those a step returns (the metric log keeps them all).
     progress_metrics: tuple[str, ...] = ("loss",)
+    # The picture files `write_artifacts` writes into the run directory; the tracker logs them after each evaluation.
+    pictures: tuple[str, ...] = ()
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -205,6 +208,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.stop_signal: int | None = None
+        self.tracker = Tracker()  # rank 0's `train.logger` while `fit` runs (opened once the start step is known)
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
@@ -278,20 +282,9 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 1000 * state["step"] + par.rank)
         self.step = state["step"]
         if par.is_main:
-            self._forget_metrics_after(self.step)
+            forget_metrics_after(self.run_dir, self.step)
         log.info("resumed from %s (step %d)", ckpt.path, self.step)
         return True
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """Drops the metric rows a run logged after the checkpoint it resumes from: they are logged again, and
-        metrics.jsonl then holds one row per (step, split)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, float]:
@@ -301,17 +294,22 @@ class Trainer:
         if self.par.is_main:
             try:
                 check_writable(self.run_dir, self.checkpoint_bytes())
-            except OSError as err:
-                problem = str(err)
+                require_tracker(self.cfg.logger)
+            except (OSError, TrackerUnavailable) as err:
+                problem = err
         if self.par.any(problem is not None):
-            raise OSError(problem or "rank 0 cannot write to the run directory")
+            raise problem or OSError("rank 0 cannot write to the run directory or lacks the train.logger package")
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
+        failed = True
         try:
-            return self._fit(resume)
+            result = self._fit(resume)
+            failed = False
+            return result
         finally:
+            self.tracker.close(failed)  # also on errors and signals: the tracker's files end cleanly
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -332,16 +330,16 @@ class Trainer:
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
         if par.is_main:
             atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
+        self.tracker = open_tracker(cfg, self.run_dir, self.step, self.run_yaml, par)  # at the resumed step
         if self.step >= cfg.steps:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self.evaluate()
-        sampler = EpochSampler(len(self.train_set), seed=cfg.seed, rank=par.rank, world_size=par.world_size)
         window = _LogWindow()
         last_eval: dict[str, float] = {}
         bar = self._progress_bar()
         try:
             while self.step < cfg.steps:
-                for batch in self._epoch_batches(sampler):
+                for batch in self._epoch_batches():
                     metrics = self._train_step(batch)
                     self.step += 1
                     bar.update(1)
@@ -380,17 +378,19 @@ class Trainer:
             disable=(None if interactive else False) if self.par.is_main else True,
         )
 
-    def _epoch_batches(self, sampler: EpochSampler) -> Iterator:
+    def _epoch_batches(self) -> Iterator:
         """The current epoch's batches from the position the step count has reached (hence an exact resume)."""
         epoch, position = divmod(self.step, self.batches_per_epoch)
-        sampler.set_epoch(epoch, start=position * self.local_batch)
-        loader = make_loader(
+        loader = training_loader(
             self.train_set,
-            self.local_batch,
-            sampler=sampler,
+            epoch=epoch,
+            start=position,
+            batches=self.batches_per_epoch,
+            batch_size=self.local_batch,
+            seed=self.cfg.seed,
+            rank=self.par.rank,
+            world_size=self.par.world_size,
             num_workers=self.data.num_workers,
-            drop_last=True,
-            seed=self.cfg.seed + epoch,
             collate_fn=self.task.collate,
         )
         for batch in loader:
@@ -451,10 +451,11 @@ class Trainer:
         par = self.par
         # Every rank scores its share (padded to equal length, so under FSDP all ranks run the same forwards);
         # the tasks sum their statistics over ranks.
-        loader = make_loader(
+        loader = evaluation_loader(
             self.val_set,
-            self.local_eval_batch,
-            sampler=EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=par.rank, world_size=par.world_size),
+            batch_size=self.local_eval_batch,
+            rank=par.rank,
+            world_size=par.world_size,
             num_workers=self.data.num_workers,
             collate_fn=self.task.collate,
         )
@@ -472,6 +473,8 @@ class Trainer:
             log.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if par.is_main or par.sharded:  # sharded weights: every rank takes part in sampling the pictures
             self.task.write_artifacts(self.run_dir, self.step)
+        if par.is_main:
+            self.tracker.log_pictures(self.run_dir, self.task.pictures, self.step)
         return metrics
 
     def _track_best(self, metrics: dict[str, float]) -> None:
@@ -487,11 +490,10 @@ class Trainer:
             atomic_write_text(path, json.dumps({"step": self.step, "metric": name, "value": value}))
 
     def _log(self, split: str, metrics: dict[str, float]) -> None:
-        if not self.par.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")
+        """One row of the metric log (rank 0): metrics.jsonl and the tracker."""
+        if self.par.is_main:
+            append_metrics(self.run_dir, self.step, split, metrics)
+            self.tracker.log_metrics(split, metrics, self.step)
 
 
 def _short(metrics: dict[str, float], names: Iterable[str]) -> dict[str, str]:

@@ -76,6 +76,7 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
 class TokenizerTask(TrainTask):
     best_metric = ("psnr", "max")
     progress_metrics = ("loss", "psnr", "usage", "d_loss")
+    pictures = ("recon_grid.png",)
 
     def __init__(self, cfg: TokenizerRunConfig, device: torch.device, par: Parallel | None = None):
         self.cfg, self.device, self.par = cfg, device, par or Parallel()

@@ -1,0 +1,498 @@
+"""WebDataset tar shards as a data source: image sets of ImageNet size and beyond, streamed from disk or a store.
+
+A shard is a tar file of samples; the members of one sample share a key (`n01440764_10026.jpg`, `...cls`,
+`...txt`). The image is the `jpg`, `jpeg`, `png` or `webp` member, the class id the `cls` member, the captions the
+`txt` member (one per line) or the `json` member's "caption" / "captions" / "text". `data.source` names the shards as
+
+- a brace pattern: `shards/train-{000000..001023}.tar` (several joined by `::`),
+- a list file (`.txt`): one shard path or URL per line, relative paths taken from the list's folder,
+- a shard index (`.json`, written by `vqar pack-shards`): {"shardlist": [{"url", "nsamples"}], "class_names"}.
+
+URLs are opened by webdataset's `gopen`: local paths, `pipe:` commands (`pipe:aws s3 cp s3://b/x.tar -`), http(s).
+
+Sample counts come from the index; without one, local shards are scanned once (tar headers, plus the small `cls`
+members for the class count) and remote ones are read through. Every sample has a fixed global index (the shard's
+first index + its position in the shard), which is what code stores and reports use.
+
+Reading orders (each runs inside the data-loader workers):
+- training: per epoch a seeded permutation of the shards; rank r's loader worker (lane) l reads every (W * L)-th
+  shard through a seeded shuffle buffer and yields a fixed number of batches, so ranks stay in lock-step and a
+  resumed epoch skips (without decoding) exactly the samples its batches had used;
+- evaluation: the samples in source order, rank r taking every W-th one, padded like `EpochSampler`;
+- whole shards (code extraction, FID statistics): the shards named, split over the workers.
+
+The validation split holds out whole shards, so evaluating never streams the training data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vqar.data.samples import BadSample, Sample
+from vqar.data.transforms import convert_channels, fit_image, to_tensor
+
+log = logging.getLogger("vqar.data")
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEY = "cls"
+CAPTION_KEYS = ("txt", "json")
+LIST_SUFFIXES = (".txt", ".shards")
+_READ_KEYS = {*IMAGE_KEYS, LABEL_KEY, *CAPTION_KEYS}
+# The members webdataset's tar reader leaves out (`__key__`-style metadata), matched the same way by the scan.
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def is_shard_source(source: str) -> bool:
+    """Whether `data.source` names tar shards (a pattern, URL, shard list or shard index) rather than images."""
+    if is_remote(source) or re.search(r"\.(tar|tgz|tar\.gz)(\}|$|::)", source):
+        return True
+    path = Path(source).expanduser()
+    return path.is_file() and path.suffix in (*LIST_SUFFIXES, ".json")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file: where it is, its sample count, the global index of its first sample, and how many of its
+    samples (from the first) the dataset uses."""
+
+    url: str
+    count: int
+    start: int
+    used: int
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ShardListing:
+    urls: list[str]
+    counts: list[int] | None
+    class_names: list[str] | None
+    captioned: bool | None
+
+
+def _resolve(url: str, base: Path) -> str:
+    if is_remote(url) or os.path.isabs(url):
+        return url
+    return str(base / url)
+
+
+def list_shards(source: str) -> ShardListing:
+    """The shard URLs of `source`, with counts, class names and whether captions are present when an index says."""
+    from webdataset.shardlists import expand_urls
+
+    path = Path(source).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        index = json.loads(path.read_text())
+        entries = index.get("shardlist") if isinstance(index, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{source} is not a shard index: it has no 'shardlist' of {{url, nsamples}} entries")
+        try:
+            urls = [_resolve(str(e["url"]), path.parent) for e in entries]
+            counts = [int(e["nsamples"]) for e in entries]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source}: every shardlist entry needs 'url' and 'nsamples' ({err})") from None
+        return ShardListing(urls, counts, index.get("class_names"), index.get("captions"))
+    if path.suffix in LIST_SUFFIXES and path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        urls = [_resolve(line, path.parent) for line in lines if line and not line.startswith("#")]
+        if not urls:
+            raise ValueError(f"the shard list {source} names no shards")
+        return ShardListing(urls, None, None, None)
+    return ShardListing(expand_urls(str(source)), None, None, None)
+
+
+def _check_local_files(urls: Sequence[str], source: str) -> None:
+    missing = [url for url in urls if not is_remote(url) and not Path(url).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(urls)} shards of {source} do not exist "
+                                f"(first: {missing[0]})")  # fmt: skip
+
+
+def _key_and_suffix(name: str) -> tuple[str | None, str]:
+    # webdataset's rule (base_plus_ext): the key is the name up to the first dot of its last component.
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2).lower()) if match else (None, "")
+
+
+@dataclass
+class ShardScan:
+    count: int = 0
+    labels: tuple[int, ...] = ()
+    captioned: bool = False
+    error: str | None = None
+
+
+def scan_shard(url: str) -> ShardScan:
+    """Counts the samples of one shard as the reader will see them. A local tar is read by its headers only (plus
+    the `cls` members); a remote one is read through. A damaged tar counts the samples before the damage."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import tar_file_iterator
+
+    scan, labels = ShardScan(), set()
+    try:
+        with contextlib.ExitStack() as stack:
+            if is_remote(url):
+                stream = stack.enter_context(contextlib.closing(gopen(url)))
+                members = ((m["fname"], lambda m=m: m["data"]) for m in tar_file_iterator(stream))
+            else:  # seekable: the iteration jumps from header to header
+                tar = stack.enter_context(tarfile.open(url, "r:*"))
+                members = ((info.name, lambda info=info: tar.extractfile(info).read())
+                           for info in tar if info.isreg() and not _is_top_level_meta(info.name))  # fmt: skip
+            _count_samples(members, scan, labels)
+    except Exception as err:  # a truncated or corrupt tar: the reader stops at the same place
+        scan.error = f"{type(err).__name__}: {err}"
+    scan.labels = tuple(sorted(labels))
+    return scan
+
+
+def _is_top_level_meta(name: str) -> bool:
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
+def _count_samples(members: Iterable[tuple[str, Callable[[], bytes]]], scan: ShardScan, labels: set[int]) -> None:
+    last = None
+    for name, read in members:
+        key, suffix = _key_and_suffix(name)
+        if key is None or _META.match(name):
+            continue
+        if key != last:
+            scan.count, last = scan.count + 1, key
+        if suffix == LABEL_KEY:
+            with contextlib.suppress(ValueError):  # a bad class id is reported when the sample is read
+                labels.add(int(read().decode().strip()))
+        elif suffix in CAPTION_KEYS:
+            scan.captioned = True
+
+
+def decode_sample(raw: dict, index: int, image_size: int, channels: int, captioned: bool) -> Sample | BadSample:
+    """One sample's members (bytes by suffix) -> a `Sample`, or a `BadSample` naming `url:key` and the problem."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    try:
+        key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if key is None:
+            found = sorted(k for k in raw if not k.startswith("_"))
+            raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
+        with Image.open(io.BytesIO(raw[key])) as image:
+            image.load()
+            pixels = to_tensor(fit_image(convert_channels(image, channels), image_size))
+        label = int(raw[LABEL_KEY].decode().strip()) if LABEL_KEY in raw else -1
+        if label < -1:
+            raise ValueError(f"class id {label} is negative")
+        captions = _captions(raw) if captioned else None
+    except Exception as err:  # as for files in a folder: any decoder error means "this sample is unusable"
+        return BadSample(index=index, path=where, error=f"{type(err).__name__}: {err}")
+    return Sample(image=pixels, label=label, index=index, captions=captions)
+
+
+def _captions(raw: dict) -> list[str]:
+    if "txt" in raw:
+        return [line.strip() for line in raw["txt"].decode("utf-8").splitlines() if line.strip()]
+    if "json" in raw:
+        meta = json.loads(raw["json"].decode("utf-8"))
+        found = meta.get("captions", meta.get("caption", meta.get("text"))) if isinstance(meta, dict) else None
+        found = [found] if isinstance(found, str) else found or []
+        return [str(c).strip() for c in found if str(c).strip()]
+    return []
+
+
+def shard_samples(shard: Shard) -> Iterator[tuple[int, dict | BadSample]]:
+    """(global index, raw sample) for the first `shard.used` samples of `shard`, always exactly that many: positions
+    a damaged or short tar cannot deliver come back as one `BadSample` per position, all naming the shard (so a
+    report counts the shard once)."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    position, problem = 0, None
+    try:
+        stream = gopen(shard.url)
+        try:
+            members = ({**member, "__url__": shard.url} for member in tar_file_iterator(stream))
+            for raw in group_by_keys(members, suffixes=_READ_KEYS):
+                if position >= shard.used:
+                    break
+                yield shard.start + position, raw
+                position += 1
+        finally:
+            stream.close()
+    except Exception as err:  # unreadable, truncated, or a duplicate member name
+        problem = f"{type(err).__name__}: {err}"
+    if position < shard.used:
+        problem = problem or f"the shard ended after {position} of its {shard.count} samples"
+        for missing in range(position, shard.used):
+            yield shard.start + missing, BadSample(index=shard.start + missing, path=shard.url, error=problem)
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: holds `buffer_size` items and emits a random one as each new one arrives."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        pick = rng.randrange(len(buffer))
+        buffer[pick], item = item, buffer[pick]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _congruent_below(limit: int, residue: int, modulus: int) -> int:
+    """How many b in [0, limit) have b % modulus == residue."""
+    return max(0, (limit - residue + modulus - 1) // modulus)
+
+
+class ShardDataset:
+    """Tar shards read as streams; holds no images. `split` and `max_images` select whole shards (or the first
+    samples of the last one), so a selection never has to read what it leaves out."""
+
+    def __init__(self, source: str, shards: list[Shard], image_size: int, channels: int, class_names: list[str],
+                 captioned: bool, shuffle_buffer: int = 1000):  # fmt: skip
+        self.source, self.shards = source, shards
+        self.image_size, self.channels = image_size, channels
+        self.class_names, self.captioned, self.shuffle_buffer = class_names, captioned, shuffle_buffer
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return sum(shard.used for shard in self.shards)
+
+    def _with(self, shards: list[Shard]) -> ShardDataset:
+        return ShardDataset(self.source, shards, self.image_size, self.channels, self.class_names, self.captioned,
+                            self.shuffle_buffer)  # fmt: skip
+
+    def first(self, max_items: int) -> ShardDataset:
+        """The first `max_items` samples in shard order (`data.max_images`; packed shards are shuffled)."""
+        kept, left = [], max_items
+        for shard in self.shards:
+            if left <= 0:
+                break
+            kept.append(replace(shard, used=min(shard.used, left)))
+            left -= kept[-1].used
+        return self._with(kept)
+
+    def split(self, val_fraction: float, seed: int) -> tuple[ShardDataset, ShardDataset]:
+        """(train, val): round(val_fraction * shards) whole shards (at least one) drawn with `seed` for validation."""
+        if val_fraction == 0:
+            return self, self._with([])
+        n = len(self.shards)
+        if n < 2:
+            raise ValueError(f"{self.source} is a single shard, and the validation split holds out whole shards: "
+                             "set data.val_fraction=0 or pack more shards (vqar pack-shards --shard-size)")  # fmt: skip
+        n_val = min(n - 1, max(1, round(val_fraction * n)))
+        order = np.random.default_rng(seed).permutation(n)
+        val = set(order[:n_val].tolist())
+        return (self._with([s for i, s in enumerate(self.shards) if i not in val]),
+                self._with([s for i, s in enumerate(self.shards) if i in val]))  # fmt: skip
+
+    def decode(self, index: int, raw: dict | BadSample) -> Sample | BadSample:
+        if isinstance(raw, BadSample):
+            return raw
+        return decode_sample(raw, index, self.image_size, self.channels, self.captioned)
+
+    # ------------------------------------------------------------------ loaders
+    def training_loader(self, *, epoch: int, start: int, batches: int, batch_size: int, seed: int, rank: int,
+                        world_size: int, num_workers: int, collate: Callable) -> DataLoader:  # fmt: skip
+        """Batches `start` to `batches` - 1 of `epoch` for one rank (see the module docstring)."""
+        lanes = max(1, num_workers) * world_size
+        if len(self.shards) < lanes and epoch == 0 and start == 0:
+            log.warning("%d shards for %d readers (processes x data workers): every reader streams all shards and "
+                        "keeps its share; pack more shards to read each once", len(self.shards), lanes)  # fmt: skip
+        plan = _TrainingStream(self, epoch, start, batches, batch_size, seed, rank, world_size, collate)
+        return _loader(plan, num_workers)
+
+    def evaluation_loader(self, *, batch_size: int, rank: int, world_size: int, num_workers: int,
+                          collate: Callable) -> DataLoader:  # fmt: skip
+        """Rank r's samples in source order: every world_size-th, padded by wrapping so all ranks get the same count."""
+        return _loader(_EvaluationStream(self, batch_size, rank, world_size, collate), num_workers)
+
+    def shard_loader(self, shard_ids: Sequence[int], *, batch_size: int, num_workers: int,
+                     collate: Callable) -> DataLoader:  # fmt: skip
+        """Every sample of the shards `shard_ids` (exactly `used` per shard; batches never span two shards). With
+        workers, batches of different shards interleave: use the samples' indices to put them in order."""
+        return _loader(_WholeShards(self, list(shard_ids), batch_size, collate), num_workers)
+
+    def check_readable(self, tries: int = 64) -> None:
+        """Raises ValueError when none of the first `tries` samples can be read."""
+        errors = []
+        for shard in self.shards:
+            for index, raw in shard_samples(shard):
+                item = self.decode(index, raw)
+                if isinstance(item, Sample):
+                    return
+                errors.append(item)
+                if len(errors) >= tries:
+                    break
+            if len(errors) >= tries:
+                break
+        if errors:
+            raise ValueError(f"no readable image in {self.source}: none of the {len(errors)} samples tried could be "
+                             f"read (first: {errors[0].path}: {errors[0].error})")  # fmt: skip
+
+
+def _loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+    # The streams batch and collate themselves: a worker's batches then come whole from one lane.
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _TrainingStream(IterableDataset):
+    def __init__(self, data: ShardDataset, epoch: int, start: int, batches: int, batch_size: int, seed: int,
+                 rank: int, world_size: int, collate: Callable):  # fmt: skip
+        self.data, self.epoch, self.start, self.batches, self.batch_size = data, epoch, start, batches, batch_size
+        self.seed, self.rank, self.world_size, self.collate = seed, rank, world_size, collate
+
+    def __iter__(self) -> Iterator:
+        worker, lanes = _worker()
+        # The loader takes batches from its workers in turn, so worker w serves the epoch's batches b with
+        # b % lanes == (start + w) % lanes: that lane's samples are the same whatever batch the epoch resumes at.
+        lane = (self.start + worker) % lanes
+        done = _congruent_below(self.start, lane, lanes)
+        total = _congruent_below(self.batches, lane, lanes)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{lane}")
+        samples = _shuffled(self._lane_samples(lane, lanes), self.data.shuffle_buffer, rng)
+        for _ in itertools.islice(samples, done * self.batch_size):
+            pass  # batches an interrupted epoch already trained on: read, never decoded
+        for chunk in itertools.islice(_batched(samples, self.batch_size), total - done):
+            yield self.collate([self.data.decode(index, raw) for index, raw in chunk])
+
+    def _lane_samples(self, lane: int, lanes: int) -> Iterator[tuple[int, dict | BadSample]]:
+        """This lane's endless stream: pass after pass over its shards, each pass in a new seeded order."""
+        readers = self.world_size * lanes
+        reader = self.rank + self.world_size * lane
+        shards = self.data.shards
+        for repeat in itertools.count():
+            order = np.random.default_rng([self.seed, self.epoch, repeat]).permutation(len(shards))
+            if len(shards) >= readers:
+                mine = (shards[i] for i in order[reader::readers])
+                stream = itertools.chain.from_iterable(shard_samples(shard) for shard in mine)
+            else:  # fewer shards than readers: read all, keep every readers-th sample
+                every = itertools.chain.from_iterable(shard_samples(shards[i]) for i in order)
+                stream = itertools.islice(every, reader, None, readers)
+            produced = 0
+            for item in stream:
+                produced += 1
+                yield item
+            if produced == 0:
+                raise ValueError(f"the shards of {self.data.source} hold no samples for reader {reader} of {readers}")
+
+
+class _EvaluationStream(IterableDataset):
+    def __init__(self, data: ShardDataset, batch_size: int, rank: int, world_size: int, collate: Callable):
+        self.data, self.batch_size, self.collate = data, batch_size, collate
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator:
+        worker, lanes = _worker()
+        total = len(self.data)
+        if total == 0:
+            return
+        per_rank = -(-total // self.world_size)
+        # Rank r's k-th sample is the ((k * W + r) mod N)-th of the split, as EpochSampler(shuffle=False) gives;
+        # worker w of L takes k = w, w + L, ...
+        wanted: dict[int, int] = {}
+        for k in range(worker, per_rank, lanes):
+            position = (k * self.world_size + self.rank) % total
+            wanted[position] = wanted.get(position, 0) + 1
+        items = itertools.chain.from_iterable(shard_samples(shard) for shard in self.data.shards)
+        chosen = (item for position, item in enumerate(items) if position in wanted for _ in range(wanted[position]))
+        for chunk in _batched(chosen, self.batch_size):
+            yield self.collate([self.data.decode(index, raw) for index, raw in chunk])
+
+
+class _WholeShards(IterableDataset):
+    def __init__(self, data: ShardDataset, shard_ids: list[int], batch_size: int, collate: Callable):
+        self.data, self.shard_ids, self.batch_size, self.collate = data, shard_ids, batch_size, collate
+
+    def __iter__(self) -> Iterator:
+        worker, lanes = _worker()
+        for shard_id in self.shard_ids[worker::lanes]:
+            for chunk in _batched(shard_samples(self.data.shards[shard_id]), self.batch_size):
+                yield self.collate([self.data.decode(index, raw) for index, raw in chunk])
+
+
+def open_shards(source: str, image_size: int, channels: int, *, captions: str | None = None,
+                max_images: int | None = None, shuffle_buffer: int = 1000) -> ShardDataset:  # fmt: skip
+    """The `ShardDataset` of `source`: its shard list, sample counts (from the index, else a scan) and classes."""
+    if captions not in (None, "none"):
+        raise ValueError("tar shards carry their captions in each sample's txt or json member: leave data.captions "
+                         "unset (or 'none' to ignore them)")  # fmt: skip
+    listing = list_shards(source)
+    if not listing.urls:
+        raise ValueError(f"{source!r} names no shards")
+    _check_local_files(listing.urls, source)
+    counts, class_names, captioned = listing.counts, listing.class_names, listing.captioned
+    if counts is None:
+        scans = _scan_all(listing.urls)
+        counts = [scan.count for scan in scans]
+        labels = {label for scan in scans for label in scan.labels}
+        if class_names is None:
+            class_names = [str(i) for i in range(max(labels, default=-1) + 1)]
+        if captioned is None:
+            captioned = any(scan.captioned for scan in scans)
+    starts = np.cumsum([0, *counts]).tolist()
+    shards = [Shard(url, n, start, n) for url, n, start in zip(listing.urls, counts, starts, strict=False)]
+    dataset = ShardDataset(str(source), shards, image_size, channels, list(class_names or []),
+                           bool(captioned) and captions != "none", shuffle_buffer)  # fmt: skip
+    if len(dataset) == 0:
+        raise ValueError(f"the shards of {source} hold no samples")
+    return dataset.first(max_images) if max_images is not None else dataset
+
+
+def _scan_all(urls: Sequence[str]) -> list[ShardScan]:
+    from tqdm.auto import tqdm
+
+    if any(is_remote(url) for url in urls):
+        log.warning("counting the samples of %d remote shards means reading them through once; a shard index "
+                    "(vqar pack-shards writes one) names the counts", len(urls))  # fmt: skip
+    scans = []
+    for url in tqdm(urls, desc="counting shard samples", unit="shard", disable=len(urls) < 16, leave=False):
+        scans.append(scan_shard(url))
+        if scans[-1].error:
+            log.warning("shard %s is damaged after %d samples: %s", url, scans[-1].count, scans[-1].error)
+    return scans
+
+
+def shard_index(urls: Iterable[str], counts: Iterable[int], class_names: Sequence[str], captioned: bool) -> dict:
+    """A shard index in webdataset's `wids` layout, with vqar's class names and caption flag beside it."""
+    return {
+        "wids_version": 1,
+        "shardlist": [{"url": url, "nsamples": int(n)} for url, n in zip(urls, counts, strict=True)],
+        "class_names": list(class_names),
+        "captions": bool(captioned),
+    }

@@ -1,0 +1,224 @@
+"""WebDataset tar shards as a data source: packing, reading orders, damage, and the stages that read them."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_RUN
+from vqar.bundle import load
+from vqar.cli import main
+from vqar.data import DataConfig, MnistDataset, evaluation_loader, open_dataset, training_loader
+from vqar.data.codes import CodeDataset
+from vqar.data.extraction import extract_codes
+from vqar.data.pack import pack_shards
+from vqar.data.shards import ShardDataset, scan_shard, shard_samples
+from vqar.text.captions import digit_captions
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    """300 digits with generated captions, in source order, 64 per shard (5 shards, the last one short)."""
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    pack_shards("mnist", out, shard_size=64, captions="digits", max_images=300, shuffle=False)
+    return out
+
+
+def _all_items(dataset: ShardDataset) -> list:
+    """Every sample of every shard, in shard order, decoded."""
+    return [dataset.decode(i, raw) for shard in dataset.shards for i, raw in shard_samples(shard)]
+
+
+def test_packed_digits_read_back_as_the_source(digit_shards):
+    index = json.loads((digit_shards / "shards.json").read_text())
+    assert [entry["nsamples"] for entry in index["shardlist"]] == [64, 64, 64, 64, 44]
+    assert index["class_names"] == [str(d) for d in range(10)] and index["captions"] is True
+    dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1))
+    source = MnistDataset(32, 1, max_images=300)
+    assert isinstance(dataset, ShardDataset) and len(dataset) == 300 and dataset.num_classes == 10
+    items = _all_items(dataset)
+    assert [item.index for item in items] == list(range(300))
+    for item, expected in zip(items, (source[i] for i in range(300)), strict=True):
+        assert torch.equal(item.image, expected.image) and item.label == expected.label
+        assert item.captions == digit_captions(expected.label)
+
+
+def test_a_pattern_or_list_file_without_an_index_is_scanned_to_the_same_counts(digit_shards, tmp_path):
+    pattern = str(digit_shards / "shard-{000000..000004}.tar")
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# five shards\n" + "\n".join(str(p) for p in sorted(digit_shards.glob("*.tar"))) + "\n")
+    for source in (pattern, str(listing)):
+        dataset = open_dataset(DataConfig(source=source, image_size=32, channels=1))
+        assert [s.count for s in dataset.shards] == [64, 64, 64, 64, 44]
+        assert dataset.num_classes == 10 and dataset.captioned
+
+
+def test_shuffled_packing_is_a_seeded_permutation(tmp_path):
+    keys = {}
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        pack_shards("mnist", out, shard_size=50, max_images=100, seed=seed)
+        with tarfile.open(out / "shard-000000.tar") as tar:
+            keys[seed] = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".png")]
+    again = tmp_path / "again"
+    pack_shards("mnist", again, shard_size=50, max_images=100, seed=0)
+    assert (again / "shard-000000.tar").read_bytes() == (tmp_path / "seed0" / "shard-000000.tar").read_bytes()
+    assert keys[0] != keys[1] and keys[0] != sorted(keys[0])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pack_shards("mnist", again, shard_size=50, max_images=100)
+
+
+def test_split_holds_out_whole_shards(digit_shards):
+    dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1))
+    train, val = dataset.split(0.2, seed=3)
+    assert len(val.shards) == 1 and len(train.shards) == 4
+    assert {s.url for s in train.shards}.isdisjoint(s.url for s in val.shards)
+    assert [s.url for s in dataset.split(0.2, seed=3)[1].shards] == [s.url for s in val.shards]
+    single = dataset._with(dataset.shards[:1])
+    with pytest.raises(ValueError, match="single shard"):
+        single.split(0.1, seed=0)
+    assert len(dataset.first(100)) == 100 and [s.used for s in dataset.first(100).shards] == [64, 36]
+
+
+def _indices(loader) -> list[list[int]]:
+    return [batch.indices.tolist() for batch in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_stream_is_seeded_and_resumes_exactly(digit_shards, workers):
+    dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1,
+                                      shuffle_buffer=20))  # fmt: skip
+
+    def batches(epoch=0, start=0, seed=0, rank=0, world=1, count=8):
+        return _indices(training_loader(dataset, epoch=epoch, start=start, batches=count, batch_size=16, seed=seed,
+                                        rank=rank, world_size=world, num_workers=workers))  # fmt: skip
+
+    whole = batches()
+    assert len(whole) == 8 and all(len(b) == 16 for b in whole)
+    assert len({i for b in whole for i in b}) == 128  # one pass over the shards: no sample twice
+    assert batches() == whole and batches(start=5) == whole[5:]
+    assert batches(epoch=1) != whole and batches(seed=1) != whole
+    # Each reader (rank x worker) reads its own shards; 2 batches (+ the 20 read ahead into the shuffle buffer) stay
+    # within the smallest share (the 44 samples of the last shard), so no reader starts a second pass.
+    ranks = [batches(rank=r, world=2, count=2) for r in (0, 1)]
+    seen = [{i for b in mine for i in b} for mine in ranks]
+    assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
+    shards_read = [{i // 64 for i in mine} for mine in seen]
+    assert not shards_read[0] & shards_read[1]
+
+
+def test_evaluation_loader_gives_each_rank_its_share_in_order(digit_shards):
+    dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1))
+    one = [i for b in _indices(evaluation_loader(dataset, batch_size=32)) for i in b]
+    assert one == list(range(300))
+    shares = [[i for b in _indices(evaluation_loader(dataset, batch_size=32, rank=r, world_size=2)) for i in b]
+              for r in (0, 1)]  # fmt: skip
+    assert shares[0] == list(range(0, 300, 2)) and shares[1] == list(range(1, 300, 2))
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path):
+    first = [("x0.png", _png(10)), ("x0.cls", b"1"), ("x1.png", b"not a png"), ("x1.cls", b"0")]
+    first += [("x2.png", _png(30)), ("x2.cls", b"2"), ("x3.txt", b"no image")]
+    _write_tar(tmp_path / "a-0.tar", first)
+    _write_tar(tmp_path / "a-1.tar", [(f"y{i}.png", _png(i)) for i in range(6)])
+    full = (tmp_path / "a-1.tar").read_bytes()
+    (tmp_path / "a-1.tar").write_bytes(full[: len(full) // 2 + 100])  # cut inside the samples
+    assert scan_shard(str(tmp_path / "a-0.tar")).count == 4
+    dataset = open_dataset(DataConfig(source=str(tmp_path / "a-{0..1}.tar"), image_size=8, channels=1))
+    assert dataset.num_classes == 3 and [s.count for s in dataset.shards][0] == 4
+    items = _all_items(dataset)
+    assert len(items) == len(dataset)
+    bad = [item for item in items if not hasattr(item, "image")]
+    assert [b.index for b in bad[:2]] == [1, 3] and "x1" in bad[0].path and "no image member" in bad[1].error
+    good = [item for item in items if hasattr(item, "image")]
+    assert [g.label for g in good[:2]] == [1, 2] and good[0].image.mean() == pytest.approx(10 / 127.5 - 1)
+
+    # the truncated shard: its readable samples, then one BadSample per missing position naming the shard
+    tail = [item for item in items if item.index >= 4]
+    assert tail and any(hasattr(item, "image") for item in tail)
+    for item in tail:
+        if not hasattr(item, "image"):
+            assert item.path == str(tmp_path / "a-1.tar")
+
+
+def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tmp_path):
+    folder = tmp_path / "photos"
+    for name in ("cats", "dogs"):
+        (folder / name).mkdir(parents=True)
+    Image.fromarray(np.full((16, 16, 3), 40, dtype=np.uint8)).save(folder / "cats" / "a.jpg", quality=90)
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(folder / "dogs" / "b.png")
+    Image.fromarray(np.full((16, 16, 3), 140, dtype=np.uint8)).save(folder / "dogs" / "c.bmp")
+    (folder / "dogs" / "broken.png").write_bytes(b"\x89PNG broken")
+    captions = [{"file": "cats/a.jpg", "caption": "a grey cat"}, {"file": "dogs/c.bmp", "caption": "a pale dog"}]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    report = pack_shards(str(folder), tmp_path / "out", shard_size=2, shuffle=False)
+    assert report.written == 3 and len(report.skipped) == 1 and report.skipped[0].endswith("broken.png")
+    assert report.index["class_names"] == ["cats", "dogs"] and report.index["captions"] is True
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        assert tar.extractfile("00000000.jpg").read() == (folder / "cats" / "a.jpg").read_bytes()  # bytes kept
+    assert names == ["00000000.cls", "00000000.jpg", "00000000.txt", "00000001.cls", "00000001.png", "00000001.txt"]
+    with tarfile.open(tmp_path / "out" / "shard-000001.tar") as tar:
+        assert tar.getnames() == ["00000003.cls", "00000003.png", "00000003.txt"]  # the bmp, as PNG; 2 is broken
+    dataset = open_dataset(DataConfig(source=str(tmp_path / "out" / "shards.json"), image_size=16, channels=3))
+    items = _all_items(dataset)
+    assert [(i.label, i.captions) for i in items] == [(0, ["a grey cat"]), (1, []), (1, ["a pale dog"])]
+
+
+def test_a_tokenizer_trains_from_shards(digit_shards, tmp_path):
+    source = f"data.source={digit_shards / 'shards.json'}"
+    args = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "tok"), *TINY_RUN, source,
+            "data.val_fraction=0.2", "steps=6", "train.eval_every=6", "train.log_every=3"]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    assert [r["step"] for r in train_rows] == [3, 6] and any(r.get("split") == "val" for r in rows)
+    assert (tmp_path / "tok" / "model.safetensors").is_file()
+
+
+def test_extraction_from_shards_equals_extraction_from_the_folder(tiny_pipeline, tmp_path):
+    folder = tmp_path / "digits"
+    for i in range(12):
+        (folder / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32), 20 * i, dtype=np.uint8)).save(folder / str(i % 3) / f"{i:02d}.png")
+    (folder / "1" / "zz-broken.png").write_bytes(b"not a png")
+    captions = [{"file": f"{i % 3}/{i:02d}.png", "caption": f"shade {i}"} for i in range(12) if i != 4]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    pack_shards(str(folder), tmp_path / "shards", shard_size=5, shuffle=False)
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    for name, source in (("from-folder", folder), ("from-shards", tmp_path / "shards" / "shards.json")):
+        extract_codes(tokenizer, DataConfig(source=str(source), eval_batch_size=4), tmp_path / name, views="flip")
+    one, other = CodeDataset(tmp_path / "from-folder"), CodeDataset(tmp_path / "from-shards")
+    assert len(one) == len(other) == 11  # 12 readable images, one without a caption
+    assert one.num_classes == other.num_classes == 3
+    for a, b in zip((one[i] for i in range(11)), (other[i] for i in range(11)), strict=True):
+        assert torch.equal(a.codes, b.codes) and a.label == b.label and a.captions == b.captions
+
+
+def test_pack_shards_command(tmp_path, capsys):
+    assert main(["pack-shards", "mnist", "--out", str(tmp_path / "s"), "--shard-size", "40", "--max-images",
+                 "100"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "packed 100 images into 3 shards" in out and "data.source=" in out
+    assert main(["pack-shards", "mnist", "--out", str(tmp_path / "s")]) == 2
+    assert "already exists" in capsys.readouterr().err
