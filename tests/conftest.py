@@ -104,3 +104,11 @@ def classifier_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("classifier")
     digit_classifier(folder)
     return folder
+
+
+def binomial_range(n: int, p: float, failure: float = 1e-7) -> tuple[int, int]:
+    """The counts [lo, hi] that n Bernoulli(p) draws land in except with probability below `failure` (exact
+    binomial tails: P(X < lo) + P(X > hi) <= failure), so a test checking a rate fails by chance that rarely."""
+    from scipy.stats import binom
+
+    return int(binom.ppf(failure / 2, n, p)), int(binom.isf(failure / 2, n, p))

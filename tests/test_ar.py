@@ -72,6 +72,38 @@ def test_loss_decreases_on_a_small_batch_for_both_models(tiny_pipeline):
         assert losses[-1] < 0.5 * losses[0], (type(model).__name__, losses[0], losses[-1])
 
 
+def test_class_dropout_replaces_labels_by_the_null_class_at_the_configured_rate(tiny_pipeline):
+    """The class ids a training step embeds: each label is the null class (id num_classes) with probability
+    model.class_dropout_prob (0.3 here, not the preset's 0.1) and otherwise the item's own label; evaluation drops
+    none. Counted over 3000 labels of 5 steps against a binomial range that fails by chance with probability
+    below 1e-7, whatever the seed."""
+    from conftest import binomial_range
+    from vqar.data.codes import CodeDataset, collate_codes
+    from vqar.train.ar import ARTask
+
+    store = CodeDataset(tiny_pipeline / "codes")
+    small = ["model.dim=32", "model.n_head=2", "model.n_layer=1", "model.n_depth_layer=1"]  # the rate is all it shows
+    cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, *small,
+                                       "model.class_dropout_prob=0.3"])  # fmt: skip
+    task = ARTask(cfg, store, torch.device("cpu"))
+    batch = collate_codes([store[i] for i in range(len(store))])
+    seen = []
+    table = task.model.cond_embedding.embedding_table
+    table.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    steps = 5
+    for step in range(steps):
+        task.train_step(batch, step)
+    ids, labels = torch.cat(seen), batch.labels.repeat(steps)
+    assert ids.shape == labels.shape == (steps * len(store),) and int(labels.max()) < 10
+    dropped = ids == 10
+    lo, hi = binomial_range(len(ids), 0.3)
+    assert lo <= int(dropped.sum()) <= hi, (int(dropped.sum()), lo, hi)
+    assert torch.equal(ids[~dropped], labels[~dropped])
+    seen.clear()
+    task.evaluate([batch])
+    assert len(seen) == 1 and torch.equal(seen[0], batch.labels)
+
+
 def test_resume_reaches_the_same_weights(tiny_pipeline, tmp_path):
     import shutil
 
@@ -118,10 +150,22 @@ def test_gpt_on_a_vq_code_store(tmp_path):
         load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "npp.level=2"])
     with pytest.raises(ValueError, match="patch size 16"):
         train_ar(load_run_config("gpt-mnist", [*overrides[:4], "npp.level=5"]), tmp_path / "npp5")
-    metrics = train_ar(
-        load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"]), tmp_path / "vim"
-    )
-    assert np.isfinite(metrics["nll"]) and vqar.load(tmp_path / "vim").arch == "vim"
+    vim_cfg = load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"])
+    metrics = train_ar(vim_cfg, tmp_path / "vim")
+    vim = vqar.load(tmp_path / "vim")
+    assert vim.arch == "vim"
+    # the reported validation NLL is the exported model's cross-entropy on the validation split, computed here
+    from vqar.data import split_dataset
+    from vqar.data.codes import CodeDataset
+
+    store = CodeDataset(tmp_path / "codes")
+    _, val = split_dataset(store, vim_cfg.data.val_fraction, vim_cfg.data.split_seed)
+    val_codes = torch.stack([store[i].codes[0] for i in val.indices])
+    val_labels = torch.tensor([store[i].label for i in val.indices])
+    with torch.no_grad():
+        logits = vim.eval()(val_codes, val_labels).logits
+    nll = float(torch.nn.functional.cross_entropy(logits.flatten(0, -2), val_codes.flatten()))
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-5)
 
     # A text-conditioned GPT: the captions of the digits as a prefix, caption dropout, a prompt at sampling time.
     extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200, captions="digits"), tmp_path / "text-codes")
@@ -133,6 +177,18 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     conditions = make_conditions(gpt, prompts=["the digit 4"], n_per_condition=2)
     result = draw(gpt, conditions, SamplingSettings(cfg_scale=2.0))
     assert result.images.shape == (2, 1, 32, 32) and result.prompts == ["the digit 4"]
+    prompt = gpt.text_tokenizer.encode(["the digit 4"] * 2)
+    assert torch.equal(result.codes, generate(gpt, prompt, SamplingSettings(cfg_scale=2.0)))  # the prompt, guided
+    with torch.no_grad():
+        assert torch.equal(result.images, gpt.tokenizer.decode(result.codes).clamp(-1, 1))
+    # Greedy and guided: each code is a largest logit of null + 2 (prompt - null), the null condition being the
+    # empty caption (all padding), up to float rounding between cached decoding and teacher forcing.
+    greedy = draw(gpt, conditions, SamplingSettings(greedy=True, cfg_scale=2.0)).codes
+    with torch.no_grad():
+        null = gpt(greedy, torch.zeros_like(prompt)).logits
+        guided = null + 2.0 * (gpt(greedy, prompt).logits - null)
+    chosen = guided.gather(-1, greedy[..., None]).squeeze(-1)
+    assert (guided.max(-1).values - chosen <= 1e-4).all()
     with pytest.raises(ValueError, match="VIM is class-conditional"):
         train_ar(load_run_config("vim-mnist", overrides[:1] + ["steps=2"]), tmp_path / "vim-text")
 

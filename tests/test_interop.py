@@ -107,17 +107,6 @@ def test_rq_transformer_release_parity(rq_transformer_release_folder):
         close(model.tokenizer.decode(sample), io["greedy_sample_pixels"], atol=IMAGE_ATOL)
 
 
-def test_rq_release_loads_from_the_release_folder_and_its_file(rq_transformer_release_folder):
-    from_folder = vqar.load_pretrained(rq_transformer_release_folder)
-    from_file = vqar.load_pretrained(rq_transformer_release_folder / "stage2" / "model.pt")
-    stage1 = vqar.load_pretrained(rq_transformer_release_folder / "stage1")
-    with_tokenizer = vqar.load_pretrained(rq_transformer_release_folder / "stage2", tokenizer=stage1)
-    for model in (from_file, with_tokenizer):
-        for (key, a), b in zip(from_folder.state_dict().items(), model.state_dict().values(), strict=True):
-            assert torch.equal(a, b), key
-    assert with_tokenizer.tokenizer is stage1
-
-
 # ---------------------------------------------------------------- LlamaGen VQ
 def test_llamagen_vq_parity(llamagen_vq_folder):
     io = load_file(str(llamagen_vq_folder / "vq_io.safetensors"))

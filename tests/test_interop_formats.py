@@ -132,10 +132,11 @@ def llamagen_vq_state(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------- RQ release variants
-@pytest.mark.parametrize("variant", ["text_per_depth_books", "class_shared_book"])
-def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
-    text = variant.startswith("text")
+def tiny_rq_release(folder, *, text_length: int = 0, text_vocab_size: int = 30, gelu: str = "exact"):
+    """A small random RQ-VAE and RQ-Transformer written as an RQ release folder (`write_rq_release`); returns the
+    two vqar models it was written from. Text-conditioned (one codebook per depth) when text_length > 0, else
+    conditioned on 7 classes with one shared codebook. Release-format input for tests that need no parity."""
+    text = text_length > 0
     tokenizer = _randomize(
         Tokenizer(
             TokenizerConfig(
@@ -162,14 +163,23 @@ def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
         n_layer=2,
         n_depth_layer=1,
         num_classes=0 if text else 7,
-        text_length=5 if text else 0,
-        text_vocab_size=30 if text else 0,
-        gelu="sigmoid" if text else "exact",
+        text_length=text_length,
+        text_vocab_size=text_vocab_size if text else 0,
+        gelu=gelu,
     )
     model = _randomize(RQTransformer(cfg, code_embeddings=books))
     model.set_code_embeddings(books)
-    write_rq_release(tmp_path / "release", tokenizer, model)
+    write_rq_release(folder, tokenizer, model)
+    return tokenizer, model
 
+
+# ---------------------------------------------------------------- RQ release variants
+@pytest.mark.parametrize("variant", ["text_per_depth_books", "class_shared_book"])
+def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
+    text = variant.startswith("text")
+    tokenizer, model = tiny_rq_release(tmp_path / "release", text_length=5 if text else 0,
+                                       gelu="sigmoid" if text else "exact")  # fmt: skip
+    cfg = model.cfg
     loaded = vqar.load_pretrained(tmp_path / "release")
     assert loaded.cfg.text_length == cfg.text_length and loaded.cfg.gelu == cfg.gelu
     assert loaded.cfg.shared_codebook == cfg.shared_codebook
@@ -192,10 +202,30 @@ def test_rq_release_variants_load_from_their_configs(tmp_path, variant):
     assert torch.allclose(ema.encoder.conv_in.weight, tokenizer.encoder.conv_in.weight + 1)
 
 
-def test_rq_transformer_without_its_stage1_says_what_to_pass(tmp_path, rq_transformer_release_folder):
+def test_rq_release_loads_from_the_release_folder_and_its_file(tmp_path):
+    tokenizer, model = tiny_rq_release(tmp_path / "release")
+    from_folder = vqar.load_pretrained(tmp_path / "release")
+    from_file = vqar.load_pretrained(tmp_path / "release" / "stage2" / "model.pt")
+    stage1 = vqar.load_pretrained(tmp_path / "release" / "stage1")
+    with_tokenizer = vqar.load_pretrained(tmp_path / "release" / "stage2", tokenizer=stage1)
+
+    def assert_same_weights(expected: torch.nn.Module, loaded: torch.nn.Module) -> None:
+        a, b = expected.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert key.endswith(".initialized") or torch.equal(a[key], b[key]), key  # the release has no flag
+
+    for loaded in (from_folder, from_file, with_tokenizer):
+        assert_same_weights(model, loaded)
+        assert_same_weights(tokenizer, loaded.tokenizer)
+    assert with_tokenizer.tokenizer is stage1
+
+
+def test_rq_transformer_without_its_stage1_says_what_to_pass(tmp_path):
     import shutil
 
-    shutil.copytree(rq_transformer_release_folder / "stage2", tmp_path / "stage2")
+    tiny_rq_release(tmp_path / "release")
+    shutil.copytree(tmp_path / "release" / "stage2", tmp_path / "stage2")
     with pytest.raises(FileNotFoundError, match="tokenizer="):
         vqar.load_pretrained(tmp_path / "stage2")
     vq = Tokenizer(
@@ -345,17 +375,20 @@ def test_corrupt_and_unknown_files_are_clear_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- vqar's own format
-def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, rq_transformer_release_folder, capsys):
-    out = tmp_path / "converted"
-    assert main(["convert", str(rq_transformer_release_folder), str(out)]) == 0
+def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, capsys):
+    release, out = tmp_path / "release", tmp_path / "converted"
+    tokenizer, model = tiny_rq_release(release)
+    assert main(["convert", str(release), str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer" / "model.safetensors").is_file()
-    original, converted = vqar.load_pretrained(rq_transformer_release_folder), vqar.load(out)
+    original, converted = vqar.load_pretrained(release), vqar.load(out)
     codes = torch.randint(0, original.codebook_size, (2, *original.code_shape))
-    cond = torch.tensor([3, 7])
+    cond = torch.tensor([3, 6])
     with torch.no_grad():
         assert torch.equal(original(codes, cond).logits, converted(codes, cond).logits)
+        assert torch.equal(model(codes, cond).logits, converted(codes, cond).logits)  # the weights written
         assert torch.equal(original.tokenizer.decode(codes), converted.tokenizer.decode(codes))
-    assert main(["convert", str(rq_transformer_release_folder), str(out)]) == 2
+        assert torch.equal(tokenizer.decode(codes), converted.tokenizer.decode(codes))
+    assert main(["convert", str(release), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from vqar.quantize import (
     kmeans,
 )
 from vqar.quantize.codebook import code_statistics
+from vqar.quantize.vector import entropy_penalty
 
 
 def _brute_force_codes(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -56,6 +59,49 @@ def test_commitment_gradient_pulls_latents_to_codes():
     assert torch.allclose(z.grad, 0.25 * 2 * (z - q).detach() / z.numel(), atol=1e-7)
 
 
+def test_gradient_codebook_gets_only_the_codebook_loss_gradient():
+    # d/de_k of mean((e_k - sg(z))^2) over the vectors assigned to k; the commitment term is detached from the codes.
+    vq = VectorQuantizer(16, 4, beta=0.25, ema=False, restart_dead=False).eval()
+    z = torch.randn(30, 4)
+    vq(z).loss.backward()
+    weight = vq.codebook.weight.detach()
+    codes = _brute_force_codes(z, weight)
+    expected = torch.zeros(16, 4).index_add_(0, codes, 2 * (weight[codes] - z) / z.numel())
+    assert torch.allclose(vq.codebook.weight.grad, expected, atol=1e-7)
+
+
+def reference_entropy_penalty(affinity: torch.Tensor, temperature: float) -> float:
+    """Mean entropy of each row's softmax(affinity / T) minus the entropy of their mean, in float64."""
+    probs = (affinity.double() / temperature).softmax(-1)
+    per_row = -(probs * probs.log()).sum(-1).mean()
+    mean = probs.mean(0)
+    return float(per_row + (mean * mean.log()).sum())
+
+
+def test_entropy_penalty_matches_a_direct_computation():
+    torch.manual_seed(9)
+    affinity = torch.randn(12, 6) * 2
+    expected = reference_entropy_penalty(affinity, 0.5)
+    assert entropy_penalty(affinity, 0.5).item() == pytest.approx(expected, abs=1e-4)  # log(p + 1e-5) inside
+    # Confident assignments spread over all K codes: 0 - log K, the minimum.
+    assert entropy_penalty(torch.eye(6) * 50, 1.0).item() == pytest.approx(-math.log(6), abs=1e-3)
+    # Everything on one code: 0 - 0.
+    assert entropy_penalty(torch.eye(6)[[0, 0, 0]] * 50, 1.0).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_entropy_term_is_added_to_the_training_loss_with_its_weight():
+    torch.manual_seed(10)
+    vq = VectorQuantizer(8, 4, ema=False, restart_dead=False, entropy_weight=0.1, entropy_temperature=0.5).train()
+    weight = vq.codebook.weight.detach().clone()
+    z = torch.randn(20, 4)
+    out = vq(z)
+    distances = ((z.double()[:, None] - weight.double()[None]) ** 2).sum(-1)
+    commitment = distances.min(1).values.sum() / z.numel()
+    expected = (1 + vq.beta) * commitment + 0.1 * reference_entropy_penalty(-distances, 0.5)
+    assert out.loss.item() == pytest.approx(float(expected), rel=1e-4)
+    assert vq.eval()(z).loss.item() == pytest.approx(float((1 + vq.beta) * commitment), rel=1e-5)  # training only
+
+
 def test_gradient_codebook_learns_and_ema_codebook_does_not():
     grad_vq = VectorQuantizer(16, 4, ema=False, restart_dead=False).train()
     grad_vq(torch.randn(32, 4)).loss.backward()
@@ -64,9 +110,10 @@ def test_gradient_codebook_learns_and_ema_codebook_does_not():
     assert not ema_vq.codebook.weight.requires_grad
 
 
-def test_ema_update_matches_hand_computed_step():
+@pytest.mark.parametrize("eps", [1e-5, 0.5])  # 0.5: the Laplace smoothing moves the codes by ~10%, far past rtol
+def test_ema_update_matches_hand_computed_step(eps):
     torch.manual_seed(1)
-    size, dim, decay, eps = 6, 3, 0.9, 1e-5
+    size, dim, decay = 6, 3, 0.9
     vq = VectorQuantizer(size, dim, decay=decay, eps=eps, restart_dead=False).train()
     cb = vq.codebook
     weight0 = torch.randn(size, dim)
@@ -143,6 +190,18 @@ def test_kmeans_init_finds_clusters():
     assert torch.equal(vq.codebook.weight.detach(), snapshot)
 
 
+def test_kmeans_initialised_codes_count_as_alive_at_the_first_step():
+    # The fresh centroids start with an EMA count of 1, so a code that gets any vector at the first step keeps
+    # decay * 1 + (1 - decay) * n_k >= 1 and is not restarted (whatever k-means found).
+    torch.manual_seed(3)
+    centers = torch.tensor([[5.0, 0], [-5, 0], [0, 5], [0, -5]])
+    x = (centers[:, None, :] + 0.1 * torch.randn(4, 50, 2)).reshape(-1, 2)
+    vq = VectorQuantizer(4, 2, decay=0.99, kmeans_init=True, restart_dead=True, dead_threshold=1.0).train()
+    counts = torch.bincount(vq(x).codes, minlength=4).float()
+    used = counts > 0
+    assert torch.allclose(vq.codebook.cluster_size_ema[used], 0.99 + 0.01 * counts[used])
+
+
 def test_spherical_kmeans_returns_unit_vectors():
     c = kmeans(torch.randn(200, 5), 8, iters=5, l2_norm=True)
     assert torch.allclose(c.norm(dim=1), torch.ones(8), atol=1e-5)
@@ -164,6 +223,9 @@ def test_usage_and_perplexity():
     usage, perplexity = code_statistics(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 8)
     assert usage.item() == pytest.approx(50.0)
     assert perplexity.item() == pytest.approx(4.0)
+    usage, perplexity = code_statistics(torch.tensor([0, 1, 1, 1]), 4)  # a code used once counts as used
+    assert usage.item() == pytest.approx(50.0)
+    assert perplexity.item() == pytest.approx(math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))))
     rq = ResidualQuantizer(16, 4, 3).eval()
     out = rq(torch.randn(100, 4))
     assert out.usage.shape == (3,) and out.perplexity.shape == (3,)
@@ -210,6 +272,44 @@ def test_residual_quantization_follows_the_recursion():
         assert torch.allclose(out.commitment, torch.stack(partial_losses).mean())
         assert torch.allclose(rq.embed(out.codes), total, atol=1e-5)
         assert torch.allclose(rq.embed(out.codes, depth=2), rq.embed_per_depth(out.codes)[:, :2].sum(1))
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_residual_training_loss_is_the_cumulative_commitment_of_every_depth(ema):
+    # loss = beta * mean_d ||z - sg(sum_{i<=d} e_i)||^2 (+ mean_d ||e_d - sg(r_d)||^2 for a gradient codebook), and
+    # its gradient reaches z through every depth's term.
+    torch.manual_seed(11)
+    rq = ResidualQuantizer(16, 4, 3, beta=0.3, ema=ema, restart_dead=False, shared_codebook=False).eval()
+    z = torch.randn(40, 4, requires_grad=True)
+    out = rq(z)
+    residual, total = z.detach().clone(), torch.zeros(40, 4)
+    commitments, codebook_losses, grad = [], [], torch.zeros(40, 4)
+    for d in range(3):
+        vectors = rq.codebook(d).weight.detach()
+        e = vectors[_brute_force_codes(residual, vectors)]
+        codebook_losses.append(((e - residual) ** 2).mean())
+        residual, total = residual - e, total + e
+        commitments.append(((z.detach() - total) ** 2).mean())
+        grad += 0.3 / 3 * 2 * (z.detach() - total) / z.numel()
+    expected = 0.3 * torch.stack(commitments).mean() + (0 if ema else torch.stack(codebook_losses).mean())
+    assert torch.allclose(out.commitment, torch.stack(commitments).mean())
+    assert torch.allclose(out.loss, expected)
+    out.loss.backward()
+    assert torch.allclose(z.grad, grad, atol=1e-7)
+
+
+def test_residual_soft_codes_match_a_direct_computation():
+    torch.manual_seed(12)
+    rq = ResidualQuantizer(16, 4, 3, shared_codebook=False).eval()
+    z = torch.randn(2, 5, 4)
+    soft = rq.soft_codes(z, temperature=0.7)
+    assert soft.shape == (2, 5, 3, 16)
+    residual = z.reshape(-1, 4).double()
+    for d in range(3):
+        vectors = rq.codebook(d).weight.detach().double()
+        distances = ((residual[:, None] - vectors[None]) ** 2).sum(-1)
+        assert torch.allclose(soft.reshape(-1, 3, 16)[:, d].double(), (-distances / 0.7).softmax(-1), atol=1e-5), d
+        residual = residual - vectors[distances.argmin(1)]
 
 
 def test_residual_error_falls_with_depth():

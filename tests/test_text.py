@@ -174,6 +174,22 @@ def test_rq_text_head_loss_and_soft_targets():
     assert torch.equal(model.soft_targets(codes, temperature=1e-4)[..., -1, :].argmax(-1), codes[..., -1])
 
 
+def _greedy_choices(logits: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether every code is a largest logit of its row, up to float rounding (cached decoding and teacher forcing
+    add the same numbers in other orders), so ties or near-ties of a random model cannot fail the check."""
+    chosen = logits.gather(-1, codes[..., None]).squeeze(-1)
+    return bool((logits.max(-1).values - chosen <= 1e-4).all())
+
+
+def _guided_logits(model, codes: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """Guidance computed here from two teacher-forced passes: the prompt, and the empty caption (all [PAD] = 0)
+    written out by hand rather than asked of the model."""
+    with torch.no_grad():
+        conditional = model(codes, text).logits
+        null = model(codes, torch.zeros_like(text)).logits
+    return null + scale * (conditional - null)
+
+
 def test_text_models_sample_with_guidance_and_cache():
     torch.manual_seed(0)
     rq = _rq_text_model()
@@ -181,6 +197,8 @@ def test_text_models_sample_with_guidance_and_cache():
     guided = SamplingSettings(greedy=True, cfg_scale=2.0)
     cached = generate(rq, text, guided)
     assert torch.equal(generate_uncached(rq, text, guided), cached)
+    # every choice (the first code included) is the argmax of the guided logits against the empty caption
+    assert _greedy_choices(_guided_logits(rq, cached, text, 2.0), cached)
     with pytest.raises(ValueError, match="caption dropout"):
         generate(_rq_text_model(dropout=0.0), text, SamplingSettings(cfg_scale=2.0))
     cfg = GPTConfig(vocab_size=20, code_shape=[4, 4], dim=32, n_layer=2, n_head=2, num_classes=0, text_length=5,
@@ -191,8 +209,9 @@ def test_text_models_sample_with_guidance_and_cache():
     assert gpt(torch.randint(20, (2, 4, 4)), prompt).logits.shape == (2, 4, 4, 20)
     codes = generate(gpt, prompt, SamplingSettings(greedy=True, cfg_scale=1.5))
     assert torch.equal(generate_uncached(gpt, prompt, SamplingSettings(greedy=True, cfg_scale=1.5)), codes)
+    assert _greedy_choices(_guided_logits(gpt, codes, prompt, 1.5), codes)
     unguided = generate(gpt, prompt, SamplingSettings(greedy=True))
-    assert torch.equal(gpt(unguided, prompt).logits.argmax(-1), unguided)  # teacher forcing agrees with the sampler
+    assert _greedy_choices(gpt(unguided, prompt).logits, unguided)  # teacher forcing agrees with the sampler
     with pytest.raises(ValueError, match=r"shape \(B, 5\)"):
         generate(gpt, torch.zeros(2, 4, dtype=torch.long))
     npp = gpt(codes, prompt, patch_side=2).logits  # next patch prediction takes the caption prefix too
@@ -226,6 +245,42 @@ def test_text_rq_trains_with_weighted_text_loss(text_run):
     assert (root / "ar" / "samples_grid_prompts.txt").is_file()
 
 
+def test_caption_dropout_replaces_whole_captions_at_the_configured_rate(text_run):
+    """The captions a training step feeds the model: each is the empty caption with probability
+    model.class_dropout_prob (0.3 here, not the preset's 0.1) and otherwise one of its image's captions; evaluation
+    drops none. Counted over 3000 captions of 10 steps against a binomial range that fails by chance with
+    probability below 1e-7, whatever the seed."""
+    from conftest import binomial_range
+    from vqar.data.codes import collate_codes
+    from vqar.train.ar import ARTask
+
+    root, _ = text_run
+    small = ["model.dim=32", "model.n_head=2", "model.n_layer=1", "model.n_depth_layer=1"]  # the rate is all it shows
+    overrides = [f"codes={root / 'codes'}", *TINY_AR, *small, "text.length=8", "text.vocab_size=160",
+                 "model.class_dropout_prob=0.3"]  # fmt: skip
+    store = CodeDataset(root / "codes")
+    captions = vqar.load(root / "ar").text_tokenizer
+    task = ARTask(load_run_config("rq-mnist-text", overrides), store, torch.device("cpu"), text_tokenizer=captions)
+    batch = collate_codes([store[i] for i in range(len(store))])
+    seen = []
+    task.model.cond_embedding.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    steps = 10
+    for step in range(steps):
+        task.train_step(batch, step)
+    ids = torch.cat(seen)
+    assert ids.shape == (steps * len(store), 8)
+    empty = (ids == captions.pad_id).all(1)
+    lo, hi = binomial_range(len(ids), 0.3)
+    assert lo <= int(empty.sum()) <= hi, (int(empty.sum()), lo, hi)
+    # the others are captions of their own image: their text (spaces aside), cut where the 8 tokens end
+    for row, item in zip(ids[~empty], torch.arange(len(ids))[~empty] % len(store), strict=True):
+        text = captions.decode(row).replace(" ", "")
+        assert any(c.lower().replace(" ", "").startswith(text) for c in store.captions[int(item)]), text
+    seen.clear()
+    task.evaluate([batch])
+    assert len(seen) == 1 and not (seen[0] == captions.pad_id).all(1).any()
+
+
 def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
     root, _ = text_run
     prompts = tmp_path / "prompts.txt"
@@ -250,25 +305,20 @@ def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the RQ release's text-to-image format
-def test_text_conditioned_release_format_loads(rq_transformer_release_folder, tmp_path, text_tokenizer):
-    """A release folder whose stage2 is text-conditioned (block_size_cond > 1, a cond_classifier): loaded, its
-    outputs are those of the release's forward, assembled here by hand from the loaded modules."""
+def test_text_conditioned_release_format_loads(tmp_path, text_tokenizer):
+    """A release folder whose stage2 is text-conditioned (block_size_cond > 1, a cond_classifier), written by the
+    test-only release writer: loaded, its outputs are those of the release's forward, assembled here by hand from
+    the release's own weights and the loaded modules."""
+    from test_interop_formats import tiny_rq_release
+
     release = tmp_path / "t2i"
-    shutil.copytree(rq_transformer_release_folder / "stage1", release / "stage1")
-    (release / "stage2").mkdir()
-    config = yaml.safe_load((rq_transformer_release_folder / "stage2" / "config.yaml").read_text())
     length, vocab = 10, text_tokenizer.vocab_size
-    config["arch"]["block_size_cond"], config["arch"]["vocab_size_cond"] = length, vocab
-    (release / "stage2" / "config.yaml").write_text(yaml.safe_dump(config))
-    state = torch.load(rq_transformer_release_folder / "stage2" / "model.pt", weights_only=True)["state_dict"]
+    tiny_rq_release(release, text_length=length, text_vocab_size=vocab)
+    config = yaml.safe_load((release / "stage2" / "config.yaml").read_text())
+    assert (config["arch"]["block_size_cond"], config["arch"]["vocab_size_cond"]) == (length, vocab)
+    state = torch.load(release / "stage2" / "model.pt", weights_only=True)["state_dict"]
     e = state["pos_emb_cond"].shape[-1]
     generator = torch.Generator().manual_seed(0)
-    state["cond_emb.weight"] = torch.randn(vocab, e, generator=generator) * 0.02
-    state["pos_emb_cond"] = torch.randn(1, length, e, generator=generator) * 0.02
-    state["cond_classifier.layer_norm.weight"], state["cond_classifier.layer_norm.bias"] = torch.ones(e), torch.zeros(e)
-    state["cond_classifier.linear.weight"] = torch.randn(vocab, e, generator=generator) * 0.02
-    state["cond_classifier.linear.bias"] = torch.zeros(vocab)
-    torch.save({"epoch": 0, "state_dict": state}, release / "stage2" / "model.pt")
     shutil.copy(text_tokenizer.vocab_file, release / "bpe-16k-vocab.json")
     shutil.copy(text_tokenizer.merges_file, release / "bpe-16k-merges.txt")
 
@@ -288,7 +338,9 @@ def test_text_conditioned_release_format_loads(rq_transformer_release_folder, tm
         depth_in = torch.cat([spatial[:, :, None], model.depth_input(emb.cumsum(2))[:, :, :-1]], 2) + state["pos_emb_d"]
         depth_out = run_blocks(model.depth_layers, depth_in.view(b * h * w, d, -1))
         expected = model.output(model.norm(depth_out)).view(b, h, w, d, -1)
-        expected_text = F.linear(F.layer_norm(latents[:, : length - 1], (e,)), state["cond_classifier.linear.weight"])
+        normed = F.layer_norm(latents[:, : length - 1], (e,), state["cond_classifier.layer_norm.weight"],
+                              state["cond_classifier.layer_norm.bias"])  # fmt: skip
+        expected_text = F.linear(normed, state["cond_classifier.linear.weight"], state["cond_classifier.linear.bias"])
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(text_logits, expected_text, atol=1e-5, rtol=1e-5)
     sample = generate(model, text, SamplingSettings(greedy=True))

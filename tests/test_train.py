@@ -176,16 +176,33 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption would
         return real_step(self, batch, step)
 
-    monkeypatch.setattr(TokenizerTask, "train_step", step)
-    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=20", "train.ckpt_every=100"])
-    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 4"):
-        train_tokenizer(cfg, tmp_path / "run")
-    ckpt = latest_checkpoint(tmp_path / "run")
-    assert ckpt.step == 4 and verify_checkpoint(ckpt.path) is None
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
-    monkeypatch.setattr(TokenizerTask, "train_step", real_step)
-    train_tokenizer(cfg, tmp_path / "run", resume=True)  # and it resumes from there
-    assert latest_checkpoint(tmp_path / "run").step == 20
+    # The handlers the caller had (here stand-ins of the test's own) are the ones it has again afterwards, both
+    # when training stops on the signal and when it ends normally.
+    def callers_sigterm(signum, frame):
+        raise AssertionError("the caller's SIGTERM handler ran during training")
+
+    def callers_sigint(signum, frame):
+        raise AssertionError("the caller's SIGINT handler ran during training")
+
+    before = {signal.SIGTERM: signal.signal(signal.SIGTERM, callers_sigterm),
+              signal.SIGINT: signal.signal(signal.SIGINT, callers_sigint)}  # fmt: skip
+    try:
+        monkeypatch.setattr(TokenizerTask, "train_step", step)
+        cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=20", "train.ckpt_every=100"])
+        with pytest.raises(TrainingInterrupted, match="SIGTERM at step 4"):
+            train_tokenizer(cfg, tmp_path / "run")
+        ckpt = latest_checkpoint(tmp_path / "run")
+        assert ckpt.step == 4 and verify_checkpoint(ckpt.path) is None
+        assert signal.getsignal(signal.SIGTERM) is callers_sigterm
+        assert signal.getsignal(signal.SIGINT) is callers_sigint
+        monkeypatch.setattr(TokenizerTask, "train_step", real_step)
+        train_tokenizer(cfg, tmp_path / "run", resume=True)  # and it resumes from there
+        assert latest_checkpoint(tmp_path / "run").step == 20
+        assert signal.getsignal(signal.SIGTERM) is callers_sigterm
+        assert signal.getsignal(signal.SIGINT) is callers_sigint
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_an_unwritable_or_full_run_directory_fails_before_training(tmp_path, monkeypatch):
@@ -332,38 +349,122 @@ def test_the_best_checkpoint_is_kept_beside_the_newest(tmp_path, monkeypatch):
     assert best == {"step": 4, "metric": "psnr", "value": 30.0}
 
 
+# `vqar train` with a pause at one moment of the run, so that a SIGKILL lands exactly there: the process writes
+# VQAR_TEST_MARKER and sleeps when it reaches VQAR_TEST_PAUSE ("weights:S": checkpoint S's first weights file is
+# written and nothing else; "rename:S": checkpoint S is written and synced, not yet renamed into place; "step:S":
+# inside training step S, after the optimizer step). Everything else is the real command.
+PAUSING_TRAIN = """
+import os, sys, time
+from pathlib import Path
+
+import vqar.train.checkpoint as checkpoint
+from vqar.cli import main
+from vqar.train.tokenizer import TokenizerTask
+
+where, at = os.environ["VQAR_TEST_PAUSE"].split(":")
+at = int(at)
+folder_of_step = f"step-{at:07d}"  # in the name of the folder the checkpoint is written in, temporary or not
+
+
+def pause():
+    Path(os.environ["VQAR_TEST_MARKER"]).write_text(str(os.getpid()))
+    time.sleep(3600)
+
+
+if where == "weights":
+    real_save_weights = checkpoint.save_weights
+
+    def save_weights(weights, path):
+        real_save_weights(weights, path)
+        if folder_of_step in Path(path).parent.name:
+            pause()
+
+    checkpoint.save_weights = save_weights
+elif where == "rename":
+    real_fsync_dir = checkpoint.fsync_dir
+
+    def fsync_dir(path):
+        real_fsync_dir(path)
+        if folder_of_step in Path(path).name:
+            pause()
+
+    checkpoint.fsync_dir = fsync_dir
+elif where == "step":
+    real_train_step = TokenizerTask.train_step
+
+    def train_step(self, batch, step):
+        metrics = real_train_step(self, batch, step)
+        if step == at:
+            pause()
+        return metrics
+
+    TokenizerTask.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five `vqar train` processes: on a busy 2-core machine more than the default 600 s
 def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
-    """Real `vqar train` processes killed with SIGKILL at random moments (inside steps, during checkpoint writes)
-    and resumed each time end with the weights of an uninterrupted run, and no checkpoint is ever corrupt."""
-    import random
+    """Real `vqar train` processes killed with SIGKILL in the middle of a checkpoint write (after its first file;
+    after all its files, before the rename) and inside a training step, each resumed, end with the weights of an
+    uninterrupted run bit for bit, and no checkpoint that a run lists is ever damaged. The kills land where they
+    are meant to by construction (the process waits there), not by timing."""
+    import os
     import subprocess
     import sys
     import time
 
-    overrides = [*TINY_RUN, "steps=30", "train.eval_every=30", "train.ckpt_every=3", "train.keep_checkpoints=2"]
-    command = [sys.executable, "-m", "vqar.cli", "train", "tokenizer", "rqvae-mnist", *overrides]
-    subprocess.run([*command, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    overrides = [*TINY_RUN, "steps=12", "train.eval_every=12", "train.ckpt_every=3", "train.keep_checkpoints=2"]
+    arguments = ["train", "tokenizer", "rqvae-mnist", *overrides]
+    subprocess.run([sys.executable, "-m", "vqar.cli", *arguments, "--out", str(tmp_path / "clean")], check=True,
+                   capture_output=True)  # fmt: skip
     expected = load_file(str(tmp_path / "clean" / "model.safetensors"))
 
-    rng = random.Random(7)
-    run = tmp_path / "killed"
-    kills = 0
-    for _ in range(4):
-        args = [*command, "--out", str(run)] + (["--resume"] if run.exists() else [])
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 9.0))
-        if proc.poll() is not None:
-            break
-        proc.kill()  # SIGKILL: no handler runs, possibly in the middle of writing a checkpoint
-        proc.wait()
-        kills += 1
-        for ckpt in list_checkpoints(run):  # finished checkpoints are whole; partial ones are hidden temp dirs
+    run, folder = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    plan = [("weights", 6), ("rename", 9), ("step", 10)]
+    landed = []
+    for attempt, (where, at) in enumerate(plan):
+        marker = tmp_path / f"paused-{attempt}"
+        log = tmp_path / f"attempt-{attempt}.log"
+        env = {**os.environ, "VQAR_TEST_PAUSE": f"{where}:{at}", "VQAR_TEST_MARKER": str(marker)}
+        command = [sys.executable, "-c", PAUSING_TRAIN, *arguments, "--out", str(run)]
+        with open(log, "w") as output:
+            proc = subprocess.Popen([*command, *(["--resume"] if run.exists() else [])], stdout=output,
+                                    stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            try:
+                deadline = time.monotonic() + 600
+                while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not marker.exists():  # the run ended before the moment: on to the next one
+                    if proc.poll() is None:
+                        pytest.fail(f"`vqar train` neither reached {where}:{at} nor ended within 600 s")
+                    assert proc.returncode == 0, log.read_text()[-3000:]
+                    continue
+            finally:
+                proc.kill()  # SIGKILL: no handler runs
+                proc.wait()
+        partial = sorted(folder.glob(f".tmp-step-{at:07d}-*"))
+        if where == "weights":  # killed after the first file: a partial checkpoint, no manifest yet
+            assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+            assert not (partial[0] / "manifest.json").exists() and not (folder / f"step-{at:07d}").exists()
+        elif where == "rename":  # complete but not renamed: not a checkpoint yet
+            assert len(partial) == 1 and (partial[0] / "manifest.json").is_file()
+            assert not (folder / f"step-{at:07d}").exists()
+        else:
+            assert not partial
+        landed.append(where)
+        checkpoints = list_checkpoints(run)
+        assert checkpoints and checkpoints[-1].step <= at
+        for ckpt in checkpoints:  # finished checkpoints are whole; partial ones are hidden temporary folders
             assert verify_checkpoint(ckpt.path) is None, ckpt.path
-    subprocess.run([*command, "--out", str(run), "--resume"], check=True, capture_output=True)
-    assert kills >= 1, "the run finished before any kill; raise train.steps"
-    assert latest_checkpoint(run).step == 30
+    assert {"weights", "rename"} <= set(landed), landed  # at least the two kills inside checkpoint writes
+    subprocess.run([sys.executable, "-m", "vqar.cli", *arguments, "--out", str(run), "--resume"], check=True,
+                   capture_output=True)  # fmt: skip
+    assert latest_checkpoint(run).step == 12
+    assert not list(folder.glob(".tmp-*")), "the resumed run left the killed runs' temporary folders"
     resumed = load_file(str(run / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
 

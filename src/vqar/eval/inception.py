@@ -79,8 +79,8 @@ def find_weights(path: str | Path | None = None, download: bool = True) -> Path:
 
 
 def tf_bilinear_resize(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    """TensorFlow's bilinear resize (half-pixel offsets without antialiasing, edge clamping), as StyleGAN3's
-    Inception applies it internally."""
+    """TensorFlow 1's bilinear resize (source coordinate = i * in / out, no half-pixel offset, no antialiasing,
+    edge clamping), as StyleGAN3's Inception applies it internally."""
     b, _, h, w = x.shape
     theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0

@@ -59,7 +59,9 @@ def rejection_sample(
         raise ValueError(f"accept_rate must be in (0, 1], got {accept_rate}")
     if not classes:
         raise ValueError("rejection sampling needs class-conditional sampling (the classifier scores classes)")
-    drawn_per_class = math.ceil(n_per_class / accept_rate)
+    # n / rate rounded up; the quotient is rounded to 9 decimals first, or floating point would add a draw
+    # where it lands just above an integer (21 / 0.7 = 30.000000000000004)
+    drawn_per_class = math.ceil(round(n_per_class / accept_rate, 9))
     conditions = make_conditions(model, classes=classes, n_per_condition=drawn_per_class)
     drawn = draw(model, conditions, settings, **options)
     scores = class_scores(classifier, drawn.images, drawn.labels)
