@@ -177,6 +177,7 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     conditions = make_conditions(gpt, prompts=["the digit 4"], n_per_condition=2)
     result = draw(gpt, conditions, SamplingSettings(cfg_scale=2.0))
     assert result.images.shape == (2, 1, 32, 32) and result.prompts == ["the digit 4"]
+    assert not result.images.requires_grad  # decoded without keeping the tokenizer's graph
     prompt = gpt.text_tokenizer.encode(["the digit 4"] * 2)
     assert torch.equal(result.codes, generate(gpt, prompt, SamplingSettings(cfg_scale=2.0)))  # the prompt, guided
     with torch.no_grad():

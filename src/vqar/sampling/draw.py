@@ -54,6 +54,7 @@ def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
     return tokenizer
 
 
+@torch.no_grad()  # sampling never needs gradients; without this, decoding would keep the tokenizer's graph
 def draw(
     model: ARModel,
     conditions: Conditions,
