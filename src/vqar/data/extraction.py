@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from vqar.data.loading import Batch, collate_samples
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
 from vqar.parallel import Parallel
-from vqar.utils.io import atomic_write, atomic_write_text, fsync_dir, sha256_file
+from vqar.utils.io import atomic_write, atomic_write_text, replace_directory, sha256_file
 
 log = logging.getLogger("vqar.data")
 
@@ -365,12 +364,7 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
         manifest["uncaptioned_images"] = sum(p["uncaptioned"] for p in parts)
     _save_tokenizer(tokenizer, tokenizer_dir, work.path / "tokenizer")
     atomic_write_text(work.path / MANIFEST, json.dumps(manifest, indent=1))
-    old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(work.path, out_dir)
-    fsync_dir(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(work.path, out_dir)
     for leftover in [*out_dir.glob("part-*.json"), *out_dir.glob("captions-*.json"), out_dir / PLAN]:
         leftover.unlink(missing_ok=True)
     bad = manifest["skipped_files"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
 from vqar.data.shards import is_shard_source, shard_index
-from vqar.utils.io import atomic_write_text, fsync_dir
+from vqar.utils.io import atomic_write_text, replace_directory
 
 log = logging.getLogger("vqar.data")
 
@@ -118,7 +117,7 @@ def pack_shards(
         index_data = shard_index(names, writer.counts, list(getattr(dataset, "class_names", [])), captioned)
         index_data["source"] = str(source)
         atomic_write_text(work / INDEX, json.dumps(index_data, indent=1))
-        _replace(work, out_dir)
+        replace_directory(work, out_dir)
     except BaseException:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -173,12 +172,3 @@ class _ShardWriter:
 
     def close(self) -> None:
         self._finish()
-
-
-def _replace(work: Path, out_dir: Path) -> None:
-    old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    fsync_dir(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)

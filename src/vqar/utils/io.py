@@ -78,6 +78,18 @@ def atomic_write_text(target: str | Path, text: str) -> None:
     atomic_write(target, lambda p: p.write_text(text))
 
 
+def replace_directory(built: str | Path, target: str | Path) -> None:
+    """Puts the finished folder `built` at `target` (a sibling): the old `target` is moved aside first and removed
+    only once `built` is in place, so a crash leaves one complete folder or the other, never a mix."""
+    built, target = Path(built), Path(target)
+    old = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(built, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
