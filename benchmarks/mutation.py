@@ -5,8 +5,9 @@ Each mutation names a file under src/vqar, an exact snippet that must occur ther
 before running anything when one does not: the list must not rot silently), its replacement, and the test files
 that should kill it. The core modules it covers: the quantizers (quantize/vector.py, residual.py, codebook.py),
 the sampling filters, loop and settings (sampling/filters.py, generate.py, settings.py: guidance and cfg_interval
-included), the stage-1 loss (tokenizers/losses.py) and the AR losses (train/ar.py, train/text.py, the
-RQ-Transformer's soft targets). The first four are the deliberate bugs of the issue that asked for this check.
+included), the stage-1 loss (tokenizers/losses.py), the AR losses (train/ar.py, train/text.py, the
+RQ-Transformer's soft targets) and the weight EMA that `--ema` samples from (train/ema.py). The first four are the
+deliberate bugs of the issue that asked for this check.
 
 How it runs: `src/` is copied once to a temporary folder; each mutation is written into the copy, the tests run as
 `python -m pytest -x -q -p no:cacheprovider <tests>` from the repository root with PYTHONPATH=<copy>/src (ahead of
@@ -87,19 +88,27 @@ MUTATIONS = [
              "torch.searchsorted(cdf, u, right=True)", "torch.searchsorted(cdf, u, right=False)", SAMPLING),
     # ---------------------------------------------------------------- the generation loop and its settings
     Mutation("generate_guided_at_next_position", "sampling/generate.py",
-             "guided = settings.guided_at(p)", "guided = settings.guided_at(p + 1)", SAMPLING),
+             "if settings.guided_at(start) else 1.0", "if settings.guided_at(start + 1) else 1.0", SAMPLING),
     Mutation("generate_unguided_reads_null_half", "sampling/generate.py",
              "else logits[:n]", "else logits[-n:]", SAMPLING),
     Mutation("generate_depth0_filters_everywhere", "sampling/generate.py",
-             "codes[:, p, d] = pick(logits, f,", "codes[:, p, d] = pick(logits, run.filters[0],", SAMPLING),
+             "codes[:, block, d] = pick(logits, f,", "codes[:, block, d] = pick(logits, run.filters[0],", SAMPLING),
     Mutation("image_noise_ignores_the_index", "sampling/generate.py",
-             "np.random.SeedSequence([seed, i])", "np.random.SeedSequence([seed, 0])", SAMPLING),
+             "torch.rand(count, generator=_stream(seed, i))", "torch.rand(count, generator=_stream(seed, 0))",
+             SAMPLING),
     Mutation("cfg_interval_one_more", "sampling/settings.py",
              "position - 1 <= interval", "position - 2 <= interval", SAMPLING),
     Mutation("guided_at_first_code_clause_dropped", "sampling/settings.py",
              "position == 0 or interval", "position < 0 or interval", SAMPLING),
     Mutation("guidance_on_at_scale_one", "sampling/settings.py",
              "return self.cfg_scale > 1.0", "return self.cfg_scale >= 1.0", SAMPLING),
+    # ---------------------------------------------------------------- blocks of codes per call (VAR, windows)
+    Mutation("var_cfg_ramp_shifted_by_one_scale", "sampling/settings.py",
+             "(block / (blocks - 1) if blocks > 1 else 1.0)", "((block + 1) / blocks if blocks > 1 else 1.0)",
+             ("tests/test_var_model.py",)),
+    Mutation("block_attention_hides_a_query_from_itself", "ar/layers.py",
+             "<= query_at  # (L, keys)", "< query_at  # (L, keys)",
+             ("tests/test_compiled.py::test_a_block_of_positions_decodes_as_one_position_at_a_time",)),
     Mutation("per_depth_first_value_everywhere", "sampling/settings.py",
              "        return list(value)\n", "        return [value[0]] * depth\n", SAMPLING),
     # ---------------------------------------------------------------- vector quantizer
@@ -156,7 +165,7 @@ MUTATIONS = [
     Mutation("ar_loss_weights_swapped", "train/ar.py",
              "c.img_weight * image + c.txt_weight * caption", "c.txt_weight * image + c.img_weight * caption",
              LOSSES),
-    Mutation("ar_soft_targets_averaged_over_codes", "train/ar.py",
+    Mutation("ar_soft_targets_averaged_over_codes", "ar/losses.py",
              "log_softmax(flat.float(), dim=-1)).sum(-1).mean()", "log_softmax(flat.float(), dim=-1)).mean()",
              LOSSES),
     Mutation("text_loss_unshifted", "train/text.py",
@@ -164,6 +173,11 @@ MUTATIONS = [
              LOSSES + ("tests/test_text.py::test_rq_text_head_loss_and_soft_targets",)),
     Mutation("soft_targets_residual_wrong_direction", "ar/rq_transformer.py",
              "residuals = vectors.flip(-2).cumsum(-2).flip(-2)", "residuals = vectors.cumsum(-2)", LOSSES),
+    # ---------------------------------------------------------------- the weight EMA that --ema samples from
+    Mutation("ema_decay_and_its_complement_swapped", "train/ema.py",
+             "torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)",
+             "torch._foreach_lerp_(ema_params, params, self.decay)",
+             ("tests/test_train.py::test_ema_step_matches_a_hand_computed_average",)),
 ]  # fmt: skip
 
 GUARD_PLUGIN = '''"""Stops the run unless vqar comes from the mutated copy (written by benchmarks/mutation.py)."""

@@ -40,7 +40,7 @@ def test_rq_transformer_trains_and_exports(rq_run):
     assert val[-1]["nll"] < val[0]["nll"]
     assert (rq_run / "samples_grid.png").is_file()
     assert Image.open(rq_run / "samples_grid.png").size[1] > 10 * 32  # one row per digit
-    model = vqar.load(rq_run)
+    model = vqar.load_pretrained(rq_run)
     assert isinstance(model, RQTransformer) and model.tokenizer is not None
     assert model.code_shape == (4, 4, 4) and model.num_classes == 10
     assert torch.equal(model.code_embeddings[0], model.tokenizer.quantizer.codebook(0).vectors())
@@ -58,7 +58,7 @@ def test_loss_decreases_on_a_small_batch_for_both_models(tiny_pipeline):
     gpt = GPT(GPTConfig(**GPT_SIZES["GPT-XS"], vocab_size=64, code_shape=[4, 4], num_classes=10, **no_dropout))
     rq_cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", "size=RQ-XS",
                                           "model.resid_dropout_p=0.0", "model.class_dropout_prob=0.0"])  # fmt: skip
-    rq = build_model(rq_cfg, vqar.load(tiny_pipeline / "codes" / "tokenizer"))
+    rq = build_model(rq_cfg, vqar.load_pretrained(tiny_pipeline / "codes" / "tokenizer"))
     for model, batch in ((gpt, codes[..., 0]), (rq, codes)):  # the GPT learns the first-depth code grid
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
@@ -128,11 +128,11 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     from vqar.train.tokenizer import train_tokenizer
 
     train_tokenizer(tokenizer_config("vq-mnist", [*TINY_RUN, "model.conv.ch_mult=[1,2,4]", "steps=5"]), tmp_path / "vq")
-    extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200), tmp_path / "codes")
+    extract_codes(vqar.load_pretrained(tmp_path / "vq"), DataConfig(max_images=200), tmp_path / "codes")
     cfg = load_run_config("gpt-mnist", [f"codes={tmp_path / 'codes'}", "size=GPT-XS", "steps=10", "bs=16"])
     metrics = train_ar(cfg, tmp_path / "gpt")
     assert np.isfinite(metrics["nll"])
-    model = vqar.load(tmp_path / "gpt")
+    model = vqar.load_pretrained(tmp_path / "gpt")
     assert model.code_shape == (8, 8) and model.tokenizer is not None
     with pytest.raises(ValueError, match="stacks of codes"):
         train_ar(load_run_config("rq-mnist", [f"codes={tmp_path / 'codes'}"]), tmp_path / "rq")
@@ -146,13 +146,13 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert [r["patch"] for r in train] == [4, 4, 2, 2, 1, 1, 1, 1]
     assert [r["positions"] for r in train[::2]] == [16 * 4, 16 * 16, 16 * 64, 16 * 64]
     assert train[0]["lr"] == 0.0 and train[2]["lr"] == 0.0  # every segment restarts its warmup
-    with pytest.raises(ValueError, match="trains a GPT"):
+    with pytest.raises(ValueError, match=r"npp.level > 1\) applies to arch=gpt, not arch=vim"):
         load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "npp.level=2"])
     with pytest.raises(ValueError, match="patch size 16"):
         train_ar(load_run_config("gpt-mnist", [*overrides[:4], "npp.level=5"]), tmp_path / "npp5")
     vim_cfg = load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"])
     metrics = train_ar(vim_cfg, tmp_path / "vim")
-    vim = vqar.load(tmp_path / "vim")
+    vim = vqar.load_pretrained(tmp_path / "vim")
     assert vim.arch == "vim"
     # the reported validation NLL is the exported model's cross-entropy on the validation split, computed here
     from vqar.data import split_dataset
@@ -168,11 +168,12 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert metrics["nll"] == pytest.approx(nll, rel=1e-5)
 
     # A text-conditioned GPT: the captions of the digits as a prefix, caption dropout, a prompt at sampling time.
-    extract_codes(vqar.load(tmp_path / "vq"), DataConfig(max_images=200, captions="digits"), tmp_path / "text-codes")
+    text_data = DataConfig(max_images=200, captions="digits")
+    extract_codes(vqar.load_pretrained(tmp_path / "vq"), text_data, tmp_path / "text-codes")
     overrides = [f"codes={tmp_path / 'text-codes'}", "size=GPT-XS", "steps=6", "bs=16", "text.length=8",
                  "text.vocab_size=160", "sample.n_per_class=1"]  # fmt: skip
     assert np.isfinite(train_ar(load_run_config("gpt-mnist", overrides), tmp_path / "gpt-text")["nll"])
-    gpt = vqar.load(tmp_path / "gpt-text")
+    gpt = vqar.load_pretrained(tmp_path / "gpt-text")
     assert gpt.conditioning.value == "text" and gpt.cfg.prefix_length == 8 and gpt.has_null_condition
     conditions = make_conditions(gpt, prompts=["the digit 4"], n_per_condition=2)
     result = draw(gpt, conditions, SamplingSettings(cfg_scale=2.0))
@@ -190,7 +191,7 @@ def test_gpt_on_a_vq_code_store(tmp_path):
         guided = null + 2.0 * (gpt(greedy, prompt).logits - null)
     chosen = guided.gather(-1, greedy[..., None]).squeeze(-1)
     assert (guided.max(-1).values - chosen <= 1e-4).all()
-    with pytest.raises(ValueError, match="VIM is class-conditional"):
+    with pytest.raises(ValueError, match=r"a caption store .* applies to arch=gpt\|rq, not arch=vim"):
         train_ar(load_run_config("vim-mnist", overrides[:1] + ["steps=2"]), tmp_path / "vim-text")
 
 
@@ -296,7 +297,7 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     assert f"  code_dim: 32  # from the code store {codes}" in text  # the tokenizer's code vectors
     # what the trained run recorded and exported is what the configuration said
     overrides = [f"codes={codes}", *TINY_AR, "steps=60", "train.eval_every=30", "lr=3e-3"]  # as rq_run
-    assert to_dict(load_run_config("rq-mnist", overrides).model) == to_dict(vqar.load(rq_run).cfg)
+    assert to_dict(load_run_config("rq-mnist", overrides).model) == to_dict(vqar.load_pretrained(rq_run).cfg)
     assert main(["config", "ar", "gpt-mnist"]) == 0
     assert "  vocab_size: ???  # from the code store: give codes=DIR" in capsys.readouterr().out
     assert main(["config", "ar", "rq-mnist", f"codes={codes}", "model.vocab_size=512"]) == 2

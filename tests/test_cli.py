@@ -73,3 +73,37 @@ def test_train_then_reconstruct(tmp_path, capsys):
     assert not (out_dir / "bad_recon.png").exists()
     assert main(["reconstruct", "--tokenizer", str(run_dir), str(good), "--out", str(out_dir), "--size", "30"]) == 2
     assert "multiple of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sample", "--model", "runs/ar", "stray", "--out", "samples"],  # was a TypeError traceback
+        ["sample", "--model", "runs/ar", "--out", "samples", "top_k=5"],
+        ["serve", "--model", "runs/ar", "stray"],
+        ["convert", "a.pt", "out", "stray"],
+        ["reconstruct", "--tokenizer", "runs/rq", "a.png", "--out", "recon", "--stray"],
+        ["extract-codes", "--tokenizer", "runs/rq", "--data", "mnist", "--out", "codes", "stray"],
+        ["eval", "fid", "samples", "--ref", "ref.npz", "stray"],
+        ["eval", "linear-probe", "mnist", "--model", "runs/ar", "--layer", "1", "stray"],
+        ["demo", "--out", "runs/demo", "stray"],
+        ["presets", "tokenizer", "stray"],
+        ["pack-shards", "mnist", "--out", "shards", "stray"],
+    ],
+)
+def test_stray_words_are_one_line_errors(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    stray = next(word for word in args if "stray" in word or "=" in word)
+    assert f"unrecognized arguments for `vqar {args[0]}" in err and stray in err, err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_commands_with_overrides_take_them_after_their_options(capsys):
+    assert main(["config", "tokenizer", "rqvae-mnist", "d=2", "c=128"]) == 0
+    assert "depth: 2" in capsys.readouterr().out
+    assert main(["train", "tokenizer", "rqvae-mnist", "stray", "--out", "/nonexistent/run"]) == 2
+    assert "overrides are key=value pairs, got 'stray'" in capsys.readouterr().err

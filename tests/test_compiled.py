@@ -46,9 +46,38 @@ def test_a_position_given_as_a_tensor_decodes_as_an_int_does(kind):
         with torch.no_grad():
             context = model.prefill(torch.tensor([1, 3]), state)
             for p in range(model.num_positions - 1):
-                context = model.decode_position(codes[:, p], torch.tensor([p]) if as_tensor else p, state)
+                context = model.decode_block(codes[:, p : p + 1], torch.tensor([p]) if as_tensor else p, state)
         contexts.append(context)
     torch.testing.assert_close(contexts[1], contexts[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "rq", "vim"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_block_of_positions_decodes_as_one_position_at_a_time(kind, as_tensor):
+    """The block contract: feeding positions 1..last-2 in one call gives the contexts (and the next-code logits)
+    that one-position calls give; the rest of the generation then goes on unchanged."""
+    model = tiny(kind)
+    last = model.num_positions - 1
+    assert last >= 4
+    codes = torch.randint(0, model.codebook_size, (2, model.num_positions, model.depth))
+    cond = torch.tensor([1, 3])
+
+    def run(blocks):
+        state = model.new_decode_state()
+        with torch.no_grad():
+            contexts = [model.prefill(cond, state)]
+            for start, size in blocks:
+                where = torch.tensor([start]) if as_tensor else start
+                contexts.append(model.decode_block(codes[:, start : start + size], where, state))
+            logits = model.code_logits(contexts[-1][:, -1:], codes[:, last : last + 1, :0], state)
+        return torch.cat(contexts, dim=1), logits
+
+    one_by_one, logits_one = run([(p, 1) for p in range(last)])
+    in_blocks, logits_blocks = run([(0, 1), (1, last - 2), (last - 1, 1)])
+    assert in_blocks.shape == one_by_one.shape == (2, last + 1, model.cfg.dim)
+    torch.testing.assert_close(in_blocks, one_by_one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_blocks, logits_one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(in_blocks[:, 2], in_blocks[:, 3])  # the positions' contexts do differ
 
 
 @pytest.mark.slow

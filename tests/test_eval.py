@@ -365,6 +365,20 @@ def test_bench_sample_cli(capsys):
     assert "power of 2" in capsys.readouterr().err
 
 
+def test_bench_sample_builds_every_family_through_the_registry(capsys):
+    """`model=` names a size of any architecture; the tokenizer quantizes as that family needs."""
+    common = ["c=32", "image_size=32", "ch=32", "batch_size=2", "loops=1", "warmup=0", "--device", "cpu", "--json"]
+    for model, d, shape in (("GPT-XS", 1, [4, 4]), ("VIM-XS", 1, [4, 4]), ("RQ-XS", 1, [4, 4, 1])):
+        assert main(["bench", "sample", "f=8", f"d={d}", f"model={model}", *common]) == 0
+        out = capsys.readouterr().out
+        result = json.loads(out[out.index("{") :])
+        assert result["code_shape"] == shape and result["arch"] == model.split("-")[0].lower()
+    assert main(["bench", "sample", "f=8", "d=2", "model=GPT-XS", *common]) == 2
+    assert "d=2 needs arch=rq" in capsys.readouterr().err
+    assert main(["bench", "sample", "model=GPT-Q"]) == 2
+    assert "unknown model size 'GPT-Q'" in capsys.readouterr().err
+
+
 def test_domain_fid_is_zero_for_identical_sets(classifier_cache):
     from vqar.data.mnist import load_mnist_digits
     from vqar.eval.digits import digit_classifier, domain_fid

@@ -9,7 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +82,7 @@ def test_damaged_checkpoints_are_moved_aside_and_the_export_never_goes_back(tmp_
     assert [c.step for c in list_checkpoints(run)] == [4, 8]  # the new step 8 and the intact step 4
     assert all(verify_checkpoint(c.path) is None for c in list_checkpoints(run))
     assert (run / "checkpoints" / "damaged" / "step-0000012").is_dir()  # kept aside, not deleted
+    assert (run / "checkpoints" / "damaged" / "step-0000008").is_dir()  # also the one the new step 8 replaced
     assert (run / "model.safetensors").read_bytes() == export  # step 8 < step 12: the newer export stays
     assert vqar.bundle.trained_steps(run) == 12
     _train(run, 16, keep=2, resume=True)
@@ -95,6 +99,16 @@ def test_a_resumed_run_continues_its_metric_log(tmp_path):
     rows = _rows(run)
     assert len(rows) == len(set(rows))  # one row per (step, split)
     assert [step for step, split in rows if split == "train"] == list(range(1, 9))
+
+
+def test_resuming_a_finished_run_adds_no_row(tmp_path):
+    run = tmp_path / "run"
+    metrics = _train(run, 4)
+    before = (run / "metrics.jsonl").read_text()
+    for _ in range(2):  # each --resume of the finished run reports its final validation without logging it again
+        assert _train(run, 4, resume=True) == pytest.approx(metrics)
+    assert (run / "metrics.jsonl").read_text() == before
+    assert _rows(run).count((4, "val")) == 1
 
 
 def test_the_next_run_removes_what_a_killed_one_left(tmp_path):
@@ -129,6 +143,73 @@ def test_written_files_get_the_permissions_of_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoints_get_the_permissions_of_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        _train(tmp_path / "run", 4)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run" / "checkpoints" / "step-0000004").iterdir()]
+    assert {p.name for p in files} >= {"model.safetensors", "trainer.pt", "manifest.json"}
+    for path in files:  # a colleague in the group can resume the run (safetensors alone would make them 0600)
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+def _files(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_space_check_counts_a_checkpoint_and_the_export(tmp_path, monkeypatch):
+    from vqar.train import loop
+
+    asked = []
+    check = loop.check_writable
+    monkeypatch.setattr(loop, "check_writable", lambda run_dir, need, *a: asked.append(need) or check(run_dir, need))
+    run = tmp_path / "run"
+    _train(run, 4)
+    written = sum(p.stat().st_size for p in (run / "checkpoints" / "step-0000004").iterdir())
+    written += (run / "model.safetensors").stat().st_size + (run / "config.json").stat().st_size
+    assert written <= asked[0] <= 1.2 * written + 2**20  # enough for both, without crying wolf
+
+
+@pytest.mark.parametrize("where", ["export", "checkpoint"])
+def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch, where):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import vqar.train.checkpoint
+
+    run = tmp_path / "run"
+    train = ["train", "tokenizer", "rqvae-mnist", *RUN, "--out", str(run)]
+    assert _cli([*train, "steps=4"], capsys)[0] == 0
+    before = _files(run)
+    module = vqar.bundle if where == "export" else vqar.train.checkpoint
+    real = module.save_file
+
+    def full_disk(tensors, path, *rest, **options):
+        real(dict(list(tensors.items())[:1]), path, *rest, **options)  # part of the file, then the disk is full
+        if where == "export":  # what safetensors raises (not an OSError)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                                  'space left on device" })')  # fmt: skip
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "save_file", full_disk)
+    code, err = _cli([*train, "steps=8", "--resume"], capsys)
+    message = err.splitlines()[-1]  # after the progress bar
+    assert code == 2 and message.startswith("vqar: error: out of disk space") and "Traceback" not in err, err
+    assert "MiB free" in message and "--resume" in message
+    after = _files(run)
+    assert not [path for path in after if ".tmp" in str(path)]  # no temporary file or folder is left
+    assert after[Path("model.safetensors")] == before[Path("model.safetensors")]  # the export of step 4, whole
+    assert after[Path("config.json")] == before[Path("config.json")]
+    assert all(verify_checkpoint(c.path) is None for c in list_checkpoints(run))  # what is there is whole
+    assert [c.step for c in list_checkpoints(run)] == ([4, 8] if where == "export" else [4])
+    monkeypatch.setattr(module, "save_file", real)
+    assert _cli([*train, "steps=8", "--resume"], capsys)[0] == 0  # space was freed: the run goes on
+    assert vqar.bundle.trained_steps(run) == 8
 
 
 # ---------------------------------------------------------------- bad input: one line, before any work
@@ -178,13 +259,19 @@ def _broken_copy(model_folder, tmp_path, edit) -> str:
         (lambda meta: [meta], "does not describe a model"),
         (lambda meta: {**meta, "config": {**meta["config"], "dim": 64}}, r"does not match .*config.json"),
         (lambda meta: {**meta, "config": {**meta["config"], "vocab_size": 2_000_000_000}}, "does not match"),
+        # 10^7 layers: refused from the header's tensor count, before anything is built (even on the meta device)
+        (lambda meta: {**meta, "config": {**meta["config"], "n_layer": 10_000_000}}, "n_layer asks for 10000000"),
+        (lambda meta: {**meta, "config": {**meta["config"], "dim": -128}}, "make no gpt model"),
+        (lambda meta: {**meta, "config": {**meta["config"], "n_head": 0}}, "make no gpt model"),
     ],
 )
 def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(model_folder, tmp_path, capsys, edit,
                                                                           message):  # fmt: skip
     folder = _broken_copy(model_folder, tmp_path, edit)
+    started = time.perf_counter()
     with pytest.raises(ValueError, match=message):
-        vqar.load(folder)  # a vocabulary of 2e9 would allocate 6 TB: refused from the file's header instead
+        vqar.load_pretrained(folder)  # a vocabulary of 2e9 would allocate 6 TB: refused from the file's header instead
+    assert time.perf_counter() - started < 10
     code, err = _cli(["sample", "--model", folder, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "config.json" in err
 
@@ -201,3 +288,95 @@ def test_a_folder_without_a_readable_image_says_so(tmp_path, capsys):
         Image.new("L", (32, 32), color=20 * i).save(images / f"good{i}.png")
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={images}", "steps=2", "data.batch_size=4"])
     assert torch.isfinite(torch.tensor(train_tokenizer(cfg, tmp_path / "run2")["psnr"]))
+
+
+def test_a_meta_build_stops_once_it_makes_far_more_tensors_than_the_file_holds():
+    from vqar.utils.meta import ModelTooLarge, bounded_meta_build
+
+    with bounded_meta_build(100, "and the file holds 10"):
+        torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(50)])  # 100 tensors: allowed
+    started = time.perf_counter()
+    too_many = pytest.raises(ModelTooLarge, match="more than 100 tensors, and the file holds 10")
+    with too_many, bounded_meta_build(100, "and the file holds 10"):
+        torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(10_000_000)])
+    assert time.perf_counter() - started < 10
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the hooks and the meta device are gone
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer") / "tok"
+    vqar.save_pretrained(vqar.Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), folder)
+    return folder
+
+
+@pytest.mark.timeout(120)  # a label of 2^40 made 2^40 class names: it never finished
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"arr_0": np.zeros((4, 8, 8), np.uint8), "labels": np.array([2**40, 0, 0, 0])}, "class id 1099511627776"),
+        ({"arr_0": np.zeros((4, 8, 8), bool)}, "got bool"),
+        ({"arr_0": np.zeros((4, 8, 8), np.complex64)}, "got complex64"),
+        ({"arr_0": np.zeros((4, 8, 8), np.uint8), "labels": np.array([0.5, 1, 2, 3])}, "integer class ids"),
+    ],
+)
+def test_a_bad_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, arrays, message):
+    data = tmp_path / "images.npz"
+    np.savez(data, **arrays)
+    code, err = _cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
+                      str(tmp_path / "codes")], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err and str(data) in err, err
+    assert not (tmp_path / "codes").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [  # 10^9 x 3 images would be 144 GB of codes alone, 8 TB with --accept-rate 1e-12: refused before allocating
+        (["--n-per-class", "1000000000"], "--n-per-class 1000000000 x 3 classes: 3000000000 images"),
+        (["--accept-rate", "1e-12", "--classifier", "digits"], "at --accept-rate 1e-12 (drawing 8000000000000 per"),
+        (["--accept-rate", "0"], "--accept-rate must be in (0, 1]"),
+    ],
+)
+def test_a_sample_run_too_large_for_memory_is_refused_up_front(model_folder, tmp_path, capsys, monkeypatch, args,
+                                                               message):  # fmt: skip
+    import vqar.utils.memory
+
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 8 << 30)  # any machine: 8 GB
+    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert "8.0 GB is available" in err or "accept-rate must" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):
+    import types
+
+    asked = []
+    hub = types.SimpleNamespace(snapshot_download=lambda repo_id, **_: asked.append(repo_id) or str(tmp_path))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    code, err = _cli(["sample", "--model", "runs/nonexistent", "--out", "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "runs/nonexistent: the local path does not exist" in err, err
+    assert asked == []  # `runs` is a local folder: a typo, not a Hub repository
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vqar.load_pretrained("./typo")
+    with pytest.raises(FileNotFoundError):  # org/name with no local org/: the Hub is asked
+        vqar.load_pretrained("someone/model")
+    assert asked == ["someone/model"]
+
+
+def test_a_file_of_random_bytes_is_not_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    code, err = _cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{path} is not a checkpoint" in err, err
+    assert "allow-list" not in err
+
+
+def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
+    with pytest.warns(DeprecationWarning, match="vqar.load_pretrained"):
+        model = vqar.load(model_folder)
+    assert type(model) is type(vqar.load_pretrained(model_folder))
+    for name, value in vqar.load_pretrained(model_folder).state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)

@@ -380,7 +380,7 @@ def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, capsys
     tokenizer, model = tiny_rq_release(release)
     assert main(["convert", str(release), str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer" / "model.safetensors").is_file()
-    original, converted = vqar.load_pretrained(release), vqar.load(out)
+    original, converted = vqar.load_pretrained(release), vqar.load_pretrained(out)
     codes = torch.randint(0, original.codebook_size, (2, *original.code_shape))
     cond = torch.tensor([3, 6])
     with torch.no_grad():
@@ -430,7 +430,7 @@ def test_hub_repo_ids_download_the_whole_bundle_and_nothing_else(tmp_path, monke
         return str(snapshot)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
-    loaded = vqar.load("someone/tiny-t2i")
+    loaded = vqar.load_pretrained("someone/tiny-t2i")
     assert calls == ["someone/tiny-t2i"] and isinstance(loaded, GPT)
     fetched = {p.relative_to(tmp_path / "cache" / "someone--tiny-t2i").as_posix()
                for p in (tmp_path / "cache").rglob("*") if p.is_file()}  # fmt: skip
@@ -441,7 +441,7 @@ def test_hub_repo_ids_download_the_whole_bundle_and_nothing_else(tmp_path, monke
     assert torch.equal(loaded.text_tokenizer.encode(prompt), model.text_tokenizer.encode(prompt))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(FileNotFoundError, match="huggingface_hub"):
-        vqar.load("someone/tiny-gpt")
+        vqar.load_pretrained("someone/tiny-gpt")
 
 
 # ---------------------------------------------------------------- folders of vqar 0.1
@@ -453,13 +453,13 @@ def test_folders_of_vqar_0_1_load_convert_and_give_their_logits(tmp_path, arch, 
     io = safetensors.torch.load_file(str(V1 / "io.safetensors"))
     codes, cond = io[f"{arch}_codes"], io["cond"]
     with pytest.raises(ValueError, match="load_pretrained"):
-        vqar.load(V1 / arch)
+        vqar.bundle.load(V1 / arch)
     loaded = vqar.load_pretrained(V1 / arch)
     assert loaded.arch == arch and (arch != "rq" or loaded.tokenizer is not None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(codes, cond).logits, io[f"{arch}_logits"], atol=1e-6, rtol=1e-6)
     assert main(["convert", str(V1 / arch), str(tmp_path / "new")]) == 0
-    converted = vqar.load(tmp_path / "new")
+    converted = vqar.load_pretrained(tmp_path / "new")
     with torch.no_grad():
         assert torch.equal(converted(codes, cond).logits, loaded(codes, cond).logits)
     if arch == "rq":

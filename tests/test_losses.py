@@ -101,10 +101,13 @@ def test_discriminator_loss_is_the_hinge_loss_plus_half_gamma_times_r1():
 
 # ---------------------------------------------------------------- stage 2
 def loss_task(model=None, **loss) -> ARTask:
-    """An ARTask holding only what its loss reads (the loss config and the model)."""
+    """An ARTask holding only what its loss reads (the loss config, the model and its registry entry)."""
+    from vqar.ar import get_architecture
+
     task = object.__new__(ARTask)
     task.cfg = type("Cfg", (), {"loss": LossConfig(**loss)})()
     task.model = model
+    task.arch = get_architecture(model.arch if model is not None else "gpt")
     return task
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqar.quantize import ResidualQuantizer, VectorQuantizer
+from vqar.quantize import MultiScaleQuantizer, ResidualQuantizer, VectorQuantizer
 
 pytestmark = pytest.mark.distributed
 
@@ -50,6 +50,13 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str) -> None:
             vq(_batch(rank, 50 if rank == 0 else 3))  # unequal batches, rank 1 smaller than K
             vq(_batch(rank, 0 if rank == 1 else 20))  # an empty batch on one rank
             state = vq.state_dict()
+        elif scenario == "multiscale":
+            # Every code counts as dead at every step (threshold 100): restarts on both steps, one of them with
+            # an empty batch on rank 1.
+            ms = MultiScaleQuantizer(K, DIM, (1, 2, 4), kmeans_init=True, dead_threshold=100.0).train()
+            for n in ((5, 2), (3, 0)):  # unequal batches, then an empty one on rank 1
+                ms(torch.randn(n[rank], 4, 4, DIM, generator=torch.Generator().manual_seed(rank)))
+            state = ms.state_dict()
         torch.save({k: v.clone() for k, v in state.items()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -96,3 +103,11 @@ def test_ranks_that_disagree_do_not_hang(tmp_path):
     # k-means ran on every rank (one rank asked for it) and its centroids came from rank 0.
     assert all(bool(s["codebook.initialized"]) for s in states)
     assert torch.equal(states[0]["codebook.weight"], states[1]["codebook.weight"])
+
+
+def test_multiscale_codebook_stays_identical_across_ranks(tmp_path):
+    """k-means on the scale pool, one all-reduced update per step over every scale, restarts from rank 0."""
+    states = _run("multiscale", tmp_path)
+    assert bool(states[0]["codebook.initialized"])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

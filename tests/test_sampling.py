@@ -415,8 +415,8 @@ def test_cpu_kv_cache_keeps_float32_under_bf16_and_matches_teacher_forcing():
         state = model.new_decode_state()
         context = model.prefill(ids, state)
         for t in range(6):
-            context = model.decode_position(flat[:, t : t + 1], t, state)
-        cached = model.code_logits(context, flat[:, :0], state)
+            context = model.decode_block(flat[:, t : t + 1, None], t, state)
+        cached = model.code_logits(context, flat[:, None, :0], state)[:, 0]
         full = model(codes, ids).logits.flatten(1, 2)[:, 6]
     assert {c.k.dtype for c in state} == {torch.float32}
     assert cached.dtype == torch.bfloat16

@@ -71,7 +71,7 @@ def class_run(tiny_pipeline, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def class_model(class_run):
-    return vqar.load(class_run)
+    return vqar.load_pretrained(class_run)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,9 @@ def test_api_health_model_and_generate(client):
         ({"class_id": 1, "n": True}, 422, "int"),
         ({"class_id": 1, "seed": -1}, 422, "seed"),
         ({"class_id": 1, "seed": "7"}, 422, "int"),
+        ({"class_id": 1, "cfg_scale": True}, 422, "float_type"),  # float fields are strict too (the README)
+        ({"class_id": 1, "temperature": "1.0"}, 422, "float_type"),
+        ({"class_id": 1, "top_p": [0.9, "0.9", 0.9, 0.9]}, 422, "float_type"),
         ({"class_id": 1, "n": 100}, 413, "images per request"),
         ({"class_id": 1, "steps": 3}, 422, "extra"),
         ({"class_id": "seven"}, 422, "int"),
@@ -426,3 +429,15 @@ def test_page_settings_parse_one_value_or_one_per_depth():
         parse_setting("high", float, 4, "temperature")
     with pytest.raises(RequestError, match="one code per position"):
         parse_setting("1,2", int, 1, "top-k")
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    from vqar.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        code = main(["serve", "--model", str(tmp_path / "not-loaded"), "--port", port])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_RUN
-from vqar.bundle import load
+from vqar.bundle import load, save_pretrained
 from vqar.cli import main
 from vqar.data import DataConfig, MnistDataset, evaluation_loader, open_dataset, training_loader
 from vqar.data.codes import CodeDataset
@@ -222,3 +223,71 @@ def test_pack_shards_command(tmp_path, capsys):
     assert "packed 100 images into 3 shards" in out and "data.source=" in out
     assert main(["pack-shards", "mnist", "--out", str(tmp_path / "s")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def _index_with(digit_shards, tmp_path, first: dict) -> str:
+    """A copy of the digits' shard index (absolute URLs) whose first entry is replaced by `first`."""
+    index = json.loads((digit_shards / "shards.json").read_text())
+    for entry in index["shardlist"]:
+        entry["url"] = str(digit_shards / entry["url"])
+    index["shardlist"][0] = {**index["shardlist"][0], **first}
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps(index))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def untrained_tokenizer(tmp_path_factory):
+    from vqar.tokenizers import Tokenizer
+    from vqar.train.tokenizer import load_run_config
+
+    folder = tmp_path_factory.mktemp("tokenizer") / "tok"
+    save_pretrained(Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), folder)
+    return folder
+
+
+def test_an_index_cannot_run_commands_unless_allowed(digit_shards, untrained_tokenizer, tmp_path, capsys, caplog):
+    marker = tmp_path / "ran"
+    command = f"pipe:touch {marker}; cat {digit_shards / 'shard-000000.tar'}"
+    index = _index_with(digit_shards, tmp_path, {"url": command})
+    listing = tmp_path / "shards.txt"
+    listing.write_text(command + "\n")
+    for source in (index, str(listing), command):  # an index, a list file, the source itself
+        with pytest.raises(ValueError, match="shell command .* data.allow_pipe=true"):
+            open_dataset(DataConfig(source=source, image_size=32, channels=1))
+    extract = ["extract-codes", "--tokenizer", str(untrained_tokenizer), "--data", index, "--out"]
+    capsys.readouterr()
+    assert main([*extract, str(tmp_path / "codes")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allow-pipe" in err and f"touch {marker}" in err
+    assert not marker.exists() and not (tmp_path / "codes").exists()
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):  # asked for: it runs, and says what it runs first
+        assert main([*extract, str(tmp_path / "codes"), "--allow-pipe"]) == 0
+    assert marker.exists() and f"running the shard command: touch {marker}" in caplog.text
+    assert len(CodeDataset(tmp_path / "codes")) == 300
+    dataset = open_dataset(DataConfig(source=index, image_size=32, channels=1, allow_pipe=True))  # the API's opt-in
+    assert len(dataset) == 300
+
+
+@pytest.mark.timeout(120)  # it wrote a warning per missing sample, 10^7 of them, and never ended
+def test_an_index_that_promises_more_samples_than_a_shard_holds(digit_shards, untrained_tokenizer, tmp_path,
+                                                               caplog):  # fmt: skip
+    index = _index_with(digit_shards, tmp_path, {"nsamples": 10_000_000})
+    tokenizer = load(untrained_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        manifest = extract_codes(tokenizer, DataConfig(source=index, eval_batch_size=64), tmp_path / "codes")
+    warnings = [r.getMessage() for r in caplog.records if "shard-000000.tar" in r.getMessage()]
+    assert len(warnings) == 1, warnings[:3]  # one summary for the shard, not one line per missing sample
+    assert "9999936 samples" in warnings[0] and "ended after 64 of the 10000000" in warnings[0]
+    assert manifest["num_items"] == 300  # every sample the shards hold
+
+
+@pytest.mark.parametrize("count", [-5, 2.5, "many", None, True])
+def test_a_bad_sample_count_in_an_index_is_one_line(digit_shards, untrained_tokenizer, tmp_path, capsys, count):
+    index = _index_with(digit_shards, tmp_path, {"nsamples": count})
+    with pytest.raises(ValueError, match="needs a 'url' and an 'nsamples' count >= 0"):
+        open_dataset(DataConfig(source=index, image_size=32, channels=1))
+    args = ["extract-codes", "--tokenizer", str(untrained_tokenizer), "--data", index, "--out", str(tmp_path / "c")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nsamples" in err and "Traceback" not in err

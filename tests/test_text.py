@@ -140,7 +140,7 @@ def test_captioned_folder_becomes_a_text_store(tiny_pipeline, tmp_path, caplog):
     captions = [{"file": f"cats/{i}.png", "caption": f"a grey square number {i}"} for i in range(4)]
     captions.append({"file": "cats/0.png", "caption": "a dark square"})
     (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
-    tokenizer = vqar.load(tiny_pipeline / "tokenizer")
+    tokenizer = vqar.load_pretrained(tiny_pipeline / "tokenizer")
     with caplog.at_level(logging.WARNING):
         manifest = extract_codes(tokenizer, DataConfig(source=str(folder)), tmp_path / "codes")
     assert manifest["num_items"] == 4 and manifest["uncaptioned_images"] == 1 and "have no caption" in caplog.text
@@ -222,7 +222,7 @@ def test_text_models_sample_with_guidance_and_cache():
 @pytest.fixture(scope="module")
 def text_run(tiny_pipeline, tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
-    tokenizer = vqar.load(tiny_pipeline / "tokenizer")
+    tokenizer = vqar.load_pretrained(tiny_pipeline / "tokenizer")
     extract_codes(tokenizer, DataConfig(source="mnist", max_images=300, captions="digits"), root / "codes",
                   tokenizer_dir=tiny_pipeline / "tokenizer")  # fmt: skip
     overrides = [f"codes={root / 'codes'}", *TINY_AR, "steps=30", "train.eval_every=30", "train.log_every=1",
@@ -240,7 +240,7 @@ def test_text_rq_trains_with_weighted_text_loss(text_run):
     assert np.mean([r["text_loss"] for r in train[-5:]]) < np.mean([r["text_loss"] for r in train[:5]])
     assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
     assert np.isfinite(metrics["nll"])
-    model = vqar.load(root / "ar")
+    model = vqar.load_pretrained(root / "ar")
     assert model.conditioning.value == "text" and model.text_tokenizer.length == 8 and model.has_null_condition
     assert (root / "ar" / "samples_grid_prompts.txt").is_file()
 
@@ -259,7 +259,7 @@ def test_caption_dropout_replaces_whole_captions_at_the_configured_rate(text_run
     overrides = [f"codes={root / 'codes'}", *TINY_AR, *small, "text.length=8", "text.vocab_size=160",
                  "model.class_dropout_prob=0.3"]  # fmt: skip
     store = CodeDataset(root / "codes")
-    captions = vqar.load(root / "ar").text_tokenizer
+    captions = vqar.load_pretrained(root / "ar").text_tokenizer
     task = ARTask(load_run_config("rq-mnist-text", overrides), store, torch.device("cpu"), text_tokenizer=captions)
     batch = collate_codes([store[i] for i in range(len(store))])
     seen = []

@@ -62,7 +62,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = Tokenizer(tiny_config("rq")).eval()
     vqar.save_pretrained(model, tmp_path / "tok")
     assert {p.name for p in (tmp_path / "tok").iterdir()} == {"config.json", "model.safetensors"}
-    loaded = vqar.load(tmp_path / "tok")
+    loaded = vqar.load_pretrained(tmp_path / "tok")
     assert isinstance(loaded, Tokenizer) and not loaded.training
     images = torch.rand(2, 1, 16, 16) * 2 - 1
     assert torch.equal(model.encode(images), loaded.encode(images))
@@ -72,20 +72,20 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model"):
-        vqar.load(tmp_path / "missing")
+        vqar.load_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        vqar.load(tmp_path / "empty")
+        vqar.load_pretrained(tmp_path / "empty")
     vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "tok")
     (tmp_path / "tok" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read"):
-        vqar.load(tmp_path / "tok")
+        vqar.load_pretrained(tmp_path / "tok")
     # Weights from a different architecture do not load silently.
     vqar.save_pretrained(Tokenizer(tiny_config("vq")), tmp_path / "vq")
     vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "rq")
     (tmp_path / "rq" / "config.json").replace(tmp_path / "vq" / "config.json")
     with pytest.raises(ValueError, match=r"does not match .*config.json"):
-        vqar.load(tmp_path / "vq")
+        vqar.load_pretrained(tmp_path / "vq")
 
 
 def test_bad_inputs_raise_clear_errors():

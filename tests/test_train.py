@@ -51,7 +51,7 @@ def test_training_learns_and_writes_a_complete_run(trained_run):
 
 def test_trained_tokenizer_loads_and_refines_with_depth(trained_run):
     run_dir, cfg = trained_run
-    model = vqar.load(run_dir)
+    model = vqar.load_pretrained(run_dir)
     assert isinstance(model, Tokenizer) and model.code_shape() == (4, 4, 4)
     images = torch.from_numpy(load_mnist_digits()[0][::25].astype("float32")).unsqueeze(1) / 127.5 - 1
     codes = model.encode(images)
@@ -496,3 +496,31 @@ def test_non_finite_loss_is_skipped_without_touching_gradients_or_weights():
     optimizer = torch.optim.SGD([weight], lr=0.1)
     assert not StepGuard().step((weight * float("nan")).sum(), optimizer, grad_clip=1.0)
     assert weight.grad is None and torch.equal(weight.detach(), torch.ones(2))
+
+
+def test_ema_step_matches_a_hand_computed_average():
+    """w_ema <- decay * w_ema + (1 - decay) * w, parameter by parameter; buffers are copied as they are."""
+    from torch import nn
+
+    from vqar.train.ema import ModelEMA
+
+    model = nn.BatchNorm1d(2)  # two parameters and three buffers
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0]))
+        model.bias.copy_(torch.tensor([-4.0, 8.0]))
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([11.0, -8.0]))
+        model.bias.copy_(torch.tensor([6.0, 8.0]))
+        model.running_mean.copy_(torch.tensor([0.5, 0.25]))
+    ema.update(model)
+    # 0.9 * 1 + 0.1 * 11 = 2, 0.9 * 2 + 0.1 * -8 = 1; 0.9 * -4 + 0.1 * 6 = -3, 0.9 * 8 + 0.1 * 8 = 8
+    torch.testing.assert_close(ema.shadow.weight, torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(ema.shadow.bias, torch.tensor([-3.0, 8.0]))
+    assert torch.equal(ema.shadow.running_mean, model.running_mean)
+    ema.update(model)  # a second step from there: 0.9 * 2 + 0.1 * 11 = 2.9, 0.9 * 1 + 0.1 * -8 = 0.1
+    torch.testing.assert_close(ema.shadow.weight, torch.tensor([2.9, 0.1]))
+    assert not ema.shadow.weight.requires_grad and model.weight.requires_grad  # the model itself is untouched
+    torch.testing.assert_close(model.weight, torch.tensor([11.0, -8.0]))
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.0)

@@ -100,7 +100,7 @@ def test_vit_tokenizer_trains_and_its_loss_goes_down(tmp_path, capsys):
     lines = [line for line in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     losses = [json.loads(line)["loss"] for line in lines]
     assert losses[-1] < losses[0] * 0.7
-    model = vqar.load(tmp_path / "vit")
+    model = vqar.load_pretrained(tmp_path / "vit")
     assert isinstance(model, Tokenizer) and model.cfg.arch == "vit"
     codes = model.encode(torch.rand(3, 1, 32, 32) * 2 - 1)
     assert codes.shape == (3, 8, 8) and model.decode(codes).shape == (3, 1, 32, 32)

@@ -1,18 +1,30 @@
 """vqar: autoregressive image generation over discrete image tokens.
 
 Stage 1 (`vqar.tokenizers`, `vqar.quantize`) turns images into integer codes and back; stage 2 (`vqar.ar`) learns
-the distribution of those codes, and `vqar.sampling` draws new images from it. `vqar.load(folder)` loads any model
-vqar saved; `vqar.load_pretrained(path)` also reads the official RQ-VAE / RQ-Transformer releases and LlamaGen /
-NPP checkpoints.
+the distribution of those codes, and `vqar.sampling` draws new images from it. `vqar.load_pretrained(path)` is the
+one way to load a model: any folder vqar saved (`vqar.save_pretrained`, a training run), a Hub repository id, the
+official RQ-VAE / RQ-Transformer releases and LlamaGen / NPP checkpoints. `vqar.load` is a deprecated alias of it.
 """
 
-from vqar.bundle import load, save_pretrained, vqar_version
+from __future__ import annotations
+
+import warnings
+
+from vqar.bundle import save_pretrained, vqar_version
 from vqar.interop import load_pretrained
 from vqar.quantize import ResidualQuantizer, VectorQuantizer
 from vqar.sampling import SamplingSettings, draw, generate, make_conditions
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 
 __version__ = vqar_version()
+
+
+def load(path, device="cpu"):
+    """Deprecated: use `vqar.load_pretrained`, which reads the same folders and every other format."""
+    warnings.warn("vqar.load is deprecated; use vqar.load_pretrained (the same folders, and every other format "
+                  "vqar reads)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    return load_pretrained(path, device=device)
+
 
 __all__ = [
     "ResidualQuantizer",

@@ -2,7 +2,9 @@
 Hub layout) and, for an AR model, the companions it needs to make images: `tokenizer/` (the stage-1 model that
 decodes its codes, a folder of the same layout) and, for a text-to-image model, `text_tokenizer/` (its caption
 tokenizer). `save_pretrained` writes a bundle and `load` reads one; both are the only places that know the
-layout. Training runs export a bundle into their run directory, so `load(RUN_DIR)` gives the trained model.
+layout. Training runs export a bundle into their run directory, so `load(RUN_DIR)` gives the trained model. The
+public entry point is `vqar.load_pretrained` (`vqar.interop.load`), which reads bundles with `load` and every other
+format besides.
 
 Because the layout is the Hub's, a folder can be uploaded as a model repository as it is, and `load("owner/name")`
 downloads one (with the optional `huggingface_hub` package) when no local folder of that name exists.
@@ -24,7 +26,8 @@ from vqar.ar import ARCHITECTURES, ARModel
 from vqar.configs import ConfigError, from_dict, to_dict
 from vqar.text import TextTokenizer
 from vqar.tokenizers import Tokenizer, TokenizerConfig
-from vqar.utils.io import atomic_write, atomic_write_text
+from vqar.utils.io import atomic_path
+from vqar.utils.meta import ModelTooLarge, bounded_meta_build
 
 FORMAT_VERSION = 2  # 2: the one vocabulary of module and config names across the AR models
 CONFIG_FILE = "config.json"
@@ -76,11 +79,14 @@ def save_pretrained(
         raise TypeError(f"save_pretrained needs a vqar tokenizer or AR model, got {type(model).__name__}")
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "kind": kind}))
     config = {"vqar_format": FORMAT_VERSION, "vqar_version": vqar_version(), "kind": kind, "config": to_dict(model.cfg)}
     if trained_steps is not None:
         config["trained_steps"] = trained_steps
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
+    # Both files are written in full before either replaces its old version (the weights first, then the config
+    # that names their step): a write that fails, e.g. on a full disk, leaves the old pair as it was.
+    with atomic_path(folder / CONFIG_FILE) as config_tmp, atomic_path(folder / WEIGHTS_FILE) as weights_tmp:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "kind": kind})
+        config_tmp.write_text(json.dumps(config, indent=2))
     if not isinstance(model, ARModel):
         return
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -132,18 +138,27 @@ def _weights_path(folder: Path) -> Path:
     return path
 
 
+# Config fields that count layers (blocks, residual blocks), each of which holds tensors of its own.
+LAYER_COUNTS = ("n_layer", "n_depth_layer", "num_res_blocks")
+
+
 def check_weights_fit(kind: str, fields: dict, folder: Path) -> None:
-    """Compares the tensor names and shapes in the weights file's header with those of the configured model,
-    built on the meta device: a config that does not fit its weights (or asks for an absurd size) is refused
-    before anything is allocated."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build(kind, fields, folder / CONFIG_FILE).state_dict().items()}
-    path = _weights_path(folder)
+    """Compares the tensor names and shapes in the weights file's header with those of the configured model: a
+    config that does not fit its weights (or asks for an absurd size) is refused before anything is allocated.
+    Layer counts are checked against the header arithmetically first; the model is then built on the meta device,
+    and that build stops as soon as it makes far more tensors than the file holds."""
+    path, config = _weights_path(folder), folder / CONFIG_FILE
     try:
         with safe_open(str(path), "pt") as weights:
             stored = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read {path}: {err}") from None
+    for name, value, unit in _layer_counts(fields):
+        if value > len(stored):
+            raise ValueError(f"{path} does not match {config}: {name} asks for {value} {unit}, more than the "
+                             f"{len(stored)} tensors of the file")  # fmt: skip
+    with bounded_meta_build(2 * len(stored) + 256, f"and {path} holds {len(stored)}: it does not match {config}"):
+        expected = {k: tuple(v.shape) for k, v in build(kind, fields, config).state_dict().items()}
     problems = [f"missing {k}" for k in expected if k not in stored]
     problems += [f"unexpected {k}" for k in stored if k not in expected]
     problems += [f"{k}: {stored[k]} in the file, {expected[k]} by the config" for k in expected
@@ -153,8 +168,23 @@ def check_weights_fit(kind: str, fields: dict, folder: Path) -> None:
                          f"{'; '.join(problems[:3])})")  # fmt: skip
 
 
+def _layer_counts(fields, prefix: str = ""):
+    """(dotted name, count, unit) of every integer layer count and every list (per-level settings such as
+    `conv.ch_mult`) in a config, nested sections included: none can exceed the tensor count of a fitting file."""
+    if not isinstance(fields, dict):
+        return
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            yield from _layer_counts(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            yield f"{prefix}{key}", len(value), "entries"
+        elif key in LAYER_COUNTS and isinstance(value, int) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value, "layers"
+
+
 def build(kind: str, fields: dict, source: Path) -> nn.Module:
-    """An untrained model of `kind` from its config fields."""
+    """An untrained model of `kind` from its config fields; settings that make no model (a negative width, no
+    attention heads) are a ValueError naming `source`."""
     kinds = _kinds()
     if kind not in kinds:
         raise ValueError(f"{source} describes an unknown model kind {kind!r}; known: {', '.join(kinds)}")
@@ -163,15 +193,20 @@ def build(kind: str, fields: dict, source: Path) -> nn.Module:
         config = from_dict(config_cls, fields)
     except ConfigError as err:
         raise ValueError(f"{source}: {err}") from None
-    return model_cls(config)
+    try:
+        return model_cls(config)
+    except ModelTooLarge:
+        raise
+    except Exception as err:  # the constructors' own checks, and torch's errors for sizes out of range
+        raise ValueError(f"{source}: its settings make no {kind} model ({type(err).__name__}: {err})") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of a bundle (or a training run directory), in eval mode, with its companions attached."""
     folder = Path(path)
     if not folder.exists():
-        if not HUB_REPO_ID.match(str(path)):
-            raise FileNotFoundError(f"no model at {folder}")
+        if not is_hub_repo_id(path):
+            raise FileNotFoundError(f"no model at {folder}: the local path does not exist")
         folder = download_from_hub(str(path))
     kind, fields, format_version = read_config(folder)
     if format_version < FORMAT_VERSION and kind != TOKENIZER_KIND:
@@ -198,16 +233,27 @@ def attach_companions(model: ARModel, folder: Path, device: str | torch.device =
     model.attach(tokenizer, text_tokenizer)
 
 
+def is_hub_repo_id(path: str | Path) -> bool:
+    """Whether a path that does not exist locally is to be tried on the Hub: a name shaped like `org/name` whose
+    `org` is not a local folder (`runs/typo` is a local path with a typo, not a Hub repository)."""
+    text = str(path)
+    if not HUB_REPO_ID.match(text) or text.startswith((".", "~")):
+        return False
+    return not Path(text.split("/", 1)[0]).exists()
+
+
 def download_from_hub(repo_id: str) -> Path:
     """The local snapshot of Hub model repository `repo_id` (only the files of a bundle)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(
-            f"no local model folder {repo_id!r}; to load it from the Hugging Face Hub, install huggingface_hub "
-            "(pip install 'vqar[hub]')"
+            f"no local path {repo_id!r}; to load it as a model repository of the Hugging Face Hub, install "
+            "huggingface_hub (pip install 'vqar[hub]')"
         ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=bundle_patterns()))
     except Exception as err:  # network errors, unknown repos, gated repos: say which repo and why
-        raise FileNotFoundError(f"cannot download {repo_id!r} from the Hugging Face Hub: {err}") from None
+        reason = " ".join(str(err).split())[:300]  # one line: the Hub's messages span several
+        raise FileNotFoundError(f"no local path {repo_id!r}, and it cannot be downloaded from the Hugging Face "
+                                f"Hub: {reason}") from None  # fmt: skip

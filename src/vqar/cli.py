@@ -63,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (`--resume steps=8`), which argparse's nargs="*" does not collect.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if "config" not in vars(args) or any(item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.config = [*args.config, *extra]
+        # Only the commands with a list of key=value overrides (`args.overrides`, which checks its own items) take
+        # words after their options; anything else left over is a stray word, refused in one line.
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        stray = [item for item in extra if item.startswith("-") or not takes_overrides]
+        if stray:
+            command = " ".join(_command_words(args))
+            parser.error(f"unrecognized arguments for `vqar {command}`: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="vqar: %(message)s", stream=sys.stderr
     )
@@ -85,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vqar: interrupted; the newest checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
+
+
+def _command_words(args: argparse.Namespace) -> list[str]:
+    """The command (and sub-command) the arguments were parsed for, e.g. ["eval", "fid"]."""
+    words = [args.command]
+    for key in ("eval_command", "bench_command"):
+        if isinstance(getattr(args, key, None), str):
+            words.append(getattr(args, key))
+    return words
 
 
 if __name__ == "__main__":

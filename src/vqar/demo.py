@@ -1,8 +1,8 @@
 """The end-to-end demo on the bundled MNIST digits, on a CPU:
 
-1. train the RQ tokenizer (rqvae-mnist: 32x32 -> 4x4x4 codes)
+1. train the tokenizer (rqvae-mnist: 32x32 -> 4x4x4 codes; with `arch="var"`, var-mnist: scales 1..4)
 2. extract the codes of all 5,000 digits into a code store
-3. train a class-conditional RQ-Transformer on them (rq-mnist)
+3. train a class-conditional RQ-Transformer on them (rq-mnist; or VAR, var-mnist)
 4. sample a 10-row grid, one row per digit, and more samples for the accuracy check
 5. report tokenizer PSNR and usage, AR validation loss, sampling throughput, and the share of samples a digit
    classifier (trained on the real training digits) recognises as the digit they were asked for
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,24 +31,47 @@ log = logging.getLogger("vqar")
 
 SAMPLES_PER_DIGIT = 50  # 500 samples for the accuracy check; the grid shows the first 10 of each digit
 GRID_PER_DIGIT = 10
-CFG_SCALE = 2.0  # classifier-free guidance of the demo samples (the model is trained with class dropout)
-
-FULL = {"tokenizer": ["steps=700", "train.eval_every=350"], "ar": []}
-QUICK = {
-    "tokenizer": ["steps=20", "train.eval_every=20", "data.max_images=600"],
-    "ar": ["steps=30", "train.eval_every=30", "sample.n_per_class=2", "size=RQ-XS"],
-}
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cache: str | Path | None = None) -> dict:
-    """Runs the pipeline into `out` (replacing an earlier demo there) and returns the report."""
+@dataclass(frozen=True)
+class DemoPipeline:
+    """One demo: the tokenizer and AR presets, the overrides of the full and the quick run, and the guidance of
+    the samples (the models are trained with class dropout)."""
+
+    tokenizer: str
+    ar: str
+    cfg_scale: float
+    full: dict
+    quick: dict
+
+
+PIPELINES = {
+    "rq": DemoPipeline("rqvae-mnist", "rq-mnist", 2.0,
+                       full={"tokenizer": ["steps=700", "train.eval_every=350"], "ar": []},
+                       quick={"tokenizer": ["steps=20", "train.eval_every=20", "data.max_images=600"],
+                              "ar": ["steps=30", "train.eval_every=30", "sample.n_per_class=2", "size=RQ-XS"]}),
+    # VAR's guidance ramps over the scales (none at the first, full at the last): cfg_scale 3 = the official cfg 2.
+    "var": DemoPipeline("var-mnist", "var-mnist", 3.0,
+                        full={"tokenizer": [], "ar": []},
+                        quick={"tokenizer": ["steps=20", "train.eval_every=20", "data.max_images=600"],
+                               "ar": ["steps=30", "train.eval_every=30", "sample.n_per_class=2", "size=VAR-XS"]}),
+}  # fmt: skip
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cache: str | Path | None = None,
+             arch: str = "rq") -> dict:  # fmt: skip
+    """Runs the pipeline of `arch` (see `PIPELINES`) into `out` (replacing an earlier demo there) and returns the
+    report."""
+    if arch not in PIPELINES:
+        raise ValueError(f"the demo runs arch {' or '.join(PIPELINES)}, not {arch!r}")
     out = Path(out)
-    plan = QUICK if quick else FULL
+    pipeline = PIPELINES[arch]
+    plan = pipeline.quick if quick else pipeline.full
     timings = {}
 
     start = time.perf_counter()
-    log.info("1/4 training the RQ tokenizer")
-    tok_cfg = tokenizer_training.load_run_config("rqvae-mnist", plan["tokenizer"])
+    log.info("1/4 training the tokenizer (%s)", pipeline.tokenizer)
+    tok_cfg = tokenizer_training.load_run_config(pipeline.tokenizer, plan["tokenizer"])
     tok_metrics = tokenizer_training.train_tokenizer(tok_cfg, out / "tokenizer", overwrite=True)
     timings["tokenizer"] = time.perf_counter() - start
 
@@ -59,8 +83,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     timings["codes"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    log.info("3/4 training the class-conditional RQ-Transformer")
-    ar_cfg = ar_training.load_run_config("rq-mnist", [f"codes={out / 'codes'}", *plan["ar"]])
+    log.info("3/4 training the class-conditional AR model (%s)", pipeline.ar)
+    ar_cfg = ar_training.load_run_config(pipeline.ar, [f"codes={out / 'codes'}", *plan["ar"]])
     ar_metrics = ar_training.train_ar(ar_cfg, out / "ar", overwrite=True)
     timings["ar"] = time.perf_counter() - start
 
@@ -69,7 +93,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     model = load(out / "ar")
     per_digit = 4 if quick else SAMPLES_PER_DIGIT
     conditions = make_conditions(model, classes=list(range(10)), n_per_condition=per_digit)
-    result = draw(model, conditions, SamplingSettings(cfg_scale=CFG_SCALE), batch_size=250)
+    result = draw(model, conditions, SamplingSettings(cfg_scale=pipeline.cfg_scale), batch_size=250)
     unguided = draw(model, conditions, SamplingSettings(), batch_size=250)
     first_of_each = (torch.arange(len(result.labels)) % per_digit) < GRID_PER_DIGIT
     paths = write_samples(result.subset(first_of_each), out / "samples", min(per_digit, GRID_PER_DIGIT))
@@ -82,13 +106,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     timings["sampling"] = time.perf_counter() - start
 
     report = {
+        "arch": arch,
+        "ar_model_class": type(model).__name__,
         "tokenizer_psnr_db": tok_metrics["psnr"],
         "tokenizer_usage_percent": tok_metrics["usage"],
         "ar_val_nll_per_code": ar_metrics["nll"],
         "ar_val_code_accuracy": ar_metrics["accuracy"],
         "samples": len(result.images),
         "sampling_images_per_second": len(result.images) / result.seconds,
-        "cfg_scale": CFG_SCALE,
+        "cfg_scale": pipeline.cfg_scale,
         "class_accuracy": accuracy,
         "class_accuracy_without_guidance": unguided_accuracy,
         "domain_fid": fid_domain,
@@ -118,7 +144,7 @@ def format_report(report: dict) -> str:
             f"  tokenizer      PSNR {report['tokenizer_psnr_db']:.2f} dB, codebook usage "
             f"{report['tokenizer_usage_percent']:.1f}% (validation digits)   [{t['tokenizer']:.0f} s]",
             f"  code store     {o['codes']}   [{t['codes']:.0f} s]",
-            f"  RQ-Transformer validation NLL {report['ar_val_nll_per_code']:.3f} nats/code, "
+            f"  {report['ar_model_class']:<14} validation NLL {report['ar_val_nll_per_code']:.3f} nats/code, "
             f"next-code accuracy {100 * report['ar_val_code_accuracy']:.1f}%   [{t['ar']:.0f} s]",
             f"  sampling       {report['samples']} images at {report['sampling_images_per_second']:.1f} images/s "
             f"(CFG scale {report['cfg_scale']})",

@@ -20,18 +20,23 @@ from vqar.sampling.settings import SamplingSettings
 def generate_uncached(model: ARModel, cond, settings: SamplingSettings | None = None, **options) -> torch.Tensor:
     """Codes (B, *code_shape); `options` (batch_size, noise) are those of `vqar.sampling.generate`."""
     run = plan(model, cond, settings, options.get("batch_size"), options.get("noise"))
-    n, depth = len(run.ids), model.depth
+    n, depth, blocks = len(run.ids), model.depth, model.block_sizes
     codes = torch.zeros(n, model.num_positions, depth, dtype=torch.long, device=run.ids.device)
-    for p in range(model.num_positions):
+    start = 0
+    for k, size in enumerate(blocks):
+        block = slice(start, start + size)
+        scale = run.settings.scale_at(k, len(blocks), model.cfg_schedule) if run.settings.guided_at(start) else 1.0
         for d, f in enumerate(run.filters):
-            logits = _logits_at(model, codes, cond, n, p, d)
-            if run.settings.guided_at(p):
-                logits = guide(torch.cat([logits, _logits_at(model, codes, None, n, p, d)]), run.settings.cfg_scale)
-            codes[:, p, d] = pick(logits, f, run.settings.greedy, run.noise, p * depth + d)
+            logits = _logits_at(model, codes, cond, n, block, d)
+            if scale != 1.0:
+                logits = guide(torch.cat([logits, _logits_at(model, codes, None, n, block, d)]), scale)
+            noise = None if run.noise is None else run.noise[:, start * depth + d : (start + size) * depth : depth]
+            codes[:, block, d] = pick(logits, f, run.settings.greedy, noise)
+        start += size
     return codes.view(n, *model.code_shape)
 
 
-def _logits_at(model: ARModel, codes: torch.Tensor, cond, n: int, p: int, d: int) -> torch.Tensor:
-    """Teacher-forced logits (B, K) of code (p, d) given `codes` (B, positions, depth)."""
+def _logits_at(model: ARModel, codes: torch.Tensor, cond, n: int, block: slice, d: int) -> torch.Tensor:
+    """Teacher-forced logits (B, n, K) of the codes of `block` at depth d given `codes` (B, positions, depth)."""
     logits = model(codes.view(n, *model.code_shape), cond).logits
-    return logits.reshape(n, model.num_positions, model.depth, -1)[:, p, d]
+    return logits.reshape(n, model.num_positions, model.depth, -1)[:, block, d]

@@ -1,19 +1,21 @@
 """The contract of a stage-2 model: everything sampling, training, evaluation and serving may rely on.
 
-`GPT`, `RQTransformer` and `VIM` implement `ARModel`. A model predicts one code map of shape `code_shape`: (h, w)
-for one code per position, (h, w, D) for a residual stack of D codes per position (`depth` = D, 1 otherwise).
-Codes are produced position by position in raster order and, within a position, depth by depth, after a prefix of
-`prefix_length` condition tokens (a class or start row, or a caption).
+`GPT`, `RQTransformer`, `VIM` and `VAR` implement `ARModel`. A model predicts one code map of shape `code_shape`:
+(h, w) for one code per position, (h, w, D) for a residual stack of D codes per position (`depth` = D, 1
+otherwise), or (L,) for VAR's scales laid end to end. Positions are produced in blocks, `block_sizes` of them per
+model call: one position at a time in raster order for the GPT, VIM and the RQ-Transformer, a whole scale at a time
+for VAR; within a block, depth by depth. The same call takes a window of several drafted positions (speculative
+decoding), so the contract speaks of blocks, never of single positions.
 
 Training: `forward(codes, cond)` is teacher-forced and returns a `ModelOutput`. Sampling (see
 `vqar.sampling.generate`, the one loop that drives every model, in the manner of gpt-fast's `prefill` /
 `decode_one_token`):
 
     state = model.new_decode_state()
-    context = model.prefill(cond_ids, state)                 # the condition, once
-    for each position p:
-        for each depth d:  logits = model.code_logits(context, codes chosen at p so far, state)
-        context = model.decode_position(the D codes of p, p, state)
+    context = model.prefill(cond_ids, state)                   # the condition, once: context of block 0
+    for each block [start, start + n):
+        for each depth d:  logits = model.code_logits(context, codes chosen in the block so far, state)
+        context = model.decode_block(the block's codes, start, state)   # context of the next block
 
 Names are one vocabulary across the models (configs: `dim`, `n_layer`, `n_head`, `code_shape`, `*_dropout_p`;
 modules: `cond_embedding`, `layers`, `norm`, `output`, blocks of `attention_norm`, `attention`, `ffn_norm`,
@@ -75,15 +77,17 @@ class ARConfig:
 
     @property
     def num_positions(self) -> int:
-        return self.code_shape[0] * self.code_shape[1]
+        """h * w of a grid or a stack, L of codes laid end to end."""
+        return self.code_shape[0] * (self.code_shape[1] if len(self.code_shape) > 1 else 1)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
 
     def validate(self) -> None:
-        if len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1:
-            raise ValueError(f"code_shape must be [height, width] or [height, width, depth], got {self.code_shape}")
+        if len(self.code_shape) not in (1, 2, 3) or min(self.code_shape) < 1:
+            raise ValueError(f"code_shape must be [height, width], [height, width, depth] or [length], "
+                             f"got {self.code_shape}")  # fmt: skip
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}")
         if self.vocab_size < 2 or self.num_classes < 0 or self.n_layer < 1:
@@ -194,24 +198,49 @@ class ARModel(nn.Module, ABC):
         (B, text_length), or None (an unconditional model, or the null condition)."""
 
     # ---------------------------------------------------------------- sampling
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Positions produced per sampling call, in order (they add up to `num_positions`): one at a time for a
+        raster model; a model that produces a whole group at once (VAR's scales) overrides this."""
+        return (1,) * self.num_positions
+
+    @property
+    def raster(self) -> bool:
+        """Whether `decode_block` of n positions returns the contexts of the n positions after them (a next-token
+        model, which a speculative window can drive), rather than those of a fixed next block (VAR)."""
+        return True
+
+    @property
+    def cfg_schedule(self) -> str:
+        """How guidance is spread over the blocks when the settings leave it open (`SamplingSettings.cfg_schedule`):
+        "constant" (LlamaGen, the RQ-Transformer) or "linear" (VAR: none at the first block, full at the last)."""
+        return "constant"
+
+    @property
+    def smooth_embedding(self) -> bool:
+        """Whether `decode_block` can feed back a Gumbel-softmax mix of code vectors (VAR's `more_smooth`)."""
+        return False
+
     @abstractmethod
     def new_decode_state(self) -> Any:
         """Fresh static KV caches for one generation (opaque; passed back to the three methods below)."""
 
     @abstractmethod
     def prefill(self, cond_ids: torch.Tensor, state: Any) -> torch.Tensor:
-        """Runs the condition tokens of validated ids; returns the context (B, dim) of position 0."""
+        """Runs the condition tokens of validated ids; returns the context (B, n, dim) of the first block."""
 
     @abstractmethod
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
-        """Logits (B, K) of the next code at the current position, given its context and the codes (B, d)
-        already chosen there (d = 0 .. depth - 1). Kept in the compute dtype: under bf16, converting all K logits
-        every step costs more than the sampler, which converts only its candidates."""
+        """Logits (B, n, K) of the next code at each of the block's n positions, given their context (B, n, dim)
+        and the codes (B, n, d) already chosen there (d = 0 .. depth - 1). Kept in the compute dtype: under bf16,
+        converting all K logits every step costs more than the sampler, which converts only its candidates."""
 
     @abstractmethod
-    def decode_position(self, codes: torch.Tensor, index: int | torch.Tensor, state: Any) -> torch.Tensor:
-        """Feeds the codes (B, depth) chosen at position `index`; returns the context of position index + 1. A
-        compiled decoder passes the index as a tensor (1,), so one graph serves every position."""
+    def decode_block(self, codes: torch.Tensor, start: int | torch.Tensor, state: Any, smooth=None) -> torch.Tensor:
+        """Feeds the codes (B, n, depth) chosen at positions [start, start + n); returns the context of the next
+        block: (B, n, dim) for positions start + 1 .. start + n of a raster model, the next scale's for VAR. A
+        compiled decoder passes `start` as a tensor (1,), so one graph serves every block of a size. `smooth`: see
+        `smooth_embedding`."""
 
     # ---------------------------------------------------------------- initialisation
     def _init_weights(self, module: nn.Module) -> None:

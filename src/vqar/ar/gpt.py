@@ -134,12 +134,12 @@ class GPT(ARModel):
 
     def prefill(self, cond_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         x = self.cond_embedding(cond_ids)
-        return run_blocks(self.layers, x, caches, 0, rope=self.rope[: x.shape[1]])[:, -1]
+        return run_blocks(self.layers, x, caches, 0, rope=self.rope[: x.shape[1]])[:, -1:]
 
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         return self.output(self.norm(context))
 
-    def decode_position(self, codes: torch.Tensor, index, caches: list[KVCache]) -> torch.Tensor:
-        position = self.cfg.prefix_length + index
-        x = self.tok_embeddings(codes[:, 0])[:, None]
-        return run_blocks(self.layers, x, caches, position, rope=rows_at(self.rope, position))[:, -1]
+    def decode_block(self, codes: torch.Tensor, start, caches: list[KVCache], smooth=None) -> torch.Tensor:
+        position = self.cfg.prefix_length + start
+        x = self.tok_embeddings(codes[..., 0])
+        return run_blocks(self.layers, x, caches, position, rope=rows_at(self.rope, position, x.shape[1]))

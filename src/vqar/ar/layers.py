@@ -93,13 +93,14 @@ class KVCache:
 
     def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v (B, H, L, hd) at positions [start, start + L) and returns the filled prefix. A position
-        given as a tensor (1,) is a step of the compiled decoder: one key is written there and the whole cache is
-        returned (static shapes; attention masks the positions not yet written)."""
+        given as a tensor (1,) is a step of the compiled decoder: the L keys are written from there and the whole
+        cache is returned (static shapes; attention masks the positions not yet written)."""
         if isinstance(start, torch.Tensor):
             if self.k is None or self.k.shape[0] != k.shape[0]:
                 raise ValueError("a compiled decode step writes into a cache that the prefill allocated")
-            self.k.index_copy_(2, start, k.to(self.k.dtype))
-            self.v.index_copy_(2, start, v.to(self.v.dtype))
+            index = start.reshape(1) + torch.arange(k.shape[2], device=start.device) if k.shape[2] > 1 else start
+            self.k.index_copy_(2, index, k.to(self.k.dtype))
+            self.v.index_copy_(2, index, v.to(self.v.dtype))
             return self.k, self.v
         end = start + k.shape[2]
         if end > self.max_len:
@@ -129,17 +130,18 @@ def causal_attention(
 ) -> torch.Tensor:
     """Attention of q (B, H, L, hd) over the keys so far. Without a cache: plain causal attention. With one: the
     new keys are cached at `start`; a single query (decoding) attends to the whole filled prefix, several queries
-    (prefill from position 0) attend causally. A tensor `start` (a compiled step) attends over the whole cache
-    with the positions after `start` masked out, so every step has the same shapes."""
+    attend causally (a prefill from position 0, or a block of L codes fed at once: query i sees the cache up to
+    `start + i`). A tensor `start` (a compiled step) attends over the whole cache with the positions after each
+    query masked out, so every step has the same shapes."""
     visible = None
     if cache is not None:
         cached_k, cached_v = cache.update(start, k, v)
-        if q.shape[2] == 1:
+        block = isinstance(start, torch.Tensor) or start != 0
+        if q.shape[2] == 1 or block:
             k, v = cached_k, cached_v
-        elif not isinstance(start, int) or start != 0:
-            raise ValueError("multi-token attention with a cache must start at position 0 (prefill)")
-        if isinstance(start, torch.Tensor):
-            visible = torch.arange(cache.max_len, device=q.device) <= start
+        if block and (q.shape[2] > 1 or isinstance(start, torch.Tensor)):
+            query_at = start + torch.arange(q.shape[2], device=q.device)[:, None]  # (L, 1)
+            visible = torch.arange(k.shape[2], device=q.device) <= query_at  # (L, keys)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head across a group
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -149,17 +151,17 @@ def causal_attention(
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(scores.softmax(-1), v).to(q.dtype)
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 or visible is not None:
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
 
 
-def rows_at(table: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
-    """Row `index` of `table`, kept as a dimension of size 1: a slice for an int, a gather for a position tensor
-    (a compiled step, whose position is data rather than a constant)."""
+def rows_at(table: torch.Tensor, index: int | torch.Tensor, count: int = 1) -> torch.Tensor:
+    """Rows [index, index + count) of `table`: a slice for an int, a gather for a position tensor (a compiled
+    step, whose position is data rather than a constant)."""
     if isinstance(index, torch.Tensor):
-        return table.index_select(0, index.reshape(1))
-    return table[index : index + 1]
+        return table.index_select(0, index.reshape(1) + torch.arange(count, device=index.device))
+    return table[index : index + count]
 
 
 def cache_dtype(keys: torch.Tensor) -> torch.dtype:

@@ -1,23 +1,29 @@
 """The architecture registry: one entry per stage-2 model family, naming its config class, model class and named
-sizes (DiT's `DiT_models` idea). Training, presets, `vqar.load` and the checkpoint converters all look
+sizes (DiT's `DiT_models` idea). Training, presets, `vqar.load_pretrained` and the checkpoint converters all look
 architectures up here; a size fixes the width and depth, the data-dependent fields (vocabulary, code shape,
 classes) come from the code store or the caller.
 
 Parameter counts of the paper sizes (ImageNet: K=16384, 1000 classes):
 GPT-B 111M, GPT-L 343M, GPT-XL 775M, GPT-XXL 1.4B, GPT-3B 3.1B (LlamaGen, 16x16 codes);
 RQ-480M, RQ-821M, RQ-1.4B, RQ-3.8B (RQ-Transformer, 8x8x4 codes);
-VIM-Base 650M, VIM-Large 1.7B (VIM, 8192 codes on a 32x32 grid).
+VIM-Base 650M, VIM-Large 1.7B (VIM, 8192 codes on a 32x32 grid);
+VAR-d16 310M, VAR-d20 600M, VAR-d24 1.0B, VAR-d30 2.0B, VAR-d36 2.3B (VAR, 4096 codes on 10 scales; sizes in
+`vqar.ar.var`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from vqar.ar import losses
 from vqar.ar.contract import ARConfig, ARModel
 from vqar.ar.gpt import GPT, GPTConfig
 from vqar.ar.rq_transformer import RQTransformer, RQTransformerConfig
+from vqar.ar.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VAR_SIZES, VARConfig
 from vqar.ar.vim import VIM, VIMConfig
 
 GPT_SIZES: dict[str, dict] = {
@@ -50,13 +56,85 @@ VIM_SIZES: dict[str, dict] = {
 }
 
 
+def _no_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
+    return {}
+
+
+def _rq_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
+    """The tokenizer's code vectors an RQ-Transformer embeds codes with."""
+    quantizer = tokenizer["quantizer"]
+    return {"code_dim": int(quantizer["dim"]), "shared_codebook": bool(quantizer.get("shared_codebook", True))}
+
+
+def _embed_with_codebook(model: ARModel, tokenizer) -> None:
+    if tokenizer is None:
+        raise ValueError("an RQ-Transformer embeds codes with its tokenizer's codebook; pass the tokenizer")
+    model.set_code_embeddings(tokenizer.code_vectors())
+
+
+def _keep_nothing(model: ARModel, tokenizer) -> None:
+    return None
+
+
+def _one_code(grid: int, depth: int) -> dict:
+    if depth != 1:
+        raise ValueError(f"this architecture predicts one code per position; d={depth} needs arch=rq")
+    return {"kind": "vq"}
+
+
+def _code_stack(grid: int, depth: int) -> dict:
+    return {"kind": "rq", "depth": depth}
+
+
+def _scale_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
+    """The scales of a multi-scale tokenizer and the size of its code vectors, which VAR's inputs are made of."""
+    quantizer = tokenizer["quantizer"]
+    if "patch_nums" not in quantizer:
+        raise ValueError("VAR models the codes of a multi-scale tokenizer (quantizer kind 'multiscale')")
+    return {"patch_nums": [int(p) for p in quantizer["patch_nums"]], "code_dim": int(quantizer["dim"])}
+
+
+def _read_with_quantizer(model: ARModel, tokenizer) -> None:
+    if tokenizer is None:
+        raise ValueError("VAR builds its inputs with its tokenizer's quantizer; pass the tokenizer")
+    model.attach(tokenizer)
+
+
+def _scales(grid: int, depth: int) -> dict:
+    if depth != 1:
+        raise ValueError(f"VAR predicts one code per position of each scale; d={depth} needs arch=rq")
+    sides = {16: PATCH_NUMS_256, 32: PATCH_NUMS_512}.get(grid, range(1, grid + 1))
+    return {"kind": "multiscale", "patch_nums": list(sides)}
+
+
+def _all_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every module held in a ModuleList: one FSDP unit per transformer block."""
+    return [block for child in model.modules() if isinstance(child, nn.ModuleList) for block in child]
+
+
 @dataclass(frozen=True)
 class Architecture:
+    """One stage-2 family and everything that differs between families, in the manner of torchtitan's TrainSpec:
+    how to build it (`config`, `model`, `sizes`, `prepare` with the tokenizer), which data fields besides the
+    common ones (`ARConfig.DATA_FIELDS`) it reads from a code store (`store_fields`, given the store's manifest
+    and its tokenizer's config), what a run may ask of it (`options`), its image loss (`loss`, see
+    `vqar.ar.losses`) and its FSDP units. Upstream checkpoint names are mapped by the readers of `vqar.interop`.
+
+    `options` names what a run may switch on: "captions" (text-to-image stores), "soft_targets",
+    "next_patch" (NPP training), "label_smoothing". `bench_quantizer(grid, d)` gives the quantizer config fields of
+    a random tokenizer whose codes the family models (`vqar bench sample`)."""
+
     name: str
     config: type[ARConfig]
     model: type[ARModel]
     sizes: Mapping[str, Mapping[str, Any]]
     description: str
+    store_fields: Callable[[Mapping[str, Any], Mapping[str, Any]], dict] = _no_store_fields
+    prepare: Callable[[ARModel, Any], None] = _keep_nothing
+    options: frozenset[str] = frozenset({"captions", "label_smoothing"})
+    loss: Callable = losses.cross_entropy
+    fsdp_units: Callable[[nn.Module], list[nn.Module]] = _all_blocks
+    bench_quantizer: Callable[[int, int], dict] = _one_code
 
     def size_fields(self, size: str) -> dict:
         """The config fields a named size sets."""
@@ -64,18 +142,49 @@ class Architecture:
             raise ValueError(f"unknown {self.name} size {size!r}; known: {', '.join(self.sizes)}")
         return dict(self.sizes[size])
 
+    def build(self, cfg: ARConfig, tokenizer=None) -> ARModel:
+        """The model of `cfg`, given what it needs of its tokenizer (an RQ-Transformer's code vectors, VAR's
+        quantizer)."""
+        model = self.model(cfg)
+        self.prepare(model, tokenizer)
+        return model
+
+    def check_option(self, option: str, setting: str) -> None:
+        """ValueError naming `setting` when this family does not take `option`."""
+        if option not in self.options:
+            takers = [a.name for a in ARCHITECTURES.values() if option in a.options]
+            raise ValueError(f"{setting} applies to arch={'|'.join(takers) or 'none'}, not arch={self.name}")
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
-        Architecture("gpt", GPTConfig, GPT, GPT_SIZES, "LlamaGen's GPT: one code per position"),
-        Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position"),
-        Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes"),
+        Architecture("gpt", GPTConfig, GPT, GPT_SIZES, "LlamaGen's GPT: one code per position",
+                     options=frozenset({"captions", "next_patch", "label_smoothing"})),
+        Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position",
+                     store_fields=_rq_store_fields, prepare=_embed_with_codebook,
+                     options=frozenset({"captions", "soft_targets", "label_smoothing"}),
+                     loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack),
+        Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes",
+                     options=frozenset({"label_smoothing"})),
+        Architecture("var", VARConfig, VAR, VAR_SIZES, "VAR: next-scale prediction over multi-scale codes",
+                     store_fields=_scale_store_fields, prepare=_read_with_quantizer,
+                     options=frozenset({"label_smoothing"}), loss=losses.per_scale_cross_entropy,
+                     bench_quantizer=_scales),
     )
-}
+}  # fmt: skip
 
 
 def get_architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
+
+
+def find_size(size: str) -> Architecture:
+    """The architecture that has the named size (`GPT-B`, `RQ-1.4B`, ...)."""
+    for arch in ARCHITECTURES.values():
+        if size in arch.sizes:
+            return arch
+    known = ", ".join(name for arch in ARCHITECTURES.values() for name in arch.sizes)
+    raise ValueError(f"unknown model size {size!r}; known: {known}")

@@ -157,15 +157,15 @@ class RQTransformer(ARModel):
         return spatial, [KVCache(self.depth) for _ in self.depth_layers]
 
     def prefill(self, cond_ids: torch.Tensor, state) -> torch.Tensor:
-        return run_blocks(self.layers, self.condition_tokens(cond_ids), state[0], 0)[:, -1]
+        return run_blocks(self.layers, self.condition_tokens(cond_ids), state[0], 0)[:, -1:]
 
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state) -> torch.Tensor:
-        d = chosen.shape[1]
+        b, n, d = chosen.shape
         # The cumulative sum, as in training: depth d reads the code vectors chosen at depths < d added up.
-        x = context if d == 0 else self.depth_input(self.embed_codes(chosen).cumsum(1)[:, -1])
-        x = (x + self.depth_pos_emb[:, d])[:, None]
-        return self.output(self.norm(run_blocks(self.depth_layers, x, state[1], d)[:, -1]))
+        x = context if d == 0 else self.depth_input(self.embed_codes(chosen).cumsum(-2)[..., -1, :])
+        x = (x + self.depth_pos_emb[:, d]).reshape(b * n, 1, -1)  # each position's depth steps run side by side
+        return self.output(self.norm(run_blocks(self.depth_layers, x, state[1], d))).view(b, n, -1)
 
-    def decode_position(self, codes: torch.Tensor, index, state) -> torch.Tensor:
-        x = self.spatial_input(self.embed_codes(codes)).sum(1) + rows_at(self.pos_emb[0], index)
-        return run_blocks(self.layers, x[:, None], state[0], index + self.cfg.prefix_length)[:, -1]
+    def decode_block(self, codes: torch.Tensor, start, state, smooth=None) -> torch.Tensor:
+        x = self.spatial_input(self.embed_codes(codes)).sum(-2) + rows_at(self.pos_emb[0], start, codes.shape[1])
+        return run_blocks(self.layers, x, state[0], start + self.cfg.prefix_length)

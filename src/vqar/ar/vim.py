@@ -71,11 +71,11 @@ class VIM(ARModel):
         return [KVCache(self.cfg.num_positions) for _ in self.layers]
 
     def prefill(self, cond_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        return run_blocks(self.layers, self.cond_embedding(cond_ids), caches, 0)[:, -1]
+        return run_blocks(self.layers, self.cond_embedding(cond_ids), caches, 0)[:, -1:]
 
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         return self.output(self.norm(context))
 
-    def decode_position(self, codes: torch.Tensor, index, caches: list[KVCache]) -> torch.Tensor:
-        x = (self.tok_embeddings(codes[:, 0]) + rows_at(self.pos_emb[0], index))[:, None]
-        return run_blocks(self.layers, x, caches, index + 1)[:, -1]
+    def decode_block(self, codes: torch.Tensor, start, caches: list[KVCache], smooth=None) -> torch.Tensor:
+        x = self.tok_embeddings(codes[..., 0]) + rows_at(self.pos_emb[0], start, codes.shape[1])
+        return run_blocks(self.layers, x, caches, start + 1)

@@ -39,6 +39,15 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
                         "once compiled; falls back to eager with a warning if compilation fails")  # fmt: skip
 
 
+PIPE_HELP = ("let tar shard sources run the shell commands of pipe: URLs (in the source, a list file or a "
+             "shards.json); each command is printed before it runs. Off by default: an index from elsewhere cannot "
+             "run commands")  # fmt: skip
+
+
+def add_allow_pipe_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pipe", action="store_true", help=PIPE_HELP)
+
+
 def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:1 ... (default: {default})")
 

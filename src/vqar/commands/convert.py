@@ -8,9 +8,9 @@ from pathlib import Path
 from vqar.commands.common import add_command
 
 DETAILS = """Loads SRC with the official format's conventions and writes OUT_DIR/config.json + model.safetensors (and
-OUT_DIR/tokenizer/, OUT_DIR/text_tokenizer/ for AR models that carry them); vqar.load(OUT_DIR) reads it back.
-Examples: `vqar convert imagenet_1.4B_rqvae_50e/stage2 out/rq-1.4b`, `vqar convert vq_ds16_c2i.pt out/vq16 --config
-VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl --config '{"preset": "GPT-XL", "block_size": 576}'`."""
+OUT_DIR/tokenizer/, OUT_DIR/text_tokenizer/ for AR models that carry them); vqar.load_pretrained(OUT_DIR) reads it
+back. Examples: `vqar convert imagenet_1.4B_rqvae_50e/stage2 out/rq-1.4b`, `vqar convert vq_ds16_c2i.pt out/vq16
+--config VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl --config '{"preset": "GPT-XL", "block_size": 576}'`."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     save_pretrained(model, out)
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {out}")
-    print(f"load it with vqar.load({str(out)!r}) or `vqar sample --model {out}`")
+    print(f"load it with vqar.load_pretrained({str(out)!r}) or `vqar sample --model {out}`")
     return 0
 
 

@@ -10,7 +10,7 @@ from vqar.commands.common import add_command
 def run(args: argparse.Namespace) -> int:
     from vqar.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, arch=args.arch)
     return 0
 
 
@@ -20,3 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "reports PSNR, usage, validation loss, throughput and class accuracy.")  # fmt: skip
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
+    demo.add_argument("--arch", default="rq", choices=["rq", "var"],
+                      help="rq (default): RQ tokenizer + RQ-Transformer; var: the multi-scale tokenizer + VAR "
+                           "(next-scale prediction)")  # fmt: skip

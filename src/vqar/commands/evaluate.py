@@ -18,6 +18,7 @@ import functools
 import json
 
 from vqar.commands.common import (
+    add_allow_pipe_option,
     add_command,
     add_device_option,
     add_model_options,
@@ -57,11 +58,12 @@ def _on_ranks(command):
 
     @functools.wraps(command)
     def run(args) -> int:
+        from vqar.data.shards import allow_pipe_commands
         from vqar.parallel import joined
         from vqar.utils.device import resolve_device
 
-        with joined(device=resolve_device(args.device)) as par:  # under torchrun on CUDA: cuda:LOCAL_RANK
-            return command(args, par)
+        with joined(device=resolve_device(args.device)) as par, allow_pipe_commands(args.allow_pipe):
+            return command(args, par)  # under torchrun on CUDA: cuda:LOCAL_RANK
 
     return run
 
@@ -142,7 +144,7 @@ def cmd_bench_sample(args) -> int:
     from vqar.eval.throughput import BenchConfig, measure_throughput
     from vqar.utils.device import resolve_device
 
-    overrides = [item[: -len("none")] + "null" if item.lower().endswith("=none") else item for item in args.config]
+    overrides = [item[: -len("none")] + "null" if item.lower().endswith("=none") else item for item in args.overrides]
     cfg = to_config(compose_node(BenchConfig, "bench", None, overrides))  # unknown keys and bad values: one line
     result = measure_throughput(cfg, resolve_device(args.device))
     _print(result, args.json)
@@ -155,6 +157,7 @@ def _inception_options(parser: argparse.ArgumentParser, batch: int = 50) -> None
     parser.add_argument("--batch-size", type=positive_int, default=batch)
     add_device_option(parser, default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_allow_pipe_option(parser)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -203,6 +206,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     sample = add_command(what, "sample", cmd_bench_sample, "sampling throughput with random weights (the "
                          "RQ-Transformer's measure_throughput)", BENCH_DETAILS)  # fmt: skip
-    sample.add_argument("config", nargs="*", metavar="key=value")
+    sample.add_argument("overrides", nargs="*", metavar="key=value")
     add_device_option(sample)
     sample.add_argument("--json", action="store_true")

@@ -41,6 +41,8 @@ def settings_from(args: argparse.Namespace):
         cfg_interval=args.cfg_interval,
         greedy=args.greedy,
         seed=args.seed,
+        cfg_schedule=args.cfg_schedule,
+        smooth=args.smooth,
     )
     settings.validate()
     return settings
@@ -53,6 +55,8 @@ def _sample(args: argparse.Namespace, par) -> int:
 
     if par.distributed and args.accept_rate is not None:
         raise ValueError("--accept-rate ranks all samples together: run it in one process, not under torchrun")
+    if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
+        raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
     prompts = (args.prompt or []) + (read_lines(args.prompts) if args.prompts else [])
     if prompts and args.classes is not None:
@@ -61,6 +65,7 @@ def _sample(args: argparse.Namespace, par) -> int:
 
     model = for_sampling(load_ar_model(args, par.device), args.precision)
     classes = None if prompts else _classes(args.classes, model)
+    _check_memory(args, model, len(prompts or classes or [None]))  # before anything of that size is allocated
     conditions = make_conditions(model, classes=classes, prompts=prompts or None, n_per_condition=args.n_per_class)
     options = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     if args.compile:  # every rank compiles what it runs; the progress bar shows compile time apart from sampling
@@ -81,6 +86,25 @@ def _sample(args: argparse.Namespace, par) -> int:
     print(f"{n} samples in {result.seconds:.1f} s{workers} ({n / result.seconds:.2f} images/s)")
     print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
     return 0
+
+
+def _check_memory(args: argparse.Namespace, model, n_conditions: int) -> None:
+    """Refuses (one line, with the memory it would take) a run whose images cannot all be held: every image drawn
+    is kept in memory, as float32, until the files are written."""
+    import math
+
+    from vqar.utils.memory import check_memory, human_bytes, sample_bytes
+
+    each = sample_bytes(model)
+    per_condition, advice = args.n_per_class, "ask for fewer images, or split the run into several with other --seed"
+    kind = "prompts" if args.prompt or args.prompts else "classes"
+    what = f"--n-per-class {args.n_per_class} x {n_conditions} {kind}"
+    if args.accept_rate is not None:
+        per_condition = math.ceil(round(args.n_per_class / args.accept_rate, 9))
+        what += f" at --accept-rate {args.accept_rate:g} (drawing {per_condition} per class)"
+        advice = "raise --accept-rate or ask for fewer images"
+    images = per_condition * n_conditions
+    check_memory(images * each, f"{what}: {images} images of {human_bytes(each)} each", advice)
 
 
 def _classes(chosen: str | list[int] | None, model) -> list[int] | None:
@@ -112,6 +136,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (semantics: vqar.sampling.settings)")
     group.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off, > 1 = on)")
     group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning)")
+    group.add_argument("--cfg-schedule", choices=["constant", "linear"],
+                       help="spread guidance over the blocks: constant, or linear from none at the first to --cfg at "
+                            "the last (VAR's default; its cfg c is --cfg 1+c, so its README's 1.5 is --cfg 2.5); "
+                            "default: the model's")  # fmt: skip
+    group.add_argument("--smooth", action="store_true",
+                       help="VAR's more_smooth: feed a Gumbel-softmax mix of code vectors back (pictures, not FID)")
     group.add_argument("--temperature", default=None, help="default 1.0")
     group.add_argument("--top-k", default=None, help="keep the k most likely codes (and any tied with the k-th)")
     group.add_argument("--top-p", default=None, help="nucleus sampling threshold in (0, 1]")

@@ -14,6 +14,18 @@ from vqar.commands.common import (
     read_lines,
 )
 
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {text!r}")
+    return port
+
+
 DETAILS = """A Gradio page at / (class or prompt, seed, temperature, top-k/top-p, CFG, a gallery and a zip download;
 coarse-to-fine decoding for RQ models) and an HTTP API (POST /generate, GET /model, GET /health). Requests wait in
 one queue and are batched; the model never runs twice at once."""
@@ -21,18 +33,23 @@ one queue and are batched; the model never runs twice at once."""
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from vqar.serve.app import class_names_for, serve
+        from vqar.serve.app import class_names_for, listen, serve
         from vqar.serve.engine import SamplingEngine
     except ImportError as err:
         raise RuntimeError(f"`vqar serve` needs the serve extra: pip install 'vqar[serve]' ({err})") from None
     from vqar.sampling import for_sampling
     from vqar.utils.device import resolve_device
 
-    model = for_sampling(load_ar_model(args, resolve_device(args.device)), args.precision)
-    names = read_lines(args.class_names) if args.class_names else class_names_for(args.model)
-    engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch,
-                            class_names=names, compile=args.compile, precision=args.precision)  # fmt: skip
-    serve(engine, host=args.host, port=args.port)
+    sock = listen(args.host, args.port)  # a port in use is one line, before the model is loaded
+    try:
+        model = for_sampling(load_ar_model(args, resolve_device(args.device)), args.precision)
+        names = read_lines(args.class_names) if args.class_names else class_names_for(args.model)
+        engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue,
+                                max_batch=args.max_batch, class_names=names, compile=args.compile,
+                                precision=args.precision)  # fmt: skip
+        serve(engine, host=args.host, port=args.port, sock=sock)
+    finally:
+        sock.close()
     return 0
 
 
@@ -41,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(serve)
     serve.add_argument("--class-names", help="a file with one class name per line (default: the run's code store)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address prints a warning")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--port", type=port_number, default=7860, help="default 7860 (0: any free port)")
     add_device_option(serve)
     serve.add_argument("--max-images", type=positive_int, default=16, help="images per request (more: HTTP 413)")
     serve.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting at once (more: HTTP 429)")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command, add_device_option, non_negative_int, positive_int
+from vqar.commands.common import (
+    add_allow_pipe_option,
+    add_command,
+    add_device_option,
+    non_negative_int,
+    positive_int,
+)
 
 EXTRACT_DETAILS = """The store holds sharded codes, labels (and captions), a manifest with checksums and a copy of the
 tokenizer. Under torchrun (torchrun --nproc_per_node=8 -m vqar.cli extract-codes ...) every process encodes its
@@ -47,6 +53,7 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
         eval_batch_size=args.batch_size,
         num_workers=args.num_workers,
         captions=args.captions,
+        allow_pipe=args.allow_pipe,
     )
     views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
     manifest = extract_codes(tokenizer, data, args.out, views=views, crop_range=args.crop_range, device=par.device,
@@ -72,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
     recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")
-    recon.add_argument("--depth", type=positive_int, help="residual tokenizers: decode with the first DEPTH codes only")
+    recon.add_argument("--depth", type=positive_int,
+                       help="decode coarse to fine: the first DEPTH codes of a stack, or VAR's first DEPTH scales")
     add_device_option(recon)
 
     extract = add_command(sub, "extract-codes", run_extract_codes, "encode a dataset once into a code store for AR "
@@ -107,3 +115,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--num-workers", type=non_negative_int, default=0)
     add_device_option(extract)
     extract.add_argument("--overwrite", action="store_true", help="replace an existing code store")
+    add_allow_pipe_option(extract)

@@ -21,7 +21,7 @@ def _load_run_config(group: str, preset, overrides):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    preset, overrides = split_preset(args.config)
+    preset, overrides = split_preset(args.overrides)
     run_dir = Path(args.out)
     if args.resume and preset is None:
         saved = run_dir / "run.yaml"
@@ -54,7 +54,7 @@ def run_presets(args: argparse.Namespace) -> int:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    preset, overrides = split_preset(args.config)
+    preset, overrides = split_preset(args.overrides)
     if args.group == "ar":
         from vqar.train.ar import describe_run_config
 
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "steps=<n> lr=<x> bs=<batch size>. See the full configuration with `vqar config tokenizer|ar "
                         "PRESET`.")  # fmt: skip
     train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")
-    train.add_argument("config", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
+    train.add_argument("overrides", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
     train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, pictures, model)")
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -83,4 +83,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "For AR models give codes=DIR: the vocabulary, code shape and classes come from the code "
                          "store and are marked so.")  # fmt: skip
     config.add_argument("group", choices=GROUPS)
-    config.add_argument("config", nargs="+", metavar="PRESET [key=value ...]")
+    config.add_argument("overrides", nargs="+", metavar="PRESET [key=value ...]")

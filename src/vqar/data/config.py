@@ -18,7 +18,11 @@ class DataConfig:
 
     `captions` (for text-to-image training): None finds a folder's `captions.jsonl` / `captions.tsv`; a path names
     the caption file; "digits" writes captions for the bundled digits from templates ("a handwritten seven");
-    "none" ignores captions."""
+    "none" ignores captions.
+
+    `allow_pipe` (tar shards): run the shell commands of `pipe:` shard URLs (`pipe:aws s3 cp s3://b/x.tar -`),
+    wherever they are named (the source, a list file, an index). Off by default, so an index from elsewhere cannot
+    run commands; each command is logged before it runs."""
 
     source: str = "mnist"
     image_size: int = 32
@@ -32,6 +36,7 @@ class DataConfig:
     max_images: int | None = None
     captions: str | None = None
     shuffle_buffer: int = 1000
+    allow_pipe: bool = False
 
     def validate(self) -> None:
         if self.channels not in (1, 3):

@@ -119,6 +119,23 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         return Sample(image=pixels, label=self.labels[index], index=index, captions=captions)
 
 
+# The most classes an array's labels may name beyond its image count (ImageNet-21k has 21,841).
+MAX_CLASSES = 1 << 16
+
+
+def _class_ids(labels) -> np.ndarray:
+    """Labels as int64 class ids (-1: unlabeled), refusing what is not a class id."""
+    array = np.asarray(labels).reshape(-1)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"labels must be integer class ids, got {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise ValueError("labels must be integer class ids, got fractional or non-finite values")
+    if array.size and (array.min() < -1 or array.max() >= 2**62):
+        raise ValueError(f"labels must be class ids >= 0 (or -1 for unlabeled), got values in [{array.min()}, "
+                         f"{array.max()}]")  # fmt: skip
+    return array.astype(np.int64)
+
+
 class ArrayDataset(Dataset[Sample]):
     """Images held in memory. Layout and range are inferred (see `to_uint8_nhwc`): NHWC when the last axis
     has 1, 3 or 4 entries and axis 1 does not, otherwise NCHW; floats are [0, 1] when none is negative, else
@@ -139,14 +156,14 @@ class ArrayDataset(Dataset[Sample]):
         max_images: int | None = None,
     ):
         pixels = to_uint8_nhwc(images)
-        if labels is None:
-            label_array = np.full(pixels.shape[0], -1, dtype=np.int64)
-        else:
-            label_array = np.asarray(labels).astype(np.int64).reshape(-1)
-            if label_array.shape[0] != pixels.shape[0]:
-                raise ValueError(f"{pixels.shape[0]} images but {label_array.shape[0]} labels")
-            if (label_array < -1).any():
-                raise ValueError("labels must be class ids >= 0, or -1 for unlabeled")
+        label_array = np.full(pixels.shape[0], -1, dtype=np.int64) if labels is None else _class_ids(labels)
+        if label_array.shape[0] != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {label_array.shape[0]} labels")
+        limit = max(len(label_array), MAX_CLASSES)
+        if class_names is None and label_array.max(initial=-1) >= limit:
+            # Class names are made for every id up to the largest: 2^40 of them would never finish.
+            raise ValueError(f"class id {label_array.max()} is out of range: {len(label_array)} images take class "
+                             f"ids below {limit}")  # fmt: skip
         keep = _spread_indices(pixels.shape[0], max_images)
         if len(keep) < pixels.shape[0]:
             pixels, label_array = pixels[keep], label_array[keep]
@@ -223,7 +240,8 @@ def open_dataset(cfg: DataConfig) -> Dataset | ShardDataset:
     cfg.validate()
     if cfg.source != "mnist" and is_shard_source(cfg.source):
         return open_shards(cfg.source, cfg.image_size, cfg.channels, captions=cfg.captions,
-                           max_images=cfg.max_images, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
+                           max_images=cfg.max_images, shuffle_buffer=cfg.shuffle_buffer,
+                           allow_pipe=cfg.allow_pipe)  # fmt: skip
     if cfg.source == "mnist":
         digits = MnistDataset(cfg.image_size, cfg.channels, max_images=cfg.max_images)
         if cfg.captions == "digits":
@@ -242,7 +260,10 @@ def open_dataset(cfg: DataConfig) -> Dataset | ShardDataset:
         raise ValueError("captions need an image folder (file names to match) or the bundled digits")
     if path.is_file():
         images, labels = load_array_file(path)
-        return ArrayDataset(images, labels, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        try:
+            return ArrayDataset(images, labels, cfg.image_size, cfg.channels, max_images=cfg.max_images)
+        except ValueError as err:  # one line naming the file
+            raise ValueError(f"{path}: {err}") from None
     raise FileNotFoundError(
         f"data source {cfg.source!r} not found; expected 'mnist', an image folder, a .npz/.npy file or tar shards "
         "(a pattern such as shards/train-{000000..000127}.tar, a list file or a shard index .json)"

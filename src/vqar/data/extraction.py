@@ -277,7 +277,7 @@ def _encode_units(tokenizer, dataset, units: list[Unit], todo: list[int], work: 
                 _add(open_unit, batch, item, codes, captioned)
                 if open_unit.seen == open_unit.unit.size:
                     work.write(unit_id, pending.pop(unit_id), dtype, captioned)
-            bar.update(len(batch) + len(batch.bad))
+            bar.update(len(batch) + sum(bad.count for bad in batch.bad))
     if pending:  # a loader that delivered fewer items than planned is a bug, never a silent short store
         u = next(iter(pending))
         raise RuntimeError(f"unit {u} of the extraction received {pending[u].seen} of its {units[u].size} items")
@@ -298,11 +298,15 @@ def _route(batch: Batch, todo: list[int], starts: np.ndarray) -> Iterator[tuple[
 
 
 def _add(open_unit: _OpenUnit, batch: Batch, item, codes: np.ndarray | None, captioned: bool) -> None:
-    open_unit.seen += 1
-    if not isinstance(item, int):  # a BadSample
+    if not isinstance(item, int):  # a BadSample, or the samples a short shard lacks (one warning for them all)
+        open_unit.seen += item.count
         open_unit.skipped.append(item.path)
-        log.warning("skipping unreadable image %s: %s", item.path, item.error)
+        if item.count > 1:
+            log.warning("skipping %d samples of %s: %s", item.count, item.path, item.error)
+        else:
+            log.warning("skipping unreadable image %s: %s", item.path, item.error)
         return
+    open_unit.seen += 1
     index = int(batch.indices[item])
     captions = batch.captions[item] if captioned and batch.captions is not None else None
     if captioned and not captions:

@@ -20,8 +20,11 @@ class Sample:
 
 @dataclass
 class BadSample:
-    """An item that could not be read: which one, from where, and why."""
+    """An item that could not be read: which one, from where, and why. `count` > 1 stands for that many
+    consecutive items from `index` on that can all not be read for the same reason (the samples a tar shard
+    lacks after it ended early: one item for all of them, however many its index promised)."""
 
     index: int
     path: str
     error: str
+    count: int = 1

@@ -8,7 +8,10 @@ A shard is a tar file of samples; the members of one sample share a key (`n01440
 - a list file (`.txt`): one shard path or URL per line, relative paths taken from the list's folder,
 - a shard index (`.json`, written by `vqar pack-shards`): {"shardlist": [{"url", "nsamples"}], "class_names"}.
 
-URLs are opened by webdataset's `gopen`: local paths, `pipe:` commands (`pipe:aws s3 cp s3://b/x.tar -`), http(s).
+URLs are opened by webdataset's `gopen`: local paths, http(s), and `pipe:` shell commands (`pipe:aws s3 cp
+s3://b/x.tar -`). A `pipe:` source runs whatever command it names, so it is refused (in a pattern, a list file or an
+index alike) unless the caller opts in (`allow_pipe=True`, `data.allow_pipe=true`, `--allow-pipe`): a downloaded
+index cannot run commands on its own. Each command is logged (a warning) before it runs.
 
 Sample counts come from the index; without one, local shards are scanned once (tar headers, plus the small `cls`
 members for the class count) and remote ones are read through. Every sample has a fixed global index (the shard's
@@ -27,6 +30,7 @@ The validation split holds out whole shards, so evaluating never streams the tra
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import itertools
 import json
@@ -57,8 +61,47 @@ _READ_KEYS = {*IMAGE_KEYS, LABEL_KEY, *CAPTION_KEYS}
 _META = re.compile(r"__[^/]*__($|/)")
 
 
+PIPE = "pipe:"
+# Whether `pipe:` sources may run where the caller does not say (`allow_pipe=None`): off unless a command line
+# opted in for its whole run (`allow_pipe_commands`).
+_PIPE_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("vqar_pipe_allowed", default=False)
+
+
 def is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
+    return url.startswith(PIPE) or "://" in url
+
+
+@contextlib.contextmanager
+def allow_pipe_commands(allowed: bool = True) -> Iterator[None]:
+    """Within the block, shard sources opened without an explicit `allow_pipe` may run `pipe:` commands (the
+    `--allow-pipe` option of the commands that read images)."""
+    token = _PIPE_ALLOWED.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _PIPE_ALLOWED.reset(token)
+
+
+def check_pipe_commands(urls: Sequence[str], source: str, allow_pipe: bool | None = None) -> None:
+    """Refuses shard URLs that are shell commands unless allowed: a shard list or index from elsewhere must not be
+    able to run commands on this machine without the user's say."""
+    commands = [url for url in urls if url.startswith(PIPE)]
+    allowed = _PIPE_ALLOWED.get() if allow_pipe is None else allow_pipe
+    if commands and not allowed:
+        raise ValueError(
+            f"{source} names {len(commands)} shell command{'s' if len(commands) > 1 else ''} as shards (first: "
+            f"{commands[0][len(PIPE) :]!r}); vqar runs pipe: sources only when asked to: check the commands, then "
+            "pass data.allow_pipe=true (--allow-pipe on the command line)"
+        )
+
+
+def _gopen(url: str):
+    """webdataset's `gopen`, saying which command runs first when `url` is a `pipe:` command."""
+    from webdataset.gopen import gopen
+
+    if url.startswith(PIPE):
+        log.warning("running the shard command: %s", url[len(PIPE) :])
+    return gopen(url)
 
 
 def is_shard_source(source: str) -> bool:
@@ -98,8 +141,15 @@ def _resolve(url: str, base: Path) -> str:
     return str(base / url)
 
 
-def list_shards(source: str) -> ShardListing:
-    """The shard URLs of `source`, with counts, class names and whether captions are present when an index says."""
+def list_shards(source: str, allow_pipe: bool | None = None) -> ShardListing:
+    """The shard URLs of `source`, with counts, class names and whether captions are present when an index says.
+    `pipe:` URLs are refused unless `allow_pipe` (None: as `allow_pipe_commands` says, by default not)."""
+    listing = _list_shards(source)
+    check_pipe_commands(listing.urls, source, allow_pipe)
+    return listing
+
+
+def _list_shards(source: str) -> ShardListing:
     from webdataset.shardlists import expand_urls
 
     path = Path(source).expanduser()
@@ -110,9 +160,10 @@ def list_shards(source: str) -> ShardListing:
             raise ValueError(f"{source} is not a shard index: it has no 'shardlist' of {{url, nsamples}} entries")
         try:
             urls = [_resolve(str(e["url"]), path.parent) for e in entries]
-            counts = [int(e["nsamples"]) for e in entries]
+            counts = [_sample_count(e["nsamples"]) for e in entries]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{source}: every shardlist entry needs 'url' and 'nsamples' ({err})") from None
+            raise ValueError(f"{source}: every shardlist entry needs a 'url' and an 'nsamples' count >= 0 "
+                             f"({err})") from None  # fmt: skip
         return ShardListing(urls, counts, index.get("class_names"), index.get("captions"))
     if path.suffix in LIST_SUFFIXES and path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -121,6 +172,13 @@ def list_shards(source: str) -> ShardListing:
             raise ValueError(f"the shard list {source} names no shards")
         return ShardListing(urls, None, None, None)
     return ShardListing(expand_urls(str(source)), None, None, None)
+
+
+def _sample_count(value) -> int:
+    count = int(value)  # TypeError / ValueError for what is no number at all
+    if isinstance(value, bool) or count != float(value) or count < 0:
+        raise ValueError(f"nsamples {value!r} is not a count")
+    return count
 
 
 def _check_local_files(urls: Sequence[str], source: str) -> None:
@@ -147,14 +205,13 @@ class ShardScan:
 def scan_shard(url: str) -> ShardScan:
     """Counts the samples of one shard as the reader will see them. A local tar is read by its headers only (plus
     the `cls` members); a remote one is read through. A damaged tar counts the samples before the damage."""
-    from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
 
     scan, labels = ShardScan(), set()
     try:
         with contextlib.ExitStack() as stack:
             if is_remote(url):
-                stream = stack.enter_context(contextlib.closing(gopen(url)))
+                stream = stack.enter_context(contextlib.closing(_gopen(url)))
                 members = ((m["fname"], lambda m=m: m["data"]) for m in tar_file_iterator(stream))
             else:  # seekable: the iteration jumps from header to header
                 tar = stack.enter_context(tarfile.open(url, "r:*"))
@@ -217,16 +274,16 @@ def _captions(raw: dict) -> list[str]:
     return []
 
 
-def shard_samples(shard: Shard) -> Iterator[tuple[int, dict | BadSample]]:
-    """(global index, raw sample) for the first `shard.used` samples of `shard`, always exactly that many: positions
-    a damaged or short tar cannot deliver come back as one `BadSample` per position, all naming the shard (so a
-    report counts the shard once)."""
-    from webdataset.gopen import gopen
+def shard_samples(shard: Shard, gaps: bool = False) -> Iterator[tuple[int, dict | BadSample]]:
+    """(global index, raw sample) for the first `shard.used` samples of `shard`, always accounting for that many:
+    positions a damaged or short tar cannot deliver come back as `BadSample`s naming the shard (so a report counts
+    the shard once): one per position, or with `gaps` one for all of them (`BadSample.count`), so a shard whose
+    index promises far more samples than it holds ends when its tar ends."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     position, problem = 0, None
     try:
-        stream = gopen(shard.url)
+        stream = _gopen(shard.url)
         try:
             members = ({**member, "__url__": shard.url} for member in tar_file_iterator(stream))
             for raw in group_by_keys(members, suffixes=_READ_KEYS):
@@ -239,7 +296,11 @@ def shard_samples(shard: Shard) -> Iterator[tuple[int, dict | BadSample]]:
     except Exception as err:  # unreadable, truncated, or a duplicate member name
         problem = f"{type(err).__name__}: {err}"
     if position < shard.used:
-        problem = problem or f"the shard ended after {position} of its {shard.count} samples"
+        problem = problem or f"the shard ended after {position} of the {shard.count} samples its index names"
+        if gaps:
+            index = shard.start + position
+            yield index, BadSample(index=index, path=shard.url, error=problem, count=shard.used - position)
+            return
         for missing in range(position, shard.used):
             yield shard.start + missing, BadSample(index=shard.start + missing, path=shard.url, error=problem)
 
@@ -400,9 +461,9 @@ class _TrainingStream(IterableDataset):
             order = np.random.default_rng([self.seed, self.epoch, repeat]).permutation(len(shards))
             if len(shards) >= readers:
                 mine = (shards[i] for i in order[reader::readers])
-                stream = itertools.chain.from_iterable(shard_samples(shard) for shard in mine)
+                stream = itertools.chain.from_iterable(shard_samples(shard, gaps=True) for shard in mine)
             else:  # fewer shards than readers: read all, keep every readers-th sample
-                every = itertools.chain.from_iterable(shard_samples(shards[i]) for i in order)
+                every = itertools.chain.from_iterable(shard_samples(shards[i], gaps=True) for i in order)
                 stream = itertools.islice(every, reader, None, readers)
             produced = 0
             for item in stream:
@@ -442,17 +503,19 @@ class _WholeShards(IterableDataset):
     def __iter__(self) -> Iterator:
         worker, lanes = _worker()
         for shard_id in self.shard_ids[worker::lanes]:
-            for chunk in _batched(shard_samples(self.data.shards[shard_id]), self.batch_size):
+            for chunk in _batched(shard_samples(self.data.shards[shard_id], gaps=True), self.batch_size):
                 yield self.collate([self.data.decode(index, raw) for index, raw in chunk])
 
 
 def open_shards(source: str, image_size: int, channels: int, *, captions: str | None = None,
-                max_images: int | None = None, shuffle_buffer: int = 1000) -> ShardDataset:  # fmt: skip
-    """The `ShardDataset` of `source`: its shard list, sample counts (from the index, else a scan) and classes."""
+                max_images: int | None = None, shuffle_buffer: int = 1000,
+                allow_pipe: bool | None = None) -> ShardDataset:  # fmt: skip
+    """The `ShardDataset` of `source`: its shard list, sample counts (from the index, else a scan) and classes.
+    `allow_pipe`: whether `pipe:` shell commands may be run (None: as `allow_pipe_commands` says, by default not)."""
     if captions not in (None, "none"):
         raise ValueError("tar shards carry their captions in each sample's txt or json member: leave data.captions "
                          "unset (or 'none' to ignore them)")  # fmt: skip
-    listing = list_shards(source)
+    listing = list_shards(source, allow_pipe)
     if not listing.urls:
         raise ValueError(f"{source!r} names no shards")
     _check_local_files(listing.urls, source)

@@ -61,8 +61,8 @@ def to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
         if images.min() < 0 or images.max() > 255:
             raise ValueError(f"integer images must lie in 0..255, got [{images.min()}, {images.max()}]")
         return images.astype(np.uint8)
-    if not np.issubdtype(images.dtype, np.floating):
-        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+    if not np.issubdtype(images.dtype, np.floating):  # bool, complex, strings: no pixel values (one-line error)
+        raise ValueError(f"images must be uint8, integers in 0..255 or floating point, got {images.dtype}")
     low, high = float(images.min()), float(images.max())
     if low < -1.0 or high > 1.0 or not np.isfinite([low, high]).all():
         raise ValueError(f"float images must lie in [0, 1] or [-1, 1], got values in [{low}, {high}]")

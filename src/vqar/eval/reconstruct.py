@@ -52,8 +52,9 @@ def reconstruct_files(
         raise ValueError(
             f"--size {size} is not a multiple of the tokenizer's downsampling factor {model.downsample_factor}"
         )
-    if depth is not None and not model.is_residual and depth != 1:
-        raise ValueError("--depth applies to residual tokenizers; this one has one code per position")
+    if depth is not None and not 1 <= depth <= model.levels:
+        raise ValueError(f"--depth takes 1 .. {model.levels} (the levels this tokenizer decodes coarse to fine: "
+                         f"a residual stack's depths or VAR's scales), got {depth}")  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures, written = [], set()

@@ -18,6 +18,7 @@ import torch
 from vqar.ar import ARModel
 from vqar.eval.digits import digit_classifier
 from vqar.sampling import SampleResult, SamplingSettings, draw, make_conditions
+from vqar.utils.memory import check_memory, human_bytes, sample_bytes
 
 
 def load_classifier(spec: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -44,6 +45,13 @@ def class_scores(classifier, images: torch.Tensor, labels: torch.Tensor, batch_s
     return torch.cat(probs)
 
 
+def _check_memory(model: ARModel, images: int, accept_rate: float) -> None:
+    """Every image drawn is held until the best are kept: refuse up front what cannot be held."""
+    each = sample_bytes(model)
+    check_memory(images * each, f"rejection sampling at an acceptance rate of {accept_rate:g} draws {images} images "
+                 f"({human_bytes(each)} each), which", "raise the acceptance rate or ask for fewer images")  # fmt: skip
+
+
 def rejection_sample(
     model: ARModel,
     classes: Sequence[int],
@@ -62,6 +70,7 @@ def rejection_sample(
     # n / rate rounded up; the quotient is rounded to 9 decimals first, or floating point would add a draw
     # where it lands just above an integer (21 / 0.7 = 30.000000000000004)
     drawn_per_class = math.ceil(round(n_per_class / accept_rate, 9))
+    _check_memory(model, drawn_per_class * len(classes), accept_rate)
     conditions = make_conditions(model, classes=classes, n_per_condition=drawn_per_class)
     drawn = draw(model, conditions, settings, **options)
     scores = class_scores(classifier, drawn.images, drawn.labels)

@@ -1,11 +1,15 @@
-"""`load_pretrained`: one entry point for every checkpoint format vqar reads.
+"""`load_pretrained` (`vqar.load_pretrained`): the one entry point for every model format vqar reads.
 
 * a vqar bundle folder (`config.json` + `model.safetensors`, what `vqar convert` and training write; also those of
   vqar 0.1) or a Hub repo id;
 * an RQ release: `<name>/` (its stage-2 model, or stage 1 alone), `<name>/stage1` or `<name>/stage2`, or the
   `model.pt` inside one;
 * a LlamaGen / NPP `.pt` file (VQ tokenizer or GPT, told apart by their weights), whose architecture `config`
-  names.
+  names;
+* an official VAR VQVAE `.pth` (`vae_ch160v4096z32.pth`), told apart by its weights; `config` may give its scales
+  (`{"patch_nums": [...]}`, default the 256px release's);
+* an official VAR transformer `.pth` (`var_d16.pth` ... `var_d36.pth`), with its tokenizer given or found beside it
+  as `vae_ch160v4096z32.pth`, read at the transformer's scales.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from torch import nn
 
 from vqar.ar import ARModel
 from vqar.bundle import CONFIG_FILE, WEIGHTS_FILE, load
-from vqar.interop import llamagen, rq_release
+from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 
+VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 
-def load_pretrained(path, config=None, ema: bool = False, tokenizer=None) -> nn.Module:
-    """A vqar model in eval mode from `path` (file, folder or Hub repo id); see the module docstring.
+
+def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device="cpu") -> nn.Module:
+    """A vqar model in eval mode on `device` from `path` (file, folder or Hub repo id); see the module docstring.
 
     Args:
         config: the architecture where the files do not carry it (LlamaGen): a preset name (`VQ-16`, `GPT-XL`),
@@ -30,26 +36,32 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None) -> nn.
         ema: load the EMA weights the checkpoint carries instead of the raw ones.
         tokenizer: the stage-1 model for an AR model, a loaded tokenizer or anything `load_pretrained` reads;
             an RQ-Transformer without one looks for `stage1/` beside its folder.
+        device: where the model (and the tokenizer it carries) is put.
     """
-    if tokenizer is not None and not isinstance(tokenizer, nn.Module):
-        tokenizer = load_pretrained(tokenizer, ema=ema)
     source = Path(path)
+    if tokenizer is not None and not isinstance(tokenizer, nn.Module):
+        # A VAR tokenizer file is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
+        scales = _var_scales(source) if source.is_file() else None
+        tokenizer = load_pretrained(tokenizer, config=scales, ema=ema)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
     if source.is_dir():
         model = _load_folder(source, config, ema, tokenizer)
     elif source.is_file():
-        model = _load_llamagen(source, config, ema)
+        model = _load_file(source, config, ema, tokenizer)
     else:
         model = load(str(path))  # a Hub repo id, or a clear "not found"
     if tokenizer is not None and isinstance(model, ARModel):
         model.attach(tokenizer.eval())
+    model = model.to(device)
+    if isinstance(model, ARModel) and model.tokenizer is not None:
+        model.attach(model.tokenizer.to(device))
     return model
 
 
 def _load_folder(folder: Path, config, ema: bool, tokenizer) -> nn.Module:
-    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        return load_v1(folder) if is_v1_ar_folder(folder) else load(folder)
+    if (folder / CONFIG_FILE).is_file():  # a vqar folder (a missing model.safetensors is reported by `load`)
+        return load_v1(folder) if is_v1_ar_folder(folder) and (folder / WEIGHTS_FILE).is_file() else load(folder)
     if (folder / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(folder):
         raise FileNotFoundError(f"{folder} has a {rq_release.CONFIG_FILE} but no {rq_release.WEIGHTS_FILE}")
     for stage in (folder, folder / "stage2", folder / "stage1"):
@@ -64,8 +76,35 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> nn.Module:
     )
 
 
-def _load_llamagen(path: Path, config, ema: bool) -> nn.Module:
-    state = llamagen.checkpoint_state(load_checkpoint(path), path, ema)
+def _var_scales(path: Path) -> dict | None:
+    """{"patch_nums": ...} of a VAR transformer file, None for any other file."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+    if not var_transformer.is_var_transformer_state(checkpoint):
+        return None
+    return {"patch_nums": list(var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums)}
+
+
+def _load_file(path: Path, config, ema: bool, tokenizer=None) -> nn.Module:
+    """A checkpoint file, told apart by its content: a VAR VQVAE or transformer (plain state dicts) or a LlamaGen /
+    NPP file. A VAR transformer without a tokenizer looks for the release VQVAE beside it."""
+    checkpoint = load_checkpoint(path)
+    if var_transformer.is_var_transformer_state(checkpoint):
+        if tokenizer is None and (path.parent / VAR_VQVAE_FILE).is_file():
+            scales = var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums
+            tokenizer = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
+        return var_transformer.load_var_transformer(checkpoint, tokenizer=tokenizer)
+    if var.is_var_vqvae_state(checkpoint):
+        # `config`, when given: a dict / JSON of load_var_vqvae's keywords (patch_nums, phi_ratio, beta).
+        fields = llamagen.read_config(config, {}, "VAR VQVAE") if config is not None else {}
+        return var.load_var_vqvae(checkpoint, source=str(path), **fields)
+    return _load_llamagen(checkpoint, path, config, ema)
+
+
+def _load_llamagen(checkpoint, path: Path, config, ema: bool) -> nn.Module:
+    state = llamagen.checkpoint_state(checkpoint, path, ema)
     if llamagen.looks_like_gpt(state):
         return llamagen.build_gpt(state, config, str(path))
     if llamagen.looks_like_vq(state):

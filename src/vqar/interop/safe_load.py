@@ -58,21 +58,41 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if not _looks_like_torch_file(path):
+        raise ValueError(f"{path} is not a checkpoint: it is neither a PyTorch archive (torch.save's zip) nor a "
+                         "pickle")  # fmt: skip
     allowed = allowed_globals()
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         names = {_qualified(obj) for obj in allowed}
         try:
             wanted = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in names]
         except Exception:  # an old-format or damaged file: report what torch said
             wanted = []
-        detail = f"it needs {', '.join(sorted(wanted))}" if wanted else str(err).splitlines()[-1][:300]
+        if not wanted:  # no Python object it asks for is missing: the pickle itself is damaged or not one
+            raise ValueError(
+                f"{path} is not a checkpoint vqar can read: a damaged pickle, or one without tensors"
+            ) from None
         raise UnsafeCheckpointError(
-            f"refused to load {path}: it contains Python objects that are not on vqar's allow-list ({detail}). "
+            f"refused to load {path}: it contains Python objects that are not on vqar's allow-list (it needs "
+            f"{', '.join(sorted(wanted))}). "
             "Loading them would run code from the file; convert it with the code that wrote it, or load only "
             "files you trust with torch.load(weights_only=False) yourself."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether `path` starts like something torch.save writes: a zip archive, or (the legacy format) a pickle."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's message (torch's go on for lines of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0].split(". ")[0] if lines else type(err).__name__)[:300]

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vqar.utils.meta import bounded_meta_build
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -40,7 +42,8 @@ def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor],
                   ignore: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
     """`make()` with `state` loaded (see `load_into`), after checking on a model built on the meta device that the
     state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated."""
-    with torch.device("meta"):
+    # An absurd configuration (a million layers) stops once it makes far more tensors than the checkpoint holds.
+    with bounded_meta_build(2 * len(state) + 256, f"and {source} holds {len(state)}: check the configuration"):
         check_fits(make().state_dict(), state, source, ignore)
     model = make()
     load_into(model, state, source, ignore)

@@ -65,14 +65,15 @@ class Parallel:
         return global_batch // self.world_size
 
     # ------------------------------------------------------------------ models
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, units: list[nn.Module] | None = None) -> nn.Module:
         """The module to run training forward passes through: DDP's wrapper (which averages gradients during
-        backward), the module itself sharded in place for FSDP, or the module unchanged in one process.
-        Create optimizers after this call: FSDP replaces the parameters by their shards."""
+        backward), the module itself sharded in place for FSDP, or the module unchanged in one process. `units`:
+        the submodules FSDP shards one by one (default: every module held in a ModuleList, the transformer
+        blocks). Create optimizers after this call: FSDP replaces the parameters by their shards."""
         if not self.distributed:
             return module
         if self.sharded:
-            self._shard(module)
+            self._shard(module, units)
             return module
         if self.device.type == "cuda":
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -83,16 +84,16 @@ class Parallel:
             module, device_ids=device_ids, find_unused_parameters=self.cfg.find_unused_parameters
         )
 
-    def _shard(self, module: nn.Module) -> None:
+    def _shard(self, module: nn.Module, units: list[nn.Module] | None) -> None:
         from torch.distributed.fsdp import fully_shard
 
         mesh = self._mesh()
-        # One unit per transformer block (every module held in a ModuleList), then the root for the rest
-        # (embeddings, heads), so only one block's full weights exist at a time.
-        for child in list(module.modules()):
-            if isinstance(child, nn.ModuleList):
-                for block in child:
-                    fully_shard(block, mesh=mesh)
+        # One unit per transformer block, then the root for the rest (embeddings, heads), so only one block's full
+        # weights exist at a time.
+        if units is None:
+            units = [block for child in module.modules() if isinstance(child, nn.ModuleList) for block in child]
+        for block in units:
+            fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)
 
     def _mesh(self):

@@ -16,6 +16,8 @@ broadcast from rank 0, so every rank keeps an identical codebook (see `sync`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,10 +102,13 @@ class Codebook(nn.Module):
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
-    def maybe_init(self, x: torch.Tensor) -> None:
-        """k-means initialisation from `x` (N, dim) the first time any rank asks for it."""
-        if not sync.any_rank(not bool(self.initialized), x.device):
+    def maybe_init(self, x: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        """k-means initialisation from `x` (N, dim) the first time any rank asks for it; `x` may be a function
+        that makes the vectors, called only then."""
+        if not sync.any_rank(not bool(self.initialized), self.weight.device):
             return
+        if callable(x):
+            x = x()
         centroids = kmeans(x.float(), self.size, self.kmeans_iters, self.l2_norm) if len(x) else self.vectors()
         sync.broadcast_(centroids)
         self.weight.data.copy_(centroids)
@@ -114,8 +119,12 @@ class Codebook(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """One training step of codebook statistics from lookup-space vectors `x` (N, dim) assigned to `codes`."""
+    def update(self, x: torch.Tensor, codes: torch.Tensor,
+               restart_pool: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
+        """One training step of codebook statistics from lookup-space vectors `x` (N, dim) assigned to `codes`.
+        Dead codes restart from rows of `restart_pool()` (default `x`), called only when there are dead codes: a
+        multi-scale quantizer draws a pool with every scale equally represented, so that the few vectors of its
+        coarse scales get codes too."""
         x = x.float()
         counts = torch.bincount(codes, minlength=self.size).float()
         sums = torch.zeros(self.size, self.dim, device=x.device).index_add_(0, codes, x) if self.ema else None
@@ -125,16 +134,18 @@ class Codebook(nn.Module):
         if self.ema:
             self.embed_ema.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         if self.restart_dead:
-            self._restart_dead_codes(x)
+            self._restart_dead_codes(x, restart_pool)
         if self.ema:
             n = self.cluster_size_ema.sum()
             smoothed = n * (self.cluster_size_ema + self.eps) / (n + self.size * self.eps)
             self.weight.data.copy_(self.embed_ema / smoothed.unsqueeze(1))
 
-    def _restart_dead_codes(self, x: torch.Tensor) -> None:
+    def _restart_dead_codes(self, x: torch.Tensor, pool: Callable[[], torch.Tensor] | None = None) -> None:
         dead = self.cluster_size_ema < self.dead_threshold
         if not sync.any_rank(bool(dead.any()), x.device):
             return
+        if pool is not None:
+            x = pool().float()
         candidates = sample_vectors(x, self.size) if len(x) else self.weight.detach().float().clone()
         sync.broadcast_(candidates)
         column = dead.unsqueeze(1)

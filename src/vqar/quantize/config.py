@@ -1,20 +1,19 @@
-"""Configuration of a quantizer and the factory that builds it."""
+"""Configuration of a quantizer and the factory that builds it (the kinds are in `vqar.quantize.registry`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from torch import nn
-
-from vqar.quantize.residual import ResidualQuantizer
-from vqar.quantize.vector import VectorQuantizer
-
-QUANTIZER_KINDS = ("vq", "rq")
+from vqar.quantize.contract import Quantizer
+from vqar.quantize.registry import QUANTIZERS, quantizer_class
 
 
 @dataclass
 class QuantizerConfig:
-    """`kind` "vq" (one code per position) or "rq" (a stack of `depth` codes per position)."""
+    """One flat config for every kind; each kind reads the fields it needs and refuses the ones it cannot use.
+
+    `kind`: "vq" (one code per position), "rq" (a stack of `depth` codes per position) or "multiscale" (VAR: token
+    maps of side `patch_nums`, refined by `phi_share` Phi convolutions of weight `phi_ratio`)."""
 
     kind: str = "vq"
     codebook_size: int = 16384
@@ -33,44 +32,34 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     restart_dead: bool = True
     dead_threshold: float = 1.0
+    patch_nums: list[int] = field(default_factory=list)
+    phi_ratio: float = 0.5
+    phi_share: int = 4
 
-    def validate(self) -> None:
-        if self.kind not in QUANTIZER_KINDS:
-            raise ValueError(f"quantizer kind must be one of {QUANTIZER_KINDS}, got {self.kind!r}")
-        if self.kind == "vq" and self.depth != 1:
-            raise ValueError(f"a 'vq' quantizer has depth 1 (got depth={self.depth}); use kind='rq' for depth > 1")
-        if self.kind == "rq" and (self.lookup_dim not in (None, self.dim) or self.l2_norm):
-            raise ValueError("lookup_dim and l2_norm apply to 'vq' quantizers only")
+    def validate(self, latent_side: int | None = None) -> None:
+        """ValueError for an unusable config; `latent_side` (the tokenizer's latent grid side) when known."""
+        cls = quantizer_class(self.kind)
         if self.codebook_size < 2 or self.dim < 1 or self.depth < 1:
             raise ValueError(
                 f"need codebook_size >= 2, dim >= 1 and depth >= 1, got {self.codebook_size}, {self.dim}, {self.depth}"
             )
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
-        if self.entropy_weight and (self.kind != "vq" or self.entropy_temperature <= 0):
-            raise ValueError("entropy_weight applies to 'vq' quantizers and needs entropy_temperature > 0")
+        cls.check_config(self, latent_side)
+
+    def codebook_options(self) -> dict:
+        """The `Codebook` keyword arguments of this config."""
+        return dict(
+            ema=self.ema,
+            decay=self.decay,
+            eps=self.eps,
+            kmeans_init=self.kmeans_init,
+            kmeans_iters=self.kmeans_iters,
+            restart_dead=self.restart_dead,
+            dead_threshold=self.dead_threshold,
+        )
 
 
-def build_quantizer(cfg: QuantizerConfig) -> nn.Module:
+def build_quantizer(cfg: QuantizerConfig) -> Quantizer:
     cfg.validate()
-    common = dict(
-        beta=cfg.beta,
-        ema=cfg.ema,
-        decay=cfg.decay,
-        eps=cfg.eps,
-        kmeans_init=cfg.kmeans_init,
-        kmeans_iters=cfg.kmeans_iters,
-        restart_dead=cfg.restart_dead,
-        dead_threshold=cfg.dead_threshold,
-    )
-    if cfg.kind == "rq":
-        return ResidualQuantizer(cfg.codebook_size, cfg.dim, cfg.depth, shared_codebook=cfg.shared_codebook, **common)
-    return VectorQuantizer(
-        cfg.codebook_size,
-        cfg.dim,
-        lookup_dim=cfg.lookup_dim,
-        l2_norm=cfg.l2_norm,
-        entropy_weight=cfg.entropy_weight,
-        entropy_temperature=cfg.entropy_temperature,
-        **common,
-    )
+    return QUANTIZERS[cfg.kind].from_config(cfg)

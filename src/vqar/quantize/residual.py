@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics
+from vqar.quantize.contract import Quantizer
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
 
-class ResidualQuantizer(nn.Module):
+class ResidualQuantizer(Quantizer):
     """Quantizes channels-last latents (..., dim) to D codes per vector, returned as (..., D).
 
     Args:
@@ -33,6 +34,9 @@ class ResidualQuantizer(nn.Module):
         **codebook_options: how the codebooks learn (ema, decay, eps, kmeans_init, kmeans_iters, restart_dead,
             dead_threshold); see `Codebook`.
     """
+
+    layout = "stack"
+    code_axes = ("h", "w", "D")
 
     def __init__(
         self,
@@ -53,6 +57,31 @@ class ResidualQuantizer(nn.Module):
         self.codebooks = nn.ModuleList(
             Codebook(codebook_size, dim, **codebook_options) for _ in range(1 if shared_codebook else depth)
         )
+
+    @classmethod
+    def from_config(cls, cfg) -> ResidualQuantizer:
+        return cls(cfg.codebook_size, cfg.dim, cfg.depth, shared_codebook=cfg.shared_codebook, beta=cfg.beta,
+                   **cfg.codebook_options())  # fmt: skip
+
+    @classmethod
+    def check_config(cls, cfg, latent_side: int | None = None) -> None:
+        if cfg.lookup_dim not in (None, cfg.dim) or cfg.l2_norm:
+            raise ValueError("lookup_dim and l2_norm apply to 'vq' quantizers only")
+        if cfg.entropy_weight:
+            raise ValueError("entropy_weight applies to 'vq' quantizers only")
+
+    @property
+    def levels(self) -> int:
+        return self.depth
+
+    def code_shape(self, latent_side: int) -> tuple[int, ...]:
+        return (latent_side, latent_side, self.depth)
+
+    def level_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        return list(codes.reshape(-1, self.depth).unbind(1))
+
+    def code_vectors(self) -> torch.Tensor:
+        return torch.stack([book.vectors() for book in self.codebooks])
 
     def codebook(self, d: int) -> Codebook:
         """The codebook used at depth `d`."""
@@ -119,9 +148,7 @@ class ResidualQuantizer(nn.Module):
 
     def embed(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Latents (..., dim): the sum of the first `depth` (default all D) code vectors of each stack."""
-        depth = self.depth if depth is None else depth
-        if not 1 <= depth <= self.depth:
-            raise ValueError(f"depth must be in [1, {self.depth}], got {depth}")
+        depth = self.check_depth(depth)
         return self.embed_per_depth(codes)[..., :depth, :].sum(-2)
 
     def _check(self, codes: torch.Tensor) -> torch.Tensor:

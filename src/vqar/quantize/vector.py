@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics
+from vqar.quantize.contract import Quantizer
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(Quantizer):
     """Quantizes channels-last latents (..., dim) to one code per vector.
 
     Args:
@@ -36,6 +37,8 @@ class VectorQuantizer(nn.Module):
             dead_threshold); see `Codebook`.
     """
 
+    layout = "grid"
+    code_axes = ("h", "w")
     depth = 1  # one code per vector; residual quantizers have D
 
     def __init__(
@@ -61,6 +64,32 @@ class VectorQuantizer(nn.Module):
         self.project_in = nn.Linear(dim, lookup_dim) if factorized else nn.Identity()
         self.project_out = nn.Linear(lookup_dim, dim) if factorized else nn.Identity()
         self.codebook = Codebook(codebook_size, lookup_dim, l2_norm=l2_norm, **codebook_options)
+
+    @classmethod
+    def from_config(cls, cfg) -> VectorQuantizer:
+        return cls(
+            cfg.codebook_size,
+            cfg.dim,
+            lookup_dim=cfg.lookup_dim,
+            l2_norm=cfg.l2_norm,
+            entropy_weight=cfg.entropy_weight,
+            entropy_temperature=cfg.entropy_temperature,
+            beta=cfg.beta,
+            **cfg.codebook_options(),
+        )
+
+    @classmethod
+    def check_config(cls, cfg, latent_side: int | None = None) -> None:
+        if cfg.depth != 1:
+            raise ValueError(f"a 'vq' quantizer has depth 1 (got depth={cfg.depth}); use kind='rq' for depth > 1")
+        if cfg.entropy_weight and cfg.entropy_temperature <= 0:
+            raise ValueError("entropy_weight needs entropy_temperature > 0")
+
+    def code_shape(self, latent_side: int) -> tuple[int, ...]:
+        return (latent_side, latent_side)
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.codebook.vectors()[None]
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         if z.shape[-1] != self.dim:
@@ -94,8 +123,9 @@ class VectorQuantizer(nn.Module):
             perplexity=perplexity,
         )
 
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """Latents (..., dim) for integer codes (...)."""
+    def embed(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Latents (..., dim) for integer codes (...); `depth` may only be None or 1."""
+        self.check_depth(depth)
         codes = check_codes(codes, self.codebook_size)
         with torch.autocast(codes.device.type, enabled=False):
             return self.project_out(self.codebook.lookup(codes))

@@ -1,8 +1,9 @@
 """The decode steps of a generation, eager or compiled (gpt-fast's compiled `decode_one_token`).
 
-`DecodeSteps` gives the generation loop the model's `code_logits` and `decode_position`. Compiled, each is
-`torch.compile`d once per model: the position goes in as a tensor, so one graph serves every position (the KV
-cache then returns its whole length and attention masks the positions not yet written). On CUDA the graphs are
+`DecodeSteps` gives the generation loop the model's `code_logits` and `decode_block`. Compiled, each is
+`torch.compile`d once per model: a raster model's position goes in as a tensor, so one graph serves every block of
+a size (the KV cache then returns its whole length and attention masks the positions not yet written); a model
+whose blocks differ in shape (VAR's scales) compiles one graph per block. On CUDA the graphs are
 replayed as CUDA graphs (`mode="reduce-overhead"`), which removes the per-op launch cost that bounds a decode step
 at the batch sizes of demos and serving; the caches are kept per batch size and reused, so the graphs replay on
 the same memory. The prefill runs eagerly, once per batch. An RQ-Transformer's depth steps compile to one graph
@@ -42,8 +43,8 @@ class DecodeSteps:
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
         return self.model.code_logits(context, chosen, state)
 
-    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
-        return self.model.decode_position(codes, index, state)
+    def decode_block(self, codes: torch.Tensor, start: int, state: Any, smooth=None) -> torch.Tensor:
+        return self.model.decode_block(codes, start, state, smooth)
 
 
 class CompiledDecodeSteps(DecodeSteps):
@@ -54,7 +55,12 @@ class CompiledDecodeSteps(DecodeSteps):
         cuda = next(model.parameters()).device.type == "cuda"
         options = {"mode": "reduce-overhead" if cuda else "default"}
         self._code_logits = torch.compile(model.code_logits, **options)
-        self._decode_position = torch.compile(model.decode_position, **options)
+        self._decode_block = torch.compile(model.decode_block, **options)
+        # One graph per block shape (VAR: one per scale, both halves of guidance apart) must not hit dynamo's
+        # recompilation limit, past which it silently runs the step eagerly.
+        shapes = 2 * len(set(model.block_sizes)) + 2
+        if torch._dynamo.config.recompile_limit < shapes:
+            torch._dynamo.config.recompile_limit = shapes
         self._cuda = cuda
         self._states: dict[int, Any] = {}
         self.failed: str | None = None
@@ -73,9 +79,9 @@ class CompiledDecodeSteps(DecodeSteps):
     def code_logits(self, context: torch.Tensor, chosen: torch.Tensor, state: Any) -> torch.Tensor:
         return self._call(self._code_logits, self.model.code_logits, context, chosen, state)
 
-    def decode_position(self, codes: torch.Tensor, index: int, state: Any) -> torch.Tensor:
-        position = torch.tensor([index], device=codes.device)
-        return self._call(self._decode_position, self.model.decode_position, codes, position, state)
+    def decode_block(self, codes: torch.Tensor, start: int, state: Any, smooth=None) -> torch.Tensor:
+        position = torch.tensor([start], device=codes.device) if self.model.raster else start
+        return self._call(self._decode_block, self.model.decode_block, codes, position, state, smooth)
 
     def _call(self, compiled: Callable, eager: Callable, *args) -> torch.Tensor:
         if self.failed is None:

@@ -1,10 +1,11 @@
 """The generation loop every model samples through, over its static KV cache (gpt-fast's prefill / decode split).
 
-One prefill of the condition, then for each position one `code_logits` step per depth (1 for GPT and VIM, D for
-the RQ-Transformer, whose depth steps share a short cache reused at every position) and one `decode_position`
-step; the steps run eagerly or compiled (`vqar.sampling.compiled`). With classifier-free guidance the batch runs
-as [conditional; null condition] and the logits are combined before filtering. The semantics of every setting are
-in `vqar.sampling.settings`.
+One prefill of the condition, then for each block of positions (`ARModel.block_sizes`: one position of a raster
+model, one scale of VAR) one `code_logits` step per depth (1 for GPT, VIM and VAR, D for the RQ-Transformer, whose
+depth steps share a short cache reused at every position) and one `decode_block` step; the steps run eagerly or
+compiled (`vqar.sampling.compiled`). With classifier-free guidance the batch runs as [conditional; null
+condition] and the logits are combined before filtering. The semantics of every setting are in
+`vqar.sampling.settings`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vqar.ar import ARModel
 from vqar.sampling.compiled import decode_steps
-from vqar.sampling.filters import guide, sample_logits
+from vqar.sampling.filters import filter_logits, guide, sample_logits
 from vqar.sampling.settings import DepthSettings, SamplingSettings
 
 
@@ -28,9 +29,7 @@ def image_noise(model: ARModel, seeds: torch.Tensor, index: torch.Tensor) -> tor
     count = model.num_positions * model.depth
     rows = []
     for seed, i in zip(seeds.tolist(), index.tolist(), strict=True):
-        state = np.random.SeedSequence([seed, i]).generate_state(2, dtype=np.uint32)
-        stream = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        rows.append(torch.rand(count, generator=stream))
+        rows.append(torch.rand(count, generator=_stream(seed, i)))
     return torch.stack(rows) if rows else torch.empty(0, count)
 
 
@@ -82,21 +81,56 @@ def generate(
     def both_halves(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if settings.guided else x
 
-    depth, positions = model.depth, model.num_positions
-    codes = torch.empty(n, positions, depth, dtype=torch.long, device=ids.device)
+    depth, blocks = model.depth, model.block_sizes
+    codes = torch.empty(n, model.num_positions, depth, dtype=torch.long, device=ids.device)
+    smooth = SmoothNoise(model, settings, n, ids.device) if settings.smooth else None
     state = steps.new_state(len(ids))
     context = model.prefill(ids, state)
-    for p in tqdm(range(positions), desc="sampling", disable=not progress, leave=False):
-        guided = settings.guided_at(p)
+    start = 0
+    for k, size in enumerate(tqdm(blocks, desc="sampling", disable=not progress, leave=False)):
+        block = slice(start, start + size)
+        scale = settings.scale_at(k, len(blocks), model.cfg_schedule) if settings.guided_at(start) else 1.0
         for d, f in enumerate(run.filters):
-            logits = steps.code_logits(context, both_halves(codes[:, p, :d]), state)
-            logits = guide(logits, settings.cfg_scale) if guided else logits[:n]
-            codes[:, p, d] = pick(logits, f, settings.greedy, run.noise, p * depth + d)
-        if p + 1 < positions:
-            context = steps.decode_position(both_halves(codes[:, p]), p, state)
+            logits = steps.code_logits(context, both_halves(codes[:, block, :d]), state)
+            logits = guide(logits, scale) if scale != 1.0 else logits[:n]
+            draws = None if run.noise is None else run.noise[:, start * depth + d : (start + size) * depth : depth]
+            codes[:, block, d] = pick(logits, f, settings.greedy, draws)
+        if k + 1 < len(blocks):
+            mix = None if smooth is None else tuple(map(both_halves, smooth.next(logits, run.filters[-1], size)))
+            context = steps.decode_block(both_halves(codes[:, block]), start, state, mix)
+        start += size
     return codes.view(n, *model.code_shape)
 
 
-def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, noise: torch.Tensor | None, step: int) -> torch.Tensor:
-    """The codes (B,) of draw number `step` of each image: the argmax, or a draw with its own uniform number."""
-    return logits.argmax(-1) if greedy else sample_logits(logits, *f, uniform=noise[:, step])
+def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, uniform: torch.Tensor | None) -> torch.Tensor:
+    """The codes (B, n) of a block's draws at one depth: the argmax, or a draw per code with its own uniform
+    number (B, n)."""
+    if greedy:
+        return logits.argmax(-1)
+    flat = sample_logits(logits.flatten(0, -2), *f, uniform=uniform.reshape(-1))
+    return flat.view(logits.shape[:-1])
+
+
+class SmoothNoise:
+    """The Gumbel noise of `smooth` sampling: each image draws from a stream of (seed, index) of its own, apart from
+    the one its codes are drawn with, so the codes are those of the same run without `smooth`."""
+
+    def __init__(self, model: ARModel, settings: SamplingSettings, n: int, device: torch.device):
+        if not model.smooth_embedding:
+            raise ValueError(f"smooth sampling feeds back a mix of code vectors, which {type(model).__name__} "
+                             "does not take (VAR only)")  # fmt: skip
+        self.device = device
+        self.streams = [_stream(settings.seed, i, salt=1) for i in range(n)]
+
+    def next(self, logits: torch.Tensor, f: DepthSettings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the filtered logits (B, n, K) the codes were drawn from, Gumbel noise -log(E), E ~ Exp(1))."""
+        filtered = filter_logits(logits.float(), *f)
+        k = logits.shape[-1]
+        gumbel = torch.stack([-torch.empty(size, k).exponential_(generator=g).log() for g in self.streams])
+        return filtered, gumbel.to(self.device)
+
+
+def _stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
+    words = [seed, index] if salt == 0 else [seed, index, salt]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -8,6 +8,12 @@ The semantics, stated once and equal to LlamaGen's where LlamaGen defines them:
   the temperature and the filters. `cfg_interval` = i >= 0 guides the first code always and the code after
   position p while p <= i (decode step p produces position p + 1); None or -1 guides every position. Outside
   the interval the conditional logits are used (the null half is still computed, as LlamaGen does).
+* `cfg_schedule` spreads the scale over a model's blocks (positions, or VAR's scales): "constant" uses
+  `cfg_scale` at every block; "linear" ramps it as 1 + (cfg_scale - 1) * k / (K - 1) over blocks k = 0 .. K-1, no
+  guidance at the first block and the full scale at the last (VAR's schedule: its `cfg` c is cfg_scale = 1 + c,
+  so its README's cfg 1.5 is cfg_scale 2.5). None takes the model's own schedule (`ARModel.cfg_schedule`).
+* `smooth` (VAR's `more_smooth`) feeds a Gumbel-softmax mix of code vectors back to the model instead of the drawn
+  code's vector (models with `smooth_embedding` only); the drawn codes are unchanged.
 * the logits are divided by `temperature` (> 0);
 * top-k keeps every code whose logit is >= the k-th largest (ties with the k-th are kept);
 * top-p keeps the smallest set of most likely codes whose probability reaches p: codes are sorted, and a code is
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 MAX_SEED = 2**63 - 1
+CFG_SCHEDULES = (None, "constant", "linear")
 
 
 class DepthSettings(NamedTuple):
@@ -47,6 +54,8 @@ class SamplingSettings:
     cfg_interval: int | None = None
     greedy: bool = False
     seed: int = 0
+    cfg_schedule: str | None = None  # "constant", "linear", or None for the model's own
+    smooth: bool = False
 
     @property
     def guided(self) -> bool:
@@ -56,6 +65,13 @@ class SamplingSettings:
         """Whether the code(s) of `position` are drawn from guided logits."""
         interval = self.cfg_interval
         return self.guided and (position == 0 or interval is None or interval < 0 or position - 1 <= interval)
+
+    def scale_at(self, block: int, blocks: int, schedule: str) -> float:
+        """The guidance scale of block `block` of `blocks` under `schedule` (the settings' own when they name one);
+        see the module docstring."""
+        if (self.cfg_schedule or schedule) == "linear":
+            return 1.0 + (self.cfg_scale - 1.0) * (block / (blocks - 1) if blocks > 1 else 1.0)
+        return self.cfg_scale
 
     def per_depth(self, depth: int) -> list[DepthSettings]:
         """Validated filters for each of `depth` depths (ValueError naming the setting otherwise)."""
@@ -77,6 +93,11 @@ class SamplingSettings:
             raise ValueError(f"cfg_interval must be None, -1 (guide every code) or an integer >= 0, got {interval!r}")
         if not isinstance(self.greedy, bool):
             raise ValueError(f"greedy must be true or false, got {self.greedy!r}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(map(str, CFG_SCHEDULES))}, "
+                             f"got {self.cfg_schedule!r}")  # fmt: skip
+        if not isinstance(self.smooth, bool):
+            raise ValueError(f"smooth must be true or false, got {self.smooth!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
@@ -84,7 +105,7 @@ class SamplingSettings:
         """Settings that must be equal for draws to share a batch (everything but the seed)."""
         as_tuple = lambda v: tuple(v) if _is_list(v) else v  # noqa: E731
         return (as_tuple(self.temperature), as_tuple(self.top_k), as_tuple(self.top_p), self.cfg_scale,
-                self.cfg_interval, self.greedy)  # fmt: skip
+                self.cfg_interval, self.greedy, self.cfg_schedule, self.smooth)  # fmt: skip
 
 
 def _is_list(value) -> bool:

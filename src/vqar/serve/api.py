@@ -22,29 +22,40 @@ from fastapi import APIRouter, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 from vqar.sampling import SamplingSettings
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
 SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
-# The schema's types of the settings given once or per depth (SamplingSettings itself checks their values).
-# Integers are strict: `"n": true` or `"seed": "7"` is refused, not read as 1 or 7. A prompt is at most
-# MAX_PROMPT_CHARS characters (a model reads a few dozen tokens of it).
+# The schema's types of the settings given once or per depth (SamplingSettings itself checks their values); every
+# other field takes its dataclass type made strict (`STRICT`). Types are strict: `"n": true`, `"seed": "7"`,
+# `"cfg_scale": true` or `"temperature": "1.0"` are refused, not read as 1, 7 or 1.0 (a float field takes an
+# integer, as JSON has one kind of number). A prompt is at most MAX_PROMPT_CHARS characters (a model reads a few
+# dozen tokens of it).
 MAX_PROMPT_CHARS = 2000
 SCHEMA_TYPES = {
-    "temperature": float | list[float],
+    "temperature": StrictFloat | list[StrictFloat],
     "top_k": StrictInt | list[StrictInt | None] | None,
-    "top_p": float | list[float | None] | None,
-    "class_id": StrictInt | None,
-    "n": StrictInt,
-    "seed": StrictInt,
-    "cfg_interval": StrictInt | None,
-    "greedy": StrictBool,
-    "coarse_to_fine": StrictBool,
+    "top_p": StrictFloat | list[StrictFloat | None] | None,
     "prompt": Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None,
 }
+STRICT = {int: StrictInt, float: StrictFloat, bool: StrictBool, str: StrictStr}
+
+
+def _strict(hint):
+    """`hint` with int, float, bool and str (also inside `X | None`) replaced by pydantic's strict types."""
+    if hint in STRICT:
+        return STRICT[hint]
+    args = typing.get_args(hint)
+    if args and all(arg in STRICT or arg is type(None) for arg in args):
+        strict = [STRICT.get(arg, arg) for arg in args]
+        union = strict[0]
+        for arg in strict[1:]:
+            union = union | arg
+        return union
+    return hint
 
 
 def _body_model() -> type[BaseModel]:
@@ -56,7 +67,7 @@ def _body_model() -> type[BaseModel]:
         for f in dataclasses.fields(cls):
             if f.name != "settings":
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                fields[f.name] = (SCHEMA_TYPES.get(f.name, hints[f.name]), default)
+                fields[f.name] = (SCHEMA_TYPES.get(f.name, _strict(hints[f.name])), default)
     fields["format"] = (str, Field("png_base64", pattern="^(png_base64|zip)$"))
     return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields)
 
@@ -118,7 +129,7 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
                     archive.writestr(f"image_{i:03d}.png", data)
                 for d, level in enumerate(result.coarse_to_fine or [], start=1):
                     for i, data in enumerate(images_as_png(level)):
-                        archive.writestr(f"coarse_to_fine/image_{i:03d}_depth{d}.png", data)
+                        archive.writestr(f"coarse_to_fine/image_{i:03d}_level{d}.png", data)
             headers = {"Content-Disposition": 'attachment; filename="samples.zip"'}
             return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
         answer = {

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -68,9 +70,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, ready for the server; an address in use (or not this machine's) is an OSError
+    of one line, before the model is loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError) as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {port} on {host} is in use (another server?): stop it or choose another --port"
+            ) from None
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, sock: socket.socket | None = None) -> None:
+    """Runs the server until it is stopped; `sock` is a socket from `listen(host, port)` (else one is bound here)."""
     import uvicorn
 
+    sock = sock or listen(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     if not is_loopback(host):
         log.warning("binding to %s: anyone who can reach this machine on port %d can use the model (and its "
                     "CPU/GPU). Put it behind a proxy with authentication for shared networks.", host, port)  # fmt: skip
@@ -82,6 +108,7 @@ def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860) -> 
         app = build_app(engine, work_dir=work)
         print(f"vqar serve: http://{host}:{port}/ (web page), POST http://{host}:{port}/generate (API)", flush=True)
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning")
+            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
         finally:
+            sock.close()
             engine.close()

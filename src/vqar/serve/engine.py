@@ -77,6 +77,8 @@ class SamplingEngine:
         if self.text and self.text_tokenizer is None:
             raise ValueError("this text-to-image model has no caption tokenizer; pass one (--text-tokenizer)")
         self.depth = model.depth
+        # Coarse-to-fine steps the tokenizer decodes: an RQ stack's depths, VAR's scales (1: nothing to show).
+        self.levels = self.tokenizer.levels if self.tokenizer is not None else 1
         self.max_images, self.max_batch = max_images, max_batch
         self.class_names = list(class_names) if class_names else [str(i) for i in range(model.num_classes)]
         self.device = next(model.parameters()).device
@@ -104,6 +106,8 @@ class SamplingEngine:
             "code_shape": list(model.code_shape),
             "codebook_size": model.codebook_size,
             "depth": self.depth,
+            "levels": self.levels,
+            "code_layout": getattr(self.tokenizer, "layout", "grid"),
             "image_size": getattr(self.tokenizer, "image_size", None),
             "conditioning": model.conditioning.value,
             "num_classes": model.num_classes,
@@ -122,8 +126,9 @@ class SamplingEngine:
         if request.n > self.max_images:
             raise RequestError(f"n={request.n} is more than this server's {self.max_images} images per request",
                                status=413)  # fmt: skip
-        if request.coarse_to_fine and self.depth == 1:
-            raise RequestError("coarse_to_fine needs a residual (RQ) model with several codes per position")
+        if request.coarse_to_fine and self.levels == 1:
+            raise RequestError("coarse_to_fine needs a tokenizer that decodes coarse to fine: a residual (RQ) stack "
+                               "or VAR's scales")  # fmt: skip
         try:
             check_drawable(self.model, request.settings, self.tokenizer)
             classes = None if request.class_id is None else [request.class_id]
@@ -214,5 +219,5 @@ class SamplingEngine:
             if any(job.request.coarse_to_fine for job in jobs):
                 codes = result.codes.to(self.device)
                 ladder = [self.tokenizer.decode(codes, depth=d).float().clamp(-1, 1).cpu()
-                          for d in range(1, self.depth + 1)]  # fmt: skip
+                          for d in range(1, self.levels + 1)]  # fmt: skip
         return result, ladder

@@ -2,7 +2,7 @@
 
 The page calls the same `SamplingEngine` as the HTTP API, so its requests wait in the same queue and share
 batches with API calls. For RQ models a second gallery shows each image decoded with 1, 2, ..., D codes per
-position (coarse to fine).
+position, for VAR models after 1, 2, ..., K scales (coarse to fine).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _pictures(images) -> list[Image.Image]:
 
 def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.Blocks:
     info = engine.describe()
-    depth, names = engine.depth, info["class_names"]
+    depth, levels, names = engine.depth, engine.levels, info["class_names"]
     if work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="vqar-serve-")
         atexit.register(shutil.rmtree, work_dir, True)
@@ -96,8 +96,9 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="Download all (zip)", elem_id="download")
-                ladder = gr.Gallery(label=f"Coarse to fine: each image with 1..{depth} codes per position",
-                                    columns=depth, format="png", visible=depth > 1, elem_id="coarse")  # fmt: skip
+                steps = "scales" if info["code_layout"] == "scales" else "codes per position"
+                ladder = gr.Gallery(label=f"Coarse to fine: each image with 1..{levels} {steps}", columns=levels,
+                                    format="png", visible=levels > 1, elem_id="coarse")  # fmt: skip
 
         runs = [0]
 
@@ -117,7 +118,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     prompt=settings.get("prompt"),
                     n=int(settings["n"]),
                     settings=sampling,
-                    coarse_to_fine=depth > 1,
+                    coarse_to_fine=levels > 1,
                 )
                 progress(0.0, desc="waiting in the queue")
                 future = engine.submit(request)
@@ -136,9 +137,10 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 old.unlink(missing_ok=True)
             rows = []
             if result.coarse_to_fine is not None:
-                levels = [_pictures(level) for level in result.coarse_to_fine]
+                pictures = [_pictures(level) for level in result.coarse_to_fine]
+                unit = "scale(s)" if info["code_layout"] == "scales" else "code(s)"
                 for i in range(len(result.images)):
-                    rows += [(levels[d][i], f"image {i + 1}, {d + 1} code(s)") for d in range(depth)]
+                    rows += [(pictures[d][i], f"image {i + 1}, {d + 1} {unit}") for d in range(len(pictures))]
             runs[0] += 1
             note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed})"
             return _pictures(result.images), note, str(archive), rows

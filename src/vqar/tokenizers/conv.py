@@ -1,5 +1,5 @@
 """The convolutional encoder and decoder of VQGAN ("Taming Transformers for High-Resolution Image Synthesis",
-Esser et al., CVPR 2021), used unchanged by RQ-VAE and by LlamaGen's VQ tokenizer.
+Esser et al., CVPR 2021), used unchanged by RQ-VAE, LlamaGen's VQ tokenizer and VAR's VQVAE.
 
 Each resolution level holds residual blocks (GroupNorm, SiLU, 3x3 convs) and, at the listed resolutions,
 single-head self-attention; levels are joined by a stride-2 convolution (after an asymmetric (0,1,0,1) pad) on the
@@ -39,6 +39,11 @@ class ConvConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The image size the pair is built for (`resolution`)."""
+        return self.resolution
 
     def validate(self) -> None:
         if not self.ch_mult:
@@ -171,6 +176,7 @@ class ConvEncoder(nn.Module):
         self.mid = _mid(block_in, cfg.dropout, g)
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+        self.out_channels = cfg.z_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -193,6 +199,7 @@ class ConvDecoder(nn.Module):
         block_in = widths[-1]
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.in_channels = cfg.z_channels
         self.mid = _mid(block_in, cfg.dropout, g)
         levels: list[nn.Module] = []
         for i in reversed(range(len(widths))):

@@ -81,25 +81,25 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in _LOSS_KINDS:
-        raise ValueError(f"unknown GAN loss kind {kind!r}; valid: {', '.join(_LOSS_KINDS)}")
+def _check_gan_loss(gan_loss: str) -> None:
+    if gan_loss not in _LOSS_KINDS:
+        raise ValueError(f"unknown GAN loss kind {gan_loss!r}; valid: {', '.join(_LOSS_KINDS)}")
 
 
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, gan_loss: str = "hinge") -> torch.Tensor:
     """Discriminator loss: "hinge" (Lim & Ye, 2017) or "vanilla" (the original GAN's cross-entropy), each
     the mean of the real and fake terms as in VQGAN."""
-    _check_kind(kind)
-    if kind == "hinge":
+    _check_gan_loss(gan_loss)
+    if gan_loss == "hinge":
         return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
     return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
 
 
-def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+def generator_loss(fake_logits: torch.Tensor, gan_loss: str = "hinge") -> torch.Tensor:
     """Generator (decoder) adversarial loss: "hinge" is -mean(D(fake)), "vanilla" is the non-saturating
     mean(softplus(-D(fake)))."""
-    _check_kind(kind)
-    if kind == "hinge":
+    _check_gan_loss(gan_loss)
+    if gan_loss == "hinge":
         return -fake_logits.mean()
     return F.softplus(-fake_logits).mean()
 

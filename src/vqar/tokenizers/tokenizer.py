@@ -1,8 +1,10 @@
 """Stage 1: a `Tokenizer` turns images into integer codes and back.
 
-encoder -> 1x1 conv to the quantizer dimension -> quantizer -> 1x1 conv back -> decoder, as in VQGAN, RQ-VAE and
-LlamaGen's VQ models. Images are float tensors in [-1, 1], channels first. Codes are int64 of shape (B, h, w) for
-a vector quantizer and (B, h, w, D) for a residual one.
+encoder -> conv to the quantizer dimension -> quantizer -> conv back -> decoder, as in VQGAN, RQ-VAE, LlamaGen's VQ
+models and VAR's VQVAE (1x1 convs, 3x3 for VAR: `quant_conv_kernel`). Images are float tensors in [-1, 1],
+channels first. Codes are int64 of shape (B, *code_shape): (B, h, w) for a vector quantizer, (B, h, w, D) for a
+residual one and (B, L) for a multi-scale one (see `vqar.quantize.contract`). The encoder-decoder pair is chosen
+by `arch` (`vqar.tokenizers.registry`), the quantizer by `quantizer.kind` (`vqar.quantize.registry`).
 """
 
 from __future__ import annotations
@@ -13,31 +15,39 @@ import torch
 from torch import nn
 
 from vqar.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
-from vqar.tokenizers.conv import ConvConfig, ConvDecoder, ConvEncoder
-from vqar.tokenizers.vit import VIT_SIZES, ViTConfig, ViTDecoder, ViTEncoder
-
-TOKENIZER_ARCHS = ("conv", "vit")
+from vqar.tokenizers.conv import ConvConfig
+from vqar.tokenizers.registry import backbone
+from vqar.tokenizers.vit import ViTConfig
 
 
 @dataclass
 class TokenizerConfig:
-    """`arch` "conv" (VQGAN / RQ-VAE / LlamaGen encoder-decoder, shaped by `conv`) or "vit" (ViT-VQGAN, `vit`)."""
+    """`arch` names the encoder-decoder pair, shaped by the config section of that name (`conv`: VQGAN / RQ-VAE /
+    LlamaGen / VAR; `vit`: ViT-VQGAN). `quant_conv_kernel` is the kernel size of the convolutions around the
+    quantizer (1 in VQGAN and RQ-VAE, 3 in VAR)."""
 
     arch: str = "conv"
     conv: ConvConfig = field(default_factory=ConvConfig)
     vit: ViTConfig = field(default_factory=ViTConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    quant_conv_kernel: int = 1
 
     @property
     def backbone(self) -> ConvConfig | ViTConfig:
         """The encoder-decoder config in use."""
-        return self.vit if self.arch == "vit" else self.conv
+        return getattr(self, backbone(self.arch).name)
+
+    @property
+    def latent_side(self) -> int:
+        """Side of the latent grid of images of the built size."""
+        return self.backbone.image_size // self.backbone.downsample_factor
 
     def validate(self) -> None:
-        if self.arch not in TOKENIZER_ARCHS:
-            raise ValueError(f"tokenizer arch must be one of {TOKENIZER_ARCHS}, got {self.arch!r}")
+        backbone(self.arch)
         self.backbone.validate()
-        self.quantizer.validate()
+        if self.quant_conv_kernel < 1 or self.quant_conv_kernel % 2 == 0:
+            raise ValueError(f"quant_conv_kernel must be a positive odd size, got {self.quant_conv_kernel}")
+        self.quantizer.validate(self.latent_side)
 
 
 @dataclass
@@ -51,15 +61,12 @@ class Tokenizer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        if cfg.arch == "vit":
-            self.encoder, self.decoder = ViTEncoder(cfg.vit), ViTDecoder(cfg.vit)
-            enc_out, dec_in = VIT_SIZES[cfg.vit.encoder]["dim"], VIT_SIZES[cfg.vit.decoder]["dim"]
-        else:
-            self.encoder, self.decoder = ConvEncoder(cfg.conv), ConvDecoder(cfg.conv)
-            enc_out = dec_in = cfg.conv.z_channels
-        self.quant_conv = nn.Conv2d(enc_out, cfg.quantizer.dim, 1)
+        pair = backbone(cfg.arch)
+        self.encoder, self.decoder = pair.encoder(cfg.backbone), pair.decoder(cfg.backbone)
+        k, dim = cfg.quant_conv_kernel, cfg.quantizer.dim
+        self.quant_conv = nn.Conv2d(self.encoder.out_channels, dim, k, padding=k // 2)
         self.quantizer = build_quantizer(cfg.quantizer)
-        self.post_quant_conv = nn.Conv2d(cfg.quantizer.dim, dec_in, 1)
+        self.post_quant_conv = nn.Conv2d(dim, self.decoder.in_channels, k, padding=k // 2)
 
     # ---------------------------------------------------------------- description
     @property
@@ -68,8 +75,9 @@ class Tokenizer(nn.Module):
 
     @property
     def image_size(self) -> int:
-        """The resolution the tokenizer was built for (any multiple of `downsample_factor` works)."""
-        return self.cfg.vit.image_size if self.cfg.arch == "vit" else self.cfg.conv.resolution
+        """The resolution the tokenizer was built for (any multiple of `downsample_factor` works, but for a
+        multi-scale quantizer, whose scales fix the latent size)."""
+        return self.cfg.backbone.image_size
 
     @property
     def downsample_factor(self) -> int:
@@ -81,24 +89,32 @@ class Tokenizer(nn.Module):
 
     @property
     def depth(self) -> int:
+        """Codes per latent position (D for a residual stack, else 1)."""
         return self.quantizer.depth
 
     @property
+    def levels(self) -> int:
+        """Coarse-to-fine prefixes of the codes that `decode(codes, depth=k)` can show: D depths, K scales or 1."""
+        return self.quantizer.levels
+
+    @property
+    def layout(self) -> str:
+        """The code layout: "grid", "stack" or "scales" (`vqar.quantize.contract`)."""
+        return self.quantizer.layout
+
+    @property
     def is_residual(self) -> bool:
-        return self.cfg.quantizer.kind == "rq"
+        """Whether codes are stacks of D residual codes per position (RQ-VAE)."""
+        return self.layout == "stack"
 
     def code_shape(self, image_size: int | None = None) -> tuple[int, ...]:
-        """(h, w) or (h, w, D) for square images of `image_size` (default: the built resolution)."""
-        side = (image_size or self.image_size) // self.downsample_factor
-        return (side, side, self.depth) if self.is_residual else (side, side)
+        """(h, w), (h, w, D) or (L,) for square images of `image_size` (default: the built resolution)."""
+        return self.quantizer.code_shape((image_size or self.image_size) // self.downsample_factor)
 
     def code_vectors(self) -> torch.Tensor:
         """The code vectors (books, K, dim) that codes stand for: one codebook, or one per depth when a residual
         quantizer does not share its codebook."""
-        q = self.quantizer
-        if self.is_residual:
-            return torch.stack([book.vectors() for book in q.codebooks])
-        return q.codebook.vectors()[None]
+        return self.quantizer.code_vectors()
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weight, where the adaptive GAN weight is measured."""
@@ -120,7 +136,7 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """int64 codes, (B, h, w) or (B, h, w, D). Does not update the codebook, whatever the module mode."""
+        """int64 codes (B, *code_shape). Does not update the codebook, whatever the module mode."""
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
@@ -131,24 +147,19 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def soft_codes(self, images: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
         """Soft code assignments (B, h, w, D, K) of a residual tokenizer; see `ResidualQuantizer.soft_codes`."""
-        if not self.is_residual:
+        soft_codes = getattr(self.quantizer, "soft_codes", None)
+        if soft_codes is None:
             raise ValueError("soft codes are defined for residual (RQ) tokenizers")
-        return self.quantizer.soft_codes(self.encode_latent(images), temperature)
+        return soft_codes(self.encode_latent(images), temperature)
 
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) from codes; for a residual tokenizer `depth=d` uses only the first d codes of
-        each stack (coarse to fine)."""
-        expected = 4 if self.is_residual else 3
-        if not isinstance(codes, torch.Tensor) or codes.dim() != expected:
+        """Images (B, C, H, W) from codes (B, *code_shape); `depth=k` decodes the first k levels only, coarse to
+        fine (the first k codes of each residual stack, or the first k scales)."""
+        axes = self.quantizer.code_axes
+        if not isinstance(codes, torch.Tensor) or codes.dim() != len(axes) + 1:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-            layout = "(B, h, w, D)" if self.is_residual else "(B, h, w)"
-            raise ValueError(f"this tokenizer decodes codes of shape {layout}, got {shape}")
-        if self.is_residual:
-            latent = self.quantizer.embed(codes, depth=depth)
-        else:
-            if depth not in (None, 1):
-                raise ValueError(f"depth={depth} only applies to residual tokenizers; this one has depth 1")
-            latent = self.quantizer.embed(codes)
+            raise ValueError(f"this tokenizer decodes codes of shape (B, {', '.join(axes)}), got {shape}")
+        latent = self.quantizer.embed(codes, depth=depth)
         return self.decode_latent(latent.to(self.post_quant_conv.weight.dtype))
 
     def _check_images(self, images: torch.Tensor) -> None:

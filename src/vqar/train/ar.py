@@ -1,8 +1,10 @@
-"""Stage-2 training: a GPT, an RQ-Transformer or a VIM on a code store, through the shared loop.
+"""Stage-2 training: any architecture of `vqar.ar.ARCHITECTURES` on a code store, through the shared loop.
 
 A run configuration holds one architecture: `arch` names it in `vqar.ar.ARCHITECTURES`, `size` fills its width and
-depth, and `model` is that architecture's config. The data-dependent fields of `model` (vocabulary, code shape,
-classes, caption length and vocabulary, and an RQ-Transformer's code vectors) are read from the code store when
+depth, and `model` is that architecture's config. What differs between families (the fields they read from the
+store, what they need of the tokenizer, their loss, the options they take) is their registry entry's; nothing here
+asks which family it trains. The data-dependent fields of `model` (vocabulary, code shape, classes, caption length
+and vocabulary, and family fields such as an RQ-Transformer's code vectors) are read from the code store when
 the configuration is made, so `vqar config ar PRESET codes=DIR` prints what the run will use and `run.yaml`
 records it; a preset or override that contradicts the store is an error.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vqar.ar import ARModel, Conditioning, RQTransformer, get_architecture
+from vqar.ar import ARModel, Conditioning, get_architecture
 from vqar.ar.next_patch import check_patch_size, next_patch_loss
 from vqar.bundle import load, read_config, save_pretrained
 from vqar.configs import ConfigError, compose_node, preset_fields, to_config, to_yaml
@@ -73,18 +75,21 @@ class SampleGridConfig(SamplingSettings):
 
 @dataclass
 class LossConfig:
-    """The RQ-Transformer's training loss, as its releases set it (their `loss:` section): soft image targets
-    (`soft_temperature` 0.5 in the release configs; off by default here) and, for text-to-image models,
-    `txt_weight * caption CE + img_weight * image CE` (0.1 / 0.9)."""
+    """The training loss: the RQ-Transformer's soft image targets as its releases set them (their `loss:` section,
+    `soft_temperature` 0.5; off by default here), label smoothing (VAR's recipe: 0.1), and, for text-to-image
+    models, `txt_weight * caption CE + img_weight * image CE` (0.1 / 0.9)."""
 
     soft_targets: bool = False
     soft_temperature: float = 0.5
+    label_smoothing: float = 0.0
     txt_weight: float = 0.1
     img_weight: float = 0.9
 
     def validate(self) -> None:
         if self.txt_weight < 0 or self.img_weight <= 0 or self.soft_temperature <= 0:
             raise ValueError("loss.txt_weight must be >= 0, loss.img_weight and loss.soft_temperature > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -106,15 +111,18 @@ class ARRunConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.train, self.sample, self.npp, self.dist, self.text, self.loss):
             section.validate()
-        if self.loss.soft_targets and self.arch != "rq":
-            raise ValueError("loss.soft_targets is the RQ-Transformer's training loss (arch=rq)")
+        arch = get_architecture(self.arch)
+        if self.loss.soft_targets:
+            arch.check_option("soft_targets", "loss.soft_targets")
+        if self.loss.label_smoothing:
+            arch.check_option("label_smoothing", "loss.label_smoothing")
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
                 "use dist.strategy=ddp or train.ema_decay=null"
             )
-        if self.npp.level > 1 and self.arch != "gpt":
-            raise ValueError(f"next patch prediction (npp.level > 1) trains a GPT, not arch={self.arch}")
+        if self.npp.level > 1:
+            arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
 
 
 # ---------------------------------------------------------------- configuration
@@ -185,7 +193,8 @@ def resolve_data_fields(node: DictConfig, names: tuple[str, ...]) -> dict[str, s
 
 def data_fields(node: DictConfig, codes: Path) -> dict[str, Any]:
     """The data-dependent model fields of a code store: vocabulary, code shape, classes, the caption sizes of a
-    text store, and the code vectors an RQ-Transformer embeds codes with."""
+    text store, and the fields the architecture's registry entry reads (an RQ-Transformer's code vectors, VAR's
+    scales)."""
     try:
         manifest = read_manifest(codes)
     except (OSError, ValueError) as err:
@@ -199,26 +208,25 @@ def data_fields(node: DictConfig, codes: Path) -> dict[str, Any]:
         "text_vocab_size": 0,
         "text_pad_id": 0,
     }
+    arch = get_architecture(node.arch)
     if captions:
-        if node.arch == "vim":
-            raise ConfigError("VIM is class-conditional or unconditional; train a gpt or rq model on captions")
+        try:
+            arch.check_option("captions", f"a caption store ({codes})")
+        except ValueError as err:
+            raise ConfigError(f"{err}: train a model that takes captions") from None
         values.update(TextConfig(**OmegaConf.to_container(node.text)).model_fields())
-    if node.arch == "rq":
-        _, tokenizer, _ = read_config(codes / "tokenizer")
-        quantizer = tokenizer["quantizer"]
-        values.update(code_dim=int(quantizer["dim"]), shared_codebook=bool(quantizer.get("shared_codebook", True)))
+    _, tokenizer, _ = read_config(codes / "tokenizer")
+    try:
+        values.update(arch.store_fields(manifest, tokenizer))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"data.codes: the store {codes} does not suit arch={arch.name}: {err}") from None
     return values
 
 
 # ---------------------------------------------------------------- the task
 def build_model(cfg: ARRunConfig, tokenizer=None) -> ARModel:
-    """The configured model; an RQ-Transformer also copies its code vectors from `tokenizer`."""
-    model = get_architecture(cfg.arch).model(cfg.model)
-    if isinstance(model, RQTransformer):
-        if tokenizer is None:
-            raise ValueError("an RQ-Transformer embeds codes with its tokenizer's codebook; pass the tokenizer")
-        model.set_code_embeddings(tokenizer.code_vectors())
-    return model
+    """The configured model, given what it needs of `tokenizer` (see `Architecture.build`)."""
+    return get_architecture(cfg.arch).build(cfg.model, tokenizer)
 
 
 class ARTask(TrainTask):
@@ -230,12 +238,13 @@ class ARTask(TrainTask):
     def __init__(self, cfg: ARRunConfig, store: CodeDataset, device: torch.device, par: Parallel | None = None,
                  text_tokenizer: TextTokenizer | None = None):  # fmt: skip
         self.cfg, self.store, self.device, self.par = cfg, store, device, par or Parallel()
+        self.arch = get_architecture(cfg.arch)
         self.tokenizer = load(store.tokenizer_path, device=device)
         self.text_tokenizer = text_tokenizer
         self.model = build_model(cfg, self.tokenizer).to(device)
         # Training forward passes go through `train_model` (DDP's wrapper; under FSDP the model itself, sharded
         # in place before the optimizer sees its parameters).
-        self.train_model = self.par.wrap(self.model)
+        self.train_model = self.par.wrap(self.model, units=self.arch.fsdp_units(self.model))
         self.optimizer = adamw(self.model, cfg.train)
         self.guard = StepGuard(cfg.train.precision, device)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -301,19 +310,14 @@ class ARTask(TrainTask):
         return codes.to(self.device), cond
 
     def _loss(self, out, codes: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """The image loss (soft targets when asked for), plus the weighted text loss of a model that predicts its
-        caption."""
+        """The family's image loss (its registry entry's), plus the weighted text loss of a model that predicts
+        its caption."""
         c = self.cfg.loss
-        flat = out.logits.reshape(-1, out.logits.shape[-1])
-        if c.soft_targets:
-            targets = self.model.soft_targets(codes, c.soft_temperature).reshape(flat.shape)
-            image = -(targets * F.log_softmax(flat.float(), dim=-1)).sum(-1).mean()
-        else:
-            image = F.cross_entropy(flat, codes.reshape(-1))
+        image, parts = self.arch.loss(self.model, out, codes, c)
         if out.text_logits is None:
-            return image, {}
+            return image, parts
         caption = text_loss(out.text_logits, cond)
-        return c.img_weight * image + c.txt_weight * caption, {"image_loss": image, "text_loss": caption}
+        return c.img_weight * image + c.txt_weight * caption, {**parts, "image_loss": image, "text_loss": caption}
 
     def train_step(self, batch: CodeBatch, step: int) -> dict[str, float]:
         codes, cond = self._inputs(batch, random_view=True)

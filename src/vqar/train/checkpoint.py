@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vqar.utils.io import fsync_dir, remove_leftovers, sha256_file
+from vqar.utils.io import current_umask, fsync_dir, remove_leftovers, sha256_file
 
 log = logging.getLogger("vqar.train")
 
@@ -107,12 +107,18 @@ def save_checkpoint(
         (tmp / "run.yaml").write_text(run_yaml)
         manifest = {"step": step, "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        mode = 0o666 & ~current_umask()  # safetensors creates its files 0600: colleagues could not resume the run
         for path in tmp.iterdir():
+            os.chmod(path, mode)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step again (a resumed run): a damaged one is kept aside, an intact one replaced
+            problem = verify_checkpoint(final)
+            if problem is None:
+                shutil.rmtree(final)
+            else:
+                _move_aside(run_dir, final, problem)
         os.replace(tmp, final)
         fsync_dir(folder)
     finally:
@@ -129,15 +135,24 @@ def prune(run_dir: Path, keep: int) -> None:
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(ckpt.path)
         if problem is not None:
-            aside = checkpoint_dir(run_dir) / DAMAGED / ckpt.path.name
-            log.warning("checkpoint %s is damaged (%s); moved to %s", ckpt.path, problem, aside)
-            aside.parent.mkdir(exist_ok=True)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(ckpt.path, aside)
+            _move_aside(run_dir, ckpt.path, problem)
         elif kept < keep:
             kept += 1
         elif ckpt.step != best:
             shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+def _move_aside(run_dir: Path, path: Path, problem: str) -> Path:
+    """Moves a damaged checkpoint to `checkpoints/damaged/` (never deleting one: a later look may save it);
+    a second damaged copy of the same step gets a numbered name."""
+    folder = checkpoint_dir(run_dir) / DAMAGED
+    folder.mkdir(exist_ok=True)
+    aside, copy = folder / path.name, 1
+    while aside.exists():
+        aside, copy = folder / f"{path.name}.{copy}", copy + 1
+    log.warning("checkpoint %s is damaged (%s); moved to %s", path, problem, aside)
+    os.replace(path, aside)
+    return aside
 
 
 def best_step(run_dir: Path) -> int | None:

@@ -12,6 +12,8 @@ log, checkpoints, pictures and exports, and holds the experiment tracker (`train
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import logging
 import math
@@ -45,7 +47,14 @@ from vqar.train.checkpoint import (
 )
 from vqar.train.config import TrainConfig
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
-from vqar.train.tracking import Tracker, append_metrics, forget_metrics_after, open_tracker, require_tracker
+from vqar.train.tracking import (
+    Tracker,
+    append_metrics,
+    forget_metrics_after,
+    logged_metrics,
+    open_tracker,
+    require_tracker,
+)
 from vqar.utils.io import atomic_write_text
 
 log = logging.getLogger("vqar.train")
@@ -91,14 +100,45 @@ class TrainTask(ABC):
     def write_artifacts(self, run_dir: Path, step: int) -> None:  # noqa: B027 - optional hook
         """Pictures or other files that show progress (called after each evaluation)."""
 
+    def export_bytes(self) -> int:
+        """About what `export` writes: the model's weights, and the tokenizer an AR task exports beside it."""
+        companion = getattr(self, "tokenizer", None)
+        return module_bytes(self.modules()["model"]) + (
+            module_bytes(companion) if isinstance(companion, nn.Module) else 0
+        )
+
     @abstractmethod
     def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         """Writes the model trained for `step` steps in vqar's loadable format (`vqar.bundle.save_pretrained`);
         `weights` holds the full state dict of each of `modules()` (gathered from the shards under FSDP)."""
 
 
-def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """Fails before training when the run directory cannot take a checkpoint (permissions, a full disk)."""
+def module_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters and buffers (what its weights file holds)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The bytes of an optimizer's state: what it holds, or before its first step two float32 moments per
+    parameter (Adam's)."""
+    total = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state:
+                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+            else:
+                total += 2 * 4 * param.numel()
+    return total
+
+
+def mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def check_writable(run_dir: Path, need_bytes: int, what: str = "a checkpoint and the exported model") -> None:
+    """Fails before training when the run directory cannot take a checkpoint and the export (permissions, a full
+    disk)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / f".write-test-{os.getpid()}"
@@ -110,10 +150,16 @@ def check_writable(run_dir: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         raise OSError(
-            f"only {free / 2**20:.0f} MiB free where {run_dir} lives; a checkpoint needs about "
-            f"{need_bytes / 2**20:.0f} MiB (train.keep_checkpoints of them are kept): free some space or use --out "
-            "on another disk"
+            f"only {mib(free)} free where {run_dir} lives; {what} need about {mib(need_bytes)} "
+            "(and train.keep_checkpoints checkpoints are kept): free some space or use --out on another disk"
         )
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether a write failed for lack of space (safetensors reports it as its own error type, with the text)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
@@ -234,14 +280,44 @@ class Trainer:
                     self.run_dir, self.step, weights, state, self.run_yaml, self.cfg.keep_checkpoints
                 )
                 self._export(weights)
-            except OSError as err:  # a full disk, a vanished mount: the previous checkpoint was not touched
-                error = (
-                    f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); "
-                    "the previous checkpoint is intact"
-                )
+            except Exception as err:  # a full disk, a vanished mount: what was being written is removed
+                error = self._write_failure(err)
         if par.any(error is not None):
             raise OSError(error or f"rank 0 failed to write the checkpoint of step {self.step}")
         return path
+
+    def _write_failure(self, err: Exception) -> str:
+        """The one-line reason a checkpoint or export write failed; errors other than OSErrors and a full disk
+        (safetensors reports that as its own error type) are raised as they are."""
+        if out_of_space(err):
+            free = shutil.disk_usage(self.run_dir).free
+            return (
+                f"out of disk space writing step {self.step} in {self.run_dir} ({mib(free)} free; a checkpoint and "
+                f"the export need about {mib(self.checkpoint_bytes() + self.export_bytes())}): nothing half-written "
+                "is left; free some space and continue with --resume"
+            )
+        if isinstance(err, OSError):
+            return (
+                f"writing the checkpoint of step {self.step} in {self.run_dir / 'checkpoints'} failed ({err}); the "
+                "previous checkpoint is intact"
+            )
+        raise err
+
+    def export_if_behind(self) -> None:
+        """Exports the model again where the export is older than the restored step (a collective): a run whose
+        last checkpoint was written but whose export failed (a full disk) gets it when resumed, finished or not."""
+        exported = trained_steps(self.run_dir) if self.par.is_main else None
+        if not self.par.any(self.par.is_main and (exported is None or exported < self.step)):
+            return
+        weights = {name: self.par.full_state_dict(module) for name, module in self.task.modules().items()}
+        error = None
+        if self.par.is_main:
+            try:
+                self._export(weights)
+            except Exception as err:
+                error = self._write_failure(err)
+        if self.par.any(error is not None):
+            raise OSError(error or f"rank 0 failed to export the model of step {self.step}")
 
     def _export(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         """The run's model, unless the run directory already holds one of a later step (a run resumed from an
@@ -293,7 +369,7 @@ class Trainer:
         problem = None
         if self.par.is_main:
             try:
-                check_writable(self.run_dir, self.checkpoint_bytes())
+                check_writable(self.run_dir, self.checkpoint_bytes() + self.export_bytes())
                 require_tracker(self.cfg.logger)
             except (OSError, TrackerUnavailable) as err:
                 problem = err
@@ -319,21 +395,29 @@ class Trainer:
         self.stop_signal = signum
 
     def checkpoint_bytes(self) -> int:
-        """A generous estimate of one checkpoint: weights plus two optimizer moments per parameter."""
-        params = sum(p.numel() * p.element_size() for m in self.task.modules().values() for p in m.parameters())
+        """One checkpoint: the weights and buffers of every module (the EMA and the discriminator too), the
+        optimizers' state, and a margin for the trainer state and the manifest."""
+        weights = sum(module_bytes(m) for m in self.task.modules().values())
+        states = sum(optimizer_bytes(o) for o in self.task.optimizers().values())
         shards = self.par.world_size if self.par.sharded else 1  # FSDP: each rank holds 1/W of the parameters
-        return 3 * params * shards + (1 << 20)
+        return (weights + states) * shards + (1 << 20)
+
+    def export_bytes(self) -> int:
+        """The exported model (and its companions)."""
+        return self.task.export_bytes() * (self.par.world_size if self.par.sharded else 1)
 
     def _fit(self, resume: bool) -> dict[str, float]:
         cfg, par = self.cfg, self.par
         if resume and not self.restore():  # raises, changing nothing, when every checkpoint is damaged
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
+        elif resume:
+            self.export_if_behind()
         if par.is_main:
             atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         self.tracker = open_tracker(cfg, self.run_dir, self.step, self.run_yaml, par)  # at the resumed step
         if self.step >= cfg.steps:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
-            return self.evaluate()
+            return self._final_metrics()
         window = _LogWindow()
         last_eval: dict[str, float] = {}
         bar = self._progress_bar()
@@ -446,6 +530,13 @@ class Trainer:
         log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
         self.save()
         raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume")
+
+    def _final_metrics(self) -> dict[str, float]:
+        """The validation result of a run resumed at its last step: the one it logged then (rank 0 reads it and
+        tells the others), or, where none was logged, a new evaluation (which logs it). A finished run resumed
+        again adds no row to metrics.jsonl."""
+        logged = self.par.gather(logged_metrics(self.run_dir, self.step, "val") if self.par.is_main else None)[0]
+        return self.evaluate() if logged is None else logged
 
     def evaluate(self) -> dict[str, float]:
         par = self.par

@@ -18,6 +18,7 @@ from vqar.data import Batch, DataConfig, build_datasets, check_readable, random_
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
+from vqar.tokenizers.registry import backbone
 from vqar.train.config import TrainConfig
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
@@ -55,16 +56,15 @@ class TokenizerRunConfig:
         self.dist.validate()
         arch = self.model.arch
         net = self.model.backbone
-        resolution = net.image_size if arch == "vit" else net.resolution
         if self.data.channels != net.in_channels or net.out_channels != net.in_channels:
             raise ValueError(
                 f"data.channels={self.data.channels} must equal model.{arch}.in_channels={net.in_channels} "
                 f"and model.{arch}.out_channels={net.out_channels}"
             )
-        if self.data.image_size != resolution:
-            name = "image_size" if arch == "vit" else "resolution"
+        if self.data.image_size != net.image_size:
+            name = backbone(arch).size_field
             raise ValueError(
-                f"data.image_size={self.data.image_size} differs from model.{arch}.{name}={resolution}; set both"
+                f"data.image_size={self.data.image_size} differs from model.{arch}.{name}={net.image_size}; set both"
             )
 
 
@@ -143,13 +143,21 @@ class TokenizerTask(TrainTask):
             perplexity=out.quant.perplexity.float().mean(),
             commitment=out.quant.commitment.detach(),
         )
+        metrics.update(self._per_level("usage", out.quant.usage))
         return {k: float(v) for k, v in metrics.items()}
+
+    def _per_level(self, name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`usage_d0`, `usage_d1`, ... (depths) or `usage_s0`, ... (scales) for a quantizer with several levels."""
+        if self.model.levels == 1:
+            return {}
+        prefix = self.model.quantizer.level_prefix
+        return {f"{name}_{prefix}{i}": value for i, value in enumerate(values.reshape(-1))}
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         self.model.eval()
-        size, depth = self.model.codebook_size, self.model.depth
-        seen = torch.zeros(depth, size, dtype=torch.bool, device=self.device)
+        size, levels = self.model.codebook_size, self.model.levels
+        seen = torch.zeros(levels, size, dtype=torch.bool, device=self.device)
         total_psnr = total_mse = 0.0
         count = 0
         grid = _GridPicker(GRID_IMAGES)
@@ -161,9 +169,8 @@ class TokenizerTask(TrainTask):
             total_psnr += float(psnr(images, recon).sum())
             total_mse += float((recon - images).pow(2).flatten(1).mean(1).sum())
             count += len(images)
-            codes = out.quant.codes.reshape(-1, depth)
-            for d in range(depth):
-                seen[d, codes[:, d]] = True
+            for level, codes in enumerate(self.model.quantizer.level_codes(out.quant.codes)):
+                seen[level, codes] = True
             grid.offer(batch)
         totals = torch.tensor([total_psnr, total_mse, count], dtype=torch.float64, device=self.device)
         seen = seen.float()
@@ -175,19 +182,19 @@ class TokenizerTask(TrainTask):
         self._grid_images = grid.images()
         usage = (seen > 0).float().mean(1) * 100
         metrics = {"psnr": total_psnr / count, "mse": total_mse / count, "usage": float(usage.mean())}
-        if depth > 1:
-            metrics.update({f"usage_d{d}": float(u) for d, u in enumerate(usage)})
+        metrics.update({k: float(v) for k, v in self._per_level("usage", usage).items()})
         return metrics
 
     @torch.no_grad()
     def write_artifacts(self, run_dir: Path, step: int) -> None:
-        """recon_grid.png: originals on top, then reconstructions (one row per depth for a residual tokenizer)."""
+        """recon_grid.png: originals on top, then reconstructions (one row per level, coarse to fine, for residual
+        and multi-scale tokenizers)."""
         if self._grid_images is None:
             return
         self.model.eval()
         images = self._grid_images.to(self.device)
         codes = self.model.encode(images)
-        depths = range(1, self.model.depth + 1) if self.model.is_residual else [None]
+        depths = range(1, self.model.levels + 1) if self.model.levels > 1 else [None]
         rows = [images] + [self.model.decode(codes, depth=d) for d in depths]
         save_image(make_grid([r.float().cpu() for r in rows]), Path(run_dir) / "recon_grid.png")
 

@@ -38,6 +38,21 @@ def append_metrics(run_dir: Path, step: int, split: str, metrics: dict[str, floa
         handle.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
 
 
+def logged_metrics(run_dir: Path, step: int, split: str) -> dict[str, float] | None:
+    """The metrics of the last row logged for (`step`, `split`) in RUN_DIR/metrics.jsonl, if there is one."""
+    path = Path(run_dir) / "metrics.jsonl"
+    found = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step") == step and row.get("split") == split:
+                found = {k: v for k, v in row.items() if k not in ("step", "split")}
+    return found
+
+
 def forget_metrics_after(run_dir: Path, step: int) -> None:
     """Drops the metric rows a run logged after the checkpoint it resumes from: they are logged again, and
     metrics.jsonl then holds one row per (step, split)."""

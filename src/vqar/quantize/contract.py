@@ -1,0 +1,97 @@
+"""The stage-1 quantizer contract: what a `Tokenizer`, its training task and the code store ask of a quantizer.
+
+A quantizer turns channels-last latents (B, h, w, dim) into integer codes and back. Codes come in one of three
+layouts (`layout`):
+
+* "grid": one code per latent position, codes (B, h, w) (VQ-VAE, VQGAN, ViT-VQGAN, LlamaGen);
+* "stack": D codes per position, coarse to fine, codes (B, h, w, D) (RQ-VAE);
+* "scales": K token maps of growing side p_0 < ... < p_{K-1}, flattened scale by scale into (B, L) with
+  L = sum p_k^2 (VAR's multi-scale residual quantization).
+
+`levels` is how many coarse-to-fine prefixes the codes have (1, D or K): `embed(codes, depth=k)` gives the latent of
+the first k of them, and usage statistics are reported per level. Adding a quantizer = its module (a subclass of
+`Quantizer`) + one line in `vqar.quantize.registry.QUANTIZERS`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from vqar.quantize.output import QuantizerOutput
+
+if TYPE_CHECKING:
+    from vqar.quantize.config import QuantizerConfig
+
+LAYOUTS = ("grid", "stack", "scales")
+
+
+class Quantizer(nn.Module):
+    """Base class of the stage-1 quantizers. Subclasses set the class attributes and implement the methods below.
+
+    Attributes:
+        layout: "grid" | "stack" | "scales" (module docstring).
+        code_axes: names of the per-sample code axes, for messages: ("h", "w"), ("h", "w", "D"), ("L",).
+        level_prefix: prefix of the per-level metrics (`usage_d0`, `usage_s3`, ...).
+        codebook_size: number of codes K of each codebook.
+        dim: latent dimension of the input and output.
+        depth: codes per latent position (1, or D for a stack).
+    """
+
+    layout: ClassVar[str]
+    code_axes: ClassVar[tuple[str, ...]]
+    level_prefix: ClassVar[str] = "d"
+    codebook_size: int
+    dim: int
+    depth: int
+
+    # ---------------------------------------------------------------- configuration
+    @classmethod
+    def from_config(cls, cfg: QuantizerConfig) -> Quantizer:
+        """The quantizer a validated `QuantizerConfig` describes."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: QuantizerConfig, latent_side: int | None = None) -> None:
+        """ValueError for fields this kind does not take or values it cannot use; `latent_side` is the side of the
+        latent grid the tokenizer gives it, when known."""
+
+    # ---------------------------------------------------------------- description
+    @property
+    def levels(self) -> int:
+        """Coarse-to-fine prefixes of the codes (1 for a grid)."""
+        return 1
+
+    def code_shape(self, latent_side: int) -> tuple[int, ...]:
+        """Per-sample code shape for a square latent grid of side `latent_side`."""
+        raise NotImplementedError
+
+    def level_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """The codes (B, *code_shape) split by level, each flattened: what per-level usage is counted over."""
+        return [codes.reshape(-1)]
+
+    def code_vectors(self) -> torch.Tensor:
+        """The code vectors (books, K, dim) that codes stand for (one book unless depths have their own)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- computation
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Channels-last latents (B, h, w, dim) of codes (B, *code_shape), from the first `depth` levels (all by
+        default)."""
+        raise NotImplementedError
+
+    def check_depth(self, depth: int | None) -> int:
+        """`depth` (None = all levels) validated against `levels`."""
+        if depth is None:
+            return self.levels
+        if self.levels == 1 and depth != 1:
+            raise ValueError(f"depth={depth} only applies to residual (stacked or multi-scale) codes; these have "
+                             "one level")  # fmt: skip
+        if not 1 <= depth <= self.levels:
+            raise ValueError(f"depth must be in [1, {self.levels}], got {depth}")
+        return depth

@@ -1,0 +1,510 @@
+"""The VAR transformer (`vqar.ar.var`): parity with the official code on the golden fixtures (every folder under
+$VQAR_FIXTURES holding var.pth + var_io.safetensors + config.json + meta.json; tolerances from meta.json), the
+official checkpoint reader, and behaviour on small random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import fixtures_root
+from vqar.ar.var import VAR, VAR_SIZES, VARConfig
+from vqar.interop.var import load_var_vqvae
+from vqar.interop.var_transformer import (
+    is_var_transformer_state,
+    load_var_transformer,
+    var_transformer_config,
+    var_transformer_to_upstream,
+)
+from vqar.quantize.multiscale import MultiScaleQuantizer
+from vqar.sampling.filters import filter_logits
+
+VAR_FILES = ("var.pth", "var_io.safetensors", "config.json", "meta.json")
+
+
+def _var_folders() -> list:
+    root = fixtures_root()
+    folders = []
+    if root.is_dir():
+        found = {p.parent for p in root.rglob("var_io.safetensors")}
+        folders = sorted(f for f in found if all((f / name).is_file() for name in VAR_FILES))
+    if not folders:
+        reason = f"no VAR parity fixtures ({', '.join(VAR_FILES)}) under {root} (set VQAR_FIXTURES)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    return [pytest.param(f, id=str(f.relative_to(root))) for f in folders]
+
+
+class Case:
+    """One fixture folder: its config, tolerances, tensors and the loaded model."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.config = json.loads((folder / "config.json").read_text())
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.io = load_file(str(folder / "var_io.safetensors"))
+        self.model = load_var_transformer(folder / "var.pth")
+        self.tokenizer = None
+        self.errors: dict[str, float] = {}
+
+    def check(self, name: str, actual: torch.Tensor) -> None:
+        """`actual` against the stored tensor: integers exact; floats within meta.json's `suggested_atol` and
+        rtol 1e-4 with -inf entries exact. The largest error is kept in `errors` (shown with pytest -s)."""
+        expected = self.io[name]
+        if not expected.is_floating_point():
+            assert torch.equal(actual.to(expected.dtype), expected), name
+            self.errors.setdefault(name, 0.0)
+            return
+        actual = actual.detach().float()
+        assert torch.equal(torch.isneginf(actual), torch.isneginf(expected)), f"{name}: -inf entries differ"
+        finite = torch.isfinite(expected)
+        atol = self.meta["tensors"][name]["suggested_atol"]
+        torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        error = float((actual[finite] - expected[finite]).abs().max()) if finite.any() else 0.0
+        self.errors[name] = max(error, self.errors.get(name, 0.0))
+
+
+@pytest.fixture(scope="module", params=_var_folders())
+def case(request):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fixtures were made with one thread
+    case = Case(request.param)
+    yield case
+    torch.set_num_threads(threads)
+    worst = sorted(case.errors.items(), key=lambda item: -item[1])[:8]
+    unchecked = sorted(set(case.io) - set(case.errors))
+    print(f"\nnot checked: {unchecked}" if unchecked else "\nevery stored tensor checked")
+    print(f"largest errors of {len(case.errors)} checked tensors:", ", ".join(f"{k} {v:.1e}" for k, v in worst))
+
+
+class QuantizerOnly:
+    """Stands in for a VAR tokenizer where only its quantizer is needed (no decoder)."""
+
+    depth = 1
+
+    def __init__(self, quantizer: MultiScaleQuantizer):
+        self.quantizer = quantizer.eval()
+        self.codebook_size = quantizer.codebook_size
+
+    def decode(self, codes, depth=None):
+        raise NotImplementedError("a quantizer alone decodes no images")
+
+
+def official_tokenizer(case: Case):
+    """The fixture's VQVAE as a vqar tokenizer (its scales and Phi weight from config.json)."""
+    if not (case.folder / "vae.pth").is_file():
+        pytest.skip(f"no vae.pth in {case.folder}")
+    if case.tokenizer is None:
+        vq = case.config["vqvae"]
+        case.tokenizer = load_var_vqvae(case.folder / "vae.pth", case.config["var"]["patch_nums"],
+                                        phi_ratio=vq["quant_resi"], beta=vq["beta"])  # fmt: skip
+    return case.tokenizer
+
+
+# ---------------------------------------------------------------- official checkpoint
+def test_reads_official_config(case):
+    var = case.config["var"]
+    cfg = case.model.cfg
+    assert (cfg.dim, cfg.n_layer, cfg.n_head) == (var["embed_dim"], var["depth"], var["num_heads"])
+    assert (cfg.shared_adaln, cfg.attn_l2_norm) == (var["shared_aln"], var["attn_l2_norm"])
+    assert list(cfg.patch_nums) == list(var["patch_nums"]) and cfg.num_classes == var["num_classes"]
+    assert cfg.vocab_size == case.config["vqvae"]["vocab_size"] and cfg.code_dim == case.config["vqvae"]["z_channels"]
+    assert cfg.mlp_ratio == var["mlp_ratio"] and cfg.norm_eps == var["norm_eps"]
+    assert cfg.code_shape == [case.config["derived"]["L"]] and not case.model.training
+    assert sum(p.numel() for p in case.model.parameters()) == case.meta["param_counts"]["var"]
+    # Back to the official names and buffers: the very file.
+    state = torch.load(case.folder / "var.pth", map_location="cpu", weights_only=True)
+    upstream = var_transformer_to_upstream(case.model)
+    assert set(upstream) == set(state) and all(torch.equal(upstream[k], state[k]) for k in state)
+
+
+def test_loader_errors(case, tmp_path):
+    state = torch.load(case.folder / "var.pth", map_location="cpu", weights_only=True)
+    assert is_var_transformer_state(state)
+    if (case.folder / "vae.pth").is_file():
+        vae = torch.load(case.folder / "vae.pth", map_location="cpu", weights_only=True)
+        assert not is_var_transformer_state(vae)
+        with pytest.raises(ValueError, match="VQVAE"):
+            load_var_transformer(vae)
+    with pytest.raises(ValueError, match="not a VAR transformer"):
+        load_var_transformer({"weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="num_classes"):
+        load_var_transformer(state, num_classes=case.model.cfg.num_classes + 1)
+    broken = dict(state)
+    broken.pop("head.bias")
+    with pytest.raises(ValueError, match="missing keys"):
+        load_var_transformer(broken)
+    without_levels = {k: v for k, v in state.items() if k != "lvl_1L"}
+    cfg = var_transformer_config(without_levels, patch_nums=list(case.model.cfg.patch_nums))
+    assert cfg.patch_nums == case.model.cfg.patch_nums
+    with pytest.raises(FileNotFoundError):
+        load_var_transformer(tmp_path / "missing.pth")
+
+
+# ---------------------------------------------------------------- teacher forcing
+def test_teacher_forced_parity(case):
+    """Every intermediate of the official teacher-forced forward (null class included), from its stored inputs."""
+    model, io = case.model, case.io
+    labels, inputs = io["var.tf.label"], io["var.tf.x_BLCv_wo_first_l"]
+    captured = {}
+    hooks = [model.layers[0].register_forward_pre_hook(lambda m, args: captured.__setitem__("in", args[0]))]
+    for i, block in enumerate(model.layers):
+        hooks.append(block.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
+    hooks.append(model.norm.register_forward_hook(lambda m, a, out: captured.__setitem__("norm", out)))
+    with torch.no_grad():
+        logits = model.teacher_forced(inputs, labels)
+        cond = model.cond_embedding(labels)[:, 0]
+        ada, head_ada = model.modulations(cond)
+    for h in hooks:
+        h.remove()
+    case.check("var.lvl_pos", model.level_pos())
+    case.check("var.tf.cond_BD", cond)
+    for i in range(model.cfg.n_layer):
+        case.check(f"var.tf.ada.b{i}", ada[i])
+        case.check(f"var.tf.block_out.b{i}", captured[i])
+    case.check("var.tf.head_ada", head_ada)
+    case.check("var.tf.x_BLC_in", captured["in"])
+    case.check("var.tf.head_nm_out", captured["norm"])
+    case.check("var.tf.logits", logits)
+    case.check("var.lvl_1L", model.level_ids[None])
+    mask = torch.zeros(model.block_mask.shape).masked_fill(~model.block_mask, float("-inf"))
+    case.check("var.attn_bias_for_masking", mask[None, None])
+
+
+def test_forward_from_codes(case):
+    """`forward(codes, cond)`: the quantizer makes the official teacher-forcing inputs of the official codes."""
+    vae_io = case.folder / "vae_io.safetensors"
+    if not (vae_io.is_file() and (case.folder / "vae.pth").is_file()):
+        pytest.skip("no VQVAE files in this fixture folder")
+    vae = load_file(str(vae_io))
+    codes = torch.cat([vae[f"vae.idx.s{k}"] for k in range(len(case.model.cfg.patch_nums))], dim=1)
+    quantizer = official_tokenizer(case).quantizer
+    with torch.no_grad():
+        case.check("var.tf.x_BLCv_wo_first_l", quantizer.next_scale_inputs(codes))
+    # forward(codes, cond) row by row: a class id, or None for the null class
+    model, labels = case.model.attach(official_tokenizer(case)), case.io["var.tf.label"]
+    with torch.no_grad():
+        rows = [model(codes[i : i + 1], None if int(label) == model.cfg.num_classes else labels[i : i + 1]).logits
+                for i, label in enumerate(labels)]  # fmt: skip
+    case.check("var.tf.logits", torch.cat(rows))
+
+
+# ---------------------------------------------------------------- sampling
+def test_sampler_filter_matches_official(case):
+    """vqar's top-k / top-p filter on the official sampler's stored inputs (names: k{top_k}_p{top_p}, 0 = off)."""
+    logits = case.io["sampling.logits_in"]
+    names = [k for k in case.io if k.startswith("sampling.masked.")]
+    assert names
+    for name in names:
+        k, p = name.removeprefix("sampling.masked.k").split("_p")
+        case.check(name, filter_logits(logits, top_k=int(k) or None, top_p=float(p) or None))
+
+
+def official_image(tokenizer, codes: torch.Tensor) -> torch.Tensor:
+    """The official sampler's output image in [0, 1]: the decoded f_hat clamped to [-1, 1], then mapped."""
+    return tokenizer.decode(codes).clamp(-1, 1).add(1).mul(0.5)
+
+
+def greedy_reference(model: VAR, labels: torch.Tensor, cfg: float) -> dict:
+    """The official greedy `autoregressive_infer_cfg` driven through the model's block API: the batch doubled as
+    [labels; null], guidance (1 + t) cond - t null with t = cfg * k / (K - 1), argmax, both halves fed back."""
+    n, scales = len(labels), len(model.block_sizes)
+    ids = torch.cat([labels, model.cond_embedding.null_ids(n)])
+    state, out, seen = model.new_decode_state(), {}, []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        context, start = model.prefill(ids, state), 0
+        for k, size in enumerate(model.block_sizes):
+            raw = model.code_logits(context, ids.new_empty(2 * n, size, 0), state).float()
+            t = cfg * k / (scales - 1)
+            guided = (1 + t) * raw[:n] - t * raw[n:]
+            idx = guided.argmax(-1)
+            out |= {f"logits_raw.s{k}": raw, f"logits_guided.s{k}": guided, f"idx.s{k}": idx,
+                    f"tokens_in.s{k}": seen[-1]}  # fmt: skip
+            if k + 1 < scales:
+                context = model.decode_block(idx.repeat(2, 1)[..., None], start, state)
+                out[f"fhat.s{k}"] = state.fhat[:n].clone()
+            start += size
+    finally:
+        hook.remove()
+    quantizer, side = model.quantizer(), model.cfg.patch_nums[-1]
+    h = quantizer.code_vectors()[0][idx].transpose(1, 2).reshape(n, -1, side, side)
+    out[f"fhat.s{scales - 1}"] = quantizer.add_scale(state.fhat[:n], h, scales - 1)
+    out["idx.all"] = torch.cat([out[f"idx.s{k}"] for k in range(scales)], dim=1)
+    return out
+
+
+def _greedy_runs(case) -> list[str]:
+    runs = sorted({k.split(".")[1] for k in case.io if k.startswith("var.ar_cfg") and k.endswith(".label")})
+    assert runs, "the fixture has no greedy AR runs"
+    return runs
+
+
+def test_greedy_ar_parity(case):
+    """The stored greedy runs scale by scale: raw and guided logits, token maps fed to the blocks, f_hat, indices."""
+    model = case.model.attach(official_tokenizer(case))
+    for run in _greedy_runs(case):
+        cfg = float(run.removeprefix("ar_cfg"))
+        with torch.no_grad():
+            out = greedy_reference(model, case.io[f"var.{run}.label"], cfg)
+            out["img"] = official_image(model.tokenizer, out["idx.all"])
+        for key, value in out.items():
+            if f"var.{run}.{key}" in case.io:
+                case.check(f"var.{run}.{key}", value)
+
+
+def test_greedy_ar_through_generate(case):
+    """The one sampling loop reproduces the official greedy indices (VAR's cfg c is cfg_scale 1 + c)."""
+    from vqar.sampling import SamplingSettings, generate
+
+    model = case.model.attach(official_tokenizer(case))
+    for run in _greedy_runs(case):
+        cfg = float(run.removeprefix("ar_cfg"))
+        settings = SamplingSettings(greedy=True, cfg_scale=1.0 + cfg)
+        codes = generate(model, case.io[f"var.{run}.label"], settings)
+        case.check(f"var.{run}.idx.all", codes)
+
+
+# The RNG-dependent runs as the fixture README defines them (optional there: they need the official generator calls,
+# multinomial then exponential_, in the same order; the seed is meta.json's).
+OPTIONAL_RUNS = {"ar_stoch": {"cfg": 2.0, "top_k": 8, "top_p": 0.9, "smooth": False},
+                 "ar_smooth": {"cfg": 2.0, "top_k": 0, "top_p": 0.0, "smooth": True}}  # fmt: skip
+
+
+@pytest.mark.parametrize("run", sorted(OPTIONAL_RUNS))
+def test_random_ar_parity(case, run, monkeypatch):
+    """The official sampler's draws replayed through the block API: its filter (vqar's `filter_logits`), one
+    multinomial draw per token, and for more_smooth the Gumbel mix fed back through `decode_block(smooth=...)`."""
+    if f"var.{run}.idx.all" not in case.io:
+        pytest.skip(f"the fixture has no {run} run")
+    spec, model = OPTIONAL_RUNS[run], case.model.attach(official_tokenizer(case))
+    quantizer, maps = model.quantizer(), []  # the code maps (hard or soft) the model adds to f_hat, by scale
+    add_scale = quantizer.add_scale
+    monkeypatch.setattr(quantizer, "add_scale", lambda fhat, h, k: maps.append(h) or add_scale(fhat, h, k))
+    labels = torch.tensor(case.meta["labels"]["ar"])
+    rng = torch.Generator().manual_seed(case.meta["seeds"]["ar_optional_runs_g_seed"])
+    n, scales = len(labels), len(model.block_sizes)
+    ids = torch.cat([labels, model.cond_embedding.null_ids(n)])
+    state, picked = model.new_decode_state(), []
+    with torch.no_grad():
+        context, start = model.prefill(ids, state), 0
+        for k, size in enumerate(model.block_sizes):
+            raw = model.code_logits(context, ids.new_empty(2 * n, size, 0), state).float()
+            t = spec["cfg"] * k / (scales - 1)
+            masked = filter_logits((1 + t) * raw[:n] - t * raw[n:], top_k=spec["top_k"] or None,
+                                   top_p=spec["top_p"] or None)  # fmt: skip
+            case.check(f"var.{run}.logits_masked.s{k}", masked)
+            idx = torch.multinomial(masked.softmax(-1).view(-1, masked.shape[-1]), 1, True, generator=rng).view(n, -1)
+            picked.append(idx)
+            smooth = None
+            if spec["smooth"]:
+                noise = -torch.empty_like(masked).exponential_(generator=rng).log()
+                smooth = (masked.repeat(2, 1, 1), noise.repeat(2, 1, 1))
+            if k + 1 < scales:
+                context = model.decode_block(idx.repeat(2, 1)[..., None], start, state, smooth)
+            start += size
+    codes = torch.cat(picked, dim=1)
+    case.check(f"var.{run}.idx.all", codes)
+    for k, h in enumerate(maps):
+        case.check(f"var.{run}.h.s{k}", h[:n])
+    monkeypatch.undo()
+    with torch.no_grad():
+        # The last scale's map (the soft mix of README §8 with r = 1 for more_smooth) is added to f_hat outside the
+        # model, which has no next scale to feed; the image is decoded from that f_hat.
+        vectors, side = quantizer.code_vectors()[0].detach(), model.cfg.patch_nums[-1]
+        if spec["smooth"]:
+            h = ((masked * 2 + noise) / max(0.27 * (1 - 0.95), 0.005)).softmax(-1) @ vectors[None]
+        else:
+            h = vectors[idx]
+        h = h.transpose(1, 2).reshape(n, -1, side, side)
+        case.check(f"var.{run}.h.s{scales - 1}", h)
+        fhat = quantizer.add_scale(state.fhat[:n], h, scales - 1)
+        image = model.tokenizer.decode_latent(fhat.permute(0, 2, 3, 1)).clamp(-1, 1).add(1).mul(0.5)
+        case.check(f"var.{run}.img", image)
+        if not spec["smooth"]:  # hard codes: the tokenizer's own decode gives the same image
+            case.check(f"var.{run}.img", official_image(model.tokenizer, codes))
+
+
+# ---------------------------------------------------------------- behaviour on small random models
+def random_tokenizer(patch_nums, dim=8, vocab=32) -> QuantizerOnly:
+    quantizer = MultiScaleQuantizer(vocab, dim, patch_nums, phi_share=2, ema=False)
+    with torch.no_grad():
+        for phi in quantizer.phis:
+            phi.bias.normal_(std=0.1)
+    return QuantizerOnly(quantizer)
+
+
+def tiny_var(patch_nums=(1, 2, 3), **fields) -> VAR:
+    cfg = VARConfig(vocab_size=32, code_shape=[sum(p * p for p in patch_nums)], patch_nums=list(patch_nums),
+                    code_dim=8, num_classes=5, dim=32, n_layer=2, n_head=2, **fields)  # fmt: skip
+    model = VAR(cfg)
+    model.reset_parameters(adaln=1.0, adaln_gamma=1.0, head=1.0)  # far from the identity start: a stronger test
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.q_bias.normal_()
+            block.attention.v_bias.normal_()
+    return model.attach(random_tokenizer(patch_nums)).eval()
+
+
+def cached_logits(model: VAR, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, L, V) scale by scale through prefill / code_logits / decode_block, fed the given codes."""
+    state, out, start = model.new_decode_state(), [], 0
+    context = model.prefill(ids, state)
+    for k, size in enumerate(model.block_sizes):
+        out.append(model.code_logits(context, codes.new_empty(len(codes), size, 0), state).float())
+        if k + 1 < len(model.block_sizes):
+            context = model.decode_block(codes[:, start : start + size, None], start, state)
+        start += size
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("fields", [{}, {"shared_adaln": True}, {"attn_l2_norm": False}], ids=str)
+def test_cached_scales_equal_teacher_forcing(fields):
+    model = tiny_var(**fields)
+    codes = torch.randint(0, 32, (3, model.cfg.num_positions))
+    cond = torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        forced = model(codes, cond).logits
+        torch.testing.assert_close(cached_logits(model, codes, cond), forced, atol=2e-5, rtol=1e-4)
+        null = model(codes, None).logits  # cond=None: the null class
+        torch.testing.assert_close(cached_logits(model, codes, model.cond_embedding.null_ids(3)), null,
+                                   atol=2e-5, rtol=1e-4)  # fmt: skip
+    assert forced.dtype == torch.float32 and forced.shape == (3, model.cfg.num_positions, 32)
+    assert not torch.allclose(forced, null)
+
+
+def test_block_causal_mask():
+    """Changing the codes of scale k changes the logits of the later scales only (scale k's own logits predict
+    its codes, so they must not see them)."""
+    model = tiny_var(patch_nums=(1, 2, 3, 4))
+    codes, cond = torch.randint(0, 32, (2, model.cfg.num_positions)), torch.tensor([1, 3])
+    starts = model.scale_starts
+    with torch.no_grad():
+        base = model(codes, cond).logits
+        for k in range(len(model.block_sizes)):
+            changed = codes.clone()
+            changed[:, starts[k] : starts[k + 1]] = (changed[:, starts[k] : starts[k + 1]] + 1) % 32
+            logits = model(changed, cond).logits
+            assert torch.equal(logits[:, : starts[k + 1]], base[:, : starts[k + 1]]), k
+            if k + 1 < len(model.block_sizes):
+                assert not torch.allclose(logits[:, starts[k + 1] :], base[:, starts[k + 1] :]), k
+
+
+def test_smooth_with_one_code_left_equals_hard_codes():
+    """more_smooth over logits filtered down to one code (top-k 1) feeds back exactly that code's vector."""
+    model = tiny_var()
+    codes, ids = torch.randint(0, 32, (2, model.cfg.num_positions)), torch.tensor([0, 1])
+    size = model.block_sizes[0]
+    one_hot = torch.full((2, size, 32), float("-inf")).scatter(-1, codes[:, :size, None], 3.0)
+    noise = -torch.empty(2, size, 32).exponential_().log()
+    with torch.no_grad():
+        hard_state, soft_state = model.new_decode_state(), model.new_decode_state()
+        model.prefill(ids, hard_state), model.prefill(ids, soft_state)
+        hard = model.decode_block(codes[:, :size, None], 0, hard_state)
+        soft = model.decode_block(codes[:, :size, None], 0, soft_state, smooth=(one_hot, noise))
+    torch.testing.assert_close(soft, hard)
+    torch.testing.assert_close(soft_state.fhat, hard_state.fhat)
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    model = tiny_var(drop_path_rate=0.1)
+    model.reset_parameters()  # the official start
+    model.train()
+    codes, cond = torch.randint(0, 32, (8, model.cfg.num_positions)), torch.randint(0, 5, (8,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        logits = model(codes, cond).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), label_smoothing=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(p.grad is not None for name, p in model.named_parameters() if "log_scale" not in name)
+
+
+def test_condition_dropout_in_training_only():
+    model = tiny_var(class_dropout_prob=0.5)
+    codes, cond = torch.randint(0, 32, (64, model.cfg.num_positions)), torch.zeros(64, dtype=torch.long)
+    with torch.no_grad():
+        kept = model(codes, cond).logits
+        assert torch.equal(model(codes, cond).logits, kept)  # eval: no dropout (the official drops in eval too)
+        model.train()
+        dropped = model(codes, cond).logits
+        null = model.eval()(codes, None).logits
+    rows = [torch.allclose(dropped[i], null[i], atol=1e-5) for i in range(64)]
+    assert 0 < sum(rows) < 64
+
+
+def test_needs_a_fitting_tokenizer():
+    cfg = VARConfig(vocab_size=32, code_shape=[14], patch_nums=[1, 2, 3], code_dim=8, num_classes=5, dim=32,
+                    n_layer=1, n_head=2)  # fmt: skip
+    model = VAR(cfg)
+    codes = torch.zeros(1, 14, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="attach"):
+        model(codes, torch.tensor([1]))
+    state = model.new_decode_state()
+    model.prefill(torch.tensor([1]), state)
+    with pytest.raises(RuntimeError, match="attach"):
+        model.decode_block(codes[:, :1, None], 0, state)
+    with pytest.raises(ValueError, match="scales"):
+        model.attach(random_tokenizer((1, 2, 4)))
+    with pytest.raises(ValueError, match="multi-scale"):
+        model.attach(object())
+    model.attach(random_tokenizer((1, 2, 3)))
+    with pytest.raises(ValueError, match="decode_block"):
+        model.decode_block(codes[:, 5:14, None], 5, state)  # the last scale has no next one
+    with pytest.raises(ValueError, match="code_shape"):
+        VARConfig(code_shape=[13], patch_nums=[1, 2, 3]).validate()
+
+
+def test_sizes():
+    """The official rule (width 64 * depth, heads = depth) and the paper's parameter counts at 256 px."""
+    counts = {"VAR-d16": 310e6, "VAR-d20": 601e6, "VAR-d24": 1.03e9, "VAR-d30": 2.01e9}
+    for name, fields in VAR_SIZES.items():
+        with torch.device("meta"):
+            model = VAR(VARConfig(num_classes=1000, **fields))
+        if name in counts:
+            params = sum(p.numel() for p in model.parameters())
+            assert abs(params / counts[name] - 1) < 0.005, (name, params)
+            assert model.cfg.dim == 64 * model.cfg.n_layer == 64 * model.cfg.n_head
+    assert VAR_SIZES["VAR-d36"]["shared_adaln"] and not VAR_SIZES["VAR-d30"].get("shared_adaln", False)
+
+
+def test_load_pretrained_reads_the_release_files_and_the_bundle_round_trip(case, tmp_path):
+    """`vqar.load_pretrained` tells a var_d*.pth apart by its weights and finds the release VQVAE beside it (read
+    at the transformer's scales); saved as a vqar folder (what `vqar convert` writes) and loaded back, the model
+    and its tokenizer draw the official greedy images."""
+    import shutil
+
+    from vqar import load_pretrained
+    from vqar.bundle import save_pretrained
+    from vqar.interop.load import VAR_VQVAE_FILE
+    from vqar.sampling import SamplingSettings, draw, make_conditions
+
+    official_tokenizer(case)  # skips when the folder has no VQVAE
+    vq = case.config["vqvae"]
+    if vq["quant_resi"] != 0.5 or vq["beta"] != 0.25:
+        pytest.skip("the release defaults (Phi ratio 0.5, beta 0.25) are what a lone .pth is read with")
+    shutil.copy(case.folder / "var.pth", tmp_path / "var_d2.pth")
+    shutil.copy(case.folder / "vae.pth", tmp_path / VAR_VQVAE_FILE)
+    model = load_pretrained(tmp_path / "var_d2.pth")
+    assert model.arch == "var" and model.tokenizer is not None
+    assert list(model.tokenizer.quantizer.patch_nums) == list(case.config["var"]["patch_nums"])
+    given = load_pretrained(case.folder / "var.pth", tokenizer=case.folder / "vae.pth")
+    assert list(given.tokenizer.quantizer.patch_nums) == list(case.config["var"]["patch_nums"])
+    save_pretrained(model, tmp_path / "bundle")
+    reloaded = load_pretrained(tmp_path / "bundle")
+    for run in _greedy_runs(case):
+        cfg = float(run.removeprefix("ar_cfg"))
+        labels = case.io[f"var.{run}.label"]
+        result = draw(reloaded, make_conditions(reloaded, classes=labels.tolist()),
+                      SamplingSettings(greedy=True, cfg_scale=1.0 + cfg))  # fmt: skip
+        case.check(f"var.{run}.idx.all", result.codes.flatten(1))
+        case.check(f"var.{run}.img", (result.images + 1) / 2)
