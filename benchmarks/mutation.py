@@ -44,6 +44,7 @@ TIMEOUT_S = 300  # a mutation that makes the tests run this long counts as kille
 SAMPLING = ("tests/test_sampling.py",)
 QUANTIZE = ("tests/test_quantize.py",)
 LOSSES = ("tests/test_losses.py",)
+SPECULATIVE = ("tests/test_speculative.py::test_gpt_samples_follow_the_exact_distribution",)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ MUTATIONS = [
     Mutation("generate_depth0_filters_everywhere", "sampling/generate.py",
              "codes[:, block, d] = pick(logits, f,", "codes[:, block, d] = pick(logits, run.filters[0],", SAMPLING),
     Mutation("image_noise_ignores_the_index", "sampling/generate.py",
-             "torch.rand(count, generator=_stream(seed, i))", "torch.rand(count, generator=_stream(seed, 0))",
+             "torch.rand(count, generator=image_stream(seed, i))", "torch.rand(count, generator=image_stream(seed, 0))",
              SAMPLING),
     Mutation("cfg_interval_one_more", "sampling/settings.py",
              "position - 1 <= interval", "position - 2 <= interval", SAMPLING),
@@ -109,6 +110,15 @@ MUTATIONS = [
     Mutation("block_attention_hides_a_query_from_itself", "ar/layers.py",
              "<= query_at  # (L, keys)", "< query_at  # (L, keys)",
              ("tests/test_compiled.py::test_a_block_of_positions_decodes_as_one_position_at_a_time",)),
+    # ---------------------------------------------------------------- speculative decoding
+    Mutation("speculative_accepts_every_draft", "sampling/speculative.py",
+             "    return uniform * q < p\n", "    return torch.ones_like(p, dtype=torch.bool)\n", SPECULATIVE),
+    Mutation("speculative_replaces_from_p_not_the_residual", "sampling/speculative.py",
+             "replacement = residual_draw(p_r, q[window.rows[:, 0], slot],",
+             "replacement = residual_draw(p_r, 0 * q[window.rows[:, 0], slot],", SPECULATIVE),
+    Mutation("window_mask_takes_the_first_row_start", "ar/layers.py",
+             "query_at = start.view(-1, 1, 1, 1) + offsets", "query_at = start[:1].view(-1, 1, 1, 1) + offsets",
+             ("tests/test_speculative.py::test_rows_at_different_positions_decode_as_each_row_alone",)),
     Mutation("per_depth_first_value_everywhere", "sampling/settings.py",
              "        return list(value)\n", "        return [value[0]] * depth\n", SAMPLING),
     # ---------------------------------------------------------------- vector quantizer

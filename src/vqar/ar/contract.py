@@ -239,7 +239,8 @@ class ARModel(nn.Module, ABC):
     def decode_block(self, codes: torch.Tensor, start: int | torch.Tensor, state: Any, smooth=None) -> torch.Tensor:
         """Feeds the codes (B, n, depth) chosen at positions [start, start + n); returns the context of the next
         block: (B, n, dim) for positions start + 1 .. start + n of a raster model, the next scale's for VAR. A
-        compiled decoder passes `start` as a tensor (1,), so one graph serves every block of a size. `smooth`: see
+        compiled decoder passes `start` as a tensor (1,), so one graph serves every block of a size; speculative
+        decoding passes one start per row (B,), each row's window at its own position. `smooth`: see
         `smooth_embedding`."""
 
     # ---------------------------------------------------------------- initialisation

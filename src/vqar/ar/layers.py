@@ -69,9 +69,11 @@ def rope_2d_table(height: int, width: int, head_dim: int, base: float, prefix: i
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotates x (B, L, H, head_dim) by table (L, head_dim/2, 2), in float32."""
+    """Rotates x (B, L, H, head_dim) by table (L, head_dim/2, 2), or (B, L, head_dim/2, 2) with rows of their own,
+    in float32."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    table = table if table.dim() == 4 else table[None]
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     rotated = torch.stack(
         [pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1
     )
@@ -97,7 +99,13 @@ class KVCache:
         cache is returned (static shapes; attention masks the positions not yet written)."""
         if isinstance(start, torch.Tensor):
             if self.k is None or self.k.shape[0] != k.shape[0]:
-                raise ValueError("a compiled decode step writes into a cache that the prefill allocated")
+                raise ValueError("a decode step at a position tensor writes into a cache that the prefill allocated")
+            if start.numel() > 1:  # one position per row (a speculative window): row b writes from start[b]
+                index = start.view(-1, 1) + torch.arange(k.shape[2], device=start.device)  # (B, L)
+                rows = torch.arange(k.shape[0], device=start.device).view(-1, 1)
+                self.k[rows, :, index] = k.transpose(1, 2).to(self.k.dtype)
+                self.v[rows, :, index] = v.transpose(1, 2).to(self.v.dtype)
+                return self.k, self.v
             index = start.reshape(1) + torch.arange(k.shape[2], device=start.device) if k.shape[2] > 1 else start
             self.k.index_copy_(2, index, k.to(self.k.dtype))
             self.v.index_copy_(2, index, v.to(self.v.dtype))
@@ -140,8 +148,10 @@ def causal_attention(
         if q.shape[2] == 1 or block:
             k, v = cached_k, cached_v
         if block and (q.shape[2] > 1 or isinstance(start, torch.Tensor)):
-            query_at = start + torch.arange(q.shape[2], device=q.device)[:, None]  # (L, 1)
-            visible = torch.arange(k.shape[2], device=q.device) <= query_at  # (L, keys)
+            offsets = torch.arange(q.shape[2], device=q.device)[:, None]  # (L, 1)
+            # (L, 1), or (B, 1, L, 1) for one start per row (a speculative window)
+            query_at = start.view(-1, 1, 1, 1) + offsets if _per_row(start) else start + offsets
+            visible = torch.arange(k.shape[2], device=q.device) <= query_at  # (L, keys) or (B, 1, L, keys)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head across a group
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -158,10 +168,17 @@ def causal_attention(
 
 def rows_at(table: torch.Tensor, index: int | torch.Tensor, count: int = 1) -> torch.Tensor:
     """Rows [index, index + count) of `table`: a slice for an int, a gather for a position tensor (a compiled
-    step, whose position is data rather than a constant)."""
+    step, whose position is data rather than a constant). One index per row, (B,), gives (B, count, ...)."""
+    if _per_row(index):
+        return table[index.view(-1, 1) + torch.arange(count, device=index.device)]
     if isinstance(index, torch.Tensor):
         return table.index_select(0, index.reshape(1) + torch.arange(count, device=index.device))
     return table[index : index + count]
+
+
+def _per_row(start: int | torch.Tensor) -> bool:
+    """Whether a decode step's position is one per row (B,) rather than one for the batch."""
+    return isinstance(start, torch.Tensor) and start.numel() > 1
 
 
 def cache_dtype(keys: torch.Tensor) -> torch.dtype:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from vqar.ar import ARModel, find_size
 from vqar.quantize import QuantizerConfig
 from vqar.sampling import SamplingSettings, draw, for_sampling, make_conditions
+from vqar.sampling.speculative import DecodeStats
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
 
@@ -41,6 +42,8 @@ class BenchConfig:
     top_k: int | None = None
     top_p: float | None = None
     cfg_scale: float = 1.0
+    speculative: bool = False  # speculative Jacobi decoding (random weights: few drafts are accepted)
+    window: int = 16
 
     def validate(self) -> None:
         levels = math.log2(self.f)
@@ -79,7 +82,10 @@ def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = 
     cfg.validate()
     tokenizer, model = build_models(cfg, device)
     model = for_sampling(model.attach(tokenizer), cfg.precision)
-    settings = SamplingSettings(top_k=cfg.top_k, top_p=cfg.top_p, cfg_scale=cfg.cfg_scale)
+    settings = SamplingSettings(top_k=cfg.top_k, top_p=cfg.top_p, cfg_scale=cfg.cfg_scale,
+                                speculative=cfg.speculative, speculative_window=cfg.window)  # fmt: skip
+    settings.validate()
+    calls = DecodeStats()
     generator = torch.Generator().manual_seed(0)
     sample_s = decode_s = 0.0
     for loop in tqdm(range(cfg.warmup + cfg.loops), desc="bench", disable=not progress):
@@ -90,6 +96,7 @@ def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = 
                       precision=cfg.precision, compile=cfg.compile)  # fmt: skip
         if loop >= cfg.warmup:
             sample_s, decode_s = sample_s + result.seconds_sampling, decode_s + result.seconds_decoding
+            calls.add(result.decode_stats)
     images = cfg.loops * cfg.batch_size
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -102,4 +109,6 @@ def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = 
         "ms_per_image_sampling": 1000 * sample_s / images,
         "ms_per_image_decoding": 1000 * decode_s / images,
         "ms_per_image_total": 1000 * (sample_s + decode_s) / images,
+        "model_calls_per_image": calls.calls_per_image,
+        "draft_acceptance_rate": calls.acceptance_rate,
     }

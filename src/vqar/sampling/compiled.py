@@ -80,7 +80,10 @@ class CompiledDecodeSteps(DecodeSteps):
         return self._call(self._code_logits, self.model.code_logits, context, chosen, state)
 
     def decode_block(self, codes: torch.Tensor, start: int, state: Any, smooth=None) -> torch.Tensor:
-        position = torch.tensor([start], device=codes.device) if self.model.raster else start
+        # An int position becomes data, so one graph serves every block of a size (a speculative window already
+        # passes one position per row as a tensor).
+        tensor = self.model.raster and not isinstance(start, torch.Tensor)
+        position = torch.tensor([start], device=codes.device) if tensor else start
         return self._call(self._decode_block, self.model.decode_block, codes, position, state, smooth)
 
     def _call(self, compiled: Callable, eager: Callable, *args) -> torch.Tensor:

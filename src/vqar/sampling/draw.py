@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from vqar.sampling.compiled import bucket_for
 from vqar.sampling.conditions import Conditions
 from vqar.sampling.generate import generate, image_noise
 from vqar.sampling.settings import SamplingSettings
+from vqar.sampling.speculative import DecodeStats
 from vqar.utils.device import autocast
 
 
@@ -31,6 +32,7 @@ class SampleResult:
     seconds_sampling: float = 0.0
     seconds_decoding: float = 0.0
     batches: int = 0  # model runs
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)  # model calls per image, drafts accepted
 
     @property
     def seconds(self) -> float:
@@ -38,7 +40,7 @@ class SampleResult:
 
     def subset(self, keep: torch.Tensor) -> SampleResult:
         return SampleResult(self.images[keep], self.labels[keep], self.codes[keep], self.index[keep], self.prompts,
-                            self.seconds_sampling, self.seconds_decoding, self.batches)  # fmt: skip
+                            self.seconds_sampling, self.seconds_decoding, self.batches, self.decode_stats)  # fmt: skip
 
 
 def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
@@ -83,20 +85,24 @@ def draw(
     rank, world_size = shard
     mine = [chunk for i, chunk in enumerate(torch.arange(total).split(batch_size)) if i % world_size == rank]
     images, codes, sample_s, decode_s = [], [], 0.0, 0.0
-    for chunk in tqdm(mine, desc="sampling", disable=not progress):
+    stats = DecodeStats()
+    bar = tqdm(mine, desc="sampling", disable=not progress)
+    for chunk in bar:
         rows = conditions.select(chunk)
-        noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk])
+        noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk], settings)
         size = bucket_for(len(chunk), batch_size) if compile else len(chunk)
         rows, noise = _pad(rows, size), _pad(noise, size)  # rows of their own: the padding changes no image
         with autocast(device, precision):
             start = _synced(device)
             drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=size,
-                             noise=noise, compile=compile)[: len(chunk)]  # fmt: skip
+                             noise=noise, compile=compile, stats=stats)[: len(chunk)]  # fmt: skip
             middle = _synced(device)
             images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
             end = _synced(device)
         codes.append(drawn.cpu())
         sample_s, decode_s = sample_s + middle - start, decode_s + end - middle
+        if settings.speculative:
+            bar.set_postfix_str(stats.describe())
     taken = torch.cat(mine) if mine else torch.arange(0)
     return SampleResult(
         images=torch.cat(images) if images else torch.empty(0),
@@ -107,6 +113,7 @@ def draw(
         seconds_sampling=sample_s,
         seconds_decoding=decode_s,
         batches=len(mine),
+        decode_stats=stats,
     )
 
 
@@ -124,20 +131,22 @@ def draw_distributed(model: ARModel, conditions: Conditions, settings: SamplingS
     order = merged["index"].argsort()
     return SampleResult(merged["images"][order], merged["labels"][order], merged["codes"][order],
                         merged["index"][order], result.prompts, result.seconds_sampling, result.seconds_decoding,
-                        result.batches)  # fmt: skip
+                        result.batches, result.decode_stats)  # fmt: skip (the main rank's share)
 
 
 def warm_up(model: ARModel, sizes: Iterable[int], *, guided: bool | None = None, precision: str = "fp32",
-            progress: bool = True) -> float:  # fmt: skip
+            progress: bool = True, like: SamplingSettings | None = None) -> float:  # fmt: skip
     """Compiles the decode steps for batches of `sizes` images, with guidance or without (None: both, where the
-    model can be guided); returns the seconds it took. A server calls it at start, so its first request is not
-    the one that waits for the compiler."""
+    model can be guided), for generations `like` the given settings (their speculative window: its shape is
+    compiled too); returns the seconds it took. A server calls it at start, so its first request is not the one
+    that waits for the compiler."""
     device = next(model.parameters()).device
+    like = like or SamplingSettings()
     variants = []
     if guided is not True:
-        variants.append(SamplingSettings(greedy=True))
+        variants.append(replace(like, greedy=True, cfg_scale=1.0))
     if guided is not False and model.has_null_condition:
-        variants.append(SamplingSettings(greedy=True, cfg_scale=2.0))
+        variants.append(replace(like, greedy=True, cfg_scale=2.0))
     start = time.perf_counter()
     runs = [(size, settings) for size in sorted(set(sizes)) for settings in variants]
     for size, settings in tqdm(runs, desc="compiling (warm-up)", disable=not progress):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 
-def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on a batch stacked as [conditional; unconditional] -> (B/2, V), in float32."""
+def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on a batch stacked as [conditional; unconditional] -> (B/2, ..., V), in float32
+    (`scale` a number, or a tensor that broadcasts against the logits)."""
     cond, uncond = logits.float().chunk(2, dim=0)
     return uncond + scale * (cond - uncond)
 

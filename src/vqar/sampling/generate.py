@@ -12,24 +12,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from vqar.ar import ARModel
 from vqar.sampling.compiled import decode_steps
 from vqar.sampling.filters import filter_logits, guide, sample_logits
-from vqar.sampling.settings import DepthSettings, SamplingSettings
+from vqar.sampling.settings import DepthSettings, SamplingSettings, image_stream
+from vqar.sampling.speculative import (
+    DecodeStats,
+    numbers_per_image,
+    speculative_codes,
+    speculative_noise,
+    window_of,
+)
 
 
-def image_noise(model: ARModel, seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def image_noise(model: ARModel, seeds: torch.Tensor, index: torch.Tensor,
+                settings: SamplingSettings | None = None) -> torch.Tensor:  # fmt: skip
     """The uniform numbers (B, positions * depth) that image `index[b]` of a run with seed `seeds[b]` draws its
     codes with: a stream that depends on (seed, index) alone. Drawn on the CPU, so they do not depend on the
-    device either."""
+    device either. Speculative settings take a larger table of their own (`speculative_noise`)."""
+    if settings is not None and settings.speculative:
+        return speculative_noise(model, settings, seeds, index)
     count = model.num_positions * model.depth
     rows = []
     for seed, i in zip(seeds.tolist(), index.tolist(), strict=True):
-        rows.append(torch.rand(count, generator=_stream(seed, i)))
+        rows.append(torch.rand(count, generator=image_stream(seed, i)))
     return torch.stack(rows) if rows else torch.empty(0, count)
 
 
@@ -48,10 +57,13 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     """The start of a generation (see `generate` for the arguments); ValueError naming what does not fit."""
     settings = settings or SamplingSettings()
     filters = settings.per_depth(model.depth)
+    if settings.speculative:
+        window_of(model, settings)  # raises for a model that does not decode position by position
     ids = model.cond_embedding.ids(cond, batch_size)
-    n, count = len(ids), model.num_positions * model.depth
+    n = len(ids)
+    count = numbers_per_image(model, settings) if settings.speculative else model.num_positions * model.depth
     if noise is None and not settings.greedy:
-        noise = image_noise(model, torch.full((n,), settings.seed), torch.arange(n))
+        noise = image_noise(model, torch.full((n,), settings.seed), torch.arange(n), settings)
     if noise is not None and noise.shape != (n, count):
         raise ValueError(f"noise must have shape ({n}, {count}), got {tuple(noise.shape)}")
     return Plan(settings, filters, ids, None if noise is None else noise.to(ids.device))
@@ -67,11 +79,13 @@ def generate(
     noise: torch.Tensor | None = None,
     compile: bool = False,
     progress: bool = False,
+    stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Codes (B, *code_shape) drawn from `model`. `cond`: class ids (B,), caption ids (B, text_length), or None
     with `batch_size` for an unconditional model (or the null condition). `noise` (B, positions * depth) replaces
     the uniform numbers of images 0..B-1 of `settings.seed` (see `image_noise`). `compile` runs the decode steps
-    compiled (`vqar.sampling.compiled`); the codes are the same."""
+    compiled (`vqar.sampling.compiled`); the codes are the same. `stats`, when given, adds up the model calls
+    (and the drafts of speculative decoding)."""
     run = plan(model, cond, settings, batch_size, noise)
     steps = decode_steps(model, compile)
     settings, ids, n = run.settings, run.ids, len(run.ids)
@@ -80,6 +94,19 @@ def generate(
 
     def both_halves(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if settings.guided else x
+
+    if settings.speculative:
+        scales = guidance_by_position(model, settings, ids.device)
+
+        def guided_logits(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if not settings.guided:
+                return logits
+            scale = scales[positions][..., None]
+            return torch.where(scale == 1.0, logits[:n].float(), guide(logits, scale))
+
+        codes = speculative_codes(model, steps, ids, n, settings, run.filters, run.noise, stats, both_halves,
+                                  guided_logits)  # fmt: skip
+        return codes.view(n, *model.code_shape)
 
     depth, blocks = model.depth, model.block_sizes
     codes = torch.empty(n, model.num_positions, depth, dtype=torch.long, device=ids.device)
@@ -99,7 +126,18 @@ def generate(
             mix = None if smooth is None else tuple(map(both_halves, smooth.next(logits, run.filters[-1], size)))
             context = steps.decode_block(both_halves(codes[:, block]), start, state, mix)
         start += size
+    if stats is not None:
+        stats.add(DecodeStats(n, n * len(blocks)))  # the prefill and a call per block but the last
     return codes.view(n, *model.code_shape)
+
+
+def guidance_by_position(model: ARModel, settings: SamplingSettings, device) -> torch.Tensor:
+    """The guidance scale of each position's codes (1 where unguided), for a raster model (a block per
+    position)."""
+    blocks = len(model.block_sizes)
+    scales = [settings.scale_at(k, blocks, model.cfg_schedule) if settings.guided_at(k) else 1.0
+              for k in range(blocks)]  # fmt: skip
+    return torch.tensor(scales, device=device)
 
 
 def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, uniform: torch.Tensor | None) -> torch.Tensor:
@@ -120,7 +158,7 @@ class SmoothNoise:
             raise ValueError(f"smooth sampling feeds back a mix of code vectors, which {type(model).__name__} "
                              "does not take (VAR only)")  # fmt: skip
         self.device = device
-        self.streams = [_stream(settings.seed, i, salt=1) for i in range(n)]
+        self.streams = [image_stream(settings.seed, i, salt=1) for i in range(n)]
 
     def next(self, logits: torch.Tensor, f: DepthSettings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the filtered logits (B, n, K) the codes were drawn from, Gumbel noise -log(E), E ~ Exp(1))."""
@@ -130,7 +168,3 @@ class SmoothNoise:
         return filtered, gumbel.to(self.device)
 
 
-def _stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
-    words = [seed, index] if salt == 0 else [seed, index, salt]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

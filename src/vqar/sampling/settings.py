@@ -22,6 +22,14 @@ The semantics, stated once and equal to LlamaGen's where LlamaGen defines them:
 * a draw inverts the cumulative distribution with one uniform number per code. Image j of a run with seed s
   takes its numbers from a random stream that depends on (s, j) alone, so it is the same image whichever batch
   or process draws it, and whichever entry point asks for it.
+* `speculative` draws by speculative Jacobi decoding (`vqar.sampling.speculative`): a window of
+  `speculative_window` drafted positions goes through the model in one call and is verified in order, so each
+  code comes from exactly the distribution above (lossless), in fewer model calls when drafts are accepted. The
+  codes differ from those of plain sampling with the same seed (the random numbers are used differently), their
+  distribution does not; greedy speculative decoding gives the greedy codes. `speculative_drafts` is "mc-sjd"
+  (drafts coupled from one iteration to the next, accepted more often) or "sjd" (drawn afresh each iteration);
+  `speculative_max_iterations` caps the speculative calls per batch, after which the rest is drawn one position
+  per call. Raster models only (not VAR, which already draws a whole scale per call).
 
 For a residual (RQ) model `temperature`, `top_k` and `top_p` may be one value per depth.
 """
@@ -33,8 +41,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+import torch
+
 MAX_SEED = 2**63 - 1
 CFG_SCHEDULES = (None, "constant", "linear")
+DRAFTS = ("mc-sjd", "sjd")
 
 
 class DepthSettings(NamedTuple):
@@ -56,6 +68,10 @@ class SamplingSettings:
     seed: int = 0
     cfg_schedule: str | None = None  # "constant", "linear", or None for the model's own
     smooth: bool = False
+    speculative: bool = False
+    speculative_window: int = 16  # drafted positions per model call
+    speculative_drafts: str = "mc-sjd"  # or "sjd"
+    speculative_max_iterations: int | None = None
 
     @property
     def guided(self) -> bool:
@@ -100,12 +116,30 @@ class SamplingSettings:
             raise ValueError(f"smooth must be true or false, got {self.smooth!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"speculative must be true or false, got {self.speculative!r}")
+        if not _is_int(self.speculative_window) or self.speculative_window < 1:
+            raise ValueError(f"speculative_window must be an integer >= 1, got {self.speculative_window!r}")
+        if self.speculative_drafts not in DRAFTS:
+            raise ValueError(f"speculative_drafts must be {' or '.join(DRAFTS)}, got {self.speculative_drafts!r}")
+        cap = self.speculative_max_iterations
+        if cap is not None and (not _is_int(cap) or cap < 0):
+            raise ValueError(f"speculative_max_iterations must be None or an integer >= 0, got {cap!r}")
 
     def batch_key(self) -> tuple:
         """Settings that must be equal for draws to share a batch (everything but the seed)."""
         as_tuple = lambda v: tuple(v) if _is_list(v) else v  # noqa: E731
         return (as_tuple(self.temperature), as_tuple(self.top_k), as_tuple(self.top_p), self.cfg_scale,
-                self.cfg_interval, self.greedy, self.cfg_schedule, self.smooth)  # fmt: skip
+                self.cfg_interval, self.greedy, self.cfg_schedule, self.smooth, self.speculative,
+                self.speculative_window, self.speculative_drafts, self.speculative_max_iterations)  # fmt: skip
+
+
+def image_stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
+    """The random stream of image `index` of a run with `seed` (see the module docstring); `salt` > 0 gives further
+    streams of the same image that are independent of the first (Gumbel noise, speculative drafts)."""
+    words = [seed, index] if salt == 0 else [seed, index, salt]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def _is_list(value) -> bool:

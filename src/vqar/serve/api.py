@@ -136,6 +136,8 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
             "images": [base64.b64encode(data).decode() for data in pngs],
             "seconds": result.seconds,
             "batched_with": result.batched_with,
+            "calls_per_image": result.calls_per_image,
+            "acceptance_rate": result.acceptance_rate,
         }
         if result.coarse_to_fine is not None:
             answer["coarse_to_fine"] = [[base64.b64encode(d).decode() for d in images_as_png(level)]

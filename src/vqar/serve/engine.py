@@ -53,6 +53,8 @@ class GenerateResult:
     coarse_to_fine: list[torch.Tensor] | None  # per depth d = 1..D: (n, C, H, W), RQ models only
     seconds: float
     batched_with: int  # images drawn in the same round of model runs
+    calls_per_image: float = 0.0  # model calls each image waited for (fewer with speculative decoding)
+    acceptance_rate: float | None = None  # speculative decoding: the share of drafted codes accepted
 
 
 @dataclass
@@ -88,6 +90,9 @@ class SamplingEngine:
         self.sampling = threading.Event()  # set while the worker holds a round of requests (for /health)
         if compile:  # before the first request, so that it is not the one that waits for the compiler
             seconds = warm_up(model, batch_buckets(max_batch), precision=precision)
+            if model.raster and model.num_positions > 1:  # and the window of speculative requests
+                seconds += warm_up(model, batch_buckets(max_batch), precision=precision,
+                                   like=SamplingSettings(speculative=True))  # fmt: skip
             log.info("compiled the decode steps for batches of up to %d images in %.0f s", max_batch, seconds)
         self._worker = threading.Thread(target=self._work, name="vqar-sampler", daemon=True)
         self._worker.start()
@@ -108,6 +113,7 @@ class SamplingEngine:
             "depth": self.depth,
             "levels": self.levels,
             "code_layout": getattr(self.tokenizer, "layout", "grid"),
+            "speculative": model.raster and model.num_positions > 1,  # whether `speculative` requests apply
             "image_size": getattr(self.tokenizer, "image_size", None),
             "conditioning": model.conditioning.value,
             "num_classes": model.num_classes,
@@ -200,7 +206,9 @@ class SamplingEngine:
             mine = slice(begin, begin + job.request.n)
             begin = mine.stop
             levels = [level[mine] for level in ladder] if ladder is not None else None
-            job.future.set_result(GenerateResult(result.images[mine], levels, result.seconds, len(result.images)))
+            stats = result.decode_stats
+            job.future.set_result(GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
+                                                 stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
 
     @torch.no_grad()
     def _draw(self, jobs: list[Job]):

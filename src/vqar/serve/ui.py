@@ -91,6 +91,10 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                                       elem_id="cfg_scale")  # fmt: skip
                 cfg_interval = gr.Number(value=-1, precision=0, label="CFG interval (-1: guide every code)",
                                          interactive=guidance, elem_id="cfg_interval")  # fmt: skip
+                speculative = None
+                if info["speculative"]:
+                    speculative = gr.Checkbox(False, label="Speculative decoding (the same distribution, fewer "
+                                              "model calls)", elem_id="speculative")  # fmt: skip
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", elem_id="gallery")
@@ -112,6 +116,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     cfg_scale=float(settings["cfg_scale"]),
                     cfg_interval=None if settings["cfg_interval"] in (None, -1) else int(settings["cfg_interval"]),
                     seed=int(settings["seed"] or 0),
+                    speculative=bool(settings.get("speculative") or False),
                 )
                 request = GenerateRequest(
                     class_id=int(settings["class_id"]) if settings.get("class_id") is not None else None,
@@ -142,11 +147,15 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 for i in range(len(result.images)):
                     rows += [(pictures[d][i], f"image {i + 1}, {d + 1} {unit}") for d in range(len(pictures))]
             runs[0] += 1
-            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed})"
+            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed}; " \
+                   f"{result.calls_per_image:.1f} model calls per image" + \
+                   ("" if result.acceptance_rate is None else f", {100 * result.acceptance_rate:.0f}% of drafts "
+                    "accepted") + ")"  # fmt: skip
             return _pictures(result.images), note, str(archive), rows
 
         controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,
-                    "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}  # fmt: skip
+                    "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
+                    "speculative": speculative}  # fmt: skip
         keys = [k for k, v in controls.items() if v is not None]
         inputs = [controls[k] for k in keys]
         button.click(run, inputs=inputs, outputs=[gallery, status, download, ladder], api_name=False)

