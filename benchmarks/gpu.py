@@ -10,6 +10,11 @@ environment and every figure, section by section, so that a run cut short keeps 
         100, 5.6x at 200 on an A100, where the GPT ran out of memory at 500). Goal: >= 5x at batch >= 200.
     T   training throughput for the record: GPT-L (343M), batch 256, 16x16 codes, bf16 autocast: tokens/s and MFU
         (6 * parameters * tokens/s over the GPU's dense bf16 peak, H200: 989 TFLOP/s). Goal: MFU >= 40%.
+    G4  speculative Jacobi decoding vs plain sampling (issue 24): GPT-B on 16x16 codes, bf16, compiled, batch 1
+        and 16 (images/s, ratio, model calls per image, share of drafts accepted). Random weights make drafts
+        fail more often than a trained model's would: the ratio is a floor.
+    G5  VAR-d16 (issue 23) at 256 px, 10 scales, K=4096, CFG 2.5 on VAR's linear ramp: batch 1, 16, 64, compiled
+        vs vqar's own eager path (images/s of AR sampling, the VQVAE decoding apart).
 
 Random weights throughout (throughput does not depend on them; the logits are made non-uniform so that top-k
 has work to do). Without CUDA (or with --tiny) the same sections run tiny models, so a CPU machine checks that
@@ -33,6 +38,7 @@ import torch
 
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.sampling import SamplingSettings, generate
+from vqar.sampling.speculative import DecodeStats
 
 K = 16384
 HBM_BYTES_PER_S = 4.8e12  # H200
@@ -166,17 +172,75 @@ def training(plan: dict, device) -> dict:
 PLANS = {
     "gpu": {"grid": 16, "vocab": K, "gpt_b": GPT_SIZES["GPT-B"], "gpt_big": GPT_SIZES["GPT-XXL"],
             "rq_big": RQ_SIZES["RQ-1.4B"], "gpt_l": GPT_SIZES["GPT-L"], "g1_batches": [1, 16, 64, 256],
-            "g3_batches": [100, 200, 500], "train_batch": 256, "train_warmup": 3, "train_steps": 10},
+            "g3_batches": [100, 200, 500], "train_batch": 256, "train_warmup": 3, "train_steps": 10,
+            "g4_batches": [1, 16], "g4_logit_std": 0.05, "g5_batches": [1, 16, 64], "var": "VAR-d16", "var_ch": 160,
+            "var_size": 256},
     "tiny": {"grid": 4, "vocab": 256, "gpt_b": GPT_SIZES["GPT-XS"], "gpt_big": GPT_SIZES["GPT-XS"],
              "rq_big": RQ_SIZES["RQ-XS"], "gpt_l": GPT_SIZES["GPT-XS"], "g1_batches": [1, 2], "g3_batches": [2],
-             "train_batch": 4, "train_warmup": 1, "train_steps": 2},
+             "train_batch": 4, "train_warmup": 1, "train_steps": 2, "g4_batches": [1, 2], "g4_logit_std": 0.05,
+             "g5_batches": [1, 2], "var": "VAR-XS", "var_ch": 32, "var_size": 64},
 }  # fmt: skip
+
+
+def g4(plan: dict, device, dtype) -> dict:
+    model = gpt(plan["gpt_b"], plan["grid"], plan["vocab"], device, dtype)
+    torch.nn.init.normal_(model.output.weight, std=plan["g4_logit_std"])  # some peaked, some flat distributions
+    rows = []
+    for batch in plan["g4_batches"]:
+        row = {"batch": batch}
+        for label, speculative in (("plain", False), ("speculative", True)):
+            settings = SamplingSettings(top_k=1024, seed=0, speculative=speculative, speculative_window=16)
+            cond = torch.randint(0, 1000, (batch,), device=device)
+            stats = DecodeStats()
+            with torch.no_grad():
+                generate(model, cond, settings, compile=True)  # compiles (the window's shape once)
+                sync(device)
+                start = time.perf_counter()
+                generate(model, cond, settings, compile=True, stats=stats)
+                sync(device)
+            row[f"{label}_images_per_s"] = batch / (time.perf_counter() - start)
+            row[f"{label}_calls_per_image"] = stats.calls_per_image
+            row[f"{label}_acceptance_rate"] = stats.acceptance_rate
+        row["speculative_over_plain"] = row["speculative_images_per_s"] / row["plain_images_per_s"]
+        rows.append(row)
+        print(f"G4 batch {batch}: {row}", flush=True)
+    return {"rows": rows}
+
+
+def g5(plan: dict, device) -> dict:
+    from vqar.eval.throughput import BenchConfig, build_models
+
+    cfg = BenchConfig(model=plan["var"], f=16, d=1, c=4096, ch=plan["var_ch"], image_size=plan["var_size"],
+                      cfg_scale=2.5)  # fmt: skip
+    tokenizer, model = build_models(cfg, device)
+    model.attach(tokenizer)
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+        model.attach(tokenizer.to(torch.bfloat16))
+    settings = SamplingSettings(cfg_scale=2.5, top_k=900, top_p=0.96, seed=0)  # VAR's README protocol
+    rows = []
+    for batch in plan["g5_batches"]:
+        row = {"batch": batch}
+        for label, compile in (("eager", False), ("compiled", True)):
+            cond = torch.randint(0, 1000, (batch,), device=device)
+            with torch.no_grad():
+                generate(model, cond, settings, compile=compile)
+                sync(device)
+                start = time.perf_counter()
+                generate(model, cond, settings, compile=compile)
+                sync(device)
+            row[f"{label}_images_per_s"] = batch / (time.perf_counter() - start)
+        row["compiled_over_eager"] = row["compiled_images_per_s"] / row["eager_images_per_s"]
+        rows.append(row)
+        print(f"G5 batch {batch}: {row}", flush=True)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models (the default without CUDA)")
-    parser.add_argument("--sections", default="g1,g3,train", help="which of g1 (with g2), g3, train to run")
+    parser.add_argument("--sections", default="g1,g3,train,g4,g5",
+                        help="which of g1 (with g2), g3, train, g4, g5 to run")  # fmt: skip
     parser.add_argument("--out", help="the JSON to write (default benchmarks/results/gpu-<date>.json)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,7 +252,8 @@ def main() -> None:
     report = {"environment": environment(), "tiny": tiny, "device": str(device), "dtype": str(dtype)}
     torch.manual_seed(0)
     sections = {"g1": lambda: g1_g2(plan, device, dtype), "g3": lambda: g3(plan, device, dtype),
-                "train": lambda: training(plan, device)}  # fmt: skip
+                "train": lambda: training(plan, device), "g4": lambda: g4(plan, device, dtype),
+                "g5": lambda: g5(plan, device)}  # fmt: skip
     for name in args.sections.split(","):
         start = time.perf_counter()
         report[name] = sections[name]()

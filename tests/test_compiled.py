@@ -209,5 +209,7 @@ def test_the_gpu_benchmark_runs_its_tiny_configuration(tmp_path):
                           timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["tiny"] and {"g1", "g3", "train"} <= report.keys() and "torch" in report["environment"]
+    assert report["tiny"] and {"g1", "g3", "train", "g4", "g5"} <= report.keys() and "torch" in report["environment"]
+    assert all(row["speculative_calls_per_image"] <= row["plain_calls_per_image"] for row in report["g4"]["rows"])
+    assert all(row["compiled_over_eager"] > 0 for row in report["g5"]["rows"])
     assert all(row["compiled_over_eager"] > 0 for row in report["g1"]["rows"])

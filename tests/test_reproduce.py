@@ -123,7 +123,8 @@ def test_every_builtin_release_has_sourced_protocol_and_numbers():
             table.reference(release)  # names a known reference batch
             assert release.reported["fid"].stated
     assert table.get("var-d16").protocol["cfg_scale"].value == 2.5  # VAR's cfg 1.5 in vqar's terms
-    assert not table.get("llamagen-b-256").protocol["cfg_scale"].stated  # not guessed
+    assert not table.get("llamagen-b-256").protocol["seed"].stated  # not guessed
+    assert "Table 8" in table.get("llamagen-b-256").protocol["cfg_scale"].source  # the paper row of the README's FID
 
 
 def test_releases_command_lists_and_details(capsys):
@@ -132,7 +133,7 @@ def test_releases_command_lists_and_details(capsys):
     assert "llamagen-xl-384" in listing and "var-d30" in listing and "rq-imagenet-3.8b-rqvae-50e" in listing
     assert main(["releases", "llamagen-b-256"]) == 0
     detail = capsys.readouterr().out
-    assert "cfg_scale: not stated" in detail and "sha256 unknown" in detail and "5.46" in detail
+    assert "seed: not stated" in detail and "sha256 unknown" in detail and "5.46" in detail
 
 
 def test_unknown_release_is_a_one_line_error(capsys):

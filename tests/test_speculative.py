@@ -226,7 +226,8 @@ def test_rows_at_different_positions_decode_as_each_row_alone(arch):
             # every row's history up to its start, as plain steps would have written it
             for p in range(int(torch.as_tensor(start).max())):
                 model.decode_block(codes[rows, p : p + 1], p, state)
-            window = torch.stack([codes[r, int(s) : int(s) + width] for r, s in zip(rows, torch.as_tensor(start).view(-1))])
+            begins = torch.as_tensor(start).view(-1).tolist()
+            window = torch.stack([codes[r, s : s + width] for r, s in zip(rows.tolist(), begins, strict=True)])
             return model.decode_block(window, start, state)
 
     together = run(torch.arange(3), starts)

@@ -218,7 +218,7 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
     window.q = torch.stack(frontier, 1)[:, None].expand(-1, width, -1, -1).clone()
     window.draft(window.q.reshape(n, width * depth, -1), torch.ones(n, width * depth, dtype=torch.bool,
                                                                      device=ids.device), None)  # fmt: skip
-    checked = accepted = 0
+    checked = accepted = torch.zeros((), dtype=torch.long, device=ids.device)  # summed without a sync per call
     cap = settings.speculative_max_iterations
     iterations = 0
     while not bool(window.done.all()):
@@ -241,11 +241,11 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
         if depth > 1:
             _complete_positions(steps, state, context, window, filters, both_halves, guided_logits)
         _redraft(window, p)
-        checked += int(got[active].sum())
-        accepted += int(ok[active].sum())
+        checked += (got * active).sum()
+        accepted += (ok * active).sum()
         frontier = p.view(n, width, depth, -1)[:, -1]
         window.shift(frontier)
-    _count(stats, n, calls, checked, accepted)
+    _count(stats, n, calls, int(checked), int(accepted))
     return codes
 
 
