@@ -218,7 +218,8 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
     window.q = torch.stack(frontier, 1)[:, None].expand(-1, width, -1, -1).clone()
     window.draft(window.q.reshape(n, width * depth, -1), torch.ones(n, width * depth, dtype=torch.bool,
                                                                      device=ids.device), None)  # fmt: skip
-    checked = accepted = torch.zeros((), dtype=torch.long, device=ids.device)  # summed without a sync per call
+    # summed without a sync per call (two tensors: `+=` adds in place)
+    checked, accepted = (torch.zeros((), dtype=torch.long, device=ids.device) for _ in range(2))
     cap = settings.speculative_max_iterations
     iterations = 0
     while not bool(window.done.all()):
