@@ -147,7 +147,7 @@ def test_captioned_folder_becomes_a_text_store(tiny_pipeline, tmp_path, caplog):
     store = CodeDataset(tmp_path / "codes")
     assert store.captions[0] == ["a grey square number 0", "a dark square"]
     assert store[3].captions == ["a grey square number 3"]
-    (tmp_path / "codes" / "captions.json").write_text("[]")
+    (tmp_path / "codes" / "captions-00000.jsonl").write_text('[""]\n' * 4)
     with pytest.raises(ValueError, match="damaged"):
         CodeDataset(tmp_path / "codes")
 

@@ -5,8 +5,12 @@
         tokenizer/              the tokenizer that made the codes (config.json + model.safetensors)
         codes-00000.npy         (n, V, h, w[, D]) uint16 (int32 for codebooks over 65,536 codes)
         labels-00000.npy        (n,) int64, -1 for unlabeled images
+        captions-00000.jsonl    text-to-image stores only: each item's captions as a JSON list, one line each
+        captions-00000.offsets.npy  (n + 1,) int64 byte offsets of those lines (`vqar.data.caption_store`)
         ...
-        captions.json           [[caption, ...] per item], for text-to-image stores (images without one are left out)
+
+A text-to-image store leaves out images without a caption. Stores made before caption shards hold one
+`captions.json` ([[caption, ...] per item]) instead of the caption files of each shard; they are still read.
 
 Each item holds V views of one image: 1 (as is), 2 (with its mirror image, `flip`) or 10 (LlamaGen's ten-crop).
 `vqar.data.extraction` writes stores; this module reads them.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vqar.data.caption_store import open_captions
 from vqar.utils.io import sha256_file
 
 log = logging.getLogger("vqar.data")
@@ -91,15 +97,10 @@ class CodeDataset(Dataset):
         self.offsets = np.cumsum([0] + [len(c) for c in codes])
         if len(self.labels) == 0:
             raise ValueError(f"code store {self.path} holds no items")
-        self.captions: list[list[str]] | None = None
-        if self.manifest.get("captions"):
-            entry = self.manifest["captions"]
-            file = self.path / entry["file"]
-            if not file.is_file() or (verify and sha256_file(file) != entry["sha256"]):
-                raise ValueError(f"code store {self.path}: {entry['file']} is missing or damaged; extract again")
-            self.captions = json.loads(file.read_text(encoding="utf-8"))
-            if len(self.captions) != len(self.labels):
-                raise ValueError(f"code store {self.path}: {len(self.captions)} caption lists for {len(self)} items")
+        # Caption shards are read item by item when asked for (a store made before holds one captions.json).
+        self.captions: Sequence[list[str]] | None = open_captions(self.path, self.manifest, verify)
+        if self.captions is not None and len(self.captions) != len(self.labels):
+            raise ValueError(f"code store {self.path}: {len(self.captions)} caption lists for {len(self)} items")
 
     @property
     def has_captions(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vqar.data import caption_store
 from vqar.data.codes import FORMAT, MANIFEST, VIEWS
 from vqar.data.config import DataConfig
 from vqar.data.datasets import open_dataset
@@ -140,9 +141,9 @@ class _WorkFolder:
             atomic_write(self.path / files["codes"], lambda p: _save_npy(p, codes))
             atomic_write(self.path / files["labels"], lambda p: _save_npy(p, labels))
             if captioned:
-                files["captions"] = f"captions-{u:05d}.json"
-                text = json.dumps([open_unit.captions[i] for i in kept], ensure_ascii=False)
-                atomic_write(self.path / files["captions"], lambda p: p.write_text(text, encoding="utf-8"))
+                names = caption_store.shard_names(u)
+                caption_store.write_caption_shard(self.path, names, [open_unit.captions[i] for i in kept])
+                files.update(names)
         record = {
             "unit": asdict(open_unit.unit),
             "count": len(kept),
@@ -221,6 +222,8 @@ def extract_codes(
         "captioned": captioned,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if captioned:  # a partial extraction of an older layout (one captions.json) starts again
+        plan["caption_layout"] = caption_store.LAYOUT
     work = _WorkFolder(out_dir)
     if par.is_main:
         done = work.prepare(plan)
@@ -338,8 +341,9 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
         if not work.part(u).is_file():
             raise RuntimeError(f"shard {u} of the extraction in {work.path} is missing after every rank finished")
         parts.append(json.loads(work.part(u).read_text()))
-    shards = [{"codes": p["files"]["codes"], "labels": p["files"]["labels"], "count": p["count"],
-               "sha256": {k: p["sha256"][k] for k in ("codes", "labels")}} for p in parts if p["count"]]  # fmt: skip
+    keys = ("codes", "labels", *(caption_store.KEYS if plan["captioned"] else ()))
+    shards = [{**{k: p["files"][k] for k in keys}, "count": p["count"], "sha256": {k: p["sha256"][k] for k in keys}}
+              for p in parts if p["count"]]  # fmt: skip
     if not shards:
         raise ValueError(f"no readable images in {plan['source']}")
     manifest = {
@@ -358,18 +362,13 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
         "skipped_files": len({path for p in parts for path in p["skipped"]}),
         "shards": shards,
     }
-    if plan["captioned"]:
-        captions = [
-            c for p in parts if p["count"] for c in json.loads((work.path / p["files"]["captions"]).read_text())
-        ]
-        file = work.path / "captions.json"
-        atomic_write_text(file, json.dumps(captions, ensure_ascii=False))
-        manifest["captions"] = {"file": file.name, "sha256": sha256_file(file)}
+    if plan["captioned"]:  # each shard lists its caption files (`vqar.data.caption_store`)
+        manifest["captions"] = {"layout": caption_store.LAYOUT}
         manifest["uncaptioned_images"] = sum(p["uncaptioned"] for p in parts)
     _save_tokenizer(tokenizer, tokenizer_dir, work.path / "tokenizer")
     atomic_write_text(work.path / MANIFEST, json.dumps(manifest, indent=1))
     replace_directory(work.path, out_dir)
-    for leftover in [*out_dir.glob("part-*.json"), *out_dir.glob("captions-*.json"), out_dir / PLAN]:
+    for leftover in [*out_dir.glob("part-*.json"), out_dir / PLAN]:
         leftover.unlink(missing_ok=True)
     bad = manifest["skipped_files"]
     if bad:
