@@ -15,7 +15,7 @@ from vqar.sampling import SamplingSettings, filter_logits, generate, image_noise
 from vqar.sampling import speculative as spec
 
 # Each chi-square comparison below rejects a correct sampler with probability 1e-5 (the test statistic's upper
-# tail under the null hypothesis); the file makes 7 such comparisons, so a false alarm has probability < 1e-4.
+# tail under the null hypothesis); the file makes 9 such comparisons, so a false alarm has probability < 1e-4.
 FALSE_ALARM = 1e-5
 SAMPLES = 20_000
 
@@ -179,6 +179,26 @@ def test_gpt_samples_follow_the_exact_distribution(drafts, cap):
     if drafts is not None:
         assert counted.calls_per_image < model.num_positions  # the drafts save calls
         assert 0.0 < counted.acceptance_rate < 1.0
+
+
+@pytest.mark.parametrize("q", [[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+def test_one_check_of_a_draft_gives_exactly_the_model_distribution(q):
+    """The acceptance rule and the replacement alone, on 200,000 drafts x ~ q: the code that comes out of one check
+    has distribution p whatever q is (accept with min(1, p/q), else a draw from max(0, p - q))."""
+    n, p = 200_000, torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = torch.tensor(q)
+    generator = torch.Generator().manual_seed(8)
+    codes = torch.zeros(n, 2, 1, dtype=torch.long)
+    codes[:, 1, 0] = torch.multinomial(q, n, replacement=True, generator=generator)  # the drafts, x ~ q
+    numbers = torch.rand(n, 2, spec.DRAFTS + 2 * 3, generator=generator)  # independent of the drafts
+    window = spec.Window(codes, 1, numbers, greedy=False, coupled=True)
+    window.q = q.expand(n, 1, 1, 4).clone()
+    spec._verify(window, p.expand(n, 1, 4))
+    assert bool(window.done.all())
+    observed = torch.bincount(codes[:, 1, 0], minlength=4).double()
+    expected = p.double() * n
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    assert statistic < scipy_stats.chi2.isf(FALSE_ALARM, 3), (observed / n, statistic)
 
 
 def test_an_acceptance_rule_that_accepts_every_draft_is_caught(monkeypatch):
