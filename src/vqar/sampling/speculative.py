@@ -230,7 +230,9 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
         active = ~window.done
         calls += active.long()
         feed = codes[window.rows, window.positions_of_window() - 1]  # positions start .. start + W - 1
-        context = steps.decode_block(both_halves(feed), both_halves(window.start), state)
+        # One image (and its guidance half) has one start: the cheaper shared-position path of the cache.
+        starts = window.start if n == 1 else both_halves(window.start)
+        context = steps.decode_block(both_halves(feed), starts, state)
         positions_fed = window.positions_of_window()
         p = []
         for d, f in enumerate(filters):
