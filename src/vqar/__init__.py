@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import warnings
 
+# First, before anything imports torch: its import sets OpenMP's wait policy, which OpenMP reads once, when torch
+# loads it (see vqar.utils.threads).
+import vqar.utils.threads
 from vqar.bundle import save_pretrained, vqar_version
 from vqar.interop import load_pretrained
 from vqar.quantize import ResidualQuantizer, VectorQuantizer
@@ -17,6 +20,7 @@ from vqar.sampling import SamplingSettings, draw, generate, make_conditions
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 
 __version__ = vqar_version()
+vqar.utils.threads.record_torch_default()
 
 
 def load(path, device="cpu"):

@@ -22,6 +22,7 @@ from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
+from vqar.utils.threads import apply_thread_policy
 
 EPILOG = """examples:
   vqar train tokenizer rqvae-mnist --out runs/rq            train the default RQ-VAE on the bundled digits
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
+        apply_thread_policy()  # once, before any work (see vqar.utils.threads)
         with logging_redirect_tqdm():
             return args.func(args)
     except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import torch
 
@@ -30,3 +32,37 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def cpu_simd_level(flags: set[str] | None = None) -> str:
+    """The widest vector instructions of this CPU that torch's kernels use: "AVX-512 bf16", "AVX-512", "AVX2" or
+    "below AVX2" (from /proc/cpuinfo's flags; `torch.backends.cpu.get_cpu_capability()` where there is none)."""
+    if flags is None:
+        flags = _cpu_info()[1]
+    if not flags:
+        return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability(), "below AVX2")
+    if "avx512f" in flags:
+        return "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512"
+    return "AVX2" if "avx2" in flags else "below AVX2"
+
+
+def cpu_kind() -> str:
+    """The CPU model and its SIMD level, for reports that state where a time was measured."""
+    model, flags = _cpu_info()
+    return f"{model} ({cpu_simd_level(flags)})"
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine() or "unknown CPU", set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return model, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    return model, flags
