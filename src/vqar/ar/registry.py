@@ -112,6 +112,13 @@ def _all_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for child in model.modules() if isinstance(child, nn.ModuleList) for block in child]
 
 
+def _var_block_parts(model: nn.Module) -> list[nn.Module]:
+    """A VAR block's attention and feed-forward, one FSDP unit each. Not the whole block: VAR computes every
+    block's AdaLN modulation up front from the class (`VAR.modulations`), outside the block's forward, where FSDP
+    would not have gathered a sharded block's weights; those small linears stay with the root unit."""
+    return [part for block in model.layers for part in (block.attention, block.feed_forward)]
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One stage-2 family and everything that differs between families, in the manner of torchtitan's TrainSpec:
@@ -170,7 +177,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("var", VARConfig, VAR, VAR_SIZES, "VAR: next-scale prediction over multi-scale codes",
                      store_fields=_scale_store_fields, prepare=_read_with_quantizer,
                      options=frozenset({"label_smoothing"}), loss=losses.per_scale_cross_entropy,
-                     bench_quantizer=_scales),
+                     fsdp_units=_var_block_parts, bench_quantizer=_scales),
     )
 }  # fmt: skip
 
