@@ -75,15 +75,16 @@ def rq(size: dict, grid: int, vocab: int, device, dtype) -> RQTransformer:
     return RQTransformer(cfg, code_embeddings=torch.randn(vocab, 256)).to(device, dtype).eval()
 
 
-def images_per_second(model, batch: int, compile: bool, device) -> float:
-    """One generation to compile and warm up, then one timed."""
+def images_per_second(model, batch: int, compile: bool, device, settings: SamplingSettings | None = None,
+                      stats: DecodeStats | None = None) -> float:
+    """One generation to compile and warm up, then one timed (its model calls added to `stats`)."""
     cond = torch.randint(0, 1000, (batch,), device=device)
-    settings = SamplingSettings(top_k=1024, seed=0)
+    settings = settings or SamplingSettings(top_k=1024, seed=0)
     with torch.no_grad():
         generate(model, cond, settings, compile=compile)
         sync(device)
         start = time.perf_counter()
-        generate(model, cond, settings, compile=compile)
+        generate(model, cond, settings, compile=compile, stats=stats)
         sync(device)
     return batch / (time.perf_counter() - start)
 
@@ -190,15 +191,8 @@ def g4(plan: dict, device, dtype) -> dict:
         row = {"batch": batch}
         for label, speculative in (("plain", False), ("speculative", True)):
             settings = SamplingSettings(top_k=1024, seed=0, speculative=speculative, speculative_window=16)
-            cond = torch.randint(0, 1000, (batch,), device=device)
-            stats = DecodeStats()
-            with torch.no_grad():
-                generate(model, cond, settings, compile=True)  # compiles (the window's shape once)
-                sync(device)
-                start = time.perf_counter()
-                generate(model, cond, settings, compile=True, stats=stats)
-                sync(device)
-            row[f"{label}_images_per_s"] = batch / (time.perf_counter() - start)
+            stats = DecodeStats()  # the warm-up compiles the window's shape once
+            row[f"{label}_images_per_s"] = images_per_second(model, batch, True, device, settings, stats)
             row[f"{label}_calls_per_image"] = stats.calls_per_image
             row[f"{label}_acceptance_rate"] = stats.acceptance_rate
         row["speculative_over_plain"] = row["speculative_images_per_s"] / row["plain_images_per_s"]
@@ -222,14 +216,7 @@ def g5(plan: dict, device) -> dict:
     for batch in plan["g5_batches"]:
         row = {"batch": batch}
         for label, compile in (("eager", False), ("compiled", True)):
-            cond = torch.randint(0, 1000, (batch,), device=device)
-            with torch.no_grad():
-                generate(model, cond, settings, compile=compile)
-                sync(device)
-                start = time.perf_counter()
-                generate(model, cond, settings, compile=compile)
-                sync(device)
-            row[f"{label}_images_per_s"] = batch / (time.perf_counter() - start)
+            row[f"{label}_images_per_s"] = images_per_second(model, batch, compile, device, settings)
         row["compiled_over_eager"] = row["compiled_images_per_s"] / row["eager_images_per_s"]
         rows.append(row)
         print(f"G5 batch {batch}: {row}", flush=True)

@@ -97,6 +97,19 @@ def tiny_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def class_run(tiny_pipeline, tmp_path_factory):
+    """A class-conditional RQ-Transformer run briefly trained on the tiny pipeline's codes (read only: tests that
+    sample or serve it write elsewhere)."""
+    from vqar.train.ar import load_run_config, train_ar
+
+    run = tmp_path_factory.mktemp("class-run") / "ar"
+    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10", "train.eval_every=10",
+                 "sample.n_per_class=0"]  # fmt: skip
+    train_ar(load_run_config("rq-mnist", overrides), run)
+    return run
+
+
+@pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """A folder holding the digit classifier, trained once per test session."""
     from vqar.eval.digits import digit_classifier

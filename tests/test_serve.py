@@ -25,12 +25,10 @@ else:
     pytest.importorskip("gradio", reason="the serve extra is not installed (pip install 'vqar[serve]')")
 
 import vqar  # noqa: E402
-from conftest import TINY_AR  # noqa: E402
 from vqar.sampling import SamplingSettings  # noqa: E402
 from vqar.serve.api import decode_png  # noqa: E402
 from vqar.serve.app import build_app, is_loopback  # noqa: E402
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine  # noqa: E402
-from vqar.train.ar import load_run_config, train_ar  # noqa: E402
 
 
 def ask(class_id=None, n=4, prompt=None, coarse_to_fine=False, **settings) -> GenerateRequest:
@@ -58,15 +56,6 @@ def need_for_browser_test(missing: str | None) -> None:
     if in_ci():
         pytest.fail(f"CI=true but {missing}: the browser test of `vqar serve` cannot run", pytrace=False)
     pytest.skip(missing)
-
-
-@pytest.fixture(scope="module")
-def class_run(tiny_pipeline, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "ar"
-    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10", "train.eval_every=10",
-                 "sample.n_per_class=0"]  # fmt: skip
-    train_ar(load_run_config("rq-mnist", overrides), run)
-    return run
 
 
 @pytest.fixture(scope="module")

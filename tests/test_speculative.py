@@ -271,18 +271,6 @@ def test_compiled_speculative_decoding_draws_the_eager_codes(arch):
 # ---------------------------------------------------------------- the switches
 
 
-@pytest.fixture(scope="module")
-def class_run(tiny_pipeline, tmp_path_factory):
-    from conftest import TINY_AR
-    from vqar.train.ar import load_run_config, train_ar
-
-    run = tmp_path_factory.mktemp("speculative") / "ar"
-    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10", "train.eval_every=10",
-                 "sample.n_per_class=0"]  # fmt: skip
-    train_ar(load_run_config("rq-mnist", overrides), run)
-    return run
-
-
 def test_vqar_sample_speculative_greedy_draws_the_greedy_images(class_run, tmp_path, capsys):
     import numpy as np
 
