@@ -16,8 +16,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = add_command(sub, "demo", run, "run the whole pipeline on the bundled digits", "Trains the RQ tokenizer, "
-                       "extracts codes, trains a class-conditional RQ-Transformer, samples one row per digit and "
-                       "reports PSNR, usage, validation loss, throughput and class accuracy.")  # fmt: skip
+                       "extracts codes, trains a class-conditional RQ-Transformer (with --arch var: the multi-scale "
+                       "tokenizer and VAR), samples one row per digit and reports PSNR, usage, validation loss, "
+                       "throughput and class accuracy.")  # fmt: skip
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
     demo.add_argument("--arch", default="rq", choices=["rq", "var"],
