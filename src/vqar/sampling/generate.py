@@ -97,10 +97,13 @@ def generate(
 
     if settings.speculative:
         scales = guidance_by_position(model, settings, ids.device)
+        same = float(scales[0]) if bool((scales == scales[0]).all()) else None  # one scale everywhere: no lookup
 
         def guided_logits(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if not settings.guided:
                 return logits
+            if same is not None:
+                return guide(logits, same) if same != 1.0 else logits[:n].float()
             scale = scales[positions][..., None]
             return torch.where(scale == 1.0, logits[:n].float(), guide(logits, scale))
 

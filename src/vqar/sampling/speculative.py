@@ -135,27 +135,42 @@ class Window:
         n, self.positions, self.depth = codes.shape
         self.numbers = numbers  # (n, N * D, columns), None when greedy
         self.final = torch.full((n,), self.depth, dtype=torch.long, device=codes.device)  # position 0 is drawn
-        self.start = torch.zeros(n, dtype=torch.long, device=codes.device)
         self.drafted = torch.zeros(n, self.positions * self.depth, dtype=torch.long, device=codes.device)
         self.q: torch.Tensor | None = None
         self.rows = torch.arange(n, device=codes.device)[:, None]
         self.slots = torch.arange(width, device=codes.device)
+        self._codes_in_window = torch.arange(width * self.depth, device=codes.device)
+        self.start = torch.zeros(n, dtype=torch.long, device=codes.device)
 
     @property
     def done(self) -> torch.Tensor:
         return self.final >= self.positions * self.depth
 
+    @property
+    def start(self) -> torch.Tensor:
+        return self._start
+
+    @start.setter
+    def start(self, start: torch.Tensor) -> None:
+        # What depends on the start is indexed several times per call: computed once per move of the window, as
+        # these few-element ops cost more in dispatch than in work.
+        self._start = start
+        self._positions = start[:, None] + 1 + self.slots
+        self._tokens = ((start + 1) * self.depth)[:, None] + self._codes_in_window
+        self._numbers = None if self.numbers is None else self.numbers.gather(
+            1, self._tokens[..., None].expand(-1, -1, self.numbers.shape[-1]))  # fmt: skip
+
     def positions_of_window(self) -> torch.Tensor:
-        return self.start[:, None] + 1 + self.slots  # (n, W)
+        """The positions of the window, (n, W)."""
+        return self._positions
 
     def tokens_of_window(self) -> torch.Tensor:
         """The flat code index (position * D + depth) of each code of the window, (n, W * D)."""
-        first = (self.start + 1) * self.depth
-        return first[:, None] + torch.arange(self.width * self.depth, device=first.device)
+        return self._tokens
 
     def numbers_of_window(self) -> torch.Tensor:
-        tokens = self.tokens_of_window()
-        return self.numbers.gather(1, tokens[..., None].expand(-1, -1, self.numbers.shape[-1]))
+        """The random numbers of the window's codes, (n, W * D, columns)."""
+        return self._numbers
 
     def draft(self, p: torch.Tensor, where: torch.Tensor, previous_q: torch.Tensor | None) -> None:
         """Drafts the window's codes at `where` (n, W * D) from p (n, W * D, K): coupled with their previous
