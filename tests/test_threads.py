@@ -56,11 +56,11 @@ def test_vqar_threads_overrides_and_torch_turns_the_policy_off():
 
 def test_wait_policy_is_set_only_before_torch_and_only_when_not_chosen():
     env: dict[str, str] = {}
-    assert prepare_openmp(env, torch_loaded=False) == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert prepare_openmp(env, torch_loaded=False) == {"GOMP_SPINCOUNT": "2000", "KMP_BLOCKTIME": "0"}
+    assert env["GOMP_SPINCOUNT"] == "2000"
     assert prepare_openmp({}, torch_loaded=True) == {}  # too late: OpenMP has read its settings
-    chosen = {"GOMP_SPINCOUNT": "10000"}
-    assert prepare_openmp(chosen, torch_loaded=False) == {} and chosen == {"GOMP_SPINCOUNT": "10000"}
+    chosen = {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert prepare_openmp(chosen, torch_loaded=False) == {} and chosen == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert prepare_openmp({"VQAR_THREADS": "torch"}, torch_loaded=False) == {}
 
 
@@ -85,7 +85,7 @@ import torch
 from vqar.utils.threads import apply_thread_policy
 plan = apply_thread_policy()
 print(json.dumps({"threads": torch.get_num_threads(), "reason": plan.reason,
-                  "wait": os.environ.get("OMP_WAIT_POLICY")}))
+                  "wait": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT")}))
 """
 
 
@@ -102,9 +102,9 @@ def test_a_fresh_process_gets_the_policy_before_torch_loads():
     """The CLI's situation: vqar is imported before torch, so the wait policy reaches OpenMP and the count is
     chosen; an OMP_NUM_THREADS given by the user stays."""
     fresh = _probe({})
-    assert fresh["wait"] == "PASSIVE"
+    assert fresh["spin"] == "2000" and fresh["wait"] is None
     assert 1 <= fresh["threads"] <= threads.available_cores()
     assert fresh["reason"].endswith("available cores")
     given = _probe({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"})
-    assert given == {"threads": 1, "reason": "OMP_NUM_THREADS=1", "wait": "ACTIVE"}
+    assert given == {"threads": 1, "reason": "OMP_NUM_THREADS=1", "wait": "ACTIVE", "spin": None}
     assert _probe({"VQAR_THREADS": "1"})["threads"] == 1

@@ -13,10 +13,13 @@ speed. The policy below:
   `VQAR_THREADS=1` for one thread per process);
 - otherwise the available cores (the CPU affinity mask, capped by a cgroup CPU quota), no more than torch's own
   choice;
-- the OpenMP threads sleep instead of spinning when they wait (`OMP_WAIT_POLICY=PASSIVE`, and `KMP_BLOCKTIME=0`
-  for Intel's OpenMP), unless the environment says otherwise. OpenMP reads this once, when torch loads it, so
-  `prepare_openmp` runs when vqar is imported, before torch; if torch was imported first it can no longer change
-  anything and the threads keep spinning.
+- the OpenMP threads spin only briefly before they sleep when they wait (`GOMP_SPINCOUNT=2000` instead of GNU
+  OpenMP's 300,000; `KMP_BLOCKTIME=0` for Intel's OpenMP), unless the environment says otherwise. Measured on 2
+  cores (`benchmarks/contention.py`): never spinning (`OMP_WAIT_POLICY=PASSIVE`) holds up best beside other work
+  but costs an idle machine a third to a half of its sampling speed, as every small op then wakes a sleeping
+  thread; 2,000 spins keep most of the idle speed and, beside a busy core, 42-59% of it. OpenMP reads this
+  once, when torch loads it, so `prepare_openmp` runs when vqar is imported, before torch; if torch was imported
+  first it can no longer change anything and the threads keep torch's long spin.
 
 `benchmarks/contention.py` measures the effect (idle vs a busy core, for sampling and training).
 """
@@ -31,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLICY_VARIABLE = "VQAR_THREADS"
-# The waiting behaviour the policy asks of OpenMP: GNU OpenMP (torch's Linux builds) reads OMP_WAIT_POLICY, Intel's
-# reads KMP_BLOCKTIME (milliseconds of spinning before sleeping).
-WAIT_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# The waiting behaviour the policy asks of OpenMP: GNU OpenMP (torch's Linux builds) reads GOMP_SPINCOUNT (spins
+# before sleeping), Intel's reads KMP_BLOCKTIME (milliseconds of spinning before sleeping).
+WAIT_SETTINGS = {"GOMP_SPINCOUNT": "2000", "KMP_BLOCKTIME": "0"}
 # Any of these set by the user means the user chose how OpenMP waits.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
