@@ -81,3 +81,11 @@ def test_no_family_switch_outside_the_registries():
             continue
         offenders += [f"{relative}:{line}: {what}" for line, what in family_switches(path.read_text())]
     assert offenders == []
+
+
+def test_the_mutation_list_fits_the_code():
+    """Every snippet of benchmarks/mutation.py occurs once in src/: an edit that breaks one fails here, not only the
+    next time someone runs the mutation check."""
+    script = SRC.parents[1] / "benchmarks" / "mutation.py"
+    done = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr or done.stdout

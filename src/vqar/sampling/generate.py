@@ -103,7 +103,7 @@ def generate(
             if not settings.guided:
                 return logits
             if same is not None:
-                return guide(logits, same) if same != 1.0 else logits[:n].float()
+                return logits[:n].float() if same == 1.0 else guide(logits, same)
             scale = scales[positions][..., None]
             return torch.where(scale == 1.0, logits[:n].float(), guide(logits, scale))
 
