@@ -139,7 +139,7 @@ class Window:
         self.q: torch.Tensor | None = None
         self.rows = torch.arange(n, device=codes.device)[:, None]
         self.slots = torch.arange(width, device=codes.device)
-        self._codes_in_window = torch.arange(width * self.depth, device=codes.device)
+        self.code_slots = torch.arange(width * self.depth, device=codes.device)  # the codes of the window, in order
         self.start = torch.zeros(n, dtype=torch.long, device=codes.device)
 
     @property
@@ -156,7 +156,7 @@ class Window:
         # these few-element ops cost more in dispatch than in work.
         self._start = start
         self._positions = start[:, None] + 1 + self.slots
-        self._tokens = ((start + 1) * self.depth)[:, None] + self._codes_in_window
+        self._tokens = ((start + 1) * self.depth)[:, None] + self.code_slots
         self._numbers = None if self.numbers is None else self.numbers.gather(
             1, self._tokens[..., None].expand(-1, -1, self.numbers.shape[-1]))  # fmt: skip
 
@@ -274,7 +274,7 @@ def _verify(window: Window, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     tokens = window.tokens_of_window()
     flat = window.codes.view(n, -1)
     drafts = flat.gather(1, tokens)
-    order = torch.arange(codes_in_window, device=p.device)
+    order = window.code_slots
     first = (window.final - tokens[:, 0])[:, None]  # the first code of the window that is not final
     q = window.q.reshape(n, codes_in_window, -1) if window.q is not None else None
     if window.greedy:
@@ -305,7 +305,7 @@ def _redraft(window: Window, p: torch.Tensor) -> None:
     """The Jacobi step: every code of the window that is not final is drafted again from its p of this call."""
     n, codes_in_window = p.shape[:2]
     tokens = window.tokens_of_window()
-    redraft = torch.arange(codes_in_window, device=p.device)[None] >= (window.final - tokens[:, 0])[:, None]
+    redraft = window.code_slots[None] >= (window.final - tokens[:, 0])[:, None]
     q = window.q.reshape(n, codes_in_window, -1)
     window.draft(p, redraft, q if window.coupled else None)
     window.q = torch.where(redraft[..., None], p, q).view_as(window.q)
