@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,31 @@ def test_help_explains_the_commands(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "vqar.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("vqar ")
+
+
+_EXIT_PROBE = """
+import atexit, sys
+class Teardown:
+    def __del__(self):
+        print("interpreter teardown")
+keep = Teardown()
+atexit.register(print, "exit handlers ran")
+sys.argv = ["vqar", "presets", "tokenizer"]
+from vqar.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["plain", "torchrun"])
+def test_the_program_ends_with_its_status_and_a_torchrun_worker_skips_the_teardown(torchrun):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if torchrun:
+        env |= {"RANK": "1", "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", _EXIT_PROBE], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "rqvae-mnist" in done.stdout and "exit handlers ran" in lines  # printed output and handlers survive
+    assert ("interpreter teardown" in lines) is not torchrun
 
 
 def test_presets_and_config(capsys):

@@ -15,12 +15,15 @@ vqar convert SRC OUT_DIR, vqar eval ..., vqar bench sample ...
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
+from vqar.parallel.runtime import launched_by_torchrun
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.threads import apply_thread_policy
 
@@ -103,5 +106,21 @@ def _command_words(args: argparse.Namespace) -> list[str]:
     return words
 
 
+def entry() -> None:
+    """The installed `vqar` program and `python -m vqar.cli`: `main`, then the process ends with its status."""
+    code = main()
+    if launched_by_torchrun():
+        # A torchrun worker skips the interpreter's shutdown: once a module was wrapped in DDP or FSDP, torch keeps
+        # the gloo backend and its worker threads alive past destroy_process_group (measured with torch 2.13), and
+        # a worker thread that reaches into Python while the interpreter is torn down can abort the process
+        # ("terminate called without an active exception": once in CI, on a rank that had finished and written
+        # everything). The exit handlers still run (logging's flush among them); only the teardown is skipped.
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
