@@ -304,3 +304,20 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     assert "model.vocab_size=512 contradicts the code store" in capsys.readouterr().err
     assert main(["train", "ar", "rq-mnist", "--out", str(tiny_pipeline / "never")]) == 2
     assert "come from the code store" in capsys.readouterr().err
+
+
+def test_rotary_embedding_rotates_each_channel_pair_by_its_angle_to_the_bit():
+    from vqar.ar.layers import apply_rope, rope_2d_table, rotation_table
+
+    def rotated(x, table):  # pair by pair, as the LlamaGen code writes it
+        pairs = x.unflatten(-1, (-1, 2))
+        cos, sin = table[..., None, :, 0], table[..., None, :, 1]
+        return torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin],
+                           -1).flatten(-2)  # fmt: skip
+
+    table = rope_2d_table(3, 4, head_dim=16, base=10000.0, prefix=2)  # (14, 8, 2): cos, sin per pair
+    x = torch.randn(2, 14, 3, 16)
+    assert torch.equal(apply_rope(x, rotation_table(table)), rotated(x, table[None]))
+    rows = torch.tensor([[0, 1, 2], [9, 10, 11]])  # a window per image, as speculative decoding feeds
+    window = x[:, :3]
+    assert torch.equal(apply_rope(window, rotation_table(table)[rows]), rotated(window, table[rows]))

@@ -24,6 +24,7 @@ from vqar.ar.layers import (
     apply_rope,
     causal_attention,
     rope_2d_table,
+    rotation_table,
     rows_at,
     run_blocks,
     swiglu_hidden_dim,
@@ -103,7 +104,7 @@ class GPT(ARModel):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         table = rope_2d_table(*cfg.code_shape, cfg.head_dim, cfg.rope_base, cfg.prefix_length)
-        self.register_buffer("rope", table, persistent=False)
+        self.register_buffer("rope", rotation_table(table), persistent=False)
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 

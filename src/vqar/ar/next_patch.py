@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqar.ar.layers import rope_2d_table
+from vqar.ar.layers import rope_2d_table, rotation_table
 from vqar.utils.codes import check_codes
 
 
@@ -48,7 +48,7 @@ def next_patch_logits(model, codes: torch.Tensor, cond: torch.Tensor | None, p: 
     patches 0..j-1."""
     check_patch_size(model.code_shape, p)
     codes = check_codes(codes, model.cfg.vocab_size, model.code_shape)
-    rope = model.rope if p == 1 else patch_rope(model.cfg, p).to(model.rope.device)
+    rope = model.rope if p == 1 else rotation_table(patch_rope(model.cfg, p)).to(model.rope.device)
     return model.logits_after(cond, patch_embeddings(model, codes, p)[:, :-1], rope)
 
 
