@@ -266,6 +266,12 @@ def test_compiled_speculative_decoding_draws_the_eager_codes(arch):
     settings = SamplingSettings(top_k=8, cfg_scale=2.0, speculative=True, speculative_window=4, seed=3)
     eager = generate(model, cond, settings)
     assert torch.equal(generate(model, cond, settings, compile=True), eager)
+    if model.depth == 1:  # the check and the redraft ran compiled too, not the eager fallback
+        from vqar.sampling.compiled import decode_steps
+        from vqar.sampling.speculative import CompiledSettle, settle_for
+
+        settle = settle_for(decode_steps(model, compile=True))
+        assert isinstance(settle, CompiledSettle) and settle.failed is None
 
 
 # ---------------------------------------------------------------- the switches
