@@ -113,8 +113,9 @@ def entry() -> None:
         # A torchrun worker skips the interpreter's shutdown: once a module was wrapped in DDP or FSDP, torch keeps
         # the gloo backend and its worker threads alive past destroy_process_group (measured with torch 2.13), and
         # a worker thread that reaches into Python while the interpreter is torn down can abort the process
-        # ("terminate called without an active exception": once in CI, on a rank that had finished and written
-        # everything). The exit handlers still run (logging's flush among them); only the teardown is skipped.
+        # ("terminate called without an active exception": twice in CI, each time on a rank that had finished and
+        # written everything). The exit handlers still run (logging's flush among them); only the teardown is
+        # skipped.
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
