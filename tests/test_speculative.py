@@ -274,6 +274,23 @@ def test_compiled_speculative_decoding_draws_the_eager_codes(arch):
         assert isinstance(settle, CompiledSettle) and settle.failed is None
 
 
+@pytest.mark.slow
+def test_the_warm_up_compiles_what_a_speculative_generation_runs():
+    """A server warms up at start; its first speculative request must not wait for a compiler (the check after
+    each call compiles apart for greedy and drawn codes)."""
+    from torch._dynamo.utils import counters
+
+    from vqar.sampling.draw import warm_up
+
+    torch.manual_seed(7)
+    model = tiny_gpt()
+    settings = SamplingSettings(cfg_scale=2.0, speculative=True, speculative_window=4, seed=1)
+    warm_up(model, [2], like=settings, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    generate(model, torch.tensor([0, 1]), settings, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # ---------------------------------------------------------------- the switches
 
 

@@ -142,11 +142,14 @@ def warm_up(model: ARModel, sizes: Iterable[int], *, guided: bool | None = None,
     that waits for the compiler."""
     device = next(model.parameters()).device
     like = like or SamplingSettings()
+    # Greedy placeholders compile the same decode steps; a speculative check compiles apart for greedy and drawn
+    # codes, so it warms the kind the generations will use.
+    greedy = like.greedy or not like.speculative
     variants = []
     if guided is not True:
-        variants.append(replace(like, greedy=True, cfg_scale=1.0))
+        variants.append(replace(like, greedy=greedy, cfg_scale=1.0))
     if guided is not False and model.has_null_condition:
-        variants.append(replace(like, greedy=True, cfg_scale=2.0))
+        variants.append(replace(like, greedy=greedy, cfg_scale=2.0))
     start = time.perf_counter()
     runs = [(size, settings) for size in sorted(set(sizes)) for settings in variants]
     for size, settings in tqdm(runs, desc="compiling (warm-up)", disable=not progress):
