@@ -13,6 +13,7 @@ against 500 held-out digits; the two should be statistically equal (the sampler 
 
     python benchmarks/speculative.py --work runs/bench-speculative        # trains what is missing (~25 min)
     python benchmarks/speculative.py --work runs/bench-speculative --quick  # batch 1 and 8, fewer images
+    python benchmarks/speculative.py --work runs/bench-speculative --quick --compile  # both samplers compiled
 """
 
 from __future__ import annotations
@@ -64,23 +65,25 @@ def cpu_kind() -> str:
     return f"{name} ({simd}, {torch.get_num_threads()} threads)"
 
 
-def timed(model, conditions, settings, batch: int) -> tuple[float, DecodeStats]:
+def timed(model, conditions, settings, batch: int, compile: bool) -> tuple[float, DecodeStats]:
     start = time.perf_counter()
-    result = draw(model, conditions, settings, batch_size=batch)
+    result = draw(model, conditions, settings, batch_size=batch, compile=compile)
     return time.perf_counter() - start, result.decode_stats
 
 
-def speed_rows(name: str, model, settings: SamplingSettings, images_at: dict, repeats: int) -> list[dict]:
+def speed_rows(name: str, model, settings: SamplingSettings, images_at: dict, repeats: int,
+               compile: bool) -> list[dict]:  # fmt: skip
     rows = []
     fast = replace(settings, speculative=True)
     for batch, count in images_at.items():
         conditions = make_conditions(model, classes=[i % 10 for i in range(count)], n_per_condition=1)
-        timed(model, make_conditions(model, classes=[0], n_per_condition=1), settings, 1)  # warm the allocator
+        for s in (settings, fast):  # warms the allocator, and compiles this batch size's graphs before timing
+            timed(model, conditions, s, batch, compile)
         best = {"plain": float("inf"), "speculative": float("inf")}
         stats = {}
         for _ in range(repeats):  # interleaved: the machine's noise hits both
             for label, s in (("plain", settings), ("speculative", fast)):
-                seconds, stats[label] = timed(model, conditions, s, batch)
+                seconds, stats[label] = timed(model, conditions, s, batch, compile)
                 best[label] = min(best[label], seconds)
         row = {"model": name, "batch": batch, "images": count,
                "plain_images_per_s": count / best["plain"], "speculative_images_per_s": count / best["speculative"],
@@ -118,21 +121,28 @@ def main() -> None:
     parser.add_argument("--drafts", default="mc-sjd", choices=["mc-sjd", "sjd"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer images, no quality check")
+    parser.add_argument("--compile", action="store_true", help="both samplers with compiled steps (warmed first)")
+    parser.add_argument("--only", choices=["gpt", "rq"], help="one of the two models")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     images_at = {1: 10, 8: 32} if args.quick else {1: 20, 8: 64, 64: 256}
-    models = {"GPT (8x8)": (gpt_model(work), 1.5), "RQ demo (4x4x4)": (rq_demo_model(work), 2.0)}
-    print(f"CPU: {cpu_kind()}; torch {torch.__version__}; window {args.window}, drafts {args.drafts}", flush=True)
+    models = {}
+    if args.only in (None, "gpt"):
+        models["GPT (8x8)"] = (gpt_model(work), 1.5)
+    if args.only in (None, "rq"):
+        models["RQ demo (4x4x4)"] = (rq_demo_model(work), 2.0)
+    print(f"CPU: {cpu_kind()}; torch {torch.__version__}; window {args.window}, drafts {args.drafts}"
+          f"{', compiled steps' if args.compile else ''}", flush=True)  # fmt: skip
     report = {"cpu": cpu_kind(), "torch": torch.__version__, "window": args.window, "drafts": args.drafts,
-              "speed": [], "quality": []}  # fmt: skip
+              "compile": args.compile, "speed": [], "quality": []}  # fmt: skip
     for name, (model, cfg) in models.items():
         settings = SamplingSettings(cfg_scale=cfg, seed=1, speculative_window=args.window,
                                     speculative_drafts=args.drafts)  # fmt: skip
         with torch.no_grad():
-            report["speed"] += speed_rows(name, model, settings, images_at, args.repeats)
+            report["speed"] += speed_rows(name, model, settings, images_at, args.repeats, args.compile)
             if not args.quick:
                 report["quality"] += quality_rows(name, model, settings, 50)
     if args.json:
