@@ -7,7 +7,8 @@ whose blocks differ in shape (VAR's scales) compiles one graph per block. On CUD
 replayed as CUDA graphs (`mode="reduce-overhead"`), which removes the per-op launch cost that bounds a decode step
 at the batch sizes of demos and serving; the caches are kept per batch size and reused, so the graphs replay on
 the same memory. The prefill runs eagerly, once per batch. An RQ-Transformer's depth steps compile to one graph
-per depth. Sampling stays eager: the random numbers come from per-image streams drawn before the loop, so compiled
+per depth; speculative decoding's check after each call compiles beside them (`graph`). Sampling stays
+eager: the random numbers come from per-image streams drawn before the loop, so compiled
 and eager generations draw the same codes.
 
 New batch sizes compile new graphs: `draw` pads its batches to `batch_buckets` when compiling, and `warm_up`
@@ -46,6 +47,11 @@ class DecodeSteps:
     def decode_block(self, codes: torch.Tensor, start: int, state: Any, smooth=None) -> torch.Tensor:
         return self.model.decode_block(codes, start, state, smooth)
 
+    def graph(self, fn: Callable) -> Callable:
+        """`fn`, a function of tensors a generation runs between steps (speculative decoding's check), as the
+        steps run: here as it is."""
+        return fn
+
 
 class CompiledDecodeSteps(DecodeSteps):
     """The model's steps compiled; see the module docstring."""
@@ -63,6 +69,7 @@ class CompiledDecodeSteps(DecodeSteps):
             torch._dynamo.config.recompile_limit = shapes
         self._cuda = cuda
         self._states: dict[int, Any] = {}
+        self.graphs: dict[Callable, Callable] = {}  # the functions compiled by `graph`
         self.failed: str | None = None
 
     @property
@@ -86,13 +93,22 @@ class CompiledDecodeSteps(DecodeSteps):
         position = torch.tensor([start], device=codes.device) if tensor else start
         return self._call(self._decode_block, self.model.decode_block, codes, position, state, smooth)
 
-    def _call(self, compiled: Callable, eager: Callable, *args) -> torch.Tensor:
+    def graph(self, fn: Callable) -> Callable:
+        """`fn` compiled to one graph (made once per steps), with the steps' fallback to eager. Never replayed as a
+        CUDA graph: such a function updates Python objects (speculative decoding's window), which a replay skips."""
+        if fn not in self.graphs:
+            self.graphs[fn] = torch.compile(fn)
+        compiled = self.graphs[fn]
+        return lambda *args: self._call(compiled, fn, *args, replayed=False)
+
+    def _call(self, compiled: Callable, eager: Callable, *args, replayed: bool = True) -> Any:
         if self.failed is None:
+            cuda_graph = self._cuda and replayed
             try:
-                if self._cuda:  # the outputs of the previous replays are consumed (they are cloned below)
+                if cuda_graph:  # the outputs of the previous replays are consumed (they are cloned below)
                     torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(*args)
-                return out.clone() if self._cuda else out  # CUDA graphs reuse their output memory at the next replay
+                return out.clone() if cuda_graph else out  # CUDA graphs reuse their output memory at the next replay
             except Exception as err:  # compilers fail in many ways; sampling goes on eagerly
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 log.warning("compiling the decode step failed (%s); sampling without compilation", self.failed)

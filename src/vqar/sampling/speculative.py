@@ -26,8 +26,6 @@ is shifted back at the end of the grid (re-feeding final positions, whose keys a
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,8 +34,6 @@ import torch
 from vqar.ar import ARModel
 from vqar.sampling.filters import filter_logits
 from vqar.sampling.settings import DepthSettings, SamplingSettings, image_stream
-
-log = logging.getLogger("vqar.sampling")
 
 ACCEPT, REPLACE, DRAFTS = 0, 1, 2  # columns of a code's random numbers; DRAFTS: two per redraft from there
 
@@ -242,7 +238,9 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
     checked, accepted = (torch.zeros((), dtype=torch.long, device=ids.device) for _ in range(2))
     cap = settings.speculative_max_iterations
     iterations = 0
-    settle = settle_for(steps)
+    # Compiled steps run the check as one graph too: eager, its hundred or so small ops cost more than a compiled
+    # call over the window.
+    settle = steps.graph(_settle)
     while not bool(window.done.all()):
         if cap is not None and iterations >= cap:
             _one_position_at_a_time(model, steps, state, window, filters, both_halves, guided_logits, calls)
@@ -284,39 +282,6 @@ def _settle(window: Window, p: torch.Tensor, complete=None) -> tuple[torch.Tenso
     _redraft(window, p)
     window.shift(p.view(len(p), window.width, window.depth, -1)[:, -1])
     return got, ok
-
-
-class CompiledSettle:
-    """`_settle` (without a `complete`) as one compiled graph, for compiled steps: eager, its hundred or so small
-    ops cost more than a compiled model call over the window, which made compiled speculative decoding no faster
-    than compiled plain sampling. The codes are the same; a compilation error falls back to the eager function
-    with one warning."""
-
-    def __init__(self):
-        self._compiled = torch.compile(_settle)
-        self.failed: str | None = None
-
-    def __call__(self, window: Window, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.failed is None:
-            try:
-                return self._compiled(window, p)
-            except Exception as err:  # compilers fail in many ways; decoding goes on eagerly
-                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                log.warning("compiling the speculative check failed (%s); checking without compilation", self.failed)
-        return _settle(window, p)
-
-
-_compiled_settle: CompiledSettle | None = None
-
-
-def settle_for(steps) -> CompiledSettle | Callable:
-    """The `_settle` of a generation with `steps`: compiled, made once per process, where the steps are."""
-    global _compiled_settle
-    if not steps.compiled:
-        return _settle
-    if _compiled_settle is None:
-        _compiled_settle = CompiledSettle()
-    return _compiled_settle
 
 
 def _verify(window: Window, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
