@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from vqar.configs import preset_names
 from vqar.tokenizers import lpips as lpips_mod
 from vqar.tokenizers.discriminator import (
     PatchGANDiscriminator,
@@ -18,7 +19,9 @@ from vqar.tokenizers.discriminator import (
     discriminator_loss,
     generator_loss,
 )
+from vqar.tokenizers.losses import TokenizerObjective
 from vqar.tokenizers.lpips import LPIPS, build_perceptual_loss
+from vqar.train.tokenizer import load_run_config
 
 CONVS = [
     (0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
@@ -167,6 +170,17 @@ def test_build_perceptual_loss(files, caplog, monkeypatch):
     assert isinstance(build_perceptual_loss(files["vgg"], files["lin"], 1.0), LPIPS)
     with pytest.raises(ValueError, match="linear-layer"):
         build_perceptual_loss(files["vgg"], None, 1.0)
+
+
+@pytest.mark.parametrize("preset", [n for n in preset_names("tokenizer") if "mnist" in n])
+def test_digit_presets_train_without_the_vgg_warning(preset, caplog, monkeypatch):
+    # The demo's first lines used to tell a new user to find VGG16 weights for a loss digits never used.
+    monkeypatch.setattr(lpips_mod, "_warned_no_vgg", False)
+    cfg = load_run_config(preset)
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        objective = TokenizerObjective(cfg.loss, cfg.data.channels, cfg.data.image_size)
+    assert objective.perceptual is None
+    assert not [r for r in caplog.records if "lpips" in r.getMessage().lower()]
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])
