@@ -2,8 +2,9 @@
 
 Models (trained, since random weights give near-uniform distributions on which drafts fail):
   * the demo's RQ-Transformer (4x4 positions x 4 depths over rqvae-mnist codes), from `vqar demo`;
-  * a GPT trained on digit codes: vq-mnist tokenizer (8x8 = 64 positions) + gpt-mnist.
-Both are trained here into --work if not found there (the same presets the demo and the README use).
+  * GPTs trained on digit codes (gpt-mnist): on vq-mnist's 8x8 = 64 positions, and on 16x16 = 256 positions from
+    the same tokenizer with one downsampling level fewer (`model.conv.ch_mult=[1,2]`).
+All are trained here into --work if not found there (the presets the demo and the README use).
 
 For each model and batch size (1, 8, 64) the script draws the same conditions with plain sampling and with
 speculative decoding (MC-SJD drafts, window 16 unless --window), interleaving the two `--repeats` times and keeping
@@ -11,7 +12,7 @@ each one's best time, and prints images/s, their ratio, model calls per image an
 Quality: 500 samples (50 per digit) of each, class accuracy by the project's digit classifier and domain FID
 against 500 held-out digits; the two should be statistically equal (the sampler is lossless).
 
-    python benchmarks/speculative.py --work runs/bench-speculative        # trains what is missing (~25 min)
+    python benchmarks/speculative.py --work runs/bench-speculative        # trains what is missing (~1 hour)
     python benchmarks/speculative.py --work runs/bench-speculative --quick  # batch 1 and 8, fewer images
     python benchmarks/speculative.py --work runs/bench-speculative --quick --compile  # both samplers compiled
 """
@@ -44,13 +45,18 @@ def rq_demo_model(work: Path):
     return load(folder / "ar")
 
 
-def gpt_model(work: Path):
-    folder = work / "gpt"
+# The GPTs' tokenizers: vq-mnist (f=4: 8x8 codes of the 32x32 digits) and the same with one level fewer (f=2: 16x16,
+# the grid issue 24 asks for where the tokenizer allows it).
+GPT_GRIDS = {8: [], 16: ["model.conv.ch_mult=[1,2]"]}
+
+
+def gpt_model(work: Path, grid: int):
+    folder = work / ("gpt" if grid == 8 else f"gpt{grid}")
     if not (folder / "ar" / "config.json").is_file():
         from common import cached_code_store  # benchmarks/common.py, beside this script
         from vqar.train.ar import load_run_config, train_ar
 
-        codes = cached_code_store(folder, "vq-mnist", 1000)
+        codes = cached_code_store(folder, "vq-mnist", 1000, tokenizer_overrides=GPT_GRIDS[grid])
         train_ar(load_run_config("gpt-mnist", [f"codes={codes}", "sample.n_per_class=0"]), folder / "ar",
                  overwrite=True)  # fmt: skip
     return load(folder / "ar")
@@ -122,7 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer images, no quality check")
     parser.add_argument("--compile", action="store_true", help="both samplers with compiled steps (warmed first)")
-    parser.add_argument("--only", choices=["gpt", "rq"], help="one of the two models")
+    parser.add_argument("--only", choices=["gpt", "gpt16", "rq"], help="one of the models")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     work = Path(args.work)
@@ -131,7 +137,9 @@ def main() -> None:
     images_at = {1: 10, 8: 32} if args.quick else {1: 20, 8: 64, 64: 256}
     models = {}
     if args.only in (None, "gpt"):
-        models["GPT (8x8)"] = (gpt_model(work), 1.5)
+        models["GPT (8x8)"] = (gpt_model(work, 8), 1.5)
+    if args.only in (None, "gpt16"):
+        models["GPT (16x16)"] = (gpt_model(work, 16), 1.5)
     if args.only in (None, "rq"):
         models["RQ demo (4x4x4)"] = (rq_demo_model(work), 2.0)
     print(f"CPU: {cpu_kind()}; torch {torch.__version__}; window {args.window}, drafts {args.drafts}"
