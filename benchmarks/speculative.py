@@ -45,21 +45,25 @@ def rq_demo_model(work: Path):
     return load(folder / "ar")
 
 
-# The GPTs' tokenizers: vq-mnist (f=4: 8x8 codes of the 32x32 digits) and the same with one level fewer (f=2: 16x16,
-# the grid issue 24 asks for where the tokenizer allows it).
-GPT_GRIDS = {8: [], 16: ["model.conv.ch_mult=[1,2]"]}
-
-
-def gpt_model(work: Path, grid: int):
-    folder = work / ("gpt" if grid == 8 else f"gpt{grid}")
+def gpt_model(folder: Path, tokenizer_overrides: list[str]):
     if not (folder / "ar" / "config.json").is_file():
         from common import cached_code_store  # benchmarks/common.py, beside this script
         from vqar.train.ar import load_run_config, train_ar
 
-        codes = cached_code_store(folder, "vq-mnist", 1000, tokenizer_overrides=GPT_GRIDS[grid])
+        codes = cached_code_store(folder, "vq-mnist", 1000, tokenizer_overrides=tokenizer_overrides)
         train_ar(load_run_config("gpt-mnist", [f"codes={codes}", "sample.n_per_class=0"]), folder / "ar",
                  overwrite=True)  # fmt: skip
     return load(folder / "ar")
+
+
+# --only key: (title, the model made or loaded in --work, its guidance scale). The GPTs' tokenizers: vq-mnist (f=4:
+# 8x8 codes of the 32x32 digits) and the same with one level fewer (f=2: 16x16, the grid issue 24 asks for where the
+# tokenizer allows it).
+MODELS = {
+    "gpt": ("GPT (8x8)", lambda work: gpt_model(work / "gpt", []), 1.5),
+    "gpt16": ("GPT (16x16)", lambda work: gpt_model(work / "gpt16", ["model.conv.ch_mult=[1,2]"]), 1.5),
+    "rq": ("RQ demo (4x4x4)", rq_demo_model, 2.0),
+}
 
 
 def cpu_kind() -> str:
@@ -128,20 +132,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer images, no quality check")
     parser.add_argument("--compile", action="store_true", help="both samplers with compiled steps (warmed first)")
-    parser.add_argument("--only", choices=["gpt", "gpt16", "rq"], help="one of the models")
+    parser.add_argument("--only", choices=list(MODELS), help="one of the models")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     images_at = {1: 10, 8: 32} if args.quick else {1: 20, 8: 64, 64: 256}
-    models = {}
-    if args.only in (None, "gpt"):
-        models["GPT (8x8)"] = (gpt_model(work, 8), 1.5)
-    if args.only in (None, "gpt16"):
-        models["GPT (16x16)"] = (gpt_model(work, 16), 1.5)
-    if args.only in (None, "rq"):
-        models["RQ demo (4x4x4)"] = (rq_demo_model(work), 2.0)
+    models = {title: (load_model(work), cfg) for key, (title, load_model, cfg) in MODELS.items()
+              if args.only in (None, key)}  # fmt: skip
     print(f"CPU: {cpu_kind()}; torch {torch.__version__}; window {args.window}, drafts {args.drafts}"
           f"{', compiled steps' if args.compile else ''}", flush=True)  # fmt: skip
     report = {"cpu": cpu_kind(), "torch": torch.__version__, "window": args.window, "drafts": args.drafts,
