@@ -270,7 +270,7 @@ def test_compiled_speculative_decoding_draws_the_eager_codes(arch):
         from vqar.sampling.compiled import decode_steps
 
         steps = decode_steps(model, compile=True)
-        assert spec._settle in steps.graphs and steps.compiled
+        assert spec._iterate in steps.graphs and steps.compiled
 
 
 @pytest.mark.slow

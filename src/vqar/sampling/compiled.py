@@ -7,9 +7,10 @@ whose blocks differ in shape (VAR's scales) compiles one graph per block. On CUD
 replayed as CUDA graphs (`mode="reduce-overhead"`), which removes the per-op launch cost that bounds a decode step
 at the batch sizes of demos and serving; the caches are kept per batch size and reused, so the graphs replay on
 the same memory. The prefill runs eagerly, once per batch. An RQ-Transformer's depth steps compile to one graph
-per depth; speculative decoding's check after each call compiles beside them (`graph`). Sampling stays
-eager: the random numbers come from per-image streams drawn before the loop, so compiled
-and eager generations draw the same codes.
+per depth. A model of one code per position compiles a whole step of the generation loop instead (`graph`): the
+model's calls with the guidance and the draw after them, or a speculative iteration with its check, since
+between separate graphs their few dozen small eager ops cost as much as the model call at batch 1. The random
+numbers come from per-image streams drawn before the loop, so compiled and eager generations draw the same codes.
 
 New batch sizes compile new graphs: `draw` pads its batches to `batch_buckets` when compiling, and `warm_up`
 compiles them ahead of the first request. A compilation error falls back to the eager steps with one warning.
@@ -37,6 +38,12 @@ class DecodeSteps:
     def compiled(self) -> bool:
         return False
 
+    @property
+    def whole_steps(self) -> bool:
+        """Whether a generation compiles its whole steps (`graph` over the model's calls and the sampling after
+        them) rather than calling these steps one by one."""
+        return False
+
     def new_state(self, batch: int) -> Any:
         """The KV caches of a generation of `batch` rows."""
         return self.model.new_decode_state()
@@ -48,8 +55,8 @@ class DecodeSteps:
         return self.model.decode_block(codes, start, state, smooth)
 
     def graph(self, fn: Callable) -> Callable:
-        """`fn`, a function of tensors a generation runs between steps (speculative decoding's check), as the
-        steps run: here as it is."""
+        """`fn`, a step of the generation loop that calls the model (given as an argument) and samples after it, as
+        the steps run: here as it is."""
         return fn
 
 
@@ -75,6 +82,11 @@ class CompiledDecodeSteps(DecodeSteps):
     @property
     def compiled(self) -> bool:
         return self.failed is None
+
+    @property
+    def whole_steps(self) -> bool:
+        # On CUDA the model's calls replay as CUDA graphs, which a step that updates Python objects cannot be.
+        return self.compiled and not self._cuda
 
     def new_state(self, batch: int) -> Any:
         """The caches of the last generation of `batch` rows, reused: CUDA graphs replay on the same memory. What

@@ -11,6 +11,7 @@ condition] and the logits are combined before filtering. The semantics of every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -116,22 +117,65 @@ def generate(
     smooth = SmoothNoise(model, settings, n, ids.device) if settings.smooth else None
     state = steps.new_state(len(ids))
     context = model.prefill(ids, state)
+    # Compiled on a CPU, a raster model's step (the model's calls, guidance and the draws) is one graph that takes
+    # its position and scale as tensors, so that it serves every position; otherwise the steps run one by one.
+    tensors = model.raster and smooth is None and steps.whole_steps
+    draw = steps.graph(draw_block) if tensors else draw_block
+    calls = model if tensors else steps
+    every_position = torch.arange(model.num_positions, device=ids.device)
     start = 0
     for k, size in enumerate(tqdm(blocks, desc="sampling", disable=not progress, leave=False)):
-        block = slice(start, start + size)
         scale = settings.scale_at(k, len(blocks), model.cfg_schedule) if settings.guided_at(start) else 1.0
-        for d, f in enumerate(run.filters):
-            logits = steps.code_logits(context, both_halves(codes[:, block, :d]), state)
-            logits = guide(logits, scale) if scale != 1.0 else logits[:n]
-            draws = None if run.noise is None else run.noise[:, start * depth + d : (start + size) * depth : depth]
-            codes[:, block, d] = pick(logits, f, settings.greedy, draws)
+        if tensors:
+            positions = every_position[start : start + size]
+            block = Block(positions, positions, torch.tensor(scale), scale != 1.0)
+        else:
+            block = Block(start, slice(start, start + size), scale, scale != 1.0)
         if k + 1 < len(blocks):
-            mix = None if smooth is None else tuple(map(both_halves, smooth.next(logits, run.filters[-1], size)))
-            context = steps.decode_block(both_halves(codes[:, block]), start, state, mix)
+            context = draw(calls, state, context, codes, block, run, n, settings.guided, smooth)
+        else:  # the last block feeds nothing back: its draws alone (a raster model's eagerly: no graph for one step)
+            draw_block(model if tensors else calls, state, context, codes, block, run, n, settings.guided, smooth,
+                       decode=False)
         start += size
     if stats is not None:
         stats.add(DecodeStats(n, n * len(blocks)))  # the prefill and a call per block but the last
     return codes.view(n, *model.code_shape)
+
+
+class Block(NamedTuple):
+    """One step of plain sampling: where the block starts (a raster model's position as a tensor), its positions,
+    its guidance scale (a tensor, so a schedule does not recompile) and whether it is guided at all."""
+
+    start: int | torch.Tensor
+    positions: slice | torch.Tensor
+    scale: float | torch.Tensor
+    guided: bool
+
+    def noise_columns(self, depth: int, d: int) -> slice | torch.Tensor:
+        """The columns of the uniform numbers (positions * depth) that draw the block's codes of depth d."""
+        if isinstance(self.positions, slice):
+            return slice(self.positions.start * depth + d, self.positions.stop * depth, depth)
+        return self.positions * depth + d
+
+
+def draw_block(calls, state, context: torch.Tensor, codes: torch.Tensor, block: Block, run: Plan, n: int,
+               two_halves: bool, smooth: SmoothNoise | None, decode: bool = True) -> torch.Tensor:  # fmt: skip
+    """Draws the codes of `block` (each depth from the logits given the depths before it) into `codes` and, with
+    `decode`, returns the context of the next block. `calls`: the model, or the decode steps."""
+
+    def both_halves(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if two_halves else x
+
+    depth = codes.shape[-1]
+    for d, f in enumerate(run.filters):
+        logits = calls.code_logits(context, both_halves(codes[:, block.positions, :d]), state)
+        logits = guide(logits, block.scale) if block.guided else logits[:n]
+        draws = None if run.noise is None else run.noise[:, block.noise_columns(depth, d)]
+        codes[:, block.positions, d] = pick(logits, f, run.settings.greedy, draws)
+    if not decode:
+        return context
+    mix = None if smooth is None else tuple(map(both_halves, smooth.next(logits, run.filters[-1], logits.shape[1])))
+    return calls.decode_block(both_halves(codes[:, block.positions]), block.start, state, mix)
 
 
 def guidance_by_position(model: ARModel, settings: SamplingSettings, device) -> torch.Tensor:

@@ -234,41 +234,52 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
     window.q = torch.stack(frontier, 1)[:, None].expand(-1, width, -1, -1).clone()
     window.draft(window.q.reshape(n, width * depth, -1), torch.ones(n, width * depth, dtype=torch.bool,
                                                                      device=ids.device), None)  # fmt: skip
-    # summed without a sync per call (two tensors: `+=` adds in place)
+    # summed without a sync per call (in place, also inside a compiled iteration)
     checked, accepted = (torch.zeros((), dtype=torch.long, device=ids.device) for _ in range(2))
+    # Compiled on a CPU, a model of one code per position runs a whole iteration (the call over the window, the
+    # check, the redraft and the move) as one graph; on CUDA the model's call replays as a CUDA graph and the rest
+    # compiles apart. An RQ-Transformer's iteration runs its compiled steps one by one.
+    whole = depth == 1 and steps.whole_steps
+    iterate = steps.graph(_iterate) if whole else _iterate
+    calls_to = model if whole else steps
+    settle = _settle if whole or depth > 1 else steps.graph(_settle)
     cap = settings.speculative_max_iterations
     iterations = 0
-    # Compiled steps run the check as one graph too: eager, its hundred or so small ops cost more than a compiled
-    # call over the window.
-    settle = steps.graph(_settle)
     while not bool(window.done.all()):
         if cap is not None and iterations >= cap:
             _one_position_at_a_time(model, steps, state, window, filters, both_halves, guided_logits, calls)
             break
         iterations += 1
-        active = ~window.done
-        calls += active.long()
-        feed = codes[window.rows, window.positions_of_window() - 1]  # positions start .. start + W - 1
-        # One image (and its guidance half) has one start: the cheaper shared-position path of the cache.
-        starts = window.start if n == 1 else both_halves(window.start)
-        context = steps.decode_block(both_halves(feed), starts, state)
-        positions_fed = window.positions_of_window()
-        p = []
-        for d, f in enumerate(filters):
-            chosen = codes[window.rows, positions_fed][..., :d]
-            p.append(probabilities(guided_logits(steps.code_logits(context, both_halves(chosen), state),
-                                                 positions_fed), f))  # fmt: skip
-        p = torch.stack(p, 2).view(n, width * depth, -1)  # (n, W * D, K) in (position, depth) order
-        if depth > 1:
-            complete = partial(_complete_positions, steps, state, context, window, filters, both_halves,
-                               guided_logits)  # fmt: skip
-            got, ok = _settle(window, p, complete)
-        else:
-            got, ok = settle(window, p)
-        checked += (got * active).sum()
-        accepted += (ok * active).sum()
+        iterate(calls_to, settle, state, window, filters, both_halves, guided_logits, calls, checked, accepted)
     _count(stats, n, calls, int(checked), int(accepted))
     return codes
+
+
+def _iterate(calls_to, settle, state, window: Window, filters, both_halves, guided_logits, calls: torch.Tensor,
+             checked: torch.Tensor, accepted: torch.Tensor) -> None:  # fmt: skip
+    """One call of the model over each row's window (`calls_to`: the model or the decode steps), then `settle`
+    (`_settle`, or its compiled graph). Adds the call and the drafts checked and accepted of the rows still
+    drawing to the counts."""
+    n, width, depth = len(window.codes), window.width, window.depth
+    active = ~window.done
+    calls += active.long()
+    positions = window.positions_of_window()
+    feed = window.codes[window.rows, positions - 1]  # positions start .. start + W - 1
+    # One image (and its guidance half) has one start: the cheaper shared-position path of the cache.
+    starts = window.start if n == 1 else both_halves(window.start)
+    context = calls_to.decode_block(both_halves(feed), starts, state)
+    p = []
+    for d, f in enumerate(filters):
+        chosen = window.codes[window.rows, positions][..., :d]
+        p.append(probabilities(guided_logits(calls_to.code_logits(context, both_halves(chosen), state), positions), f))
+    p = torch.stack(p, 2).view(n, width * depth, -1)  # (n, W * D, K) in (position, depth) order
+    complete = None
+    if depth > 1:
+        complete = partial(_complete_positions, calls_to, state, context, window, filters, both_halves,
+                           guided_logits)  # fmt: skip
+    got, ok = settle(window, p, complete)
+    checked += (got * active).sum()
+    accepted += (ok * active).sum()
 
 
 def _settle(window: Window, p: torch.Tensor, complete=None) -> tuple[torch.Tensor, torch.Tensor]:
