@@ -101,6 +101,20 @@ def test_train_then_reconstruct(tmp_path, capsys):
     assert "multiple of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("release", ["rqvae/stage1", "var/vae.pth", "llamagen/vq_ckpt.pt"])
+def test_reconstruct_reads_a_releases_own_tokenizer(fixtures, release, tmp_path, capsys):
+    """The README's `vqar reconstruct --tokenizer imagenet_1.4B_rqvae_50e/stage1` (and VAR's VQVAE .pth, LlamaGen's
+    .pt with --config): the official files, not only vqar folders."""
+    digits, _ = load_mnist_digits()
+    picture = tmp_path / "digit.png"
+    Image.fromarray(digits[3]).convert("RGB").save(picture)
+    config = ["--config", str(fixtures / "llamagen" / "vq_config.json")] if release.endswith(".pt") else []
+    out = tmp_path / "recon"
+    assert main(["reconstruct", "--tokenizer", str(fixtures / release), *config, str(picture), "--out", str(out)]) == 0
+    assert "digit.png: PSNR" in capsys.readouterr().out
+    assert (out / "digit_recon.png").is_file()
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -22,9 +22,8 @@ shards it lacks."""
 def run_reconstruct(args: argparse.Namespace) -> int:
     from vqar.eval.reconstruct import reconstruct_files
 
-    failures = reconstruct_files(
-        args.tokenizer, args.images, args.out, size=args.size, depth=args.depth, device=args.device
-    )
+    failures = reconstruct_files(args.tokenizer, args.images, args.out, size=args.size, depth=args.depth,
+                                 device=args.device, config=args.config)  # fmt: skip
     return 1 if failures else 0
 
 
@@ -75,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "encode and decode images with a trained tokenizer",
         "Writes original | reconstruction side by side for each image and prints its PSNR.",
     )
-    recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder")
+    recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder, or a "
+                       "release's tokenizer (an RQ-VAE stage1 folder, LlamaGen's vq_ds*.pt, VAR's VQVAE .pth)")
+    recon.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
     recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")

@@ -67,7 +67,7 @@ def run_config(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     train = add_command(sub, "train", run_train, "train a model from a preset", "Overrides are key=value pairs on "
                         "top of the preset; shorthands for tokenizers: d=<depth> c=<codebook size> steps=<n> lr=<x> "
-                        "bs=<batch size>; AR models: codes=<code store> arch=<gpt|rq|vim> size=<GPT-B|RQ-1.4B|...> "
+                        "bs=<batch size>; AR models: codes=<code store> arch=<gpt|rq|vim|var> size=<GPT-B|VAR-d16|...> "
                         "steps=<n> lr=<x> bs=<batch size>. See the full configuration with `vqar config tokenizer|ar "
                         "PRESET`.")  # fmt: skip
     train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vqar.bundle import load
 from vqar.data import convert_channels, fit_image, to_tensor
+from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
 from vqar.utils.images import make_grid, psnr, save_image
@@ -39,12 +39,15 @@ def reconstruct_files(
     size: int | None = None,
     depth: int | None = None,
     device: str = "auto",
+    config=None,
 ) -> list[str]:
     """Writes `<out_dir>/<name>_recon.png` for each image and prints its PSNR; returns the files that failed.
 
-    One unreadable file does not stop the others; it is reported and listed in the return value."""
+    One unreadable file does not stop the others; it is reported and listed in the return value. `config`: the
+    architecture of a file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it."""
     dev = resolve_device(device)
-    model = tokenizer if isinstance(tokenizer, Tokenizer) else load(tokenizer, device=dev)
+    # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
+    model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)
     if not isinstance(model, Tokenizer):
         raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer")
     size = size or model.image_size
