@@ -330,6 +330,26 @@ def test_a_bad_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, arrays
 
 
 @pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        ("images.npz", lambda data: data[:3000], "is damaged or not a NumPy .npz file"),  # cut short: no zip index
+        ("images.npy", lambda data: os.urandom(len(data)), "is not a NumPy array file"),  # numpy: "pickled data"
+    ],
+)
+def test_a_damaged_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, name, damage, message):
+    data = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(data, arr_0=np.zeros((20, 28, 28), np.uint8))
+    else:
+        np.save(data, np.zeros((20, 28, 28), np.uint8))
+    data.write_bytes(damage(data.read_bytes()))
+    code, err = _cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
+                      str(tmp_path / "codes")], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err and str(data) in err, err
+    assert "allow_pickle" not in err  # numpy's advice to load it unsafely is not passed on
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [  # 10^9 x 3 images would be 144 GB of codes alone, 8 TB with --accept-rate 1e-12: refused before allocating
         (["--n-per-class", "1000000000"], "--n-per-class 1000000000 x 3 classes: 3000000000 images"),

@@ -8,6 +8,8 @@ raising, so one corrupt JPEG in a million does not kill a multi-day run; the loa
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,18 +211,26 @@ def load_array_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False), None
-    if suffix != ".npz":
+    if suffix not in (".npy", ".npz"):
         raise ValueError(f"expected a .npz or .npy file, got {path}")
-    with np.load(path, allow_pickle=False) as archive:
-        keys = list(archive.files)
-        image_key = next((key for key in ("arr_0", "images", "x") if key in keys), None)
-        if image_key is None:
-            raise ValueError(f"{path} has no image array 'arr_0', 'images' or 'x'; keys found: {keys}")
-        label_key = next((key for key in ("labels", "y", "arr_1") if key in keys), None)
-        labels = archive[label_key] if label_key is not None else None
-        return archive[image_key], labels
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            image_key = next((key for key in ("arr_0", "images", "x") if key in keys), None)
+            if image_key is None:
+                raise ValueError(f"{path} has no image array 'arr_0', 'images' or 'x'; keys found: {keys}")
+            label_key = next((key for key in ("labels", "y", "arr_1") if key in keys), None)
+            labels = archive[label_key] if label_key is not None else None
+            return archive[image_key], labels
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise ValueError(f"{path} is damaged or not a NumPy {suffix} file ({err})") from None
+    except ValueError as err:
+        if "pickled" in str(err):  # numpy's reading of anything that is not an array header
+            raise ValueError(f"{path} is not a NumPy array file: it is damaged, or holds pickled Python objects, "
+                             "which vqar does not load (they can run code)") from None  # fmt: skip
+        raise
 
 
 class DatasetSplit(Subset):
