@@ -162,6 +162,23 @@ def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path):
             assert item.path == str(tmp_path / "a-1.tar")
 
 
+def test_shards_that_cannot_be_fetched_are_not_called_damaged(tmp_path, monkeypatch, caplog):
+    """Offline, every remote shard fails before its first sample: that is said, not 'damaged after 0 samples' and
+    'hold no samples'."""
+    import vqar.data.shards as shards
+
+    def unreachable(url):
+        return shards.ShardScan(error="OSError: curl exit 6 (could not resolve host)")
+
+    monkeypatch.setattr(shards, "scan_shard", unreachable)
+    listing = tmp_path / "remote.txt"
+    listing.write_text("https://example.invalid/a-000000.tar\nhttps://example.invalid/a-000001.tar\n")
+    with caplog.at_level(logging.WARNING, logger="vqar"), pytest.raises(ValueError) as err:
+        open_dataset(DataConfig(source=str(listing), image_size=8, channels=1))
+    assert "none of the 2 shards" in str(err.value) and "could not resolve host" in str(err.value)
+    assert "could not be read" in caplog.text and "damaged" not in caplog.text
+
+
 def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tmp_path):
     folder = tmp_path / "photos"
     for name in ("cats", "dogs"):

@@ -522,6 +522,10 @@ def open_shards(source: str, image_size: int, channels: int, *, captions: str | 
     counts, class_names, captioned = listing.counts, listing.class_names, listing.captioned
     if counts is None:
         scans = _scan_all(listing.urls)
+        unread = [scan for scan in scans if scan.error and not scan.count]
+        if len(unread) == len(scans):  # a network or path problem, not empty shards
+            raise ValueError(f"none of the {len(scans)} shards of {source} could be read (the first: "
+                             f"{unread[0].error})")  # fmt: skip
         counts = [scan.count for scan in scans]
         labels = {label for scan in scans for label in scan.labels}
         if class_names is None:
@@ -546,7 +550,9 @@ def _scan_all(urls: Sequence[str]) -> list[ShardScan]:
     scans = []
     for url in tqdm(urls, desc="counting shard samples", unit="shard", disable=len(urls) < 16, leave=False):
         scans.append(scan_shard(url))
-        if scans[-1].error:
+        if scans[-1].error and not scans[-1].count:
+            log.warning("shard %s could not be read: %s", url, scans[-1].error)
+        elif scans[-1].error:
             log.warning("shard %s is damaged after %d samples: %s", url, scans[-1].count, scans[-1].error)
     return scans
 
