@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -301,6 +302,21 @@ def test_a_meta_build_stops_once_it_makes_far_more_tensors_than_the_file_holds()
         torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(10_000_000)])
     assert time.perf_counter() - started < 10
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the hooks and the meta device are gone
+
+
+def test_a_model_with_nan_weights_is_refused_not_sampled(model_folder, tmp_path, capsys):
+    """NaN weights made NaN logits, and `vqar sample` still wrote images (rc 0)."""
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "nan"
+    shutil.copytree(model_folder, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    name = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
+    weights[name][0] = float("nan")
+    save_file(weights, damaged / "model.safetensors")
+    code, err = _cli(["sample", "--model", str(damaged), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "NaN or infinite" in err and name in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -201,6 +201,15 @@ def build(kind: str, fields: dict, source: Path) -> nn.Module:
         raise ValueError(f"{source}: its settings make no {kind} model ({type(err).__name__}: {err})") from None
 
 
+def check_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """ValueError naming `path` where a weight is NaN or infinite: such a model samples NaN logits and, silently,
+    meaningless codes (a damaged file, or a run that diverged before it was saved)."""
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} of its {len(weights)} tensors (the "
+                         f"first: {bad[0]}): the file is damaged, or its run diverged")  # fmt: skip
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of a bundle (or a training run directory), in eval mode, with its companions attached."""
     folder = Path(path)
@@ -216,7 +225,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         )
     check_weights_fit(kind, fields, folder)
     model = build(kind, fields, folder / CONFIG_FILE)
-    model.load_state_dict(read_weights(folder))
+    weights = read_weights(folder)
+    check_finite(weights, _weights_path(folder))
+    model.load_state_dict(weights)
     model = model.to(device).eval()
     if isinstance(model, ARModel):
         attach_companions(model, folder, device)
