@@ -302,6 +302,9 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     assert "  vocab_size: ???  # from the code store: give codes=DIR" in capsys.readouterr().out
     assert main(["config", "ar", "rq-mnist", f"codes={codes}", "model.vocab_size=512"]) == 2
     assert "model.vocab_size=512 contradicts the code store" in capsys.readouterr().err
+    # a store of stacks for a one-code-per-position architecture: refused here, not only when training starts
+    assert main(["config", "ar", "gpt-mnist", f"codes={codes}"]) == 2
+    assert "a GPT models one code per position" in capsys.readouterr().err
     assert main(["train", "ar", "rq-mnist", "--out", str(tiny_pipeline / "never")]) == 2
     assert "come from the code store" in capsys.readouterr().err
 

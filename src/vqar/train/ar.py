@@ -163,6 +163,8 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
 def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> str:
     """The YAML of a run configuration, the data-dependent model fields marked with where they come from."""
     node, origins = compose_run_config(preset, overrides)
+    if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
+        to_config(node.copy())  # a store that this architecture cannot model is an error here too, as in training
     lines, in_model = [], False
     for line in OmegaConf.to_yaml(node).splitlines():
         if not line.startswith(" "):
