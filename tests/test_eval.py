@@ -211,6 +211,12 @@ def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["fid"] == pytest.approx(0.0, abs=1e-3)
     assert result["precision"] == 1.0 and result["recall"] == 1.0 and "inception_score" not in result
+    assert "no classifier head" in result["not_measured"]["inception_score"]  # said, not silently left out
+    assert main(["eval", "fid", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "ref.npz")]) == 0
+    assert "inception_score: not measured (default_1.pt has no classifier head" in capsys.readouterr().out
+    assert main(["eval", "fid", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "ref.npz"), "--no-is",
+                 "--json"]) == 0  # fmt: skip
+    assert "not_measured" not in json.loads(capsys.readouterr().out)  # not asked for
     # Another set is far away; too few samples is an error, not a silent smaller run.
     np.savez(tmp_path / "noise.npz", arr_0=rng.integers(0, 40, (24, 32, 32, 3), dtype=np.uint8))
     assert main(["eval", "fid", str(tmp_path / "noise.npz"), "--ref", str(tmp_path / "ref.npz"), "--json"]) == 0

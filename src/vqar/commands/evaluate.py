@@ -74,7 +74,11 @@ def _print(result: dict, as_json: bool) -> None:
         print(json.dumps(result, indent=2))
         return
     for key, value in result.items():
-        print(f"{key:>28}: {value:.4f}" if isinstance(value, float) else f"{key:>28}: {value}")
+        if key == "not_measured":
+            for metric, why in value.items():
+                print(f"{metric:>28}: not measured ({why})")
+        else:
+            print(f"{key:>28}: {value:.4f}" if isinstance(value, float) else f"{key:>28}: {value}")
 
 
 @_on_ranks

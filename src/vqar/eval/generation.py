@@ -150,10 +150,12 @@ def evaluate_samples(
     with_pr: bool = True,
     par: Parallel | None = None,
 ) -> dict | None:
-    """FID (with `ref`), IS (when the network has its classifier head) and precision/recall (when reference
-    features are available) of the images in `fake`. Under torchrun every rank reads and runs its share of each
-    image set and rank 0 returns the result; the other ranks get None."""
+    """FID (with `ref`), IS (when the network has its classifier head; otherwise the reason is under
+    "not_measured") and precision/recall (when reference features are available) of the images in `fake`. Under
+    torchrun every rank reads and runs its share of each image set and rank 0 returns the result; the other ranks
+    get None."""
     par = par or Parallel()
+    is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
     # The samples' images are read once for both passes and let go before the reference is read.
     samples = source_outputs(fake, inception, batch_size, max_images=num_samples, at_least=num_samples,
@@ -176,4 +178,7 @@ def evaluate_samples(
             result["precision"], result["recall"] = precision_recall(ref_features, samples.features)
     if samples.probabilities is not None:
         result["inception_score"], result["inception_score_std"] = inception_score(samples.probabilities)
+    if is_unavailable:  # said, as the ADM evaluator says it, rather than left out without a word
+        result["not_measured"] = {"inception_score": f"{inception.path.name} has no classifier head (pass "
+                                                     "StyleGAN3's with --inception)"}  # fmt: skip
     return result
