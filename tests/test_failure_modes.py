@@ -319,6 +319,28 @@ def test_a_model_with_nan_weights_is_refused_not_sampled(model_folder, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("names", "message"), [("a\nb\n", "names 2 classes; the model has 3"),
+                                               ("\n \n", "holds no class names")])
+def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_path, capsys, names, message):
+    """Two names for three classes left classes 2.. out of the page's picker; an empty file fell back silently."""
+    pytest.importorskip("fastapi")
+    file = tmp_path / "names.txt"
+    file.write_text(names)
+    code, err = _cli(["serve", "--model", str(model_folder), "--port", "0", "--class-names", str(file)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err and str(file) in err, err
+
+
+def test_a_prompts_file_that_is_a_folder_or_blank_is_named(model_folder, tmp_path, capsys):
+    code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(tmp_path), "--out",
+                      str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and "is a folder; give a text file of prompts" in err, err
+    blank = tmp_path / "prompts.txt"
+    blank.write_text("\n  \n")
+    code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(blank), "--out",
+                      str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and f"{blank} holds no prompts" in err, err
+
+
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer") / "tok"

@@ -120,9 +120,17 @@ def per_depth_arg(text: str | None, kind, name: str):
     return values[0] if len(values) == 1 else values
 
 
-def read_lines(path: str) -> list[str]:
-    """The non-blank lines of a text file (prompts, class names)."""
+def read_lines(path: str, what: str = "lines") -> list[str]:
+    """The non-blank lines of a text file (prompts, class names); a file without any is an error naming it."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{file} is a folder; give a text file of {what}, one per line")
     if not file.is_file():
         raise FileNotFoundError(f"file not found: {file}")
-    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; give a text file of {what}, one per line") from None
+    if not lines:
+        raise ValueError(f"{file} holds no {what} (only blank lines); give one per line")
+    return lines

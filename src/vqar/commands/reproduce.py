@@ -69,7 +69,7 @@ def cmd_reproduce(args) -> int:
     if args.prompts:
         from vqar.commands.common import read_lines
 
-        prompts = read_lines(args.prompts)
+        prompts = read_lines(args.prompts, "prompts")
     from vqar.reproduce.download import default_mirror
 
     options = Options(

@@ -62,7 +62,7 @@ def _sample(args: argparse.Namespace, par) -> int:
     if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
         raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
-    prompts = (args.prompt or []) + (read_lines(args.prompts) if args.prompts else [])
+    prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if prompts and args.classes is not None:
         raise ValueError("give either --classes or prompts, not both")
     from vqar.sampling import for_sampling

@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)  # a port in use is one line, before the model is loaded
     try:
         model = for_sampling(load_ar_model(args, resolve_device(args.device)), args.precision)
-        names = read_lines(args.class_names) if args.class_names else class_names_for(args.model)
+        names = class_names_for(args.model) if not args.class_names else read_lines(args.class_names, "class names")
+        if args.class_names and len(names) != model.num_classes:  # fewer would leave classes out of the picker
+            raise ValueError(f"{args.class_names} names {len(names)} classes; the model has {model.num_classes} "
+                             "(one name per line, in class order)")  # fmt: skip
         engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue,
                                 max_batch=args.max_batch, class_names=names, compile=args.compile,
                                 precision=args.precision)  # fmt: skip
