@@ -228,6 +228,16 @@ def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
         net(real[:2], probabilities=True)
 
 
+def test_reference_statistics_with_nan_are_refused_before_the_samples_are_read(tmp_path, monkeypatch):
+    """An FID against a NaN mean was 'fid: nan' with exit status 0."""
+    import vqar.eval.generation as generation
+
+    np.savez(tmp_path / "ref.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    monkeypatch.setattr(generation, "source_outputs", lambda *a, **k: pytest.fail("the samples were read first"))
+    with pytest.raises(ValueError, match="NaN or infinite values in 'mu'"):
+        generation.evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", inception=None)
+
+
 # ---------------------------------------------------------------- tokenizer, AR model, sampling
 def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
     from vqar.bundle import load

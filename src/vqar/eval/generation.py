@@ -140,6 +140,19 @@ def reference_stats(
     return (None, None) if out is None else (GaussianStats.of(out.features), out.features)
 
 
+def check_reference_stats(source: str | Path) -> None:
+    """ValueError naming `source`, an `.npz` of reference statistics, where its mu or sigma is not finite (an FID
+    against it would be NaN)."""
+    path = Path(source)
+    if not (path.is_file() and path.suffix == ".npz"):
+        return
+    with np.load(path) as data:
+        for key in ("mu", "sigma"):
+            if key in data and not np.isfinite(data[key]).all():
+                raise ValueError(f"{path}: its reference statistics hold NaN or infinite values in {key!r}; make "
+                                 "them again with `vqar eval stats`")  # fmt: skip
+
+
 def evaluate_samples(
     fake: str | Path,
     ref: str | Path | None,
@@ -155,6 +168,8 @@ def evaluate_samples(
     torchrun every rank reads and runs its share of each image set and rank 0 returns the result; the other ranks
     get None."""
     par = par or Parallel()
+    if ref is not None:
+        check_reference_stats(ref)  # before the samples' Inception pass, not after it
     is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
     # The samples' images are read once for both passes and let go before the reference is read.
