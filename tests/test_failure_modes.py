@@ -438,3 +438,37 @@ def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
     assert type(model) is type(vqar.load_pretrained(model_folder))
     for name, value in vqar.load_pretrained(model_folder).state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
+
+
+# ---------------------------------------------------------------- --out: nothing else is written over or deleted
+def _fake_run(folder: Path) -> dict:
+    """A folder that looks like a training run (what the user must not lose); returns its files."""
+    (folder / "checkpoints" / "step-0000004").mkdir(parents=True)
+    for name in ("run.yaml", "metrics.jsonl", "config.json", "model.safetensors", "checkpoints/step-0000004/x.pt"):
+        (folder / name).write_text(f"the user's {name}")
+    return _files(folder)
+
+
+@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
+def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_folder, tmp_path, capsys, kind):
+    victim = tmp_path / "ar_victim"
+    before = _fake_run(victim)
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
+    command = {"extract-codes": ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)],
+               "pack-shards": ["pack-shards", str(images)]}[kind]  # fmt: skip
+    what = "a code store" if kind == "extract-codes" else "a folder of tar shards"
+    for overwrite in ([], ["--overwrite"]):
+        code, err = _cli([*command, "--out", str(victim), *overwrite], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{victim} is not {what} (it holds checkpoints, config.json, metrics.jsonl" in err, err
+        assert _files(victim) == before  # nothing deleted, nothing added
+    (tmp_path / "a_file").write_text("x")
+    code, err = _cli([*command, "--out", str(tmp_path / "a_file"), "--overwrite"], capsys)
+    assert code == 2 and "a_file is a file" in err and (tmp_path / "a_file").read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli([*command, "--out", str(empty)], capsys)[0] == 0  # an empty folder is filled
+    code, err = _cli([*command, "--out", str(empty)], capsys)
+    assert code == 2 and f"{empty} already holds {what}; pass --overwrite" in err, err
+    assert _cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced

@@ -45,4 +45,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     order = pack.add_mutually_exclusive_group()
     order.add_argument("--seed", type=int, default=0, help="seed of the random sample order (default 0)")
     order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
-    pack.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only a folder of shards "
+                      "with its shards.json: any other non-empty folder is refused; nothing is deleted)")  # fmt: skip

@@ -115,5 +115,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-size", type=positive_int, default=256)
     extract.add_argument("--num-workers", type=non_negative_int, default=0)
     add_device_option(extract)
-    extract.add_argument("--overwrite", action="store_true", help="replace an existing code store")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing code store (only a code "
+                         "store: any other non-empty folder is refused, and nothing is deleted)")  # fmt: skip
     add_allow_pipe_option(extract)

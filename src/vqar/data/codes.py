@@ -76,6 +76,15 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def is_code_store(path: str | Path) -> bool:
+    """Whether `path` holds a code store's manifest (what `vqar extract-codes --overwrite` may replace)."""
+    try:
+        read_manifest(path)
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, not a JSON object
+        return False
+    return True
+
+
 class CodeDataset(Dataset):
     """All items of a code store, memory-mapped. `verify=True` checks every shard against its checksum."""
 

@@ -26,14 +26,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vqar.data import caption_store
-from vqar.data.codes import FORMAT, MANIFEST, VIEWS
+from vqar.data.codes import FORMAT, MANIFEST, VIEWS, is_code_store
 from vqar.data.config import DataConfig
 from vqar.data.datasets import open_dataset
 from vqar.data.loading import Batch, collate_samples
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
 from vqar.parallel import Parallel
-from vqar.utils.io import atomic_write, atomic_write_text, replace_directory, sha256_file
+from vqar.utils.io import atomic_write, atomic_write_text, check_replaceable, replace_directory, sha256_file
 
 log = logging.getLogger("vqar.data")
 
@@ -199,10 +199,13 @@ def extract_codes(
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
     problem = None
-    if par.is_main and out_dir.exists() and not overwrite:
-        problem = FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
+    if par.is_main:
+        try:  # --overwrite deletes the old store: never a folder that is something else
+            check_replaceable(out_dir, overwrite, "a code store", is_code_store)
+        except FileExistsError as err:
+            problem = err
     if par.any(problem is not None):
-        raise problem or FileExistsError(f"{out_dir} already exists")
+        raise problem or FileExistsError(f"{out_dir} cannot be written; see rank 0's error")
     size = data.image_size
     fit = round(size * crop_range) if views == "ten-crop" else size
     dataset = open_dataset(DataConfig(**{**data.__dict__, "image_size": fit, "val_fraction": 0.0}))

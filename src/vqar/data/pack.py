@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
 from vqar.data.shards import is_shard_source, shard_index
-from vqar.utils.io import atomic_write_text, replace_directory
+from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory
 
 log = logging.getLogger("vqar.data")
 
@@ -86,8 +86,7 @@ def pack_shards(
     if source != "mnist" and is_shard_source(source):
         raise ValueError(f"{source} already names tar shards; point data.source at it directly")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
+    check_replaceable(out_dir, overwrite, "a folder of tar shards", is_shard_folder)  # --overwrite deletes it
     # image_size and channels are unused: packing keeps the images as they are.
     dataset = open_dataset(DataConfig(source=source, captions=captions, max_images=max_images, val_fraction=0.0))
     captioned = getattr(dataset, "captions", None) is not None
@@ -126,6 +125,14 @@ def pack_shards(
         log.warning("left out %d unreadable image %s (first: %s)", len(skipped),
                     "file" if len(skipped) == 1 else "files", skipped[0])  # fmt: skip
     return PackReport(index_data, writer.written, skipped, out_dir)
+
+
+def is_shard_folder(path: Path) -> bool:
+    """Whether `path` holds the shards.json index `pack_shards` writes (what --overwrite may replace)."""
+    try:
+        return isinstance(json.loads((path / INDEX).read_text()).get("shardlist"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _member(dataset, index: int, skipped: list[str]) -> tuple[str, bytes] | None:

@@ -90,6 +90,40 @@ def replace_directory(built: str | Path, target: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def folder_entries(folder: str | Path) -> list[str]:
+    """The sorted names in `folder`, without the temporary files of vqar's writers (`remove_leftovers` tidies
+    those): what a command that would write into the folder has to respect."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if not LEFTOVER.match(entry.name))
+
+
+def describe_entries(names: list[str], shown: int = 4) -> str:
+    """`names` for a one-line error: the first `shown`, then how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: Callable[[Path], bool]) -> None:
+    """Refuses an output `target` that a command would replace (delete, then write anew) when that would lose data:
+    a non-empty folder needs `overwrite`, and even then must be `kind` ("a code store"), which `is_kind` recognises;
+    a file, or a folder of anything else, is named in one line and left alone. A missing or empty folder is fine."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not {kind}; choose another --out")
+    entries = folder_entries(target)
+    if not entries:
+        return
+    if not is_kind(target):
+        raise FileExistsError(f"{target} is not {kind} (it holds {describe_entries(entries)}); --overwrite replaces "
+                              f"only {kind}, so nothing was changed: choose another --out")  # fmt: skip
+    if not overwrite:
+        raise FileExistsError(f"{target} already holds {kind}; pass --overwrite to replace it or choose another --out")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
