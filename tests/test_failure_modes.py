@@ -472,3 +472,24 @@ def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_fol
     code, err = _cli([*command, "--out", str(empty)], capsys)
     assert code == 2 and f"{empty} already holds {what}; pass --overwrite" in err, err
     assert _cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
+
+
+def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
+    import vqar.eval.inception
+
+    def inception(*args, **options):  # loading the network is the start of the slow part
+        raise ValueError("the Inception network was loaded")
+
+    monkeypatch.setattr(vqar.eval.inception, "Inception", inception)
+    target = tmp_path / "samples.npz"
+    target.write_bytes(b"a sample run's images")
+    code, err = _cli(["eval", "stats", "mnist", "--out", str(target)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{target} already exists; pass --overwrite to replace it" in err, err
+    assert target.read_bytes() == b"a sample run's images"
+    code, err = _cli(["eval", "stats", "mnist", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err, err
+    code, err = _cli(["eval", "stats", "mnist", "--out", str(tmp_path / "stats.txt")], capsys)
+    assert code == 2 and "written as .npz" in err, err
+    code, err = _cli(["eval", "stats", "mnist", "--out", str(target), "--overwrite"], capsys)
+    assert code == 2 and "the Inception network was loaded" in err, err  # allowed: the work begins

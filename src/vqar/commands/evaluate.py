@@ -83,9 +83,10 @@ def _print(result: dict, as_json: bool) -> None:
 
 @_on_ranks
 def cmd_stats(args, par) -> int:
-    from vqar.eval.generation import save_stats, source_outputs
+    from vqar.eval.generation import check_stats_path, save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
 
+    check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
     inception = _inception(args, par.device)
     out = source_outputs(args.data, inception, args.batch_size, max_images=args.max_images,
                          keep_images=args.with_images, par=par)  # fmt: skip
@@ -173,7 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])",
                         f"{SOURCES} {TORCHRUN % 'stats'}")  # fmt: skip
     stats.add_argument("data", help="image folder, .npz, sample run, tar shards or 'mnist'")
-    stats.add_argument("--out", required=True, help="the .npz to write")
+    stats.add_argument("--out", required=True, help="the .npz to write (an existing file only with --overwrite)")
+    stats.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
     stats.add_argument("--max-images", type=positive_int)
     _inception_options(stats)

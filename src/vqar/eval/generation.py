@@ -96,6 +96,18 @@ def source_outputs(
     return SourceOutputs(count, arrays["features"], arrays.get("probabilities"), arrays.get("images"))
 
 
+def check_stats_path(path: str | Path, overwrite: bool = False) -> None:
+    """Refuses a path that `save_stats` should not write, before the images are read (the slow part): not a .npz,
+    a folder, or an existing file (a sample run's samples.npz, say) unless `overwrite`."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a folder; --out names the .npz file to write")
+    if path.suffix != ".npz":
+        raise ValueError(f"reference statistics are written as .npz, got {path}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+
+
 def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None = None) -> None:
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
     if stats.features is not None:
