@@ -470,7 +470,7 @@ def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_fol
     empty.mkdir()
     assert _cli([*command, "--out", str(empty)], capsys)[0] == 0  # an empty folder is filled
     code, err = _cli([*command, "--out", str(empty)], capsys)
-    assert code == 2 and f"{empty} already holds {what}; pass --overwrite" in err, err
+    assert code == 2 and f"{empty} is already {what}; pass --overwrite" in err, err
     assert _cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
 
 
@@ -493,3 +493,39 @@ def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path,
     assert code == 2 and "written as .npz" in err, err
     code, err = _cli(["eval", "stats", "mnist", "--out", str(target), "--overwrite"], capsys)
     assert code == 2 and "the Inception network was loaded" in err, err  # allowed: the work begins
+
+
+@pytest.fixture(scope="module")
+def sampler_folder(tmp_path_factory):
+    """A tiny GPT with random weights and its VQ tokenizer: pictures in a second."""
+    from vqar.ar import GPT, GPTConfig
+
+    folder = tmp_path_factory.mktemp("sampler") / "gpt"
+    tokenizer = vqar.Tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "model.quantizer.kind=vq", "d=1"]).model)
+    gpt = GPT(GPTConfig(vocab_size=64, code_shape=list(tokenizer.code_shape(32)), dim=32, n_layer=1, n_head=2,
+                        num_classes=3))  # fmt: skip
+    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    return folder
+
+
+def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output(sampler_folder, tmp_path, capsys):
+    out = tmp_path / "s_re"
+    sample = ["sample", "--model", str(sampler_folder), "--out", str(out)]
+    assert _cli([*sample, "--n-per-class", "3"], capsys)[0] == 0
+    assert len(list((out / "images").iterdir())) == 9
+    code, err = _cli([*sample, "--classes", "2", "--n-per-class", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{out} is already a sample folder; pass --overwrite" in err, err
+    assert len(list((out / "images").iterdir())) == 9
+    assert _cli([*sample, "--classes", "2", "--n-per-class", "1", "--overwrite"], capsys)[0] == 0
+    assert [p.name for p in (out / "images").iterdir()] == ["class0002_000000.png"]  # no stale picture left
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == [2]
+    assert _cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite", "--no-images"], capsys)[0] == 0
+    assert not (out / "images").exists()  # the old pictures do not pass for the new samples.npz's
+    # Anything else is refused before the model is loaded (it does not exist), with --overwrite too.
+    (out / "notes.txt").write_text("mine")
+    for target, message in ((out, "is not a sample folder (it holds grid.png, notes.txt, samples.npz)"),
+                            (out / "notes.txt", "is a file")):  # fmt: skip
+        code, err = _cli(["sample", "--model", str(tmp_path / "none"), "--out", str(target), "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert (out / "notes.txt").read_text() == "mine"

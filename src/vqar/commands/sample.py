@@ -18,8 +18,9 @@ from vqar.commands.common import (
     read_lines,
 )
 
-DETAILS = """Writes grid.png (one row per class or prompt), images/*.png and samples.npz (ADM evaluator layout). For
-RQ models --top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1)."""
+DETAILS = """Writes grid.png (one row per class or prompt), images/*.png and samples.npz (ADM evaluator layout) to a
+new or empty --out; --overwrite replaces all of them in a folder of earlier samples. For RQ models
+--top-k/--top-p/--temperature take one value or one per depth (e.g. 0.9,0.9,0.95,1)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +63,7 @@ def _sample(args: argparse.Namespace, par) -> int:
     if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
         raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
+    _check_out(args, par)  # and so is an --out that would mix these images with other files
     prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if prompts and args.classes is not None:
         raise ValueError("give either --classes or prompts, not both")
@@ -92,6 +94,22 @@ def _sample(args: argparse.Namespace, par) -> int:
           f"{result.decode_stats.describe()})")  # fmt: skip
     print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
     return 0
+
+
+def _check_out(args: argparse.Namespace, par) -> None:
+    """Refuses a non-empty --out unless it is a sample folder and --overwrite is given (which replaces every sample
+    output, so grid.png, images/ and samples.npz always show the same run); rank 0 looks, every rank stops."""
+    from vqar.sampling.export import is_sample_folder
+    from vqar.utils.io import check_replaceable
+
+    problem = None
+    if par.is_main:
+        try:
+            check_replaceable(args.out, args.overwrite, "a sample folder", is_sample_folder)
+        except FileExistsError as err:
+            problem = err
+    if par.any(problem is not None):
+        raise problem or FileExistsError(f"{args.out} cannot be written; see rank 0's error")
 
 
 def _check_memory(args: argparse.Namespace, model, n_conditions: int) -> None:
@@ -181,7 +199,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_speed_options(sample)
     add_device_option(sample)
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
-    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--out", required=True, help="output folder: new or empty, or a sample folder with --overwrite")
+    sample.add_argument("--overwrite", action="store_true", help="replace the samples in --out (grid.png, images/, "
+                        "samples.npz, prompts.txt); a folder holding anything else is refused")  # fmt: skip
     sample.add_argument(
         "--accept-rate", type=float, help="rejection sampling: draw n/rate per class, keep the n the classifier likes"
     )

@@ -7,31 +7,58 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from vqar.sampling.draw import SampleResult
 from vqar.utils.images import make_grid, save_image, to_uint8
-from vqar.utils.io import atomic_write
+from vqar.utils.io import atomic_write, folder_entries, replace_directory
+
+# What `write_samples` writes, and the files a torchrun launch gathers the images through (`Parallel.gather_to_main`).
+SAMPLE_OUTPUTS = ("grid.png", "images", "samples.npz", "prompts.txt")
+GATHER_PREFIX = ".gather-rank"
+
+
+def is_sample_folder(path: Path) -> bool:
+    """Whether everything in `path` is the output of a sample run (what `vqar sample --overwrite` replaces): a
+    folder with anything else in it (your files, a training run) is not."""
+    return all(name in SAMPLE_OUTPUTS or name.startswith(GATHER_PREFIX) for name in folder_entries(path))
 
 
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
-    """grid.png (one row per class), images/*.png and samples.npz; returns the paths written."""
+    """grid.png (one row per class), images/*.png and samples.npz; returns the paths written. Each replaces the one
+    a previous run left, images/ as a whole (none is left when `individual` is off), so the files always describe
+    the same samples."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = list(result.images.split(n_per_class))
     save_image(make_grid(rows), out_dir / "grid.png")
-    pixels = to_uint8(result.images)  # (N, H, W, C)
-    if individual:
-        for i, (picture, label) in enumerate(zip(pixels, result.labels.tolist(), strict=True)):
-            kind = "prompt" if result.prompts is not None else "class"
-            name = f"{kind}{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
-            save_image(picture, out_dir / "images" / name)
+    _write_images(result, out_dir / "images", individual)
     write_adm_npz(result, out_dir / "samples.npz")
     if result.prompts is not None:
         (out_dir / "prompts.txt").write_text("\n".join(result.prompts) + "\n", encoding="utf-8")
+    else:
+        (out_dir / "prompts.txt").unlink(missing_ok=True)
     return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}
+
+
+def _write_images(result: SampleResult, folder: Path, individual: bool) -> None:
+    """One PNG per sample, written to a work folder that then takes the place of `folder` (a killed run leaves the
+    old pictures, never a mix of old and new)."""
+    if not individual:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    work = folder.parent / f".{folder.name}.tmp-{os.getpid()}"  # the name `remove_leftovers` recognises
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    kind = "prompt" if result.prompts is not None else "class"
+    for i, (picture, label) in enumerate(zip(to_uint8(result.images), result.labels.tolist(), strict=True)):
+        name = f"{kind}{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
+        save_image(picture, work / name)
+    replace_directory(work, folder)
 
 
 def write_adm_npz(result: SampleResult, path: str | Path) -> None:
