@@ -529,3 +529,36 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
         code, err = _cli(["sample", "--model", str(tmp_path / "none"), "--out", str(target), "--overwrite"], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_folder, tmp_path, capsys):
+    import shutil
+
+    export = tmp_path / "m_export"  # an exported AR model with its tokenizer, and a file of the user's
+    shutil.copytree(sampler_folder, export)
+    (export / "README.txt").write_text("notes")
+    before = _files(export)
+    train = ["train", "tokenizer", "rqvae-mnist", *RUN, "data.max_images=64", "steps=1", "train.eval_every=1", "--out"]
+    code, err = _cli([*train, str(export)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{export} is not a training run (it holds README.txt, config.json, model.safetensors, tokenizer)" in err
+    assert _files(export) == before
+    store = tmp_path / "codes"  # data is never trained into, not even with --overwrite
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"format": "vqar-codes"}))
+    code, err = _cli([*train, str(store), "--overwrite"], capsys)
+    assert code == 2 and f"{store} is a code store" in err and [p.name for p in store.iterdir()] == ["manifest.json"]
+    code, err = _cli([*train, ""], capsys)  # not the current folder
+    assert code == 2 and "argument --out: is empty" in err, err
+    # --overwrite: the model there (and its tokenizer) is replaced, the user's file is kept
+    assert _cli([*train, str(export), "--overwrite"], capsys)[0] == 0
+    assert vqar.bundle.read_config(export)[0] == "tokenizer" and not (export / "tokenizer").exists()
+    assert (export / "README.txt").read_text() == "notes"
+    # A tokenizer run is not an AR model's: neither resumed nor replaced as one unasked.
+    from vqar.train.launch import check_run_folder
+
+    with pytest.raises(FileExistsError, match="holds the training run of a tokenizer, not of an AR model; pass"):
+        check_run_folder(export, "ar", resume=False, overwrite=False)
+    with pytest.raises(FileExistsError, match="^--resume: .* not of an AR model$"):
+        check_run_folder(export, "ar", resume=True, overwrite=False)
+    check_run_folder(export, "tokenizer", resume=True, overwrite=False)

@@ -85,6 +85,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def output_path(text: str) -> str:
+    """An argparse type for --out: a path that is not empty (`--out ""` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name the folder or file to write")
+    return text
+
+
 def class_list(text: str) -> str | list[int]:
     """An argparse type for --classes: 'all', 'none' or comma-separated class ids."""
     if text in ("all", "none"):

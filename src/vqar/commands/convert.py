@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqar.commands.common import add_command
+from vqar.commands.common import add_command, output_path
 
 DETAILS = """Loads SRC with the official format's conventions and writes OUT_DIR/config.json + model.safetensors (and
 OUT_DIR/tokenizer/, OUT_DIR/text_tokenizer/ for AR models that carry them); vqar.load_pretrained(OUT_DIR) reads it
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert = add_command(sub, "convert", run, "convert released weights (RQ release, LlamaGen / NPP .pt, vqar 0.1 "
                           "folders) to vqar's format", DETAILS)  # fmt: skip
     convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt) or a LlamaGen .pt")
-    convert.add_argument("out_dir", help="the vqar model folder to write")
+    convert.add_argument("out_dir", type=output_path, help="the vqar model folder to write")
     convert.add_argument(
         "--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an inline JSON object"
     )

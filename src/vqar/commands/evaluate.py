@@ -24,6 +24,7 @@ from vqar.commands.common import (
     add_model_options,
     load_ar_model,
     non_negative_int,
+    output_path,
     positive_int,
 )
 
@@ -174,7 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])",
                         f"{SOURCES} {TORCHRUN % 'stats'}")  # fmt: skip
     stats.add_argument("data", help="image folder, .npz, sample run, tar shards or 'mnist'")
-    stats.add_argument("--out", required=True, help="the .npz to write (an existing file only with --overwrite)")
+    stats.add_argument("--out", required=True, type=output_path,
+                       help="the .npz to write (an existing file only with --overwrite)")  # fmt: skip
     stats.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
     stats.add_argument("--max-images", type=positive_int)

@@ -13,6 +13,7 @@ from vqar.commands.common import (
     class_list,
     load_ar_model,
     non_negative_int,
+    output_path,
     per_depth_arg,
     positive_int,
     read_lines,
@@ -199,7 +200,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_speed_options(sample)
     add_device_option(sample)
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")
-    sample.add_argument("--out", required=True, help="output folder: new or empty, or a sample folder with --overwrite")
+    sample.add_argument("--out", required=True, type=output_path,
+                        help="output folder: new or empty, or one of earlier samples with --overwrite")  # fmt: skip
     sample.add_argument("--overwrite", action="store_true", help="replace the samples in --out (grid.png, images/, "
                         "samples.npz, prompts.txt); a folder holding anything else is refused")  # fmt: skip
     sample.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command, positive_int
+from vqar.commands.common import add_command, output_path, positive_int
 
 DETAILS = """Writes OUT/shard-000000.tar ... and OUT/shards.json (sample counts and class names). Each sample holds
 the image (JPEG / PNG / WebP files keep their bytes; other formats and arrays become PNG), its class id (cls) and
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pack = add_command(sub, "pack-shards", run, "pack an image folder (with labels or captions) into tar shards",
                        DETAILS)  # fmt: skip
     pack.add_argument("source", help="'mnist', an image folder (sub-folders name the classes) or a .npz/.npy file")
-    pack.add_argument("--out", required=True, help="the folder of shards to create")
+    pack.add_argument("--out", required=True, type=output_path, help="the folder of shards to create")
     pack.add_argument(
         "--shard-size",
         type=positive_int,

@@ -9,6 +9,7 @@ from vqar.commands.common import (
     add_command,
     add_device_option,
     non_negative_int,
+    output_path,
     positive_int,
 )
 
@@ -93,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="'mnist', an image folder, a .npz/.npy file, or tar shards "
         "(shards/train-{000000..000127}.tar, a .txt list of shard paths/URLs, or a shards.json)",
     )
-    extract.add_argument("--out", required=True, help="the code store folder to create")
+    extract.add_argument("--out", required=True, type=output_path, help="the code store folder to create")
     views = extract.add_mutually_exclusive_group()
     views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
     views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")

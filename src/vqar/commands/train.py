@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from vqar.commands.common import add_command, split_preset
+from vqar.commands.common import add_command, output_path, split_preset
 from vqar.configs import ConfigError, preset_names, to_yaml
 
 GROUPS = ("tokenizer", "ar")
@@ -72,10 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "PRESET`.")  # fmt: skip
     train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")
     train.add_argument("overrides", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
-    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, pictures, model)")
+    train.add_argument("--out", required=True, type=output_path, help="run directory (checkpoints, metrics, "
+                       "pictures, model): new, empty, or a run of this kind to --resume or --overwrite")  # fmt: skip
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    mode.add_argument("--overwrite", action="store_true", help="replace a run that already exists in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace a run that already exists in --out, or "
+                      "train into a folder that holds no run (a model there is replaced, other files are kept; a "
+                      "code store or folder of shards is always refused)")  # fmt: skip
 
     presets = add_command(sub, "presets", run_presets, "list shipped configuration presets")
     presets.add_argument("group", nargs="?", choices=GROUPS)

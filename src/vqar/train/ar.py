@@ -406,7 +406,7 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     if not cfg.data.codes:
         raise ValueError("set data.codes (or codes=...) to a code store made by `vqar extract-codes`")
     store = CodeDataset(cfg.data.codes)
-    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
+    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "ar") as (par, run_dir):
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
         text_tokenizer = None

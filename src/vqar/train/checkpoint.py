@@ -226,23 +226,38 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
+# What a training run writes into its folder (the trackers' logs and the export with its companions and pictures
+# too): what --overwrite removes, so that nothing of the old run, or of a model exported there, outlives it (an old
+# export of a later step would hold the new one back; see `Trainer._export`). Anything else in the folder is kept.
+RUN_FILES = (
+    *("checkpoints", "metrics.jsonl", "run.yaml", "tensorboard", "wandb"),
+    *("config.json", "model.safetensors", "tokenizer", "text_tokenizer"),
+    *("recon_grid.png", "samples_grid.png", "samples_grid_prompts.txt"),
+)
+
+
+def has_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a training run: its run.yaml or a checkpoint."""
+    return Path(run_dir).is_dir() and (any(list_checkpoints(run_dir)) or (Path(run_dir) / "run.yaml").exists())
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuses to start a new run on top of an existing one unless asked to resume or overwrite it."""
+    """Refuses to start a new run on top of an existing one unless asked to resume or overwrite it; with
+    `overwrite`, removes what a run writes (RUN_FILES). What else the folder may hold is `train.launch`'s to judge."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} exists and is not a directory")
-    has_run = run_dir.is_dir() and (any(list_checkpoints(run_dir)) or (run_dir / "run.yaml").exists())
-    if has_run and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to replace "
-                "it, or choose another --out"
-            )
-        for name in ("checkpoints", "metrics.jsonl", "run.yaml", "tensorboard", "wandb"):  # the trackers' logs too
+    if has_run(run_dir) and not resume and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another --out"
+        )
+    if overwrite and not resume:
+        for name in RUN_FILES:
             target = run_dir / name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
-            elif target.exists():
+            elif target.exists() or target.is_symlink():
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, checkpoint_dir(run_dir), *[p for p in run_dir.iterdir() if p.is_dir()]):

@@ -6,22 +6,31 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
+from vqar.data.codes import is_code_store
+from vqar.data.pack import is_shard_folder
 from vqar.parallel import DistConfig, Parallel, joined
-from vqar.train.checkpoint import prepare_run_dir
+from vqar.train.checkpoint import RUN_FILES, has_run, list_checkpoints, prepare_run_dir
 from vqar.utils.device import resolve_device
+from vqar.utils.io import describe_entries, folder_entries
+
+KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
 
 
 @contextlib.contextmanager
 def distributed_run(
-    cfg: DistConfig, device: str, run_dir: str | Path, resume: bool, overwrite: bool
+    cfg: DistConfig, device: str, run_dir: str | Path, resume: bool, overwrite: bool, kind: str
 ) -> Iterator[tuple[Parallel, Path]]:
-    """Joins the process group (when launched by torchrun), lets rank 0 prepare the run directory, and leaves
-    the group at the end. A problem on rank 0 (an existing run, say) is raised on every rank."""
+    """Joins the process group (when launched by torchrun), lets rank 0 check and prepare the run directory for a
+    run of `kind` (a key of KINDS), and leaves the group at the end. A problem on rank 0 (an existing run, say) is
+    raised on every rank."""
     run_dir = Path(run_dir)
     with joined(cfg, resolve_device(device)) as par:
         problem: Exception | None = None
         if par.is_main:
             try:
+                check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
                 prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             except (OSError, ValueError) as err:
                 problem = err
@@ -30,3 +39,52 @@ def distributed_run(
                 raise problem
             raise RuntimeError(f"rank 0 could not prepare the run directory {run_dir}; see its error")
         yield par, run_dir
+
+
+def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuses a run directory that a run of `kind` would write over unasked. A run of the same kind is
+    `prepare_run_dir`'s to judge (--resume or --overwrite); a run of the other kind, or a non-empty folder that
+    holds no run (an exported model, your files), needs --overwrite, which removes only what a run writes
+    (`RUN_FILES`: a model there is replaced, other files are kept). A code store or a folder of shards is never
+    trained into: the run would mix with the data, and the data's --overwrite would then delete the run."""
+    entries = folder_entries(run_dir)
+    if not entries:
+        return
+    if has_run(run_dir):
+        found = run_kind(run_dir)
+        if found in (None, kind):
+            return
+        mismatch = f"{run_dir} holds the training run of {KINDS[found]}, not of {KINDS[kind]}"
+        if resume:
+            raise FileExistsError(f"--resume: {mismatch}")
+        if not overwrite:
+            raise FileExistsError(f"{mismatch}; pass --overwrite to replace it, or choose another --out")
+    else:
+        for data, is_data in (("a code store", is_code_store), ("a folder of tar shards", is_shard_folder)):
+            if is_data(run_dir):
+                raise FileExistsError(f"{run_dir} is {data}, which a training run is never written into (not even "
+                                      "with --overwrite); choose another --out")  # fmt: skip
+        if not overwrite:
+            raise FileExistsError(f"{run_dir} is not a training run (it holds {describe_entries(entries)}); pass "
+                                  "--overwrite to train into it (a model there is replaced, other files are kept), "
+                                  "or choose another --out")  # fmt: skip
+    nested = [run_dir / name for name in RUN_FILES if has_run(run_dir / name)]
+    if nested:  # e.g. a folder that holds a tokenizer run in tokenizer/: --overwrite would delete that run
+        raise FileExistsError(f"{nested[0]} holds a training run of its own, which --overwrite would delete; move it "
+                              "or choose another --out")  # fmt: skip
+
+
+def run_kind(run_dir: Path) -> str | None:
+    """The kind of training run (a key of KINDS) `run_dir` holds, told by its run.yaml (or its newest checkpoint's):
+    an AR run's names its `arch` at the top level, a tokenizer's under `model`. None when it cannot be told."""
+    saved = run_dir / "run.yaml"
+    if not saved.is_file():
+        checkpoints = list_checkpoints(run_dir)
+        saved = checkpoints[-1].path / "run.yaml" if checkpoints else saved
+    try:
+        config = yaml.safe_load(saved.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return "ar" if "arch" in config else "tokenizer" if "model" in config else None

@@ -233,7 +233,7 @@ def train_tokenizer(
     """Trains a tokenizer into `run_dir` and returns the final validation metrics."""
     if cfg.dist.strategy != "ddp":
         raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {cfg.dist.strategy}")
-    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite) as (par, run_dir):
+    with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "tokenizer") as (par, run_dir):
         train_set, val_set = build_datasets(cfg.data)
         check_readable(train_set, cfg.data.source)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
