@@ -470,7 +470,7 @@ def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_fol
     empty.mkdir()
     assert _cli([*command, "--out", str(empty)], capsys)[0] == 0  # an empty folder is filled
     code, err = _cli([*command, "--out", str(empty)], capsys)
-    assert code == 2 and f"{empty} is already {what}; pass --overwrite" in err, err
+    assert code == 2 and f"{empty} already exists ({what}); pass --overwrite" in err, err
     assert _cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
 
 
@@ -514,7 +514,8 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
     assert _cli([*sample, "--n-per-class", "3"], capsys)[0] == 0
     assert len(list((out / "images").iterdir())) == 9
     code, err = _cli([*sample, "--classes", "2", "--n-per-class", "1"], capsys)
-    assert code == 2 and err.count("\n") == 1 and f"{out} is already a sample folder; pass --overwrite" in err, err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{out} already exists (a sample folder); pass --overwrite" in err, err
     assert len(list((out / "images").iterdir())) == 9
     assert _cli([*sample, "--classes", "2", "--n-per-class", "1", "--overwrite"], capsys)[0] == 0
     assert [p.name for p in (out / "images").iterdir()] == ["class0002_000000.png"]  # no stale picture left

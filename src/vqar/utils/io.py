@@ -121,7 +121,8 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
         raise FileExistsError(f"{target} is not {kind} (it holds {describe_entries(entries)}); --overwrite replaces "
                               f"only {kind}, so nothing was changed: choose another --out")  # fmt: skip
     if not overwrite:
-        raise FileExistsError(f"{target} is already {kind}; pass --overwrite to replace it or choose another --out")
+        raise FileExistsError(f"{target} already exists ({kind}); pass --overwrite to replace it or choose another "
+                              "--out")  # fmt: skip
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
