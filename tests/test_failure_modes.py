@@ -244,6 +244,13 @@ def test_bad_sample_arguments_are_one_line_before_the_model_loads(tmp_path, caps
     assert not out.exists()
 
 
+def test_settings_the_model_cannot_take_are_one_line_before_drawing(model_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(out), "--smooth"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "GPT does not take (VAR only)" in err, err
+    assert not out.exists()
+
+
 def _broken_copy(model_folder, tmp_path, edit) -> str:
     import shutil
 

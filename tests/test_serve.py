@@ -118,6 +118,7 @@ def test_seeds_give_the_same_images_alone_or_batched(engine):
         ({"class_id": 1, "n": 7}, 413, "6 images per request"),
         ({"class_id": 1, "prompt": "a cat"}, 422, "not text-conditioned"),
         ({"class_id": 1, "cfg_interval": -5}, 422, "cfg_interval"),
+        ({"class_id": 1, "smooth": True}, 422, "RQTransformer does not take"),  # checked before queueing, not a 500
     ],
 )
 def test_invalid_requests_are_refused_with_the_reason(engine, request_fields, status, message):
@@ -181,6 +182,7 @@ def test_api_health_model_and_generate(client):
         ({"class_id": 1, "steps": 3}, 422, "extra"),
         ({"class_id": "seven"}, 422, "int"),
         ({"class_id": 1, "format": "gif"}, 422, "pattern"),
+        ({"class_id": 1, "smooth": True}, 422, "smooth sampling"),
     ],
 )
 def test_api_rejects_bad_requests(client, body, status, message):

@@ -69,10 +69,12 @@ def _sample(args: argparse.Namespace, par) -> int:
     if prompts and args.classes is not None:
         raise ValueError("give either --classes or prompts, not both")
     from vqar.sampling import for_sampling
+    from vqar.sampling.draw import check_drawable
 
     model = for_sampling(load_ar_model(args, par.device), args.precision)
     classes = None if prompts else _classes(args.classes, model)
     _check_memory(args, model, len(prompts or classes or [None]))  # before anything of that size is allocated
+    check_drawable(model, settings)  # settings the model cannot take (--smooth on a RQ model), before any drawing
     conditions = make_conditions(model, classes=classes, prompts=prompts or None, n_per_condition=args.n_per_class)
     options = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     if args.compile:  # every rank compiles what it runs; the progress bar shows compile time apart from sampling

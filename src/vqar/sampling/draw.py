@@ -16,9 +16,9 @@ from vqar.ar import ARModel, Conditioning, check_tokenizer
 from vqar.parallel import Parallel
 from vqar.sampling.compiled import bucket_for
 from vqar.sampling.conditions import Conditions
-from vqar.sampling.generate import generate, image_noise
+from vqar.sampling.generate import check_smooth, generate, image_noise
 from vqar.sampling.settings import SamplingSettings
-from vqar.sampling.speculative import DecodeStats
+from vqar.sampling.speculative import DecodeStats, window_of
 from vqar.utils.device import autocast
 
 
@@ -47,6 +47,10 @@ def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
     """Everything that can be checked before any work: the settings, guidance, the tokenizer. Returns the
     tokenizer (by default the model's own)."""
     settings.per_depth(model.depth)
+    if settings.speculative:
+        window_of(model, settings)  # raises for a model that does not decode position by position
+    if settings.smooth:
+        check_smooth(model)
     if settings.guided and not model.has_null_condition:
         model.cond_embedding.null_ids(1)  # raises with the reason
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

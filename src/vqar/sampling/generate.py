@@ -196,14 +196,19 @@ def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, uniform: torch.Te
     return flat.view(logits.shape[:-1])
 
 
+def check_smooth(model: ARModel) -> None:
+    """ValueError for a model that cannot take `smooth` sampling."""
+    if not model.smooth_embedding:
+        raise ValueError(f"smooth sampling feeds back a mix of code vectors, which {type(model).__name__} "
+                         "does not take (VAR only)")  # fmt: skip
+
+
 class SmoothNoise:
     """The Gumbel noise of `smooth` sampling: each image draws from a stream of (seed, index) of its own, apart from
     the one its codes are drawn with, so the codes are those of the same run without `smooth`."""
 
     def __init__(self, model: ARModel, settings: SamplingSettings, n: int, device: torch.device):
-        if not model.smooth_embedding:
-            raise ValueError(f"smooth sampling feeds back a mix of code vectors, which {type(model).__name__} "
-                             "does not take (VAR only)")  # fmt: skip
+        check_smooth(model)
         self.device = device
         self.streams = [image_stream(settings.seed, i, salt=1) for i in range(n)]
 
