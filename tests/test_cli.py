@@ -72,6 +72,21 @@ def test_config_errors_exit_2_with_the_reason(capsys):
     assert "run.yaml not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("group", "preset", "override"),
+    [
+        ("tokenizer", "rqvae-mnist", "model.conv.ch_mult=[1,2"),
+        ("tokenizer", "rqvae-mnist", "train.betas=[0.9"),
+        ("tokenizer", "rqvae-mnist", "data.source={a"),
+        ("ar", "rq-mnist", "arch=[1"),  # read before the schema is known (it picks the architecture)
+    ],
+)
+def test_an_override_yaml_cannot_read_is_one_line_naming_it(group, preset, override, capsys):
+    assert main(["config", group, preset, override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"override {override!r}" in err and "Traceback" not in err, err
+
+
 def test_train_then_reconstruct(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0

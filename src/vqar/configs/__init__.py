@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -91,7 +92,7 @@ def preset_fields(group: str, preset: str | Path | None, overrides: Sequence[str
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and key in keys:
-            found[key] = OmegaConf.from_dotlist([f"{key}={value}"])[key]
+            found[key] = _override_node(item, f"{key}={value}")[key]
     return found
 
 
@@ -104,11 +105,23 @@ def parse_overrides(base: DictConfig, overrides: Sequence[str], aliases: Mapping
             raise ConfigError(f"overrides are key=value pairs, got {item!r}")
         key = aliases.get(key, key)
         check_key(base, key, aliases)
+        _override_node(item, f"{key}={value}")  # a value YAML cannot read is named here, not a parser traceback
         dotlist.append(f"{key}={value}")
     try:
         return OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
+
+
+def _override_node(item: str, entry: str) -> DictConfig:
+    """The DictConfig of one override `entry` ("key=value"); ConfigError naming the override `item` as given when
+    its value is no YAML (an unclosed `[1,2` or `{a`)."""
+    try:
+        return OmegaConf.from_dotlist([entry])
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"cannot read the value of override {item!r}: {problem} (close its brackets, or quote "
+                          "it)") from None  # fmt: skip
 
 
 def check_key(base: DictConfig, key: str, aliases: Mapping[str, str] | None = None) -> None:
