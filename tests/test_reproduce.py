@@ -142,6 +142,30 @@ def test_unknown_release_is_a_one_line_error(capsys):
     assert err.count("\n") == 0 and "unknown release 'var-d17'" in err and "var-d16" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("hello\n", "is not a release table: expected a mapping with releases: (a list) and references:, got text"),
+        ("- a\n", "is not a release table: expected a mapping with releases: (a list) and references:, got a list"),
+        ("releases:\n  foo: 3\n", "releases: must be a list, got a mapping"),
+        ("releases:\n  - 3\n", "each entry of releases: must be a mapping (name:, files:, ...), got a number"),
+        ("references: [a]\n", "references: must be a mapping, got a list"),
+    ],
+)
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, capsys, monkeypatch, text, message,
+                                                                  how):  # fmt: skip
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text)
+    given = ["--releases", str(notes)] if how == "option" else []
+    if how == "environment":
+        monkeypatch.setenv("VQAR_RELEASES", str(notes))
+    for args in (["releases"], ["reproduce", "var-d16", "--out", str(tmp_path / "out")]):
+        assert main([*args, *given]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "notes.txt" in err and message in err and "Traceback" not in err, err
+
+
 # ---------------------------------------------------------------- downloads
 def test_download_is_checked_resumed_and_done_once(tmp_path):
     mirror, payload = tmp_path / "mirror", os.urandom(3 << 20)

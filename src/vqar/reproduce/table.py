@@ -136,14 +136,18 @@ def _remote(raw, where: str) -> RemoteFile:
     )
 
 
-def _release(raw: dict, table: Path) -> Release:
+def _release(raw, table: Path) -> Release:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{table}: each entry of releases: must be a mapping (name:, files:, ...), got {_kind(raw)}")
     name = raw.get("name")
     if not name:
         raise ValueError(f"{table}: a release without a name")
     where = f"{table.name}: {name}"
     category = raw.get("category", "generator")
-    protocol = {key: _setting(value, f"{where} protocol.{key}") for key, value in (raw.get("protocol") or {}).items()}
-    reported = {key: _setting(value, f"{where} reported.{key}") for key, value in (raw.get("reported") or {}).items()}
+    protocol = {key: _setting(value, f"{where} protocol.{key}")
+                for key, value in _section(raw, "protocol", dict, where).items()}  # fmt: skip
+    reported = {key: _setting(value, f"{where} reported.{key}")
+                for key, value in _section(raw, "reported", dict, where).items()}  # fmt: skip
     unknown = set(reported) - set(METRICS)
     if unknown:
         raise ValueError(f"{where}: unknown metrics {sorted(unknown)} (known: {', '.join(METRICS)})")
@@ -157,7 +161,8 @@ def _release(raw: dict, table: Path) -> Release:
         for key, allowed in (("evaluator", EVALUATORS), ("conditions", CONDITIONS)):
             if protocol[key].stated and protocol[key].value not in allowed:
                 raise ValueError(f"{where}: {key} must be one of {allowed}, got {protocol[key].value!r}")
-    files = {role: _remote(value, f"{where} files.{role}") for role, value in (raw.get("files") or {}).items()}
+    files = {role: _remote(value, f"{where} files.{role}")
+             for role, value in _section(raw, "files", dict, where).items()}  # fmt: skip
     if not files:
         raise ValueError(f"{where}: no files")
     return Release(
@@ -166,7 +171,7 @@ def _release(raw: dict, table: Path) -> Release:
         description=str(raw.get("description", "")),
         files=files,
         category=category,
-        load=dict(raw.get("load") or {}),
+        load=dict(_section(raw, "load", dict, where)),
         protocol=protocol,
         reported=reported,
         repo_config_sampling=raw.get("repo_config_sampling"),
@@ -179,15 +184,33 @@ def _read(path: Path) -> tuple[dict[str, Release], dict[str, RemoteFile]]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read the release table {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a release table: expected a mapping with releases: (a list) and "
+                         f"references:, got {_kind(raw)}")  # fmt: skip
     references = {key: _remote(value, f"{path.name}: references.{key}")
-                  for key, value in (raw.get("references") or {}).items()}  # fmt: skip
+                  for key, value in _section(raw, "references", dict, path).items()}  # fmt: skip
     releases = {}
-    for entry in raw.get("releases") or []:
+    for entry in _section(raw, "releases", list, path):
         release = _release(entry, path)
         if release.name in releases:
             raise ValueError(f"{path}: release {release.name} is listed twice")
         releases[release.name] = release
     return releases, references
+
+
+def _section(raw: dict, key: str, kind: type, where) -> dict | list:
+    """Entry `key` of a table or release (empty where absent), refused in one line unless it is a `kind`."""
+    value = raw.get(key) or kind()
+    if not isinstance(value, kind):
+        expected = "a list" if kind is list else "a mapping"
+        raise ValueError(f"{where}: {key}: must be {expected}, got {_kind(value)}")
+    return value
+
+
+def _kind(value) -> str:
+    """What a YAML value is, in words, for errors (its text would be too long: a whole file, say)."""
+    names = {str: "text", list: "a list", dict: "a mapping", int: "a number", float: "a number", bool: "a boolean"}
+    return names.get(type(value), type(value).__name__)
 
 
 def load_table(extra: list[str | Path] | None = None) -> ReleaseTable:
