@@ -251,6 +251,22 @@ def test_settings_the_model_cannot_take_are_one_line_before_drawing(model_folder
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "--model", "{model}", "--tokenizer", "{model}", "--out", "{out}"],
+        ["convert", "{model}", "{out}", "--tokenizer", "{model}"],
+        ["eval", "linear-probe", "mnist", "--model", "{model}", "--tokenizer", "{model}", "--layer", "1"],
+    ],
+)
+def test_an_ar_model_given_as_tokenizer_is_one_line(model_folder, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    code, err = _cli([word.format(model=model_folder, out=out) for word in command], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"the tokenizer {model_folder} holds a GPT, not a stage-1 tokenizer" in err
+    assert not out.exists()
+
+
 def _broken_copy(model_folder, tmp_path, edit) -> str:
     import shutil
 

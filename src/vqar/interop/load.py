@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from vqar.ar import ARModel
+from vqar.ar.contract import CodeTokenizer
 from vqar.bundle import CONFIG_FILE, WEIGHTS_FILE, load
 from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
@@ -42,7 +43,7 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
     if tokenizer is not None and not isinstance(tokenizer, nn.Module):
         # A VAR tokenizer file is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
         scales = _var_scales(source) if source.is_file() else None
-        tokenizer = load_pretrained(tokenizer, config=scales, ema=ema)
+        tokenizer = _load_tokenizer(tokenizer, scales, ema)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
     if source.is_dir():
@@ -57,6 +58,15 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
     if isinstance(model, ARModel) and model.tokenizer is not None:
         model.attach(model.tokenizer.to(device))
     return model
+
+
+def _load_tokenizer(path, config, ema: bool) -> nn.Module:
+    """The stage-1 model at `path`; ValueError naming the path when it holds another kind of model (an AR run given
+    as --tokenizer, say), which `attach` would only report as a TypeError without it."""
+    tokenizer = load_pretrained(path, config=config, ema=ema)
+    if isinstance(tokenizer, ARModel) or not isinstance(tokenizer, CodeTokenizer):
+        raise ValueError(f"the tokenizer {path} holds a {type(tokenizer).__name__}, not a stage-1 tokenizer")
+    return tokenizer
 
 
 def _load_folder(folder: Path, config, ema: bool, tokenizer) -> nn.Module:
