@@ -391,6 +391,13 @@ def test_bench_sample_builds_every_family_through_the_registry(capsys):
         assert result["code_shape"] == shape and result["arch"] == model.split("-")[0].lower()
     assert main(["bench", "sample", "f=8", "d=2", "model=GPT-XS", *common]) == 2
     assert "d=2 needs arch=rq" in capsys.readouterr().err
+    for model, shape in (("GPT-XS", [4, 4]), ("RQ-XS", [4, 4, 4])):  # without d: the architecture's default depth
+        assert main(["bench", "sample", "f=8", f"model={model}", *common]) == 0
+        out = capsys.readouterr().out
+        assert json.loads(out[out.index("{") :])["code_shape"] == shape
+    assert main(["bench", "sample", "f=8", "model=GPT-XS", "num_classes=0", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_classes must be >= 1, got 0" in err and "Traceback" not in err
     assert main(["bench", "sample", "model=GPT-Q"]) == 2
     assert "unknown model size 'GPT-Q'" in capsys.readouterr().err
 

@@ -129,7 +129,8 @@ class Architecture:
 
     `options` names what a run may switch on: "captions" (text-to-image stores), "soft_targets",
     "next_patch" (NPP training), "label_smoothing". `bench_quantizer(grid, d)` gives the quantizer config fields of
-    a random tokenizer whose codes the family models (`vqar bench sample`)."""
+    a random tokenizer whose codes the family models (`vqar bench sample`), `bench_depth` its d where none is
+    given."""
 
     name: str
     config: type[ARConfig]
@@ -142,6 +143,7 @@ class Architecture:
     loss: Callable = losses.cross_entropy
     fsdp_units: Callable[[nn.Module], list[nn.Module]] = _all_blocks
     bench_quantizer: Callable[[int, int], dict] = _one_code
+    bench_depth: int = 1  # codes per position of the bench's tokenizer where `d` is not given
 
     def size_fields(self, size: str) -> dict:
         """The config fields a named size sets."""
@@ -171,7 +173,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position",
                      store_fields=_rq_store_fields, prepare=_embed_with_codebook,
                      options=frozenset({"captions", "soft_targets", "label_smoothing"}),
-                     loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack),
+                     loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack, bench_depth=4),
         Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes",
                      options=frozenset({"label_smoothing"})),
         Architecture("var", VARConfig, VAR, VAR_SIZES, "VAR: next-scale prediction over multi-scale codes",

@@ -43,10 +43,11 @@ TORCHRUN = """Under torchrun (`torchrun --nproc_per_node=8 -m vqar.cli eval %s .
 reads and runs only its share of the images (whole batches) and rank 0 reports the result of one process (to float
 rounding); the others print nothing. On several machines, set TMPDIR to a folder they all share (rank 0 gathers
 the features through it)."""
-BENCH_DETAILS = """key=value settings: f (latent stride), d (depth), c (codebook size), model (a named size of any
-architecture: RQ-1.4B, GPT-B, VIM-Base, VAR-d16, ...), batch_size, image_size, loops, warmup, precision (fp32|bf16),
-top_k, top_p, cfg_scale, compile (true|false), speculative (true|false) and window (its drafted positions). Prints
-ms/image for AR sampling and for decoding, and the model calls per image (and the share of drafts accepted)."""
+BENCH_DETAILS = """key=value settings: f (latent stride), d (depth; default 4 for RQ models, 1 for the others), c
+(codebook size), model (a named size of any architecture: RQ-1.4B, GPT-B, VIM-Base, VAR-d16, ...), num_classes,
+batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p, cfg_scale, compile (true|false),
+speculative (true|false) and window (its drafted positions). Prints ms/image for AR sampling and for decoding, and
+the model calls per image (and the share of drafts accepted)."""
 
 
 def _inception(args, device):

@@ -2,10 +2,10 @@
 
 Random weights: a conv tokenizer with latent stride `f` on `image_size` images and codebook size `c`, quantizing
 as the model's family needs (`Architecture.bench_quantizer`: VQ for a GPT or VIM, residual depth `d` for an
-RQ-Transformer, the scales of VAR), and the model of a named size (`model=RQ-1.4B`, `GPT-B`, `VAR-d16`, ...) over
-its codes, built through the architecture registry as training builds it. After `warmup` discarded loops (which
-also compile, with `compile=true`), `loops` batches are timed; the result is milliseconds per image, split into AR
-sampling and decoding. CUDA timings are synchronised.
+RQ-Transformer (default 4), the scales of VAR), and the model of a named size (`model=RQ-1.4B`, `GPT-B`,
+`VAR-d16`, ...) over its codes, built through the architecture registry as training builds it. After `warmup`
+discarded loops (which also compile, with `compile=true`), `loops` batches are timed; the result is milliseconds
+per image, split into AR sampling and decoding. CUDA timings are synchronised.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from vqar.tokenizers.conv import ConvConfig
 @dataclasses.dataclass
 class BenchConfig:
     f: int = 32
-    d: int = 4
+    d: int | None = None  # codes per position; None: the architecture's (`depth`)
     c: int = 16384
     model: str = "RQ-1.4B"
     batch_size: int = 100
@@ -45,6 +45,12 @@ class BenchConfig:
     speculative: bool = False  # speculative Jacobi decoding (random weights: few drafts are accepted)
     window: int = 16
 
+    @property
+    def depth(self) -> int:
+        """Codes per position: `d`, or the default of the model's architecture (4 for an RQ-Transformer, 1 for the
+        others), so that `model=GPT-XS` alone is not refused for a depth the user never asked for."""
+        return self.d if self.d is not None else find_size(self.model).bench_depth
+
     def validate(self) -> None:
         levels = math.log2(self.f)
         if self.f < 1 or levels != int(levels):
@@ -52,8 +58,10 @@ class BenchConfig:
         if self.image_size % self.f:
             raise ValueError(f"image_size {self.image_size} is not divisible by f={self.f}")
         find_size(self.model)  # ValueError listing the known sizes
-        if min(self.d, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
+        if min(self.depth, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
             raise ValueError("need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0")
+        if self.num_classes < 1:  # each image is drawn for a random class
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -64,7 +72,7 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[Tokenizer, ARM
     levels = int(math.log2(cfg.f))
     mults = [1, 1, 2, 2, 4, 4, 4, 4, 4][: levels + 1]
     grid = cfg.image_size // cfg.f
-    quantizer = QuantizerConfig(codebook_size=cfg.c, dim=256, **arch.bench_quantizer(grid, cfg.d))
+    quantizer = QuantizerConfig(codebook_size=cfg.c, dim=256, **arch.bench_quantizer(grid, cfg.depth))
     tok_cfg = TokenizerConfig(
         conv=ConvConfig(resolution=cfg.image_size, ch=cfg.ch, ch_mult=mults, attn_resolutions=[grid], z_channels=256),
         quantizer=quantizer,
@@ -101,6 +109,7 @@ def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = 
     params = sum(p.numel() for p in model.parameters())
     return {
         **dataclasses.asdict(cfg),
+        "d": cfg.depth,
         "device": str(device),
         "arch": model.arch,
         "code_shape": list(model.code_shape),
