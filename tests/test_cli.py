@@ -87,6 +87,30 @@ def test_an_override_yaml_cannot_read_is_one_line_naming_it(group, preset, overr
     assert err.count("\n") == 1 and f"override {override!r}" in err and "Traceback" not in err, err
 
 
+def test_resuming_a_run_of_the_other_stage_says_which_stage_it_is(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from vqar.configs import to_yaml
+    from vqar.train import ar, tokenizer
+
+    runs = {"tokenizer": tmp_path / "tok", "ar": tmp_path / "ar"}
+    for run in runs.values():
+        run.mkdir()
+    # The run.yaml each stage writes (the AR one less the fields its code store gives): all a resume reads first.
+    (runs["tokenizer"] / "run.yaml").write_text(to_yaml(tokenizer.load_run_config("rqvae-mnist", TINY_RUN)))
+    (runs["ar"] / "run.yaml").write_text(OmegaConf.to_yaml(ar.compose_run_config("rq-mnist", [])[0]))
+    for group, other, preset, message in [
+        ("ar", "tokenizer", [], "is a tokenizer run, not an AR run"),
+        ("ar", "tokenizer", ["rq-mnist"], "is a tokenizer run, not an AR run"),
+        ("tokenizer", "ar", [], "is an AR run, not a tokenizer run"),
+    ]:
+        assert main(["train", group, *preset, "--resume", "--out", str(runs[other])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{runs[other]} {message}" in err, err
+        assert f"vqar train {other} --resume" in err
+        assert [p.name for p in runs[other].iterdir()] == ["run.yaml"]
+
+
 def test_train_then_reconstruct(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0

@@ -10,6 +10,7 @@ from vqar.commands.common import add_command, output_path, split_preset
 from vqar.configs import ConfigError, preset_names, to_yaml
 
 GROUPS = ("tokenizer", "ar")
+RUN_KINDS = {"tokenizer": "a tokenizer run", "ar": "an AR run"}
 
 
 def _load_run_config(group: str, preset, overrides):
@@ -23,6 +24,8 @@ def _load_run_config(group: str, preset, overrides):
 def run_train(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
     run_dir = Path(args.out)
+    if args.resume:
+        _check_stage(run_dir, args.group)
     if args.resume and preset is None:
         saved = run_dir / "run.yaml"
         if not saved.is_file():
@@ -46,6 +49,32 @@ def run_train(args: argparse.Namespace) -> int:
     picture = "recon_grid.png" if args.group == "tokenizer" else "samples_grid.png"
     print(f"pictures: {run_dir / picture}")
     return 0
+
+
+def _check_stage(run_dir: Path, group: str) -> None:
+    """ConfigError when the run in `run_dir` trains the other stage (`vqar train ar --resume` on a tokenizer run),
+    whose run.yaml would otherwise be refused for its first key the schema does not know."""
+    stage = _stage_of(run_dir / "run.yaml")
+    if stage is not None and stage != group:
+        raise ConfigError(f"{run_dir} is {RUN_KINDS[stage]}, not {RUN_KINDS[group]} (resume it with `vqar train "
+                          f"{stage} --resume --out {run_dir}`)")  # fmt: skip
+
+
+def _stage_of(saved: Path) -> str | None:
+    """The stage a run.yaml trains: "ar" (its top level names the architecture), "tokenizer" (its model has a
+    quantizer), or None where that cannot be told (no file, not YAML: loading it reports the problem)."""
+    import yaml
+
+    try:
+        run = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(run, dict):
+        return None
+    if "arch" in run:
+        return "ar"
+    model = run.get("model")
+    return "tokenizer" if isinstance(model, dict) and "quantizer" in model else None
 
 
 def run_presets(args: argparse.Namespace) -> int:
