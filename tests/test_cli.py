@@ -111,6 +111,32 @@ def test_resuming_a_run_of_the_other_stage_says_which_stage_it_is(tmp_path, caps
         assert [p.name for p in runs[other].iterdir()] == ["run.yaml"]
 
 
+def _interrupted(monkeypatch, module, name):
+    """Ctrl-C pressed while `module.name` runs."""
+
+    def press_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, press_ctrl_c)
+
+
+def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_path, capsys, monkeypatch):
+    import vqar.commands.sample
+    import vqar.train.tokenizer
+    from vqar.train.checkpoint import checkpoint_dir
+
+    _interrupted(monkeypatch, vqar.commands.sample, "load_ar_model")
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "samples")]) == 130
+    assert capsys.readouterr().err == "vqar: interrupted\n"
+    _interrupted(monkeypatch, vqar.train.tokenizer, "train_tokenizer")
+    train = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run")]
+    assert main(train) == 130
+    assert capsys.readouterr().err == "vqar: interrupted before the first checkpoint was written\n"
+    (checkpoint_dir(tmp_path / "run") / "step-0000040").mkdir(parents=True)
+    assert main(train) == 130
+    assert "the newest checkpoint (step 40) is intact (resume with --resume)" in capsys.readouterr().err
+
+
 def test_train_then_reconstruct(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0

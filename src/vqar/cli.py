@@ -93,8 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("vqar: interrupted; the newest checkpoint is intact (resume with --resume)", file=sys.stderr)
+        print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves: for a training run, the checkpoint it resumes from, if it wrote one yet; the other
+    commands have nothing to resume from (their files are written at the end, or a rerun continues them)."""
+    if args.command != "train":
+        return "interrupted"
+    from pathlib import Path
+
+    from vqar.train.checkpoint import list_checkpoints
+
+    # Not verified: each checkpoint is renamed into place whole, and hashing a large one would keep a user waiting.
+    found = list_checkpoints(Path(args.out))
+    if not found:
+        return "interrupted before the first checkpoint was written"
+    return f"interrupted; the newest checkpoint (step {found[-1].step}) is intact (resume with --resume)"
 
 
 def _command_words(args: argparse.Namespace) -> list[str]:
