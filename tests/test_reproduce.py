@@ -166,6 +166,28 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         assert err.count("\n") == 1 and "notes.txt" in err and message in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "5"], "top_p must be in (0, 1]"),
+        (["--cfg", "0.5"], "cfg_scale must be a finite number >= 1"),
+        (["--prompts", "{prompts}"], "--prompts is for text-to-image releases; the conditions var-d16's protocol"),
+        (["--out", "{file}"], "is a file; give a folder"),
+    ],
+)
+def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsys, args, message):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "mirror").mkdir()  # empty: a download would fail with "not in the mirror"
+    where = {"prompts": tmp_path / "prompts.txt", "file": tmp_path / "file"}
+    command = ["reproduce", "var-d16", "--mirror", str(tmp_path / "mirror"), "--cache", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "out"), *[word.format(**where) for word in args]]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "mirror" not in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- downloads
 def test_download_is_checked_resumed_and_done_once(tmp_path):
     mirror, payload = tmp_path / "mirror", os.urandom(3 << 20)

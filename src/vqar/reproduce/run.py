@@ -187,6 +187,7 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
             f"{release.name} is a tokenizer: its rFID is measured with `vqar eval rfid VALIDATION_IMAGES "
             f"--tokenizer FILE` (`vqar reproduce {release.name} --download-only` fetches the file)"
         )
+    check_options(release, options)  # before a download of gigabytes, not after
     n = _sample_count(release, options)
     paths = _shared(par, lambda: fetch_release(release, table, options))
     downloaded = time.perf_counter()
@@ -235,6 +236,20 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
         inception=inception,
         par=par,
     )
+
+
+def check_options(release: Release, options: Options) -> None:
+    """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
+    (--top-p 5, --cfg 0.5), --prompts for a release that does not draw prompts, an --out that is a file."""
+    given = {key: value for key, value in options.overrides.items() if value is not None}
+    SamplingSettings(**given, seed=options.seed).validate()
+    conditions = release.setting("conditions")
+    if options.prompts is not None and conditions.value != "prompts":
+        raise ValueError(f"--prompts is for text-to-image releases; the conditions {release.name}'s protocol draws: "
+                         f"{conditions.describe()}")  # fmt: skip
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (a rerun continues the shards in it)")
 
 
 def _sample_count(release: Release, options: Options) -> int:
