@@ -587,4 +587,4 @@ def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_fold
         check_run_folder(export, "ar", resume=True, overwrite=False)
     check_run_folder(export, "tokenizer", resume=True, overwrite=False)
     code, err = _cli(["train", "ar", "--resume", "--out", str(export)], capsys)  # not its run.yaml's unknown keys
-    assert code == 2 and f"--resume: {export} holds the training run of a tokenizer, not of an AR model" in err, err
+    assert code == 2 and f"{export} is a tokenizer run, not an AR run" in err, err

@@ -30,9 +30,6 @@ def run_train(args: argparse.Namespace) -> int:
         saved = run_dir / "run.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume: {saved} not found; give a preset to start a new run")
-        from vqar.train.launch import check_run_folder
-
-        check_run_folder(run_dir, args.group, resume=True, overwrite=False)  # the other kind's run: said so plainly
         preset = str(saved)
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
