@@ -353,6 +353,18 @@ def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_p
     assert code == 2 and err.count("\n") == 1 and message in err and str(file) in err, err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--window", "4"], "--window has no effect without --speculative: add --speculative, or leave it out"),
+    (["--drafts", "sjd", "--max-iterations", "3"], "--drafts and --max-iterations have no effect without"),
+    (["--classifier", "digits"], "--classifier has no effect without --accept-rate"),
+])  # fmt: skip
+def test_options_that_only_shape_another_are_refused_without_it(model_folder, tmp_path, capsys, args, message):
+    """They were silently ignored: `--window 4` alone drew plain samples."""
+    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_prompts_file_that_is_a_folder_or_blank_is_named(model_folder, tmp_path, capsys):
     code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(tmp_path), "--out",
                       str(tmp_path / "out")], capsys)  # fmt: skip

@@ -46,8 +46,8 @@ def settings_from(args: argparse.Namespace):
         cfg_schedule=args.cfg_schedule,
         smooth=args.smooth,
         speculative=args.speculative,
-        speculative_window=args.window,
-        speculative_drafts=args.drafts,
+        speculative_window=16 if args.window is None else args.window,
+        speculative_drafts=args.drafts or "mc-sjd",
         speculative_max_iterations=args.max_iterations,
     )
     settings.validate()
@@ -64,6 +64,7 @@ def _sample(args: argparse.Namespace, par) -> int:
     if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
         raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
+    _check_options_apply(args)
     _check_out(args, par)  # and so is an --out that would mix these images with other files
     prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if prompts and args.classes is not None:
@@ -97,6 +98,19 @@ def _sample(args: argparse.Namespace, par) -> int:
           f"{result.decode_stats.describe()})")  # fmt: skip
     print(f"grid: {paths['grid']}\nADM npz: {paths['npz']}")
     return 0
+
+
+def _check_options_apply(args: argparse.Namespace) -> None:
+    """Options that only shape another option's work are refused without it, rather than silently ignored."""
+    needs = {"--speculative": [("--window", args.window), ("--drafts", args.drafts),
+                               ("--max-iterations", args.max_iterations)],
+             "--accept-rate": [("--classifier", args.classifier)]}  # fmt: skip
+    for option, given in (("--speculative", args.speculative), ("--accept-rate", args.accept_rate is not None)):
+        unused = [name for name, value in needs[option] if value is not None]
+        if unused and not given:
+            plural = len(unused) > 1
+            raise ValueError(f"{' and '.join(unused)} {'have' if plural else 'has'} no effect without {option}: add "
+                             f"{option}, or leave {'them' if plural else 'it'} out")  # fmt: skip
 
 
 def _check_out(args: argparse.Namespace, par) -> None:
@@ -177,10 +191,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speculative", action="store_true",
                        help="speculative Jacobi decoding: draft a window of positions and check them in one model "
                             "call; the same distribution as without, in fewer calls (GPT, VIM, RQ; not VAR)")
-    group.add_argument("--window", type=positive_int, default=16, help="--speculative: drafted positions per call")
-    group.add_argument("--drafts", choices=["mc-sjd", "sjd"], default="mc-sjd",
-                       help="--speculative: drafts coupled across calls (mc-sjd, accepted more often) or drawn "
-                            "afresh (sjd)")
+    group.add_argument("--window", type=positive_int, help="--speculative: drafted positions per call (default 16)")
+    group.add_argument("--drafts", choices=["mc-sjd", "sjd"],
+                       help="--speculative: drafts coupled across calls (mc-sjd, the default: accepted more often) or "
+                            "drawn afresh (sjd)")
     group.add_argument("--max-iterations", type=non_negative_int,
                        help="--speculative: at most this many window calls per batch, then one position per call")
 
