@@ -365,6 +365,23 @@ def test_options_that_only_shape_another_are_refused_without_it(model_folder, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
+    """`c=10000000000` asked the CPU allocator for 1.28 TB: a RuntimeError traceback. (Raised here by a stand-in, as
+    the real allocation could succeed lazily where memory is overcommitted.)"""
+    import vqar.train.tokenizer
+
+    def absurd(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1280000000000 bytes.\nmore lines")  # fmt: skip
+
+    monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", absurd)
+    code, err = _cli(["train", "tokenizer", "rqvae-mnist", "c=10000000000", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "out of memory: " in err and "1280000000000 bytes" in err, err
+    monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", lambda *a, **k: 1 / 0)  # other errors: unchanged
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run2")])
+
+
 def test_a_prompts_file_that_is_a_folder_or_blank_is_named(model_folder, tmp_path, capsys):
     code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(tmp_path), "--out",
                       str(tmp_path / "out")], capsys)  # fmt: skip

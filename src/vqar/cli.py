@@ -89,12 +89,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vqar: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if args.verbose or not _out_of_memory(err):
+            raise
+        print(f"vqar: error: out of memory: {str(err).splitlines()[0]} (smaller settings: a model size, a batch, "
+              "an image size)", file=sys.stderr)  # fmt: skip
+        return 2
     except TrainingInterrupted as err:
         print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether `err` is an allocation that failed (absurd settings such as `c=10000000000`), on any device."""
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
 
 
 def _interrupted(args: argparse.Namespace) -> str:
