@@ -51,27 +51,12 @@ def run_train(args: argparse.Namespace) -> int:
 def _check_stage(run_dir: Path, group: str) -> None:
     """ConfigError when the run in `run_dir` trains the other stage (`vqar train ar --resume` on a tokenizer run),
     whose run.yaml would otherwise be refused for its first key the schema does not know."""
-    stage = _stage_of(run_dir / "run.yaml")
+    from vqar.train.launch import run_kind
+
+    stage = run_kind(run_dir)
     if stage is not None and stage != group:
         raise ConfigError(f"{run_dir} is {RUN_KINDS[stage]}, not {RUN_KINDS[group]} (resume it with `vqar train "
                           f"{stage} --resume --out {run_dir}`)")  # fmt: skip
-
-
-def _stage_of(saved: Path) -> str | None:
-    """The stage a run.yaml trains: "ar" (its top level names the architecture), "tokenizer" (its model has a
-    quantizer), or None where that cannot be told (no file, not YAML: loading it reports the problem)."""
-    import yaml
-
-    try:
-        run = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(run, dict):
-        return None
-    if "arch" in run:
-        return "ar"
-    model = run.get("model")
-    return "tokenizer" if isinstance(model, dict) and "quantizer" in model else None
 
 
 def run_presets(args: argparse.Namespace) -> int:
