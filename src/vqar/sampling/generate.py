@@ -122,7 +122,7 @@ def generate(
     tensors = model.raster and smooth is None and steps.whole_steps
     draw = steps.graph(draw_block) if tensors else draw_block
     calls = model if tensors else steps
-    every_position = torch.arange(model.num_positions, device=ids.device)
+    every_position = torch.arange(model.num_positions, device=ids.device) if tensors else None
     start = 0
     for k, size in enumerate(tqdm(blocks, desc="sampling", disable=not progress, leave=False)):
         scale = settings.scale_at(k, len(blocks), model.cfg_schedule) if settings.guided_at(start) else 1.0
