@@ -121,6 +121,9 @@ MUTATIONS = [
     Mutation("window_mask_takes_the_first_row_start", "ar/layers.py",
              "query_at = start.view(-1, 1, 1, 1) + offsets", "query_at = start[:1].view(-1, 1, 1, 1) + offsets",
              ("tests/test_speculative.py::test_rows_at_different_positions_decode_as_each_row_alone",)),
+    Mutation("written_prefix_ends_at_the_first_row", "ar/layers.py",
+             "end = min(int(start.max())", "end = min(int(start[0])",
+             ("tests/test_compiled.py::test_attention_over_a_static_cache_sees_each_querys_prefix_only",)),
     Mutation("per_depth_first_value_everywhere", "sampling/settings.py",
              "        return list(value)\n", "        return [value[0]] * depth\n", SAMPLING),
     # ---------------------------------------------------------------- vector quantizer

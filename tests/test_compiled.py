@@ -80,6 +80,58 @@ def test_a_block_of_positions_decodes_as_one_position_at_a_time(kind, as_tensor)
     assert not torch.allclose(in_blocks[:, 2], in_blocks[:, 3])  # the positions' contexts do differ
 
 
+def reference_attention(q, k, v, query_at):
+    """Attention written out one row and one query at a time: query i of row b sees the keys 0..query_at[b, i]."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for b in range(q.shape[0]):
+        for i in range(q.shape[2]):
+            keys = int(query_at[b, i]) + 1
+            kk = k[b, :, :keys].repeat_interleave(groups, 0)
+            vv = v[b, :, :keys].repeat_interleave(groups, 0)
+            weights = (q[b, :, i : i + 1] @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+            out[b, :, i] = (weights @ vv)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_attention_over_a_static_cache_sees_each_querys_prefix_only(queries, per_row):
+    """`attend_written` reads only the written prefix of the cache; the keys past it (here NaN: never written)
+    and past each query must not count."""
+    from vqar.ar.layers import attend_written
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, queries, 8), torch.randn(3, 2, 20, 8), torch.randn(3, 2, 20, 8)  # 2 kv heads
+    start = torch.tensor([5, 0, 11]) if per_row else torch.tensor([7])
+    query_at = start.view(-1, 1).expand(3, 1) + torch.arange(queries)
+    k[:, :, int(query_at.max()) + 1 :] = float("nan")
+    v[:, :, int(query_at.max()) + 1 :] = float("nan")
+    torch.testing.assert_close(attend_written(q, k, v, start), reference_attention(q, k, v, query_at))
+
+
+@pytest.mark.parametrize("opaque", [False, True])
+def test_compiled_attention_over_a_static_cache_in_the_graph_and_as_one_op(opaque, monkeypatch):
+    """Compiled on a CPU, a large cache goes to the opaque op (which reads the written prefix), a small one stays
+    in the graph (the whole cache, masked): both give the eager attention, and the op runs only when chosen."""
+    from vqar.ar import layers
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+    start = torch.tensor([2, 9])
+    eager = layers.attend_written(q, k, v, start)
+    read = []
+    monkeypatch.setattr(layers, "_attend_written", lambda *args: read.append(1) or eager.clone())
+    monkeypatch.setattr(layers, "OPAQUE_ATTENTION_MIN", 0 if opaque else 2**62)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layers.attend_written)(q, k, v, start)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)
+    assert bool(read) == opaque
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt", "rq", "vim"])
 def test_compiled_generation_draws_the_eager_codes(kind):
@@ -90,6 +142,26 @@ def test_compiled_generation_draws_the_eager_codes(kind):
         for _ in range(2):  # the second run reuses the caches (and graphs) of the first
             assert torch.equal(generate(model, cond, settings, compile=True), eager), settings
     assert compiled_module.decode_steps(model, compile=True).compiled  # it did compile, it did not fall back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("speculative", [False, True])
+def test_compiled_generation_with_the_opaque_attention_draws_the_eager_codes(speculative, monkeypatch):
+    """The tiny models' caches are below `OPAQUE_ATTENTION_MIN`; forced to the op, plain and speculative compiled
+    generations still draw the eager codes."""
+    from vqar.ar import layers
+
+    monkeypatch.setattr(layers, "OPAQUE_ATTENTION_MIN", 0)
+    monkeypatch.setattr(compiled_module, "_compiled", compiled_module.weakref.WeakKeyDictionary())
+    model = tiny("gpt")
+    cond = torch.tensor([0, 2, 4])
+    settings = SamplingSettings(top_k=8, cfg_scale=2.0, seed=3, speculative=speculative, speculative_window=4)
+    eager = generate(model, cond, settings)
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(generate(model, cond, settings, compile=True), eager)
+    finally:
+        torch._dynamo.reset()
 
 
 def tiny_tokenizer(depth: int) -> Tokenizer:

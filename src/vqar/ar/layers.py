@@ -146,31 +146,97 @@ def causal_attention(
     """Attention of q (B, H, L, hd) over the keys so far. Without a cache: plain causal attention. With one: the
     new keys are cached at `start`; a single query (decoding) attends to the whole filled prefix, several queries
     attend causally (a prefill from position 0, or a block of L codes fed at once: query i sees the cache up to
-    `start + i`). A tensor `start` (a compiled step) attends over the whole cache with the positions after each
-    query masked out, so every step has the same shapes."""
-    visible = None
+    `start + i`). A tensor `start` (a compiled step, or one start per row) goes to `attend_written`."""
     if cache is not None:
         cached_k, cached_v = cache.update(start, k, v)
-        block = isinstance(start, torch.Tensor) or start != 0
-        if q.shape[2] == 1 or block:
+        if isinstance(start, torch.Tensor):
+            return attend_written(q, cached_k, cached_v, start)
+        if q.shape[2] == 1 or start != 0:
             k, v = cached_k, cached_v
-        if block and (q.shape[2] > 1 or isinstance(start, torch.Tensor)):
-            offsets = torch.arange(q.shape[2], device=q.device)[:, None]  # (L, 1)
-            # (L, 1), or (B, 1, L, 1) for one start per row (a speculative window)
-            query_at = start.view(-1, 1, 1, 1) + offsets if _per_row(start) else start + offsets
-            visible = torch.arange(k.shape[2], device=q.device) <= query_at  # (L, keys) or (B, 1, L, keys)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head across a group
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if start != 0 and q.shape[2] > 1:  # a block of codes after the prefill
+            return _sdpa(q, k, v, _visible(q, k.shape[2], start))
+    if q.shape[2] == 1:
+        return _attend(q, k, v, None)
+    k, v = _share_heads(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+
+
+# How a compiled CPU step attends over its static cache, measured on the demo's models (benchmarks/README.md,
+# "Attention in a compiled step"). From this many cached key elements (rows x heads x cache length x head size) it
+# calls the opaque op, whose dispatch costs ~0.1 ms per layer: the 16x16 GPT's graph wins up to 16 rows, the op from
+# 32. Below it, a cache of at most SHORT_CACHE positions keeps a single query's two products, which inductor fuses
+# into loops that beat SDPA there (the 4x4 RQ-Transformer), and a longer one takes SDPA (the 8x8 and 16x16 GPTs).
+OPAQUE_ATTENTION_MIN = 2**20
+SHORT_CACHE = 32
+
+
+def attend_written(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Attention of q (B, H, L, hd) over a whole static cache k, v (B, H, T, hd) whose queries stand at `start`
+    + i (`start` (1,), or (B,) one per row): query i sees the keys up to its own position.
+
+    On a CPU only the written prefix of the cache is read, as in an eager step. A compiled step cannot slice it (its
+    shapes are static), so at large batches it calls this as one opaque op (`vqar::attend_written`): left to the
+    compiler, the attention read the whole cache (twice the work on average) and a single query's two products
+    became slow fused loops (inductor lowers a one-row batched matmul to a reduction), 3x slower than eager
+    sampling at batch 64. At small batches the op's dispatch costs more than it saves: the graph keeps
+    attention over the whole cache, masked. On a GPU the cache is read whole: its written length would be a sync
+    (and a CUDA graph cannot read it)."""
+    if q.device.type != "cpu":
+        return _attend(q, k, v, _visible(q, k.shape[2], start))
+    if not torch.compiler.is_compiling():
+        return _attend_written(q, k, v, start)
+    if q.shape[0] * k.shape[1] * k.shape[2] * k.shape[3] >= OPAQUE_ATTENTION_MIN:
+        return _attend_written_op(q, k, v, start)
+    visible = _visible(q, k.shape[2], start)
+    return _attend(q, k, v, visible) if k.shape[2] <= SHORT_CACHE else _sdpa(q, k, v, visible)
+
+
+def _attend_written(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    end = min(int(start.max()) + q.shape[2], k.shape[2])  # the keys after the last query are masked anyway
+    return _attend(q, k[:, :, :end], v[:, :, :end], _visible(q, end, start))
+
+
+@torch.library.custom_op("vqar::attend_written", mutates_args=())
+def _attend_written_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    return _attend_written(q, k, v, start)
+
+
+@_attend_written_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _visible(q: torch.Tensor, keys: int, start: int | torch.Tensor) -> torch.Tensor:
+    """Which of `keys` cached keys each query sees: (L, keys), or (B, 1, L, keys) for one start per row."""
+    offsets = torch.arange(q.shape[2], device=q.device)[:, None]  # (L, 1)
+    query_at = start.view(-1, 1, 1, 1) + offsets if _per_row(start) else start + offsets
+    return torch.arange(keys, device=q.device) <= query_at  # (L, keys) or (B, 1, L, keys)
+
+
+def _share_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each key/value head serves a group of query heads."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    groups = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q over cached k, v (in the cache's dtype), each query seeing the keys `visible` marks (all
+    where None)."""
     if q.shape[2] == 1 and q.device.type == "cpu":
         # One query over the cached prefix: two batched matmuls beat SDPA's kernels at this shape on CPU.
+        k, v = _share_heads(q, k, v)
         scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         return torch.matmul(scores.softmax(-1), v).to(q.dtype)
-    if q.shape[2] == 1 or visible is not None:
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    return _sdpa(q, k, v, visible)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    k, v = _share_heads(q, k, v)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible)
 
 
 def rows_at(table: torch.Tensor, index: int | torch.Tensor, count: int = 1) -> torch.Tensor:
