@@ -125,3 +125,30 @@ def binomial_range(n: int, p: float, failure: float = 1e-7) -> tuple[int, int]:
     from scipy.stats import binom
 
     return int(binom.ppf(failure / 2, n, p)), int(binom.isf(failure / 2, n, p))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """vqar's exit status and what it wrote to stderr (argument errors exit from argparse, the rest return)."""
+    from vqar.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def file_contents(folder) -> dict:
+    """Every file under `folder` and its bytes: what a command must leave as it found it."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory):
+    """A saved tiny rqvae-mnist tokenizer (random weights)."""
+    import vqar
+    from vqar.train.tokenizer import load_run_config
+
+    folder = tmp_path_factory.mktemp("tokenizer") / "tok"
+    vqar.save_pretrained(vqar.Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), folder)
+    return folder

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import vqar
-from conftest import TINY_RUN
+from conftest import TINY_RUN, file_contents, run_cli
 from vqar.cli import main
 from vqar.train.checkpoint import DamagedCheckpointsError, list_checkpoints, verify_checkpoint
 from vqar.train.tokenizer import load_run_config, train_tokenizer
@@ -44,15 +44,6 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _cli(args: list[str], capsys) -> tuple[int, str]:
-    """vqar's exit status and what it wrote to stderr (argument errors exit from argparse, the rest return)."""
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
 def _rows(run_dir) -> list[tuple[int, str]]:
     return [(r["step"], r["split"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
@@ -68,7 +59,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_not_resumed(tmp_path, capsys
     with pytest.raises(DamagedCheckpointsError, match=r"step-0000004: checksum mismatch.*--overwrite"):
         _train(run, 12, resume=True)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing was changed
-    code, err = _cli(["train", "tokenizer", "--resume", "--out", str(run)], capsys)
+    code, err = run_cli(["train", "tokenizer", "--resume", "--out", str(run)], capsys)
     assert code == 2 and err.splitlines()[-1].startswith("vqar: error: every checkpoint") and "Traceback" not in err
 
 
@@ -158,10 +149,6 @@ def test_checkpoints_get_the_permissions_of_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640, path
 
 
-def _files(folder) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_the_space_check_counts_a_checkpoint_and_the_export(tmp_path, monkeypatch):
     from vqar.train import loop
 
@@ -185,8 +172,8 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_pat
 
     run = tmp_path / "run"
     train = ["train", "tokenizer", "rqvae-mnist", *RUN, "--out", str(run)]
-    assert _cli([*train, "steps=4"], capsys)[0] == 0
-    before = _files(run)
+    assert run_cli([*train, "steps=4"], capsys)[0] == 0
+    before = file_contents(run)
     module = vqar.bundle if where == "export" else vqar.train.checkpoint
     real = module.save_file
 
@@ -198,18 +185,18 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(module, "save_file", full_disk)
-    code, err = _cli([*train, "steps=8", "--resume"], capsys)
+    code, err = run_cli([*train, "steps=8", "--resume"], capsys)
     message = err.splitlines()[-1]  # after the progress bar
     assert code == 2 and message.startswith("vqar: error: out of disk space") and "Traceback" not in err, err
     assert "MiB free" in message and "--resume" in message
-    after = _files(run)
+    after = file_contents(run)
     assert not [path for path in after if ".tmp" in str(path)]  # no temporary file or folder is left
     assert after[Path("model.safetensors")] == before[Path("model.safetensors")]  # the export of step 4, whole
     assert after[Path("config.json")] == before[Path("config.json")]
     assert all(verify_checkpoint(c.path) is None for c in list_checkpoints(run))  # what is there is whole
     assert [c.step for c in list_checkpoints(run)] == ([4, 8] if where == "export" else [4])
     monkeypatch.setattr(module, "save_file", real)
-    assert _cli([*train, "steps=8", "--resume"], capsys)[0] == 0  # space was freed: the run goes on
+    assert run_cli([*train, "steps=8", "--resume"], capsys)[0] == 0  # space was freed: the run goes on
     assert vqar.bundle.trained_steps(run) == 8
 
 
@@ -239,14 +226,14 @@ def model_folder(tmp_path_factory):
 def test_bad_sample_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     # The model does not exist: an argument error, not "no model", shows that nothing was loaded first.
-    code, err = _cli(["sample", "--model", str(tmp_path / "no-such-model"), "--out", str(out), *args], capsys)
+    code, err = run_cli(["sample", "--model", str(tmp_path / "no-such-model"), "--out", str(out), *args], capsys)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
 
 
 def test_settings_the_model_cannot_take_are_one_line_before_drawing(model_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(out), "--smooth"], capsys)
+    code, err = run_cli(["sample", "--model", str(model_folder), "--out", str(out), "--smooth"], capsys)
     assert code == 2 and err.count("\n") == 1 and "GPT does not take (VAR only)" in err, err
     assert not out.exists()
 
@@ -261,7 +248,7 @@ def test_settings_the_model_cannot_take_are_one_line_before_drawing(model_folder
 )
 def test_an_ar_model_given_as_tokenizer_is_one_line(model_folder, tmp_path, capsys, command):
     out = tmp_path / "out"
-    code, err = _cli([word.format(model=model_folder, out=out) for word in command], capsys)
+    code, err = run_cli([word.format(model=model_folder, out=out) for word in command], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"the tokenizer {model_folder} holds a GPT, not a stage-1 tokenizer" in err
     assert not out.exists()
@@ -296,7 +283,7 @@ def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(model
     with pytest.raises(ValueError, match=message):
         vqar.load_pretrained(folder)  # a vocabulary of 2e9 would allocate 6 TB: refused from the file's header instead
     assert time.perf_counter() - started < 10
-    code, err = _cli(["sample", "--model", folder, "--out", str(tmp_path / "out")], capsys)
+    code, err = run_cli(["sample", "--model", folder, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "config.json" in err
 
 
@@ -337,7 +324,7 @@ def test_a_model_with_nan_weights_is_refused_not_sampled(model_folder, tmp_path,
     name = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
     weights[name][0] = float("nan")
     save_file(weights, damaged / "model.safetensors")
-    code, err = _cli(["sample", "--model", str(damaged), "--out", str(tmp_path / "out")], capsys)
+    code, err = run_cli(["sample", "--model", str(damaged), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("\n") == 1 and "NaN or infinite" in err and name in err, err
     assert not (tmp_path / "out").exists()
 
@@ -349,7 +336,7 @@ def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_p
     pytest.importorskip("fastapi")
     file = tmp_path / "names.txt"
     file.write_text(names)
-    code, err = _cli(["serve", "--model", str(model_folder), "--port", "0", "--class-names", str(file)], capsys)
+    code, err = run_cli(["serve", "--model", str(model_folder), "--port", "0", "--class-names", str(file)], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err and str(file) in err, err
 
 
@@ -360,7 +347,7 @@ def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_p
 ])  # fmt: skip
 def test_options_that_only_shape_another_are_refused_without_it(model_folder, tmp_path, capsys, args, message):
     """They were silently ignored: `--window 4` alone drew plain samples."""
-    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
+    code, err = run_cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
 
@@ -375,7 +362,7 @@ def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
                            "tried to allocate 1280000000000 bytes.\nmore lines")  # fmt: skip
 
     monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", absurd)
-    code, err = _cli(["train", "tokenizer", "rqvae-mnist", "c=10000000000", "--out", str(tmp_path / "run")], capsys)
+    code, err = run_cli(["train", "tokenizer", "rqvae-mnist", "c=10000000000", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and "out of memory: " in err and "1280000000000 bytes" in err, err
     monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", lambda *a, **k: 1 / 0)  # other errors: unchanged
     with pytest.raises(ZeroDivisionError):
@@ -383,21 +370,14 @@ def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_a_prompts_file_that_is_a_folder_or_blank_is_named(model_folder, tmp_path, capsys):
-    code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(tmp_path), "--out",
+    code, err = run_cli(["sample", "--model", str(model_folder), "--prompts", str(tmp_path), "--out",
                       str(tmp_path / "out")], capsys)  # fmt: skip
     assert code == 2 and "is a folder; give a text file of prompts" in err, err
     blank = tmp_path / "prompts.txt"
     blank.write_text("\n  \n")
-    code, err = _cli(["sample", "--model", str(model_folder), "--prompts", str(blank), "--out",
+    code, err = run_cli(["sample", "--model", str(model_folder), "--prompts", str(blank), "--out",
                       str(tmp_path / "out")], capsys)  # fmt: skip
     assert code == 2 and f"{blank} holds no prompts" in err, err
-
-
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer") / "tok"
-    vqar.save_pretrained(vqar.Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), folder)
-    return folder
 
 
 @pytest.mark.timeout(120)  # a label of 2^40 made 2^40 class names: it never finished
@@ -413,7 +393,7 @@ def tokenizer_folder(tmp_path_factory):
 def test_a_bad_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, arrays, message):
     data = tmp_path / "images.npz"
     np.savez(data, **arrays)
-    code, err = _cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
                       str(tmp_path / "codes")], capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and message in err and str(data) in err, err
     assert not (tmp_path / "codes").exists()
@@ -433,7 +413,7 @@ def test_a_damaged_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, na
     else:
         np.save(data, np.zeros((20, 28, 28), np.uint8))
     data.write_bytes(damage(data.read_bytes()))
-    code, err = _cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(data), "--out",
                       str(tmp_path / "codes")], capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and message in err and str(data) in err, err
     assert "allow_pickle" not in err  # numpy's advice to load it unsafely is not passed on
@@ -452,7 +432,7 @@ def test_a_sample_run_too_large_for_memory_is_refused_up_front(model_folder, tmp
     import vqar.utils.memory
 
     monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 8 << 30)  # any machine: 8 GB
-    code, err = _cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
+    code, err = run_cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert "8.0 GB is available" in err or "accept-rate must" in err
     assert not (tmp_path / "out").exists()
@@ -466,7 +446,7 @@ def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    code, err = _cli(["sample", "--model", "runs/nonexistent", "--out", "out"], capsys)
+    code, err = run_cli(["sample", "--model", "runs/nonexistent", "--out", "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and "runs/nonexistent: the local path does not exist" in err, err
     assert asked == []  # `runs` is a local folder: a typo, not a Hub repository
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -479,7 +459,7 @@ def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, capsys, monk
 def test_a_file_of_random_bytes_is_not_a_checkpoint(tmp_path, capsys):
     path = tmp_path / "model.pt"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    code, err = _cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
+    code, err = run_cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and err.count("\n") == 1 and f"{path} is not a checkpoint" in err, err
     assert "allow-list" not in err
 
@@ -490,130 +470,3 @@ def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
     assert type(model) is type(vqar.load_pretrained(model_folder))
     for name, value in vqar.load_pretrained(model_folder).state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
-
-
-# ---------------------------------------------------------------- --out: nothing else is written over or deleted
-def _fake_run(folder: Path) -> dict:
-    """A folder that looks like a training run (what the user must not lose); returns its files."""
-    (folder / "checkpoints" / "step-0000004").mkdir(parents=True)
-    for name in ("run.yaml", "metrics.jsonl", "config.json", "model.safetensors", "checkpoints/step-0000004/x.pt"):
-        (folder / name).write_text(f"the user's {name}")
-    return _files(folder)
-
-
-@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
-def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_folder, tmp_path, capsys, kind):
-    victim = tmp_path / "ar_victim"
-    before = _fake_run(victim)
-    images = tmp_path / "images.npz"
-    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
-    command = {"extract-codes": ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)],
-               "pack-shards": ["pack-shards", str(images)]}[kind]  # fmt: skip
-    what = "a code store" if kind == "extract-codes" else "a folder of tar shards"
-    for overwrite in ([], ["--overwrite"]):
-        code, err = _cli([*command, "--out", str(victim), *overwrite], capsys)
-        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-        assert f"{victim} is not {what} (it holds checkpoints, config.json, metrics.jsonl" in err, err
-        assert _files(victim) == before  # nothing deleted, nothing added
-    (tmp_path / "a_file").write_text("x")
-    code, err = _cli([*command, "--out", str(tmp_path / "a_file"), "--overwrite"], capsys)
-    assert code == 2 and "a_file is a file" in err and (tmp_path / "a_file").read_text() == "x"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert _cli([*command, "--out", str(empty)], capsys)[0] == 0  # an empty folder is filled
-    code, err = _cli([*command, "--out", str(empty)], capsys)
-    assert code == 2 and f"{empty} already exists ({what}); pass --overwrite" in err, err
-    assert _cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
-
-
-def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
-    import vqar.eval.inception
-
-    def inception(*args, **options):  # loading the network is the start of the slow part
-        raise ValueError("the Inception network was loaded")
-
-    monkeypatch.setattr(vqar.eval.inception, "Inception", inception)
-    target = tmp_path / "samples.npz"
-    target.write_bytes(b"a sample run's images")
-    code, err = _cli(["eval", "stats", "mnist", "--out", str(target)], capsys)
-    assert code == 2 and err.count("\n") == 1, err
-    assert f"{target} already exists; pass --overwrite to replace it" in err, err
-    assert target.read_bytes() == b"a sample run's images"
-    code, err = _cli(["eval", "stats", "mnist", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "is a folder" in err, err
-    code, err = _cli(["eval", "stats", "mnist", "--out", str(tmp_path / "stats.txt")], capsys)
-    assert code == 2 and "written as .npz" in err, err
-    code, err = _cli(["eval", "stats", "mnist", "--out", str(target), "--overwrite"], capsys)
-    assert code == 2 and "the Inception network was loaded" in err, err  # allowed: the work begins
-
-
-@pytest.fixture(scope="module")
-def sampler_folder(tmp_path_factory):
-    """A tiny GPT with random weights and its VQ tokenizer: pictures in a second."""
-    from vqar.ar import GPT, GPTConfig
-
-    folder = tmp_path_factory.mktemp("sampler") / "gpt"
-    tokenizer = vqar.Tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "model.quantizer.kind=vq", "d=1"]).model)
-    gpt = GPT(GPTConfig(vocab_size=64, code_shape=list(tokenizer.code_shape(32)), dim=32, n_layer=1, n_head=2,
-                        num_classes=3))  # fmt: skip
-    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
-    return folder
-
-
-def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output(sampler_folder, tmp_path, capsys):
-    out = tmp_path / "s_re"
-    sample = ["sample", "--model", str(sampler_folder), "--out", str(out)]
-    assert _cli([*sample, "--n-per-class", "3"], capsys)[0] == 0
-    assert len(list((out / "images").iterdir())) == 9
-    code, err = _cli([*sample, "--classes", "2", "--n-per-class", "1"], capsys)
-    assert code == 2 and err.count("\n") == 1, err
-    assert f"{out} already exists (a sample folder); pass --overwrite" in err, err
-    assert len(list((out / "images").iterdir())) == 9
-    assert _cli([*sample, "--classes", "2", "--n-per-class", "1", "--overwrite"], capsys)[0] == 0
-    assert [p.name for p in (out / "images").iterdir()] == ["class0002_000000.png"]  # no stale picture left
-    with np.load(out / "samples.npz") as npz:
-        assert npz["arr_1"].tolist() == [2]
-    assert _cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite", "--no-images"], capsys)[0] == 0
-    assert not (out / "images").exists()  # the old pictures do not pass for the new samples.npz's
-    # Anything else is refused before the model is loaded (it does not exist), with --overwrite too.
-    (out / "notes.txt").write_text("mine")
-    for target, message in ((out, "is not a sample folder (it holds grid.png, notes.txt, samples.npz)"),
-                            (out / "notes.txt", "is a file")):  # fmt: skip
-        code, err = _cli(["sample", "--model", str(tmp_path / "none"), "--out", str(target), "--overwrite"], capsys)
-        assert code == 2 and err.count("\n") == 1 and message in err, err
-    assert (out / "notes.txt").read_text() == "mine"
-
-
-def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_folder, tmp_path, capsys):
-    import shutil
-
-    export = tmp_path / "m_export"  # an exported AR model with its tokenizer, and a file of the user's
-    shutil.copytree(sampler_folder, export)
-    (export / "README.txt").write_text("notes")
-    before = _files(export)
-    train = ["train", "tokenizer", "rqvae-mnist", *RUN, "data.max_images=64", "steps=1", "train.eval_every=1", "--out"]
-    code, err = _cli([*train, str(export)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"{export} is not a training run (it holds README.txt, config.json, model.safetensors, tokenizer)" in err
-    assert _files(export) == before
-    store = tmp_path / "codes"  # data is never trained into, not even with --overwrite
-    store.mkdir()
-    (store / "manifest.json").write_text(json.dumps({"format": "vqar-codes"}))
-    code, err = _cli([*train, str(store), "--overwrite"], capsys)
-    assert code == 2 and f"{store} is a code store" in err and [p.name for p in store.iterdir()] == ["manifest.json"]
-    code, err = _cli([*train, ""], capsys)  # not the current folder
-    assert code == 2 and "argument --out: is empty" in err, err
-    # --overwrite: the model there (and its tokenizer) is replaced, the user's file is kept
-    assert _cli([*train, str(export), "--overwrite"], capsys)[0] == 0
-    assert vqar.bundle.read_config(export)[0] == "tokenizer" and not (export / "tokenizer").exists()
-    assert (export / "README.txt").read_text() == "notes"
-    # A tokenizer run is not an AR model's: neither resumed nor replaced as one unasked.
-    from vqar.train.launch import check_run_folder
-
-    with pytest.raises(FileExistsError, match="holds the training run of a tokenizer, not of an AR model; pass"):
-        check_run_folder(export, "ar", resume=False, overwrite=False)
-    with pytest.raises(FileExistsError, match="^--resume: .* not of an AR model$"):
-        check_run_folder(export, "ar", resume=True, overwrite=False)
-    check_run_folder(export, "tokenizer", resume=True, overwrite=False)
-    code, err = _cli(["train", "ar", "--resume", "--out", str(export)], capsys)  # not its run.yaml's unknown keys
-    assert code == 2 and f"{export} is a tokenizer run, not an AR run" in err, err

@@ -1,0 +1,142 @@
+"""What `--out` / `--overwrite` guarantee (README, "Failure modes"): a command writes only into an empty folder or
+one of its own kind, `--overwrite` replaces only what the command itself writes, and a user's other files (a
+training run, a stats file) are never written over or deleted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vqar
+from conftest import TINY_RUN, file_contents, run_cli
+from vqar.train.tokenizer import load_run_config
+
+
+# ---------------------------------------------------------------- --out: nothing else is written over or deleted
+def _fake_run(folder: Path) -> dict:
+    """A folder that looks like a training run (what the user must not lose); returns its files."""
+    (folder / "checkpoints" / "step-0000004").mkdir(parents=True)
+    for name in ("run.yaml", "metrics.jsonl", "config.json", "model.safetensors", "checkpoints/step-0000004/x.pt"):
+        (folder / name).write_text(f"the user's {name}")
+    return file_contents(folder)
+
+
+@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
+def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_folder, tmp_path, capsys, kind):
+    victim = tmp_path / "ar_victim"
+    before = _fake_run(victim)
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
+    command = {"extract-codes": ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)],
+               "pack-shards": ["pack-shards", str(images)]}[kind]  # fmt: skip
+    what = "a code store" if kind == "extract-codes" else "a folder of tar shards"
+    for overwrite in ([], ["--overwrite"]):
+        code, err = run_cli([*command, "--out", str(victim), *overwrite], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{victim} is not {what} (it holds checkpoints, config.json, metrics.jsonl" in err, err
+        assert file_contents(victim) == before  # nothing deleted, nothing added
+    (tmp_path / "a_file").write_text("x")
+    code, err = run_cli([*command, "--out", str(tmp_path / "a_file"), "--overwrite"], capsys)
+    assert code == 2 and "a_file is a file" in err and (tmp_path / "a_file").read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli([*command, "--out", str(empty)], capsys)[0] == 0  # an empty folder is filled
+    code, err = run_cli([*command, "--out", str(empty)], capsys)
+    assert code == 2 and f"{empty} already exists ({what}); pass --overwrite" in err, err
+    assert run_cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
+
+
+def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
+    import vqar.eval.inception
+
+    def inception(*args, **options):  # loading the network is the start of the slow part
+        raise ValueError("the Inception network was loaded")
+
+    monkeypatch.setattr(vqar.eval.inception, "Inception", inception)
+    target = tmp_path / "samples.npz"
+    target.write_bytes(b"a sample run's images")
+    code, err = run_cli(["eval", "stats", "mnist", "--out", str(target)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{target} already exists; pass --overwrite to replace it" in err, err
+    assert target.read_bytes() == b"a sample run's images"
+    code, err = run_cli(["eval", "stats", "mnist", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err, err
+    code, err = run_cli(["eval", "stats", "mnist", "--out", str(tmp_path / "stats.txt")], capsys)
+    assert code == 2 and "written as .npz" in err, err
+    code, err = run_cli(["eval", "stats", "mnist", "--out", str(target), "--overwrite"], capsys)
+    assert code == 2 and "the Inception network was loaded" in err, err  # allowed: the work begins
+
+
+@pytest.fixture(scope="module")
+def sampler_folder(tmp_path_factory):
+    """A tiny GPT with random weights and its VQ tokenizer: pictures in a second."""
+    from vqar.ar import GPT, GPTConfig
+
+    folder = tmp_path_factory.mktemp("sampler") / "gpt"
+    tokenizer = vqar.Tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "model.quantizer.kind=vq", "d=1"]).model)
+    gpt = GPT(GPTConfig(vocab_size=64, code_shape=list(tokenizer.code_shape(32)), dim=32, n_layer=1, n_head=2,
+                        num_classes=3))  # fmt: skip
+    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    return folder
+
+
+def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output(sampler_folder, tmp_path, capsys):
+    out = tmp_path / "s_re"
+    sample = ["sample", "--model", str(sampler_folder), "--out", str(out)]
+    assert run_cli([*sample, "--n-per-class", "3"], capsys)[0] == 0
+    assert len(list((out / "images").iterdir())) == 9
+    code, err = run_cli([*sample, "--classes", "2", "--n-per-class", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{out} already exists (a sample folder); pass --overwrite" in err, err
+    assert len(list((out / "images").iterdir())) == 9
+    assert run_cli([*sample, "--classes", "2", "--n-per-class", "1", "--overwrite"], capsys)[0] == 0
+    assert [p.name for p in (out / "images").iterdir()] == ["class0002_000000.png"]  # no stale picture left
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == [2]
+    assert run_cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite", "--no-images"], capsys)[0] == 0
+    assert not (out / "images").exists()  # the old pictures do not pass for the new samples.npz's
+    # Anything else is refused before the model is loaded (it does not exist), with --overwrite too.
+    (out / "notes.txt").write_text("mine")
+    for target, message in ((out, "is not a sample folder (it holds grid.png, notes.txt, samples.npz)"),
+                            (out / "notes.txt", "is a file")):  # fmt: skip
+        code, err = run_cli(["sample", "--model", str(tmp_path / "none"), "--out", str(target), "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_folder, tmp_path, capsys):
+    export = tmp_path / "m_export"  # an exported AR model with its tokenizer, and a file of the user's
+    shutil.copytree(sampler_folder, export)
+    (export / "README.txt").write_text("notes")
+    before = file_contents(export)
+    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "train.ckpt_every=4", "train.log_every=1",
+             "data.max_images=64", "steps=1", "train.eval_every=1", "--out"]  # fmt: skip
+    code, err = run_cli([*train, str(export)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{export} is not a training run (it holds README.txt, config.json, model.safetensors, tokenizer)" in err
+    assert file_contents(export) == before
+    store = tmp_path / "codes"  # data is never trained into, not even with --overwrite
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"format": "vqar-codes"}))
+    code, err = run_cli([*train, str(store), "--overwrite"], capsys)
+    assert code == 2 and f"{store} is a code store" in err and [p.name for p in store.iterdir()] == ["manifest.json"]
+    code, err = run_cli([*train, ""], capsys)  # not the current folder
+    assert code == 2 and "argument --out: is empty" in err, err
+    # --overwrite: the model there (and its tokenizer) is replaced, the user's file is kept
+    assert run_cli([*train, str(export), "--overwrite"], capsys)[0] == 0
+    assert vqar.bundle.read_config(export)[0] == "tokenizer" and not (export / "tokenizer").exists()
+    assert (export / "README.txt").read_text() == "notes"
+    # A tokenizer run is not an AR model's: neither resumed nor replaced as one unasked.
+    from vqar.train.launch import check_run_folder
+
+    with pytest.raises(FileExistsError, match="holds the training run of a tokenizer, not of an AR model; pass"):
+        check_run_folder(export, "ar", resume=False, overwrite=False)
+    with pytest.raises(FileExistsError, match="^--resume: .* not of an AR model$"):
+        check_run_folder(export, "ar", resume=True, overwrite=False)
+    check_run_folder(export, "tokenizer", resume=True, overwrite=False)
+    code, err = run_cli(["train", "ar", "--resume", "--out", str(export)], capsys)  # not its run.yaml's unknown keys
+    assert code == 2 and f"{export} is a tokenizer run, not an AR run" in err, err
