@@ -392,6 +392,78 @@ def test_convert_writes_vqar_format_that_loads_back_identically(tmp_path, capsys
     assert "--overwrite" in capsys.readouterr().err
 
 
+def _sources_of_every_kind(folder: Path) -> dict[str, Path]:
+    """One small model per format `vqar convert` reads, by name: the kinds it tells apart."""
+    from vqar.ar.var import VAR, VARConfig
+    from vqar.interop.llamagen import vq_config
+    from vqar.interop.var import to_upstream
+    from vqar.interop.var_transformer import var_transformer_to_upstream
+
+    rq_tokenizer, rq_model = tiny_rq_release(folder / "release")
+    vqar.save_pretrained(rq_tokenizer, folder / "tokenizer_folder")
+    vqar.save_pretrained(rq_model, folder / "ar_folder")
+    llamagen_vq = Tokenizer(vq_config({"preset": "VQ-16", "codebook_size": 16, "codebook_embed_dim": 4, "ch": 32,
+                                       "z_channels": 8, "encoder_ch_mult": [1, 2], "decoder_ch_mult": [1, 2],
+                                       "image_size": 16}))  # fmt: skip
+    torch.save({"model": llamagen_vq_state(llamagen_vq)}, folder / "llamagen_vq.pt")
+    conv = ConvConfig(resolution=16, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[4], z_channels=8)
+    quantizer = QuantizerConfig(kind="multiscale", codebook_size=16, dim=4, patch_nums=[1, 2, 4], ema=False)
+    var_vqvae = Tokenizer(TokenizerConfig(conv=conv, quantizer=quantizer, quant_conv_kernel=3))
+    torch.save(to_upstream(var_vqvae), folder / "var_vqvae.pth")
+    var = VAR(VARConfig(vocab_size=16, code_shape=[21], patch_nums=[1, 2, 4], code_dim=4, num_classes=5, dim=32,
+                        n_layer=2, n_head=2))  # fmt: skip
+    torch.save(var_transformer_to_upstream(var), folder / "var_d2.pth")
+    return {
+        "rq_release": folder / "release",
+        "rq_stage1": folder / "release" / "stage1",
+        "rq_stage2_file": folder / "release" / "stage2" / "model.pt",
+        "tokenizer_folder": folder / "tokenizer_folder",
+        "ar_folder": folder / "ar_folder",
+        "llamagen_vq": folder / "llamagen_vq.pt",
+        "var_vqvae": folder / "var_vqvae.pth",
+        "var_transformer": folder / "var_d2.pth",
+    }
+
+
+# (source, option): where --config or --tokenizer has nothing to set, and the reason the error gives.
+_OPTIONS_THAT_DO_NOT_APPLY = [
+    ("rq_release", "--config", "records its architecture in its config.yaml"),
+    ("rq_stage1", "--config", "records its architecture in its config.yaml"),
+    ("rq_stage2_file", "--config", "records its architecture in its config.yaml"),
+    ("rq_stage1", "--tokenizer", "holds an RQ-VAE"),
+    ("tokenizer_folder", "--config", "records its architecture in its config.json"),
+    ("tokenizer_folder", "--tokenizer", "holds a tokenizer"),
+    ("ar_folder", "--config", "records its architecture in its config.json"),
+    ("llamagen_vq", "--tokenizer", "holds a LlamaGen VQ tokenizer"),
+    ("var_vqvae", "--tokenizer", "holds a VAR VQVAE"),
+    ("var_transformer", "--config", "read off its weights"),
+]
+
+
+def test_convert_refuses_config_and_tokenizer_where_they_do_not_apply(tmp_path, capsys):
+    sources = _sources_of_every_kind(tmp_path)
+    values = {"--config": "VQ-16", "--tokenizer": str(sources["tokenizer_folder"])}
+    for kind, option, reason in _OPTIONS_THAT_DO_NOT_APPLY:
+        out = tmp_path / "out" / f"{kind}{option}"
+        assert main(["convert", str(sources[kind]), str(out), option, values[option]]) == 2, (kind, option)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"({option}) does not apply" in err and reason in err, (kind, option, err)
+        assert not out.exists()
+    # Where they apply, they are taken as before; without them every kind converts.
+    assert main(["convert", str(sources["rq_release"]), str(tmp_path / "given"), "--tokenizer",
+                 str(sources["rq_stage1"])]) == 0  # fmt: skip
+    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "scales"), "--config",
+                 '{"patch_nums": [1, 2, 4]}']) == 0  # fmt: skip
+    assert list(vqar.load_pretrained(tmp_path / "scales").quantizer.patch_nums) == [1, 2, 4]
+    assert main(["convert", str(sources["var_transformer"]), str(tmp_path / "var"), "--tokenizer",
+                 str(sources["var_vqvae"])]) == 0  # fmt: skip
+    assert list(vqar.load_pretrained(tmp_path / "var").tokenizer.quantizer.patch_nums) == [1, 2, 4]
+    for kind in ("rq_stage1", "tokenizer_folder", "ar_folder", "var_vqvae", "var_transformer"):
+        assert main(["convert", str(sources[kind]), str(tmp_path / "plain" / kind)]) == 0, kind
+    with pytest.raises(ValueError, match=r"tokenizer= \(--tokenizer\) does not apply"):
+        vqar.load_pretrained(sources["tokenizer_folder"], tokenizer=vqar.load_pretrained(sources["rq_stage1"]))
+
+
 def _tiny_text_gpt_bundle(tmp_path):
     """A text-to-image GPT with its VQ tokenizer and caption tokenizer attached."""
     from vqar.text import TextTokenizer

@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "folders) to vqar's format", DETAILS)  # fmt: skip
     convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt) or a LlamaGen .pt")
     convert.add_argument("out_dir", type=output_path, help="the vqar model folder to write")
-    convert.add_argument(
-        "--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an inline JSON object"
-    )
-    convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads)")
+    convert.add_argument("--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an "
+                         "inline JSON object; VAR's VQVAE: its scales ('{\"patch_nums\": [...]}'). Refused for the "
+                         "other formats, which record their architecture")  # fmt: skip
+    convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads); "
+                         "refused for a stage-1 model")  # fmt: skip
     convert.add_argument("--ema", action="store_true", help="convert the EMA weights")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")

@@ -20,7 +20,7 @@ from torch import nn
 
 from vqar.ar import ARModel
 from vqar.ar.contract import CodeTokenizer
-from vqar.bundle import CONFIG_FILE, WEIGHTS_FILE, load
+from vqar.bundle import CONFIG_FILE, TOKENIZER_KIND, WEIGHTS_FILE, is_hub_repo_id, load, read_config
 from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
@@ -33,26 +33,30 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
 
     Args:
         config: the architecture where the files do not carry it (LlamaGen): a preset name (`VQ-16`, `GPT-XL`),
-            a dict of the upstream constructor fields, or a JSON file of them.
+            a dict of the upstream constructor fields, or a JSON file of them; a VAR VQVAE's scales. A ValueError
+            for the formats that record their own (vqar folders, RQ releases, VAR transformers).
         ema: load the EMA weights the checkpoint carries instead of the raw ones.
         tokenizer: the stage-1 model for an AR model, a loaded tokenizer or anything `load_pretrained` reads;
-            an RQ-Transformer without one looks for `stage1/` beside its folder.
+            an RQ-Transformer without one looks for `stage1/` beside its folder. A ValueError for a stage-1 model.
         device: where the model (and the tokenizer it carries) is put.
     """
     source = Path(path)
-    if tokenizer is not None and not isinstance(tokenizer, nn.Module):
-        # A VAR tokenizer file is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
-        scales = _var_scales(source) if source.is_file() else None
-        tokenizer = _load_tokenizer(tokenizer, scales, ema)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
+    # Each loader checks that `config` and `tokenizer` apply to the kind of model it finds, and loads the tokenizer
+    # only then (a VAR one at its transformer's scales): an option that does not apply is refused, not ignored.
     if source.is_dir():
-        model = _load_folder(source, config, ema, tokenizer)
+        model, tokenizer = _load_folder(source, config, ema, tokenizer)
     elif source.is_file():
-        model = _load_file(source, config, ema, tokenizer)
+        model, tokenizer = _load_file(source, config, ema, tokenizer)
     else:
+        if config is not None and is_hub_repo_id(path):
+            raise _does_not_apply("config", path, _BUNDLE_HAS_CONFIG)
+        tokenizer = _load_tokenizer(tokenizer, None, ema)
         model = load(str(path))  # a Hub repo id, or a clear "not found"
-    if tokenizer is not None and isinstance(model, ARModel):
+        if tokenizer is not None and not isinstance(model, ARModel):
+            raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind=f"a {type(model).__name__}"))
+    if tokenizer is not None:
         model.attach(tokenizer.eval())
     model = model.to(device)
     if isinstance(model, ARModel) and model.tokenizer is not None:
@@ -60,65 +64,90 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
     return model
 
 
-def _load_tokenizer(path, config, ema: bool) -> nn.Module:
-    """The stage-1 model at `path`; ValueError naming the path when it holds another kind of model (an AR run given
-    as --tokenizer, say), which `attach` would only report as a TypeError without it."""
+_BUNDLE_HAS_CONFIG = "a vqar model folder (a Hub repository's too) records its architecture in its config.json"
+_NOT_AR = "it holds {kind} (a stage-1 model itself); only an autoregressive model takes one, to decode its codes"
+
+
+def _does_not_apply(option: str, source, why: str) -> ValueError:
+    return ValueError(f"{option}= (--{option}) does not apply to {source}: {why}")
+
+
+def _load_tokenizer(path, config, ema: bool) -> nn.Module | None:
+    """The stage-1 model at `path` (None and loaded models as they are); ValueError naming the path when it holds
+    another kind of model (an AR run given as --tokenizer, say), which `attach` would only report as a TypeError
+    without it."""
+    if path is None or isinstance(path, nn.Module):
+        return path
     tokenizer = load_pretrained(path, config=config, ema=ema)
     if isinstance(tokenizer, ARModel) or not isinstance(tokenizer, CodeTokenizer):
         raise ValueError(f"the tokenizer {path} holds a {type(tokenizer).__name__}, not a stage-1 tokenizer")
     return tokenizer
 
 
-def _load_folder(folder: Path, config, ema: bool, tokenizer) -> nn.Module:
+def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
+    """(model, tokenizer to attach) of a folder."""
     if (folder / CONFIG_FILE).is_file():  # a vqar folder (a missing model.safetensors is reported by `load`)
-        return load_v1(folder) if is_v1_ar_folder(folder) and (folder / WEIGHTS_FILE).is_file() else load(folder)
+        if config is not None:
+            raise _does_not_apply("config", folder, _BUNDLE_HAS_CONFIG)
+        if tokenizer is not None and read_config(folder)[0] == TOKENIZER_KIND:
+            raise _does_not_apply("tokenizer", folder, _NOT_AR.format(kind="a tokenizer"))
+        tokenizer = _load_tokenizer(tokenizer, None, ema)
+        v1 = is_v1_ar_folder(folder) and (folder / WEIGHTS_FILE).is_file()
+        return (load_v1(folder) if v1 else load(folder)), tokenizer
     if (folder / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(folder):
         raise FileNotFoundError(f"{folder} has a {rq_release.CONFIG_FILE} but no {rq_release.WEIGHTS_FILE}")
     for stage in (folder, folder / "stage2", folder / "stage1"):
         if rq_release.is_release_stage(stage):
+            if config is not None:
+                raise _does_not_apply("config", stage, f"an RQ release records its architecture in its "
+                                      f"{rq_release.CONFIG_FILE}")  # fmt: skip
             arch = rq_release.read_arch(stage)
             if arch["type"] == "rq-vae":
-                return rq_release.load_rqvae(stage, ema=ema)
-            return rq_release.load_rq_transformer(stage, ema=ema, tokenizer=tokenizer)
+                if tokenizer is not None:
+                    raise _does_not_apply("tokenizer", stage, _NOT_AR.format(kind="an RQ-VAE"))
+                return rq_release.load_rqvae(stage, ema=ema), None
+            tokenizer = _load_tokenizer(tokenizer, None, ema)
+            return rq_release.load_rq_transformer(stage, ema=ema, tokenizer=tokenizer), tokenizer
     raise FileNotFoundError(
         f"{folder} is not a model folder vqar knows: expected {CONFIG_FILE} + {WEIGHTS_FILE} (vqar), "
         f"{rq_release.CONFIG_FILE} + {rq_release.WEIGHTS_FILE} (an RQ release stage) or stage1/ stage2/ folders"
     )
 
 
-def _var_scales(path: Path) -> dict | None:
-    """{"patch_nums": ...} of a VAR transformer file, None for any other file."""
-    try:
-        checkpoint = load_checkpoint(path)
-    except (OSError, ValueError):
-        return None
-    if not var_transformer.is_var_transformer_state(checkpoint):
-        return None
-    return {"patch_nums": list(var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums)}
-
-
-def _load_file(path: Path, config, ema: bool, tokenizer=None) -> nn.Module:
-    """A checkpoint file, told apart by its content: a VAR VQVAE or transformer (plain state dicts) or a LlamaGen /
-    NPP file. A VAR transformer without a tokenizer looks for the release VQVAE beside it."""
+def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
+    """(model, tokenizer to attach) of a checkpoint file, told apart by its content: a VAR VQVAE or transformer
+    (plain state dicts) or a LlamaGen / NPP file. A VAR transformer without a tokenizer looks for the release
+    VQVAE beside it."""
     checkpoint = load_checkpoint(path)
     if var_transformer.is_var_transformer_state(checkpoint):
-        if tokenizer is None and (path.parent / VAR_VQVAE_FILE).is_file():
-            scales = var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums
-            tokenizer = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
-        return var_transformer.load_var_transformer(checkpoint, tokenizer=tokenizer)
+        if config is not None:
+            raise _does_not_apply("config", path, "a VAR transformer's architecture (its scales too) is read off "
+                                  "its weights")  # fmt: skip
+        # A VAR tokenizer is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
+        scales = var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums
+        tokenizer = _load_tokenizer(tokenizer, {"patch_nums": list(scales)}, ema)
+        found = tokenizer
+        if found is None and (path.parent / VAR_VQVAE_FILE).is_file():
+            found = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
+        return var_transformer.load_var_transformer(checkpoint, tokenizer=found), tokenizer
     if var.is_var_vqvae_state(checkpoint):
+        if tokenizer is not None:
+            raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a VAR VQVAE"))
         # `config`, when given: a dict / JSON of load_var_vqvae's keywords (patch_nums, phi_ratio, beta).
         fields = llamagen.read_config(config, {}, "VAR VQVAE") if config is not None else {}
-        return var.load_var_vqvae(checkpoint, source=str(path), **fields)
-    return _load_llamagen(checkpoint, path, config, ema)
+        return var.load_var_vqvae(checkpoint, source=str(path), **fields), None
+    return _load_llamagen(checkpoint, path, config, ema, tokenizer)
 
 
-def _load_llamagen(checkpoint, path: Path, config, ema: bool) -> nn.Module:
+def _load_llamagen(checkpoint, path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
     state = llamagen.checkpoint_state(checkpoint, path, ema)
     if llamagen.looks_like_gpt(state):
-        return llamagen.build_gpt(state, config, str(path))
+        tokenizer = _load_tokenizer(tokenizer, None, ema)
+        return llamagen.build_gpt(state, config, str(path)), tokenizer
     if llamagen.looks_like_vq(state):
-        return llamagen.build_vq(state, config, str(path))
+        if tokenizer is not None:
+            raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a LlamaGen VQ tokenizer"))
+        return llamagen.build_vq(state, config, str(path)), None
     raise ValueError(
         f"{path} is neither a LlamaGen GPT (no tok_embeddings.weight) nor a VQ tokenizer (no encoder.* / quantize.*); "
         f"first keys: {list(state)[:5]}"
