@@ -268,6 +268,59 @@ def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
         assert result["perplexity"][d] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
 
 
+def _random_tokenizer(arch: str = "conv", quantizer: str = "vq"):
+    """An untrained 16 px gray tokenizer (downsampling factor 4), for checks that need no trained weights."""
+    from vqar.quantize import QuantizerConfig
+    from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+    from vqar.tokenizers.vit import ViTConfig
+
+    conv = ConvConfig(in_channels=1, out_channels=1, resolution=16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=8, norm_groups=4)  # fmt: skip
+    vit = ViTConfig(image_size=16, in_channels=1, out_channels=1, patch_size=4, encoder="S", decoder="S")
+    fields = {"patch_nums": [1, 2, 4], "ema": False} if quantizer == "multiscale" else {}
+    return Tokenizer(TokenizerConfig(arch=arch, conv=conv, vit=vit, quantizer=QuantizerConfig(
+        kind=quantizer, codebook_size=16, dim=4, **fields))).eval()  # fmt: skip
+
+
+def test_rfid_refuses_image_sizes_it_cannot_use_before_reading_any_image(tmp_path, monkeypatch, capsys, caplog):
+    """--image-size 100000 went on to resize every image to 100000x100000 (a MemoryError traceback, or the OOM
+    killer); sizes the tokenizer cannot encode failed only after the whole set was read."""
+    import vqar
+    import vqar.eval.rfid as rfid
+    import vqar.utils.memory
+
+    vqar.save_pretrained(_random_tokenizer(), tmp_path / "conv")
+    vqar.save_pretrained(_random_tokenizer(quantizer="multiscale"), tmp_path / "var")
+    vqar.save_pretrained(_random_tokenizer(arch="vit"), tmp_path / "vit")
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 2 << 30)  # the same answer on any machine
+    real_read = rfid.read_share
+    monkeypatch.setattr(rfid, "read_share", lambda *a, **k: pytest.fail("the images were read first"))
+    refused = [
+        ("conv", "100000", "--image-size 100000: 3 images of 100000x100000"),
+        ("conv", "8192", "would need about 3.2 GB of memory, and 2.0 GB is available"),
+        ("conv", "18", "--image-size 18 is not a positive multiple of the tokenizer's downsampling factor 4"),
+        ("var", "32", "a multi-scale (VAR) tokenizer encodes images of its own size only (16)"),
+        ("vit", "32", "a ViT tokenizer encodes images of its own size only (16)"),
+        ("vit", "8", "a ViT tokenizer encodes images of its own size only (16)"),
+    ]
+    for folder, size, message in refused:
+        args = ["eval", "rfid", "mnist", "--tokenizer", str(tmp_path / folder), "--image-size", size, "--no-fid",
+                "--max-images", "3"]  # fmt: skip
+        assert main(args) == 2, (folder, size)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (folder, size, err)
+    with pytest.raises(ValueError, match="--image-size 0 is not a positive multiple"):
+        rfid.evaluate_tokenizer(_random_tokenizer(), "mnist", None, image_size=0)
+    # Legal sizes still run: another multiple of the downsampling factor, with a warning when it is far off.
+    monkeypatch.setattr(rfid, "read_share", real_read)
+    for size, warned in (("32", False), ("80", True)):
+        caplog.clear()
+        assert main(["eval", "rfid", "mnist", "--tokenizer", str(tmp_path / "conv"), "--image-size", size,
+                     "--no-fid", "--max-images", "3", "--json"]) == 0  # fmt: skip
+        assert json.loads(capsys.readouterr().out)["image_size"] == int(size)
+        assert ("far from the 16 px this tokenizer was built for" in caplog.text) == warned, size
+
+
 def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
     from conftest import TINY_AR
     from vqar.eval.probe import block_features, linear_probe

@@ -121,13 +121,14 @@ def cmd_fid(args, par) -> int:
 
 @_on_ranks
 def cmd_rfid(args, par) -> int:
-    from vqar.eval.rfid import evaluate_tokenizer
+    from vqar.eval.rfid import check_image_size, evaluate_tokenizer
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
 
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
+    check_image_size(tokenizer, args.image_size or tokenizer.image_size)  # before the Inception is loaded
     inception = None if args.no_fid else _inception(args, par.device)
     result = evaluate_tokenizer(
         tokenizer, args.data, inception, image_size=args.image_size, batch_size=args.batch_size,
@@ -198,7 +199,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rfid.add_argument("data", help="validation images: folder, .npz, tar shards or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
-    rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's resolution)")
+    rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's "
+                      "resolution); a multiple of its downsampling factor, and only its own size for VAR and ViT "
+                      "tokenizers")  # fmt: skip
     rfid.add_argument("--max-images", type=positive_int)
     rfid.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception needed)")
     _inception_options(rfid, batch=32)

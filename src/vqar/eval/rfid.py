@@ -9,6 +9,8 @@ and runs only its share of the batches (`vqar.eval.shards`) and nothing but per-
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,10 +19,13 @@ from tqdm.auto import tqdm
 
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance
-from vqar.eval.shards import gather_rows, read_share
+from vqar.eval.shards import gather_rows, read_share, share
 from vqar.eval.sources import batches, open_source
 from vqar.parallel import Parallel
 from vqar.quantize import code_statistics
+from vqar.utils.memory import check_memory
+
+log = logging.getLogger("vqar.eval")
 
 # What `_reconstruct` returns per image; a rank without images sends empty rows of these dtypes.
 ROW_DTYPES = {"psnr": torch.float32, "ssim": torch.float32, "codes": torch.long, "real": torch.float64,
@@ -90,10 +95,17 @@ def evaluate_tokenizer(
     Under torchrun every rank reconstructs its share of the batches and rank 0 returns the result; the other ranks
     get None."""
     par = par or Parallel()
-    size = image_size or tokenizer.image_size
+    size = tokenizer.image_size if image_size is None else image_size
+    check_image_size(tokenizer, size)
+    images = open_source(source, max_images)
+    part = share(len(images), batch_size, par)
+    _check_memory(tokenizer, size, max(0, part.stop - part.start), batch_size)
+    if par.is_main and not tokenizer.image_size / 4 <= size <= tokenizer.image_size * 4:
+        log.warning("rFID at %d px, far from the %d px this tokenizer was built for: its reconstructions at that "
+                    "size say little about it, and compare with no published numbers", size, tokenizer.image_size)
     # Cropped as they are read: only the evaluation-size images are held, and sets of mixed sizes (ImageNet's
     # validation images) need no resizing first.
-    originals, count = read_share(open_source(source, max_images), batch_size, par,
+    originals, count = read_share(images, batch_size, par,
                                   transform=lambda image: center_crop_resize(image[None], size)[0])  # fmt: skip
     tokenizer = tokenizer.to(device).eval()
     rows = gather_rows(_reconstruct(tokenizer, originals, inception, batch_size, device, par.is_main), par)
@@ -105,6 +117,32 @@ def evaluate_tokenizer(
         result["rfid"] = frechet_distance(fake, real)
         result["inception"] = str(inception.path)
     return result
+
+
+def check_image_size(tokenizer, size: int) -> None:
+    """ValueError for an evaluation size the tokenizer cannot encode, before any image is read (encoding would
+    refuse it only after the whole set was read)."""
+    built, factor = tokenizer.image_size, tokenizer.downsample_factor
+    if size < 1 or size % factor:
+        raise ValueError(f"--image-size {size} is not a positive multiple of the tokenizer's downsampling factor "
+                         f"{factor} (its resolution: {built})")  # fmt: skip
+    # Both fix the latent grid: a multi-scale quantizer by its last scale, a ViT by its position embeddings (other
+    # sizes fail, or read the embeddings of the wrong patches).
+    if size != built and (tokenizer.layout == "scales" or getattr(tokenizer.cfg, "arch", None) == "vit"):
+        kind = "multi-scale (VAR)" if tokenizer.layout == "scales" else "ViT"
+        raise ValueError(f"--image-size {size}: a {kind} tokenizer encodes images of its own size only ({built})")
+
+
+def _check_memory(tokenizer, size: int, images: int, batch_size: int) -> None:
+    """Refuses up front a size whose images cannot be held: every image of this process's share is kept at the
+    evaluation size (uint8), and a batch passes as float32 through the tokenizer and the PSNR / SSIM. A lower bound
+    (one channel per original, four float copies of a batch), so only what surely cannot fit is refused."""
+    pixels = size * size
+    batch = min(batch_size, images)
+    need = images * pixels + 4 * batch * tokenizer.in_channels * pixels * 4
+    check_memory(need, f"--image-size {size}: {images} images of {size}x{size} (and batches of {batch} as float32)",
+                 f"choose a smaller --image-size (the tokenizer's resolution is {tokenizer.image_size}), fewer "
+                 "images or a smaller batch")  # fmt: skip
 
 
 def _reconstruct(tokenizer, originals: np.ndarray, inception: Inception | None, batch_size: int, device,
