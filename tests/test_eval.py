@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image
 
 from vqar.cli import main
 from vqar.eval import inception as inception_module
@@ -370,6 +371,39 @@ def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
     assert result["pixel_baseline_accuracy"] == probe(train_p, train_y, test_p, test_y)
     with pytest.raises(ValueError, match="layer must be in"):
         block_features(model, torch.zeros(1, *model.code_shape, dtype=torch.long), 99)
+
+
+def test_linear_probe_refuses_too_few_images_before_encoding_any(tmp_path, monkeypatch, capsys):
+    """On 3 digits the probe reported accuracy 0.0 (one held-out image), on 1 a traceback (none held out)."""
+    import vqar
+    import vqar.eval.probe as probe
+    from vqar.ar import GPT, GPTConfig
+    from vqar.data.datasets import ArrayDataset, DatasetSplit
+
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=16, n_layer=2, n_head=2, num_classes=0))
+    vqar.save_pretrained(model.attach(_random_tokenizer()), tmp_path / "gpt")
+    real_features = probe.block_features
+    monkeypatch.setattr(probe, "block_features", lambda *a, **k: pytest.fail("images were encoded first"))
+    for images, held_out in ((3, 1), (1, 0), (90, 9)):
+        args = ["eval", "linear-probe", "mnist", "--model", str(tmp_path / "gpt"), "--layer", "0", "--max-images",
+                str(images)]  # fmt: skip
+        assert main(args) == 2, images
+        err = capsys.readouterr().err
+        expected = f"got {images} image{'s' * (images > 1)} ({held_out} held out): 10 classes need at least 10"
+        assert expected in err and "about 100 images" in err and err.count("\n") == 1, err
+    one_class = tmp_path / "one_class" / "cats"
+    one_class.mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (16, 16), 40 * i).save(one_class / f"{i}.png")
+    with pytest.raises(ValueError, match="got 5 images of 1 class; it needs images of at least 2 classes"):
+        probe.linear_probe(vqar.load_pretrained(tmp_path / "gpt"), str(one_class.parent), 0)
+    digits = ArrayDataset(np.zeros((4, 16, 16), np.uint8), [1, 1, 1, 0], 16, 1)
+    with pytest.raises(ValueError, match="training split of 2 images, all of class 1"):
+        probe.check_enough_images(DatasetSplit(digits, [0, 1]), DatasetSplit(digits, [2, 3]), 0.5)
+    monkeypatch.setattr(probe, "block_features", real_features)
+    assert main([*args[:-1], "100", "--json"]) == 0  # one held-out image per class: measured
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["test_images"]) == (90, 10)
 
 
 def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):

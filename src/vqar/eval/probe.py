@@ -8,6 +8,8 @@ Conditional models are probed without their condition (the null class), which wo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,6 @@ def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Ten
 def _split_arrays(split, size: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
     images = torch.stack([split[i].image for i in range(len(split))])
     labels = np.array([split[i].label for i in range(len(split))])
-    if (labels < 0).any():
-        raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
     return images, labels
 
 
@@ -52,6 +52,36 @@ def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
 
 
+def _split_labels(split) -> np.ndarray:
+    """The labels of a split, read off its dataset where it keeps them (no image decoded)."""
+    labels = getattr(getattr(split, "dataset", None), "labels", None)
+    if labels is None:
+        return np.array([split[i].label for i in range(len(split))], dtype=np.int64)
+    return np.asarray(labels, dtype=np.int64)[np.asarray(split.indices, dtype=np.int64)]
+
+
+def check_enough_images(train, test, val_fraction: float) -> None:
+    """ValueError, before any image is encoded, where the splits cannot give an accuracy worth reporting: fewer
+    held-out images than classes (none at all gave NaN or a traceback; a single one, an accuracy of 0 or 1), or a
+    training split of one class, on which no classifier can be fitted."""
+    train_y, test_y = _split_labels(train), _split_labels(test)
+    if (train_y < 0).any() or (test_y < 0).any():
+        raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
+    labels = np.concatenate([train_y, test_y])
+    classes = int(getattr(train, "num_classes", 0)) or len(np.unique(labels))
+    got = f"{len(labels)} image{'s' * (len(labels) != 1)}"
+    if classes < 2:
+        raise ValueError(f"linear probing got {got} of {classes} class{'es' * (classes != 1)}; it needs images of "
+                         "at least 2 classes")  # fmt: skip
+    if len(test_y) < classes:
+        raise ValueError(f"linear probing got {got} ({len(test_y)} held out): {classes} classes need at least "
+                         f"{classes} held-out images, one per class, so about {math.ceil(classes / val_fraction)} "
+                         f"images or more ({val_fraction:.0%} are held out)")  # fmt: skip
+    if len(np.unique(train_y)) < 2:
+        raise ValueError(f"linear probing got a training split of {len(train_y)} images, all of class "
+                         f"{int(train_y[0])}; fitting the probe needs images of at least 2 classes")  # fmt: skip
+
+
 def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, max_images: int | None = None) -> dict:
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -59,6 +89,7 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
     cfg = DataConfig(source=data, image_size=tokenizer.image_size, channels=tokenizer.in_channels,
                      max_images=max_images)  # fmt: skip
     train, test = build_datasets(cfg)
+    check_enough_images(train, test, cfg.val_fraction)
     grid = model.code_shape[:2]
     result = {"layer": layer, "train_images": len(train), "test_images": len(test)}
     arrays = {}
