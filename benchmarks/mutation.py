@@ -6,8 +6,8 @@ before running anything when one does not: the list must not rot silently), its 
 that should kill it. The core modules it covers: the quantizers (quantize/vector.py, residual.py, codebook.py),
 the sampling filters, loop and settings (sampling/filters.py, generate.py, settings.py: guidance and cfg_interval
 included), the stage-1 loss (tokenizers/losses.py), the AR losses (train/ar.py, train/text.py, the
-RQ-Transformer's soft targets) and the weight EMA that `--ema` samples from (train/ema.py). The first four are the
-deliberate bugs of the issue that asked for this check.
+RQ-Transformer's soft targets) and the weight EMA that a run exports in place of its raw weights (train/ema.py).
+The first four are the deliberate bugs of the issue that asked for this check.
 
 How it runs: `src/` is copied once to a temporary folder; each mutation is written into the copy, the tests run as
 `python -m pytest -x -q -p no:cacheprovider <tests>` from the repository root with PYTHONPATH=<copy>/src (ahead of
@@ -188,7 +188,7 @@ MUTATIONS = [
              LOSSES + ("tests/test_text.py::test_rq_text_head_loss_and_soft_targets",)),
     Mutation("soft_targets_residual_wrong_direction", "ar/rq_transformer.py",
              "residuals = vectors.flip(-2).cumsum(-2).flip(-2)", "residuals = vectors.cumsum(-2)", LOSSES),
-    # ---------------------------------------------------------------- the weight EMA that --ema samples from
+    # ---------------------------------------------------------------- the weight EMA a run exports
     Mutation("ema_decay_and_its_complement_swapped", "train/ema.py",
              "torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)",
              "torch._foreach_lerp_(ema_params, params, self.decay)",
