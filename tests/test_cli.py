@@ -180,6 +180,31 @@ def test_reconstruct_reads_a_releases_own_tokenizer(fixtures, release, tmp_path,
     assert (out / "digit_recon.png").is_file()
 
 
+def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_path, capsys):
+    digits, _ = load_mnist_digits()
+    folder = tmp_path / "pictures"
+    for sub, index in (("a", 1), ("b", 2)):
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray(digits[index]).save(folder / sub / "digit.png")  # the same name in two subfolders
+    (folder / "notes.txt").write_text("not an image")
+    single = tmp_path / "single.png"
+    Image.fromarray(digits[3]).save(single)
+    out = tmp_path / "recon"
+    assert main(["reconstruct", "--tokenizer", str(fixtures / "rqvae/stage1"), str(folder), str(single),
+                 "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "a/digit_recon.png", "b/digit_recon.png", "single_recon.png"]  # fmt: skip
+    assert "3 of 3 images reconstructed: mean PSNR" in printed
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main(["reconstruct", "--tokenizer", str(fixtures / "rqvae/stage1"), str(empty),
+                 "--out", str(tmp_path / "recon2")]) == 2  # fmt: skip
+    assert f"{empty} contains no image files" in capsys.readouterr().err
+    assert not (tmp_path / "recon2").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     recon.add_argument("--tokenizer", required=True, help="a tokenizer run directory or saved model folder, or a "
                        "release's tokenizer (an RQ-VAE stage1 folder, LlamaGen's vq_ds*.pt, VAR's VQVAE .pth)")
     recon.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
-    recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads), or "
+                       "folders of them (read recursively; the reconstructions keep their relative paths under --out)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
     recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")
     recon.add_argument("--depth", type=positive_int,

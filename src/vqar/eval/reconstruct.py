@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vqar.data import convert_channels, fit_image, to_tensor
+from vqar.eval.sources import IMAGE_SUFFIXES, image_files
 from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
@@ -43,8 +44,11 @@ def reconstruct_files(
 ) -> list[str]:
     """Writes `<out_dir>/<name>_recon.png` for each image and prints its PSNR; returns the files that failed.
 
-    One unreadable file does not stop the others; it is reported and listed in the return value. `config`: the
-    architecture of a file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it."""
+    A folder in `images` stands for the image files under it, written under the same relative paths. One unreadable
+    file does not stop the others; it is reported and listed in the return value. `config`: the architecture of a
+    file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it."""
+    # Folders are listed before the model loads, so an empty one fails at once.
+    entries = _images_and_names(images)
     dev = resolve_device(device)
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
     model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)
@@ -60,8 +64,8 @@ def reconstruct_files(
                          f"a residual stack's depths or VAR's scales), got {depth}")  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures, written = [], set()
-    for path in images:
+    failures, written, values = [], set(), []
+    for path, stem in entries:
         try:
             x = load_image_tensor(path, model.in_channels, size).to(dev)
         except (FileNotFoundError, ValueError) as err:
@@ -71,10 +75,30 @@ def reconstruct_files(
         with torch.no_grad():
             recon = model.decode(model.encode(x), depth=depth).clamp(-1, 1)
         value = float(psnr(x, recon)[0])
-        stem = Path(path).stem
+        values.append(value)
         name = stem if stem not in written else f"{stem}_{len(written)}"
         written.add(name)
         target = out_dir / f"{name}_recon.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid([torch.cat([x, recon]).cpu()]), target)
         print(f"{path}: PSNR {value:.2f} dB -> {target}")
+    if len(entries) > 1:
+        failed = f", {len(failures)} unreadable" if failures else ""
+        mean = f": mean PSNR {sum(values) / len(values):.2f} dB" if values else ""
+        print(f"{len(values)} of {len(entries)} images reconstructed{failed}{mean}")
     return failures
+
+
+def _images_and_names(images: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """Each image file with the name its reconstruction takes under --out (a folder's files keep their relative
+    paths, so that equal names in two subfolders stay apart)."""
+    entries = []
+    for given in map(Path, images):
+        if not given.is_dir():
+            entries.append((given, given.stem))
+            continue
+        files = image_files(given)
+        if not files:
+            raise ValueError(f"{given} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        entries += [(file, file.relative_to(given).with_suffix("").as_posix()) for file in files]
+    return entries

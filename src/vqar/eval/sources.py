@@ -258,7 +258,8 @@ def _read_into(stream, target: memoryview) -> None:
 
 
 # ---------------------------------------------------------------- a folder of image files
-def _folder_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, in sorted order."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -287,7 +288,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, folder: Path, max_images: int | None):
         super().__init__(folder)
-        self.files = _folder_files(folder)[:max_images]
+        self.files = image_files(folder)[:max_images]
         if not self.files:
             hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
             raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
