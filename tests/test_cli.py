@@ -237,3 +237,18 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
     assert "depth: 2" in capsys.readouterr().out
     assert main(["train", "tokenizer", "rqvae-mnist", "stray", "--out", "/nonexistent/run"]) == 2
     assert "overrides are key=value pairs, got 'stray'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("f=0", "f (the latent stride) must be a power of 2 from 1 to 256, got 0"),  # was "math domain error"
+        ("f=-4", "f (the latent stride) must be a power of 2 from 1 to 256, got -4"),
+        ("f=512", "f (the latent stride) must be a power of 2 from 1 to 256, got 512"),
+        ("image_size=0", "image_size must be a positive multiple of f=32, got 0"),
+        ("ch=0", "ch (the tokenizer's base width) must be >= 1, got 0"),
+    ],
+)
+def test_bench_sample_names_a_bad_setting(setting, words, capsys):
+    assert main(["bench", "sample", "model=RQ-XS", setting, "--device", "cpu"]) == 2
+    assert words in capsys.readouterr().err

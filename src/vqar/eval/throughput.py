@@ -24,6 +24,10 @@ from vqar.sampling.speculative import DecodeStats
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
 
+# The random tokenizer's channel multipliers, one per resolution: they allow latent strides up to 2^8.
+STRIDE_WIDTHS = [1, 1, 2, 2, 4, 4, 4, 4, 4]
+MAX_STRIDE = 2 ** (len(STRIDE_WIDTHS) - 1)
+
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -52,11 +56,13 @@ class BenchConfig:
         return self.d if self.d is not None else find_size(self.model).bench_depth
 
     def validate(self) -> None:
-        levels = math.log2(self.f)
-        if self.f < 1 or levels != int(levels):
-            raise ValueError(f"f (the latent stride) must be a power of 2, got {self.f}")
-        if self.image_size % self.f:
-            raise ValueError(f"image_size {self.image_size} is not divisible by f={self.f}")
+        # log2 of 0 or of a negative stride is a math domain error, not a message about f
+        if self.f < 1 or math.log2(self.f) != int(math.log2(self.f)) or self.f > MAX_STRIDE:
+            raise ValueError(f"f (the latent stride) must be a power of 2 from 1 to {MAX_STRIDE}, got {self.f}")
+        if self.image_size < self.f or self.image_size % self.f:
+            raise ValueError(f"image_size must be a positive multiple of f={self.f}, got {self.image_size}")
+        if self.ch < 1:
+            raise ValueError(f"ch (the tokenizer's base width) must be >= 1, got {self.ch}")
         find_size(self.model)  # ValueError listing the known sizes
         if min(self.depth, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
             raise ValueError("need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0")
@@ -70,7 +76,7 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[Tokenizer, ARM
     """A random tokenizer and a random model of size `cfg.model` over its codes, through the registry."""
     arch = find_size(cfg.model)
     levels = int(math.log2(cfg.f))
-    mults = [1, 1, 2, 2, 4, 4, 4, 4, 4][: levels + 1]
+    mults = STRIDE_WIDTHS[: levels + 1]
     grid = cfg.image_size // cfg.f
     quantizer = QuantizerConfig(codebook_size=cfg.c, dim=256, **arch.bench_quantizer(grid, cfg.depth))
     tok_cfg = TokenizerConfig(
