@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
+from starlette.routing import Match
 
 from vqar.sampling import SamplingSettings
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
@@ -145,6 +146,25 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
         return answer
 
     return router
+
+
+class WrongMethodGuard:
+    """ASGI middleware answering 405, with an `Allow` header, a request whose path is an API route's but whose
+    method is not one it takes. Starlette would do so itself, but only when no other route matches fully: the web
+    page mounted at / matches every path, so without this the page (not the API) answered `GET /generate`."""
+
+    def __init__(self, app, router: APIRouter):
+        self.app, self.routes = app, list(router.routes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for route in self.routes:
+                if route.matches(scope)[0] is Match.PARTIAL:  # the path is this route's, the method is not
+                    allow = ", ".join(sorted(route.methods))
+                    answer = JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow})
+                    await answer(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def decode_png(text: str) -> np.ndarray:

@@ -42,11 +42,13 @@ def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path |
     its zip downloads in `work_dir`."""
     from fastapi.exceptions import RequestValidationError
 
-    from vqar.serve.api import build_router, validation_error
+    from vqar.serve.api import WrongMethodGuard, build_router, validation_error
 
     app = FastAPI(title="vqar", description="Sample a vqar model: POST /generate, GET /model, GET /health")
-    app.include_router(build_router(engine))
+    router = build_router(engine)
+    app.include_router(router)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(WrongMethodGuard, router=router)
     if ui:
         import gradio as gr
 
