@@ -24,8 +24,21 @@ def run(args: argparse.Namespace) -> int:
     save_pretrained(model, out)
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {out}")
-    print(f"load it with vqar.load_pretrained({str(out)!r}) or `vqar sample --model {out}`")
+    print(next_steps(model, out))
     return 0
+
+
+def next_steps(model, out: Path) -> str:
+    """The closing hint: what the converted model is used for (a stage-1 tokenizer is not sampled from)."""
+    from vqar.ar import ARModel
+
+    load = f"load it with vqar.load_pretrained({str(out)!r})"
+    if isinstance(model, ARModel):
+        return f"{load} or `vqar sample --model {out}`"
+    uses = [f"vqar reconstruct --tokenizer {out} --out DIR IMAGE...", f"vqar eval rfid DATA --tokenizer {out}",
+            f"vqar extract-codes --tokenizer {out} --data DATA --out CODES",
+            f"vqar sample --model AR_MODEL --tokenizer {out}   (an AR model over its codes)"]
+    return f"{load}; it is a stage-1 tokenizer, to use as in\n" + "\n".join(f"  {use}" for use in uses)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,52 @@
+"""`vqar convert` closes with how to use what it wrote: sampling for an AR model, the tokenizer commands for a
+stage-1 model (which is not sampled from), each of them a command line that runs on the converted folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from vqar.cli import main
+
+
+@pytest.fixture()
+def release(fixtures, tmp_path):
+    """The RQ release fixture (stage1 + stage2), copied: convert reads it, the tests write beside it."""
+    folder = tmp_path / "release"
+    shutil.copytree(fixtures / "rqvae", folder)
+    return folder
+
+
+def _hint(capsys) -> list[str]:
+    """What convert prints after the line naming the model it wrote."""
+    return capsys.readouterr().out.strip().splitlines()[1:]
+
+
+def test_a_converted_tokenizer_is_pointed_to_the_tokenizer_commands(release, tmp_path, capsys):
+    out = tmp_path / "tokenizer"
+    assert main(["convert", str(release / "stage1"), str(out)]) == 0
+    assert _hint(capsys) == [
+        f"load it with vqar.load_pretrained({str(out)!r}); it is a stage-1 tokenizer, to use as in",
+        f"  vqar reconstruct --tokenizer {out} --out DIR IMAGE...",
+        f"  vqar eval rfid DATA --tokenizer {out}",
+        f"  vqar extract-codes --tokenizer {out} --data DATA --out CODES",
+        f"  vqar sample --model AR_MODEL --tokenizer {out}   (an AR model over its codes)",
+    ]
+    # The hint's commands take the folder: reconstruct an image with it, give it to the AR model as its tokenizer.
+    import numpy as np
+    from PIL import Image
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).save(picture)
+    assert main(["reconstruct", "--tokenizer", str(out), "--out", str(tmp_path / "recon"), str(picture)]) == 0
+    assert list((tmp_path / "recon").iterdir())
+    assert main(["sample", "--model", str(release / "stage2"), "--tokenizer", str(out), "--classes", "0",
+                 "--n-per-class", "1", "--out", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "samples.npz").is_file()
+
+
+def test_a_converted_ar_model_is_pointed_to_sampling(release, tmp_path, capsys):
+    out = tmp_path / "ar"
+    assert main(["convert", str(release), str(out)]) == 0
+    assert _hint(capsys) == [f"load it with vqar.load_pretrained({str(out)!r}) or `vqar sample --model {out}`"]
