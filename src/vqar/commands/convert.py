@@ -51,5 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "other formats, which record their architecture")  # fmt: skip
     convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads); "
                          "refused for a stage-1 model")  # fmt: skip
-    convert.add_argument("--ema", action="store_true", help="convert the EMA weights")
+    convert.add_argument("--ema", action="store_true", help="convert the EMA weights an RQ release or LlamaGen "
+                         "checkpoint carries (refused for sources that hold one set of weights)")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")

@@ -35,11 +35,18 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
         config: the architecture where the files do not carry it (LlamaGen): a preset name (`VQ-16`, `GPT-XL`),
             a dict of the upstream constructor fields, or a JSON file of them; a VAR VQVAE's scales. A ValueError
             for the formats that record their own (vqar folders, RQ releases, VAR transformers).
-        ema: load the EMA weights the checkpoint carries instead of the raw ones.
+        ema: load the EMA weights the checkpoint carries instead of the raw ones (an RQ release's `state_dict_ema`, a
+            LlamaGen file's `ema`). A ValueError, before the weights are read, for sources with no separate EMA
+            weights: vqar folders and Hub repositories (which hold one set, the EMA average where the run used
+            `train.ema_decay`) and VAR's files; also for such a `tokenizer`.
         tokenizer: the stage-1 model for an AR model, a loaded tokenizer or anything `load_pretrained` reads;
             an RQ-Transformer without one looks for `stage1/` beside its folder. A ValueError for a stage-1 model.
         device: where the model (and the tokenizer it carries) is put.
     """
+    if ema:
+        _refuse_ema_of_bundle(path)
+        if isinstance(tokenizer, (str, Path)):
+            _refuse_ema_of_bundle(tokenizer, "the tokenizer ")
     source = Path(path)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
@@ -62,6 +69,22 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
     if isinstance(model, ARModel) and model.tokenizer is not None:
         model.attach(model.tokenizer.to(device))
     return model
+
+
+_ONE_SET_OF_WEIGHTS = ("it holds one set of weights, no separate EMA ones (a vqar run trained with train.ema_decay "
+                       "exported its EMA average as those weights); drop --ema")
+_VAR_HAS_NO_EMA = "VAR's released checkpoints hold one set of weights, with no EMA entry; drop --ema"
+
+
+def _refuse_ema_of_bundle(path, what: str = "") -> None:
+    """ValueError when `path` is a vqar model folder (of any vqar version) or a Hub repository id, read from its
+    name alone: neither carries separate EMA weights, and refusing here spares loading (or downloading) them."""
+    if isinstance(path, nn.Module):
+        return
+    folder = Path(path)
+    if (folder / CONFIG_FILE).is_file() or (not folder.exists() and is_hub_repo_id(path)):
+        kind = "a vqar model folder" if folder.exists() else "a Hub repository (a vqar model folder)"
+        raise _does_not_apply("ema", f"{what}{path}", f"{kind}: {_ONE_SET_OF_WEIGHTS}")
 
 
 _BUNDLE_HAS_CONFIG = "a vqar model folder (a Hub repository's too) records its architecture in its config.json"
@@ -120,6 +143,8 @@ def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.
     VQVAE beside it."""
     checkpoint = load_checkpoint(path)
     if var_transformer.is_var_transformer_state(checkpoint):
+        if ema:
+            raise _does_not_apply("ema", path, f"a VAR transformer: {_VAR_HAS_NO_EMA}")
         if config is not None:
             raise _does_not_apply("config", path, "a VAR transformer's architecture (its scales too) is read off "
                                   "its weights")  # fmt: skip
@@ -131,6 +156,8 @@ def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.
             found = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
         return var_transformer.load_var_transformer(checkpoint, tokenizer=found), tokenizer
     if var.is_var_vqvae_state(checkpoint):
+        if ema:
+            raise _does_not_apply("ema", path, f"a VAR VQVAE: {_VAR_HAS_NO_EMA}")
         if tokenizer is not None:
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a VAR VQVAE"))
         # `config`, when given: a dict / JSON of load_var_vqvae's keywords (patch_nums, phi_ratio, beta).
