@@ -25,6 +25,7 @@ from vqar.commands import MODULES
 from vqar.configs import ConfigError
 from vqar.parallel.runtime import launched_by_torchrun
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
+from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
 
 EPILOG = """examples:
@@ -82,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         apply_thread_policy()  # once, before any work (see vqar.utils.threads)
-        with logging_redirect_tqdm():
-            return args.func(args)
+        with logging_redirect_tqdm(), created_folders_removed_on_failure(*_out_of(args)) as tidy:
+            code = args.func(args)
+            if code:  # failed without raising (`vqar reconstruct` of files that are all missing)
+                tidy()
+            return code
     except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:
         if args.verbose:
             raise
@@ -101,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def _out_of(args: argparse.Namespace) -> tuple[str, bool]:
+    """The output path of the command (to tidy up after a failure) and whether this process may tidy it: under
+    torchrun only rank 0, which alone writes the outputs, so another rank never removes a folder rank 0 fills."""
+    out = getattr(args, "out", None) or getattr(args, "out_dir", None)
+    if not isinstance(out, str):  # no output, or one the command derives itself (`vqar reproduce NAME`)
+        return "", False
+    return out, int(os.environ.get("RANK", "0")) == 0
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -242,8 +242,11 @@ def extract_codes(
         failure = err
     if par.any(failure is not None):
         done = sum(work.finished(u) for u in range(len(units))) if par.is_main else 0
-        log.error("extraction stopped; %d of %d shards are done in %s: run the same command again to resume",
-                  done, len(units), work.path)  # fmt: skip
+        if par.is_main and done:
+            log.error("extraction stopped; %d of %d shards are done in %s: run the same command again to resume",
+                      done, len(units), work.path)  # fmt: skip
+        elif par.is_main:  # nothing to resume: the work folder would only be litter beside --out
+            shutil.rmtree(work.path, ignore_errors=True)
         raise failure or RuntimeError("another process failed while extracting codes (see its messages)")
     manifest, problem = None, None
     if par.is_main:
@@ -348,6 +351,8 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
     shards = [{**{k: p["files"][k] for k in keys}, "count": p["count"], "sha256": {k: p["sha256"][k] for k in keys}}
               for p in parts if p["count"]]  # fmt: skip
     if not shards:
+        # Not kept to resume: its units are recorded as done, so a rerun would skip the same images again.
+        shutil.rmtree(work.path, ignore_errors=True)
         raise ValueError(f"no readable images in {plan['source']}")
     manifest = {
         "format": FORMAT,

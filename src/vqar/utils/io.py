@@ -125,6 +125,35 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
                               "--out")  # fmt: skip
 
 
+@contextlib.contextmanager
+def created_folders_removed_on_failure(out: str | Path, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """If the body raises, removes the folders on the way to `out` (`out` included) that did not exist when it
+    started and are empty now, so a failed command leaves no empty folders behind; the body may call the function
+    it is given to do the same when it fails without raising. A folder holding anything (a checkpoint, a partial
+    extraction to resume, someone else's file) is kept, and so are the folders above it; a folder that existed
+    before is never touched."""
+    # abspath, not resolve: `out` need not exist, and these are the names the command creates.
+    path = Path(os.path.abspath(out))
+    created = [folder for folder in (path, *path.parents) if not folder.exists()] if enabled else []
+
+    def tidy() -> None:
+        for folder in created:  # deepest first
+            try:
+                if not folder.exists():  # never made (an error before the first write)
+                    continue
+                if folder.is_symlink() or not folder.is_dir() or any(folder.iterdir()):
+                    return
+                folder.rmdir()
+            except OSError:  # taken meanwhile, or not ours to remove
+                return
+
+    try:
+        yield tidy
+    except BaseException:
+        tidy()
+        raise
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
