@@ -33,7 +33,15 @@ from vqar.data.loading import Batch, collate_samples
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
 from vqar.parallel import Parallel
-from vqar.utils.io import atomic_write, atomic_write_text, check_replaceable, replace_directory, sha256_file
+from vqar.utils.io import (
+    OutputLocked,
+    atomic_write,
+    atomic_write_text,
+    check_replaceable,
+    replace_directory,
+    sha256_file,
+    write_lock,
+)
 
 log = logging.getLogger("vqar.data")
 
@@ -198,14 +206,23 @@ def extract_codes(
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
-    problem = None
-    if par.is_main:
-        try:  # --overwrite deletes the old store: never a folder that is something else
-            check_replaceable(out_dir, overwrite, "a code store", is_code_store)
-        except FileExistsError as err:
-            problem = err
-    if par.any(problem is not None):
-        raise problem or FileExistsError(f"{out_dir} cannot be written; see rank 0's error")
+    with contextlib.ExitStack() as held:
+        problem = None
+        if par.is_main:  # rank 0 locks for every rank: two runs at once would write the same shards
+            try:
+                held.enter_context(write_lock(out_dir))
+                # --overwrite deletes the old store: never a folder that is something else
+                check_replaceable(out_dir, overwrite, "a code store", is_code_store)
+            except (FileExistsError, OutputLocked) as err:
+                problem = err
+        if par.any(problem is not None):
+            raise problem or FileExistsError(f"{out_dir} cannot be written; see rank 0's error")
+        return _extract(tokenizer, data, out_dir, views, crop_range, device, shard_size, tokenizer_dir, par)
+
+
+def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range: float, device, shard_size: int,
+             tokenizer_dir, par: Parallel) -> dict:  # fmt: skip
+    """`extract_codes` once `out_dir` is checked and locked."""
     size = data.image_size
     fit = round(size * crop_range) if views == "ten-crop" else size
     dataset = open_dataset(DataConfig(**{**data.__dict__, "image_size": fit, "val_fraction": 0.0}))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
 from vqar.data.shards import is_shard_source, shard_index
-from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory
+from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory, write_lock
 
 log = logging.getLogger("vqar.data")
 
@@ -86,6 +86,13 @@ def pack_shards(
     if source != "mnist" and is_shard_source(source):
         raise ValueError(f"{source} already names tar shards; point data.source at it directly")
     out_dir = Path(out_dir)
+    with write_lock(out_dir):  # a second packer of OUT would delete this one's work folder
+        return _pack(source, out_dir, shard_size, captions, shuffle, seed, max_images, overwrite)
+
+
+def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shuffle: bool, seed: int,
+          max_images: int | None, overwrite: bool) -> PackReport:  # fmt: skip
+    """`pack_shards` once `out_dir` is locked."""
     check_replaceable(out_dir, overwrite, "a folder of tar shards", is_shard_folder)  # --overwrite deletes it
     # image_size and channels are unused: packing keeps the images as they are.
     dataset = open_dataset(DataConfig(source=source, captions=captions, max_images=max_images, val_fraction=0.0))

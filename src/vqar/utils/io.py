@@ -154,6 +154,53 @@ def created_folders_removed_on_failure(out: str | Path, enabled: bool = True) ->
         raise
 
 
+class OutputLocked(OSError):
+    """Another process holds the write lock of an output (`write_lock`)."""
+
+
+@contextlib.contextmanager
+def write_lock(target: str | Path) -> Iterator[None]:
+    """Holds an exclusive lock on writing `target` for the body, or raises OutputLocked at once (naming the holder's
+    pid) while another process holds it. The lock is the file `.NAME.lock` beside `target`, not in it, so a body
+    that replaces the folder (--overwrite) keeps it; the file is removed at the end, and one a killed process left
+    is taken over (the kernel drops a dead process's lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no lock
+        yield
+        return
+    path = Path(os.path.abspath(target))  # `--out .` has a name too
+    lock = path.parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputLocked(f"another vqar process{who} is writing {target}; wait for it to finish or choose "
+                               "another --out") from None  # fmt: skip
+        # A holder that finished between our open and our lock removed the file: the lock taken is then on a name
+        # nobody opens any more, so try again on the file that is there now.
+        try:
+            now = os.stat(lock)
+        except FileNotFoundError:
+            now = None
+        held = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held, so no process locks the file after us
+        os.close(fd)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

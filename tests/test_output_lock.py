@@ -1,0 +1,113 @@
+"""One writer at a time for a code store or a folder of shards (README, "Failure modes"): a second `vqar
+extract-codes` or `vqar pack-shards` with the same --out fails at once, naming the process that writes it, and
+writes nothing; once that process is done, the command works and leaves no lock file."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import file_contents, run_cli
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    path = tmp_path / "images.npz"
+    np.savez(path, arr_0=np.zeros((4, 32, 32), np.uint8))
+    return path
+
+
+def _command(kind: str, tokenizer_folder, images) -> list[str]:
+    if kind == "extract-codes":
+        return ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)]
+    return ["pack-shards", str(images)]
+
+
+def _hold(lock: Path, pid: int):
+    """Takes the lock as a running vqar process holds it: flock on the file, with its pid inside."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{pid}\n".encode())
+    return fd
+
+
+@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
+def test_a_second_writer_of_the_same_out_fails_at_once_and_writes_nothing(tokenizer_folder, images, tmp_path,
+                                                                          capsys, kind):  # fmt: skip
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out, lock = parent / "out", parent / ".out.lock"
+    fd = _hold(lock, 4242)
+    try:
+        code, err = run_cli([*_command(kind, tokenizer_folder, images), "--out", str(out)], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        expected = f"another vqar process (pid 4242) is writing {out}; wait for it to finish or choose another --out"
+        assert err == f"vqar: error: {expected}\n"
+        assert [p.name for p in parent.iterdir()] == [".out.lock"]  # no store, no .out.partial
+    finally:
+        os.close(fd)
+    assert run_cli([*_command(kind, tokenizer_folder, images), "--out", str(out)], capsys)[0] == 0
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]  # the lock file went with the run
+
+
+@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
+def test_overwrite_deletes_nothing_while_another_process_writes(tokenizer_folder, images, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    command = [*_command(kind, tokenizer_folder, images), "--out", str(out)]
+    assert run_cli(command, capsys)[0] == 0
+    before = file_contents(out)
+    # The other writer is a separate process (the lock is vqar's own), which the error names.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
+                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = run_cli([*command, "--overwrite"], capsys)
+        assert code == 2 and f"another vqar process (pid {holder.pid}) is writing {out};" in err, err
+        assert file_contents(out) == before
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (tmp_path / ".out.lock").exists()
+    assert run_cli([*command, "--overwrite"], capsys)[0] == 0
+
+
+def test_a_lock_file_a_killed_process_left_is_taken_over(images, tmp_path, capsys):
+    (tmp_path / ".out.lock").write_text("999999999\n")  # no process holds its flock any more
+    assert run_cli(["pack-shards", str(images), "--out", str(tmp_path / "out")], capsys)[0] == 0
+    assert json.loads((tmp_path / "out" / "shards.json").read_text())["shardlist"]
+    assert not (tmp_path / ".out.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_rank_0_takes_the_lock_for_every_rank(tokenizer_folder, images, tmp_path):
+    import socket
+
+    def torchrun() -> subprocess.CompletedProcess:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   "-m", "vqar.cli", *_command("extract-codes", tokenizer_folder, images), "--shard-size", "2",
+                   "--out", str(tmp_path / "out")]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    fd = _hold(tmp_path / ".out.lock", 4242)
+    try:
+        done = torchrun()
+        assert done.returncode != 0
+        assert f"vqar: error: another vqar process (pid 4242) is writing {tmp_path / 'out'};" in done.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    finally:
+        os.close(fd)
+    done = torchrun()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote 4 items") == 1 and not (tmp_path / ".out.lock").exists()
