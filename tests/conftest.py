@@ -152,3 +152,17 @@ def tokenizer_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer") / "tok"
     vqar.save_pretrained(vqar.Tokenizer(load_run_config("rqvae-mnist", TINY_RUN).model), folder)
     return folder
+
+
+def random_tokenizer(arch: str = "conv", quantizer: str = "vq"):
+    """An untrained 16 px gray tokenizer (downsampling factor 4), for checks that need no trained weights."""
+    from vqar.quantize import QuantizerConfig
+    from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+    from vqar.tokenizers.vit import ViTConfig
+
+    conv = ConvConfig(in_channels=1, out_channels=1, resolution=16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=8, norm_groups=4)  # fmt: skip
+    vit = ViTConfig(image_size=16, in_channels=1, out_channels=1, patch_size=4, encoder="S", decoder="S")
+    fields = {"patch_nums": [1, 2, 4], "ema": False} if quantizer == "multiscale" else {}
+    return Tokenizer(TokenizerConfig(arch=arch, conv=conv, vit=vit, quantizer=QuantizerConfig(
+        kind=quantizer, codebook_size=16, dim=4, **fields))).eval()  # fmt: skip

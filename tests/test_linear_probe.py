@@ -1,0 +1,98 @@
+"""Linear probing of an AR model's features (`vqar eval linear-probe`): the probe's accuracy against one written
+out here, and the refusals of data it cannot probe."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import random_tokenizer
+from vqar.cli import main
+
+
+def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
+    from conftest import TINY_AR
+    from vqar.eval.probe import block_features, linear_probe
+    from vqar.train.ar import load_run_config, train_ar
+
+    run = tmp_path / "ar"
+    train_ar(load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10"]), run)
+    from vqar.bundle import load
+
+    model = load(run)
+    result = linear_probe(model, "mnist", layer=1, max_images=300)
+    assert result["test_images"] == 30 and result["feature_dim"] == model.cfg.dim and result["pixel_dim"] == 16
+
+    # The probe written out here: block 1's output for the null class (never the label), averaged over the image
+    # tokens after the class token; a scaled logistic regression fit on the training split, scored on the other.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vqar.data import DataConfig, build_datasets
+
+    def probe(train_x, train_y, test_x, test_y):
+        scaler = StandardScaler().fit(train_x)
+        fitted = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train_x), train_y)
+        return float((fitted.predict(scaler.transform(test_x)) == test_y).mean())
+
+    outputs = []
+    hook = model.layers[1].register_forward_hook(lambda module, args, out: outputs.append(out[:, 1:].float().mean(1)))
+    arrays = []
+    for split in build_datasets(DataConfig(source="mnist", image_size=32, channels=1, max_images=300)):
+        images = torch.stack([split[i].image for i in range(len(split))])
+        labels = np.array([split[i].label for i in range(len(split))])
+        outputs.clear()
+        with torch.no_grad():
+            for chunk in images.split(128):
+                model(model.tokenizer.encode(chunk), None)  # None: the null class, never the labels
+        pixels = torch.nn.functional.avg_pool2d(images, 8).flatten(1)  # 32x32 -> the 4x4 code grid
+        arrays.append((torch.cat(outputs).numpy(), pixels.numpy(), labels))
+    (train_f, train_p, train_y), (test_f, test_p, test_y) = arrays
+    with torch.no_grad():  # the features themselves too, not only the accuracy they give
+        codes = model.tokenizer.encode(images[:8])
+        outputs.clear()
+        model(codes, None)
+    hook.remove()
+    assert torch.equal(block_features(model, codes, 1), outputs[0])
+    assert len(test_y) == 30 and len(train_y) == result["train_images"]
+    assert result["accuracy"] == probe(train_f, train_y, test_f, test_y)
+    assert result["pixel_baseline_accuracy"] == probe(train_p, train_y, test_p, test_y)
+    with pytest.raises(ValueError, match="layer must be in"):
+        block_features(model, torch.zeros(1, *model.code_shape, dtype=torch.long), 99)
+
+
+def test_linear_probe_refuses_too_few_images_before_encoding_any(tmp_path, monkeypatch, capsys):
+    """On 3 digits the probe reported accuracy 0.0 (one held-out image), on 1 a traceback (none held out)."""
+    import vqar
+    import vqar.eval.probe as probe
+    from vqar.ar import GPT, GPTConfig
+    from vqar.data.datasets import ArrayDataset, DatasetSplit
+
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=16, n_layer=2, n_head=2, num_classes=0))
+    vqar.save_pretrained(model.attach(random_tokenizer()), tmp_path / "gpt")
+    real_features = probe.block_features
+    monkeypatch.setattr(probe, "block_features", lambda *a, **k: pytest.fail("images were encoded first"))
+    for images, held_out in ((3, 1), (1, 0), (90, 9)):
+        args = ["eval", "linear-probe", "mnist", "--model", str(tmp_path / "gpt"), "--layer", "0", "--max-images",
+                str(images)]  # fmt: skip
+        assert main(args) == 2, images
+        err = capsys.readouterr().err
+        expected = f"got {images} image{'s' * (images > 1)} ({held_out} held out): 10 classes need at least 10"
+        assert expected in err and "about 100 images" in err and err.count("\n") == 1, err
+    one_class = tmp_path / "one_class" / "cats"
+    one_class.mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (16, 16), 40 * i).save(one_class / f"{i}.png")
+    with pytest.raises(ValueError, match="got 5 images of 1 class; it needs images of at least 2 classes"):
+        probe.linear_probe(vqar.load_pretrained(tmp_path / "gpt"), str(one_class.parent), 0)
+    digits = ArrayDataset(np.zeros((4, 16, 16), np.uint8), [1, 1, 1, 0], 16, 1)
+    with pytest.raises(ValueError, match="training split of 2 images, all of class 1"):
+        probe.check_enough_images(DatasetSplit(digits, [0, 1]), DatasetSplit(digits, [2, 3]), 0.5)
+    monkeypatch.setattr(probe, "block_features", real_features)
+    assert main([*args[:-1], "100", "--json"]) == 0  # one held-out image per class: measured
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["test_images"]) == (90, 10)
