@@ -239,6 +239,41 @@ def test_reference_statistics_with_nan_are_refused_before_the_samples_are_read(t
         generation.evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", inception=None)
 
 
+def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeypatch):
+    """An .npz of statistics had its mu and sigma read twice: checked before the samples' Inception pass, then
+    read again after it."""
+    import vqar.eval.generation as generation
+
+    torch.jit.script(_FakeStyleGANInception()).save(str(tmp_path / "fake_inception.pt"))
+    net = Inception(tmp_path / "fake_inception.pt")
+    rng = np.random.default_rng(0)
+    real, fake = (rng.integers(0, 256, (30, 20, 20, 1), dtype=np.uint8) for _ in range(2))
+    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    stats = GaussianStats.of(net(real), keep_features=True)
+    events = []
+    real_getitem, real_outputs = np.lib.npyio.NpzFile.__getitem__, generation.source_outputs
+
+    def counted_getitem(self, key):
+        events.append(key)
+        return real_getitem(self, key)
+
+    def recorded_outputs(*args, **kwargs):
+        events.append(kwargs["desc"])
+        return real_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", counted_getitem)
+    monkeypatch.setattr(generation, "source_outputs", recorded_outputs)
+    # ADM's layout (the reference images run for precision/recall) and vqar's (features stored)
+    for arrays, expected in (({"arr_0": real}, ["mu", "sigma", "samples", "reference"]),
+                             ({"features": stats.features}, ["mu", "sigma", "features", "samples"])):
+        np.savez(tmp_path / "ref.npz", mu=stats.mu, sigma=stats.sigma, **arrays)
+        events.clear()
+        result = generation.evaluate_samples(tmp_path / "fake.npz", tmp_path / "ref.npz", net, batch_size=8)
+        assert [event for event in events if event != "arr_0"] == expected  # the images' reads are not counted
+        assert result["fid"] == pytest.approx(frechet_distance(GaussianStats.of(net(fake)), stats), rel=1e-9)
+        assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+
+
 # ---------------------------------------------------------------- tokenizer, AR model, sampling
 def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
     from vqar.bundle import load

@@ -125,6 +125,56 @@ def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None
     atomic_write(path, write)
 
 
+@dataclass
+class StoredReference:
+    """An `.npz` of reference statistics as `read_stored_reference` read it."""
+
+    stats: GaussianStats
+    features: np.ndarray | None  # the pool features stored with them (vqar's), on rank 0 when asked
+    images_only: bool  # the reference images (ADM's arr_0) without stored features: precision/recall runs them
+
+
+def read_stored_reference(
+    source: str | Path, need_features: bool = False, par: Parallel | None = None
+) -> StoredReference | None:
+    """The statistics of `source` where it is an `.npz` holding `mu` and `sigma` (ADM or vqar), None for any other
+    source. ValueError naming it where its mu or sigma is not finite (an FID against it would be NaN)."""
+    path = Path(source)
+    if not (path.is_file() and path.suffix == ".npz"):
+        return None
+    par = par or Parallel()
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in ("mu", "sigma") if key in data}
+        for key, value in arrays.items():
+            if not np.isfinite(value).all():
+                raise ValueError(f"{path}: its reference statistics hold NaN or infinite values in {key!r}; make "
+                                 "them again with `vqar eval stats`")  # fmt: skip
+        if len(arrays) < 2:
+            return None
+        # read on rank 0 alone: stored features are as large as the ones computed
+        features = data["features"] if need_features and "features" in data and par.is_main else None
+        images_only = "features" not in data and "arr_0" in data
+    return StoredReference(GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1), features, images_only)
+
+
+def _reference_outputs(
+    source: str | Path,
+    stored: StoredReference | None,
+    inception: Inception,
+    batch_size: int,
+    need_features: bool,
+    par: Parallel,
+) -> tuple[GaussianStats | None, np.ndarray | None]:
+    if stored is None:
+        out = source_outputs(source, inception, batch_size, desc="reference", par=par)
+        return (None, None) if out is None else (GaussianStats.of(out.features), out.features)
+    features = stored.features
+    if need_features and stored.images_only:  # every rank takes part
+        out = source_outputs(source, inception, batch_size, desc="reference", par=par)
+        features = None if out is None else out.features
+    return (stored.stats, features) if par.is_main else (None, None)
+
+
 def reference_stats(
     source: str | Path,
     inception: Inception,
@@ -136,33 +186,8 @@ def reference_stats(
     stats and, when asked and available, the reference features for precision/recall. Under torchrun rank 0 gets
     them; the other ranks take their part in any Inception pass and get (None, None)."""
     par = par or Parallel()
-    path = Path(source)
-    if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as data:
-            if "mu" in data and "sigma" in data:
-                if need_features and "features" not in data and "arr_0" in data:  # every rank takes part
-                    out = source_outputs(path, inception, batch_size, desc="reference", par=par)
-                    features = None if out is None else out.features
-                else:  # read on rank 0 alone: stored features are as large as the ones computed
-                    features = data["features"] if "features" in data and par.is_main else None
-                if not par.is_main:
-                    return None, None
-                return GaussianStats(mu=data["mu"], sigma=data["sigma"], count=-1), features
-    out = source_outputs(source, inception, batch_size, desc="reference", par=par)
-    return (None, None) if out is None else (GaussianStats.of(out.features), out.features)
-
-
-def check_reference_stats(source: str | Path) -> None:
-    """ValueError naming `source`, an `.npz` of reference statistics, where its mu or sigma is not finite (an FID
-    against it would be NaN)."""
-    path = Path(source)
-    if not (path.is_file() and path.suffix == ".npz"):
-        return
-    with np.load(path) as data:
-        for key in ("mu", "sigma"):
-            if key in data and not np.isfinite(data[key]).all():
-                raise ValueError(f"{path}: its reference statistics hold NaN or infinite values in {key!r}; make "
-                                 "them again with `vqar eval stats`")  # fmt: skip
+    stored = read_stored_reference(source, need_features, par)
+    return _reference_outputs(source, stored, inception, batch_size, need_features, par)
 
 
 def evaluate_samples(
@@ -180,8 +205,8 @@ def evaluate_samples(
     torchrun every rank reads and runs its share of each image set and rank 0 returns the result; the other ranks
     get None."""
     par = par or Parallel()
-    if ref is not None:
-        check_reference_stats(ref)  # before the samples' Inception pass, not after it
+    # An .npz of statistics is read (and NaN refused) once, before the samples' Inception pass, not after it.
+    stored = None if ref is None else read_stored_reference(ref, with_pr, par)
     is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
     # The samples' images are read once for both passes and let go before the reference is read.
@@ -189,7 +214,7 @@ def evaluate_samples(
                              probabilities=with_is, desc="samples", par=par)  # fmt: skip
     ref_stats, ref_features = (None, None)
     if ref is not None:
-        ref_stats, ref_features = reference_stats(ref, inception, batch_size, need_features=with_pr, par=par)
+        ref_stats, ref_features = _reference_outputs(ref, stored, inception, batch_size, with_pr, par)
     if samples is None:
         return None
     result: dict = {
