@@ -265,7 +265,7 @@ def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeyp
     monkeypatch.setattr(generation, "source_outputs", recorded_outputs)
     # ADM's layout (the reference images run for precision/recall) and vqar's (features stored)
     for arrays, expected in (({"arr_0": real}, ["mu", "sigma", "samples", "reference"]),
-                             ({"features": stats.features}, ["mu", "sigma", "features", "samples"])):
+                             ({"features": stats.features}, ["mu", "sigma", "features", "samples"])):  # fmt: skip
         np.savez(tmp_path / "ref.npz", mu=stats.mu, sigma=stats.sigma, **arrays)
         events.clear()
         result = generation.evaluate_samples(tmp_path / "fake.npz", tmp_path / "ref.npz", net, batch_size=8)

@@ -76,13 +76,18 @@ def test_linear_probe_refuses_too_few_images_before_encoding_any(tmp_path, monke
     vqar.save_pretrained(model.attach(random_tokenizer()), tmp_path / "gpt")
     real_features = probe.block_features
     monkeypatch.setattr(probe, "block_features", lambda *a, **k: pytest.fail("images were encoded first"))
-    for images, held_out in ((3, 1), (1, 0), (90, 9)):
+    # the classes counted are those of the digits read: 3 spread digits are a 0, a 3 and a 6
+    for images, held_out, classes in ((3, 1, 3), (1, 0, 1), (90, 9, 10)):
         args = ["eval", "linear-probe", "mnist", "--model", str(tmp_path / "gpt"), "--layer", "0", "--max-images",
                 str(images)]  # fmt: skip
         assert main(args) == 2, images
         err = capsys.readouterr().err
-        expected = f"got {images} image{'s' * (images > 1)} ({held_out} held out): 10 classes need at least 10"
-        assert expected in err and "about 100 images" in err and err.count("\n") == 1, err
+        if classes == 1:
+            expected = "got 1 image of 1 class; it needs images of at least 2 classes"
+        else:
+            expected = (f"got {images} images ({held_out} held out): {classes} classes need at least {classes} "
+                        f"held-out images, one per class, so about {classes * 10} images")  # fmt: skip
+        assert expected in err and err.count("\n") == 1, err
     one_class = tmp_path / "one_class" / "cats"
     one_class.mkdir(parents=True)
     for i in range(5):
@@ -96,3 +101,45 @@ def test_linear_probe_refuses_too_few_images_before_encoding_any(tmp_path, monke
     assert main([*args[:-1], "100", "--json"]) == 0  # one held-out image per class: measured
     result = json.loads(capsys.readouterr().out)
     assert (result["train_images"], result["test_images"]) == (90, 10)
+
+
+def _save_tiny_gpt(folder) -> None:
+    """An untrained unconditional GPT over the 4x4 codes of the untrained 16 px tokenizer."""
+    import vqar
+    from vqar.ar import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=16, n_layer=2, n_head=2, num_classes=0))
+    vqar.save_pretrained(model.attach(random_tokenizer()), folder)
+
+
+def _labelled_by_brightness(labels: list[int], seed: int = 0) -> np.ndarray:
+    """16 px grey images whose brightness tells the class (so raw pixels probe perfectly), a little noise added."""
+    rng = np.random.default_rng(seed)
+    levels = {label: 30 + 190 * i / max(len(set(labels)) - 1, 1) for i, label in enumerate(sorted(set(labels)))}
+    base = np.array([levels[label] for label in labels])[:, None, None]
+    return np.clip(base + rng.normal(0, 5, (len(labels), 16, 16)), 0, 255).astype(np.uint8)
+
+
+def test_linear_probe_counts_the_classes_present_not_the_label_range(tmp_path, capsys):
+    """Labels {3, 7} were 8 classes and {0, 5, 9} 10: 40 images (4 held out) were refused as too few for them."""
+    _save_tiny_gpt(tmp_path / "gpt")
+    for present in ([3, 7], [0, 5, 9]):
+        labels = [present[i % len(present)] for i in range(40)]
+        data = tmp_path / f"digits{''.join(map(str, present))}.npz"
+        np.savez(data, images=_labelled_by_brightness(labels), labels=np.array(labels))
+        args = ["eval", "linear-probe", str(data), "--model", str(tmp_path / "gpt"), "--layer", "0", "--json"]
+        assert main(args) == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out)
+        assert (result["train_images"], result["test_images"], result["classes"]) == (36, 4, len(present))
+        assert result["pixel_baseline_accuracy"] == 1.0  # the labels predicted are the labels given, 3 and 7
+        # the chance level: the training split's most common class answered for every held-out image
+        from vqar.data import DataConfig, build_datasets
+
+        train, test = build_datasets(DataConfig(source=str(data), image_size=16, channels=1))
+        train_y = [train[i].label for i in range(len(train))]
+        test_y = np.array([test[i].label for i in range(len(test))])
+        most_common = max(present, key=lambda label: (train_y.count(label), -label))
+        assert result["chance_accuracy"] == float((test_y == most_common).mean())
+    assert main([*args[:-1], "--max-images", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "got 10 images (1 held out): 3 classes need at least 3 held-out images" in err and "about 30 images" in err

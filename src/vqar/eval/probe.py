@@ -1,7 +1,9 @@
 """Linear probing of an AR model's features (the ViT-VQGAN / VIM protocol, after iGPT): encode images to codes,
 run the frozen model teacher-forced, average-pool the outputs of one transformer block over the image tokens, and
 fit a linear (multinomial logistic) classifier on the training split; report accuracy on the held-out split.
-Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid.
+Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid; the
+chance level, what a probe that learned nothing scores, is always answering the training split's most common class.
+The classes are the labels present in the data (labels {3, 7} are 2 classes), whatever their range.
 
 Conditional models are probed without their condition (the null class), which would otherwise leak the label.
 """
@@ -52,6 +54,12 @@ def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
 
 
+def _chance(train_y: np.ndarray, test_y: np.ndarray) -> float:
+    """Held-out accuracy of a probe that learned nothing: always the training split's most common class."""
+    values, counts = np.unique(train_y, return_counts=True)
+    return float((test_y == values[counts.argmax()]).mean())
+
+
 def _split_labels(split) -> np.ndarray:
     """The labels of a split, read off its dataset where it keeps them (no image decoded)."""
     labels = getattr(getattr(split, "dataset", None), "labels", None)
@@ -68,7 +76,8 @@ def check_enough_images(train, test, val_fraction: float) -> None:
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
     labels = np.concatenate([train_y, test_y])
-    classes = int(getattr(train, "num_classes", 0)) or len(np.unique(labels))
+    # the classes present, not the dataset's label range: labels {3, 7} are 2 classes, not 8
+    classes = len(np.unique(labels))
     got = f"{len(labels)} image{'s' * (len(labels) != 1)}"
     if classes < 2:
         raise ValueError(f"linear probing got {got} of {classes} class{'es' * (classes != 1)}; it needs images of "
@@ -101,6 +110,8 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
         pixels = F.interpolate(images, size=tuple(grid), mode="area").flatten(1)
         arrays[name] = (torch.cat(feats).numpy(), pixels.numpy(), labels)
     (tr_f, tr_p, tr_y), (te_f, te_p, te_y) = arrays["train"], arrays["test"]
+    result["classes"] = len(np.unique(np.concatenate([tr_y, te_y])))
+    result["chance_accuracy"] = _chance(tr_y, te_y)
     result["accuracy"] = _fit(tr_f, tr_y, te_f, te_y)
     result["pixel_baseline_accuracy"] = _fit(tr_p, tr_y, te_p, te_y)
     result["feature_dim"], result["pixel_dim"] = tr_f.shape[1], tr_p.shape[1]
