@@ -143,3 +143,63 @@ def test_linear_probe_counts_the_classes_present_not_the_label_range(tmp_path, c
     assert main([*args[:-1], "--max-images", "10"]) == 2
     err = capsys.readouterr().err
     assert "got 10 images (1 held out): 3 classes need at least 3 held-out images" in err and "about 30 images" in err
+
+
+def test_linear_probe_on_tar_shards(tmp_path, capsys):
+    """`--data` at tar shards was a TypeError traceback ('ShardDataset' object is not subscriptable)."""
+    import io
+    import tarfile
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    import vqar
+    from vqar.data import DataConfig, open_dataset
+    from vqar.data.transforms import fit_image, to_tensor
+    from vqar.eval.probe import block_features
+
+    _save_tiny_gpt(tmp_path / "gpt")
+    args = ["pack-shards", "mnist", "--out", str(tmp_path / "shards"), "--max-images", "300", "--shard-size", "50"]
+    assert main(args) == 0
+    capsys.readouterr()
+    index = tmp_path / "shards" / "shards.json"
+    probe_args = ["eval", "linear-probe", str(index), "--model", str(tmp_path / "gpt"), "--layer", "1", "--json"]
+    assert main(probe_args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["train_images"], result["test_images"], result["classes"]) == (250, 50, 10)
+
+    # The same probe written out here on the shards' members read with tarfile: the held-out split is whole shards
+    # (one of the six), each read in member order.
+    cfg = DataConfig(source=str(index), image_size=16, channels=1)
+    train, test = open_dataset(cfg).split(cfg.val_fraction, cfg.split_seed)
+    model = vqar.load_pretrained(tmp_path / "gpt")
+
+    def read(split):
+        images, labels = [], []
+        for shard in split.shards:
+            with tarfile.open(shard.url) as tar:
+                for member in tar.getmembers():
+                    data = tar.extractfile(member).read()
+                    if member.name.endswith(".png"):
+                        images.append(to_tensor(fit_image(Image.open(io.BytesIO(data)).convert("L"), 16)))
+                    else:
+                        labels.append(int(data.decode()))
+        images = torch.stack(images)
+        features = torch.cat([block_features(model, model.tokenizer.encode(chunk), 1) for chunk in images.split(128)])
+        pixels = torch.nn.functional.avg_pool2d(images, 4).flatten(1)  # 16x16 -> the 4x4 code grid
+        return features.numpy(), pixels.numpy(), np.array(labels)
+
+    def probe(train_x, train_y, test_x, test_y):
+        scaler = StandardScaler().fit(train_x)
+        fitted = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train_x), train_y)
+        return float((fitted.predict(scaler.transform(test_x)) == test_y).mean())
+
+    (train_f, train_p, train_y), (test_f, test_p, test_y) = read(train), read(test)
+    assert len(test_y) == 50 and len(np.unique(test_y)) > 1
+    assert result["accuracy"] == probe(train_f, train_y, test_f, test_y)
+    assert result["pixel_baseline_accuracy"] == probe(train_p, train_y, test_p, test_y)
+    values, counts = np.unique(train_y, return_counts=True)
+    assert result["chance_accuracy"] == float((test_y == values[counts.argmax()]).mean())
+    assert main([*probe_args[:2], str(tmp_path / "shards" / "shard-000000.tar"), *probe_args[3:]]) == 2
+    err = capsys.readouterr().err
+    assert "is a single shard: pack more shards (vqar pack-shards --shard-size)" in err and err.count("\n") == 1

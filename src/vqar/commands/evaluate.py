@@ -208,7 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     probe = add_command(metrics, "linear-probe", cmd_linear_probe, "linear probe of an AR model's block features "
                         "vs raw pixels")  # fmt: skip
-    probe.add_argument("data", help="labelled images: 'mnist' or a folder with one sub-folder per class")
+    probe.add_argument("data", help="labelled images: 'mnist', a folder with one sub-folder per class, a .npz with "
+                       "labels or tar shards with cls members (the held-out split is whole shards)")
     add_model_options(probe, text=False)
     probe.add_argument("--layer", type=non_negative_int, required=True, help="block index N (middle blocks probe best)")
     probe.add_argument("--max-images", type=positive_int)

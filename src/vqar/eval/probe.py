@@ -10,6 +10,7 @@ Conditional models are probed without their condition (the null class), which wo
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -20,7 +21,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from vqar.ar import ARModel, Conditioning
-from vqar.data import DataConfig, build_datasets
+from vqar.data import DataConfig, ShardDataset, collate_samples, open_dataset, split_dataset
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -45,6 +48,24 @@ def _split_arrays(split, size: int, channels: int) -> tuple[torch.Tensor, np.nda
     images = torch.stack([split[i].image for i in range(len(split))])
     labels = np.array([split[i].label for i in range(len(split))])
     return images, labels
+
+
+def _shard_arrays(split: ShardDataset, batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The readable samples of a split of tar shards, decoded once in shard order: a stream has no random access,
+    and its labels come with its images. Unreadable samples are left out with a warning."""
+    images, labels, unread = [], [], 0
+    loader = split.shard_loader(range(len(split.shards)), batch_size=batch_size, num_workers=0,
+                                collate=collate_samples)  # fmt: skip
+    for batch in loader:
+        unread += sum(bad.count for bad in batch.bad)
+        if len(batch.labels):
+            images.append(batch.images)
+            labels.append(batch.labels.numpy())
+    if unread:
+        log.warning("%d samples of %s could not be read and are left out", unread, split.source)
+    if not images:
+        return torch.empty(0, split.channels, split.image_size, split.image_size), np.empty(0, dtype=np.int64)
+    return torch.cat(images), np.concatenate(labels)
 
 
 def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
@@ -72,7 +93,11 @@ def check_enough_images(train, test, val_fraction: float) -> None:
     """ValueError, before any image is encoded, where the splits cannot give an accuracy worth reporting: fewer
     held-out images than classes (none at all gave NaN or a traceback; a single one, an accuracy of 0 or 1), or a
     training split of one class, on which no classifier can be fitted."""
-    train_y, test_y = _split_labels(train), _split_labels(test)
+    check_enough_labels(_split_labels(train), _split_labels(test), val_fraction)
+
+
+def check_enough_labels(train_y: np.ndarray, test_y: np.ndarray, val_fraction: float) -> None:
+    """`check_enough_images` on the splits' labels."""
     if (train_y < 0).any() or (test_y < 0).any():
         raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
     labels = np.concatenate([train_y, test_y])
@@ -97,13 +122,23 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
         raise ValueError("the model has no tokenizer to encode images with; load it from a folder that has one")
     cfg = DataConfig(source=data, image_size=tokenizer.image_size, channels=tokenizer.in_channels,
                      max_images=max_images)  # fmt: skip
-    train, test = build_datasets(cfg)
-    check_enough_images(train, test, cfg.val_fraction)
+    dataset = open_dataset(cfg)
+    if isinstance(dataset, ShardDataset):
+        if len(dataset.shards) < 2:  # split_dataset's advice, data.val_fraction=0, would hold out nothing here
+            raise ValueError(f"linear probing holds out whole shards, and {data} is a single shard: pack more "
+                             "shards (vqar pack-shards --shard-size)")  # fmt: skip
+        train, test = dataset.split(cfg.val_fraction, cfg.split_seed)
+        read = {"train": _shard_arrays(train, batch_size), "test": _shard_arrays(test, batch_size)}
+        check_enough_labels(read["train"][1], read["test"][1], cfg.val_fraction)
+    else:
+        train, test = split_dataset(dataset, cfg.val_fraction, cfg.split_seed)
+        check_enough_images(train, test, cfg.val_fraction)
+        read = {"train": _split_arrays(train, cfg.image_size, cfg.channels),
+                "test": _split_arrays(test, cfg.image_size, cfg.channels)}  # fmt: skip
     grid = model.code_shape[:2]
-    result = {"layer": layer, "train_images": len(train), "test_images": len(test)}
+    result = {"layer": layer, "train_images": len(read["train"][1]), "test_images": len(read["test"][1])}
     arrays = {}
-    for name, split in (("train", train), ("test", test)):
-        images, labels = _split_arrays(split, cfg.image_size, cfg.channels)
+    for name, (images, labels) in read.items():
         feats = []
         for chunk in tqdm(images.split(batch_size), desc=f"features ({name})", leave=False):
             feats.append(block_features(model, tokenizer.encode(chunk), layer))
