@@ -274,6 +274,39 @@ def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeyp
         assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
 
 
+def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pass(tmp_path, monkeypatch, capsys):
+    """A reference that named no image set was found out only after the samples' Inception pass (minutes for
+    1,000 images on a CPU), and wrong samples only after the network was loaded."""
+    import vqar.eval.generation as generation
+
+    fake = tmp_path / "fake.npz"
+    np.savez(fake, arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    np.savez(tmp_path / "mu.npz", mu=np.zeros(3))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
+    monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    nowhere = "no image folder, .npz file, sample run or tar shards at"
+    cases = [
+        (fake, tmp_path / "nope.npz", [], f"{nowhere} {tmp_path / 'nope.npz'}"),
+        (fake, tmp_path / "empty", [], f"{tmp_path / 'empty'} contains no image files (.bmp, .gif"),
+        (fake, tmp_path / "junk.png", [], f"{nowhere} {tmp_path / 'junk.png'}"),
+        (fake, tmp_path / "junk.npz", [], f"cannot read images from {tmp_path / 'junk.npz'}: File is not a zip file"),
+        (fake, tmp_path / "mu.npz", [], f"{tmp_path / 'mu.npz'} holds neither reference statistics (mu and sigma) "
+                                        "nor reference images (arr_0), only ['mu']"),
+        (tmp_path / "nope", fake, [], f"{nowhere} {tmp_path / 'nope'}"),
+        (fake, fake, ["--num-samples", "5"], f"{fake} holds 4 images, fewer than the 5 asked for"),
+    ]  # fmt: skip
+    for samples, ref, options, error in cases:
+        assert main(["eval", "fid", str(samples), "--ref", str(ref), *options]) == 2
+        assert capsys.readouterr().err.startswith(f"vqar: error: {error}")
+        num_samples = int(options[1]) if options else None
+        with pytest.raises((ValueError, FileNotFoundError)) as raised:
+            generation.evaluate_samples(samples, ref, inception=None, num_samples=num_samples)
+        assert str(raised.value).startswith(error)
+
+
 # ---------------------------------------------------------------- tokenizer, AR model, sampling
 def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
     from vqar.bundle import load

@@ -102,18 +102,11 @@ def cmd_stats(args, par) -> int:
 
 @_on_ranks
 def cmd_fid(args, par) -> int:
-    from vqar.eval.generation import evaluate_samples
+    from vqar.eval.generation import evaluate_sets, open_eval_sets
 
-    result = evaluate_samples(
-        args.fake,
-        args.ref,
-        _inception(args, par.device),
-        batch_size=args.batch_size,
-        num_samples=args.num_samples,
-        with_is=not args.no_is,
-        with_pr=not args.no_pr,
-        par=par,
-    )
+    # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
+    sets = open_eval_sets(args.fake, args.ref, args.num_samples, with_pr=not args.no_pr, par=par)
+    result = evaluate_sets(sets, _inception(args, par.device), args.batch_size, with_is=not args.no_is, par=par)
     if result is not None:  # rank 0 reports
         _print(result, args.json)
     return 0

@@ -13,6 +13,7 @@ other ranks get None.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance, inception_score, precision_recall
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import batches, describe_source, open_source
+from vqar.eval.sources import ImageSource, batches, describe_source, open_source
 from vqar.parallel import Parallel
 from vqar.utils.io import atomic_write
 
@@ -65,7 +66,7 @@ class SourceOutputs:
 
 
 def source_outputs(
-    source: str | Path,
+    source: str | Path | ImageSource,
     inception: Inception,
     batch_size: int = 50,
     *,
@@ -77,13 +78,15 @@ def source_outputs(
     par: Parallel | None = None,
 ) -> SourceOutputs | None:
     """Inception features (and class probabilities) of the images of `source` (`vqar.eval.sources`): its first
-    `max_images`, an error when fewer than `at_least` can be read. Under torchrun each rank reads and runs only its
-    share of the batches, and rank 0 gets every row in image order; the other ranks get None. With `keep_images`
-    rank 0 also gets the images (all of them in memory, as in one process)."""
+    `max_images` (a source already opened is taken as it is), an error when fewer than `at_least` can be read. Under
+    torchrun each rank reads and runs only its share of the batches, and rank 0 gets every row in image order; the
+    other ranks get None. With `keep_images` rank 0 also gets the images (all of them in memory, as in one
+    process)."""
     par = par or Parallel()
-    images, count = read_share(open_source(source, max_images), batch_size, par)
+    opened = source if isinstance(source, ImageSource) else open_source(source, max_images)
+    images, count = read_share(opened, batch_size, par)
     if at_least is not None and count < at_least:
-        raise ValueError(f"{source} holds {count} images, fewer than the {at_least} asked for")
+        raise ValueError(f"{opened.where} holds {count} images, fewer than the {at_least} asked for")
     rows = {"features": _own_outputs(images, inception, batch_size, False, desc, par.is_main)}
     if probabilities:
         rows["probabilities"] = _own_outputs(images, inception, batch_size, True, desc and f"{desc} (IS)", par.is_main)
@@ -138,9 +141,11 @@ def read_stored_reference(
     source: str | Path, need_features: bool = False, par: Parallel | None = None
 ) -> StoredReference | None:
     """The statistics of `source` where it is an `.npz` holding `mu` and `sigma` (ADM or vqar), None for any other
-    source. ValueError naming it where its mu or sigma is not finite (an FID against it would be NaN)."""
+    source. ValueError naming it where its mu or sigma is not finite (an FID against it would be NaN), or where it
+    holds neither the statistics nor the images (arr_0) to compute them from."""
     path = Path(source)
-    if not (path.is_file() and path.suffix == ".npz"):
+    # np.load reads a file that is not a zip archive as a pickle: left to open_source, which says what it is
+    if not (path.is_file() and path.suffix == ".npz" and zipfile.is_zipfile(path)):
         return None
     par = par or Parallel()
     with np.load(path) as data:
@@ -149,6 +154,9 @@ def read_stored_reference(
             if not np.isfinite(value).all():
                 raise ValueError(f"{path}: its reference statistics hold NaN or infinite values in {key!r}; make "
                                  "them again with `vqar eval stats`")  # fmt: skip
+        if len(arrays) < 2 and "arr_0" not in data:
+            raise ValueError(f"{path} holds neither reference statistics (mu and sigma) nor reference images "
+                             f"(arr_0), only {sorted(data.files)}")  # fmt: skip
         if len(arrays) < 2:
             return None
         # read on rank 0 alone: stored features are as large as the ones computed
@@ -157,21 +165,25 @@ def read_stored_reference(
     return StoredReference(GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1), features, images_only)
 
 
+def _reference_images(source: str | Path, stored: StoredReference | None, need_features: bool) -> ImageSource | None:
+    """The reference's images, opened (listed, not read), where an Inception pass over them is needed: it is not an
+    .npz of statistics, or precision/recall needs the features of ADM's arr_0."""
+    if stored is None or (need_features and stored.images_only):
+        return open_source(source)
+    return None
+
+
 def _reference_outputs(
-    source: str | Path,
+    images: ImageSource | None,
     stored: StoredReference | None,
     inception: Inception,
     batch_size: int,
-    need_features: bool,
     par: Parallel,
 ) -> tuple[GaussianStats | None, np.ndarray | None]:
+    out = None if images is None else source_outputs(images, inception, batch_size, desc="reference", par=par)
     if stored is None:
-        out = source_outputs(source, inception, batch_size, desc="reference", par=par)
         return (None, None) if out is None else (GaussianStats.of(out.features), out.features)
-    features = stored.features
-    if need_features and stored.images_only:  # every rank takes part
-        out = source_outputs(source, inception, batch_size, desc="reference", par=par)
-        features = None if out is None else out.features
+    features = stored.features if out is None else out.features
     return (stored.stats, features) if par.is_main else (None, None)
 
 
@@ -187,7 +199,43 @@ def reference_stats(
     them; the other ranks take their part in any Inception pass and get (None, None)."""
     par = par or Parallel()
     stored = read_stored_reference(source, need_features, par)
-    return _reference_outputs(source, stored, inception, batch_size, need_features, par)
+    images = _reference_images(source, stored, need_features)
+    return _reference_outputs(images, stored, inception, batch_size, par)
+
+
+@dataclass
+class EvalSets:
+    """The image sets of an FID evaluation, opened by `open_eval_sets` before any Inception pass."""
+
+    fake: str | Path
+    samples: ImageSource
+    num_samples: int | None
+    with_pr: bool
+    ref: str | Path | None = None
+    stored: StoredReference | None = None  # the reference's statistics, where it is an .npz of them
+    reference: ImageSource | None = None  # the reference's images, where they are to be run
+
+
+def open_eval_sets(
+    fake: str | Path,
+    ref: str | Path | None,
+    num_samples: int | None = None,
+    with_pr: bool = True,
+    par: Parallel | None = None,
+) -> EvalSets:
+    """Opens the samples and the reference of `evaluate_samples` (files listed, headers read, an .npz of statistics
+    read): a reference or samples path that names no image set fails here, in a moment, not after the samples'
+    Inception pass, and before the network is loaded."""
+    par = par or Parallel()
+    stored = reference = None
+    if ref is not None:
+        # An .npz of statistics is read (and NaN refused) once, here, not after the samples' Inception pass.
+        stored = read_stored_reference(ref, with_pr, par)
+        reference = _reference_images(ref, stored, with_pr)
+    samples = open_source(fake, num_samples)
+    if num_samples is not None and len(samples) < num_samples:
+        raise ValueError(f"{samples.where} holds {len(samples)} images, fewer than the {num_samples} asked for")
+    return EvalSets(fake, samples, num_samples, with_pr, ref, stored, reference)
 
 
 def evaluate_samples(
@@ -204,29 +252,35 @@ def evaluate_samples(
     "not_measured") and precision/recall (when reference features are available) of the images in `fake`. Under
     torchrun every rank reads and runs its share of each image set and rank 0 returns the result; the other ranks
     get None."""
+    sets = open_eval_sets(fake, ref, num_samples, with_pr, par)
+    return evaluate_sets(sets, inception, batch_size, with_is, par)
+
+
+def evaluate_sets(
+    sets: EvalSets, inception: Inception, batch_size: int = 50, with_is: bool = True, par: Parallel | None = None
+) -> dict | None:
+    """`evaluate_samples` on the sets `open_eval_sets` opened."""
     par = par or Parallel()
-    # An .npz of statistics is read (and NaN refused) once, before the samples' Inception pass, not after it.
-    stored = None if ref is None else read_stored_reference(ref, with_pr, par)
     is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
-    # The samples' images are read once for both passes and let go before the reference is read.
-    samples = source_outputs(fake, inception, batch_size, max_images=num_samples, at_least=num_samples,
-                             probabilities=with_is, desc="samples", par=par)  # fmt: skip
+    # The samples' images are read once for both passes and let go before the reference's images are read.
+    samples = source_outputs(sets.samples, inception, batch_size, at_least=sets.num_samples, probabilities=with_is,
+                             desc="samples", par=par)  # fmt: skip
     ref_stats, ref_features = (None, None)
-    if ref is not None:
-        ref_stats, ref_features = _reference_outputs(ref, stored, inception, batch_size, with_pr, par)
+    if sets.ref is not None:
+        ref_stats, ref_features = _reference_outputs(sets.reference, sets.stored, inception, batch_size, par)
     if samples is None:
         return None
     result: dict = {
         "samples": samples.count,
-        "source": describe_source(fake),
+        "source": describe_source(sets.fake),
         "inception": str(inception.path),
         "resize": inception.resize,
     }
-    if ref is not None:
-        result["reference"] = describe_source(ref)
+    if sets.ref is not None:
+        result["reference"] = describe_source(sets.ref)
         result["fid"] = frechet_distance(GaussianStats.of(samples.features), ref_stats)
-        if with_pr and ref_features is not None:
+        if sets.with_pr and ref_features is not None:
             result["precision"], result["recall"] = precision_recall(ref_features, samples.features)
     if samples.probabilities is not None:
         result["inception_score"], result["inception_score_std"] = inception_score(samples.probabilities)
