@@ -203,3 +203,30 @@ def test_linear_probe_on_tar_shards(tmp_path, capsys):
     assert main([*probe_args[:2], str(tmp_path / "shards" / "shard-000000.tar"), *probe_args[3:]]) == 2
     err = capsys.readouterr().err
     assert "is a single shard: pack more shards (vqar pack-shards --shard-size)" in err and err.count("\n") == 1
+
+
+def test_linear_probe_skips_unreadable_images_of_a_folder(tmp_path, capsys, caplog):
+    """One unreadable file in an image folder was an AttributeError traceback ('BadSample' object has no attribute
+    'image')."""
+    _save_tiny_gpt(tmp_path / "gpt")
+    labels = [i % 2 for i in range(40)]
+    for i, (image, label) in enumerate(zip(_labelled_by_brightness(labels), labels, strict=True)):
+        (tmp_path / "data" / f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "data" / f"class{label}" / f"{i:02d}.png")
+    junk = tmp_path / "data" / "class1" / "junk.png"
+    junk.write_bytes(np.random.default_rng(0).bytes(300))
+    args = ["eval", "linear-probe", str(tmp_path / "data"), "--model", str(tmp_path / "gpt"), "--layer", "0", "--json"]
+    with caplog.at_level("WARNING", logger="vqar"):
+        assert main(args) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_images"] + result["test_images"] == 40 and result["classes"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of the " in warnings[0] and f"left out (first: {junk}: " in warnings[0]
+
+    # nothing readable at all: one line naming the source, before any image is encoded
+    for path in (tmp_path / "data").rglob("*.png"):
+        path.write_bytes(b"not an image")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vqar: error: no readable image in {tmp_path / 'data'}: none of the 41 files tried could "
+                          "be read (first: ") and err.count("\n") == 1, err  # fmt: skip

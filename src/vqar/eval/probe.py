@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from vqar.ar import ARModel, Conditioning
-from vqar.data import DataConfig, ShardDataset, collate_samples, open_dataset, split_dataset
+from vqar.data import BadSample, DataConfig, ShardDataset, check_readable, collate_samples, open_dataset, split_dataset
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,17 @@ def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Ten
     return captured["out"][:, model.prefix_length :].float().mean(1)  # the condition tokens come first
 
 
-def _split_arrays(split, size: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
-    images = torch.stack([split[i].image for i in range(len(split))])
-    labels = np.array([split[i].label for i in range(len(split))])
-    return images, labels
+def _split_arrays(split, size: int, channels: int, source: str) -> tuple[torch.Tensor, np.ndarray]:
+    """The readable images of a split and their labels. Unreadable files are left out with a warning."""
+    items = [split[i] for i in range(len(split))]
+    read = [item for item in items if not isinstance(item, BadSample)]
+    unread = [item for item in items if isinstance(item, BadSample)]
+    if unread:
+        log.warning("%d of the %d images of %s could not be read and are left out (first: %s: %s)", len(unread),
+                    len(items), source, unread[0].path, unread[0].error)  # fmt: skip
+    if not read:
+        return torch.empty(0, channels, size, size), np.empty(0, dtype=np.int64)
+    return torch.stack([item.image for item in read]), np.array([item.label for item in read], dtype=np.int64)
 
 
 def _shard_arrays(split: ShardDataset, batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -127,14 +134,17 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
         if len(dataset.shards) < 2:  # split_dataset's advice, data.val_fraction=0, would hold out nothing here
             raise ValueError(f"linear probing holds out whole shards, and {data} is a single shard: pack more "
                              "shards (vqar pack-shards --shard-size)")  # fmt: skip
+        check_readable(dataset, data)  # a source of broken files is one line, before the rest is decoded
         train, test = dataset.split(cfg.val_fraction, cfg.split_seed)
         read = {"train": _shard_arrays(train, batch_size), "test": _shard_arrays(test, batch_size)}
-        check_enough_labels(read["train"][1], read["test"][1], cfg.val_fraction)
     else:
         train, test = split_dataset(dataset, cfg.val_fraction, cfg.split_seed)
         check_enough_images(train, test, cfg.val_fraction)
-        read = {"train": _split_arrays(train, cfg.image_size, cfg.channels),
-                "test": _split_arrays(test, cfg.image_size, cfg.channels)}  # fmt: skip
+        check_readable(dataset, data)
+        read = {"train": _split_arrays(train, cfg.image_size, cfg.channels, data),
+                "test": _split_arrays(test, cfg.image_size, cfg.channels, data)}  # fmt: skip
+    # on the images read: those left out as unreadable may leave too few
+    check_enough_labels(read["train"][1], read["test"][1], cfg.val_fraction)
     grid = model.code_shape[:2]
     result = {"layer": layer, "train_images": len(read["train"][1]), "test_images": len(read["test"][1])}
     arrays = {}
