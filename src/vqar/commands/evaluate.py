@@ -87,11 +87,13 @@ def _print(result: dict, as_json: bool) -> None:
 def cmd_stats(args, par) -> int:
     from vqar.eval.generation import check_stats_path, save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
+    from vqar.eval.sources import open_source
 
     check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
+    # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
+    images = open_source(args.data, args.max_images)
     inception = _inception(args, par.device)
-    out = source_outputs(args.data, inception, args.batch_size, max_images=args.max_images,
-                         keep_images=args.with_images, par=par)  # fmt: skip
+    out = source_outputs(images, inception, args.batch_size, keep_images=args.with_images, par=par)
     if out is None:  # rank 0 writes the statistics
         return 0
     stats = GaussianStats.of(out.features, keep_features=True)
@@ -115,18 +117,20 @@ def cmd_fid(args, par) -> int:
 @_on_ranks
 def cmd_rfid(args, par) -> int:
     from vqar.eval.rfid import check_image_size, evaluate_tokenizer
+    from vqar.eval.sources import open_source
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
 
+    # every rank, before the Inception is loaded (or downloaded): the images are listed (the cheapest check, so
+    # first), then the tokenizer is loaded, a moment for any tokenizer this command can evaluate on a CPU
+    images = open_source(args.data, args.max_images)
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
-    check_image_size(tokenizer, args.image_size or tokenizer.image_size)  # before the Inception is loaded
+    check_image_size(tokenizer, args.image_size or tokenizer.image_size)
     inception = None if args.no_fid else _inception(args, par.device)
-    result = evaluate_tokenizer(
-        tokenizer, args.data, inception, image_size=args.image_size, batch_size=args.batch_size,
-        max_images=args.max_images, device=par.device, par=par,
-    )  # fmt: skip
+    result = evaluate_tokenizer(tokenizer, images, inception, image_size=args.image_size, batch_size=args.batch_size,
+                                device=par.device, par=par)  # fmt: skip
     if result is not None:  # rank 0 reports
         _print(result, args.json)
     return 0

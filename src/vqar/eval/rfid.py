@@ -10,6 +10,7 @@ and runs only its share of the batches (`vqar.eval.shards`) and nothing but per-
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import batches, open_source
+from vqar.eval.sources import ImageSource, batches, open_source
 from vqar.parallel import Parallel
 from vqar.quantize import code_statistics
 from vqar.utils.memory import check_memory
@@ -83,7 +84,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate_tokenizer(
     tokenizer,
-    source,
+    source: str | Path | ImageSource,
     inception: Inception | None = None,
     image_size: int | None = None,
     batch_size: int = 32,
@@ -91,13 +92,13 @@ def evaluate_tokenizer(
     device: str | torch.device = "cpu",
     par: Parallel | None = None,
 ) -> dict | None:
-    """rFID (with `inception`), PSNR, SSIM, codebook usage and perplexity per depth of `source` at `image_size`.
-    Under torchrun every rank reconstructs its share of the batches and rank 0 returns the result; the other ranks
-    get None."""
+    """rFID (with `inception`), PSNR, SSIM, codebook usage and perplexity per depth of `source` at `image_size`:
+    its first `max_images` (a source already opened is taken as it is). Under torchrun every rank reconstructs its
+    share of the batches and rank 0 returns the result; the other ranks get None."""
     par = par or Parallel()
     size = tokenizer.image_size if image_size is None else image_size
     check_image_size(tokenizer, size)
-    images = open_source(source, max_images)
+    images = source if isinstance(source, ImageSource) else open_source(source, max_images)
     part = share(len(images), batch_size, par)
     _check_memory(tokenizer, size, max(0, part.stop - part.start), batch_size)
     if par.is_main and not tokenizer.image_size / 4 <= size <= tokenizer.image_size * 4:

@@ -1,0 +1,78 @@
+"""Evaluation inputs: a wrong image set or tokenizer is refused in a moment, before the FID Inception is loaded (or
+downloaded) and before any image is run through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vqar.cli import main
+from vqar.eval import inception as inception_module
+
+NOWHERE = "no image folder, .npz file, sample run or tar shards at"
+
+
+@pytest.fixture
+def no_inception(monkeypatch):
+    """Fails the test wherever the Inception is loaded or run."""
+    import vqar.eval.generation as generation
+    import vqar.eval.rfid as rfid
+
+    monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
+    monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    monkeypatch.setattr(rfid, "_reconstruct", lambda *a, **k: pytest.fail("images were reconstructed"))
+
+
+def bad_image_sets(root):
+    """(path, the start of its one-line error) for paths that name no image set."""
+    (root / "empty").mkdir()
+    (root / "junk.npz").write_bytes(b"not an archive")
+    (root / "junk.png").write_bytes(b"not an image")
+    np.savez(root / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    return [
+        (root / "nope", f"{NOWHERE} {root / 'nope'}"),
+        (root / "empty", f"{root / 'empty'} contains no image files (.bmp, .gif"),
+        (root / "junk.png", f"{NOWHERE} {root / 'junk.png'}"),
+        (root / "junk.npz", f"cannot read images from {root / 'junk.npz'}: File is not a zip file"),
+        (root / "stats.npz", f"cannot read images from {root / 'stats.npz'}: {root / 'stats.npz'} has no arr_0 image "
+                             "array (keys: ['mu', 'sigma'])"),
+    ]  # fmt: skip
+
+
+def test_stats_of_a_path_naming_no_image_set_fails_before_the_inception_is_loaded(tmp_path, no_inception, capsys):
+    """`eval stats` loaded (or downloaded) the Inception before it looked at DATA."""
+    for data, error in bad_image_sets(tmp_path):
+        assert main(["eval", "stats", str(data), "--out", str(tmp_path / "out.npz")]) == 2
+        assert capsys.readouterr().err.startswith(f"vqar: error: {error}")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_loaded(
+    tmp_path, tokenizer_folder, no_inception, capsys
+):
+    """`eval rfid` loaded the Inception before it opened DATA; the tokenizer is checked before the Inception too."""
+    fine = tmp_path / "fine.npz"
+    np.savez(fine, arr_0=np.zeros((2, 32, 32, 1), dtype=np.uint8))
+    cases = [([str(data), "--tokenizer", str(tokenizer_folder)], error) for data, error in bad_image_sets(tmp_path)]
+    cases += [
+        ([str(fine), "--tokenizer", str(tmp_path / "none")], f"no model at {tmp_path / 'none'}: the local path does "
+                                                              "not exist"),
+        ([str(fine), "--tokenizer", str(tmp_path / "empty")], f"{tmp_path / 'empty'} is not a model folder vqar knows"),
+        ([str(fine), "--tokenizer", str(tokenizer_folder), "--image-size", "12"], "--image-size 12 is not a positive "
+                                                                                  "multiple"),
+    ]  # fmt: skip
+    for args, error in cases:
+        assert main(["eval", "rfid", *args]) == 2
+        assert capsys.readouterr().err.startswith(f"vqar: error: {error}")
+
+
+def test_rfid_takes_an_opened_image_source_as_it_is(tokenizer_folder, tmp_path):
+    """`evaluate_tokenizer` reads the source the command opened (and limited) up front, not the path again."""
+    from vqar.bundle import load
+    from vqar.eval.rfid import evaluate_tokenizer
+    from vqar.eval.sources import open_source
+
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8))
+    result = evaluate_tokenizer(load(tokenizer_folder), open_source(images, 3), None, batch_size=2)
+    assert result["images"] == 3 and result["image_size"] == 32
