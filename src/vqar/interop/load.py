@@ -16,14 +16,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from vqar.ar import ARModel
 from vqar.ar.contract import CodeTokenizer
 from vqar.bundle import CONFIG_FILE, TOKENIZER_KIND, WEIGHTS_FILE, is_hub_repo_id, load, read_config
+from vqar.data.codes import is_code_store
+from vqar.data.pack import INDEX as SHARD_INDEX
+from vqar.data.pack import is_shard_folder
 from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
+from vqar.sampling.export import is_sample_folder
+from vqar.utils.io import describe_entries, folder_entries
 
 VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 
@@ -131,10 +137,52 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module,
                 return rq_release.load_rqvae(stage, ema=ema), None
             tokenizer = _load_tokenizer(tokenizer, None, ema)
             return rq_release.load_rq_transformer(stage, ema=ema, tokenizer=tokenizer), tokenizer
-    raise FileNotFoundError(
-        f"{folder} is not a model folder vqar knows: expected {CONFIG_FILE} + {WEIGHTS_FILE} (vqar), "
-        f"{rq_release.CONFIG_FILE} + {rq_release.WEIGHTS_FILE} (an RQ release stage) or stage1/ stage2/ folders"
-    )
+    raise FileNotFoundError(_not_a_model(folder))
+
+
+def _not_a_model(folder: Path) -> str:
+    """Why `folder` holds no model, where it is another folder vqar makes, and what to do with it; the formats vqar
+    reads otherwise."""
+    if is_code_store(folder):
+        return (f"{folder} is a code store (made by `vqar extract-codes`), not a model: train an AR model on it with "
+                f"`vqar train ar PRESET codes={folder}`")  # fmt: skip
+    if is_shard_folder(folder):
+        return (f"{folder} is a folder of tar shards (made by `vqar pack-shards`), not a model: train a tokenizer on "
+                f"it with `vqar train tokenizer PRESET data.source={folder / SHARD_INDEX}`")  # fmt: skip
+    run = _stopped_run(folder)
+    if run is not None:
+        return run
+    entries = folder_entries(folder)
+    if entries and is_sample_folder(folder):
+        return (f"{folder} holds the samples of `vqar sample` ({describe_entries(entries)}), not a model: give the "
+                f"model folder that drew them ({CONFIG_FILE} + {WEIGHTS_FILE})")  # fmt: skip
+    return (f"{folder} is not a model folder vqar knows: expected {CONFIG_FILE} + {WEIGHTS_FILE} (vqar), "
+            f"{rq_release.CONFIG_FILE} + {rq_release.WEIGHTS_FILE} (an RQ release stage) or stage1/ stage2/ folders")
+
+
+def _stopped_run(folder: Path) -> str | None:
+    """What to do with a training run that has not exported its model (stopped before its first checkpoint, or
+    whose export failed, a full disk say); None for a folder that is no run. Resuming exports the model of the newest
+    checkpoint before it trains on (`Trainer.export_if_behind`), so that is what the message offers."""
+    steps = sorted((int(p.name[5:]), p) for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    newest = steps[-1][1] if steps else None
+    saved = folder / "run.yaml"
+    if not saved.is_file() and newest is None:
+        return None
+    try:  # an AR run's run.yaml names its `arch` at the top level, a tokenizer's under `model` (`train.launch`)
+        config = yaml.safe_load((saved if saved.is_file() else newest / "run.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or not {"arch", "model"} & set(config):  # a run.yaml of something else
+        return None
+    group = "ar" if "arch" in config else "tokenizer"
+    what = {"ar": "an AR model", "tokenizer": "a tokenizer"}[group]
+    resume = f"`vqar train {group} --resume --out {folder}`"
+    if newest is None:
+        return (f"{folder} is the training run of {what}, stopped before its first checkpoint: it holds no model; "
+                f"{resume} starts it again")  # fmt: skip
+    return (f"{folder} is the training run of {what}, stopped before it exported its model (newest checkpoint: "
+            f"{newest}); {resume} exports that checkpoint's model into it, then trains on to its train.steps")
 
 
 def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:

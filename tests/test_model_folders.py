@@ -1,0 +1,93 @@
+"""A folder vqar made that holds no model to load (a code store, tar shards, samples, a run that has not exported its
+model yet) is named for what it is, with what to do instead, by `vqar sample`, `vqar serve` and `load_pretrained`."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vqar
+from conftest import run_cli
+from vqar.ar import ARModel
+from vqar.bundle import trained_steps
+from vqar.train.checkpoint import list_checkpoints
+
+EXPORT = ("config.json", "model.safetensors", "tokenizer")  # what a run exports at each checkpoint
+
+
+def _refusals(folder, tmp_path, capsys) -> list[str]:
+    """The one-line errors of `vqar sample --model`, `vqar serve --model` and `load_pretrained` for `folder`."""
+    errors = []
+    for command in (["sample", "--model", str(folder), "--out", str(tmp_path / "out")],
+                    ["serve", "--model", str(folder), "--port", "0"]):  # fmt: skip
+        code, err = run_cli(command, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("vqar: error: ")
+        errors.append(err.removeprefix("vqar: error: ").strip())
+    with pytest.raises(FileNotFoundError) as raised:
+        vqar.load_pretrained(folder)
+    errors.append(str(raised.value))
+    assert not (tmp_path / "out").exists()
+    return errors
+
+
+def test_data_and_sample_folders_say_what_they_hold_instead_of_a_model(tiny_pipeline, class_run, tmp_path, capsys):
+    """All three were 'X is not a model folder vqar knows: expected config.json + model.safetensors ...'."""
+    codes = tiny_pipeline / "codes"
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    shards, samples = tmp_path / "shards", tmp_path / "samples"
+    assert run_cli(["pack-shards", str(images), "--out", str(shards)], capsys)[0] == 0
+    drawn = ["sample", "--model", str(class_run), "--classes", "0", "--n-per-class", "1", "--out", str(samples)]
+    assert run_cli(drawn, capsys)[0] == 0
+    expected = {
+        codes: f"{codes} is a code store (made by `vqar extract-codes`), not a model: train an AR model on it with "
+               f"`vqar train ar PRESET codes={codes}`",
+        shards: f"{shards} is a folder of tar shards (made by `vqar pack-shards`), not a model: train a tokenizer on "
+                f"it with `vqar train tokenizer PRESET data.source={shards / 'shards.json'}`",
+        samples: f"{samples} holds the samples of `vqar sample` (grid.png, images, samples.npz), not a model: give "
+                 "the model folder that drew them (config.json + model.safetensors)",
+    }  # fmt: skip
+    for folder, message in expected.items():
+        assert _refusals(folder, tmp_path, capsys) == [message] * 3
+
+
+def test_a_run_that_has_not_exported_its_model_names_its_checkpoint_and_resume_exports_it(
+    tiny_pipeline, class_run, tmp_path, capsys
+):
+    """A run stopped before its export (killed before its first checkpoint, or its export failed on a full disk) was
+    'not a model folder vqar knows'; the command the message gives exports the newest checkpoint's model."""
+    run = tmp_path / "run"
+    shutil.copytree(class_run, run)
+    for name in EXPORT:
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    newest = list_checkpoints(run)[-1]
+    message = (f"{run} is the training run of an AR model, stopped before it exported its model (newest checkpoint: "
+               f"{newest.path}); `vqar train ar --resume --out {run}` exports that checkpoint's model into it, then "
+               "trains on to its train.steps")  # fmt: skip
+    assert _refusals(run, tmp_path, capsys) == [message] * 3
+
+    assert run_cli(["train", "ar", "--resume", "--out", str(run)], capsys)[0] == 0
+    assert trained_steps(run) == newest.step
+    model = vqar.load_pretrained(run)
+    assert isinstance(model, ARModel) and model.tokenizer is not None  # its tokenizer/ is exported again too
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(class_run, fresh, ignore=shutil.ignore_patterns(*EXPORT, "checkpoints"))
+    message = (f"{fresh} is the training run of an AR model, stopped before its first checkpoint: it holds no model; "
+               f"`vqar train ar --resume --out {fresh}` starts it again")  # fmt: skip
+    assert _refusals(fresh, tmp_path, capsys) == [message] * 3
+
+    tokenizer_run = tmp_path / "tokenizer-run"
+    shutil.copytree(tiny_pipeline / "tokenizer", tokenizer_run, ignore=shutil.ignore_patterns(*EXPORT))
+    newest = list_checkpoints(tokenizer_run)[-1].path
+    with pytest.raises(FileNotFoundError) as raised:
+        vqar.load_pretrained(tokenizer_run)
+    assert str(raised.value) == (f"{tokenizer_run} is the training run of a tokenizer, stopped before it exported its "
+                                 f"model (newest checkpoint: {newest}); `vqar train tokenizer --resume --out "
+                                 f"{tokenizer_run}` exports that checkpoint's model into it, then trains on to its "
+                                 "train.steps")  # fmt: skip
