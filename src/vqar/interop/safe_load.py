@@ -16,6 +16,7 @@ import argparse
 import collections
 import pickle
 import typing
+import zipfile
 from pathlib import Path
 
 import torch
@@ -61,6 +62,9 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     if not _looks_like_torch_file(path):
         raise ValueError(f"{path} is not a checkpoint: it is neither a PyTorch archive (torch.save's zip) nor a "
                          "pickle")  # fmt: skip
+    foreign = _foreign_zip(path)
+    if foreign:
+        raise ValueError(f"{path} is {foreign}, not a PyTorch checkpoint")
     allowed = allowed_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -90,6 +94,26 @@ def _looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(4)
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _foreign_zip(path: Path) -> str | None:
+    """What a zip archive that torch.save did not write is (a NumPy .npz, another zip), or None. torch would stop
+    on it with a bare `[enforce fail at inline_container.cc]`, which names neither the file's kind nor the problem."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):  # not a readable zip: torch's own message is the best there is
+        return None
+    if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        return None
+    if names and all(name.endswith(".npy") for name in names):
+        return f"a NumPy .npz archive (arrays: {_listed([name[:-4] for name in names])})"
+    return f"a zip archive ({_listed(names)})" if names else "an empty zip archive"
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _first_line(err: BaseException) -> str:

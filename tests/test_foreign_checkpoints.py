@@ -1,0 +1,49 @@
+"""Archives that are no PyTorch checkpoint (a NumPy `.npz`, a plain zip) given where one is expected are named for
+what they are, in one line, instead of ending in torch's bare `[enforce fail at inline_container.cc:180]`."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from vqar.interop import load_checkpoint
+
+
+@pytest.fixture
+def archives(tmp_path):
+    """(path, what the error says it is) for zip archives that torch.save did not write."""
+    images, stats, other = tmp_path / "images.npz", tmp_path / "stats.pt", tmp_path / "notes.zip"
+    np.savez(images, arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with open(stats, "wb") as handle:  # the content counts, not the name (a path would get .npz appended)
+        np.savez_compressed(handle, mu=np.zeros(3), sigma=np.eye(3))
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    return [
+        (images, f"{images} is a NumPy .npz archive (arrays: arr_0), not a PyTorch checkpoint"),
+        (stats, f"{stats} is a NumPy .npz archive (arrays: mu, sigma), not a PyTorch checkpoint"),
+        (other, f"{other} is a zip archive (readme.txt), not a PyTorch checkpoint"),
+    ]
+
+
+def test_an_npz_or_plain_zip_given_as_a_checkpoint_is_named_for_what_it_is(archives, tmp_path, capsys):
+    images = archives[0][0]
+    for path, message in archives:
+        with pytest.raises(ValueError) as raised:
+            load_checkpoint(path)
+        assert str(raised.value) == message
+        for command in (["sample", "--model", str(path), "--out", str(tmp_path / "out")],
+                        ["convert", str(path), str(tmp_path / "converted")],
+                        ["eval", "rfid", str(images), "--tokenizer", str(path)]):  # fmt: skip
+            code, err = run_cli(command, capsys)
+            assert (code, err) == (2, f"vqar: error: {message}\n"), command
+    assert not (tmp_path / "out").exists() and not (tmp_path / "converted").exists()
+
+
+def test_a_checkpoint_torch_saved_is_still_read(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
