@@ -34,16 +34,28 @@ def bad_image_sets(root):
         (root / "empty", f"{root / 'empty'} contains no image files (.bmp, .gif"),
         (root / "junk.png", f"{NOWHERE} {root / 'junk.png'}"),
         (root / "junk.npz", f"cannot read images from {root / 'junk.npz'}: File is not a zip file"),
-        (root / "stats.npz", f"cannot read images from {root / 'stats.npz'}: {root / 'stats.npz'} has no arr_0 image "
-                             "array (keys: ['mu', 'sigma'])"),
+        (root / "stats.npz", f"{root / 'stats.npz'} holds reference statistics (mu, sigma), not images (arr_0): use "
+                             f"it as the reference of `vqar eval fid SAMPLES --ref {root / 'stats.npz'}`"),
     ]  # fmt: skip
 
 
 def test_stats_of_a_path_naming_no_image_set_fails_before_the_inception_is_loaded(tmp_path, no_inception, capsys):
     """`eval stats` loaded (or downloaded) the Inception before it looked at DATA."""
-    for data, error in bad_image_sets(tmp_path):
+    for data, error in bad_image_sets(tmp_path)[:-1]:  # the statistics: see the next test
         assert main(["eval", "stats", str(data), "--out", str(tmp_path / "out.npz")]) == 2
         assert capsys.readouterr().err.startswith(f"vqar: error: {error}")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_stats_of_an_npz_of_statistics_says_it_already_holds_them(tmp_path, no_inception, capsys):
+    """It was 'stats.npz has no arr_0 image array (keys: ['mu', 'sigma'])', which hid that the work is done."""
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
+    assert main(["eval", "stats", str(stats), "--out", str(tmp_path / "out.npz")]) == 2
+    assert capsys.readouterr().err == (
+        f"vqar: error: {stats} already holds reference statistics (mu, sigma) and no images (arr_0) to compute them "
+        f"from: it is usable as it is, as `vqar eval fid SAMPLES --ref {stats}`\n"
+    )
     assert not (tmp_path / "out.npz").exists()
 
 

@@ -87,11 +87,15 @@ def _print(result: dict, as_json: bool) -> None:
 def cmd_stats(args, par) -> int:
     from vqar.eval.generation import check_stats_path, save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
-    from vqar.eval.sources import open_source
+    from vqar.eval.sources import ReferenceStatsError, open_source
 
     check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
     # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
-    images = open_source(args.data, args.max_images)
+    try:
+        images = open_source(args.data, args.max_images)
+    except ReferenceStatsError as err:  # statistics made before: there is nothing left to compute
+        raise ValueError(f"{err.path} already holds reference statistics (mu, sigma) and no images (arr_0) to compute "
+                         f"them from: it is usable as it is, as `vqar eval fid SAMPLES --ref {err.path}`") from None
     inception = _inception(args, par.device)
     out = source_outputs(images, inception, args.batch_size, keep_images=args.with_images, par=par)
     if out is None:  # rank 0 writes the statistics

@@ -164,6 +164,16 @@ class MnistSource(ImageSource):
 
 
 # ---------------------------------------------------------------- .npz: arr_0, row ranges streamed
+class ReferenceStatsError(ValueError):
+    """An `.npz` of reference statistics (`mu`, `sigma`, as `vqar eval stats` writes them) given as images: it is
+    the `--ref` of `vqar eval fid`, which a generic "no arr_0" error would not tell."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(f"{path} holds reference statistics (mu, sigma), not images (arr_0): use it as the reference "
+                         f"of `vqar eval fid SAMPLES --ref {path}`")  # fmt: skip
+
+
 class NpzSource(ImageSource):
     """`arr_0` of an `.npz`, read by rows straight from the archive member (see the module docstring)."""
 
@@ -173,6 +183,8 @@ class NpzSource(ImageSource):
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
+                if "arr_0.npy" not in names and {"mu.npy", "sigma.npy"} <= set(names):
+                    raise ReferenceStatsError(path)
                 if "arr_0.npy" not in names:
                     found = sorted(n.removesuffix(".npy") for n in names)
                     raise ValueError(f"{path} has no arr_0 image array (keys: {found})")
@@ -180,6 +192,8 @@ class NpzSource(ImageSource):
                 with archive.open(self.info) as member:
                     self.shape, fortran, self.dtype = _npy_header(member)
                     self.header_size = member.tell()
+        except ReferenceStatsError:
+            raise
         except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise ValueError(f"cannot read images from {path}: {err}") from None
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
