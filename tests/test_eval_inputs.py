@@ -69,7 +69,7 @@ def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_lo
     cases += [
         ([str(fine), "--tokenizer", str(tmp_path / "none")], f"no model at {tmp_path / 'none'}: the local path does "
                                                               "not exist"),
-        ([str(fine), "--tokenizer", str(tmp_path / "empty")], f"{tmp_path / 'empty'} is not a model folder vqar knows"),
+        ([str(fine), "--tokenizer", str(tmp_path / "empty")], f"{tmp_path / 'empty'} is an empty folder, not a model"),
         ([str(fine), "--tokenizer", str(tokenizer_folder), "--image-size", "12"], "--image-size 12 is not a positive "
                                                                                   "multiple"),
     ]  # fmt: skip

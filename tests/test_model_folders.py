@@ -91,3 +91,15 @@ def test_a_run_that_has_not_exported_its_model_names_its_checkpoint_and_resume_e
                                  f"model (newest checkpoint: {newest}); `vqar train tokenizer --resume --out "
                                  f"{tokenizer_run}` exports that checkpoint's model into it, then trains on to its "
                                  "train.steps")  # fmt: skip
+
+
+def test_an_empty_folder_is_said_to_be_empty(tmp_path, capsys):
+    """It was 'X is not a model folder vqar knows', as for a folder of unknown files (which still gets that)."""
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    other.mkdir()
+    (other / "notes.txt").write_text("no model here")
+    expected = ("expected config.json + model.safetensors (vqar), config.yaml + model.pt (an RQ release stage) or "
+                "stage1/ stage2/ folders")  # fmt: skip
+    assert _refusals(empty, tmp_path, capsys) == [f"{empty} is an empty folder, not a model: {expected}"] * 3
+    assert _refusals(other, tmp_path, capsys) == [f"{other} is not a model folder vqar knows: {expected}"] * 3

@@ -143,6 +143,10 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module,
 def _not_a_model(folder: Path) -> str:
     """Why `folder` holds no model, where it is another folder vqar makes, and what to do with it; the formats vqar
     reads otherwise."""
+    expected = (f"expected {CONFIG_FILE} + {WEIGHTS_FILE} (vqar), {rq_release.CONFIG_FILE} + {rq_release.WEIGHTS_FILE} "
+                "(an RQ release stage) or stage1/ stage2/ folders")  # fmt: skip
+    if not any(folder.iterdir()):  # a typo'd or not yet filled --out, say: "not a folder vqar knows" would mislead
+        return f"{folder} is an empty folder, not a model: {expected}"
     if is_code_store(folder):
         return (f"{folder} is a code store (made by `vqar extract-codes`), not a model: train an AR model on it with "
                 f"`vqar train ar PRESET codes={folder}`")  # fmt: skip
@@ -156,8 +160,7 @@ def _not_a_model(folder: Path) -> str:
     if entries and is_sample_folder(folder):
         return (f"{folder} holds the samples of `vqar sample` ({describe_entries(entries)}), not a model: give the "
                 f"model folder that drew them ({CONFIG_FILE} + {WEIGHTS_FILE})")  # fmt: skip
-    return (f"{folder} is not a model folder vqar knows: expected {CONFIG_FILE} + {WEIGHTS_FILE} (vqar), "
-            f"{rq_release.CONFIG_FILE} + {rq_release.WEIGHTS_FILE} (an RQ release stage) or stage1/ stage2/ folders")
+    return f"{folder} is not a model folder vqar knows: {expected}"
 
 
 def _stopped_run(folder: Path) -> str | None:
