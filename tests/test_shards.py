@@ -242,6 +242,17 @@ def test_pack_shards_command(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_pack_shards_says_one_image_shard_class_and_file_in_the_singular(tmp_path, capsys):
+    """It said 'packed 1 images into 1 shards (1 classes, 1 unreadable files left out)'."""
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "cat" / "a.png")
+    (tmp_path / "images" / "cat" / "b.png").write_bytes(b"not an image")
+    assert main(["pack-shards", str(tmp_path / "images"), "--out", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"packed 1 image into 1 shard in {tmp_path / 's'} (1 class, 1 unreadable file left out)"
+    )
+
+
 def _index_with(digit_shards, tmp_path, first: dict) -> str:
     """A copy of the digits' shard index (absolute URLs) whose first entry is replaced by `first`."""
     index = json.loads((digit_shards / "shards.json").read_text())

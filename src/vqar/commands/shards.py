@@ -18,13 +18,17 @@ def run(args: argparse.Namespace) -> int:
     report = pack_shards(args.source, args.out, shard_size=args.shard_size, captions=args.captions,
                          shuffle=not args.no_shuffle, seed=args.seed, max_images=args.max_images,
                          overwrite=args.overwrite)  # fmt: skip
-    counts = [entry["nsamples"] for entry in report.index["shardlist"]]
-    extra = f", {len(report.skipped)} unreadable files left out" if report.skipped else ""
-    classes = len(report.index["class_names"])
-    print(f"packed {report.written} images into {len(counts)} shards in {report.out_dir} "
-          f"({classes} classes{', with captions' if report.index['captions'] else ''}{extra})")  # fmt: skip
+    shards = len(report.index["shardlist"])
+    extra = f", {_counted(len(report.skipped), 'unreadable file')} left out" if report.skipped else ""
+    classes = _counted(len(report.index["class_names"]), "class", "classes")
+    print(f"packed {_counted(report.written, 'image')} into {_counted(shards, 'shard')} in {report.out_dir} "
+          f"({classes}{', with captions' if report.index['captions'] else ''}{extra})")  # fmt: skip
     print(f"use it as: data.source={report.out_dir / 'shards.json'}")
     return 0
+
+
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
