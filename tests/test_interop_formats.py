@@ -370,7 +370,10 @@ def test_corrupt_and_unknown_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a LlamaGen GPT"):
         vqar.load_pretrained(tmp_path / "other.pt", config="GPT-B")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(FileNotFoundError, match="is an empty folder, not a model"):
+        vqar.load_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.txt").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match="not a model folder vqar knows"):
         vqar.load_pretrained(tmp_path / "empty")
 
 
