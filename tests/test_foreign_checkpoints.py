@@ -1,5 +1,5 @@
-"""Archives that are no PyTorch checkpoint (a NumPy `.npz`, a plain zip) given where one is expected are named for
-what they are, in one line, instead of ending in torch's bare `[enforce fail at inline_container.cc:180]`."""
+"""Files that are no PyTorch checkpoint (a NumPy `.npz` or `.npy`, a plain zip) given where one is expected are named
+for what they are, in one line, instead of ending in torch's bare `[enforce fail at inline_container.cc:180]`."""
 
 from __future__ import annotations
 
@@ -47,3 +47,16 @@ def test_a_checkpoint_torch_saved_is_still_read(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, path)
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
+
+
+def test_an_npy_array_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, capsys):
+    path = tmp_path / "codes.pt"  # the content counts, not the name
+    with open(path, "wb") as handle:
+        np.save(handle, np.arange(6))
+    # it was "neither a PyTorch archive (torch.save's zip) nor a pickle": true, but not what the file is
+    message = f"{path} is a NumPy .npy array, not a PyTorch checkpoint"
+    with pytest.raises(ValueError) as raised:
+        load_checkpoint(path)
+    assert str(raised.value) == message
+    code, err = run_cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert (code, err) == (2, f"vqar: error: {message}\n")

@@ -60,6 +60,8 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if not _looks_like_torch_file(path):
+        if _is_npy(path):  # an array saved with numpy.save: say so rather than only what it is not
+            raise ValueError(f"{path} is a NumPy .npy array, not a PyTorch checkpoint")
         raise ValueError(f"{path} is not a checkpoint: it is neither a PyTorch archive (torch.save's zip) nor a "
                          "pickle")  # fmt: skip
     foreign = _foreign_zip(path)
@@ -94,6 +96,11 @@ def _looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(4)
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _is_npy(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(6) == b"\x93NUMPY"  # the .npy format's magic string
 
 
 def _foreign_zip(path: Path) -> str | None:
