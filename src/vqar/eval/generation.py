@@ -187,22 +187,6 @@ def _reference_outputs(
     return (stored.stats, features) if par.is_main else (None, None)
 
 
-def reference_stats(
-    source: str | Path,
-    inception: Inception,
-    batch_size: int = 50,
-    need_features: bool = False,
-    par: Parallel | None = None,
-) -> tuple[GaussianStats | None, np.ndarray | None]:
-    """Statistics of a reference: an `.npz` holding `mu`/`sigma` (ADM or vqar), or any image source. Returns the
-    stats and, when asked and available, the reference features for precision/recall. Under torchrun rank 0 gets
-    them; the other ranks take their part in any Inception pass and get (None, None)."""
-    par = par or Parallel()
-    stored = read_stored_reference(source, need_features, par)
-    images = _reference_images(source, stored, need_features)
-    return _reference_outputs(images, stored, inception, batch_size, par)
-
-
 @dataclass
 class EvalSets:
     """The image sets of an FID evaluation, opened by `open_eval_sets` before any Inception pass."""

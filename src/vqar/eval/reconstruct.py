@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vqar.data import convert_channels, fit_image, to_tensor
-from vqar.eval.sources import IMAGE_SUFFIXES, image_files
+from vqar.eval.sources import image_files
 from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
@@ -97,8 +97,6 @@ def _images_and_names(images: Sequence[str | Path]) -> list[tuple[Path, str]]:
         if not given.is_dir():
             entries.append((given, given.stem))
             continue
-        files = image_files(given)
-        if not files:
-            raise ValueError(f"{given} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files = image_files(given, required=True)
         entries += [(file, file.relative_to(given).with_suffix("").as_posix()) for file in files]
     return entries

@@ -272,9 +272,14 @@ def _read_into(stream, target: memoryview) -> None:
 
 
 # ---------------------------------------------------------------- a folder of image files
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, in sorted order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def image_files(folder: Path, required: bool = False) -> list[Path]:
+    """The image files under `folder`, recursively, in sorted order; with `required`, a ValueError naming the folder
+    where there are none."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if required and not files:
+        hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
+        raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
+    return files
 
 
 def _read_image(path: Path, mode: str) -> np.ndarray | None:
@@ -302,10 +307,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, folder: Path, max_images: int | None):
         super().__init__(folder)
-        self.files = image_files(folder)[:max_images]
-        if not self.files:
-            hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
-            raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
+        self.files = image_files(folder, required=True)[:max_images]
         self.mode = _common_mode(lambda f=f: Image.open(f) for f in self.files[:MODE_PEEK])
 
     def __len__(self) -> int:
