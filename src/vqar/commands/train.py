@@ -51,7 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _check_stage(run_dir: Path, group: str) -> None:
     """ConfigError when the run in `run_dir` trains the other stage (`vqar train ar --resume` on a tokenizer run),
     whose run.yaml would otherwise be refused for its first key the schema does not know."""
-    from vqar.train.launch import run_kind
+    from vqar.utils.runs import run_kind
 
     stage = run_kind(run_dir)
     if stage is not None and stage != group:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from vqar.ar import ARModel
@@ -30,6 +29,7 @@ from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
 from vqar.utils.io import describe_entries, folder_entries
+from vqar.utils.runs import list_checkpoints, run_kind
 
 VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 
@@ -167,25 +167,18 @@ def _stopped_run(folder: Path) -> str | None:
     """What to do with a training run that has not exported its model (stopped before its first checkpoint, or
     whose export failed, a full disk say); None for a folder that is no run. Resuming exports the model of the newest
     checkpoint before it trains on (`Trainer.export_if_behind`), so that is what the message offers."""
-    steps = sorted((int(p.name[5:]), p) for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    newest = steps[-1][1] if steps else None
-    saved = folder / "run.yaml"
-    if not saved.is_file() and newest is None:
+    kind = run_kind(folder)
+    if kind is None:
         return None
-    try:  # an AR run's run.yaml names its `arch` at the top level, a tokenizer's under `model` (`train.launch`)
-        config = yaml.safe_load((saved if saved.is_file() else newest / "run.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(config, dict) or not {"arch", "model"} & set(config):  # a run.yaml of something else
-        return None
-    group = "ar" if "arch" in config else "tokenizer"
-    what = {"ar": "an AR model", "tokenizer": "a tokenizer"}[group]
-    resume = f"`vqar train {group} --resume --out {folder}`"
-    if newest is None:
+    what = {"ar": "an AR model", "tokenizer": "a tokenizer"}[kind]
+    resume = f"`vqar train {kind} --resume --out {folder}`"
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
         return (f"{folder} is the training run of {what}, stopped before its first checkpoint: it holds no model; "
                 f"{resume} starts it again")  # fmt: skip
     return (f"{folder} is the training run of {what}, stopped before it exported its model (newest checkpoint: "
-            f"{newest}); {resume} exports that checkpoint's model into it, then trains on to its train.steps")
+            f"{checkpoints[-1].path}); {resume} exports that checkpoint's model into it, then trains on to its "
+            "train.steps")
 
 
 def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqar.utils.io import current_umask, fsync_dir, remove_leftovers, sha256_file
+from vqar.utils.runs import Checkpoint, checkpoint_dir, list_checkpoints
 
 log = logging.getLogger("vqar.train")
 
@@ -39,27 +39,6 @@ DAMAGED = "damaged"
 
 class DamagedCheckpointsError(ValueError):
     """A run has checkpoints but none is intact: resuming would start over and lose them."""
-
-
-@dataclass
-class Checkpoint:
-    step: int
-    path: Path
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Checkpoints present in a run, oldest first (without verifying them)."""
-    found = []
-    folder = checkpoint_dir(run_dir)
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            if entry.is_dir() and entry.name.startswith("step-") and entry.name[5:].isdigit():
-                found.append(Checkpoint(int(entry.name[5:]), entry))
-    return sorted(found, key=lambda c: c.step)
 
 
 Weights = dict[str, torch.Tensor]

@@ -6,14 +6,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
 from vqar.parallel import DistConfig, Parallel, joined
-from vqar.train.checkpoint import RUN_FILES, has_run, list_checkpoints, prepare_run_dir
+from vqar.train.checkpoint import RUN_FILES, has_run, prepare_run_dir
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries
+from vqar.utils.runs import run_kind
 
 KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
 
@@ -72,19 +71,3 @@ def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool)
     if nested:  # e.g. a folder that holds a tokenizer run in tokenizer/: --overwrite would delete that run
         raise FileExistsError(f"{nested[0]} holds a training run of its own, which --overwrite would delete; move it "
                               "or choose another --out")  # fmt: skip
-
-
-def run_kind(run_dir: Path) -> str | None:
-    """The kind of training run (a key of KINDS) `run_dir` holds, told by its run.yaml (or its newest checkpoint's):
-    an AR run's names its `arch` at the top level, a tokenizer's under `model`. None when it cannot be told."""
-    saved = run_dir / "run.yaml"
-    if not saved.is_file():
-        checkpoints = list_checkpoints(run_dir)
-        saved = checkpoints[-1].path / "run.yaml" if checkpoints else saved
-    try:
-        config = yaml.safe_load(saved.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    return "ar" if "arch" in config else "tokenizer" if "model" in config else None
