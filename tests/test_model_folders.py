@@ -103,3 +103,17 @@ def test_an_empty_folder_is_said_to_be_empty(tmp_path, capsys):
                 "stage1/ stage2/ folders")  # fmt: skip
     assert _refusals(empty, tmp_path, capsys) == [f"{empty} is an empty folder, not a model: {expected}"] * 3
     assert _refusals(other, tmp_path, capsys) == [f"{other} is not a model folder vqar knows: {expected}"] * 3
+
+
+def test_a_tokenizer_given_as_the_model_says_how_to_use_it(tokenizer_folder, tmp_path, capsys):
+    """It said only 'X holds a Tokenizer, not an autoregressive model': the stage-1 folder given where the stage-2
+    model goes is the usual mix-up, so the message says where a tokenizer goes and how to train a model on it."""
+    for command in (["sample", "--model", str(tokenizer_folder), "--out", str(tmp_path / "out")],
+                    ["serve", "--model", str(tokenizer_folder), "--port", "0"]):  # fmt: skip
+        code, err = run_cli(command, capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert err.strip() == (
+            f"vqar: error: {tokenizer_folder} holds a tokenizer (Tokenizer), not an autoregressive model: give it as "
+            f"--tokenizer beside an AR model's --model, or train an AR model on its codes (`vqar extract-codes "
+            f"--tokenizer {tokenizer_folder} --data DATA --out CODES`, then `vqar train ar PRESET codes=CODES`)")
+    assert not (tmp_path / "out").exists()

@@ -60,7 +60,7 @@ def load_ar_model(args: argparse.Namespace, device):
 
     model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
     if not isinstance(model, ARModel):
-        raise ValueError(f"{args.model} holds a {type(model).__name__}, not an autoregressive model")
+        raise ValueError(_not_an_ar_model(args.model, model))
     model = model.to(device)
     text_tokenizer = None
     if getattr(args, "text_tokenizer", None):
@@ -68,6 +68,17 @@ def load_ar_model(args: argparse.Namespace, device):
 
         text_tokenizer = TextTokenizer.load(args.text_tokenizer, length=model.cfg.text_length or None)
     return model.attach(model.tokenizer.to(device) if model.tokenizer is not None else None, text_tokenizer)
+
+
+def _not_an_ar_model(source, model) -> str:
+    """Why --model cannot sample, and for a tokenizer (a stage-1 model, the usual mix-up) what to do with it."""
+    from vqar.ar.contract import CodeTokenizer
+
+    if not isinstance(model, CodeTokenizer):
+        return f"{source} holds a {type(model).__name__}, not an autoregressive model"
+    return (f"{source} holds a tokenizer ({type(model).__name__}), not an autoregressive model: give it as "
+            f"--tokenizer beside an AR model's --model, or train an AR model on its codes (`vqar extract-codes "
+            f"--tokenizer {source} --data DATA --out CODES`, then `vqar train ar PRESET codes=CODES`)")
 
 
 def positive_int(text: str) -> int:
