@@ -1,6 +1,6 @@
-"""One writer at a time for a code store or a folder of shards (README, "Failure modes"): a second `vqar
-extract-codes` or `vqar pack-shards` with the same --out fails at once, naming the process that writes it, and
-writes nothing; once that process is done, the command works and leaves no lock file."""
+"""One writer at a time for a code store, a folder of shards or a training run (README, "Failure modes"): a second
+`vqar extract-codes`, `vqar pack-shards` or `vqar train` with the same --out fails at once, naming the process that
+writes it, and writes nothing; once that process is done, the command works and leaves no lock file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import file_contents, run_cli
+from conftest import TINY_RUN, file_contents, run_cli
 
 
 @pytest.fixture
@@ -85,20 +85,25 @@ def test_a_lock_file_a_killed_process_left_is_taken_over(images, tmp_path, capsy
     assert not (tmp_path / ".out.lock").exists()
 
 
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """`vqar ARGS` as two torchrun processes."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "vqar.cli", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_under_torchrun_rank_0_takes_the_lock_for_every_rank(tokenizer_folder, images, tmp_path):
-    import socket
-
     def torchrun() -> subprocess.CompletedProcess:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                   "-m", "vqar.cli", *_command("extract-codes", tokenizer_folder, images), "--shard-size", "2",
-                   "--out", str(tmp_path / "out")]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        return _torchrun([*_command("extract-codes", tokenizer_folder, images), "--shard-size", "2",
+                          "--out", str(tmp_path / "out")])  # fmt: skip
 
     fd = _hold(tmp_path / ".out.lock", 4242)
     try:
@@ -111,3 +116,64 @@ def test_under_torchrun_rank_0_takes_the_lock_for_every_rank(tokenizer_folder, i
     done = torchrun()
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote 4 items") == 1 and not (tmp_path / ".out.lock").exists()
+
+
+# A one-step tokenizer run on 64 digits (a second or two).
+TRAIN = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=64", "steps=1", "train.eval_every=1",
+         "train.log_every=1"]  # fmt: skip
+
+
+def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli([*TRAIN, "--out", str(run)], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the lock file went with the run
+    before = file_contents(run)
+    # The training that writes the run is another process, which the error names.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
+                               f"with write_lock({str(run)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        expected = f"vqar: error: another vqar process (pid {holder.pid}) is writing {run}; wait for it to finish or " \
+                   "choose another --out\n"  # fmt: skip
+        for mode in (["--resume"], ["--overwrite"], ["steps=2", "--resume"]):
+            code, err = run_cli([*TRAIN, *mode, "--out", str(run)], capsys)
+            assert (code, err) == (2, expected), mode
+            assert file_contents(run) == before, mode  # --overwrite deleted nothing, --resume wrote nothing
+        code, err = run_cli([*TRAIN, "--out", str(tmp_path / "run" / ".." / "run")], capsys)  # another spelling
+        assert code == 2 and f"(pid {holder.pid})" in err, err
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    assert run_cli([*TRAIN, "steps=2", "--resume", "--out", str(run)], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+
+
+def test_a_new_run_is_not_started_while_another_process_holds_its_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "run"
+    out.parent.mkdir()
+    fd = _hold(tmp_path / "runs" / ".run.lock", 4242)
+    try:
+        code, err = run_cli([*TRAIN, "--out", str(out)], capsys)
+        assert code == 2 and err.count("\n") == 1 and "another vqar process (pid 4242) is writing" in err, err
+        assert [p.name for p in out.parent.iterdir()] == [".run.lock"]  # no run folder was made
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_rank_0_takes_the_training_lock_and_no_rank_waits_when_it_fails(tmp_path):
+    out = tmp_path / "run"
+    fd = _hold(tmp_path / ".run.lock", 4242)
+    try:
+        done = _torchrun([*TRAIN, "data.batch_size=16", "--out", str(out)])  # within its timeout: no rank hangs
+        assert done.returncode != 0
+        assert f"vqar: error: another vqar process (pid 4242) is writing {out};" in done.stderr, done.stderr[-3000:]
+        assert not out.exists()
+    finally:
+        os.close(fd)
+    done = _torchrun([*TRAIN, "data.batch_size=16", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: ") == 1 and not (tmp_path / ".run.lock").exists()

@@ -11,7 +11,7 @@ from vqar.data.pack import is_shard_folder
 from vqar.parallel import DistConfig, Parallel, joined
 from vqar.train.checkpoint import RUN_FILES, has_run, prepare_run_dir
 from vqar.utils.device import resolve_device
-from vqar.utils.io import describe_entries, folder_entries
+from vqar.utils.io import describe_entries, folder_entries, write_lock
 from vqar.utils.runs import run_kind
 
 KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
@@ -21,14 +21,17 @@ KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of r
 def distributed_run(
     cfg: DistConfig, device: str, run_dir: str | Path, resume: bool, overwrite: bool, kind: str
 ) -> Iterator[tuple[Parallel, Path]]:
-    """Joins the process group (when launched by torchrun), lets rank 0 check and prepare the run directory for a
-    run of `kind` (a key of KINDS), and leaves the group at the end. A problem on rank 0 (an existing run, say) is
-    raised on every rank."""
+    """Joins the process group (when launched by torchrun), lets rank 0 lock, check and prepare the run directory
+    for a run of `kind` (a key of KINDS), and leaves the group at the end. A problem on rank 0 (an existing run,
+    another process training into the same folder) is raised on every rank. The lock (`write_lock`: `.RUN.lock`
+    beside the run directory, so --overwrite never removes it and it is never part of the run) is held until the
+    body ends."""
     run_dir = Path(run_dir)
-    with joined(cfg, resolve_device(device)) as par:
+    with joined(cfg, resolve_device(device)) as par, contextlib.ExitStack() as held:
         problem: Exception | None = None
-        if par.is_main:
+        if par.is_main:  # rank 0 locks for every rank; taken before --overwrite deletes anything
             try:
+                held.enter_context(write_lock(run_dir))
                 check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
                 prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             except (OSError, ValueError) as err:
