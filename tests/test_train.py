@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vqar
-from conftest import TINY_RUN
+from conftest import TINY_RUN, run_cli
 from vqar.data import load_mnist_digits
 from vqar.tokenizers import Tokenizer
 from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
@@ -119,6 +119,19 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={tmp_path / 'empty'}"])
     with pytest.raises(ValueError, match="no image"):
         train_tokenizer(cfg, tmp_path / "run")
+
+
+def test_a_run_without_validation_images_is_refused_before_training(tmp_path, capsys):
+    # Evaluation scores the run (its metrics, best checkpoint and pictures); it used to fail only after training.
+    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=2", "train.eval_every=2", "--out"]
+    code, err = run_cli([*train, str(tmp_path / "a"), "data.val_fraction=0"], capsys)
+    assert code == 2 and err == "vqar: error: data.val_fraction must be in (0, 1) for training (evaluation scores " \
+                                "the run on the validation split), got 0\n", err  # fmt: skip
+    code, err = run_cli([*train, str(tmp_path / "b"), "data.max_images=1", "bs=1"], capsys)  # too few to split
+    assert code == 2 and "train:" not in err, err
+    assert err.endswith("vqar: error: the validation split is empty (too few images to hold any out), and "
+                        "evaluation scores the run: raise data.val_fraction or add images\n"), err  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_existing_run_is_never_overwritten_by_accident(trained_run, tmp_path):

@@ -370,7 +370,7 @@ class ShardDataset:
         n = len(self.shards)
         if n < 2:
             raise ValueError(f"{self.source} is a single shard, and the validation split holds out whole shards: "
-                             "set data.val_fraction=0 or pack more shards (vqar pack-shards --shard-size)")  # fmt: skip
+                             "pack more shards (vqar pack-shards --shard-size)")  # fmt: skip
         n_val = min(n - 1, max(1, round(val_fraction * n)))
         order = np.random.default_rng(seed).permutation(n)
         val = set(order[:n_val].tolist())

@@ -237,6 +237,11 @@ class Trainer:
                 f"the training split has {len(train_set)} images, fewer than one batch of {data.batch_size}; "
                 "lower data.batch_size or add images"
             )
+        if len(val_set) == 0:  # found now, not at the first evaluation after training
+            raise ValueError(
+                "the validation split is empty (too few images to hold any out), and evaluation scores the run: raise "
+                "data.val_fraction or add images"
+            )
 
         # A plain function, not a callable object: LambdaLR then saves only the step count, and a resumed run
         # whose train.steps was raised follows the schedule of its new configuration.

@@ -54,6 +54,9 @@ class TokenizerRunConfig:
         self.data.validate()
         self.train.validate()
         self.dist.validate()
+        if self.data.val_fraction == 0:  # 0 suits extraction, but a run is scored on its validation split
+            raise ValueError("data.val_fraction must be in (0, 1) for training (evaluation scores the run on the "
+                             "validation split), got 0")  # fmt: skip
         arch = self.model.arch
         net = self.model.backbone
         if self.data.channels != net.in_channels or net.out_channels != net.in_channels:
