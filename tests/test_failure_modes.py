@@ -93,6 +93,21 @@ def test_a_resumed_run_continues_its_metric_log(tmp_path):
     assert [step for step, split in rows if split == "train"] == list(range(1, 9))
 
 
+def test_a_metric_row_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    run = tmp_path / "run"
+    _train(run, 8)
+    log = run / "metrics.jsonl"
+    rows = log.read_text().splitlines()
+    # A note of the user's, then the row a SIGKILL (or a full disk) cut short while appending it: no newline after.
+    log.write_text("\n".join(rows[:3]) + "\nnote: lr looked high\n" + "\n".join(rows[3:]) + '\n{"step": 9, "spl')
+    _train(run, 12, resume=True)  # used to fail with "Expecting ',' delimiter", naming no file
+    lines = log.read_text().splitlines()
+    assert lines[3] == "note: lr looked high"
+    rows = [json.loads(line) for line in lines[:3] + lines[4:]]  # every other line is a whole row
+    steps = [(r["step"], r["split"]) for r in rows]
+    assert len(steps) == len(set(steps)) and [s for s, split in steps if split == "train"] == list(range(1, 13))
+
+
 def test_resuming_a_finished_run_adds_no_row(tmp_path):
     run = tmp_path / "run"
     metrics = _train(run, 4)

@@ -55,14 +55,30 @@ def logged_metrics(run_dir: Path, step: int, split: str) -> dict[str, float] | N
 
 def forget_metrics_after(run_dir: Path, step: int) -> None:
     """Drops the metric rows a run logged after the checkpoint it resumes from: they are logged again, and
-    metrics.jsonl then holds one row per (step, split)."""
+    metrics.jsonl then holds one row per (step, split). A last row cut short (a kill or a full disk while it was
+    appended: no newline ends it) goes too, so the next row starts on a line of its own; any other line that is no
+    metric row is kept as it is."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n") and _row_step(lines[-1]) is None:
+        log.warning("%s: dropped its last row, which was cut short while it was written (%r)", path, lines[-1][:60])
+        lines.pop()
+    kept = [line for line in lines if line.strip() and (_row_step(line) or 0) <= step]
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line that is no row (damaged, or written by someone else)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    found = row.get("step") if isinstance(row, dict) else None
+    return found if isinstance(found, int) else None
 
 
 def require_tracker(logger: str) -> None:
