@@ -108,6 +108,17 @@ def test_a_metric_row_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
     assert len(steps) == len(set(steps)) and [s for s, split in steps if split == "train"] == list(range(1, 13))
 
 
+@pytest.mark.parametrize("damage", ["{", "[]", '{"step": "four"}'])
+def test_a_damaged_best_json_is_written_anew_instead_of_failing_the_run(tmp_path, caplog, damage):
+    run = tmp_path / "run"
+    _train(run, 4)
+    best = run / "checkpoints" / "best.json"
+    best.write_text(damage)
+    _train(run, 8, resume=True)  # used to fail at its first evaluation, after the training steps
+    assert f"{best} is damaged" in caplog.text
+    assert json.loads(best.read_text())["step"] == 8 and json.loads(best.read_text())["metric"] == "psnr"
+
+
 def test_resuming_a_finished_run_adds_no_row(tmp_path):
     run = tmp_path / "run"
     metrics = _train(run, 4)

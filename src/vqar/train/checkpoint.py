@@ -136,11 +136,26 @@ def _move_aside(run_dir: Path, path: Path, problem: str) -> Path:
 
 def best_step(run_dir: Path) -> int | None:
     """The step of the best validation result so far (`checkpoints/best.json`), if any."""
+    best = read_best(run_dir)
+    return None if best is None else best["step"]
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """`checkpoints/best.json` ({"step", "metric", "value"}); None when there is none, or when it is damaged (it is
+    renamed into place, so only something else changes it): a warning, and the next evaluation writes it anew."""
     path = checkpoint_dir(run_dir) / "best.json"
     try:
-        return int(json.loads(path.read_text())["step"])
-    except (OSError, ValueError, KeyError):
+        best = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:
+        best = err
+    fields = {"step": int, "metric": str, "value": (int, float)}
+    if isinstance(best, dict) and all(isinstance(best.get(k), kind) for k, kind in fields.items()):
+        return best
+    log.warning("%s is damaged (%s); the best checkpoint is chosen again from the next evaluation", path,
+                best if isinstance(best, Exception) else "not a step, metric and value")  # fmt: skip
+    return None
 
 
 # Checkpoint folders do not change once renamed into place, so each is hashed once per process; the cache is keyed

@@ -43,6 +43,7 @@ from vqar.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     load_weights,
+    read_best,
     save_checkpoint,
 )
 from vqar.train.config import TrainConfig
@@ -580,7 +581,7 @@ class Trainer:
         name, mode = self.task.best_metric
         value = metrics[name]
         path = self.run_dir / "checkpoints" / "best.json"
-        best = json.loads(path.read_text()) if path.is_file() else None
+        best = read_best(self.run_dir)
         if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"step": self.step, "metric": name, "value": value}))
