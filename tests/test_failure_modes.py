@@ -188,6 +188,29 @@ def test_the_space_check_counts_a_checkpoint_and_the_export(tmp_path, monkeypatc
     assert written <= asked[0] <= 1.2 * written + 2**20  # enough for both, without crying wolf
 
 
+def test_a_model_whose_training_state_cannot_fit_in_memory_is_refused_before_its_first_step(tmp_path, capsys,
+                                                                                             monkeypatch):  # fmt: skip
+    # On the CPU the first step allocates the gradients and Adam's two moments; without room for them the kernel's
+    # OOM killer ended the run with a bare "Killed" (`vqar train ar gpt-mnist size=GPT-XXL` on a 23 GB machine).
+    import re
+
+    import vqar.utils.memory
+
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 2**20)
+    run = tmp_path / "run"
+    code, err = run_cli(["train", "tokenizer", "rqvae-mnist", *RUN, "steps=2", "--out", str(run)], capsys)
+    last = err.splitlines()[-1]
+    assert code == 2 and "train:" not in err, err
+    found = re.fullmatch(r"vqar: error: training these ([\d.]+)M parameters on the CPU \(gradients and optimizer "
+                         r"state, before activations\) would need about ([\d.]+) MB of memory, and 1.0 MB is "
+                         r"available: choose a smaller model \(size=, model.\*\) or train on a GPU "
+                         r"\(train.device=cuda\)", last)  # fmt: skip
+    assert found, last
+    # float32: 12 bytes a parameter (the count is shown to 0.1M)
+    assert float(found[2]) == pytest.approx(3 * 4 * float(found[1]) * 1e6 / 2**20, rel=0.06)
+    assert not run.exists()  # refused before run.yaml, a checkpoint or a metric row
+
+
 @pytest.mark.parametrize("where", ["export", "checkpoint"])
 def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch, where):
     import errno

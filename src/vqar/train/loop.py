@@ -57,6 +57,7 @@ from vqar.train.tracking import (
     require_tracker,
 )
 from vqar.utils.io import atomic_write_text
+from vqar.utils.memory import check_memory
 
 log = logging.getLogger("vqar.train")
 
@@ -381,6 +382,12 @@ class Trainer:
                 problem = err
         if self.par.any(problem is not None):
             raise problem or OSError("rank 0 cannot write to the run directory or lacks the train.logger package")
+        try:
+            self.check_memory()
+        except ValueError as err:
+            problem = err
+        if self.par.any(problem is not None):
+            raise problem or ValueError("another process of the run has too little memory to train; see its error")
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -399,6 +406,20 @@ class Trainer:
         if self.stop_signal is not None:  # a second Ctrl-C: stop at once (the previous checkpoint is intact)
             raise KeyboardInterrupt
         self.stop_signal = signum
+
+    def check_memory(self) -> None:
+        """On the CPU, refuses a model whose gradients and optimizer state cannot fit in the memory left once it is
+        built: the first step would allocate them, and the kernel's OOM killer would end the run without a word.
+        (A GPU says when it runs out; activations come on top, so this is the least training needs.)"""
+        if self.par.device.type != "cpu":
+            return
+        params = [p for m in self.task.modules().values() for p in m.parameters() if p.requires_grad]
+        grads = sum(p.numel() * p.element_size() for p in params if p.grad is None)
+        count = sum(p.numel() for p in params)
+        need = grads + sum(optimizer_bytes(o) for o in self.task.optimizers().values() if not o.state)
+        check_memory(need, f"training these {count / 1e6:.1f}M parameters on the CPU (gradients and optimizer "
+                     "state, before activations)", "choose a smaller model (size=, model.*) or train on a GPU "
+                     "(train.device=cuda)")  # fmt: skip
 
     def checkpoint_bytes(self) -> int:
         """One checkpoint: the weights and buffers of every module (the EMA and the discriminator too), the
