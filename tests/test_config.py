@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from vqar.configs import ConfigError, preset_names, to_yaml
@@ -75,6 +77,15 @@ def test_invalid_combinations_are_rejected():
         load_run_config("rqvae-mnist", ["data.image_size=36", "model.conv.resolution=36"])
     with pytest.raises(ConfigError, match="precision"):
         load_run_config("rqvae-mnist", ["train.precision=fp8"])
+
+
+def test_a_setting_tokenizer_training_would_ignore_is_refused():
+    # train.ema_decay is the AR stage's; a tokenizer run used to train without EMA weights, saying nothing.
+    message = "train.ema_decay=0.999 keeps EMA weights of AR models only; a tokenizer trains without them: set " \
+              "train.ema_decay=null"  # fmt: skip
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_run_config("rqvae-mnist", ["train.ema_decay=0.999"])
+    assert load_run_config("rqvae-mnist", ["train.ema_decay=null"]).train.ema_decay is None
 
 
 def test_unknown_preset_lists_available():

@@ -54,6 +54,9 @@ class TokenizerRunConfig:
         self.data.validate()
         self.train.validate()
         self.dist.validate()
+        if self.train.ema_decay is not None:  # the AR stage's: a tokenizer run would train without it, unsaid
+            raise ValueError(f"train.ema_decay={self.train.ema_decay} keeps EMA weights of AR models only; a tokenizer "
+                             "trains without them: set train.ema_decay=null")  # fmt: skip
         if self.data.val_fraction == 0:  # 0 suits extraction, but a run is scored on its validation split
             raise ValueError("data.val_fraction must be in (0, 1) for training (evaluation scores the run on the "
                              "validation split), got 0")  # fmt: skip
