@@ -79,6 +79,22 @@ def test_invalid_combinations_are_rejected():
         load_run_config("rqvae-mnist", ["train.precision=fp8"])
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}"])
+def test_an_empty_yaml_file_is_named_as_such(tmp_path, capsys, text):
+    # It used to give the schema's defaults, refused for a setting nobody gave (data.channels=1 must equal ...).
+    from conftest import run_cli
+
+    (tmp_path / "empty.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"^\S*empty.yaml is empty: it holds no settings \(name a preset"):
+        load_run_config(str(tmp_path / "empty.yaml"))
+    run = tmp_path / "run"  # a run whose run.yaml was emptied
+    run.mkdir()
+    (run / "run.yaml").write_text(text)
+    code, err = run_cli(["train", "tokenizer", "--resume", "--out", str(run)], capsys)
+    assert code == 2 and err == f"vqar: error: {run / 'run.yaml'} is empty: it holds no settings (name a preset, " \
+                                "see `vqar presets`, or a YAML file that sets the run)\n", err  # fmt: skip
+
+
 def test_a_setting_tokenizer_training_would_ignore_is_refused():
     # train.ema_decay is the AR stage's; a tokenizer run used to train without EMA weights, saying nothing.
     message = "train.ema_decay=0.999 keeps EMA weights of AR models only; a tokenizer trains without them: set " \

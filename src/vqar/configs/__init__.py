@@ -172,6 +172,9 @@ def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig
         raise ConfigError(f"cannot parse {origin}: {err}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{origin} must hold a mapping at the top level")
+    if not loaded:  # the schema's defaults alone are no run (they fail later, naming a setting nobody gave)
+        raise ConfigError(f"{origin} is empty: it holds no settings (name a preset, see `vqar presets`, or a YAML file "
+                          "that sets the run)")  # fmt: skip
     _check_tree(base, loaded, "", origin)
     return loaded
 
