@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -134,8 +135,16 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert np.isfinite(metrics["nll"])
     model = vqar.load_pretrained(tmp_path / "gpt")
     assert model.code_shape == (8, 8) and model.tokenizer is not None
-    with pytest.raises(ValueError, match="stacks of codes"):
-        train_ar(load_run_config("rq-mnist", [f"codes={tmp_path / 'codes'}"]), tmp_path / "rq")
+    # A store the architecture cannot model is named with what to do, not by the model's code_shape check, which
+    # the store filled in (VAR's used to be, as a VQ tokenizer's config holds an empty patch_nums).
+    for preset, problem in (("rq-mnist", "an RQ-Transformer models stacks of codes (a residual tokenizer's height x "
+                                         "width x depth), and these are 8x8: train arch=gpt or arch=vim on them"),
+                            ("var-mnist", "VAR models the codes of a multi-scale tokenizer")):  # fmt: skip
+        store = tmp_path / "codes"
+        arch = preset.split("-")[0]
+        with pytest.raises(ValueError, match=re.escape(f"data.codes: the store {store} does not suit arch={arch}: "
+                                                       f"{problem}")):  # fmt: skip
+            load_run_config(preset, [f"codes={store}"])
 
     # Next patch prediction (level 3: 4x4 patches, then 2x2, then tokens) and VIM train on the same store.
     overrides = [f"codes={tmp_path / 'codes'}", "size=GPT-XS", "steps=8", "bs=16", "train.log_every=1",

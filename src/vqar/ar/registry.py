@@ -62,6 +62,10 @@ def _no_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
 
 def _rq_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
     """The tokenizer's code vectors an RQ-Transformer embeds codes with."""
+    shape = list(manifest.get("code_shape", [0, 0, 0]))  # `vqar bench sample` gives no store
+    if len(shape) != 3:  # said here, naming the store, rather than by the model config's check of code_shape
+        raise ValueError(f"an RQ-Transformer models stacks of codes (a residual tokenizer's height x width x depth), "
+                         f"and these are {'x'.join(map(str, shape))}: train arch=gpt or arch=vim on them")  # fmt: skip
     quantizer = tokenizer["quantizer"]
     return {"code_dim": int(quantizer["dim"]), "shared_codebook": bool(quantizer.get("shared_codebook", True))}
 
@@ -89,7 +93,7 @@ def _code_stack(grid: int, depth: int) -> dict:
 def _scale_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
     """The scales of a multi-scale tokenizer and the size of its code vectors, which VAR's inputs are made of."""
     quantizer = tokenizer["quantizer"]
-    if "patch_nums" not in quantizer:
+    if not quantizer.get("patch_nums"):  # a single-scale tokenizer's config may hold an empty list
         raise ValueError("VAR models the codes of a multi-scale tokenizer (quantizer kind 'multiscale')")
     return {"patch_nums": [int(p) for p in quantizer["patch_nums"]], "code_dim": int(quantizer["dim"])}
 
