@@ -121,6 +121,33 @@ def test_resume_reaches_the_same_weights(tiny_pipeline, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
+def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, tmp_path, capsys):
+    # The export keeps the run's tokenizer/, so the model used to go on learning the other tokenizer's codes and be
+    # sampled through the first one.
+    import shutil
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
+             "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    other = tmp_path / "codes"  # the same codes, paired with a tokenizer whose weights differ
+    shutil.copytree(tiny_pipeline / "codes", other)
+    tokenizer = vqar.load_pretrained(other / "tokenizer")
+    with torch.no_grad():
+        next(tokenizer.parameters()).add_(0.01)
+    vqar.save_pretrained(tokenizer, other / "tokenizer")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = run_cli(["train", "ar", "--resume", f"codes={other}", "steps=4", "--out", str(run)], capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"vqar: error: data.codes: the store {other} holds the codes of another tokenizer than the one this run "
+        f"trained with ({run / 'tokenizer'}); resume on that tokenizer's codes, or start a new run"
+    ), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert run_cli(["train", "ar", "--resume", "steps=4", "--out", str(run)], capsys)[0] == 0  # its own codes
+
+
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig

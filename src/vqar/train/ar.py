@@ -27,6 +27,7 @@ from vqar.bundle import load, read_config, save_pretrained
 from vqar.configs import ConfigError, compose_node, preset_fields, to_config, to_yaml
 from vqar.data import split_dataset
 from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
+from vqar.data.extraction import tokenizer_fingerprint
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.text import TextTokenizer
@@ -414,6 +415,8 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
             text_tokenizer = prepare_text_tokenizer(cfg.text, store, list(train_set.indices), run_dir, par)
             torch.manual_seed(cfg.train.seed)
         task = ARTask(cfg, store, par.device, par, text_tokenizer)
+        if resume:
+            check_same_tokenizer(run_dir, task.tokenizer, cfg.data.codes)
         torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank
         params = sum(p.numel() for p in task.model.parameters())
         log.info(
@@ -429,3 +432,16 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
 
+
+def check_same_tokenizer(run_dir: Path, tokenizer, codes: str) -> None:
+    """Refuses to resume a run on the codes of another tokenizer than the one it exported with its model: the
+    codes would mean other things, and the export keeps the run's tokenizer (so the model would be sampled through
+    the wrong one). A run that exported nothing yet has nothing to compare."""
+    exported = Path(run_dir) / "tokenizer"
+    if not (exported / "config.json").is_file():
+        return
+    if tokenizer_fingerprint(load(exported)) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"data.codes: the store {codes} holds the codes of another tokenizer than the one this run trained with "
+            f"({exported}); resume on that tokenizer's codes, or start a new run"
+        )
