@@ -467,6 +467,22 @@ def test_convert_refuses_config_and_tokenizer_where_they_do_not_apply(tmp_path, 
         vqar.load_pretrained(sources["tokenizer_folder"], tokenizer=vqar.load_pretrained(sources["rq_stage1"]))
 
 
+def test_a_var_transformer_file_takes_a_tokenizer_folder_or_names_what_the_tokenizer_is(tmp_path):
+    """The scales a VAR transformer reads its VQVAE file at are no --config of the user's: a converted VQVAE folder
+    (which records its scales) is taken as the tokenizer, and another kind of model is named for what it is."""
+    sources = _sources_of_every_kind(tmp_path)
+    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "vqvae"), "--config",
+                 '{"patch_nums": [1, 2, 4]}']) == 0  # fmt: skip
+    model = vqar.load_pretrained(sources["var_transformer"], tokenizer=tmp_path / "vqvae")
+    assert list(model.tokenizer.quantizer.patch_nums) == [1, 2, 4]
+    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "vqvae-256")]) == 0  # the release's scales
+    with pytest.raises(ValueError, match=r"scales \(1, 2, 3, 4, 5, 6, 8, 10, 13, 16\).*do not fit"):
+        vqar.load_pretrained(sources["var_transformer"], tokenizer=tmp_path / "vqvae-256")
+    for kind in ("ar_folder", "var_transformer"):
+        with pytest.raises(ValueError, match="not a stage-1 tokenizer"):
+            vqar.load_pretrained(sources["var_transformer"], tokenizer=sources[kind])
+
+
 def _tiny_text_gpt_bundle(tmp_path):
     """A text-to-image GPT with its VQ tokenizer and caption tokenizer attached."""
     from vqar.text import TextTokenizer

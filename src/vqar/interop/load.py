@@ -49,6 +49,12 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
             an RQ-Transformer without one looks for `stage1/` beside its folder. A ValueError for a stage-1 model.
         device: where the model (and the tokenizer it carries) is put.
     """
+    return _load_pretrained(path, config, ema, tokenizer, device)
+
+
+def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=None) -> nn.Module:
+    """`load_pretrained`; `vqvae_scales`, the scales a VAR VQVAE file is read at where `config` gives none (those
+    of the VAR transformer it is the tokenizer of), is ignored by every other format, which records its own."""
     if ema:
         _refuse_ema_of_bundle(path)
         if isinstance(tokenizer, (str, Path)):
@@ -61,11 +67,11 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
     if source.is_dir():
         model, tokenizer = _load_folder(source, config, ema, tokenizer)
     elif source.is_file():
-        model, tokenizer = _load_file(source, config, ema, tokenizer)
+        model, tokenizer = _load_file(source, config, ema, tokenizer, vqvae_scales)
     else:
         if config is not None and is_hub_repo_id(path):
             raise _does_not_apply("config", path, _BUNDLE_HAS_CONFIG)
-        tokenizer = _load_tokenizer(tokenizer, None, ema)
+        tokenizer = _load_tokenizer(tokenizer, ema)
         model = load(str(path))  # a Hub repo id, or a clear "not found"
         if tokenizer is not None and not isinstance(model, ARModel):
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind=f"a {type(model).__name__}"))
@@ -101,13 +107,13 @@ def _does_not_apply(option: str, source, why: str) -> ValueError:
     return ValueError(f"{option}= (--{option}) does not apply to {source}: {why}")
 
 
-def _load_tokenizer(path, config, ema: bool) -> nn.Module | None:
-    """The stage-1 model at `path` (None and loaded models as they are); ValueError naming the path when it holds
-    another kind of model (an AR run given as --tokenizer, say), which `attach` would only report as a TypeError
-    without it."""
+def _load_tokenizer(path, ema: bool, vqvae_scales=None) -> nn.Module | None:
+    """The stage-1 model at `path` (None and loaded models as they are), a VAR VQVAE file read at `vqvae_scales`;
+    ValueError naming the path when it holds another kind of model (an AR run given as --tokenizer, say), which
+    `attach` would only report as a TypeError without it."""
     if path is None or isinstance(path, nn.Module):
         return path
-    tokenizer = load_pretrained(path, config=config, ema=ema)
+    tokenizer = _load_pretrained(path, None, ema, None, "cpu", vqvae_scales)
     if isinstance(tokenizer, ARModel) or not isinstance(tokenizer, CodeTokenizer):
         raise ValueError(f"the tokenizer {path} holds a {type(tokenizer).__name__}, not a stage-1 tokenizer")
     return tokenizer
@@ -120,7 +126,7 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module,
             raise _does_not_apply("config", folder, _BUNDLE_HAS_CONFIG)
         if tokenizer is not None and read_config(folder)[0] == TOKENIZER_KIND:
             raise _does_not_apply("tokenizer", folder, _NOT_AR.format(kind="a tokenizer"))
-        tokenizer = _load_tokenizer(tokenizer, None, ema)
+        tokenizer = _load_tokenizer(tokenizer, ema)
         v1 = is_v1_ar_folder(folder) and (folder / WEIGHTS_FILE).is_file()
         return (load_v1(folder) if v1 else load(folder)), tokenizer
     if (folder / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(folder):
@@ -135,7 +141,7 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module,
                 if tokenizer is not None:
                     raise _does_not_apply("tokenizer", stage, _NOT_AR.format(kind="an RQ-VAE"))
                 return rq_release.load_rqvae(stage, ema=ema), None
-            tokenizer = _load_tokenizer(tokenizer, None, ema)
+            tokenizer = _load_tokenizer(tokenizer, ema)
             return rq_release.load_rq_transformer(stage, ema=ema, tokenizer=tokenizer), tokenizer
     raise FileNotFoundError(_not_a_model(folder))
 
@@ -181,7 +187,7 @@ def _stopped_run(folder: Path) -> str | None:
             "train.steps")
 
 
-def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
+def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> tuple[nn.Module, nn.Module | None]:
     """(model, tokenizer to attach) of a checkpoint file, told apart by its content: a VAR VQVAE or transformer
     (plain state dicts) or a LlamaGen / NPP file. A VAR transformer without a tokenizer looks for the release
     VQVAE beside it."""
@@ -194,7 +200,7 @@ def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.
                                   "its weights")  # fmt: skip
         # A VAR tokenizer is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
         scales = var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums
-        tokenizer = _load_tokenizer(tokenizer, {"patch_nums": list(scales)}, ema)
+        tokenizer = _load_tokenizer(tokenizer, ema, list(scales))
         found = tokenizer
         if found is None and (path.parent / VAR_VQVAE_FILE).is_file():
             found = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
@@ -206,6 +212,8 @@ def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a VAR VQVAE"))
         # `config`, when given: a dict / JSON of load_var_vqvae's keywords (patch_nums, phi_ratio, beta).
         fields = llamagen.read_config(config, {}, "VAR VQVAE") if config is not None else {}
+        if vqvae_scales is not None:
+            fields.setdefault("patch_nums", vqvae_scales)
         return var.load_var_vqvae(checkpoint, source=str(path), **fields), None
     return _load_llamagen(checkpoint, path, config, ema, tokenizer)
 
@@ -213,7 +221,7 @@ def _load_file(path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.
 def _load_llamagen(checkpoint, path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
     state = llamagen.checkpoint_state(checkpoint, path, ema)
     if llamagen.looks_like_gpt(state):
-        tokenizer = _load_tokenizer(tokenizer, None, ema)
+        tokenizer = _load_tokenizer(tokenizer, ema)
         return llamagen.build_gpt(state, config, str(path)), tokenizer
     if llamagen.looks_like_vq(state):
         if tokenizer is not None:
