@@ -468,6 +468,27 @@ def test_needs_a_fitting_tokenizer():
         VARConfig(code_shape=[13], patch_nums=[1, 2, 3]).validate()
 
 
+def test_a_raster_model_refuses_a_multi_scale_tokenizer_before_drawing():
+    """Same codebook size, one code per position: only the layout tells a VAR tokenizer from a GPT's, and without
+    the check a GPT given one would sample its whole run before the tokenizer fails to decode the grid."""
+    from vqar.ar.gpt import GPT, GPTConfig
+    from vqar.quantize.config import QuantizerConfig
+    from vqar.sampling import SamplingSettings
+    from vqar.sampling.draw import check_drawable
+    from vqar.tokenizers.conv import ConvConfig
+    from vqar.tokenizers.tokenizer import Tokenizer, TokenizerConfig
+
+    conv = ConvConfig(in_channels=1, out_channels=1, resolution=8, ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=8, norm_groups=4)  # fmt: skip
+    quantizer = QuantizerConfig(kind="multiscale", codebook_size=32, dim=8, patch_nums=[1, 2, 4], ema=False)
+    tokenizer = Tokenizer(TokenizerConfig(conv=conv, quantizer=quantizer)).eval()
+    gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=5))
+    with pytest.raises(ValueError, match="multi-scale .*GPT"):
+        gpt.attach(tokenizer)
+    with pytest.raises(ValueError, match="multi-scale .*GPT"):
+        check_drawable(gpt, SamplingSettings(), tokenizer)
+
+
 def test_sizes():
     """The official rule (width 64 * depth, heads = depth) and the paper's parameter counts at 256 px."""
     counts = {"VAR-d16": 310e6, "VAR-d20": 601e6, "VAR-d24": 1.03e9, "VAR-d30": 2.01e9}

@@ -263,3 +263,8 @@ def check_tokenizer(model: ARModel, tokenizer) -> None:
             f"the tokenizer (codebook {tokenizer.codebook_size}, {tokenizer.depth} code(s) per position) does not fit "
             f"the model (codebook {model.codebook_size}, {model.depth} code(s) per position)"
         )
+    # A multi-scale tokenizer's codes are VAR's scales laid end to end, not a grid: with the same codebook size
+    # and depth it would pass the test above and fail only when decoding, after the whole sampling run.
+    if model.raster and getattr(tokenizer, "layout", None) == "scales":
+        raise ValueError(f"the tokenizer is a multi-scale (VAR) one, whose codes are scales, not the grid of codes a "
+                         f"{type(model).__name__} draws: give the tokenizer the model was trained with")  # fmt: skip
