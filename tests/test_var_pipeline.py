@@ -43,6 +43,23 @@ def test_the_store_gives_var_its_scales_and_code_size(var_store, capsys):
     assert "model.code_dim=8 contradicts the code store" in capsys.readouterr().err
 
 
+def test_var_refuses_the_code_store_of_a_tokenizer_that_is_not_multi_scale():
+    """Every saved quantizer config has patch_nums (empty but for VAR): the store is told apart by its kind, so a
+    VQ store is named as such instead of failing later as a code_shape VAR cannot lay out."""
+    from dataclasses import asdict
+
+    from vqar.ar import get_architecture
+    from vqar.quantize.config import QuantizerConfig
+
+    manifest = {"codebook_size": 256, "code_shape": [8, 8], "num_classes": 10}
+    for kind in ("vq", "rq"):
+        with pytest.raises(ValueError, match=f"multi-scale tokenizer .*not of kind '{kind}'"):
+            get_architecture("var").store_fields(manifest, {"quantizer": asdict(QuantizerConfig(kind=kind))})
+    scales = QuantizerConfig(kind="multiscale", dim=32, patch_nums=[1, 2, 3, 4])
+    fields = get_architecture("var").store_fields({**manifest, "code_shape": [30]}, {"quantizer": asdict(scales)})
+    assert fields == {"patch_nums": [1, 2, 3, 4], "code_dim": 32}
+
+
 def test_var_trains_samples_and_serves(var_store, tmp_path):
     from vqar import load_pretrained
     from vqar.sampling import SamplingSettings

@@ -93,8 +93,11 @@ def _code_stack(grid: int, depth: int) -> dict:
 def _scale_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
     """The scales of a multi-scale tokenizer and the size of its code vectors, which VAR's inputs are made of."""
     quantizer = tokenizer["quantizer"]
-    if not quantizer.get("patch_nums"):  # a single-scale tokenizer's config may hold an empty list
-        raise ValueError("VAR models the codes of a multi-scale tokenizer (quantizer kind 'multiscale')")
+    # By kind, not by the presence of patch_nums: every saved quantizer config has that field (empty but for VAR).
+    if quantizer.get("kind") != "multiscale":
+        raise ValueError(f"VAR models the codes of a multi-scale tokenizer (quantizer kind 'multiscale'), not of "
+                         f"kind {quantizer.get('kind')!r}: extract codes with one (the var-mnist tokenizer preset, "
+                         "say)")  # fmt: skip
     return {"patch_nums": [int(p) for p in quantizer["patch_nums"]], "code_dim": int(quantizer["dim"])}
 
 
