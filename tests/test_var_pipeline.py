@@ -60,6 +60,23 @@ def test_var_refuses_the_code_store_of_a_tokenizer_that_is_not_multi_scale():
     assert fields == {"patch_nums": [1, 2, 3, 4], "code_dim": 32}
 
 
+def test_raster_models_refuse_the_code_store_of_a_multi_scale_tokenizer():
+    """The reverse: GPT, VIM and RQ-Transformer name VAR's scales and the arch that models them, instead of a
+    code_shape [30] they cannot take."""
+    from dataclasses import asdict
+
+    from vqar.ar import get_architecture
+    from vqar.quantize.config import QuantizerConfig
+
+    manifest = {"codebook_size": 256, "code_shape": [30], "num_classes": 10}
+    scales = {"quantizer": asdict(QuantizerConfig(kind="multiscale", dim=32, patch_nums=[1, 2, 3, 4]))}
+    for arch in ("gpt", "vim", "rq"):
+        with pytest.raises(ValueError, match="multi-scale .*arch=var"):
+            get_architecture(arch).store_fields(manifest, scales)
+    grid = {"quantizer": asdict(QuantizerConfig(kind="vq", dim=32))}
+    assert get_architecture("gpt").store_fields({**manifest, "code_shape": [8, 8]}, grid) == {}
+
+
 def test_var_trains_samples_and_serves(var_store, tmp_path):
     from vqar import load_pretrained
     from vqar.sampling import SamplingSettings

@@ -60,8 +60,18 @@ def _no_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
     return {}
 
 
+def _grid_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
+    """Nothing beyond the common fields; refuses VAR's scales, which a raster model would otherwise report only as
+    a code_shape it cannot take."""
+    if tokenizer["quantizer"].get("kind") == "multiscale":
+        raise ValueError("its codes are the scales of a multi-scale (VAR) tokenizer, not a grid: train arch=var on "
+                         "it (the var-mnist AR preset, say)")  # fmt: skip
+    return {}
+
+
 def _rq_store_fields(manifest: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> dict:
     """The tokenizer's code vectors an RQ-Transformer embeds codes with."""
+    _grid_store_fields(manifest, tokenizer)
     shape = list(manifest.get("code_shape", [0, 0, 0]))  # `vqar bench sample` gives no store
     if len(shape) != 3:  # said here, naming the store, rather than by the model config's check of code_shape
         raise ValueError(f"an RQ-Transformer models stacks of codes (a residual tokenizer's height x width x depth), "
@@ -176,13 +186,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
         Architecture("gpt", GPTConfig, GPT, GPT_SIZES, "LlamaGen's GPT: one code per position",
-                     options=frozenset({"captions", "next_patch", "label_smoothing"})),
+                     store_fields=_grid_store_fields, options=frozenset({"captions", "next_patch", "label_smoothing"})),
         Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position",
                      store_fields=_rq_store_fields, prepare=_embed_with_codebook,
                      options=frozenset({"captions", "soft_targets", "label_smoothing"}),
                      loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack, bench_depth=4),
         Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes",
-                     options=frozenset({"label_smoothing"})),
+                     store_fields=_grid_store_fields, options=frozenset({"label_smoothing"})),
         Architecture("var", VARConfig, VAR, VAR_SIZES, "VAR: next-scale prediction over multi-scale codes",
                      store_fields=_scale_store_fields, prepare=_read_with_quantizer,
                      options=frozenset({"label_smoothing"}), loss=losses.per_scale_cross_entropy,
