@@ -489,6 +489,24 @@ def test_a_raster_model_refuses_a_multi_scale_tokenizer_before_drawing():
         check_drawable(gpt, SamplingSettings(), tokenizer)
 
 
+def test_cfg_interval_is_refused_for_var_whose_blocks_are_whole_scales():
+    """The interval counts positions one by one; on VAR it guided every scale that began inside it (cfg_interval=3
+    guided codes 0..13 of the scales 1, 2, 3), not the first N+2 codes it documents."""
+    from vqar.sampling import SamplingSettings, generate
+    from vqar.sampling.draw import check_drawable
+
+    model = tiny_var()
+    labels = torch.tensor([1, 2])
+    for interval in (0, 3):
+        settings = SamplingSettings(cfg_scale=3.0, cfg_interval=interval)
+        with pytest.raises(ValueError, match="cfg_interval .*VAR draws a whole scale"):
+            generate(model, labels, settings)
+        with pytest.raises(ValueError, match="cfg_interval .*VAR draws a whole scale"):
+            check_drawable(model, settings, model.tokenizer)
+    plain = generate(model, labels, SamplingSettings(cfg_scale=3.0))
+    assert torch.equal(generate(model, labels, SamplingSettings(cfg_scale=3.0, cfg_interval=-1)), plain)
+
+
 def test_sizes():
     """The official rule (width 64 * depth, heads = depth) and the paper's parameter counts at 256 px."""
     counts = {"VAR-d16": 310e6, "VAR-d20": 601e6, "VAR-d24": 1.03e9, "VAR-d30": 2.01e9}

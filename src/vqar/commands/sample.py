@@ -176,7 +176,8 @@ def _rejection_sample(args: argparse.Namespace, model, conditions, settings, opt
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (semantics: vqar.sampling.settings)")
     group.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off, > 1 = on)")
-    group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning)")
+    group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning; not "
+                       "for VAR, which draws whole scales)")
     group.add_argument("--cfg-schedule", choices=["constant", "linear"],
                        help="spread guidance over the blocks: constant, or linear from none at the first to --cfg at "
                             "the last (VAR's default; its cfg c is --cfg 1+c, so its README's 1.5 is --cfg 2.5); "

@@ -16,7 +16,7 @@ from vqar.ar import ARModel, Conditioning, check_tokenizer
 from vqar.parallel import Parallel
 from vqar.sampling.compiled import bucket_for
 from vqar.sampling.conditions import Conditions
-from vqar.sampling.generate import check_smooth, generate, image_noise
+from vqar.sampling.generate import check_cfg_interval, check_smooth, generate, image_noise
 from vqar.sampling.settings import SamplingSettings
 from vqar.sampling.speculative import DecodeStats, window_of
 from vqar.utils.device import autocast
@@ -51,6 +51,7 @@ def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
         window_of(model, settings)  # raises for a model that does not decode position by position
     if settings.smooth:
         check_smooth(model)
+    check_cfg_interval(model, settings)
     if settings.guided and not model.has_null_condition:
         model.cond_embedding.null_ids(1)  # raises with the reason
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

@@ -60,6 +60,7 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     filters = settings.per_depth(model.depth)
     if settings.speculative:
         window_of(model, settings)  # raises for a model that does not decode position by position
+    check_cfg_interval(model, settings)
     ids = model.cond_embedding.ids(cond, batch_size)
     n = len(ids)
     count = numbers_per_image(model, settings) if settings.speculative else model.num_positions * model.depth
@@ -194,6 +195,15 @@ def pick(logits: torch.Tensor, f: DepthSettings, greedy: bool, uniform: torch.Te
         return logits.argmax(-1)
     flat = sample_logits(logits.flatten(0, -2), *f, uniform=uniform.reshape(-1))
     return flat.view(logits.shape[:-1])
+
+
+def check_cfg_interval(model: ARModel, settings: SamplingSettings) -> None:
+    """ValueError for a `cfg_interval` on a model that draws whole blocks (VAR's scales): the interval counts
+    positions one by one, so there it would guide whole scales past the codes it names."""
+    if settings.cfg_interval not in (None, -1) and not model.raster:
+        raise ValueError(f"cfg_interval guides the first codes of a model that draws one position per call; "
+                         f"{type(model).__name__} draws a whole scale per call: leave cfg_interval out (guidance "
+                         f"follows cfg_schedule, VAR's linear ramp by default)")  # fmt: skip
 
 
 def check_smooth(model: ARModel) -> None:

@@ -8,6 +8,7 @@ The semantics, stated once and equal to LlamaGen's where LlamaGen defines them:
   the temperature and the filters. `cfg_interval` = i >= 0 guides the first code always and the code after
   position p while p <= i (decode step p produces position p + 1); None or -1 guides every position. Outside
   the interval the conditional logits are used (the null half is still computed, as LlamaGen does).
+  A model that draws whole blocks per call (VAR's scales) is refused an interval (`check_cfg_interval`).
 * `cfg_schedule` spreads the scale over a model's blocks (positions, or VAR's scales): "constant" uses
   `cfg_scale` at every block; "linear" ramps it as 1 + (cfg_scale - 1) * k / (K - 1) over blocks k = 0 .. K-1, no
   guidance at the first block and the full scale at the last (VAR's schedule: its `cfg` c is cfg_scale = 1 + c,
