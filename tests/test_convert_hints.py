@@ -50,3 +50,22 @@ def test_a_converted_ar_model_is_pointed_to_sampling(release, tmp_path, capsys):
     out = tmp_path / "ar"
     assert main(["convert", str(release), str(out)]) == 0
     assert _hint(capsys) == [f"load it with vqar.load_pretrained({str(out)!r}) or `vqar sample --model {out}`"]
+
+
+def test_an_ar_model_converted_without_its_tokenizer_is_pointed_to_one(tmp_path, capsys):
+    """A VAR transformer file converted with no VQVAE beside it holds no tokenizer: `vqar sample --model OUT`
+    alone would fail, so the hint says to give one."""
+    import torch
+
+    from vqar.ar.var import VAR, VARConfig
+    from vqar.interop.var_transformer import var_transformer_to_upstream
+
+    var = VAR(VARConfig(vocab_size=16, code_shape=[21], patch_nums=[1, 2, 4], code_dim=4, num_classes=5, dim=32,
+                        n_layer=1, n_head=2))  # fmt: skip
+    torch.save(var_transformer_to_upstream(var), tmp_path / "var_d1.pth")
+    out = tmp_path / "var"
+    assert main(["convert", str(tmp_path / "var_d1.pth"), str(out)]) == 0
+    hint = _hint(capsys)
+    assert len(hint) == 1 and f"`vqar sample --model {out} --tokenizer TOKENIZER`" in hint[0], hint
+    assert main(["sample", "--model", str(out), "--out", str(tmp_path / "samples")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err

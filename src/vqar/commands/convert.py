@@ -33,6 +33,9 @@ def next_steps(model, out: Path) -> str:
     from vqar.ar import ARModel
 
     load = f"load it with vqar.load_pretrained({str(out)!r})"
+    if isinstance(model, ARModel) and model.tokenizer is None:  # a var_d*.pth without its VQVAE beside it, say
+        return (f"{load}; it was converted without the tokenizer that decodes its codes: give one to sample, "
+                f"`vqar sample --model {out} --tokenizer TOKENIZER`, or convert again with --tokenizer")  # fmt: skip
     if isinstance(model, ARModel):
         return f"{load} or `vqar sample --model {out}`"
     uses = [f"vqar reconstruct --tokenizer {out} --out DIR IMAGE...", f"vqar eval rfid DATA --tokenizer {out}",
