@@ -369,6 +369,22 @@ def test_corrupt_and_unknown_files_are_clear_errors(tmp_path):
     torch.save({"model": {"something.else": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither a LlamaGen GPT"):
         vqar.load_pretrained(tmp_path / "other.pt", config="GPT-B")
+    # A VAR transformer that lacks entries or sits in a wrapper dict is said to be one, not "neither LlamaGen kind".
+    from vqar.ar.var import VAR, VARConfig
+    from vqar.interop.var_transformer import var_transformer_to_upstream
+
+    var = VAR(VARConfig(vocab_size=16, code_shape=[5], patch_nums=[1, 2], code_dim=4, num_classes=3, dim=32,
+                        n_layer=1, n_head=2))  # fmt: skip
+    state = var_transformer_to_upstream(var)
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, tmp_path / "var_cut.pth")
+    with pytest.raises(ValueError, match=r"var_cut.pth looks like a VAR transformer but lacks head.weight"):
+        vqar.load_pretrained(tmp_path / "var_cut.pth")
+    torch.save({"model": state}, tmp_path / "var_wrapped.pth")
+    with pytest.raises(ValueError, match=r"var_wrapped.pth holds a VAR transformer's weights under 'model'"):
+        vqar.load_pretrained(tmp_path / "var_wrapped.pth")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "var_ddp.pth")
+    with pytest.raises(ValueError, match=r"var_ddp.pth holds a VAR transformer's weights with wrapper prefixes"):
+        vqar.load_pretrained(tmp_path / "var_ddp.pth")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is an empty folder, not a model"):
         vqar.load_pretrained(tmp_path / "empty")

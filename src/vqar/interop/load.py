@@ -227,7 +227,23 @@ def _load_llamagen(checkpoint, path: Path, config, ema: bool, tokenizer) -> tupl
         if tokenizer is not None:
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a LlamaGen VQ tokenizer"))
         return llamagen.build_vq(state, config, str(path)), None
-    raise ValueError(
-        f"{path} is neither a LlamaGen GPT (no tok_embeddings.weight) nor a VQ tokenizer (no encoder.* / quantize.*); "
-        f"first keys: {list(state)[:5]}"
-    )
+    raise ValueError(_unknown_state(checkpoint, state, path))
+
+
+def _unknown_state(checkpoint, state: dict, path: Path) -> str:
+    """Why a file of tensors is no model vqar reads: a VAR transformer that lacks entries, or one inside a
+    wrapper dict, is said to be one (the VAR loaders want a complete plain state dict, as released); anything else
+    is named as neither LlamaGen kind."""
+    required = var_transformer.REQUIRED_KEYS
+    if var_transformer.is_var_transformer_state(state):  # under a "model" entry, or with "module." names
+        key = next((k for k in ("model", "state_dict") if k in checkpoint), None)
+        where = f"under {key!r}" if key else "with wrapper prefixes in its names (module., _orig_mod.)"
+        return (f"{path} holds a VAR transformer's weights {where}, not as the plain state dict the release files "
+                f"are: save that state dict alone, with the official names, and load that file")  # fmt: skip
+    found = [k for k in required if k in state]
+    if len(found) >= 2:
+        missing = [k for k in required if k not in state]
+        return (f"{path} looks like a VAR transformer but lacks {', '.join(missing)}: a damaged or cut-down state "
+                f"dict; use the complete file")  # fmt: skip
+    return (f"{path} is neither a LlamaGen GPT (no tok_embeddings.weight) nor a VQ tokenizer (no encoder.* / "
+            f"quantize.*) nor a VAR transformer or VQVAE; first keys: {list(state)[:5]}")

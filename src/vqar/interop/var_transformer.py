@@ -40,12 +40,12 @@ VAR_NAMES = StateDictAdapter([
 ])  # fmt: skip
 # Buffers of the official model that vqar derives from the configuration.
 VAR_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
-_REQUIRED = ("pos_1LC", "pos_start", "lvl_embed.weight", "word_embed.weight", "class_emb.weight", "head.weight")
+REQUIRED_KEYS = ("pos_1LC", "pos_start", "lvl_embed.weight", "word_embed.weight", "class_emb.weight", "head.weight")
 
 
 def is_var_transformer_state(state) -> bool:
     """Whether `state` (a dict of tensors) looks like an official VAR transformer's."""
-    return isinstance(state, dict) and all(key in state for key in _REQUIRED)
+    return isinstance(state, dict) and all(key in state for key in REQUIRED_KEYS)
 
 
 def _patch_nums(state: dict[str, torch.Tensor], length: int, scales: int, source: str) -> list[int]:
@@ -68,7 +68,7 @@ def var_transformer_config(state: dict[str, torch.Tensor], source: str = "the st
     """The VARConfig of an official state dict; `overrides` set VARConfig fields (checked against the weights
     when the file records them)."""
     if not is_var_transformer_state(state):
-        missing = [key for key in _REQUIRED if key not in state]
+        missing = [key for key in REQUIRED_KEYS if key not in state]
         raise ValueError(f"{source} is not a VAR transformer state dict (missing {missing[:3]})")
     _, length, dim = state["pos_1LC"].shape
     scales = state["lvl_embed.weight"].shape[0]
