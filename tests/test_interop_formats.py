@@ -499,6 +499,26 @@ def test_a_var_transformer_file_takes_a_tokenizer_folder_or_names_what_the_token
             vqar.load_pretrained(sources["var_transformer"], tokenizer=sources[kind])
 
 
+def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_path):
+    """A NaN in a foreign file (a VAR .pth, a LlamaGen .pt) samples meaningless codes, as in vqar's own folders,
+    which refuse it: the readers of every format refuse it too, naming the file."""
+    sources = _sources_of_every_kind(tmp_path)
+    for kind, name in (("var_transformer", "head.weight"), ("var_vqvae", "quantize.embedding.weight")):
+        state = torch.load(sources[kind], weights_only=True)
+        state[name] = state[name].clone()
+        state[name][0, 0] = float("nan") if kind == "var_transformer" else float("inf")
+        torch.save(state, tmp_path / f"bad_{kind}.pth")
+        with pytest.raises(ValueError, match=f"bad_{kind}.pth holds NaN or infinite values"):
+            vqar.load_pretrained(tmp_path / f"bad_{kind}.pth")
+    checkpoint = torch.load(sources["llamagen_vq"], weights_only=True)
+    checkpoint["model"]["quantize.embedding.weight"][1, 1] = float("nan")
+    torch.save(checkpoint, tmp_path / "bad_vq.pt")
+    with pytest.raises(ValueError, match="bad_vq.pt holds NaN or infinite values"):
+        vqar.load_pretrained(tmp_path / "bad_vq.pt", config={"preset": "VQ-16", "codebook_size": 16,
+                             "codebook_embed_dim": 4, "ch": 32, "z_channels": 8, "encoder_ch_mult": [1, 2],
+                             "decoder_ch_mult": [1, 2], "image_size": 16})  # fmt: skip
+
+
 def _tiny_text_gpt_bundle(tmp_path):
     """A text-to-image GPT with its VQ tokenizer and caption tokenizer attached."""
     from vqar.text import TextTokenizer

@@ -201,7 +201,7 @@ def build(kind: str, fields: dict, source: Path) -> nn.Module:
         raise ValueError(f"{source}: its settings make no {kind} model ({type(err).__name__}: {err})") from None
 
 
-def check_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """ValueError naming `path` where a weight is NaN or infinite: such a model samples NaN logits and, silently,
     meaningless codes (a damaged file, or a run that diverged before it was saved)."""
     bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]

@@ -204,7 +204,7 @@ def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> t
         found = tokenizer
         if found is None and (path.parent / VAR_VQVAE_FILE).is_file():
             found = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
-        return var_transformer.load_var_transformer(checkpoint, tokenizer=found), tokenizer
+        return var_transformer.load_var_transformer(checkpoint, tokenizer=found, source=str(path)), tokenizer
     if var.is_var_vqvae_state(checkpoint):
         if ema:
             raise _does_not_apply("ema", path, f"a VAR VQVAE: {_VAR_HAS_NO_EMA}")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vqar.bundle import check_finite
 from vqar.utils.meta import bounded_meta_build
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -55,7 +56,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ign
     Keys ending in one of `ignore` are training-only statistics that the model may lack."""
     own = model.state_dict()
     check_fits(own, state, source, ignore)
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    weights = {k: state[k] for k in own}
+    check_finite(weights, source)  # as for vqar's own folders: NaN weights would sample meaningless codes
+    model.load_state_dict(weights, strict=True)
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,

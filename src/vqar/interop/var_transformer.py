@@ -97,20 +97,22 @@ def var_transformer_config(state: dict[str, torch.Tensor], source: str = "the st
     return VARConfig(**fields)
 
 
-def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None = None, **overrides) -> VAR:
+def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None = None, *, source: str | None = None,
+                         **overrides) -> VAR:  # fmt: skip
     """An official VAR transformer (`var_d16.pth` ...) as a vqar `VAR` in eval mode.
 
     Args:
         path_or_state: the `.pth` file (read with `torch.load(weights_only=True)`) or its state dict.
         tokenizer: the VAR tokenizer (`load_var_vqvae`) to attach; needed to train or sample.
         num_classes: checked against the class embedding when given (the file records it).
+        source: how errors name the checkpoint.
         overrides: VARConfig fields, e.g. patch_nums for a file without the `lvl_1L` buffer.
     """
     if isinstance(path_or_state, (str, Path)):
-        source = str(path_or_state)
+        source = source or str(path_or_state)
         state = load_checkpoint(path_or_state)
     else:
-        source, state = "the VAR state dict", path_or_state
+        source, state = source or "the VAR state dict", path_or_state
     state = strip_wrapper_prefixes(tensors_only(state, source))
     if not is_var_transformer_state(state):
         if any(key.startswith(("encoder.", "decoder.", "quantize.")) for key in state):
