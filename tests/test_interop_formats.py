@@ -385,6 +385,11 @@ def test_corrupt_and_unknown_files_are_clear_errors(tmp_path):
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "var_ddp.pth")
     with pytest.raises(ValueError, match=r"var_ddp.pth holds a VAR transformer's weights with wrapper prefixes"):
         vqar.load_pretrained(tmp_path / "var_ddp.pth")
+    # A VAR file's architecture is read off its weights: a misfit is no --config to check (VAR takes none).
+    torch.save({**state, "head.bias": state["head.bias"][:-1]}, tmp_path / "var_edited.pth")
+    with pytest.raises(ValueError, match=r"var_edited.pth does not fit .*read off its own weights") as err:
+        vqar.load_pretrained(tmp_path / "var_edited.pth")
+    assert "config" not in str(err.value).split("). ")[-1]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is an empty folder, not a model"):
         vqar.load_pretrained(tmp_path / "empty")

@@ -246,4 +246,4 @@ def _unknown_state(checkpoint, state: dict, path: Path) -> str:
         return (f"{path} looks like a VAR transformer but lacks {', '.join(missing)}: a damaged or cut-down state "
                 f"dict; use the complete file")  # fmt: skip
     return (f"{path} is neither a LlamaGen GPT (no tok_embeddings.weight) nor a VQ tokenizer (no encoder.* / "
-            f"quantize.*) nor a VAR transformer or VQVAE; first keys: {list(state)[:5]}")
+            f"quantize.*) nor a VAR transformer or VQVAE; first keys: {list(state)[:5]}")  # fmt: skip

@@ -39,30 +39,38 @@ def tensors_only(state: dict, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+CONFIG_HINT = "Check that the config (preset name or JSON) is the one the checkpoint was trained with."
+# For formats whose architecture is read off the weights themselves: a misfit is a file at odds with itself.
+SELF_DESCRIBED_HINT = ("Its architecture is read off its own weights, which disagree with each other: the file is "
+                       "damaged or was edited; use the released file.")  # fmt: skip
+
+
 def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str,
-                  ignore: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
+                  ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT) -> nn.Module:  # fmt: skip
     """`make()` with `state` loaded (see `load_into`), after checking on a model built on the meta device that the
-    state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated."""
+    state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated. `hint`
+    closes the error of a state that does not fit: what to check."""
     # An absurd configuration (a million layers) stops once it makes far more tensors than the checkpoint holds.
     with bounded_meta_build(2 * len(state) + 256, f"and {source} holds {len(state)}: check the configuration"):
-        check_fits(make().state_dict(), state, source, ignore)
+        check_fits(make().state_dict(), state, source, ignore, hint)
     model = make()
-    load_into(model, state, source, ignore)
+    load_into(model, state, source, ignore, hint)
     return model
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = (),
+              hint: str = CONFIG_HINT) -> None:  # fmt: skip
     """Copies `state` into `model`; every parameter and persistent buffer must be present with its shape.
     Keys ending in one of `ignore` are training-only statistics that the model may lack."""
     own = model.state_dict()
-    check_fits(own, state, source, ignore)
+    check_fits(own, state, source, ignore, hint)
     weights = {k: state[k] for k in own}
     check_finite(weights, source)  # as for vqar's own folders: NaN weights would sample meaningless codes
     model.load_state_dict(weights, strict=True)
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
-               ignore: tuple[str, ...] = ()) -> None:  # fmt: skip
+               ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT) -> None:  # fmt: skip
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not k.endswith(ignore)]
     shapes = [
@@ -78,10 +86,7 @@ def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sou
             parts.append(f"{len(missing)} missing keys, first: {missing[:5]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:5]}")
-        raise ValueError(
-            f"{source} does not fit the configured architecture ({'; '.join(parts)}). "
-            "Check that the config (preset name or JSON) is the one the checkpoint was trained with."
-        )
+        raise ValueError(f"{source} does not fit the configured architecture ({'; '.join(parts)}). {hint}")
 
 
 class StateDictAdapter:

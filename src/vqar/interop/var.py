@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from vqar.interop.safe_load import load_checkpoint
-from vqar.interop.state import StateDictAdapter, build_fitting, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import (
+    SELF_DESCRIBED_HINT,
+    StateDictAdapter,
+    build_fitting,
+    strip_wrapper_prefixes,
+    tensors_only,
+)
 from vqar.quantize import QuantizerConfig
 from vqar.quantize.multiscale import PATCH_NUMS_256
 from vqar.tokenizers import Tokenizer, TokenizerConfig
@@ -179,7 +185,7 @@ def load_var_vqvae(path_or_state, patch_nums: Sequence[int] | None = None, *, ph
     # Training statistics of vqar's codebook that the official file has no counterpart of.
     ours["quantizer.codebook.cluster_size_ema"] = torch.zeros(cfg.quantizer.codebook_size)
     ours["quantizer.codebook.initialized"] = torch.tensor(True)
-    return build_fitting(lambda: Tokenizer(cfg), ours, source).eval()
+    return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT).eval()
 
 
 def _not_vqvae(state: dict, source: str) -> str:

@@ -18,7 +18,13 @@ import torch
 
 from vqar.ar.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VARConfig
 from vqar.interop.safe_load import load_checkpoint
-from vqar.interop.state import StateDictAdapter, build_fitting, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import (
+    SELF_DESCRIBED_HINT,
+    StateDictAdapter,
+    build_fitting,
+    strip_wrapper_prefixes,
+    tensors_only,
+)
 
 # Official name prefix -> vqar's (the first matching rule renames a key).
 VAR_NAMES = StateDictAdapter([
@@ -123,7 +129,7 @@ def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None 
         overrides["num_classes"] = num_classes
     cfg = var_transformer_config(state, source, **overrides)
     ours = VAR_NAMES.from_upstream(state)
-    model = build_fitting(lambda: VAR(cfg), ours, source, ignore=VAR_BUFFERS)
+    model = build_fitting(lambda: VAR(cfg), ours, source, ignore=VAR_BUFFERS, hint=SELF_DESCRIBED_HINT)
     if tokenizer is not None:
         model.attach(tokenizer)
     return model.eval()
