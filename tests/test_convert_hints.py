@@ -69,3 +69,18 @@ def test_an_ar_model_converted_without_its_tokenizer_is_pointed_to_one(tmp_path,
     assert len(hint) == 1 and f"`vqar sample --model {out} --tokenizer TOKENIZER`" in hint[0], hint
     assert main(["sample", "--model", str(out), "--out", str(tmp_path / "samples")]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_convert_help_names_every_format_it_reads(capsys):
+    """A new user learns from --help alone that VAR's released files are converted too."""
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("RQ release", "LlamaGen", "VAR .pth", "var_d16.pth", "vqar 0.1"):
+        assert name in text, name
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "VAR .pth" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "LlamaGen .pt, VAR .pth" in " ".join(capsys.readouterr().out.split())  # what --model takes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODEL_HELP = "an AR run directory, vqar model folder, RQ release folder, LlamaGen .pt or Hub repo id"
+MODEL_HELP = "an AR run directory, vqar model folder, RQ release folder, LlamaGen .pt, VAR .pth or Hub repo id"
 
 
 def add_command(

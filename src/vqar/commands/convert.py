@@ -10,7 +10,9 @@ from vqar.commands.common import add_command, output_path
 DETAILS = """Loads SRC with the official format's conventions and writes OUT_DIR/config.json + model.safetensors (and
 OUT_DIR/tokenizer/, OUT_DIR/text_tokenizer/ for AR models that carry them); vqar.load_pretrained(OUT_DIR) reads it
 back. Examples: `vqar convert imagenet_1.4B_rqvae_50e/stage2 out/rq-1.4b`, `vqar convert vq_ds16_c2i.pt out/vq16
---config VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl --config '{"preset": "GPT-XL", "block_size": 576}'`."""
+--config VQ-16`, `vqar convert c2i_XL_384.pt out/gpt-xl --config '{"preset": "GPT-XL", "block_size": 576}'`,
+`vqar convert var_d16.pth out/var-d16 --tokenizer vae_ch160v4096z32.pth` (the VQVAE is found when it lies
+beside the transformer)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +47,10 @@ def next_steps(model, out: Path) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    convert = add_command(sub, "convert", run, "convert released weights (RQ release, LlamaGen / NPP .pt, vqar 0.1 "
-                          "folders) to vqar's format", DETAILS)  # fmt: skip
-    convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt) or a LlamaGen .pt")
+    convert = add_command(sub, "convert", run, "convert released weights (RQ release, LlamaGen / NPP .pt, VAR .pth, "
+                          "vqar 0.1 folders) to vqar's format", DETAILS)  # fmt: skip
+    convert.add_argument("src", help="an RQ release folder (or its stage1/stage2, or model.pt), a LlamaGen .pt, a "
+                         "VAR .pth (vae_ch160v4096z32.pth, var_d16.pth ...) or a vqar 0.1 folder")  # fmt: skip
     convert.add_argument("out_dir", type=output_path, help="the vqar model folder to write")
     convert.add_argument("--config", help="LlamaGen: a preset (VQ-16, VQ-8, GPT-B ... GPT-3B), a JSON file or an "
                          "inline JSON object; VAR's VQVAE: its scales ('{\"patch_nums\": [...]}'). Refused for the "
