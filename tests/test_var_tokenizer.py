@@ -361,6 +361,12 @@ def test_bad_inputs_raise_clear_errors():
         QuantizerConfig(kind="multiscale").validate()
     with pytest.raises(ValueError, match="depth 1"):
         QuantizerConfig(kind="multiscale", patch_nums=[1, 2], depth=2).validate()
+    # Scales left over from the var-mnist preset when its kind is changed: named, not silently dropped.
+    for kind, depth in (("vq", 1), ("rq", 4)):
+        with pytest.raises(ValueError, match=f"patch_nums \\[1, 2, 3, 4\\] apply to 'multiscale' quantizers only, "
+                                             f"not '{kind}'"):  # fmt: skip
+            QuantizerConfig(kind=kind, depth=depth, patch_nums=[1, 2, 3, 4]).validate()
+        QuantizerConfig(kind=kind, depth=depth).validate()
 
 
 # ---------------------------------------------------------------- the tokenizer

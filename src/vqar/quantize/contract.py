@@ -95,3 +95,11 @@ class Quantizer(nn.Module):
         if not 1 <= depth <= self.levels:
             raise ValueError(f"depth must be in [1, {self.levels}], got {depth}")
         return depth
+
+
+def refuse_scales(cfg, kind: str) -> None:
+    """ValueError for patch_nums on a quantizer without scales: left over from a VAR preset whose kind was
+    changed, they would otherwise be ignored without a word."""
+    if cfg.patch_nums:
+        raise ValueError(f"patch_nums {list(cfg.patch_nums)} apply to 'multiscale' quantizers only, not {kind!r}: "
+                         "set model.quantizer.patch_nums=[] (or keep kind=multiscale)")  # fmt: skip

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics
-from vqar.quantize.contract import Quantizer
+from vqar.quantize.contract import Quantizer, refuse_scales
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
@@ -69,6 +69,7 @@ class ResidualQuantizer(Quantizer):
             raise ValueError("lookup_dim and l2_norm apply to 'vq' quantizers only")
         if cfg.entropy_weight:
             raise ValueError("entropy_weight applies to 'vq' quantizers only")
+        refuse_scales(cfg, "rq")
 
     @property
     def levels(self) -> int:

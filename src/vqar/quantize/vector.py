@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics
-from vqar.quantize.contract import Quantizer
+from vqar.quantize.contract import Quantizer, refuse_scales
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
@@ -82,6 +82,7 @@ class VectorQuantizer(Quantizer):
     def check_config(cls, cfg, latent_side: int | None = None) -> None:
         if cfg.depth != 1:
             raise ValueError(f"a 'vq' quantizer has depth 1 (got depth={cfg.depth}); use kind='rq' for depth > 1")
+        refuse_scales(cfg, "vq")
         if cfg.entropy_weight and cfg.entropy_temperature <= 0:
             raise ValueError("entropy_weight needs entropy_temperature > 0")
 
@@ -142,3 +143,4 @@ def entropy_penalty(affinity: torch.Tensor, temperature: float = 0.01) -> torch.
     mean_probs = probs.mean(0)
     codebook_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
     return sample_entropy - codebook_entropy
+
