@@ -72,6 +72,12 @@ def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_t
     assert not caplog.text
 
 
+def test_prompts_that_are_not_utf8_are_refused_in_one_line(text_tokenizer):
+    # A command line in another encoding reaches Python as lone surrogates ("\udcff"), as does a JSON "\udcff".
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        text_tokenizer.encode(["a cat", "caf\udce9 au lait"])
+
+
 def test_bpe_dropout_varies_segmentation_but_not_text(text_tokenizer):
     caption = "a red car"
     plain = text_tokenizer.encode(caption)
