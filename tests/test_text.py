@@ -66,6 +66,8 @@ def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_t
     for empty in ("", "   "):
         with pytest.raises(ValueError, match="empty prompt"):
             text_tokenizer.encode(["a cat", empty])
+    with pytest.raises(ValueError, match="no text the caption tokenizer keeps"):  # it would be the null caption
+        text_tokenizer.encode(["a cat", "\u200b\x01"])  # zero-width and control characters are dropped
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vqar.text"):  # training data: no checks, no warnings
         text_tokenizer.encode([long, ""], strict=False)

@@ -142,6 +142,9 @@ class TextTokenizer:
         encodings = (self._dropout if dropout else self._plain).encode_batch(captions)
         if strict:
             for caption, encoding in zip(captions, encodings, strict=True):
+                if all(i == self.pad_id for i in encoding.ids):  # the null caption: guidance would have no condition
+                    raise ValueError(f"prompt {caption!r} holds no text the caption tokenizer keeps (only control or "
+                                     "invisible characters); give some words")  # fmt: skip
                 if encoding.overflowing:
                     log.warning("prompt %r is longer than the model's %d text tokens; truncated to %r", caption,
                                 self.length, self.decode(encoding.ids))  # fmt: skip
