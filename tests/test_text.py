@@ -160,6 +160,21 @@ def test_captioned_folder_becomes_a_text_store(tiny_pipeline, tmp_path, caplog):
         CodeDataset(tmp_path / "codes")
 
 
+def test_caption_file_naming_no_image_of_the_folder_is_said_to_before_encoding(tiny_pipeline, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32), 90 * i, dtype=np.uint8)).save(folder / "cats" / f"{i}.png")
+    # Names relative to the folder's parent: the images are readable, only the captions do not match.
+    lines = [{"file": f"photos/cats/{i}.png", "caption": "a grey square"} for i in range(2)]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    tokenizer = vqar.load_pretrained(tiny_pipeline / "tokenizer")
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="captions none of the 2 images"):
+        extract_codes(tokenizer, DataConfig(source=str(folder)), tmp_path / "codes")
+    assert "such as 'photos/cats/0.png'" in caplog.text and "(like 'cats/0.png')" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no store, no work folder
+
+
 # ---------------------------------------------------------------- models
 def _rq_text_model(dropout: float = 0.1) -> RQTransformer:
     cfg = RQTransformerConfig(vocab_size=16, code_shape=[2, 2, 3], code_dim=8, dim=32, n_head=4, n_layer=2,

@@ -96,7 +96,8 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         self.captions: list[list[str]] | None = None  # per item, when the folder has a caption file
 
     def attach_captions(self, caption_file: str | Path) -> None:
-        self.captions = captions_for_files(self.root, self.files, read_captions(caption_file))
+        self.caption_file = caption_file  # named when none of the files has a caption
+        self.captions = captions_for_files(self.root, self.files, read_captions(caption_file), caption_file)
 
     @property
     def num_classes(self) -> int:

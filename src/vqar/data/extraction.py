@@ -229,6 +229,11 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     captioned = (
         dataset.captioned if isinstance(dataset, ShardDataset) else getattr(dataset, "captions", None) is not None
     )
+    if captioned and not isinstance(dataset, ShardDataset) and len(dataset) and not any(dataset.captions):
+        # Checked before any encoding: every image would be left out, and the store found empty at the end.
+        raise ValueError(f"{getattr(dataset, 'caption_file', 'the caption file')} captions none of the "
+                         f"{len(dataset)} images in {data.source}: name them by their paths relative to that folder, "
+                         "or give --captions none for a store without captions")  # fmt: skip
     units = plan_units(dataset, shard_size)
     tokenizer = tokenizer.to(device).eval()
     plan = {

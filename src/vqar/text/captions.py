@@ -94,11 +94,17 @@ def find_caption_file(folder: str | Path) -> Path | None:
     return None
 
 
-def captions_for_files(root: Path, files: list[Path], table: dict[str, list[str]]) -> list[list[str]]:
-    """The captions of each file (an empty list when it has none; counted and reported)."""
+def captions_for_files(root: Path, files: list[Path], table: dict[str, list[str]],
+                       source: str | Path = "the caption file") -> list[list[str]]:  # fmt: skip
+    """The captions of each file (an empty list when it has none; counted and reported: `source` names the
+    caption file when it captions none of them, which is mostly names relative to another folder)."""
     captions = [table.get(path.relative_to(root).as_posix(), []) for path in files]
     missing = sum(1 for c in captions if not c)
-    if missing:
+    if files and missing == len(files):
+        log.warning("%s captions none of the %d images in %s: it names files such as %r, where paths relative to "
+                    "the folder (like %r) are expected", source, len(files), root, next(iter(table)),
+                    files[0].relative_to(root).as_posix())  # fmt: skip
+    elif missing:
         log.warning("%d of %d images have no caption and are left out of text-conditioned training", missing,
                     len(files))  # fmt: skip
     return captions
