@@ -19,7 +19,7 @@ from vqar.data import DataConfig, MnistDataset, evaluation_loader, open_dataset,
 from vqar.data.codes import CodeDataset
 from vqar.data.extraction import extract_codes
 from vqar.data.pack import pack_shards
-from vqar.data.shards import ShardDataset, scan_shard, shard_samples
+from vqar.data.shards import ShardDataset, decode_sample, scan_shard, shard_samples
 from vqar.text.captions import digit_captions
 
 
@@ -160,6 +160,15 @@ def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path):
     for item in tail:
         if not hasattr(item, "image"):
             assert item.path == str(tmp_path / "a-1.tar")
+
+
+def test_a_caption_that_is_no_unicode_text_makes_its_sample_unusable():
+    # JSON can escape a lone surrogate; such a caption cannot be tokenized or written to a caption store as UTF-8.
+    raw = {"__key__": "x0", "png": _png(10), "json": b'{"caption": "caf\\udce9"}'}
+    bad = decode_sample(raw, 0, image_size=8, channels=1, captioned=True)
+    assert not hasattr(bad, "image") and "not Unicode text" in bad.error
+    raw["json"] = b'{"caption": "caf\\u00e9"}'  # an escaped character is fine
+    assert decode_sample(raw, 0, image_size=8, channels=1, captioned=True).captions == ["caf\u00e9"]
 
 
 def test_shards_that_cannot_be_fetched_are_not_called_damaged(tmp_path, monkeypatch, caplog):

@@ -128,6 +128,15 @@ def test_caption_files_count_and_skip_missing_captions(tmp_path, caplog):
     (tmp_path / "empty.tsv").write_text("\n")
     with pytest.raises(ValueError, match="holds no captions"):
         read_captions(tmp_path / "empty.tsv")
+    (tmp_path / "latin1.tsv").write_bytes("a.png\tun caf\u00e9\nb.png\tun th\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.tsv:1 is not UTF-8 text"):  # named, with its line
+        read_captions(tmp_path / "latin1.tsv")
+    (tmp_path / "escape.jsonl").write_text('{"file": "a.png", "caption": "ok"}\n{"file": "b.png", "caption": '
+                                           '"caf\\udce9"}\n')  # fmt: skip
+    with pytest.raises(ValueError, match="escape.jsonl:2 holds a caption that is not Unicode text"):
+        read_captions(tmp_path / "escape.jsonl")  # else extraction fails writing its caption shard
+    (tmp_path / "windows.tsv").write_bytes(b"x/1.jpg\ta dog\r\n")
+    assert read_captions(tmp_path / "windows.tsv") == {"x/1.jpg": ["a dog"]}
     (tmp_path / "captions.txt").write_text("a.png a car\n")
     with pytest.raises(ValueError, match=".jsonl or .tsv"):
         read_captions(tmp_path / "captions.txt")

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqar.data.samples import BadSample, Sample
 from vqar.data.transforms import convert_channels, fit_image, to_tensor
+from vqar.text.captions import is_unicode
 
 log = logging.getLogger("vqar.data")
 
@@ -270,7 +271,11 @@ def _captions(raw: dict) -> list[str]:
         meta = json.loads(raw["json"].decode("utf-8"))
         found = meta.get("captions", meta.get("caption", meta.get("text"))) if isinstance(meta, dict) else None
         found = [found] if isinstance(found, str) else found or []
-        return [str(c).strip() for c in found if str(c).strip()]
+        captions = [str(c).strip() for c in found if str(c).strip()]
+        bad = next((c for c in captions if not is_unicode(c)), None)
+        if bad is not None:  # a "\udcff" escape: the caption store could not write it, so the sample is unusable
+            raise ValueError(f"caption {bad!r} is not Unicode text (a lone surrogate escape)")
+        return captions
     return []
 
 

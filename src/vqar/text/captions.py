@@ -62,8 +62,13 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
         raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
     table: dict[str, list[str]] = defaultdict(list)
     skipped = 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number} is not UTF-8 text ({err.reason} at byte {err.start}); save the "
+                                 "caption file as UTF-8") from None  # fmt: skip
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -75,16 +80,29 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                     raise ValueError(f'{path}:{number} needs {{"file": ..., "caption": ...}}')
                 name, caption = record["file"], record.get("caption")
             else:
-                name, _, caption = line.rstrip("\n").partition("\t")
+                name, _, caption = line.rstrip("\r\n").partition("\t")
             if not isinstance(caption, str) or not caption.strip():
                 skipped += 1
                 continue
+            if not is_unicode(caption):  # a JSON escape such as "\udcff": no text a caption store can hold
+                raise ValueError(f"{path}:{number} holds a caption that is not Unicode text (a lone surrogate "
+                                 f"escape in {caption!r}); write its characters as UTF-8")  # fmt: skip
             table[Path(name).as_posix()].append(" ".join(caption.split()))
     if skipped:
         log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped)
     if not table:
         raise ValueError(f"{path} holds no captions")
     return dict(table)
+
+
+def is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (what Python makes of bytes that are not UTF-8 in a command line, or
+    of a JSON escape like "\\udcff"), which can be neither tokenized nor written as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def find_caption_file(folder: str | Path) -> Path | None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tokenizers import CharBPETokenizer
 
+from vqar.text.captions import is_unicode
+
 log = logging.getLogger("vqar.text")
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -137,7 +139,7 @@ class TextTokenizer:
             for caption in captions:
                 if not isinstance(caption, str) or not caption.strip():
                     raise ValueError(f"empty prompt {caption!r}: give some text (the model was trained on captions)")
-                if not _is_unicode(caption):  # bytes of another encoding, which the Rust tokenizer cannot take
+                if not is_unicode(caption):  # bytes of another encoding, which the Rust tokenizer cannot take
                     raise ValueError(f"prompt {caption!r} is not UTF-8 text; give it in UTF-8")
         encodings = (self._dropout if dropout else self._plain).encode_batch(captions)
         if strict:
@@ -158,13 +160,3 @@ class TextTokenizer:
     def null_caption(self, batch_size: int = 1) -> torch.Tensor:
         """The empty caption (all `[PAD]`): what caption dropout trains as "no condition"."""
         return torch.full((batch_size, self.length), self.pad_id, dtype=torch.long)
-
-
-def _is_unicode(text: str) -> bool:
-    """False for text holding lone surrogates (what Python makes of bytes that are not UTF-8 in a command line or
-    a JSON escape like "\\udcff"), which the Rust tokenizer cannot take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
