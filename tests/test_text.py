@@ -336,6 +336,21 @@ def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_missing_text_tokenizer_is_said_to_be_missing_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import vqar.interop
+
+    def too_early(*args, **kwargs):
+        raise ValueError("the model was loaded before --text-tokenizer was checked")
+
+    monkeypatch.setattr(vqar.interop, "load_pretrained", too_early)
+    args = ["sample", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "s")]
+    assert main([*args, "--text-tokenizer", str(tmp_path / "typo")]) == 2
+    assert f"no text tokenizer at {tmp_path / 'typo'}: the path does not exist" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    assert main([*args, "--text-tokenizer", str(tmp_path / "notes")]) == 2
+    assert "holds no text tokenizer" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the RQ release's text-to-image format
 def test_text_conditioned_release_format_loads(tmp_path, text_tokenizer):
     """A release folder whose stage2 is text-conditioned (block_size_cond > 1, a cond_classifier), written by the

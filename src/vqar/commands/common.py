@@ -58,15 +58,15 @@ def load_ar_model(args: argparse.Namespace, device):
     from vqar.ar import ARModel
     from vqar.interop import load_pretrained
 
+    text_tokenizer = None
+    if getattr(args, "text_tokenizer", None):  # read before the model, which may take minutes to load
+        from vqar.text import TextTokenizer
+
+        text_tokenizer = TextTokenizer.load(args.text_tokenizer)  # attach() fits it to the model's text length
     model = load_pretrained(args.model, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
     if not isinstance(model, ARModel):
         raise ValueError(_not_an_ar_model(args.model, model))
     model = model.to(device)
-    text_tokenizer = None
-    if getattr(args, "text_tokenizer", None):
-        from vqar.text import TextTokenizer
-
-        text_tokenizer = TextTokenizer.load(args.text_tokenizer, length=model.cfg.text_length or None)
     return model.attach(model.tokenizer.to(device) if model.tokenizer is not None else None, text_tokenizer)
 
 

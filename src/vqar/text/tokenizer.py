@@ -110,6 +110,8 @@ class TextTokenizer:
     def load(cls, path: str | Path, length: int | None = None) -> TextTokenizer:
         """A folder saved by `save`, or a release's `*-vocab.json` file (its `*-merges.txt` beside it)."""
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no text tokenizer at {path}: the path does not exist")
         if path.is_file() and path.name.endswith("vocab.json"):
             merges = path.with_name(path.name[: -len("vocab.json")] + "merges.txt")
             return cls(path, merges, length or RELEASE_LENGTH)
