@@ -103,6 +103,17 @@ def test_linear_probe_refuses_too_few_images_before_encoding_any(tmp_path, monke
     assert (result["train_images"], result["test_images"]) == (90, 10)
 
 
+def test_a_layer_out_of_range_is_refused_before_the_data_is_opened(tmp_path, monkeypatch, capsys):
+    import vqar.eval.probe as probe
+
+    _save_tiny_gpt(tmp_path / "gpt")  # 2 blocks
+    monkeypatch.setattr(probe, "open_dataset", lambda cfg: pytest.fail("the data was opened first"))
+    args = ["eval", "linear-probe", "mnist", "--model", str(tmp_path / "gpt"), "--layer", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "layer must be in [0, 2) for this model (its blocks are 0..1), got 2" in err and err.count("\n") == 1
+
+
 def _save_tiny_gpt(folder) -> None:
     """An untrained unconditional GPT over the 4x4 codes of the untrained 16 px tokenizer."""
     import vqar

@@ -30,11 +30,8 @@ log = logging.getLogger(__name__)
 def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Tensor:
     """Mean over image tokens of block `layer`'s output, (B, dim): the model's `layers` (an RQ-Transformer's
     spatial blocks), run without the condition (the null class or caption, or the start token)."""
+    check_probeable(model, layer)
     blocks = model.layers
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer must be in [0, {len(blocks)}) for this model, got {layer}")
-    if model.conditioning is not Conditioning.NONE and not model.has_null_condition:
-        raise ValueError("probing a conditional model needs its null condition (train with class dropout)")
     captured = {}
     handle = blocks[layer].register_forward_hook(lambda module, args, out: captured.__setitem__("out", out))
     try:
@@ -42,6 +39,16 @@ def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Ten
     finally:
         handle.remove()
     return captured["out"][:, model.prefix_length :].float().mean(1)  # the condition tokens come first
+
+
+def check_probeable(model: ARModel, layer: int) -> None:
+    """ValueError unless block `layer` of `model` can be probed: checked before any image is read."""
+    blocks = len(model.layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < blocks:
+        raise ValueError(f"layer must be in [0, {blocks}) for this model (its blocks are 0..{blocks - 1}), got "
+                         f"{layer!r}")  # fmt: skip
+    if model.conditioning is not Conditioning.NONE and not model.has_null_condition:
+        raise ValueError("probing a conditional model needs its null condition (train with class dropout)")
 
 
 def _split_arrays(split, size: int, channels: int, source: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -127,6 +134,7 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer to encode images with; load it from a folder that has one")
+    check_probeable(model, layer)  # before the data is opened and read
     cfg = DataConfig(source=data, image_size=tokenizer.image_size, channels=tokenizer.in_channels,
                      max_images=max_images)  # fmt: skip
     dataset = open_dataset(cfg)
