@@ -148,6 +148,25 @@ def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, t
     assert run_cli(["train", "ar", "--resume", "steps=4", "--out", str(run)], capsys)[0] == 0  # its own codes
 
 
+@pytest.fixture(scope="module")
+def vq_store_4x4(tmp_path_factory):
+    """A code store of 20 digits in the 4x4 codes of an untrained VQ tokenizer."""
+    from conftest import random_tokenizer
+    from vqar.data import DataConfig
+    from vqar.data.extraction import extract_codes
+
+    store = tmp_path_factory.mktemp("vq4") / "codes"
+    extract_codes(random_tokenizer(), DataConfig(max_images=20, image_size=16, channels=1), store)
+    return store
+
+
+def test_an_npp_level_too_coarse_for_the_code_grid_is_named_at_configuration(vq_store_4x4):
+    with pytest.raises(ValueError, match="npp.level=4 starts with 8x8 patches, which do not tile the 4x4 code grid: "
+                                         "use npp.level=3 or lower"):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=4"])
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3"]).npp.level == 3
+
+
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig
@@ -184,7 +203,7 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert train[0]["lr"] == 0.0 and train[2]["lr"] == 0.0  # every segment restarts its warmup
     with pytest.raises(ValueError, match=r"npp.level > 1\) applies to arch=gpt, not arch=vim"):
         load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "npp.level=2"])
-    with pytest.raises(ValueError, match="patch size 16"):
+    with pytest.raises(ValueError, match="npp.level=5 starts with 16x16 patches"):
         train_ar(load_run_config("gpt-mnist", [*overrides[:4], "npp.level=5"]), tmp_path / "npp5")
     vim_cfg = load_run_config("vim-mnist", [f"codes={tmp_path / 'codes'}", "steps=6", "bs=16"])
     metrics = train_ar(vim_cfg, tmp_path / "vim")

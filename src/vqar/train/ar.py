@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vqar.ar import ARModel, Conditioning, get_architecture
-from vqar.ar.next_patch import check_patch_size, next_patch_loss
+from vqar.ar.next_patch import next_patch_loss
 from vqar.bundle import load, read_config, save_pretrained
 from vqar.configs import ConfigError, compose_node, preset_fields, to_config, to_yaml
 from vqar.data import split_dataset
@@ -35,7 +35,7 @@ from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
-from vqar.train.npp import NPPConfig, patch_side_at, segment_ends, segment_lr
+from vqar.train.npp import NPPConfig, check_grid, patch_side_at, segment_ends, segment_lr
 from vqar.train.optim import StepGuard, adamw
 from vqar.train.text import TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
@@ -124,6 +124,7 @@ class ARRunConfig:
             )
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
+            check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
 
 
 # ---------------------------------------------------------------- configuration
@@ -253,7 +254,6 @@ class ARTask(TrainTask):
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.grid_settings = self._grid_settings()
         if cfg.npp.level > 1:
-            check_patch_size(self.model.code_shape, 2 ** (cfg.npp.level - 1))
             ends = segment_ends(cfg.train.steps, cfg.npp.level, cfg.npp.rate)
             shortest = min(b - a for a, b in zip([0, *ends], ends, strict=False))
             if cfg.npp.segment_lr and cfg.npp.warmup_steps >= shortest:

@@ -33,6 +33,19 @@ class NPPConfig:
             raise ValueError("npp.decay_ratio must be in [0, 1], npp.warmup_steps and npp.end_lr_ratio >= 0")
 
 
+def check_grid(level: int, grid: tuple[int, int]) -> None:
+    """ValueError naming `npp.level` when its largest patches do not tile the code grid (the smaller ones then
+    do, being powers of two), with the largest level that fits."""
+    largest = 2 ** (level - 1)
+    height, width = grid
+    if height % largest == 0 and width % largest == 0:
+        return
+    fits = max(n for n in range(1, level) if height % 2 ** (n - 1) == 0 and width % 2 ** (n - 1) == 0)
+    advice = f"use npp.level={fits} or lower" if fits > 1 else "next patch prediction needs a grid with even sides"
+    raise ValueError(f"npp.level={level} starts with {largest}x{largest} patches, which do not tile the "
+                     f"{height}x{width} code grid: {advice}")  # fmt: skip
+
+
 def segment_ends(total: int, level: int, rate: float) -> list[int]:
     """Where each patch size stops: [int(total * rate^(L-1)), ..., int(total * rate), total]."""
     return [int(total * rate**i) for i in range(level)][::-1]
