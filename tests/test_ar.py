@@ -167,6 +167,14 @@ def test_an_npp_level_too_coarse_for_the_code_grid_is_named_at_configuration(vq_
     assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3"]).npp.level == 3
 
 
+def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4):
+    # int(3 * 0.5^2) = int(3 * 0.5^1) - 1 = 0: the 4x4 patches' segment would be empty, level 3 silently level 2
+    with pytest.raises(ValueError, match="train.steps=3 with npp.rate=0.5 gives the 4x4 patches of npp.level=3 no "
+                                         "step"):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=3"])
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
+
+
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig

@@ -35,7 +35,7 @@ from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
-from vqar.train.npp import NPPConfig, check_grid, patch_side_at, segment_ends, segment_lr
+from vqar.train.npp import NPPConfig, check_grid, check_segments, patch_side_at, segment_ends, segment_lr
 from vqar.train.optim import StepGuard, adamw
 from vqar.train.text import TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
@@ -125,6 +125,7 @@ class ARRunConfig:
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
             check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
+            check_segments(self.npp.level, self.npp.rate, self.train.steps)
 
 
 # ---------------------------------------------------------------- configuration

@@ -46,6 +46,18 @@ def check_grid(level: int, grid: tuple[int, int]) -> None:
                      f"{height}x{width} code grid: {advice}")  # fmt: skip
 
 
+def check_segments(level: int, rate: float, total: int) -> None:
+    """ValueError when a patch size of the schedule gets no step at all (int(total * rate^i) rounds two ends
+    together): the run would silently train a lower level than the one asked for."""
+    start = 0
+    for end, side in zip(segment_ends(total, level, rate), patch_sides(level), strict=True):
+        if end == start:
+            raise ValueError(f"train.steps={total} with npp.rate={rate:g} gives the {side}x{side} patches of "
+                             f"npp.level={level} no step: raise train.steps or npp.rate, or lower "
+                             "npp.level")  # fmt: skip
+        start = end
+
+
 def segment_ends(total: int, level: int, rate: float) -> list[int]:
     """Where each patch size stops: [int(total * rate^(L-1)), ..., int(total * rate), total]."""
     return [int(total * rate**i) for i in range(level)][::-1]
