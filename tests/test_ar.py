@@ -175,6 +175,13 @@ def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4
     assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
 
 
+@pytest.mark.parametrize("ratio", ["2", "nan"])
+def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
+    # above 1 each segment's "decay" would raise the learning rate; nan would make it nan
+    with pytest.raises(ValueError, match=f"npp.end_lr_ratio must be in \\[0, 1\\].*got 0.2, {ratio} and 100"):
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", f"npp.end_lr_ratio={ratio}"])
+
+
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig

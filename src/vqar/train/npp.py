@@ -29,8 +29,10 @@ class NPPConfig:
     def validate(self) -> None:
         if self.level < 1 or not 0.0 < self.rate < 1.0:
             raise ValueError(f"npp.level must be >= 1 and npp.rate in (0, 1), got {self.level}, {self.rate}")
-        if not 0.0 <= self.decay_ratio <= 1.0 or self.warmup_steps < 0 or self.end_lr_ratio < 0:
-            raise ValueError("npp.decay_ratio must be in [0, 1], npp.warmup_steps and npp.end_lr_ratio >= 0")
+        # end_lr_ratio above 1 would raise the learning rate over what is meant to be each segment's decay
+        if not 0.0 <= self.decay_ratio <= 1.0 or self.warmup_steps < 0 or not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ValueError(f"npp.decay_ratio and npp.end_lr_ratio must be in [0, 1] and npp.warmup_steps >= 0, got "
+                             f"{self.decay_ratio:g}, {self.end_lr_ratio:g} and {self.warmup_steps}")  # fmt: skip
 
 
 def check_grid(level: int, grid: tuple[int, int]) -> None:
