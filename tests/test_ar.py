@@ -182,6 +182,17 @@ def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
         load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", f"npp.end_lr_ratio={ratio}"])
 
 
+@pytest.mark.parametrize(("preset", "override", "message"), [
+    ("vim-mnist", "model.dim=0", "dim and n_head must be >= 1, got dim=0"),  # was a ZeroDivisionError in training
+    ("gpt-mnist", "model.n_head=0", "dim and n_head must be >= 1, got dim=.*, n_head=0"),  # in validate itself
+    ("vim-mnist", "model.resid_dropout_p=1.5", "resid_dropout_p must be in \\[0, 1\\], got 1.5"),
+    ("gpt-mnist", "model.ffn_dropout_p=-1", "ffn_dropout_p must be in \\[0, 1\\], got -1"),
+])  # fmt: skip
+def test_impossible_model_widths_and_dropouts_are_named_at_configuration(vq_store_4x4, preset, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(preset, [f"codes={vq_store_4x4}", override])
+
+
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig

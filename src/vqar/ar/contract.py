@@ -88,8 +88,14 @@ class ARConfig:
         if len(self.code_shape) not in (1, 2, 3) or min(self.code_shape) < 1:
             raise ValueError(f"code_shape must be [height, width], [height, width, depth] or [length], "
                              f"got {self.code_shape}")  # fmt: skip
+        if self.dim < 1 or self.n_head < 1:  # a width of 0 ended in a ZeroDivisionError deep in the model
+            raise ValueError(f"dim and n_head must be >= 1, got dim={self.dim}, n_head={self.n_head}")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}")
+        for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p"):
+            value = getattr(self, name, 0.0)  # each architecture has some of them
+            if not 0.0 <= value <= 1.0:  # else torch's "dropout probability has to be between 0 and 1", unnamed
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.vocab_size < 2 or self.num_classes < 0 or self.n_layer < 1:
             raise ValueError("need vocab_size >= 2, num_classes >= 0 and n_layer >= 1")
         if not 0.0 <= self.class_dropout_prob < 1.0:
