@@ -91,6 +91,16 @@ def test_stylegan_objective_adds_r1():
     assert loss.item() == pytest.approx(metrics["d_loss"].item() + 5.0 * metrics["r1"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.vit.patch_size=0", "patch_size and image_size must be >= 1, got 0 and 32"),  # was "a multiple of 0"
+    ("model.vit.dropout=1.5", "dropout must be in \\[0, 1\\), got 1.5"),  # was torch's, in training
+    ("model.quantizer.lookup_dim=-3", "lookup_dim must be positive .*got -3"),  # was a traceback in training
+])  # fmt: skip
+def test_impossible_vit_vqgan_settings_are_named_at_configuration(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config("vitvqgan-mnist", [override])
+
+
 def test_vit_tokenizer_trains_and_its_loss_goes_down(tmp_path, capsys):
     overrides = ["steps=40", "data.max_images=400", "train.eval_every=40", "train.log_every=5",
                  "train.warmup_steps=5", "data.batch_size=32"]  # fmt: skip

@@ -43,6 +43,8 @@ class QuantizerConfig:
             raise ValueError(
                 f"need codebook_size >= 2, dim >= 1 and depth >= 1, got {self.codebook_size}, {self.dim}, {self.depth}"
             )
+        if self.lookup_dim is not None and self.lookup_dim < 0:  # else a traceback building the projection
+            raise ValueError(f"lookup_dim must be positive (or null or 0: no factorized lookup), got {self.lookup_dim}")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         cls.check_config(self, latent_side)

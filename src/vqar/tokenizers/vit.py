@@ -53,8 +53,12 @@ class ViTConfig:
         for name in (self.encoder, self.decoder):
             if name not in VIT_SIZES:
                 raise ValueError(f"unknown ViT size {name!r}; known: {', '.join(VIT_SIZES)}")
-        if self.patch_size < 1 or self.image_size % self.patch_size:
+        if self.patch_size < 1 or self.image_size < 1:
+            raise ValueError(f"patch_size and image_size must be >= 1, got {self.patch_size} and {self.image_size}")
+        if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if not 0.0 <= self.dropout < 1.0:  # as the conv pair checks it, not torch's unnamed refusal in training
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in (self.encoder, self.decoder):
             size = VIT_SIZES[name]
             if size["dim"] % size["heads"]:
