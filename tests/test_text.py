@@ -63,6 +63,10 @@ def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_t
         ids = text_tokenizer.encode(long)
     assert ids.shape == (1, 10) and (ids != 0).all()
     assert "longer than the model's 10 text tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):  # a pasted page is not echoed whole
+        text_tokenizer.encode("a cat " * 1000)
+    assert "(6000 characters)" in caplog.text and len(caplog.text) < 400
     for empty in ("", "   "):
         with pytest.raises(ValueError, match="empty prompt"):
             text_tokenizer.encode(["a cat", empty])

@@ -150,8 +150,9 @@ class TextTokenizer:
                     raise ValueError(f"prompt {caption!r} holds no text the caption tokenizer keeps (only control or "
                                      "invisible characters); give some words")  # fmt: skip
                 if encoding.overflowing:
-                    log.warning("prompt %r is longer than the model's %d text tokens; truncated to %r", caption,
-                                self.length, self.decode(encoding.ids))  # fmt: skip
+                    log.warning("prompt %r (%d characters) is longer than the model's %d text tokens; truncated to "
+                                "%r", _abridged(caption), len(caption), self.length,
+                                self.decode(encoding.ids))  # fmt: skip
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
@@ -162,3 +163,8 @@ class TextTokenizer:
     def null_caption(self, batch_size: int = 1) -> torch.Tensor:
         """The empty caption (all `[PAD]`): what caption dropout trains as "no condition"."""
         return torch.full((batch_size, self.length), self.pad_id, dtype=torch.long)
+
+
+def _abridged(text: str, limit: int = 80) -> str:
+    """`text` cut to about `limit` characters for a message: a pasted page as a prompt is not echoed whole."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
