@@ -1,5 +1,6 @@
 """`vqar serve`: a wrong HTTP method on an API route is answered 405 with the methods it takes, also with the web
-page mounted at / (which would otherwise answer every path the API routes do not fully match)."""
+page mounted at / (which would otherwise answer every path the API routes do not fully match); HEAD on a GET route
+is answered like GET, without the body."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ WRONG_METHODS = [
     ("GET", "/generate", "POST"),
     ("PUT", "/generate", "POST"),
     ("DELETE", "/generate", "POST"),
-    ("POST", "/health", "GET"),
-    ("PATCH", "/health", "GET"),
-    ("DELETE", "/model", "GET"),
-    ("POST", "/model", "GET"),
+    ("HEAD", "/generate", "POST"),
+    ("POST", "/health", "GET, HEAD"),
+    ("PATCH", "/health", "GET, HEAD"),
+    ("DELETE", "/model", "GET, HEAD"),
+    ("POST", "/model", "GET, HEAD"),
 ]
 
 
@@ -47,7 +49,18 @@ def test_a_wrong_method_is_405_naming_the_allowed_ones(client, method, path, all
     answer = client.request(method, path)
     assert answer.status_code == 405, answer.text[:200]
     assert answer.headers["allow"] == allowed
-    assert answer.json() == {"detail": "Method Not Allowed"}
+    if method != "HEAD":
+        assert answer.json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("path", ["/health", "/model"])
+def test_head_on_a_get_route_answers_like_get_without_a_body(client, path):
+    """Load balancers' health checks and `curl -I` send HEAD: it gets GET's status and headers, and no body."""
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == 200, head.text[:200]
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+    assert head.headers["content-length"] == get.headers["content-length"]
 
 
 def test_the_right_methods_and_the_page_still_answer(client):

@@ -151,20 +151,40 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
 class WrongMethodGuard:
     """ASGI middleware answering 405, with an `Allow` header, a request whose path is an API route's but whose
     method is not one it takes. Starlette would do so itself, but only when no other route matches fully: the web
-    page mounted at / matches every path, so without this the page (not the API) answered `GET /generate`."""
+    page mounted at / matches every path, so without this the page (not the API) answered `GET /generate`.
+    A HEAD request on a GET route is answered as the GET without its body (FastAPI's GET routes take no HEAD, and
+    load balancers' health checks and `curl -I` send it)."""
 
     def __init__(self, app, router: APIRouter):
         self.app, self.routes = app, list(router.routes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            if scope["method"] == "HEAD":
+                as_get = dict(scope, method="GET")  # a copy: the server reads the method of its own to drop the body
+                if any(route.matches(as_get)[0] is Match.FULL for route in self.routes):
+                    await self.app(as_get, receive, _headers_only(send))
+                    return
             for route in self.routes:
                 if route.matches(scope)[0] is Match.PARTIAL:  # the path is this route's, the method is not
-                    allow = ", ".join(sorted(route.methods))
+                    allow = ", ".join(sorted(route.methods | ({"HEAD"} if "GET" in route.methods else set())))
                     answer = JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow})
                     await answer(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+def _headers_only(send):
+    """`send` passing on the status and headers of an answer (its content-length too, as HEAD asks), not its body."""
+
+    async def send_headers(message):
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b""}
+        await send(message)
+
+    return send_headers
 
 
 def decode_png(text: str) -> np.ndarray:
