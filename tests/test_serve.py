@@ -198,6 +198,17 @@ def test_non_finite_numbers_are_refused(client, value):
     assert answer.status_code == 422 and "cfg_scale" in answer.text
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_is_a_415_that_says_so(client, content_type):
+    """`curl -d '{...}'` without `-H 'content-type: application/json'` sends a form: the answer names the header."""
+    answer = client.post("/generate", content='{"class_id": 1, "n": 1}', headers={"content-type": content_type})
+    assert answer.status_code == 415
+    assert answer.json()["detail"].startswith(f"the body is sent as {content_type}: send the parameters as a JSON")
+    assert "content-type: application/json" in answer.json()["detail"]
+    vendor_json = {"content-type": "application/vnd.api+json; charset=utf-8"}  # JSON by another name is read
+    assert client.post("/generate", content='{"class_id": 1, "n": 1}', headers=vendor_json).status_code == 200
+
+
 def test_a_large_invalid_body_is_not_echoed_back(client):
     answer = client.post("/generate", json={"class_id": 1, "prompt": "x" * 10_000_000})
     assert answer.status_code == 422 and len(answer.content) < 2000

@@ -4,7 +4,8 @@
     GET  /model      what is loaded: architecture, conditioning, classes, limits
     POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
 
-Invalid parameters are answered 422 with the reason, more images than the server allows 413, a full queue 429.
+Invalid parameters are answered 422 with the reason, more images than the server allows 413, a full queue 429,
+a body that is not sent as JSON (content-type) 415.
 """
 
 from __future__ import annotations
@@ -81,8 +82,20 @@ def request_from_body(fields: dict) -> GenerateRequest:
 GenerateBody = _body_model()
 
 
+def is_json(content_type: str) -> bool:
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def validation_error(request, error: RequestValidationError) -> JSONResponse:
-    """422 with where and why each field is wrong, without the values sent: a large body is not echoed back."""
+    """422 with where and why each field is wrong, without the values sent: a large body is not echoed back.
+    A body sent as something else than JSON (`curl -d` without `-H`: a form) is a 415 that says so; FastAPI does
+    not read it as JSON, and the 422 would say only that the body is not an object."""
+    content_type = request.headers.get("content-type")
+    if content_type and not is_json(content_type):
+        message = (f"the body is sent as {content_type.split(';')[0]}: send the parameters as a JSON object with "
+                   "the header 'content-type: application/json'")  # fmt: skip
+        return JSONResponse({"detail": message}, status_code=415)
     detail = [{key: problem[key] for key in ("loc", "msg", "type") if key in problem} for problem in error.errors()]
     return JSONResponse({"detail": detail[:20]}, status_code=422)
 
