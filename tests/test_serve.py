@@ -210,10 +210,51 @@ def test_a_body_not_sent_as_json_is_a_415_that_says_so(client, content_type):
 
 
 def test_a_large_invalid_body_is_not_echoed_back(client):
-    answer = client.post("/generate", json={"class_id": 1, "prompt": "x" * 10_000_000})
+    answer = client.post("/generate", json={"class_id": 1, "prompt": "x" * 60_000})  # within MAX_BODY_BYTES
     assert answer.status_code == 422 and len(answer.content) < 2000
-    answer = client.post("/generate", json={"class_id": 1, "junk": ["y" * 1000] * 10_000})
+    answer = client.post("/generate", json={"class_id": 1, "junk": ["y" * 1000] * 60})
     assert answer.status_code == 422 and len(answer.content) < 2000 and "extra" in answer.text
+
+
+TOO_LARGE = "the body is over 65536 bytes: /generate takes a JSON object of its parameters"
+
+
+def test_a_body_larger_than_any_request_is_a_413(client):
+    """A body past MAX_BODY_BYTES (64 KiB) is a 413 whether its length is announced or not: a body of gigabytes was
+    held in memory, and parsed, before being refused. The server goes on serving."""
+    answer = client.post("/generate", json={"class_id": 1, "prompt": "x" * 100_000})
+    assert answer.status_code == 413 and answer.json()["detail"].startswith(TOO_LARGE)
+
+    def chunks():  # sent chunked, without a content-length
+        yield b'{"class_id": 1, "prompt": "'
+        yield from [b"x" * 10_000] * 100
+        yield b'"}'
+
+    answer = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and answer.json()["detail"].startswith(TOO_LARGE)
+    assert client.post("/generate", json={"class_id": 1, "n": 1}).status_code == 200
+
+
+def test_an_announced_oversized_body_is_not_read(engine):
+    """A content-length of 10 GB is answered at once, without reading a byte of the body."""
+    import asyncio
+
+    from vqar.serve.api import BodyLimit, build_router
+
+    async def app(scope, receive, send):
+        raise AssertionError("the request reached the app")
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"content-length", b"10000000000")]}
+    asyncio.run(BodyLimit(app, build_router(engine))(scope, receive, send))
+    assert sent[0]["status"] == 413 and TOO_LARGE.encode() in sent[1]["body"]
 
 
 def test_a_request_that_fails_while_drawing_fails_alone(engine, monkeypatch):

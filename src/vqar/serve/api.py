@@ -5,7 +5,7 @@
     POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
 
 Invalid parameters are answered 422 with the reason, more images than the server allows 413, a full queue 429,
-a body that is not sent as JSON (content-type) 415.
+a body that is not sent as JSON (content-type) 415, a body over MAX_BODY_BYTES 413 before it is read.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
 # other field takes its dataclass type made strict (`STRICT`). Types are strict: `"n": true`, `"seed": "7"`,
 # `"cfg_scale": true` or `"temperature": "1.0"` are refused, not read as 1, 7 or 1.0 (a float field takes an
 # integer, as JSON has one kind of number). A prompt is at most MAX_PROMPT_CHARS characters (a model reads a few
-# dozen tokens of it).
+# dozen tokens of it), and a body at most MAX_BODY_BYTES (a few hundred bytes are enough; a larger one is a 413
+# before it is read, not held in memory and parsed).
 MAX_PROMPT_CHARS = 2000
+MAX_BODY_BYTES = 64 * 1024
 SCHEMA_TYPES = {
     "temperature": StrictFloat | list[StrictFloat],
     "top_k": StrictInt | list[StrictInt | None] | None,
@@ -185,6 +187,46 @@ class WrongMethodGuard:
                     await answer(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware answering 413 a POST to an API route whose body is over `limit` bytes, before more than
+    that is read: FastAPI reads a body whole, then parses it, so a body of gigabytes was held in memory twice over
+    before the 422. The body (at most `limit` bytes) is read here and handed on."""
+
+    def __init__(self, app, router: APIRouter, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+        self.paths = {route.path for route in router.routes if "POST" in route.methods}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        announced = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = announced.isdigit() and int(announced) > self.limit  # then nothing is read
+        body, more = b"", True
+        while more and not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client is gone: nobody to answer
+            body += message.get("body", b"")
+            more, too_large = message.get("more_body", False), len(body) > self.limit
+        if too_large:
+            detail = (f"the body is over {self.limit} bytes: {scope['path']} takes a JSON object of its parameters "
+                      f"(a prompt of at most {MAX_PROMPT_CHARS} characters)")  # fmt: skip
+            answer = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
+            await answer(scope, receive, send)
+            return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _headers_only(send):

@@ -42,13 +42,14 @@ def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path |
     its zip downloads in `work_dir`."""
     from fastapi.exceptions import RequestValidationError
 
-    from vqar.serve.api import WrongMethodGuard, build_router, validation_error
+    from vqar.serve.api import BodyLimit, WrongMethodGuard, build_router, validation_error
 
     app = FastAPI(title="vqar", description="Sample a vqar model: POST /generate, GET /model, GET /health")
     router = build_router(engine)
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(WrongMethodGuard, router=router)
+    app.add_middleware(BodyLimit, router=router)
+    app.add_middleware(WrongMethodGuard, router=router)  # outermost: a wrong method is a 405 before the body is read
     if ui:
         import gradio as gr
 
