@@ -389,6 +389,21 @@ def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_p
     assert code == 2 and err.count("\n") == 1 and message in err and str(file) in err, err
 
 
+def test_serve_refuses_a_max_images_too_large_for_memory(model_folder, capsys, monkeypatch):
+    """`--max-images 1000000000` was taken, and a request for that many images took the machine's memory until the
+    server was killed (SIGTERM waits for the request)."""
+    pytest.importorskip("fastapi")
+    import vqar.serve.app
+    import vqar.utils.memory
+
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 8 << 30)  # any machine: 8 GB
+    monkeypatch.setattr(vqar.serve.app, "serve", lambda *args, **kwargs: None)  # were it taken: no server to stop
+    code, err = run_cli(["serve", "--model", str(model_folder), "--port", "0", "--max-images", "1000000000"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--max-images 1000000000: a request of 1000000000 images of 48 B each would need about 44.7 GB" in err
+    assert "8.0 GB is available: lower --max-images" in err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--window", "4"], "--window has no effect without --speculative: add --speculative, or leave it out"),
     (["--drafts", "sjd", "--max-iterations", "3"], "--drafts and --max-iterations have no effect without"),

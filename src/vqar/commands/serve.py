@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.class_names and len(names) != model.num_classes:  # fewer would leave classes out of the picker
             raise ValueError(f"{args.class_names} names {len(names)} classes; the model has {model.num_classes} "
                              "(one name per line, in class order)")  # fmt: skip
+        _check_memory(args, model)
         engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue,
                                 max_batch=args.max_batch, class_names=names, compile=args.compile,
                                 precision=args.precision)  # fmt: skip
@@ -54,6 +55,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _check_memory(args: argparse.Namespace, model) -> None:
+    """Refuses (one line) a --max-images whose images cannot be held: a request keeps all of them in memory, as
+    float32, until its answer is encoded, so one request could otherwise take all the machine's memory."""
+    from vqar.utils.memory import check_memory, human_bytes, sample_bytes
+
+    each = sample_bytes(model)
+    check_memory(args.max_images * each, f"--max-images {args.max_images}: a request of {args.max_images} images "
+                 f"of {human_bytes(each)} each", "lower --max-images")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
