@@ -85,8 +85,8 @@ GenerateBody = _body_model()
 
 
 def is_json(content_type: str) -> bool:
-    kind = content_type.split(";")[0].strip().lower()
-    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    media_type = content_type.split(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 def validation_error(request, error: RequestValidationError) -> JSONResponse:
