@@ -4,6 +4,7 @@ writes it, and writes nothing; once that process is done, the command works and 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -28,6 +29,21 @@ def _command(kind: str, tokenizer_folder, images) -> list[str]:
     if kind == "extract-codes":
         return ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)]
     return ["pack-shards", str(images)]
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(out: Path):
+    """A separate process holding vqar's write lock on `out` (the lock is vqar's own, and the error names its pid);
+    it lets go, and must exit cleanly, when the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
+                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
 
 
 def _hold(lock: Path, pid: int):
@@ -63,18 +79,11 @@ def test_overwrite_deletes_nothing_while_another_process_writes(tokenizer_folder
     command = [*_command(kind, tokenizer_folder, images), "--out", str(out)]
     assert run_cli(command, capsys)[0] == 0
     before = file_contents(out)
-    # The other writer is a separate process (the lock is vqar's own), which the error names.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
-                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _locked_by_another_process(out) as holder:
         code, err = run_cli([*command, "--overwrite"], capsys)
         assert code == 2 and f"another vqar process (pid {holder.pid}) is writing {out};" in err, err
         assert file_contents(out) == before
-    finally:
-        holder.communicate("", timeout=60)
-    assert holder.returncode == 0 and not (tmp_path / ".out.lock").exists()
+    assert not (tmp_path / ".out.lock").exists()
     assert run_cli([*command, "--overwrite"], capsys)[0] == 0
 
 
@@ -128,12 +137,7 @@ def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(t
     assert run_cli([*TRAIN, "--out", str(run)], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the lock file went with the run
     before = file_contents(run)
-    # The training that writes the run is another process, which the error names.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
-                               f"with write_lock({str(run)!r}):\n print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _locked_by_another_process(run) as holder:
         expected = f"vqar: error: another vqar process (pid {holder.pid}) is writing {run}; wait for it to finish or " \
                    "choose another --out\n"  # fmt: skip
         for mode in (["--resume"], ["--overwrite"], ["steps=2", "--resume"]):
@@ -142,9 +146,6 @@ def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(t
             assert file_contents(run) == before, mode  # --overwrite deleted nothing, --resume wrote nothing
         code, err = run_cli([*TRAIN, "--out", str(tmp_path / "run" / ".." / "run")], capsys)  # another spelling
         assert code == 2 and f"(pid {holder.pid})" in err, err
-    finally:
-        holder.communicate("", timeout=60)
-    assert holder.returncode == 0
     assert run_cli([*TRAIN, "steps=2", "--resume", "--out", str(run)], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
