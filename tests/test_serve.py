@@ -239,7 +239,8 @@ def test_an_announced_oversized_body_is_not_read(engine):
     """A content-length of 10 GB is answered at once, without reading a byte of the body."""
     import asyncio
 
-    from vqar.serve.api import BodyLimit, build_router
+    from vqar.serve.api import build_router
+    from vqar.serve.middleware import BodyLimit
 
     async def app(scope, receive, send):
         raise AssertionError("the request reached the app")

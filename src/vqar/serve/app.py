@@ -42,7 +42,8 @@ def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path |
     its zip downloads in `work_dir`."""
     from fastapi.exceptions import RequestValidationError
 
-    from vqar.serve.api import BodyLimit, WrongMethodGuard, build_router, validation_error
+    from vqar.serve.api import build_router, validation_error
+    from vqar.serve.middleware import BodyLimit, WrongMethodGuard
 
     app = FastAPI(title="vqar", description="Sample a vqar model: POST /generate, GET /model, GET /health")
     router = build_router(engine)
