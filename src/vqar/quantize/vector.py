@@ -143,4 +143,3 @@ def entropy_penalty(affinity: torch.Tensor, temperature: float = 0.01) -> torch.
     mean_probs = probs.mean(0)
     codebook_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
     return sample_entropy - codebook_entropy
-
