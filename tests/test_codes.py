@@ -51,6 +51,14 @@ def test_ten_crop_views(tiny_pipeline, tmp_path):
     assert torch.equal(store[3].codes[9], tokenizer.encode(center.flip(-1))[0])
 
 
+@pytest.mark.parametrize("crop_range", [float("nan"), float("inf"), 0.5])
+def test_a_crop_range_that_is_no_finite_factor_is_refused(tokenizer_folder, tmp_path, crop_range):
+    with pytest.raises(ValueError, match="crop_range must be a finite number >= 1"):
+        extract_codes(load(tokenizer_folder), DataConfig(source="mnist", max_images=20), tmp_path / "tc",
+                      views="ten-crop", crop_range=crop_range)  # fmt: skip
+    assert not (tmp_path / "tc").exists()
+
+
 def test_existing_store_is_not_overwritten_and_damage_is_detected(tiny_pipeline, tmp_path):
     tokenizer = load(tiny_pipeline / "tokenizer")
     data = DataConfig(source="mnist", max_images=20)

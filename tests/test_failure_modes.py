@@ -534,3 +534,12 @@ def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
     assert type(model) is type(vqar.load_pretrained(model_folder))
     for name, value in vqar.load_pretrained(model_folder).state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.5"])
+def test_a_crop_range_that_is_no_finite_factor_is_refused_naming_it(tokenizer_folder, tmp_path, capsys, value):
+    out = tmp_path / "codes"
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
+                         "--ten-crop", "--crop-range", value], capsys)  # fmt: skip
+    assert code == 2 and "--crop-range" in err and "finite number >= 1" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / ".codes.partial").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from vqar.commands.common import (
     add_allow_pipe_option,
@@ -18,6 +19,18 @@ tokenizer. Under torchrun (torchrun --nproc_per_node=8 -m vqar.cli extract-codes
 share of the shards and rank 0 writes the manifest; the store is the same as one process would write. The work goes
 to .OUT.partial beside --out: running an interrupted extraction again with the same arguments encodes only the
 shards it lacks."""
+
+
+def crop_range(text: str) -> float:
+    """An argparse type for --crop-range: a finite factor >= 1 (nan and inf would fail, or fit images to an
+    endless size, only once the images are read)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {text}")
+    return value
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
@@ -99,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     views = extract.add_mutually_exclusive_group()
     views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
     views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
-    extract.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: fit images to size*range first")
+    extract.add_argument("--crop-range", type=crop_range, default=1.1, help="ten-crop: fit images to size*range first")
     extract.add_argument("--image-size", type=positive_int, help="default: the tokenizer's resolution")
     extract.add_argument(
         "--captions",

@@ -201,8 +201,8 @@ def extract_codes(
     par = par or Parallel()
     if views not in VIEWS:
         raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
-    if crop_range < 1.0:
-        raise ValueError(f"crop_range must be >= 1, got {crop_range}")
+    if not 1.0 <= crop_range < float("inf"):  # nan fails this too
+        raise ValueError(f"crop_range must be a finite number >= 1, got {crop_range}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
