@@ -416,6 +416,15 @@ def test_options_that_only_shape_another_are_refused_without_it(model_folder, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("view", [[], ["--flip"]])
+def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, capsys, view):
+    """It was silently ignored: the store held the uncropped views and a manifest crop_range of None."""
+    out = tmp_path / "codes"
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
+                         "--crop-range", "1.5", *view], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "--crop-range has no effect without --ten-crop" in err, err
+    assert not out.exists()
+
 def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
     """`c=10000000000` asked the CPU allocator for 1.28 TB: a RuntimeError traceback. (Raised here by a stand-in, as
     the real allocation could succeed lazily where memory is overcommitted.)"""

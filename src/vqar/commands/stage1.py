@@ -56,6 +56,9 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     from vqar.data.extraction import extract_codes
     from vqar.tokenizers import Tokenizer
 
+    if args.crop_range is not None and not args.ten_crop:  # refused rather than silently ignored
+        raise ValueError("--crop-range has no effect without --ten-crop: add --ten-crop, or leave it out")
+
     tokenizer = load(args.tokenizer, device=par.device)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
@@ -69,9 +72,9 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
         allow_pipe=args.allow_pipe,
     )
     views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
-    manifest = extract_codes(tokenizer, data, args.out, views=views, crop_range=args.crop_range, device=par.device,
-                             shard_size=args.shard_size, overwrite=args.overwrite, tokenizer_dir=args.tokenizer,
-                             par=par)  # fmt: skip
+    crop = {} if args.crop_range is None else {"crop_range": args.crop_range}  # else extract_codes' default
+    manifest = extract_codes(tokenizer, data, args.out, views=views, device=par.device, shard_size=args.shard_size,
+                             overwrite=args.overwrite, tokenizer_dir=args.tokenizer, par=par, **crop)  # fmt: skip
     if par.is_main:
         shape = "x".join(map(str, manifest["code_shape"]))
         print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
@@ -112,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     views = extract.add_mutually_exclusive_group()
     views.add_argument("--flip", action="store_true", help="also store the codes of each mirrored image")
     views.add_argument("--ten-crop", action="store_true", help="store LlamaGen's 10 views (5 crops + mirrors)")
-    extract.add_argument("--crop-range", type=crop_range, default=1.1, help="ten-crop: fit images to size*range first")
+    extract.add_argument("--crop-range", type=crop_range,
+                         help="--ten-crop: fit images to size*range first (default 1.1)")
     extract.add_argument("--image-size", type=positive_int, help="default: the tokenizer's resolution")
     extract.add_argument(
         "--captions",
