@@ -173,18 +173,19 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         (["--cfg", "0.5"], "cfg_scale must be a finite number >= 1"),
         (["--prompts", "{prompts}"], "--prompts is for text-to-image releases; the conditions var-d16's protocol"),
         (["--out", "{file}"], "is a file; give a folder"),
+        (["--inception", "{missing}"], "--inception {missing} is not a file"),  # was found after the sampling
     ],
 )
 def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsys, args, message):
     (tmp_path / "prompts.txt").write_text("a cat\n")
     (tmp_path / "file").write_text("")
     (tmp_path / "mirror").mkdir()  # empty: a download would fail with "not in the mirror"
-    where = {"prompts": tmp_path / "prompts.txt", "file": tmp_path / "file"}
+    where = {"prompts": tmp_path / "prompts.txt", "file": tmp_path / "file", "missing": tmp_path / "missing.pt"}
     command = ["reproduce", "var-d16", "--mirror", str(tmp_path / "mirror"), "--cache", str(tmp_path / "cache"),
                "--out", str(tmp_path / "out"), *[word.format(**where) for word in args]]  # fmt: skip
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err and "mirror" not in err, err
+    assert err.count("\n") == 1 and message.format(**where) in err and "mirror" not in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 

@@ -240,7 +240,8 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
 
 def check_options(release: Release, options: Options) -> None:
     """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
-    (--top-p 5, --cfg 0.5), --prompts for a release that does not draw prompts, an --out that is a file."""
+    (--top-p 5, --cfg 0.5), --prompts for a release that does not draw prompts, an --out that is a file, an
+    --inception file that does not exist."""
     given = {key: value for key, value in options.overrides.items() if value is not None}
     SamplingSettings(**given, seed=options.seed).validate()
     conditions = release.setting("conditions")
@@ -250,6 +251,9 @@ def check_options(release: Release, options: Options) -> None:
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (a rerun continues the shards in it)")
+    if options.inception is not None and not Path(options.inception).is_file():  # else found after the sampling
+        raise FileNotFoundError(f"--inception {options.inception} is not a file; give the TorchScript Inception "
+                                "network to evaluate with, or leave it out for the default")  # fmt: skip
 
 
 def _sample_count(release: Release, options: Options) -> int:
