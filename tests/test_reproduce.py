@@ -174,6 +174,8 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         (["--prompts", "{prompts}"], "--prompts is for text-to-image releases; the conditions var-d16's protocol"),
         (["--out", "{file}"], "is a file; give a folder"),
         (["--inception", "{missing}"], "--inception {missing} is not a file"),  # was found after the sampling
+        (["--reference", "{missing}"], "no reference batch at {missing}"),  # were found after the download
+        (["--reference", "{file}"], "{file} is not a readable .npz reference batch"),
     ],
 )
 def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsys, args, message):

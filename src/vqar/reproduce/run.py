@@ -241,7 +241,7 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
 def check_options(release: Release, options: Options) -> None:
     """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
     (--top-p 5, --cfg 0.5), --prompts for a release that does not draw prompts, an --out that is a file, an
-    --inception file that does not exist."""
+    --inception file that does not exist, a --reference that is no reference batch."""
     given = {key: value for key, value in options.overrides.items() if value is not None}
     SamplingSettings(**given, seed=options.seed).validate()
     conditions = release.setting("conditions")
@@ -254,6 +254,8 @@ def check_options(release: Release, options: Options) -> None:
     if options.inception is not None and not Path(options.inception).is_file():  # else found after the sampling
         raise FileNotFoundError(f"--inception {options.inception} is not a file; give the TorchScript Inception "
                                 "network to evaluate with, or leave it out for the default")  # fmt: skip
+    if options.reference is not None:  # its headers, not the release's gigabytes, say whether it is one
+        read_reference(options.reference)
 
 
 def _sample_count(release: Release, options: Options) -> int:
