@@ -171,6 +171,19 @@ def test_a_caption_that_is_no_unicode_text_makes_its_sample_unusable():
     assert decode_sample(raw, 0, image_size=8, channels=1, captioned=True).captions == ["caf\u00e9"]
 
 
+def test_shards_whose_readable_images_have_no_caption_say_so(untrained_tokenizer, tmp_path, capsys):
+    """Only a sample without an image had a caption: all readable images were left out as uncaptioned, and the
+    error said 'no readable images'."""
+    _write_tar(tmp_path / "a-0.tar", [("x0.png", _png(10)), ("x0.cls", b"1"), ("x1.txt", b"a caption, no image")])
+    out = tmp_path / "codes"
+    args = ["extract-codes", "--tokenizer", str(untrained_tokenizer), "--data", str(tmp_path / "a-0.tar")]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "none of the 1 readable images" in err and "has a caption" in err and "--captions none" in err, err
+    assert not out.exists() and not (tmp_path / ".codes.partial").exists()
+    assert main([*args, "--out", str(out), "--captions", "none"]) == 0  # the advice works
+    assert len(CodeDataset(out)) == 1
+
 def test_shards_that_cannot_be_fetched_are_not_called_damaged(tmp_path, monkeypatch, caplog):
     """Offline, every remote shard fails before its first sample: that is said, not 'damaged after 0 samples' and
     'hold no samples'."""

@@ -375,6 +375,11 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
     if not shards:
         # Not kept to resume: its units are recorded as done, so a rerun would skip the same images again.
         shutil.rmtree(work.path, ignore_errors=True)
+        uncaptioned = sum(p["uncaptioned"] for p in parts)
+        if uncaptioned:  # images were read, but a store with captions keeps only the captioned ones
+            raise ValueError(f"none of the {uncaptioned} readable images in {plan['source']} has a caption, and a "
+                             "store with captions keeps only captioned images: caption them, or give --captions none "
+                             "for a store without captions")  # fmt: skip
         raise ValueError(f"no readable images in {plan['source']}")
     manifest = {
         "format": FORMAT,
