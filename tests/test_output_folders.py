@@ -50,6 +50,28 @@ def test_overwrite_replaces_only_a_folder_of_the_commands_own_kind(tokenizer_fol
     assert run_cli([*command, "--out", str(empty), "--overwrite"], capsys)[0] == 0  # its own kind: replaced
 
 
+def test_convert_overwrite_replaces_only_a_model_folder(tokenizer_folder, tmp_path, capsys):
+    """`--overwrite` wrote the converted model into any folder: over a training run's export, into a code store or
+    a folder of images."""
+    victim = tmp_path / "run"
+    before = _fake_run(victim)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cat.png").write_bytes(b"the user's picture")
+    for folder, holds in ((victim, "checkpoints, config.json, metrics.jsonl"), (images, "cat.png")):
+        kept = file_contents(folder)
+        for overwrite in ([], ["--overwrite"]):
+            code, err = run_cli(["convert", str(tokenizer_folder), str(folder), *overwrite], capsys)
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert f"{folder} is not a vqar model folder (it holds {holds}" in err and "OUT_DIR" in err, err
+            assert file_contents(folder) == kept  # nothing deleted, nothing added
+    assert file_contents(victim) == before
+    model = tmp_path / "model"
+    assert run_cli(["convert", str(tokenizer_folder), str(model)], capsys)[0] == 0
+    code, err = run_cli(["convert", str(tokenizer_folder), str(model)], capsys)
+    assert code == 2 and f"{model} already exists (a vqar model folder); pass --overwrite" in err, err
+    assert run_cli(["convert", str(tokenizer_folder), str(model), "--overwrite"], capsys)[0] == 0  # a model: replaced
+
 def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
     import vqar.eval.inception
 

@@ -26,7 +26,7 @@ from vqar.ar import ARCHITECTURES, ARModel
 from vqar.configs import ConfigError, from_dict, to_dict
 from vqar.text import TextTokenizer
 from vqar.tokenizers import Tokenizer, TokenizerConfig
-from vqar.utils.io import atomic_path
+from vqar.utils.io import atomic_path, folder_entries
 from vqar.utils.meta import ModelTooLarge, bounded_meta_build
 
 FORMAT_VERSION = 2  # 2: the one vocabulary of module and config names across the AR models
@@ -34,6 +34,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
+# Everything save_pretrained writes: a folder holding only these is a model, and nothing else of the user's.
+MODEL_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, TEXT_TOKENIZER_DIR})
 TOKENIZER_KIND = "tokenizer"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -95,6 +97,13 @@ def save_pretrained(
         save_pretrained(tokenizer, folder / TOKENIZER_DIR)
     if text_tokenizer is not None and not (keep_companions and (folder / TEXT_TOKENIZER_DIR).is_dir()):
         text_tokenizer.save(folder / TEXT_TOKENIZER_DIR)
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds a saved model and nothing else (what `vqar convert --overwrite` may write over): a
+    training run exports its model among checkpoints and logs, and is not one."""
+    entries = folder_entries(folder)
+    return CONFIG_FILE in entries and set(entries) <= MODEL_ENTRIES
 
 
 # ---------------------------------------------------------------- reading

@@ -16,12 +16,13 @@ beside the transformer)."""
 
 
 def run(args: argparse.Namespace) -> int:
-    from vqar.bundle import save_pretrained
+    from vqar.bundle import is_model_folder, save_pretrained
     from vqar.interop import load_pretrained
+    from vqar.utils.io import check_replaceable
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its model files")
+    # a training run, a code store or the user's own files are not written over, --overwrite or not
+    check_replaceable(out, args.overwrite, "a vqar model folder", is_model_folder, option="OUT_DIR")
     model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
     save_pretrained(model, out)
     params = sum(p.numel() for p in model.parameters())
@@ -59,4 +60,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "refused for a stage-1 model")  # fmt: skip
     convert.add_argument("--ema", action="store_true", help="convert the EMA weights an RQ release or LlamaGen "
                          "checkpoint carries (refused for sources that hold one set of weights)")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    convert.add_argument("--overwrite", action="store_true", help="replace the model in OUT_DIR (only a model "
+                         "folder: any other non-empty folder is refused)")

@@ -105,24 +105,26 @@ def describe_entries(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: Callable[[Path], bool]) -> None:
+def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: Callable[[Path], bool],
+                      option: str = "--out") -> None:  # fmt: skip
     """Refuses an output `target` that a command would replace (delete, then write anew) when that would lose data:
     a non-empty folder needs `overwrite`, and even then must be `kind` ("a code store"), which `is_kind` recognises;
-    a file, or a folder of anything else, is named in one line and left alone. A missing or empty folder is fine."""
+    a file, or a folder of anything else, is named in one line and left alone. A missing or empty folder is fine.
+    `option` is how the command line names the target."""
     target = Path(target)
     if not target.exists():
         return
     if not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not {kind}; choose another --out")
+        raise FileExistsError(f"{target} is a file, not {kind}; choose another {option}")
     entries = folder_entries(target)
     if not entries:
         return
     if not is_kind(target):
         raise FileExistsError(f"{target} is not {kind} (it holds {describe_entries(entries)}); --overwrite replaces "
-                              f"only {kind}, so nothing was changed: choose another --out")  # fmt: skip
+                              f"only {kind}, so nothing was changed: choose another {option}")  # fmt: skip
     if not overwrite:
         raise FileExistsError(f"{target} already exists ({kind}); pass --overwrite to replace it or choose another "
-                              "--out")  # fmt: skip
+                              f"{option}")  # fmt: skip
 
 
 @contextlib.contextmanager
