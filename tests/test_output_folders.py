@@ -72,6 +72,24 @@ def test_convert_overwrite_replaces_only_a_model_folder(tokenizer_folder, tmp_pa
     assert code == 2 and f"{model} already exists (a vqar model folder); pass --overwrite" in err, err
     assert run_cli(["convert", str(tokenizer_folder), str(model), "--overwrite"], capsys)[0] == 0  # a model: replaced
 
+
+def test_convert_overwrite_replaces_the_whole_model(tokenizer_folder, tmp_path, capsys, monkeypatch):
+    """An AR model's tokenizer/ was left under the tokenizer converted over it, and the folder then loaded as
+    neither model: the replaced model goes whole, and no work folder is left beside it."""
+    model = tmp_path / "model"
+    assert run_cli(["convert", str(tokenizer_folder), str(model)], capsys)[0] == 0
+    shutil.copytree(tokenizer_folder, model / "tokenizer")  # as an AR model's companion
+    assert run_cli(["convert", str(tokenizer_folder), str(model), "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    assert isinstance(vqar.load_pretrained(model), vqar.Tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    shutil.copytree(tokenizer_folder, model / "tokenizer")
+    monkeypatch.chdir(model)  # OUT_DIR is the current folder: replaced in place, not moved from under the shell
+    assert run_cli(["convert", str(tokenizer_folder), ".", "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["config.json", "model.safetensors"]
+    assert Path.cwd().samefile(model) and isinstance(vqar.load_pretrained("."), vqar.Tokenizer)
+
+
 def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
     import vqar.eval.inception
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 from vqar.commands.common import add_command, output_path
@@ -18,17 +20,42 @@ beside the transformer)."""
 def run(args: argparse.Namespace) -> int:
     from vqar.bundle import is_model_folder, save_pretrained
     from vqar.interop import load_pretrained
-    from vqar.utils.io import check_replaceable
+    from vqar.utils.io import check_replaceable, folder_entries
 
     out = Path(args.out_dir)
     # a training run, a code store or the user's own files are not written over, --overwrite or not
     check_replaceable(out, args.overwrite, "a vqar model folder", is_model_folder, option="OUT_DIR")
     model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
-    save_pretrained(model, out)
+    if folder_entries(out):  # a model folder (checked above), which is replaced whole
+        _replace_model(model, out.resolve())
+    else:
+        save_pretrained(model, out)
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {out}")
     print(next_steps(model, out))
     return 0
+
+
+def _replace_model(model, out: Path) -> None:
+    """Writes `model` beside the model folder `out`, then puts it in its place: the old model goes whole (an AR
+    model's tokenizer/ left under a tokenizer converted over it would make the folder neither model), and a write
+    that fails leaves it as it was."""
+    from vqar.bundle import MODEL_ENTRIES, save_pretrained
+    from vqar.utils.io import folder_entries, remove_leftovers, replace_directory
+
+    cwd = Path.cwd().resolve()
+    if cwd == out or out in cwd.parents:  # moving it aside would leave the shell in a removed folder
+        for entry in MODEL_ENTRIES & set(folder_entries(out)):
+            (shutil.rmtree if (out / entry).is_dir() else os.unlink)(out / entry)
+        save_pretrained(model, out)
+        return
+    remove_leftovers(out.parent, prefix=f".{out.name}.tmp-")  # the work folder of a convert that was killed
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        save_pretrained(model, work)
+        replace_directory(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def next_steps(model, out: Path) -> str:
