@@ -204,6 +204,12 @@ def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_
     assert f"{empty} contains no image files" in capsys.readouterr().err
     assert not (tmp_path / "recon2").exists()
 
+    taken = tmp_path / "notes.md"  # an --out that is a file: said before the tokenizer is loaded (it is none here)
+    taken.write_text("mine")
+    assert main(["reconstruct", "--tokenizer", str(tmp_path / "no-tokenizer"), str(single), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} is a file; give a folder" in err and taken.read_text() == "mine", err
+
 
 @pytest.mark.parametrize(
     "args",

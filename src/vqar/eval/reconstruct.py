@@ -49,6 +49,8 @@ def reconstruct_files(
     file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it."""
     # Folders are listed before the model loads, so an empty one fails at once.
     entries = _images_and_names(images)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the tokenizer loads, not at mkdir
+        raise FileExistsError(f"--out {out_dir} is a file; give a folder for the reconstructions")
     dev = resolve_device(device)
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
     model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)
