@@ -425,6 +425,7 @@ def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, ca
     assert code == 2 and err.count("\n") == 1 and "--crop-range has no effect without --ten-crop" in err, err
     assert not out.exists()
 
+
 def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
     """`c=10000000000` asked the CPU allocator for 1.28 TB: a RuntimeError traceback. (Raised here by a stand-in, as
     the real allocation could succeed lazily where memory is overcommitted.)"""
@@ -552,3 +553,20 @@ def test_a_crop_range_that_is_no_finite_factor_is_refused_naming_it(tokenizer_fo
                          "--ten-crop", "--crop-range", value], capsys)  # fmt: skip
     assert code == 2 and "--crop-range" in err and "finite number >= 1" in err and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / ".codes.partial").exists()
+
+
+def test_extract_codes_names_its_own_options(tokenizer_folder, tmp_path, capsys):
+    """An --image-size the tokenizer cannot tile was found at the first batch, as 'image height and width must be
+    multiples of ...' naming no option; --captions digits off the digits was told as `data.captions=digits`."""
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
+    out = tmp_path / "codes"
+    for args, message in (
+        (["--data", "mnist", "--image-size", "10"], "--image-size 10 is not a multiple of the tokenizer's "
+                                                    "downsampling factor 8"),
+        (["--data", str(images), "--captions", "digits"], "(--captions digits) writes captions for the bundled "
+                                                          "digits only (data.source=mnist, --data mnist)"),
+    ):  # fmt: skip
+        code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), *args, "--out", str(out)], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npz"]

@@ -62,6 +62,9 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     tokenizer = load(args.tokenizer, device=par.device)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
+    if args.image_size and args.image_size % tokenizer.downsample_factor:  # else found at the first batch
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling factor "
+                         f"{tokenizer.downsample_factor} (its own resolution is {tokenizer.image_size})")  # fmt: skip
     data = DataConfig(
         source=args.data,
         image_size=args.image_size or tokenizer.image_size,

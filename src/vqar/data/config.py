@@ -50,7 +50,8 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.captions == "digits" and self.source != "mnist":
-            raise ValueError("data.captions=digits writes captions for the bundled digits (data.source=mnist)")
+            raise ValueError(f"data.captions=digits (--captions digits) writes captions for the bundled digits only "
+                             f"(data.source=mnist, --data mnist), not for {self.source}")  # fmt: skip
         if self.shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.max_images is not None and self.max_images < 1:
