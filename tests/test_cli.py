@@ -258,3 +258,23 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
 def test_bench_sample_names_a_bad_setting(setting, words, capsys):
     assert main(["bench", "sample", "model=RQ-XS", setting, "--device", "cpu"]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("top_p=2", "top_p must be in (0, 1]"),
+        ("top_k=0", "top_k must be an integer >= 1"),
+        ("cfg_scale=0.5", "cfg_scale must be a finite number >= 1"),
+        ("window=0", "speculative_window must be an integer >= 1"),
+    ],
+)
+def test_bench_sample_refuses_a_bad_sampling_setting_before_building_the_model(setting, words, capsys, monkeypatch):
+    import vqar.eval.throughput
+
+    def build_models(*args):  # the default RQ-1.4B took a minute and 6 GB before the setting was read
+        raise AssertionError("the model was built before the sampling settings were checked")
+
+    monkeypatch.setattr(vqar.eval.throughput, "build_models", build_models)
+    assert main(["bench", "sample", setting, "--device", "cpu"]) == 2
+    assert words in capsys.readouterr().err
