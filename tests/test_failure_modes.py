@@ -426,6 +426,20 @@ def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(model_folder, tmp_path, capsys, device):
+    """`--device mps` on a machine without it was a traceback from the first tensor moved there, after loading."""
+    import torch
+
+    if getattr(getattr(torch, device, None), "is_available", lambda: False)():
+        pytest.skip(f"this machine has a {device} device")
+    out = tmp_path / "out"
+    code, err = run_cli(["sample", "--model", str(model_folder), "--device", device, "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"device '{device}' was asked for but this torch has no usable {device} device" in err
+    assert not out.exists()
+
+
 def test_an_allocation_that_fails_is_one_line(tmp_path, capsys, monkeypatch):
     """`c=10000000000` asked the CPU allocator for 1.28 TB: a RuntimeError traceback. (Raised here by a stand-in, as
     the real allocation could succeed lazily where memory is overcommitted.)"""

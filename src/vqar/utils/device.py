@@ -21,7 +21,17 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda") and not _backend_available(device.type):
+        # otherwise the first tensor moved there fails, after the model has loaded, with a traceback
+        raise ValueError(f"device {name!r} was asked for but this torch has no usable {device.type} device on this "
+                         f"machine; give cpu{' or cuda' if torch.cuda.is_available() else ''}")  # fmt: skip
     return device
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether torch can run on devices of `kind` here (torch.mps, torch.xpu, ... each say; meta holds no data)."""
+    is_available = getattr(getattr(torch, kind, None), "is_available", None)
+    return bool(is_available and is_available())
 
 
 def autocast(device: torch.device, precision: str):
