@@ -78,6 +78,23 @@ def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_t
     assert not caplog.text
 
 
+def test_prompts_given_as_one_string_or_as_bytes_are_refused_naming_the_type(text_tokenizer):
+    """`prompts="cat"` drew three images, of the prompts "c", "a" and "t", without a word."""
+    from vqar.sampling import make_conditions
+
+    cfg = GPTConfig(vocab_size=16, code_shape=[2, 2], dim=32, n_layer=1, n_head=2, num_classes=0, text_length=10,
+                    text_vocab_size=text_tokenizer.vocab_size)  # fmt: skip
+    model = GPT(cfg).attach(None, text_tokenizer)
+    with pytest.raises(ValueError, match=r"prompts must be a list of strings, got the single string 'cat': give "
+                                         r"\['cat'\] for one prompt"):  # fmt: skip
+        make_conditions(model, prompts="cat")
+    with pytest.raises(ValueError, match=r"prompts must be strings, got b'a cat' \(bytes\): decode them first"):
+        make_conditions(model, prompts=b"a cat")
+    with pytest.raises(ValueError, match=r"prompts must be strings, got 7 \(int\)$"):
+        make_conditions(model, prompts=["a cat", 7])
+    assert make_conditions(model, prompts=("a cat",), n_per_condition=2).prompts == ["a cat"]
+
+
 def test_prompts_that_are_not_utf8_are_refused_in_one_line(text_tokenizer):
     # A command line in another encoding reaches Python as lone surrogates ("\udcff"), as does a JSON "\udcff".
     with pytest.raises(ValueError, match="is not UTF-8 text"):

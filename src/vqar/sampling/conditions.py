@@ -67,6 +67,13 @@ def _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer,
         raise ValueError("this model is text-conditioned: give prompts, not classes")
     if not prompts:
         raise ValueError("this model is text-conditioned: give prompts (e.g. 'a painting of a cat')")
+    if isinstance(prompts, str):  # a string is a sequence too: each of its characters would be a prompt
+        raise ValueError(f"prompts must be a list of strings, got the single string {prompts[:80]!r}: give "
+                         f"[{prompts[:80]!r}] for one prompt")  # fmt: skip
+    not_text = [prompts] if isinstance(prompts, bytes) else [p for p in prompts if not isinstance(p, str)]
+    if not_text:
+        hint = ": decode them first (text.decode('utf-8'))" if isinstance(not_text[0], bytes) else ""
+        raise ValueError(f"prompts must be strings, got {not_text[0]!r:.80} ({type(not_text[0]).__name__}){hint}")
     text_tokenizer = text_tokenizer or model.text_tokenizer
     if text_tokenizer is None:
         raise ValueError("this text-to-image model has no caption tokenizer; pass one (--text-tokenizer)")
