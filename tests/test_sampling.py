@@ -460,3 +460,26 @@ def test_bad_conditions_raise():
         generate(no_null, torch.tensor([0]), SamplingSettings(cfg_scale=2.0))
     with pytest.raises(ValueError, match="shape"):
         model(torch.zeros(1, 5, 4, dtype=torch.long), torch.tensor([0]))
+
+
+def test_make_conditions_takes_numpy_and_torch_class_ids_and_refuses_one_id_or_a_string():
+    """`classes=np.array([3, 4])` was "unknown class id 3, 4" (both exist), a tensor a torch error about truth
+    values, `classes=3` a TypeError, and `classes="34"` "unknown class id 3, 4"."""
+    import numpy as np
+
+    from vqar.sampling import make_conditions
+
+    model = tiny_gpt()
+    for classes in (np.array([3, 4]), torch.tensor([3, 4]), [np.int64(3), np.int32(4)]):
+        conditions = make_conditions(model, classes=classes, n_per_condition=np.int64(2))
+        assert conditions.labels.tolist() == [3, 3, 4, 4] and conditions.rows.dtype == torch.long
+    with pytest.raises(ValueError, match=r"classes must be a list of class ids, got the single id 3: give \[3\]$"):
+        make_conditions(model, classes=np.int64(3))
+    with pytest.raises(ValueError, match=r"classes must be a list of class ids, got '34' \(str\)$"):
+        make_conditions(model, classes="34")
+    with pytest.raises(ValueError, match=r"classes must be a 1-D list of class ids, got an array of shape \(1, 2\)"):
+        make_conditions(model, classes=torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match=r"unknown class id 5, True: this model has classes 0..4"):
+        make_conditions(model, classes=np.array([5, 2]).tolist() + [True])
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        make_conditions(tiny_gpt(num_classes=0), classes=np.array([1]))

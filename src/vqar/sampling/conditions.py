@@ -3,9 +3,11 @@ entry point."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vqar.ar import ARModel, Conditioning
@@ -40,9 +42,10 @@ def make_conditions(
     A text model's prompts are tokenized by `text_tokenizer`, by default the model's own; `strict_prompts` (prompts
     a user typed) makes an empty prompt an error and a truncated one a warning. Raises ValueError naming what does
     not fit the model."""
-    if isinstance(n_per_condition, bool) or not isinstance(n_per_condition, int) or n_per_condition < 1:
+    if not _is_integer(n_per_condition) or n_per_condition < 1:
         raise ValueError(f"the number of images per class or prompt must be a positive integer, "
                          f"got {n_per_condition!r}")  # fmt: skip
+    classes = _class_ids(classes)
     kind = model.conditioning
     if kind is Conditioning.TEXT:
         return _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict_prompts)
@@ -58,8 +61,26 @@ def make_conditions(
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= last]
     if bad:
         raise ValueError(f"unknown class id {', '.join(map(str, bad))}: this model has classes 0..{last}")
-    labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(n_per_condition)
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n_per_condition)
     return Conditions(labels.clone(), labels)
+
+
+def _class_ids(classes) -> list | None:
+    """`classes` as a list, NumPy and torch integers as ints (`np.arange(10)` and `torch.tensor([3, 7])` are class
+    ids too); one id or a string is refused rather than iterated (the digits of "37" would read as ids)."""
+    if isinstance(classes, (np.ndarray, torch.Tensor)):
+        if classes.ndim != 1:
+            raise ValueError(f"classes must be a 1-D list of class ids, got an array of shape {tuple(classes.shape)}")
+        classes = classes.tolist()
+    if _is_integer(classes):
+        raise ValueError(f"classes must be a list of class ids, got the single id {classes}: give [{classes}]")
+    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable)):
+        raise ValueError(f"classes must be a list of class ids, got {classes!r:.80} ({type(classes).__name__})")
+    return None if classes is None else [int(c) if _is_integer(c) else c for c in classes]
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict: bool) -> Conditions:
