@@ -148,6 +148,27 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_sampling(sampler_folder, tmp_path, capsys, monkeypatch):
+    """`--out notes.txt/samples` failed with "[Errno 20] Not a directory" after every image was drawn, losing them."""
+    import importlib
+
+    def draw_distributed(*args, **kwargs):
+        raise AssertionError("sampled before --out was checked")
+
+    # (the module, not the function `vqar.sampling.draw` that the package exports under the same name)
+    monkeypatch.setattr(importlib.import_module("vqar.sampling.draw"), "draw_distributed", draw_distributed)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "samples"
+    code, err = run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--out {out} cannot be made: {tmp_path / 'notes.txt'} is a file, not a folder" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # The folder made to check it goes again when the run fails later (here: a class the model lacks).
+    code, err = run_cli(["sample", "--model", str(sampler_folder), "--classes", "7", "--out",
+                         str(tmp_path / "new" / "samples")], capsys)  # fmt: skip
+    assert code == 2 and "unknown class id 7" in err and not (tmp_path / "new").exists()
+
+
 def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_folder, tmp_path, capsys):
     export = tmp_path / "m_export"  # an exported AR model with its tokenizer, and a file of the user's
     shutil.copytree(sampler_folder, export)

@@ -115,15 +115,17 @@ def _check_options_apply(args: argparse.Namespace) -> None:
 
 def _check_out(args: argparse.Namespace, par) -> None:
     """Refuses a non-empty --out unless it is a sample folder and --overwrite is given (which replaces every sample
-    output, so grid.png, images/ and samples.npz always show the same run); rank 0 looks, every rank stops."""
+    output, so grid.png, images/ and samples.npz always show the same run) and one that cannot be written; rank 0
+    looks, every rank stops."""
     from vqar.sampling.export import is_sample_folder
-    from vqar.utils.io import check_replaceable
+    from vqar.utils.io import check_folder_writable, check_replaceable
 
     problem = None
     if par.is_main:
         try:
             check_replaceable(args.out, args.overwrite, "a sample folder", is_sample_folder)
-        except FileExistsError as err:
+            check_folder_writable(args.out)  # the images are written at the end: found there, they would be lost
+        except OSError as err:  # FileExistsError too
             problem = err
     if par.any(problem is not None):
         raise problem or FileExistsError(f"{args.out} cannot be written; see rank 0's error")

@@ -127,6 +127,23 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
                               f"{option}")  # fmt: skip
 
 
+def check_folder_writable(folder: str | Path) -> None:
+    """Makes the output folder `folder` and writes a file in it, so that one that cannot be written (a file on its
+    way, no permission) is one line naming it before the work whose results it was to hold, not after. A folder this
+    makes is removed again if the command then fails (`created_folders_removed_on_failure`)."""
+    folder = Path(folder)
+    in_the_way = next((parent for parent in folder.parents if parent.exists() and not parent.is_dir()), None)
+    if in_the_way is not None:
+        raise NotADirectoryError(f"--out {folder} cannot be made: {in_the_way} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"--out {folder} cannot be written: {err.strerror or err}") from None
+
+
 @contextlib.contextmanager
 def created_folders_removed_on_failure(out: str | Path, enabled: bool = True) -> Iterator[Callable[[], None]]:
     """If the body raises, removes the folders on the way to `out` (`out` included) that did not exist when it
