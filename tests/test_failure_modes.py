@@ -468,6 +468,30 @@ def test_a_prompts_file_that_is_a_folder_or_blank_is_named(model_folder, tmp_pat
     assert code == 2 and f"{blank} holds no prompts" in err, err
 
 
+def test_a_prompts_file_that_is_a_pipe_is_read(model_folder, tmp_path, capsys):
+    """`--prompts <(grep cat captions.txt)` and `--prompts /dev/stdin` were "file not found" (they are no regular
+    file)."""
+    from vqar.commands.common import read_lines
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a cat\n\n a dog \n")
+    os.close(write_end)
+    try:
+        assert read_lines(f"/dev/fd/{read_end}", "prompts") == ["a cat", "a dog"]
+    finally:
+        os.close(read_end)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a cat\n")
+    os.close(write_end)
+    try:  # read, then refused beside --classes
+        code, err = run_cli(["sample", "--model", str(model_folder), "--prompts", f"/dev/fd/{read_end}", "--classes",
+                             "1", "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    finally:
+        os.close(read_end)
+    assert code == 2 and "give either --classes or prompts, not both" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(120)  # a label of 2^40 made 2^40 class names: it never finished
 @pytest.mark.parametrize(
     ("arrays", "message"),

@@ -144,7 +144,7 @@ def read_lines(path: str, what: str = "lines") -> list[str]:
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"{file} is a folder; give a text file of {what}, one per line")
-    if not file.is_file():
+    if not file.exists():  # not `is_file()`: a pipe is read too (`--prompts <(grep cat captions.txt)`, /dev/stdin)
         raise FileNotFoundError(f"file not found: {file}")
     try:
         lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
