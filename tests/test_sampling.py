@@ -483,3 +483,46 @@ def test_make_conditions_takes_numpy_and_torch_class_ids_and_refuses_one_id_or_a
         make_conditions(model, classes=np.array([5, 2]).tolist() + [True])
     with pytest.raises(ValueError, match="this model is unconditional"):
         make_conditions(tiny_gpt(num_classes=0), classes=np.array([1]))
+
+
+def test_numpy_numbers_are_taken_as_the_numbers_they_hold():
+    """`SamplingSettings(top_k=np.int64(5))` was refused as "top_k must be an integer >= 1, got np.int64(5)", and so
+    were NumPy seeds, top_p, cfg_scale, per-depth arrays and `draw(batch_size=np.int64(4))`."""
+    import numpy as np
+
+    from vqar.sampling import draw, make_conditions
+
+    numpy = SamplingSettings(temperature=np.array([1.0, 0.5, 0.7]), top_k=np.int64(5), top_p=np.float64(0.9),
+                             cfg_scale=np.float64(2.0), seed=np.int64(3), greedy=np.bool_(False))  # fmt: skip
+    plain = SamplingSettings(temperature=[1.0, 0.5, 0.7], top_k=5, top_p=0.9, cfg_scale=2.0, seed=3, greedy=False)
+    assert numpy == plain and numpy.batch_key() == plain.batch_key()
+    model = tiny_rq()
+    conditions = torch.tensor([1, 2])
+    assert torch.equal(generate(model, conditions, numpy), generate(model, conditions, plain))
+
+    class Codes:  # a stand-in tokenizer: the drawn codes as they are
+        codebook_size, depth = model.codebook_size, model.depth
+
+        def decode(self, codes, depth=None):
+            return codes.float()
+
+    drawn = draw(model, make_conditions(model, classes=[1, 2, 3]), plain, tokenizer=Codes(), batch_size=np.int64(2))
+    assert len(drawn.codes) == 3
+
+
+def test_generate_and_draw_refuse_what_they_cannot_draw():
+    """An empty batch was torch's "cannot reshape tensor of 0 elements", a batch_size that disagrees with cond was
+    ignored (2 images for batch_size=3), and a list of ids or a dict of settings given to draw an AttributeError."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    with pytest.raises(ValueError, match=r"nothing to draw: the batch is empty"):
+        generate(model, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"batch_size=3 disagrees with cond, which holds 2 conditions"):
+        generate(model, torch.tensor([1, 2]), batch_size=3)
+    assert generate(model, torch.tensor([1, 2]), batch_size=2).shape[0] == 2
+    with pytest.raises(TypeError, match=r"conditions must be Conditions \(from make_conditions"):
+        draw(model, [1, 2])
+    with pytest.raises(TypeError, match=r"settings must be SamplingSettings \(SamplingSettings\(\*\*options\)\), got "
+                                        "dict"):
+        draw(model, make_conditions(model, classes=[1]), {"seed": 1})

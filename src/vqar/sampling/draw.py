@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -80,7 +81,15 @@ def draw(
     by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ...
     `compile` runs compiled decode steps, on batches padded to `batch_buckets(batch_size)` (the same images)."""
     settings = settings or SamplingSettings()
+    if not isinstance(conditions, Conditions):  # a list of class ids, say: an AttributeError deep in the loop else
+        raise TypeError(f"conditions must be Conditions (from make_conditions(model, classes=..., prompts=...)), got "
+                        f"{type(conditions).__name__}")  # fmt: skip
+    if not isinstance(settings, SamplingSettings):
+        raise TypeError(f"settings must be SamplingSettings (SamplingSettings(**options)), got "
+                        f"{type(settings).__name__}")  # fmt: skip
     tokenizer = check_drawable(model, settings, tokenizer)
+    if isinstance(batch_size, np.integer):
+        batch_size = int(batch_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     total = len(conditions)

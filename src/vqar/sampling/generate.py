@@ -63,6 +63,11 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     check_cfg_interval(model, settings)
     ids = model.cond_embedding.ids(cond, batch_size)
     n = len(ids)
+    if cond is not None and batch_size is not None and batch_size != n:  # one of them is not what the caller meant
+        raise ValueError(f"batch_size={batch_size} disagrees with cond, which holds {n} conditions: leave batch_size "
+                         "out (it is for cond=None)")  # fmt: skip
+    if n == 0:  # else a reshape error deep in the model
+        raise ValueError("nothing to draw: the batch is empty (cond holds no conditions, or batch_size=0)")
     count = numbers_per_image(model, settings) if settings.speculative else model.num_positions * model.depth
     if noise is None and not settings.greedy:
         noise = image_noise(model, torch.full((n,), settings.seed), torch.arange(n), settings)

@@ -37,6 +37,7 @@ For a residual (RQ) model `temperature`, `top_k` and `top_p` may be one value pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class SamplingSettings:
     speculative_window: int = 16  # drafted positions per model call
     speculative_drafts: str = "mc-sjd"  # or "sjd"
     speculative_max_iterations: int | None = None
+
+    def __post_init__(self):
+        # NumPy numbers (a seed drawn with np.random, a top_k read from an array) are the Python numbers they hold
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _python_numbers(getattr(self, field.name)))
 
     @property
     def guided(self) -> bool:
@@ -141,6 +147,15 @@ def image_stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
     words = [seed, index] if salt == 0 else [seed, index, salt]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _python_numbers(value):
+    """`value` with NumPy scalars and 1-D arrays (of per-depth values) as Python numbers and lists."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim <= 1):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_numbers(v) for v in value)
+    return value
 
 
 def _is_list(value) -> bool:
