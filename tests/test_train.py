@@ -206,16 +206,24 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
             train_tokenizer(cfg, tmp_path / "run")
         ckpt = latest_checkpoint(tmp_path / "run")
         assert ckpt.step == 4 and verify_checkpoint(ckpt.path) is None
+        assert _train_rows(tmp_path / "run") == [4]  # steps 1-4, before train.log_every=5 came round
         assert signal.getsignal(signal.SIGTERM) is callers_sigterm
         assert signal.getsignal(signal.SIGINT) is callers_sigint
         monkeypatch.setattr(TokenizerTask, "train_step", real_step)
         train_tokenizer(cfg, tmp_path / "run", resume=True)  # and it resumes from there
         assert latest_checkpoint(tmp_path / "run").step == 20
+        assert _train_rows(tmp_path / "run") == [4, 5, 10, 15, 20]  # every step trained is in one row
         assert signal.getsignal(signal.SIGTERM) is callers_sigterm
         assert signal.getsignal(signal.SIGINT) is callers_sigint
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def _train_rows(run_dir) -> list[int]:
+    """The steps of a run's training rows in metrics.jsonl."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [row["step"] for row in rows if row["split"] == "train"]
 
 
 def test_an_unwritable_or_full_run_directory_fails_before_training(tmp_path, monkeypatch):

@@ -455,12 +455,14 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self._record(metrics, window)
-                    if par.any(self.stop_signal is not None):
-                        self._stop_on_signal()
-                    if self._due(cfg.log_every):
+                    stopping = par.any(self.stop_signal is not None)
+                    # A stopped run resumes after this step, so the steps since the last row are logged now or never.
+                    if stopping or self._due(cfg.log_every):
                         means = window.flush(par, self.data.batch_size)
                         bar.set_postfix(_short(means, self.task.progress_metrics), refresh=False)
                         self._log("train", means)
+                    if stopping:
+                        self._stop_on_signal()
                     with window.paused():
                         if self._due(cfg.eval_every):
                             last_eval = self.evaluate()
