@@ -137,6 +137,29 @@ def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_p
     assert "the newest checkpoint (step 40) is intact (resume with --resume)" in capsys.readouterr().err
 
 
+def test_a_rank_stopped_by_another_ranks_failure_prints_nothing(tmp_path, capsys, monkeypatch):
+    """Under torchrun rank 0 refuses an --out (a run there already, a lock held) and says why in one line; rank 1
+    learns of it through a collective and stops without a line, or a traceback, of its own."""
+    import contextlib
+
+    from vqar.parallel import Parallel
+    from vqar.train import launch
+
+    class Rank1(Parallel):
+        def any(self, flag: bool) -> bool:
+            return True  # rank 0 failed
+
+    @contextlib.contextmanager
+    def joined(cfg, device):
+        yield Rank1(rank=1, world_size=2)
+
+    monkeypatch.setattr(launch, "joined", joined)
+    monkeypatch.setenv("RANK", "1")  # a rank that tidies nothing up: rank 0 owns --out
+    assert main(["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_then_reconstruct(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "steps=6", "--out", str(run_dir)]) == 0

@@ -23,7 +23,7 @@ import sys
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.parallel.runtime import launched_by_torchrun
+from vqar.parallel.runtime import PeerFailed, launched_by_torchrun
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"vqar: error: {err}", file=sys.stderr)
+        return 2
+    except PeerFailed:  # the rank that failed printed the reason
+        if args.verbose:
+            raise
         return 2
     except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
         if args.verbose or not _out_of_memory(err):

@@ -117,6 +117,7 @@ def _check_out(args: argparse.Namespace, par) -> None:
     """Refuses a non-empty --out unless it is a sample folder and --overwrite is given (which replaces every sample
     output, so grid.png, images/ and samples.npz always show the same run) and one that cannot be written; rank 0
     looks, every rank stops."""
+    from vqar.parallel import PeerFailed
     from vqar.sampling.export import is_sample_folder
     from vqar.utils.io import check_folder_writable, check_replaceable
 
@@ -128,7 +129,7 @@ def _check_out(args: argparse.Namespace, par) -> None:
         except OSError as err:  # FileExistsError too
             problem = err
     if par.any(problem is not None):
-        raise problem or FileExistsError(f"{args.out} cannot be written; see rank 0's error")
+        raise problem or PeerFailed(f"{args.out} cannot be written; see rank 0's error")
 
 
 def _check_memory(args: argparse.Namespace, model, n_conditions: int) -> None:

@@ -32,7 +32,7 @@ from vqar.data.datasets import open_dataset
 from vqar.data.loading import Batch, collate_samples
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
-from vqar.parallel import Parallel
+from vqar.parallel import Parallel, PeerFailed
 from vqar.utils.io import (
     OutputLocked,
     atomic_write,
@@ -216,7 +216,7 @@ def extract_codes(
             except (FileExistsError, OutputLocked) as err:
                 problem = err
         if par.any(problem is not None):
-            raise problem or FileExistsError(f"{out_dir} cannot be written; see rank 0's error")
+            raise problem or PeerFailed(f"{out_dir} cannot be written; see rank 0's error")
         return _extract(tokenizer, data, out_dir, views, crop_range, device, shard_size, tokenizer_dir, par)
 
 
@@ -269,7 +269,7 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
                       done, len(units), work.path)  # fmt: skip
         elif par.is_main:  # nothing to resume: the work folder would only be litter beside --out
             shutil.rmtree(work.path, ignore_errors=True)
-        raise failure or RuntimeError("another process failed while extracting codes (see its messages)")
+        raise failure or PeerFailed("another process failed while extracting codes (see its messages)")
     manifest, problem = None, None
     if par.is_main:
         try:
@@ -277,7 +277,7 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         except Exception as err:
             problem = err
     if par.any(problem is not None):
-        raise problem or RuntimeError("rank 0 failed to write the code store (see its messages)")
+        raise problem or PeerFailed("rank 0 failed to write the code store (see its messages)")
     manifest = par.gather(manifest)[0]
     seconds = time.perf_counter() - started
     log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", manifest["num_items"], seconds,

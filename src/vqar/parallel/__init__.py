@@ -7,6 +7,6 @@ holds the plain collectives that lower layers (the quantizers) call.
 
 from vqar.parallel import sync
 from vqar.parallel.config import DistConfig
-from vqar.parallel.runtime import Parallel, joined, setup, teardown
+from vqar.parallel.runtime import Parallel, PeerFailed, joined, setup, teardown
 
-__all__ = ["DistConfig", "Parallel", "joined", "setup", "sync", "teardown"]
+__all__ = ["DistConfig", "Parallel", "PeerFailed", "joined", "setup", "sync", "teardown"]

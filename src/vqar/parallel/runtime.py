@@ -27,6 +27,11 @@ from vqar.parallel.sync import any_rank
 log = logging.getLogger("vqar.parallel")
 
 
+class PeerFailed(RuntimeError):
+    """Raised on the ranks that stop because another rank failed: that rank reports the reason, so the command line
+    prints nothing more for these (every rank would otherwise add a line, or a traceback, to the one that matters)."""
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
-from vqar.parallel import DistConfig, Parallel, joined
+from vqar.parallel import DistConfig, Parallel, PeerFailed, joined
 from vqar.train.checkpoint import RUN_FILES, has_run, prepare_run_dir
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries, write_lock
@@ -39,7 +39,7 @@ def distributed_run(
         if par.any(problem is not None):
             if problem is not None:
                 raise problem
-            raise RuntimeError(f"rank 0 could not prepare the run directory {run_dir}; see its error")
+            raise PeerFailed(f"rank 0 could not prepare the run directory {run_dir}; see its error")
         yield par, run_dir
 
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from vqar.bundle import trained_steps
 from vqar.data import BadFileReport, collate_samples, evaluation_loader, training_loader
-from vqar.parallel import Parallel
+from vqar.parallel import Parallel, PeerFailed
 from vqar.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -290,7 +290,7 @@ class Trainer:
             except Exception as err:  # a full disk, a vanished mount: what was being written is removed
                 error = self._write_failure(err)
         if par.any(error is not None):
-            raise OSError(error or f"rank 0 failed to write the checkpoint of step {self.step}")
+            raise OSError(error) if error else PeerFailed(f"rank 0 failed to write the checkpoint of step {self.step}")
         return path
 
     def _write_failure(self, err: Exception) -> str:
@@ -324,7 +324,7 @@ class Trainer:
             except Exception as err:
                 error = self._write_failure(err)
         if self.par.any(error is not None):
-            raise OSError(error or f"rank 0 failed to export the model of step {self.step}")
+            raise OSError(error) if error else PeerFailed(f"rank 0 failed to export the model of step {self.step}")
 
     def _export(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         """The run's model, unless the run directory already holds one of a later step (a run resumed from an
@@ -381,13 +381,13 @@ class Trainer:
             except (OSError, TrackerUnavailable) as err:
                 problem = err
         if self.par.any(problem is not None):
-            raise problem or OSError("rank 0 cannot write to the run directory or lacks the train.logger package")
+            raise problem or PeerFailed("rank 0 cannot write to the run directory or lacks the train.logger package")
         try:
             self.check_memory()
         except ValueError as err:
             problem = err
         if self.par.any(problem is not None):
-            raise problem or ValueError("another process of the run has too little memory to train; see its error")
+            raise problem or PeerFailed("another process of the run has too little memory to train; see its error")
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

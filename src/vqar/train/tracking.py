@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vqar.parallel import Parallel
+from vqar.parallel import Parallel, PeerFailed
 from vqar.train.config import TrainConfig
 from vqar.train.errors import TrackerUnavailable
 from vqar.utils.io import atomic_write_text
@@ -230,7 +230,7 @@ def open_tracker(
         except TrackerUnavailable as err:
             problem = err
     if par.any(problem is not None):
-        raise problem or TrackerUnavailable(f"rank 0 could not start the train.logger={cfg.logger} tracker")
+        raise problem or PeerFailed(f"rank 0 could not start the train.logger={cfg.logger} tracker")
     return tracker
 
 
