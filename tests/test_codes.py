@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_shards_of_a_captioned_folder_hold_what_one_shard_holds(tiny_pipeline, t
 
 
 def test_a_failed_extraction_keeps_the_previous_store_and_resumes_where_it_stopped(
-    tiny_pipeline, tmp_path, monkeypatch
+    tiny_pipeline, tmp_path, monkeypatch, caplog
 ):
     tokenizer = load(tiny_pipeline / "tokenizer")
     data = DataConfig(source="mnist", max_images=40, eval_batch_size=8)
@@ -123,8 +124,10 @@ def test_a_failed_extraction_keeps_the_previous_store_and_resumes_where_it_stopp
     assert sorted(p.name for p in work.glob("part-*.json")) == [f"part-0000{u}.json" for u in range(3)]
 
     calls.clear()
-    resumed = extract_codes(tokenizer, data, tmp_path / "codes", overwrite=True, shard_size=8)
+    with caplog.at_level(logging.INFO, logger="vqar"):
+        resumed = extract_codes(tokenizer, data, tmp_path / "codes", overwrite=True, shard_size=8)
     assert calls == [8, 8]  # only the two shards the failed run had not finished
+    assert "encoded 16 images in" in caplog.text  # the rate it reports is of those, not of all 40
     assert resumed["shards"] == fresh["shards"] and resumed["num_items"] == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "fresh"]
     one, other = CodeDataset(tmp_path / "codes"), CodeDataset(tmp_path / "fresh")

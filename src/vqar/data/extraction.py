@@ -256,7 +256,8 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
             log.info("resuming the extraction in %s: %d of %d shards are done", work.path, done, len(units))
     par.barrier()
     started = time.perf_counter()
-    todo = [u for u in range(par.rank, len(units), par.world_size) if not work.finished(u)]
+    unfinished = [u for u in range(len(units)) if not work.finished(u)]  # after the barrier: the same on every rank
+    todo = [u for u in unfinished if u % par.world_size == par.rank]
     failure = None
     try:
         _encode_units(tokenizer, dataset, units, todo, work, data, views, size, device, captioned, par)
@@ -280,8 +281,10 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         raise problem or PeerFailed("rank 0 failed to write the code store (see its messages)")
     manifest = par.gather(manifest)[0]
     seconds = time.perf_counter() - started
-    log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", manifest["num_items"], seconds,
-             manifest["num_items"] / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
+    # A resumed extraction encoded only the shards it lacked: the rate is of those, not of the whole store.
+    encoded = sum(units[u].size for u in unfinished)
+    log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", encoded, seconds,
+             encoded / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
     return manifest
 
 
