@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -135,6 +136,36 @@ def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_p
     (checkpoint_dir(tmp_path / "run") / "step-0000040").mkdir(parents=True)
     assert main(train) == 130
     assert "the newest checkpoint (step 40) is intact (resume with --resume)" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_signal_under_torchrun_says_so_once(tmp_path, capsys, monkeypatch, caplog):
+    """Every rank stops at the step the ranks agreed on and rank 0 writes the checkpoint: rank 0's lines are the
+    only ones (each rank printed both before)."""
+    import signal
+    import types
+
+    import vqar.train.tokenizer
+    from vqar.parallel import Parallel
+    from vqar.train.errors import TrainingInterrupted
+    from vqar.train.loop import Trainer
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted("stopped by SIGTERM at step 4; resume with --resume")
+
+    monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", stopped)
+    train = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run")]
+    for rank, expected in (("1", ""), ("0", "vqar: stopped by SIGTERM at step 4; resume with --resume; the checkpoint "
+                                             "of that step is written\n")):  # fmt: skip
+        monkeypatch.setenv("RANK", rank)
+        assert main(train) == 130
+        assert capsys.readouterr().err == expected, rank
+    for rank, said in ((1, False), (0, True)):
+        trainer = types.SimpleNamespace(stop_signal=signal.SIGTERM, step=4, save=lambda: None,
+                                        par=Parallel(rank=rank, world_size=2))  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vqar"), pytest.raises(TrainingInterrupted):
+            Trainer._stop_on_signal(trainer)
+        assert ("SIGTERM received: writing a checkpoint at step 4" in caplog.text) is said, rank
 
 
 def test_a_rank_stopped_by_another_ranks_failure_prints_nothing(tmp_path, capsys, monkeypatch):

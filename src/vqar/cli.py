@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               "an image size)", file=sys.stderr)  # fmt: skip
         return 2
     except TrainingInterrupted as err:
-        print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
+        if _reports():  # under torchrun every rank stops at the same step; rank 0 says so once
+            print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print(f"vqar: {_interrupted(args)}", file=sys.stderr)
@@ -117,7 +118,12 @@ def _out_of(args: argparse.Namespace) -> tuple[str, bool]:
     out = getattr(args, "out", None) or getattr(args, "out_dir", None)
     if not isinstance(out, str):  # no output, or one the command derives itself (`vqar reproduce NAME`)
         return "", False
-    return out, int(os.environ.get("RANK", "0")) == 0
+    return out, _reports()
+
+
+def _reports() -> bool:
+    """Whether this process speaks for the command: the only one, or rank 0 of a torchrun launch."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -556,7 +556,8 @@ class Trainer:
 
     def _stop_on_signal(self) -> None:
         name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another rank may have got it
-        log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
+        if self.par.is_main:  # every rank stops at this step, and rank 0 writes the checkpoint: one voice says so
+            log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
         self.save()
         raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume")
 
