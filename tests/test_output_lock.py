@@ -87,6 +87,29 @@ def test_overwrite_deletes_nothing_while_another_process_writes(tokenizer_folder
     assert run_cli([*command, "--overwrite"], capsys)[0] == 0
 
 
+@pytest.mark.parametrize("kind", ["extract-codes", "pack-shards"])
+def test_an_out_in_a_folder_that_cannot_be_written_names_that_folder(tokenizer_folder, images, tmp_path, capsys,
+                                                                     monkeypatch, kind):  # fmt: skip
+    """The lock file is the first thing written beside --out: its error names the folder and --out, not the lock file
+    the user never asked for. (Permissions are simulated: the tests may run as root, whom chmod does not stop.)"""
+    import errno
+
+    real_open = os.open
+
+    def read_only_folder(path, flags, *args):
+        if Path(path).parent == tmp_path / "runs" and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(os, "open", read_only_folder)
+    out = tmp_path / "runs" / "out"
+    code, err = run_cli([*_command(kind, tokenizer_folder, images), "--out", str(out)], capsys)
+    assert (code, err) == (2, f"vqar: error: cannot write {out}: its folder {out.parent} is not writable (Permission "
+                              "denied)\n")  # fmt: skip
+    assert list(out.parent.iterdir()) == []
+
+
 def test_a_lock_file_a_killed_process_left_is_taken_over(images, tmp_path, capsys):
     (tmp_path / ".out.lock").write_text("999999999\n")  # no process holds its flock any more
     assert run_cli(["pack-shards", str(images), "--out", str(tmp_path / "out")], capsys)[0] == 0
