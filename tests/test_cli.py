@@ -138,6 +138,22 @@ def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_p
     assert "the newest checkpoint (step 40) is intact (resume with --resume)" in capsys.readouterr().err
 
 
+def test_a_mistake_in_the_command_is_said_once_per_machine_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Every process of a launch reads the same command line and configuration and fails alike: LOCAL_RANK 0 says
+    why, in one line, and the others stop with the same status without repeating it."""
+    bad_option = ["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "samples"), "--top-k"]
+    bad_key = ["train", "tokenizer", "rqvae-mnist", "stepz=3", "--out", str(tmp_path / "run")]
+    for local_rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as stopped:
+            main(bad_option)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("vqar sample: error: argument --top-k") == lines, err
+        assert main(bad_key) == 2
+        err = capsys.readouterr().err
+        assert err.count("vqar: error: unknown config key 'stepz'") == lines and err.count("\n") == lines, err
+
+
 def test_a_run_stopped_by_a_signal_under_torchrun_says_so_once(tmp_path, capsys, monkeypatch, caplog):
     """Every rank stops at the step the ranks agreed on and rank 0 writes the checkpoint: rank 0's lines are the
     only ones (each rank printed both before)."""

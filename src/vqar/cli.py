@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
     """Argument errors in one line, naming the option (argparse would print the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _first_on_its_machine() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:
         if args.verbose:
             raise
-        print(f"vqar: error: {err}", file=sys.stderr)
+        if not isinstance(err, ConfigError) or _first_on_its_machine():
+            print(f"vqar: error: {err}", file=sys.stderr)
         return 2
     except PeerFailed:  # the rank that failed printed the reason
         if args.verbose:
@@ -146,6 +147,12 @@ def _interrupted(args: argparse.Namespace) -> str:
     if not found:
         return "interrupted before the first checkpoint was written"
     return f"interrupted; the newest checkpoint (step {found[-1].step}) is intact (resume with --resume)"
+
+
+def _first_on_its_machine() -> bool:
+    """Whether this process prints a mistake in the command line or configuration: every process of a torchrun
+    launch reads the same ones and fails alike, so one per machine (LOCAL_RANK 0) says it, instead of each."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _command_words(args: argparse.Namespace) -> list[str]:
