@@ -166,22 +166,23 @@ def test_a_run_stopped_by_a_signal_under_torchrun_says_so_once(tmp_path, capsys,
     from vqar.train.loop import Trainer
 
     def stopped(*args, **kwargs):
-        raise TrainingInterrupted("stopped by SIGTERM at step 4; resume with --resume")
+        raise TrainingInterrupted("stopped by SIGTERM at step 4; resume with --resume", signal.SIGTERM)
 
     monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", stopped)
     train = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run")]
     for rank, expected in (("1", ""), ("0", "vqar: stopped by SIGTERM at step 4; resume with --resume; the checkpoint "
                                              "of that step is written\n")):  # fmt: skip
         monkeypatch.setenv("RANK", rank)
-        assert main(train) == 130
+        assert main(train) == 143  # 128 + SIGTERM, as for a process the signal ended (a scheduler's preemption)
         assert capsys.readouterr().err == expected, rank
     for rank, said in ((1, False), (0, True)):
         trainer = types.SimpleNamespace(stop_signal=signal.SIGTERM, step=4, save=lambda: None,
                                         par=Parallel(rank=rank, world_size=2))  # fmt: skip
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="vqar"), pytest.raises(TrainingInterrupted):
+        with caplog.at_level(logging.INFO, logger="vqar"), pytest.raises(TrainingInterrupted) as stop:
             Trainer._stop_on_signal(trainer)
         assert ("SIGTERM received: writing a checkpoint at step 4" in caplog.text) is said, rank
+        assert stop.value.signal_number == signal.SIGTERM  # the exit status the command gives: 143
 
 
 def test_a_rank_stopped_by_another_ranks_failure_prints_nothing(tmp_path, capsys, monkeypatch):

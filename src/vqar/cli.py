@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         if _reports():  # under torchrun every rank stops at the same step; rank 0 says so once
             print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
-        return 130
+        return 128 + err.signal_number
     except KeyboardInterrupt:
         print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130

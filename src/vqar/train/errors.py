@@ -8,7 +8,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written first."""
+    """SIGINT or SIGTERM arrived; a checkpoint of the current step was written first. `signal_number` is that
+    signal's: the command exits with 128 + it, as a process the signal ended (130 for Ctrl-C, 143 for a scheduler's
+    SIGTERM, which job schedulers read as a preemption)."""
+
+    def __init__(self, message: str, signal_number: int = 2):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 class TrackerUnavailable(RuntimeError):

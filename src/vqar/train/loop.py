@@ -555,11 +555,12 @@ class Trainer:
             )
 
     def _stop_on_signal(self) -> None:
-        name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another rank may have got it
+        received = signal.Signals(self.stop_signal or signal.SIGTERM)  # another rank may have got it
+        name = received.name
         if self.par.is_main:  # every rank stops at this step, and rank 0 writes the checkpoint: one voice says so
             log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
         self.save()
-        raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume")
+        raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume", int(received))
 
     def _final_metrics(self) -> dict[str, float]:
         """The validation result of a run resumed at its last step: the one it logged then (rank 0 reads it and
