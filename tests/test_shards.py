@@ -262,6 +262,12 @@ def test_pack_shards_command(tmp_path, capsys):
     assert "packed 100 images into 3 shards" in out and "data.source=" in out
     assert main(["pack-shards", "mnist", "--out", str(tmp_path / "s")]) == 2
     assert "already exists" in capsys.readouterr().err
+    # A source that is not there: what pack-shards packs, not the data sources' list, which offers tar shards too.
+    assert main(["pack-shards", str(tmp_path / "typo"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vqar: error: source '{tmp_path / 'typo'}' not found; pack-shards packs 'mnist', an image folder " \
+                  "or a .npz/.npy file\n", err  # fmt: skip
+    assert not (tmp_path / "t").exists()
 
 
 def test_pack_shards_says_one_image_shard_class_and_file_in_the_singular(tmp_path, capsys):

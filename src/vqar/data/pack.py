@@ -85,6 +85,9 @@ def pack_shards(
         raise ValueError(f"--shard-size must be positive, got {shard_size}")
     if source != "mnist" and is_shard_source(source):
         raise ValueError(f"{source} already names tar shards; point data.source at it directly")
+    if source != "mnist" and not Path(source).exists():  # the data sources' own message offers tar shards too
+        raise FileNotFoundError(f"source {source!r} not found; pack-shards packs 'mnist', an image folder or a "
+                                ".npz/.npy file")  # fmt: skip
     out_dir = Path(out_dir)
     with write_lock(out_dir):  # a second packer of OUT would delete this one's work folder
         return _pack(source, out_dir, shard_size, captions, shuffle, seed, max_images, overwrite)
