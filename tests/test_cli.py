@@ -129,6 +129,10 @@ def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_p
     _interrupted(monkeypatch, vqar.commands.sample, "load_ar_model")
     assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "samples")]) == 130
     assert capsys.readouterr().err == "vqar: interrupted\n"
+    monkeypatch.setenv("RANK", "1")  # Ctrl-C reaches every process of a torchrun launch: rank 0 alone says so
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "samples")]) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
     _interrupted(monkeypatch, vqar.train.tokenizer, "train_tokenizer")
     train = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "run")]
     assert main(train) == 130

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 128 + err.signal_number
     except KeyboardInterrupt:
-        print(f"vqar: {_interrupted(args)}", file=sys.stderr)
+        if _reports():  # Ctrl-C reaches every process of a torchrun launch: rank 0 says so once
+            print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130
 
 
