@@ -284,6 +284,12 @@ def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_
     assert main(["reconstruct", "--tokenizer", str(tmp_path / "no-tokenizer"), str(single), "--out", str(taken)]) == 2
     err = capsys.readouterr().err
     assert f"--out {taken} is a file; give a folder" in err and taken.read_text() == "mine", err
+    # A --size no image can be made at: said once, not as every image being unreadable (a "decompression bomb").
+    assert main(["reconstruct", "--tokenizer", str(tmp_path / "no-tokenizer"), str(single), "--size", "20000",
+                 "--out", str(tmp_path / "recon3")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("vqar: error: --size 20000 asks for 20000x20000 images, over the") and "single" not in err
+    assert not (tmp_path / "recon3").exists()
 
 
 @pytest.mark.parametrize(

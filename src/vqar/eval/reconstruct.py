@@ -51,6 +51,10 @@ def reconstruct_files(
     entries = _images_and_names(images)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the tokenizer loads, not at mkdir
         raise FileExistsError(f"--out {out_dir} is a file; give a folder for the reconstructions")
+    if size is not None and Image.MAX_IMAGE_PIXELS and size * size > Image.MAX_IMAGE_PIXELS:
+        # else every image is reported unreadable, as a "decompression bomb", once resized to it
+        raise ValueError(f"--size {size} asks for {size}x{size} images, over the {Image.MAX_IMAGE_PIXELS:,} pixels "
+                         "Pillow reads and writes: give a smaller --size (the tokenizer's own by default)")  # fmt: skip
     dev = resolve_device(device)
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
     model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)
