@@ -1,4 +1,5 @@
-"""The code store: extraction views, the manifest, reading back, and damage detection."""
+"""The code store: extraction views, the manifest, reading back, damage detection, and the options of
+`vqar extract-codes`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from vqar.bundle import load
 from vqar.data import DataConfig, build_datasets
 from vqar.data.codes import CodeDataset, read_manifest
@@ -156,3 +158,40 @@ def test_a_resumed_extraction_starts_again_when_its_settings_changed(tiny_pipeli
     assert calls == [16, 16, 16]  # a flip extraction shares nothing with the plain one: every shard again
     store = CodeDataset(tmp_path / "codes")
     assert len(store) == 24 and store[0].codes.shape[0] == 2
+
+
+# ---------------------------------------------------------------- vqar extract-codes options, refused before any work
+@pytest.mark.parametrize("view", [[], ["--flip"]])
+def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, capsys, view):
+    """It was silently ignored: the store held the uncropped views and a manifest crop_range of None."""
+    out = tmp_path / "codes"
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
+                         "--crop-range", "1.5", *view], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "--crop-range has no effect without --ten-crop" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.5"])
+def test_a_crop_range_that_is_no_finite_factor_is_refused_naming_it(tokenizer_folder, tmp_path, capsys, value):
+    out = tmp_path / "codes"
+    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
+                         "--ten-crop", "--crop-range", value], capsys)  # fmt: skip
+    assert code == 2 and "--crop-range" in err and "finite number >= 1" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / ".codes.partial").exists()
+
+
+def test_extract_codes_names_its_own_options(tokenizer_folder, tmp_path, capsys):
+    """An --image-size the tokenizer cannot tile was found at the first batch, as 'image height and width must be
+    multiples of ...' naming no option; --captions digits off the digits was told as `data.captions=digits`."""
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
+    out = tmp_path / "codes"
+    for args, message in (
+        (["--data", "mnist", "--image-size", "10"], "--image-size 10 is not a multiple of the tokenizer's "
+                                                    "downsampling factor 8"),
+        (["--data", str(images), "--captions", "digits"], "(--captions digits) writes captions for the bundled "
+                                                          "digits only (data.source=mnist, --data mnist)"),
+    ):  # fmt: skip
+        code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), *args, "--out", str(out)], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npz"]

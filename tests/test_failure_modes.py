@@ -416,16 +416,6 @@ def test_options_that_only_shape_another_are_refused_without_it(model_folder, tm
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("view", [[], ["--flip"]])
-def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, capsys, view):
-    """It was silently ignored: the store held the uncropped views and a manifest crop_range of None."""
-    out = tmp_path / "codes"
-    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
-                         "--crop-range", "1.5", *view], capsys)  # fmt: skip
-    assert code == 2 and err.count("\n") == 1 and "--crop-range has no effect without --ten-crop" in err, err
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
 def test_a_device_this_machine_lacks_is_one_line_before_the_model_loads(model_folder, tmp_path, capsys, device):
     """`--device mps` on a machine without it was a traceback from the first tensor moved there, after loading."""
@@ -582,29 +572,3 @@ def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
     assert type(model) is type(vqar.load_pretrained(model_folder))
     for name, value in vqar.load_pretrained(model_folder).state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
-
-
-@pytest.mark.parametrize("value", ["nan", "inf", "0.5"])
-def test_a_crop_range_that_is_no_finite_factor_is_refused_naming_it(tokenizer_folder, tmp_path, capsys, value):
-    out = tmp_path / "codes"
-    code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", "mnist", "--out", str(out),
-                         "--ten-crop", "--crop-range", value], capsys)  # fmt: skip
-    assert code == 2 and "--crop-range" in err and "finite number >= 1" in err and "Traceback" not in err, err
-    assert not out.exists() and not (tmp_path / ".codes.partial").exists()
-
-
-def test_extract_codes_names_its_own_options(tokenizer_folder, tmp_path, capsys):
-    """An --image-size the tokenizer cannot tile was found at the first batch, as 'image height and width must be
-    multiples of ...' naming no option; --captions digits off the digits was told as `data.captions=digits`."""
-    images = tmp_path / "images.npz"
-    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
-    out = tmp_path / "codes"
-    for args, message in (
-        (["--data", "mnist", "--image-size", "10"], "--image-size 10 is not a multiple of the tokenizer's "
-                                                    "downsampling factor 8"),
-        (["--data", str(images), "--captions", "digits"], "(--captions digits) writes captions for the bundled "
-                                                          "digits only (data.source=mnist, --data mnist)"),
-    ):  # fmt: skip
-        code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), *args, "--out", str(out)], capsys)
-        assert code == 2 and err.count("\n") == 1 and message in err, err
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npz"]
