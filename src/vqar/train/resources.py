@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import errno
 import itertools
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vqar.utils.io import check_folder_writable
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -40,13 +41,7 @@ def check_writable(run_dir: Path, need_bytes: int, what: str = "a checkpoint and
     """Fails before training when the run directory cannot take a checkpoint and the export (permissions, a full
     disk)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    probe = run_dir / f".write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"cannot write to the run directory {run_dir}: {err}") from None
+    check_folder_writable(run_dir)
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         raise OSError(
