@@ -328,6 +328,15 @@ def test_serve_takes_speculative_requests(class_run):
         engine.close()
 
 
+def test_the_throughput_bench_refuses_speculative_var_before_building_it(monkeypatch):
+    from vqar.eval import throughput
+
+    monkeypatch.setattr(throughput, "build_models", lambda *args: pytest.fail("built the model before refusing"))
+    cfg = throughput.BenchConfig(model="VAR-d16", speculative=True)
+    with pytest.raises(ValueError, match="speculative=true applies to arch=gpt\\|rq\\|vim, not arch=var"):
+        throughput.measure_throughput(cfg, torch.device("cpu"), progress=False)
+
+
 def test_the_throughput_bench_runs_speculative():
     from vqar.eval.throughput import BenchConfig, measure_throughput
 

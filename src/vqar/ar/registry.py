@@ -145,7 +145,8 @@ class Architecture:
     `vqar.ar.losses`) and its FSDP units. Upstream checkpoint names are mapped by the readers of `vqar.interop`.
 
     `options` names what a run may switch on: "captions" (text-to-image stores), "soft_targets",
-    "next_patch" (NPP training), "label_smoothing". `bench_quantizer(grid, d)` gives the quantizer config fields of
+    "next_patch" (NPP training), "label_smoothing", and in sampling "speculative" (speculative Jacobi decoding,
+    which drafts positions one after another). `bench_quantizer(grid, d)` gives the quantizer config fields of
     a random tokenizer whose codes the family models (`vqar bench sample`), `bench_depth` its d where none is
     given."""
 
@@ -156,7 +157,7 @@ class Architecture:
     description: str
     store_fields: Callable[[Mapping[str, Any], Mapping[str, Any]], dict] = _no_store_fields
     prepare: Callable[[ARModel, Any], None] = _keep_nothing
-    options: frozenset[str] = frozenset({"captions", "label_smoothing"})
+    options: frozenset[str] = frozenset({"captions", "label_smoothing", "speculative"})
     loss: Callable = losses.cross_entropy
     fsdp_units: Callable[[nn.Module], list[nn.Module]] = _all_blocks
     bench_quantizer: Callable[[int, int], dict] = _one_code
@@ -186,13 +187,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
         Architecture("gpt", GPTConfig, GPT, GPT_SIZES, "LlamaGen's GPT: one code per position",
-                     store_fields=_grid_store_fields, options=frozenset({"captions", "next_patch", "label_smoothing"})),
+                     store_fields=_grid_store_fields,
+                     options=frozenset({"captions", "next_patch", "label_smoothing", "speculative"})),
         Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position",
                      store_fields=_rq_store_fields, prepare=_embed_with_codebook,
-                     options=frozenset({"captions", "soft_targets", "label_smoothing"}),
+                     options=frozenset({"captions", "soft_targets", "label_smoothing", "speculative"}),
                      loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack, bench_depth=4),
         Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes",
-                     store_fields=_grid_store_fields, options=frozenset({"label_smoothing"})),
+                     store_fields=_grid_store_fields, options=frozenset({"label_smoothing", "speculative"})),
         Architecture("var", VARConfig, VAR, VAR_SIZES, "VAR: next-scale prediction over multi-scale codes",
                      store_fields=_scale_store_fields, prepare=_read_with_quantizer,
                      options=frozenset({"label_smoothing"}), loss=losses.per_scale_cross_entropy,

@@ -63,7 +63,9 @@ class BenchConfig:
             raise ValueError(f"image_size must be a positive multiple of f={self.f}, got {self.image_size}")
         if self.ch < 1:
             raise ValueError(f"ch (the tokenizer's base width) must be >= 1, got {self.ch}")
-        find_size(self.model)  # ValueError listing the known sizes
+        arch = find_size(self.model)  # ValueError listing the known sizes
+        if self.speculative:  # VAR draws whole scales: refused here, not after its model is built
+            arch.check_option("speculative", "speculative=true")
         if min(self.depth, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
             raise ValueError("need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0")
         if self.num_classes < 1:  # each image is drawn for a random class
