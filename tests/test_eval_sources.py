@@ -218,3 +218,19 @@ def test_rfid_reads_shards_and_images_of_mixed_sizes(tiny_pipeline, tmp_path):
         Image.fromarray(cropped[0, ..., 0]).save(tmp_path / "cropped" / path.name)
     mixed = evaluate_tokenizer(tokenizer, tmp_path / "mixed", None, batch_size=4)
     assert mixed["images"] == 12 and mixed == evaluate_tokenizer(tokenizer, tmp_path / "cropped", None, batch_size=4)
+
+
+def test_an_image_folder_is_walked_as_training_walks_it(tmp_path):
+    """Evaluation and `vqar reconstruct` see the images a training run of the same folder sees: hidden files
+    (macOS "._x.png" forks) are skipped, a symlinked folder is followed, and a link cycle is walked once."""
+    for name in ("a.png", "._a.png", "sub/b.png", ".ipynb_checkpoints/c.png", "elsewhere/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / name, format="PNG")
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("a.png", "._a.png", "sub", ".ipynb_checkpoints"):
+        (folder / name).symlink_to(tmp_path / name)
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path / "sub")
+    found = [path.relative_to(folder).as_posix() for path in sources.image_files(folder)]
+    assert found == ["a.png", "linked/d.png", "sub/b.png"]

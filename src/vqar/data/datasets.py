@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +46,13 @@ def _image_extensions() -> frozenset[str]:
     )
 
 
-def _scan_images(root: Path, extensions: frozenset[str]) -> list[Path]:
+def scan_images(root: Path, extensions: Iterable[str]) -> list[Path]:
     """All image files under `root`, sorted by path relative to root so every machine sees the same order.
 
     Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped.
     Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop.
     """
+    extensions = frozenset(extensions)
     found: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -80,7 +81,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         extensions = _image_extensions()
-        files = _scan_images(self.root, extensions)
+        files = scan_images(self.root, extensions)
         if not files:
             raise ValueError(
                 f"no image files under {self.root} (looked for extensions: {', '.join(sorted(extensions))})"

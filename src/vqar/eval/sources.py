@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_samples
 
@@ -273,9 +274,10 @@ def _read_into(stream, target: memoryview) -> None:
 
 # ---------------------------------------------------------------- a folder of image files
 def image_files(folder: Path, required: bool = False) -> list[Path]:
-    """The image files under `folder`, recursively, in sorted order; with `required`, a ValueError naming the folder
-    where there are none."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files under `folder`, recursively, in sorted order, walked as a training folder is
+    (`scan_images`: hidden files skipped, symlinked folders followed once); with `required`, a ValueError naming
+    the folder where there are none."""
+    files = scan_images(folder, IMAGE_SUFFIXES)
     if required and not files:
         hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
         raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
