@@ -86,6 +86,11 @@ class Parallel:
         elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
             log.warning("batch norm statistics stay per process on CPU (SyncBatchNorm needs CUDA)")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # The CPU convolution backward gives a 1x1 kernel's gradient (out, in, 1, 1) strides such as (in, 1, in, in),
+        # which differ from the parameter's (in, 1, 1, 1) only in size-1 dimensions: the same memory layout. DDP's
+        # reducer compares strides literally and warns once per process that grads "do not match bucket view
+        # strides"; the copy into the bucket is the one it makes anyway.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return nn.parallel.DistributedDataParallel(
             module, device_ids=device_ids, find_unused_parameters=self.cfg.find_unused_parameters
         )
