@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vqar.bundle import check_finite
+from vqar.interop.safe_load import load_checkpoint
 from vqar.utils.meta import bounded_meta_build
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -28,6 +30,18 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             key = key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
         out[key] = value
     return out
+
+
+def read_state(path_or_state: str | Path | dict, source: str | None, what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint file (loaded with the allow-list) or of a state dict given in memory, with the
+    wrapper prefixes of DDP / compile / FSDP dropped, and how errors name it: `source`, else the path, else "the
+    `what` state dict"."""
+    if isinstance(path_or_state, (str, Path)):
+        source = source or str(path_or_state)
+        state = load_checkpoint(path_or_state)
+    else:
+        source, state = source or f"the {what} state dict", path_or_state
+    return strip_wrapper_prefixes(tensors_only(state, source)), source
 
 
 def tensors_only(state: dict, source: str) -> dict[str, torch.Tensor]:

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.state import (
     SELF_DESCRIBED_HINT,
     StateDictAdapter,
     build_fitting,
-    strip_wrapper_prefixes,
-    tensors_only,
+    read_state,
 )
 from vqar.quantize import QuantizerConfig
 from vqar.quantize.multiscale import PATCH_NUMS_256
@@ -172,12 +169,7 @@ def load_var_vqvae(path_or_state, patch_nums: Sequence[int] | None = None, *, ph
         beta: the commitment weight (0.25 in the release).
         source: how errors name the checkpoint.
     """
-    if isinstance(path_or_state, (str, Path)):
-        source = source or str(path_or_state)
-        state = load_checkpoint(path_or_state)
-    else:
-        source, state = source or "the VAR VQVAE state dict", path_or_state
-    state = strip_wrapper_prefixes(tensors_only(state, source))
+    state, source = read_state(path_or_state, source, "VAR VQVAE")
     if not is_var_vqvae_state(state):
         raise ValueError(_not_vqvae(state, source))
     cfg = var_vqvae_config(state, patch_nums, phi_ratio=phi_ratio, beta=beta, source=source)

@@ -12,18 +12,15 @@ The VQVAE the transformer needs (its codebook and Phi convolutions) is a separat
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from vqar.ar.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VARConfig
-from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.state import (
     SELF_DESCRIBED_HINT,
     StateDictAdapter,
     build_fitting,
-    strip_wrapper_prefixes,
-    tensors_only,
+    read_state,
 )
 
 # Official name prefix -> vqar's (the first matching rule renames a key).
@@ -114,12 +111,7 @@ def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None 
         source: how errors name the checkpoint.
         overrides: VARConfig fields, e.g. patch_nums for a file without the `lvl_1L` buffer.
     """
-    if isinstance(path_or_state, (str, Path)):
-        source = source or str(path_or_state)
-        state = load_checkpoint(path_or_state)
-    else:
-        source, state = source or "the VAR state dict", path_or_state
-    state = strip_wrapper_prefixes(tensors_only(state, source))
+    state, source = read_state(path_or_state, source, "VAR")
     if not is_var_transformer_state(state):
         if any(key.startswith(("encoder.", "decoder.", "quantize.")) for key in state):
             raise ValueError(f"{source} is a VAR VQVAE (tokenizer), not the transformer: load it with load_var_vqvae")
