@@ -158,6 +158,18 @@ def test_unreadable_shard_samples_are_skipped_and_counted(tmp_path, caplog):
         load_images(tmp_path / "bad.tar")
 
 
+def test_16_bit_and_float_greys_are_scaled_to_8_bits_not_clipped_white(tmp_path):
+    # Pillow's own convert clips them at 255: a 16-bit picture read almost all white, and its FID measured on that.
+    greys = np.random.default_rng(3).integers(0, 256, (3, 12, 12), dtype=np.uint8)
+    (tmp_path / "folder").mkdir()
+    for i, grey in enumerate(greys[:2]):
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "folder" / f"{i}.png")  # mode I;16
+    Image.fromarray(greys[2].astype(np.float32) * 257).save(tmp_path / "folder" / "2.tiff")  # mode F
+    np.testing.assert_array_equal(load_images(tmp_path / "folder"), greys[..., None])  # and read as grey
+    _tar(tmp_path / "a.tar", [("s0", "png", _png(greys[0].astype(np.uint16) * 257))])
+    np.testing.assert_array_equal(load_images(tmp_path / "a.tar"), greys[:1, :, :, None])
+
+
 def test_the_whole_set_is_checked_from_every_share():
     source = ImageSource("set")
     one, other = frozenset({(8, 8, 3)}), frozenset({(9, 9, 3)})

@@ -40,12 +40,16 @@ from tqdm.auto import tqdm
 from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_samples
+from vqar.data.transforms import convert_channels
 
 log = logging.getLogger("vqar.eval")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # How many entries from the start of a set decide whether it is read as grey ("L") or RGB.
 MODE_PEEK = 16
+# Pillow modes of one channel: 1-bit, 8-bit, and the 16/32-bit integer and float greys (scientific and medical PNGs
+# and TIFFs), which `convert_channels` scales to 8 bits.
+GREY_MODES = {"1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 # Bytes per read when streaming rows out of an npz member: the transient buffer beside the rows themselves.
 NPZ_CHUNK = 1 << 20
 
@@ -284,11 +288,17 @@ def image_files(folder: Path, required: bool = False) -> list[Path]:
     return files
 
 
+def _decode(image: Image.Image, mode: str) -> np.ndarray:
+    # Through the data module's conversion, not Pillow's convert: that clips 16-bit and float greys at 255, which
+    # turns a 16-bit picture almost entirely white (the FID of saturated images, without a word).
+    return np.asarray(convert_channels(image, 1 if mode == "L" else 3))
+
+
 def _read_image(path: Path, mode: str) -> np.ndarray | None:
     try:
         with Image.open(path) as image:
             image.load()
-            return np.asarray(image.convert(mode))
+            return _decode(image, mode)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         log.warning("skipping unreadable image %s: %s", path, err)
         return None
@@ -301,7 +311,7 @@ def _common_mode(openers: Iterable[Callable[[], Image.Image]]) -> str:
     for opener in openers:
         with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), opener() as image:
             modes.append(image.mode)
-    return "L" if modes and all(mode in ("L", "1") for mode in modes) else "RGB"
+    return "L" if modes and all(mode in GREY_MODES for mode in modes) else "RGB"
 
 
 class FolderSource(ImageSource):
@@ -387,7 +397,7 @@ class ShardSource(ImageSource):
         try:
             with _sample_image(raw) as image:
                 image.load()
-                return np.asarray(image.convert(self.mode)), None
+                return _decode(image, self.mode), None
         except Exception as err:  # any decoder error means "this sample is unusable", as for a folder's files
             log.warning("skipping unreadable sample %s:%s: %s: %s", raw.get("__url__", "?"), raw.get("__key__", "?"),
                         type(err).__name__, err)  # fmt: skip
