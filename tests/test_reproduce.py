@@ -331,11 +331,14 @@ def test_a_reference_batch_of_the_wrong_shape_stops_before_sampling(tmp_path, ca
     assert not out.exists()
 
 
-def test_an_unstated_setting_must_be_given(tmp_path, capsys, tiny_release):
+def test_an_unstated_setting_must_be_given_before_anything_is_downloaded(tmp_path, capsys, tiny_release):
     args = [a for a in _args(tiny_release, tmp_path / "out") if a not in ("--cfg", "1.5")]
+    cache = tmp_path / "cache"  # the module's cache may hold the files already
+    args[args.index("--cache") + 1] = str(cache)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "do not state cfg_scale (the test leaves it unstated); give it with --cfg" in err
+    assert not cache.exists()  # said before the weights' (gigabytes') download, not after it
 
 
 # ---------------------------------------------------------------- end to end

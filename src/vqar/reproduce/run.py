@@ -27,6 +27,9 @@ from vqar.reproduce.table import Release, ReleaseTable, load_table
 from vqar.sampling import SamplingSettings, for_sampling
 from vqar.utils.io import atomic_path, sha256_file
 
+# The sampling settings of a protocol, each taken from the release table or the command line.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth")
+
 
 @dataclass
 class Options:
@@ -111,9 +114,10 @@ def _release_folder(unpacked: Path) -> Path:
 def resolve_settings(release: Release, paths: dict[str, str], options: Options) -> tuple[SamplingSettings, list]:
     """The protocol's sampling settings, with what the command line changed listed as deviations. A setting the
     sources do not state must come from the command line."""
+    check_stated(release, options)
     values, deviations = {}, []
     release_config = None
-    for key in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth"):
+    for key in SAMPLING_KEYS:
         setting = release.setting(key)
         if key in options.overrides and options.overrides[key] is not None:
             values[key] = options.overrides[key]
@@ -124,9 +128,6 @@ def resolve_settings(release: Release, paths: dict[str, str], options: Options) 
         if key == "smooth" and key not in release.protocol:
             values[key] = False
             continue
-        if not setting.stated:
-            flag = "--" + key.replace("_scale", "").replace("_", "-")
-            raise ValueError(f"{release.name}: the sources do not state {key} ({setting.note}); give it with {flag}")
         value = setting.value
         if value == "release-config":
             release_config = release_config or _release_sampling(paths)
@@ -148,6 +149,17 @@ def resolve_settings(release: Release, paths: dict[str, str], options: Options) 
     )
     settings.validate()
     return settings, deviations
+
+
+def check_stated(release: Release, options: Options) -> None:
+    """ValueError naming a sampling setting that no source states and the command line does not give."""
+    for key in SAMPLING_KEYS:
+        setting = release.setting(key)
+        given = options.overrides.get(key) is not None
+        if given or setting.stated or (key == "smooth" and key not in release.protocol):  # smooth: off unless stated
+            continue
+        flag = "--" + key.replace("_scale", "").replace("_", "-")
+        raise ValueError(f"{release.name}: the sources do not state {key} ({setting.note}); give it with {flag}")
 
 
 def _release_sampling(paths: dict[str, str]) -> dict:
@@ -240,10 +252,12 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
 
 def check_options(release: Release, options: Options) -> None:
     """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
-    (--top-p 5, --cfg 0.5), --prompts for a release that does not draw prompts, an --out that is a file, an
-    --inception file that does not exist, a --reference that is no reference batch."""
+    (--top-p 5, --cfg 0.5) or missing (a setting no source states), --prompts for a release that does not draw
+    prompts, an --out that is a file, an --inception file that does not exist, a --reference that is no reference
+    batch."""
     given = {key: value for key, value in options.overrides.items() if value is not None}
     SamplingSettings(**given, seed=options.seed).validate()
+    check_stated(release, options)  # a setting that must be given (llamagen-b-256's --cfg), before the download
     conditions = release.setting("conditions")
     if options.prompts is not None and conditions.value != "prompts":
         raise ValueError(f"--prompts is for text-to-image releases; the conditions {release.name}'s protocol draws: "
