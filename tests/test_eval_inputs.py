@@ -59,6 +59,17 @@ def test_stats_of_an_npz_of_statistics_says_it_already_holds_them(tmp_path, no_i
     assert not (tmp_path / "out.npz").exists()
 
 
+def test_stats_into_a_folder_that_cannot_be_made_fails_before_the_inception_is_loaded(tmp_path, no_inception,
+                                                                                         capsys):  # fmt: skip
+    """It ran the whole Inception pass, then failed to write: '[Errno 17] File exists: 'notes.txt''."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "ref.npz"
+    assert main(["eval", "stats", "mnist", "--max-images", "4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"vqar: error: --out {out} cannot be made: {tmp_path / 'notes.txt'} is a "
+                                       "file, not a folder\n")  # fmt: skip
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_loaded(
     tmp_path, tokenizer_folder, no_inception, capsys
 ):

@@ -26,7 +26,7 @@ from vqar.eval.metrics import GaussianStats, frechet_distance, inception_score, 
 from vqar.eval.shards import gather_rows, read_share, share
 from vqar.eval.sources import ImageSource, batches, describe_source, open_source
 from vqar.parallel import Parallel
-from vqar.utils.io import atomic_write
+from vqar.utils.io import atomic_write, check_folder_writable
 
 
 def _own_outputs(images: np.ndarray, inception: Inception, batch_size: int, probabilities: bool, desc: str,
@@ -101,7 +101,8 @@ def source_outputs(
 
 def check_stats_path(path: str | Path, overwrite: bool = False) -> None:
     """Refuses a path that `save_stats` should not write, before the images are read (the slow part): not a .npz,
-    a folder, or an existing file (a sample run's samples.npz, say) unless `overwrite`."""
+    a folder, an existing file (a sample run's samples.npz, say) unless `overwrite`, or one in a folder that cannot
+    be made or written (a file in the way, no permission)."""
     path = Path(path)
     if path.is_dir():
         raise FileExistsError(f"{path} is a folder; --out names the .npz file to write")
@@ -109,6 +110,7 @@ def check_stats_path(path: str | Path, overwrite: bool = False) -> None:
         raise ValueError(f"reference statistics are written as .npz, got {path}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+    check_folder_writable(path.parent, out=path)
 
 
 def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None = None) -> None:
