@@ -239,6 +239,26 @@ def test_reference_statistics_with_nan_are_refused_before_the_samples_are_read(t
         generation.evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", inception=None)
 
 
+def test_reference_statistics_of_the_wrong_shape_are_refused_naming_the_file_before_any_inception_pass(
+    tmp_path, monkeypatch, capsys
+):
+    """A 1-D sigma was 'diag requires an array of at least two dimensions', after the samples' Inception pass."""
+    import vqar.eval.generation as generation
+
+    fake = tmp_path / "fake.npz"
+    np.savez(fake, arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
+    monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    for mu, sigma in ((np.zeros(2048), np.zeros(2048)), (np.zeros((1, 2048)), np.eye(2048)),
+                      (np.zeros(2048), np.zeros((2048, 2047)))):  # fmt: skip
+        np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+        assert main(["eval", "fid", str(fake), "--ref", str(tmp_path / "ref.npz")]) == 2
+        assert capsys.readouterr().err == (
+            f"vqar: error: {tmp_path / 'ref.npz'}: mu {mu.shape} and sigma {sigma.shape} are not reference "
+            "statistics, a mean (D,) and its covariance (D, D); make them again with `vqar eval stats`\n"
+        )
+
+
 def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeypatch):
     """An .npz of statistics had its mu and sigma read twice: checked before the samples' Inception pass, then
     read again after it."""

@@ -143,8 +143,9 @@ def read_stored_reference(
     source: str | Path, need_features: bool = False, par: Parallel | None = None
 ) -> StoredReference | None:
     """The statistics of `source` where it is an `.npz` holding `mu` and `sigma` (ADM or vqar), None for any other
-    source. ValueError naming it where its mu or sigma is not finite (an FID against it would be NaN), or where it
-    holds neither the statistics nor the images (arr_0) to compute them from."""
+    source. ValueError naming it where its mu or sigma is not finite (an FID against it would be NaN) or not a mean
+    (D,) with its covariance (D, D), or where it holds neither the statistics nor the images (arr_0) to compute them
+    from."""
     path = Path(source)
     # np.load reads a file that is not a zip archive as a pickle: left to open_source, which says what it is
     if not (path.is_file() and path.suffix == ".npz" and zipfile.is_zipfile(path)):
@@ -161,10 +162,19 @@ def read_stored_reference(
                              f"(arr_0), only {sorted(data.files)}")  # fmt: skip
         if len(arrays) < 2:
             return None
+        _check_shapes(path, arrays["mu"], arrays["sigma"])
         # read on rank 0 alone: stored features are as large as the ones computed
         features = data["features"] if need_features and "features" in data and par.is_main else None
         images_only = "features" not in data and "arr_0" in data
     return StoredReference(GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1), features, images_only)
+
+
+def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    # Else found after the samples' Inception pass, by numpy, in words that name neither the file nor the array.
+    dim = mu.shape[0] if mu.ndim == 1 else None
+    if dim is None or sigma.shape != (dim, dim):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not reference statistics, a mean (D,) "
+                         "and its covariance (D, D); make them again with `vqar eval stats`")  # fmt: skip
 
 
 def _reference_images(source: str | Path, stored: StoredReference | None, need_features: bool) -> ImageSource | None:
