@@ -70,6 +70,18 @@ def test_stats_into_a_folder_that_cannot_be_made_fails_before_the_inception_is_l
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_single_image_is_refused_naming_its_set_before_the_inception_is_loaded(tmp_path, no_inception, capsys):
+    """It was 'need at least 2 feature vectors (N, dim), got shape (1, 2048)' after the Inception pass."""
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    np.savez(one, arr_0=np.zeros((1, 8, 8, 1), dtype=np.uint8))
+    np.savez(two, arr_0=np.zeros((2, 8, 8, 1), dtype=np.uint8))
+    cases = [(["fid", str(one), "--ref", str(two)], one), (["fid", str(two), "--ref", str(one), "--no-pr"], one),
+             (["stats", "mnist", "--max-images", "1", "--out", str(tmp_path / "ref.npz")], "the bundled MNIST digits")]
+    for args, named in cases:
+        assert main(["eval", *args]) == 2
+        assert capsys.readouterr().err == f"vqar: error: {named} holds 1 image; FID statistics need at least 2\n"
+
+
 def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_loaded(
     tmp_path, tokenizer_folder, no_inception, capsys
 ):

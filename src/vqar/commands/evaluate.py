@@ -85,7 +85,7 @@ def _print(result: dict, as_json: bool) -> None:
 
 @_on_ranks
 def cmd_stats(args, par) -> int:
-    from vqar.eval.generation import check_stats_path, save_stats, source_outputs
+    from vqar.eval.generation import check_enough_images, check_stats_path, save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
     from vqar.eval.sources import ReferenceStatsError, open_source
 
@@ -96,6 +96,7 @@ def cmd_stats(args, par) -> int:
     except ReferenceStatsError as err:  # statistics made before: there is nothing left to compute
         raise ValueError(f"{err.path} already holds reference statistics (mu, sigma) and no images (arr_0) to compute "
                          f"them from: it is usable as it is, as `vqar eval fid SAMPLES --ref {err.path}`") from None
+    check_enough_images(images)
     inception = _inception(args, par.device)
     out = source_outputs(images, inception, args.batch_size, keep_images=args.with_images, par=par)
     if out is None:  # rank 0 writes the statistics

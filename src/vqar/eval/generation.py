@@ -212,6 +212,13 @@ class EvalSets:
     reference: ImageSource | None = None  # the reference's images, where they are to be run
 
 
+def check_enough_images(images: ImageSource | None) -> None:
+    """ValueError naming a set of fewer than 2 images, of which no covariance (no FID, no statistics) can be made:
+    said before its Inception pass, not by numpy after it."""
+    if images is not None and len(images) < 2:
+        raise ValueError(f"{images.where} holds {len(images)} image; FID statistics need at least 2")
+
+
 def open_eval_sets(
     fake: str | Path,
     ref: str | Path | None,
@@ -231,6 +238,8 @@ def open_eval_sets(
     samples = open_source(fake, num_samples)
     if num_samples is not None and len(samples) < num_samples:
         raise ValueError(f"{samples.where} holds {len(samples)} images, fewer than the {num_samples} asked for")
+    for images in (samples, reference):
+        check_enough_images(images)
     return EvalSets(fake, samples, num_samples, with_pr, ref, stored, reference)
 
 
