@@ -111,6 +111,20 @@ def test_var_trains_samples_and_serves(var_store, tmp_path):
     assert not torch.equal(result.coarse_to_fine[0], result.coarse_to_fine[-1])
 
 
+def test_sample_grid_settings_var_cannot_take_are_refused_before_the_first_step(var_store, tmp_path, capsys):
+    """The grid is drawn only at the first evaluation: a setting VAR refuses would otherwise end the run there,
+    after its training steps, leaving a run folder to clean up."""
+    run = ["train", "ar", "var-mnist", f"codes={var_store / 'codes'}", *VAR_RUN, "steps=2", "train.eval_every=2"]
+    for setting, reason in [("sample.cfg_interval=3", "cfg_interval"), ("sample.speculative=true", "speculative"),
+                            ("sample.top_k=[5,5]", "top_k has 2 values")]:  # fmt: skip
+        out = tmp_path / setting
+        assert main([*run, setting, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "sample grid's settings (sample.*)" in err and reason in err, err
+        assert not out.exists()  # no step ran, no checkpoint or metrics were written
+    assert main([*run, "sample.cfg_interval=3", "sample.n_per_class=0", "--out", str(tmp_path / "no-grid")]) == 0
+
+
 def test_bench_sample_runs_var(capsys):
     args = ["bench", "sample", "f=8", "d=1", "c=32", "model=VAR-XS", "image_size=32", "ch=32", "batch_size=2",
             "loops=1", "warmup=0", "cfg_scale=2", "--device", "cpu", "--json"]  # fmt: skip

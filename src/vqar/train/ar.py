@@ -30,6 +30,7 @@ from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
 from vqar.data.extraction import tokenizer_fingerprint
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.sampling import SamplingSettings, draw, make_conditions
+from vqar.sampling.draw import check_drawable
 from vqar.text import TextTokenizer
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
@@ -262,12 +263,20 @@ class ARTask(TrainTask):
                             "segment never reaches the full learning rate", cfg.npp.warmup_steps, shortest)  # fmt: skip
 
     def _grid_settings(self) -> SamplingSettings:
-        """The grid's sampling settings; guidance needs a null condition, which some runs do not train."""
+        """The grid's sampling settings; guidance needs a null condition, which some runs do not train. Settings
+        the model cannot take (`sample.cfg_interval` or `sample.speculative` on VAR, `sample.smooth` on any other,
+        per-depth lists of the wrong length) are refused here, before the first step, not at the first evaluation
+        after hours of training."""
         grid = self.cfg.sample
         if grid.guided and not self.model.has_null_condition:
             log.warning("sample.cfg_scale=%g needs a null condition (a conditional store and "
                         "model.class_dropout_prob > 0); the sample grids are drawn without guidance", grid.cfg_scale)
-            return replace(grid, cfg_scale=1.0)
+            grid = replace(grid, cfg_scale=1.0)
+        if grid.n_per_class > 0:
+            try:
+                check_drawable(self.model, grid, self.tokenizer)
+            except ValueError as err:
+                raise ValueError(f"the sample grid's settings (sample.*) do not fit the model: {err}") from None
         return grid
 
     def patch_side(self, step: int) -> int:
