@@ -66,6 +66,15 @@ def test_ill_typed_value_and_bad_syntax():
         load_run_config("rqvae-mnist", ["depth"])
 
 
+def test_a_scalar_given_to_a_list_field_says_it_takes_a_list():
+    """OmegaConf's own words ("AnyNode is not a ListConfig, TupleConfig, list, or tuple") name no remedy."""
+    with pytest.raises(ConfigError, match=re.escape("train.betas takes a list, got 0.9: write the items in brackets, "
+                                                    "e.g. train.betas=[0.9]")):  # fmt: skip
+        load_run_config("var-mnist", ["train.betas=0.9"])
+    with pytest.raises(ConfigError, match=re.escape("model.quantizer.patch_nums takes a list, got 4")):
+        load_run_config("var-mnist", ["model.quantizer.patch_nums=4"])
+
+
 def test_invalid_combinations_are_rejected():
     with pytest.raises(ConfigError, match="kind='rq'"):
         load_run_config("vq-mnist", ["d=4"])

@@ -209,4 +209,7 @@ def _unknown_key_message(key: str, walked: list[str], node: Any, aliases: Mappin
 def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     message = str(err).split("\n")[0]
+    if key and "is not a ListConfig" in message:  # OmegaConf's words for a scalar given to a list field
+        value = getattr(err, "value", None)
+        return f"{key} takes a list, got {value!r}: write the items in brackets, e.g. {key}=[{value}]"
     return f"invalid value for {key!r}: {message}" if key else message
