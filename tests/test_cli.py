@@ -112,6 +112,23 @@ def test_resuming_a_run_of_the_other_stage_says_which_stage_it_is(tmp_path, caps
         assert [p.name for p in runs[other].iterdir()] == ["run.yaml"]
 
 
+def test_resume_that_changes_the_architecture_names_it_not_the_run_yaml(tmp_path, capsys):
+    """run.yaml holds the model fields of its family (a VIM's mlp_ratio): read under another arch it would be
+    refused as if the file were wrong ("run.yaml: unknown config key 'model.mlp_ratio'")."""
+    from omegaconf import OmegaConf
+
+    from vqar.train import ar
+
+    run = tmp_path / "vim"
+    run.mkdir()
+    (run / "run.yaml").write_text(OmegaConf.to_yaml(ar.compose_run_config("vim-mnist", [])[0]))
+    assert main(["train", "ar", "--resume", "--out", str(run), "arch=gpt", "size=GPT-XS"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the run in {run} trains arch=vim" in err and "leave arch=gpt out" in err, err
+    assert "unknown config key" not in err
+    assert [p.name for p in run.iterdir()] == ["run.yaml"]
+
+
 def _interrupted(monkeypatch, module, name):
     """Ctrl-C pressed while `module.name` runs."""
 

@@ -31,6 +31,8 @@ def run_train(args: argparse.Namespace) -> int:
         if not saved.is_file():
             raise ConfigError(f"--resume: {saved} not found; give a preset to start a new run")
         preset = str(saved)
+        if args.group == "ar":
+            _check_same_architecture(saved, overrides)
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     cfg = _load_run_config(args.group, preset, overrides)
@@ -57,6 +59,19 @@ def _check_stage(run_dir: Path, group: str) -> None:
     if stage is not None and stage != group:
         raise ConfigError(f"{run_dir} is {RUN_KINDS[stage]}, not {RUN_KINDS[group]} (resume it with `vqar train "
                           f"{stage} --resume --out {run_dir}`)")  # fmt: skip
+
+
+def _check_same_architecture(saved: Path, overrides) -> None:
+    """ConfigError when the overrides of `--resume` change the AR run's `arch`: its checkpoints hold that family's
+    weights, and its run.yaml would otherwise be refused for the first model field the new family lacks, as if the
+    file were wrong."""
+    from vqar.configs import preset_fields
+
+    trained = preset_fields("ar", saved, [], ("arch",)).get("arch")
+    asked = preset_fields("ar", saved, overrides, ("arch",)).get("arch")
+    if asked != trained:
+        raise ConfigError(f"--resume: the run in {saved.parent} trains arch={trained}, its checkpoints hold that "
+                          f"model's weights; leave arch={asked} out, or start a new run in another --out")  # fmt: skip
 
 
 def run_presets(args: argparse.Namespace) -> int:
