@@ -75,6 +75,14 @@ def test_a_scalar_given_to_a_list_field_says_it_takes_a_list():
         load_run_config("var-mnist", ["model.quantizer.patch_nums=4"])
 
 
+@pytest.mark.parametrize("eps", ["0", "-1"])
+def test_an_ema_codebook_smoothing_that_is_not_positive_is_refused(eps):
+    """With eps <= 0 the EMA update divides by zero or a negative count: the run ends 'done' with NaN metrics."""
+    with pytest.raises(ConfigError, match="eps .*must be positive"):
+        load_run_config("var-mnist", [f"model.quantizer.eps={eps}"])
+    load_run_config("var-mnist", [f"model.quantizer.eps={eps}", "model.quantizer.ema=false"])  # unused there
+
+
 def test_invalid_combinations_are_rejected():
     with pytest.raises(ConfigError, match="kind='rq'"):
         load_run_config("vq-mnist", ["d=4"])

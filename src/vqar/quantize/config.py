@@ -47,6 +47,8 @@ class QuantizerConfig:
             raise ValueError(f"lookup_dim must be positive (or null or 0: no factorized lookup), got {self.lookup_dim}")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if self.ema and not self.eps > 0:  # the EMA update divides by the counts plus eps: 0 or less gives NaN codes
+            raise ValueError(f"eps (the EMA codebook's Laplace smoothing) must be positive, got {self.eps}")
         cls.check_config(self, latent_side)
 
     def codebook_options(self) -> dict:
