@@ -96,6 +96,9 @@ class ARConfig:
             value = getattr(self, name, 0.0)  # each architecture has some of them
             if not 0.0 <= value <= 1.0:  # else torch's "dropout probability has to be between 0 and 1", unnamed
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        norm_eps = getattr(self, "norm_eps", 1.0)  # GPT's RMSNorm and VAR's LayerNorm; VIM has none to set
+        if not norm_eps > 0:  # else NaN activations from the first step, and a run that ends 'done' with NaN nll
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}")
         if self.vocab_size < 2 or self.num_classes < 0 or self.n_layer < 1:
             raise ValueError("need vocab_size >= 2, num_classes >= 0 and n_layer >= 1")
         if not 0.0 <= self.class_dropout_prob < 1.0:
