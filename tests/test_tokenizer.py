@@ -107,3 +107,17 @@ def test_bad_inputs_raise_clear_errors():
         vq.decode(torch.zeros(1, 4, 4, dtype=torch.long), depth=2)
     with pytest.raises(ValueError, match="norm_groups"):
         Tokenizer(tiny_config(ch=6))
+
+
+def test_encode_takes_float_images_of_any_precision():
+    """float64 images (torch.from_numpy of a NumPy float array) and a tokenizer in another precision than the
+    images encode to the same codes instead of stopping the first conv with a dtype RuntimeError."""
+    model = Tokenizer(tiny_config("rq")).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    codes = model.encode(images)
+    assert torch.equal(model.encode(images.double()), codes)
+    wide = Tokenizer(tiny_config("rq")).eval()
+    wide.load_state_dict(model.state_dict())
+    wide.double()
+    assert torch.equal(wide.encode(images), codes)
+    assert wide.decode(codes).dtype == torch.float64

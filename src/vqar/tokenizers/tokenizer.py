@@ -122,8 +122,13 @@ class Tokenizer(nn.Module):
 
     # ---------------------------------------------------------------- stage-1 API
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous latents before quantization, channels-last (B, h, w, dim)."""
+        """Continuous latents before quantization, channels-last (B, h, w, dim), on the tokenizer's device."""
         self._check_images(images)
+        # Float images of any precision or device mean the same pixels: float64 ones from NumPy, float32 ones for a
+        # bf16 tokenizer or CPU ones for a CUDA tokenizer would otherwise stop the first conv with a dtype/device
+        # RuntimeError (decode likewise takes codes wherever they are).
+        weight = self.quant_conv.weight
+        images = images.to(device=weight.device, dtype=weight.dtype)
         return self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
@@ -136,7 +141,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """int64 codes (B, *code_shape). Does not update the codebook, whatever the module mode."""
+        """int64 codes (B, *code_shape), on the tokenizer's device, of float images (B, C, H, W) in [-1, 1] of any
+        float dtype, on any device. Does not update the codebook, whatever the module mode."""
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
@@ -153,14 +159,16 @@ class Tokenizer(nn.Module):
         return soft_codes(self.encode_latent(images), temperature)
 
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) from codes (B, *code_shape); `depth=k` decodes the first k levels only, coarse to
-        fine (the first k codes of each residual stack, or the first k scales)."""
+        """Images (B, C, H, W), in the tokenizer's dtype on its device, from integer codes (B, *code_shape) on any
+        device; `depth=k` decodes the first k levels only, coarse to fine (the first k codes of each residual stack,
+        or the first k scales)."""
         axes = self.quantizer.code_axes
         if not isinstance(codes, torch.Tensor) or codes.dim() != len(axes) + 1:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"this tokenizer decodes codes of shape (B, {', '.join(axes)}), got {shape}")
-        latent = self.quantizer.embed(codes, depth=depth)
-        return self.decode_latent(latent.to(self.post_quant_conv.weight.dtype))
+        weight = self.post_quant_conv.weight
+        latent = self.quantizer.embed(codes.to(weight.device), depth=depth)
+        return self.decode_latent(latent.to(weight.dtype))
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
