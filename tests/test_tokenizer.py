@@ -88,6 +88,18 @@ def test_load_errors(tmp_path):
         vqar.load_pretrained(tmp_path / "vq")
 
 
+def test_load_pretrained_refuses_a_device_the_machine_lacks(tmp_path, monkeypatch):
+    """Was an AssertionError ("Torch not compiled with CUDA enabled") or a RuntimeError listing every device type,
+    raised only once the weights were read and the model moved."""
+    vqar.save_pretrained(Tokenizer(tiny_config("rq")), tmp_path / "tok")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda' was asked for but CUDA is not available"):
+        vqar.load_pretrained(tmp_path / "tok", device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        vqar.load_pretrained(tmp_path / "tok", device="gpu")
+    assert next(vqar.load_pretrained(tmp_path / "tok", device="auto").parameters()).device.type == "cpu"
+
+
 def test_bad_inputs_raise_clear_errors():
     rq = Tokenizer(tiny_config("rq")).eval()
     vq = Tokenizer(tiny_config("vq")).eval()

@@ -28,6 +28,7 @@ from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
+from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries
 from vqar.utils.runs import list_checkpoints, run_kind
 
@@ -47,9 +48,13 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
             `train.ema_decay`) and VAR's files; also for such a `tokenizer`.
         tokenizer: the stage-1 model for an AR model, a loaded tokenizer or anything `load_pretrained` reads;
             an RQ-Transformer without one looks for `stage1/` beside its folder. A ValueError for a stage-1 model.
-        device: where the model (and the tokenizer it carries) is put.
+        device: where the model (and the tokenizer it carries) is put: a name or torch.device, or "auto" (CUDA
+            when available, else the CPU). A ValueError, before any weights are read, for a device this machine
+            lacks ("cuda" without a GPU) or a name that is none ("gpu").
     """
-    return _load_pretrained(path, config, ema, tokenizer, device)
+    # Checked first: torch would say so only when the loaded model is moved there, as an AssertionError ("Torch not
+    # compiled with CUDA enabled") or a RuntimeError listing every device type, after reading all the weights.
+    return _load_pretrained(path, config, ema, tokenizer, resolve_device(device))
 
 
 def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=None) -> nn.Module:
