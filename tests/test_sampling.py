@@ -526,3 +526,18 @@ def test_generate_and_draw_refuse_what_they_cannot_draw():
     with pytest.raises(TypeError, match=r"settings must be SamplingSettings \(SamplingSettings\(\*\*options\)\), got "
                                         "dict"):
         draw(model, make_conditions(model, classes=[1]), {"seed": 1})
+
+
+def test_generate_refuses_settings_given_as_a_dict():
+    """`generate(model, cond, {"seed": 1})` was an AttributeError ('dict' object has no attribute 'per_depth'), and
+    an empty dict, to generate or draw, was replaced by the default settings without a word."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    refusal = r"settings must be SamplingSettings \(SamplingSettings\(\*\*options\)\), got dict"
+    for settings in ({"seed": 1}, {}):
+        with pytest.raises(TypeError, match=refusal):
+            generate(model, torch.tensor([1]), settings)
+        with pytest.raises(TypeError, match=refusal):
+            draw(model, make_conditions(model, classes=[1]), settings)
+    assert generate(model, torch.tensor([1]), None).shape[0] == 1

@@ -18,7 +18,7 @@ from vqar.parallel import Parallel
 from vqar.sampling.compiled import bucket_for
 from vqar.sampling.conditions import Conditions
 from vqar.sampling.generate import check_cfg_interval, check_smooth, generate, image_noise
-from vqar.sampling.settings import SamplingSettings
+from vqar.sampling.settings import SamplingSettings, settings_or_default
 from vqar.sampling.speculative import DecodeStats, window_of
 from vqar.utils.device import autocast
 
@@ -80,13 +80,10 @@ def draw(
     """The images of `conditions`, in batches of `batch_size`. Image i draws from the stream (seeds[i], index[i]),
     by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ...
     `compile` runs compiled decode steps, on batches padded to `batch_buckets(batch_size)` (the same images)."""
-    settings = settings or SamplingSettings()
     if not isinstance(conditions, Conditions):  # a list of class ids, say: an AttributeError deep in the loop else
         raise TypeError(f"conditions must be Conditions (from make_conditions(model, classes=..., prompts=...)), got "
                         f"{type(conditions).__name__}")  # fmt: skip
-    if not isinstance(settings, SamplingSettings):
-        raise TypeError(f"settings must be SamplingSettings (SamplingSettings(**options)), got "
-                        f"{type(settings).__name__}")  # fmt: skip
+    settings = settings_or_default(settings)
     tokenizer = check_drawable(model, settings, tokenizer)
     if isinstance(batch_size, np.integer):
         batch_size = int(batch_size)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from vqar.ar import ARModel
 from vqar.sampling.compiled import decode_steps
 from vqar.sampling.filters import filter_logits, guide, sample_logits
-from vqar.sampling.settings import DepthSettings, SamplingSettings, image_stream
+from vqar.sampling.settings import DepthSettings, SamplingSettings, image_stream, settings_or_default
 from vqar.sampling.speculative import (
     DecodeStats,
     numbers_per_image,
@@ -56,7 +56,7 @@ class Plan:
 
 def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: int | None, noise) -> Plan:
     """The start of a generation (see `generate` for the arguments); ValueError naming what does not fit."""
-    settings = settings or SamplingSettings()
+    settings = settings_or_default(settings)
     filters = settings.per_depth(model.depth)
     if settings.speculative:
         window_of(model, settings)  # raises for a model that does not decode position by position

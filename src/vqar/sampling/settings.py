@@ -141,6 +141,17 @@ class SamplingSettings:
                 self.speculative_window, self.speculative_drafts, self.speculative_max_iterations)  # fmt: skip
 
 
+def settings_or_default(settings: SamplingSettings | None) -> SamplingSettings:
+    """`settings`, or the default settings for None; TypeError for anything else. A dict of options would fail as an
+    AttributeError deep in sampling, and an empty one (falsy) would be replaced by the defaults without a word."""
+    if settings is None:
+        return SamplingSettings()
+    if not isinstance(settings, SamplingSettings):
+        raise TypeError(f"settings must be SamplingSettings (SamplingSettings(**options)), got "
+                        f"{type(settings).__name__}")  # fmt: skip
+    return settings
+
+
 def image_stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
     """The random stream of image `index` of a run with `seed` (see the module docstring); `salt` > 0 gives further
     streams of the same image that are independent of the first (Gumbel noise, speculative drafts)."""
