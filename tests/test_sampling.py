@@ -541,3 +541,15 @@ def test_generate_refuses_settings_given_as_a_dict():
         with pytest.raises(TypeError, match=refusal):
             draw(model, make_conditions(model, classes=[1]), settings)
     assert generate(model, torch.tensor([1]), None).shape[0] == 1
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_rq])
+def test_a_teacher_forced_pass_refuses_a_condition_per_row_that_does_not_fit_the_codes(make):
+    """`model(codes, cond)` with one class id for two code grids was torch's "Sizes of tensors must match except
+    in dimension 1" from inside the model."""
+    model = make()
+    codes = torch.randint(0, model.codebook_size, (2, *model.code_shape))
+    for cond in (torch.tensor([3]), torch.tensor([3, 1, 2])):
+        with pytest.raises(ValueError, match=rf"cond holds {len(cond)} class ids for 2 code grids"):
+            model(codes, cond)
+    assert model(codes, torch.tensor([3, 1])).logits.shape[:2] == (2, model.code_shape[0])

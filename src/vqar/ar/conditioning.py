@@ -31,7 +31,8 @@ class ClassEmbedding(nn.Module):
 
     def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
         """Validated class ids (B,) for `cond`. cond=None means no condition: the start row of an unconditional
-        model, or the null class of a conditional one trained with class dropout (`batch_size` rows)."""
+        model, or the null class of a conditional one trained with class dropout (`batch_size` rows). With both,
+        `cond` must hold `batch_size` rows (one per code grid of a forward pass)."""
         device = self.embedding_table.weight.device
         if not self.conditional:
             if cond is not None:
@@ -51,7 +52,7 @@ class ClassEmbedding(nn.Module):
             raise ValueError(
                 f"class ids must lie in [0, {self.num_classes}), got values in [{int(cond.min())}, {int(cond.max())}]"
             )
-        return cond.long().to(device)
+        return _one_per_row(cond, batch_size, "class ids").long().to(device)
 
     def null_ids(self, batch_size: int) -> torch.Tensor:
         """The null class (B,); ValueError when the model has none (see the module docstring)."""
@@ -87,7 +88,8 @@ class TextEmbedding(nn.Module):
         self.embedding_table = nn.Embedding(vocab_size, dim)
 
     def ids(self, cond: torch.Tensor | None, batch_size: int | None = None) -> torch.Tensor:
-        """Validated text token ids (B, length); None means the null caption (`batch_size` rows)."""
+        """Validated text token ids (B, length); None means the null caption (`batch_size` rows). With both, `cond`
+        must hold `batch_size` rows."""
         if cond is None:
             if not self.has_null or batch_size is None:
                 raise ValueError(f"this model is text-conditioned; pass token ids of shape (B, {self.length}) as cond")
@@ -98,7 +100,7 @@ class TextEmbedding(nn.Module):
             raise ValueError(f"text ids must have shape (B, {self.length}), got {tuple(cond.shape)}")
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.vocab_size):
             raise ValueError(f"text token ids must lie in [0, {self.vocab_size})")
-        return cond.long().to(self.embedding_table.weight.device)
+        return _one_per_row(cond, batch_size, "captions").long().to(self.embedding_table.weight.device)
 
     def null_ids(self, batch_size: int) -> torch.Tensor:
         if not self.has_null:
@@ -109,6 +111,15 @@ class TextEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, length, dim)."""
         return self.embedding_table(ids)
+
+
+def _one_per_row(cond: torch.Tensor, batch_size: int | None, what: str) -> torch.Tensor:
+    """`cond`, or a ValueError when it does not hold one row per code grid of the batch: the condition prefix and
+    the codes would otherwise meet as torch's "Sizes of tensors must match" deep in the model."""
+    if batch_size is not None and len(cond) != batch_size:
+        raise ValueError(f"cond holds {len(cond)} {what} for {batch_size} code grids: give one condition per row of "
+                         "codes")  # fmt: skip
+    return cond
 
 
 def condition_embedding(cfg, dim: int) -> ClassEmbedding | TextEmbedding:

@@ -61,7 +61,7 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     if settings.speculative:
         window_of(model, settings)  # raises for a model that does not decode position by position
     check_cfg_interval(model, settings)
-    ids = model.cond_embedding.ids(cond, batch_size)
+    ids = model.cond_embedding.ids(cond, batch_size if cond is None else None)  # a batch_size beside cond: below
     n = len(ids)
     if cond is not None and batch_size is not None and batch_size != n:  # one of them is not what the caller meant
         raise ValueError(f"batch_size={batch_size} disagrees with cond, which holds {n} conditions: leave batch_size "
