@@ -216,6 +216,17 @@ def test_convert_channels_modes():
     assert dark.mode.startswith("I;16") and np.asarray(vd.convert_channels(dark, 1)).tolist() == [[0, 1]]
 
 
+
+def test_a_float_image_in_0_1_is_read_as_such_not_as_black():
+    """A float ("F") TIFF of pixels in [0, 1] was read as 8-bit values, 0 and 1 of 255: a black picture, trained
+    on or reconstructed without a word. Float images above 1 keep the 8-bit (or 16-bit) reading."""
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F" and np.asarray(vd.convert_channels(unit, 1)).tolist() == [[0, 128, 255]]
+    assert np.asarray(vd.convert_channels(unit, 3))[0, 2].tolist() == [255, 255, 255]
+    eight_bit = Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32))
+    assert np.asarray(vd.convert_channels(eight_bit, 1)).tolist() == [[0, 100, 255]]
+
+
 def test_fit_image_keeps_the_center():
     wide = np.zeros((20, 60, 3), np.uint8)
     wide[:, :, 0] = 255

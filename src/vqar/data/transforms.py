@@ -102,10 +102,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
     Pillow's own convert("L") clips such images at 255, which turns a 16-bit photograph almost entirely
     white. "I;16*" is 16-bit by definition; for "I" and "F" the true bit depth is unknown, so values above 255
-    are taken as 16-bit data and anything within 0..255 as already 8-bit.
+    are taken as 16-bit data and anything within 0..255 as already 8-bit, except a float ("F") image whose values
+    all lie in [0, 1]: that is the float convention (as for float arrays, `to_uint8_nhwc`), and read as 8-bit
+    it would be black (0 and 1 out of 255).
     """
     values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or values.max(initial=0.0) > 255:
+    if image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+        values = values * 255.0
+    elif image.mode.startswith("I;16") or values.max(initial=0.0) > 255:
         values = values / 257.0
     return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
 
