@@ -485,6 +485,19 @@ def test_make_conditions_takes_numpy_and_torch_class_ids_and_refuses_one_id_or_a
         make_conditions(tiny_gpt(num_classes=0), classes=np.array([1]))
 
 
+def test_a_class_id_given_as_a_string_is_named_as_one():
+    """`classes=["3"]` (ids read from a text file or a form) was refused as "unknown class id 3: this model has
+    classes 0..4", which names 3 as unknown though it is one of them."""
+    from vqar.sampling import make_conditions
+
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"unknown class id '3', 'cat': this model has classes 0..4 \(class ids are "
+                                         r"integers; the model holds no class names\)$"):
+        make_conditions(model, classes=["3", "cat"])
+    with pytest.raises(ValueError, match=r"unknown class id 7: this model has classes 0..4$"):
+        make_conditions(model, classes=[7])
+
+
 def test_numpy_numbers_are_taken_as_the_numbers_they_hold():
     """`SamplingSettings(top_k=np.int64(5))` was refused as "top_k must be an integer >= 1, got np.int64(5)", and so
     were NumPy seeds, top_p, cfg_scale, per-depth arrays and `draw(batch_size=np.int64(4))`."""

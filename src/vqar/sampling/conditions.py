@@ -60,7 +60,10 @@ def make_conditions(
         raise ValueError(f"this model is class-conditional: give a class id in 0..{last} (or several)")
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= last]
     if bad:
-        raise ValueError(f"unknown class id {', '.join(map(str, bad))}: this model has classes 0..{last}")
+        # repr: the string "3" printed as 3 would read as a valid id refused
+        named = any(isinstance(c, str) for c in bad)
+        hint = " (class ids are integers; the model holds no class names)" if named else ""
+        raise ValueError(f"unknown class id {', '.join(map(repr, bad))}: this model has classes 0..{last}{hint}")
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n_per_condition)
     return Conditions(labels.clone(), labels)
 
