@@ -241,3 +241,19 @@ def test_linear_probe_skips_unreadable_images_of_a_folder(tmp_path, capsys, capl
     err = capsys.readouterr().err
     assert err.startswith(f"vqar: error: no readable image in {tmp_path / 'data'}: none of the 41 files tried could "
                           "be read (first: ") and err.count("\n") == 1, err  # fmt: skip
+
+
+def test_unlabelled_data_is_refused_naming_every_labelled_source_the_probe_reads(tmp_path, capsys):
+    """The refusal listed only class sub-folders and mnist, although a .npz with labels and tar shards with cls
+    members are probed too."""
+    _save_tiny_gpt(tmp_path / "gpt")
+    np.savez(tmp_path / "unlabelled.npz", images=_labelled_by_brightness([0] * 40))
+    (tmp_path / "flat").mkdir()
+    for i, image in enumerate(_labelled_by_brightness([0] * 40)):
+        Image.fromarray(image).save(tmp_path / "flat" / f"{i}.png")
+    for data in (tmp_path / "unlabelled.npz", tmp_path / "flat"):
+        assert main(["eval", "linear-probe", str(data), "--model", str(tmp_path / "gpt"), "--layer", "0"]) == 2
+        assert capsys.readouterr().err == (
+            "vqar: error: linear probing needs labelled data; give 'mnist', a folder with one sub-folder per class, "
+            "a .npz with labels (labels, y or arr_1) or tar shards with cls members\n"
+        )

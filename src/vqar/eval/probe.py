@@ -25,6 +25,11 @@ from vqar.data import BadSample, DataConfig, ShardDataset, check_readable, colla
 
 log = logging.getLogger(__name__)
 
+# Every labelled source `open_dataset` reads (`load_array_file` takes the labels of an .npz from these keys); an
+# error that listed fewer sent users with labelled .npz files or tar shards to convert them for nothing.
+LABELLED_SOURCES = ("give 'mnist', a folder with one sub-folder per class, a .npz with labels (labels, y or arr_1) "
+                    "or tar shards with cls members")
+
 
 @torch.no_grad()
 def block_features(model: ARModel, codes: torch.Tensor, layer: int) -> torch.Tensor:
@@ -113,7 +118,7 @@ def check_enough_images(train, test, val_fraction: float) -> None:
 def check_enough_labels(train_y: np.ndarray, test_y: np.ndarray, val_fraction: float) -> None:
     """`check_enough_images` on the splits' labels."""
     if (train_y < 0).any() or (test_y < 0).any():
-        raise ValueError("linear probing needs labelled data (class sub-folders, or mnist)")
+        raise ValueError(f"linear probing needs labelled data; {LABELLED_SOURCES}")
     labels = np.concatenate([train_y, test_y])
     # the classes present, not the dataset's label range: labels {3, 7} are 2 classes, not 8
     classes = len(np.unique(labels))
