@@ -150,13 +150,21 @@ def test_unknown_release_is_a_one_line_error(capsys):
         ("releases:\n  foo: 3\n", "releases: must be a list, got a mapping"),
         ("releases:\n  - 3\n", "each entry of releases: must be a mapping (name:, files:, ...), got a number"),
         ("references: [a]\n", "references: must be a mapping, got a list"),
+        # these were "'utf-8' codec can't decode byte 0x80 in position 0", naming neither the file nor what it should
+        # have been, and a YAML syntax error of four lines
+        (bytes(range(128, 256)), "is not a release table: it is not UTF-8 text (a binary file?); give a YAML or JSON "
+                                 "file with releases: (a list) and references:"),
+        (b"PK\x03\x04\x00\xff\xfe", "is not a release table: it is not UTF-8 text"),  # a zip archive, an .npz
+        (b"releases: [1,\n", "is not a release table: YAML (or JSON) cannot read it (expected the node content, but "
+                             "found '<stream end>' at line 2, column 1)"),
+        (b"a\x00b: 1\n", "is not a release table: YAML (or JSON) cannot read it (special characters are not allowed)"),
     ],
 )
 @pytest.mark.parametrize("how", ["option", "environment"])
 def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, capsys, monkeypatch, text, message,
                                                                   how):  # fmt: skip
     notes = tmp_path / "notes.txt"
-    notes.write_text(text)
+    notes.write_bytes(text if isinstance(text, bytes) else text.encode())
     given = ["--releases", str(notes)] if how == "option" else []
     if how == "environment":
         monkeypatch.setenv("VQAR_RELEASES", str(notes))

@@ -182,8 +182,14 @@ def _release(raw, table: Path) -> Release:
 def _read(path: Path) -> tuple[dict[str, Release], dict[str, RemoteFile]]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise ValueError(f"cannot read the release table {path}: {err}") from None
+    except UnicodeDecodeError:  # else the codec's words, which name neither the file nor what it should be
+        raise ValueError(f"{path} is not a release table: it is not UTF-8 text (a binary file?); give a YAML or "
+                         "JSON file with releases: (a list) and references:") from None  # fmt: skip
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not a release table: YAML (or JSON) cannot read it "
+                         f"({_yaml_problem(err)})") from None  # fmt: skip
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a release table: expected a mapping with releases: (a list) and "
                          f"references:, got {_kind(raw)}")  # fmt: skip
@@ -196,6 +202,13 @@ def _read(path: Path) -> tuple[dict[str, Release], dict[str, RemoteFile]]:
             raise ValueError(f"{path}: release {release.name} is listed twice")
         releases[release.name] = release
     return releases, references
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint on one line: its own message spans several, with a caret under the spot."""
+    problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def _section(raw: dict, key: str, kind: type, where) -> dict | list:
