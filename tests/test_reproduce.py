@@ -181,6 +181,9 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         (["--cfg", "0.5"], "cfg_scale must be a finite number >= 1"),
         (["--prompts", "{prompts}"], "--prompts is for text-to-image releases; the conditions var-d16's protocol"),
         (["--out", "{file}"], "is a file; give a folder"),
+        # were "[Errno 20] Not a directory: '{file}/var-d16'" from the download
+        (["--cache", "{file}"], "--cache {file} is a file; give a folder for the downloads and reference features"),
+        (["--cache", "{file}/releases"], "--cache {file}/releases cannot be made: {file} is a file; give a folder"),
         (["--inception", "{missing}"], "--inception {missing} is not a file"),  # was found after the sampling
         (["--reference", "{missing}"], "no reference batch at {missing}"),  # were found after the download
         (["--reference", "{file}"], "{file} is not a readable .npz reference batch"),

@@ -254,7 +254,13 @@ def check_options(release: Release, options: Options) -> None:
     """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
     (--top-p 5, --cfg 0.5) or missing (a setting no source states), --prompts for a release that does not draw
     prompts, an --out that is a file, an --inception file that does not exist, a --reference that is no reference
-    batch."""
+    batch, a --cache that is a file or lies under one."""
+    if options.cache is not None:  # else "[Errno 20] Not a directory" from the first download into it
+        cache = Path(options.cache)
+        in_the_way = next((path for path in (cache, *cache.parents) if path.exists() and not path.is_dir()), None)
+        if in_the_way is not None:
+            where = "is a file" if in_the_way == cache else f"cannot be made: {in_the_way} is a file"
+            raise ValueError(f"--cache {cache} {where}; give a folder for the downloads and reference features")
     given = {key: value for key, value in options.overrides.items() if value is not None}
     SamplingSettings(**given, seed=options.seed).validate()
     check_stated(release, options)  # a setting that must be given (llamagen-b-256's --cfg), before the download
