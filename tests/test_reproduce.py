@@ -184,6 +184,11 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         # were "[Errno 20] Not a directory: '{file}/var-d16'" from the download
         (["--cache", "{file}"], "--cache {file} is a file; give a folder for the downloads and reference features"),
         (["--cache", "{file}/releases"], "--cache {file}/releases cannot be made: {file} is a file; give a folder"),
+        # were taken, and refused by the model only once downloaded and loaded
+        (["--top-k", "5,6"], "--top-k takes one value for var-d16, whose var model draws one code per position (values "
+                             "per depth are for RQ-Transformer releases), got 5,6"),
+        (["--top-p", "0.9,none"], "--top-p takes one value for var-d16"),
+        (["--temperature", "1,1,1,1"], "--temperature takes one value for var-d16"),
         (["--inception", "{missing}"], "--inception {missing} is not a file"),  # was found after the sampling
         (["--reference", "{missing}"], "no reference batch at {missing}"),  # were found after the download
         (["--reference", "{file}"], "{file} is not a readable .npz reference batch"),

@@ -29,6 +29,8 @@ from vqar.utils.io import atomic_path, sha256_file
 
 # The sampling settings of a protocol, each taken from the release table or the command line.
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth")
+# The release families whose models draw several codes per position (RQ's depth) and so take a value per depth.
+PER_DEPTH_FAMILIES = ("rq",)
 
 
 @dataclass
@@ -254,7 +256,7 @@ def check_options(release: Release, options: Options) -> None:
     """ValueError for what the command line got wrong that needs no download to see: sampling values out of range
     (--top-p 5, --cfg 0.5) or missing (a setting no source states), --prompts for a release that does not draw
     prompts, an --out that is a file, an --inception file that does not exist, a --reference that is no reference
-    batch, a --cache that is a file or lies under one."""
+    batch, a --cache that is a file or lies under one, a value per depth for a model of depth 1."""
     if options.cache is not None:  # else "[Errno 20] Not a directory" from the first download into it
         cache = Path(options.cache)
         in_the_way = next((path for path in (cache, *cache.parents) if path.exists() and not path.is_dir()), None)
@@ -262,6 +264,7 @@ def check_options(release: Release, options: Options) -> None:
             where = "is a file" if in_the_way == cache else f"cannot be made: {in_the_way} is a file"
             raise ValueError(f"--cache {cache} {where}; give a folder for the downloads and reference features")
     given = {key: value for key, value in options.overrides.items() if value is not None}
+    _check_one_value_each(release, given)
     SamplingSettings(**given, seed=options.seed).validate()
     check_stated(release, options)  # a setting that must be given (llamagen-b-256's --cfg), before the download
     conditions = release.setting("conditions")
@@ -276,6 +279,19 @@ def check_options(release: Release, options: Options) -> None:
                                 "network to evaluate with, or leave it out for the default")  # fmt: skip
     if options.reference is not None:  # its headers, not the release's gigabytes, say whether it is one
         read_reference(options.reference)
+
+
+def _check_one_value_each(release: Release, given: dict) -> None:
+    """ValueError naming the option given a list of values (one per depth) for a release whose model has depth 1: the
+    model would refuse it only once loaded, after the download."""
+    if release.family in PER_DEPTH_FAMILIES:
+        return
+    for key, value in given.items():
+        if isinstance(value, list):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} takes one value for {release.name}, whose {release.family} model draws one code "
+                             f"per position (values per depth are for RQ-Transformer releases), got "
+                             f"{','.join(map(str, value))}")  # fmt: skip
 
 
 def _sample_count(release: Release, options: Options) -> int:
