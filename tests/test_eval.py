@@ -294,6 +294,37 @@ def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeyp
         assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
 
 
+def _fake_inception_and_samples(root):
+    """A StyleGAN3-style stand-in network (48 features, a classifier head) saved at root, and 30 sample images."""
+    torch.jit.script(_FakeStyleGANInception()).save(str(root / "fake_inception.pt"))
+    np.savez(root / "samples.npz", arr_0=np.random.default_rng(0).integers(0, 256, (30, 20, 20, 1), dtype=np.uint8))
+    return root / "fake_inception.pt", root / "samples.npz"
+
+
+def test_precision_recall_against_statistics_without_features_are_said_not_measured(tmp_path, capsys):
+    """An .npz of mu and sigma alone left precision and recall out of the report without a word."""
+    inception, samples = _fake_inception_and_samples(tmp_path)
+    stats = GaussianStats.of(Inception(inception)(np.load(samples)["arr_0"]))
+    np.savez(tmp_path / "ref.npz", mu=stats.mu, sigma=stats.sigma)
+    args = ["eval", "fid", str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception", str(inception)]
+    why = (f"{tmp_path / 'ref.npz'} holds only mu and sigma; precision/recall need the reference's features or images "
+           "(arr_0), which `vqar eval stats` stores; --no-pr skips them")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    keys = [line.split(":")[0].strip() for line in out.splitlines()]
+    assert "precision" not in keys and keys.count("precision_recall") == 1
+    assert f"precision_recall: not measured ({why})\n" in out
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["not_measured"] == {"precision_recall": why} and "precision" not in result
+    assert main([*args, "--no-pr", "--json"]) == 0
+    assert "not_measured" not in json.loads(capsys.readouterr().out)  # not asked for
+    np.savez(tmp_path / "ref.npz", mu=stats.mu, sigma=stats.sigma, features=np.zeros((30, 48)))
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "not_measured" not in result and "precision" in result and "recall" in result
+
+
 def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pass(tmp_path, monkeypatch, capsys):
     """A reference that named no image set was found out only after the samples' Inception pass (minutes for
     1,000 images on a CPU), and wrong samples only after the network was loaded."""

@@ -282,14 +282,21 @@ def evaluate_sets(
         "inception": str(inception.path),
         "resize": inception.resize,
     }
+    not_measured = {}
     if sets.ref is not None:
         result["reference"] = describe_source(sets.ref)
         result["fid"] = frechet_distance(GaussianStats.of(samples.features), ref_stats)
         if sets.with_pr and ref_features is not None:
             result["precision"], result["recall"] = precision_recall(ref_features, samples.features)
+        elif sets.with_pr:  # asked for (the default) and left out: said, not dropped without a word
+            not_measured["precision_recall"] = (f"{sets.ref} holds only mu and sigma; precision/recall need the "
+                                                "reference's features or images (arr_0), which `vqar eval stats` "
+                                                "stores; --no-pr skips them")  # fmt: skip
     if samples.probabilities is not None:
         result["inception_score"], result["inception_score_std"] = inception_score(samples.probabilities)
     if is_unavailable:  # said, as the ADM evaluator says it, rather than left out without a word
-        result["not_measured"] = {"inception_score": f"{inception.path.name} has no classifier head (pass "
-                                                     "StyleGAN3's with --inception)"}  # fmt: skip
+        not_measured["inception_score"] = (f"{inception.path.name} has no classifier head (pass StyleGAN3's with "
+                                           "--inception)")  # fmt: skip
+    if not_measured:
+        result["not_measured"] = not_measured
     return result
