@@ -111,3 +111,31 @@ def test_rfid_takes_an_opened_image_source_as_it_is(tokenizer_folder, tmp_path):
     np.savez(images, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8))
     result = evaluate_tokenizer(load(tokenizer_folder), open_source(images, 3), None, batch_size=2)
     assert result["images"] == 3 and result["image_size"] == 32
+
+
+def test_a_training_run_given_as_images_is_named_with_what_to_pass_instead(tmp_path, no_inception, capsys):
+    """A training run was evaluated as a folder of images: its samples_grid.png, one picture of many samples, was
+    'holds 1 image', and a run with no picture yet 'contains no image files', as if it were an empty image folder."""
+    from PIL import Image
+
+    fake = tmp_path / "fake.npz"
+    np.savez(fake, arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    ar, tokenizer, stopped = tmp_path / "ar-run", tmp_path / "tok-run", tmp_path / "stopped"
+    for run, config in ((ar, "arch: gpt\n"), (tokenizer, "model:\n  kind: vq\n")):
+        run.mkdir()
+        (run / "run.yaml").write_text(config)
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(run / "samples_grid.png")
+    (stopped / "checkpoints").mkdir(parents=True)
+    sample = "draw samples from {} with `vqar sample --model {} --out SAMPLES` and pass SAMPLES"
+    cases = [
+        (["fid", str(ar), "--ref", str(fake)], ar, "run.yaml", sample.format("its model", ar)),
+        (["fid", str(fake), "--ref", str(ar)], ar, "run.yaml", sample.format("its model", ar)),
+        (["stats", str(stopped), "--out", str(tmp_path / "ref.npz")], stopped, "checkpoints/",
+         sample.format("the model it trains", stopped)),
+        (["rfid", str(tokenizer), "--tokenizer", str(tokenizer)], tokenizer, "run.yaml",
+         f"a tokenizer is evaluated with `vqar eval rfid IMAGES --tokenizer {tokenizer}`"),
+    ]  # fmt: skip
+    for args, run, held, instead in cases:
+        assert main(["eval", *args]) == 2
+        assert capsys.readouterr().err == (f"vqar: error: {run} is a training run (it holds {held}), not a set of "
+                                           f"images: {instead}\n")  # fmt: skip

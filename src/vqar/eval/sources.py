@@ -41,6 +41,7 @@ from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_samples
 from vqar.data.transforms import convert_channels
+from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
 
 log = logging.getLogger("vqar.eval")
 
@@ -415,10 +416,28 @@ def open_source(source: str | Path, max_images: int | None = None) -> ImageSourc
     if path.is_file() and path.suffix == ".npz":
         return NpzSource(path, max_images)
     if path.is_dir():
+        _refuse_training_run(path)
         return FolderSource(path, max_images)
     if is_shard_source(str(source)):
         return ShardSource(str(source), max_images)
     raise FileNotFoundError(f"no image folder, .npz file, sample run or tar shards at {path}")
+
+
+def _refuse_training_run(folder: Path) -> None:
+    """ValueError naming a training run given as an image set, with what to pass instead. Its pictures
+    (samples_grid.png, a grid of many samples) would otherwise be evaluated as one image, or it would be said to
+    hold no image files, as if it were an empty folder of them."""
+    held = [name for name, there in ((RUN_CONFIG, (folder / RUN_CONFIG).is_file()),
+                                     ("checkpoints/", checkpoint_dir(folder).is_dir())) if there]  # fmt: skip
+    if not held:
+        return
+    kind = run_kind(folder)
+    if kind == "tokenizer":
+        instead = f"a tokenizer is evaluated with `vqar eval rfid IMAGES --tokenizer {folder}`"
+    else:
+        what = "its model" if kind == "ar" else "the model it trains"
+        instead = f"draw samples from {what} with `vqar sample --model {folder} --out SAMPLES` and pass SAMPLES"
+    raise ValueError(f"{folder} is a training run (it holds {' and '.join(held)}), not a set of images: {instead}")
 
 
 def load_images(source: str | Path, max_images: int | None = None) -> np.ndarray:
