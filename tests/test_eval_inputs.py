@@ -139,3 +139,22 @@ def test_a_training_run_given_as_images_is_named_with_what_to_pass_instead(tmp_p
         assert main(["eval", *args]) == 2
         assert capsys.readouterr().err == (f"vqar: error: {run} is a training run (it holds {held}), not a set of "
                                            f"images: {instead}\n")  # fmt: skip
+
+
+def test_precision_recall_of_three_images_or_fewer_is_refused_before_the_inception_is_loaded(tmp_path, no_inception,
+                                                                                             capsys):  # fmt: skip
+    """Sets of 3 images or fewer were run through the Inception, then refused by the metric: 'precision/recall with
+    k=3 needs more than 3 samples in each set', naming neither the set nor --no-pr."""
+    from vqar.eval.generation import open_eval_sets
+
+    three, thirty = tmp_path / "three.npz", tmp_path / "thirty.npz"
+    np.savez(three, arr_0=np.zeros((3, 8, 8, 1), dtype=np.uint8))
+    np.savez(thirty, arr_0=np.zeros((30, 8, 8, 1), dtype=np.uint8))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.zeros((3, 4), dtype=np.float32))
+    need = "precision/recall (k=3 nearest neighbours) need more than 3 in each set: pass --no-pr, or more images"
+    cases = [(three, thirty, f"{three} holds 3 images"), (thirty, three, f"{three} holds 3 images"),
+             (thirty, tmp_path / "stats.npz", f"{tmp_path / 'stats.npz'} (its stored features) holds 3 images")]
+    for samples, ref, named in cases:
+        assert main(["eval", "fid", str(samples), "--ref", str(ref)]) == 2
+        assert capsys.readouterr().err == f"vqar: error: {named}; {need}\n"
+        assert open_eval_sets(samples, ref, with_pr=False).ref == ref  # --no-pr: nothing to refuse

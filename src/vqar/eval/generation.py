@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vqar.eval.inception import Inception
-from vqar.eval.metrics import GaussianStats, frechet_distance, inception_score, precision_recall
+from vqar.eval.metrics import PR_NEIGHBOURS, GaussianStats, frechet_distance, inception_score, precision_recall
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import ImageSource, batches, describe_source, open_source
+from vqar.eval.sources import ImageSource, batches, describe_source, npz_array_shape, open_source
 from vqar.parallel import Parallel
 from vqar.utils.io import atomic_write, check_folder_writable
 
@@ -137,6 +137,7 @@ class StoredReference:
     stats: GaussianStats
     features: np.ndarray | None  # the pool features stored with them (vqar's), on rank 0 when asked
     images_only: bool  # the reference images (ADM's arr_0) without stored features: precision/recall runs them
+    feature_count: int | None = None  # rows of the stored features, known on every rank (None: none stored)
 
 
 def read_stored_reference(
@@ -166,7 +167,9 @@ def read_stored_reference(
         # read on rank 0 alone: stored features are as large as the ones computed
         features = data["features"] if need_features and "features" in data and par.is_main else None
         images_only = "features" not in data and "arr_0" in data
-    return StoredReference(GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1), features, images_only)
+        feature_count = npz_array_shape(path, "features")[0] if "features" in data else None
+    stats = GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1)
+    return StoredReference(stats, features, images_only, feature_count)
 
 
 def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -240,7 +243,25 @@ def open_eval_sets(
         raise ValueError(f"{samples.where} holds {len(samples)} images, fewer than the {num_samples} asked for")
     for images in (samples, reference):
         check_enough_images(images)
+    if with_pr and ref is not None:
+        check_enough_for_pr(samples, reference, stored, ref)
     return EvalSets(fake, samples, num_samples, with_pr, ref, stored, reference)
+
+
+def check_enough_for_pr(samples: ImageSource, reference: ImageSource | None, stored: StoredReference | None,
+                        ref: str | Path) -> None:  # fmt: skip
+    """ValueError naming a set too small for the k-NN manifolds of precision/recall, said before the Inception is
+    loaded rather than by the metric after both passes."""
+    counts = [(samples.where, len(samples))]
+    if reference is not None:
+        counts.append((reference.where, len(reference)))
+    elif stored is not None and stored.feature_count is not None:
+        counts.append((f"{ref} (its stored features)", stored.feature_count))
+    for where, count in counts:
+        if count <= PR_NEIGHBOURS:
+            raise ValueError(f"{where} holds {count} image{'s' * (count != 1)}; precision/recall (k={PR_NEIGHBOURS} "
+                             f"nearest neighbours) need more than {PR_NEIGHBOURS} in each set: pass --no-pr, or "
+                             "more images")  # fmt: skip
 
 
 def check_something_to_measure(ref: str | Path | None, with_is: bool, inception: Inception | None = None) -> None:

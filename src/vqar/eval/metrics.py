@@ -90,7 +90,12 @@ def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
     return torch.cat(inside)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds: each set needs more than k samples
+
+
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, chunk: int = 1024
+) -> tuple[float, float]:
     """(precision, recall) of `fake` features against `real` ones with k-NN manifolds."""
     real_t, fake_t = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
     if min(len(real_t), len(fake_t)) <= k:

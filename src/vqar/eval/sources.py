@@ -240,6 +240,12 @@ class NpzSource(ImageSource):
             return np.ascontiguousarray(data["arr_0"][start:stop])
 
 
+def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...]:
+    """The shape of array `key` of an `.npz`, read off its header: the array itself may be gigabytes."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+        return _npy_header(member)[0]
+
+
 def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(stream)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
