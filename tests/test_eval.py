@@ -362,6 +362,23 @@ def test_fid_without_ref_measures_the_inception_score_or_refuses_before_any_ince
     )
 
 
+def test_inception_options_with_no_fid_are_refused_naming_them(tmp_path, monkeypatch, capsys):
+    """`eval rfid --no-fid` took --inception and --resize and ignored them without a word."""
+    import vqar.interop
+
+    inception, samples = _fake_inception_and_samples(tmp_path)
+    monkeypatch.setattr(vqar.interop, "load_pretrained", lambda *a, **k: pytest.fail("the tokenizer was loaded"))
+    for given, named in ((["--inception", str(inception)], "--inception has"), (["--resize", "clean"], "--resize has"),
+                         (["--resize", "tf-bilinear", "--inception", str(inception)], "--inception and --resize have")):
+        assert main(["eval", "rfid", str(samples), "--tokenizer", str(tmp_path / "tok"), "--no-fid", *given]) == 2
+        leave = "them" if " and " in named else "it"
+        assert capsys.readouterr().err == (f"vqar: error: {named} no effect with --no-fid (no Inception runs): leave "
+                                           f"{leave} out, or drop --no-fid\n")  # fmt: skip
+    # without --resize the Inception still resizes as the ADM evaluator does
+    assert main(["eval", "fid", str(samples), "--ref", str(samples), "--inception", str(inception), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resize"] == "tf-bilinear"
+
+
 def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pass(tmp_path, monkeypatch, capsys):
     """A reference that named no image set was found out only after the samples' Inception pass (minutes for
     1,000 images on a CPU), and wrong samples only after the network was loaded."""

