@@ -379,6 +379,25 @@ def test_inception_options_with_no_fid_are_refused_naming_them(tmp_path, monkeyp
     assert json.loads(capsys.readouterr().out)["resize"] == "tf-bilinear"
 
 
+def test_reference_statistics_of_another_network_are_refused_before_the_samples_pass(tmp_path, monkeypatch, capsys):
+    """Statistics of 64 features against a network of 48 were 'feature dimensions differ: 48 vs 64 (different
+    networks?)', after the samples' Inception pass."""
+    import vqar.eval.generation as generation
+
+    inception, samples = _fake_inception_and_samples(tmp_path)
+    features = np.random.default_rng(1).normal(size=(30, 64))
+    np.savez(tmp_path / "ref.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    monkeypatch.setattr(generation, "source_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    for options in ([], ["--no-pr"]):
+        args = ["eval", "fid", str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception", str(inception)]
+        assert main([*args, *options]) == 2
+        assert capsys.readouterr().err == (
+            f"vqar: error: {tmp_path / 'ref.npz'}: its statistics are of 64 features, but fake_inception.pt gives 48: "
+            "they were made with another network; pass the --inception they were made with, or make them again with "
+            "`vqar eval stats`\n"
+        )
+
+
 def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pass(tmp_path, monkeypatch, capsys):
     """A reference that named no image set was found out only after the samples' Inception pass (minutes for
     1,000 images on a CPU), and wrong samples only after the network was loaded."""

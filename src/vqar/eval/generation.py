@@ -279,6 +279,16 @@ def check_something_to_measure(ref: str | Path | None, with_is: bool, inception:
                          "StyleGAN3's network")  # fmt: skip
 
 
+def check_feature_width(ref: str | Path, stored: StoredReference, inception: Inception) -> None:
+    """ValueError naming reference statistics made with another network (their width is not the Inception's), said
+    before the samples' pass rather than by the Fréchet distance after it."""
+    width = len(stored.stats.mu)
+    if width != inception.feature_width:
+        raise ValueError(f"{ref}: its statistics are of {width} features, but {inception.path.name} gives "
+                         f"{inception.feature_width}: they were made with another network; pass the --inception they "
+                         "were made with, or make them again with `vqar eval stats`")  # fmt: skip
+
+
 def evaluate_samples(
     fake: str | Path,
     ref: str | Path | None,
@@ -303,6 +313,8 @@ def evaluate_sets(
     """`evaluate_samples` on the sets `open_eval_sets` opened."""
     par = par or Parallel()
     check_something_to_measure(sets.ref, with_is, inception)  # before the samples' pass
+    if sets.stored is not None:
+        check_feature_width(sets.ref, sets.stored, inception)
     is_unavailable = with_is and not inception.has_classifier
     with_is = with_is and inception.has_classifier
     # The samples' images are read once for both passes and let go before the reference's images are read.

@@ -16,6 +16,7 @@ channel in float32). The network sees values x / 128 - 1.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import urllib.request
@@ -123,6 +124,12 @@ class Inception:
     @property
     def has_classifier(self) -> bool:
         return self.stylegan
+
+    @functools.cached_property
+    def feature_width(self) -> int:
+        """The length of the network's feature vectors, from one blank image (a moment, against the minutes of a
+        pass over a set): these networks pool over the whole image, so every input gives the same width."""
+        return int(self(np.zeros((1, SIZE, SIZE, 3), dtype=np.uint8)).shape[1])
 
     def _prepare(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) -> float (N, 3, 299, 299) in uint8 range."""
