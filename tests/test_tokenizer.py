@@ -133,3 +133,23 @@ def test_encode_takes_float_images_of_any_precision():
     wide.double()
     assert torch.equal(wide.encode(images), codes)
     assert wide.decode(codes).dtype == torch.float64
+
+
+def test_decode_refuses_a_depth_that_is_no_integer():
+    """`decode(codes, depth=2.5)` was torch's "slice indices must be integers" from inside the quantizer, and
+    `depth=True` decoded the first level without a word."""
+    import numpy as np
+
+    rq = Tokenizer(tiny_config("rq")).eval()
+    codes = rq.encode(torch.zeros(1, 1, 16, 16))
+    for depth in (2.5, 2.0, True, "2", torch.tensor(True), torch.tensor([2])):
+        with pytest.raises(TypeError, match=r"^depth must be an integer in \[1, 3\] \(or None for every level\), got"):
+            rq.decode(codes, depth=depth)
+    with pytest.raises(ValueError, match=r"depth must be in \[1, 3\], got 4"):
+        rq.decode(codes, depth=4)
+    expected = rq.decode(codes, depth=2)
+    for depth in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(rq.decode(codes, depth=depth), expected)
+    vq = Tokenizer(tiny_config("vq")).eval()
+    with pytest.raises(TypeError, match=r"^depth must be an integer in \[1, 1\]"):
+        vq.decode(vq.encode(torch.zeros(1, 1, 16, 16)), depth=True)

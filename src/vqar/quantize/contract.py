@@ -15,6 +15,8 @@ the first k of them, and usage statistics are reported per level. Adding a quant
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -89,12 +91,27 @@ class Quantizer(nn.Module):
         """`depth` (None = all levels) validated against `levels`."""
         if depth is None:
             return self.levels
+        depth = _integer_depth(depth, self.levels)
         if self.levels == 1 and depth != 1:
             raise ValueError(f"depth={depth} only applies to residual (stacked or multi-scale) codes; these have "
                              "one level")  # fmt: skip
         if not 1 <= depth <= self.levels:
             raise ValueError(f"depth must be in [1, {self.levels}], got {depth}")
         return depth
+
+
+def _integer_depth(depth, levels: int) -> int:
+    """`depth` as a Python int; TypeError for anything that is not an integer. A float slices nothing (torch's
+    "slice indices must be integers" from deep in embed) and a bool would be read as depth 0 or 1 without a word."""
+    whole = None
+    boolean = isinstance(depth, bool) or (isinstance(depth, torch.Tensor) and depth.dtype == torch.bool)
+    if not boolean and not (isinstance(depth, torch.Tensor) and depth.dim()):
+        with contextlib.suppress(TypeError):
+            whole = operator.index(depth)  # ints, NumPy integers and 0-d integer tensors
+    if whole is None:
+        raise TypeError(f"depth must be an integer in [1, {levels}] (or None for every level), got {depth!r} "
+                        f"({type(depth).__name__})")  # fmt: skip
+    return whole
 
 
 def refuse_scales(cfg, kind: str) -> None:
