@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -566,3 +567,30 @@ def test_a_teacher_forced_pass_refuses_a_condition_per_row_that_does_not_fit_the
         with pytest.raises(ValueError, match=rf"cond holds {len(cond)} class ids for 2 code grids"):
             model(codes, cond)
     assert model(codes, torch.tensor([3, 1])).logits.shape[:2] == (2, model.code_shape[0])
+
+
+class CodesAsImages:
+    """A stand-in tokenizer for `draw`: the drawn codes as they are."""
+
+    def __init__(self, model):
+        self.codebook_size, self.depth = model.codebook_size, model.depth
+
+    def decode(self, codes, depth=None):
+        return codes.float()
+
+
+def test_draw_refuses_a_shard_that_names_no_shard():
+    """`draw(..., shard=(3, 2))` or a negative index drew nothing without a word, and a count of 0 was a
+    ZeroDivisionError."""
+    import numpy as np
+
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    conditions = make_conditions(model, classes=[1, 2, 3])
+    for shard in ((3, 2), (2, 2), (-1, 2), (0, 0), (0, -1), (0.0, 1), (True, 2), (0,)):
+        with pytest.raises(ValueError, match=rf"^shard={re.escape(repr(shard))} names no shard: give \(index, count\) "
+                                             r"with count >= 1 and index in \[0, count\)$"):  # fmt: skip
+            draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=shard)
+    drawn = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=(np.int64(1), 2))
+    assert drawn.index.tolist() == [1]

@@ -93,7 +93,7 @@ def draw(
     seeds = torch.full((total,), settings.seed, dtype=torch.long) if seeds is None else seeds
     index = torch.arange(total) if index is None else index
     device = next(model.parameters()).device
-    rank, world_size = shard
+    rank, world_size = _check_shard(shard)
     mine = [chunk for i, chunk in enumerate(torch.arange(total).split(batch_size)) if i % world_size == rank]
     images, codes, sample_s, decode_s = [], [], 0.0, 0.0
     stats = DecodeStats()
@@ -193,6 +193,17 @@ def _placeholder_conditions(model: ARModel, size: int, device: torch.device) -> 
     if model.conditioning is Conditioning.CLASS:
         return torch.zeros(size, dtype=torch.long, device=device)
     return None
+
+
+def _check_shard(shard) -> tuple[int, int]:
+    """`shard` as (rank, world_size) ints; ValueError unless 0 <= rank < world_size. A rank past the last shard
+    matches no batch, so it drew nothing without a word, and a count of 0 was a ZeroDivisionError."""
+    parts = [int(v) if isinstance(v, np.integer) else v for v in shard] if isinstance(shard, (tuple, list)) else []
+    whole = len(parts) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in parts)
+    if not whole or not (parts[1] >= 1 and 0 <= parts[0] < parts[1]):
+        raise ValueError(f"shard={shard!r} names no shard: give (index, count) with count >= 1 and index in "
+                         f"[0, count)")  # fmt: skip
+    return parts[0], parts[1]
 
 
 def _pad(rows: torch.Tensor | None, size: int) -> torch.Tensor | None:
