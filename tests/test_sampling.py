@@ -594,3 +594,21 @@ def test_draw_refuses_a_shard_that_names_no_shard():
             draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=shard)
     drawn = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=(np.int64(1), 2))
     assert drawn.index.tolist() == [1]
+
+
+def test_draw_refuses_seeds_or_index_that_are_not_one_per_image():
+    """Too few `seeds` ended in an IndexError in the batch that ran out, extras were ignored without a word, and a
+    list of seeds was an AttributeError ('list' object has no attribute 'tolist')."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    conditions = make_conditions(model, classes=[1, 2, 3])
+    for name in ("seeds", "index"):
+        for values, count in (([4, 5], 2), ([4, 5, 6, 7], 4)):
+            with pytest.raises(ValueError, match=rf"^{name} holds {count} values for 3 images: give one per image$"):
+                draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, **{name: torch.tensor(values)})
+        with pytest.raises(ValueError, match=rf"^{name} must hold one value per image \(3\), got shape \(\)$"):
+            draw(model, conditions, tokenizer=CodesAsImages(model), **{name: torch.tensor(4)})
+    listed = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=2, seeds=[4, 5, 6])
+    assert torch.equal(listed.codes, draw(model, conditions, tokenizer=CodesAsImages(model),
+                                          seeds=torch.tensor([4, 5, 6])).codes)  # fmt: skip

@@ -90,8 +90,9 @@ def draw(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     total = len(conditions)
-    seeds = torch.full((total,), settings.seed, dtype=torch.long) if seeds is None else seeds
-    index = torch.arange(total) if index is None else index
+    default_seeds = torch.full((total,), settings.seed, dtype=torch.long)
+    seeds = default_seeds if seeds is None else _per_image(seeds, "seeds", total)
+    index = torch.arange(total) if index is None else _per_image(index, "index", total)
     device = next(model.parameters()).device
     rank, world_size = _check_shard(shard)
     mine = [chunk for i, chunk in enumerate(torch.arange(total).split(batch_size)) if i % world_size == rank]
@@ -193,6 +194,17 @@ def _placeholder_conditions(model: ARModel, size: int, device: torch.device) -> 
     if model.conditioning is Conditioning.CLASS:
         return torch.zeros(size, dtype=torch.long, device=device)
     return None
+
+
+def _per_image(values, name: str, total: int) -> torch.Tensor:
+    """`values` (a tensor, array or list) as a tensor of one value per image. Too few ended in an IndexError in
+    the batch that ran out, and extras were ignored without a word."""
+    values = torch.as_tensor(values)
+    if values.dim() != 1:
+        raise ValueError(f"{name} must hold one value per image ({total}), got shape {tuple(values.shape)}")
+    if len(values) != total:
+        raise ValueError(f"{name} holds {len(values)} values for {total} images: give one per image")
+    return values
 
 
 def _check_shard(shard) -> tuple[int, int]:
