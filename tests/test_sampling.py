@@ -612,3 +612,16 @@ def test_draw_refuses_seeds_or_index_that_are_not_one_per_image():
     listed = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=2, seeds=[4, 5, 6])
     assert torch.equal(listed.codes, draw(model, conditions, tokenizer=CodesAsImages(model),
                                           seeds=torch.tensor([4, 5, 6])).codes)  # fmt: skip
+
+
+def test_torch_numbers_are_taken_as_the_numbers_they_hold():
+    """`SamplingSettings(top_k=torch.tensor(5))` was refused as "top_k must be an integer >= 1, got tensor(5)", as
+    were torch seeds, top_p, cfg_scale and per-depth tensors; a torch bool is still no top_k."""
+    tensors = SamplingSettings(temperature=torch.tensor([1.0, 0.5, 0.75]), top_k=torch.tensor(5),
+                               top_p=torch.tensor(0.5), cfg_scale=torch.tensor(2.0), seed=torch.tensor(3))  # fmt: skip
+    plain = SamplingSettings(temperature=[1.0, 0.5, 0.75], top_k=5, top_p=0.5, cfg_scale=2.0, seed=3)
+    assert tensors == plain and tensors.batch_key() == plain.batch_key()
+    model, conditions = tiny_rq(), torch.tensor([1, 2])
+    assert torch.equal(generate(model, conditions, tensors), generate(model, conditions, plain))
+    with pytest.raises(ValueError, match=r"^top_k must be an integer >= 1 \(or None for no top-k\), got True$"):
+        SamplingSettings(top_k=torch.tensor(True)).validate()

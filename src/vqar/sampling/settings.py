@@ -76,7 +76,8 @@ class SamplingSettings:
     speculative_max_iterations: int | None = None
 
     def __post_init__(self):
-        # NumPy numbers (a seed drawn with np.random, a top_k read from an array) are the Python numbers they hold
+        # NumPy and torch numbers (a seed drawn with np.random, a top_k read from an array or a tensor) are the
+        # Python numbers they hold
         for field in dataclasses.fields(self):
             setattr(self, field.name, _python_numbers(getattr(self, field.name)))
 
@@ -161,8 +162,8 @@ def image_stream(seed: int, index: int, salt: int = 0) -> torch.Generator:
 
 
 def _python_numbers(value):
-    """`value` with NumPy scalars and 1-D arrays (of per-depth values) as Python numbers and lists."""
-    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim <= 1):
+    """`value` with NumPy and torch scalars and 1-D arrays (of per-depth values) as Python numbers and lists."""
+    if isinstance(value, np.generic) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim <= 1):
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return type(value)(_python_numbers(v) for v in value)
