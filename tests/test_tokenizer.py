@@ -153,3 +153,36 @@ def test_decode_refuses_a_depth_that_is_no_integer():
     vq = Tokenizer(tiny_config("vq")).eval()
     with pytest.raises(TypeError, match=r"^depth must be an integer in \[1, 1\]"):
         vq.decode(vq.encode(torch.zeros(1, 1, 16, 16)), depth=True)
+
+
+def test_save_pretrained_refuses_a_folder_that_holds_more_than_a_model(tmp_path):
+    """Saving into a code store or a folder of the user's own files wrote the model among them without a word."""
+    from vqar.ar import GPT, GPTConfig
+
+    model = Tokenizer(tiny_config("vq")).eval()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    (store / "codes.npy").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=rf"^{store} holds files that are no part of a model \(codes.npy, "
+                                              r"manifest.json\): save into a new or empty folder, or pass "
+                                              r"overwrite=True to write the model among them$"):  # fmt: skip
+        vqar.save_pretrained(model, store)
+    assert sorted(p.name for p in store.iterdir()) == ["codes.npy", "manifest.json"]
+    vqar.save_pretrained(model, store, overwrite=True)
+    assert sorted(p.name for p in store.iterdir()) == ["codes.npy", "config.json", "manifest.json", "model.safetensors"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"cannot save a model into .*notes.txt: it is a file, not a folder$"):
+        vqar.save_pretrained(model, tmp_path / "notes.txt")
+    # A model folder, re-saved in place, an empty folder and a new one are written without overwrite.
+    gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3)).attach(model)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "gpt", tmp_path / "gpt", tmp_path / "empty"):
+        vqar.save_pretrained(gpt, folder)
+    vqar.save_pretrained(vqar.load_pretrained(tmp_path / "gpt"), tmp_path / "gpt")
+    # A tokenizer/ holding other files is refused before the AR model itself is written.
+    (tmp_path / "mixed" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "mixed" / "tokenizer" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"tokenizer holds files that are no part of a model \(notes.txt\)"):
+        vqar.save_pretrained(gpt, tmp_path / "mixed")
+    assert [p.name for p in (tmp_path / "mixed").iterdir()] == ["tokenizer"]

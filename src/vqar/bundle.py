@@ -26,7 +26,7 @@ from vqar.ar import ARCHITECTURES, ARModel
 from vqar.configs import ConfigError, from_dict, to_dict
 from vqar.text import TextTokenizer
 from vqar.tokenizers import Tokenizer, TokenizerConfig
-from vqar.utils.io import atomic_path, folder_entries
+from vqar.utils.io import atomic_path, describe_entries, folder_entries
 from vqar.utils.meta import ModelTooLarge, bounded_meta_build
 
 FORMAT_VERSION = 2  # 2: the one vocabulary of module and config names across the AR models
@@ -69,16 +69,27 @@ def save_pretrained(
     text_tokenizer: TextTokenizer | None = None,
     keep_companions: bool = False,
     trained_steps: int | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Writes `model` (a vqar tokenizer or AR model) as a bundle, each file atomically. `state_dict` replaces the
     model's own weights (e.g. the full weights gathered from FSDP shards). An AR model's companions are
     `tokenizer` and `text_tokenizer`, by default the ones attached to it; `keep_companions` leaves companion
     folders that already exist as they are (a training run exports the same tokenizer at every checkpoint);
-    `trained_steps` records how far the model was trained."""
+    `trained_steps` records how far the model was trained. The folder must be new, empty or a model folder (which
+    is written over); `overwrite` writes the model among other files too (a training run exports into its run
+    folder, beside its checkpoints), leaving them as they are."""
     folder = Path(folder)
     kind = TOKENIZER_KIND if isinstance(model, Tokenizer) else model.arch if isinstance(model, ARModel) else None
     if kind is None:
         raise TypeError(f"save_pretrained needs a vqar tokenizer or AR model, got {type(model).__name__}")
+    if isinstance(model, ARModel):
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        text_tokenizer = text_tokenizer if text_tokenizer is not None else model.text_tokenizer
+    kept = keep_companions and (folder / TOKENIZER_DIR / CONFIG_FILE).is_file()
+    writes_tokenizer = isinstance(model, ARModel) and tokenizer is not None and not kept
+    # Both checked before anything is written, so a refused tokenizer/ leaves no half-written model.
+    for target in [folder, folder / TOKENIZER_DIR] if writes_tokenizer else [folder]:
+        _check_destination(target, overwrite)
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = {"vqar_format": FORMAT_VERSION, "vqar_version": vqar_version(), "kind": kind, "config": to_dict(model.cfg)}
@@ -91,12 +102,23 @@ def save_pretrained(
         config_tmp.write_text(json.dumps(config, indent=2))
     if not isinstance(model, ARModel):
         return
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    text_tokenizer = text_tokenizer if text_tokenizer is not None else model.text_tokenizer
-    if tokenizer is not None and not (keep_companions and (folder / TOKENIZER_DIR / CONFIG_FILE).is_file()):
-        save_pretrained(tokenizer, folder / TOKENIZER_DIR)
+    if writes_tokenizer:
+        save_pretrained(tokenizer, folder / TOKENIZER_DIR, overwrite=overwrite)
     if text_tokenizer is not None and not (keep_companions and (folder / TEXT_TOKENIZER_DIR).is_dir()):
         text_tokenizer.save(folder / TEXT_TOKENIZER_DIR)
+
+
+def _check_destination(folder: Path, overwrite: bool) -> None:
+    """Refuses a file, or (without `overwrite`) a folder that holds more than a model: the model's files would
+    otherwise land among a code store's or the user's own, and a folder that was something else would now also
+    look like a model."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"cannot save a model into {folder}: it is a file, not a folder")
+    foreign = [name for name in folder_entries(folder) if name not in MODEL_ENTRIES]
+    if foreign and not overwrite:
+        raise FileExistsError(f"{folder} holds files that are no part of a model ({describe_entries(foreign)}): "
+                              "save into a new or empty folder, or pass overwrite=True to write the model among "
+                              "them")  # fmt: skip
 
 
 def is_model_folder(folder: str | Path) -> bool:

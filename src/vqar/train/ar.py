@@ -407,9 +407,10 @@ class ARTask(TrainTask):
         return [captions[i * len(captions) // rows][0] for i in range(rows)]
 
     def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        # the run folder holds the checkpoints and logs beside the model
         save_pretrained(self.eval_model, out_dir, weights["ema" if self.ema is not None else "model"],
                         tokenizer=self.tokenizer, text_tokenizer=self.text_tokenizer, keep_companions=True,
-                        trained_steps=step)  # fmt: skip
+                        trained_steps=step, overwrite=True)  # fmt: skip
 
 
 def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:

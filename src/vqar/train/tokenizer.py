@@ -205,7 +205,8 @@ class TokenizerTask(TrainTask):
         save_image(make_grid([r.float().cpu() for r in rows]), Path(run_dir) / "recon_grid.png")
 
     def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        save_pretrained(self.model, out_dir, weights["model"], trained_steps=step)
+        # the run folder holds the checkpoints and logs beside the model
+        save_pretrained(self.model, out_dir, weights["model"], trained_steps=step, overwrite=True)
 
 
 class _GridPicker:
