@@ -186,3 +186,18 @@ def test_save_pretrained_refuses_a_folder_that_holds_more_than_a_model(tmp_path)
     with pytest.raises(FileExistsError, match=r"tokenizer holds files that are no part of a model \(notes.txt\)"):
         vqar.save_pretrained(gpt, tmp_path / "mixed")
     assert [p.name for p in (tmp_path / "mixed").iterdir()] == ["tokenizer"]
+
+
+def test_encode_refuses_images_holding_nan_or_inf():
+    """Images holding NaN or inf were given codes without a word (those of a NaN latent's nearest code)."""
+    model = Tokenizer(tiny_config("rq")).eval()
+    images = torch.zeros(2, 1, 16, 16)
+    images[0, 0, 0, 0], images[1, 0, 3, 5], images[1, 0, 7, 7] = float("nan"), float("inf"), -float("inf")
+    refusal = r"^images hold 3 non-finite values \(NaN or inf\) of 512: encode takes finite pixels in \[-1, 1\]$"
+    with pytest.raises(ValueError, match=refusal):
+        model.encode(images)
+    with pytest.raises(ValueError, match=refusal):
+        model.soft_codes(images)
+    with pytest.raises(ValueError, match=r"^images hold 1 non-finite value \(NaN or inf\) of 256"):
+        model.encode(images[:1].double())
+    assert model.encode(images.nan_to_num(0.0, 0.0, 0.0)).shape == (2, 4, 4, 3)

@@ -143,6 +143,7 @@ class Tokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """int64 codes (B, *code_shape), on the tokenizer's device, of float images (B, C, H, W) in [-1, 1] of any
         float dtype, on any device. Does not update the codebook, whatever the module mode."""
+        self._check_finite(images)
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
@@ -156,6 +157,7 @@ class Tokenizer(nn.Module):
         soft_codes = getattr(self.quantizer, "soft_codes", None)
         if soft_codes is None:
             raise ValueError("soft codes are defined for residual (RQ) tokenizers")
+        self._check_finite(images)
         return soft_codes(self.encode_latent(images), temperature)
 
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -169,6 +171,15 @@ class Tokenizer(nn.Module):
         weight = self.post_quant_conv.weight
         latent = self.quantizer.embed(codes.to(weight.device), depth=depth)
         return self.decode_latent(latent.to(weight.dtype))
+
+    def _check_finite(self, images: torch.Tensor) -> None:
+        """NaN or inf pixels (a failed normalisation, a damaged file) would still be given codes, whichever code is
+        nearest to a NaN latent, so they are refused here. Not in `forward`: training would pay a sync per step."""
+        self._check_images(images)
+        bad = int(images.numel() - torch.isfinite(images).sum())
+        if bad:
+            raise ValueError(f"images hold {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                             f"{images.numel()}: encode takes finite pixels in [-1, 1]")  # fmt: skip
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
