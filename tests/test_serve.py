@@ -107,8 +107,10 @@ def test_seeds_give_the_same_images_alone_or_batched(engine):
 @pytest.mark.parametrize(
     ("request_fields", "status", "message"),
     [
-        ({"class_id": 12}, 422, "unknown class id 12"),
-        ({}, 422, "give a class id"),
+        ({"class_id": 12}, 422, r"^class_id must be an integer in 0..9, got 12$"),
+        ({"class_id": -1}, 422, r"^class_id must be an integer in 0..9, got -1$"),
+        ({"class_id": True}, 422, r"^class_id must be an integer in 0..9, got True$"),
+        ({}, 422, r"^class_id is required by this class-conditional model: give one in 0..9$"),
         ({"class_id": 1, "seed": -1}, 422, "seed"),
         ({"class_id": 1, "cfg_scale": 0.5}, 422, "cfg_scale"),
         ({"class_id": 1, "top_p": 2.0}, 422, "top_p"),
@@ -125,6 +127,21 @@ def test_invalid_requests_are_refused_with_the_reason(engine, request_fields, st
     with pytest.raises(RequestError, match=message) as err:
         engine.submit(ask(**request_fields))
     assert err.value.status == status
+
+
+def test_a_class_id_is_refused_by_a_model_without_classes(class_model):
+    """A class_id sent to an unconditional model was "this model is unconditional: sample it without classes",
+    which names neither the field nor the value."""
+    import dataclasses
+
+    uncond = type(class_model)(dataclasses.replace(class_model.cfg, num_classes=0)).attach(class_model.tokenizer)
+    engine = SamplingEngine(uncond, class_model.tokenizer, max_images=2)
+    try:
+        with pytest.raises(RequestError, match=r"^class_id must be left out for an unconditional model, got 3$"):
+            engine.submit(ask(class_id=3, n=1))
+        assert engine.generate(ask(n=1), timeout=120).images.shape == (1, 1, 32, 32)
+    finally:
+        engine.close()
 
 
 def test_a_full_queue_answers_429_and_recovers(class_model):
@@ -170,7 +187,7 @@ def test_api_health_model_and_generate(client):
     ("body", "status", "message"),
     [
         ({"class_id": 1, "top_p": 2}, 422, "top_p"),
-        ({"class_id": 99}, 422, "unknown class id"),
+        ({"class_id": 99}, 422, "class_id must be an integer in 0..9, got 99"),
         ({"class_id": 1, "greedy": "maybe"}, 422, "bool"),
         ({"class_id": 1, "n": True}, 422, "int"),
         ({"class_id": 1, "seed": -1}, 422, "seed"),

@@ -135,6 +135,7 @@ class SamplingEngine:
         if request.coarse_to_fine and self.levels == 1:
             raise RequestError("coarse_to_fine needs a tokenizer that decodes coarse to fine: a residual (RQ) stack "
                                "or VAR's scales")  # fmt: skip
+        self._check_class_id(request.class_id)
         try:
             check_drawable(self.model, request.settings, self.tokenizer)
             classes = None if request.class_id is None else [request.class_id]
@@ -143,6 +144,21 @@ class SamplingEngine:
                                    text_tokenizer=self.text_tokenizer)  # fmt: skip
         except (ValueError, TypeError) as err:
             raise RequestError(str(err)) from None
+
+    def _check_class_id(self, class_id) -> None:
+        """RequestError naming the class_id field, the value sent and what it takes, as the other fields' errors
+        do: make_conditions speaks of `classes`, a list that requests do not have."""
+        model = self.model
+        if model.conditioning is not Conditioning.CLASS:
+            if class_id is not None:
+                kind = "a text-conditioned model (give a prompt)" if self.text else "an unconditional model"
+                raise RequestError(f"class_id must be left out for {kind}, got {class_id!r}")
+            return
+        last = model.num_classes - 1
+        if class_id is None:
+            raise RequestError(f"class_id is required by this class-conditional model: give one in 0..{last}")
+        if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id <= last:
+            raise RequestError(f"class_id must be an integer in 0..{last}, got {class_id!r}")
 
     # ---------------------------------------------------------------- queueing
     def submit(self, request: GenerateRequest) -> Future:
