@@ -332,6 +332,63 @@ def test_api_burst_of_concurrent_requests(client, engine):
     assert answers[5][1].json()["images"] == alone["images"]  # batching did not change what seed 5 draws
 
 
+def _wait_for(condition, what: str, seconds: float = 60) -> None:
+    for _ in range(int(seconds * 20)):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {seconds:.0f} s")
+
+
+def test_a_client_that_hangs_up_stops_its_drawing(engine):
+    """A request whose client hung up was drawn to the end, its images thrown away: the model stayed busy for
+    nobody. Now the handler notices the hang-up, and a round whose requests are all gone stops before its next
+    batch; the server goes on answering."""
+    import json
+
+    import uvicorn
+
+    port = _free_port()
+    running = uvicorn.Server(uvicorn.Config(build_app(engine, ui=False), host="127.0.0.1", port=port,
+                                            log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: running.started, "the server did not start")
+        runs, abandoned = engine.model_runs, engine.abandoned
+        body = json.dumps({"class_id": 1, "n": 4}).encode()
+        head = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        with engine._lock:  # the worker takes the request and waits for the model while the client hangs up
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(f"{head}\r\n\r\n".encode() + body)
+                _wait_until_taken(engine)
+            _wait_for(lambda: engine.abandoned == abandoned + 1, "the hang-up was not noticed")
+        _wait_for(lambda: not engine.sampling.is_set(), "the worker did not finish its round")
+        assert engine.model_runs == runs  # nothing was drawn for the client that left
+        assert engine.generate(ask(class_id=1, n=1), timeout=120).images.shape == (1, 1, 32, 32)
+    finally:
+        running.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_request_that_times_out_leaves_the_server_answering(engine):
+    """A request answered 504 (sampling took longer than the timeout) was drawn on and then ended the worker
+    thread when its answer was set on the given-up future, so that every later request waited forever."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vqar.serve.api import build_router
+
+    app = FastAPI()
+    app.include_router(build_router(engine, timeout=0.5))
+    client = TestClient(app)
+    with engine._lock:
+        answer = client.post("/generate", json={"class_id": 1, "n": 1})
+    assert answer.status_code == 504 and "longer than" in answer.json()["detail"]
+    _wait_for(lambda: not engine.sampling.is_set(), "the worker did not finish its round")
+    assert client.post("/generate", json={"class_id": 1, "n": 1}).status_code == 200
+
+
 def test_serve_binds_to_loopback_unless_told_otherwise():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

@@ -5,7 +5,7 @@ images whichever entry point asks (image j of a run depends on (seed, j) alone; 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,6 +44,10 @@ class SampleResult:
                             self.seconds_sampling, self.seconds_decoding, self.batches, self.decode_stats)  # fmt: skip
 
 
+class DrawStopped(Exception):
+    """`draw` was told to stop (its `stop` returned True) before it drew every batch."""
+
+
 def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
     """Everything that can be checked before any work: the settings, guidance, the tokenizer. Returns the
     tokenizer (by default the model's own)."""
@@ -76,10 +80,12 @@ def draw(
     index: torch.Tensor | None = None,
     compile: bool = False,
     progress: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> SampleResult:
     """The images of `conditions`, in batches of `batch_size`. Image i draws from the stream (seeds[i], index[i]),
     by default (settings.seed, i). `shard=(rank, world_size)` draws only batches rank, rank + world_size, ...
-    `compile` runs compiled decode steps, on batches padded to `batch_buckets(batch_size)` (the same images)."""
+    `compile` runs compiled decode steps, on batches padded to `batch_buckets(batch_size)` (the same images).
+    `stop` is asked before each batch; once it returns True, draw raises `DrawStopped`."""
     if not isinstance(conditions, Conditions):  # a list of class ids, say: an AttributeError deep in the loop else
         raise TypeError(f"conditions must be Conditions (from make_conditions(model, classes=..., prompts=...)), got "
                         f"{type(conditions).__name__}")  # fmt: skip
@@ -100,6 +106,8 @@ def draw(
     stats = DecodeStats()
     bar = tqdm(mine, desc="sampling", disable=not progress)
     for chunk in bar:
+        if stop is not None and stop():
+            raise DrawStopped(f"stopped after {len(images)} of {len(mine)} batches")
         rows = conditions.select(chunk)
         noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk], settings)
         size = bucket_for(len(chunk), batch_size) if compile else len(chunk)

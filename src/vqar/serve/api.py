@@ -19,7 +19,7 @@ import zipfile
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -37,6 +37,8 @@ SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
 # dozen tokens of it), and a body at most MAX_BODY_BYTES (a few hundred bytes are enough; a larger one is a 413
 # before it is read, not held in memory and parsed).
 MAX_PROMPT_CHARS = 2000
+# How often a waiting /generate looks whether its client has hung up (a look costs one non-blocking receive).
+HANG_UP_POLL_SECONDS = 0.2
 MAX_BODY_BYTES = 64 * 1024
 SCHEMA_TYPES = {
     "temperature": StrictFloat | list[StrictFloat],
@@ -126,16 +128,15 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
         return engine.describe()
 
     @router.post("/generate")
-    async def generate(body: GenerateBody):  # type: ignore[valid-type]
+    async def generate(body: GenerateBody, request: Request):  # type: ignore[valid-type]
         fields = body.model_dump(exclude={"format"})
         try:
             future = engine.submit(request_from_body(fields))
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=str(err)) from None
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            raise HTTPException(status_code=504, detail=f"sampling took longer than {timeout:.0f} s") from None
+        result = await _result_while_connected(engine, future, request, timeout)
+        if result is None:  # nobody is left to read an answer
+            return Response(status_code=499)
         pngs = images_as_png(result.images)
         if body.format == "zip":
             buffer = io.BytesIO()
@@ -160,6 +161,25 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
         return answer
 
     return router
+
+
+async def _result_while_connected(engine: SamplingEngine, future, request: Request, timeout: float):
+    """The result of `future`, or None once the client has hung up. The handler is not cancelled when its client
+    goes, so without looking the model would go on drawing images nobody will read; a request given up (a hang-up,
+    the timeout's 504) is abandoned, which stops its drawing."""
+    waiting = asyncio.wrap_future(future)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait({waiting}, timeout=max(0.0, min(HANG_UP_POLL_SECONDS, left)))
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            engine.abandon(future)
+            return None
+        if left <= 0:
+            engine.abandon(future)
+            raise HTTPException(status_code=504, detail=f"sampling took longer than {timeout:.0f} s")
 
 
 def decode_png(text: str) -> np.ndarray:

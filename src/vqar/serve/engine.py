@@ -9,12 +9,13 @@ images whether the request was batched with others or not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from vqar.ar import ARModel, Conditioning
 from vqar.sampling import Conditions, SamplingSettings, draw, make_conditions, warm_up
 from vqar.sampling.compiled import batch_buckets
-from vqar.sampling.draw import check_drawable
+from vqar.sampling.draw import DrawStopped, check_drawable
 
 log = logging.getLogger("vqar.serve")
 
@@ -86,6 +87,7 @@ class SamplingEngine:
         self.device = next(model.parameters()).device
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.model_runs = 0  # how many generate calls served the requests (batching makes it fewer)
+        self.abandoned = 0  # requests given up (their client hung up or stopped waiting) before they were answered
         self._lock = threading.Lock()  # one model run at a time, also for callers outside the worker
         self.sampling = threading.Event()  # set while the worker holds a round of requests (for /health)
         if compile:  # before the first request, so that it is not the one that waits for the compiler
@@ -171,6 +173,12 @@ class SamplingEngine:
                                status=429) from None  # fmt: skip
         return job.future
 
+    def abandon(self, future: Future) -> None:
+        """Gives up the request of `future` (a future from `submit`), whose client is gone: it is not drawn if it
+        is still queued, and a round of requests that are all given up stops drawing before its next batch."""
+        if future.cancel():  # False once answered: there is nothing left to stop
+            self.abandoned += 1
+
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
         return self.submit(request).result(timeout=timeout)
 
@@ -206,8 +214,14 @@ class SamplingEngine:
     def _run_group(self, jobs: list[Job]) -> None:
         """Draws the images of `jobs` (equal settings but for the seed) in batches of at most max_batch images.
         When drawing them together fails, each job is drawn alone, so a failure answers its own request only."""
+        jobs = [job for job in jobs if not job.future.cancelled()]
+        if not jobs:
+            return
         try:
             result, ladder = self._draw(jobs)
+        except DrawStopped:
+            log.info("stopped drawing %d request(s): their clients are gone", len(jobs))
+            return
         except Exception as err:
             if len(jobs) > 1:
                 log.warning("drawing %d requests together failed (%s); drawing each alone", len(jobs), err)
@@ -215,7 +229,7 @@ class SamplingEngine:
                     self._run_group([job])
                 return
             log.exception("sampling failed")
-            jobs[0].future.set_exception(err)  # the caller gets the error instead of waiting forever
+            _settle(jobs[0].future, error=err)  # the caller gets the error instead of waiting forever
             return
         begin = 0
         for job in jobs:
@@ -223,8 +237,8 @@ class SamplingEngine:
             begin = mine.stop
             levels = [level[mine] for level in ladder] if ladder is not None else None
             stats = result.decode_stats
-            job.future.set_result(GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
-                                                 stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
+            _settle(job.future, GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
+                                               stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
 
     @torch.no_grad()
     def _draw(self, jobs: list[Job]):
@@ -234,10 +248,11 @@ class SamplingEngine:
                                 torch.cat([job.conditions.labels for job in jobs]))  # fmt: skip
         seeds = torch.cat([torch.full((job.request.n,), job.request.settings.seed) for job in jobs])
         index = torch.cat([torch.arange(job.request.n) for job in jobs])
+        given_up = lambda: all(job.future.cancelled() for job in jobs)  # noqa: E731
         with self._lock:
             result = draw(self.model, conditions, jobs[0].request.settings, tokenizer=self.tokenizer,
                           batch_size=self.max_batch, seeds=seeds, index=index, compile=self.compile,
-                          precision=self.precision)  # fmt: skip
+                          precision=self.precision, stop=given_up)  # fmt: skip
             self.model_runs += result.batches
             ladder = None
             if any(job.request.coarse_to_fine for job in jobs):
@@ -245,3 +260,13 @@ class SamplingEngine:
                 ladder = [self.tokenizer.decode(codes, depth=d).float().clamp(-1, 1).cpu()
                           for d in range(1, self.levels + 1)]  # fmt: skip
         return result, ladder
+
+
+def _settle(future: Future, result: GenerateResult | None = None, error: BaseException | None = None) -> None:
+    """Answers `future`, unless its request was given up meanwhile: setting a cancelled future raises, and raised
+    in the worker that would end the worker, leaving every later request waiting."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
