@@ -148,6 +148,27 @@ def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, t
     assert run_cli(["train", "ar", "--resume", "steps=4", "--out", str(run)], capsys)[0] == 0  # its own codes
 
 
+def test_a_resume_that_changes_the_model_is_refused_naming_the_setting(tiny_pipeline, tmp_path, capsys):
+    """Another n_head keeps every weight shape: the run used to go on training another network from the
+    checkpoint's weights, and another width failed naming tensors ("was the architecture changed?")."""
+    from conftest import file_contents, run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
+             "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    before = file_contents(run)
+    for setting, trained in [("model.n_head=8", 4), ("size=RQ-S", "RQ-XS"), ("model.class_dropout_prob=0", 0.1)]:
+        code, err = run_cli(["train", "ar", "--resume", setting, "--out", str(run)], capsys)
+        key, given = setting.split("=")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{key}={given}" in err and f"the run's {key}={trained}" in err and f"leave {key} out" in err, err
+        assert file_contents(run) == before
+    # What only shapes training may change: the dropout rates, the length of the run.
+    resumed = ["train", "ar", "--resume", "model.resid_dropout_p=0.2", "model.class_dropout_prob=0.2", "steps=3"]
+    assert run_cli([*resumed, "--out", str(run)], capsys)[0] == 0
+
+
 @pytest.fixture(scope="module")
 def vq_store_4x4(tmp_path_factory):
     """A code store of 20 digits in the 4x4 codes of an untrained VQ tokenizer."""

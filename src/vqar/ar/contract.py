@@ -64,6 +64,11 @@ class ARConfig:
     DATA_FIELDS: ClassVar[tuple[str, ...]] = (
         "vocab_size", "code_shape", "num_classes", "text_length", "text_vocab_size", "text_pad_id",
     )  # fmt: skip
+    # What shapes training but not the weights, so a resumed run may change it (each family has some of these).
+    # Not class_dropout_prob: whether it is 0 decides if the model has a null condition (an embedding row).
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate", "initializer_range",
+    )  # fmt: skip
 
     @property
     def prefix_length(self) -> int:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vqar.ar import ARModel, Conditioning, get_architecture
@@ -417,6 +418,8 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     """Trains an AR model on `cfg.data.codes` into `run_dir` and returns the final validation metrics."""
     if not cfg.data.codes:
         raise ValueError("set data.codes (or codes=...) to a code store made by `vqar extract-codes`")
+    if resume:
+        check_same_model(cfg, Path(run_dir))
     store = CodeDataset(cfg.data.codes)
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "ar") as (par, run_dir):
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -442,6 +445,39 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
         )
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
+
+
+def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
+    """Refuses to resume a run with settings that change the model it trains (`model.n_head=8`, `size=`): its
+    checkpoints hold that model's weights, which then either fail to load, naming tensors, or, where the shapes
+    agree (another head count), load into another network that trains on unsaid. Settings that only shape training
+    (`train.*`, `ARConfig.TRAINING_FIELDS`) may change; the data fields are checked against the store instead."""
+    try:
+        trained = yaml.safe_load((run_dir / "run.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a run that never wrote one has no model to compare with
+        return
+    if not isinstance(trained, dict):
+        return
+    fields = get_architecture(cfg.arch).config
+    given = {"arch": cfg.arch, "size": cfg.size}
+    given.update((f"model.{name}", value) for name, value in asdict(cfg.model).items()
+                 if name not in fields.DATA_FIELDS and name not in fields.TRAINING_FIELDS)  # fmt: skip
+    model = trained.get("model") if isinstance(trained.get("model"), dict) else {}
+    before = {"arch": trained.get("arch"), "size": trained.get("size"), **{f"model.{k}": v for k, v in model.items()}}
+    for key, value in given.items():
+        if key not in before or _model_defining(key, value) == _model_defining(key, before[key]):
+            continue  # a field that an older run.yaml lacks has nothing to compare with
+        raise ValueError(f"resuming {run_dir}: {key}={value} differs from the run's {key}={before[key]}, whose "
+                         f"checkpoints hold that model's weights; leave {key} out, or start a new run in another "
+                         "--out")  # fmt: skip
+
+
+def _model_defining(key: str, value: Any) -> Any:
+    """What of a setting's value decides the model: of the condition dropout rate, whether there is one (a model
+    trained with it has a null condition); the rate itself only shapes training and may change."""
+    if key == "model.class_dropout_prob" and isinstance(value, int | float):
+        return value > 0
+    return value
 
 
 def check_same_tokenizer(run_dir: Path, tokenizer, codes: str) -> None:
