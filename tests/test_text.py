@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -296,6 +297,25 @@ def test_text_rq_trains_with_weighted_text_loss(text_run):
     model = vqar.load_pretrained(root / "ar")
     assert model.conditioning.value == "text" and model.text_tokenizer.length == 8 and model.has_null_condition
     assert (root / "ar" / "samples_grid_prompts.txt").is_file()
+
+
+def test_caption_loss_weights_are_refused_where_no_text_head_uses_them(tmp_path):
+    """A GPT reads its caption but does not predict it, and a class-conditional model has none: the image loss is
+    the whole loss there, and loss.txt_weight / loss.img_weight used to be ignored unsaid."""
+    from conftest import random_tokenizer
+    from vqar.configs import ConfigError
+
+    for quantizer, captions in [("vq", "digits"), ("rq", "digits"), ("rq", "none")]:
+        data = DataConfig(max_images=20, image_size=16, channels=1, captions=captions)
+        extract_codes(random_tokenizer(quantizer=quantizer), data, tmp_path / f"{quantizer}-{captions}")
+    gpt_text, rq_text = ([f"codes={tmp_path / store}", "text.vocab_size=160"] for store in ("vq-digits", "rq-digits"))
+    with pytest.raises(ConfigError, match=re.escape("loss.txt_weight=0.5 (the caption loss of a text head) applies to "
+                                                    "arch=rq, not arch=gpt")):  # fmt: skip
+        load_run_config("gpt-mnist", [*gpt_text, "loss.txt_weight=0.5"])
+    with pytest.raises(ConfigError, match=re.escape("loss.img_weight=0.5 applies to a text-conditioned model")):
+        load_run_config("rq-mnist", [f"codes={tmp_path / 'rq-none'}", "loss.img_weight=0.5"])
+    assert load_run_config("rq-mnist-text", [*rq_text, "loss.txt_weight=0.5"]).loss.txt_weight == 0.5
+    load_run_config("gpt-mnist", gpt_text)  # the defaults, which every run.yaml states, are no choice to refuse
 
 
 def test_caption_dropout_replaces_whole_captions_at_the_configured_rate(text_run):

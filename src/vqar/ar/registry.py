@@ -144,7 +144,8 @@ class Architecture:
     and its tokenizer's config), what a run may ask of it (`options`), its image loss (`loss`, see
     `vqar.ar.losses`) and its FSDP units. Upstream checkpoint names are mapped by the readers of `vqar.interop`.
 
-    `options` names what a run may switch on: "captions" (text-to-image stores), "soft_targets",
+    `options` names what a run may switch on: "captions" (text-to-image stores), "caption_loss" (a text head
+    that predicts the caption, its loss weighted by `loss.txt_weight`), "soft_targets",
     "next_patch" (NPP training), "label_smoothing", and in sampling "speculative" (speculative Jacobi decoding,
     which drafts positions one after another). `bench_quantizer(grid, d)` gives the quantizer config fields of
     a random tokenizer whose codes the family models (`vqar bench sample`), `bench_depth` its d where none is
@@ -191,7 +192,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      options=frozenset({"captions", "next_patch", "label_smoothing", "speculative"})),
         Architecture("rq", RQTransformerConfig, RQTransformer, RQ_SIZES, "RQ-Transformer: D codes per position",
                      store_fields=_rq_store_fields, prepare=_embed_with_codebook,
-                     options=frozenset({"captions", "soft_targets", "label_smoothing", "speculative"}),
+                     options=frozenset({"captions", "caption_loss", "soft_targets", "label_smoothing",
+                                               "speculative"}),
                      loss=losses.soft_target_cross_entropy, bench_quantizer=_code_stack, bench_depth=4),
         Architecture("vim", VIMConfig, VIM, VIM_SIZES, "VIM: a GPT-2 style decoder over ViT-VQGAN codes",
                      store_fields=_grid_store_fields, options=frozenset({"label_smoothing", "speculative"})),

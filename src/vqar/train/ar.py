@@ -80,7 +80,7 @@ class SampleGridConfig(SamplingSettings):
 class LossConfig:
     """The training loss: the RQ-Transformer's soft image targets as its releases set them (their `loss:` section,
     `soft_temperature` 0.5; off by default here), label smoothing (VAR's recipe: 0.1), and, for text-to-image
-    models, `txt_weight * caption CE + img_weight * image CE` (0.1 / 0.9)."""
+    models with a text head (the RQ-Transformer's), `txt_weight * caption CE + img_weight * image CE` (0.1 / 0.9)."""
 
     soft_targets: bool = False
     soft_temperature: float = 0.5
@@ -119,6 +119,17 @@ class ARRunConfig:
             arch.check_option("soft_targets", "loss.soft_targets")
         if self.loss.label_smoothing:
             arch.check_option("label_smoothing", "loss.label_smoothing")
+        # Without a text head the image loss is the whole loss: both weights would go unused. Only values that
+        # differ from the defaults are refused, since every run.yaml states those.
+        weights = [f"loss.{name}={getattr(self.loss, name):g}" for name in ("txt_weight", "img_weight")
+                   if getattr(self.loss, name) != getattr(LossConfig, name)]  # fmt: skip
+        if weights:
+            setting = " and ".join(weights)
+            arch.check_option("caption_loss", f"{setting} (the caption loss of a text head)")
+            if not self.model.text_length:
+                raise ValueError(f"{setting} applies to a text-conditioned model (its caption loss against its "
+                                 "image loss), and this one is conditioned on classes (its store holds no "
+                                 "captions)")  # fmt: skip
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
