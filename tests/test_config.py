@@ -83,6 +83,15 @@ def test_an_ema_codebook_smoothing_that_is_not_positive_is_refused(eps):
     load_run_config("var-mnist", [f"model.quantizer.eps={eps}", "model.quantizer.ema=false"])  # unused there
 
 
+@pytest.mark.parametrize("decay", ["0", "1", "1.5"])
+def test_an_ema_codebook_decay_outside_0_1_is_refused_naming_the_setting(decay):
+    """The codebook's own check said "EMA decay must be in (0, 1)", naming no setting, and only once it was built."""
+    with pytest.raises(ConfigError, match=re.escape(f"model.quantizer.decay (the EMA codebook's decay) must be in (0, "
+                                                    f"1), got {float(decay)}")):  # fmt: skip
+        load_run_config("vq-mnist", [f"model.quantizer.decay={decay}"])
+    load_run_config("vq-mnist", [f"model.quantizer.decay={decay}", "model.quantizer.ema=false"])  # unused there
+
+
 def test_invalid_combinations_are_rejected():
     with pytest.raises(ConfigError, match="kind='rq'"):
         load_run_config("vq-mnist", ["d=4"])

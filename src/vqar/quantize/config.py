@@ -49,6 +49,8 @@ class QuantizerConfig:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if self.ema and not self.eps > 0:  # the EMA update divides by the counts plus eps: 0 or less gives NaN codes
             raise ValueError(f"eps (the EMA codebook's Laplace smoothing) must be positive, got {self.eps}")
+        if self.ema and not 0.0 < self.decay < 1.0:  # else the codebook's own check, which names no setting
+            raise ValueError(f"model.quantizer.decay (the EMA codebook's decay) must be in (0, 1), got {self.decay}")
         cls.check_config(self, latent_side)
 
     def codebook_options(self) -> dict:
