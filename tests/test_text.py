@@ -299,23 +299,44 @@ def test_text_rq_trains_with_weighted_text_loss(text_run):
     assert (root / "ar" / "samples_grid_prompts.txt").is_file()
 
 
-def test_caption_loss_weights_are_refused_where_no_text_head_uses_them(tmp_path):
-    """A GPT reads its caption but does not predict it, and a class-conditional model has none: the image loss is
-    the whole loss there, and loss.txt_weight / loss.img_weight used to be ignored unsaid."""
+@pytest.fixture(scope="module")
+def random_stores(tmp_path_factory):
+    """Code stores of 20 digits from untrained tokenizers, by name: VQ or RQ codes, with captions or classes."""
     from conftest import random_tokenizer
-    from vqar.configs import ConfigError
 
+    root = tmp_path_factory.mktemp("random-stores")
     for quantizer, captions in [("vq", "digits"), ("rq", "digits"), ("rq", "none")]:
         data = DataConfig(max_images=20, image_size=16, channels=1, captions=captions)
-        extract_codes(random_tokenizer(quantizer=quantizer), data, tmp_path / f"{quantizer}-{captions}")
-    gpt_text, rq_text = ([f"codes={tmp_path / store}", "text.vocab_size=160"] for store in ("vq-digits", "rq-digits"))
+        extract_codes(random_tokenizer(quantizer=quantizer), data, root / f"{quantizer}-{captions}")
+    return root
+
+
+def test_caption_loss_weights_are_refused_where_no_text_head_uses_them(random_stores):
+    """A GPT reads its caption but does not predict it, and a class-conditional model has none: the image loss is
+    the whole loss there, and loss.txt_weight / loss.img_weight used to be ignored unsaid."""
+    from vqar.configs import ConfigError
+
+    gpt_text, rq_text = ([f"codes={random_stores / s}", "text.vocab_size=160"] for s in ("vq-digits", "rq-digits"))
     with pytest.raises(ConfigError, match=re.escape("loss.txt_weight=0.5 (the caption loss of a text head) applies to "
                                                     "arch=rq, not arch=gpt")):  # fmt: skip
         load_run_config("gpt-mnist", [*gpt_text, "loss.txt_weight=0.5"])
     with pytest.raises(ConfigError, match=re.escape("loss.img_weight=0.5 applies to a text-conditioned model")):
-        load_run_config("rq-mnist", [f"codes={tmp_path / 'rq-none'}", "loss.img_weight=0.5"])
+        load_run_config("rq-mnist", [f"codes={random_stores / 'rq-none'}", "loss.img_weight=0.5"])
     assert load_run_config("rq-mnist-text", [*rq_text, "loss.txt_weight=0.5"]).loss.txt_weight == 0.5
     load_run_config("gpt-mnist", gpt_text)  # the defaults, which every run.yaml states, are no choice to refuse
+
+
+@pytest.mark.parametrize("dropout", ["-0.1", "0", "1", "1.5"])
+def test_a_bpe_dropout_outside_0_1_is_refused_with_the_config(random_stores, dropout):
+    """It used to pass the config checks and fail once the run folder was made, naming no setting (0 too: the
+    caption tokenizer takes null for no dropout)."""
+    from vqar.configs import ConfigError
+
+    text = [f"codes={random_stores / 'rq-digits'}", "text.vocab_size=160"]
+    with pytest.raises(ConfigError, match=re.escape(f"text.bpe_dropout must be in (0, 1), or null for none, got "
+                                                    f"{float(dropout)}")):  # fmt: skip
+        load_run_config("rq-mnist-text", [*text, f"text.bpe_dropout={dropout}"])
+    load_run_config("rq-mnist-text", [*text, "text.bpe_dropout=null"])
 
 
 def test_caption_dropout_replaces_whole_captions_at_the_configured_rate(text_run):

@@ -36,6 +36,9 @@ class TextConfig:
     def validate(self) -> None:
         if self.length < 2:
             raise ValueError(f"text.length must be >= 2, got {self.length}")
+        # else refused by the caption tokenizer once the run folder is made, naming no setting; it takes no 0 either
+        if self.bpe_dropout is not None and not 0.0 < self.bpe_dropout < 1.0:
+            raise ValueError(f"text.bpe_dropout must be in (0, 1), or null for none, got {self.bpe_dropout}")
         if self.tokenizer is None and self.vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"text.vocab_size must be >= {MIN_VOCAB_SIZE} (every printable character, alone and "
                              f"word-final, and 2 special tokens), got {self.vocab_size}")  # fmt: skip
