@@ -75,6 +75,25 @@ def test_a_scalar_given_to_a_list_field_says_it_takes_a_list():
         load_run_config("var-mnist", ["model.quantizer.patch_nums=4"])
 
 
+def test_a_value_given_to_a_group_of_settings_names_the_group_and_its_keys(tmp_path):
+    """OmegaConf said "Merge error: int is not a subclass of ConvConfig. value: 3", naming no key."""
+    for override, group, value, first in [("model.conv=3", "model.conv", "3", "in_channels"),
+                                          ("model.quantizer=[1,2]", "model.quantizer", "[1, 2]", "kind"),
+                                          ("train=0.5", "train", "0.5", "steps")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(f"{group} is a group of settings, not a value (got {value}): "
+                                                        f"set its keys one by one, e.g. {group}.{first}=...; its "
+                                                        "keys: ")) as err:  # fmt: skip
+            load_run_config("rqvae-mnist", [override])
+        assert str(err.value).count("\n") == 0
+    assert str(err.value).endswith("its keys: steps, lr, betas, weight_decay, warmup_steps, min_lr_ratio, grad_clip, "
+                                   "log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite_steps, seed, "
+                                   "device, precision, ema_decay, logger, wandb_project")  # fmt: skip
+    preset = tmp_path / "run.yaml"
+    preset.write_text("model:\n  conv: 3\n")  # in a YAML file too
+    with pytest.raises(ConfigError, match=re.escape("model.conv is a group of settings, not a value (got 3)")):
+        load_run_config(preset)
+
+
 @pytest.mark.parametrize("eps", ["0", "-1"])
 def test_an_ema_codebook_smoothing_that_is_not_positive_is_refused(eps):
     """With eps <= 0 the EMA update divides by zero or a negative count: the run ends 'done' with NaN metrics."""

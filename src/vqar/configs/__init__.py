@@ -63,7 +63,7 @@ def compose_node(
     try:
         return OmegaConf.merge(base_cfg, *layers)
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe_omegaconf_error(err)) from None
+        raise ConfigError(_describe_omegaconf_error(err, base_cfg, layers)) from None
 
 
 def to_config(node: DictConfig) -> Any:
@@ -206,10 +206,37 @@ def _unknown_key_message(key: str, walked: list[str], node: Any, aliases: Mappin
     return text
 
 
-def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+def _describe_omegaconf_error(err: OmegaConfBaseException, base: DictConfig | None = None,
+                              layers: Sequence[DictConfig] = ()) -> str:  # fmt: skip
+    """A message naming the key of OmegaConf's error; `base` and the `layers` merged onto it find the key of an
+    error that does not name one."""
     key = getattr(err, "full_key", None)
     message = str(err).split("\n")[0]
     if key and "is not a ListConfig" in message:  # OmegaConf's words for a scalar given to a list field
         value = getattr(err, "value", None)
         return f"{key} takes a list, got {value!r}: write the items in brackets, e.g. {key}=[{value}]"
+    if not key and "is not a subclass of" in message and base is not None:  # a value given to a group: no key said
+        for layer in layers:
+            found = _group_given_a_value(base, layer, "")
+            if found is not None:
+                group, value = found
+                keys = [str(k) for k in OmegaConf.select(base, group)]
+                return (f"{group} is a group of settings, not a value (got {value!r}): set its keys one by one, e.g. "
+                        f"{group}.{keys[0]}=...; its keys: {', '.join(keys)}")  # fmt: skip
     return f"invalid value for {key!r}: {message}" if key else message
+
+
+def _group_given_a_value(base: DictConfig, layer: DictConfig, prefix: str) -> tuple[str, Any] | None:
+    """The dotted key and value of the first group of `base` (a section) that `layer` sets to a plain value."""
+    for key in layer:
+        if key not in base.keys() or OmegaConf.is_missing(base, key) or OmegaConf.is_missing(layer, key):  # noqa: SIM118
+            continue
+        section, value = base[key], layer[key]
+        if not isinstance(section, DictConfig):
+            continue
+        if not isinstance(value, DictConfig):
+            return f"{prefix}{key}", OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        found = _group_given_a_value(section, value, f"{prefix}{key}.")
+        if found is not None:
+            return found
+    return None
