@@ -196,6 +196,17 @@ def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4
     assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
 
 
+@pytest.mark.parametrize("setting", ["npp.warmup_steps=10", "npp.decay_ratio=0.5", "npp.end_lr_ratio=0"])
+def test_per_segment_lr_settings_are_refused_with_segment_lr_off(vq_store_4x4, setting):
+    """npp.segment_lr=false trains with the run's own warmup and cosine: these used to be ignored unsaid."""
+    key, value = setting.split("=")
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value} shapes the learning rate of each NPP segment, "
+                                                   "which npp.segment_lr=false turns off")):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false", setting])
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", setting]).npp.segment_lr
+    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false"])  # the defaults
+
+
 @pytest.mark.parametrize("ratio", ["2", "nan"])
 def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
     # above 1 each segment's "decay" would raise the learning rate; nan would make it nan

@@ -135,6 +135,13 @@ class ARRunConfig:
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
                 "use dist.strategy=ddp or train.ema_decay=null"
             )
+        if not self.npp.segment_lr:  # the per-segment schedule's settings go unused; its defaults are every run's
+            for name in ("warmup_steps", "decay_ratio", "end_lr_ratio"):
+                value = getattr(self.npp, name)
+                if value != getattr(NPPConfig, name):
+                    raise ValueError(f"npp.{name}={value:g} shapes the learning rate of each NPP segment, which "
+                                     "npp.segment_lr=false turns off (the run's train.warmup_steps and cosine apply): "
+                                     f"set npp.segment_lr=true, or leave npp.{name} out")  # fmt: skip
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
             check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
