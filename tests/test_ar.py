@@ -196,6 +196,18 @@ def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4
     assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
 
 
+def test_another_arch_on_a_preset_names_the_preset_family_and_the_presets_to_use():
+    """`var-mnist arch=gpt` said "unknown gpt size 'VAR-S'", the preset's size, as if the size were the mistake."""
+    message = ("preset 'var-mnist' is for arch=var (VAR: next-scale prediction over multi-scale codes), not "
+               "arch=gpt: to train arch=gpt, use a preset for it (gpt-imagenet, gpt-mnist), or leave arch= out")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_run_config("var-mnist", ["arch=gpt"])
+    with pytest.raises(ConfigError, match="unknown architecture 'foo'"):
+        compose_run_config("var-mnist", ["arch=foo"])
+    with pytest.raises(ConfigError, match="unknown gpt size 'VAR-S'"):  # the preset's family: the size is wrong
+        compose_run_config("gpt-mnist", ["size=VAR-S"])
+
+
 @pytest.mark.parametrize("setting", ["npp.warmup_steps=10", "npp.decay_ratio=0.5", "npp.end_lr_ratio=0"])
 def test_per_segment_lr_settings_are_refused_with_segment_lr_off(vq_store_4x4, setting):
     """npp.segment_lr=false trains with the run's own warmup and cosine: these used to be ignored unsaid."""

@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from vqar.ar import ARModel, Conditioning, get_architecture
 from vqar.ar.next_patch import next_patch_loss
 from vqar.bundle import load, read_config, save_pretrained
-from vqar.configs import ConfigError, compose_node, preset_fields, to_config, to_yaml
+from vqar.configs import ConfigError, compose_node, preset_fields, preset_names, to_config, to_yaml
 from vqar.data import split_dataset
 from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
 from vqar.data.extraction import tokenizer_fingerprint
@@ -161,7 +161,7 @@ def compose_run_config(preset: str | Path | None, overrides: Iterable[str] = ())
         size = chosen.get("size")
         base = {"model": arch.size_fields(str(size))} if size is not None else None
     except ValueError as err:
-        raise ConfigError(f"{err} (arch=, size=)") from None
+        raise ConfigError(_another_family_preset(preset, chosen) or f"{err} (arch=, size=)") from None
 
     def shape(schema: DictConfig) -> None:
         schema.model = OmegaConf.structured(arch.config)
@@ -171,6 +171,25 @@ def compose_run_config(preset: str | Path | None, overrides: Iterable[str] = ())
     node = compose_node(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base, shape=shape)
     origins = resolve_data_fields(node, arch.config.DATA_FIELDS)
     return node, origins
+
+
+def _another_family_preset(preset: str | Path | None, chosen: dict) -> str | None:
+    """What to say when `arch=` asks for another family than the preset's (`var-mnist arch=gpt`), whose size and
+    model fields are the preset family's: the presets of the asked family. None when the preset is of that family."""
+    if preset is None:
+        return None
+    asked = str(chosen.get("arch", ARRunConfig.arch))
+    own = str(preset_fields("ar", preset, [], ("arch",)).get("arch", ARRunConfig.arch))
+    try:
+        get_architecture(asked)
+    except ValueError:  # an unknown name is said to be one
+        return None
+    if own == asked:
+        return None
+    fitting = [name for name in preset_names("ar") if preset_fields("ar", name, [], ("arch",)).get("arch") == asked]
+    instead = f"use a preset for it ({', '.join(fitting)})" if fitting else "write a preset for it"
+    return (f"preset {str(preset)!r} is for arch={own} ({get_architecture(own).description}), not arch={asked}: "
+            f"to train arch={asked}, {instead}, or leave arch= out")  # fmt: skip
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> ARRunConfig:
