@@ -437,12 +437,13 @@ def _refuse_training_run(folder: Path) -> None:
                                      ("checkpoints/", checkpoint_dir(folder).is_dir())) if there]  # fmt: skip
     if not held:
         return
-    kind = run_kind(folder)
-    if kind == "tokenizer":
-        instead = f"a tokenizer is evaluated with `vqar eval rfid IMAGES --tokenizer {folder}`"
-    else:
-        what = "its model" if kind == "ar" else "the model it trains"
-        instead = f"draw samples from {what} with `vqar sample --model {folder} --out SAMPLES` and pass SAMPLES"
+    def sampled(model: str) -> str:
+        return f"draw samples from {model} with `vqar sample --model {folder} --out SAMPLES` and pass SAMPLES"
+
+    # Looked up by the run's kind (None when run.yaml cannot tell): the advice differs per stage of the pipeline.
+    advice = {"tokenizer": f"a tokenizer is evaluated with `vqar eval rfid IMAGES --tokenizer {folder}`",
+              "ar": sampled("its model")}  # fmt: skip
+    instead = advice.get(run_kind(folder), sampled("the model it trains"))
     raise ValueError(f"{folder} is a training run (it holds {' and '.join(held)}), not a set of images: {instead}")
 
 
