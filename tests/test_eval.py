@@ -362,6 +362,29 @@ def test_fid_without_ref_measures_the_inception_score_or_refuses_before_any_ince
     )
 
 
+def test_an_inception_score_of_fewer_than_ten_samples_is_refused_or_said_not_measured(tmp_path, monkeypatch, capsys):
+    """Fewer than 10 samples ran the whole Inception pass and then failed in the score's 10 splits with 'need at least
+    10 probability rows (N, classes), got shape (5, 1008)'; with --ref the FID was lost with it."""
+    import vqar.eval.generation as generation
+
+    inception, thirty = _fake_inception_and_samples(tmp_path)
+    five = tmp_path / "five.npz"
+    np.savez(five, arr_0=np.load(thirty)["arr_0"][:5])
+    args = ["eval", "fid", str(five), "--inception", str(inception), "--json"]
+    assert main([*args, "--ref", str(thirty), "--no-pr"]) == 0  # the FID is measured, the score said missing
+    result = json.loads(capsys.readouterr().out)
+    assert result["fid"] >= 0 and "inception_score" not in result
+    assert result["not_measured"] == {"inception_score": "5 samples; the score is a mean over 10 splits and needs at "
+                                                         "least 10 (--no-is skips it)"}  # fmt: skip
+    monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
+    monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
+    assert main(args) == 2  # without --ref the score is all there is: refused before anything runs
+    assert capsys.readouterr().err == (
+        f"vqar: error: {five} holds 5 images; the Inception Score is a mean over 10 splits and needs at least 10, and "
+        "without --ref it is all vqar eval fid measures: give more images, or --ref for FID\n"
+    )
+
+
 def test_inception_options_with_no_fid_are_refused_naming_them(tmp_path, monkeypatch, capsys):
     """`eval rfid --no-fid` took --inception and --resize and ignored them without a word."""
     import vqar.interop

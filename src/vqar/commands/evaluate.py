@@ -114,7 +114,8 @@ def cmd_fid(args, par) -> int:
 
     check_something_to_measure(args.ref, with_is=not args.no_is)  # no --ref and --no-is: before anything is read
     # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
-    sets = open_eval_sets(args.fake, args.ref, args.num_samples, with_pr=not args.no_pr, par=par)
+    sets = open_eval_sets(args.fake, args.ref, args.num_samples, with_pr=not args.no_pr, par=par,
+                          with_is=not args.no_is)
     result = evaluate_sets(sets, _inception(args, par.device), args.batch_size, with_is=not args.no_is, par=par)
     if result is not None:  # rank 0 reports
         _print(result, args.json)

@@ -22,7 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from vqar.eval.inception import Inception
-from vqar.eval.metrics import PR_NEIGHBOURS, GaussianStats, frechet_distance, inception_score, precision_recall
+from vqar.eval.metrics import (
+    IS_SPLITS,
+    PR_NEIGHBOURS,
+    GaussianStats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from vqar.eval.shards import gather_rows, read_share, share
 from vqar.eval.sources import ImageSource, batches, describe_source, npz_array_shape, open_source
 from vqar.parallel import Parallel
@@ -228,6 +235,7 @@ def open_eval_sets(
     num_samples: int | None = None,
     with_pr: bool = True,
     par: Parallel | None = None,
+    with_is: bool = True,
 ) -> EvalSets:
     """Opens the samples and the reference of `evaluate_samples` (files listed, headers read, an .npz of statistics
     read): a reference or samples path that names no image set fails here, in a moment, not after the samples'
@@ -245,6 +253,10 @@ def open_eval_sets(
         check_enough_images(images)
     if with_pr and ref is not None:
         check_enough_for_pr(samples, reference, stored, ref)
+    if with_is and ref is None and len(samples) < IS_SPLITS:  # the score is all there is to measure: refused now
+        raise ValueError(f"{samples.where} holds {len(samples)} images; the Inception Score is a mean over "
+                         f"{IS_SPLITS} splits and needs at least {IS_SPLITS}, and without --ref it is all vqar eval "
+                         "fid measures: give more images, or --ref for FID")  # fmt: skip
     return EvalSets(fake, samples, num_samples, with_pr, ref, stored, reference)
 
 
@@ -303,7 +315,7 @@ def evaluate_samples(
     "not_measured") and precision/recall (when reference features are available) of the images in `fake`. Under
     torchrun every rank reads and runs its share of each image set and rank 0 returns the result; the other ranks
     get None."""
-    sets = open_eval_sets(fake, ref, num_samples, with_pr, par)
+    sets = open_eval_sets(fake, ref, num_samples, with_pr, par, with_is)
     return evaluate_sets(sets, inception, batch_size, with_is, par)
 
 
@@ -316,7 +328,8 @@ def evaluate_sets(
     if sets.stored is not None:
         check_feature_width(sets.ref, sets.stored, inception)
     is_unavailable = with_is and not inception.has_classifier
-    with_is = with_is and inception.has_classifier
+    too_few_for_is = with_is and len(sets.samples) < IS_SPLITS  # with --ref: FID is measured, the score said missing
+    with_is = with_is and inception.has_classifier and not too_few_for_is
     # The samples' images are read once for both passes and let go before the reference's images are read.
     samples = source_outputs(sets.samples, inception, batch_size, at_least=sets.num_samples, probabilities=with_is,
                              desc="samples", par=par)  # fmt: skip
@@ -349,6 +362,9 @@ def evaluate_sets(
     if is_unavailable:  # said, as the ADM evaluator says it, rather than left out without a word
         not_measured["inception_score"] = (f"{inception.path.name} has no classifier head (pass StyleGAN3's with "
                                            "--inception)")  # fmt: skip
+    elif too_few_for_is:
+        not_measured["inception_score"] = (f"{samples.count} samples; the score is a mean over {IS_SPLITS} splits "
+                                           f"and needs at least {IS_SPLITS} (--no-is skips it)")  # fmt: skip
     if not_measured:
         result["not_measured"] = not_measured
     return result

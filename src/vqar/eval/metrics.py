@@ -61,7 +61,10 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     return float(max(value, 0.0))
 
 
-def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+IS_SPLITS = 10  # the convention of the Inception Score's paper and of every published figure
+
+
+def inception_score(probs: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
     """(mean, std) over `splits` of exp(E_x KL(p(y|x) || p(y)))."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) < splits:
