@@ -207,6 +207,22 @@ def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsy
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+def test_per_depth_values_of_the_wrong_length_for_an_rq_release_are_refused_before_the_download(tmp_path, capsys):
+    """`--top-k 5,6` for an 8x8x4 release was taken and refused by the model only once downloaded and loaded; the
+    table records the releases' depth, so it is said at once. Four values (one per depth) go on to the download."""
+    (tmp_path / "mirror").mkdir()  # empty: a download fails with "not in the mirror"
+    command = ["reproduce", "rq-imagenet-480m", "--mirror", str(tmp_path / "mirror"),
+               "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main([*command, "--top-k", "5,6"]) == 2
+    assert capsys.readouterr().err == ("vqar: error: --top-k takes one value, or 4 separated by commas (one per code "
+                                       "depth), for rq-imagenet-480m, whose model draws 4 codes per position; got 2: "
+                                       "5,6\n")  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    for given in (["--top-p", "0.9,0.9,0.9,1"], ["--temperature", "1.0"]):
+        assert main([*command, *given]) == 2
+        assert "not in the mirror" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- downloads
 def test_download_is_checked_resumed_and_done_once(tmp_path):
     mirror, payload = tmp_path / "mirror", os.urandom(3 << 20)

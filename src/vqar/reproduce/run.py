@@ -282,9 +282,17 @@ def check_options(release: Release, options: Options) -> None:
 
 
 def _check_one_value_each(release: Release, given: dict) -> None:
-    """ValueError naming the option given a list of values (one per depth) for a release whose model has depth 1: the
-    model would refuse it only once loaded, after the download."""
+    """ValueError naming the option given a list of values (one per depth) for a release whose model has depth 1, or
+    a list whose length is not the depth the table records: the model would refuse it only once loaded, after the
+    download."""
     if release.family in PER_DEPTH_FAMILIES:
+        depth = release.setting("code_depth")
+        for key, value in given.items():
+            if depth.stated and isinstance(value, list) and len(value) != int(depth.value):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{flag} takes one value, or {depth.value} separated by commas (one per code depth), "
+                                 f"for {release.name}, whose model draws {depth.value} codes per position; got "
+                                 f"{len(value)}: {','.join(map(str, value))}")  # fmt: skip
         return
     for key, value in given.items():
         if isinstance(value, list):
