@@ -219,6 +219,18 @@ def test_per_segment_lr_settings_are_refused_with_segment_lr_off(vq_store_4x4, s
     load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false"])  # the defaults
 
 
+@pytest.mark.parametrize("settings", [["npp.rate=0.3"], ["npp.rate=0.3", "npp.decay_ratio=0.5"]])
+def test_npp_settings_without_npp_level_are_refused_naming_them(vq_store_4x4, settings):
+    """npp.level=1 (the default) trains token by token: npp.rate and the segment schedule were ignored unsaid."""
+    named = " and ".join(settings)
+    with pytest.raises(ValueError, match=re.escape(f"{named} shape{'s' * (len(settings) == 1)} next patch prediction, "
+                                                   "which npp.level=1 (the default: plain next-token training) leaves "
+                                                   "off: set npp.level=2 or more")):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", *settings])
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", *settings]).npp.level == 2
+    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.rate=0.5"])  # the default's value: nothing unused
+
+
 @pytest.mark.parametrize("ratio", ["2", "nan"])
 def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
     # above 1 each segment's "decay" would raise the learning rate; nan would make it nan

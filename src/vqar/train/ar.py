@@ -135,7 +135,16 @@ class ARRunConfig:
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
                 "use dist.strategy=ddp or train.ema_decay=null"
             )
-        if not self.npp.segment_lr:  # the per-segment schedule's settings go unused; its defaults are every run's
+        if self.npp.level == 1:  # plain next-token training: NPP's other settings would go unused, unsaid
+            names = ("rate", "segment_lr", "warmup_steps", "decay_ratio", "end_lr_ratio")
+            unused = [f"npp.{name}={str(getattr(self.npp, name)).lower()}" for name in names
+                      if getattr(self.npp, name) != getattr(NPPConfig, name)]  # fmt: skip
+            if unused:
+                raise ValueError(f"{' and '.join(unused)} shape{'s' * (len(unused) == 1)} next patch prediction, "
+                                 "which npp.level=1 (the default: plain next-token training) leaves off: set "
+                                 "npp.level=2 or more to train on patches, or leave "
+                                 f"{'it' if len(unused) == 1 else 'them'} out")  # fmt: skip
+        elif not self.npp.segment_lr:  # the per-segment schedule's settings go unused; its defaults are every run's
             for name in ("warmup_steps", "decay_ratio", "end_lr_ratio"):
                 value = getattr(self.npp, name)
                 if value != getattr(NPPConfig, name):
