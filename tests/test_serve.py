@@ -509,6 +509,35 @@ def test_page_generates_in_a_real_browser(server, client):
             browser.close()
 
 
+def test_closing_the_page_while_its_request_waits_stops_its_drawing(server, engine):
+    """A page closed while its request was drawn kept the model busy to the end for nobody (the HTTP API already
+    gave such requests up). Now the page's handler is stopped by Gradio, and the request given up before its
+    first batch."""
+    chromium = find_chromium()
+    need_for_browser_test(None if chromium else "no Chromium found (set VQAR_CHROMIUM, or `make browser` installs "
+                          "Debian's chromium)")  # fmt: skip
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need_for_browser_test("playwright (Python) is not installed (the dev extra has it)")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server, wait_until="networkidle")
+            runs, abandoned = engine.model_runs, engine.abandoned
+            with engine._lock:  # the worker takes the page's request and waits for the model while the page closes
+                page.locator("#generate").click()
+                _wait_until_taken(engine)
+                page.close()
+                _wait_for(lambda: engine.abandoned == abandoned + 1, "the closed page's request was not given up")
+            _wait_for(lambda: not engine.sampling.is_set(), "the worker did not finish its round")
+            assert engine.model_runs == runs  # nothing was drawn for the page that closed
+        finally:
+            browser.close()
+
+
 def test_a_missing_browser_fails_under_ci_and_skips_with_the_reason_elsewhere(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no browser on PATH
     monkeypatch.delenv("VQAR_CHROMIUM", raising=False)

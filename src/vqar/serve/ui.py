@@ -23,6 +23,7 @@ from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
 KEEP_ZIPS = 32
+YIELD_EVERY = 0.5  # seconds between the updates that let Gradio notice a closed page while a request is drawn
 
 
 def parse_setting(text: str | float | None, kind, depth: int, name: str):
@@ -129,9 +130,19 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 future = engine.submit(request)
             except RequestError as err:
                 raise gr.Error(str(err)) from None
-            while not future.done():
-                progress(0.5, desc="sampling")
-                time.sleep(0.05)
+            # A generator, so that Gradio stops it when the page closes (it stops iterators of a client that is
+            # gone); the request is then given up, and not drawn on for nobody.
+            try:
+                last_yield = time.monotonic()
+                while not future.done():
+                    progress(0.5, desc="sampling")
+                    if time.monotonic() - last_yield > YIELD_EVERY:
+                        last_yield = time.monotonic()
+                        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    time.sleep(0.05)
+            finally:
+                if not future.done():
+                    engine.abandon(future)
             result = future.result()
             progress(1.0, desc="done")
             archive = work / f"samples-{time.time_ns()}.zip"
@@ -151,7 +162,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                    f"{result.calls_per_image:.1f} model calls per image" + \
                    ("" if result.acceptance_rate is None else f", {100 * result.acceptance_rate:.0f}% of drafts "
                     "accepted") + ")"  # fmt: skip
-            return _pictures(result.images), note, str(archive), rows
+            yield _pictures(result.images), note, str(archive), rows
 
         controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,
                     "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
