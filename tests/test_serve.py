@@ -4,6 +4,7 @@ API, and the web page driven in a real headless Chromium (Debian's package, thro
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -465,7 +466,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-def test_page_generates_in_a_real_browser(server, client):
+@contextlib.contextmanager
+def headless_chromium():
+    """A headless Chromium through Playwright, closed on leaving; skipped with the reason where one is missing
+    (a failure under CI)."""
     chromium = find_chromium()
     need_for_browser_test(None if chromium else "no Chromium found (set VQAR_CHROMIUM, or `make browser` installs "
                           "Debian's chromium)")  # fmt: skip
@@ -473,69 +477,61 @@ def test_page_generates_in_a_real_browser(server, client):
         from playwright.sync_api import sync_playwright
     except ImportError:
         need_for_browser_test("playwright (Python) is not installed (the dev extra has it)")
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(server, wait_until="networkidle")
-            page.locator("#class input").click()
-            page.get_by_role("option", name="7", exact=True).click()
-            page.locator("#seed input").fill("11")
-            page.locator("#n input[type=number]").fill("3")
-            page.locator("#n input[type=number]").press("Enter")
-
-            def generate(run: int) -> list[bytes]:
-                page.locator("#generate").click()
-                page.get_by_text(f"Run {run}: 3 images").wait_for(timeout=120_000)
-                sources = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
-                sources = list(dict.fromkeys(sources))  # a gallery may show a picture twice (thumbnail + preview)
-                assert len(sources) == 3
-                return [page.request.get(src).body() for src in sources]
-
-            first = generate(1)
-            assert all(body.startswith(b"\x89PNG") for body in first)
-            assert generate(2) == first  # the same seed gives the same images
-            # ... and they are what the API draws for class 7, seed 11 with the page's default settings
-            api = client.post("/generate", json={"class_id": 7, "n": 3, "seed": 11, "cfg_scale": 2.0}).json()
-            shown = [np.asarray(Image.open(io.BytesIO(body)).convert("L")) for body in first]
-            assert all(np.array_equal(a, decode_png(b)) for a, b in zip(shown, api["images"], strict=True))
-            assert page.locator("#coarse img").count() >= 3 * 4  # each image with 1..4 codes per position
-            shot = os.environ.get("VQAR_SCREENSHOT")
-            if shot:
-                Path(shot).parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=shot, full_page=True)
+            yield browser
         finally:
             browser.close()
+
+
+def test_page_generates_in_a_real_browser(server, client):
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server, wait_until="networkidle")
+        page.locator("#class input").click()
+        page.get_by_role("option", name="7", exact=True).click()
+        page.locator("#seed input").fill("11")
+        page.locator("#n input[type=number]").fill("3")
+        page.locator("#n input[type=number]").press("Enter")
+
+        def generate(run: int) -> list[bytes]:
+            page.locator("#generate").click()
+            page.get_by_text(f"Run {run}: 3 images").wait_for(timeout=120_000)
+            sources = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
+            sources = list(dict.fromkeys(sources))  # a gallery may show a picture twice (thumbnail + preview)
+            assert len(sources) == 3
+            return [page.request.get(src).body() for src in sources]
+
+        first = generate(1)
+        assert all(body.startswith(b"\x89PNG") for body in first)
+        assert generate(2) == first  # the same seed gives the same images
+        # ... and they are what the API draws for class 7, seed 11 with the page's default settings
+        api = client.post("/generate", json={"class_id": 7, "n": 3, "seed": 11, "cfg_scale": 2.0}).json()
+        shown = [np.asarray(Image.open(io.BytesIO(body)).convert("L")) for body in first]
+        assert all(np.array_equal(a, decode_png(b)) for a, b in zip(shown, api["images"], strict=True))
+        assert page.locator("#coarse img").count() >= 3 * 4  # each image with 1..4 codes per position
+        shot = os.environ.get("VQAR_SCREENSHOT")
+        if shot:
+            Path(shot).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=shot, full_page=True)
 
 
 def test_closing_the_page_while_its_request_waits_stops_its_drawing(server, engine):
     """A page closed while its request was drawn kept the model busy to the end for nobody (the HTTP API already
     gave such requests up). Now the page's handler is stopped by Gradio, and the request given up before its
     first batch."""
-    chromium = find_chromium()
-    need_for_browser_test(None if chromium else "no Chromium found (set VQAR_CHROMIUM, or `make browser` installs "
-                          "Debian's chromium)")  # fmt: skip
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        need_for_browser_test("playwright (Python) is not installed (the dev extra has it)")
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(server, wait_until="networkidle")
-            runs, abandoned = engine.model_runs, engine.abandoned
-            with engine._lock:  # the worker takes the page's request and waits for the model while the page closes
-                page.locator("#generate").click()
-                _wait_until_taken(engine)
-                page.close()
-                _wait_for(lambda: engine.abandoned == abandoned + 1, "the closed page's request was not given up")
-            _wait_for(lambda: not engine.sampling.is_set(), "the worker did not finish its round")
-            assert engine.model_runs == runs  # nothing was drawn for the page that closed
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.goto(server, wait_until="networkidle")
+        runs, abandoned = engine.model_runs, engine.abandoned
+        with engine._lock:  # the worker takes the page's request and waits for the model while the page closes
+            page.locator("#generate").click()
+            _wait_until_taken(engine)
+            page.close()
+            _wait_for(lambda: engine.abandoned == abandoned + 1, "the closed page's request was not given up")
+        _wait_for(lambda: not engine.sampling.is_set(), "the worker did not finish its round")
+        assert engine.model_runs == runs  # nothing was drawn for the page that closed
 
 
 def test_a_missing_browser_fails_under_ci_and_skips_with_the_reason_elsewhere(monkeypatch, tmp_path):
