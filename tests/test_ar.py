@@ -399,7 +399,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, classifier_cache):
     for key in ("tokenizer_psnr_db", "ar_val_nll_per_code", "sampling_images_per_second", "class_accuracy"):
         assert np.isfinite(report[key])
     assert (tmp_path / "demo" / "samples" / "grid.png").is_file()
-    assert json.loads((tmp_path / "demo" / "report.json").read_text())["samples"] == 40
+    written = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert written["samples"] == 40 and written["quick"] is True
 
 
 @pytest.mark.parametrize(

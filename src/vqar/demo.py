@@ -114,6 +114,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
 
     report = {
         "arch": arch,
+        "quick": quick,
         "ar_model_class": type(model).__name__,
         "tokenizer_psnr_db": tok_metrics["psnr"],
         "tokenizer_usage_percent": tok_metrics["usage"],
@@ -146,10 +147,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
 def format_report(report: dict) -> str:
     t = report["seconds"]
     o = report["outputs"]
+    # A --quick run trains for seconds: its figures say the pipeline runs, not how good it gets, so the targets
+    # are named as the full run's rather than set beside figures that cannot reach them.
+    quick = report.get("quick", False)
+    target = "the full run's target: >= 80%" if quick else "target >= 80%"
     return "\n".join(
         [
             "",
-            "vqar demo report",
+            "vqar demo report (--quick: a smoke test of a few steps; run without --quick for the real figures)"
+            if quick
+            else "vqar demo report",
             f"  tokenizer      PSNR {report['tokenizer_psnr_db']:.2f} dB, codebook usage "
             f"{report['tokenizer_usage_percent']:.1f}% (validation digits)   [{t['tokenizer']:.0f} s]",
             f"  code store     {o['codes']}   [{t['codes']:.0f} s]",
@@ -158,7 +165,7 @@ def format_report(report: dict) -> str:
             f"  sampling       {report['samples']} images at {report['sampling_images_per_second']:.1f} images/s "
             f"(CFG scale {report['cfg_scale']})",
             f"  class accuracy {100 * report['class_accuracy']:.1f}% of samples recognised as the digit asked for "
-            f"(target >= 80%; {100 * report['class_accuracy_without_guidance']:.1f}% without guidance)   "
+            f"({target}; {100 * report['class_accuracy_without_guidance']:.1f}% without guidance)   "
             f"[{t['sampling']:.0f} s]",
             f"  domain FID     {report['domain_fid']:.2f} vs {report['domain_fid_reference']} (digit-classifier "
             "features; not comparable with Inception FID)",

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "tokenizer and VAR), samples one row per digit and reports PSNR, usage, validation loss, "
                        "throughput and class accuracy.")  # fmt: skip
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
+    demo.add_argument("--quick", action="store_true",
+                      help="a much shorter run, for a smoke test: its figures are far from the targets, and its "
+                           "report says so")  # fmt: skip
     demo.add_argument("--arch", default="rq", choices=["rq", "var"],
                       help="rq (default): RQ tokenizer + RQ-Transformer; var: the multi-scale tokenizer + VAR "
                            "(next-scale prediction)")  # fmt: skip
