@@ -448,6 +448,19 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     assert "come from the code store" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("steps=-5", "train.steps must be positive"), ("sample.top_p=2", "top_p must be in (0, 1]"),
+     ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
+     ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)")],
+)  # fmt: skip
+def test_config_without_a_store_still_refuses_what_training_would(override, message, capsys):
+    # The model's data-dependent fields wait for codes=DIR, but the training, data and sampling sections are whole:
+    # `vqar config` used to print an impossible value there as if it were fine.
+    assert main(["config", "ar", "rq-mnist", override]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_rotary_embedding_rotates_each_channel_pair_by_its_angle_to_the_bit():
     from vqar.ar.layers import apply_rope, rope_2d_table, rotation_table
 

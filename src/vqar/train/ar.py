@@ -216,6 +216,10 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     node, origins = compose_run_config(preset, overrides)
     if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
         to_config(node.copy())  # a store that this architecture cannot model is an error here too, as in training
+    else:  # the model waits for a store, but the other sections are whole: check them as training would
+        for section in node:
+            if section != "model" and isinstance(node[section], DictConfig):
+                to_config(node[section].copy())
     lines, in_model = [], False
     for line in OmegaConf.to_yaml(node).splitlines():
         if not line.startswith(" "):
