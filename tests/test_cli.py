@@ -332,7 +332,10 @@ def test_stray_words_are_one_line_errors(args, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     stray = next(word for word in args if "stray" in word or "=" in word)
-    assert f"unrecognized arguments for `vqar {args[0]}" in err and stray in err, err
+    command = " ".join(args[:2] if args[0] == "eval" else args[:1])
+    # the command's own parser says it, pointing at the help that lists that command's options
+    assert err.startswith(f"vqar {command}: error: unrecognized arguments: "), err
+    assert stray in err and err.rstrip().endswith(f"(see vqar {command} --help)"), err
     assert not any(tmp_path.iterdir())  # refused before any work
 
 

@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         # words after their options; anything else left over is a stray word, refused in one line.
         takes_overrides = isinstance(getattr(args, "overrides", None), list)
         stray = [item for item in extra if item.startswith("-") or not takes_overrides]
-        if stray:
-            command = " ".join(_command_words(args))
-            parser.error(f"unrecognized arguments for `vqar {command}`: {' '.join(stray)}")
+        if stray:  # said by the command's own parser, so the hint names its --help, where its options are
+            _parser_of(parser, _command_words(args)).error(f"unrecognized arguments: {' '.join(stray)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="vqar: %(message)s", stream=sys.stderr
@@ -154,6 +153,16 @@ def _first_on_its_machine() -> bool:
     """Whether this process prints a mistake in the command line or configuration: every process of a torchrun
     launch reads the same ones and fails alike, so one per machine (LOCAL_RANK 0) says it, instead of each."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _parser_of(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The sub-parser of a command's `words` (["eval", "fid"] -> `vqar eval fid`)."""
+    for word in words:
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers or word not in subparsers[0].choices:
+            break
+        parser = subparsers[0].choices[word]
+    return parser
 
 
 def _command_words(args: argparse.Namespace) -> list[str]:
