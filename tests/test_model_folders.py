@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import vqar
@@ -117,3 +118,36 @@ def test_a_tokenizer_given_as_the_model_says_how_to_use_it(tokenizer_folder, tmp
             f"--tokenizer beside an AR model's --model, or train an AR model on its codes (`vqar extract-codes "
             f"--tokenizer {tokenizer_folder} --data DATA --out CODES`, then `vqar train ar PRESET codes=CODES`)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_another_codebook_is_refused_and_a_fine_tuned_decoder_is_not(
+    class_run, tokenizer_folder, tmp_path, capsys
+):
+    """`vqar sample --model RUN --tokenizer OTHER` with another tokenizer of the same codebook size drew the whole
+    set and decoded it to noise without a word. The RQ-Transformer keeps its codebook's vectors; a vqar AR folder
+    also keeps the tokenizer its codes came from."""
+    code, err = run_cli(["sample", "--model", str(class_run), "--tokenizer", str(tokenizer_folder),
+                         "--classes", "1", "--n-per-class", "1", "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the tokenizer {tokenizer_folder} codes with another codebook than the one {class_run}" in err
+    assert not (tmp_path / "out").exists()
+    # the run's own tokenizer with a fine-tuned decoder (the codebook untouched) is welcome
+    tuned = vqar.load_pretrained(class_run / "tokenizer")
+    with torch.no_grad():
+        tuned.decoder.conv_out.weight.mul_(1.5)
+    model = vqar.load_pretrained(class_run, tokenizer=tuned)
+    assert model.tokenizer is tuned
+
+
+def test_a_gpt_folder_compares_a_given_tokenizer_with_the_one_it_carries(tmp_path):
+    """A GPT keeps no code vectors of its own: the tokenizer exported beside it is what a given one is checked
+    against."""
+    from conftest import random_tokenizer
+    from vqar.ar import GPT, GPTConfig
+
+    carried = random_tokenizer()
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=16, n_layer=1, n_head=2, num_classes=0))
+    vqar.save_pretrained(model.attach(carried), tmp_path / "gpt")
+    with pytest.raises(ValueError, match="codes with another codebook than the one"):
+        vqar.load_pretrained(tmp_path / "gpt", tokenizer=random_tokenizer())  # other random vectors, same size
+    assert vqar.load_pretrained(tmp_path / "gpt", tokenizer=carried).tokenizer is carried

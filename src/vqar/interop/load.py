@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vqar.ar import ARModel
@@ -64,6 +65,7 @@ def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=No
         _refuse_ema_of_bundle(path)
         if isinstance(tokenizer, (str, Path)):
             _refuse_ema_of_bundle(tokenizer, "the tokenizer ")
+    given_as = tokenizer if isinstance(tokenizer, (str, Path)) else "given"
     source = Path(path)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
@@ -81,11 +83,33 @@ def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=No
         if tokenizer is not None and not isinstance(model, ARModel):
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind=f"a {type(model).__name__}"))
     if tokenizer is not None:
+        _check_same_codebook(model, tokenizer, given_as, path)
         model.attach(tokenizer.eval())
     model = model.to(device)
     if isinstance(model, ARModel) and model.tokenizer is not None:
         model.attach(model.tokenizer.to(device))
     return model
+
+
+def _check_same_codebook(model: nn.Module, tokenizer: nn.Module, given_as, path) -> None:
+    """ValueError when a tokenizer given beside an AR model codes with another codebook than the one the model was
+    trained on, which an RQ-Transformer keeps (its code embeddings) and a vqar folder keeps with its own tokenizer.
+    Another decoder over that codebook (a fine-tuned one) fits; another codebook of the same size would decode
+    every sample to noise without a word. Codebooks of another size are left to `attach`, which names the sizes."""
+    if not isinstance(model, ARModel):
+        return
+    known = getattr(model, "code_embeddings", None)
+    if known is None and model.tokenizer is not None and model.tokenizer is not tokenizer:
+        known = model.tokenizer.code_vectors()
+    if known is None:  # a release whose tokenizer comes from the caller alone: nothing to compare with
+        return
+    given = tokenizer.code_vectors().detach().float().cpu()
+    known = known.detach().float().cpu()
+    if given.shape == known.shape and not torch.allclose(given, known, rtol=1e-3, atol=1e-5):
+        raise ValueError(f"the tokenizer {given_as} codes with another codebook than the one {path} was trained on "
+                         "(the same size, other vectors), so its codes would decode to noise: give the tokenizer "
+                         "the model's codes were extracted with (a vqar AR folder carries it: leave --tokenizer "
+                         "out)")  # fmt: skip
 
 
 _ONE_SET_OF_WEIGHTS = ("it holds one set of weights, no separate EMA ones (a vqar run trained with train.ema_decay "
