@@ -95,8 +95,11 @@ def _check_same_codebook(model: nn.Module, tokenizer: nn.Module, given_as, path)
     """ValueError when a tokenizer given beside an AR model codes with another codebook than the one the model was
     trained on, which an RQ-Transformer keeps (its code embeddings) and a vqar folder keeps with its own tokenizer.
     Another decoder over that codebook (a fine-tuned one) fits; another codebook of the same size would decode
-    every sample to noise without a word. Codebooks of another size are left to `attach`, which names the sizes."""
+    every sample to noise without a word. A tokenizer of another codebook size or depth is left to `attach`,
+    which names the sizes."""
     if not isinstance(model, ARModel):
+        return
+    if tokenizer.codebook_size != model.codebook_size or tokenizer.depth != model.depth:
         return
     known = getattr(model, "code_embeddings", None)
     if known is None and model.tokenizer is not None and model.tokenizer is not tokenizer:
