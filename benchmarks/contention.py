@@ -5,10 +5,11 @@ Each measurement runs in a fresh process, so the thread policy (`vqar.utils.thre
 policy `vqar` leaves the environment alone. The workloads are the demo's own sizes, random weights (the work of a
 step does not depend on the weights):
 
-- `sample`: the demo RQ-Transformer (RQ-XS, 4x4x4 codes, K=256, 10 classes) drawing batches of 100 digits with
-  CFG 2 and decoding them with the demo tokenizer (rqvae-mnist); images/s;
+- `sample`: the rq-mnist RQ-Transformer (RQ-XS, 4x4x4 codes, K=256, 10 classes; the demo's until 2026-12-05,
+  which now trains 3 + 1 of its layers, a lighter load: the recorded figures are RQ-XS's) drawing batches of 100
+  digits with CFG 2 and decoding them with the demo tokenizer (rqvae-mnist); images/s;
 - `train-tokenizer`: training steps of the demo tokenizer on batches of 64 bundled digits; steps/s;
-- `train-ar`: training steps of the demo RQ-Transformer on batches of 64 code stacks; steps/s.
+- `train-ar`: training steps of that RQ-Transformer on batches of 64 code stacks; steps/s.
 
 Competitors, started before the measurement and stopped after it: `torch` is another PyTorch process doing
 1024x1024 matmuls with torch's default threads and wait policy (the issue's case), `busy` a Python busy loop that
