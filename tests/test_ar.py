@@ -169,6 +169,35 @@ def test_a_resume_that_changes_the_model_is_refused_naming_the_setting(tiny_pipe
     assert run_cli([*resumed, "--out", str(run)], capsys)[0] == 0
 
 
+def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(tiny_pipeline, tmp_path, capsys,
+                                                                                caplog):  # fmt: skip
+    """vqar used to accept npp.rate and the segment schedule's keys with npp.level=1, where they change nothing, and
+    now refuses them: a run.yaml of then would refuse --resume. Those keys are put back to their defaults with a
+    warning; given anew on the command line, they are still refused."""
+    import yaml
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
+             "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    saved = yaml.safe_load((run / "run.yaml").read_text())
+    saved["npp"].update(rate=0.25, warmup_steps=7)  # as an older vqar wrote it
+    (run / "run.yaml").write_text(yaml.safe_dump(saved))
+
+    code, err = run_cli(["train", "ar", "--resume", "npp.rate=0.3", "steps=3", "--out", str(run)], capsys)
+    assert code == 2 and "vqar: error: npp.rate=0.3 shapes next patch prediction" in err, err
+    with caplog.at_level("WARNING", logger="vqar.train"):
+        code, err = run_cli(["train", "ar", "--resume", "steps=3", "--out", str(run)], capsys)
+    assert code == 0, err
+    assert "its run.yaml sets npp.rate=0.25 and npp.warmup_steps=7, which this NPP setting leaves unused" in caplog.text
+    assert _records(run, "train")[-1]["step"] == 3
+    assert yaml.safe_load((run / "run.yaml").read_text())["npp"] == {"level": 1, "rate": 0.5, "segment_lr": True,
+                                                                      "warmup_steps": 100, "decay_ratio": 0.2,
+                                                                      "end_lr_ratio": 0.1}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def vq_store_4x4(tmp_path_factory):
     """A code store of 20 digits in the 4x4 codes of an untrained VQ tokenizer."""

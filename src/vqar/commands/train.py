@@ -32,7 +32,10 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume: {saved} not found; give a preset to start a new run")
         preset = str(saved)
         if args.group == "ar":
+            from vqar.train.npp import resets_of_unused_npp
+
             _check_same_architecture(saved, overrides)
+            overrides = [*overrides, *resets_of_unused_npp(saved, overrides)]
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     cfg = _load_run_config(args.group, preset, overrides)

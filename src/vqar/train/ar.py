@@ -135,22 +135,18 @@ class ARRunConfig:
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
                 "use dist.strategy=ddp or train.ema_decay=null"
             )
-        if self.npp.level == 1:  # plain next-token training: NPP's other settings would go unused, unsaid
-            names = ("rate", "segment_lr", "warmup_steps", "decay_ratio", "end_lr_ratio")
-            unused = [f"npp.{name}={str(getattr(self.npp, name)).lower()}" for name in names
-                      if getattr(self.npp, name) != getattr(NPPConfig, name)]  # fmt: skip
-            if unused:
-                raise ValueError(f"{' and '.join(unused)} shape{'s' * (len(unused) == 1)} next patch prediction, "
-                                 "which npp.level=1 (the default: plain next-token training) leaves off: set "
-                                 "npp.level=2 or more to train on patches, or leave "
-                                 f"{'it' if len(unused) == 1 else 'them'} out")  # fmt: skip
-        elif not self.npp.segment_lr:  # the per-segment schedule's settings go unused; its defaults are every run's
-            for name in ("warmup_steps", "decay_ratio", "end_lr_ratio"):
-                value = getattr(self.npp, name)
-                if value != getattr(NPPConfig, name):
-                    raise ValueError(f"npp.{name}={value:g} shapes the learning rate of each NPP segment, which "
-                                     "npp.segment_lr=false turns off (the run's train.warmup_steps and cosine apply): "
-                                     f"set npp.segment_lr=true, or leave npp.{name} out")  # fmt: skip
+        unused = self.npp.unused()
+        if unused and self.npp.level == 1:  # plain next-token training: NPP's other settings would go unused, unsaid
+            given = [f"npp.{name}={str(getattr(self.npp, name)).lower()}" for name in unused]
+            raise ValueError(f"{' and '.join(given)} shape{'s' * (len(given) == 1)} next patch prediction, "
+                             "which npp.level=1 (the default: plain next-token training) leaves off: set "
+                             "npp.level=2 or more to train on patches, or leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")  # fmt: skip
+        if unused:  # the per-segment schedule's settings, with npp.segment_lr=false; its defaults are every run's
+            name = unused[0]
+            raise ValueError(f"npp.{name}={getattr(self.npp, name):g} shapes the learning rate of each NPP segment, "
+                             "which npp.segment_lr=false turns off (the run's train.warmup_steps and cosine apply): "
+                             f"set npp.segment_lr=true, or leave npp.{name} out")  # fmt: skip
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
             check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made

@@ -12,7 +12,16 @@ it matches it.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vqar.configs import preset_fields
+
+log = logging.getLogger("vqar.train")
 
 
 @dataclass
@@ -33,6 +42,38 @@ class NPPConfig:
         if not 0.0 <= self.decay_ratio <= 1.0 or self.warmup_steps < 0 or not 0.0 <= self.end_lr_ratio <= 1.0:
             raise ValueError(f"npp.decay_ratio and npp.end_lr_ratio must be in [0, 1] and npp.warmup_steps >= 0, got "
                              f"{self.decay_ratio:g}, {self.end_lr_ratio:g} and {self.warmup_steps}")  # fmt: skip
+
+    def unused(self) -> list[str]:
+        """The names of the settings given other than their defaults that go unused: all of NPP's with level 1
+        (plain next-token training), the per-segment schedule's with segment_lr off."""
+        if self.level == 1:
+            names = ["rate", "segment_lr", "warmup_steps", "decay_ratio", "end_lr_ratio"]
+        elif not self.segment_lr:
+            names = ["warmup_steps", "decay_ratio", "end_lr_ratio"]
+        else:
+            return []
+        return [name for name in names if getattr(self, name) != getattr(NPPConfig, name)]
+
+
+def resets_of_unused_npp(run_yaml: Path, overrides: Iterable[str]) -> list[str]:
+    """Overrides that put back the defaults of the npp.* settings a run's run.yaml states where they go unused
+    (`NPPConfig.unused`, e.g. `npp.rate` with `npp.level=1`). vqar used to accept them and now refuses them, so
+    such a run could not be resumed; they never changed its training, so it goes on as it was. Empty when the
+    overrides change the NPP setting: the resumed configuration is then checked as given."""
+    given = {item.partition("=")[0] for item in overrides}
+    if given & {"npp.level", "npp.segment_lr"}:
+        return []
+    saved = preset_fields("ar", run_yaml, [], ("npp",)).get("npp")
+    try:
+        npp = NPPConfig(**OmegaConf.to_container(saved)) if isinstance(saved, DictConfig) else NPPConfig()
+        unused = [name for name in npp.unused() if f"npp.{name}" not in given]
+    except (TypeError, ValueError):  # a damaged section is named by the configuration's own checks
+        return []
+    if unused:
+        log.warning("resuming %s: its run.yaml sets %s, which this NPP setting leaves unused (an older vqar accepted "
+                    "it); put back to the default, which trains as before", run_yaml.parent,
+                    " and ".join(f"npp.{name}={getattr(npp, name)}" for name in unused))  # fmt: skip
+    return [f"npp.{name}={str(getattr(NPPConfig, name)).lower()}" for name in unused]
 
 
 def check_grid(level: int, grid: tuple[int, int]) -> None:
