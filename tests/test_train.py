@@ -178,6 +178,47 @@ def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path
     assert math.isfinite(float(load_file(str(ckpt.path / "model.safetensors"))["encoder.conv_in.weight"].sum()))
 
 
+def test_weights_gone_nan_with_a_finite_loss_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """An update too large (lr=1e30) leaves the weights NaN while that step's loss and gradient were finite. Every
+    step after it was skipped, but each checkpoint was still written, pruning the last finite ones, and the error
+    said a good checkpoint was intact: resuming trained on NaN weights and ended "done"."""
+    real_step = TokenizerTask.train_step
+
+    def step(self, batch, step):
+        metrics = real_step(self, batch, step)
+        if step == 4:  # the 5th step's update overflows
+            with torch.no_grad():
+                self.model.decoder.conv_out.weight.fill_(float("inf"))
+        return metrics
+
+    monkeypatch.setattr(TokenizerTask, "train_step", step)
+    run = tmp_path / "run"
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=12", "train.ckpt_every=2", "train.eval_every=100"])
+    with pytest.raises(NonFiniteLossError) as err:
+        train_tokenizer(cfg, run)
+    assert str(err.value) == (
+        "the weights became NaN or infinite by step 6 (1 tensors, the first: model.decoder.conv_out.weight), so that "
+        f"step's checkpoint is not written. Its newest checkpoint, {run / 'checkpoints' / 'step-0000004'} (step 4), "
+        "is intact: --resume with a lower train.lr, train.precision=fp32, or check the data"
+    )
+    assert [c.step for c in list_checkpoints(run)] == [2, 4]
+    assert all(v.isfinite().all() for v in load_file(str(run / "checkpoints" / "step-0000004" / "model.safetensors"))
+               .values() if v.is_floating_point())  # fmt: skip
+
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=6", "train.ckpt_every=100", "train.eval_every=100"])
+    with pytest.raises(NonFiniteLossError, match="by step 6 .* The run has no checkpoint to go back to: start it "
+                                                 r"again \(--overwrite\) with a lower train.lr"):  # fmt: skip
+        train_tokenizer(cfg, tmp_path / "short")  # the last step's checkpoint: the run never ends "done"
+    assert not list_checkpoints(tmp_path / "short") and not (tmp_path / "short" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("setting", ["lr=nan", "lr=inf", "train.weight_decay=nan", "train.grad_clip=nan"])
+def test_a_learning_rate_or_clip_that_is_not_a_finite_number_is_named(setting):
+    key = setting.split("=")[0].replace("lr", "train.lr") if setting.startswith("lr") else setting.split("=")[0]
+    with pytest.raises(ValueError, match=f"^{key} must be"):
+        load_run_config("rqvae-mnist", [setting])
+
+
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
     import os
     import signal

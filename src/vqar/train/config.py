@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from vqar.utils.device import PRECISIONS
@@ -39,13 +40,15 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"train.steps must be positive, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # nan and inf too: the first update would make every weight NaN
+            raise ValueError(f"train.lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"train.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
-        if self.grad_clip is not None and self.grad_clip <= 0:
+        if self.grad_clip is not None and not self.grad_clip > 0:  # nan clips every gradient to NaN
             raise ValueError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
         for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) < 1:

@@ -129,6 +129,12 @@ class LoaderSettings(Protocol):
     num_workers: int
 
 
+def _nonfinite(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """The names (module.tensor) of the floating-point tensors holding a NaN or an infinity."""
+    return [f"{module}.{name}" for module, tensors in weights.items() for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not tensor.isfinite().all()]  # fmt: skip
+
+
 class _LogWindow:
     """The training steps since the last metric log: their metrics, how many were skipped, and their time."""
 
@@ -217,6 +223,15 @@ class Trainer:
         """Writes a checkpoint of every rank's state (a collective: all ranks call it); rank 0 writes the files."""
         par, modules = self.par, self.task.modules()
         weights = {name: par.full_state_dict(module) for name, module in modules.items()}
+        # A step can leave the weights NaN with a finite loss and gradient (an update too large): such a checkpoint
+        # would take the place of the last good one, and resuming from it would train on nothing.
+        diverged = _nonfinite(weights) if par.is_main else []
+        if par.any(bool(diverged)):
+            if not diverged:
+                raise PeerFailed(f"rank 0 found the weights of step {self.step} NaN or infinite")
+            raise NonFiniteLossError(f"the weights became NaN or infinite by step {self.step} ({len(diverged)} "
+                                     f"tensors, the first: {diverged[0]}), so that step's checkpoint is not written. "
+                                     f"{self._how_to_go_on()}")  # fmt: skip
         optimizers = {k: par.optimizer_state(modules[k], o) for k, o in self.task.optimizers().items()}
         rank_state = {"rng": {"torch": torch.get_rng_state()}, "task": self.task.state_dict()}
         if torch.cuda.is_available():
@@ -499,9 +514,19 @@ class Trainer:
         if self.nonfinite_in_a_row > self.cfg.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} training steps in a row had a NaN or infinite loss or gradient (up to "
-                f"step {self.step}); stopping. The last good checkpoint in {self.run_dir / 'checkpoints'} is "
-                "intact: resume with a lower train.lr, train.precision=fp32 or check the data"
+                f"step {self.step}); stopping. {self._how_to_go_on()}"
             )
+
+    def _how_to_go_on(self) -> str:
+        """After the run diverged: which checkpoint to resume from (every one written has finite weights), if any."""
+        advice = "a lower train.lr, train.precision=fp32, or check the data"
+        try:
+            newest = latest_checkpoint(self.run_dir)
+        except ValueError:  # every checkpoint damaged: said when resuming
+            newest = None
+        if newest is None:
+            return f"The run has no checkpoint to go back to: start it again (--overwrite) with {advice}"
+        return f"Its newest checkpoint, {newest.path} (step {newest.step}), is intact: --resume with {advice}"
 
     def _stop_on_signal(self) -> None:
         received = signal.Signals(self.stop_signal or signal.SIGTERM)  # another rank may have got it
