@@ -219,6 +219,41 @@ def test_a_learning_rate_or_clip_that_is_not_a_finite_number_is_named(setting):
         load_run_config("rqvae-mnist", [setting])
 
 
+def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_settings_are_named(tmp_path, capsys,
+                                                                                                  caplog):  # fmt: skip
+    """`--resume d=2` loaded the depth-4 shared codebook into a depth-2 model and went on: the export then gave
+    4x4x2 codes, unlike the stores and AR models made from the run. A preset given with --resume replaced the run's
+    data and schedule without a word."""
+    from conftest import file_contents
+
+    run = tmp_path / "run"
+    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=128", "steps=2", "train.eval_every=2",
+             "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    before = file_contents(run)
+    for setting, key, trained in [("d=2", "model.quantizer.depth", 4), ("model.conv.resolution=64 data.image_size=64",
+                                  "model.conv.resolution", 32), ("model.conv.ch=32", "model.conv.ch", 16)]:  # fmt: skip
+        code, err = run_cli(["train", "tokenizer", "--resume", *setting.split(), "steps=3", "--out", str(run)], capsys)
+        given = setting.split()[0].split("=")[1]
+        assert code == 2 and err == (f"vqar: error: resuming {run}: {key}={given} differs from the run's {key}="
+                                     f"{trained}, whose checkpoints hold that model's weights; leave {key} out, or "
+                                     "start a new run in another --out\n"), err  # fmt: skip
+        assert file_contents(run) == before
+    # What only shapes training may change, and so may the settings of the backbone not in use.
+    resumed = ["train", "tokenizer", "--resume", "model.quantizer.beta=0.5", "model.quantizer.restart_dead=false",
+               "model.vit.patch_size=4", "steps=3", "--out", str(run)]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        assert run_cli(resumed, capsys)[0] == 0
+    assert "settings other than" not in caplog.text  # what the command line names is meant
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        code, err = run_cli(["train", "tokenizer", "--resume", "rqvae-mnist", *TINY_RUN, "steps=4", "--out", str(run)],
+                            capsys)  # fmt: skip
+    assert code == 0, err
+    assert (f"resuming {run} with settings other than its run.yaml's: model.vit.patch_size 4 -> 8, "
+            "model.quantizer.beta 0.5 -> 0.25, model.quantizer.restart_dead False -> True, train.eval_every 2 -> 250"
+            ) in caplog.text  # the command line's data.max_images=600 and steps=4 are meant  # fmt: skip
+
+
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
     import os
     import signal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from vqar.configs import ConfigError, preset_names, to_yaml
 
 GROUPS = ("tokenizer", "ar")
 RUN_KINDS = {"tokenizer": "a tokenizer run", "ar": "an AR run"}
+log = logging.getLogger("vqar.train")
 
 
 def _load_run_config(group: str, preset, overrides):
@@ -26,6 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
     if args.resume:
         _check_stage(run_dir, args.group)
+    preset_given = preset is not None
     if args.resume and preset is None:
         saved = run_dir / "run.yaml"
         if not saved.is_file():
@@ -39,6 +42,9 @@ def run_train(args: argparse.Namespace) -> int:
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     cfg = _load_run_config(args.group, preset, overrides)
+    if args.resume and preset_given and int(os.environ.get("RANK", "0")) == 0:
+        named = {cfg.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
+        _say_changed_settings(run_dir, to_yaml(cfg), named)
     if args.group == "tokenizer":
         from vqar.train.tokenizer import train_tokenizer as train
     else:
@@ -62,6 +68,26 @@ def _check_stage(run_dir: Path, group: str) -> None:
     if stage is not None and stage != group:
         raise ConfigError(f"{run_dir} is {RUN_KINDS[stage]}, not {RUN_KINDS[group]} (resume it with `vqar train "
                           f"{stage} --resume --out {run_dir}`)")  # fmt: skip
+
+
+def _say_changed_settings(run_dir: Path, run_yaml: str, named: set[str]) -> None:
+    """Warns of each setting other than the `named` ones that a run resumed with a preset takes other than its
+    run.yaml's: the preset states all of its own (`data.max_images`, `train.steps`), which would replace the run's
+    without a word. (Those that change the model are refused before this.)"""
+    import yaml
+
+    from vqar.train.checkpoint import trained_settings
+
+    def flat(node, prefix=""):
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before, now = flat(trained_settings(run_dir)), flat(yaml.safe_load(run_yaml))
+    changed = [f"{key} {before[key]} -> {value}" for key, value in now.items()
+               if key in before and before[key] != value and key not in named]  # fmt: skip
+    if changed:
+        log.warning("resuming %s with settings other than its run.yaml's: %s", run_dir, ", ".join(changed))
 
 
 def _check_same_architecture(saved: Path, overrides) -> None:

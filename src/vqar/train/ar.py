@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vqar.ar import ARModel, Conditioning, get_architecture
@@ -33,6 +32,7 @@ from vqar.parallel import DistConfig, Parallel, sync
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.draw import check_drawable
 from vqar.text import TextTokenizer
+from vqar.train.checkpoint import refuse_changed_model, trained_settings
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
@@ -494,28 +494,18 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
 
 
 def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
-    """Refuses to resume a run with settings that change the model it trains (`model.n_head=8`, `size=`): its
-    checkpoints hold that model's weights, which then either fail to load, naming tensors, or, where the shapes
-    agree (another head count), load into another network that trains on unsaid. Settings that only shape training
-    (`train.*`, `ARConfig.TRAINING_FIELDS`) may change; the data fields are checked against the store instead."""
-    try:
-        trained = yaml.safe_load((run_dir / "run.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a run that never wrote one has no model to compare with
-        return
-    if not isinstance(trained, dict):
-        return
+    """Refuses to resume a run with settings that change the model it trains (`model.n_head=8`, `size=`). Settings
+    that only shape training (`train.*`, `ARConfig.TRAINING_FIELDS`) may change; the data fields are checked against
+    the store instead."""
+    trained = trained_settings(run_dir)
     fields = get_architecture(cfg.arch).config
     given = {"arch": cfg.arch, "size": cfg.size}
     given.update((f"model.{name}", value) for name, value in asdict(cfg.model).items()
                  if name not in fields.DATA_FIELDS and name not in fields.TRAINING_FIELDS)  # fmt: skip
     model = trained.get("model") if isinstance(trained.get("model"), dict) else {}
     before = {"arch": trained.get("arch"), "size": trained.get("size"), **{f"model.{k}": v for k, v in model.items()}}
-    for key, value in given.items():
-        if key not in before or _model_defining(key, value) == _model_defining(key, before[key]):
-            continue  # a field that an older run.yaml lacks has nothing to compare with
-        raise ValueError(f"resuming {run_dir}: {key}={value} differs from the run's {key}={before[key]}, whose "
-                         f"checkpoints hold that model's weights; leave {key} out, or start a new run in another "
-                         "--out")  # fmt: skip
+    if trained:
+        refuse_changed_model(run_dir, given, before, _model_defining)
 
 
 def _model_defining(key: str, value: Any) -> Any:

@@ -20,10 +20,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -257,3 +259,26 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     for folder in (run_dir, checkpoint_dir(run_dir), *[p for p in run_dir.iterdir() if p.is_dir()]):
         for leftover in remove_leftovers(folder):
             log.info("removed %s, left by a process that was killed while writing it", leftover)
+
+
+def trained_settings(run_dir: Path) -> dict[str, Any]:
+    """The run.yaml of the run in `run_dir` as a dict; empty when there is none (a run that never wrote one) or it
+    cannot be read."""
+    try:
+        trained = yaml.safe_load((Path(run_dir) / "run.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return trained if isinstance(trained, dict) else {}
+
+
+def refuse_changed_model(run_dir: Path, given: Mapping[str, Any], before: Mapping[str, Any],
+                         meaning: Callable[[str, Any], Any] = lambda key, value: value) -> None:  # fmt: skip
+    """ValueError naming the first setting of `given` (flat `key: value`) whose `meaning` differs from the run's in
+    `before`: a resumed run's checkpoints hold the weights of the model it trained, which then either fail to load,
+    naming tensors, or, where the shapes agree (another head count, another depth of a shared codebook), load into
+    another network that trains on unsaid. A key an older run.yaml lacks has nothing to compare with."""
+    for key, value in given.items():
+        if key in before and meaning(key, value) != meaning(key, before[key]):
+            raise ValueError(f"resuming {run_dir}: {key}={value} differs from the run's {key}={before[key]}, whose "
+                             f"checkpoints hold that model's weights; leave {key} out, or start a new run in another "
+                             "--out")  # fmt: skip

@@ -19,6 +19,7 @@ from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
 from vqar.tokenizers.registry import backbone
+from vqar.train.checkpoint import refuse_changed_model, trained_settings
 from vqar.train.config import TrainConfig
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
@@ -240,6 +241,8 @@ def train_tokenizer(
     """Trains a tokenizer into `run_dir` and returns the final validation metrics."""
     if cfg.dist.strategy != "ddp":
         raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {cfg.dist.strategy}")
+    if resume:
+        check_same_model(cfg, Path(run_dir))
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "tokenizer") as (par, run_dir):
         train_set, val_set = build_datasets(cfg.data)
         check_readable(train_set, cfg.data.source)
@@ -258,3 +261,28 @@ def train_tokenizer(
         )
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
+
+
+# Settings of the model section that shape how it trains, not what its weights mean: they may change on --resume.
+TRAINING_ONLY = {"conv.dropout", "vit.dropout", *(f"quantizer.{name}" for name in (
+    "beta", "entropy_weight", "entropy_temperature", "decay", "eps", "kmeans_init", "kmeans_iters", "restart_dead",
+    "dead_threshold"))}  # fmt: skip
+
+
+def check_same_model(cfg: TokenizerRunConfig, run_dir: Path) -> None:
+    """Refuses to resume a run with settings that change the tokenizer it trains (`d=2`, `model.conv.resolution`):
+    a depth-4 shared codebook loads into a depth-2 model, whose export then gives other codes than the stores and AR
+    models made from the run. The settings of the backbone not in use (`model.vit.*` of a conv tokenizer) and the
+    training-only ones (`TRAINING_ONLY`) may change."""
+    trained = trained_settings(run_dir).get("model")
+    if not isinstance(trained, dict):
+        return
+    model = dataclasses.asdict(cfg.model)
+    sections = (backbone(cfg.model.arch).name, "quantizer")
+    given = {f"model.{key}": value for key, value in model.items() if key not in ("conv", "vit", "quantizer")}
+    given.update((f"model.{section}.{key}", value) for section in sections for key, value in model[section].items()
+                 if f"{section}.{key}" not in TRAINING_ONLY)  # fmt: skip
+    before = {f"model.{key}": value for key, value in trained.items() if not isinstance(value, dict)}
+    before.update((f"model.{section}.{key}", value) for section in sections
+                  if isinstance(trained.get(section), dict) for key, value in trained[section].items())  # fmt: skip
+    refuse_changed_model(run_dir, given, before)
