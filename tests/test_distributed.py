@@ -24,8 +24,10 @@ from conftest import TINY_AR, TINY_RUN
 pytestmark = pytest.mark.slow
 
 # Equal updates on any number of processes need randomness that does not depend on the split of the batch:
-# no random flips, no dead-code restarts (their candidates come from each rank's half batch), no dropout, one view
-# per item.
+# no random flips, no dropout, one view per item. Dead-code restarts draw from the whole global batch as one
+# process does (`test_dead_codes_restart_from_the_global_batch`), but they copy batch vectors into the codebook,
+# many of them equal (blank digit corners), so the rounding of two processes' gradient sums flips assignments
+# between such twins and the codebooks part ways within a few steps: the runs here turn restarts off.
 TOKENIZER_RUN = [*TINY_RUN, "data.max_images=256", "data.random_flip=false", "model.quantizer.restart_dead=false"]
 TOKENIZER_RUN += ["steps=6", "train.eval_every=6", "train.ckpt_every=3", "train.log_every=3"]
 AR_RUN = [
@@ -127,6 +129,40 @@ def test_two_process_ddp_tokenizer_matches_one_process(tmp_path):
         "step-0000003",
         "step-0000006",
     ]
+
+
+CODEBOOK_STEP = """
+import sys, torch, torch.distributed as dist
+from vqar.quantize.codebook import Codebook
+distributed = len(sys.argv) > 2
+if distributed:
+    dist.init_process_group("gloo")
+rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+batch = torch.randn(8, 4, 6, generator=torch.Generator().manual_seed(1))  # 8 images x 4 positions
+local = batch[rank::world]  # the training sampler's split: rank r takes items r, r + W, ...
+torch.manual_seed(0)  # the codebook, and the random stream of rank 0 (seed + rank) and of one process
+book = Codebook(64, 6, ema=True, restart_dead=True)
+for _ in range(3):  # every code dead at first: all restart from 32 batch vectors, tiled with noise
+    rows = local.reshape(-1, 6)
+    book.update(rows, book.nearest(rows), items=len(local))
+if rank == 0:
+    torch.save(book.state_dict(), sys.argv[1])
+"""
+
+
+def test_dead_codes_restart_from_the_global_batch(tmp_path):
+    """The restart candidates came from rank 0's share of the batch alone: with W processes, 1/W of the vectors
+    one process draws from (at scale, a local batch too small to fill a codebook, tiled with noise)."""
+    script = tmp_path / "codebook_step.py"
+    script.write_text(CODEBOOK_STEP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, check=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(_free_port()), str(script), str(tmp_path / "two.pt"), "distributed"]  # fmt: skip
+    subprocess.run(launch, env=env, check=True, timeout=300, capture_output=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    apart = {key: (one[key].float() - two[key].float()).abs().max() for key in one}
+    assert all(torch.equal(one[key], two[key]) for key in one), apart
 
 
 @pytest.mark.parametrize(

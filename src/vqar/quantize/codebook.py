@@ -102,13 +102,16 @@ class Codebook(nn.Module):
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
-    def maybe_init(self, x: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+    def maybe_init(self, x: torch.Tensor | Callable[[], torch.Tensor], items: int | None = None) -> None:
         """k-means initialisation from `x` (N, dim) the first time any rank asks for it; `x` may be a function
-        that makes the vectors, called only then."""
+        that makes the vectors, called only then. `items`: the number of images whose rows `x` holds (item-major),
+        so that the vectors of every rank's images are drawn from as one process would draw from the whole batch."""
         if not sync.any_rank(not bool(self.initialized), self.weight.device):
             return
         if callable(x):
             x = x()
+        elif items is not None:  # every rank gathers, one with an empty batch too
+            x = sync.gather_batch(x, items)
         centroids = kmeans(x.float(), self.size, self.kmeans_iters, self.l2_norm) if len(x) else self.vectors()
         sync.broadcast_(centroids)
         self.weight.data.copy_(centroids)
@@ -120,11 +123,11 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, codes: torch.Tensor,
-               restart_pool: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
+               restart_pool: Callable[[], torch.Tensor] | None = None, items: int | None = None) -> None:  # fmt: skip
         """One training step of codebook statistics from lookup-space vectors `x` (N, dim) assigned to `codes`.
-        Dead codes restart from rows of `restart_pool()` (default `x`), called only when there are dead codes: a
-        multi-scale quantizer draws a pool with every scale equally represented, so that the few vectors of its
-        coarse scales get codes too."""
+        Dead codes restart from rows of `restart_pool()` (default `x`, gathered from every rank as `maybe_init`
+        does with `items`), called only when there are dead codes: a multi-scale quantizer draws a pool with every
+        scale equally represented, so that the few vectors of its coarse scales get codes too."""
         x = x.float()
         counts = torch.bincount(codes, minlength=self.size).float()
         sums = torch.zeros(self.size, self.dim, device=x.device).index_add_(0, codes, x) if self.ema else None
@@ -134,18 +137,21 @@ class Codebook(nn.Module):
         if self.ema:
             self.embed_ema.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         if self.restart_dead:
-            self._restart_dead_codes(x, restart_pool)
+            self._restart_dead_codes(x, restart_pool, items)
         if self.ema:
             n = self.cluster_size_ema.sum()
             smoothed = n * (self.cluster_size_ema + self.eps) / (n + self.size * self.eps)
             self.weight.data.copy_(self.embed_ema / smoothed.unsqueeze(1))
 
-    def _restart_dead_codes(self, x: torch.Tensor, pool: Callable[[], torch.Tensor] | None = None) -> None:
+    def _restart_dead_codes(self, x: torch.Tensor, pool: Callable[[], torch.Tensor] | None = None,
+                            items: int | None = None) -> None:  # fmt: skip
         dead = self.cluster_size_ema < self.dead_threshold
         if not sync.any_rank(bool(dead.any()), x.device):
             return
         if pool is not None:
             x = pool().float()
+        elif items is not None:  # every rank gathers, one with an empty batch too
+            x = sync.gather_batch(x, items)
         candidates = sample_vectors(x, self.size) if len(x) else self.weight.detach().float().clone()
         sync.broadcast_(candidates)
         column = dead.unsqueeze(1)

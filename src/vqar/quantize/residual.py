@@ -99,11 +99,11 @@ class ResidualQuantizer(Quantizer):
             for d in range(self.depth):
                 codebook = self.codebook(d)
                 if self.training:
-                    codebook.maybe_init(residual)
+                    codebook.maybe_init(residual, items=len(z))
                 code = codebook.nearest(residual)
                 q = codebook.lookup(code)  # looked up before this depth's EMA update
                 if self.training:
-                    codebook.update(residual, code)
+                    codebook.update(residual, code, items=len(z))
                 if not codebook.ema:
                     codebook_losses.append(F.mse_loss(q, residual))
                 q = q.detach()

@@ -101,11 +101,11 @@ class VectorQuantizer(Quantizer):
             if self.l2_norm:
                 h = F.normalize(h, dim=-1)
             if self.training:
-                self.codebook.maybe_init(h.detach())
+                self.codebook.maybe_init(h.detach(), items=len(z))
             codes = self.codebook.nearest(h.detach())
             q = self.codebook.lookup(codes)  # looked up before this step's EMA update
             if self.training:
-                self.codebook.update(h.detach(), codes)
+                self.codebook.update(h.detach(), codes, items=len(z))
             commitment = F.mse_loss(h, q.detach())
             loss = self.beta * commitment
             if not self.codebook.ema:
