@@ -148,6 +148,58 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_samples(tmp_path, capsys):
+    """A folder was judged by its top-level names alone: images/ of the user's photos or a prompts.txt of their own
+    passed for "a sample folder", and --overwrite deleted them."""
+    photos, prompts = tmp_path / "proj", tmp_path / "myp"
+    (photos / "images").mkdir(parents=True)
+    (photos / "images" / "holiday.jpg").write_text("mine")
+    prompts.mkdir()
+    (prompts / "prompts.txt").write_text("a seven\nthe digit one\n")
+    for out, held in ((photos, "images"), (prompts, "prompts.txt")):
+        before = file_contents(out)
+        code, err = run_cli(["sample", "--model", str(tmp_path / "none"), "--out", str(out), "--overwrite"], capsys)
+        assert code == 2 and err == (f"vqar: error: {out} is not a sample folder (it holds {held}); --overwrite "
+                                     "replaces only a sample folder, so nothing was changed: choose another --out\n")
+        assert file_contents(out) == before
+
+
+@pytest.mark.parametrize("case", ["user-file", "a-run", "an-exported-tokenizer", "a-file", "empty-name"])
+def test_the_demo_refuses_an_out_it_did_not_write_before_training(tmp_path, capsys, monkeypatch, case):
+    """`vqar demo --out RUN` replaced an AR run's tokenizer/ with its own and the pictures in its samples/; `--out ""`
+    wrote into the working folder. Refused before the first training step."""
+    import vqar.train.tokenizer
+
+    def train_tokenizer(*args, **kwargs):
+        raise AssertionError("the demo trained before it checked --out")
+
+    monkeypatch.setattr(vqar.train.tokenizer, "train_tokenizer", train_tokenizer)
+    out = tmp_path / "out"
+    if case == "user-file":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        message = f"{out} holds notes.txt, which no demo wrote"
+    elif case == "a-run":
+        out.mkdir()
+        _fake_run(out)
+        message = f"{out} holds checkpoints, config.json, metrics.jsonl, model.safetensors and 1 more, which no demo"
+    elif case == "an-exported-tokenizer":  # the model folder of a tokenizer, not a demo's run
+        (out / "tokenizer").mkdir(parents=True)
+        (out / "tokenizer" / "config.json").write_text("{}")
+        message = f"{out / 'tokenizer'} is not the demo's tokenizer run, which the demo would write over"
+    elif case == "a-file":
+        out.write_text("mine")
+        message = f"{out} is a file; choose another --out for the demo"
+    else:
+        out, message = "", "--out is empty: name the folder the demo writes into"
+    before = file_contents(out) if out and Path(out).is_dir() else None
+    code, err = run_cli(["demo", "--quick", "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    if before is not None:
+        assert file_contents(out) == before
+    assert not (tmp_path / "tokenizer").exists()
+
+
 def test_an_out_that_cannot_be_made_is_refused_before_sampling(sampler_folder, tmp_path, capsys, monkeypatch):
     """`--out notes.txt/samples` failed with "[Errno 20] Not a directory" after every image was drawn, losing them."""
     import importlib

@@ -20,13 +20,16 @@ import torch
 
 from vqar.bundle import load
 from vqar.data import DataConfig
+from vqar.data.codes import is_code_store
 from vqar.data.extraction import extract_codes
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.sampling import SamplingSettings, draw, make_conditions
-from vqar.sampling.export import write_adm_npz, write_samples
+from vqar.sampling.export import is_sample_folder, write_adm_npz, write_samples
 from vqar.train import ar as ar_training
 from vqar.train import tokenizer as tokenizer_training
 from vqar.utils.device import cpu_kind
+from vqar.utils.io import describe_entries, folder_entries
+from vqar.utils.runs import run_kind
 from vqar.utils.threads import apply_thread_policy, thread_summary
 
 log = logging.getLogger("vqar")
@@ -65,12 +68,42 @@ PIPELINES = {
 }  # fmt: skip
 
 
+# What a demo writes into its folder (and the work folder of an extraction it was stopped in).
+DEMO_OUTPUTS = ("tokenizer", "codes", "ar", "samples", "report.json", ".codes.partial")
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuses an `out` the demo would write over unasked, before any training: it replaces what an earlier demo
+    (or one that was stopped) wrote there and nothing else, so a folder holding anything more (a training run, a
+    model, your files), or whose tokenizer/, ar/, codes/ or samples/ is not what the demo makes, is named."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose another --out for the demo")
+    others = [name for name in folder_entries(out) if name not in DEMO_OUTPUTS]
+    if others:
+        raise FileExistsError(f"{out} holds {describe_entries(others)}, which no demo wrote: the demo replaces an "
+                              "earlier demo's tokenizer/, codes/, ar/, samples/ and report.json and nothing else; "
+                              "choose a new or empty --out")  # fmt: skip
+    expected = {"tokenizer": ("the demo's tokenizer run", lambda p: run_kind(p) == "tokenizer"),
+                "ar": ("the demo's AR run", lambda p: run_kind(p) == "ar"),
+                "codes": ("a code store", is_code_store), "samples": ("a sample folder", is_sample_folder)}
+    for name, (kind, is_kind) in expected.items():
+        path = out / name
+        if folder_entries(path) and not is_kind(path) or path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is not {kind}, which the demo would write over; choose a new or empty "
+                                  "--out")  # fmt: skip
+    if (out / "report.json").exists() and not (out / "report.json").is_file():
+        raise FileExistsError(f"{out / 'report.json'} is not a file; choose a new or empty --out")
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cache: str | Path | None = None,
              arch: str = "rq") -> dict:  # fmt: skip
     """Runs the pipeline of `arch` (see `PIPELINES`) into `out` (replacing an earlier demo there) and returns the
     report."""
     if arch not in PIPELINES:
         raise ValueError(f"the demo runs arch {' or '.join(PIPELINES)}, not {arch!r}")
+    if not str(out).strip():
+        raise ValueError("--out is empty: name the folder the demo writes into (default runs/demo)")
+    check_demo_folder(Path(out))
     apply_thread_policy()  # a no-op after the CLI's; keeps a count the caller set
     out = Path(out)
     pipeline = PIPELINES[arch]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,27 @@ SAMPLE_OUTPUTS = ("grid.png", "images", "samples.npz", "prompts.txt")
 GATHER_PREFIX = ".gather-rank"
 
 
+# The names `_write_images` gives the pictures of images/.
+IMAGE_NAME = re.compile(r"(class|prompt)\d{4,}_\d{6,}\.png|sample_\d{6,}\.png")
+
+
 def is_sample_folder(path: Path) -> bool:
-    """Whether everything in `path` is the output of a sample run (what `vqar sample --overwrite` replaces): a
-    folder with anything else in it (your files, a training run) is not."""
-    return all(name in SAMPLE_OUTPUTS or name.startswith(GATHER_PREFIX) for name in folder_entries(path))
+    """Whether everything in `path` is the output of a sample run (what `vqar sample --overwrite` replaces): its
+    grid.png or samples.npz, and images/ holding only pictures named as a run names them. A folder with anything
+    else in it (your files, a training run, an images/ folder of your photos, a prompts.txt of your own) is not."""
+    path = Path(path)
+    entries = folder_entries(path)
+    if not all(name in SAMPLE_OUTPUTS or name.startswith(GATHER_PREFIX) for name in entries):
+        return False
+    if entries and not {"grid.png", "samples.npz"} & set(entries):
+        return False
+    files = [path / name for name in ("grid.png", "samples.npz", "prompts.txt")]
+    if any(file.exists() and not file.is_file() for file in files):
+        return False
+    images = path / "images"
+    if not images.exists():
+        return True
+    return images.is_dir() and all(IMAGE_NAME.fullmatch(name) for name in folder_entries(images))
 
 
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
