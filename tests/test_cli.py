@@ -254,7 +254,8 @@ def test_train_then_reconstruct(tmp_path, capsys):
     picture = Image.open(out_dir / "digit_recon.png")
     assert picture.size == (2 * 32 + 3 * 2, 32 + 2 * 2)
     assert not (out_dir / "bad_recon.png").exists()
-    assert main(["reconstruct", "--tokenizer", str(run_dir), str(good), "--out", str(out_dir), "--size", "30"]) == 2
+    again = ["reconstruct", "--tokenizer", str(run_dir), str(good), "--out", str(out_dir), "--overwrite"]
+    assert main([*again, "--size", "30"]) == 2
     assert "multiple of" in capsys.readouterr().err
 
 
@@ -307,6 +308,23 @@ def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_
     err = capsys.readouterr().err
     assert err.startswith("vqar: error: --size 20000 asks for 20000x20000 images, over the") and "single" not in err
     assert not (tmp_path / "recon3").exists()
+
+
+def test_reconstruct_writes_over_a_picture_already_there_only_with_overwrite(fixtures, tmp_path, capsys):
+    """A file of the user's at `NAME_recon.png` in --out was written over without a word."""
+    digits, _ = load_mnist_digits()
+    picture = tmp_path / "0.png"
+    Image.fromarray(digits[3]).save(picture)
+    out = tmp_path / "recon"
+    out.mkdir()
+    (out / "0_recon.png").write_text("my notes")
+    command = ["reconstruct", "--tokenizer", str(fixtures / "rqvae/stage1"), str(picture), "--out", str(out)]
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"vqar: error: {out / '0_recon.png'} exists: pass --overwrite to replace the "
+                                       "reconstructions there, or choose another --out\n")  # fmt: skip
+    assert (out / "0_recon.png").read_text() == "my notes"
+    assert main([*command, "--overwrite"]) == 0
+    assert (out / "0_recon.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # the reconstruction now
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from vqar.eval.reconstruct import reconstruct_files
 
     failures = reconstruct_files(args.tokenizer, args.images, args.out, size=args.size, depth=args.depth,
-                                 device=args.device, config=args.config)  # fmt: skip
+                                 device=args.device, config=args.config, overwrite=args.overwrite)  # fmt: skip
     return 1 if failures else 0
 
 
@@ -100,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads), or "
                        "folders of them (read recursively; the reconstructions keep their relative paths under --out)")
     recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
+    recon.add_argument("--overwrite", action="store_true",
+                       help="replace pictures already at the names the reconstructions take (NAME_recon.png)")
     recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")
     recon.add_argument("--depth", type=positive_int,
                        help="decode coarse to fine: the first DEPTH codes of a stack, or VAR's first DEPTH scales")

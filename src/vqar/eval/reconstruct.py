@@ -41,16 +41,26 @@ def reconstruct_files(
     depth: int | None = None,
     device: str = "auto",
     config=None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Writes `<out_dir>/<name>_recon.png` for each image and prints its PSNR; returns the files that failed.
 
     A folder in `images` stands for the image files under it, written under the same relative paths. One unreadable
     file does not stop the others; it is reported and listed in the return value. `config`: the architecture of a
-    file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it."""
+    file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it. A picture already at
+    one of the names is replaced only with `overwrite`: it may be the user's own file."""
     # Folders are listed before the model loads, so an empty one fails at once.
     entries = _images_and_names(images)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the tokenizer loads, not at mkdir
         raise FileExistsError(f"--out {out_dir} is a file; give a folder for the reconstructions")
+    targets = _targets(entries, Path(out_dir))
+    taken = [target for target in targets if target.exists() or target.is_symlink()]
+    if taken and not overwrite:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise FileExistsError(f"{taken[0]} exists{more}: pass --overwrite to replace the reconstructions there, or "
+                              "choose another --out")  # fmt: skip
+    if any(target.is_dir() for target in taken):
+        raise FileExistsError(f"{next(t for t in taken if t.is_dir())} is a folder; choose another --out")
     if size is not None and Image.MAX_IMAGE_PIXELS and size * size > Image.MAX_IMAGE_PIXELS:
         # else every image is reported unreadable, as a "decompression bomb", once resized to it
         raise ValueError(f"--size {size} asks for {size}x{size} images, over the {Image.MAX_IMAGE_PIXELS:,} pixels "
@@ -70,8 +80,8 @@ def reconstruct_files(
                          f"a residual stack's depths or VAR's scales), got {depth}")  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures, written, values = [], set(), []
-    for path, stem in entries:
+    failures, values = [], []
+    for (path, _), target in zip(entries, targets, strict=True):
         try:
             x = load_image_tensor(path, model.in_channels, size).to(dev)
         except (FileNotFoundError, ValueError) as err:
@@ -82,9 +92,6 @@ def reconstruct_files(
             recon = model.decode(model.encode(x), depth=depth).clamp(-1, 1)
         value = float(psnr(x, recon)[0])
         values.append(value)
-        name = stem if stem not in written else f"{stem}_{len(written)}"
-        written.add(name)
-        target = out_dir / f"{name}_recon.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid([torch.cat([x, recon]).cpu()]), target)
         print(f"{path}: PSNR {value:.2f} dB -> {target}")
@@ -93,6 +100,16 @@ def reconstruct_files(
         mean = f": mean PSNR {sum(values) / len(values):.2f} dB" if values else ""
         print(f"{len(values)} of {len(entries)} images reconstructed{failed}{mean}")
     return failures
+
+
+def _targets(entries: list[tuple[Path, str]], out_dir: Path) -> list[Path]:
+    """The file each image's reconstruction goes to: `<name>_recon.png`, a repeated name numbered apart."""
+    targets, written = [], set()
+    for _, stem in entries:
+        name = stem if stem not in written else f"{stem}_{len(written)}"
+        written.add(name)
+        targets.append(out_dir / f"{name}_recon.png")
+    return targets
 
 
 def _images_and_names(images: Sequence[str | Path]) -> list[tuple[Path, str]]:
