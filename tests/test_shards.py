@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import TINY_RUN
 from vqar.bundle import load, save_pretrained
 from vqar.cli import main
 from vqar.data import DataConfig, MnistDataset, evaluation_loader, open_dataset, training_loader
-from vqar.data.codes import CodeDataset
+from vqar.data.codes import CodeDataset, read_manifest
 from vqar.data.extraction import extract_codes
 from vqar.data.pack import pack_shards
 from vqar.data.shards import ShardDataset, decode_sample, scan_shard, shard_samples
@@ -160,6 +161,25 @@ def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path):
     for item in tail:
         if not hasattr(item, "image"):
             assert item.path == str(tmp_path / "a-1.tar")
+
+
+def test_extraction_counts_every_lost_sample_and_says_what_it_stored(untrained_tokenizer, tmp_path, caplog):
+    """A shard cut short lost the 7 samples its index promised under one path: the summary said "1 unreadable image
+    file" and "encoded 20 images" where 13 were stored."""
+    images = tmp_path / "digits.npz"
+    np.savez(images, arr_0=np.random.default_rng(0).integers(0, 255, (20, 8, 8), dtype=np.uint8),
+             arr_1=np.arange(20) % 3)  # fmt: skip
+    assert main(["pack-shards", str(images), "--out", str(tmp_path / "shards"), "--shard-size", "7"]) == 0
+    with open(tmp_path / "shards" / "shard-000001.tar", "r+b") as shard:
+        shard.truncate(600)  # inside its first member: all 7 samples are lost
+    out = tmp_path / "codes"
+    with caplog.at_level(logging.INFO, logger="vqar"):
+        assert main(["extract-codes", "--tokenizer", str(untrained_tokenizer), "--data",
+                     str(tmp_path / "shards" / "shards.json"), "--out", str(out)]) == 0  # fmt: skip
+    manifest = read_manifest(out)
+    assert manifest["num_items"] == 13 and manifest["skipped_files"] == 1 and manifest["skipped_samples"] == 7
+    assert "skipped 7 unreadable samples in 1 file" in caplog.text
+    assert re.search(r"encoded 13 images in ", caplog.text), caplog.text
 
 
 def test_a_caption_that_is_no_unicode_text_makes_its_sample_unusable():

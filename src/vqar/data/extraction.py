@@ -101,6 +101,7 @@ class _OpenUnit:
     labels: dict[int, int] = field(default_factory=dict)
     captions: dict[int, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    skipped_samples: int = 0  # a damaged shard loses several samples under one path
     uncaptioned: int = 0
 
 
@@ -158,6 +159,7 @@ class _WorkFolder:
             "files": files,
             "sha256": {k: sha256_file(self.path / f) for k, f in files.items()},
             "skipped": open_unit.skipped,
+            "skipped_samples": open_unit.skipped_samples,
             "uncaptioned": open_unit.uncaptioned,
         }
         atomic_write_text(self.part(u), json.dumps(record))
@@ -271,20 +273,20 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         elif par.is_main:  # nothing to resume: the work folder would only be litter beside --out
             shutil.rmtree(work.path, ignore_errors=True)
         raise failure or PeerFailed("another process failed while extracting codes (see its messages)")
-    manifest, problem = None, None
+    manifest, problem, stored = None, None, 0
     if par.is_main:
         try:
+            # A resumed extraction encoded only the shards it lacked: the count and the rate are of those.
+            stored = sum(json.loads(work.part(u).read_text())["count"] for u in unfinished)
             manifest = _publish(work, out_dir, units, plan, tokenizer, tokenizer_dir, dataset, size)
         except Exception as err:
             problem = err
     if par.any(problem is not None):
         raise problem or PeerFailed("rank 0 failed to write the code store (see its messages)")
-    manifest = par.gather(manifest)[0]
+    manifest, stored = par.gather((manifest, stored))[0]
     seconds = time.perf_counter() - started
-    # A resumed extraction encoded only the shards it lacked: the rate is of those, not of the whole store.
-    encoded = sum(units[u].size for u in unfinished)
-    log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", encoded, seconds,
-             encoded / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
+    log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", stored, seconds,
+             stored / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
     return manifest
 
 
@@ -335,6 +337,7 @@ def _add(open_unit: _OpenUnit, batch: Batch, item, codes: np.ndarray | None, cap
     if not isinstance(item, int):  # a BadSample, or the samples a short shard lacks (one warning for them all)
         open_unit.seen += item.count
         open_unit.skipped.append(item.path)
+        open_unit.skipped_samples += item.count
         if item.count > 1:
             log.warning("skipping %d samples of %s: %s", item.count, item.path, item.error)
         else:
@@ -398,6 +401,7 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
         "num_classes": int(getattr(dataset, "num_classes", 0)),
         "class_names": list(getattr(dataset, "class_names", [])),
         "skipped_files": len({path for p in parts for path in p["skipped"]}),
+        "skipped_samples": sum(p.get("skipped_samples", len(p["skipped"])) for p in parts),  # (older part records)
         "shards": shards,
     }
     if plan["captioned"]:  # each shard lists its caption files (`vqar.data.caption_store`)
@@ -408,7 +412,9 @@ def _publish(work: _WorkFolder, out_dir: Path, units: list[Unit], plan: dict, to
     replace_directory(work.path, out_dir)
     for leftover in [*out_dir.glob("part-*.json"), out_dir / PLAN]:
         leftover.unlink(missing_ok=True)
-    bad = manifest["skipped_files"]
-    if bad:
-        log.warning("skipped %d unreadable image %s", bad, "file" if bad == 1 else "files")
+    files, samples = manifest["skipped_files"], manifest["skipped_samples"]
+    if samples > files:
+        log.warning("skipped %d unreadable samples in %d %s", samples, files, "file" if files == 1 else "files")
+    elif files:
+        log.warning("skipped %d unreadable image %s", files, "file" if files == 1 else "files")
     return manifest
