@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, run_cli
 from vqar.cli import main
 from vqar.data import load_mnist_digits
 
@@ -397,3 +398,21 @@ def test_bench_sample_refuses_a_bad_sampling_setting_before_building_the_model(s
     monkeypatch.setattr(vqar.eval.throughput, "build_models", build_models)
     assert main(["bench", "sample", setting, "--device", "cpu"]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_codes_path_that_does_not_exist_is_called_missing_and_a_store_is_no_tokenizer(tmp_path, capsys,
+                                                                                     tokenizer_folder):  # fmt: skip
+    """`codes=nonexist` was "nonexist is not a code store (no manifest.json)"; a code store given to extract-codes as
+    --tokenizer was "not a vqar model folder: ... a training run writes one at its first checkpoint"."""
+    code, err = run_cli(["train", "ar", "rq-mnist", f"codes={tmp_path / 'nonexist'}", "--out", str(tmp_path / "a")],
+                        capsys)  # fmt: skip
+    assert code == 2 and err == (f"vqar: error: data.codes: no code store at {tmp_path / 'nonexist'}: the path does "
+                                 "not exist (make one with `vqar extract-codes --out`)\n"), err  # fmt: skip
+    store = tmp_path / "codes"
+    images = tmp_path / "digits.npz"
+    np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
+    extract = ["extract-codes", "--data", str(images)]
+    assert run_cli([*extract, "--tokenizer", str(tokenizer_folder), "--out", str(store)], capsys)[0] == 0
+    assert (store / "tokenizer" / "config.json").is_file()  # a vqar folder is copied as it is
+    code, err = run_cli([*extract, "--tokenizer", str(store), "--out", str(tmp_path / "c2")], capsys)
+    assert code == 2 and f"{store} is a code store (made by `vqar extract-codes`), not a model" in err, err

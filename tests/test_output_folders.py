@@ -191,13 +191,26 @@ def test_the_demo_refuses_an_out_it_did_not_write_before_training(tmp_path, caps
         out.write_text("mine")
         message = f"{out} is a file; choose another --out for the demo"
     else:
-        out, message = "", "--out is empty: name the folder the demo writes into"
+        out, message = "", "argument --out: is empty"
     before = file_contents(out) if out and Path(out).is_dir() else None
     code, err = run_cli(["demo", "--quick", "--out", str(out)], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     if before is not None:
         assert file_contents(out) == before
     assert not (tmp_path / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "tokenizer", "rqvae-mnist"], ["pack-shards", "x.npz"],
+                                     ["extract-codes", "--tokenizer", "t", "--data", "mnist"],
+                                     ["reconstruct", "--tokenizer", "t", "x.png"], ["demo"]])  # fmt: skip
+def test_an_out_under_a_file_names_the_file_before_anything_runs(tmp_path, capsys, command):
+    """It ended in the OS's "[Errno 17] File exists: 'notes.txt'" (or Errno 20), naming neither --out nor why."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "run"
+    code, err = run_cli([*command, "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"argument --out: {out} cannot be made: {tmp_path / 'notes.txt'} is a file, not a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_sampling(sampler_folder, tmp_path, capsys, monkeypatch):
@@ -213,7 +226,7 @@ def test_an_out_that_cannot_be_made_is_refused_before_sampling(sampler_folder, t
     out = tmp_path / "notes.txt" / "samples"
     code, err = run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"--out {out} cannot be made: {tmp_path / 'notes.txt'} is a file, not a folder" in err
+    assert f"--out: {out} cannot be made: {tmp_path / 'notes.txt'} is a file, not a folder" in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
     # The folder made to check it goes again when the run fails later (here: a class the model lacks).
     code, err = run_cli(["sample", "--model", str(sampler_folder), "--classes", "7", "--out",

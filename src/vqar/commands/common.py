@@ -98,9 +98,15 @@ def non_negative_int(text: str) -> int:
 
 
 def output_path(text: str) -> str:
-    """An argparse type for --out: a path that is not empty (`--out ""` would write into the current folder)."""
+    """An argparse type for --out: a path that is not empty (`--out ""` would write into the current folder) and
+    not under a file (`notes.txt/run`: its folder can never be made; the OS would name only the file)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; name the folder or file to write")
+    for parent in Path(text).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{text} cannot be made: {parent} is a file, not a folder")
+            break
     return text
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command
+from vqar.commands.common import add_command, output_path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "extracts codes, trains a class-conditional RQ-Transformer (with --arch var: the multi-scale "
                        "tokenizer and VAR), samples one row per digit and reports PSNR, usage, validation loss, "
                        "throughput and class accuracy.")  # fmt: skip
-    demo.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
+    demo.add_argument("--out", default="runs/demo", type=output_path, help="where everything goes (default runs/demo)")
     demo.add_argument("--quick", action="store_true",
                       help="a much shorter run, for a smoke test: its figures are far from the targets, and its "
                            "report says so")  # fmt: skip

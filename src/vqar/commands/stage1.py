@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from vqar.commands.common import (
     add_allow_pipe_option,
@@ -51,7 +52,7 @@ def run_extract_codes(args: argparse.Namespace) -> int:
 
 
 def _extract_codes(args: argparse.Namespace, par) -> int:
-    from vqar.bundle import load
+    from vqar.bundle import CONFIG_FILE
     from vqar.data import DataConfig
     from vqar.data.extraction import extract_codes
     from vqar.tokenizers import Tokenizer
@@ -59,7 +60,12 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     if args.crop_range is not None and not args.ten_crop:  # refused rather than silently ignored
         raise ValueError("--crop-range has no effect without --ten-crop: add --ten-crop, or leave it out")
 
-    tokenizer = load(args.tokenizer, device=par.device)
+    from vqar.interop.load import load_pretrained
+
+    # load_pretrained, not bundle.load: a code store or shard folder given here is named as such, and the releases'
+    # own tokenizer files are read too (the store then keeps a vqar copy of them).
+    tokenizer = load_pretrained(args.tokenizer, device=par.device)
+    saved_folder = args.tokenizer if (Path(args.tokenizer) / CONFIG_FILE).is_file() else None
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
     if args.image_size and args.image_size % tokenizer.downsample_factor:  # else found at the first batch
@@ -77,7 +83,7 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     views = "ten-crop" if args.ten_crop else "flip" if args.flip else "none"
     crop = {} if args.crop_range is None else {"crop_range": args.crop_range}  # else extract_codes' default
     manifest = extract_codes(tokenizer, data, args.out, views=views, device=par.device, shard_size=args.shard_size,
-                             overwrite=args.overwrite, tokenizer_dir=args.tokenizer, par=par, **crop)  # fmt: skip
+                             overwrite=args.overwrite, tokenizer_dir=saved_folder, par=par, **crop)  # fmt: skip
     if par.is_main:
         shape = "x".join(map(str, manifest["code_shape"]))
         print(f"wrote {manifest['num_items']} items x {len(manifest['views'])} views of {shape} codes to {args.out}")
@@ -99,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     recon.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
     recon.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads), or "
                        "folders of them (read recursively; the reconstructions keep their relative paths under --out)")
-    recon.add_argument("--out", required=True, help="output folder for the side-by-side pictures")
+    recon.add_argument("--out", required=True, type=output_path, help="output folder for the side-by-side pictures")
     recon.add_argument("--overwrite", action="store_true",
                        help="replace pictures already at the names the reconstructions take (NAME_recon.png)")
     recon.add_argument("--size", type=positive_int, help="resize to this size (default: the tokenizer's resolution)")

@@ -68,6 +68,9 @@ def collate_codes(items: list[CodeSample]) -> CodeBatch:
 
 def read_manifest(path: str | Path) -> dict:
     manifest_path = Path(path) / MANIFEST
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no code store at {path}: the path does not exist (make one with `vqar "
+                                "extract-codes --out`)")  # fmt: skip
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{path} is not a code store (no {MANIFEST}); make one with `vqar extract-codes`")
     manifest = json.loads(manifest_path.read_text())
