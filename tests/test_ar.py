@@ -148,6 +148,25 @@ def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, t
     assert run_cli(["train", "ar", "--resume", "steps=4", "--out", str(run)], capsys)[0] == 0  # its own codes
 
 
+def test_a_resume_on_codes_of_another_shape_names_the_run_not_an_unset_setting(tiny_pipeline, tmp_path, capsys):
+    """It said "model.code_shape=[4, 4, 4] contradicts the code store ...; leave model.code_shape unset", a setting
+    the user never gave: the value is the run's own, from its run.yaml."""
+    from conftest import run_cli
+    from vqar.data import DataConfig
+    from vqar.data.extraction import extract_codes
+
+    larger = tmp_path / "codes48"  # the same tokenizer at 48 px: 6x6 positions
+    extract_codes(vqar.load_pretrained(tiny_pipeline / "tokenizer"), DataConfig(max_images=20, image_size=48), larger)
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
+             "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    code, err = run_cli(["train", "ar", "--resume", f"codes={larger}", "steps=4", "--out", str(run)], capsys)
+    assert code == 2 and err == (f"vqar: error: the run of {run / 'run.yaml'} trains on codes with model.code_shape="
+                                 f"[4, 4, 4], and the code store {larger} gives [6, 6, 4]: resume it on a store that "
+                                 "gives [4, 4, 4], or start a new run in another --out\n"), err  # fmt: skip
+
+
 def test_a_resume_that_changes_the_model_is_refused_naming_the_setting(tiny_pipeline, tmp_path, capsys):
     """Another n_head keeps every weight shape: the run used to go on training another network from the
     checkpoint's weights, and another width failed naming tensors ("was the architecture changed?")."""

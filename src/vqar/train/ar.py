@@ -174,7 +174,9 @@ def compose_run_config(preset: str | Path | None, overrides: Iterable[str] = ())
             schema.model[name] = MISSING
 
     node = compose_node(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base, shape=shape)
-    origins = resolve_data_fields(node, arch.config.DATA_FIELDS)
+    # A run's own run.yaml (`--resume`) states the fields of the store it trained on, which the new store must match.
+    run_yaml = preset if preset is not None and Path(str(preset)).name == "run.yaml" else None
+    origins = resolve_data_fields(node, arch.config.DATA_FIELDS, run_yaml)
     return node, origins
 
 
@@ -227,9 +229,9 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     return "\n".join(lines) + "\n"
 
 
-def resolve_data_fields(node: DictConfig, names: tuple[str, ...]) -> dict[str, str]:
+def resolve_data_fields(node: DictConfig, names: tuple[str, ...], run_yaml: str | Path | None = None) -> dict[str, str]:
     """Fills the data-dependent `names` of `node.model` from the code store of `node.data.codes`; a value the
-    preset, the overrides or a resumed run's run.yaml state must agree with the store. Returns where each field's
+    preset, the overrides or a resumed run's `run_yaml` state must agree with the store. Returns where each field's
     value comes from."""
     codes = node.data.codes
     if not codes:
@@ -237,6 +239,10 @@ def resolve_data_fields(node: DictConfig, names: tuple[str, ...]) -> dict[str, s
     for name, value in data_fields(node, Path(codes)).items():
         if not OmegaConf.is_missing(node.model, name):
             stated = OmegaConf.to_container(node.model)[name]
+            if stated != value and run_yaml is not None:
+                raise ConfigError(f"the run of {run_yaml} trains on codes with model.{name}={stated}, and the code "
+                                  f"store {codes} gives {value}: resume it on a store that gives {stated}, or start a "
+                                  "new run in another --out")  # fmt: skip
             if stated != value:
                 raise ConfigError(f"model.{name}={stated} contradicts the code store {codes}, which gives {value}; "
                                   f"leave model.{name} unset")  # fmt: skip
