@@ -437,6 +437,106 @@ def test_vqar_serve_command(class_run, tmp_path):
     assert not list(scratch.rglob("*")), "vqar serve left temporary files behind"
 
 
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("zero\none\ntwo\n\nthree\nfour\nfive\nsix\nseven\neight\nnine\n", 4),  # 11 lines, 10 names
+        ("zero\none\ntwo\n  \t\nthree\nfour\nfive\nsix\nseven\neight\nnine", 4),  # whitespace only
+        ("\nzero\none\ntwo\nthree\nfour\nfive\nsix\nseven\neight\nnine\n", 1),
+        ("zero\r\none\r\n\r\ntwo\r\nthree\r\nfour\r\nfive\r\nsix\r\nseven\r\neight\r\nnine\r\n", 3),
+        (None, None),  # one name per line, a trailing newline
+        ("\n".join(DIGIT_NAMES) + "\n\n \n", None),  # blank lines after the last name shift nothing
+    ],
+)
+def test_a_blank_line_among_class_names_is_refused_naming_the_line(class_run, tmp_path, capsys, monkeypatch, text,
+                                                                     line):  # fmt: skip
+    """A blank line in --class-names was dropped: an 11-line file with a blank 4th line passed the count check
+    for 10 classes, and class 3 was shown as "four" on the page and in /model."""
+    import vqar.serve.app
+    from vqar.cli import main
+
+    served = []
+
+    def serve(engine, **kwargs):  # instead of the server: keep what it would serve
+        served.append(engine.describe()["class_names"])
+        engine.close()
+
+    monkeypatch.setattr(vqar.serve.app, "serve", serve)
+    names = tmp_path / "names.txt"
+    names.write_bytes(("\n".join(DIGIT_NAMES) + "\n" if text is None else text).encode())
+    code = main(["serve", "--model", str(class_run), "--port", "0", "--class-names", str(names)])
+    err = capsys.readouterr().err
+    if line is None:
+        assert code == 0 and served == [DIGIT_NAMES], err
+        return
+    assert code == 2 and not served, served
+    assert err.count("\n") == 1 and f"{names}, line {line}: a blank line among the class names" in err, err
+    assert f"write the name of class {line - 1} there, or remove the line" in err
+
+
+def test_each_batched_request_gets_coarse_to_fine_only_if_it_asked(client, engine):
+    """Requests batched together in one round: one asks for coarse_to_fine, and every answer of the round used to
+    carry it (the JSON key, the zip's coarse_to_fine/ files), so what a client got depended on other clients.
+    Each answer now holds what its own request asked for, and the same images as without batching."""
+    plain = {"class_id": 3, "n": 4, "seed": 0}
+    ladder = {"class_id": 3, "n": 1, "seed": 0, "coarse_to_fine": True}
+    alone = client.post("/generate", json=plain).json()
+    assert "coarse_to_fine" not in alone
+    bodies = [plain, plain, {**plain, "format": "zip"}, ladder, {**ladder, "format": "zip"}]
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        with engine._lock:  # the worker takes a first request and waits for the model; the others queue up
+            blocker = engine.submit(ask(class_id=0, n=1))
+            _wait_until_taken(engine)
+            pending = pool.map(lambda body: client.post("/generate", json=body), bodies)
+            _wait_for(lambda: engine.jobs.qsize() == len(bodies), "the requests did not reach the queue")
+        blocker.result(timeout=120)
+        answers = list(pending)
+    assert all(answer.status_code == 200 for answer in answers)
+    first, second, third, fourth, fifth = answers
+    for answer in (first, second):
+        data = answer.json()
+        assert data["batched_with"] == 14  # one round for all of them
+        assert "coarse_to_fine" not in data and data["images"] == alone["images"]
+    names = zipfile.ZipFile(io.BytesIO(third.content)).namelist()
+    assert names == [f"image_{i:03d}.png" for i in range(4)]
+    asked = fourth.json()
+    assert asked["images"] == alone["images"][:1]  # image j depends on (seed, j) only
+    assert len(asked["coarse_to_fine"]) == 4 and all(len(level) == 1 for level in asked["coarse_to_fine"])
+    assert asked["coarse_to_fine"][-1] == asked["images"]
+    names = zipfile.ZipFile(io.BytesIO(fifth.content)).namelist()
+    assert len([n for n in names if n.startswith("coarse_to_fine/")]) == 4 and "image_000.png" in names
+
+
+@pytest.mark.parametrize("prompt", ["a seven\nwritten neatly", "a seven\r\nwritten", "a seven\u2028written",
+                                    "a seven\x0c", "a seven\n"])  # fmt: skip
+def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
+    """As `vqar sample --prompt` refuses it (prompt i is line i + 1 of its prompts.txt): the same prompt is taken or
+    refused by every entry point."""
+    from fastapi.testclient import TestClient
+
+    from conftest import random_tokenizer
+    from vqar.ar import GPT, GPTConfig
+    from vqar.text import TextTokenizer
+
+    captions = TextTokenizer.train(["a handwritten seven", "the digit one"] * 4, tmp_path, vocab_size=200, length=8,
+                                   min_frequency=1)  # fmt: skip
+    tokenizer = random_tokenizer()
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=0,
+                          text_length=8, text_vocab_size=captions.vocab_size)).attach(tokenizer, captions)  # fmt: skip
+    text_engine = SamplingEngine(model, tokenizer, max_images=2)
+    try:
+        client = TestClient(build_app(text_engine, ui=False))
+        answer = client.post("/generate", json={"prompt": prompt, "n": 1})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith(f"prompt {prompt!r} holds a line break"), answer.text
+        assert client.post("/generate", json={"prompt": "a seven", "n": 1}).status_code == 200
+    finally:
+        text_engine.close()
+
+
 # ---------------------------------------------------------------- the page in a real browser
 def _free_port() -> int:
     with socket.socket() as s:

@@ -102,6 +102,26 @@ def test_prompts_that_are_not_utf8_are_refused_in_one_line(text_tokenizer):
         text_tokenizer.encode(["a cat", "caf\udce9 au lait"])
 
 
+@pytest.mark.parametrize("separator", ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+                                       "\u2028", "\u2029"])  # fmt: skip
+def test_prompts_holding_a_line_break_are_refused_naming_them(text_tokenizer, separator):
+    """prompts.txt gives prompt i on line i + 1: a prompt holding a line break (any that str.splitlines splits on)
+    made it longer, and every later label named the wrong line."""
+    from vqar.sampling import make_conditions
+
+    for prompt in (f"a seven{separator}written neatly", f"a seven{separator}", f"{separator}a seven"):
+        with pytest.raises(ValueError, match=r"^prompt .* holds a line break .*a prompt is one line") as err:
+            text_tokenizer.encode(["the digit one", prompt])
+        assert str(err.value).startswith(f"prompt {prompt!r} holds a line break ({separator[0]!r} at character ")
+        assert "\n" not in str(err.value)  # one line
+    cfg = GPTConfig(vocab_size=16, code_shape=[2, 2], dim=32, n_layer=1, n_head=2, num_classes=0, text_length=10,
+                    text_vocab_size=text_tokenizer.vocab_size)  # fmt: skip
+    model = GPT(cfg).attach(None, text_tokenizer)
+    with pytest.raises(ValueError, match="holds a line break"):
+        make_conditions(model, prompts=["the digit one", f"a seven{separator}written neatly"])
+    text_tokenizer.encode([f"a seven{separator}written"], strict=False)  # training captions are not checked
+
+
 def test_bpe_dropout_varies_segmentation_but_not_text(text_tokenizer):
     caption = "a red car"
     plain = text_tokenizer.encode(caption)
@@ -392,10 +412,15 @@ def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
     with np.load(tmp_path / "again" / "samples.npz") as npz:
         assert np.array_equal(npz["arr_0"], first)
     capsys.readouterr()
+    line_break = ["--prompt", "a seven\nwritten neatly", "--prompt", "the digit one"]  # prompts.txt had 3 lines
     for bad, message in ((["--prompt", " "], "empty prompt"), ([], "text-conditioned"),
-                         (["--prompt", "a one", "--classes", "1"], "either --classes or prompts")):  # fmt: skip
+                         (["--prompt", "a one", "--classes", "1"], "either --classes or prompts"),
+                         (line_break, "prompt 'a seven\\nwritten neatly' holds a line break ('\\n' at character 8)"),
+                         (["--prompt", "a seven\u2028written neatly"], "holds a line break ('\\u2028'")):  # fmt: skip
         assert main(["sample", "--model", str(root / "ar"), "--out", str(tmp_path / "bad"), *bad]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_missing_text_tokenizer_is_said_to_be_missing_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -67,6 +67,11 @@ def _sample(args: argparse.Namespace, par) -> int:
     _check_options_apply(args)
     _check_out(args, par)  # and so is an --out that would mix these images with other files
     prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
+    if prompts:
+        from vqar.text.captions import check_one_line
+
+        for prompt in prompts:  # before the model loads: prompt i is line i + 1 of prompts.txt
+            check_one_line(prompt)
     if prompts and args.classes is not None:
         raise ValueError("give either --classes or prompts, not both")
     from vqar.sampling import for_sampling

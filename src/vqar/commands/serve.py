@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from vqar.commands.common import (
     add_command,
@@ -11,7 +12,6 @@ from vqar.commands.common import (
     add_speed_options,
     load_ar_model,
     positive_int,
-    read_lines,
 )
 
 
@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     sock = listen(args.host, args.port)  # a port in use is one line, before the model is loaded
     try:
+        names = read_class_names(args.class_names) if args.class_names else None  # so is a bad --class-names file
         model = for_sampling(load_ar_model(args, resolve_device(args.device)), args.precision)
-        names = class_names_for(args.model) if not args.class_names else read_lines(args.class_names, "class names")
+        names = names if args.class_names else class_names_for(args.model)
         if args.class_names and len(names) != model.num_classes:  # fewer would leave classes out of the picker
             raise ValueError(f"{args.class_names} names {len(names)} classes; the model has {model.num_classes} "
                              "(one name per line, in class order)")  # fmt: skip
@@ -55,6 +56,32 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def read_class_names(path: str) -> list[str]:
+    """The names of a --class-names file: line i + 1 names class i (spaces around a name are dropped). A blank or
+    whitespace-only line before the last name is refused naming the file and the line: skipped, as blank lines of
+    a prompts file are, it would shift every later name to the class before its own, unseen when the count still
+    matches. Blank lines after the last name (an editor's trailing newlines) shift nothing and are left out."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{file} is a folder; give a text file of class names, one per line")
+    if not file.exists():  # not `is_file()`: a pipe is read too (`--class-names <(cut -f2 classes.tsv)`)
+        raise FileNotFoundError(f"file not found: {file}")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; give a text file of class names, one per line") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{file} holds no class names (only blank lines); give one per line")
+    if "" in lines:
+        number = lines.index("") + 1
+        raise ValueError(f"{file}, line {number}: a blank line among the class names, where line i + 1 names class "
+                         f"i (skipped, it would give every later name to the class before its own): write the "
+                         f"name of class {number - 1} there, or remove the line")  # fmt: skip
+    return lines
 
 
 def _check_memory(args: argparse.Namespace, model) -> None:

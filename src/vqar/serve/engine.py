@@ -218,7 +218,7 @@ class SamplingEngine:
         if not jobs:
             return
         try:
-            result, ladder = self._draw(jobs)
+            result, ladders = self._draw(jobs)
         except DrawStopped:
             log.info("stopped drawing %d request(s): their clients are gone", len(jobs))
             return
@@ -232,17 +232,19 @@ class SamplingEngine:
             _settle(jobs[0].future, error=err)  # the caller gets the error instead of waiting forever
             return
         begin = 0
-        for job in jobs:
+        for job, levels in zip(jobs, ladders, strict=True):
             mine = slice(begin, begin + job.request.n)
             begin = mine.stop
-            levels = [level[mine] for level in ladder] if ladder is not None else None
             stats = result.decode_stats
             _settle(job.future, GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
                                                stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
 
     @torch.no_grad()
     def _draw(self, jobs: list[Job]):
-        """One `draw` over every image of `jobs`: image j of a request takes the stream (its seed, j)."""
+        """One `draw` over every image of `jobs`: image j of a request takes the stream (its seed, j). Returns the
+        result and, per job, its coarse-to-fine decodes: None for a job that did not ask for them, whatever the
+        jobs batched with it asked (an answer holds what its own request asked for, and only its codes are
+        decoded for it)."""
         rows = [job.conditions.rows for job in jobs]
         conditions = Conditions(None if rows[0] is None else torch.cat(rows),
                                 torch.cat([job.conditions.labels for job in jobs]))  # fmt: skip
@@ -254,12 +256,17 @@ class SamplingEngine:
                           batch_size=self.max_batch, seeds=seeds, index=index, compile=self.compile,
                           precision=self.precision, stop=given_up)  # fmt: skip
             self.model_runs += result.batches
-            ladder = None
-            if any(job.request.coarse_to_fine for job in jobs):
-                codes = result.codes.to(self.device)
-                ladder = [self.tokenizer.decode(codes, depth=d).float().clamp(-1, 1).cpu()
-                          for d in range(1, self.levels + 1)]  # fmt: skip
-        return result, ladder
+            ladders, begin = [], 0
+            for job in jobs:
+                mine = slice(begin, begin + job.request.n)
+                begin = mine.stop
+                if not job.request.coarse_to_fine:
+                    ladders.append(None)
+                    continue
+                codes = result.codes[mine].to(self.device)
+                ladders.append([self.tokenizer.decode(codes, depth=d).float().clamp(-1, 1).cpu()
+                                for d in range(1, self.levels + 1)])  # fmt: skip
+        return result, ladders
 
 
 def _settle(future: Future, result: GenerateResult | None = None, error: BaseException | None = None) -> None:

@@ -105,6 +105,20 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def check_one_line(prompt: str) -> None:
+    """ValueError naming `prompt` when it holds a line break (\\n, \\r or any other separator `str.splitlines`
+    splits on, \\u2028 and \\x0c among them): a prompt is one line, as `vqar sample` writes prompt i on line i + 1
+    of prompts.txt and a `--prompts` file holds one per line."""
+    lines = prompt.splitlines()
+    if not prompt or lines == [prompt]:
+        return
+    at = len(lines[0]) if lines else 0  # the first line ends where the first break is
+    shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    raise ValueError(f"prompt {shown!r} holds a line break ({prompt[at]!r} at character {at + 1}): a prompt is one "
+                     "line (vqar sample writes prompt i on line i + 1 of prompts.txt); join its lines with a space, "
+                     "or give each as a prompt of its own")
+
+
 def find_caption_file(folder: str | Path) -> Path | None:
     for name in CAPTION_FILES:
         if (Path(folder) / name).is_file():

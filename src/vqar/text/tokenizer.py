@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import CharBPETokenizer
 
-from vqar.text.captions import is_unicode
+from vqar.text.captions import check_one_line, is_unicode
 
 log = logging.getLogger("vqar.text")
 
@@ -132,8 +132,8 @@ class TextTokenizer:
 
     def encode(self, captions: str | Sequence[str], *, dropout: bool = False, strict: bool = True) -> torch.Tensor:
         """Ids (B, length) for a caption or a list of captions. `dropout` applies BPE dropout (training). With
-        `strict` (prompts), an empty caption is an error and a truncated one a warning; training data is
-        neither checked nor reported."""
+        `strict` (prompts), an empty caption or one holding a line break is an error and a truncated one a warning;
+        training data is neither checked nor reported."""
         if isinstance(captions, str):
             captions = [captions]
         captions = list(captions)
@@ -143,6 +143,7 @@ class TextTokenizer:
                     raise ValueError(f"empty prompt {caption!r}: give some text (the model was trained on captions)")
                 if not is_unicode(caption):  # bytes of another encoding, which the Rust tokenizer cannot take
                     raise ValueError(f"prompt {caption!r} is not UTF-8 text; give it in UTF-8")
+                check_one_line(caption)  # prompt i is line i + 1 of prompts.txt: a line break would shift the rest
         encodings = (self._dropout if dropout else self._plain).encode_batch(captions)
         if strict:
             for caption, encoding in zip(captions, encodings, strict=True):
