@@ -416,3 +416,12 @@ def test_a_codes_path_that_does_not_exist_is_called_missing_and_a_store_is_no_to
     assert (store / "tokenizer" / "config.json").is_file()  # a vqar folder is copied as it is
     code, err = run_cli([*extract, "--tokenizer", str(store), "--out", str(tmp_path / "c2")], capsys)
     assert code == 2 and f"{store} is a code store (made by `vqar extract-codes`), not a model" in err, err
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`vqar releases | head -1` ended in "vqar: error: [Errno 32] Broken pipe"."""
+    command = subprocess.Popen([sys.executable, "-m", "vqar.cli", "releases", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    command.stdout.close()  # before vqar has written anything: its first write finds no reader
+    assert command.wait(timeout=120) == 141  # as a process ended by SIGPIPE, which shells know
+    assert command.stderr.read() == b""

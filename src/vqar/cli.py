@@ -18,6 +18,7 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
 
 from vqar.bundle import vqar_version
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             if code:  # failed without raising (`vqar reconstruct` of files that are all missing)
                 tidy()
             return code
+    except BrokenPipeError:  # `vqar releases | head -1`: the reader has all it wants; end quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        return 128 + signal.SIGPIPE
     except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:
         if args.verbose:
             raise
