@@ -221,6 +221,16 @@ def test_shards_that_cannot_be_fetched_are_not_called_damaged(tmp_path, monkeypa
     assert "could not be read" in caplog.text and "damaged" not in caplog.text
 
 
+def test_a_negative_packing_seed_is_named(tmp_path, capsys):
+    """`--seed -1` ended in NumPy's "expected non-negative integer", naming no option."""
+    with pytest.raises(ValueError, match=r"^--seed must be >= 0, got -1$"):
+        pack_shards("mnist", tmp_path / "a", seed=-1)
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal
+        main(["pack-shards", "mnist", "--out", str(tmp_path / "b"), "--seed", "-1"])
+    assert stop.value.code == 2 and "argument --seed: must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tmp_path):
     folder = tmp_path / "photos"
     for name in ("cats", "dogs"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vqar.commands.common import add_command, output_path, positive_int
+from vqar.commands.common import add_command, non_negative_int, output_path, positive_int
 
 DETAILS = """Writes OUT/shard-000000.tar ... and OUT/shards.json (sample counts and class names). Each sample holds
 the image (JPEG / PNG / WebP files keep their bytes; other formats and arrays become PNG), its class id (cls) and
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "(generated captions for the bundled digits) or 'none'")  # fmt: skip
     pack.add_argument("--max-images", type=positive_int, help="pack only this many images (spread over the source)")
     order = pack.add_mutually_exclusive_group()
-    order.add_argument("--seed", type=int, default=0, help="seed of the random sample order (default 0)")
+    order.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random sample order (default 0)")
     order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only a folder of shards "
                       "with its shards.json: any other non-empty folder is refused; nothing is deleted)")  # fmt: skip

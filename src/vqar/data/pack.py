@@ -83,6 +83,8 @@ def pack_shards(
     found by default). Returns what was written."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be positive, got {shard_size}")
+    if seed < 0:  # else NumPy's "expected non-negative integer", naming no setting
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     if source != "mnist" and is_shard_source(source):
         raise ValueError(f"{source} already names tar shards; point data.source at it directly")
     if source != "mnist" and not Path(source).exists():  # the data sources' own message offers tar shards too
