@@ -128,6 +128,12 @@ def test_resume_that_changes_the_architecture_names_it_not_the_run_yaml(tmp_path
     assert err.count("\n") == 1 and f"the run in {run} trains arch=vim" in err and "leave arch=gpt out" in err, err
     assert "unknown config key" not in err
     assert [p.name for p in run.iterdir()] == ["run.yaml"]
+    # A preset of another family with --resume asked for codes= (which that preset leaves unset).
+    assert main(["train", "ar", "--resume", "gpt-mnist", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (f"vqar: error: --resume: the run in {run} trains arch=vim, and preset "
+                                       "'gpt-mnist' is for arch=gpt; leave the preset out (the run's run.yaml is "
+                                       "used) or give one for arch=vim (vim-imagenet, vim-mnist)\n")  # fmt: skip
+    assert [p.name for p in run.iterdir()] == ["run.yaml"]
 
 
 def _interrupted(monkeypatch, module, name):

@@ -41,6 +41,8 @@ def run_train(args: argparse.Namespace) -> int:
             overrides = [*overrides, *resets_of_unused_npp(saved, overrides)]
     if preset is None:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
+    if args.resume and preset_given and args.group == "ar" and (run_dir / "run.yaml").is_file():
+        _check_same_architecture(run_dir / "run.yaml", overrides, preset)
     cfg = _load_run_config(args.group, preset, overrides)
     if args.resume and preset_given and int(os.environ.get("RANK", "0")) == 0:
         named = {cfg.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
@@ -90,17 +92,26 @@ def _say_changed_settings(run_dir: Path, run_yaml: str, named: set[str]) -> None
         log.warning("resuming %s with settings other than its run.yaml's: %s", run_dir, ", ".join(changed))
 
 
-def _check_same_architecture(saved: Path, overrides) -> None:
-    """ConfigError when the overrides of `--resume` change the AR run's `arch`: its checkpoints hold that family's
-    weights, and its run.yaml would otherwise be refused for the first model field the new family lacks, as if the
-    file were wrong."""
+def _check_same_architecture(saved: Path, overrides, preset: str | None = None) -> None:
+    """ConfigError when the preset or the overrides of `--resume` change the AR run's `arch`: its checkpoints hold
+    that family's weights, and its run.yaml would otherwise be refused for the first model field the new family
+    lacks, as if the file were wrong (or, for a preset, the codes= the preset leaves unset would be asked for)."""
     from vqar.configs import preset_fields
+    from vqar.train.ar import ARRunConfig
 
-    trained = preset_fields("ar", saved, [], ("arch",)).get("arch")
-    asked = preset_fields("ar", saved, overrides, ("arch",)).get("arch")
-    if asked != trained:
-        raise ConfigError(f"--resume: the run in {saved.parent} trains arch={trained}, its checkpoints hold that "
-                          f"model's weights; leave arch={asked} out, or start a new run in another --out")  # fmt: skip
+    def arch_of(source, given=()):
+        return preset_fields("ar", source, given, ("arch",)).get("arch", ARRunConfig.arch)
+
+    trained, asked = arch_of(saved), arch_of(preset or saved, overrides)
+    if asked == trained:
+        return
+    if preset is not None and not any(item.startswith("arch=") for item in overrides):
+        fitting = [name for name in preset_names("ar") if arch_of(name) == trained]
+        raise ConfigError(f"--resume: the run in {saved.parent} trains arch={trained}, and preset {preset!r} is for "
+                          f"arch={asked}; leave the preset out (the run's run.yaml is used) or give one for "
+                          f"arch={trained} ({', '.join(fitting)})")  # fmt: skip
+    raise ConfigError(f"--resume: the run in {saved.parent} trains arch={trained}, its checkpoints hold that "
+                      f"model's weights; leave arch={asked} out, or start a new run in another --out")  # fmt: skip
 
 
 def run_presets(args: argparse.Namespace) -> int:
