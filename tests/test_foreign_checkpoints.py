@@ -60,3 +60,17 @@ def test_an_npy_array_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, ca
     assert str(raised.value) == message
     code, err = run_cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
     assert (code, err) == (2, f"vqar: error: {message}\n")
+
+
+def test_a_model_folders_safetensors_file_given_alone_asks_for_its_folder(tokenizer_folder, tmp_path, capsys):
+    """It was "neither a PyTorch archive (torch.save's zip) nor a pickle": a vqar folder's weights, without the
+    config.json that says what model they are."""
+    path = tokenizer_folder / "model.safetensors"
+    message = (f"{path} is a safetensors file of weights, which does not say what model they are: give the folder "
+               "that holds it with its config.json")  # fmt: skip
+    code, err = run_cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert (code, err) == (2, f"vqar: error: {message}\n")
+    random_bytes = tmp_path / "noise.pt"  # a file that only looks like one at its first byte is still no checkpoint
+    random_bytes.write_bytes(b"\xff" * 8 + b"{" + b"x" * 20)
+    with pytest.raises(ValueError, match="is not a checkpoint: it is neither"):
+        load_checkpoint(random_bytes)

@@ -62,6 +62,9 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     if not _looks_like_torch_file(path):
         if _is_npy(path):  # an array saved with numpy.save: say so rather than only what it is not
             raise ValueError(f"{path} is a NumPy .npy array, not a PyTorch checkpoint")
+        if _is_safetensors(path):  # a vqar folder's weights, given without their folder
+            raise ValueError(f"{path} is a safetensors file of weights, which does not say what model they are: give "
+                             "the folder that holds it with its config.json")  # fmt: skip
         raise ValueError(f"{path} is not a checkpoint: it is neither a PyTorch archive (torch.save's zip) nor a "
                          "pickle")  # fmt: skip
     foreign = _foreign_zip(path)
@@ -96,6 +99,14 @@ def _looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(4)
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether `path` starts as a safetensors file does: the length of a JSON header (8 bytes, little-endian),
+    then the header's opening brace."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _is_npy(path: Path) -> bool:
