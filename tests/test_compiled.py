@@ -285,3 +285,33 @@ def test_the_gpu_benchmark_runs_its_tiny_configuration(tmp_path):
     assert all(row["speculative_calls_per_image"] <= row["plain_calls_per_image"] for row in report["g4"]["rows"])
     assert all(row["compiled_over_eager"] > 0 for row in report["g5"]["rows"])
     assert all(row["compiled_over_eager"] > 0 for row in report["g1"]["rows"])
+
+
+@pytest.mark.parametrize(("kind", "settings", "served"), [
+    ("gpt", SamplingSettings(top_k=8, seed=2), False),  # `vqar sample --compile --top-k 8`: drawn codes
+    ("gpt", SamplingSettings(seed=4), True),  # `vqar serve --compile` warms up the default settings of a request
+    pytest.param("rq", SamplingSettings(top_p=0.9, cfg_scale=2.0, seed=1), False, marks=pytest.mark.slow),  # 75 s
+])  # fmt: skip
+def test_after_the_warm_up_a_generation_of_its_settings_compiles_nothing(kind, settings, served):
+    """`vqar sample --compile` warms up with the run's settings before it times the sampling, `vqar serve
+    --compile` with the default ones before its first request. The warm-up ran greedy placeholders, and a
+    generation that draws its codes (`run.noise` given) compiled again: in the timed sampling, or the request."""
+    from torch._dynamo.utils import counters
+
+    from vqar.sampling.draw import warm_up
+
+    torch._dynamo.reset()  # graphs of the other tests' models neither count nor fill the recompilation limit
+    try:
+        model = tiny(kind)
+        cond = torch.tensor([1, 3])
+        before = counters["stats"]["unique_graphs"]
+        like = {} if served else {"guided": settings.guided, "like": settings}
+        warm_up(model, [len(cond)], progress=False, **like)
+        warmed = counters["stats"]["unique_graphs"]
+        assert warmed > before  # the warm-up compiled
+        codes = generate(model, cond, settings, compile=True)
+        assert counters["stats"]["unique_graphs"] == warmed  # and the generation only ran what it compiled
+        assert compiled_module.decode_steps(model, compile=True).compiled
+        assert torch.equal(codes, generate(model, cond, settings))
+    finally:
+        torch._dynamo.reset()

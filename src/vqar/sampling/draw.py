@@ -157,19 +157,19 @@ def draw_distributed(model: ARModel, conditions: Conditions, settings: SamplingS
 def warm_up(model: ARModel, sizes: Iterable[int], *, guided: bool | None = None, precision: str = "fp32",
             progress: bool = True, like: SamplingSettings | None = None) -> float:  # fmt: skip
     """Compiles the decode steps for batches of `sizes` images, with guidance or without (None: both, where the
-    model can be guided), for generations `like` the given settings (their speculative window: its shape is
-    compiled too); returns the seconds it took. A server calls it at start, so its first request is not the one
-    that waits for the compiler."""
+    model can be guided), for generations `like` the given settings (by default the default settings); returns
+    the seconds it took. `vqar sample --compile` calls it before the timed sampling, a server at start, so its
+    first request is not the one that waits for the compiler."""
     device = next(model.parameters()).device
-    like = like or SamplingSettings()
-    # Greedy placeholders compile the same decode steps; a speculative check compiles apart for greedy and drawn
-    # codes, so it warms the kind the generations will use.
-    greedy = like.greedy or not like.speculative
+    like = settings_or_default(like)
+    # The graphs are specialised on the settings (greedy or drawn codes, each filter, guidance, the speculative
+    # window), and a generation of other settings compiles anew: the warm-up runs `like` itself, changing only
+    # whether it is guided (with its own scale where it is).
     variants = []
     if guided is not True:
-        variants.append(replace(like, greedy=greedy, cfg_scale=1.0))
+        variants.append(replace(like, cfg_scale=1.0))
     if guided is not False and model.has_null_condition:
-        variants.append(replace(like, greedy=greedy, cfg_scale=2.0))
+        variants.append(like if like.guided else replace(like, cfg_scale=2.0))
     start = time.perf_counter()
     runs = [(size, settings) for size in sorted(set(sizes)) for settings in variants]
     for size, settings in tqdm(runs, desc="compiling (warm-up)", disable=not progress):
