@@ -408,6 +408,9 @@ def test_serve_refuses_a_max_images_too_large_for_memory(model_folder, capsys, m
     (["--window", "4"], "--window has no effect without --speculative: add --speculative, or leave it out"),
     (["--drafts", "sjd", "--max-iterations", "3"], "--drafts and --max-iterations have no effect without"),
     (["--classifier", "digits"], "--classifier has no effect without --accept-rate"),
+    (["--cfg-interval", "3"], "--cfg-interval shapes classifier-free guidance, which --cfg 1 (the default) leaves off"),
+    (["--cfg-schedule", "linear", "--cfg", "1"], "--cfg-schedule shapes classifier-free guidance"),
+    (["--greedy", "--top-k", "5", "--temperature", "0.5"], "--temperature and --top-k have no effect with --greedy"),
 ])  # fmt: skip
 def test_options_that_only_shape_another_are_refused_without_it(model_folder, tmp_path, capsys, args, message):
     """They were silently ignored: `--window 4` alone drew plain samples."""

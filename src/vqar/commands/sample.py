@@ -116,6 +116,18 @@ def _check_options_apply(args: argparse.Namespace) -> None:
             plural = len(unused) > 1
             raise ValueError(f"{' and '.join(unused)} {'have' if plural else 'has'} no effect without {option}: add "
                              f"{option}, or leave {'them' if plural else 'it'} out")  # fmt: skip
+    guidance = [name for name, value in (("--cfg-interval", args.cfg_interval), ("--cfg-schedule", args.cfg_schedule))
+                if value is not None]  # fmt: skip
+    if guidance and args.cfg == 1.0:
+        raise ValueError(f"{' and '.join(guidance)} shape{'s' * (len(guidance) == 1)} classifier-free guidance, which "
+                         "--cfg 1 (the default) leaves off: give --cfg above 1, or leave "
+                         f"{'it' if len(guidance) == 1 else 'them'} out")  # fmt: skip
+    filters = [name for name, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                        ("--top-p", args.top_p)) if value is not None]  # fmt: skip
+    if filters and args.greedy:
+        raise ValueError(f"{' and '.join(filters)} {'have' if len(filters) > 1 else 'has'} no effect with --greedy, "
+                         "which always takes the most likely code: leave "
+                         f"{'them' if len(filters) > 1 else 'it'} out, or drop --greedy")  # fmt: skip
 
 
 def _check_out(args: argparse.Namespace, par) -> None:
