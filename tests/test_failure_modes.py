@@ -270,6 +270,8 @@ def model_folder(tmp_path_factory):
         (["--classes", "abc"], "argument --classes: takes 'all', 'none' or comma-separated class ids"),
         (["--top-k", "ten"], "--top-k takes a number"),
         (["--cfg", "0.5"], "cfg_scale must be a finite number >= 1"),
+        # float32 logits overflowed: every code the last one, without a word
+        (["--cfg", "1e308"], "cfg_scale must be at most 1,000,000 (guidance uses 1.5 to 10; far larger scales"),
     ],
 )
 def test_bad_sample_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, args, message):

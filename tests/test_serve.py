@@ -114,6 +114,7 @@ def test_seeds_give_the_same_images_alone_or_batched(engine):
         ({}, 422, r"^class_id is required by this class-conditional model: give one in 0..9$"),
         ({"class_id": 1, "seed": -1}, 422, "seed"),
         ({"class_id": 1, "cfg_scale": 0.5}, 422, "cfg_scale"),
+        ({"class_id": 1, "cfg_scale": 1e308}, 422, "cfg_scale must be at most 1,000,000"),  # answered 200, all NaN
         ({"class_id": 1, "top_p": 2.0}, 422, "top_p"),
         ({"class_id": 1, "temperature": 0.0}, 422, "temperature"),
         ({"class_id": 1, "top_k": [4, 4]}, 422, "depth 4"),

@@ -59,6 +59,10 @@ class DepthSettings(NamedTuple):
     top_p: float | None
 
 
+# Past any guidance anyone uses, and far below where the guided logits would overflow float32 (3.4e38).
+MAX_CFG_SCALE = 1e6
+
+
 @dataclass
 class SamplingSettings:
     temperature: Any = 1.0  # a number, or one per depth
@@ -112,6 +116,9 @@ class SamplingSettings:
             raise ValueError(f"cfg_scale must be a number >= 1, got {self.cfg_scale!r}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
             raise ValueError(f"cfg_scale must be a finite number >= 1 (1 turns guidance off), got {self.cfg_scale}")
+        if self.cfg_scale > MAX_CFG_SCALE:  # scale * (cond - uncond) overflows float32 logits: inf, then NaN codes
+            raise ValueError(f"cfg_scale must be at most {MAX_CFG_SCALE:,.0f} (guidance uses 1.5 to 10; far larger "
+                             f"scales overflow the float32 logits to inf and NaN), got {self.cfg_scale:g}")  # fmt: skip
         interval = self.cfg_interval
         if interval is not None and (not _is_int(interval) or interval < -1):
             raise ValueError(f"cfg_interval must be None, -1 (guide every code) or an integer >= 0, got {interval!r}")
