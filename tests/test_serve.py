@@ -534,6 +534,9 @@ def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
         assert answer.status_code == 422, answer.text
         assert answer.json()["detail"].startswith(f"prompt {prompt!r} holds a line break"), answer.text
         assert client.post("/generate", json={"prompt": "a seven", "n": 1}).status_code == 200
+        answer = client.post("/generate", json={"n": 1})  # it said "give prompts", a field requests do not have
+        assert answer.status_code == 422 and answer.json()["detail"] == (
+            'prompt is required by this text-conditioned model: give one ("prompt": "a seven")'), answer.text
     finally:
         text_engine.close()
 

@@ -138,6 +138,8 @@ class SamplingEngine:
             raise RequestError("coarse_to_fine needs a tokenizer that decodes coarse to fine: a residual (RQ) stack "
                                "or VAR's scales")  # fmt: skip
         self._check_class_id(request.class_id)
+        if self.text and request.prompt is None:  # make_conditions would say "give prompts", a field requests lack
+            raise RequestError('prompt is required by this text-conditioned model: give one ("prompt": "a seven")')
         try:
             check_drawable(self.model, request.settings, self.tokenizer)
             classes = None if request.class_id is None else [request.class_id]
