@@ -140,6 +140,8 @@ def test_unknown_release_is_a_one_line_error(capsys):
     assert main(["reproduce", "var-d17", "--out", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown release 'var-d17'" in err and "var-d16" in err
+    assert main(["releases", "VAR-D16"]) == 2  # names are lower case; the upper-case one got no suggestion
+    assert "unknown release 'VAR-D16'; did you mean var-d16," in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

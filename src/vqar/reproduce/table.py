@@ -91,7 +91,8 @@ class ReleaseTable:
 
     def get(self, name: str) -> Release:
         if name not in self.releases:
-            close = difflib.get_close_matches(name, list(self.releases), n=3)
+            # names are lower case: `VAR-D16` is compared as `var-d16`, which difflib would not find by itself
+            close = difflib.get_close_matches(name.lower(), list(self.releases), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown release {name!r}{hint} (`vqar releases` lists them)")
         return self.releases[name]
