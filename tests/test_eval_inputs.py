@@ -64,9 +64,12 @@ def test_stats_into_a_folder_that_cannot_be_made_fails_before_the_inception_is_l
     """It ran the whole Inception pass, then failed to write: '[Errno 17] File exists: 'notes.txt''."""
     (tmp_path / "notes.txt").write_text("mine")
     out = tmp_path / "notes.txt" / "ref.npz"
-    assert main(["eval", "stats", "mnist", "--max-images", "4", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"vqar: error: --out {out} cannot be made: {tmp_path / 'notes.txt'} is a "
-                                       "file, not a folder\n")  # fmt: skip
+    with pytest.raises(SystemExit) as stop:  # argparse's refusal of the --out argument itself
+        main(["eval", "stats", "mnist", "--max-images", "4", "--out", str(out)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"vqar eval stats: error: argument --out: {out} cannot be made: "
+                                       f"{tmp_path / 'notes.txt'} is a file, not a folder (see vqar eval stats "
+                                       "--help)\n")  # fmt: skip
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -158,3 +161,17 @@ def test_precision_recall_of_three_images_or_fewer_is_refused_before_the_incepti
         assert main(["eval", "fid", str(samples), "--ref", str(ref)]) == 2
         assert capsys.readouterr().err == f"vqar: error: {named}; {need}\n"
         assert open_eval_sets(samples, ref, with_pr=False).ref == ref  # --no-pr: nothing to refuse
+
+
+def test_stats_written_over_the_samples_they_are_read_from_is_refused(tmp_path, no_inception, capsys):
+    """`vqar eval stats RUN --out RUN/samples.npz --overwrite` replaced the samples with their statistics."""
+    run = tmp_path / "samples"
+    run.mkdir()
+    np.savez(run / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), arr_1=np.zeros(4, np.int64))
+    before = (run / "samples.npz").read_bytes()
+    for data in (run, run / "samples.npz"):
+        assert main(["eval", "stats", str(data), "--out", str(run / "samples.npz"), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (f"vqar: error: --out {run / 'samples.npz'} is the file the images are "
+                                           "read from; --overwrite would replace them with their statistics: write "
+                                           "the statistics to another file\n")  # fmt: skip
+    assert (run / "samples.npz").read_bytes() == before

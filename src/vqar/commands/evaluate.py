@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from pathlib import Path
 
 from vqar.commands.common import (
     add_allow_pipe_option,
@@ -91,6 +92,10 @@ def cmd_stats(args, par) -> int:
     from vqar.eval.sources import ReferenceStatsError, open_source
 
     check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
+    read = [Path(args.data), Path(args.data) / "samples.npz"]  # a .npz, or a sample run's (which is read first)
+    if Path(args.out).exists() and any(p.is_file() and p.samefile(args.out) for p in read):
+        raise ValueError(f"--out {args.out} is the file the images are read from; --overwrite would replace them "
+                         "with their statistics: write the statistics to another file")  # fmt: skip
     # every rank: a path that names no image set fails before the Inception is loaded (or downloaded)
     try:
         images = open_source(args.data, args.max_images)
