@@ -292,6 +292,7 @@ def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
     ("vim-mnist", "model.resid_dropout_p=1.5", "resid_dropout_p must be in \\[0, 1\\], got 1.5"),
     ("gpt-mnist", "model.ffn_dropout_p=-1", "ffn_dropout_p must be in \\[0, 1\\], got -1"),
     ("gpt-mnist", "model.norm_eps=0", "norm_eps must be positive, got 0"),  # was NaN from the first step, run 'done'
+    ("gpt-mnist", "model.n_layer=0", "^n_layer must be >= 1, got 0$"),  # was "need vocab_size >= 2, ... n_layer >= 1"
 ])  # fmt: skip
 def test_impossible_model_widths_and_dropouts_are_named_at_configuration(vq_store_4x4, preset, override, message):
     with pytest.raises(ValueError, match=message):

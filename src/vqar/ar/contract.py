@@ -104,8 +104,9 @@ class ARConfig:
         norm_eps = getattr(self, "norm_eps", 1.0)  # GPT's RMSNorm and VAR's LayerNorm; VIM has none to set
         if not norm_eps > 0:  # else NaN activations from the first step, and a run that ends 'done' with NaN nll
             raise ValueError(f"norm_eps must be positive, got {norm_eps}")
-        if self.vocab_size < 2 or self.num_classes < 0 or self.n_layer < 1:
-            raise ValueError("need vocab_size >= 2, num_classes >= 0 and n_layer >= 1")
+        for name, least in (("vocab_size", 2), ("num_classes", 0), ("n_layer", 1)):
+            if getattr(self, name) < least:  # named with its value: a run's model.n_layer=0, say
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.text_length and (self.num_classes or self.text_vocab_size < 2):

@@ -54,8 +54,9 @@ class RQTransformerConfig(ARConfig):
         if len(self.code_shape) != 3:
             raise ValueError(f"an RQ-Transformer models stacks of codes: code_shape must be [height, width, depth], "
                              f"got {self.code_shape}")  # fmt: skip
-        if self.code_dim < 1 or self.n_depth_layer < 1:
-            raise ValueError("need code_dim >= 1 and n_depth_layer >= 1")
+        for name in ("code_dim", "n_depth_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gelu not in ("exact", "sigmoid"):
             raise ValueError(f"gelu must be 'exact' or 'sigmoid', got {self.gelu!r}")
 
