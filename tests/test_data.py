@@ -156,6 +156,20 @@ def test_bad_file_report_warns_once_per_file(caplog):
     assert report.count == 3 and report.summary() == "skipped 3 unreadable image files"
 
 
+def test_bad_file_report_counts_the_samples_a_shard_cut_short_lost(caplog):
+    """Training said "skipping unreadable image shard.tar" and "skipped 1 unreadable image file" for a shard that
+    lost 7 samples, as extraction did before it counted them."""
+    report = vd.BadFileReport()
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        for _ in range(2):  # met again the next epoch: said once
+            report.add([vd.BadSample(7, "a/shard-000001.tar", "ReadError: unexpected end of data", count=7)])
+        report.add([vd.BadSample(0, "a/shard-000000.tar:x1", "UnidentifiedImageError")])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vqar.data"]
+    assert warnings == ["skipping 7 samples of a/shard-000001.tar: ReadError: unexpected end of data",
+                        "skipping unreadable image a/shard-000000.tar:x1: UnidentifiedImageError"]  # fmt: skip
+    assert report.summary() == "skipped 8 unreadable samples in 2 files"
+
+
 def test_array_layouts_and_ranges_agree():
     rgb = _noise(8, 8, 3, seed=1)[None].repeat(2, axis=0)
     rgb[:, 0, 0] = 0  # a zero pixel, so the [-1, 1] float copy really has negative values

@@ -160,24 +160,32 @@ def evaluation_loader(dataset: Dataset | ShardDataset, *, batch_size: int, rank:
 
 
 class BadFileReport:
-    """Warns once per unreadable file and counts them, so a corrupt file met every epoch is logged once."""
+    """Warns once per unreadable file and counts them, so a corrupt file met every epoch is logged once; a shard cut
+    short counts the samples it lost too (one `BadSample` stands for them all)."""
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()
+        self._lost: dict[str, int] = {}  # path -> the samples lost with it
 
     @property
     def count(self) -> int:
-        return len(self._seen)
+        return len(self._lost)
 
     def add(self, bad: Sequence[BadSample]) -> None:
         for item in bad:
-            if item.path in self._seen:
+            if item.path in self._lost:
+                self._lost[item.path] = max(self._lost[item.path], item.count)
                 continue
-            self._seen.add(item.path)
-            logger.warning("skipping unreadable image %s: %s", item.path, item.error)
+            self._lost[item.path] = item.count
+            if item.count > 1:
+                logger.warning("skipping %d samples of %s: %s", item.count, item.path, item.error)
+            else:
+                logger.warning("skipping unreadable image %s: %s", item.path, item.error)
 
     def summary(self) -> str | None:
-        if not self._seen:
+        if not self._lost:
             return None
         noun = "file" if self.count == 1 else "files"
+        samples = sum(self._lost.values())
+        if samples > self.count:
+            return f"skipped {samples} unreadable samples in {self.count} {noun}"
         return f"skipped {self.count} unreadable image {noun}"
