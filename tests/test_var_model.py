@@ -551,3 +551,21 @@ def test_load_pretrained_reads_the_release_files_and_the_bundle_round_trip(case,
                       SamplingSettings(greedy=True, cfg_scale=1.0 + cfg))  # fmt: skip
         case.check(f"var.{run}.idx.all", result.codes.flatten(1))
         case.check(f"var.{run}.img", (result.images + 1) / 2)
+
+
+def test_smooth_images_depend_on_their_seed_and_index_not_the_batch():
+    """`smooth`'s Gumbel noise came from streams of (seed, row in the batch): `--batch-size 1` and the default batch
+    gave other pictures for the same seed, as did a server's batching."""
+    from vqar.sampling import SamplingSettings, draw, make_conditions
+
+    torch.manual_seed(0)
+    model = tiny_var()
+    # the codes as the pictures: this tokenizer is a quantizer alone, which decodes no images
+    model.tokenizer.decode = lambda codes, depth=None: codes.float()[:, None, None, :] / 32  # within [-1, 1]
+    conditions = make_conditions(model, classes=[1, 2], n_per_condition=3)
+    settings = SamplingSettings(seed=0, cfg_scale=2.0, smooth=True)
+    whole = draw(model, conditions, settings, batch_size=6)
+    for batch_size in (1, 4):
+        assert torch.equal(draw(model, conditions, settings, batch_size=batch_size).images, whole.images), batch_size
+    plain = draw(model, conditions, SamplingSettings(seed=0, cfg_scale=2.0), batch_size=6)
+    assert not torch.equal(plain.images, whole.images)  # the Gumbel mix is in the pictures

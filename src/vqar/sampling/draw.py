@@ -115,7 +115,8 @@ def draw(
         with autocast(device, precision):
             start = _synced(device)
             drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=size,
-                             noise=noise, compile=compile, stats=stats)[: len(chunk)]  # fmt: skip
+                             noise=noise, compile=compile, stats=stats,
+                             images=(_pad(seeds[chunk], size), _pad(index[chunk], size)))[: len(chunk)]  # fmt: skip
             middle = _synced(device)
             images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
             end = _synced(device)

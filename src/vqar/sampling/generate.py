@@ -87,12 +87,14 @@ def generate(
     compile: bool = False,
     progress: bool = False,
     stats: DecodeStats | None = None,
+    images: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Codes (B, *code_shape) drawn from `model`. `cond`: class ids (B,), caption ids (B, text_length), or None
     with `batch_size` for an unconditional model (or the null condition). `noise` (B, positions * depth) replaces
     the uniform numbers of images 0..B-1 of `settings.seed` (see `image_noise`). `compile` runs the decode steps
     compiled (`vqar.sampling.compiled`); the codes are the same. `stats`, when given, adds up the model calls
-    (and the drafts of speculative decoding)."""
+    (and the drafts of speculative decoding). `images`: the (seeds, index) of the B images, whose streams give
+    the randomness that `noise` does not carry (`smooth`'s Gumbel noise); by default `settings.seed` and 0..B-1."""
     run = plan(model, cond, settings, batch_size, noise)
     steps = decode_steps(model, compile)
     settings, ids, n = run.settings, run.ids, len(run.ids)
@@ -120,7 +122,9 @@ def generate(
 
     depth, blocks = model.depth, model.block_sizes
     codes = torch.empty(n, model.num_positions, depth, dtype=torch.long, device=ids.device)
-    smooth = SmoothNoise(model, settings, n, ids.device) if settings.smooth else None
+    if images is None:
+        images = (torch.full((n,), settings.seed), torch.arange(n))
+    smooth = SmoothNoise(model, *images, ids.device) if settings.smooth else None
     state = steps.new_state(len(ids))
     context = model.prefill(ids, state)
     # Compiled on a CPU, a raster model's step (the model's calls, guidance and the draws) is one graph that takes
@@ -222,10 +226,11 @@ class SmoothNoise:
     """The Gumbel noise of `smooth` sampling: each image draws from a stream of (seed, index) of its own, apart from
     the one its codes are drawn with, so the codes are those of the same run without `smooth`."""
 
-    def __init__(self, model: ARModel, settings: SamplingSettings, n: int, device: torch.device):
+    def __init__(self, model: ARModel, seeds: torch.Tensor, index: torch.Tensor, device: torch.device):
         check_smooth(model)
         self.device = device
-        self.streams = [image_stream(settings.seed, i, salt=1) for i in range(n)]
+        # the image's index in its run, not its row in this batch: else another batch size changed the pictures
+        self.streams = [image_stream(seed, i, salt=1) for seed, i in zip(seeds.tolist(), index.tolist(), strict=True)]
 
     def next(self, logits: torch.Tensor, f: DepthSettings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the filtered logits (B, n, K) the codes were drawn from, Gumbel noise -log(E), E ~ Exp(1))."""
