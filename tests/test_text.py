@@ -481,3 +481,27 @@ def test_text_conditioned_release_format_loads(tmp_path, text_tokenizer):
     assert torch.equal(generate_uncached(model, text, SamplingSettings(greedy=True)), sample)
     with pytest.raises(ValueError, match="caption dropout"):
         generate(model, text, SamplingSettings(cfg_scale=2.0))
+
+
+def test_a_text_run_that_fails_before_it_starts_leaves_nothing_that_blocks_its_rerun(random_stores, tmp_path, capsys,
+                                                                                      monkeypatch):  # fmt: skip
+    """Refused for memory after its caption tokenizer was made, the run left OUT/text_tokenizer/, and the same
+    command again was refused: "OUT is not a training run (it holds text_tokenizer)"."""
+    import vqar.utils.memory
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist-text", f"codes={random_stores / 'rq-digits'}", "text.vocab_size=160",
+             "size=RQ-XS", "bs=8", "steps=2", "train.eval_every=2", "sample.n_per_class=0",
+             "--out", str(out)]  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(vqar.utils.memory, "available_memory", lambda: 1 << 20)  # 1 MB free
+        code, err = run_cli(train, capsys)
+    assert code == 2 and "1.0 MB is available" in err, err
+    assert not out.exists()
+    out.mkdir()  # an empty folder of the user's own is kept as it was
+    with monkeypatch.context() as patch:
+        patch.setattr(vqar.utils.memory, "available_memory", lambda: 1 << 20)
+        assert run_cli(train, capsys)[0] == 2
+    assert out.is_dir() and not any(out.iterdir())
+    assert run_cli(train, capsys)[0] == 0  # the same command, with the memory it needs

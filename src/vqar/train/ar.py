@@ -12,6 +12,8 @@ records it; a preset or override that contradicts the store is an error.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from vqar.parallel import DistConfig, Parallel, sync
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.draw import check_drawable
 from vqar.text import TextTokenizer
-from vqar.train.checkpoint import refuse_changed_model, trained_settings
+from vqar.train.checkpoint import has_run, refuse_changed_model, trained_settings
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
@@ -473,6 +475,19 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     if resume:
         check_same_model(cfg, Path(run_dir))
     store = CodeDataset(cfg.data.codes)
+    text_dir = Path(run_dir) / "text_tokenizer"
+    made_here = not text_dir.exists()
+    try:
+        return _train_ar(cfg, run_dir, store, resume, overwrite)
+    except BaseException:
+        # A run that fails before it starts (too little memory, too few captions) leaves no caption tokenizer:
+        # alone in the folder, it made the same command, run again, refuse the folder as "not a training run".
+        if made_here and text_dir.is_dir() and not has_run(Path(run_dir)) and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(text_dir, ignore_errors=True)
+        raise
+
+
+def _train_ar(cfg: ARRunConfig, run_dir: str | Path, store: CodeDataset, resume: bool, overwrite: bool) -> dict:
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "ar") as (par, run_dir):
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         train_set, val_set = split_dataset(store, cfg.data.val_fraction, cfg.data.split_seed)
