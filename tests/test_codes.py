@@ -187,7 +187,7 @@ def test_extract_codes_names_its_own_options(tokenizer_folder, tmp_path, capsys)
     np.savez(images, arr_0=np.zeros((4, 32, 32), np.uint8))
     out = tmp_path / "codes"
     for args, message in (
-        (["--data", "mnist", "--image-size", "10"], "--image-size 10 is not a multiple of the tokenizer's "
+        (["--data", "mnist", "--image-size", "10"], "--image-size 10 is not a positive multiple of the tokenizer's "
                                                     "downsampling factor 8"),
         (["--data", str(images), "--captions", "digits"], "(--captions digits) writes captions for the bundled "
                                                           "digits only (data.source=mnist, --data mnist)"),

@@ -523,6 +523,28 @@ def test_rfid_refuses_image_sizes_it_cannot_use_before_reading_any_image(tmp_pat
         assert ("far from the 16 px this tokenizer was built for" in caplog.text) == warned, size
 
 
+def test_a_var_tokenizer_at_another_size_is_named_by_reconstruct_and_extract_codes(tmp_path, capsys):
+    """Both said "expected channels-last latents (B, 4, 4, 32) ..., got shape (1, 8, 8, 32)", extract-codes after
+    it had started; eval rfid already named the size."""
+    from PIL import Image
+
+    import vqar
+    from conftest import random_tokenizer
+
+    vqar.save_pretrained(random_tokenizer(quantizer="multiscale"), tmp_path / "var")
+    Image.new("L", (32, 32)).save(tmp_path / "x.png")
+    message = "a multi-scale (VAR) tokenizer encodes images of its own size only (16)"
+    commands = [["reconstruct", "--tokenizer", str(tmp_path / "var"), str(tmp_path / "x.png"), "--size", "32",
+                 "--out", str(tmp_path / "r")],
+                ["extract-codes", "--tokenizer", str(tmp_path / "var"), "--data", "mnist", "--image-size", "32",
+                 "--out", str(tmp_path / "c")]]  # fmt: skip
+    for command, option in zip(commands, ("--size 32", "--image-size 32"), strict=True):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"vqar: error: {option}: {message}\n", err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
 def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):
     """Against the same draws made directly and scored here by hand: per class exactly n images are kept, every
     kept one scores at least as high as every rejected one of its class, and the number drawn per class is

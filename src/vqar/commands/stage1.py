@@ -68,9 +68,10 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     saved_folder = args.tokenizer if (Path(args.tokenizer) / CONFIG_FILE).is_file() else None
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
-    if args.image_size and args.image_size % tokenizer.downsample_factor:  # else found at the first batch
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling factor "
-                         f"{tokenizer.downsample_factor} (its own resolution is {tokenizer.image_size})")  # fmt: skip
+    if args.image_size:  # else found at the first batch, naming latents
+        from vqar.eval.rfid import check_image_size
+
+        check_image_size(tokenizer, args.image_size)
     data = DataConfig(
         source=args.data,
         image_size=args.image_size or tokenizer.image_size,
