@@ -83,6 +83,10 @@ def test_a_single_image_is_refused_naming_its_set_before_the_inception_is_loaded
     for args, named in cases:
         assert main(["eval", *args]) == 2
         assert capsys.readouterr().err == f"vqar: error: {named} holds 1 image; FID statistics need at least 2\n"
+    empty = tmp_path / "empty.npz"  # it said "holds 0 image"
+    np.savez(empty, arr_0=np.zeros((0, 8, 8, 1), dtype=np.uint8))
+    assert main(["eval", "fid", str(empty), "--ref", str(two)]) == 2
+    assert capsys.readouterr().err == f"vqar: error: {empty} holds 0 images; FID statistics need at least 2\n"
 
 
 def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_loaded(

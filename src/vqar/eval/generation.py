@@ -226,7 +226,8 @@ def check_enough_images(images: ImageSource | None) -> None:
     """ValueError naming a set of fewer than 2 images, of which no covariance (no FID, no statistics) can be made:
     said before its Inception pass, not by numpy after it."""
     if images is not None and len(images) < 2:
-        raise ValueError(f"{images.where} holds {len(images)} image; FID statistics need at least 2")
+        count = len(images)
+        raise ValueError(f"{images.where} holds {count} image{'s' * (count != 1)}; FID statistics need at least 2")
 
 
 def open_eval_sets(
