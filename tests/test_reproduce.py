@@ -363,6 +363,12 @@ def test_a_reference_batch_of_the_wrong_shape_stops_before_sampling(tmp_path, ca
     assert main([*_args(tiny_release, out), "--reference", str(bad)]) == 2
     assert "arr_0 is uint8 (4, 16, 16), expected uint8 (N, H, W, 3)" in capsys.readouterr().err
     assert not out.exists()
+    # statistics holding inf gave "FID inf" and an exit status of 0; NaN, a traceback from the matrix square root
+    for value in (np.inf, np.nan):
+        np.savez(bad, mu=np.full(2048, value), sigma=np.eye(2048))
+        assert main([*_args(tiny_release, out), "--reference", str(bad)]) == 2
+        assert f"reference batch {bad}: mu holds NaN or infinite values" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_an_unstated_setting_must_be_given_before_anything_is_downloaded(tmp_path, capsys, tiny_release):

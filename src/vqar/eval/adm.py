@@ -113,6 +113,11 @@ def read_reference(path: str | Path) -> ReferenceBatch:
         raise ValueError(f"reference batch {path} has neither mu/sigma nor arr_0 images")
     ref = ReferenceBatch(path, image_shape=None if images is None else images[0])
     with np.load(path) as data:
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            # else a Frechet distance of inf (valid as nothing in results.json) or a traceback from the matrix root
+            if members[key] is not None and not np.isfinite(data[key]).all():
+                raise ValueError(f"reference batch {path}: {key} holds NaN or infinite values; the file is damaged "
+                                 "(or made from a run that diverged)")  # fmt: skip
         if members["mu"] is not None:
             ref.pool = GaussianStats(mu=data["mu"], sigma=data["sigma"], count=-1)
         if members["mu_s"] is not None:
