@@ -299,6 +299,11 @@ def test_llamagen_gpt_preset_reads_vocab_and_classes_off_the_weights_and_explain
         vqar.load_pretrained(tmp_path / "g.pt", config="GPT-Z")
     with pytest.raises(ValueError, match="unknown GPT config fields"):
         vqar.load_pretrained(tmp_path / "g.pt", config={**config, "n_layers": 2})
+    # fields of the wrong kind were bare TypeErrors from the constructors
+    for field, value, kind in (("dim", "sixty", "an integer"), ("n_layer", 2.0, "an integer"),
+                               ("norm_eps", "1e-5", "a number"), ("n_head", True, "an integer")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^GPT config field '{field}' takes {kind}, got {value!r}$"):
+            vqar.load_pretrained(tmp_path / "g.pt", config={**config, field: value})
 
 
 def test_llamagen_vq_with_ema_entropy_and_other_levels(tmp_path):

@@ -430,3 +430,16 @@ def test_var_mnist_trains_with_per_scale_usage_and_extracts_flat_codes(tmp_path)
     assert manifest["code_shape"] == [30] and store[0].codes.shape == (1, 30)
     stored = vqar.load_pretrained(store.tokenizer_path)  # the scales travel with the store's tokenizer
     assert stored.quantizer.patch_nums == (1, 2, 3, 4)
+
+
+@vae_folder
+def test_a_vqvae_config_of_the_wrong_kind_is_named(folder):
+    """They were an IndexError ([]), a TypeError ("1,2", an unknown key) or "unknown VAR VQVAE preset '[1,2]';
+    known: " with nothing known."""
+    for config, message in (({"patch_nums": []}, "'patch_nums' takes the sides of its scales (1, 2, 3, ...), got []"),
+                            ({"patch_nums": "1,2"}, "'patch_nums' takes a list, got '1,2'"),
+                            ({"patch_numz": [1]}, "unknown VAR VQVAE config fields ['patch_numz']"),
+                            ("[1,2]", "is a dict of its fields or a JSON file of one (it has no presets)"),
+                            ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vqar.load_pretrained(folder / "vae.pth", config=config)

@@ -95,6 +95,9 @@ def read_config(config: str | dict | Path | None, presets: dict[str, dict], what
             config = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read the {what} config {path}: {err}") from None
+    if isinstance(config, str) and not presets:  # e.g. "[1,2]": nothing to look up
+        raise ValueError(f"the {what} config is a dict of its fields or a JSON file of one (it has no presets), got "
+                         f"{config!r}")  # fmt: skip
     if isinstance(config, str):
         config = {"preset": config}
     if not isinstance(config, dict):
@@ -108,16 +111,39 @@ def read_config(config: str | dict | Path | None, presets: dict[str, dict], what
     return fields
 
 
-def _check_fields(fields: dict, known: dict, what: str) -> None:
+def check_fields(fields: dict, known: dict, what: str) -> None:
+    """ValueError naming a field `known` (name -> an example value) lacks, or one whose value is not of the
+    example's kind (`"dim": "sixty"`, `"n_layer": 2.0`): the constructors would fail with a bare TypeError."""
     unknown = sorted(set(fields) - set(known) - IGNORED_FIELDS)
     if unknown:
         raise ValueError(f"unknown {what} config fields {unknown}; known: {', '.join(sorted(known))}")
+    for name, value in fields.items():
+        example = known.get(name)
+        if example is None:  # no kind to compare with (a field whose null is a setting of its own)
+            continue
+        if not _same_kind(value, example):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    list: "a list", tuple: "a list"}.get(type(example), type(example).__name__)  # fmt: skip
+            raise ValueError(f"{what} config field {name!r} takes {kind}, got {value!r}")
+
+
+def _same_kind(value, example) -> bool:
+    if isinstance(example, bool):
+        return isinstance(value, bool)
+    if isinstance(example, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(example, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(example, list | tuple):
+        return isinstance(value, list | tuple) and all(_same_kind(item, example[0]) for item in value) if example \
+            else isinstance(value, list | tuple)
+    return isinstance(value, type(example))
 
 
 # ---------------------------------------------------------------- VQ tokenizer
 def vq_config(config: str | dict | Path | None) -> TokenizerConfig:
     fields = {**VQ_DEFAULTS, **read_config(config, VQ_PRESETS, "VQ")}
-    _check_fields(fields, {**VQ_DEFAULTS, **VQ_PRESETS["VQ-16"]}, "VQ")
+    check_fields(fields, {**VQ_DEFAULTS, **VQ_PRESETS["VQ-16"]}, "VQ")
     if list(fields["encoder_ch_mult"]) != list(fields["decoder_ch_mult"]):
         raise ValueError("vqar's conv tokenizer needs encoder_ch_mult == decoder_ch_mult")
     if fields["norm_type"] != "group":
@@ -189,7 +215,7 @@ def gpt_config(config, state: dict[str, torch.Tensor] | None = None) -> GPTConfi
         if table is not None:
             fields.setdefault("num_classes", table.shape[0] - 1)
     fields = {**GPT_DEFAULTS, **fields}
-    _check_fields(fields, {**GPT_DEFAULTS, "dim": 0, "n_layer": 0, "n_head": 0}, "GPT")
+    check_fields(fields, {**GPT_DEFAULTS, "dim": 0, "n_layer": 0, "n_head": 0}, "GPT")
     if fields["model_type"] != "c2i":
         raise ValueError(f"model_type {fields['model_type']!r} is not supported yet (class-conditional 'c2i' only)")
     grid = math.isqrt(fields["block_size"])

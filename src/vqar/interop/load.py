@@ -244,6 +244,10 @@ def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> t
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind="a VAR VQVAE"))
         # `config`, when given: a dict / JSON of load_var_vqvae's keywords (patch_nums, phi_ratio, beta).
         fields = llamagen.read_config(config, {}, "VAR VQVAE") if config is not None else {}
+        llamagen.check_fields(fields, {"patch_nums": [1], "phi_ratio": 0.5, "beta": 0.25}, "VAR VQVAE")
+        if "patch_nums" in fields and not (fields["patch_nums"] and min(fields["patch_nums"]) >= 1):
+            raise ValueError(f"VAR VQVAE config field 'patch_nums' takes the sides of its scales (1, 2, 3, ...), got "
+                             f"{fields['patch_nums']!r}")  # fmt: skip
         if vqvae_scales is not None:
             fields.setdefault("patch_nums", vqvae_scales)
         return var.load_var_vqvae(checkpoint, source=str(path), **fields), None
