@@ -426,6 +426,10 @@ def test_resuming_with_another_architecture_is_a_clear_error(trained_run, tmp_pa
     run_dir = tmp_path / "copy"
     shutil.copytree(trained_run[0], run_dir)
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=100", "c=32"])
+    with pytest.raises(ValueError, match="model.quantizer.codebook_size=32 differs from the run's "
+                                         "model.quantizer.codebook_size=64"):  # fmt: skip
+        train_tokenizer(cfg, run_dir, resume=True)  # named from run.yaml, before anything is loaded
+    (run_dir / "run.yaml").unlink()  # nothing to compare with: the checkpoint's weights still refuse to load
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train_tokenizer(cfg, run_dir, resume=True)
 
