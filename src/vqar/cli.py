@@ -24,7 +24,7 @@ import sys
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.parallel.runtime import PeerFailed, launched_by_torchrun
+from vqar.parallel.runtime import PeerFailed, launch_main, launched_by_torchrun
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
@@ -128,7 +128,7 @@ def _out_of(args: argparse.Namespace) -> tuple[str, bool]:
 
 def _reports() -> bool:
     """Whether this process speaks for the command: the only one, or rank 0 of a torchrun launch."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_main()
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

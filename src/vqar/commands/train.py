@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from vqar.commands.common import add_command, output_path, split_preset
 from vqar.configs import ConfigError, preset_names, to_yaml
+from vqar.parallel.runtime import launch_main
 
 GROUPS = ("tokenizer", "ar")
 RUN_KINDS = {"tokenizer": "a tokenizer run", "ar": "an AR run"}
@@ -44,7 +44,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume and preset_given and args.group == "ar" and (run_dir / "run.yaml").is_file():
         _check_same_architecture(run_dir / "run.yaml", overrides, preset)
     cfg = _load_run_config(args.group, preset, overrides)
-    if args.resume and preset_given and int(os.environ.get("RANK", "0")) == 0:
+    if args.resume and preset_given and launch_main():
         named = {cfg.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
         _say_changed_settings(run_dir, to_yaml(cfg), named)
     if args.group == "tokenizer":
@@ -52,7 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         from vqar.train.ar import train_ar as train
     metrics = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if not launch_main():  # under torchrun, rank 0 reports
         return 0
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"done: {run_dir} (validation: {shown})")

@@ -36,6 +36,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def launch_main() -> bool:
+    """Whether this process speaks for the command: the only one, or rank 0 of a torchrun launch (read from the
+    environment, so also before and after the process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class Parallel:
     """One process's view of the run. `world_size == 1` means no process group: every method is a no-op."""

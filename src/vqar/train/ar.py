@@ -12,7 +12,6 @@ records it; a preset or override that contradicts the store is an error.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +30,7 @@ from vqar.data import split_dataset
 from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
 from vqar.data.extraction import tokenizer_fingerprint
 from vqar.parallel import DistConfig, Parallel, sync
+from vqar.parallel.runtime import launch_main
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.draw import check_drawable
 from vqar.text import TextTokenizer
@@ -482,7 +482,7 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     except BaseException:
         # A run that fails before it starts (too little memory, too few captions) leaves no caption tokenizer:
         # alone in the folder, it made the same command, run again, refuse the folder as "not a training run".
-        if made_here and text_dir.is_dir() and not has_run(Path(run_dir)) and int(os.environ.get("RANK", "0")) == 0:
+        if made_here and text_dir.is_dir() and not has_run(Path(run_dir)) and launch_main():
             shutil.rmtree(text_dir, ignore_errors=True)
         raise
 
