@@ -346,6 +346,20 @@ def test_caption_loss_weights_are_refused_where_no_text_head_uses_them(random_st
     load_run_config("gpt-mnist", gpt_text)  # the defaults, which every run.yaml states, are no choice to refuse
 
 
+def test_a_caption_preset_on_a_store_without_captions_is_refused(random_stores):
+    """rq-mnist-text on class codes trained a class-conditional model without a word: its text.* settings went
+    unused, and the run sampled digits by class."""
+    from vqar.configs import ConfigError
+
+    classes = f"codes={random_stores / 'rq-none'}"
+    with pytest.raises(ConfigError, match=re.escape("text.vocab_size=256 shapes the captions of a text-conditioned "
+                                                    "model, and this store holds no captions")):  # fmt: skip
+        load_run_config("rq-mnist-text", [classes])
+    with pytest.raises(ConfigError, match=re.escape("text.length=16 and text.bpe_dropout=None shape the captions")):
+        load_run_config("rq-mnist", [classes, "text.length=16", "text.bpe_dropout=null"])
+    assert load_run_config("rq-mnist", [classes]).model.num_classes == 10  # the defaults: every run.yaml states them
+
+
 @pytest.mark.parametrize("dropout", ["-0.1", "0", "1", "1.5"])
 def test_a_bpe_dropout_outside_0_1_is_refused_with_the_config(random_stores, dropout):
     """It used to pass the config checks and fail once the run folder was made, naming no setting (0 too: the

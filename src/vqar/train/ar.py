@@ -132,6 +132,15 @@ class ARRunConfig:
                 raise ValueError(f"{setting} applies to a text-conditioned model (its caption loss against its "
                                  "image loss), and this one is conditioned on classes (its store holds no "
                                  "captions)")  # fmt: skip
+        # A caption preset on a store without captions (rq-mnist-text on class codes) trained a class-conditional
+        # model unsaid; every run.yaml states the defaults, so only settings that differ from them are refused.
+        stated = [f"text.{name}={getattr(self.text, name)}" for name in TextConfig.__dataclass_fields__
+                  if getattr(self.text, name) != getattr(TextConfig, name)]  # fmt: skip
+        if stated and not self.model.text_length:
+            raise ValueError(f"{' and '.join(stated)} shape{'s' * (len(stated) == 1)} the captions of a "
+                             "text-conditioned model, and this store holds no captions (the model would be "
+                             "conditioned on its classes): extract codes with captions (`vqar extract-codes --captions "
+                             "digits|FILE`), or train a class-conditional preset without text.*")  # fmt: skip
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
