@@ -286,6 +286,33 @@ def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
         load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", f"npp.end_lr_ratio={ratio}"])
 
 
+def test_resuming_an_npp_run_with_more_steps_does_not_put_coarse_patches_back(vq_store_4x4, tmp_path, capsys):
+    """The segment boundaries are fractions of train.steps: a level-2 run of 4 steps (2x2 patches for steps 0-1)
+    resumed with steps=10 trained step 4 on 2x2 patches again (until int(10 * 0.5) = 5) after two steps of single
+    tokens, unsaid."""
+    from conftest import file_contents, run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "gpt-mnist", f"codes={vq_store_4x4}", "size=GPT-XS", "bs=8", "npp.level=2",
+             "npp.warmup_steps=1", "steps=4", "train.eval_every=4", "sample.n_per_class=0", "--out", str(run)]
+    assert run_cli(train, capsys)[0] == 0
+    before = file_contents(run)
+    code, err = run_cli(["train", "ar", "--resume", "steps=10", "--out", str(run)], capsys)
+    assert code == 2 and err == (f"vqar: error: resuming {run} after step 4 with train.steps=10, npp.level=2, "
+                                 "npp.rate=0.5 would train on 2x2 patches again until step 5, where the run's last "
+                                 "step (train.steps=4, npp.level=2, npp.rate=0.5) trained on single tokens: the "
+                                 "schedule's boundaries scale with train.steps. Keep the run's settings to finish "
+                                 "its schedule; to train on single tokens for longer, resume with npp.level=1 "
+                                 "npp.warmup_steps=100 and the longer train.steps; or start a new run in another "
+                                 "--out\n"), err  # fmt: skip
+    assert file_contents(run) == before
+    assert run_cli(["train", "ar", "--resume", "steps=8", "--out", str(run)], capsys)[0] == 0  # patches 0-3, tokens
+    # The way the message offers: single tokens for the longer run.
+    longer = ["train", "ar", "--resume", "steps=12", "npp.level=1", "npp.warmup_steps=100", "--out", str(run)]
+    assert run_cli(longer, capsys)[0] == 0
+    assert _records(run, "train")[-1]["step"] == 12
+
+
 @pytest.mark.parametrize(("preset", "override", "message"), [
     ("vim-mnist", "model.dim=0", "dim and n_head must be >= 1, got dim=0"),  # was a ZeroDivisionError in training
     ("gpt-mnist", "model.n_head=0", "dim and n_head must be >= 1, got dim=.*, n_head=0"),  # in validate itself

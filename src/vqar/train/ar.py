@@ -34,12 +34,26 @@ from vqar.parallel.runtime import launch_main
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.draw import check_drawable
 from vqar.text import TextTokenizer
-from vqar.train.checkpoint import has_run, refuse_changed_model, trained_settings
+from vqar.train.checkpoint import (
+    DamagedCheckpointsError,
+    has_run,
+    latest_checkpoint,
+    refuse_changed_model,
+    trained_settings,
+)
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
 from vqar.train.loop import Trainer, TrainTask
-from vqar.train.npp import NPPConfig, check_grid, check_segments, patch_side_at, segment_ends, segment_lr
+from vqar.train.npp import (
+    NPPConfig,
+    check_grid,
+    check_resumed_schedule,
+    check_segments,
+    patch_side_at,
+    segment_ends,
+    segment_lr,
+)
 from vqar.train.optim import StepGuard, adamw
 from vqar.train.text import TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
@@ -536,6 +550,14 @@ def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
     before = {"arch": trained.get("arch"), "size": trained.get("size"), **{f"model.{k}": v for k, v in model.items()}}
     if trained:
         refuse_changed_model(run_dir, given, before, _model_defining)
+    try:
+        ckpt = latest_checkpoint(run_dir)
+        npp = NPPConfig(**trained.get("npp") or {})
+        total = int(trained.get("train", {}).get("steps"))
+    except (DamagedCheckpointsError, TypeError, ValueError, AttributeError):  # the trainer names what is wrong
+        return
+    if ckpt is not None:
+        check_resumed_schedule(run_dir, ckpt.step, (total, npp), (cfg.train.steps, cfg.npp))
 
 
 def _model_defining(key: str, value: Any) -> Any:

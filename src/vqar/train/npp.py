@@ -76,6 +76,33 @@ def resets_of_unused_npp(run_yaml: Path, overrides: Iterable[str]) -> list[str]:
     return [f"npp.{name}={str(getattr(NPPConfig, name)).lower()}" for name in unused]
 
 
+def check_resumed_schedule(run_dir: Path, done: int, before: tuple[int, NPPConfig],
+                           after: tuple[int, NPPConfig]) -> None:  # fmt: skip
+    """ValueError when resuming after `done` steps with `after` = (train.steps, npp) would train on larger patches
+    than the run's last step did under `before`: the boundaries scale with train.steps, so a longer run (or another
+    rate or level) puts coarse patches back after single tokens, silently undoing the schedule's end."""
+    (total, npp), (new_total, new_npp) = before, after
+    last = patch_side_at(done - 1, total, npp.level, npp.rate) if npp.level > 1 and done > 0 else 1
+    if new_npp.level == 1 or done == 0:
+        return
+    side = patch_side_at(done, new_total, new_npp.level, new_npp.rate)
+    if side <= last:
+        return
+    until = next(end for end, p in zip(segment_ends(new_total, new_npp.level, new_npp.rate), patch_sides(new_npp.level),
+                                       strict=True) if p == side)  # fmt: skip
+    was = f"train.steps={total}, npp.level={npp.level}, npp.rate={npp.rate:g}"
+    now = f"train.steps={new_total}, npp.level={new_npp.level}, npp.rate={new_npp.rate:g}"
+    resets = " ".join(f"npp.{name}={str(getattr(NPPConfig, name)).lower()}"
+                      for name in ("rate", "segment_lr", "warmup_steps", "decay_ratio", "end_lr_ratio")
+                      if getattr(new_npp, name) != getattr(NPPConfig, name))  # fmt: skip
+    raise ValueError(f"resuming {run_dir} after step {done} with {now} would train on {side}x{side} patches again "
+                     f"until step {until}, where the run's last step ({was}) trained on "
+                     f"{'single tokens' if last == 1 else f'{last}x{last} patches'}: the schedule's boundaries scale "
+                     f"with train.steps. Keep the run's settings to finish its schedule; to train on single tokens "
+                     f"for longer, resume with npp.level=1{' ' + resets if resets else ''} and the longer train.steps; "
+                     "or start a new run in another --out")  # fmt: skip
+
+
 def check_grid(level: int, grid: tuple[int, int]) -> None:
     """ValueError naming `npp.level` when its largest patches do not tile the code grid (the smaller ones then
     do, being powers of two), with the largest level that fits."""
