@@ -184,6 +184,55 @@ def test_caption_files_count_and_skip_missing_captions(tmp_path, caplog):
         read_captions(tmp_path / "captions.txt")
 
 
+def test_caption_files_say_what_they_used_to_drop_or_misread(tmp_path, caplog):
+    """A number or an object as a caption was "a missing or empty caption"; a TSV's header line captioned an image
+    called "file"; captions of files the folder lacks went unused unsaid; with both caption files in a folder the
+    .jsonl was taken unsaid."""
+    from vqar.data.datasets import ImageFolderDataset
+    from vqar.text.captions import captions_for_files, find_caption_file
+
+    jsonl = tmp_path / "several.jsonl"
+    jsonl.write_text('{"file": "a.png", "caption": ["a red car", " a  car"]}\n{"file": "b.png", "caption": []}\n')
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        assert read_captions(jsonl) == {"a.png": ["a red car", "a car"]}
+    assert "1 line(s) with a missing or empty caption" in caplog.text
+    for value, said in [("7", "a number (7)"), ('{"en": "a car"}', "an object ({'en': 'a car'})"),
+                        ('["a car", 7]', "a number (7)"), ("true", "true or false (True)")]:  # fmt: skip
+        (tmp_path / "odd.jsonl").write_text(f'{{"file": "a.png", "caption": "ok"}}\n{{"file": "b.png", "caption": '
+                                            f"{value}}}\n")  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f'odd.jsonl:2: "caption" holds {said}; a caption is a string')):
+            read_captions(tmp_path / "odd.jsonl")
+
+    tsv = tmp_path / "headed.tsv"
+    tsv.write_text("File\tCaption\nx/1.jpg\ta dog\nx/2.jpg a cat\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        assert read_captions(tsv) == {"x/1.jpg": ["a dog"]}
+    assert "1 line(s) without a tab between the file name and the caption skipped" in caplog.text
+    assert "missing or empty" not in caplog.text
+    (tmp_path / "late.tsv").write_text("x/1.jpg\ta dog\nfile\tcaption\n")  # a header only on the first line
+    assert read_captions(tmp_path / "late.tsv") == {"x/1.jpg": ["a dog"], "file": ["caption"]}
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    table = {"0.png": ["zero"], "1.png": ["one"], "9.png": ["nine"], "notes.txt": ["no image"]}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        images = ImageFolderDataset(folder, 8, 1, max_images=2)  # a subset: its left-out images are no strangers
+        captions_for_files(folder, images.files, table, "captions.jsonl", images.listed)
+    assert "captions.jsonl captions 2 file(s) that are not among the images in" in caplog.text
+    assert "such as '9.png'" in caplog.text
+
+    (folder / "captions.jsonl").write_text('{"file": "0.png", "caption": "zero"}\n')
+    assert find_caption_file(folder) == folder / "captions.jsonl"
+    (folder / "captions.tsv").write_text("0.png\tnull\n")
+    with pytest.raises(ValueError, match=re.escape(f"{folder} holds both captions.jsonl and captions.tsv: name the "
+                                                   "one to use (--captions FILE, or data.captions=FILE)")):  # fmt: skip
+        find_caption_file(folder)
+
+
 def test_digit_caption_phrasings_are_disjoint():
     assert digit_captions(7)[:2] == ["a handwritten seven", "the digit 7"]
     train = {c for d in range(10) for c in digit_captions(d)}

@@ -90,6 +90,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         self.class_names: list[str] = sorted({parts[0] for parts in folders if len(parts) > 1})
         class_ids = {name: i for i, name in enumerate(self.class_names)}
         keep = _spread_indices(len(files), max_images)
+        self.listed = files  # every image, where `max_images` keeps a subset: what a caption file may name
         self.files = [files[i] for i in keep]
         self.labels = [class_ids[folders[i][0]] if len(folders[i]) > 1 else -1 for i in keep]
         self.image_size = image_size
@@ -98,7 +99,8 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
 
     def attach_captions(self, caption_file: str | Path) -> None:
         self.caption_file = caption_file  # named when none of the files has a caption
-        self.captions = captions_for_files(self.root, self.files, read_captions(caption_file), caption_file)
+        self.captions = captions_for_files(self.root, self.files, read_captions(caption_file), caption_file,
+                                           self.listed)  # fmt: skip
 
     @property
     def num_classes(self) -> int:

@@ -1,9 +1,10 @@
 """Caption files for image folders, and the generated captions of the bundled digits.
 
 An image folder is captioned by a `captions.jsonl` (one `{"file": "cats/001.jpg", "caption": "..."}` per line;
-an image may have several lines) or a `captions.tsv` (`file<TAB>caption` per line, the layout of the RQ release's
-CC-3M lists). File names are relative to the folder. Lines with a missing or empty caption are counted and
-skipped with a warning, as are images that end up with no caption.
+an image may have several lines, or a list of captions on one) or a `captions.tsv` (`file<TAB>caption` per line,
+the layout of the RQ release's CC-3M lists; a first line `file<TAB>caption` is a header). File names are relative
+to the folder. Lines with a missing or empty caption are counted and skipped with a warning, as are images that
+end up with no caption and captions of files that are not among the folder's images.
 
 The digits have no captions, so vqar writes them from templates: `DIGIT_TEMPLATES` in training and the disjoint
 `HELD_OUT_DIGIT_TEMPLATES` to test that a model follows phrasings it has never seen.
@@ -19,6 +20,8 @@ from pathlib import Path
 log = logging.getLogger("vqar.text")
 
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
+# A first line of these two names is a TSV's header, not an image called "file" (case does not matter).
+TSV_HEADER_NAMES = ({"file", "filename", "file_name", "image", "path", "url"}, {"caption", "captions", "text"})
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = [
@@ -61,7 +64,8 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     if path.suffix not in (".jsonl", ".tsv"):
         raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
     table: dict[str, list[str]] = defaultdict(list)
-    skipped = 0
+    skipped = untabbed = 0
+    first = True
     with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
         for number, raw in enumerate(handle, start=1):
             try:
@@ -72,27 +76,55 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise ValueError(f"{path}:{number} is not a JSON object: {err}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-                    raise ValueError(f'{path}:{number} needs {{"file": ..., "caption": ...}}')
-                name, caption = record["file"], record.get("caption")
+                name, captions = _jsonl_record(line, f"{path}:{number}")
             else:
-                name, _, caption = line.rstrip("\r\n").partition("\t")
-            if not isinstance(caption, str) or not caption.strip():
-                skipped += 1
-                continue
-            if not is_unicode(caption):  # a JSON escape such as "\udcff": no text a caption store can hold
-                raise ValueError(f"{path}:{number} holds a caption that is not Unicode text (a lone surrogate "
-                                 f"escape in {caption!r}); write its characters as UTF-8")  # fmt: skip
-            table[Path(name).as_posix()].append(" ".join(caption.split()))
-    if skipped:
-        log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped)
+                name, tab, caption = line.rstrip("\r\n").partition("\t")
+                if first and _is_tsv_header(name, caption):
+                    first = False
+                    continue
+                untabbed += not tab
+                captions = [caption]
+            first = False
+            for caption in captions:
+                if caption is None or not caption.strip():
+                    skipped += 1
+                    continue
+                if not is_unicode(caption):  # a JSON escape such as "\udcff": no text a caption store can hold
+                    raise ValueError(f"{path}:{number} holds a caption that is not Unicode text (a lone surrogate "
+                                     f"escape in {caption!r}); write its characters as UTF-8")  # fmt: skip
+                table[Path(name).as_posix()].append(" ".join(caption.split()))
+    if untabbed:
+        log.warning("%s: %d line(s) without a tab between the file name and the caption skipped", path, untabbed)
+    if skipped - untabbed:
+        log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped - untabbed)
     if not table:
         raise ValueError(f"{path} holds no captions")
     return dict(table)
+
+
+def _jsonl_record(line: str, where: str) -> tuple[str, list[str | None]]:
+    """The file name and captions of one `.jsonl` line: `"caption"` a string, a list of strings (several captions of
+    one image), or missing / null / empty (skipped and counted). Any other value is an error naming the line: it
+    was counted as a missing caption, which hid a file written with numbers or nested objects."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"{where} is not a JSON object: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise ValueError(f'{where} needs {{"file": ..., "caption": ...}}')
+    caption = record.get("caption")
+    captions = (caption or [None]) if isinstance(caption, list) else [caption]  # [] is a missing caption too
+    for item in captions:
+        if item is not None and not isinstance(item, str):
+            kind = {bool: "true or false", int: "a number", float: "a number", dict: "an object", list: "a list"}
+            raise ValueError(f'{where}: "caption" holds {kind.get(type(item), type(item).__name__)} ({item!r}); a '
+                             "caption is a string, or a list of strings for several captions of one image")  # fmt: skip
+    return record["file"], captions
+
+
+def _is_tsv_header(name: str, caption: str) -> bool:
+    files, texts = TSV_HEADER_NAMES
+    return name.strip().lower() in files and caption.strip().lower() in texts
 
 
 def is_unicode(text: str) -> bool:
@@ -120,17 +152,27 @@ def check_one_line(prompt: str) -> None:
 
 
 def find_caption_file(folder: str | Path) -> Path | None:
-    for name in CAPTION_FILES:
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
-    return None
+    """The folder's own caption file; None when it has none. Both kinds in one folder is an error: which of the two
+    captions the images is the user's choice (vqar used to take the .jsonl without a word)."""
+    found = [Path(folder) / name for name in CAPTION_FILES if (Path(folder) / name).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds both {' and '.join(path.name for path in found)}: name the one to use "
+                         "(--captions FILE, or data.captions=FILE)")  # fmt: skip
+    return found[0] if found else None
 
 
 def captions_for_files(root: Path, files: list[Path], table: dict[str, list[str]],
-                       source: str | Path = "the caption file") -> list[list[str]]:  # fmt: skip
+                       source: str | Path = "the caption file", listed: list[Path] | None = None) -> list[list[str]]:
     """The captions of each file (an empty list when it has none; counted and reported: `source` names the
-    caption file when it captions none of them, which is mostly names relative to another folder)."""
+    caption file when it captions none of them, which is mostly names relative to another folder). Entries of
+    `table` that name none of the folder's `listed` images (default: `files`) are counted and reported too: a
+    typo, a moved file or an image that is not one (`notes.txt`) loses its captions otherwise unsaid."""
     captions = [table.get(path.relative_to(root).as_posix(), []) for path in files]
+    names = {path.relative_to(root).as_posix() for path in (files if listed is None else listed)}
+    unknown = [name for name in table if name not in names]
+    if unknown and len(unknown) < len(table):  # none matching at all is said below, with an example of each side
+        log.warning("%s captions %d file(s) that are not among the images in %s (such as %r); their captions are "
+                    "unused", source, len(unknown), root, unknown[0])  # fmt: skip
     missing = sum(1 for c in captions if not c)
     if files and missing == len(files):
         log.warning("%s captions none of the %d images in %s: it names files such as %r, where paths relative to "
