@@ -110,6 +110,12 @@ def test_var_trains_samples_and_serves(var_store, tmp_path):
     assert torch.equal(result.coarse_to_fine[-1], result.images.clamp(-1, 1))
     assert not torch.equal(result.coarse_to_fine[0], result.coarse_to_fine[-1])
 
+    # Linear probing: the pixel baseline is resized to the finest scale (4x4); it took the codes' (30,) for a size.
+    from vqar.eval.probe import linear_probe
+
+    probe = linear_probe(model, "mnist", layer=1, max_images=200)
+    assert (probe["feature_dim"], probe["pixel_dim"], probe["test_images"]) == (32, 16, 20)
+
 
 def test_sample_grid_settings_var_cannot_take_are_refused_before_the_first_step(var_store, tmp_path, capsys):
     """The grid is drawn only at the first evaluation: a setting VAR refuses would otherwise end the run there,

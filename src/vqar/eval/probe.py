@@ -1,8 +1,9 @@
 """Linear probing of an AR model's features (the ViT-VQGAN / VIM protocol, after iGPT): encode images to codes,
 run the frozen model teacher-forced, average-pool the outputs of one transformer block over the image tokens, and
 fit a linear (multinomial logistic) classifier on the training split; report accuracy on the held-out split.
-Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid; the
-chance level, what a probe that learned nothing scores, is always answering the training split's most common class.
+Middle blocks usually probe best. The baseline is the same probe on raw pixels resized to the code grid (VAR's
+finest scale); the chance level, what a probe that learned nothing scores, is always answering the training split's
+most common class.
 The classes are the labels present in the data (labels {3, 7} are 2 classes), whatever their range.
 
 Conditional models are probed without their condition (the null class), which would otherwise leak the label.
@@ -54,6 +55,13 @@ def check_probeable(model: ARModel, layer: int) -> None:
                          f"{layer!r}")  # fmt: skip
     if model.conditioning is not Conditioning.NONE and not model.has_null_condition:
         raise ValueError("probing a conditional model needs its null condition (train with class dropout)")
+
+
+def _pixel_grid(model: ARModel) -> tuple[int, int]:
+    """The grid the pixel baseline is resized to: a raster model's code grid, VAR's finest scale (its codes are
+    scales laid end to end, (L,), which resizing took for a 1-d size and failed on)."""
+    scales = getattr(model.cfg, "patch_nums", None)
+    return (scales[-1], scales[-1]) if scales else tuple(model.code_shape[:2])
 
 
 def _split_arrays(split, size: int, channels: int, source: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -158,7 +166,7 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
                 "test": _split_arrays(test, cfg.image_size, cfg.channels, data)}  # fmt: skip
     # on the images read: those left out as unreadable may leave too few
     check_enough_labels(read["train"][1], read["test"][1], cfg.val_fraction)
-    grid = model.code_shape[:2]
+    grid = _pixel_grid(model)
     result = {"layer": layer, "train_images": len(read["train"][1]), "test_images": len(read["test"][1])}
     arrays = {}
     for name, (images, labels) in read.items():
