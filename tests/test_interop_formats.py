@@ -507,6 +507,10 @@ def test_a_var_transformer_file_takes_a_tokenizer_folder_or_names_what_the_token
     for kind in ("ar_folder", "var_transformer"):
         with pytest.raises(ValueError, match="not a stage-1 tokenizer"):
             vqar.load_pretrained(sources["var_transformer"], tokenizer=sources[kind])
+    # A LlamaGen VQ file asked for its config=, which the VAR transformer then refused: named for what it is now.
+    with pytest.raises(ValueError, match=f"the tokenizer {sources['llamagen_vq']} is not a VAR VQVAE but a LlamaGen "
+                                         "VQ tokenizer: a VAR transformer .* decodes its codes with a multi-scale"):
+        vqar.load_pretrained(sources["var_transformer"], tokenizer=sources["llamagen_vq"])
 
 
 def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_path):

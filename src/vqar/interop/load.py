@@ -232,7 +232,16 @@ def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> t
                                   "its weights")  # fmt: skip
         # A VAR tokenizer is read with the scales of the transformer it serves (VAR-d36: the 512 px ones).
         scales = var_transformer.var_transformer_config(checkpoint, str(path)).patch_nums
-        tokenizer = _load_tokenizer(tokenizer, ema, list(scales))
+        try:
+            tokenizer = _load_tokenizer(tokenizer, ema, list(scales))
+        except ValueError:
+            # A LlamaGen VQ file asked for its config=, which this transformer then refused: a loop of advice.
+            if _is_llamagen_vq_file(tokenizer):
+                raise ValueError(f"the tokenizer {tokenizer} is not a VAR VQVAE but a LlamaGen VQ tokenizer: a VAR "
+                                 f"transformer ({path}) decodes its codes with a multi-scale tokenizer (the release's "
+                                 f"{VAR_VQVAE_FILE} beside it, or a vqar tokenizer trained with the var-mnist "
+                                 "preset)") from None  # fmt: skip
+            raise
         found = tokenizer
         if found is None and (path.parent / VAR_VQVAE_FILE).is_file():
             found = var.load_var_vqvae(path.parent / VAR_VQVAE_FILE, patch_nums=scales)
@@ -252,6 +261,15 @@ def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> t
             fields.setdefault("patch_nums", vqvae_scales)
         return var.load_var_vqvae(checkpoint, source=str(path), **fields), None
     return _load_llamagen(checkpoint, path, config, ema, tokenizer)
+
+
+def _is_llamagen_vq_file(path) -> bool:
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return False
+    try:
+        return llamagen.looks_like_vq(llamagen.checkpoint_state(load_checkpoint(Path(path)), Path(path), False))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
 
 
 def _load_llamagen(checkpoint, path: Path, config, ema: bool, tokenizer) -> tuple[nn.Module, nn.Module | None]:
