@@ -528,7 +528,9 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     ("override", "message"),
     [("steps=-5", "train.steps must be positive"), ("sample.top_p=2", "top_p must be in (0, 1]"),
      ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
-     ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)")],
+     ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),
+     ("model.n_layer=0", "n_layer must be >= 1, got 0"),  # the model's own fields too: they were skipped
+     ("model.dim=90", "dim=90 must be divisible by n_head=4")],
 )  # fmt: skip
 def test_config_without_a_store_still_refuses_what_training_would(override, message, capsys):
     # The model's data-dependent fields wait for codes=DIR, but the training, data and sampling sections are whole:

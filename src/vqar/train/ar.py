@@ -243,6 +243,12 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
         for section in node:
             if section != "model" and isinstance(node[section], DictConfig):
                 to_config(node[section].copy())
+        # and the model's own fields (n_layer=0), with the architecture's defaults standing in for the store's
+        model, defaults = node.model.copy(), get_architecture(node.arch).config()
+        for name in model:
+            if OmegaConf.is_missing(model, name):
+                model[name] = getattr(defaults, name)
+        to_config(model)
     lines, in_model = [], False
     for line in OmegaConf.to_yaml(node).splitlines():
         if not line.startswith(" "):
