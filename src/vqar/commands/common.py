@@ -30,14 +30,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> 
                            "an RQ release's bpe-16k-vocab.json (default: the model's own)")  # fmt: skip
 
 
-def add_speed_options(parser: argparse.ArgumentParser) -> None:
-    """--precision and --compile, for the commands that sample."""
+def add_speed_options(parser: argparse.ArgumentParser, compile_note: str = "") -> None:
+    """--precision and --compile, for the commands that sample; `compile_note` ends --compile's help."""
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: bf16 weights and KV cache on CUDA, bf16 autocast on a CPU (logits sampled in "
                         "float32 either way)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step (torch.compile; CUDA graphs on CUDA): the same images, faster "
-                        "once compiled; falls back to eager with a warning if compilation fails")  # fmt: skip
+                        f"once compiled; falls back to eager with a warning if compilation fails{compile_note}")
 
 
 PIPE_HELP = ("let tar shard sources run the shell commands of pipe: URLs (in the source, a list file or a "

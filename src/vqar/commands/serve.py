@@ -104,4 +104,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-images", type=positive_int, default=16, help="images per request (more: HTTP 413)")
     serve.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting at once (more: HTTP 429)")
     serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run")
-    add_speed_options(serve)
+    add_speed_options(serve, ". The server compiles the default settings at start (with and without guidance, "
+                      "and the speculative window); a request with a temperature other than 1, top-k, top-p "
+                      "or greedy decoding compiles its graphs once, when first asked for")
