@@ -157,6 +157,12 @@ class ARModel(nn.Module, ABC):
         return tuple(self.cfg.code_shape)
 
     @property
+    def latent_grid(self) -> tuple[int, int]:
+        """The (h, w) grid of tokenizer latents one image maps to: the code grid of a raster model; VAR, whose
+        codes are scales laid end to end, overrides this with its finest scale."""
+        return tuple(self.code_shape[:2])
+
+    @property
     def depth(self) -> int:
         return self.cfg.depth
 

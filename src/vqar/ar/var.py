@@ -279,6 +279,10 @@ class VAR(ARModel):
 
     # ---------------------------------------------------------------- description
     @property
+    def latent_grid(self) -> tuple[int, int]:
+        return (self.cfg.patch_nums[-1],) * 2
+
+    @property
     def block_sizes(self) -> tuple[int, ...]:
         return tuple(p * p for p in self.cfg.patch_nums)
 

@@ -58,10 +58,9 @@ def check_probeable(model: ARModel, layer: int) -> None:
 
 
 def _pixel_grid(model: ARModel) -> tuple[int, int]:
-    """The grid the pixel baseline is resized to: a raster model's code grid, VAR's finest scale (its codes are
-    scales laid end to end, (L,), which resizing took for a 1-d size and failed on)."""
-    scales = getattr(model.cfg, "patch_nums", None)
-    return (scales[-1], scales[-1]) if scales else tuple(model.code_shape[:2])
+    """The grid the pixel baseline is resized to: the model's latent grid (not `code_shape`, which for VAR is the
+    1-d run of its scales, (L,), which resizing took for a 1-d size and failed on)."""
+    return model.latent_grid
 
 
 def _split_arrays(split, size: int, channels: int, source: str) -> tuple[torch.Tensor, np.ndarray]:
