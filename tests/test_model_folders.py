@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vqar
-from conftest import run_cli
+from conftest import file_contents, run_cli
 from vqar.ar import ARModel
 from vqar.bundle import trained_steps
 from vqar.train.checkpoint import list_checkpoints
@@ -92,6 +92,28 @@ def test_a_run_that_has_not_exported_its_model_names_its_checkpoint_and_resume_e
                                  f"model (newest checkpoint: {newest}); `vqar train tokenizer --resume --out "
                                  f"{tokenizer_run}` exports that checkpoint's model into it, then trains on to its "
                                  "train.steps")  # fmt: skip
+
+
+def test_a_checkpoint_given_as_the_model_names_its_run_and_is_never_trained_into(
+    tiny_pipeline, class_run, tmp_path, capsys
+):
+    """A checkpoint was "the training run of an AR model, stopped before its first checkpoint ... `vqar train ar
+    --resume --out CHECKPOINT` starts it again": that command trained a new run inside the checkpoint, rewriting
+    the files its manifest vouches for, so the run then set its own checkpoint aside as damaged."""
+    run = tmp_path / "run"
+    shutil.copytree(class_run, run)
+    checkpoint = list_checkpoints(run)[-1].path
+    advice = f"load the model the run exported ({run}), or continue the run with `vqar train ar --resume --out {run}`"
+    for folder, what in ((checkpoint, "a training checkpoint"), (checkpoint.parent, "the checkpoints folder")):
+        message = f"{folder} is {what} of the run {run}, not a model: {advice}"
+        assert _refusals(folder, tmp_path, capsys) == [message] * 3
+    before = file_contents(run)
+    for flags in (["--resume"], ["rq-mnist", f"codes={tiny_pipeline / 'codes'}", "--overwrite"]):
+        code, err = run_cli(["train", "ar", *flags, "--out", str(checkpoint)], capsys)
+        assert code == 2 and err == (f"vqar: error: {checkpoint} lies inside the checkpoints of the run {run}: to "
+                                     f"continue that run, pass --resume --out {run}; to start a new one, choose an "
+                                     "--out outside it\n")  # fmt: skip
+    assert file_contents(run) == before
 
 
 def test_an_empty_folder_is_said_to_be_empty(tmp_path, capsys):

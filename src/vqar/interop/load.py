@@ -31,7 +31,7 @@ from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries
-from vqar.utils.runs import list_checkpoints, run_kind
+from vqar.utils.runs import list_checkpoints, run_kind, run_of_checkpoints
 
 VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 
@@ -191,6 +191,9 @@ def _not_a_model(folder: Path) -> str:
     if is_shard_folder(folder):
         return (f"{folder} is a folder of tar shards (made by `vqar pack-shards`), not a model: train a tokenizer on "
                 f"it with `vqar train tokenizer PRESET data.source={folder / SHARD_INDEX}`")  # fmt: skip
+    owner = run_of_checkpoints(folder)
+    if owner is not None:
+        return _inside_checkpoints(folder, owner)
     run = _stopped_run(folder)
     if run is not None:
         return run
@@ -199,6 +202,15 @@ def _not_a_model(folder: Path) -> str:
         return (f"{folder} holds the samples of `vqar sample` ({describe_entries(entries)}), not a model: give the "
                 f"model folder that drew them ({CONFIG_FILE} + {WEIGHTS_FILE})")  # fmt: skip
     return f"{folder} is not a model folder vqar knows: {expected}"
+
+
+def _inside_checkpoints(folder: Path, run: Path) -> str:
+    """A checkpoint (or the checkpoints folder) given as a model: it was taken for a run stopped before its first
+    checkpoint, whose advice, `--resume --out` the checkpoint, trained a new run inside it."""
+    kind = run_kind(run) or "ar"
+    what = "a training checkpoint" if folder.name.startswith("step-") else "the checkpoints folder"
+    return (f"{folder} is {what} of the run {run}, not a model: load the model the run exported ({run}), or continue "
+            f"the run with `vqar train {kind} --resume --out {run}`")  # fmt: skip
 
 
 def _stopped_run(folder: Path) -> str | None:

@@ -12,7 +12,7 @@ from vqar.parallel import DistConfig, Parallel, PeerFailed, joined
 from vqar.train.checkpoint import RUN_FILES, has_run, prepare_run_dir
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries, write_lock
-from vqar.utils.runs import run_kind
+from vqar.utils.runs import run_kind, run_of_checkpoints
 
 KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
 
@@ -48,7 +48,13 @@ def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool)
     `prepare_run_dir`'s to judge (--resume or --overwrite); a run of the other kind, or a non-empty folder that
     holds no run (an exported model, your files), needs --overwrite, which removes only what a run writes
     (`RUN_FILES`: a model there is replaced, other files are kept). A code store or a folder of shards is never
-    trained into: the run would mix with the data, and the data's --overwrite would then delete the run."""
+    trained into: the run would mix with the data, and the data's --overwrite would then delete the run. Nor is a
+    run's checkpoints folder: a checkpoint's run.yaml made it look like a run to resume, which rewrote the files
+    its manifest vouches for (the run then set it aside as damaged), and --overwrite would empty it."""
+    owner = run_of_checkpoints(run_dir)
+    if owner is not None:
+        raise FileExistsError(f"{run_dir} lies inside the checkpoints of the run {owner}: to continue that run, pass "
+                              f"--resume --out {owner}; to start a new one, choose an --out outside it")  # fmt: skip
     entries = folder_entries(run_dir)
     if not entries:
         return

@@ -7,6 +7,7 @@ run that never exported its model): its checkpoints and the kind of model it tra
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,17 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
             if entry.is_dir() and entry.name.startswith("step-") and entry.name[5:].isdigit():
                 found.append(Checkpoint(int(entry.name[5:]), entry))
     return sorted(found, key=lambda c: c.step)
+
+
+def run_of_checkpoints(path: Path) -> Path | None:
+    """The training run whose `checkpoints/` folder `path` is or lies inside (a checkpoint, `damaged/`); None
+    elsewhere. A checkpoint holds a run.yaml and weights but is no run and no exported model: writing a run into it
+    would change the files its manifest vouches for, and the run would take it for damaged."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if folder.name == "checkpoints" and ((folder.parent / RUN_CONFIG).is_file() or list_checkpoints(folder.parent)):
+            return folder.parent
+    return None
 
 
 def run_kind(run_dir: Path) -> str | None:
