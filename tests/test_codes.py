@@ -195,3 +195,29 @@ def test_extract_codes_names_its_own_options(tokenizer_folder, tmp_path, capsys)
         code, err = run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), *args, "--out", str(out)], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npz"]
+
+
+def test_images_beside_class_folders_are_warned_at_extraction_and_refused_by_a_class_run(
+    tokenizer_folder, tmp_path, capsys, caplog
+):
+    """Images directly in a folder of class folders got label -1 silently; a class-conditional run on their codes
+    trained, then failed at its first evaluation ('class ids must lie in [0, 2), got [-1, 1]') with nothing saved."""
+    images = tmp_path / "images"
+    for name in ("cats", "dogs"):
+        (images / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 30 * i, dtype=np.uint8)).save(images / name / f"{i}.png")
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(images / "loose.png")
+    codes = tmp_path / "codes"
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        assert run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images), "--out",
+                        str(codes)], capsys)[0] == 0  # fmt: skip
+    assert (f"1 of the 7 images lie directly in {images}, beside its 2 class folders: they have no class (label -1), "
+            "which a class-conditional model cannot train on (first: loose.png)") in caplog.text  # fmt: skip
+    run = tmp_path / "run"
+    code, err = run_cli(["train", "ar", "rq-mnist", f"codes={codes}", "size=RQ-XS", "--out", str(run)], capsys)
+    assert code == 2 and err == (f"vqar: error: the code store {codes} holds 1 of its 7 items without a class (label "
+                                 "-1: images that lay directly in the image folder, beside its class folders), which "
+                                 "a class-conditional model cannot train on: move those images into a class folder, "
+                                 "or out of the folder, and extract the codes again\n")  # fmt: skip
+    assert not run.exists()

@@ -7,6 +7,7 @@ raising, so one corrupt JPEG in a million does not kill a multi-day run; the loa
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 import zlib
@@ -24,6 +25,8 @@ from vqar.data.samples import BadSample, Sample
 from vqar.data.shards import ShardDataset, is_shard_source, open_shards
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
 from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
+
+log = logging.getLogger("vqar.data")
 
 
 def _spread_indices(total: int, max_images: int | None) -> np.ndarray:
@@ -93,6 +96,12 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         self.listed = files  # every image, where `max_images` keeps a subset: what a caption file may name
         self.files = [files[i] for i in keep]
         self.labels = [class_ids[folders[i][0]] if len(folders[i]) > 1 else -1 for i in keep]
+        loose = [files[i].name for i in keep if len(folders[i]) == 1]
+        if loose and self.class_names:  # a class-conditional run refuses them, which it learned only at its first eval
+            log.warning("%d of the %d images lie directly in %s, beside its %d class folders: they have no class "
+                        "(label -1), which a class-conditional model cannot train on (first: %s); move them into a "
+                        "class folder or out of %s", len(loose), len(keep), self.root, len(self.class_names),
+                        loose[0], self.root)  # fmt: skip
         self.image_size = image_size
         self.channels = channels
         self.captions: list[list[str]] | None = None  # per item, when the folder has a caption file

@@ -504,6 +504,7 @@ def train_ar(cfg: ARRunConfig, run_dir: str | Path, *, resume: bool = False, ove
     if resume:
         check_same_model(cfg, Path(run_dir))
     store = CodeDataset(cfg.data.codes)
+    check_labelled(store, cfg.model.num_classes)
     text_dir = Path(run_dir) / "text_tokenizer"
     made_here = not text_dir.exists()
     try:
@@ -541,6 +542,17 @@ def _train_ar(cfg: ARRunConfig, run_dir: str | Path, store: CodeDataset, resume:
         )
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
+
+
+def check_labelled(store: CodeDataset, num_classes: int) -> None:
+    """ValueError for a class-conditional model on a store with unlabelled items (label -1): the class embedding
+    has no row for them, and the run failed at its first evaluation, after training, with nothing saved."""
+    unlabelled = int((store.labels < 0).sum()) if num_classes else 0
+    if unlabelled:
+        raise ValueError(f"the code store {store.path} holds {unlabelled} of its {len(store)} items without a class "
+                         "(label -1: images that lay directly in the image folder, beside its class folders), which "
+                         "a class-conditional model cannot train on: move those images into a class folder, or out "
+                         "of the folder, and extract the codes again")  # fmt: skip
 
 
 def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
