@@ -255,6 +255,23 @@ def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tm
     assert [(i.label, i.captions) for i in items] == [(0, ["a grey cat"]), (1, []), (1, ["a pale dog"])]
 
 
+def test_high_depth_images_pack_as_the_folder_reads_them(tmp_path):
+    """A float TIFF in [0, 1] packed black and a 16-bit one almost white: packing clipped them at 255 where the
+    folder reader scales them to 8 bits."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    ramp = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(ramp).save(folder / "unit.tiff")  # mode F
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(folder / "sixteen.tiff")  # mode I;16
+    config = {"image_size": 16, "channels": 1}
+    direct = list(open_dataset(DataConfig(source=str(folder), **config)))
+    pack_shards(str(folder), tmp_path / "out", shuffle=False)
+    packed = _all_items(open_dataset(DataConfig(source=str(tmp_path / "out" / "shards.json"), **config)))
+    assert len(packed) == len(direct) == 2
+    for before, after in zip(direct, packed, strict=True):
+        assert before.image.std() > 0.5 and torch.equal(after.image, before.image)
+
+
 def test_a_tokenizer_trains_from_shards(digit_shards, tmp_path):
     source = f"data.source={digit_shards / 'shards.json'}"
     args = ["train", "tokenizer", "rqvae-mnist", "--out", str(tmp_path / "tok"), *TINY_RUN, source,

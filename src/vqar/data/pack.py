@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
 from vqar.data.shards import is_shard_source, shard_index
+from vqar.data.transforms import convert_channels
 from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory, write_lock
 
 log = logging.getLogger("vqar.data")
@@ -53,7 +54,12 @@ def _file_member(path: Path) -> tuple[str, bytes]:
         kept = _KEPT_FORMATS.get(image.format or "")
         if kept:
             return kept, data
-        return "png", _png(image.convert("RGB") if image.mode not in ("L", "RGB", "RGBA") else image)
+        if image.mode in ("L", "RGB", "RGBA"):
+            return "png", _png(image)
+        # 16-bit and float grey images are scaled to 8 bits as the folder reader scales them; Pillow's convert()
+        # clips them at 255, which packed a 16-bit photograph almost white and a float one in [0, 1] black.
+        grey = image.mode.startswith("I") or image.mode == "F"
+        return "png", _png(convert_channels(image, 1 if grey else 3))
 
 
 def _png(image: Image.Image) -> bytes:
