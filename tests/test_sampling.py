@@ -360,6 +360,18 @@ def test_seeded_sampling_is_reproducible_and_each_image_depends_on_its_index_onl
     assert torch.equal(generate(model, cond[:2], settings), a[:2])  # image j: (seed, j), whatever the batch
 
 
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_rq])
+def test_a_model_in_training_mode_samples_as_in_eval_mode_and_keeps_its_mode(make):
+    """generate kept a training-mode model's dropout and class dropout on: draws no seed reproduced."""
+    model = make(resid_dropout_p=0.5, class_dropout_prob=0.5)
+    cond, settings = torch.tensor([0, 1, 2, 3] * 4), SamplingSettings(seed=3, cfg_scale=2.0)
+    expected = generate(model, cond, settings)
+    model.train()
+    model.layers[0].eval()  # a submodule's own mode is given back too
+    assert torch.equal(generate(model, cond, settings), expected)
+    assert model.training and not model.layers[0].training and model.cond_embedding.training
+
+
 def test_image_noise_depends_on_the_seed_and_the_image_index_only():
     model = tiny_rq()
     noise = image_noise(model, torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]))

@@ -20,7 +20,7 @@ from vqar.sampling.conditions import Conditions
 from vqar.sampling.generate import check_cfg_interval, check_smooth, generate, image_noise
 from vqar.sampling.settings import SamplingSettings, settings_or_default
 from vqar.sampling.speculative import DecodeStats, window_of
-from vqar.utils.device import autocast
+from vqar.utils.device import autocast, evaluating
 
 
 @dataclass
@@ -118,7 +118,8 @@ def draw(
                              noise=noise, compile=compile, stats=stats,
                              images=(_pad(seeds[chunk], size), _pad(index[chunk], size)))[: len(chunk)]  # fmt: skip
             middle = _synced(device)
-            images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
+            with evaluating(tokenizer):
+                images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
             end = _synced(device)
         codes.append(drawn.cpu())
         sample_s, decode_s = sample_s + middle - start, decode_s + end - middle

@@ -27,6 +27,7 @@ from vqar.sampling.speculative import (
     speculative_noise,
     window_of,
 )
+from vqar.utils.device import in_eval_mode
 
 
 def image_noise(model: ARModel, seeds: torch.Tensor, index: torch.Tensor,
@@ -77,6 +78,7 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
 
 
 @torch.no_grad()
+@in_eval_mode
 def generate(
     model: ARModel,
     cond: torch.Tensor | None = None,

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module | None) -> Iterator[None]:
+    """Runs the body with `modules` in eval mode, then gives every submodule its own mode back. Sampling from a
+    model left in training mode kept its dropout and class dropout on: draws no seed reproduced, some of them
+    unconditioned."""
+    modes = [(sub, sub.training) for module in modules if module is not None for sub in module.modules()]
+    for sub, _ in modes:
+        sub.training = False
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+def in_eval_mode(function: Callable) -> Callable:
+    """`function(model, ...)` run with `model` in eval mode (`evaluating`)."""
+
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        with evaluating(model):
+            return function(model, *args, **kwargs)
+
+    return wrapper
 
 
 def resolve_device(name: str = "auto") -> torch.device:
