@@ -144,6 +144,19 @@ def tiny_vim(**overrides) -> VIM:
     return VIM(VIMConfig(**{**fields, **overrides})).eval()
 
 
+def test_a_vit_tokenizer_refuses_images_and_codes_of_another_grid():
+    """Other sizes gave raw PyTorch errors, or, for a smaller grid, latents whose patches took the position
+    embeddings of the built grid's first rows."""
+    tokenizer = Tokenizer(load_run_config("vitvqgan-mnist", []).model).eval()  # 32 px, 4-pixel patches
+    assert tokenizer.encode(torch.zeros(1, 1, 32, 32)).shape == (1, 8, 8)
+    for side in (16, 48):
+        with pytest.raises(ValueError, match=f"^this ViT tokenizer takes 32x32 images \\(a 8x8 grid of 4-pixel "
+                           f"patches, whose positions it learned\\), got {side}x32: resize them to 32x32$"):
+            tokenizer.encode(torch.zeros(1, 1, side, 32))
+    with pytest.raises(ValueError, match="^this ViT tokenizer decodes a 8x8 grid of codes .*, got 4x4$"):
+        tokenizer.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+
+
 def test_vim_cached_generation_matches_teacher_forcing():
     torch.manual_seed(1)
     model = tiny_vim()

@@ -108,8 +108,8 @@ def unpatchify(tokens: torch.Tensor, p: int, height: int, channels: int) -> torc
 
 
 class ViTEncoder(nn.Module):
-    """Images (B, C, H, W) -> latents (B, dim, H/p, W/p). Other image sizes than the built one work when their
-    patch count does not exceed the built grid's (position embeddings are learned for that grid)."""
+    """Images (B, C, H, W) -> latents (B, dim, H/p, W/p), at the built size only: the position embeddings are
+    learned for its grid, and a smaller image's patches would take the positions of the grid's first rows."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -120,8 +120,12 @@ class ViTEncoder(nn.Module):
         self.out_channels = dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.cfg.patch_size
+        p, grid = self.cfg.patch_size, self.cfg.grid
         h, w = images.shape[2] // p, images.shape[3] // p
+        if (h, w) != (grid, grid):
+            raise ValueError(f"this ViT tokenizer takes {grid * p}x{grid * p} images (a {grid}x{grid} grid of "
+                             f"{p}-pixel patches, whose positions it learned), got {images.shape[2]}x"
+                             f"{images.shape[3]}: resize them to {grid * p}x{grid * p}")  # fmt: skip
         tokens = self.transformer(self.patch_embed(patchify(images, p)))
         return rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
 
@@ -144,6 +148,9 @@ class ViTDecoder(nn.Module):
         return self.head[2]
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        h = latents.shape[2]
+        h, grid = latents.shape[2], self.cfg.grid
+        if tuple(latents.shape[2:]) != (grid, grid):
+            raise ValueError(f"this ViT tokenizer decodes a {grid}x{grid} grid of codes (the positions it learned), "
+                             f"got {latents.shape[2]}x{latents.shape[3]}")  # fmt: skip
         tokens = self.transformer(rearrange(latents, "b d h w -> b (h w) d"))
         return unpatchify(self.head(tokens), self.cfg.patch_size, h, self.cfg.out_channels)
