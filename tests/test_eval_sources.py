@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 import tracemalloc
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from test_eval import _FakeStyleGANInception
 from vqar.cli import main
+from vqar.data.datasets import ImageFolderDataset
 from vqar.data.pack import pack_shards
 from vqar.eval import sources
 from vqar.eval.generation import evaluate_samples, source_outputs
@@ -246,3 +248,19 @@ def test_an_image_folder_is_walked_as_training_walks_it(tmp_path):
     (tmp_path / "sub" / "loop").symlink_to(tmp_path / "sub")
     found = [path.relative_to(folder).as_posix() for path in sources.image_files(folder)]
     assert found == ["a.png", "linked/d.png", "sub/b.png"]
+
+
+def test_a_link_to_a_class_folder_inside_the_folder_is_not_a_class_of_its_own(tmp_path, caplog):
+    """An alias sorted before its target (a-cats -> cats) was walked first: every cat took its name, and the real
+    folder, walked once, was skipped, so the class "cats" vanished. A link to a hidden folder is still followed."""
+    folder = tmp_path / "pets"
+    for name in ("cats/1.png", "cats/2.png", "dogs/3.png", ".stash/4.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(folder / name, format="PNG")
+    (folder / "a-cats").symlink_to(folder / "cats")
+    (folder / "birds").symlink_to(folder / ".stash")
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        dataset = ImageFolderDataset(folder, image_size=8, channels=1)
+    assert dataset.class_names == ["birds", "cats", "dogs"] and dataset.labels == [0, 1, 1, 2]
+    cats = os.path.realpath(folder / "cats")
+    assert f"skipped {folder / 'a-cats'}: it links to {cats} inside the same folder" in caplog.text

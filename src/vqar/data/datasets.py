@@ -53,22 +53,41 @@ def scan_images(root: Path, extensions: Iterable[str]) -> list[Path]:
     """All image files under `root`, sorted by path relative to root so every machine sees the same order.
 
     Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped.
-    Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop.
+    Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop, and a
+    link to a folder the walk reaches anyway (a second name for a class folder) is skipped with a warning.
     """
     extensions = frozenset(extensions)
     found: list[Path] = []
     visited: set[str] = set()
+    real_root = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        dirnames[:] = sorted(name for name in dirnames
+                             if not name.startswith(".") and not _is_alias(Path(dirpath, name), real_root))  # fmt: skip
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 found.append(Path(dirpath, name))
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def _is_alias(folder: Path, real_root: str) -> bool:
+    """Whether `folder` is a link to a folder inside the walked tree that the walk reaches by its own name. Followed
+    first (an alias sorted before its target), it gave the images its own name, a class of its own, and the real
+    folder, already walked, was skipped, its class gone."""
+    if not folder.is_symlink():
+        return False
+    inside = os.path.relpath(os.path.realpath(folder), real_root)
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        return False
+    if any(part.startswith(".") for part in Path(inside).parts if part != os.curdir):
+        return False  # a hidden folder is not walked: the link is the only way to its images
+    log.warning("skipped %s: it links to %s inside the same folder, whose images are read under that name", folder,
+                os.path.realpath(folder))  # fmt: skip
+    return True
 
 
 class ImageFolderDataset(Dataset[Sample | BadSample]):
