@@ -3,6 +3,8 @@ downloaded) and before any image is run through it."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,25 @@ def test_a_single_image_is_refused_naming_its_set_before_the_inception_is_loaded
     np.savez(empty, arr_0=np.zeros((0, 8, 8, 1), dtype=np.uint8))
     assert main(["eval", "fid", str(empty), "--ref", str(two)]) == 2
     assert capsys.readouterr().err == f"vqar: error: {empty} holds 0 images; FID statistics need at least 2\n"
+
+
+def test_rfid_of_a_single_image_is_refused_before_the_tokenizer_and_the_inception_are_loaded(
+    tmp_path, tokenizer_folder, no_inception, monkeypatch, capsys
+):
+    """It failed after reconstructing, with numpy's 'need at least 2 feature vectors'; --no-fid still measures."""
+    from vqar.bundle import load
+    from vqar.eval.rfid import evaluate_tokenizer
+
+    one = tmp_path / "one.npz"
+    np.savez(one, arr_0=np.zeros((1, 32, 32, 1), dtype=np.uint8))
+    assert main(["eval", "rfid", str(one), "--tokenizer", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err == (f"vqar: error: {one} holds 1 image; FID statistics need at least 2 (--no-fid "
+                                       "measures the rest without them)\n")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{one} holds 1 image; FID statistics need at least 2$"):
+        evaluate_tokenizer(load(tokenizer_folder), one, inception=object())  # refused before it is used
+    monkeypatch.undo()  # the images are reconstructed now
+    assert main(["eval", "rfid", str(one), "--tokenizer", str(tokenizer_folder), "--no-fid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
 
 
 def test_rfid_of_a_wrong_image_set_or_tokenizer_fails_before_the_inception_is_loaded(

@@ -87,9 +87,9 @@ def _print(result: dict, as_json: bool) -> None:
 
 @_on_ranks
 def cmd_stats(args, par) -> int:
-    from vqar.eval.generation import check_enough_images, check_stats_path, save_stats, source_outputs
+    from vqar.eval.generation import check_stats_path, save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
-    from vqar.eval.sources import ReferenceStatsError, open_source
+    from vqar.eval.sources import ReferenceStatsError, check_enough_images, open_source
 
     check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
     read = [Path(args.data), Path(args.data) / "samples.npz"]  # a .npz, or a sample run's (which is read first)
@@ -130,7 +130,7 @@ def cmd_fid(args, par) -> int:
 @_on_ranks
 def cmd_rfid(args, par) -> int:
     from vqar.eval.rfid import check_image_size, evaluate_tokenizer
-    from vqar.eval.sources import open_source
+    from vqar.eval.sources import check_enough_images, open_source
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
 
@@ -142,6 +142,8 @@ def cmd_rfid(args, par) -> int:
     # every rank, before the Inception is loaded (or downloaded): the images are listed (the cheapest check, so
     # first), then the tokenizer is loaded, a moment for any tokenizer this command can evaluate on a CPU
     images = open_source(args.data, args.max_images)
+    if not args.no_fid:
+        check_enough_images(images, " (--no-fid measures the rest without them)")
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")

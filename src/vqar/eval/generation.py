@@ -31,7 +31,14 @@ from vqar.eval.metrics import (
     precision_recall,
 )
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import ImageSource, batches, describe_source, npz_array_shape, open_source
+from vqar.eval.sources import (
+    ImageSource,
+    batches,
+    check_enough_images,
+    describe_source,
+    npz_array_shape,
+    open_source,
+)
 from vqar.parallel import Parallel
 from vqar.utils.io import atomic_write, check_folder_writable
 
@@ -220,14 +227,6 @@ class EvalSets:
     ref: str | Path | None = None
     stored: StoredReference | None = None  # the reference's statistics, where it is an .npz of them
     reference: ImageSource | None = None  # the reference's images, where they are to be run
-
-
-def check_enough_images(images: ImageSource | None) -> None:
-    """ValueError naming a set of fewer than 2 images, of which no covariance (no FID, no statistics) can be made:
-    said before its Inception pass, not by numpy after it."""
-    if images is not None and len(images) < 2:
-        count = len(images)
-        raise ValueError(f"{images.where} holds {count} image{'s' * (count != 1)}; FID statistics need at least 2")
 
 
 def open_eval_sets(

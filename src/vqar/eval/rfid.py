@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import ImageSource, batches, open_source
+from vqar.eval.sources import ImageSource, batches, check_enough_images, open_source
 from vqar.parallel import Parallel
 from vqar.quantize import code_statistics
 from vqar.utils.memory import check_memory
@@ -99,6 +99,8 @@ def evaluate_tokenizer(
     size = tokenizer.image_size if image_size is None else image_size
     check_image_size(tokenizer, size)
     images = source if isinstance(source, ImageSource) else open_source(source, max_images)
+    if inception is not None:
+        check_enough_images(images)
     part = share(len(images), batch_size, par)
     _check_memory(tokenizer, size, max(0, part.stop - part.start), batch_size)
     if par.is_main and not tokenizer.image_size / 4 <= size <= tokenizer.image_size * 4:

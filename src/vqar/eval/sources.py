@@ -458,3 +458,12 @@ def load_images(source: str | Path, max_images: int | None = None) -> np.ndarray
 def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(images), batch_size):
         yield images[start : start + batch_size]
+
+
+def check_enough_images(images: ImageSource | None, advice: str = "") -> None:
+    """ValueError naming a set of fewer than 2 images, of which no covariance (no FID or rFID, no statistics) can be
+    made: said before its Inception pass, not by numpy after it."""
+    if images is not None and len(images) < 2:
+        count = len(images)
+        raise ValueError(f"{images.where} holds {count} image{'s' * (count != 1)}; FID statistics need at least "
+                         f"2{advice}")  # fmt: skip
