@@ -62,7 +62,7 @@ def test_an_npy_array_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path, ca
     assert (code, err) == (2, f"vqar: error: {message}\n")
 
 
-def test_a_model_folders_safetensors_file_given_alone_asks_for_its_folder(tokenizer_folder, tmp_path, capsys):
+def test_a_model_folders_safetensors_or_config_file_given_alone_asks_for_its_folder(tokenizer_folder, tmp_path, capsys):
     """It was "neither a PyTorch archive (torch.save's zip) nor a pickle": a vqar folder's weights, without the
     config.json that says what model they are."""
     path = tokenizer_folder / "model.safetensors"
@@ -70,6 +70,10 @@ def test_a_model_folders_safetensors_file_given_alone_asks_for_its_folder(tokeni
                "that holds it with its config.json")  # fmt: skip
     code, err = run_cli(["sample", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
     assert (code, err) == (2, f"vqar: error: {message}\n")
+    config = tokenizer_folder / "config.json"  # it was "not a checkpoint" too
+    code, err = run_cli(["sample", "--model", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert (code, err) == (2, f"vqar: error: {config} is the configuration of a vqar model, which the files beside "
+                              f"it make up: give their folder, {tokenizer_folder}\n")  # fmt: skip
     random_bytes = tmp_path / "noise.pt"  # a file that only looks like one at its first byte is still no checkpoint
     random_bytes.write_bytes(b"\xff" * 8 + b"{" + b"x" * 20)
     with pytest.raises(ValueError, match="is not a checkpoint: it is neither"):

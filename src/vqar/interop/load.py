@@ -69,6 +69,9 @@ def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=No
     source = Path(path)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
         source = source.parent
+    if source.is_file() and source.name == CONFIG_FILE and (source.parent / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{source} is the configuration of a vqar model, which the files beside it make up: give "
+                         f"their folder, {source.parent}")  # fmt: skip (it was "not a checkpoint")
     # Each loader checks that `config` and `tokenizer` apply to the kind of model it finds, and loads the tokenizer
     # only then (a VAR one at its transformer's scales): an option that does not apply is refused, not ignored.
     if source.is_dir():
