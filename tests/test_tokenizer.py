@@ -201,3 +201,15 @@ def test_encode_refuses_images_holding_nan_or_inf():
     with pytest.raises(ValueError, match=r"^images hold 1 non-finite value \(NaN or inf\) of 256"):
         model.encode(images[:1].double())
     assert model.encode(images.nan_to_num(0.0, 0.0, 0.0)).shape == (2, 4, 4, 3)
+
+
+def test_encode_refuses_pixels_far_outside_minus_one_to_one():
+    """Float pixels of 0..255 were given codes without a word; a resize's small overshoot past [-1, 1] is taken."""
+    model = Tokenizer(tiny_config("rq")).eval()
+    ramp = torch.linspace(0, 255, 256).view(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"^images hold values in \[0, 255\], far outside the \[-1, 1\] encode takes "
+                       r"\(pixels of 0..255: x / 127.5 - 1; of 0..1: x \* 2 - 1\)$"):  # fmt: skip
+        model.encode(ramp)
+    with pytest.raises(ValueError, match=r"^images hold values in \[-1.6, 1\]"):
+        model.soft_codes(torch.full((1, 1, 16, 16), -1.6).index_fill(3, torch.tensor([0]), 1.0))
+    assert model.encode((ramp / 127.5 - 1) * 1.2).shape == (1, 4, 4, 3)  # an overshoot is encoded

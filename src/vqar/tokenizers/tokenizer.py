@@ -19,6 +19,8 @@ from vqar.tokenizers.conv import ConvConfig
 from vqar.tokenizers.registry import backbone
 from vqar.tokenizers.vit import ViTConfig
 
+_RANGE_MARGIN = 0.5  # how far past [-1, 1] encode takes pixels (see `_check_pixels`)
+
 
 @dataclass
 class TokenizerConfig:
@@ -143,7 +145,7 @@ class Tokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """int64 codes (B, *code_shape), on the tokenizer's device, of float images (B, C, H, W) in [-1, 1] of any
         float dtype, on any device. Does not update the codebook, whatever the module mode."""
-        self._check_finite(images)
+        self._check_pixels(images)
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
@@ -157,7 +159,7 @@ class Tokenizer(nn.Module):
         soft_codes = getattr(self.quantizer, "soft_codes", None)
         if soft_codes is None:
             raise ValueError("soft codes are defined for residual (RQ) tokenizers")
-        self._check_finite(images)
+        self._check_pixels(images)
         return soft_codes(self.encode_latent(images), temperature)
 
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -172,14 +174,21 @@ class Tokenizer(nn.Module):
         latent = self.quantizer.embed(codes.to(weight.device), depth=depth)
         return self.decode_latent(latent.to(weight.dtype))
 
-    def _check_finite(self, images: torch.Tensor) -> None:
-        """NaN or inf pixels (a failed normalisation, a damaged file) would still be given codes, whichever code is
-        nearest to a NaN latent, so they are refused here. Not in `forward`: training would pay a sync per step."""
+    def _check_pixels(self, images: torch.Tensor) -> None:
+        """NaN or inf pixels (a failed normalisation, a damaged file) and pixels far outside [-1, 1] would still be
+        given codes (whichever code is nearest to a NaN latent), so they are refused here. Not in `forward`: training
+        would pay a sync per step."""
         self._check_images(images)
         bad = int(images.numel() - torch.isfinite(images).sum())
         if bad:
             raise ValueError(f"images hold {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
                              f"{images.numel()}: encode takes finite pixels in [-1, 1]")  # fmt: skip
+        # Pixels of 0..255 as floats were given codes without a word. A margin lets through the overshoot that a
+        # bicubic resize adds to pixels in [-1, 1].
+        low, high = (float(v) for v in torch.aminmax(images)) if images.numel() else (0.0, 0.0)
+        if low < -1 - _RANGE_MARGIN or high > 1 + _RANGE_MARGIN:
+            raise ValueError(f"images hold values in [{low:.4g}, {high:.4g}], far outside the [-1, 1] encode takes "
+                             "(pixels of 0..255: x / 127.5 - 1; of 0..1: x * 2 - 1)")  # fmt: skip
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
