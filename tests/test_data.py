@@ -170,6 +170,14 @@ def test_bad_file_report_counts_the_samples_a_shard_cut_short_lost(caplog):
     assert report.summary() == "skipped 8 unreadable samples in 2 files"
 
 
+def test_an_undecodable_shard_member_is_named_by_its_url_and_key():
+    """Its error named Pillow's buffer, "cannot identify image file <_io.BytesIO object at 0x...>"."""
+    from vqar.data.shards import decode_sample
+
+    bad = decode_sample({"__url__": "a/shard-000000.tar", "__key__": "x1", "png": b"not a png"}, 1, 8, 1, False)
+    assert bad.error == "UnidentifiedImageError: cannot identify image file 'a/shard-000000.tar:x1'"
+
+
 def test_array_layouts_and_ranges_agree():
     rgb = _noise(8, 8, 3, seed=1)[None].repeat(2, axis=0)
     rgb[:, 0, 0] = 0  # a zero pixel, so the [-1, 1] float copy really has negative values

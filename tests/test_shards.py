@@ -231,7 +231,7 @@ def test_a_negative_packing_seed_is_named(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tmp_path):
+def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tmp_path, caplog):
     folder = tmp_path / "photos"
     for name in ("cats", "dogs"):
         (folder / name).mkdir(parents=True)
@@ -241,8 +241,12 @@ def test_a_folder_packs_with_labels_and_captions_leaving_out_unreadable_files(tm
     (folder / "dogs" / "broken.png").write_bytes(b"\x89PNG broken")
     captions = [{"file": "cats/a.jpg", "caption": "a grey cat"}, {"file": "dogs/c.bmp", "caption": "a pale dog"}]
     (folder / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
-    report = pack_shards(str(folder), tmp_path / "out", shard_size=2, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        report = pack_shards(str(folder), tmp_path / "out", shard_size=2, shuffle=False)
     assert report.written == 3 and len(report.skipped) == 1 and report.skipped[0].endswith("broken.png")
+    # it named Pillow's buffer, "cannot identify image file <_io.BytesIO object at 0x...>"
+    broken = folder / "dogs" / "broken.png"
+    assert f"{broken}: UnidentifiedImageError: cannot identify image file {str(broken)!r}" in caplog.text
     assert report.index["class_names"] == ["cats", "dogs"] and report.index["captions"] is True
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         names = tar.getnames()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import io
 import itertools
 import json
 import logging
@@ -44,12 +43,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqar.data.samples import BadSample, Sample
 from vqar.data.transforms import convert_channels, fit_image, to_tensor
 from vqar.text.captions import is_unicode
+from vqar.utils.images import open_image_bytes
 
 log = logging.getLogger("vqar.data")
 
@@ -252,7 +251,7 @@ def decode_sample(raw: dict, index: int, image_size: int, channels: int, caption
         if key is None:
             found = sorted(k for k in raw if not k.startswith("_"))
             raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
-        with Image.open(io.BytesIO(raw[key])) as image:
+        with open_image_bytes(raw[key], where) as image:
             image.load()
             pixels = to_tensor(fit_image(convert_channels(image, channels), image_size))
         label = int(raw[LABEL_KEY].decode().strip()) if LABEL_KEY in raw else -1

@@ -24,7 +24,6 @@ of images read. All images of a set must have one size (rFID's center crop, a `t
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import struct
@@ -41,6 +40,7 @@ from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_samples
 from vqar.data.transforms import convert_channels
+from vqar.utils.images import open_image_bytes
 from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
 
 log = logging.getLogger("vqar.eval")
@@ -346,7 +346,7 @@ def _sample_image(raw: dict) -> Image.Image:
     if key is None:
         found = sorted(k for k in raw if not k.startswith("_"))
         raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
-    return Image.open(io.BytesIO(raw[key]))
+    return open_image_bytes(raw[key], f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}")
 
 
 class ShardSource(ImageSource):

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vqar.utils.io import atomic_write
+
+
+def open_image_bytes(data: bytes, name: str) -> Image.Image:
+    """The image an encoded file's bytes hold (lazily decoded, as `Image.open`). Bytes of no image format raise an
+    error that names `name` (the file, or a shard's url:key): Pillow's names its buffer, <_io.BytesIO object at
+    0x...>, where a report of skipped files showed it."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
