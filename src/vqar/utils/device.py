@@ -15,11 +15,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @contextlib.contextmanager
-def evaluating(*modules: nn.Module | None) -> Iterator[None]:
+def evaluating(*modules: object) -> Iterator[None]:
     """Runs the body with `modules` in eval mode, then gives every submodule its own mode back. Sampling from a
     model left in training mode kept its dropout and class dropout on: draws no seed reproduced, some of them
     unconditioned."""
-    modes = [(sub, sub.training) for module in modules if module is not None for sub in module.modules()]
+    # Not every tokenizer is a module: one that only decodes codes (a stand-in, a wrapper) has no mode to set.
+    modes = [(sub, sub.training) for module in modules if isinstance(module, nn.Module) for sub in module.modules()]
     for sub, _ in modes:
         sub.training = False
     try:
