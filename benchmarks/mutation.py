@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 GUARD_EXIT = 97  # the plugin's exit status when vqar does not come from the mutated copy
 TIMEOUT_S = 300  # a mutation that makes the tests run this long counts as killed (a hang is noticed)
 
-SAMPLING = ("tests/test_sampling.py",)
+SAMPLING = ("tests/test_sampling.py", "tests/test_sampling_inputs.py")
 QUANTIZE = ("tests/test_quantize.py",)
 LOSSES = ("tests/test_losses.py",)
 SPECULATIVE = ("tests/test_speculative.py::test_one_check_of_a_draft_gives_exactly_the_model_distribution",
@@ -108,7 +108,7 @@ MUTATIONS = [
     # ---------------------------------------------------------------- blocks of codes per call (VAR, windows)
     Mutation("var_cfg_ramp_shifted_by_one_scale", "sampling/settings.py",
              "(block / (blocks - 1) if blocks > 1 else 1.0)", "((block + 1) / blocks if blocks > 1 else 1.0)",
-             ("tests/test_var_model.py",)),
+             ("tests/test_var_model.py", "tests/test_var_model_random.py")),
     Mutation("block_attention_hides_a_query_from_itself", "ar/layers.py",
              "<= query_at  # (L, keys)", "< query_at  # (L, keys)",
              ("tests/test_compiled.py::test_a_block_of_positions_decodes_as_one_position_at_a_time",)),

@@ -109,6 +109,33 @@ def class_run(tiny_pipeline, tmp_path_factory):
     return run
 
 
+# `vqar serve` (tests/test_serve*.py): the class run's model, a sampling engine over it and a client of its HTTP API,
+# made anew for each test module.
+@pytest.fixture(scope="module")
+def class_model(class_run):
+    import vqar
+
+    return vqar.load_pretrained(class_run)
+
+
+@pytest.fixture(scope="module")
+def engine(class_model):
+    from vqar.serve.engine import SamplingEngine
+
+    engine = SamplingEngine(class_model, class_model.tokenizer, max_images=6, max_queue=64, max_batch=16)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from vqar.serve.app import build_app
+
+    return TestClient(build_app(engine, ui=False))
+
+
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """A folder holding the digit classifier, trained once per test session."""

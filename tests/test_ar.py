@@ -1,4 +1,5 @@
-"""Stage-2 training on a code store, exported models, `vqar sample`, and the demo pipeline."""
+"""Stage-2 training on a code store, exported models, resumes, `vqar sample`, `vqar config`, the demo pipeline,
+the papers' model sizes and the rotary embedding."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import vqar
 from conftest import TINY_AR
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
-from vqar.configs import ConfigError
 from vqar.sampling import SamplingSettings, draw, generate, make_conditions
-from vqar.train.ar import build_model, compose_run_config, load_run_config, train_ar
+from vqar.train.ar import build_model, load_run_config, train_ar
 
 
 def _records(run_dir, split):
@@ -217,115 +217,6 @@ def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(
                                                                       "end_lr_ratio": 0.1}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vq_store_4x4(tmp_path_factory):
-    """A code store of 20 digits in the 4x4 codes of an untrained VQ tokenizer."""
-    from conftest import random_tokenizer
-    from vqar.data import DataConfig
-    from vqar.data.extraction import extract_codes
-
-    store = tmp_path_factory.mktemp("vq4") / "codes"
-    extract_codes(random_tokenizer(), DataConfig(max_images=20, image_size=16, channels=1), store)
-    return store
-
-
-def test_an_npp_level_too_coarse_for_the_code_grid_is_named_at_configuration(vq_store_4x4):
-    with pytest.raises(ValueError, match="npp.level=4 starts with 8x8 patches, which do not tile the 4x4 code grid: "
-                                         "use npp.level=3 or lower"):  # fmt: skip
-        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=4"])
-    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3"]).npp.level == 3
-
-
-def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4):
-    # int(3 * 0.5^2) = int(3 * 0.5^1) - 1 = 0: the 4x4 patches' segment would be empty, level 3 silently level 2
-    with pytest.raises(ValueError, match="train.steps=3 with npp.rate=0.5 gives the 4x4 patches of npp.level=3 no "
-                                         "step"):  # fmt: skip
-        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=3"])
-    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
-
-
-def test_another_arch_on_a_preset_names_the_preset_family_and_the_presets_to_use():
-    """`var-mnist arch=gpt` said "unknown gpt size 'VAR-S'", the preset's size, as if the size were the mistake."""
-    message = ("preset 'var-mnist' is for arch=var (VAR: next-scale prediction over multi-scale codes), not "
-               "arch=gpt: to train arch=gpt, use a preset for it (gpt-imagenet, gpt-mnist), or leave arch= out")
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        compose_run_config("var-mnist", ["arch=gpt"])
-    with pytest.raises(ConfigError, match="unknown architecture 'foo'"):
-        compose_run_config("var-mnist", ["arch=foo"])
-    with pytest.raises(ConfigError, match="unknown gpt size 'VAR-S'"):  # the preset's family: the size is wrong
-        compose_run_config("gpt-mnist", ["size=VAR-S"])
-
-
-@pytest.mark.parametrize("setting", ["npp.warmup_steps=10", "npp.decay_ratio=0.5", "npp.end_lr_ratio=0"])
-def test_per_segment_lr_settings_are_refused_with_segment_lr_off(vq_store_4x4, setting):
-    """npp.segment_lr=false trains with the run's own warmup and cosine: these used to be ignored unsaid."""
-    key, value = setting.split("=")
-    with pytest.raises(ValueError, match=re.escape(f"{key}={value} shapes the learning rate of each NPP segment, "
-                                                   "which npp.segment_lr=false turns off")):  # fmt: skip
-        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false", setting])
-    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", setting]).npp.segment_lr
-    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false"])  # the defaults
-
-
-@pytest.mark.parametrize("settings", [["npp.rate=0.3"], ["npp.rate=0.3", "npp.decay_ratio=0.5"]])
-def test_npp_settings_without_npp_level_are_refused_naming_them(vq_store_4x4, settings):
-    """npp.level=1 (the default) trains token by token: npp.rate and the segment schedule were ignored unsaid."""
-    named = " and ".join(settings)
-    with pytest.raises(ValueError, match=re.escape(f"{named} shape{'s' * (len(settings) == 1)} next patch prediction, "
-                                                   "which npp.level=1 (the default: plain next-token training) leaves "
-                                                   "off: set npp.level=2 or more")):  # fmt: skip
-        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", *settings])
-    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", *settings]).npp.level == 2
-    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.rate=0.5"])  # the default's value: nothing unused
-
-
-@pytest.mark.parametrize("ratio", ["2", "nan"])
-def test_an_npp_end_lr_ratio_outside_0_1_is_refused(vq_store_4x4, ratio):
-    # above 1 each segment's "decay" would raise the learning rate; nan would make it nan
-    with pytest.raises(ValueError, match=f"npp.end_lr_ratio must be in \\[0, 1\\].*got 0.2, {ratio} and 100"):
-        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", f"npp.end_lr_ratio={ratio}"])
-
-
-def test_resuming_an_npp_run_with_more_steps_does_not_put_coarse_patches_back(vq_store_4x4, tmp_path, capsys):
-    """The segment boundaries are fractions of train.steps: a level-2 run of 4 steps (2x2 patches for steps 0-1)
-    resumed with steps=10 trained step 4 on 2x2 patches again (until int(10 * 0.5) = 5) after two steps of single
-    tokens, unsaid."""
-    from conftest import file_contents, run_cli
-
-    run = tmp_path / "run"
-    train = ["train", "ar", "gpt-mnist", f"codes={vq_store_4x4}", "size=GPT-XS", "bs=8", "npp.level=2",
-             "npp.warmup_steps=1", "steps=4", "train.eval_every=4", "sample.n_per_class=0", "--out", str(run)]
-    assert run_cli(train, capsys)[0] == 0
-    before = file_contents(run)
-    code, err = run_cli(["train", "ar", "--resume", "steps=10", "--out", str(run)], capsys)
-    assert code == 2 and err == (f"vqar: error: resuming {run} after step 4 with train.steps=10, npp.level=2, "
-                                 "npp.rate=0.5 would train on 2x2 patches again until step 5, where the run's last "
-                                 "step (train.steps=4, npp.level=2, npp.rate=0.5) trained on single tokens: the "
-                                 "schedule's boundaries scale with train.steps. Keep the run's settings to finish "
-                                 "its schedule; to train on single tokens for longer, resume with npp.level=1 "
-                                 "npp.warmup_steps=100 and the longer train.steps; or start a new run in another "
-                                 "--out\n"), err  # fmt: skip
-    assert file_contents(run) == before
-    assert run_cli(["train", "ar", "--resume", "steps=8", "--out", str(run)], capsys)[0] == 0  # patches 0-3, tokens
-    # The way the message offers: single tokens for the longer run.
-    longer = ["train", "ar", "--resume", "steps=12", "npp.level=1", "npp.warmup_steps=100", "--out", str(run)]
-    assert run_cli(longer, capsys)[0] == 0
-    assert _records(run, "train")[-1]["step"] == 12
-
-
-@pytest.mark.parametrize(("preset", "override", "message"), [
-    ("vim-mnist", "model.dim=0", "dim and n_head must be >= 1, got dim=0"),  # was a ZeroDivisionError in training
-    ("gpt-mnist", "model.n_head=0", "dim and n_head must be >= 1, got dim=.*, n_head=0"),  # in validate itself
-    ("vim-mnist", "model.resid_dropout_p=1.5", "resid_dropout_p must be in \\[0, 1\\], got 1.5"),
-    ("gpt-mnist", "model.ffn_dropout_p=-1", "ffn_dropout_p must be in \\[0, 1\\], got -1"),
-    ("gpt-mnist", "model.norm_eps=0", "norm_eps must be positive, got 0"),  # was NaN from the first step, run 'done'
-    ("gpt-mnist", "model.n_layer=0", "^n_layer must be >= 1, got 0$"),  # was "need vocab_size >= 2, ... n_layer >= 1"
-])  # fmt: skip
-def test_impossible_model_widths_and_dropouts_are_named_at_configuration(vq_store_4x4, preset, override, message):
-    with pytest.raises(ValueError, match=message):
-        load_run_config(preset, [f"codes={vq_store_4x4}", override])
-
-
 def test_gpt_on_a_vq_code_store(tmp_path):
     from conftest import TINY_RUN
     from vqar.data import DataConfig
@@ -407,20 +298,6 @@ def test_gpt_on_a_vq_code_store(tmp_path):
     assert (guided.max(-1).values - chosen <= 1e-4).all()
     with pytest.raises(ValueError, match=r"a caption store .* applies to arch=gpt\|rq, not arch=vim"):
         train_ar(load_run_config("vim-mnist", overrides[:1] + ["steps=2"]), tmp_path / "vim-text")
-
-
-def test_size_presets_fill_the_architecture_and_overrides_win(tiny_pipeline):
-    codes = f"codes={tiny_pipeline / 'codes'}"
-    cfg = load_run_config("rq-mnist", [codes, "size=RQ-480M"])
-    assert (cfg.model.dim, cfg.model.n_layer, cfg.model.n_depth_layer) == (1536, 12, 4)
-    cfg = load_run_config("rq-mnist", [codes, "size=RQ-480M", "model.n_layer=3"])
-    assert cfg.model.n_layer == 3 and cfg.model.dim == 1536
-    node, _ = compose_run_config("gpt-imagenet", ["size=GPT-XL"])  # no code store: the architecture is known
-    assert (node.model.n_layer, node.model.dim) == (36, 1280)
-    with pytest.raises(ConfigError, match="unknown rq size"):
-        load_run_config("rq-mnist", ["size=GPT-B"])
-    with pytest.raises(ConfigError, match="data.codes"):
-        load_run_config("rq-mnist")
 
 
 def test_sample_cli_writes_grid_pngs_and_adm_npz(rq_run, tmp_path, capsys):
@@ -522,21 +399,6 @@ def test_config_prints_one_architecture_with_the_values_the_run_uses(rq_run, tin
     assert "a GPT models one code per position" in capsys.readouterr().err
     assert main(["train", "ar", "rq-mnist", "--out", str(tiny_pipeline / "never")]) == 2
     assert "come from the code store" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [("steps=-5", "train.steps must be positive"), ("sample.top_p=2", "top_p must be in (0, 1]"),
-     ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
-     ("loss.label_smoothing=1", "loss.label_smoothing must be in [0, 1)"),
-     ("model.n_layer=0", "n_layer must be >= 1, got 0"),  # the model's own fields too: they were skipped
-     ("model.dim=90", "dim=90 must be divisible by n_head=4")],
-)  # fmt: skip
-def test_config_without_a_store_still_refuses_what_training_would(override, message, capsys):
-    # The model's data-dependent fields wait for codes=DIR, but the training, data and sampling sections are whole:
-    # `vqar config` used to print an impossible value there as if it were fine.
-    assert main(["config", "ar", "rq-mnist", override]) == 2
-    assert message in capsys.readouterr().err
 
 
 def test_rotary_embedding_rotates_each_channel_pair_by_its_angle_to_the_bit():

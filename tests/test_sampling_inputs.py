@@ -1,0 +1,214 @@
+"""Sampling's inputs: bad settings, conditions, batches, shards, seeds and indices refused with the reason before
+any work, and NumPy or torch numbers taken as the numbers they hold."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from test_sampling import tiny_gpt, tiny_rq
+from vqar.sampling import SamplingSettings, generate
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"top_p": 2.0}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"cfg_scale": 0.5}, "cfg_scale"),
+        ({"cfg_scale": float("inf")}, "cfg_scale"),
+        ({"cfg_interval": -5}, "cfg_interval"),
+        ({"seed": -1}, "seed"),
+        ({"greedy": "yes"}, "greedy"),
+    ],
+)
+def test_bad_sampling_settings_raise_before_any_work(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**fields).validate()
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_gpt(), torch.tensor([0]), SamplingSettings(**fields))
+
+
+def test_bad_conditions_raise():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        generate(model, torch.tensor([5]))
+    with pytest.raises(ValueError, match="depth 3"):
+        generate(tiny_rq(), torch.tensor([0]), SamplingSettings(top_k=[1, 2]))
+    with pytest.raises(ValueError, match="depth 1"):
+        generate(model, torch.tensor([0]), SamplingSettings(top_k=[1, 2]))
+    no_null = tiny_gpt(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="null class"):
+        generate(no_null, torch.tensor([0]), SamplingSettings(cfg_scale=2.0))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 5, 4, dtype=torch.long), torch.tensor([0]))
+
+
+def test_make_conditions_takes_numpy_and_torch_class_ids_and_refuses_one_id_or_a_string():
+    """`classes=np.array([3, 4])` was "unknown class id 3, 4" (both exist), a tensor a torch error about truth
+    values, `classes=3` a TypeError, and `classes="34"` "unknown class id 3, 4"."""
+    import numpy as np
+
+    from vqar.sampling import make_conditions
+
+    model = tiny_gpt()
+    for classes in (np.array([3, 4]), torch.tensor([3, 4]), [np.int64(3), np.int32(4)]):
+        conditions = make_conditions(model, classes=classes, n_per_condition=np.int64(2))
+        assert conditions.labels.tolist() == [3, 3, 4, 4] and conditions.rows.dtype == torch.long
+    with pytest.raises(ValueError, match=r"classes must be a list of class ids, got the single id 3: give \[3\]$"):
+        make_conditions(model, classes=np.int64(3))
+    with pytest.raises(ValueError, match=r"classes must be a list of class ids, got '34' \(str\)$"):
+        make_conditions(model, classes="34")
+    with pytest.raises(ValueError, match=r"classes must be a 1-D list of class ids, got an array of shape \(1, 2\)"):
+        make_conditions(model, classes=torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match=r"unknown class id 5, True: this model has classes 0..4"):
+        make_conditions(model, classes=np.array([5, 2]).tolist() + [True])
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        make_conditions(tiny_gpt(num_classes=0), classes=np.array([1]))
+
+
+def test_a_class_id_given_as_a_string_is_named_as_one():
+    """`classes=["3"]` (ids read from a text file or a form) was refused as "unknown class id 3: this model has
+    classes 0..4", which names 3 as unknown though it is one of them."""
+    from vqar.sampling import make_conditions
+
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"unknown class id '3', 'cat': this model has classes 0..4 \(class ids are "
+                                         r"integers; the model holds no class names\)$"):
+        make_conditions(model, classes=["3", "cat"])
+    with pytest.raises(ValueError, match=r"unknown class id 7: this model has classes 0..4$"):
+        make_conditions(model, classes=[7])
+
+
+def test_numpy_numbers_are_taken_as_the_numbers_they_hold():
+    """`SamplingSettings(top_k=np.int64(5))` was refused as "top_k must be an integer >= 1, got np.int64(5)", and so
+    were NumPy seeds, top_p, cfg_scale, per-depth arrays and `draw(batch_size=np.int64(4))`."""
+    import numpy as np
+
+    from vqar.sampling import draw, make_conditions
+
+    numpy = SamplingSettings(temperature=np.array([1.0, 0.5, 0.7]), top_k=np.int64(5), top_p=np.float64(0.9),
+                             cfg_scale=np.float64(2.0), seed=np.int64(3), greedy=np.bool_(False))  # fmt: skip
+    plain = SamplingSettings(temperature=[1.0, 0.5, 0.7], top_k=5, top_p=0.9, cfg_scale=2.0, seed=3, greedy=False)
+    assert numpy == plain and numpy.batch_key() == plain.batch_key()
+    model = tiny_rq()
+    conditions = torch.tensor([1, 2])
+    assert torch.equal(generate(model, conditions, numpy), generate(model, conditions, plain))
+
+    class Codes:  # a stand-in tokenizer: the drawn codes as they are
+        codebook_size, depth = model.codebook_size, model.depth
+
+        def decode(self, codes, depth=None):
+            return codes.float()
+
+    drawn = draw(model, make_conditions(model, classes=[1, 2, 3]), plain, tokenizer=Codes(), batch_size=np.int64(2))
+    assert len(drawn.codes) == 3
+
+
+def test_generate_and_draw_refuse_what_they_cannot_draw():
+    """An empty batch was torch's "cannot reshape tensor of 0 elements", a batch_size that disagrees with cond was
+    ignored (2 images for batch_size=3), and a list of ids or a dict of settings given to draw an AttributeError."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    with pytest.raises(ValueError, match=r"nothing to draw: the batch is empty"):
+        generate(model, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"batch_size=3 disagrees with cond, which holds 2 conditions"):
+        generate(model, torch.tensor([1, 2]), batch_size=3)
+    assert generate(model, torch.tensor([1, 2]), batch_size=2).shape[0] == 2
+    with pytest.raises(TypeError, match=r"conditions must be Conditions \(from make_conditions"):
+        draw(model, [1, 2])
+    with pytest.raises(TypeError, match=r"settings must be SamplingSettings \(SamplingSettings\(\*\*options\)\), got "
+                                        "dict"):
+        draw(model, make_conditions(model, classes=[1]), {"seed": 1})
+
+
+def test_generate_refuses_settings_given_as_a_dict():
+    """`generate(model, cond, {"seed": 1})` was an AttributeError ('dict' object has no attribute 'per_depth'), and
+    an empty dict, to generate or draw, was replaced by the default settings without a word."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    refusal = r"settings must be SamplingSettings \(SamplingSettings\(\*\*options\)\), got dict"
+    for settings in ({"seed": 1}, {}):
+        with pytest.raises(TypeError, match=refusal):
+            generate(model, torch.tensor([1]), settings)
+        with pytest.raises(TypeError, match=refusal):
+            draw(model, make_conditions(model, classes=[1]), settings)
+    assert generate(model, torch.tensor([1]), None).shape[0] == 1
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_rq])
+def test_a_teacher_forced_pass_refuses_a_condition_per_row_that_does_not_fit_the_codes(make):
+    """`model(codes, cond)` with one class id for two code grids was torch's "Sizes of tensors must match except
+    in dimension 1" from inside the model."""
+    model = make()
+    codes = torch.randint(0, model.codebook_size, (2, *model.code_shape))
+    for cond in (torch.tensor([3]), torch.tensor([3, 1, 2])):
+        with pytest.raises(ValueError, match=rf"cond holds {len(cond)} class ids for 2 code grids"):
+            model(codes, cond)
+    assert model(codes, torch.tensor([3, 1])).logits.shape[:2] == (2, model.code_shape[0])
+
+
+class CodesAsImages:
+    """A stand-in tokenizer for `draw`: the drawn codes as they are."""
+
+    def __init__(self, model):
+        self.codebook_size, self.depth = model.codebook_size, model.depth
+
+    def decode(self, codes, depth=None):
+        return codes.float()
+
+
+def test_draw_refuses_a_shard_that_names_no_shard():
+    """`draw(..., shard=(3, 2))` or a negative index drew nothing without a word, and a count of 0 was a
+    ZeroDivisionError."""
+    import numpy as np
+
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    conditions = make_conditions(model, classes=[1, 2, 3])
+    for shard in ((3, 2), (2, 2), (-1, 2), (0, 0), (0, -1), (0.0, 1), (True, 2), (0,)):
+        with pytest.raises(ValueError, match=rf"^shard={re.escape(repr(shard))} names no shard: give \(index, count\) "
+                                             r"with count >= 1 and index in \[0, count\)$"):  # fmt: skip
+            draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=shard)
+    drawn = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, shard=(np.int64(1), 2))
+    assert drawn.index.tolist() == [1]
+
+
+def test_draw_refuses_seeds_or_index_that_are_not_one_per_image():
+    """Too few `seeds` ended in an IndexError in the batch that ran out, extras were ignored without a word, and a
+    list of seeds was an AttributeError ('list' object has no attribute 'tolist')."""
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    conditions = make_conditions(model, classes=[1, 2, 3])
+    for name in ("seeds", "index"):
+        for values, count in (([4, 5], 2), ([4, 5, 6, 7], 4)):
+            with pytest.raises(ValueError, match=rf"^{name} holds {count} values for 3 images: give one per image$"):
+                draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, **{name: torch.tensor(values)})
+        with pytest.raises(ValueError, match=rf"^{name} must hold one value per image \(3\), got shape \(\)$"):
+            draw(model, conditions, tokenizer=CodesAsImages(model), **{name: torch.tensor(4)})
+    listed = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=2, seeds=[4, 5, 6])
+    assert torch.equal(listed.codes, draw(model, conditions, tokenizer=CodesAsImages(model),
+                                          seeds=torch.tensor([4, 5, 6])).codes)  # fmt: skip
+
+
+def test_torch_numbers_are_taken_as_the_numbers_they_hold():
+    """`SamplingSettings(top_k=torch.tensor(5))` was refused as "top_k must be an integer >= 1, got tensor(5)", as
+    were torch seeds, top_p, cfg_scale and per-depth tensors; a torch bool is still no top_k."""
+    tensors = SamplingSettings(temperature=torch.tensor([1.0, 0.5, 0.75]), top_k=torch.tensor(5),
+                               top_p=torch.tensor(0.5), cfg_scale=torch.tensor(2.0), seed=torch.tensor(3))  # fmt: skip
+    plain = SamplingSettings(temperature=[1.0, 0.5, 0.75], top_k=5, top_p=0.5, cfg_scale=2.0, seed=3)
+    assert tensors == plain and tensors.batch_key() == plain.batch_key()
+    model, conditions = tiny_rq(), torch.tensor([1, 2])
+    assert torch.equal(generate(model, conditions, tensors), generate(model, conditions, plain))
+    with pytest.raises(ValueError, match=r"^top_k must be an integer >= 1 \(or None for no top-k\), got True$"):
+        SamplingSettings(top_k=torch.tensor(True)).validate()
