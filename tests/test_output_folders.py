@@ -90,6 +90,37 @@ def test_convert_overwrite_replaces_the_whole_model(tokenizer_folder, tmp_path, 
     assert Path.cwd().samefile(model) and isinstance(vqar.load_pretrained("."), vqar.Tokenizer)
 
 
+@pytest.mark.parametrize("where", ["new", "replaced", "replaced from inside"])
+def test_an_interrupted_convert_leaves_out_dir_as_it_was(sampler_folder, tokenizer_folder, tmp_path, capsys,
+                                                         monkeypatch, where):  # fmt: skip
+    """Ctrl-C while an AR model's tokenizer/ was written left a new OUT_DIR holding the model without it, and
+    `--overwrite` run from inside OUT_DIR deleted the old model before writing the new one: the model is built in a
+    work folder and put in place whole, so OUT_DIR is as it was and no work folder is left."""
+    from vqar import bundle
+
+    out = tmp_path / "out"
+    if where != "new":
+        shutil.copytree(tokenizer_folder, out)
+    before = file_contents(out) if out.exists() else None
+    if where == "replaced from inside":
+        monkeypatch.chdir(out)
+    save = bundle.save_pretrained
+
+    def interrupted(model, folder, *args, **kwargs):
+        if Path(folder).name == "tokenizer":
+            raise KeyboardInterrupt
+        return save(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(bundle, "save_pretrained", interrupted)
+    overwrite = [] if where == "new" else ["--overwrite"]
+    assert run_cli(["convert", str(sampler_folder), str(out), *overwrite], capsys)[0] == 130
+    assert (file_contents(out) if out.exists() else None) == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []
+    monkeypatch.setattr(bundle, "save_pretrained", save)
+    assert run_cli(["convert", str(sampler_folder), str(out), *overwrite], capsys)[0] == 0
+    assert isinstance(vqar.load_pretrained(out).tokenizer, vqar.Tokenizer)
+
+
 def test_eval_stats_refuses_an_existing_file_before_the_inception_pass(tmp_path, capsys, monkeypatch):
     import vqar.eval.inception
 

@@ -18,44 +18,69 @@ beside the transformer)."""
 
 
 def run(args: argparse.Namespace) -> int:
-    from vqar.bundle import is_model_folder, save_pretrained
+    from vqar.bundle import is_model_folder
     from vqar.interop import load_pretrained
-    from vqar.utils.io import check_replaceable, folder_entries
+    from vqar.utils.io import check_replaceable
 
     out = Path(args.out_dir)
     # a training run, a code store or the user's own files are not written over, --overwrite or not
     check_replaceable(out, args.overwrite, "a vqar model folder", is_model_folder, option="OUT_DIR")
     model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
-    if folder_entries(out):  # a model folder (checked above), which is replaced whole
-        _replace_model(model, out.resolve())
-    else:
-        save_pretrained(model, out)
+    _write_model(model, out.resolve())
     params = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} ({params / 1e6:.2f}M parameters) written to {out}")
     print(next_steps(model, out))
     return 0
 
 
-def _replace_model(model, out: Path) -> None:
-    """Writes `model` beside the model folder `out`, then puts it in its place: the old model goes whole (an AR
-    model's tokenizer/ left under a tokenizer converted over it would make the folder neither model), and a write
-    that fails leaves it as it was."""
-    from vqar.bundle import MODEL_ENTRIES, save_pretrained
-    from vqar.utils.io import folder_entries, remove_leftovers, replace_directory
+def _write_model(model, out: Path) -> None:
+    """Writes `model` in a work folder, then puts it at `out` (new, empty, or a model folder it replaces): a write
+    that fails or is interrupted (Ctrl-C, a full disk) leaves `out` as it was, never a model without its
+    tokenizer/. The old model goes whole: an AR model's tokenizer/ left under a tokenizer converted over it would
+    make the folder neither model."""
+    from vqar.bundle import save_pretrained
+    from vqar.utils.io import remove_leftovers, replace_directory
 
     cwd = Path.cwd().resolve()
-    if cwd == out or out in cwd.parents:  # moving it aside would leave the shell in a removed folder
-        for entry in MODEL_ENTRIES & set(folder_entries(out)):
-            (shutil.rmtree if (out / entry).is_dir() else os.unlink)(out / entry)
-        save_pretrained(model, out)
-        return
-    remove_leftovers(out.parent, prefix=f".{out.name}.tmp-")  # the work folder of a convert that was killed
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    inside = cwd == out or out in cwd.parents  # moving `out` aside would leave the shell in a removed folder
+    home = out if inside else out.parent
+    remove_leftovers(home, prefix=".convert.tmp-" if inside else f".{out.name}.tmp-")  # a killed convert's work
+    work = home / (f".convert.tmp-{os.getpid()}" if inside else f".{out.name}.tmp-{os.getpid()}")
     try:
         save_pretrained(model, work)
-        replace_directory(work, out)
+        if inside:
+            _swap_entries(work, out)
+        else:
+            replace_directory(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _swap_entries(built: Path, out: Path) -> None:
+    """Replaces the model entries of `out` with those of `built` (a folder inside it) by renames only, putting the
+    old ones back if a rename fails or is interrupted."""
+    from vqar.bundle import MODEL_ENTRIES
+    from vqar.utils.io import folder_entries, fsync_dir
+
+    old = out / f".replaced.tmp-{os.getpid()}"
+    old.mkdir()
+    moved, placed = [], []
+    try:
+        for entry in sorted(MODEL_ENTRIES & set(folder_entries(out))):
+            os.replace(out / entry, old / entry)
+            moved.append(entry)
+        for entry in folder_entries(built):
+            os.replace(built / entry, out / entry)
+            placed.append(entry)
+    except BaseException:
+        for entry in placed:
+            os.replace(out / entry, built / entry)
+        for entry in moved:
+            os.replace(old / entry, out / entry)
+        old.rmdir()
+        raise
+    fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def next_steps(model, out: Path) -> str:
