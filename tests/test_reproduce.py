@@ -194,13 +194,21 @@ def test_a_release_table_of_the_wrong_shape_is_one_line_naming_it(tmp_path, caps
         (["--inception", "{missing}"], "--inception {missing} is not a file"),  # was found after the sampling
         (["--reference", "{missing}"], "no reference batch at {missing}"),  # were found after the download
         (["--reference", "{file}"], "{file} is not a readable .npz reference batch"),
+        # were written over: a `vqar sample` folder's samples.npz, the user's own folder
+        (["--out", "{sampled}"], "--out {sampled} holds grid.png, images, samples.npz, which no `vqar reproduce` "
+                                 "wrote; give a new or empty folder"),
+        (["--out", "{mine}"], "--out {mine} holds shards, which no `vqar reproduce` wrote"),
     ],
 )
 def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsys, args, message):
     (tmp_path / "prompts.txt").write_text("a cat\n")
     (tmp_path / "file").write_text("")
     (tmp_path / "mirror").mkdir()  # empty: a download would fail with "not in the mirror"
-    where = {"prompts": tmp_path / "prompts.txt", "file": tmp_path / "file", "missing": tmp_path / "missing.pt"}
+    where = {"prompts": tmp_path / "prompts.txt", "file": tmp_path / "file", "missing": tmp_path / "missing.pt",
+             "sampled": tmp_path / "sampled", "mine": tmp_path / "mine"}
+    for name in ("sampled/samples.npz", "sampled/grid.png", "sampled/images/0.png", "mine/shards/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("the user's")
     command = ["reproduce", "var-d16", "--mirror", str(tmp_path / "mirror"), "--cache", str(tmp_path / "cache"),
                "--out", str(tmp_path / "out"), *[word.format(**where) for word in args]]  # fmt: skip
     assert main(command) == 2

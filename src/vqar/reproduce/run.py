@@ -22,15 +22,24 @@ from vqar.interop import load_pretrained
 from vqar.parallel import Parallel
 from vqar.reproduce.download import fetch, find_inside, unpack
 from vqar.reproduce.report import write_report
-from vqar.reproduce.samples import SamplePlan, draw_shards, make_run_conditions, pack_samples, sampling_seconds
+from vqar.reproduce.samples import (
+    PLAN_FILE,
+    SamplePlan,
+    draw_shards,
+    make_run_conditions,
+    pack_samples,
+    sampling_seconds,
+)
 from vqar.reproduce.table import Release, ReleaseTable, load_table
 from vqar.sampling import SamplingSettings, for_sampling
-from vqar.utils.io import atomic_path, sha256_file
+from vqar.utils.io import atomic_path, describe_entries, folder_entries, sha256_file
 
 # The sampling settings of a protocol, each taken from the release table or the command line.
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth")
 # The release families whose models draw several codes per position (RQ's depth) and so take a value per depth.
 PER_DEPTH_FAMILIES = ("rq",)
+# What a reproduction writes in its --out: a folder that holds anything else is not written into.
+REPRODUCTION_ENTRIES = frozenset({"shards", "samples.npz", "results.md", "results.json"})
 
 
 @dataclass
@@ -274,11 +283,26 @@ def check_options(release: Release, options: Options) -> None:
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (a rerun continues the shards in it)")
+    check_reproduction_folder(out)
     if options.inception is not None and not Path(options.inception).is_file():  # else found after the sampling
         raise FileNotFoundError(f"--inception {options.inception} is not a file; give the TorchScript Inception "
                                 "network to evaluate with, or leave it out for the default")  # fmt: skip
     if options.reference is not None:  # its headers, not the release's gigabytes, say whether it is one
         read_reference(options.reference)
+
+
+def check_reproduction_folder(out: Path) -> None:
+    """ValueError for an --out that holds anything but a reproduction's own files (a `vqar sample` folder, a
+    training run, the user's pictures): its samples.npz and results would be written over them."""
+    entries = folder_entries(out)
+    if not entries:
+        return
+    shards = out / "shards"
+    ours = (set(entries) <= REPRODUCTION_ENTRIES and shards.is_dir()
+            and (not folder_entries(shards) or (shards / PLAN_FILE).is_file()))  # fmt: skip
+    if not ours:
+        raise ValueError(f"--out {out} holds {describe_entries(entries)}, which no `vqar reproduce` wrote; give a "
+                         "new or empty folder (a reproduction's own --out continues its shards)")
 
 
 def _check_one_value_each(release: Release, given: dict) -> None:
