@@ -188,6 +188,74 @@ def test_save_pretrained_refuses_a_folder_that_holds_more_than_a_model(tmp_path)
     assert [p.name for p in (tmp_path / "mixed").iterdir()] == ["tokenizer"]
 
 
+def test_save_pretrained_refuses_what_would_not_load(tmp_path):
+    """NaN weights, a state_dict of another model, an AR model as `tokenizer=` and `trained_steps="x"` were all
+    written, and the folder was then refused on loading (or, for tokenizer= of a tokenizer, silently ignored)."""
+    from vqar.ar import GPT, GPTConfig
+
+    model = Tokenizer(tiny_config("vq")).eval()
+    gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3))
+    nan = {k: v * float("nan") if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    out = tmp_path / "out"
+    refused = [
+        (ValueError, r"^the weights hold NaN or infinite values in \d+ of their \d+ tensors",
+         dict(model=model, state_dict=nan)),
+        (ValueError, r"^the state_dict given does not fit the Tokenizer saved \(\d+ differences; first: missing ",
+         dict(model=model, state_dict={"a": torch.zeros(3)})),
+        (TypeError, r"^tokenizer= must be the stage-1 tokenizer \(a vqar.Tokenizer\) that decodes the model's codes, "
+                    r"got GPT$", dict(model=gpt, tokenizer=gpt)),
+        (TypeError, r"^tokenizer= and text_tokenizer= are an AR model.s", dict(model=model, tokenizer=model)),
+        (ValueError, r"^trained_steps must be a non-negative integer, got 'x'$", dict(model=model, trained_steps="x")),
+        (ValueError, r"^trained_steps must be a non-negative integer, got -1$", dict(model=model, trained_steps=-1)),
+    ]  # fmt: skip
+    for error, message, kwargs in refused:
+        with pytest.raises(error, match=message):
+            vqar.save_pretrained(folder=out, **kwargs)
+        assert not out.exists()
+
+
+def test_a_model_saved_over_another_takes_no_companion_of_the_old_one(tmp_path):
+    """A GPT without a tokenizer saved over a GPT folder loaded with the old model's tokenizer/ attached (a VAR
+    saved so was refused: the old tokenizer did not fit it), and a tokenizer saved there kept the tokenizer/."""
+    from vqar.ar import GPT, GPTConfig
+
+    tokenizer = Tokenizer(tiny_config("vq")).eval()
+    gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3))
+    folder = tmp_path / "model"
+    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    vqar.save_pretrained(gpt, folder)
+    assert vqar.load_pretrained(folder).tokenizer is None
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    vqar.save_pretrained(tokenizer, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    # a tokenizer/ that holds more than a model is not removed: refused before anything is written
+    vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    (folder / "tokenizer" / "notes.txt").write_text("the user's")
+    with pytest.raises(FileExistsError, match=r"tokenizer is in the way of the model saved in .*, which has no "
+                                              r"tokenizer, and holds more than a tokenizer: move it away first$"):
+        vqar.save_pretrained(tokenizer, folder)
+    assert (folder / "tokenizer" / "notes.txt").is_file() and vqar.load_pretrained(folder).tokenizer is not None
+
+
+def test_a_model_folder_whose_tokenizer_is_an_ar_model_is_refused_naming_it(tmp_path):
+    """`vqar convert AR AR_FOLDER/tokenizer --overwrite` makes such a folder; loading it was a TypeError traceback
+    in sample, serve, linear-probe and convert."""
+    from vqar.ar import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3))
+    folder = tmp_path / "model"
+    vqar.save_pretrained(gpt, folder)
+    vqar.save_pretrained(gpt, folder / "tokenizer")
+    with pytest.raises(ValueError, match=rf"^{folder}/tokenizer holds a GPT, not the stage-1 tokenizer that decodes "
+                                         rf"the codes of the model in {folder}$"):  # fmt: skip
+        vqar.load_pretrained(folder)
+    vqar.save_pretrained(Tokenizer(tiny_config("rq", depth=2)).eval(), folder / "tokenizer")  # 2 codes a position
+    with pytest.raises(ValueError, match=rf"^the companions in {folder} do not fit its model: the tokenizer \(codebook "
+                                         r"32, 2 code\(s\) per position\) does not fit"):  # fmt: skip
+        vqar.load_pretrained(folder)
+
+
 def test_encode_refuses_images_holding_nan_or_inf():
     """Images holding NaN or inf were given codes without a word (those of a NaN latent's nearest code)."""
     model = Tokenizer(tiny_config("rq")).eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch import nn
 from vqar.ar import ARCHITECTURES, ARModel
 from vqar.configs import ConfigError, from_dict, to_dict
 from vqar.text import TextTokenizer
+from vqar.text.tokenizer import SETTINGS_FILE as TEXT_SETTINGS_FILE
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.utils.io import atomic_path, describe_entries, folder_entries
 from vqar.utils.meta import ModelTooLarge, bounded_meta_build
@@ -37,6 +39,7 @@ TEXT_TOKENIZER_DIR = "text_tokenizer"
 # Everything save_pretrained writes: a folder holding only these is a model, and nothing else of the user's.
 MODEL_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, TEXT_TOKENIZER_DIR})
 TOKENIZER_KIND = "tokenizer"
+TEXT_TOKENIZER_FILES = frozenset({"vocab.json", "merges.txt", TEXT_SETTINGS_FILE})
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -85,13 +88,27 @@ def save_pretrained(
     if isinstance(model, ARModel):
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         text_tokenizer = text_tokenizer if text_tokenizer is not None else model.text_tokenizer
+    elif tokenizer is not None or text_tokenizer is not None:
+        raise TypeError("tokenizer= and text_tokenizer= are an AR model's companions; a stage-1 tokenizer has none")
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer= must be the stage-1 tokenizer (a vqar.Tokenizer) that decodes the model's codes, "
+                        f"got {type(tokenizer).__name__}")  # fmt: skip
+    if trained_steps is not None and (type(trained_steps) is not int or trained_steps < 0):
+        raise ValueError(f"trained_steps must be a non-negative integer, got {trained_steps!r}")
     kept = keep_companions and (folder / TOKENIZER_DIR / CONFIG_FILE).is_file()
     writes_tokenizer = isinstance(model, ARModel) and tokenizer is not None and not kept
-    # Both checked before anything is written, so a refused tokenizer/ leaves no half-written model.
+    # All checked before anything is written, so a refused tokenizer/ leaves no half-written model.
     for target in [folder, folder / TOKENIZER_DIR] if writes_tokenizer else [folder]:
         _check_destination(target, overwrite)
-    state = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    stale = [] if keep_companions else _stale_companions(folder, tokenizer, text_tokenizer)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    if state_dict is not None:
+        _check_state_fits(model, tensors)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(f"the weights hold NaN or infinite values in {len(bad)} of their {len(tensors)} tensors "
+                         f"(the first: {bad[0]}), and would load as a model that samples meaningless codes: was "
+                         f"the run diverging? Nothing was written to {folder}")  # fmt: skip
     config = {"vqar_format": FORMAT_VERSION, "vqar_version": vqar_version(), "kind": kind, "config": to_dict(model.cfg)}
     if trained_steps is not None:
         config["trained_steps"] = trained_steps
@@ -100,12 +117,45 @@ def save_pretrained(
     with atomic_path(folder / CONFIG_FILE) as config_tmp, atomic_path(folder / WEIGHTS_FILE) as weights_tmp:
         save_file(tensors, str(weights_tmp), metadata={"format": "pt", "kind": kind})
         config_tmp.write_text(json.dumps(config, indent=2))
+    for companion in stale:  # a model saved there before had them; this one would load with them attached
+        shutil.rmtree(companion)
     if not isinstance(model, ARModel):
         return
     if writes_tokenizer:
         save_pretrained(tokenizer, folder / TOKENIZER_DIR, overwrite=overwrite)
     if text_tokenizer is not None and not (keep_companions and (folder / TEXT_TOKENIZER_DIR).is_dir()):
         text_tokenizer.save(folder / TEXT_TOKENIZER_DIR)
+
+
+def _stale_companions(folder: Path, tokenizer, text_tokenizer) -> list[Path]:
+    """The companion folders a model saved in `folder` before left that the model now saved lacks (all of them for a
+    stage-1 tokenizer): left there, they would be attached to it on loading. One that holds anything but a
+    companion's files is refused rather than removed."""
+    stale = []
+    for name, companion, files in ((TOKENIZER_DIR, tokenizer, MODEL_ENTRIES),
+                                   (TEXT_TOKENIZER_DIR, text_tokenizer, TEXT_TOKENIZER_FILES)):  # fmt: skip
+        path = folder / name
+        if companion is not None or not (path.exists() or path.is_symlink()):
+            continue
+        foreign = [entry for entry in folder_entries(path) if entry not in files]
+        if path.is_symlink() or not path.is_dir() or foreign:
+            raise FileExistsError(f"{path} is in the way of the model saved in {folder}, which has no {name}, and "
+                                  f"holds more than a {name}: move it away first")  # fmt: skip
+        stale.append(path)
+    return stale
+
+
+def _check_state_fits(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError where the `state_dict` given does not have the model's tensor names and shapes: the folder would
+    hold a config.json its weights do not fit, and be refused on loading."""
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: {tuple(tensors[k].shape)} given, {expected[k]} in the model" for k in expected
+                 if k in tensors and tuple(tensors[k].shape) != expected[k]]  # fmt: skip
+    if problems:
+        raise ValueError(f"the state_dict given does not fit the {type(model).__name__} saved ({len(problems)} "
+                         f"differences; first: {'; '.join(problems[:3])})")  # fmt: skip
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
@@ -232,10 +282,15 @@ def build(kind: str, fields: dict, source: Path) -> nn.Module:
         raise ValueError(f"{source}: its settings make no {kind} model ({type(err).__name__}: {err})") from None
 
 
+def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in `weights` that hold a NaN or an infinity."""
+    return [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+
+
 def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """ValueError naming `path` where a weight is NaN or infinite: such a model samples NaN logits and, silently,
     meaningless codes (a damaged file, or a run that diverged before it was saved)."""
-    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    bad = nonfinite_tensors(weights)
     if bad:
         raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} of its {len(weights)} tensors (the "
                          f"first: {bad[0]}): the file is damaged, or its run diverged")  # fmt: skip
@@ -270,9 +325,15 @@ def attach_companions(model: ARModel, folder: Path, device: str | torch.device =
     tokenizer = text_tokenizer = None
     if (folder / TOKENIZER_DIR / CONFIG_FILE).is_file():
         tokenizer = load(folder / TOKENIZER_DIR, device=device)
+        if not isinstance(tokenizer, Tokenizer):  # e.g. `vqar convert AR_MODEL RUN/tokenizer --overwrite`
+            raise ValueError(f"{folder / TOKENIZER_DIR} holds a {type(tokenizer).__name__}, not the stage-1 "
+                             f"tokenizer that decodes the codes of the model in {folder}")  # fmt: skip
     if (folder / TEXT_TOKENIZER_DIR).is_dir():
         text_tokenizer = TextTokenizer.load(folder / TEXT_TOKENIZER_DIR)
-    model.attach(tokenizer, text_tokenizer)
+    try:
+        model.attach(tokenizer, text_tokenizer)
+    except ValueError as err:
+        raise ValueError(f"the companions in {folder} do not fit its model: {err}") from None
 
 
 def is_hub_repo_id(path: str | Path) -> bool:
