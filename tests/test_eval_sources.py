@@ -264,3 +264,17 @@ def test_a_link_to_a_class_folder_inside_the_folder_is_not_a_class_of_its_own(tm
     assert dataset.class_names == ["birds", "cats", "dogs"] and dataset.labels == [0, 1, 1, 2]
     cats = os.path.realpath(folder / "cats")
     assert f"skipped {folder / 'a-cats'}: it links to {cats} inside the same folder" in caplog.text
+
+
+def test_a_named_pipe_with_an_image_name_is_skipped_and_a_broken_link_kept(tmp_path, caplog):
+    """`vqar reconstruct FOLDER` (and evaluation, and training) waited forever on a FIFO named like an image in the
+    folder; a link that leads nowhere is still listed, to be reported unreadable with the other bad files."""
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(folder / "sub" / "a.png", format="PNG")
+    os.mkfifo(folder / "sub" / "pipe.png")
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        found = [path.relative_to(folder).as_posix() for path in sources.image_files(folder)]
+    assert found == ["gone.png", "sub/a.png"]
+    assert f"skipped {folder / 'sub' / 'pipe.png'}: it is not a regular file (a named pipe" in caplog.text

@@ -52,7 +52,8 @@ def _image_extensions() -> frozenset[str]:
 def scan_images(root: Path, extensions: Iterable[str]) -> list[Path]:
     """All image files under `root`, sorted by path relative to root so every machine sees the same order.
 
-    Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped.
+    Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped, and so, with a
+    warning, are named pipes, sockets and devices with an image's name: reading one would wait forever.
     Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop, and a
     link to a folder the walk reaches anyway (a second name for a class folder) is skipped with a warning.
     """
@@ -60,17 +61,33 @@ def scan_images(root: Path, extensions: Iterable[str]) -> list[Path]:
     found: list[Path] = []
     visited: set[str] = set()
     real_root = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
+    pending = [Path(root)]  # depth first, each folder's entries in sorted order
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
         if real in visited:
-            dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(name for name in dirnames
-                             if not name.startswith(".") and not _is_alias(Path(dirpath, name), real_root))  # fmt: skip
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                found.append(Path(dirpath, name))
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:  # an unreadable folder holds no images we can read (as os.walk passes over it)
+            continue
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if not _is_alias(Path(entry.path), real_root):
+                    folders.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                # the directory entry's type costs no stat; a link that leads nowhere is kept, to be reported
+                # unreadable with the others
+                if entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
+                    found.append(Path(entry.path))
+                else:
+                    log.warning("skipped %s: it is not a regular file (a named pipe, socket or device)", entry.path)
+        pending.extend(reversed(folders))
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
