@@ -244,6 +244,38 @@ def test_an_out_under_a_file_names_the_file_before_anything_runs(tmp_path, capsy
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", ["convert", "reconstruct", "reproduce"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_load_or_download(tokenizer_folder, tmp_path, capsys,
+                                                                           monkeypatch, command):  # fmt: skip
+    """A read-only --out was found once the model was loaded (or the release downloaded), in the OS's words."""
+    import importlib
+
+    def too_soon(*args, **kwargs):
+        raise AssertionError("loaded or downloaded before --out was checked")
+
+    real_write = Path.write_bytes
+
+    def read_only(path, data):
+        if path.name.startswith(".write-test-"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(importlib.import_module("vqar.interop"), "load_pretrained", too_soon)
+    monkeypatch.setattr(importlib.import_module("vqar.eval.reconstruct"), "load_pretrained", too_soon)
+    monkeypatch.setattr(importlib.import_module("vqar.reproduce.run"), "fetch_release", too_soon)
+    out = tmp_path / "out"
+    picture = tmp_path / "x.png"
+    picture.write_bytes(b"")
+    args = {"convert": ["convert", str(tokenizer_folder), str(out)],
+            "reconstruct": ["reconstruct", "--tokenizer", str(tokenizer_folder), str(picture), "--out", str(out)],
+            "reproduce": ["reproduce", "var-d16", "--n", "10", "--out", str(out)]}[command]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    option = "OUT_DIR" if command == "convert" else "--out"
+    assert code != 0 and err == f"vqar: error: {option} {out} cannot be written: Permission denied\n", err
+    assert not out.exists()  # the folder the check made is taken away again
+
+
 def test_an_out_that_cannot_be_made_is_refused_before_sampling(sampler_folder, tmp_path, capsys, monkeypatch):
     """`--out notes.txt/samples` failed with "[Errno 20] Not a directory" after every image was drawn, losing them."""
     import importlib

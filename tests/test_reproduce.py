@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,20 @@ def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(**where) in err and "mirror" not in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_more_samples_than_the_disk_holds_are_refused_before_the_download(tmp_path, capsys):
+    """`--n 1000000000` was taken, and filled 16 GB of memory with its conditions within 25 s."""
+    (tmp_path / "mirror").mkdir()  # empty: a download would fail with "not in the mirror"
+    out = tmp_path / "out"
+    command = ["reproduce", "var-d16", "--mirror", str(tmp_path / "mirror"), "--cache", str(tmp_path / "cache"),
+               "--out", str(out), "--n", "1000000000"]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"1000000000 samples at 256x256 px need about 357.6 TB of disk under "
+                                              rf"{out} \(the shards, then samples.npz\), and .* is free there: give a "
+                                              r"smaller --num-samples, or an --out on a larger disk", err), err
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_per_depth_values_of_the_wrong_length_for_an_rq_release_are_refused_before_the_download(tmp_path, capsys):

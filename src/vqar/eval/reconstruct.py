@@ -16,6 +16,7 @@ from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
 from vqar.utils.images import make_grid, psnr, save_image
+from vqar.utils.io import check_folder_writable
 
 log = logging.getLogger("vqar.eval")
 
@@ -66,6 +67,7 @@ def reconstruct_files(
         # else every image is reported unreadable, as a "decompression bomb", once resized to it
         raise ValueError(f"--size {size} asks for {size}x{size} images, over the {Image.MAX_IMAGE_PIXELS:,} pixels "
                          "Pillow reads and writes: give a smaller --size (the tokenizer's own by default)")  # fmt: skip
+    check_folder_writable(out_dir)  # before the tokenizer loads, not after
     dev = resolve_device(device)
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
     model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)

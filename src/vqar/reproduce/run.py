@@ -8,6 +8,7 @@ settings, deviations from the protocol, environment and time.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from vqar.reproduce.samples import (
 )
 from vqar.reproduce.table import Release, ReleaseTable, load_table
 from vqar.sampling import SamplingSettings, for_sampling
-from vqar.utils.io import atomic_path, describe_entries, folder_entries, sha256_file
+from vqar.utils.io import atomic_path, check_folder_writable, describe_entries, folder_entries, sha256_file
+from vqar.utils.memory import human_bytes
 
 # The sampling settings of a protocol, each taken from the release table or the command line.
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_interval", "smooth")
@@ -212,6 +214,7 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
         )
     check_options(release, options)  # before a download of gigabytes, not after
     n = _sample_count(release, options)
+    check_room(release, Path(options.out), n)
     paths = _shared(par, lambda: fetch_release(release, table, options))
     downloaded = time.perf_counter()
     if options.download_only:
@@ -303,6 +306,22 @@ def check_reproduction_folder(out: Path) -> None:
     if not ours:
         raise ValueError(f"--out {out} holds {describe_entries(entries)}, which no `vqar reproduce` wrote; give a "
                          "new or empty folder (a reproduction's own --out continues its shards)")
+
+
+def check_room(release: Release, out: Path, n: int) -> None:
+    """Makes --out and checks that it is writable and that its disk holds the n images twice (the shards, then
+    samples.npz), less the shards already drawn: `--n 1000000000` was taken, and filled the memory."""
+    size = release.setting("eval_size")
+    side = int(size.value if size.stated else release.setting("image_size").value)
+    drawn = sum(path.stat().st_size for path in (out / "shards").glob("shard-*.npz")) if out.is_dir() else 0
+    need = 2 * n * side * side * 3 - drawn
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise ValueError(f"{n} samples at {side}x{side} px need about {human_bytes(need)} of disk under {out} (the "
+                         f"shards, then samples.npz), and {human_bytes(free)} is free there: give a smaller "
+                         "--num-samples, or an --out on a larger disk")  # fmt: skip
+    check_folder_writable(out)
 
 
 def _check_one_value_each(release: Release, given: dict) -> None:

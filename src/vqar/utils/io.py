@@ -128,23 +128,23 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
                               f"{option}")  # fmt: skip
 
 
-def check_folder_writable(folder: str | Path, out: str | Path | None = None) -> None:
+def check_folder_writable(folder: str | Path, out: str | Path | None = None, option: str = "--out") -> None:
     """Makes the output folder `folder` and writes a file in it, so that one that cannot be written (a file on its
     way, no permission) is one line naming it before the work whose results it was to hold, not after. A folder this
-    makes is removed again if the command then fails (`created_folders_removed_on_failure`). `out`: the --out the
-    messages name, where it is a file to be written in `folder` (default: `folder` itself)."""
+    makes is removed again if the command then fails (`created_folders_removed_on_failure`). `out`: the output the
+    messages name, where it is a file to be written in `folder` (default: `folder` itself), as `option` names it."""
     folder = Path(folder)
     named = folder if out is None else out
     in_the_way = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
     if in_the_way is not None:
-        raise NotADirectoryError(f"--out {named} cannot be made: {in_the_way} is a file, not a folder")
+        raise NotADirectoryError(f"{option} {named} cannot be made: {in_the_way} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise OSError(f"--out {named} cannot be written: {err.strerror or err}") from None
+        raise OSError(f"{option} {named} cannot be written: {err.strerror or err}") from None
 
 
 @contextlib.contextmanager
