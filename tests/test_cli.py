@@ -393,6 +393,12 @@ def test_bench_sample_names_a_bad_setting(setting, words, capsys):
         ("top_k=0", "top_k must be an integer >= 1"),
         ("cfg_scale=0.5", "cfg_scale must be a finite number >= 1"),
         ("window=0", "speculative_window must be an integer >= 1"),
+        ("window=8", "window=8 sets speculative decoding's window, which is off: add speculative=true"),  # was taken
+        # were killed by the kernel (image_size=4096) or hung (batch_size=100000000) without a word
+        ("image_size=4096", "decoding 100 images of 4096x4096 at once (batch_size; tokenizer width ch=128) would "
+                            "need about 3.1 TB of memory"),
+        ("batch_size=100000000", "decoding 100000000 images of 256x256 at once (batch_size; tokenizer width ch=128) "
+                                 "would need about 11.9 PB of memory"),
     ],
 )
 def test_bench_sample_refuses_a_bad_sampling_setting_before_building_the_model(setting, words, capsys, monkeypatch):

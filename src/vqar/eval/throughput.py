@@ -23,6 +23,7 @@ from vqar.sampling import SamplingSettings, draw, for_sampling, make_conditions
 from vqar.sampling.speculative import DecodeStats
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
+from vqar.utils.memory import check_memory
 
 # The random tokenizer's channel multipliers, one per resolution: they allow latent strides up to 2^8.
 STRIDE_WIDTHS = [1, 1, 2, 2, 4, 4, 4, 4, 4]
@@ -93,12 +94,24 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[Tokenizer, ARM
     return tokenizer, model.to(device).eval()
 
 
+def decode_bytes(cfg: BenchConfig) -> int:
+    """The least memory the random tokenizer takes to decode one batch: its finest level holds at least four float32
+    maps of `ch` channels at the full image size per image (about six were measured)."""
+    return cfg.batch_size * 4 * 4 * cfg.ch * cfg.image_size**2
+
+
 @torch.no_grad()
 def measure_throughput(cfg: BenchConfig, device: torch.device, progress: bool = True) -> dict:
     cfg.validate()
     settings = SamplingSettings(top_k=cfg.top_k, top_p=cfg.top_p, cfg_scale=cfg.cfg_scale,
                                 speculative=cfg.speculative, speculative_window=cfg.window)  # fmt: skip
     settings.validate()  # before the model is built: the default RQ-1.4B takes a minute and 6 GB to make
+    if cfg.window != BenchConfig.window and not cfg.speculative:
+        raise ValueError(f"window={cfg.window} sets speculative decoding's window, which is off: add speculative=true")
+    if device.type == "cpu":  # the OOM killer ends a run without a word; a GPU says when it runs out
+        check_memory(decode_bytes(cfg), f"decoding {cfg.batch_size} images of {cfg.image_size}x{cfg.image_size} "
+                     f"at once (batch_size; tokenizer width ch={cfg.ch})", "choose a smaller batch_size, image_size "
+                     "or ch")  # fmt: skip
     tokenizer, model = build_models(cfg, device)
     model = for_sampling(model.attach(tokenizer), cfg.precision)
     calls = DecodeStats()
