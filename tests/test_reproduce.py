@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+import vqar
 from test_distributed import _free_port
 from test_interop_formats import _randomize, llamagen_vq_state
 from vqar.ar import GPT, GPTConfig
@@ -392,6 +393,28 @@ def test_a_reference_batch_of_the_wrong_shape_stops_before_sampling(tmp_path, ca
         assert main([*_args(tiny_release, out), "--reference", str(bad)]) == 2
         assert f"reference batch {bad}: mu holds NaN or infinite values" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_tokenizer_release_is_fetched_with_download_only_as_its_refusal_advises(tmp_path, capsys, tiny_release):
+    """`vqar reproduce llamagen-vq16` advised `--download-only`, which then gave the same refusal."""
+    table = yaml.safe_load((tiny_release / "table.yaml").read_text())
+    generator = table["releases"][0]
+    table["releases"].append({"name": "tiny-vq", "family": "llamagen", "category": "tokenizer",
+                              "description": "the tiny release's VQ tokenizer",
+                              "files": {"model": generator["files"]["tokenizer"]},
+                              "load": {"config": generator["load"]["tokenizer_config"]},
+                              "reported": {"rfid": {"value": 9.0, "source": "made up for the test"}}})  # fmt: skip
+    (tmp_path / "table.yaml").write_text(yaml.safe_dump(table))
+    args = ["reproduce", "tiny-vq", "--releases", str(tmp_path / "table.yaml"), "--mirror",
+            str(tiny_release / "mirror"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "tiny-vq is a tokenizer: its rFID is measured with `vqar eval rfid" in err and "--download-only" in err
+    assert main([*args, "--download-only"]) == 0
+    fetched = Path(capsys.readouterr().out.split("model: ", 1)[1].strip())
+    assert fetched.read_bytes() == _mirror_path(tiny_release / "mirror", generator["files"]["tokenizer"]["url"]
+                                                ).read_bytes()  # fmt: skip
+    assert isinstance(vqar.load_pretrained(fetched, config=generator["load"]["tokenizer_config"]), vqar.Tokenizer)
 
 
 def test_an_unstated_setting_must_be_given_before_anything_is_downloaded(tmp_path, capsys, tiny_release):

@@ -207,14 +207,17 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
     started = time.perf_counter()
     table = load_table(options.releases)
     release = table.get(options.name)
-    if release.category != "generator":
+    if release.category != "generator" and not options.download_only:
         raise ValueError(
             f"{release.name} is a tokenizer: its rFID is measured with `vqar eval rfid VALIDATION_IMAGES "
             f"--tokenizer FILE` (`vqar reproduce {release.name} --download-only` fetches the file)"
         )
-    check_options(release, options)  # before a download of gigabytes, not after
-    n = _sample_count(release, options)
-    check_room(release, Path(options.out), n)
+    if options.download_only:  # no sampling: its settings need not be given
+        _check_cache(options)
+    else:
+        check_options(release, options)  # before a download of gigabytes, not after
+        n = _sample_count(release, options)
+        check_room(release, Path(options.out), n)
     paths = _shared(par, lambda: fetch_release(release, table, options))
     downloaded = time.perf_counter()
     if options.download_only:
@@ -269,12 +272,7 @@ def check_options(release: Release, options: Options) -> None:
     (--top-p 5, --cfg 0.5) or missing (a setting no source states), --prompts for a release that does not draw
     prompts, an --out that is a file, an --inception file that does not exist, a --reference that is no reference
     batch, a --cache that is a file or lies under one, a value per depth for a model of depth 1."""
-    if options.cache is not None:  # else "[Errno 20] Not a directory" from the first download into it
-        cache = Path(options.cache)
-        in_the_way = next((path for path in (cache, *cache.parents) if path.exists() and not path.is_dir()), None)
-        if in_the_way is not None:
-            where = "is a file" if in_the_way == cache else f"cannot be made: {in_the_way} is a file"
-            raise ValueError(f"--cache {cache} {where}; give a folder for the downloads and reference features")
+    _check_cache(options)
     given = {key: value for key, value in options.overrides.items() if value is not None}
     _check_one_value_each(release, given)
     SamplingSettings(**given, seed=options.seed).validate()
@@ -292,6 +290,18 @@ def check_options(release: Release, options: Options) -> None:
                                 "network to evaluate with, or leave it out for the default")  # fmt: skip
     if options.reference is not None:  # its headers, not the release's gigabytes, say whether it is one
         read_reference(options.reference)
+
+
+def _check_cache(options: Options) -> None:
+    """ValueError for a --cache that is a file or lies under one: else "[Errno 20] Not a directory" from the first
+    download into it."""
+    if options.cache is None:
+        return
+    cache = Path(options.cache)
+    in_the_way = next((path for path in (cache, *cache.parents) if path.exists() and not path.is_dir()), None)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == cache else f"cannot be made: {in_the_way} is a file"
+        raise ValueError(f"--cache {cache} {where}; give a folder for the downloads and reference features")
 
 
 def check_reproduction_folder(out: Path) -> None:
