@@ -288,7 +288,7 @@ def test_llamagen_gpt_preset_reads_vocab_and_classes_off_the_weights_and_explain
         vqar.load_pretrained(tmp_path / "g.pt", config={**config, "n_layer": 3})
     with pytest.raises(ValueError, match="shape mismatches"):
         vqar.load_pretrained(tmp_path / "g.pt", config={**config, "multiple_of": 512})
-    with pytest.raises(ValueError, match="pass config= a preset name"):
+    with pytest.raises(ValueError, match=r"pass config= \(--config\) a preset name"):
         vqar.load_pretrained(tmp_path / "g.pt")
     with pytest.raises(ValueError, match="unknown GPT preset 'GPT-Z'"):
         vqar.load_pretrained(tmp_path / "g.pt", config="GPT-Z")
@@ -299,6 +299,30 @@ def test_llamagen_gpt_preset_reads_vocab_and_classes_off_the_weights_and_explain
                                ("norm_eps", "1e-5", "a number"), ("n_head", True, "an integer")):  # fmt: skip
         with pytest.raises(ValueError, match=f"^GPT config field '{field}' takes {kind}, got {value!r}$"):
             vqar.load_pretrained(tmp_path / "g.pt", config={**config, field: value})
+
+
+def test_a_llamagen_vq_file_given_as_the_tokenizer_says_how_to_give_its_architecture(tmp_path, capsys):
+    """It said "pass config=", where `--config` (and config=) is the GPT's: the tokenizer's cannot be given beside
+    it. The advice, converting the VQ file first, is followed to the end."""
+    from vqar.cli import main
+    from vqar.interop.llamagen import vq_config
+
+    fields = {"preset": "VQ-16", "codebook_size": 50, "codebook_embed_dim": 4, "ch": 32, "z_channels": 8,
+              "encoder_ch_mult": [1, 2], "decoder_ch_mult": [1, 2], "image_size": 16}  # fmt: skip
+    torch.save({"model": llamagen_vq_state(Tokenizer(vq_config(dict(fields))))}, tmp_path / "vq.pt")
+    model = GPT(GPTConfig(vocab_size=50, code_shape=[8, 8], dim=64, n_layer=2, n_head=4, num_classes=3))
+    torch.save({"model": GPT_NAMES.to_upstream(model.state_dict())}, tmp_path / "g.pt")
+    config = json.dumps({"preset": "GPT-B", "dim": 64, "n_layer": 2, "n_head": 4, "block_size": 64})
+    convert = ["convert", str(tmp_path / "g.pt"), str(tmp_path / "gpt"), "--config", config]
+    assert main([*convert, "--tokenizer", str(tmp_path / "vq.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"the tokenizer {tmp_path / 'vq.pt'} is a LlamaGen VQ checkpoint, which does not record its architecture: "\
+           f"convert it once with it (`vqar convert {tmp_path / 'vq.pt'} VQ_FOLDER --config VQ-16`, or VQ-8)" in err
+    with pytest.raises(ValueError, match=r"the tokenizer .*g.pt is a LlamaGen GPT checkpoint, not a stage-1 "):
+        vqar.load_pretrained(tmp_path / "g.pt", config=json.loads(config), tokenizer=tmp_path / "g.pt")
+    assert main(["convert", str(tmp_path / "vq.pt"), str(tmp_path / "vq"), "--config", json.dumps(fields)]) == 0
+    assert main([*convert, "--tokenizer", str(tmp_path / "vq")]) == 0
+    assert isinstance(vqar.load_pretrained(tmp_path / "gpt").tokenizer, Tokenizer)
 
 
 def test_llamagen_vq_with_ema_entropy_and_other_levels(tmp_path):

@@ -77,12 +77,21 @@ IGNORED_FIELDS = {
 }
 
 
+class ConfigNeeded(ValueError):
+    """A LlamaGen checkpoint (`what`: "VQ" or "GPT") was given without the architecture it does not record."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
 def read_config(config: str | dict | Path | None, presets: dict[str, dict], what: str) -> dict:
     """Upstream constructor fields from a preset name, a dict (optionally with "preset") or a JSON file."""
     if config is None:
-        raise ValueError(
-            f"a LlamaGen {what} checkpoint does not record its architecture: pass config= a preset name "
-            f"({', '.join(presets)}), a dict of the upstream constructor fields, or a JSON file of them"
+        raise ConfigNeeded(
+            f"a LlamaGen {what} checkpoint does not record its architecture: pass config= (--config) a preset name "
+            f"({', '.join(presets)}), a dict of the upstream constructor fields, or a JSON file of them",
+            what,
         )
     if isinstance(config, str) and config.lstrip().startswith("{"):
         try:

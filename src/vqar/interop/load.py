@@ -148,7 +148,15 @@ def _load_tokenizer(path, ema: bool, vqvae_scales=None) -> nn.Module | None:
     `attach` would only report as a TypeError without it."""
     if path is None or isinstance(path, nn.Module):
         return path
-    tokenizer = _load_pretrained(path, None, ema, None, "cpu", vqvae_scales)
+    try:
+        tokenizer = _load_pretrained(path, None, ema, None, "cpu", vqvae_scales)
+    except llamagen.ConfigNeeded as err:  # config= (--config) is the AR model's: the tokenizer's cannot be given
+        if err.what != "VQ":  # a GPT given as the tokenizer: it holds no tokenizer, and is reported as such
+            raise ValueError(f"the tokenizer {path} is a LlamaGen GPT checkpoint, not a stage-1 tokenizer") from None
+        raise ValueError(f"the tokenizer {path} is a LlamaGen VQ checkpoint, which does not record its architecture: "
+                         f"convert it once with it (`vqar convert {path} VQ_FOLDER --config VQ-16`, or VQ-8) and give "
+                         "that folder as the tokenizer (in Python, a tokenizer loaded with "
+                         f"load_pretrained({str(path)!r}, config='VQ-16') does too)") from None  # fmt: skip
     if isinstance(tokenizer, ARModel) or not isinstance(tokenizer, CodeTokenizer):
         raise ValueError(f"the tokenizer {path} holds a {type(tokenizer).__name__}, not a stage-1 tokenizer")
     return tokenizer
