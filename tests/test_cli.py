@@ -315,6 +315,11 @@ def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_
     err = capsys.readouterr().err
     assert err.startswith("vqar: error: --size 20000 asks for 20000x20000 images, over the") and "single" not in err
     assert not (tmp_path / "recon3").exists()
+    # A path that does not exist (a typo) was "vqar: no such image" with status 1, after the tokenizer loaded.
+    assert main(["reconstruct", "--tokenizer", str(tmp_path / "no-tokenizer"), str(single), str(tmp_path / "typo.png"),
+                 "--out", str(tmp_path / "recon4")]) == 2  # fmt: skip
+    assert capsys.readouterr().err == f"vqar: error: no such image: {tmp_path / 'typo.png'}\n"
+    assert not (tmp_path / "recon4").exists()
 
 
 def test_reconstruct_writes_over_a_picture_already_there_only_with_overwrite(fixtures, tmp_path, capsys):

@@ -159,6 +159,9 @@ def test_llamagen_files_with_an_ema_entry_load_it_and_their_tokenizer_too(llamag
     for path in (vq, gpt):
         _add_ema_entry(path, "ema", "model")
     _assert_halved(vqar.load_pretrained(vq, config=vq_config, ema=True), vqar.load_pretrained(vq, config=vq_config))
+    for word in ("no", 0, None):  # ema="no" is truthy: it loaded the EMA weights
+        with pytest.raises(TypeError, match=rf"^ema must be True or False, got {word!r}$"):
+            vqar.load_pretrained(vq, config=vq_config, ema=word)
     raw_gpt = vqar.load_pretrained(gpt, config=gpt_config)
     _assert_halved(vqar.load_pretrained(gpt, config=gpt_config, ema=True), raw_gpt)
     # The tokenizer is loaded with ema too: a LlamaGen VQ file gives its EMA entry, a vqar folder is refused.

@@ -116,6 +116,10 @@ def _images_and_names(images: Sequence[str | Path]) -> list[tuple[Path, str]]:
     """Each image file with the name its reconstruction takes under --out (a folder's files keep their relative
     paths, so that equal names in two subfolders stay apart)."""
     entries = []
+    missing = [str(given) for given in map(Path, images) if not given.exists()]
+    if missing:  # a typo: said before the tokenizer loads, as the other bad arguments are
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"no such image: {missing[0]}{more}")
     for given in map(Path, images):
         if not given.is_dir():
             entries.append((given, given.stem))

@@ -53,6 +53,8 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
             when available, else the CPU). A ValueError, before any weights are read, for a device this machine
             lacks ("cuda" without a GPU) or a name that is none ("gpu").
     """
+    if not isinstance(ema, bool):  # ema="no" is truthy: it loaded the EMA weights
+        raise TypeError(f"ema must be True or False, got {ema!r}")
     # Checked first: torch would say so only when the loaded model is moved there, as an AssertionError ("Torch not
     # compiled with CUDA enabled") or a RuntimeError listing every device type, after reading all the weights.
     return _load_pretrained(path, config, ema, tokenizer, resolve_device(device))

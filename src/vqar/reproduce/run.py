@@ -33,7 +33,14 @@ from vqar.reproduce.samples import (
 )
 from vqar.reproduce.table import Release, ReleaseTable, load_table
 from vqar.sampling import SamplingSettings, for_sampling
-from vqar.utils.io import atomic_path, check_folder_writable, describe_entries, folder_entries, sha256_file
+from vqar.utils.io import (
+    atomic_path,
+    check_folder_writable,
+    created_folders_removed_on_failure,
+    describe_entries,
+    folder_entries,
+    sha256_file,
+)
 from vqar.utils.memory import human_bytes
 
 # The sampling settings of a protocol, each taken from the release table or the command line.
@@ -85,16 +92,18 @@ def fetch_release(release: Release, table: ReleaseTable, options: Options) -> di
     """Downloads (or finds) every file of the release and its reference; returns their local paths by role."""
     folder = _cache(options) / release.name
     paths = {}
-    for role, remote in release.files.items():
-        path = fetch(remote, folder, options.mirror)
-        paths[role] = str(unpack(path) if remote.unpack else path)
-    if release.category == "generator" and options.reference is None:
-        remote, member = table.reference(release)
-        path = fetch(remote, _cache(options) / "references", options.mirror)
-        if remote.unpack:
-            path = find_inside(unpack(path), member) if member else unpack(path)
-        paths["reference"] = str(path)
-    elif options.reference is not None:
+    # a download that fails leaves no empty folders (a partial file, to be continued, keeps its own)
+    with created_folders_removed_on_failure(folder), created_folders_removed_on_failure(folder.parent / "references"):
+        for role, remote in release.files.items():
+            path = fetch(remote, folder, options.mirror)
+            paths[role] = str(unpack(path) if remote.unpack else path)
+        if release.category == "generator" and options.reference is None:
+            remote, member = table.reference(release)
+            path = fetch(remote, folder.parent / "references", options.mirror)
+            if remote.unpack:
+                path = find_inside(unpack(path), member) if member else unpack(path)
+            paths["reference"] = str(path)
+    if options.reference is not None and release.category == "generator":
         paths["reference"] = options.reference
     return paths
 

@@ -6,6 +6,7 @@ layout (a release of the same name replaces the built-in one)."""
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+
+log = logging.getLogger("vqar.reproduce")
 
 BUILTIN = Path(__file__).with_name("releases.yaml")
 ENV_TABLES = "VQAR_RELEASES"
@@ -232,9 +235,12 @@ def load_table(extra: list[str | Path] | None = None) -> ReleaseTable:
     paths = [BUILTIN]
     paths += [Path(p) for p in os.environ.get(ENV_TABLES, "").split(os.pathsep) if p]
     paths += [Path(p) for p in extra or []]
-    table = ReleaseTable({}, {})
+    table, origin = ReleaseTable({}, {}), {}
     for path in paths:
         releases, references = _read(path)
+        for name in sorted(releases.keys() & table.releases.keys()):  # meant (a mirror's URLs), or a name taken
+            log.warning("the release %s of %s replaces the one of %s", name, path, origin[name])
+        origin.update(dict.fromkeys(releases, path))
         table.releases.update(releases)
         table.references.update(references)
     return table
