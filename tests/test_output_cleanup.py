@@ -94,7 +94,7 @@ def test_reconstruct_of_missing_images_leaves_no_folder(tokenizer_folder, tmp_pa
     out = tmp_path / "new" / "recon"
     code, err = run_cli(["reconstruct", "--tokenizer", str(tokenizer_folder), str(tmp_path / "gone.png"), "--out",
                          str(out)], capsys)  # fmt: skip
-    assert code == 1 and "gone.png" in err, err
+    assert code == 2 and err == f"vqar: error: no such image: {tmp_path / 'gone.png'}\n", err  # before loading
     assert not (tmp_path / "new").exists()
 
 

@@ -260,10 +260,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_load_or_download(to
             raise PermissionError(13, "Permission denied", str(path))
         return real_write(path, data)
 
+    # imported before any patch: a module first imported under it would keep the stand-in after the test
+    interop, reconstruct, reproduce = map(importlib.import_module, ["vqar.interop", "vqar.eval.reconstruct",
+                                                                     "vqar.reproduce.run"])  # fmt: skip
     monkeypatch.setattr(Path, "write_bytes", read_only)
-    monkeypatch.setattr(importlib.import_module("vqar.interop"), "load_pretrained", too_soon)
-    monkeypatch.setattr(importlib.import_module("vqar.eval.reconstruct"), "load_pretrained", too_soon)
-    monkeypatch.setattr(importlib.import_module("vqar.reproduce.run"), "fetch_release", too_soon)
+    monkeypatch.setattr(interop, "load_pretrained", too_soon)  # convert's
+    monkeypatch.setattr(reconstruct, "load_pretrained", too_soon)
+    monkeypatch.setattr(reproduce, "fetch_release", too_soon)
     out = tmp_path / "out"
     picture = tmp_path / "x.png"
     picture.write_bytes(b"")
