@@ -332,3 +332,26 @@ def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_fold
     check_run_folder(export, "tokenizer", resume=True, overwrite=False)
     code, err = run_cli(["train", "ar", "--resume", "--out", str(export)], capsys)  # not its run.yaml's unknown keys
     assert code == 2 and f"{export} is a tokenizer run, not an AR run" in err, err
+
+
+@pytest.mark.parametrize("parent", ["code store", "training run", "model"])
+def test_a_tokenizer_is_never_trained_into_the_tokenizer_folder_of_codes_it_made(sampler_folder, tmp_path, parent):
+    """`vqar train tokenizer --overwrite --out STORE/tokenizer` replaced the tokenizer that made a code store's (or an
+    AR run's) codes: what was then trained or sampled from them decoded through another tokenizer without a word."""
+    from vqar.train.launch import check_run_folder
+
+    folder = tmp_path / "parent"
+    shutil.copytree(sampler_folder, folder)  # a model folder with its tokenizer/
+    if parent == "code store":
+        from vqar.data.codes import FORMAT
+
+        (folder / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    elif parent == "training run":
+        (folder / "run.yaml").write_text("kind: ar\n")
+    before = file_contents(folder)
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(FileExistsError, match=rf"^{folder}/tokenizer is the tokenizer of the {parent} {folder}, "
+                                                  r"which made its codes: .* choose another --out$"):  # fmt: skip
+            check_run_folder(folder / "tokenizer", "tokenizer", resume=resume, overwrite=overwrite)
+    assert file_contents(folder) == before
+    check_run_folder(tmp_path / "elsewhere" / "tokenizer", "tokenizer", resume=False, overwrite=False)  # a new folder

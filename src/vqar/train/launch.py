@@ -43,6 +43,22 @@ def distributed_run(
         yield par, run_dir
 
 
+def _check_not_a_companion(run_dir: Path) -> None:
+    """Refuses the tokenizer/ of a code store, a training run or a model folder: a tokenizer trained there replaced
+    the one that made their codes, and what was trained or sampled from them then decoded through another tokenizer
+    without a word."""
+    from vqar.bundle import TOKENIZER_DIR, is_model_folder
+
+    parent = Path(run_dir).absolute().parent
+    if Path(run_dir).name != TOKENIZER_DIR:
+        return
+    for what, is_it in (("code store", is_code_store), ("training run", has_run), ("model", is_model_folder)):
+        if is_it(parent):
+            raise FileExistsError(f"{run_dir} is the tokenizer of the {what} {parent}, which made its codes: a run "
+                                  "trained there would replace it (not even --overwrite trains into it); choose "
+                                  "another --out")  # fmt: skip
+
+
 def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool) -> None:
     """Refuses a run directory that a run of `kind` would write over unasked. A run of the same kind is
     `prepare_run_dir`'s to judge (--resume or --overwrite); a run of the other kind, or a non-empty folder that
@@ -55,6 +71,7 @@ def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool)
     if owner is not None:
         raise FileExistsError(f"{run_dir} lies inside the checkpoints of the run {owner}: to continue that run, pass "
                               f"--resume --out {owner}; to start a new one, choose an --out outside it")  # fmt: skip
+    _check_not_a_companion(run_dir)
     entries = folder_entries(run_dir)
     if not entries:
         return
