@@ -307,3 +307,23 @@ def test_ema_step_matches_a_hand_computed_average():
     torch.testing.assert_close(model.weight, torch.tensor([11.0, -8.0]))
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(model, decay=1.0)
+
+
+def test_a_resume_follows_the_learning_rate_and_schedule_configured_now(tmp_path):
+    """`--resume lr=1e-2` recorded the new rate in run.yaml and trained on at the checkpoint's, and the first step
+    after a resume that raised `steps=` ran at the old schedule's last rate."""
+    from vqar.cli import main
+
+    tiny = [*TINY_RUN, "train.warmup_steps=0", "train.log_every=1", "train.eval_every=100"]
+
+    def rates(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["lr"] for row in rows if "lr" in row}
+
+    assert main(["train", "tokenizer", "rqvae-mnist", *tiny, "steps=6", "lr=1e-2", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "tokenizer", "rqvae-mnist", *tiny, "steps=3", "lr=1e-3", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", "tokenizer", "--resume", "steps=6", "lr=1e-2", "--out", str(tmp_path / "b")]) == 0
+    fresh, resumed = rates(tmp_path / "a"), rates(tmp_path / "b")
+    assert resumed[1] == pytest.approx(1e-3) and fresh[1] == pytest.approx(1e-2)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(fresh[step], rel=1e-6), (step, resumed, fresh)

@@ -135,6 +135,17 @@ def _nonfinite(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
             if tensor.is_floating_point() and not tensor.isfinite().all()]  # fmt: skip
 
 
+def _follow_configured_lr(sched: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """After a resume, the learning rates of the configuration now (`--resume lr=...`, a raised `train.steps`), not
+    the checkpoint's: its optimizer state holds the old base rate, and the rate its last step set for the next one
+    under the old schedule."""
+    sched.base_lrs = list(base_lrs)
+    for group, base, factor in zip(sched.optimizer.param_groups, base_lrs, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
+
+
 class _LogWindow:
     """The training steps since the last metric log: their metrics, how many were skipped, and their time."""
 
@@ -309,10 +320,13 @@ class Trainer:
         for name, module in modules.items():
             par.load_full_state_dict(module, load_weights(ckpt.path / f"{name}.safetensors", module))
         state = load_trainer_state(ckpt.path)
-        for name, opt in self.task.optimizers().items():
+        optimizers = self.task.optimizers()
+        configured = {name: [group["initial_lr"] for group in opt.param_groups] for name, opt in optimizers.items()}
+        for name, opt in optimizers.items():
             par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
+            _follow_configured_lr(sched, configured[name])
         ranks = state.get("ranks") or [{"rng": state["rng"], "task": state.get("task", {})}]  # older layout
         if len(ranks) == par.world_size:
             mine = ranks[par.rank]
