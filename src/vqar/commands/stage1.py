@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from vqar.commands.common import (
@@ -29,8 +28,11 @@ def crop_range(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {text}")
+    from vqar.data.extraction import MAX_CROP_RANGE
+
+    if not 1.0 <= value <= MAX_CROP_RANGE:  # nan fails this too
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_CROP_RANGE:g} (LlamaGen's is 1.1), got "
+                                         f"{text}")  # fmt: skip
     return value
 
 

@@ -46,6 +46,7 @@ from vqar.utils.io import (
 log = logging.getLogger("vqar.data")
 
 PLAN = "plan.json"
+MAX_CROP_RANGE = 8.0  # how much larger than the crops the ten-crop views may resize an image
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,9 @@ def extract_codes(
     par = par or Parallel()
     if views not in VIEWS:
         raise ValueError(f"views must be one of {sorted(VIEWS)}, got {views!r}")
-    if not 1.0 <= crop_range < float("inf"):  # nan fails this too
-        raise ValueError(f"crop_range must be a finite number >= 1, got {crop_range}")
+    if not 1.0 <= crop_range <= MAX_CROP_RANGE:  # nan fails this too; 1e9 overflowed the resize in a traceback
+        raise ValueError(f"crop_range must be a number from 1 to {MAX_CROP_RANGE:g} (LlamaGen's is 1.1; past that "
+                         f"each crop is a sliver of the image), got {crop_range}")  # fmt: skip
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
