@@ -227,6 +227,8 @@ def test_a_model_saved_over_another_takes_no_companion_of_the_old_one(tmp_path):
     assert vqar.load_pretrained(folder).tokenizer is None
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     vqar.save_pretrained(gpt, folder, tokenizer=tokenizer)
+    vqar.save_pretrained(tokenizer, folder, overwrite=True)  # among other files: nothing is removed
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
     vqar.save_pretrained(tokenizer, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     # a tokenizer/ that holds more than a model is not removed: refused before anything is written

@@ -100,7 +100,8 @@ def save_pretrained(
     # All checked before anything is written, so a refused tokenizer/ leaves no half-written model.
     for target in [folder, folder / TOKENIZER_DIR] if writes_tokenizer else [folder]:
         _check_destination(target, overwrite)
-    stale = [] if keep_companions else _stale_companions(folder, tokenizer, text_tokenizer)
+    # overwrite=True writes among other files and removes nothing (a run's export keeps its companions anyway)
+    stale = [] if keep_companions or overwrite else _stale_companions(folder, tokenizer, text_tokenizer)
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if state_dict is not None:
         _check_state_fits(model, tensors)
