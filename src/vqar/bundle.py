@@ -150,13 +150,21 @@ def _check_state_fits(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
     """ValueError where the `state_dict` given does not have the model's tensor names and shapes: the folder would
     hold a config.json its weights do not fit, and be refused on loading."""
     expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-    problems = [f"missing {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: {tuple(tensors[k].shape)} given, {expected[k]} in the model" for k in expected
-                 if k in tensors and tuple(tensors[k].shape) != expected[k]]  # fmt: skip
+    given = {name: tuple(value.shape) for name, value in tensors.items()}
+    problems = shape_differences(expected, given, "given", "in the model")
     if problems:
         raise ValueError(f"the state_dict given does not fit the {type(model).__name__} saved ({len(problems)} "
                          f"differences; first: {'; '.join(problems[:3])})")  # fmt: skip
+
+
+def shape_differences(expected: dict[str, tuple], found: dict[str, tuple], found_as: str,
+                      expected_as: str) -> list[str]:  # fmt: skip
+    """How tensor shapes `found` differ from those `expected`, by name: missing, unexpected, other shapes."""
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [f"{k}: {found[k]} {found_as}, {expected[k]} {expected_as}" for k in expected
+                 if k in found and found[k] != expected[k]]  # fmt: skip
+    return problems
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
@@ -241,10 +249,7 @@ def check_weights_fit(kind: str, fields: dict, folder: Path) -> None:
                              f"{len(stored)} tensors of the file")  # fmt: skip
     with bounded_meta_build(2 * len(stored) + 256, f"and {path} holds {len(stored)}: it does not match {config}"):
         expected = {k: tuple(v.shape) for k, v in build(kind, fields, config).state_dict().items()}
-    problems = [f"missing {k}" for k in expected if k not in stored]
-    problems += [f"unexpected {k}" for k in stored if k not in expected]
-    problems += [f"{k}: {stored[k]} in the file, {expected[k]} by the config" for k in expected
-                 if k in stored and stored[k] != expected[k]]  # fmt: skip
+    problems = shape_differences(expected, stored, "in the file", "by the config")
     if problems:
         raise ValueError(f"{path} does not match {folder / CONFIG_FILE} ({len(problems)} differences; first: "
                          f"{'; '.join(problems[:3])})")  # fmt: skip

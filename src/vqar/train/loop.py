@@ -45,6 +45,7 @@ from vqar.train.checkpoint import (
 )
 from vqar.train.config import TrainConfig
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
+from vqar.train.optim import follow_configured_lr
 from vqar.train.resources import check_writable, mib, module_bytes, optimizer_bytes, out_of_space
 from vqar.train.tracking import (
     Tracker,
@@ -133,17 +134,6 @@ def _nonfinite(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """The names (module.tensor) of the floating-point tensors holding a NaN or an infinity."""
     return [f"{module}.{name}" for module, tensors in weights.items() for name, tensor in tensors.items()
             if tensor.is_floating_point() and not tensor.isfinite().all()]  # fmt: skip
-
-
-def _follow_configured_lr(sched: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
-    """After a resume, the learning rates of the configuration now (`--resume lr=...`, a raised `train.steps`), not
-    the checkpoint's: its optimizer state holds the old base rate, and the rate its last step set for the next one
-    under the old schedule."""
-    sched.base_lrs = list(base_lrs)
-    for group, base, factor in zip(sched.optimizer.param_groups, base_lrs, sched.lr_lambdas, strict=True):
-        group["initial_lr"] = base
-        group["lr"] = base * factor(sched.last_epoch)
-    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
 
 
 class _LogWindow:
@@ -326,7 +316,7 @@ class Trainer:
             par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
-            _follow_configured_lr(sched, configured[name])
+            follow_configured_lr(sched, configured[name])
         ranks = state.get("ranks") or [{"rng": state["rng"], "task": state.get("task", {})}]  # older layout
         if len(ranks) == par.world_size:
             mine = ranks[par.rank]

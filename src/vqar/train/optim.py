@@ -64,3 +64,14 @@ class StepGuard:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def follow_configured_lr(sched: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """After a resume, the learning rates of the configuration now (`--resume lr=...`, a raised `train.steps`), not
+    the checkpoint's: its optimizer state holds the old base rate, and the rate its last step set for the next one
+    under the old schedule."""
+    sched.base_lrs = list(base_lrs)
+    for group, base, factor in zip(sched.optimizer.param_groups, base_lrs, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
