@@ -177,6 +177,13 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
         code, err = run_cli(["sample", "--model", str(tmp_path / "none"), "--out", str(target), "--overwrite"], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert (out / "notes.txt").read_text() == "mine"
+    # A prompts.txt of your own beside class-conditional samples is not theirs (--overwrite deleted it).
+    (out / "notes.txt").unlink()
+    (out / "prompts.txt").write_text("my prompt ideas for later\n")
+    before = file_contents(out)
+    code, err = run_cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite"], capsys)
+    assert code == 2 and "is not a sample folder (it holds grid.png, prompts.txt, samples.npz)" in err, err
+    assert file_contents(out) == before
 
 
 def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_samples(tmp_path, capsys):
@@ -355,3 +362,23 @@ def test_a_tokenizer_is_never_trained_into_the_tokenizer_folder_of_codes_it_made
             check_run_folder(folder / "tokenizer", "tokenizer", resume=resume, overwrite=overwrite)
     assert file_contents(folder) == before
     check_run_folder(tmp_path / "elsewhere" / "tokenizer", "tokenizer", resume=False, overwrite=False)  # a new folder
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "tokenizer", "text_tokenizer"])
+def test_overwrite_keeps_the_users_files_inside_the_folders_a_run_writes(sampler_folder, tmp_path, inside):
+    """`train --overwrite` into a folder that holds no run removed checkpoints/ and tokenizer/ whole, the user's
+    notes in them included; it now refuses, naming the file, and deletes nothing."""
+    from vqar.train.launch import check_run_folder
+
+    folder = tmp_path / "mine"
+    shutil.copytree(sampler_folder, folder)  # an exported model (its tokenizer/ is the model's) ...
+    (folder / "checkpoints" / "damaged").mkdir(parents=True)  # ... and what a killed run leaves
+    (folder / "checkpoints" / ".tmp-step-0000003-123").mkdir()
+    check_run_folder(folder, "ar", resume=False, overwrite=True)  # all of it a run's own: replaced on --overwrite
+    (folder / inside).mkdir(exist_ok=True)
+    (folder / inside / "notes.txt").write_text("mine")
+    before = file_contents(folder)
+    with pytest.raises(FileExistsError, match=rf"^{folder}/{inside}/notes.txt is not a file a training run writes, "
+                                              rf"and --overwrite would delete it with {inside}/; move it"):  # fmt: skip
+        check_run_folder(folder, "ar", resume=False, overwrite=True)
+    assert file_contents(folder) == before

@@ -149,6 +149,9 @@ def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
         first = npz["arr_0"].copy()
     assert (out / "prompts.txt").read_text().splitlines()[2] == "someone wrote the digit seven"
     assert len(list((out / "images").glob("prompt0002_*.png"))) == 2
+    with np.load(out / "samples.npz") as npz:  # how --overwrite tells the run's prompts.txt from one of yours
+        assert npz["prompts"].tolist() == (out / "prompts.txt").read_text().splitlines()
+    assert main([*args, "--overwrite"]) == 0  # the run's own prompts.txt is the run's to replace
     assert main([*args[:-1], str(tmp_path / "again")]) == 0
     with np.load(tmp_path / "again" / "samples.npz") as npz:
         assert np.array_equal(npz["arr_0"], first)

@@ -1,5 +1,6 @@
 """Writing drawn images to files: a grid (one row per class or prompt), individual PNGs and an ADM `samples.npz`
-(for prompts, `prompts.txt` too: label i is prompt line i + 1).
+(for prompts, `prompts.txt` too: label i is prompt line i + 1; samples.npz keeps them as well, which is how
+`--overwrite` tells the run's prompts.txt from one of yours).
 
 `samples.npz` follows the layout of the ADM evaluator that LlamaGen and others use: `arr_0` uint8 (N, H, W, 3)
 (grey images are repeated to RGB, as the Inception network expects 3 channels) and `arr_1` int64 labels.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +42,26 @@ def is_sample_folder(path: Path) -> bool:
     files = [path / name for name in ("grid.png", "samples.npz", "prompts.txt")]
     if any(file.exists() and not file.is_file() for file in files):
         return False
+    if (path / "prompts.txt").exists() and not _prompts_of_the_run(path):
+        return False
     images = path / "images"
     if not images.exists():
         return True
     return images.is_dir() and all(IMAGE_NAME.fullmatch(name) for name in folder_entries(images))
+
+
+def _prompts_of_the_run(path: Path) -> bool:
+    """Whether prompts.txt is the one the run wrote beside its samples.npz (which keeps the prompts too): a
+    prompts.txt of your own beside class-conditional samples is not, and --overwrite would delete it."""
+    try:
+        with np.load(path / "samples.npz", allow_pickle=False) as npz:
+            if "prompts" not in npz.files:
+                return False
+            prompts = npz["prompts"].tolist()
+        text = (path / "prompts.txt").read_text(encoding="utf-8")
+    except (OSError, ValueError, zipfile.BadZipFile):  # a damaged or foreign file is not known to be the run's
+        return False
+    return text == "\n".join(prompts) + "\n"
 
 
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
@@ -80,12 +98,14 @@ def _write_images(result: SampleResult, folder: Path, individual: bool) -> None:
 
 
 def write_adm_npz(result: SampleResult, path: str | Path) -> None:
-    """`arr_0` uint8 (N, H, W, 3) (grey repeated to RGB) and `arr_1` labels, atomically."""
+    """`arr_0` uint8 (N, H, W, 3) (grey repeated to RGB), `arr_1` labels and, for prompts, `prompts` (line i + 1 of
+    prompts.txt is label i's; ADM's evaluator reads only the first two), atomically."""
     pixels = to_uint8(result.images)
     rgb = np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
     def write_npz(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to the temporary name
-            np.savez(handle, arr_0=rgb, arr_1=result.labels.numpy())
+            prompts = {} if result.prompts is None else {"prompts": np.array(result.prompts, dtype=np.str_)}
+            np.savez(handle, arr_0=rgb, arr_1=result.labels.numpy(), **prompts)
 
     atomic_write(path, write_npz)

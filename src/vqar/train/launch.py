@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from vqar.bundle import MODEL_ENTRIES, TEXT_TOKENIZER_DIR, TEXT_TOKENIZER_FILES, TOKENIZER_DIR, is_model_folder
 from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
 from vqar.parallel import DistConfig, Parallel, PeerFailed, joined
-from vqar.train.checkpoint import RUN_FILES, has_run, prepare_run_dir
+from vqar.train.checkpoint import DAMAGED, RUN_FILES, has_run, prepare_run_dir
 from vqar.utils.device import resolve_device
-from vqar.utils.io import describe_entries, folder_entries, write_lock
+from vqar.utils.io import LEFTOVER, describe_entries, folder_entries, write_lock
 from vqar.utils.runs import run_kind, run_of_checkpoints
 
 KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
@@ -47,8 +49,6 @@ def _check_not_a_companion(run_dir: Path) -> None:
     """Refuses the tokenizer/ of a code store, a training run or a model folder: a tokenizer trained there replaced
     the one that made their codes, and what was trained or sampled from them then decoded through another tokenizer
     without a word."""
-    from vqar.bundle import TOKENIZER_DIR, is_model_folder
-
     parent = Path(run_dir).absolute().parent
     if Path(run_dir).name != TOKENIZER_DIR:
         return
@@ -57,6 +57,29 @@ def _check_not_a_companion(run_dir: Path) -> None:
             raise FileExistsError(f"{run_dir} is the tokenizer of the {what} {parent}, which made its codes: a run "
                                   "trained there would replace it (not even --overwrite trains into it); choose "
                                   "another --out")  # fmt: skip
+
+
+# What a run (or a model it exports) keeps in the folders of RUN_FILES that --overwrite empties; the trackers'
+# folders are theirs to lay out. `_files_a_run_never_writes` holds the rest back from deletion.
+_RUN_FOLDER_ENTRIES = {
+    "checkpoints": re.compile(rf"^(?:step-\d+|{DAMAGED}|best\.json)$"),
+    TOKENIZER_DIR: re.compile(f"^(?:{'|'.join(map(re.escape, sorted(MODEL_ENTRIES)))})$"),
+    TEXT_TOKENIZER_DIR: re.compile(f"^(?:{'|'.join(map(re.escape, sorted(TEXT_TOKENIZER_FILES)))})$"),
+}
+
+
+def _files_a_run_never_writes(run_dir: Path) -> list[Path]:
+    """The entries of a folder that holds no run which --overwrite would delete along with a folder of RUN_FILES
+    but no run writes there: a user's notes in checkpoints/ or tokenizer/. A killed writer's leftovers are the
+    run's own."""
+    foreign = []
+    for name, allowed in _RUN_FOLDER_ENTRIES.items():
+        folder = run_dir / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        foreign += [folder / entry for entry in folder_entries(folder)
+                    if not allowed.match(entry) and not LEFTOVER.match(entry)]  # fmt: skip
+    return foreign
 
 
 def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool) -> None:
@@ -93,6 +116,10 @@ def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool)
             raise FileExistsError(f"{run_dir} is not a training run (it holds {describe_entries(entries)}); pass "
                                   "--overwrite to train into it (a model there is replaced, other files are kept), "
                                   "or choose another --out")  # fmt: skip
+        foreign = _files_a_run_never_writes(run_dir)
+        if foreign:
+            raise FileExistsError(f"{foreign[0]} is not a file a training run writes, and --overwrite would delete "
+                                  f"it with {foreign[0].parent.name}/; move it, or choose another --out")  # fmt: skip
     nested = [run_dir / name for name in RUN_FILES if has_run(run_dir / name)]
     if nested:  # e.g. a folder that holds a tokenizer run in tokenizer/: --overwrite would delete that run
         raise FileExistsError(f"{nested[0]} holds a training run of its own, which --overwrite would delete; move it "
