@@ -354,6 +354,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, classifier_cache):
     assert (tmp_path / "demo" / "samples" / "grid.png").is_file()
     written = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert written["samples"] == 40 and written["quick"] is True
+    from vqar.demo import check_demo_folder
+
+    check_demo_folder(tmp_path / "demo")  # a demo's folder, its report.json included, is the next demo's to replace
 
 
 @pytest.mark.parametrize(

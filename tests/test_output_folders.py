@@ -202,7 +202,8 @@ def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_s
         assert file_contents(out) == before
 
 
-@pytest.mark.parametrize("case", ["user-file", "a-run", "an-exported-tokenizer", "a-file", "empty-name"])
+@pytest.mark.parametrize("case", ["user-file", "a-run", "an-exported-tokenizer", "a-report-of-yours", "a-file",
+                                  "empty-name"])  # fmt: skip
 def test_the_demo_refuses_an_out_it_did_not_write_before_training(tmp_path, capsys, monkeypatch, case):
     """`vqar demo --out RUN` replaced an AR run's tokenizer/ with its own and the pictures in its samples/; `--out ""`
     wrote into the working folder. Refused before the first training step."""
@@ -225,6 +226,10 @@ def test_the_demo_refuses_an_out_it_did_not_write_before_training(tmp_path, caps
         (out / "tokenizer").mkdir(parents=True)
         (out / "tokenizer" / "config.json").write_text("{}")
         message = f"{out / 'tokenizer'} is not the demo's tokenizer run, which the demo would write over"
+    elif case == "a-report-of-yours":  # a demo's name, not a demo's report (the demo wrote over it)
+        out.mkdir()
+        (out / "report.json").write_text(json.dumps({"experiment": "mine", "outputs": ["fig1.png"]}))
+        message = f"{out / 'report.json'} is not a demo's report, which the demo would write over"
     elif case == "a-file":
         out.write_text("mine")
         message = f"{out} is a file; choose another --out for the demo"

@@ -91,8 +91,22 @@ def check_demo_folder(out: Path) -> None:
         if folder_entries(path) and not is_kind(path) or path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} is not {kind}, which the demo would write over; choose a new or empty "
                                   "--out")  # fmt: skip
-    if (out / "report.json").exists() and not (out / "report.json").is_file():
-        raise FileExistsError(f"{out / 'report.json'} is not a file; choose a new or empty --out")
+    report = out / "report.json"
+    if (report.exists() or report.is_symlink()) and not _is_demo_report(report):
+        raise FileExistsError(f"{report} is not a demo's report, which the demo would write over; choose a new or "
+                              "empty --out")  # fmt: skip
+
+
+def _is_demo_report(path: Path) -> bool:
+    """Whether `path` is a report.json a demo wrote (a JSON object naming the demo's outputs): a report.json of your
+    own is not replaced."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and isinstance(report.get("outputs"), dict) and "ar_model" in report["outputs"]
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cache: str | Path | None = None,
