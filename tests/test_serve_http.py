@@ -64,12 +64,28 @@ def test_api_health_model_and_generate(client):
         ({"class_id": "seven"}, 422, "int"),
         ({"class_id": 1, "format": "gif"}, 422, "pattern"),
         ({"class_id": 1, "smooth": True}, 422, "smooth sampling"),
+        # settings that would do nothing, answered 200 although `vqar sample` refuses their flags
+        ({"class_id": 1, "cfg_interval": 3}, 422, "cfg_interval shapes classifier-free guidance, which cfg_scale 1"),
+        ({"class_id": 1, "cfg_scale": 1.0, "cfg_schedule": "linear"}, 422, "cfg_schedule shapes classifier-free"),
+        ({"class_id": 1, "speculative_window": 4}, 422, "speculative_window has no effect without speculative"),
+        ({"class_id": 1, "speculative": False, "speculative_drafts": "sjd"}, 422, "speculative_drafts has no effect"),
+        ({"class_id": 1, "greedy": True, "top_k": 5, "temperature": 0.5}, 422,
+         "temperature and top_k have no effect with greedy, which always takes the most likely code"),
+        ({"class_id": 1, "cfg_scale": 0.5, "cfg_interval": 3}, 422, "cfg_scale must be a finite number >= 1"),
     ],
 )
 def test_api_rejects_bad_requests(client, body, status, message):
     answer = client.post("/generate", json=body)
     assert answer.status_code == status
     assert message in str(answer.json()["detail"])
+
+
+def test_settings_that_shape_another_are_taken_with_it(client):
+    for body in ({"cfg_scale": 2.0, "cfg_interval": 3, "cfg_schedule": "linear"},
+                 {"speculative": True, "speculative_window": 4, "speculative_drafts": "sjd"},
+                 {"greedy": True}, {"greedy": False, "top_k": 5}):  # fmt: skip
+        answer = client.post("/generate", json={"class_id": 1, "n": 1, **body})
+        assert answer.status_code == 200, (body, answer.text)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])

@@ -105,29 +105,22 @@ def _sample(args: argparse.Namespace, par) -> int:
     return 0
 
 
+# The flags of the sampling settings whose names are not the field's, spelt with dashes.
+FLAGS = {"cfg_scale": "--cfg", "speculative_window": "--window", "speculative_drafts": "--drafts",
+         "speculative_max_iterations": "--max-iterations"}  # fmt: skip
+
+
 def _check_options_apply(args: argparse.Namespace) -> None:
     """Options that only shape another option's work are refused without it, rather than silently ignored."""
-    needs = {"--speculative": [("--window", args.window), ("--drafts", args.drafts),
-                               ("--max-iterations", args.max_iterations)],
-             "--accept-rate": [("--classifier", args.classifier)]}  # fmt: skip
-    for option, given in (("--speculative", args.speculative), ("--accept-rate", args.accept_rate is not None)):
-        unused = [name for name, value in needs[option] if value is not None]
-        if unused and not given:
-            plural = len(unused) > 1
-            raise ValueError(f"{' and '.join(unused)} {'have' if plural else 'has'} no effect without {option}: add "
-                             f"{option}, or leave {'them' if plural else 'it'} out")  # fmt: skip
-    guidance = [name for name, value in (("--cfg-interval", args.cfg_interval), ("--cfg-schedule", args.cfg_schedule))
-                if value is not None]  # fmt: skip
-    if guidance and args.cfg == 1.0:
-        raise ValueError(f"{' and '.join(guidance)} shape{'s' * (len(guidance) == 1)} classifier-free guidance, which "
-                         "--cfg 1 (the default) leaves off: give --cfg above 1, or leave "
-                         f"{'it' if len(guidance) == 1 else 'them'} out")  # fmt: skip
-    filters = [name for name, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
-                                        ("--top-p", args.top_p)) if value is not None]  # fmt: skip
-    if filters and args.greedy:
-        raise ValueError(f"{' and '.join(filters)} {'have' if len(filters) > 1 else 'has'} no effect with --greedy, "
-                         "which always takes the most likely code: leave "
-                         f"{'them' if len(filters) > 1 else 'it'} out, or drop --greedy")  # fmt: skip
+    from vqar.sampling.settings import check_settings_apply
+
+    if args.classifier is not None and args.accept_rate is None:
+        raise ValueError("--classifier has no effect without --accept-rate: add --accept-rate, or leave it out")
+    given = {"speculative": args.speculative, "speculative_window": args.window, "speculative_drafts": args.drafts,
+             "speculative_max_iterations": args.max_iterations, "cfg_scale": args.cfg,
+             "cfg_interval": args.cfg_interval, "cfg_schedule": args.cfg_schedule, "greedy": args.greedy,
+             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}  # fmt: skip
+    check_settings_apply(given, lambda field: FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
 def _check_out(args: argparse.Namespace, par) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -59,6 +59,8 @@ class DepthSettings(NamedTuple):
     top_p: float | None
 
 
+# The settings that shape speculative decoding, which they do nothing without (`check_settings_apply`).
+SPECULATIVE_OPTIONS = ("speculative_window", "speculative_drafts", "speculative_max_iterations")
 # Past any guidance anyone uses, and far below where the guided logits would overflow float32 (3.4e38).
 MAX_CFG_SCALE = 1e6
 
@@ -147,6 +149,32 @@ class SamplingSettings:
         return (as_tuple(self.temperature), as_tuple(self.top_k), as_tuple(self.top_p), self.cfg_scale,
                 self.cfg_interval, self.greedy, self.cfg_schedule, self.smooth, self.speculative,
                 self.speculative_window, self.speculative_drafts, self.speculative_max_iterations)  # fmt: skip
+
+
+def check_settings_apply(given: dict[str, Any], name: Callable[[str], str] = str) -> None:
+    """ValueError where a setting the user gave (`given`: field -> value, None for one not given; `name` spells a
+    field as the caller's user knows it: a flag, a JSON field) only shapes the work of another that is off, rather
+    than ignoring it: the speculative options without `speculative`, the guidance options without a `cfg_scale`
+    above 1, a filter with `greedy`."""
+    def listed(fields: list[str]) -> tuple[str, str]:
+        return " and ".join(map(name, fields)), "them" if len(fields) > 1 else "it"
+
+    unused = [field for field in SPECULATIVE_OPTIONS if given.get(field) is not None]
+    if unused and not given.get("speculative"):
+        names, them = listed(unused)
+        raise ValueError(f"{names} {'have' if them == 'them' else 'has'} no effect without {name('speculative')}: add "
+                         f"{name('speculative')}, or leave {them} out")  # fmt: skip
+    guidance = [field for field in ("cfg_interval", "cfg_schedule") if given.get(field) is not None]
+    if guidance and (given.get("cfg_scale") or 1.0) <= 1.0:
+        names, them = listed(guidance)
+        raise ValueError(f"{names} shape{'' if them == 'them' else 's'} classifier-free guidance, which "
+                         f"{name('cfg_scale')} 1 (the default) leaves off: give {name('cfg_scale')} above 1, or leave "
+                         f"{them} out")  # fmt: skip
+    filters = [field for field in ("temperature", "top_k", "top_p") if given.get(field) is not None]
+    if filters and given.get("greedy"):
+        names, them = listed(filters)
+        raise ValueError(f"{names} {'have' if them == 'them' else 'has'} no effect with {name('greedy')}, which always "
+                         f"takes the most likely code: leave {them} out, or drop {name('greedy')}")  # fmt: skip
 
 
 def settings_or_default(settings: SamplingSettings | None) -> SamplingSettings:

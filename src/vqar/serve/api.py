@@ -4,7 +4,8 @@
     GET  /model      what is loaded: architecture, conditioning, classes, limits
     POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
 
-Invalid parameters are answered 422 with the reason, more images than the server allows 413, a full queue 429,
+Invalid parameters, and a setting that would do nothing (`cfg_interval` without a `cfg_scale` above 1, say) are
+answered 422 with the reason, more images than the server allows 413, a full queue 429,
 a body that is not sent as JSON (content-type) 415, a body over MAX_BODY_BYTES 413 before it is read (`middleware`).
 """
 
@@ -26,6 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 from vqar.sampling import SamplingSettings
+from vqar.sampling.settings import check_settings_apply
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
@@ -130,10 +132,16 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
     @router.post("/generate")
     async def generate(body: GenerateBody, request: Request):  # type: ignore[valid-type]
         fields = body.model_dump(exclude={"format"})
+        given = {name: fields[name] for name in body.model_fields_set if name in SETTINGS_FIELDS}
+        asked = request_from_body(fields)
         try:
-            future = engine.submit(request_from_body(fields))
+            engine.validate(asked)  # values first: a cfg_scale of 0.5 with a cfg_interval is named as a bad scale
+            check_settings_apply(given)  # a setting that would do nothing is refused, as `vqar sample` refuses it
+            future = engine.submit(asked)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=str(err)) from None
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
         result = await _result_while_connected(engine, future, request, timeout)
         if result is None:  # nobody is left to read an answer
             return Response(status_code=499)
