@@ -347,3 +347,20 @@ def test_vqar_load_is_a_deprecated_alias_of_load_pretrained(model_folder):
     assert type(model) is type(vqar.load_pretrained(model_folder))
     for name, value in vqar.load_pretrained(model_folder).state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """A prompts file saved with a UTF-8 BOM (Notepad does) kept it in the first prompt, which then tokenised as an
+    unknown character and was written so into prompts.txt; a caption file's first image name missed its file."""
+    from vqar.commands.common import read_lines
+    from vqar.commands.serve import read_class_names
+    from vqar.text.captions import read_captions
+
+    bom = "\ufeff".encode()
+    (tmp_path / "prompts.txt").write_bytes(bom + b"a seven\r\na three\n")
+    assert read_lines(tmp_path / "prompts.txt", "prompts") == ["a seven", "a three"]
+    assert read_class_names(tmp_path / "prompts.txt") == ["a seven", "a three"]
+    (tmp_path / "captions.tsv").write_bytes(bom + b"x/1.jpg\ta dog\n")
+    assert read_captions(tmp_path / "captions.tsv") == {"x/1.jpg": ["a dog"]}
+    (tmp_path / "captions.jsonl").write_bytes(bom + b'{"file": "x/1.jpg", "caption": "a dog"}\n')
+    assert read_captions(tmp_path / "captions.jsonl") == {"x/1.jpg": ["a dog"]}

@@ -153,7 +153,7 @@ def read_lines(path: str, what: str = "lines") -> list[str]:
     if not file.exists():  # not `is_file()`: a pipe is read too (`--prompts <(grep cat captions.txt)`, /dev/stdin)
         raise FileNotFoundError(f"file not found: {file}")
     try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not UTF-8 text; give a text file of {what}, one per line") from None
     if not lines:

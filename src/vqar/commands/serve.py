@@ -69,7 +69,7 @@ def read_class_names(path: str) -> list[str]:
     if not file.exists():  # not `is_file()`: a pipe is read too (`--class-names <(cut -f2 classes.tsv)`)
         raise FileNotFoundError(f"file not found: {file}")
     try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines()]
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not UTF-8 text; give a text file of class names, one per line") from None
     while lines and not lines[-1]:

@@ -69,7 +69,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's BOM is not a file name
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path}:{number} is not UTF-8 text ({err.reason} at byte {err.start}); save the "
                                  "caption file as UTF-8") from None  # fmt: skip
