@@ -206,7 +206,14 @@ def test_fid_helper_inception_cli_stats_and_fid(tmp_path, capsys):
     assert main(["eval", "stats", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz")]) == 0
     with np.load(tmp_path / "ref.npz") as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and "arr_0" not in ref
+        assert str(ref["resize"]) == "tf-bilinear" and str(ref["inception"]) == "default_1.pt"
     capsys.readouterr()
+    # Samples resized otherwise than the statistics were made: refused before the samples' pass (it was silent).
+    args = ["eval", "fid", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "ref.npz"), "--no-pr"]
+    assert main([*args, "--resize", "clean"]) == 2
+    assert capsys.readouterr().err == (f"vqar: error: {tmp_path / 'ref.npz'}: its statistics were made with --resize "
+                                       "tf-bilinear, the samples would be resized with clean: pass --resize "
+                                       "tf-bilinear, or make them again with `vqar eval stats --resize clean`\n")
     assert main(["eval", "fid", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "ref.npz"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fid"] == pytest.approx(0.0, abs=1e-3)

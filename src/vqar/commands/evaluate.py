@@ -108,7 +108,7 @@ def cmd_stats(args, par) -> int:
     if out is None:  # rank 0 writes the statistics
         return 0
     stats = GaussianStats.of(out.features, keep_features=True)
-    save_stats(args.out, stats, out.images)
+    save_stats(args.out, stats, out.images, inception)
     print(f"statistics of {out.count} images ({inception.path.name}, resize {inception.resize}) -> {args.out}")
     return 0
 

@@ -127,8 +127,14 @@ def check_stats_path(path: str | Path, overwrite: bool = False) -> None:
     check_folder_writable(path.parent, out=path)
 
 
-def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None = None) -> None:
+def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None = None,
+               inception: Inception | None = None) -> None:  # fmt: skip
+    """`mu`, `sigma` and, where given, the pool `features`, the images (`arr_0`) and how the features were made
+    (`resize`, and the `inception` file's name): an FID against them with another resize is refused, since it
+    moves the score by more than most differences between models."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
+    if inception is not None:
+        arrays["resize"], arrays["inception"] = np.array(inception.resize), np.array(inception.path.name)
     if stats.features is not None:
         arrays["features"] = stats.features
     if images is not None:
@@ -152,6 +158,7 @@ class StoredReference:
     features: np.ndarray | None  # the pool features stored with them (vqar's), on rank 0 when asked
     images_only: bool  # the reference images (ADM's arr_0) without stored features: precision/recall runs them
     feature_count: int | None = None  # rows of the stored features, known on every rank (None: none stored)
+    resize: str | None = None  # the resize the statistics were made with (None: not recorded, as in ADM's files)
 
 
 def read_stored_reference(
@@ -182,8 +189,19 @@ def read_stored_reference(
         features = data["features"] if need_features and "features" in data and par.is_main else None
         images_only = "features" not in data and "arr_0" in data
         feature_count = npz_array_shape(path, "features")[0] if "features" in data else None
+        resize = _recorded_text(data, "resize")
     stats = GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1)
-    return StoredReference(stats, features, images_only, feature_count)
+    return StoredReference(stats, features, images_only, feature_count, resize)
+
+
+def _recorded_text(data, key: str) -> str | None:
+    """The text stored under `key` (a 0-d string array), None where there is none (an object array, which would
+    need a pickle, is none)."""
+    try:
+        value = data[key] if key in data.files else None
+    except ValueError:
+        return None
+    return str(value) if value is not None and value.ndim == 0 and value.dtype.kind == "U" else None
 
 
 def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -301,6 +319,16 @@ def check_feature_width(ref: str | Path, stored: StoredReference, inception: Inc
                          "were made with, or make them again with `vqar eval stats`")  # fmt: skip
 
 
+def check_same_resize(ref: str | Path, stored: StoredReference, inception: Inception) -> None:
+    """ValueError naming reference statistics made with another resize than the samples', said before the samples'
+    pass: the two resizes move FID by more than most differences between models, so the score would compare the
+    resizes."""
+    if stored.resize is not None and stored.resize != inception.resize:
+        raise ValueError(f"{ref}: its statistics were made with --resize {stored.resize}, the samples would be "
+                         f"resized with {inception.resize}: pass --resize {stored.resize}, or make them again with "
+                         f"`vqar eval stats --resize {inception.resize}`")  # fmt: skip
+
+
 def evaluate_samples(
     fake: str | Path,
     ref: str | Path | None,
@@ -327,6 +355,7 @@ def evaluate_sets(
     check_something_to_measure(sets.ref, with_is, inception)  # before the samples' pass
     if sets.stored is not None:
         check_feature_width(sets.ref, sets.stored, inception)
+        check_same_resize(sets.ref, sets.stored, inception)
     is_unavailable = with_is and not inception.has_classifier
     too_few_for_is = with_is and len(sets.samples) < IS_SPLITS  # with --ref: FID is measured, the score said missing
     with_is = with_is and inception.has_classifier and not too_few_for_is
