@@ -221,3 +221,16 @@ def test_images_beside_class_folders_are_warned_at_extraction_and_refused_by_a_c
                                  "a class-conditional model cannot train on: move those images into a class folder, "
                                  "or out of the folder, and extract the codes again\n")  # fmt: skip
     assert not run.exists()
+    # From an .npz the advice was the folder's; it is the array's now.
+    pixels = np.zeros((4, 28, 28, 1), dtype=np.uint8)
+    np.savez(tmp_path / "digits.npz", arr_0=pixels, arr_1=np.array([-1, 0, 1, 1]))
+    array_codes = tmp_path / "array_codes"
+    assert run_cli(["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(tmp_path / "digits.npz"),
+                    "--out", str(array_codes)], capsys)[0] == 0  # fmt: skip
+    code, err = run_cli(["train", "ar", "rq-mnist", f"codes={array_codes}", "size=RQ-XS", "--out", str(run)], capsys)
+    assert code == 2 and err == (f"vqar: error: the code store {array_codes} holds 1 of its 4 items without a class "
+                                 f"(label -1: images whose label in {tmp_path / 'digits.npz'} is -1, or all of them "
+                                 "where it holds no labels), which a class-conditional model cannot train on: give "
+                                 "those images a class id >= 0, or leave them out of the array, and extract the codes "
+                                 "again\n")  # fmt: skip
+    assert not run.exists()

@@ -549,10 +549,23 @@ def check_labelled(store: CodeDataset, num_classes: int) -> None:
     has no row for them, and the run failed at its first evaluation, after training, with nothing saved."""
     unlabelled = int((store.labels < 0).sum()) if num_classes else 0
     if unlabelled:
+        why, fix = _why_unlabelled(str(store.manifest.get("source", "")))
         raise ValueError(f"the code store {store.path} holds {unlabelled} of its {len(store)} items without a class "
-                         "(label -1: images that lay directly in the image folder, beside its class folders), which "
-                         "a class-conditional model cannot train on: move those images into a class folder, or out "
-                         "of the folder, and extract the codes again")  # fmt: skip
+                         f"(label -1: {why}), which a class-conditional model cannot train on: {fix}, and extract "
+                         "the codes again")  # fmt: skip
+
+
+def _why_unlabelled(source: str) -> tuple[str, str]:
+    """How items of a store made from `source` (its manifest's) came to have no class, and the way out."""
+    from vqar.data.shards import is_shard_source
+
+    if Path(source).suffix in (".npz", ".npy"):
+        return (f"images whose label in {source} is -1, or all of them where it holds no labels",
+                "give those images a class id >= 0, or leave them out of the array")
+    if is_shard_source(source):
+        return "samples of the shards without a cls member", "add a cls member to those samples, or leave them out"
+    return ("images that lay directly in the image folder, beside its class folders",
+            "move those images into a class folder, or out of the folder")
 
 
 def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
