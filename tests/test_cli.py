@@ -280,6 +280,18 @@ def test_reconstruct_reads_a_releases_own_tokenizer(fixtures, release, tmp_path,
     assert (out / "digit_recon.png").is_file()
 
 
+def test_reconstructions_of_inputs_with_the_same_name_go_to_files_of_their_own(tmp_path):
+    """`a_2.png a.png a.jpg`: the third was numbered a_2 and its reconstruction replaced the first one's, while the
+    run said 3 of 3 were reconstructed."""
+    from vqar.eval.reconstruct import _targets
+
+    names = ["a_2", "a", "a", "A", "a", "x/a"]
+    targets = _targets([(tmp_path / f"{name}.png", name) for name in names], tmp_path)
+    assert [t.relative_to(tmp_path).as_posix() for t in targets] == [
+        "a_2_recon.png", "a_recon.png", "a_3_recon.png", "A_4_recon.png", "a_5_recon.png", "x/a_recon.png"]
+    assert len({str(t).casefold() for t in targets}) == len(names)  # one file each, on a case-blind disk too
+
+
 def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_path, capsys):
     digits, _ = load_mnist_digits()
     folder = tmp_path / "pictures"

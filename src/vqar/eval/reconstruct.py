@@ -103,11 +103,16 @@ def reconstruct_files(
 
 
 def _targets(entries: list[tuple[Path, str]], out_dir: Path) -> list[Path]:
-    """The file each image's reconstruction goes to: `<name>_recon.png`, a repeated name numbered apart."""
-    targets, written = [], set()
+    """The file each image's reconstruction goes to: `<name>_recon.png`, a repeated name numbered apart (`a_2`,
+    `a_3`, ...) past every name taken, an input's own `a_2` too, and apart from names that differ only in case
+    (one file on macOS' and Windows' file systems)."""
+    targets, taken = [], set()
     for _, stem in entries:
-        name = stem if stem not in written else f"{stem}_{len(written)}"
-        written.add(name)
+        name, number = stem, 1
+        while name.casefold() in taken:
+            number += 1
+            name = f"{stem}_{number}"
+        taken.add(name.casefold())
         targets.append(out_dir / f"{name}_recon.png")
     return targets
 
