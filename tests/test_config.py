@@ -178,3 +178,22 @@ def test_paper_presets_build_with_the_published_sizes():
     assert rq.code_shape() == (8, 8, 4) and rq.codebook_size == 16384
     assert vq16.code_shape() == (16, 16) and vq8.code_shape() == (32, 32)
     assert vq16.quantizer.codebook.weight.shape == (16384, 8)
+
+
+@pytest.mark.parametrize("command", [["config", "ar"], ["config", "tokenizer"], ["train", "ar"], ["resume", "ar"]])
+def test_a_yaml_file_that_does_not_parse_is_one_line_for_every_command(tmp_path, capsys, command):
+    """The AR commands read a YAML's arch before its schema, with the parser's traceback where it did not parse."""
+    from conftest import run_cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: [conv\n")
+    if command[0] == "resume":  # a run whose run.yaml was damaged
+        (tmp_path / "run").mkdir()
+        bad = tmp_path / "run" / "run.yaml"
+        bad.write_text("garbage: [\n")
+        args = ["train", "ar", "--resume", "--out", str(tmp_path / "run")]
+    else:
+        args = [*command, str(bad)] + (["--out", str(tmp_path / "run")] if command[0] == "train" else [])
+    code, err = run_cli(args, capsys)
+    assert code == 2 and err.startswith(f"vqar: error: cannot parse {bad}: while parsing a flow"), err
+    assert err.count("\n") <= 4 and "Traceback" not in err  # the parser's own lines say where

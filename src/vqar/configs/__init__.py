@@ -86,7 +86,7 @@ def preset_fields(group: str, preset: str | Path | None, overrides: Sequence[str
     schema is known: what decides the schema (an architecture name, say)."""
     found: dict[str, Any] = {}
     if preset is not None:
-        loaded = OmegaConf.create(_preset_text(group, preset)[0])
+        loaded = _parse_preset(group, preset)
         if isinstance(loaded, DictConfig):
             found.update({k: loaded[k] for k in keys if k in loaded})
     for item in overrides:
@@ -164,12 +164,18 @@ def _preset_text(group: str, preset: str | Path) -> tuple[str, str]:
     return preset_text(group, str(preset)), f"preset {preset!r}"
 
 
-def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig:
+def _parse_preset(group: str, preset: str | Path) -> Any:
+    """The YAML of a preset name in `group` or a YAML path, parsed; ConfigError naming it where it does not parse."""
     text, origin = _preset_text(group, preset)
     try:
-        loaded = OmegaConf.create(text)
+        return OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come in several types
         raise ConfigError(f"cannot parse {origin}: {err}") from None
+
+
+def _load_preset(group: str, preset: str | Path, base: DictConfig) -> DictConfig:
+    loaded = _parse_preset(group, preset)
+    origin = _preset_text(group, preset)[1]
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{origin} must hold a mapping at the top level")
     if not loaded:  # the schema's defaults alone are no run (they fail later, naming a setting nobody gave)
