@@ -201,7 +201,7 @@ def _recorded_text(data, key: str) -> str | None:
         value = data[key] if key in data.files else None
     except ValueError:
         return None
-    return str(value) if value is not None and value.ndim == 0 and value.dtype.kind == "U" else None
+    return str(value) if value is not None and value.ndim == 0 and np.issubdtype(value.dtype, np.str_) else None
 
 
 def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
