@@ -197,3 +197,34 @@ def test_a_yaml_file_that_does_not_parse_is_one_line_for_every_command(tmp_path,
     code, err = run_cli(args, capsys)
     assert code == 2 and err.startswith(f"vqar: error: cannot parse {bad}: while parsing a flow"), err
     assert err.count("\n") <= 4 and "Traceback" not in err  # the parser's own lines say where
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.conv.norm_groups=0", "norm_groups must be >= 1, got 0"),  # a ZeroDivisionError, even in vqar config
+        ("model.conv.ch=-16", "ch must be >= 1, got -16"),
+        ("model.conv.z_channels=0", "z_channels must be >= 1, got 0"),
+        ("model.conv.ch_mult=[1,-2,4,4]", "ch_mult's entries must be >= 1 and num_res_blocks >= 0"),
+        ("model.conv.num_res_blocks=-1", "num_res_blocks=-1"),  # silently built fewer blocks than 0
+        ("model.conv.attn_resolutions=[7]", "attn_resolutions [7] match no level: the feature maps are 32, 16, 8, "
+                                            "4 wide"),  # silently no attention there  # fmt: skip
+        ("loss.disc_channels=0", "loss.disc_channels must be >= 1, got 0"),
+    ],
+)
+def test_a_size_no_network_can_have_is_named_at_configuration(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config("rqvae-mnist", [override])
+
+
+@pytest.mark.parametrize("setting", ["mlp_ratio", "initializer_range", "multiple_of", "ffn_dim_multiplier"])
+def test_an_ar_width_factor_or_init_scale_that_is_not_positive_is_named(setting):
+    from vqar.ar import GPTConfig, RQTransformerConfig
+
+    config = RQTransformerConfig() if setting == "mlp_ratio" else GPTConfig()
+    setattr(config, setting, -1)
+    with pytest.raises(ValueError, match=rf"^{setting} must be positive, got -1$"):
+        config.validate()
+    setattr(config, setting, float("nan"))
+    with pytest.raises(ValueError, match=rf"^{setting} must be positive, got nan$"):
+        config.validate()

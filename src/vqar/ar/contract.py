@@ -24,6 +24,7 @@ modules: `cond_embedding`, `layers`, `norm`, `output`, blocks of `attention_norm
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -107,6 +108,10 @@ class ARConfig:
         for name, least in (("vocab_size", 2), ("num_classes", 0), ("n_layer", 1)):
             if getattr(self, name) < least:  # named with its value: a run's model.n_layer=0, say
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "multiple_of", "ffn_dim_multiplier", "initializer_range"):
+            value = getattr(self, name, None)  # each architecture has some of them
+            if value is not None and not (math.isfinite(value) and value > 0):  # else a traceback inside torch
+                raise ValueError(f"{name} must be positive, got {value}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.text_length and (self.num_classes or self.text_vocab_size < 2):

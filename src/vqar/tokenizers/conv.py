@@ -48,6 +48,14 @@ class ConvConfig:
     def validate(self) -> None:
         if not self.ch_mult:
             raise ValueError("ch_mult must list at least one level")
+        # Widths and counts below 1 failed inside torch (a ZeroDivisionError for norm_groups=0), and a negative
+        # num_res_blocks silently built fewer blocks than 0.
+        for name in ("in_channels", "out_channels", "resolution", "ch", "z_channels", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.ch_mult) < 1 or self.num_res_blocks < 0:
+            raise ValueError(f"ch_mult's entries must be >= 1 and num_res_blocks >= 0, got ch_mult="
+                             f"{list(self.ch_mult)}, num_res_blocks={self.num_res_blocks}")  # fmt: skip
         for width in [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups:
                 raise ValueError(
@@ -60,6 +68,11 @@ class ConvConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        sizes = [self.resolution // 2**level for level in range(len(self.ch_mult))]
+        unused = [size for size in self.attn_resolutions if size not in sizes]
+        if unused:  # else no attention there, without a word
+            raise ValueError(f"attn_resolutions {unused} match no level: the feature maps are "
+                             f"{', '.join(map(str, sizes))} wide at resolution {self.resolution}")  # fmt: skip
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -76,6 +76,8 @@ class TokenizerLossConfig:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_start < 0 or self.disc_layers < 1:
             raise ValueError("loss.disc_start must be >= 0 and loss.disc_layers >= 1")
+        if self.disc_channels < 1:
+            raise ValueError(f"loss.disc_channels must be >= 1, got {self.disc_channels}")
 
 
 class TokenizerObjective(nn.Module):
