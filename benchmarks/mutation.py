@@ -86,6 +86,12 @@ MUTATIONS = [
              "kth = values[..., k - 1 : k]", "kth = values[..., k : k + 1]", SAMPLING),
     Mutation("sample_tie_fallback_needs_every_row", "sampling/filters.py",
              "bool((values[..., -1:] == kth).any())", "bool((values[..., -1:] == kth).all())", SAMPLING),
+    Mutation("sample_compiled_kth_off_by_one", "sampling/filters.py",
+             "kth = values.narrow(-1, k - 1, 1)", "kth = values.narrow(-1, k, 1)", SAMPLING),
+    Mutation("sample_tied_column_draws_its_first_code", "sampling/filters.py",
+             "(left_out.cumsum(-1) == n + 1)", "(left_out.cumsum(-1) == 1)", SAMPLING),
+    Mutation("sample_top_p_keeps_every_tied_code", "sampling/filters.py",
+             "tied = torch.minimum(tied, reach.clamp_min(0).to(tied.dtype))", "tied = tied", SAMPLING),
     Mutation("sample_cdf_search_left", "sampling/filters.py",
              "torch.searchsorted(cdf, u, right=True)", "torch.searchsorted(cdf, u, right=False)", SAMPLING),
     # ---------------------------------------------------------------- the generation loop and its settings

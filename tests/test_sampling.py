@@ -435,3 +435,47 @@ def test_cpu_kv_cache_keeps_float32_under_bf16_and_matches_teacher_forcing():
     assert cached.dtype == torch.bfloat16
     torch.testing.assert_close(cached.float(), full.float(), atol=0.05, rtol=0.05)
     assert (cached.argmax(-1) == full.argmax(-1)).all()
+
+
+def test_top_p_cuts_inside_ties_that_run_past_the_candidates():
+    """40 codes tie with the 2nd largest, past the 18 candidates one topk takes: the ones left out are drawn as one
+    column, and top-p keeps as many of them, each as likely, as it keeps of the tied codes in sorted order."""
+    wide = [5.0] + [1.0] * 40 + [0.0] * 59
+    probs = torch.tensor(wide).softmax(-1).tolist()
+    n = 20000
+    for top_p, kept_tied in ((0.7, 12), (0.85, 26), (0.99, 40)):
+        expected = reference_probs(probs, top_k=2, top_p=top_p)
+        assert sum(q > 0 for q in expected[1:41]) == kept_tied  # 17 of the tied codes are candidates, 23 not
+        draws = sample_logits(torch.tensor([wide]).expand(n, 100), top_k=2, top_p=top_p, uniform=evenly(n))
+        counts = torch.bincount(draws, minlength=100)
+        tied = counts[1:41][counts[1:41] > 0]
+        assert len(tied) == kept_tied and int(counts[41:].sum()) == 0
+        assert abs(int(counts[0]) - expected[0] * n) <= 1
+        assert all(abs(int(c) - expected[1] * n) <= 1 for c in tied), (tied, expected[1] * n)
+
+
+def test_the_draw_compiles_to_one_graph_with_the_eager_distribution():
+    """top-k's fallback for ties past its candidates was a data-dependent branch: a graph break in every compiled
+    step with top-k (1.5x slower at batch 1). Compiled, the tied codes left out are one column: the codes of rows
+    without such ties are eager's, and a row of 40 ties (17 of them candidates) keeps eager's distribution, with
+    and without top-p cutting inside the ties."""
+    torch.manual_seed(0)
+    wide = [5.0] + [1.0] * 40 + [0.0] * 59
+    n = 4100
+    logits = torch.cat([torch.randn(64, 100) * 3, torch.tensor([wide]).expand(n, 100)])
+    u = torch.cat([torch.rand(64), evenly(n).float()])
+    probs = torch.tensor(wide).softmax(-1).tolist()
+    torch._dynamo.reset()
+    try:
+        draw = torch.compile(sample_logits, fullgraph=True)
+        for temperature, top_k, top_p in ((1.0, 2, None), (1.0, 2, 0.85)):  # each a graph of its own
+            compiled = draw(logits, temperature, top_k, top_p, uniform=u)
+            assert torch.equal(compiled[:64], sample_logits(logits[:64], temperature, top_k, top_p, uniform=u[:64]))
+            expected = reference_probs(probs, temperature, top_k, top_p)
+            counts = torch.bincount(compiled[64:], minlength=100)
+            tied = counts[1:41][counts[1:41] > 0]  # which of the tied codes top-p keeps is the sort's choice
+            assert len(tied) == sum(q > 0 for q in expected[1:41]) and int(counts[41:].sum()) == 0
+            assert abs(int(counts[0]) - expected[0] * n) <= 1
+            assert all(abs(int(c) - expected[1] * n) <= 1 for c in tied), (tied, expected[1] * n)
+    finally:
+        torch._dynamo.reset()
