@@ -4,6 +4,7 @@ the papers' model sizes and the rotary embedding."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -121,6 +122,26 @@ def test_resume_reaches_the_same_weights(tiny_pipeline, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
+def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tiny_pipeline, tmp_path, caplog):
+    """`--resume train.ema_decay=0.9` on a run trained without EMA ended in "No such file or directory:
+    .../ema.safetensors", naming a file of the checkpoint's and no way on."""
+    from safetensors.torch import load_file
+
+    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "train.ckpt_every=1", "train.eval_every=2"]
+    train_ar(load_run_config("rq-mnist", [*overrides, "steps=2"]), tmp_path / "run")
+    cfg = load_run_config("rq-mnist", [*overrides, "steps=4", "train.ema_decay=0.5", "train.keep_checkpoints=3"])
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        train_ar(cfg, tmp_path / "run", resume=True)
+    assert "step-0000002 holds no EMA weights (the run trained without it until now): it starts from the model's" \
+        in caplog.text  # fmt: skip
+    w2, w3, w4 = (load_file(str(tmp_path / "run" / "checkpoints" / f"step-000000{s}" / "model.safetensors"))
+                  for s in (2, 3, 4))  # fmt: skip
+    ema = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000004" / "ema.safetensors"))
+    for name, value in ema.items():  # from step 2's weights, two updates of decay 0.5
+        expected = 0.25 * w2[name] + 0.25 * w3[name] + 0.5 * w4[name] if value.is_floating_point() else w4[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, tmp_path, capsys):
     # The export keeps the run's tokenizer/, so the model used to go on learning the other tokenizer's codes and be
     # sampled through the first one.
@@ -131,7 +152,9 @@ def test_a_run_is_not_resumed_on_the_codes_of_another_tokenizer(tiny_pipeline, t
     run = tmp_path / "run"
     train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
              "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
-    assert run_cli(train, capsys)[0] == 0
+    assert main(train) == 0
+    printed = capsys.readouterr().out  # no grid is drawn: none is named (it named one that was never written)
+    assert f"done: {run}" in printed and "pictures:" not in printed and not (run / "samples_grid.png").exists()
     other = tmp_path / "codes"  # the same codes, paired with a tokenizer whose weights differ
     shutil.copytree(tiny_pipeline / "codes", other)
     tokenizer = vqar.load_pretrained(other / "tokenizer")

@@ -56,8 +56,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(f"done: {run_dir} (validation: {shown})")
-    picture = "recon_grid.png" if args.group == "tokenizer" else "samples_grid.png"
-    print(f"pictures: {run_dir / picture}")
+    picture = run_dir / ("recon_grid.png" if args.group == "tokenizer" else "samples_grid.png")
+    if picture.is_file():  # none where the run draws none (`sample.n_per_class=0`)
+        print(f"pictures: {picture}")
     return 0
 
 

@@ -67,6 +67,20 @@ def load_weights(path: Path, module: nn.Module) -> Weights:
     return state
 
 
+def resume_weights(checkpoint: Path, name: str) -> Path | None:
+    """The file module `name` of a run resumes from. A module the run gained on this resume (`train.ema_decay` or a
+    discriminator added with --resume) has none: the EMA starts from the checkpoint's model weights, a new
+    discriminator (None) from its initialisation, either said once. A missing model file is the checkpoint's
+    damage, named by `load_weights`."""
+    path = Path(checkpoint) / f"{name}.safetensors"
+    if path.exists() or name not in ("ema", "discriminator"):
+        return path
+    start = "the model's weights there" if name == "ema" else "its initialisation"
+    log.warning("%s holds no %s weights (the run trained without it until now): it starts from %s", checkpoint,
+                "EMA" if name == "ema" else "discriminator", start)  # fmt: skip
+    return path.with_name("model.safetensors") if name == "ema" else None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,

@@ -41,6 +41,7 @@ from vqar.train.checkpoint import (
     load_trainer_state,
     load_weights,
     read_best,
+    resume_weights,
     save_checkpoint,
 )
 from vqar.train.config import TrainConfig
@@ -308,12 +309,15 @@ class Trainer:
             return False
         par, modules = self.par, self.task.modules()
         for name, module in modules.items():
-            par.load_full_state_dict(module, load_weights(ckpt.path / f"{name}.safetensors", module))
+            weights = resume_weights(ckpt.path, name)
+            if weights is not None:
+                par.load_full_state_dict(module, load_weights(weights, module))
         state = load_trainer_state(ckpt.path)
         optimizers = self.task.optimizers()
         configured = {name: [group["initial_lr"] for group in opt.param_groups] for name, opt in optimizers.items()}
         for name, opt in optimizers.items():
-            par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
+            if name in state["optimizers"]:  # else a module the run gained on this resume: its optimizer starts anew
+                par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
             follow_configured_lr(sched, configured[name])
