@@ -129,6 +129,20 @@ def test_generate_and_draw_refuse_what_they_cannot_draw():
         draw(model, make_conditions(model, classes=[1]), {"seed": 1})
 
 
+def test_generate_refuses_noise_that_is_not_uniform_numbers():
+    """NaN, inf or numbers outside [0, 1) passed as `noise` drew every code as the first or the last of the
+    vocabulary without a word."""
+    model = tiny_gpt()
+    cond = torch.tensor([1, 2])
+    good = torch.rand(2, model.num_positions)
+    assert generate(model, cond, noise=good).shape == (2, *model.code_shape)
+    for bad in (float("nan"), float("inf"), 1.0, -0.5):
+        noise = good.clone()
+        noise[1, 3] = bad
+        with pytest.raises(ValueError, match=r"^noise must hold uniform numbers in \[0, 1\), as image_noise makes"):
+            generate(model, cond, noise=noise)
+
+
 def test_generate_refuses_settings_given_as_a_dict():
     """`generate(model, cond, {"seed": 1})` was an AttributeError ('dict' object has no attribute 'per_depth'), and
     an empty dict, to generate or draw, was replaced by the default settings without a word."""
@@ -196,6 +210,10 @@ def test_draw_refuses_seeds_or_index_that_are_not_one_per_image():
                 draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=1, **{name: torch.tensor(values)})
         with pytest.raises(ValueError, match=rf"^{name} must hold one value per image \(3\), got shape \(\)$"):
             draw(model, conditions, tokenizer=CodesAsImages(model), **{name: torch.tensor(4)})
+        for values, message in (([4, -1, 5], "integers >= 0, got -1"), ([0.5, 1.5, 2.5], "integers, got torch.float32"),
+                                ([True, False, True], "integers, got torch.bool")):  # fmt: skip
+            with pytest.raises(ValueError, match=rf"^{name} must be {re.escape(message)}$"):
+                draw(model, conditions, tokenizer=CodesAsImages(model), **{name: torch.tensor(values)})
     listed = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=2, seeds=[4, 5, 6])
     assert torch.equal(listed.codes, draw(model, conditions, tokenizer=CodesAsImages(model),
                                           seeds=torch.tensor([4, 5, 6])).codes)  # fmt: skip

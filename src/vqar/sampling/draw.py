@@ -214,6 +214,11 @@ def _per_image(values, name: str, total: int) -> torch.Tensor:
         raise ValueError(f"{name} must hold one value per image ({total}), got shape {tuple(values.shape)}")
     if len(values) != total:
         raise ValueError(f"{name} holds {len(values)} values for {total} images: give one per image")
+    # else NumPy's "expected non-negative integer" or "seed must be integer", naming neither argument
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise ValueError(f"{name} must be integers, got {values.dtype}")
+    if len(values) and int(values.min()) < 0:
+        raise ValueError(f"{name} must be integers >= 0, got {int(values.min())}")
     return values
 
 

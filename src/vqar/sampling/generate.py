@@ -70,10 +70,14 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     if n == 0:  # else a reshape error deep in the model
         raise ValueError("nothing to draw: the batch is empty (cond holds no conditions, or batch_size=0)")
     count = numbers_per_image(model, settings) if settings.speculative else model.num_positions * model.depth
-    if noise is None and not settings.greedy:
+    if noise is not None:
+        if noise.shape != (n, count):
+            raise ValueError(f"noise must have shape ({n}, {count}), got {tuple(noise.shape)}")
+        if not bool(((noise >= 0) & (noise < 1)).all()):  # else every code the first or the last of the vocabulary
+            raise ValueError("noise must hold uniform numbers in [0, 1), as image_noise makes them; it holds values "
+                             "outside that range, or NaN")  # fmt: skip
+    elif not settings.greedy:
         noise = image_noise(model, torch.full((n,), settings.seed), torch.arange(n), settings)
-    if noise is not None and noise.shape != (n, count):
-        raise ValueError(f"noise must have shape ({n}, {count}), got {tuple(noise.shape)}")
     return Plan(settings, filters, ids, None if noise is None else noise.to(ids.device))
 
 
