@@ -398,3 +398,20 @@ def test_a_bad_sample_count_in_an_index_is_one_line(digit_shards, untrained_toke
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nsamples" in err and "Traceback" not in err
+
+
+def test_a_subset_keeps_the_keys_and_classes_of_the_whole_source(tmp_path):
+    """With --max-images the keys were positions in the subset (key 1 held source image 4, though keys are to
+    trace a sample back to its source), and an .npz's classes shrank to the subset's largest label (9 of 10)."""
+    pixels = (np.arange(20, dtype=np.uint8)[:, None, None, None] * 10).repeat(8, 1).repeat(8, 2)
+    np.savez(tmp_path / "digits.npz", arr_0=pixels, arr_1=np.arange(20) % 10)
+    out = tmp_path / "shards"
+    pack_shards(str(tmp_path / "digits.npz"), out, shard_size=10, max_images=5, shuffle=False)
+    assert json.loads((out / "shards.json").read_text())["class_names"] == [str(d) for d in range(10)]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted(name.split(".")[0] for name in members if name.endswith(".png"))
+    assert keys == ["00000000", "00000004", "00000008", "00000012", "00000016"]
+    for key in keys:  # each key names the source row its picture came from
+        picture = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])))
+        assert int(picture.flat[0]) == int(key) * 10 and members[f"{key}.cls"] == str(int(key) % 10).encode()

@@ -130,6 +130,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         class_ids = {name: i for i, name in enumerate(self.class_names)}
         keep = _spread_indices(len(files), max_images)
         self.listed = files  # every image, where `max_images` keeps a subset: what a caption file may name
+        self.source_indices = keep  # item i is file source_indices[i] of the listed ones
         self.files = [files[i] for i in keep]
         self.labels = [class_ids[folders[i][0]] if len(folders[i]) > 1 else -1 for i in keep]
         loose = [files[i].name for i in keep if len(folders[i]) == 1]
@@ -215,16 +216,17 @@ class ArrayDataset(Dataset[Sample]):
             # Class names are made for every id up to the largest: 2^40 of them would never finish.
             raise ValueError(f"class id {label_array.max()} is out of range: {len(label_array)} images take class "
                              f"ids below {limit}")  # fmt: skip
+        if class_names is None:  # from every label: a `max_images` subset without the last class keeps its id
+            class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
         keep = _spread_indices(pixels.shape[0], max_images)
         if len(keep) < pixels.shape[0]:
             pixels, label_array = pixels[keep], label_array[keep]
+        self.source_indices = keep  # item i is row source_indices[i] of the array given
         self.images = pixels
         self.labels = label_array
         self.image_size = image_size
         self.channels = channels
         self.captions: list[list[str]] | None = None
-        if class_names is None:
-            class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
         self.class_names: list[str] = list(class_names)
 
     @property

@@ -110,7 +110,9 @@ def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shu
     dataset = open_dataset(DataConfig(source=source, captions=captions, max_images=max_images, val_fraction=0.0))
     captioned = getattr(dataset, "captions", None) is not None
     order = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
-    width = max(8, len(str(len(dataset))))
+    # Keys are positions in the whole source, also where --max-images keeps a subset of it.
+    source_index = getattr(dataset, "source_indices", np.arange(len(dataset)))
+    width = max(8, len(str(int(source_index[-1]) if len(source_index) else 0)))
     work = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -121,7 +123,7 @@ def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shu
             member = _member(dataset, index, skipped)
             if member is None:
                 continue
-            sample = {"__key__": f"{index:0{width}d}", member[0]: member[1]}
+            sample = {"__key__": f"{int(source_index[index]):0{width}d}", member[0]: member[1]}
             label = int(dataset.labels[index])
             if label >= 0:
                 sample["cls"] = str(label).encode()
