@@ -222,7 +222,7 @@ def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pa
     (tmp_path / "junk.png").write_bytes(b"not an image")
     monkeypatch.setattr(inception_module, "Inception", lambda *a, **k: pytest.fail("the Inception was loaded"))
     monkeypatch.setattr(generation, "_own_outputs", lambda *a, **k: pytest.fail("an Inception pass ran"))
-    nowhere = "no image folder, .npz file, sample run or tar shards at"
+    nowhere = "no image folder, .npz or .npy file, sample run or tar shards at"
     cases = [
         (fake, tmp_path / "nope.npz", [], f"{nowhere} {tmp_path / 'nope.npz'}"),
         (fake, tmp_path / "empty", [], f"{tmp_path / 'empty'} contains no image files (.bmp, .gif"),

@@ -11,7 +11,7 @@ import pytest
 from vqar.cli import main
 from vqar.eval import inception as inception_module
 
-NOWHERE = "no image folder, .npz file, sample run or tar shards at"
+NOWHERE = "no image folder, .npz or .npy file, sample run or tar shards at"
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ def image_set(tmp_path_factory):
     images = np.random.default_rng(0).integers(0, 256, (COUNT, 20, 20, 3), dtype=np.uint8)
     np.savez(root / "images.npz", arr_0=images)
     np.savez_compressed(root / "compressed.npz", arr_0=images)
+    np.save(root / "images.npy", images)
     (root / "folder").mkdir()
     for i, image in enumerate(images):
         Image.fromarray(image).save(root / "folder" / f"{i:03d}.png")
@@ -49,6 +50,7 @@ def _names(root) -> dict[str, str]:
     return {
         "npz": str(root / "images.npz"),
         "compressed npz": str(root / "compressed.npz"),
+        "npy": str(root / "images.npy"),
         "folder": str(root / "folder"),
         "shard index": str(root / "shards" / "shards.json"),
         "brace pattern": str(root / "shards" / "shard-{000000..000004}.tar"),
@@ -71,7 +73,8 @@ def test_shares_are_contiguous_blocks_of_whole_batches(total, batch, world):
     assert share(total, batch, Parallel()) == slice(0, total)
 
 
-@pytest.mark.parametrize("kind", ["npz", "compressed npz", "folder", "shard index", "brace pattern", "shard list"])
+@pytest.mark.parametrize("kind", ["npz", "compressed npz", "npy", "folder", "shard index", "brace pattern",
+                                  "shard list"])  # fmt: skip
 def test_every_source_reads_any_range_as_a_slice_of_the_whole(image_set, kind):
     root, images = image_set
     name = _names(root)[kind]
@@ -278,3 +281,14 @@ def test_a_named_pipe_with_an_image_name_is_skipped_and_a_broken_link_kept(tmp_p
         found = [path.relative_to(folder).as_posix() for path in sources.image_files(folder)]
     assert found == ["gone.png", "sub/a.png"]
     assert f"skipped {folder / 'sub' / 'pipe.png'}: it is not a regular file (a named pipe" in caplog.text
+
+
+def test_an_npy_of_another_layout_is_named_with_the_layout_evaluation_reads(tmp_path):
+    """A .npy, which training reads, was "no image folder, .npz file, sample run or tar shards at" it, as if missing."""
+    np.save(tmp_path / "floats.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"floats.npy: evaluation reads uint8 images \(N, H, W, 1 or 3\), got float32 "
+                                         r"\(4, 3, 8, 8\); save them in that layout"):  # fmt: skip
+        open_source(tmp_path / "floats.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match=r"cannot read images from .*objects.npy: "):  # a pickle is never loaded
+        open_source(tmp_path / "objects.npy")

@@ -194,7 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     stats = add_command(metrics, "stats", cmd_stats, "write reference statistics (ADM layout: mu, sigma [, arr_0])",
                         f"{SOURCES} {TORCHRUN % 'stats'}")  # fmt: skip
-    stats.add_argument("data", help="image folder, .npz, sample run, tar shards or 'mnist'")
+    stats.add_argument("data", help="image folder, .npz or .npy (uint8 NHWC), sample run, tar shards or 'mnist'")
     stats.add_argument("--out", required=True, type=output_path,
                        help="the .npz to write (an existing file only with --overwrite)")  # fmt: skip
     stats.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -204,7 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)",
                       f"{SOURCES} {TORCHRUN % 'fid'}")  # fmt: skip
-    fid.add_argument("fake", help="generated images: folder, .npz, a vqar sample run or tar shards")
+    fid.add_argument("fake", help="generated images: folder, .npz or .npy, a vqar sample run or tar shards")
     fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image set (folder, tar shards...); "
                      "without it only the Inception Score is measured")  # fmt: skip
     fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples (error if fewer)")
@@ -215,7 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rfid = add_command(metrics, "rfid", cmd_rfid, "tokenizer reconstruction: rFID, PSNR, SSIM, codebook usage per "
                        "depth", f"{SOURCES} Images of any size are center-cropped and resized to the evaluation "
                        f"size. {TORCHRUN % 'rfid'}")  # fmt: skip
-    rfid.add_argument("data", help="validation images: folder, .npz, tar shards or 'mnist'")
+    rfid.add_argument("data", help="validation images: folder, .npz or .npy, tar shards or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")
     rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's "

@@ -1,5 +1,6 @@
 """Image sets for evaluation, as uint8 (N, H, W, C) arrays: a folder of image files, an ADM-layout `.npz`
-(`arr_0`, uint8 NHWC), a vqar sample run (its `samples.npz`), WebDataset tar shards (a brace pattern such as
+(`arr_0`, uint8 NHWC), a `.npy` of that layout (memory-mapped: a range reads its rows alone), a vqar sample run
+(its `samples.npz`), WebDataset tar shards (a brace pattern such as
 `shards/shard-{000000..000049}.tar`, a `.txt` list of shards, or the `shards.json` index `vqar pack-shards` writes)
 or `mnist` (the bundled real digits).
 
@@ -240,6 +241,29 @@ class NpzSource(ImageSource):
             return np.ascontiguousarray(data["arr_0"][start:stop])
 
 
+class NpySource(ImageSource):
+    """A `.npy` array of uint8 (N, H, W, 1 or 3), as training reads one, memory-mapped: a range reads its rows."""
+
+    def __init__(self, path: Path, max_images: int | None):
+        super().__init__(path)
+        try:
+            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:  # not an .npy, or an array of Python objects (a pickle)
+            raise ValueError(f"cannot read images from {path}: {err}") from None
+        shape, dtype = self.array.shape, self.array.dtype
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
+            raise ValueError(f"{path}: evaluation reads uint8 images (N, H, W, 1 or 3), got {dtype} {shape}; save "
+                             "them in that layout (an .npz's arr_0, or a folder of image files)")  # fmt: skip
+        self.count = min(shape[0], max_images) if max_images is not None else shape[0]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
+        start, stop, _ = part.indices(self.count)
+        return _array_part(np.ascontiguousarray(self.array[start : max(start, stop)]), transform)
+
+
 def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...]:
     """The shape of array `key` of an `.npz`, read off its header: the array itself may be gigabytes."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
@@ -421,12 +445,14 @@ def open_source(source: str | Path, max_images: int | None = None) -> ImageSourc
         path = path / "samples.npz"
     if path.is_file() and path.suffix == ".npz":
         return NpzSource(path, max_images)
+    if path.is_file() and path.suffix == ".npy":
+        return NpySource(path, max_images)
     if path.is_dir():
         _refuse_training_run(path)
         return FolderSource(path, max_images)
     if is_shard_source(str(source)):
         return ShardSource(str(source), max_images)
-    raise FileNotFoundError(f"no image folder, .npz file, sample run or tar shards at {path}")
+    raise FileNotFoundError(f"no image folder, .npz or .npy file, sample run or tar shards at {path}")
 
 
 def _refuse_training_run(folder: Path) -> None:
