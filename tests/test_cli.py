@@ -395,7 +395,8 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
         ("f=-4", "f (the latent stride) must be a power of 2 from 1 to 256, got -4"),
         ("f=512", "f (the latent stride) must be a power of 2 from 1 to 256, got 512"),
         ("image_size=0", "image_size must be a positive multiple of f=32, got 0"),
-        ("ch=0", "ch (the tokenizer's base width) must be >= 1, got 0"),
+        ("ch=0", "ch (the tokenizer's base width) must be a positive multiple of 32 (its GroupNorm groups), got 0"),
+        ("ch=8", "must be a positive multiple of 32 (its GroupNorm groups), got 8"),  # said norm_groups=, no key here
     ],
 )
 def test_bench_sample_names_a_bad_setting(setting, words, capsys):

@@ -174,7 +174,7 @@ def test_bench_sample_builds_every_family_through_the_registry(capsys):
         result = json.loads(out[out.index("{") :])
         assert result["code_shape"] == shape and result["arch"] == model.split("-")[0].lower()
     assert main(["bench", "sample", "f=8", "d=2", "model=GPT-XS", *common]) == 2
-    assert "d=2 needs arch=rq" in capsys.readouterr().err
+    assert "d=2 needs an RQ-Transformer (a model=RQ-... size)" in capsys.readouterr().err  # bench has no arch=
     for model, shape in (("GPT-XS", [4, 4]), ("RQ-XS", [4, 4, 4])):  # without d: the architecture's default depth
         assert main(["bench", "sample", "f=8", f"model={model}", *common]) == 0
         out = capsys.readouterr().out

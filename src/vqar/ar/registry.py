@@ -92,7 +92,8 @@ def _keep_nothing(model: ARModel, tokenizer) -> None:
 
 def _one_code(grid: int, depth: int) -> dict:
     if depth != 1:
-        raise ValueError(f"this architecture predicts one code per position; d={depth} needs arch=rq")
+        raise ValueError(f"this architecture predicts one code per position; d={depth} needs an RQ-Transformer (a "
+                         "model=RQ-... size)")  # fmt: skip
     return {"kind": "vq"}
 
 
@@ -119,7 +120,8 @@ def _read_with_quantizer(model: ARModel, tokenizer) -> None:
 
 def _scales(grid: int, depth: int) -> dict:
     if depth != 1:
-        raise ValueError(f"VAR predicts one code per position of each scale; d={depth} needs arch=rq")
+        raise ValueError(f"VAR predicts one code per position of each scale; d={depth} needs an RQ-Transformer (a "
+                         "model=RQ-... size)")  # fmt: skip
     sides = {16: PATCH_NUMS_256, 32: PATCH_NUMS_512}.get(grid, range(1, grid + 1))
     return {"kind": "multiscale", "patch_nums": list(sides)}
 

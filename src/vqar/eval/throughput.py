@@ -30,6 +30,9 @@ STRIDE_WIDTHS = [1, 1, 2, 2, 4, 4, 4, 4, 4]
 MAX_STRIDE = 2 ** (len(STRIDE_WIDTHS) - 1)
 
 
+NORM_GROUPS = ConvConfig.norm_groups  # the random tokenizer's, which bench leaves at its default
+
+
 @dataclasses.dataclass
 class BenchConfig:
     f: int = 32
@@ -62,8 +65,9 @@ class BenchConfig:
             raise ValueError(f"f (the latent stride) must be a power of 2 from 1 to {MAX_STRIDE}, got {self.f}")
         if self.image_size < self.f or self.image_size % self.f:
             raise ValueError(f"image_size must be a positive multiple of f={self.f}, got {self.image_size}")
-        if self.ch < 1:
-            raise ValueError(f"ch (the tokenizer's base width) must be >= 1, got {self.ch}")
+        if self.ch < 1 or self.ch % NORM_GROUPS:  # else "divisible by norm_groups=32", a key bench does not take
+            raise ValueError(f"ch (the tokenizer's base width) must be a positive multiple of {NORM_GROUPS} (its "
+                             f"GroupNorm groups), got {self.ch}")  # fmt: skip
         arch = find_size(self.model)  # ValueError listing the known sizes
         if self.speculative:  # VAR draws whole scales: refused here, not after its model is built
             arch.check_option("speculative", "speculative=true")
