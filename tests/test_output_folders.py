@@ -387,3 +387,30 @@ def test_overwrite_keeps_the_users_files_inside_the_folders_a_run_writes(sampler
                                               rf"and --overwrite would delete it with {inside}/; move it"):  # fmt: skip
         check_run_folder(folder, "ar", resume=False, overwrite=True)
     assert file_contents(folder) == before
+
+
+def test_a_demo_stopped_mid_extraction_is_rerun_over_its_own_lock_files(tmp_path):
+    """A demo killed while extracting left .codes.lock (and .codes.partial): the rerun said the folder held a file
+    no demo wrote, though the README promises a rerun over a stopped demo."""
+    from vqar.demo import check_demo_folder
+
+    out = tmp_path / "demo"
+    (out / ".codes.partial").mkdir(parents=True)
+    for name in (".codes.lock", ".tokenizer.lock", ".ar.lock", ".samples.lock"):
+        (out / name).write_text("")
+    check_demo_folder(out)
+    (out / ".notes.lock").write_text("")  # a lock of nothing the demo writes is not the demo's
+    with pytest.raises(FileExistsError, match=r"holds \.notes\.lock, which no demo wrote"):
+        check_demo_folder(out)
+
+
+def test_the_demo_is_refused_under_torchrun_before_any_work(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank ran every step into the same folder; the ranks locked each other out, or rank 0 died
+    without a word, leaving a lock behind."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 2 and err == ("vqar: error: vqar demo runs in one process: start it without torchrun (train, "
+                                 "extract-codes, sample and eval are the commands that spread over processes)\n")
+    assert not (tmp_path / "demo").exists()

@@ -68,8 +68,10 @@ PIPELINES = {
 }  # fmt: skip
 
 
-# What a demo writes into its folder (and the work folder of an extraction it was stopped in).
-DEMO_OUTPUTS = ("tokenizer", "codes", "ar", "samples", "report.json", ".codes.partial")
+# What a demo writes into its folder, the work folder of an extraction it was stopped in, and the lock files its
+# writers leave beside their folders (a killed writer's lock is taken over: `write_lock`).
+DEMO_FOLDERS = ("tokenizer", "codes", "ar", "samples")
+DEMO_OUTPUTS = (*DEMO_FOLDERS, "report.json", ".codes.partial", *(f".{name}.lock" for name in DEMO_FOLDERS))
 
 
 def check_demo_folder(out: Path) -> None:

@@ -8,8 +8,13 @@ from vqar.commands.common import add_command, output_path
 
 
 def run(args: argparse.Namespace) -> int:
+    from vqar.configs import ConfigError
     from vqar.demo import run_demo
+    from vqar.parallel.runtime import launched_by_torchrun
 
+    if launched_by_torchrun():  # every rank ran every step into the same folder, and the ranks locked each other out
+        raise ConfigError("vqar demo runs in one process: start it without torchrun (train, extract-codes, sample "
+                          "and eval are the commands that spread over processes)")  # fmt: skip
     run_demo(args.out, quick=args.quick, arch=args.arch)
     return 0
 
