@@ -228,3 +228,29 @@ def test_an_ar_width_factor_or_init_scale_that_is_not_positive_is_named(setting)
     setattr(config, setting, float("nan"))
     with pytest.raises(ValueError, match=rf"^{setting} must be positive, got nan$"):
         config.validate()
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "message"),
+    [
+        ("var-mnist", "model.quantizer.shared_codebook=false", "a multiscale quantizer has one codebook: leave it out"),
+        ("vq-mnist", "model.quantizer.shared_codebook=false", "a vq quantizer has one codebook: leave it out"),
+        ("rqvae-mnist", "data.captions=digits", "data.captions=digits is for text-to-image training, which reads"),
+    ],
+)
+def test_a_tokenizer_setting_that_would_be_saved_and_ignored_is_refused(preset, override, message):
+    """Both were written to run.yaml and trained the very weights of a run without them."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(preset, [override])
+
+
+@pytest.mark.parametrize(("setting", "why"), [("token_dropout_p=0.9", "drops no input codes"),
+                                              ("initializer_range=0.5", "takes the official scales")])  # fmt: skip
+def test_a_var_setting_that_would_be_saved_and_ignored_is_refused(setting, why):
+    """Both were written to run.yaml and trained the very weights of a run without them."""
+    from vqar.ar.var import VARConfig
+
+    name, value = setting.split("=")
+    with pytest.raises(ValueError, match=rf"^{setting} does nothing in VAR, which {re.escape(why)}"):
+        VARConfig(**{name: float(value)}).validate()
+    VARConfig().validate()

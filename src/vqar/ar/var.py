@@ -30,7 +30,7 @@ sampling: attach it with `model.attach(tokenizer)`. Sizes: width 64 * depth, dep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,11 @@ class VARConfig(ARConfig):
             raise ValueError("VAR is class-conditional or unconditional; captions are not supported")
         if self.code_dim < 1 or self.mlp_ratio <= 0 or not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError("need code_dim >= 1, mlp_ratio > 0 and drop_path_rate in [0, 1)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, why in (("token_dropout_p", "drops no input codes"),
+                          ("initializer_range", "takes the official scales, sqrt(1 / (3 dim))")):  # fmt: skip
+            if getattr(self, name) != defaults[name]:  # else saved in run.yaml and trained the very same weights
+                raise ValueError(f"{name}={getattr(self, name)} does nothing in VAR, which {why}: leave it out")
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:

@@ -58,6 +58,10 @@ class TokenizerRunConfig:
         if self.train.ema_decay is not None:  # the AR stage's: a tokenizer run would train without it, unsaid
             raise ValueError(f"train.ema_decay={self.train.ema_decay} keeps EMA weights of AR models only; a tokenizer "
                              "trains without them: set train.ema_decay=null")  # fmt: skip
+        if self.data.captions not in (None, "none"):  # the AR stage's too: a tokenizer reads images alone
+            raise ValueError(f"data.captions={self.data.captions} is for text-to-image training, which reads them "
+                             "from a code store; a tokenizer trains on the images alone: leave it out (`vqar "
+                             "extract-codes --captions` gives the code store its captions)")  # fmt: skip
         if self.data.val_fraction == 0:  # 0 suits extraction, but a run is scored on its validation split
             raise ValueError("data.val_fraction must be in (0, 1) for training (evaluation scores the run on the "
                              "validation split), got 0")  # fmt: skip
