@@ -61,6 +61,23 @@ def test_trained_tokenizer_loads_and_refines_with_depth(trained_run):
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
+def test_a_discriminator_added_on_resume_starts_fresh_on_the_run_schedule(tmp_path, caplog):
+    """`--resume loss.disc_weight=0.1` on a run trained without one failed on the discriminator's missing
+    weights, then on its missing learning-rate schedule (a KeyError traceback)."""
+    base = [*TINY_RUN, "train.eval_every=2", "train.ckpt_every=2", "train.warmup_steps=0"]
+    run_dir = tmp_path / "run"
+    train_tokenizer(load_run_config("rqvae-mnist", [*base, "steps=2"]), run_dir)
+    cfg = load_run_config("rqvae-mnist", [*base, "steps=4", "loss.disc_weight=0.1"])
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        train_tokenizer(cfg, run_dir, resume=True)
+    assert "step-0000002 holds no discriminator weights (the run trained without it until now): it starts from " \
+           "its initialisation" in caplog.text  # fmt: skip
+    step_4 = run_dir / "checkpoints" / "step-0000004"
+    assert (step_4 / "discriminator.safetensors").is_file()
+    state = torch.load(step_4 / "trainer.pt", weights_only=True)["schedulers"]
+    assert state["discriminator"]["last_epoch"] == state["model"]["last_epoch"] == 4  # one schedule, one step
+
+
 def test_resume_reaches_the_same_weights(tmp_path):
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=24", "train.eval_every=12", "train.ckpt_every=12"])
     run_dir = tmp_path / "run"

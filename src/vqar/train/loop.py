@@ -318,8 +318,8 @@ class Trainer:
         for name, opt in optimizers.items():
             if name in state["optimizers"]:  # else a module the run gained on this resume: its optimizer starts anew
                 par.load_optimizer_state(modules[name], opt, state["optimizers"][name])
-        for name, sched in self.schedulers.items():
-            sched.load_state_dict(state["schedulers"][name])
+        for name, sched in self.schedulers.items():  # a module's new optimizer joins the schedule at this step
+            sched.load_state_dict(state["schedulers"].get(name, state["schedulers"]["model"]))
             follow_configured_lr(sched, configured[name])
         ranks = state.get("ranks") or [{"rng": state["rng"], "task": state.get("task", {})}]  # older layout
         if len(ranks) == par.world_size:
