@@ -128,10 +128,12 @@ def test_two_process_stats_match_one_process(image_sets, tmp_path, scratch):
         assert done.stdout.count("statistics of") == 1, done.stdout  # rank 0 alone reports
         with np.load(out) as stats:
             runs[procs] = {key: stats[key] for key in stats.files}
-    assert runs[2].keys() == runs[1].keys() == {"mu", "sigma", "features", "arr_0"}
+    assert runs[2].keys() == runs[1].keys() == {"mu", "sigma", "features", "arr_0", "resize", "inception"}
     assert runs[2]["features"].shape == (IMAGES, 2048)
     with np.load(image_sets / "real.npz") as real:
         np.testing.assert_array_equal(runs[2]["arr_0"], real["arr_0"])  # every image once, in order
+    for key in ("resize", "inception"):  # how the features were made, recorded alike
+        assert str(runs[2].pop(key)) == str(runs[1].pop(key)), key
     for key in runs[1]:
         np.testing.assert_allclose(runs[2][key], runs[1][key], **TOLERANCE, err_msg=key)
 

@@ -51,7 +51,7 @@ class QuantizerConfig:
             raise ValueError(f"eps (the EMA codebook's Laplace smoothing) must be positive, got {self.eps}")
         if self.ema and not 0.0 < self.decay < 1.0:  # else the codebook's own check, which names no setting
             raise ValueError(f"model.quantizer.decay (the EMA codebook's decay) must be in (0, 1), got {self.decay}")
-        if not self.shared_codebook and self.kind != "rq":  # else saved, and ignored: one codebook all the same
+        if not self.shared_codebook and not cls.codebook_per_depth:  # else saved, and ignored: one codebook
             raise ValueError(f"shared_codebook=false gives each depth of a residual stack (kind rq) a codebook of "
                              f"its own; a {self.kind} quantizer has one codebook: leave it out")  # fmt: skip
         cls.check_config(self, latent_side)

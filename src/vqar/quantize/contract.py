@@ -37,6 +37,7 @@ class Quantizer(nn.Module):
         layout: "grid" | "stack" | "scales" (module docstring).
         code_axes: names of the per-sample code axes, for messages: ("h", "w"), ("h", "w", "D"), ("L",).
         level_prefix: prefix of the per-level metrics (`usage_d0`, `usage_s3`, ...).
+        codebook_per_depth: whether each depth may have a codebook of its own (`shared_codebook=false`).
         codebook_size: number of codes K of each codebook.
         dim: latent dimension of the input and output.
         depth: codes per latent position (1, or D for a stack).
@@ -45,6 +46,7 @@ class Quantizer(nn.Module):
     layout: ClassVar[str]
     code_axes: ClassVar[tuple[str, ...]]
     level_prefix: ClassVar[str] = "d"
+    codebook_per_depth: ClassVar[bool] = False  # whether `shared_codebook=false` can give each depth its own
     codebook_size: int
     dim: int
     depth: int

@@ -37,6 +37,7 @@ class ResidualQuantizer(Quantizer):
 
     layout = "stack"
     code_axes = ("h", "w", "D")
+    codebook_per_depth = True
 
     def __init__(
         self,
