@@ -150,3 +150,27 @@ class CodeDataset(Dataset):
         row = np.asarray(self.shard_codes[shard][index - self.offsets[shard]], dtype=np.int64)
         captions = self.captions[index] if self.captions is not None else None
         return CodeSample(codes=torch.from_numpy(row), label=int(self.labels[index]), index=index, captions=captions)
+
+
+def check_labelled(store: CodeDataset, num_classes: int) -> None:
+    """ValueError for a class-conditional model on a store with unlabelled items (label -1): the class embedding
+    has no row for them, and the run failed at its first evaluation, after training, with nothing saved."""
+    unlabelled = int((store.labels < 0).sum()) if num_classes else 0
+    if unlabelled:
+        why, fix = _why_unlabelled(str(store.manifest.get("source", "")))
+        raise ValueError(f"the code store {store.path} holds {unlabelled} of its {len(store)} items without a class "
+                         f"(label -1: {why}), which a class-conditional model cannot train on: {fix}, and extract "
+                         "the codes again")  # fmt: skip
+
+
+def _why_unlabelled(source: str) -> tuple[str, str]:
+    """How items of a store made from `source` (its manifest's) came to have no class, and the way out."""
+    from vqar.data.shards import is_shard_source
+
+    if Path(source).suffix in (".npz", ".npy"):
+        return (f"images whose label in {source} is -1, or all of them where it holds no labels",
+                "give those images a class id >= 0, or leave them out of the array")
+    if is_shard_source(source):
+        return "samples of the shards without a cls member", "add a cls member to those samples, or leave them out"
+    return ("images that lay directly in the image folder, beside its class folders",
+            "move those images into a class folder, or out of the folder")

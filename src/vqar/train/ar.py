@@ -27,7 +27,7 @@ from vqar.ar.next_patch import next_patch_loss
 from vqar.bundle import load, read_config, save_pretrained
 from vqar.configs import ConfigError, compose_node, preset_fields, preset_names, to_config, to_yaml
 from vqar.data import split_dataset
-from vqar.data.codes import CodeBatch, CodeDataset, collate_codes, read_manifest
+from vqar.data.codes import CodeBatch, CodeDataset, check_labelled, collate_codes, read_manifest
 from vqar.data.extraction import tokenizer_fingerprint
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.parallel.runtime import launch_main
@@ -542,30 +542,6 @@ def _train_ar(cfg: ARRunConfig, run_dir: str | Path, store: CodeDataset, resume:
         )
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
-
-
-def check_labelled(store: CodeDataset, num_classes: int) -> None:
-    """ValueError for a class-conditional model on a store with unlabelled items (label -1): the class embedding
-    has no row for them, and the run failed at its first evaluation, after training, with nothing saved."""
-    unlabelled = int((store.labels < 0).sum()) if num_classes else 0
-    if unlabelled:
-        why, fix = _why_unlabelled(str(store.manifest.get("source", "")))
-        raise ValueError(f"the code store {store.path} holds {unlabelled} of its {len(store)} items without a class "
-                         f"(label -1: {why}), which a class-conditional model cannot train on: {fix}, and extract "
-                         "the codes again")  # fmt: skip
-
-
-def _why_unlabelled(source: str) -> tuple[str, str]:
-    """How items of a store made from `source` (its manifest's) came to have no class, and the way out."""
-    from vqar.data.shards import is_shard_source
-
-    if Path(source).suffix in (".npz", ".npy"):
-        return (f"images whose label in {source} is -1, or all of them where it holds no labels",
-                "give those images a class id >= 0, or leave them out of the array")
-    if is_shard_source(source):
-        return "samples of the shards without a cls member", "add a cls member to those samples, or leave them out"
-    return ("images that lay directly in the image folder, beside its class folders",
-            "move those images into a class folder, or out of the folder")
 
 
 def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
