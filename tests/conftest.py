@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,12 @@ def binomial_range(n: int, p: float, failure: float = 1e-7) -> tuple[int, int]:
     from scipy.stats import binom
 
     return int(binom.ppf(failure / 2, n, p)), int(binom.isf(failure / 2, n, p))
+
+
+def torchrun(procs: int) -> list[str]:
+    """The launcher of `procs` local processes. `--standalone` lets the rendezvous store bind a free port itself: a
+    port probed free beforehand can be taken (by another launch's connections) before torchrun binds it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

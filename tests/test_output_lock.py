@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, file_contents, run_cli
+from conftest import TINY_RUN, file_contents, run_cli, torchrun
 
 
 @pytest.fixture
@@ -119,13 +119,7 @@ def test_a_lock_file_a_killed_process_left_is_taken_over(images, tmp_path, capsy
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     """`vqar ARGS` as two torchrun processes."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "vqar.cli", *args]  # fmt: skip
+    command = [*torchrun(2), "-m", "vqar.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 

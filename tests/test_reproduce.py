@@ -21,7 +21,7 @@ import torch
 import yaml
 
 import vqar
-from test_distributed import _free_port
+from conftest import torchrun
 from test_interop_formats import _randomize, llamagen_vq_state
 from vqar.ar import GPT, GPTConfig
 from vqar.cli import main
@@ -93,8 +93,7 @@ def _args(release: Path, out: Path, *extra: str) -> list[str]:
 def _launch(args: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "vqar.cli", *args]
     if procs > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                   "--master_port", str(_free_port()), "-m", "vqar.cli", *args]  # fmt: skip
+        command = [*torchrun(procs), "-m", "vqar.cli", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=900)
 

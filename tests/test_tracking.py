@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import TINY_AR, TINY_RUN
+from conftest import TINY_AR, TINY_RUN, torchrun
 from vqar.cli import main
 from vqar.configs import ConfigError
 from vqar.parallel import Parallel
@@ -362,19 +361,12 @@ def test_ranks_other_than_0_open_no_tracker(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_two_process_run_has_one_tensorboard_log_with_the_metric_log(tmp_path):
     pytest.importorskip("tensorboard", reason="train.logger=tensorboard needs the tensorboard package")
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "vqar.cli", "train", "tokenizer", "rqvae-mnist", "--out", str(run_dir),
+    command = [*torchrun(2), "-m", "vqar.cli", "train", "tokenizer", "rqvae-mnist", "--out", str(run_dir),
                *RUN, "train.logger=tensorboard"]  # fmt: skip
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
