@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import shutil
 
@@ -24,6 +25,7 @@ from vqar.data.extraction import extract_codes
 from vqar.sampling import SamplingSettings, generate
 from vqar.testing import generate_uncached
 from vqar.text import TextTokenizer, read_captions
+from vqar.text.bpe_dropout import BPEDropout, read_merges
 from vqar.text.captions import DIGIT_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, digit_captions
 from vqar.train.text import text_loss
 
@@ -125,6 +127,46 @@ def test_bpe_dropout_varies_segmentation_but_not_text(text_tokenizer):
     assert len(segmentations) > 1
     assert {text_tokenizer.decode(list(ids)) for ids in segmentations} == {caption}
     assert all(torch.equal(text_tokenizer.encode(caption), plain) for _ in range(5))  # no dropout outside training
+
+
+def test_the_same_captions_learn_the_same_vocabulary_every_time(tmp_path):
+    """The trainer numbers word-final forms ("a</w>") in hash-map order, new in every training, and breaks ties
+    between merges by those numbers: unpinned, 8 trainings in 8 gave 8 different vocabularies."""
+    captions = [*CAPTIONS, "naïve café", "日本 x-ray"]  # characters beyond ASCII end words too
+    learned = set()
+    for attempt in range(4):
+        made = TextTokenizer.train(captions, tmp_path / str(attempt), vocab_size=170, length=10, min_frequency=1)
+        learned.add((made.vocab_file.read_bytes(), made.merges_file.read_bytes()))
+    assert len(learned) == 1
+    vocabulary = json.loads(made.vocab_file.read_text())
+    finals = sorted((form for form in vocabulary if len(form) == 5 and form.endswith("</w>")), key=vocabulary.get)
+    assert (vocabulary["[PAD]"], vocabulary["[UNK]"], vocabulary[finals[0]]) == (0, 1, 2)
+    assert finals == sorted(finals)  # numbered in code point order, after the two special tokens
+    assert {"本</w>", "y</w>", "red</w>", "dog</w>"} <= vocabulary.keys()  # word-final forms, and merges learned
+    assert made.decode(made.encode("a red dog, 日本")[0]) == "a red dog , 日 本"
+
+
+def test_bpe_dropout_is_ordinary_bpe_at_zero_and_repeats_under_a_seed(text_tokenizer, tmp_path):
+    vocab = text_tokenizer._plain.get_vocab()
+    merges = read_merges(text_tokenizer.merges_file, vocab)
+    plain = BPEDropout(merges, vocab, vocab["[UNK]"], p=0.0)
+    prompts = ["A photo of a cat sitting on a red sofa", "two dogs, snow & sea!", "Crème brûlée 7x", "猫 on a sofa",
+               "a painting of a catdog ☃ near the seashore", "   spaced   out   "]  # fmt: skip
+    words = [[w for w, _ in text_tokenizer._plain.pre_tokenizer.pre_tokenize_str(
+        text_tokenizer._plain.normalizer.normalize_str(prompt))] for prompt in prompts]  # fmt: skip
+    expected = [[i for i in e.ids if i != text_tokenizer.pad_id] for e in text_tokenizer._plain.encode_batch(prompts)]
+    assert [plain.encode(w, random.Random(0))[: text_tokenizer.length] for w in words] == expected
+    assert vocab["[UNK]"] in expected[3] + expected[4]  # characters the captions never held
+
+    torch.manual_seed(3)
+    first = text_tokenizer.encode(prompts, dropout=True, strict=False)
+    torch.manual_seed(3)
+    assert torch.equal(text_tokenizer.encode(prompts, dropout=True, strict=False), first)
+    assert not torch.equal(text_tokenizer.encode(prompts, dropout=True, strict=False), first)
+
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nq\n")
+    with pytest.raises(ValueError, match=r"line 4: 'q' is not a merge"):
+        read_merges(tmp_path / "merges.txt", {"ca": 5, "cat</w>": 6})
 
 
 def test_tokenizer_saves_and_loads_the_release_file_layout(text_tokenizer, tmp_path):

@@ -6,16 +6,17 @@ Captions become exactly `length` ids: lower-cased, truncated (with a warning out
 with `[PAD]`. The release's vocabulary files (`bpe-16k-vocab.json` + `bpe-16k-merges.txt`, 16,384 entries,
 `[PAD]` = 0, `[UNK]` = 1) load with `TextTokenizer.from_files`; `TextTokenizer.train` makes a new vocabulary
 from captions with the same layout. BPE dropout ("BPE-Dropout", Provilkov et al., 2020) randomly skips merges
-in training so the model sees several segmentations of a word; `encode(..., dropout=True)` applies it.
+in training so the model sees several segmentations of a word; `encode(..., dropout=True)` applies it
+(`vqar.text.bpe_dropout`, seeded from torch's global RNG).
 
 Saved as a folder: `vocab.json`, `merges.txt` and `text_tokenizer.json` (length, dropout).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import random
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from tokenizers import CharBPETokenizer
 
+from vqar.text.bpe_dropout import BPEDropout, read_merges
 from vqar.text.captions import check_one_line, is_unicode
 
 log = logging.getLogger("vqar.text")
@@ -47,17 +49,19 @@ class TextTokenizer:
             if not path.is_file():
                 raise FileNotFoundError(f"BPE vocabulary file not found: {path}")
         self.length, self.dropout = length, dropout
-        self._plain = self._build(None)
-        self._dropout = self._build(dropout) if dropout else self._plain
+        self._plain = self._build()
         self.pad_id = self._plain.token_to_id(PAD)
         if self.pad_id is None:
             raise ValueError(f"{self.vocab_file} has no {PAD} token; captions could not be padded")
+        self._dropout = None
+        if dropout:
+            vocab, unk_id = self._plain.get_vocab(), self._plain.token_to_id(UNK)
+            self._dropout = BPEDropout(read_merges(self.merges_file, vocab), vocab, unk_id, dropout)
 
-    def _build(self, dropout: float | None) -> CharBPETokenizer:
+    def _build(self) -> CharBPETokenizer:
         try:
-            tokenizer = CharBPETokenizer.from_file(
-                str(self.vocab_file), str(self.merges_file), unk_token=UNK, lowercase=True, dropout=dropout
-            )
+            tokenizer = CharBPETokenizer.from_file(str(self.vocab_file), str(self.merges_file), unk_token=UNK,
+                                                   lowercase=True)  # fmt: skip
         except Exception as err:  # the Rust side raises plain Exceptions for malformed files
             raise ValueError(f"cannot read the BPE files {self.vocab_file} / {self.merges_file}: {err}") from None
         tokenizer.add_special_tokens([PAD])
@@ -82,12 +86,12 @@ class TextTokenizer:
         if not captions:
             raise ValueError("no caption text to learn a BPE vocabulary from")
         # One extra line of single-character words puts each character's word-final form ("z</w>") in too.
-        lines = itertools.chain(captions, [" ".join(ALPHABET)])
+        lines = [*captions, " ".join(ALPHABET)]
         tokenizer.train_from_iterator(
             lines,
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=[PAD, UNK],
+            special_tokens=[PAD, UNK, *_word_final_forms(tokenizer, lines)],
             initial_alphabet=list(ALPHABET),
             show_progress=False,
         )
@@ -144,7 +148,9 @@ class TextTokenizer:
                 if not is_unicode(caption):  # bytes of another encoding, which the Rust tokenizer cannot take
                     raise ValueError(f"prompt {caption!r} is not UTF-8 text; give it in UTF-8")
                 check_one_line(caption)  # prompt i is line i + 1 of prompts.txt: a line break would shift the rest
-        encodings = (self._dropout if dropout else self._plain).encode_batch(captions)
+        if dropout and self._dropout is not None:
+            return self._encode_with_dropout(captions)
+        encodings = self._plain.encode_batch(captions)
         if strict:
             for caption, encoding in zip(captions, encodings, strict=True):
                 if all(i == self.pad_id for i in encoding.ids):  # the null caption: guidance would have no condition
@@ -156,6 +162,16 @@ class TextTokenizer:
                                 self.decode(encoding.ids))  # fmt: skip
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
 
+    def _encode_with_dropout(self, captions: list[str]) -> torch.Tensor:
+        # One draw of the global RNG (which checkpoints save) seeds the batch's segmentations: a run repeats.
+        rng = random.Random(int(torch.randint(2**62, ())))
+        normalize, split = self._plain.normalizer.normalize_str, self._plain.pre_tokenizer.pre_tokenize_str
+        ids = torch.full((len(captions), self.length), self.pad_id, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            segmented = self._dropout.encode([word for word, _ in split(normalize(caption))], rng)[: self.length]
+            ids[row, : len(segmented)] = torch.tensor(segmented, dtype=torch.long)
+        return ids
+
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """The text of one row of ids, without padding."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -164,6 +180,16 @@ class TextTokenizer:
     def null_caption(self, batch_size: int = 1) -> torch.Tensor:
         """The empty caption (all `[PAD]`): what caption dropout trains as "no condition"."""
         return torch.full((batch_size, self.length), self.pad_id, dtype=torch.long)
+
+
+def _word_final_forms(tokenizer: CharBPETokenizer, lines: list[str]) -> list[str]:
+    """The word-final form ("z</w>") of every character that ends a word of `lines`, in code point order. The
+    trainer numbers these forms as it meets them in a hash map, in an order that changes from run to run, and its
+    merges break ties between equal counts by those numbers: given first, as the trainer's reserved tokens (which
+    it numbers in order after [PAD] and [UNK]), they make the same captions give the same vocabulary every time."""
+    normalize, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
+    last_characters = {word[-1] for line in lines for word, _ in split(normalize(line))}
+    return [f"{character}</w>" for character in sorted(last_characters)]
 
 
 def _abridged(text: str, limit: int = 80) -> str:
