@@ -276,3 +276,30 @@ def test_two_process_tokenizer_training_streams_tar_shards(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "val"] == [6]
     assert (run / "model.safetensors").is_file()
+
+
+SAYING = """
+import json, os
+from vqar.parallel.runtime import first_to_say
+mine = f"vqar: error: rank {os.environ['RANK']} alone"
+print(json.dumps([first_to_say("vqar: error: on every rank"), first_to_say(mine), first_to_say(mine)]))
+"""
+
+
+def test_an_error_every_rank_meets_is_said_once_and_one_rank_meets_alone_is_said(tmp_path):
+    """Every rank printed its `vqar: error:` line, so a missing file or a bad setting was said once per process;
+    deduplicated in torchrun's agent store, an error of one rank alone is still said."""
+    from vqar.parallel.runtime import first_to_say
+
+    script = tmp_path / "saying.py"
+    script.write_text(SAYING)
+    done = subprocess.run([*torchrun(2), str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = sorted(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
+    assert said == [[False, True, False], [True, True, False]]
+    assert first_to_say("vqar: error: x") and first_to_say("vqar: error: x")  # one process: always its own
+
+    missing = ["sample", "--model", str(tmp_path / "nosuch"), "--classes", "1", "--out", str(tmp_path / "samples")]
+    done = subprocess.run([*torchrun(2), "-m", "vqar.cli", *missing], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0 and done.stderr.count("vqar: error: no model at") == 1, done.stderr[-3000:]

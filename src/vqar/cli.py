@@ -24,7 +24,7 @@ import sys
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.parallel.runtime import PeerFailed, launch_main, launched_by_torchrun
+from vqar.parallel.runtime import PeerFailed, first_to_say, launch_main, launched_by_torchrun
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, NonFiniteLossError, TrackerUnavailable) as err:
         if args.verbose:
             raise
-        if not isinstance(err, ConfigError) or _first_on_its_machine():
-            print(f"vqar: error: {err}", file=sys.stderr)
+        said = f"vqar: error: {err}"
+        if (not isinstance(err, ConfigError) or _first_on_its_machine()) and first_to_say(said):
+            print(said, file=sys.stderr)
         return 2
     except PeerFailed:  # the rank that failed printed the reason
         if args.verbose:
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
         if args.verbose or not _out_of_memory(err):
             raise
-        print(f"vqar: error: out of memory: {str(err).splitlines()[0]} (smaller settings: a model size, a batch, "
-              "an image size)", file=sys.stderr)  # fmt: skip
+        said = (f"vqar: error: out of memory: {str(err).splitlines()[0]} (smaller settings: a model size, a batch, "
+                "an image size)")  # fmt: skip
+        if first_to_say(said):
+            print(said, file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
         if _reports():  # under torchrun every rank stops at the same step; rank 0 says so once

@@ -8,6 +8,7 @@ process (cuda:LOCAL_RANK); CPU runs use gloo.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import warnings
@@ -40,6 +41,23 @@ def launch_main() -> bool:
     """Whether this process speaks for the command: the only one, or rank 0 of a torchrun launch (read from the
     environment, so also before and after the process group)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def first_to_say(message: str) -> bool:
+    """Whether this process is the first of its torchrun launch to report `message`. Ranks mostly fail alike (a
+    missing file, a bad setting), and each printed the same line; another error on another rank is still said.
+    Counted in the store of torchrun's agent, which outlives the process group (often gone by the time an error
+    is printed); launched otherwise, or if that store does not answer, every process says its own."""
+    if not launched_by_torchrun() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return True
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted launch says its errors again
+    key = f"vqar/said/{attempt}/{hashlib.sha1(message.encode('utf-8', 'replace')).hexdigest()}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=5), wait_for_workers=False)  # fmt: skip
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError):  # no address, or no answer (DistStoreError is a RuntimeError)
+        return True
 
 
 @dataclass
