@@ -303,3 +303,35 @@ def test_an_error_every_rank_meets_is_said_once_and_one_rank_meets_alone_is_said
     done = subprocess.run([*torchrun(2), "-m", "vqar.cli", *missing], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode != 0 and done.stderr.count("vqar: error: no model at") == 1, done.stderr[-3000:]
+
+
+RANK_1_FAILS_FIRST = """
+import os, sys, time
+import vqar.commands.sample as sample
+import vqar.utils.io as io
+from vqar.cli import main
+made = io.check_folder_writable
+def made_then_slow(*args, **kwargs):  # rank 0 makes --out, then is still at work when rank 1 fails
+    made(*args, **kwargs)
+    time.sleep(120)
+def fails(args):
+    raise ValueError("rank 1 fails")
+if os.environ["RANK"] == "0":
+    io.check_folder_writable = made_then_slow
+else:
+    sample.settings_from = fails
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_rank_0_stopped_by_the_launcher_removes_the_folders_it_made(tmp_path):
+    """A rank that fails first ends the launch: torchrun's SIGTERM killed rank 0 outright, and the empty --out
+    folders rank 0 had made stayed (2 of 6 launches of a sample with an unknown class)."""
+    script = tmp_path / "rank_1_fails_first.py"
+    script.write_text(RANK_1_FAILS_FIRST)
+    out = tmp_path / "made" / "samples"
+    command = [*torchrun(2), str(script), "sample", "--model", str(tmp_path / "model"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=110, env=env)
+    assert done.returncode != 0 and done.stderr.count("vqar: error: rank 1 fails") == 1, done.stderr[-3000:]
+    assert not (tmp_path / "made").exists()

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
@@ -79,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="vqar: %(message)s", stream=sys.stderr
     )
+    with _stopped_by_the_launcher():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command of `args`, and the errors a user can fix as one line (exit status 2)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if (not isinstance(err, ConfigError) or _first_on_its_machine()) and first_to_say(said):
             print(said, file=sys.stderr)
         return 2
-    except PeerFailed:  # the rank that failed printed the reason
+    except (PeerFailed, StoppedByTheLauncher):  # the rank that failed printed the reason
         if args.verbose:
             raise
         return 2
@@ -118,6 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         if _reports():  # Ctrl-C reaches every process of a torchrun launch: rank 0 says so once
             print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 130
+
+
+class StoppedByTheLauncher(BaseException):
+    """torchrun's SIGTERM to the ranks still running once one has failed (raised like KeyboardInterrupt, past
+    `except Exception`)."""
+
+
+@contextlib.contextmanager
+def _stopped_by_the_launcher() -> Iterator[None]:
+    """Under torchrun, SIGTERM raises StoppedByTheLauncher while the command runs, so a rank the launcher stops
+    still tidies up: killed outright, rank 0 left the empty --out folders it had made whenever another rank failed
+    first. While an error is being handled SIGTERM is ignored, so a rank's last words (an error line it was first to
+    claim) are not cut off; torchrun's agent kills what outstays its grace period anyway. Training's own handler (a
+    checkpoint on SIGTERM) takes over while it trains."""
+    if not launched_by_torchrun():
+        yield
+        return
+
+    def stop(signum, frame):
+        if sys.exc_info()[0] is None:
+            raise StoppedByTheLauncher
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _out_of(args: argparse.Namespace) -> tuple[str, bool]:
