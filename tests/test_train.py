@@ -164,7 +164,7 @@ def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_set
 
 
 def test_learning_rate_schedule():
-    from vqar.train.loop import warmup_cosine
+    from vqar.train.task import warmup_cosine
 
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
@@ -175,7 +175,7 @@ def test_learning_rate_schedule():
 
 
 def test_a_task_schedule_replaces_warmup_cosine_where_it_answers(tmp_path, monkeypatch):
-    from vqar.train.loop import warmup_cosine
+    from vqar.train.task import warmup_cosine
 
     monkeypatch.setattr(TokenizerTask, "lr_factor", lambda self, step: 0.5 if step < 3 else None)
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=6", "train.log_every=1"])

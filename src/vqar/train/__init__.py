@@ -1,1 +1,1 @@
-"""Training: one loop (`loop.Trainer`) that both stages plug a `TrainTask` into."""
+"""Training: one loop (`loop.Trainer`) that both stages plug a `TrainTask` (`task.py`) into."""

@@ -44,7 +44,7 @@ from vqar.train.checkpoint import (
 from vqar.train.config import TrainConfig
 from vqar.train.ema import ModelEMA
 from vqar.train.launch import distributed_run
-from vqar.train.loop import Trainer, TrainTask
+from vqar.train.loop import Trainer
 from vqar.train.npp import (
     NPPConfig,
     check_grid,
@@ -55,6 +55,7 @@ from vqar.train.npp import (
     segment_lr,
 )
 from vqar.train.optim import StepGuard, adamw
+from vqar.train.task import TrainTask
 from vqar.train.text import TextConfig, caption_ids, prepare_text_tokenizer, text_loss
 from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, save_image

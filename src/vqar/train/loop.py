@@ -1,9 +1,9 @@
 """The training loop both stages share.
 
-A stage supplies a `TrainTask` (its modules, optimizers, one training step, evaluation, artifacts, export); the
-`Trainer` owns everything else: the step-based schedule, the data order, progress bar and metric log, periodic
-evaluation, checkpoints and exact resume. The data order is a pure function of (seed, epoch), so the position in
-the data is recovered from the step count alone.
+A stage supplies a `TrainTask` (`vqar.train.task`: its modules, optimizers, one training step, evaluation,
+artifacts, export); the `Trainer` owns everything else: the step-based schedule, the data order, progress bar and
+metric log, periodic evaluation, checkpoints and exact resume. The data order is a pure function of (seed, epoch),
+so the position in the data is recovered from the step count alone.
 
 Under torchrun the same loop runs on every rank with a `Parallel` (see `vqar.parallel`): `data.batch_size` is the
 global batch, each rank loads its share of it, metrics are averaged over ranks, and rank 0 alone writes the metric
@@ -21,20 +21,17 @@ import sys
 import threading
 import time
 import warnings
-from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vqar.bundle import trained_steps
-from vqar.data import BadFileReport, collate_samples, evaluation_loader, training_loader
+from vqar.data import BadFileReport, evaluation_loader, training_loader
 from vqar.parallel import Parallel, PeerFailed
 from vqar.train.checkpoint import (
     latest_checkpoint,
@@ -48,6 +45,7 @@ from vqar.train.config import TrainConfig
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.train.optim import follow_configured_lr
 from vqar.train.resources import check_writable, mib, module_bytes, optimizer_bytes, out_of_space
+from vqar.train.task import LoaderSettings, TrainTask, warmup_cosine
 from vqar.train.tracking import (
     Tracker,
     append_metrics,
@@ -60,75 +58,6 @@ from vqar.utils.io import atomic_write_text
 from vqar.utils.memory import check_memory
 
 log = logging.getLogger("vqar.train")
-
-
-class TrainTask(ABC):
-    """One stage's part of training. Batches come from `collate` (image `Batch`es by default)."""
-
-    collate = staticmethod(collate_samples)
-    # The validation metric that picks the best checkpoint, kept beside the newest ones: (name, "max" or "min").
-    best_metric: tuple[str, str] | None = None
-    # The training metrics the progress bar shows, of those a step returns (the metric log keeps them all).
-    progress_metrics: tuple[str, ...] = ("loss",)
-    # The picture files `write_artifacts` writes into the run directory; the tracker logs them after each evaluation.
-    pictures: tuple[str, ...] = ()
-
-    @abstractmethod
-    def modules(self) -> dict[str, nn.Module]:
-        """Modules whose weights a checkpoint holds, by file name ("model", "discriminator", ...)."""
-
-    @abstractmethod
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
-
-    @abstractmethod
-    def train_step(self, batch, step: int) -> dict[str, float]:
-        """Forward, backward and optimizer step(s) on one batch; returns scalar metrics including "loss"."""
-
-    @abstractmethod
-    def evaluate(self, batches: Iterable) -> dict[str, float]: ...
-
-    def lr_factor(self, step: int) -> float | None:
-        """A task may bring its own learning-rate schedule (e.g. NPP's per-segment restarts): the factor of the base
-        learning rate at `step`. None keeps the loop's warmup + cosine."""
-        return None
-
-    def state_dict(self) -> dict:
-        """Extra state a checkpoint must keep for an exact resume (e.g. an augmentation generator)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
-        pass
-
-    def write_artifacts(self, run_dir: Path, step: int) -> None:  # noqa: B027 - optional hook
-        """Pictures or other files that show progress (called after each evaluation)."""
-
-    def export_bytes(self) -> int:
-        """About what `export` writes: the model's weights, and the tokenizer an AR task exports beside it."""
-        companion = getattr(self, "tokenizer", None)
-        return module_bytes(self.modules()["model"]) + (
-            module_bytes(companion) if isinstance(companion, nn.Module) else 0
-        )
-
-    @abstractmethod
-    def export(self, out_dir: Path, weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        """Writes the model trained for `step` steps in vqar's loadable format (`vqar.bundle.save_pretrained`);
-        `weights` holds the full state dict of each of `modules()` (gathered from the shards under FSDP)."""
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """Learning-rate factor: linear warmup over `warmup` steps, then cosine from 1 down to `floor` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class LoaderSettings(Protocol):
-    """What the loop needs of a data config (image `DataConfig` and the code-store config both fit)."""
-
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
 
 
 def _nonfinite(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:

@@ -22,8 +22,9 @@ from vqar.tokenizers.registry import backbone
 from vqar.train.checkpoint import refuse_changed_model, trained_settings
 from vqar.train.config import TrainConfig
 from vqar.train.launch import distributed_run
-from vqar.train.loop import Trainer, TrainTask
+from vqar.train.loop import Trainer
 from vqar.train.optim import StepGuard, adamw
+from vqar.train.task import TrainTask
 from vqar.utils.device import autocast
 from vqar.utils.images import make_grid, psnr, save_image
 
