@@ -86,6 +86,24 @@ _OPTIONS_THAT_DO_NOT_APPLY = [
 ]
 
 
+def test_convert_never_writes_into_the_tokenizer_of_a_model(tmp_path, capsys):
+    """`vqar convert SRC MODEL/tokenizer --overwrite` replaced the tokenizer that decodes MODEL's codes: with an AR
+    model MODEL no longer loaded; with another tokenizer it decoded through that one without a word."""
+    from conftest import file_contents
+
+    release, model = tmp_path / "release", tmp_path / "model"
+    tiny_rq_release(release)
+    assert main(["convert", str(release), str(model)]) == 0
+    before = file_contents(model)
+    for source in (release, release / "stage1", model):
+        assert main(["convert", str(source), str(model / "tokenizer"), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (
+            f"vqar: error: {model}/tokenizer is the tokenizer of the model {model}, which made its codes: a model "
+            "converted there would replace it (not even --overwrite writes into it); choose another OUT_DIR\n")
+    assert file_contents(model) == before
+    assert vqar.load_pretrained(model).tokenizer is not None
+
+
 def test_convert_refuses_config_and_tokenizer_where_they_do_not_apply(tmp_path, capsys):
     sources = _sources_of_every_kind(tmp_path)
     values = {"--config": "VQ-16", "--tokenizer": str(sources["tokenizer_folder"])}

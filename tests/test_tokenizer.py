@@ -189,12 +189,14 @@ def test_save_pretrained_refuses_a_folder_that_holds_more_than_a_model(tmp_path)
 
 
 def test_save_pretrained_refuses_what_would_not_load(tmp_path):
-    """NaN weights, a state_dict of another model, an AR model as `tokenizer=` and `trained_steps="x"` were all
-    written, and the folder was then refused on loading (or, for tokenizer= of a tokenizer, silently ignored)."""
+    """NaN weights, a state_dict of another model, an AR model as `tokenizer=`, a tokenizer of another codebook and
+    `trained_steps="x"` were all written, and the folder was then refused on loading (or, for tokenizer= of a
+    tokenizer, silently ignored)."""
     from vqar.ar import GPT, GPTConfig
 
     model = Tokenizer(tiny_config("vq")).eval()
     gpt = GPT(GPTConfig(vocab_size=32, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3))
+    wider = GPT(GPTConfig(vocab_size=64, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=3))
     nan = {k: v * float("nan") if v.is_floating_point() else v for k, v in model.state_dict().items()}
     out = tmp_path / "out"
     refused = [
@@ -205,6 +207,8 @@ def test_save_pretrained_refuses_what_would_not_load(tmp_path):
         (TypeError, r"^tokenizer= must be the stage-1 tokenizer \(a vqar.Tokenizer\) that decodes the model's codes, "
                     r"got GPT$", dict(model=gpt, tokenizer=gpt)),
         (TypeError, r"^tokenizer= and text_tokenizer= are an AR model.s", dict(model=model, tokenizer=model)),
+        (ValueError, r"^the companions given do not fit the model: the tokenizer \(codebook 32, 1 code\(s\) per "
+                     r"position\) does not fit the model \(codebook 64, ", dict(model=wider, tokenizer=model)),
         (ValueError, r"^trained_steps must be a non-negative integer, got 'x'$", dict(model=model, trained_steps="x")),
         (ValueError, r"^trained_steps must be a non-negative integer, got -1$", dict(model=model, trained_steps=-1)),
     ]  # fmt: skip

@@ -93,6 +93,12 @@ def save_pretrained(
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"tokenizer= must be the stage-1 tokenizer (a vqar.Tokenizer) that decodes the model's codes, "
                         f"got {type(tokenizer).__name__}")  # fmt: skip
+    if isinstance(model, ARModel):
+        try:  # a folder that load_pretrained would refuse is not written
+            model.check_companions(tokenizer, text_tokenizer)
+        except ValueError as err:
+            raise ValueError(f"the companions given do not fit the model: {err}; nothing was written to {folder}") \
+                from None
     if trained_steps is not None and (type(trained_steps) is not int or trained_steps < 0):
         raise ValueError(f"trained_steps must be a non-negative integer, got {trained_steps!r}")
     kept = keep_companions and (folder / TOKENIZER_DIR / CONFIG_FILE).is_file()

@@ -200,18 +200,25 @@ class ARModel(nn.Module, ABC):
         return self.cond_embedding.has_null
 
     # ---------------------------------------------------------------- companions
-    def attach(self, tokenizer: CodeTokenizer | None = None, text_tokenizer=None) -> ARModel:
-        """Sets the tokenizer that decodes this model's codes and the caption tokenizer of a text model, after
-        checking that they fit; returns the model."""
+    def check_companions(self, tokenizer: CodeTokenizer | None = None, text_tokenizer=None) -> None:
+        """Raises ValueError, naming the mismatch, when the tokenizer of the codes or the caption tokenizer does
+        not fit this model."""
         if tokenizer is not None:
             check_tokenizer(self, tokenizer)
-            object.__setattr__(self, "tokenizer", tokenizer)  # not a submodule: see the class docstring
         if text_tokenizer is not None:
             if self.conditioning is not Conditioning.TEXT:
                 raise ValueError("a caption tokenizer only fits a text-conditioned model")
             if text_tokenizer.vocab_size > self.cfg.text_vocab_size:
                 raise ValueError(f"the caption tokenizer has {text_tokenizer.vocab_size} entries; the model knows "
                                  f"{self.cfg.text_vocab_size} text tokens")  # fmt: skip
+
+    def attach(self, tokenizer: CodeTokenizer | None = None, text_tokenizer=None) -> ARModel:
+        """Sets the tokenizer that decodes this model's codes and the caption tokenizer of a text model, after
+        checking that they fit (`check_companions`); returns the model."""
+        self.check_companions(tokenizer, text_tokenizer)
+        if tokenizer is not None:
+            object.__setattr__(self, "tokenizer", tokenizer)  # not a submodule: see the class docstring
+        if text_tokenizer is not None:
             if text_tokenizer.length != self.cfg.text_length:
                 text_tokenizer = text_tokenizer.with_length(self.cfg.text_length)
             object.__setattr__(self, "text_tokenizer", text_tokenizer)

@@ -303,7 +303,7 @@ class VAR(ARModel):
     def smooth_embedding(self) -> bool:
         return True
 
-    def attach(self, tokenizer=None, text_tokenizer=None) -> VAR:
+    def check_companions(self, tokenizer=None, text_tokenizer=None) -> None:
         """Also checks that the tokenizer's quantizer is multi-scale with this model's scales and code size."""
         if tokenizer is not None:
             quantizer = getattr(tokenizer, "quantizer", None)
@@ -313,7 +313,7 @@ class VAR(ARModel):
             if tuple(scales) != tuple(self.cfg.patch_nums) or quantizer.dim != self.cfg.code_dim:
                 raise ValueError(f"the tokenizer's scales {tuple(scales)} (code dim {quantizer.dim}) do not fit the "
                                  f"model's {tuple(self.cfg.patch_nums)} (code dim {self.cfg.code_dim})")  # fmt: skip
-        return super().attach(tokenizer, text_tokenizer)
+        super().check_companions(tokenizer, text_tokenizer)
 
     def quantizer(self):
         """The attached tokenizer's multi-scale quantizer; RuntimeError when no tokenizer is attached."""

@@ -20,10 +20,13 @@ beside the transformer)."""
 def run(args: argparse.Namespace) -> int:
     from vqar.bundle import is_model_folder
     from vqar.interop import load_pretrained
+    from vqar.train.launch import check_not_a_companion
     from vqar.utils.io import check_folder_writable, check_replaceable
 
     out = Path(args.out_dir)
-    # a training run, a code store or the user's own files are not written over, --overwrite or not
+    # a training run, a code store, the tokenizer that made their codes or the user's own files are not written
+    # over, --overwrite or not
+    check_not_a_companion(out, "a model converted", option="OUT_DIR")
     check_replaceable(out, args.overwrite, "a vqar model folder", is_model_folder, option="OUT_DIR")
     check_folder_writable(out, option="OUT_DIR")  # before a load of gigabytes, not after
     model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)

@@ -27,6 +27,8 @@ class BPEDropout:
         self.vocab, self.unk_id, self.p = vocab, unk_id, p
 
     def word_ids(self, word: str, rng: random.Random) -> list[int]:
+        if not word:
+            return []
         symbols = [*word[:-1], word[-1] + END_OF_WORD]
         while len(symbols) > 1:
             candidates = [(rank, at) for at, pair in enumerate(zip(symbols, symbols[1:], strict=False))

@@ -45,18 +45,18 @@ def distributed_run(
         yield par, run_dir
 
 
-def _check_not_a_companion(run_dir: Path) -> None:
-    """Refuses the tokenizer/ of a code store, a training run or a model folder: a tokenizer trained there replaced
-    the one that made their codes, and what was trained or sampled from them then decoded through another tokenizer
-    without a word."""
-    parent = Path(run_dir).absolute().parent
-    if Path(run_dir).name != TOKENIZER_DIR:
+def check_not_a_companion(out: Path, written: str = "a run trained", option: str = "--out") -> None:
+    """Refuses the tokenizer/ of a code store, a training run or a model folder as an output: a tokenizer trained
+    (or a model converted) there replaced the one that made their codes, and what was trained or sampled from them
+    then decoded through another tokenizer without a word, or did not load. `written`: what the output would be."""
+    parent = Path(out).absolute().parent
+    if Path(out).name != TOKENIZER_DIR:
         return
     for what, is_it in (("code store", is_code_store), ("training run", has_run), ("model", is_model_folder)):
         if is_it(parent):
-            raise FileExistsError(f"{run_dir} is the tokenizer of the {what} {parent}, which made its codes: a run "
-                                  "trained there would replace it (not even --overwrite trains into it); choose "
-                                  "another --out")  # fmt: skip
+            raise FileExistsError(f"{out} is the tokenizer of the {what} {parent}, which made its codes: {written} "
+                                  f"there would replace it (not even --overwrite writes into it); choose another "
+                                  f"{option}")  # fmt: skip
 
 
 # What a run (or a model it exports) keeps in the folders of RUN_FILES that --overwrite empties; the trackers'
@@ -94,7 +94,7 @@ def check_run_folder(run_dir: Path, kind: str, *, resume: bool, overwrite: bool)
     if owner is not None:
         raise FileExistsError(f"{run_dir} lies inside the checkpoints of the run {owner}: to continue that run, pass "
                               f"--resume --out {owner}; to start a new one, choose an --out outside it")  # fmt: skip
-    _check_not_a_companion(run_dir)
+    check_not_a_companion(run_dir)
     entries = folder_entries(run_dir)
     if not entries:
         return
