@@ -233,11 +233,26 @@ def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(
     with caplog.at_level("WARNING", logger="vqar.train"):
         code, err = run_cli(["train", "ar", "--resume", "steps=3", "--out", str(run)], capsys)
     assert code == 0, err
-    assert "its run.yaml sets npp.rate=0.25 and npp.warmup_steps=7, which this NPP setting leaves unused" in caplog.text
+    assert "its run.yaml sets npp.rate=0.25 and npp.warmup_steps=7, which npp.level=1 leaves unused" in caplog.text
     assert _records(run, "train")[-1]["step"] == 3
-    assert yaml.safe_load((run / "run.yaml").read_text())["npp"] == {"level": 1, "rate": 0.5, "segment_lr": True,
-                                                                      "warmup_steps": 100, "decay_ratio": 0.2,
-                                                                      "end_lr_ratio": 0.1}  # fmt: skip
+    defaults = dict(level=1, rate=0.5, segment_lr=True, warmup_steps=100, decay_ratio=0.2, end_lr_ratio=0.1)
+    assert yaml.safe_load((run / "run.yaml").read_text())["npp"] == defaults
+
+    # The README's way to train on single tokens for longer after NPP: `--resume npp.level=1 steps=MORE`. The NPP
+    # settings run.yaml keeps go unused then; "leave npp.warmup_steps=7 out" named one the user never gave.
+    saved = yaml.safe_load((run / "run.yaml").read_text())
+    saved["npp"].update(level=2, warmup_steps=7)
+    (run / "run.yaml").write_text(yaml.safe_dump(saved))
+    code, err = run_cli(["train", "ar", "--resume", "npp.level=1", "npp.warmup_steps=7", "steps=4", "--out", str(run)],
+                        capsys)  # fmt: skip
+    assert code == 2 and "vqar: error: npp.warmup_steps=7 shapes next patch prediction" in err, err  # given anew
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vqar.train"):
+        code, err = run_cli(["train", "ar", "--resume", "npp.level=1", "steps=4", "--out", str(run)], capsys)
+    assert code == 0, err
+    assert "its run.yaml sets npp.warmup_steps=7, which npp.level=1 leaves unused" in caplog.text
+    assert _records(run, "train")[-1]["step"] == 4
+    assert yaml.safe_load((run / "run.yaml").read_text())["npp"] == defaults
 
 
 def test_gpt_on_a_vq_code_store(tmp_path):

@@ -231,6 +231,44 @@ def test_an_ar_width_factor_or_init_scale_that_is_not_positive_is_named(setting)
 
 
 @pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("vitvqgan-mnist", ["model.conv.ch=-16"], "model.conv.ch=-16 shapes the conv backbone, which model.arch=vit "
+                                                  "does not build: leave it out"),
+        ("vq-mnist", ["model.vit.encoder=L"], "model.vit.encoder=L shapes the vit backbone, which model.arch=conv"),
+        ("vq-mnist", ["loss.r1_weight=10"], "loss.r1_weight=10.0 shapes the discriminator, which loss.disc_weight=0 "
+                                            "leaves out: set loss.disc_weight above 0 to train one, or leave it out"),
+        ("vq-mnist", ["loss.disc_arch=stylegan"], "loss.disc_arch=stylegan shapes the discriminator, which"),
+        ("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.disc_norm=group"],
+         "loss.disc_norm=group shapes the PatchGAN discriminator, and loss.disc_arch=stylegan builds the StyleGAN one"),
+    ],
+)  # fmt: skip
+def test_settings_of_a_network_the_run_does_not_build_are_refused(preset, overrides, message):
+    """The inactive backbone's section and a discriminator that is off took anything (`model.conv.ch=-16` on a
+    ViT-VQGAN), saved it in run.yaml and trained without it."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(preset, overrides)
+    load_run_config(preset, [])  # the presets themselves set nothing unbuilt
+    load_run_config("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.r1_weight=10"])
+
+
+@pytest.mark.parametrize("arch", ["vim", "rq"])
+def test_a_gelu_other_than_the_two_built_is_refused(arch):
+    """VIM took any `gelu` and built the sigmoid form for all but "exact" (config.json then said "tanh")."""
+    from vqar.ar import RQTransformerConfig, VIMConfig
+    from vqar.ar.layers import GELUS, GPT2FeedForward, SigmoidGELU
+
+    config = VIMConfig() if arch == "vim" else RQTransformerConfig()
+    config.gelu = "tanh"
+    with pytest.raises(ValueError, match=r"^gelu must be 'exact' or 'sigmoid', got 'tanh'$"):
+        config.validate()
+    with pytest.raises(ValueError, match="got 'tanh'"):
+        GPT2FeedForward(8, 16, True, "tanh", 0.0)
+    assert isinstance(GPT2FeedForward(8, 16, True, "sigmoid", 0.0).act, SigmoidGELU)
+    assert set(GELUS) == {"exact", "sigmoid"}
+
+
+@pytest.mark.parametrize(
     ("preset", "override", "message"),
     [
         ("var-mnist", "model.quantizer.shared_codebook=false", "a multiscale quantizer has one codebook: leave it out"),

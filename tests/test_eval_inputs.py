@@ -80,11 +80,17 @@ def test_a_single_image_is_refused_naming_its_set_before_the_inception_is_loaded
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     np.savez(one, arr_0=np.zeros((1, 8, 8, 1), dtype=np.uint8))
     np.savez(two, arr_0=np.zeros((2, 8, 8, 1), dtype=np.uint8))
-    cases = [(["fid", str(one), "--ref", str(two)], one), (["fid", str(two), "--ref", str(one), "--no-pr"], one),
-             (["stats", "mnist", "--max-images", "1", "--out", str(tmp_path / "ref.npz")], "the bundled MNIST digits")]
+    cases = [(["fid", str(one), "--ref", str(two)], one), (["fid", str(two), "--ref", str(one), "--no-pr"], one)]
     for args, named in cases:
         assert main(["eval", *args]) == 2
         assert capsys.readouterr().err == f"vqar: error: {named} holds 1 image; FID statistics need at least 2\n"
+    # a set made that small by the limit given: the limit is named (it said the digits held 1 image)
+    limited = [(["stats", "mnist", "--max-images", "1", "--out", str(tmp_path / "ref.npz")],
+                "--max-images 1 keeps 1 image of the bundled MNIST digits"),
+               (["fid", str(two), "--ref", str(two), "--num-samples", "1"], f"--num-samples 1 keeps 1 image of {two}")]
+    for args, said in limited:
+        assert main(["eval", *args]) == 2
+        assert capsys.readouterr().err == f"vqar: error: {said}; FID statistics need at least 2\n"
     empty = tmp_path / "empty.npz"  # it said "holds 0 image"
     np.savez(empty, arr_0=np.zeros((0, 8, 8, 1), dtype=np.uint8))
     assert main(["eval", "fid", str(empty), "--ref", str(two)]) == 2

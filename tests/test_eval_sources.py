@@ -187,6 +187,26 @@ def test_the_whole_set_is_checked_from_every_share():
         source.check([PartSummary(4, 4, one), PartSummary(problem="rank 1: OSError: gone")])
 
 
+def test_a_folder_of_several_sizes_is_refused_before_any_pass_also_as_the_reference(tmp_path, monkeypatch):
+    """The reference's images are read after the samples' whole pass, so a reference folder of mixed sizes was
+    refused only then (with 50,000 samples, after their Inception pass). Their headers tell it at once."""
+    from vqar.eval.generation import open_eval_sets
+
+    for name, sizes in (("same", [(16, 16)] * 3), ("mixed", [(16, 16), (16, 16), (20, 12)])):
+        (tmp_path / name).mkdir()
+        for i, (height, width) in enumerate(sizes):
+            Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "same" / "broken.png").write_bytes(b"not a png")  # left to the decoding, which skips it
+    decoded = []
+    monkeypatch.setattr(sources, "_read_image", lambda *args: decoded.append(args))
+    message = r"^images in .*mixed have different sizes \(height, width\) \[\(16, 16\), \(20, 12\)\]; resize them"
+    for samples, ref in (("same", "mixed"), ("mixed", "same")):
+        with pytest.raises(ValueError, match=message):
+            open_eval_sets(tmp_path / samples, tmp_path / ref, with_pr=False)
+    assert decoded == []  # told from the headers: no image was decoded
+    open_eval_sets(tmp_path / "same", tmp_path / "same", with_pr=False)
+
+
 def test_shard_sources_give_the_folder_statistics_and_fid(image_set, inception, tmp_path, capsys):
     root, _ = image_set
     names = _names(root)

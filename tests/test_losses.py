@@ -86,7 +86,8 @@ class QuadraticCritic(torch.nn.Module):
 
 def test_discriminator_loss_is_the_hinge_loss_plus_half_gamma_times_r1():
     torch.manual_seed(4)
-    objective = TokenizerObjective(TokenizerLossConfig(perceptual_weight=0.0, r1_weight=4.0), image_channels=1)
+    objective = TokenizerObjective(TokenizerLossConfig(perceptual_weight=0.0, disc_weight=0.1, r1_weight=4.0),
+                                   image_channels=1)  # fmt: skip
     critic = QuadraticCritic()
     images, recon = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 1, 8, 8) * 2 - 1
     loss, metrics = objective.discriminator_step_loss(images, recon, discriminator=critic)

@@ -148,9 +148,12 @@ def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_set
                                      f"{trained}, whose checkpoints hold that model's weights; leave {key} out, or "
                                      "start a new run in another --out\n"), err  # fmt: skip
         assert file_contents(run) == before
-    # What only shapes training may change, and so may the settings of the backbone not in use.
+    # The settings of the backbone not in use would do nothing: refused, as for a new run.
+    code, err = run_cli(["train", "tokenizer", "--resume", "model.vit.patch_size=4", "--out", str(run)], capsys)
+    assert code == 2 and "model.vit.patch_size=4 shapes the vit backbone, which model.arch=conv does not" in err, err
+    # What only shapes training may change.
     resumed = ["train", "tokenizer", "--resume", "model.quantizer.beta=0.5", "model.quantizer.restart_dead=false",
-               "model.vit.patch_size=4", "steps=3", "--out", str(run)]  # fmt: skip
+               "steps=3", "--out", str(run)]  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="vqar.train"):
         assert run_cli(resumed, capsys)[0] == 0
     assert "settings other than" not in caplog.text  # what the command line names is meant
@@ -158,8 +161,8 @@ def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_set
         code, err = run_cli(["train", "tokenizer", "--resume", "rqvae-mnist", *TINY_RUN, "steps=4", "--out", str(run)],
                             capsys)  # fmt: skip
     assert code == 0, err
-    assert (f"resuming {run} with settings other than its run.yaml's: model.vit.patch_size 4 -> 8, "
-            "model.quantizer.beta 0.5 -> 0.25, model.quantizer.restart_dead False -> True, train.eval_every 2 -> 250"
+    assert (f"resuming {run} with settings other than its run.yaml's: model.quantizer.beta 0.5 -> 0.25, "
+            "model.quantizer.restart_dead False -> True, train.eval_every 2 -> 250"
             ) in caplog.text  # the command line's data.max_images=600 and steps=4 are meant  # fmt: skip
 
 
@@ -248,6 +251,19 @@ def test_resuming_with_another_architecture_is_a_clear_error(trained_run, tmp_pa
     (run_dir / "run.yaml").unlink()  # nothing to compare with: the checkpoint's weights still refuse to load
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train_tokenizer(cfg, run_dir, resume=True)
+
+
+def test_a_resume_that_trains_nothing_leaves_the_run_record_as_it_was(trained_run, tmp_path, caplog):
+    """`--resume steps=40` on a run at step 80 trained nothing but wrote its settings into run.yaml, and later
+    resumes checked against settings that never ran (an NPP run then refused its own)."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run[0], run_dir)
+    before = {name: (run_dir / name).read_bytes() for name in ("run.yaml", "metrics.jsonl")}
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=40", "train.eval_every=40", "train.lr=5e-4"])
+    with caplog.at_level(logging.INFO, logger="vqar.train"):
+        train_tokenizer(cfg, run_dir, resume=True)
+    assert "the run already reached train.steps=40" in caplog.text
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
 def test_the_best_checkpoint_is_kept_beside_the_newest(tmp_path, monkeypatch):

@@ -268,6 +268,14 @@ class SigmoidGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+GELUS = {"exact": nn.GELU, "sigmoid": SigmoidGELU}  # a config's `gelu`, for the GPT-2 blocks of VIM and RQ
+
+
+def check_gelu(gelu: str) -> None:
+    if gelu not in GELUS:
+        raise ValueError(f"gelu must be {' or '.join(map(repr, GELUS))}, got {gelu!r}")
+
+
 class GPT2Attention(nn.Module):
     """Multi-head attention with separate biased query / key / value projections (GPT-2; the RQ release)."""
 
@@ -289,7 +297,8 @@ class GPT2FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool, gelu: str, dropout: float):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU() if gelu == "exact" else SigmoidGELU()
+        check_gelu(gelu)  # anything else was built as the sigmoid form without a word
+        self.act = GELUS[gelu]()
         self.w2 = nn.Linear(hidden, dim, bias=bias)
         self.ffn_dropout = nn.Dropout(dropout)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from vqar.ar.conditioning import condition_embedding
 from vqar.ar.contract import ARConfig, ARModel, ModelOutput
-from vqar.ar.layers import GPT2Block, KVCache, rows_at, run_blocks
+from vqar.ar.layers import GPT2Block, KVCache, check_gelu, rows_at, run_blocks
 from vqar.utils.codes import check_codes
 
 
@@ -57,8 +57,7 @@ class RQTransformerConfig(ARConfig):
         for name in ("code_dim", "n_depth_layer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gelu not in ("exact", "sigmoid"):
-            raise ValueError(f"gelu must be 'exact' or 'sigmoid', got {self.gelu!r}")
+        check_gelu(self.gelu)
 
 
 class RQTransformer(ARModel):

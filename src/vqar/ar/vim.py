@@ -17,7 +17,7 @@ from torch import nn
 
 from vqar.ar.conditioning import condition_embedding
 from vqar.ar.contract import ARConfig, ARModel, ModelOutput
-from vqar.ar.layers import GPT2Block, KVCache, rows_at, run_blocks
+from vqar.ar.layers import GPT2Block, KVCache, check_gelu, rows_at, run_blocks
 from vqar.utils.codes import check_codes
 
 
@@ -40,6 +40,7 @@ class VIMConfig(ARConfig):
                              f"got {self.code_shape}")  # fmt: skip
         if self.text_length:
             raise ValueError("VIM is class-conditional or unconditional; train a gpt or rq model on captions")
+        check_gelu(self.gelu)
 
 
 class VIM(ARModel):

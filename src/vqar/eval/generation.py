@@ -268,7 +268,9 @@ def open_eval_sets(
     if num_samples is not None and len(samples) < num_samples:
         raise ValueError(f"{samples.where} holds {len(samples)} images, fewer than the {num_samples} asked for")
     for images in (samples, reference):
-        check_enough_images(images)
+        check_enough_images(images, limit_option="--num-samples")
+        if images is not None:  # the reference's pixels are read after the samples' whole pass
+            images.check_one_size()
     if with_pr and ref is not None:
         check_enough_for_pr(samples, reference, stored, ref)
     if with_is and ref is None and len(samples) < IS_SPLITS:  # the score is all there is to measure: refused now

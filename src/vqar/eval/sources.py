@@ -86,12 +86,17 @@ class ImageSource:
 
     def __init__(self, where: str | Path):
         self.where = where
+        self.limit: int | None = None  # the number of images asked for (`--max-images`), where one was
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
         raise NotImplementedError
+
+    def check_one_size(self) -> None:
+        """ValueError for images of several sizes, where that shows without decoding them (their headers); arrays
+        have one size by construction, and shards show theirs as they are read."""
 
     def check(self, summaries: Sequence[PartSummary], report: bool = True) -> int:
         """Raises what one process would raise for the whole set (unreadable, no image read, several sizes); warns
@@ -356,6 +361,15 @@ class FolderSource(ImageSource):
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_one_size(self) -> None:
+        sizes = set()
+        for path in self.files:  # Pillow reads the header alone until the pixels are asked for
+            with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), Image.open(path) as image:
+                sizes.add(image.size[::-1])
+        if len(sizes) > 1:
+            raise ValueError(f"images in {self.where} have different sizes (height, width) {sorted(sizes)[:3]}; "
+                             "resize them to one size first")  # fmt: skip
+
     def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
         files = self.files[part]
         stack = _Stack(len(files), transform)
@@ -438,6 +452,12 @@ class ShardSource(ImageSource):
 # ---------------------------------------------------------------- opening a source
 def open_source(source: str | Path, max_images: int | None = None) -> ImageSource:
     """The source named `source` (see the module docstring), limited to its first `max_images` entries."""
+    opened = _open_source(source, max_images)
+    opened.limit = max_images
+    return opened
+
+
+def _open_source(source: str | Path, max_images: int | None) -> ImageSource:
     if str(source) == "mnist":
         return MnistSource(max_images)
     path = Path(source)
@@ -486,10 +506,14 @@ def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield images[start : start + batch_size]
 
 
-def check_enough_images(images: ImageSource | None, advice: str = "") -> None:
+def check_enough_images(images: ImageSource | None, advice: str = "", limit_option: str = "--max-images") -> None:
     """ValueError naming a set of fewer than 2 images, of which no covariance (no FID or rFID, no statistics) can be
-    made: said before its Inception pass, not by numpy after it."""
+    made: said before its Inception pass, not by numpy after it. Where the limit the command was given
+    (`limit_option`) made the set that small, the message names it."""
     if images is not None and len(images) < 2:
         count = len(images)
+        if images.limit is not None and images.limit < 2:
+            raise ValueError(f"{limit_option} {images.limit} keeps {count} image{'s' * (count != 1)} of "
+                             f"{images.where}; FID statistics need at least 2{advice}")  # fmt: skip
         raise ValueError(f"{images.where} holds {count} image{'s' * (count != 1)}; FID statistics need at least "
                          f"2{advice}")  # fmt: skip

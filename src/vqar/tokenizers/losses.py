@@ -34,6 +34,10 @@ GAN_LOSSES = ("hinge", "vanilla")
 DISC_ARCHS = ("patchgan", "stylegan")
 
 
+DISCRIMINATOR_FIELDS = ("disc_arch", "r1_weight", "disc_start", "disc_loss", "gen_loss", "disc_layers", "disc_channels",
+                        "disc_norm", "disc_lr", "adaptive_disc_weight")  # fmt: skip
+
+
 @dataclass
 class TokenizerLossConfig:
     """Weights and switches of the stage-1 losses. `disc_weight: 0` trains without a discriminator; the
@@ -78,6 +82,18 @@ class TokenizerLossConfig:
             raise ValueError("loss.disc_start must be >= 0 and loss.disc_layers >= 1")
         if self.disc_channels < 1:
             raise ValueError(f"loss.disc_channels must be >= 1, got {self.disc_channels}")
+        # Settings of a discriminator that is not built would be saved in run.yaml and do nothing.
+        if self.disc_weight == 0:
+            self._refuse_changed(DISCRIMINATOR_FIELDS, "shapes the discriminator, which loss.disc_weight=0 leaves "
+                                 "out: set loss.disc_weight above 0 to train one, or leave it out")  # fmt: skip
+        elif self.disc_arch == "stylegan":
+            self._refuse_changed(("disc_layers", "disc_norm"), "shapes the PatchGAN discriminator, and "
+                                 "loss.disc_arch=stylegan builds the StyleGAN one: leave it out")  # fmt: skip
+
+    def _refuse_changed(self, names: tuple[str, ...], why: str) -> None:
+        for name in names:
+            if getattr(self, name) != getattr(TokenizerLossConfig, name):
+                raise ValueError(f"loss.{name}={getattr(self, name)} {why}")
 
 
 class TokenizerObjective(nn.Module):

@@ -340,10 +340,13 @@ class Trainer:
             log.info("no checkpoint to resume from in %s; starting at step 0", self.run_dir)
         elif resume:
             self.export_if_behind()
-        if par.is_main:
+        trains = self.step < cfg.steps
+        # A resume that trains nothing leaves run.yaml the record of what trained: its settings (a lower steps=,
+        # another npp.rate) never ran, and later resumes check against the record.
+        if par.is_main and (trains or not resume):
             atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         self.tracker = open_tracker(cfg, self.run_dir, self.step, self.run_yaml, par)  # at the resumed step
-        if self.step >= cfg.steps:
+        if not trains:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self._final_metrics()
         window = _LogWindow()

@@ -56,23 +56,25 @@ class NPPConfig:
 
 
 def resets_of_unused_npp(run_yaml: Path, overrides: Iterable[str]) -> list[str]:
-    """Overrides that put back the defaults of the npp.* settings a run's run.yaml states where they go unused
-    (`NPPConfig.unused`, e.g. `npp.rate` with `npp.level=1`). vqar used to accept them and now refuses them, so
-    such a run could not be resumed; they never changed its training, so it goes on as it was. Empty when the
-    overrides change the NPP setting: the resumed configuration is then checked as given."""
+    """Overrides that put back the defaults of the npp.* settings a run's run.yaml states where the resumed run
+    leaves them unused (`NPPConfig.unused`): `npp.rate` once `--resume npp.level=1` trains on single tokens, or one
+    an older vqar accepted and vqar now refuses. They never changed the training they were saved with, and the user
+    did not give them on this command line, so "leave it out" could not be followed. One given on the command line
+    is not reset: the configuration's own check refuses it."""
+    overrides = list(overrides)
     given = {item.partition("=")[0] for item in overrides}
-    if given & {"npp.level", "npp.segment_lr"}:
-        return []
     saved = preset_fields("ar", run_yaml, [], ("npp",)).get("npp")
     try:
-        npp = NPPConfig(**OmegaConf.to_container(saved)) if isinstance(saved, DictConfig) else NPPConfig()
+        fields = OmegaConf.to_container(saved) if isinstance(saved, DictConfig) else {}
+        changed = OmegaConf.from_dotlist([item for item in overrides if item.startswith("npp.")]).get("npp", {})
+        npp = NPPConfig(**{**fields, **OmegaConf.to_container(OmegaConf.create(changed))})
         unused = [name for name in npp.unused() if f"npp.{name}" not in given]
-    except (TypeError, ValueError):  # a damaged section is named by the configuration's own checks
+    except (TypeError, ValueError):  # a damaged section or override is named by the configuration's own checks
         return []
     if unused:
-        log.warning("resuming %s: its run.yaml sets %s, which this NPP setting leaves unused (an older vqar accepted "
-                    "it); put back to the default, which trains as before", run_yaml.parent,
-                    " and ".join(f"npp.{name}={getattr(npp, name)}" for name in unused))  # fmt: skip
+        log.warning("resuming %s: its run.yaml sets %s, which npp.level=%d%s leaves unused; put back to the default "
+                    "(unused either way)", run_yaml.parent, " and ".join(f"npp.{name}={getattr(npp, name)}"
+                    for name in unused), npp.level, "" if npp.level == 1 else " npp.segment_lr=false")  # fmt: skip
     return [f"npp.{name}={str(getattr(NPPConfig, name)).lower()}" for name in unused]
 
 

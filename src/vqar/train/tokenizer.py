@@ -18,7 +18,7 @@ from vqar.data import Batch, DataConfig, build_datasets, check_readable, random_
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
-from vqar.tokenizers.registry import backbone
+from vqar.tokenizers.registry import BACKBONES, backbone
 from vqar.train.checkpoint import refuse_changed_model, trained_settings
 from vqar.train.config import TrainConfig
 from vqar.train.launch import distributed_run
@@ -67,6 +67,7 @@ class TokenizerRunConfig:
             raise ValueError("data.val_fraction must be in (0, 1) for training (evaluation scores the run on the "
                              "validation split), got 0")  # fmt: skip
         arch = self.model.arch
+        _refuse_unbuilt_backbones(self.model)
         net = self.model.backbone
         if self.data.channels != net.in_channels or net.out_channels != net.in_channels:
             raise ValueError(
@@ -78,6 +79,20 @@ class TokenizerRunConfig:
             raise ValueError(
                 f"data.image_size={self.data.image_size} differs from model.{arch}.{name}={net.image_size}; set both"
             )
+
+
+def _refuse_unbuilt_backbones(model: TokenizerConfig) -> None:
+    """Settings of the backbone sections `model.arch` does not build (`model.conv.*` of a ViT-VQGAN) would be saved
+    in run.yaml and do nothing, however absurd (`model.conv.ch=-16`)."""
+    for name in BACKBONES:
+        if name == model.arch:
+            continue
+        section = getattr(model, name)
+        for setting in dataclasses.fields(section):
+            value = getattr(section, setting.name)
+            if value != getattr(type(section)(), setting.name):
+                raise ValueError(f"model.{name}.{setting.name}={value} shapes the {name} backbone, which "
+                                 f"model.arch={model.arch} does not build: leave it out")  # fmt: skip
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> TokenizerRunConfig:
