@@ -160,6 +160,79 @@ def test_a_resumed_extraction_starts_again_when_its_settings_changed(tiny_pipeli
     assert len(store) == 24 and store[0].codes.shape[0] == 2
 
 
+def test_a_resumed_extraction_follows_its_captions_not_the_spelling_of_its_folder(tiny_pipeline, tmp_path,
+                                                                                     monkeypatch, caplog):  # fmt: skip
+    """Resumed with another caption file (or the same one edited), the store mixed both sets of captions; resumed
+    with `imgs/` for `imgs`, all the finished shards were thrown away; Ctrl-C before the first shard left the work
+    folder behind."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    for version in ("old", "new"):
+        (tmp_path / f"{version}.tsv").write_text("".join(f"{i}.png\t{version} {i}\n" for i in range(6)))
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    encode, calls = type(tokenizer).encode, []
+
+    def encode_then(stop, at, images):
+        calls.append(len(images))
+        if stop is not None and len(calls) == at:
+            raise stop
+        return encode(tokenizer, images)
+
+    def extract(source, captions, stop=None, at=2):
+        calls.clear()
+        patched = lambda self, images: encode_then(stop, at, images)  # noqa: E731
+        monkeypatch.setattr(type(tokenizer), "encode", patched)
+        data = DataConfig(source=source, captions=str(tmp_path / captions), eval_batch_size=2)
+        return extract_codes(tokenizer, data, tmp_path / "store", shard_size=2)
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the first batch: no shard finished, nothing to resume
+        extract(str(folder), "old.tsv", stop=KeyboardInterrupt(), at=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "new.tsv", "old.tsv"]
+    with pytest.raises(RuntimeError):  # the first shard done, then a failure: kept to resume
+        extract(str(folder), "old.tsv", stop=RuntimeError("out of memory"))
+    with caplog.at_level(logging.INFO, logger="vqar"):
+        extract(f"{folder}/", "old.tsv")  # the same folder, spelt otherwise
+    assert calls == [2, 2] and "1 of 3 shards are done" in caplog.text
+    store = CodeDataset(tmp_path / "store")
+    assert [store[i].captions for i in range(6)] == [[f"old {i}"] for i in range(6)]
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(RuntimeError):
+        extract(str(folder), "old.tsv", stop=RuntimeError("out of memory"))
+    extract(str(folder), "new.tsv")  # another caption file: every shard again
+    assert calls == [2, 2, 2]
+    store = CodeDataset(tmp_path / "store")
+    assert [store[i].captions for i in range(6)] == [[f"new {i}"] for i in range(6)]
+
+
+def test_overwrite_refuses_a_store_or_shard_folder_holding_other_files(tiny_pipeline, tmp_path):
+    """`extract-codes --data store/mine.npz --out store --overwrite` deleted mine.npz (the very images it was
+    reading) and the notes beside it with the old store; so did pack-shards with its folder."""
+    from vqar.data.pack import pack_shards
+
+    tokenizer = load(tiny_pipeline / "tokenizer")
+    extract_codes(tokenizer, DataConfig(source="mnist", max_images=8), tmp_path / "store")
+    pack_shards("mnist", tmp_path / "shards", max_images=8)
+    for folder in ("store", "shards"):
+        np.savez(tmp_path / folder / "mine.npz", arr_0=np.zeros((4, 32, 32), np.uint8))
+        (tmp_path / folder / "NOTES.txt").write_text("mine")
+    message = r"is {} but also holds NOTES.txt, mine.npz, which it is not made of: --overwrite would delete them"
+    with pytest.raises(FileExistsError, match=message.format("a code store")):
+        extract_codes(tokenizer, DataConfig(source=str(tmp_path / "store" / "mine.npz")), tmp_path / "store",
+                      overwrite=True)  # fmt: skip
+    with pytest.raises(FileExistsError, match=message.format("a folder of tar shards")):
+        pack_shards(str(tmp_path / "shards" / "mine.npz"), tmp_path / "shards", overwrite=True)
+    for folder in ("store", "shards"):
+        assert (tmp_path / folder / "NOTES.txt").read_text() == "mine" and (tmp_path / folder / "mine.npz").is_file()
+    (tmp_path / "store" / "NOTES.txt").unlink()
+    (tmp_path / "store" / "mine.npz").unlink()
+    extract_codes(tokenizer, DataConfig(source="mnist", max_images=8), tmp_path / "store", overwrite=True)
+
+
 # ---------------------------------------------------------------- vqar extract-codes options, refused before any work
 @pytest.mark.parametrize("view", [[], ["--flip"]])
 def test_a_crop_range_without_ten_crop_is_refused(tokenizer_folder, tmp_path, capsys, view):

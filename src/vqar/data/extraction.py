@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,6 +47,10 @@ from vqar.utils.io import (
 log = logging.getLogger("vqar.data")
 
 PLAN = "plan.json"
+# What a code store is made of (its tokenizer/, the shards' files, the old single captions.json): --overwrite deletes
+# the whole folder, so anything else in it is refused rather than deleted with it.
+STORE_ENTRIES = re.compile(r"^(?:manifest\.json|tokenizer|captions\.json|(?:codes|labels)-\d+\.npy|"
+                           r"captions-\d+\.(?:jsonl|offsets\.npy))$")
 MAX_CROP_RANGE = 8.0  # how much larger than the crops the ten-crop views may resize an image
 
 
@@ -216,7 +221,7 @@ def extract_codes(
             try:
                 held.enter_context(write_lock(out_dir))
                 # --overwrite deletes the old store: never a folder that is something else
-                check_replaceable(out_dir, overwrite, "a code store", is_code_store)
+                check_replaceable(out_dir, overwrite, "a code store", is_code_store, own_entries=STORE_ENTRIES)
             except (FileExistsError, OutputLocked) as err:
                 problem = err
         if par.any(problem is not None):
@@ -241,7 +246,7 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     units = plan_units(dataset, shard_size)
     tokenizer = tokenizer.to(device).eval()
     plan = {
-        "source": str(data.source),
+        "source": _source_key(data.source),
         "items": len(dataset),
         "units": [[u.start, u.stop] for u in units],
         "image_size": size,
@@ -253,6 +258,8 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     }
     if captioned:  # a partial extraction of an older layout (one captions.json) starts again
         plan["caption_layout"] = caption_store.LAYOUT
+    if getattr(dataset, "captions", None) is not None:  # another caption file (or the same edited) starts again
+        plan["captions_sha256"] = hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest()
     work = _WorkFolder(out_dir)
     if par.is_main:
         done = work.prepare(plan)
@@ -267,6 +274,10 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         _encode_units(tokenizer, dataset, units, todo, work, data, views, size, device, captioned, par)
     except Exception as err:  # every rank learns of it below, instead of waiting for this one at a barrier
         failure = err
+    except BaseException:  # Ctrl-C, or the launcher's stop: no rank waits at a barrier for the others now
+        if par.is_main and not any(work.finished(u) for u in range(len(units))):
+            shutil.rmtree(work.path, ignore_errors=True)  # nothing to resume: only litter beside --out
+        raise
     if par.any(failure is not None):
         done = sum(work.finished(u) for u in range(len(units))) if par.is_main else 0
         if par.is_main and done:
@@ -280,7 +291,8 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         try:
             # A resumed extraction encoded only the shards it lacked: the count and the rate are of those.
             stored = sum(json.loads(work.part(u).read_text())["count"] for u in unfinished)
-            manifest = _publish(work, out_dir, units, plan, tokenizer, tokenizer_dir, dataset, size)
+            manifest = _publish(work, out_dir, units, {**plan, "source": str(data.source)}, tokenizer, tokenizer_dir,
+                                dataset, size)  # fmt: skip
         except Exception as err:
             problem = err
     if par.any(problem is not None):
@@ -290,6 +302,13 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", stored, seconds,
              stored / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
     return manifest
+
+
+def _source_key(source) -> str:
+    """`data.source` as the plan compares it: a local path resolved, so `imgs`, `imgs/` and its absolute path
+    resume the same extraction."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def _encode_units(tokenizer, dataset, units: list[Unit], todo: list[int], work: _WorkFolder, data: DataConfig,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from vqar.utils.io import atomic_write_text, check_replaceable, replace_director
 log = logging.getLogger("vqar.data")
 
 INDEX = "shards.json"
+SHARD_FOLDER_ENTRIES = re.compile(r"^(?:shards\.json|shard-\d+\.tar)$")  # what pack_shards writes
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -105,7 +107,8 @@ def pack_shards(
 def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shuffle: bool, seed: int,
           max_images: int | None, overwrite: bool) -> PackReport:  # fmt: skip
     """`pack_shards` once `out_dir` is locked."""
-    check_replaceable(out_dir, overwrite, "a folder of tar shards", is_shard_folder)  # --overwrite deletes it
+    # --overwrite deletes it, and with it anything else it holds: refused
+    check_replaceable(out_dir, overwrite, "a folder of tar shards", is_shard_folder, own_entries=SHARD_FOLDER_ENTRIES)
     # image_size and channels are unused: packing keeps the images as they are.
     dataset = open_dataset(DataConfig(source=source, captions=captions, max_images=max_images, val_fraction=0.0))
     captioned = getattr(dataset, "captions", None) is not None

@@ -107,11 +107,12 @@ def describe_entries(names: list[str], shown: int = 4) -> str:
 
 
 def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: Callable[[Path], bool],
-                      option: str = "--out") -> None:  # fmt: skip
+                      option: str = "--out", own_entries: re.Pattern | None = None) -> None:  # fmt: skip
     """Refuses an output `target` that a command would replace (delete, then write anew) when that would lose data:
     a non-empty folder needs `overwrite`, and even then must be `kind` ("a code store"), which `is_kind` recognises;
     a file, or a folder of anything else, is named in one line and left alone. A missing or empty folder is fine.
-    `option` is how the command line names the target."""
+    `option` is how the command line names the target. With `own_entries` (the names such a folder is made of), a
+    `kind` that also holds other files (the user's notes, the very images being read) is refused too."""
     target = Path(target)
     if not target.exists():
         return
@@ -126,6 +127,11 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
     if not overwrite:
         raise FileExistsError(f"{target} already exists ({kind}); pass --overwrite to replace it or choose another "
                               f"{option}")  # fmt: skip
+    foreign = [name for name in entries if own_entries is not None and not own_entries.match(name)]
+    if foreign:
+        raise FileExistsError(f"{target} is {kind} but also holds {describe_entries(foreign)}, which it is not made "
+                              f"of: --overwrite would delete them with it, so nothing was changed; move them out, or "
+                              f"choose another {option}")  # fmt: skip
 
 
 def check_folder_writable(folder: str | Path, out: str | Path | None = None, option: str = "--out") -> None:
