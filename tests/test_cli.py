@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -164,6 +165,25 @@ def test_ctrl_c_mentions_a_checkpoint_only_for_a_training_run_that_has_one(tmp_p
     (checkpoint_dir(tmp_path / "run") / "step-0000040").mkdir(parents=True)
     assert main(train) == 130
     assert "the newest checkpoint (step 40) is intact (resume with --resume)" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_leaving_no_empty_folder(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM (or `kill`) ended `vqar sample` outright: no word, and the empty --out folders it had
+    made stayed. It now stops as Ctrl-C does (status 128 + SIGTERM), and the caller's handler comes back."""
+    import vqar.utils.io
+
+    made = vqar.utils.io.check_folder_writable
+
+    def made_then_terminated(*args, **kwargs):
+        made(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(vqar.utils.io, "check_folder_writable", made_then_terminated)
+    callers = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "new" / "samples"
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(out)]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "vqar: interrupted\n"
+    assert not (tmp_path / "new").exists() and signal.getsignal(signal.SIGTERM) is callers
 
 
 def test_a_mistake_in_the_command_is_said_once_per_machine_under_torchrun(tmp_path, capsys, monkeypatch):

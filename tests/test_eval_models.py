@@ -151,6 +151,24 @@ def test_rejection_sampling_keeps_the_best_scored_samples(tiny_pipeline):
         rejection_sample(model, [0], 3, 1.5, brightness_classifier)
 
 
+def test_rejection_sampling_from_the_command_line_draws_every_class_listed(class_run, tmp_path, monkeypatch, capsys):
+    """`--classes 1,1,2 --accept-rate 0.5` gave 4 samples (the repeated 1 merged) where plain sampling gives 6, and
+    `1,2,1` gave 6: the class list was rebuilt from the labels with their neighbouring repeats merged."""
+    import numpy as np
+
+    import vqar.eval.rejection
+    from vqar.cli import main
+
+    monkeypatch.setattr(vqar.eval.rejection, "load_classifier", lambda name: lambda images: images.new_zeros(
+        len(images), 10))  # fmt: skip
+    for classes, labels in (("1,1,2", [1, 1, 1, 1, 2, 2]), ("1,2,1", [1, 1, 2, 2, 1, 1])):
+        out = tmp_path / classes.replace(",", "-")
+        assert main(["sample", "--model", str(class_run), "--classes", classes, "--n-per-class", "2", "--accept-rate",
+                     "0.5", "--classifier", "digits", "--no-images", "--out", str(out)]) == 0, capsys.readouterr().err
+        with np.load(out / "samples.npz") as npz:
+            assert npz["arr_1"].tolist() == labels
+
+
 def test_bench_sample_cli(capsys):
     args = ["bench", "sample", "f=8", "d=2", "c=32", "model=RQ-XS", "image_size=32", "ch=32", "batch_size=4",
             "loops=1", "warmup=0", "--device", "cpu", "--json"]  # fmt: skip

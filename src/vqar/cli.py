@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from vqar.bundle import vqar_version
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="vqar: %(message)s", stream=sys.stderr
     )
-    with _stopped_by_the_launcher():
+    with _stopped_by_sigterm():
         return _run(args)
 
 
@@ -122,10 +123,10 @@ def _run(args: argparse.Namespace) -> int:
         if _reports():  # under torchrun every rank stops at the same step; rank 0 says so once
             print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 128 + err.signal_number
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         if _reports():  # Ctrl-C reaches every process of a torchrun launch: rank 0 says so once
             print(f"vqar: {_interrupted(args)}", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
 
 
 class StoppedByTheLauncher(BaseException):
@@ -133,20 +134,26 @@ class StoppedByTheLauncher(BaseException):
     `except Exception`)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM to a single process (a scheduler's, `kill`): stopped as Ctrl-C stops it, with status 143."""
+
+
 @contextlib.contextmanager
-def _stopped_by_the_launcher() -> Iterator[None]:
-    """Under torchrun, SIGTERM raises StoppedByTheLauncher while the command runs, so a rank the launcher stops
-    still tidies up: killed outright, rank 0 left the empty --out folders it had made whenever another rank failed
-    first. While an error is being handled SIGTERM is ignored, so a rank's last words (an error line it was first to
-    claim) are not cut off; torchrun's agent kills what outstays its grace period anyway. Training's own handler (a
-    checkpoint on SIGTERM) takes over while it trains."""
-    if not launched_by_torchrun():
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM raises while the command runs, so the command still tidies up as on Ctrl-C: killed outright, it
+    left the empty --out folders it had made (and under torchrun, rank 0 left them whenever another rank failed
+    first: the launcher then stops the rest with SIGTERM, and StoppedByTheLauncher ends them without a word). While an
+    error is being handled SIGTERM is ignored, so a rank's last words (an error line it was first to claim) are not
+    cut off; torchrun's agent kills what outstays its grace period anyway. Training's own handler (a checkpoint on
+    SIGTERM) takes over while it trains, and serve's while it serves."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
         yield
         return
+    stopped = StoppedByTheLauncher if launched_by_torchrun() else Terminated
 
     def stop(signum, frame):
         if sys.exc_info()[0] is None:
-            raise StoppedByTheLauncher
+            raise stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:

@@ -175,7 +175,7 @@ def _rejection_sample(args: argparse.Namespace, model, conditions, settings, opt
         raise ValueError("--accept-rate ranks samples by class; it does not apply to prompts")
     if args.classifier is None:
         raise ValueError("--accept-rate needs --classifier (a TorchScript classifier file, or 'digits')")
-    classes = conditions.labels.unique_consecutive().tolist()
+    classes = conditions.labels[:: args.n_per_class].tolist()  # one per block, a class listed twice included
     result, report = rejection_sample(model, classes, args.n_per_class, args.accept_rate,
                                       load_classifier(args.classifier), settings, **options)  # fmt: skip
     print(
