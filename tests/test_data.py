@@ -192,6 +192,11 @@ def test_array_layouts_and_ranges_agree():
     for invalid in (rgb / 100.0, rgb / 127.5 - 1.5, np.zeros((0, 8, 8, 3), np.uint8)):
         with pytest.raises(ValueError, match="must lie in|empty"):
             vd.ArrayDataset(invalid, None, 8, 3)
+    # one colour image without its N axis was read as 8 grey images 3 pixels wide
+    with pytest.raises(ValueError, match=r"^an array of shape \(8, 8, 3\) would be 8 grey images 3 pixels wide; one "
+                                         r"colour image is \(1, H, W, C\)"):  # fmt: skip
+        vd.ArrayDataset(rgb[0], None, 8, 3)
+    assert vd.ArrayDataset(np.zeros((5, 4, 3), np.uint8), None, 8, 1)[0].image.shape == (1, 8, 8)  # 4x3 greys
 
 
 def test_array_dataset_resizes_and_converts_channels():

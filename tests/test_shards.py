@@ -138,6 +138,56 @@ def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def test_a_webdataset_index_without_class_names_or_captions_still_gives_them(tmp_path):
+    """webdataset's own index (wids: shardlist with nsamples only) skipped the scan that finds the classes and
+    captions: a store of 0 classes and no captions, although every sample had cls and txt members."""
+    for shard in range(2):
+        members = []
+        for i in range(3):
+            key = f"s{shard}{i}"
+            members += [(f"{key}.png", _png(40 * i)), (f"{key}.cls", str(i).encode()), (f"{key}.txt", key.encode())]
+        _write_tar(tmp_path / f"train-{shard}.tar", members)
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+             "shardlist": [{"url": f"train-{shard}.tar", "nsamples": 3} for shard in range(2)]}  # fmt: skip
+    (tmp_path / "wids.json").write_text(json.dumps(index))
+    dataset = open_dataset(DataConfig(source=str(tmp_path / "wids.json"), image_size=8, channels=1))
+    assert len(dataset) == 6 and dataset.class_names == ["0", "1", "2"] and dataset.captioned
+    ours = json.loads((tmp_path / "wids.json").read_text()) | {"class_names": ["a", "b", "c"], "captions": False}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))  # pack-shards' index names them: taken as they are
+    dataset = open_dataset(DataConfig(source=str(tmp_path / "ours.json"), image_size=8, channels=1))
+    assert dataset.class_names == ["a", "b", "c"] and not dataset.captioned
+
+
+def test_a_shard_holding_more_than_its_index_names_is_said_to(tmp_path, caplog):
+    """Samples after the count an index names were left out without a word (the opposite, fewer, was warned)."""
+    from vqar.data.shards import Shard, shard_samples
+
+    _write_tar(tmp_path / "grown.tar", [(f"s{i}.png", _png(i)) for i in range(6)])
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert [i for i, _ in shard_samples(Shard(str(tmp_path / "grown.tar"), 4, 0, 4))] == [0, 1, 2, 3]
+        assert len(list(shard_samples(Shard(str(tmp_path / "grown.tar"), 6, 0, 6)))) == 6  # counted right
+        assert len(list(shard_samples(Shard(str(tmp_path / "grown.tar"), 6, 0, 2)))) == 2  # a --max-images cut
+    assert caplog.text.count("holds more samples than the 4 its index names: the rest were left out") == 1
+    assert caplog.text.count("holds more samples") == 1
+
+
+def test_the_folder_pack_shards_wrote_and_an_upper_case_tar_are_read_as_shards(digit_shards, tmp_path):
+    """`--data SHARDS_FOLDER` said "no image files under it (looked for extensions ...)", and `--data SHARD.TAR`
+    "expected a .npz or .npy file"."""
+    import shutil
+
+    from vqar.eval.sources import open_source
+
+    folder = digit_shards
+    through_index = open_dataset(DataConfig(source=str(folder / "shards.json")))
+    assert len(open_dataset(DataConfig(source=str(folder)))) == len(through_index)
+    assert len(open_source(folder)) == len(through_index)
+    first = sorted(folder.glob("*.tar"))[0]
+    shutil.copy(first, tmp_path / "SHARD.TAR")
+    assert len(open_dataset(DataConfig(source=str(tmp_path / "SHARD.TAR")))) == len(open_dataset(DataConfig(
+        source=str(first))))  # fmt: skip
+
+
 def test_corrupt_members_and_truncated_shards_are_skipped_and_counted(tmp_path):
     first = [("x0.png", _png(10)), ("x0.cls", b"1"), ("x1.png", b"not a png"), ("x1.cls", b"0")]
     first += [("x2.png", _png(30)), ("x2.cls", b"2"), ("x3.txt", b"no image")]

@@ -271,6 +271,16 @@ def test_caption_files_say_what_they_used_to_drop_or_misread(tmp_path, caplog):
         find_caption_file(folder)
 
 
+def test_a_tsv_caption_file_with_more_columns_keeps_the_caption_alone(tmp_path, caplog):
+    """`file<TAB>caption<TAB>url` lines stored "a black cat https://..." as the caption, and the header line
+    `file<TAB>caption<TAB>url` was read as a caption of a file called 'file'."""
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text("file\tcaption\turl\na.png\ta black cat\thttps://example.com/a.jpg\nb.png\ta dog\n")
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert read_captions(tsv) == {"a.png": ["a black cat"], "b.png": ["a dog"]}
+    assert "1 line(s) with more columns than file<TAB>caption: the columns after the caption were left" in caplog.text
+
+
 def test_digit_caption_phrasings_are_disjoint():
     assert digit_captions(7)[:2] == ["a handwritten seven", "the digit 7"]
     train = {c for d in range(10) for c in digit_captions(d)}

@@ -7,6 +7,7 @@ raising, so one corrupt JPEG in a million does not kill a multi-day run; the loa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zipfile
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from vqar.data.config import DataConfig
 from vqar.data.mnist import load_mnist_digits
 from vqar.data.samples import BadSample, Sample
-from vqar.data.shards import ShardDataset, is_shard_source, open_shards
+from vqar.data.shards import SHARD_INDEX, ShardDataset, is_shard_source, open_shards
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
 from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
 
@@ -311,6 +312,8 @@ def open_dataset(cfg: DataConfig) -> Dataset | ShardDataset:
             raise ValueError("the bundled digits take data.captions=digits (generated captions) or none")
         return digits
     path = Path(cfg.source).expanduser()
+    if path.is_dir() and (path / SHARD_INDEX).is_file():  # the folder `vqar pack-shards` wrote: read through its index
+        return open_dataset(dataclasses.replace(cfg, source=str(path / SHARD_INDEX)))
     if path.is_dir():
         folder = ImageFolderDataset(path, cfg.image_size, cfg.channels, max_images=cfg.max_images)
         caption_file = find_caption_file(path) if cfg.captions is None else cfg.captions

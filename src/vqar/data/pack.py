@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 
 from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
-from vqar.data.shards import is_shard_source, shard_index
+from vqar.data.shards import SHARD_INDEX, is_shard_source, shard_index
 from vqar.data.transforms import convert_channels
 from vqar.utils.images import open_image_bytes
 from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory, write_lock
 
 log = logging.getLogger("vqar.data")
 
-INDEX = "shards.json"
+INDEX = SHARD_INDEX
 SHARD_FOLDER_ENTRIES = re.compile(r"^(?:shards\.json|shard-\d+\.tar)$")  # what pack_shards writes
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 

@@ -56,6 +56,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 LABEL_KEY = "cls"
 CAPTION_KEYS = ("txt", "json")
 LIST_SUFFIXES = (".txt", ".shards")
+SHARD_INDEX = "shards.json"  # the index `vqar pack-shards` writes beside its shards
 _READ_KEYS = {*IMAGE_KEYS, LABEL_KEY, *CAPTION_KEYS}
 # The members webdataset's tar reader leaves out (`__key__`-style metadata), matched the same way by the scan.
 _META = re.compile(r"__[^/]*__($|/)")
@@ -106,10 +107,10 @@ def _gopen(url: str):
 
 def is_shard_source(source: str) -> bool:
     """Whether `data.source` names tar shards (a pattern, URL, shard list or shard index) rather than images."""
-    if is_remote(source) or re.search(r"\.(tar|tgz|tar\.gz)(\}|$|::)", source):
+    if is_remote(source) or re.search(r"\.(tar|tgz|tar\.gz)(\}|$|::)", source, flags=re.IGNORECASE):
         return True
     path = Path(source).expanduser()
-    return path.is_file() and path.suffix in (*LIST_SUFFIXES, ".json")
+    return path.is_file() and path.suffix.lower() in (*LIST_SUFFIXES, ".json")
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,22 @@ def _captions(raw: dict) -> list[str]:
     return []
 
 
+_UNDERCOUNTED: set[str] = set()  # shards already said to hold more than their index names (once per process)
+
+
+def _check_nothing_follows(grouped: Iterator[dict], shard: Shard) -> None:
+    """Warns (once per shard) when a sample follows the last one the index counts: an index made before the shard
+    grew, whose extra samples would be left out without a word."""
+    try:
+        extra = next(grouped, None)
+    except Exception:  # a damaged tail is not this check's to report; the samples counted were all read
+        return
+    if extra is not None and shard.url not in _UNDERCOUNTED:
+        _UNDERCOUNTED.add(shard.url)
+        log.warning("shard %s holds more samples than the %d its index names: the rest were left out (an index "
+                    "of the shards as they are now: vqar pack-shards writes one)", shard.url, shard.count)  # fmt: skip
+
+
 def shard_samples(shard: Shard, gaps: bool = False) -> Iterator[tuple[int, dict | BadSample]]:
     """(global index, raw sample) for the first `shard.used` samples of `shard`, always accounting for that many:
     positions a damaged or short tar cannot deliver come back as `BadSample`s naming the shard (so a report counts
@@ -290,11 +307,14 @@ def shard_samples(shard: Shard, gaps: bool = False) -> Iterator[tuple[int, dict 
         stream = _gopen(shard.url)
         try:
             members = ({**member, "__url__": shard.url} for member in tar_file_iterator(stream))
-            for raw in group_by_keys(members, suffixes=_READ_KEYS):
-                if position >= shard.used:
-                    break
+            grouped = group_by_keys(members, suffixes=_READ_KEYS)
+            for raw in grouped:
+                if position == shard.count - 1 == shard.used - 1:  # the shard's last sample, by its index's count
+                    _check_nothing_follows(grouped, shard)  # before handing it over: a reader stops at it
                 yield shard.start + position, raw
                 position += 1
+                if position >= shard.used:
+                    break
         finally:
             stream.close()
     except Exception as err:  # unreadable, truncated, or a duplicate member name
@@ -524,13 +544,16 @@ def open_shards(source: str, image_size: int, channels: int, *, captions: str | 
         raise ValueError(f"{source!r} names no shards")
     _check_local_files(listing.urls, source)
     counts, class_names, captioned = listing.counts, listing.class_names, listing.captioned
-    if counts is None:
+    if counts is None or class_names is None or captioned is None:
+        if counts is not None:  # webdataset's own index (wids) names the counts alone: classes went unsaid
+            log.info("the index of %s names no class_names or captions: reading its shards once to find them "
+                     "(vqar pack-shards writes an index that names them)", source)  # fmt: skip
         scans = _scan_all(listing.urls)
         unread = [scan for scan in scans if scan.error and not scan.count]
         if len(unread) == len(scans):  # a network or path problem, not empty shards
             raise ValueError(f"none of the {len(scans)} shards of {source} could be read (the first: "
                              f"{unread[0].error})")  # fmt: skip
-        counts = [scan.count for scan in scans]
+        counts = counts if counts is not None else [scan.count for scan in scans]
         labels = {label for scan in scans for label in scan.labels}
         if class_names is None:
             class_names = [str(i) for i in range(max(labels, default=-1) + 1)]

@@ -42,6 +42,11 @@ def to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
     value are taken as [0, 1], so a [-1, 1] array that happens to be all non-negative is misread.
     """
     images = np.asarray(images)
+    if images.ndim == 3 and images.shape[-1] in (3, 4) and images.shape[1] > 4:
+        # (N, H, W) grey images 3 or 4 pixels wide are never meant: this is one colour image without its N axis
+        raise ValueError(f"an array of shape {images.shape} would be {images.shape[0]} grey images "
+                         f"{images.shape[-1]} pixels wide; one colour image is (1, H, W, C): add the first axis "
+                         "(array[None])")  # fmt: skip
     if images.ndim == 3:
         images = images[..., None]
     elif images.ndim == 4:

@@ -64,7 +64,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     if path.suffix not in (".jsonl", ".tsv"):
         raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
     table: dict[str, list[str]] = defaultdict(list)
-    skipped = untabbed = 0
+    skipped = untabbed = wide = 0
     first = True
     with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
         for number, raw in enumerate(handle, start=1):
@@ -79,10 +79,12 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                 name, captions = _jsonl_record(line, f"{path}:{number}")
             else:
                 name, tab, caption = line.rstrip("\r\n").partition("\t")
+                caption, more, _ = caption.partition("\t")  # columns after the caption (a URL) are not caption text
                 if first and _is_tsv_header(name, caption):
                     first = False
                     continue
                 untabbed += not tab
+                wide += bool(more)
                 captions = [caption]
             first = False
             for caption in captions:
@@ -95,6 +97,9 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                 table[Path(name).as_posix()].append(" ".join(caption.split()))
     if untabbed:
         log.warning("%s: %d line(s) without a tab between the file name and the caption skipped", path, untabbed)
+    if wide:
+        log.warning("%s: %d line(s) with more columns than file<TAB>caption: the columns after the caption were left "
+                    "out", path, wide)  # fmt: skip
     if skipped - untabbed:
         log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped - untabbed)
     if not table:
