@@ -246,6 +246,8 @@ def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(
     code, err = run_cli(["train", "ar", "--resume", "npp.level=1", "npp.warmup_steps=7", "steps=4", "--out", str(run)],
                         capsys)  # fmt: skip
     assert code == 2 and "vqar: error: npp.warmup_steps=7 shapes next patch prediction" in err, err  # given anew
+    code, err = run_cli(["train", "ar", "--resume", "npp.level=1", "npp.rate=[1", "--out", str(run)], capsys)
+    assert code == 2 and err.startswith("vqar: error: cannot read the value of override 'npp.rate=[1'"), err
     caplog.clear()
     with caplog.at_level("WARNING", logger="vqar.train"):
         code, err = run_cli(["train", "ar", "--resume", "npp.level=1", "steps=4", "--out", str(run)], capsys)

@@ -259,7 +259,7 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     if captioned:  # a partial extraction of an older layout (one captions.json) starts again
         plan["caption_layout"] = caption_store.LAYOUT
     if getattr(dataset, "captions", None) is not None:  # another caption file (or the same edited) starts again
-        plan["captions_sha256"] = hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest()
+        plan["captions_sha256"] = _captions_digest(dataset.captions)
     work = _WorkFolder(out_dir)
     if par.is_main:
         done = work.prepare(plan)
@@ -302,6 +302,15 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", stored, seconds,
              stored / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
     return manifest
+
+
+def _captions_digest(captions: list) -> str:
+    """A digest of every item's captions, item by item (one JSON string of millions of captions would hold them all
+    in memory twice)."""
+    digest = hashlib.sha256()
+    for item in captions:
+        digest.update(json.dumps(item).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _source_key(source) -> str:

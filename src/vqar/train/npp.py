@@ -69,7 +69,7 @@ def resets_of_unused_npp(run_yaml: Path, overrides: Iterable[str]) -> list[str]:
         changed = OmegaConf.from_dotlist([item for item in overrides if item.startswith("npp.")]).get("npp", {})
         npp = NPPConfig(**{**fields, **OmegaConf.to_container(OmegaConf.create(changed))})
         unused = [name for name in npp.unused() if f"npp.{name}" not in given]
-    except (TypeError, ValueError):  # a damaged section or override is named by the configuration's own checks
+    except Exception:  # a damaged section or override (OmegaConf's own errors too) is named by the configuration
         return []
     if unused:
         log.warning("resuming %s: its run.yaml sets %s, which npp.level=%d%s leaves unused; put back to the default "
