@@ -81,18 +81,18 @@ class TokenizerRunConfig:
             )
 
 
-def _refuse_unbuilt_backbones(model: TokenizerConfig) -> None:
+def _refuse_unbuilt_backbones(config: TokenizerConfig) -> None:
     """Settings of the backbone sections `model.arch` does not build (`model.conv.*` of a ViT-VQGAN) would be saved
     in run.yaml and do nothing, however absurd (`model.conv.ch=-16`)."""
     for name in BACKBONES:
-        if name == model.arch:
+        if name == config.arch:
             continue
-        section = getattr(model, name)
+        section = getattr(config, name)
         for setting in dataclasses.fields(section):
             value = getattr(section, setting.name)
             if value != getattr(type(section)(), setting.name):
                 raise ValueError(f"model.{name}.{setting.name}={value} shapes the {name} backbone, which "
-                                 f"model.arch={model.arch} does not build: leave it out")  # fmt: skip
+                                 f"model.arch={config.arch} does not build: leave it out")  # fmt: skip
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> TokenizerRunConfig:
