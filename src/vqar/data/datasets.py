@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from vqar.data.config import DataConfig
 from vqar.data.mnist import load_mnist_digits
 from vqar.data.samples import BadSample, Sample
-from vqar.data.shards import SHARD_INDEX, ShardDataset, is_shard_source, open_shards
+from vqar.data.shards import ShardDataset, is_shard_source, open_shards, shard_folder_index
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
 from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
 
@@ -312,8 +312,8 @@ def open_dataset(cfg: DataConfig) -> Dataset | ShardDataset:
             raise ValueError("the bundled digits take data.captions=digits (generated captions) or none")
         return digits
     path = Path(cfg.source).expanduser()
-    if path.is_dir() and (path / SHARD_INDEX).is_file():  # the folder `vqar pack-shards` wrote: read through its index
-        return open_dataset(dataclasses.replace(cfg, source=str(path / SHARD_INDEX)))
+    if index := shard_folder_index(path):  # the folder `vqar pack-shards` wrote: read through its index
+        return open_dataset(dataclasses.replace(cfg, source=index))
     if path.is_dir():
         folder = ImageFolderDataset(path, cfg.image_size, cfg.channels, max_images=cfg.max_images)
         caption_file = find_caption_file(path) if cfg.captions is None else cfg.captions

@@ -35,7 +35,6 @@ from vqar.utils.io import atomic_write_text, check_replaceable, replace_director
 
 log = logging.getLogger("vqar.data")
 
-INDEX = SHARD_INDEX
 SHARD_FOLDER_ENTRIES = re.compile(r"^(?:shards\.json|shard-\d+\.tar)$")  # what pack_shards writes
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -139,7 +138,7 @@ def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shu
         names = [path.name for path in writer.paths]
         index_data = shard_index(names, writer.counts, list(getattr(dataset, "class_names", [])), captioned)
         index_data["source"] = str(source)
-        atomic_write_text(work / INDEX, json.dumps(index_data, indent=1))
+        atomic_write_text(work / SHARD_INDEX, json.dumps(index_data, indent=1))
         replace_directory(work, out_dir)
     except BaseException:
         writer.close()
@@ -154,7 +153,7 @@ def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shu
 def is_shard_folder(path: Path) -> bool:
     """Whether `path` holds the shards.json index `pack_shards` writes (what --overwrite may replace)."""
     try:
-        return isinstance(json.loads((path / INDEX).read_text()).get("shardlist"), list)
+        return isinstance(json.loads((path / SHARD_INDEX).read_text()).get("shardlist"), list)
     except (OSError, ValueError, AttributeError):
         return False
 

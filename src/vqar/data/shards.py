@@ -57,6 +57,12 @@ LABEL_KEY = "cls"
 CAPTION_KEYS = ("txt", "json")
 LIST_SUFFIXES = (".txt", ".shards")
 SHARD_INDEX = "shards.json"  # the index `vqar pack-shards` writes beside its shards
+
+
+def shard_folder_index(source: str | Path) -> str | None:
+    """The index of a folder `vqar pack-shards` wrote, given as a data source (`--data DIR`); None otherwise."""
+    index = Path(str(source)).expanduser() / SHARD_INDEX
+    return str(index) if index.is_file() else None
 _READ_KEYS = {*IMAGE_KEYS, LABEL_KEY, *CAPTION_KEYS}
 # The members webdataset's tar reader leaves out (`__key__`-style metadata), matched the same way by the scan.
 _META = re.compile(r"__[^/]*__($|/)")

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
-from vqar.data.shards import IMAGE_KEYS, SHARD_INDEX, is_shard_source, open_shards, shard_samples
+from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_folder_index, shard_samples
 from vqar.data.transforms import convert_channels
 from vqar.utils.images import open_image_bytes
 from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
@@ -467,8 +467,8 @@ def _open_source(source: str | Path, max_images: int | None) -> ImageSource:
         return NpzSource(path, max_images)
     if path.is_file() and path.suffix == ".npy":
         return NpySource(path, max_images)
-    if path.is_dir() and (path / SHARD_INDEX).is_file():  # the folder `vqar pack-shards` wrote
-        return ShardSource(str(path / SHARD_INDEX), max_images)
+    if index := shard_folder_index(path):  # the folder `vqar pack-shards` wrote
+        return ShardSource(index, max_images)
     if path.is_dir():
         _refuse_training_run(path)
         return FolderSource(path, max_images)

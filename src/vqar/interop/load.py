@@ -23,8 +23,8 @@ from vqar.ar import ARModel
 from vqar.ar.contract import CodeTokenizer
 from vqar.bundle import CONFIG_FILE, TOKENIZER_KIND, WEIGHTS_FILE, is_hub_repo_id, load, read_config
 from vqar.data.codes import is_code_store
-from vqar.data.pack import INDEX as SHARD_INDEX
 from vqar.data.pack import is_shard_folder
+from vqar.data.shards import SHARD_INDEX
 from vqar.interop import llamagen, rq_release, var, var_transformer
 from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
