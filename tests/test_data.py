@@ -83,6 +83,18 @@ def test_image_folder_classes_labels_and_pixels(image_tree: Path):
     assert all(gray[i].image.shape == (1, 8, 8) for i in range(len(gray)))
 
 
+def test_a_class_folder_without_images_is_said_to_be_no_class(image_tree: Path, caplog):
+    """An emptied class folder numbered the classes after it one lower without a word."""
+    (image_tree / "birds").mkdir()
+    (image_tree / "birds" / "list.txt").write_text("no images here")
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        data = vd.ImageFolderDataset(image_tree, image_size=8, channels=3)
+    assert data.class_names == ["cats", "dogs"]
+    said = [r.getMessage() for r in caplog.records if "hold no images" in r.getMessage()]
+    assert said == [f"1 sub-folder(s) of {image_tree} hold no images and are no class (birds): the 2 classes are "
+                    "those with images, numbered in sorted order"]  # the hidden folder is not named
+
+
 def test_image_folder_without_subfolders_is_unlabeled(tmp_path: Path):
     for i in range(3):
         Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / f"{i}.png")
@@ -208,6 +220,8 @@ def test_array_dataset_resizes_and_converts_channels():
     as_rgb = vd.ArrayDataset(images[..., 0], [4], 12, 3)[0]
     assert as_rgb.label == 4 and as_rgb.image.shape == (3, 12, 12)
     assert torch.equal(as_rgb.image[0], as_rgb.image[2]) and as_rgb.image.max() == 1.0
+    with pytest.raises(ValueError, match=r"^class id 4 is out of range: the 2 class names given take ids 0 to 1$"):
+        vd.ArrayDataset(images[..., 0], [4], 12, 3, class_names=["a", "b"])
 
 
 def test_npz_round_trip(tmp_path: Path):

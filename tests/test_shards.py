@@ -232,6 +232,22 @@ def test_extraction_counts_every_lost_sample_and_says_what_it_stored(untrained_t
     assert re.search(r"encoded 13 images in ", caplog.text), caplog.text
 
 
+def test_a_class_id_beyond_the_index_class_names_makes_its_sample_unusable(tmp_path):
+    """Stored as it was, a class id the index names no class for was refused only when an AR model trained on the
+    code store, after the whole extraction."""
+    members = []
+    for i in range(3):
+        members += [(f"s{i}.png", _png(40 * i)), (f"s{i}.cls", str(i).encode())]
+    _write_tar(tmp_path / "train-0.tar", members)
+    index = {"shardlist": [{"url": "train-0.tar", "nsamples": 3}], "class_names": ["a", "b"], "captions": False}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    items = _all_items(open_dataset(DataConfig(source=str(tmp_path / "index.json"), image_size=8, channels=1)))
+    assert [item.label for item in items[:2]] == [0, 1]
+    assert not hasattr(items[2], "image") and "class id 2 is beyond the 2 class names of the index" in items[2].error
+    raw = {"__key__": "x0", "png": _png(10), "cls": b"7"}  # an index naming no classes takes any id
+    assert decode_sample(raw, 0, image_size=8, channels=1, captioned=False).label == 7
+
+
 def test_a_caption_that_is_no_unicode_text_makes_its_sample_unusable():
     # JSON can escape a lone surrogate; such a caption cannot be tokenized or written to a caption store as UTF-8.
     raw = {"__key__": "x0", "png": _png(10), "json": b'{"caption": "caf\\udce9"}'}

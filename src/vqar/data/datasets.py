@@ -26,6 +26,7 @@ from vqar.data.samples import BadSample, Sample
 from vqar.data.shards import ShardDataset, is_shard_source, open_shards, shard_folder_index
 from vqar.data.transforms import convert_channels, fit_image, to_tensor, to_uint8_nhwc
 from vqar.text.captions import captions_for_files, digit_captions, find_caption_file, read_captions
+from vqar.utils.images import open_image
 
 log = logging.getLogger("vqar.data")
 
@@ -108,6 +109,18 @@ def _is_alias(folder: Path, real_root: str) -> bool:
     return True
 
 
+def _warn_of_folders_without_images(root: Path, class_names: list[str]) -> None:
+    """Says which sub-folders of root are no class for want of images: a class folder emptied by a failed copy
+    numbered the classes after it one lower without a word."""
+    with os.scandir(root) as listing:
+        empty = sorted(entry.name for entry in listing if entry.is_dir() and not entry.is_symlink()
+                       and not entry.name.startswith(".") and entry.name not in class_names)  # fmt: skip
+    if empty:
+        log.warning("%d sub-folder(s) of %s hold no images and are no class (%s): the %d classes are those with "
+                    "images, numbered in sorted order", len(empty), root, ", ".join(empty[:5]) + (", ..." if
+                    len(empty) > 5 else ""), len(class_names))  # fmt: skip
+
+
 class ImageFolderDataset(Dataset[Sample | BadSample]):
     """Every image file under `root` (recursively); the first sub-folder below root names the class.
 
@@ -129,6 +142,8 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         folders = [path.relative_to(self.root).parts for path in files]
         self.class_names: list[str] = sorted({parts[0] for parts in folders if len(parts) > 1})
         class_ids = {name: i for i, name in enumerate(self.class_names)}
+        if self.class_names:
+            _warn_of_folders_without_images(self.root, self.class_names)
         keep = _spread_indices(len(files), max_images)
         self.listed = files  # every image, where `max_images` keeps a subset: what a caption file may name
         self.source_indices = keep  # item i is file source_indices[i] of the listed ones
@@ -159,7 +174,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
     def __getitem__(self, index: int) -> Sample | BadSample:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 # load() forces a full decode here, so truncated or corrupt files fail inside this try.
                 image.load()
                 converted = convert_channels(image, self.channels)
@@ -217,6 +232,9 @@ class ArrayDataset(Dataset[Sample]):
             # Class names are made for every id up to the largest: 2^40 of them would never finish.
             raise ValueError(f"class id {label_array.max()} is out of range: {len(label_array)} images take class "
                              f"ids below {limit}")  # fmt: skip
+        if class_names is not None and label_array.max(initial=-1) >= len(class_names):
+            raise ValueError(f"class id {label_array.max()} is out of range: the {len(class_names)} class names "
+                             f"given take ids 0 to {len(class_names) - 1}")  # fmt: skip
         if class_names is None:  # from every label: a `max_images` subset without the last class keeps its id
             class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
         keep = _spread_indices(pixels.shape[0], max_images)

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vqar.data.samples import BadSample, Sample
 from vqar.data.transforms import convert_channels, fit_image, to_tensor
 from vqar.text.captions import is_unicode
-from vqar.utils.images import open_image_bytes
+from vqar.utils.images import open_image
 
 log = logging.getLogger("vqar.data")
 
@@ -250,20 +250,24 @@ def _count_samples(members: Iterable[tuple[str, Callable[[], bytes]]], scan: Sha
             scan.captioned = True
 
 
-def decode_sample(raw: dict, index: int, image_size: int, channels: int, captioned: bool) -> Sample | BadSample:
-    """One sample's members (bytes by suffix) -> a `Sample`, or a `BadSample` naming `url:key` and the problem."""
+def decode_sample(raw: dict, index: int, image_size: int, channels: int, captioned: bool,
+                  num_classes: int = 0) -> Sample | BadSample:  # fmt: skip
+    """One sample's members (bytes by suffix) -> a `Sample`, or a `BadSample` naming `url:key` and the problem.
+    `num_classes`: the classes the index names (0: none named, any class id taken)."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     try:
         key = next((k for k in IMAGE_KEYS if k in raw), None)
         if key is None:
             found = sorted(k for k in raw if not k.startswith("_"))
             raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
-        with open_image_bytes(raw[key], where) as image:
+        with open_image(raw[key], where) as image:
             image.load()
             pixels = to_tensor(fit_image(convert_channels(image, channels), image_size))
         label = int(raw[LABEL_KEY].decode().strip()) if LABEL_KEY in raw else -1
         if label < -1:
             raise ValueError(f"class id {label} is negative")
+        if num_classes and label >= num_classes:  # else stored, and refused only when an AR model trains on it
+            raise ValueError(f"class id {label} is beyond the {num_classes} class names of the index")
         captions = _captions(raw) if captioned else None
     except Exception as err:  # as for files in a folder: any decoder error means "this sample is unusable"
         return BadSample(index=index, path=where, error=f"{type(err).__name__}: {err}")
@@ -410,7 +414,7 @@ class ShardDataset:
     def decode(self, index: int, raw: dict | BadSample) -> Sample | BadSample:
         if isinstance(raw, BadSample):
             return raw
-        return decode_sample(raw, index, self.image_size, self.channels, self.captioned)
+        return decode_sample(raw, index, self.image_size, self.channels, self.captioned, len(self.class_names))
 
     # ------------------------------------------------------------------ loaders
     def training_loader(self, *, epoch: int, start: int, batches: int, batch_size: int, seed: int, rank: int,
