@@ -364,3 +364,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     assert read_captions(tmp_path / "captions.tsv") == {"x/1.jpg": ["a dog"]}
     (tmp_path / "captions.jsonl").write_bytes(bom + b'{"file": "x/1.jpg", "caption": "a dog"}\n')
     assert read_captions(tmp_path / "captions.jsonl") == {"x/1.jpg": ["a dog"]}
+
+
+def test_an_image_past_pillows_size_limit_is_named_in_one_line(tokenizer_folder, tmp_path, capsys, monkeypatch,
+                                                               recwarn):  # fmt: skip
+    """Pillow's warning of a possible decompression bomb was a raw Python warning (its own source line, then
+    `warnings.warn(`) that named no file."""
+    # a 40x40 image is then past the limit, not past twice it; the tokenizer's 32x32 resize is below it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    picture = tmp_path / "large.png"
+    Image.new("L", (40, 40), 128).save(picture)
+    code, err = run_cli(["reconstruct", "--tokenizer", str(tokenizer_folder), str(picture), str(picture), "--out",
+                         str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0, err
+    said = [line.removeprefix("vqar: ") for line in err.splitlines() if "pixels" in line]
+    assert said == [f"{picture} is 40x40, 1,600 pixels: over Pillow's limit of 1,200 for images that may be "
+                    "decompression bombs, decoded anyway (PIL.Image.MAX_IMAGE_PIXELS sets the limit)"], err  # once
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # nor Pillow's too

@@ -92,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         apply_thread_policy()  # once, before any work (see vqar.utils.threads)
+        _quiet_pillow_size_warning()
         with logging_redirect_tqdm(), created_folders_removed_on_failure(*_out_of(args)) as tidy:
             code = args.func(args)
             if code:  # failed without raising (`vqar reconstruct` of files that are all missing)
@@ -127,6 +128,16 @@ def _run(args: argparse.Namespace) -> int:
         if _reports():  # Ctrl-C reaches every process of a torchrun launch: rank 0 says so once
             print(f"vqar: {_interrupted(args)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+def _quiet_pillow_size_warning() -> None:
+    """Pillow's warning of a large image is a raw Python warning line that names no file; `open_image` says it in
+    vqar's words, naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class StoppedByTheLauncher(BaseException):

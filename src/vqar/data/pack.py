@@ -30,7 +30,7 @@ from vqar.data.config import DataConfig
 from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
 from vqar.data.shards import SHARD_INDEX, is_shard_source, shard_index
 from vqar.data.transforms import convert_channels
-from vqar.utils.images import open_image_bytes
+from vqar.utils.images import open_image
 from vqar.utils.io import atomic_write_text, check_replaceable, replace_directory, write_lock
 
 log = logging.getLogger("vqar.data")
@@ -51,7 +51,7 @@ def _file_member(path: Path) -> tuple[str, bytes]:
     """(suffix, bytes) of an image file: its own bytes when the format is one the shards take, else PNG. Raises
     when the file cannot be decoded, so a corrupt file never reaches a shard."""
     data = path.read_bytes()
-    with open_image_bytes(data, str(path)) as image:
+    with open_image(data, str(path)) as image:
         image.load()  # a full decode: truncated files fail here
         kept = _KEPT_FORMATS.get(image.format or "")
         if kept:

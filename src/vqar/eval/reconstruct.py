@@ -15,7 +15,7 @@ from vqar.eval.sources import image_files
 from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
-from vqar.utils.images import make_grid, psnr, save_image
+from vqar.utils.images import make_grid, open_image, psnr, save_image
 from vqar.utils.io import check_folder_writable
 
 log = logging.getLogger("vqar.eval")
@@ -24,7 +24,7 @@ log = logging.getLogger("vqar.eval")
 def load_image_tensor(path: str | Path, channels: int, size: int) -> torch.Tensor:
     """A file as a (1, C, size, size) tensor in [-1, 1]; unreadable files raise ValueError naming the file."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             picture = fit_image(convert_channels(image, channels), size)
     except FileNotFoundError:

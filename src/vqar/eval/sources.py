@@ -41,7 +41,7 @@ from vqar.data.datasets import scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_folder_index, shard_samples
 from vqar.data.transforms import convert_channels
-from vqar.utils.images import open_image_bytes
+from vqar.utils.images import open_image
 from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
 
 log = logging.getLogger("vqar.eval")
@@ -332,7 +332,7 @@ def _decode(image: Image.Image, mode: str) -> np.ndarray:
 
 def _read_image(path: Path, mode: str) -> np.ndarray | None:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return _decode(image, mode)
     except (OSError, UnidentifiedImageError, ValueError) as err:
@@ -384,7 +384,7 @@ def _sample_image(raw: dict) -> Image.Image:
     if key is None:
         found = sorted(k for k in raw if not k.startswith("_"))
         raise ValueError(f"no image member (.{', .'.join(IMAGE_KEYS)}) among {found}")
-    return open_image_bytes(raw[key], f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}")
+    return open_image(raw[key], f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}")
 
 
 class ShardSource(ImageSource):

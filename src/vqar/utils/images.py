@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,15 +13,29 @@ from PIL import Image, UnidentifiedImageError
 
 from vqar.utils.io import atomic_write
 
+log = logging.getLogger("vqar.images")
 
-def open_image_bytes(data: bytes, name: str) -> Image.Image:
-    """The image an encoded file's bytes hold (lazily decoded, as `Image.open`). Bytes of no image format raise an
-    error that names `name` (the file, or a shard's url:key): Pillow's names its buffer, <_io.BytesIO object at
-    0x...>, where a report of skipped files showed it."""
+
+def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """The image of a file, or of an encoded file's bytes, lazily decoded (as `Image.open`). Problems name `name`
+    (default: the path): Pillow names a buffer <_io.BytesIO object at 0x...>, where a report of skipped files showed
+    it, and its warning of an image past its decompression-bomb limit names no file at all (the CLI silences that
+    one; this says it in its place, once per file)."""
+    name = str(source) if name is None else name
     try:
-        return Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except UnidentifiedImageError:
         raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+    limit, pixels = Image.MAX_IMAGE_PIXELS, image.width * image.height
+    if limit and pixels > limit and name not in _SAID_LARGE:  # past 2x the limit Pillow refuses the image instead
+        _SAID_LARGE.add(name)
+        log.warning("%s is %dx%d, %s pixels: over Pillow's limit of %s for images that may be decompression bombs, "
+                    "decoded anyway (PIL.Image.MAX_IMAGE_PIXELS sets the limit)", name, image.width, image.height,
+                    f"{pixels:,}", f"{limit:,}")  # fmt: skip
+    return image
+
+
+_SAID_LARGE: set[str] = set()  # the files `open_image` has said are large (once per process)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
