@@ -8,8 +8,9 @@ with a message that names the key and what is valid.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with a message saying why."""
+
+
+def changed_settings(config: Any, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The settings of the dataclass instance `config` (every field, or those of `names`) whose values differ from
+    the dataclass's defaults, in that order: what a check refuses where a setting would be saved and do nothing."""
+    defaults = type(config)()
+    names = [field.name for field in dataclasses.fields(config)] if names is None else names
+    return {name: getattr(config, name) for name in names if getattr(config, name) != getattr(defaults, name)}
 
 
 def preset_names(group: str) -> list[str]:

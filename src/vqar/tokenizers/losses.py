@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqar.configs import changed_settings
 from vqar.tokenizers.discriminator import (
     PatchGANDiscriminator,
     adaptive_generator_weight,
@@ -91,9 +92,8 @@ class TokenizerLossConfig:
                                  "loss.disc_arch=stylegan builds the StyleGAN one: leave it out")  # fmt: skip
 
     def _refuse_changed(self, names: tuple[str, ...], why: str) -> None:
-        for name in names:
-            if getattr(self, name) != getattr(TokenizerLossConfig, name):
-                raise ValueError(f"loss.{name}={getattr(self, name)} {why}")
+        for name, value in changed_settings(self, names).items():
+            raise ValueError(f"loss.{name}={value} {why}")
 
 
 class TokenizerObjective(nn.Module):

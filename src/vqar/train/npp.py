@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vqar.configs import preset_fields
+from vqar.configs import changed_settings, preset_fields
 
 log = logging.getLogger("vqar.train")
 
@@ -52,7 +52,7 @@ class NPPConfig:
             names = ["warmup_steps", "decay_ratio", "end_lr_ratio"]
         else:
             return []
-        return [name for name in names if getattr(self, name) != getattr(NPPConfig, name)]
+        return list(changed_settings(self, names))
 
 
 def resets_of_unused_npp(run_yaml: Path, overrides: Iterable[str]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vqar.bundle import save_pretrained
-from vqar.configs import compose_node, to_config, to_yaml
+from vqar.configs import changed_settings, compose_node, to_config, to_yaml
 from vqar.data import Batch, DataConfig, build_datasets, check_readable, random_hflip
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.tokenizers import Tokenizer, TokenizerConfig
@@ -87,12 +87,9 @@ def _refuse_unbuilt_backbones(config: TokenizerConfig) -> None:
     for name in BACKBONES:
         if name == config.arch:
             continue
-        section = getattr(config, name)
-        for setting in dataclasses.fields(section):
-            value = getattr(section, setting.name)
-            if value != getattr(type(section)(), setting.name):
-                raise ValueError(f"model.{name}.{setting.name}={value} shapes the {name} backbone, which "
-                                 f"model.arch={config.arch} does not build: leave it out")  # fmt: skip
+        for setting, value in changed_settings(getattr(config, name)).items():
+            raise ValueError(f"model.{name}.{setting}={value} shapes the {name} backbone, which "
+                             f"model.arch={config.arch} does not build: leave it out")  # fmt: skip
 
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> TokenizerRunConfig:
