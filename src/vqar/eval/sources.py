@@ -512,10 +512,10 @@ def check_enough_images(images: ImageSource | None, advice: str = "", limit_opti
     """ValueError naming a set of fewer than 2 images, of which no covariance (no FID or rFID, no statistics) can be
     made: said before its Inception pass, not by numpy after it. Where the limit the command was given
     (`limit_option`) made the set that small, the message names it."""
-    if images is not None and len(images) < 2:
-        count = len(images)
-        if images.limit is not None and images.limit < 2:
-            raise ValueError(f"{limit_option} {images.limit} keeps {count} image{'s' * (count != 1)} of "
-                             f"{images.where}; FID statistics need at least 2{advice}")  # fmt: skip
-        raise ValueError(f"{images.where} holds {count} image{'s' * (count != 1)}; FID statistics need at least "
-                         f"2{advice}")  # fmt: skip
+    if images is None or len(images) >= 2:
+        return
+    count = f"{len(images)} image{'s' * (len(images) != 1)}"
+    said = f"{images.where} holds {count}"
+    if images.limit is not None and images.limit < 2:
+        said = f"{limit_option} {images.limit} keeps {count} of {images.where}"
+    raise ValueError(f"{said}; FID statistics need at least 2{advice}")
