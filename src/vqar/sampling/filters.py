@@ -32,14 +32,19 @@ def filter_logits(
     return logits
 
 
+def _top_k_widened(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest logits of each row, sorted, largest first, and their codes: a few more than k, because
+    low-precision logits tie often and every code tied with the k-th is kept."""
+    return torch.topk(logits, min(logits.shape[-1], k + max(16, k // 16)), dim=-1)
+
+
 def _top_k_with_ties(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row and every code tied with the k-th, sorted (a row with fewer than the
-    widest row's count is padded with -inf), and their codes. The common case costs one topk: it takes a few more
-    than k (low-precision logits tie often), and only a row whose ties run past those counts the vocabulary."""
-    width = min(logits.shape[-1], k + max(16, k // 16))
-    values, candidates = torch.topk(logits, width, dim=-1)  # sorted, largest first
+    widest row's count is padded with -inf), and their codes. The common case costs one topk (`_top_k_widened`);
+    only a row whose ties run past it counts the vocabulary."""
+    values, candidates = _top_k_widened(logits, k)
     kth = values[..., k - 1 : k]
-    if width < logits.shape[-1] and bool((values[..., -1:] == kth).any()):
+    if values.shape[-1] < logits.shape[-1] and bool((values[..., -1:] == kth).any()):
         values, candidates = torch.topk(logits, int((logits >= kth).sum(-1).max()), dim=-1)
     return values.masked_fill(values < kth, float("-inf")), candidates
 
@@ -48,11 +53,10 @@ def _top_k_static(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """`_top_k_with_ties` for a compiled step, at shapes that never depend on the values: its fallback is a
     data-dependent branch, a graph break in every step with top-k (1.5x slower at batch 1). The tied codes one
     topk left out are counted instead (None when it took the whole vocabulary), to be drawn from as one column."""
-    width = min(logits.shape[-1], k + max(16, k // 16))
-    values, candidates = torch.topk(logits, width, dim=-1)  # sorted, largest first
+    values, candidates = _top_k_widened(logits, k)
     kth = values.narrow(-1, k - 1, 1)
     values = values.masked_fill(values < kth, float("-inf"))
-    if width == logits.shape[-1]:
+    if values.shape[-1] == logits.shape[-1]:
         return values, candidates, None
     return values, candidates, (logits == kth).sum(-1, keepdim=True) - (values == kth).sum(-1, keepdim=True)
 
