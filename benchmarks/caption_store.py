@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -186,16 +185,10 @@ def run_measured(store: Path, args) -> dict:
 
 
 def cpu_kind() -> str:
-    name = platform.processor() or "unknown CPU"
-    flags = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
-    except (OSError, StopIteration):
-        pass
+    from vqar.utils import device
+
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{name}, {flags}, {os.cpu_count()} cores, load average {load}"
+    return f"{device.cpu_kind()}, {os.cpu_count()} cores, load average {load}"
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from vqar.bundle import load
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.speculative import DecodeStats
+from vqar.utils import device
 
 BATCHES = (1, 8, 64)
 
@@ -67,12 +67,7 @@ MODELS = {
 
 
 def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    simd = "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else \
-        "AVX2" if "avx2" in flags else "no AVX2"  # fmt: skip
-    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                platform.processor())  # fmt: skip
-    return f"{name} ({simd}, {torch.get_num_threads()} threads)"
+    return f"{device.cpu_kind()}, {torch.get_num_threads()} threads"
 
 
 def timed(model, conditions, settings, batch: int, compile: bool) -> tuple[float, DecodeStats]:
