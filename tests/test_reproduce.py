@@ -37,6 +37,7 @@ HUB = "https://huggingface.co/tiny-org/tiny-gpt/resolve/main"
 REF_URL = "https://example.org/ref/tiny_reference.npz"
 VQ_FIELDS = {"codebook_size": 32, "codebook_embed_dim": 4, "codebook_l2_norm": True, "encoder_ch_mult": [1, 2, 2],
              "decoder_ch_mult": [1, 2, 2], "z_channels": 8, "ch": 32, "image_size": 16}  # fmt: skip
+TOKENIZER_RELEASE = "releases:\n  - {{name: x, category: tokenizer, files: {{model: {}}}}}\n"  # .format(the file)
 GPT_FIELDS = {"preset": "GPT-B", "dim": 32, "n_layer": 2, "n_head": 4, "block_size": 16}
 
 
@@ -162,6 +163,13 @@ def test_unknown_release_is_a_one_line_error(capsys):
         (b"releases: [1,\n", "is not a release table: YAML (or JSON) cannot read it (expected the node content, but "
                              "found '<stream end>' at line 2, column 1)"),
         (b"a\x00b: 1\n", "is not a release table: YAML (or JSON) cannot read it (special characters are not allowed)"),
+        # a file's size and url: size [1] was a TypeError traceback, 'abc' "invalid literal for int()", -5 taken
+        *[(TOKENIZER_RELEASE.format(f"{{url: 'https://a/b.pt', size: {size}}}"),
+           f"x files.model: size must be a number of bytes or 'unknown', got {shown}")
+          for size, shown in (("[1]", "[1]"), ("abc", "'abc'"), ("-5", "-5"))],
+        *[(TOKENIZER_RELEASE.format(f"{{url: {url}}}"),
+           f"x files.model: url must be the address of a file (https://HOST/PATH), got {shown}")
+          for url, shown in (("5", "5"), ("''", "''"))],
     ],
 )
 @pytest.mark.parametrize("how", ["option", "environment"])
@@ -233,6 +241,41 @@ def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsy
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+def test_options_a_reproduction_alone_uses_are_refused_beside_download_only(tmp_path, capsys):
+    """--download-only took --top-p 5, --cfg 0.1 and an --out that is a file without a word, and went on."""
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "file").write_text("")
+    command = ["reproduce", "var-d16", "--download-only", "--mirror", str(tmp_path / "mirror"), "--cache",
+               str(tmp_path / "cache"), "--top-p", "5", "--cfg", "0.1", "--out", str(tmp_path / "file")]  # fmt: skip
+    assert main(command) == 2
+    assert capsys.readouterr().err == ("vqar: error: --download-only fetches and checks the files, then stops: --out, "
+                                       "--cfg, --top-p would do nothing; leave them out\n")  # fmt: skip
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_sample_count_for_a_text_to_image_release_is_refused(tmp_path, capsys):
+    """--num-samples 1000000000 was taken and ignored: a text-to-image release draws one sample per prompt."""
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    command = ["reproduce", "rq-cc3m", "--prompts", str(tmp_path / "prompts.txt"), "--num-samples", "1000000000",
+               "--mirror", str(tmp_path / "mirror"), "--cache", str(tmp_path / "cache"), "--out",
+               str(tmp_path / "out")]  # fmt: skip
+    assert main(command) == 2
+    assert capsys.readouterr().err == ("vqar: error: --num-samples does not apply to rq-cc3m, a text-to-image release: "
+                                       "it draws one sample per prompt of --prompts (give fewer prompts for fewer "
+                                       "samples)\n")  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_default_out_of_a_failed_reproduction_is_removed(tmp_path, capsys, monkeypatch):
+    """Without --out, a failed download left reproductions/NAME behind, empty (an --out given was tidied)."""
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "var-d16", "--num-samples", "10", "--mirror", "mirror", "--cache", "cache"]) == 2
+    assert "var_d16.pth: not in the mirror mirror" in capsys.readouterr().err
+    assert not (tmp_path / "reproductions").exists()
+
+
 def test_more_samples_than_the_disk_holds_are_refused_before_the_download(tmp_path, capsys):
     """`--n 1000000000` was taken, and filled 16 GB of memory with its conditions within 25 s."""
     (tmp_path / "mirror").mkdir()  # empty: a download would fail with "not in the mirror"
@@ -285,6 +328,46 @@ def test_download_is_checked_resumed_and_done_once(tmp_path):
         fetch(RemoteFile(url), folder, str(mirror), progress=False)
 
 
+def test_a_mirror_that_is_no_folder_or_url_is_named(tmp_path):
+    """A missing mirror folder was "not in the mirror", an ftp:// one was read as a folder named "ftp:"."""
+    (tmp_path / "file").write_text("")
+    file = RemoteFile("https://huggingface.co/o/r/resolve/main/w.bin")
+    for mirror, error, message in [(tmp_path / "nowhere", FileNotFoundError, "does not exist"),
+                                   (tmp_path / "file", FileNotFoundError, "is not a folder"),
+                                   ("ftp://127.0.0.1:1", ValueError, "give a local folder or an http(s):// base URL")]:
+        with pytest.raises(error, match=f"^mirror {re.escape(str(mirror))}:? {re.escape(message)}"):
+            fetch(file, tmp_path / "cache", str(mirror), progress=False)
+
+
+def test_a_copy_no_digest_checks_is_fetched_again_once_the_mirror_changed(tmp_path):
+    """A damaged copy in a mirror, which no digest could catch, stayed in the cache after the mirror was fixed."""
+    mirror, url = tmp_path / "mirror", "https://example.org/ref/batch.npz"
+    source = _mirror_path(mirror, url)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"half a copy")
+    got = fetch(RemoteFile(url), tmp_path / "cache", str(mirror), progress=False)
+    assert got.read_bytes() == b"half a copy"
+    assert fetch(RemoteFile(url), tmp_path / "cache", str(mirror), progress=False).read_bytes() == b"half a copy"
+    source.write_bytes(b"the whole file, fixed")
+    assert fetch(RemoteFile(url), tmp_path / "cache", str(mirror), progress=False).read_bytes() == source.read_bytes()
+
+
+def test_an_unreadable_download_no_digest_checked_says_how_to_fetch_it_again(tmp_path, capsys):
+    mirror = tmp_path / "mirror"
+    table = load_table([])
+    release = table.get("var-d16")
+    remotes = [*release.files.values(), table.reference(release)[0]]
+    for remote in remotes:
+        assert remote.sha256 is None  # else a digest would catch it
+        _mirror_path(mirror, remote.url).parent.mkdir(parents=True, exist_ok=True)
+        _mirror_path(mirror, remote.url).write_bytes(os.urandom(3000))
+    assert main(["reproduce", "var-d16", "--num-samples", "10", "--mirror", str(mirror), "--cache",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is not a readable .npz reference batch" in err, err
+    assert err.endswith("(fetched with no digest to check it by: remove it and its .sha256 to fetch it again)\n")
+
+
 def test_http_downloads_continue_with_a_range_request(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -329,7 +412,7 @@ def test_wrong_checksum_and_missing_file_leave_nothing_behind(tmp_path, capsys, 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(table))
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["reproduce", "tiny", "--releases", str(tmp_path / "bad.yaml"), "--mirror", str(tiny_release / "mirror"),
-            "--cache", str(cache), "--out", str(out), "--cfg", "1.5", "--download-only"]  # fmt: skip
+            "--cache", str(cache), "--download-only"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "c2i_tiny.pt: sha256" in err and "does not match the release table" in err
@@ -427,6 +510,22 @@ def test_a_tokenizer_release_is_fetched_with_download_only_as_its_refusal_advise
     assert fetched.read_bytes() == _mirror_path(tiny_release / "mirror", generator["files"]["tokenizer"]["url"]
                                                 ).read_bytes()  # fmt: skip
     assert isinstance(vqar.load_pretrained(fetched, config=generator["load"]["tokenizer_config"]), vqar.Tokenizer)
+
+
+def test_a_release_file_of_the_wrong_kind_is_blamed_on_the_release_not_an_option(tmp_path, capsys, tiny_release):
+    """A release whose model file holds its tokenizer was refused as "tokenizer= (--tokenizer) does not apply",
+    naming an option the user never gave."""
+    table = yaml.safe_load((tiny_release / "table.yaml").read_text())
+    files = table["releases"][0]["files"]
+    files["model"] = dict(files["tokenizer"])
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(table))
+    args = ["reproduce", "tiny", "--releases", str(tmp_path / "swapped.yaml"), "--mirror", str(tiny_release / "mirror"),
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--num-samples", "3", "--cfg", "1.5",
+            "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "vqar: error: tiny: the release table's tokenizer does not apply to its file " in err and \
+        "it holds a LlamaGen VQ tokenizer" in err and "(--tokenizer)" not in err, err  # fmt: skip
 
 
 def test_an_unstated_setting_must_be_given_before_anything_is_downloaded(tmp_path, capsys, tiny_release):

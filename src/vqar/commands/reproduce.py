@@ -56,8 +56,10 @@ def _as_dict(release) -> dict:
 
 def cmd_reproduce(args) -> int:
     from vqar.parallel import joined
+    from vqar.parallel.runtime import launch_main
     from vqar.reproduce.run import Options, reproduce
     from vqar.utils.device import resolve_device
+    from vqar.utils.io import created_folders_removed_on_failure
 
     overrides = {
         "temperature": None if args.temperature is None else per_depth_arg(args.temperature, float, "--temperature"),
@@ -80,12 +82,29 @@ def cmd_reproduce(args) -> int:
         overrides=overrides, prompts=prompts, inception=args.inception, reference=args.reference,
         fp16_distances=not args.exact_distances, download_only=args.download_only,
     )  # fmt: skip
-    with joined(device=resolve_device(args.device)) as par:
+    if args.download_only:
+        _refuse_unused_with_download_only(args)
+    # the default --out, which the command line's own tidying does not know, leaves no empty folders either
+    with (created_folders_removed_on_failure(options.out, args.out is None and launch_main()),
+          joined(device=resolve_device(args.device)) as par):  # fmt: skip
         report = reproduce(options, par)
     if report is not None and args.download_only:
         for role, path in report["files"].items():
             print(f"{role}: {path}")
     return 0
+
+
+# The options only a reproduction's sampling and evaluation use, which --download-only would ignore.
+REPRODUCTION_ONLY = {"n": "--num-samples", "out": "--out", "prompts": "--prompts", "reference": "--reference",
+                     "inception": "--inception", "cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p",
+                     "temperature": "--temperature"}  # fmt: skip
+
+
+def _refuse_unused_with_download_only(args) -> None:
+    given = [flag for key, flag in REPRODUCTION_ONLY.items() if getattr(args, key) is not None]
+    if given:
+        raise ValueError(f"--download-only fetches and checks the files, then stops: {', '.join(given)} would do "
+                         f"nothing; leave {'it' if len(given) == 1 else 'them'} out")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:

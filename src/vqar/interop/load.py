@@ -140,8 +140,16 @@ _BUNDLE_HAS_CONFIG = "a vqar model folder (a Hub repository's too) records its a
 _NOT_AR = "it holds {kind} (a stage-1 model itself); only an autoregressive model takes one, to decode its codes"
 
 
+class OptionDoesNotApply(ValueError):
+    """An option of `load_pretrained` (config=, tokenizer=, ema=) given for a source it does not apply to."""
+
+    def __init__(self, option: str, source, why: str):
+        super().__init__(f"{option}= (--{option}) does not apply to {source}: {why}")
+        self.option, self.source, self.why = option, source, why
+
+
 def _does_not_apply(option: str, source, why: str) -> ValueError:
-    return ValueError(f"{option}= (--{option}) does not apply to {source}: {why}")
+    return OptionDoesNotApply(option, source, why)
 
 
 def _load_tokenizer(path, ema: bool, vqvae_scales=None) -> nn.Module | None:

@@ -53,6 +53,11 @@ def fetch(file: RemoteFile, folder: str | Path, mirror: str | None = None, progr
     folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder)
     target, record = folder / file.name, folder / f"{file.name}.sha256"
+    if target.is_file() and _changed_in_the_mirror(file, target, record, mirror):
+        log.warning("%s changed in the mirror %s since it was copied, and no digest says which copy is right: "
+                    "copying it again", file.name, mirror)  # fmt: skip
+        target.unlink()
+        record.unlink(missing_ok=True)
     if target.is_file():  # checked again on every use: a file damaged on disk is found before hours of sampling
         recorded = _read_record(record)
         expected = file.sha256 or (recorded or {}).get("sha256")
@@ -70,6 +75,24 @@ def fetch(file: RemoteFile, folder: str | Path, mirror: str | None = None, progr
     os.replace(partial, target)
     _write_record(record, target, digest, against if expected else f"first download from {source}")
     return target
+
+
+def unchecked_download(path: str | Path) -> bool:
+    """Whether a fetched file was checked against nothing but its own first download (no digest stated for it): a
+    copy damaged at its source is then kept, so an error reading it should say how to fetch it again."""
+    record = _read_record(Path(f"{path}.sha256"))
+    return record is not None and str(record.get("checked_against", "")).startswith("first download")
+
+
+def _changed_in_the_mirror(file: RemoteFile, target: Path, record: Path, mirror: str | None) -> bool:
+    """Whether a local mirror's copy of a file no digest checks was replaced since it was copied (a mirror fixed
+    after a damaged copy): a stat, where a digest of the mirror's copy would read gigabytes on every run."""
+    if file.sha256 or not mirror or _is_url(mirror) or not unchecked_download(target):
+        return False
+    source = Path(mirror) / file.mirror_path
+    if not source.is_file():
+        return False
+    return source.stat().st_size != target.stat().st_size or source.stat().st_mtime > record.stat().st_mtime
 
 
 def _check(file: RemoteFile, path: Path, digest: str, expected: str | None, against: str, remove: bool) -> None:
@@ -103,6 +126,11 @@ def _write_record(record: Path, target: Path, digest: str, checked: str) -> None
 def _download(file: RemoteFile, partial: Path, mirror: str | None, progress: bool) -> tuple[str, str | None]:
     """Fills `partial` (continuing it); returns the source used and the sha256 the server reports, if any."""
     if mirror and not _is_url(mirror):
+        if "://" in mirror:  # else read as a folder named "ftp:"
+            raise ValueError(f"mirror {mirror}: give a local folder or an http(s):// base URL")
+        if not Path(mirror).is_dir():
+            what = "is not a folder" if Path(mirror).exists() else "does not exist"
+            raise FileNotFoundError(f"mirror {mirror} {what}; give the folder that holds the files as host/path")
         source = Path(mirror) / file.mirror_path
         if not source.is_file():
             raise FileNotFoundError(f"{file.name}: not in the mirror {mirror} (expected {source})")
@@ -110,7 +138,9 @@ def _download(file: RemoteFile, partial: Path, mirror: str | None, progress: boo
         return str(source), None
     url = f"{mirror.rstrip('/')}/{file.mirror_path}" if mirror else file.url
     reported = _hub_sha256(url) if file.hub_repo and not mirror else None
-    _http_download(url, partial, file.name, progress)
+    unreachable = (f"the mirror {mirror} cannot be reached" if mirror else
+                   f"without internet access, point --mirror (or ${MIRROR_ENV}) at a folder holding it")  # fmt: skip
+    _http_download(url, partial, file.name, progress, unreachable)
     return url, reported
 
 
@@ -131,7 +161,7 @@ def _bar(total: int | None, initial: int, name: str, progress: bool):
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False)
 
 
-def _http_download(url: str, partial: Path, name: str, progress: bool) -> None:
+def _http_download(url: str, partial: Path, name: str, progress: bool, unreachable: str) -> None:
     have = partial.stat().st_size if partial.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -143,8 +173,7 @@ def _http_download(url: str, partial: Path, name: str, progress: bool) -> None:
             raise FileNotFoundError(f"{name}: not found at {url} (HTTP 404)") from None
         raise OSError(f"{name}: downloading {url} failed (HTTP {err.code} {err.reason})") from None
     except (urllib.error.URLError, TimeoutError) as err:
-        raise OSError(f"{name}: cannot download {url} ({getattr(err, 'reason', err)}); without internet access, "
-                      f"point --mirror (or ${MIRROR_ENV}) at a folder holding it") from None  # fmt: skip
+        raise OSError(f"{name}: cannot download {url} ({getattr(err, 'reason', err)}); {unreachable}") from None
     with response:
         if have and response.status != 206:  # the server ignored the range: start again
             have = 0

@@ -8,8 +8,10 @@ settings, deviations from the protocol, environment and time.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from vqar.ar import ARModel
 from vqar.eval.adm import AdmFeatures, ReferenceBatch, adm_metrics, adm_outputs, read_reference
 from vqar.eval.inception import Inception, cache_dir
 from vqar.interop import load_pretrained
+from vqar.interop.load import OptionDoesNotApply
 from vqar.parallel import Parallel
-from vqar.reproduce.download import fetch, find_inside, unpack
+from vqar.reproduce.download import fetch, find_inside, unchecked_download, unpack
 from vqar.reproduce.report import write_report
 from vqar.reproduce.samples import (
     PLAN_FILE,
@@ -108,6 +111,19 @@ def fetch_release(release: Release, table: ReleaseTable, options: Options) -> di
     return paths
 
 
+@contextlib.contextmanager
+def _refetch_hint(path: str) -> Iterator[None]:
+    """A file that cannot be read, fetched with no digest to check it by (a damaged copy at its source), is kept in
+    the cache for every later run: its error says how to fetch it anew."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        if not unchecked_download(path):
+            raise
+        hint = "fetched with no digest to check it by: remove it and its .sha256 to fetch it again"
+        raise (OSError if isinstance(err, OSError) else ValueError)(f"{err} ({hint})") from None
+
+
 def _cache(options: Options) -> Path:
     return Path(options.cache) if options.cache else cache_dir() / "releases"
 
@@ -119,7 +135,11 @@ def load_release_model(release: Release, paths: dict[str, str], device) -> ARMod
     if tokenizer is not None and "tokenizer_config" in load:
         tokenizer = load_pretrained(tokenizer, config=load["tokenizer_config"])
     source = paths.get("model") or _release_folder(Path(paths["release"]))
-    model = load_pretrained(source, config=load.get("config"), tokenizer=tokenizer, device=device)
+    try:
+        model = load_pretrained(source, config=load.get("config"), tokenizer=tokenizer, device=device)
+    except OptionDoesNotApply as err:  # the option came from the release table, not from the user
+        raise ValueError(f"{release.name}: the release table's {err.option} does not apply to its file {source}: "
+                         f"{err.why}") from None  # fmt: skip
     if not isinstance(model, ARModel):
         raise ValueError(f"{release.name}: {source} holds a {type(model).__name__}, not an AR model")
     return model
@@ -231,8 +251,10 @@ def reproduce(options: Options, par: Parallel | None = None) -> dict | None:
     downloaded = time.perf_counter()
     if options.download_only:
         return {"release": release.name, "files": paths} if par.is_main else None
-    reference = read_reference(paths["reference"])  # a bad reference is refused before any sampling
-    model = for_sampling(load_release_model(release, paths, par.device), options.precision)
+    with _refetch_hint(paths["reference"]):  # a bad reference is refused before any sampling
+        reference = read_reference(paths["reference"])
+    with _refetch_hint(paths.get("model") or paths.get("release", "")):
+        model = for_sampling(load_release_model(release, paths, par.device), options.precision)
     settings, deviations = resolve_settings(release, paths, options)
     conditions = make_run_conditions(model, release.setting("conditions").value, n, options.seed, options.prompts)
     image_size = int(release.setting("image_size").value)
@@ -366,6 +388,9 @@ def _check_one_value_each(release: Release, given: dict) -> None:
 
 def _sample_count(release: Release, options: Options) -> int:
     if release.setting("conditions").value == "prompts":
+        if options.n is not None:
+            raise ValueError(f"--num-samples does not apply to {release.name}, a text-to-image release: it draws one "
+                             "sample per prompt of --prompts (give fewer prompts for fewer samples)")  # fmt: skip
         if not options.prompts:
             raise ValueError(f"{release.name} is text-to-image: give its evaluation captions with --prompts FILE "
                              f"({release.setting('conditions').source})")  # fmt: skip

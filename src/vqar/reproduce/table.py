@@ -127,12 +127,16 @@ def _remote(raw, where: str) -> RemoteFile:
     unknown = set(raw) - {"url", "size", "sha256", "unpack", "note", "source"}
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
-    size, digest = raw.get("size"), raw.get("sha256")
+    url, size, digest = raw["url"], raw.get("size"), raw.get("sha256")
+    if not isinstance(url, str) or not urlparse(url).scheme or not urlparse(url).path.strip("/"):
+        raise ValueError(f"{where}: url must be the address of a file (https://HOST/PATH), got {url!r}")
+    if size not in (None, "unknown") and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"{where}: size must be a number of bytes or 'unknown', got {size!r}")
     if digest not in (None, "unknown") and (len(str(digest)) != 64 or set(str(digest).lower()) - set(HEX)):
         raise ValueError(f"{where}: sha256 must be 64 hex digits or 'unknown', got {digest!r}")
     return RemoteFile(
-        url=str(raw["url"]),
-        size=None if size in (None, "unknown") else int(size),
+        url=url,
+        size=None if size in (None, "unknown") else size,
         sha256=None if digest in (None, "unknown") else str(digest).lower(),
         unpack=bool(raw.get("unpack", False)),
         note=str(raw.get("note", "")),
