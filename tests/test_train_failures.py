@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, file_contents, run_cli
+from vqar.configs import to_yaml
 from vqar.data import load_mnist_digits
-from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, prepare_run_dir, verify_checkpoint
 from vqar.train.errors import NonFiniteLossError, TrainingInterrupted
 from vqar.train.tokenizer import TokenizerTask, load_run_config, train_tokenizer
+from vqar.utils.runs import SET_ASIDE
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
@@ -169,6 +171,37 @@ def test_an_unwritable_or_full_run_directory_fails_before_training(tmp_path, mon
     with pytest.raises(OSError, match="MiB free"):
         train_tokenizer(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_run_it_replaces(tmp_path, monkeypatch, capsys,
+                                                                                     caplog):  # fmt: skip
+    """--overwrite deleted the run first: a new run that failed before its first checkpoint (a full disk, a tracker
+    without its login) or was killed (SIGKILL) lost the old one and had nothing in its place."""
+    import shutil as shutil_module
+
+    from vqar.train import loop
+
+    run = tmp_path / "run"
+    train_tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "steps=4"]), run)
+    before = file_contents(run)
+    usage = shutil_module.disk_usage(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+        with pytest.raises(OSError, match="MiB free"):
+            train_tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "steps=6"]), run, overwrite=True)
+    assert file_contents(run) == before
+    prepare_run_dir(run, resume=False, overwrite=True)  # what a killed --overwrite leaves: its start, no checkpoint
+    (run / "run.yaml").write_text(to_yaml(load_run_config("rqvae-mnist", [*TINY_RUN, "steps=500"])))
+    assert not list_checkpoints(run) and (run / SET_ASIDE).is_dir()
+    code, err = run_cli(["sample", "--model", str(run), "--out", str(tmp_path / "samples")], capsys)
+    assert code == 2 and f"is set aside in {run / SET_ASIDE}" in err, err
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        code, err = run_cli(["train", "tokenizer", "--resume", "--out", str(run)], capsys)
+    assert code == 0, err
+    assert "put back the run that an --overwrite killed before its first checkpoint had set aside" in caplog.text
+    assert file_contents(run) == before  # the run's own settings (4 steps, all done), not the killed run's
+    train_tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "steps=2"]), run, overwrite=True)
+    assert latest_checkpoint(run).step == 2 and not (run / SET_ASIDE).exists()  # replaced once it had a checkpoint
 
 
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):

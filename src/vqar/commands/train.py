@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from vqar.commands.common import add_command, output_path, split_preset
@@ -27,6 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
     run_dir = Path(args.out)
     if args.resume:
+        _put_back_a_set_aside_run(run_dir, args.group)
         _check_stage(run_dir, args.group)
     preset_given = preset is not None
     if args.resume and preset is None:
@@ -60,6 +62,26 @@ def run_train(args: argparse.Namespace) -> int:
     if picture.is_file():  # none where the run draws none (`sample.n_per_class=0`)
         print(f"pictures: {picture}")
     return 0
+
+
+def _put_back_a_set_aside_run(run_dir: Path, group: str) -> None:
+    """--resume of a folder whose --overwrite was killed before its first checkpoint continues the run that
+    --overwrite set aside (`SET_ASIDE`): it is put back before its run.yaml is read (else the killed run's settings
+    trained the old run's weights on)."""
+    from vqar.train.checkpoint import restore_set_aside_run
+    from vqar.utils.io import write_lock
+    from vqar.utils.runs import SET_ASIDE
+
+    if not (run_dir / SET_ASIDE).is_dir():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun no rank may read while another moves files
+        raise ConfigError(f"{run_dir} holds the run that an --overwrite killed before its first checkpoint set aside "
+                          f"({SET_ASIDE}); put it back with one process first: vqar train {group} --resume --out "
+                          f"{run_dir}")  # fmt: skip
+    with write_lock(run_dir):
+        if restore_set_aside_run(run_dir):
+            log.warning("%s: put back the run that an --overwrite killed before its first checkpoint had set aside",
+                        run_dir)  # fmt: skip
 
 
 def _check_stage(run_dir: Path, group: str) -> None:

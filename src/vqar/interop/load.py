@@ -31,7 +31,7 @@ from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries
-from vqar.utils.runs import list_checkpoints, run_kind, run_of_checkpoints
+from vqar.utils.runs import SET_ASIDE, list_checkpoints, run_kind, run_of_checkpoints
 
 VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 
@@ -244,6 +244,10 @@ def _stopped_run(folder: Path) -> str | None:
     what = {"ar": "an AR model", "tokenizer": "a tokenizer"}[kind]
     resume = f"`vqar train {kind} --resume --out {folder}`"
     checkpoints = list_checkpoints(folder)
+    if not checkpoints and (folder / SET_ASIDE).is_dir():  # killed: the next `vqar train` there puts it back
+        return (f"{folder} is the training run of {what}, killed before its first checkpoint: it holds no model; the "
+                f"run its --overwrite was to replace is set aside in {folder / SET_ASIDE}, and {resume} puts it back "
+                "and continues it")  # fmt: skip
     if not checkpoints:
         return (f"{folder} is the training run of {what}, stopped before its first checkpoint: it holds no model; "
                 f"{resume} starts it again")  # fmt: skip

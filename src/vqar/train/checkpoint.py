@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqar.utils.io import current_umask, fsync_dir, remove_leftovers, sha256_file
-from vqar.utils.runs import Checkpoint, checkpoint_dir, list_checkpoints
+from vqar.utils.runs import SET_ASIDE, Checkpoint, checkpoint_dir, list_checkpoints
 
 log = logging.getLogger("vqar.train")
 
@@ -119,6 +119,7 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified[str(final)] = (_file_stamps(final), None)  # intact: its manifest was computed from these files
+    discard_set_aside_run(run_dir)  # the new run has a checkpoint to resume from: it replaces the one set aside
     prune(run_dir, keep)
     return final
 
@@ -262,17 +263,47 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another --out"
         )
+    run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
+        _remove_run_files(run_dir / SET_ASIDE)  # a run set aside before, which a checkpoint replaced
         for name in RUN_FILES:
             target = run_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+            if target.exists() or target.is_symlink():
+                (run_dir / SET_ASIDE).mkdir(exist_ok=True)
+                os.replace(target, run_dir / SET_ASIDE / name)
     for folder in (run_dir, checkpoint_dir(run_dir), *[p for p in run_dir.iterdir() if p.is_dir()]):
         for leftover in remove_leftovers(folder):
             log.info("removed %s, left by a process that was killed while writing it", leftover)
+
+
+def restore_set_aside_run(run_dir: Path) -> bool:
+    """Puts back the run that --overwrite set aside (`SET_ASIDE`) when the run meant to replace it wrote no checkpoint:
+    it failed (a tracker without its login, too little memory) or was killed first. Its files go; the old run's come
+    back. Once the new run has a checkpoint, the old run is deleted instead. Returns whether it put a run back."""
+    aside = Path(run_dir) / SET_ASIDE
+    if not aside.is_dir():
+        return False
+    if list_checkpoints(Path(run_dir)):
+        discard_set_aside_run(run_dir)
+        return False
+    for name in RUN_FILES:
+        _remove_run_files(Path(run_dir) / name)
+    for entry in aside.iterdir():
+        os.replace(entry, Path(run_dir) / entry.name)
+    aside.rmdir()
+    return True
+
+
+def discard_set_aside_run(run_dir: Path) -> None:
+    """Deletes the run --overwrite set aside: the new run has a checkpoint (or finished), so it is replaced."""
+    _remove_run_files(Path(run_dir) / SET_ASIDE)
+
+
+def _remove_run_files(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
 
 
 def trained_settings(run_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +12,19 @@ from vqar.bundle import MODEL_ENTRIES, TEXT_TOKENIZER_DIR, TEXT_TOKENIZER_FILES,
 from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
 from vqar.parallel import DistConfig, Parallel, PeerFailed, joined
-from vqar.train.checkpoint import DAMAGED, RUN_FILES, has_run, prepare_run_dir
+from vqar.train.checkpoint import (
+    DAMAGED,
+    RUN_FILES,
+    discard_set_aside_run,
+    has_run,
+    prepare_run_dir,
+    restore_set_aside_run,
+)
 from vqar.utils.device import resolve_device
 from vqar.utils.io import LEFTOVER, describe_entries, folder_entries, write_lock
 from vqar.utils.runs import run_kind, run_of_checkpoints
 
+log = logging.getLogger("vqar.train")
 KINDS = {"tokenizer": "a tokenizer", "ar": "an AR model"}  # what each kind of run trains
 
 
@@ -34,6 +43,9 @@ def distributed_run(
         if par.is_main:  # rank 0 locks for every rank; taken before --overwrite deletes anything
             try:
                 held.enter_context(write_lock(run_dir))
+                if restore_set_aside_run(run_dir):
+                    log.warning("%s: put back the run that an --overwrite killed before its first checkpoint had set "
+                                "aside", run_dir)  # fmt: skip
                 check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
                 prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             except (OSError, ValueError) as err:
@@ -42,7 +54,15 @@ def distributed_run(
             if problem is not None:
                 raise problem
             raise PeerFailed(f"rank 0 could not prepare the run directory {run_dir}; see its error")
-        yield par, run_dir
+        try:
+            yield par, run_dir
+        except BaseException:
+            if par.is_main and restore_set_aside_run(run_dir):
+                log.warning("the run stopped before its first checkpoint: %s holds the run --overwrite was to replace "
+                            "again", run_dir)  # fmt: skip
+            raise
+        if par.is_main:
+            discard_set_aside_run(run_dir)
 
 
 def check_not_a_companion(out: Path, written: str = "a run trained", option: str = "--out") -> None:

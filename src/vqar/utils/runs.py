@@ -14,6 +14,9 @@ from pathlib import Path
 import yaml
 
 RUN_CONFIG = "run.yaml"
+# Where --overwrite keeps the run it replaces until the new run writes its first checkpoint (`train.checkpoint`):
+# deleted up front, it was lost to a new run that failed, or was killed, before it had anything to put in its place.
+SET_ASIDE = ".overwritten-run"
 
 
 @dataclass
