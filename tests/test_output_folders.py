@@ -186,6 +186,32 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
     assert file_contents(out) == before
 
 
+def test_a_sample_overwrite_stopped_while_writing_leaves_the_old_samples_whole(sampler_folder, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    """grid.png, images/ and samples.npz were each moved in place as soon as written: a run killed while writing its
+    images left its new grid beside the old images and samples.npz."""
+    from vqar.sampling import export
+
+    out = tmp_path / "s_stop"
+    sample = ["sample", "--model", str(sampler_folder), "--out", str(out)]
+    assert run_cli([*sample, "--n-per-class", "2"], capsys)[0] == 0
+    before = file_contents(out)
+
+    def killed_while_writing(result, path):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_adm_npz", killed_while_writing)  # the last file written: the rest are done
+        code, err = run_cli([*sample, "--classes", "1", "--n-per-class", "3", "--overwrite"], capsys)
+    assert code == 130 and file_contents(out) == before and sorted(p.name for p in out.iterdir()) == [
+        "grid.png", "images", "samples.npz"]  # fmt: skip
+    (out / ".tmp-samples-999999999").mkdir()  # the work folder of a run killed outright (no such process)
+    assert run_cli([*sample, "--classes", "1", "--n-per-class", "3", "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "samples.npz"]
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == [1, 1, 1] and len(list((out / "images").iterdir())) == 3
+
+
 def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_samples(tmp_path, capsys):
     """A folder was judged by its top-level names alone: images/ of the user's photos or a prompts.txt of their own
     passed for "a sample folder", and --overwrite deleted them."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from vqar.sampling.draw import SampleResult
 from vqar.utils.images import make_grid, save_image, to_uint8
-from vqar.utils.io import atomic_write, folder_entries, replace_directory
+from vqar.utils.io import atomic_write, folder_entries, remove_leftovers, replace_directory
 
 # What `write_samples` writes, and the files a torchrun launch gathers the images through (`Parallel.gather_to_main`).
 SAMPLE_OUTPUTS = ("grid.png", "images", "samples.npz", "prompts.txt")
@@ -67,34 +67,42 @@ def _prompts_of_the_run(path: Path) -> bool:
 def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, individual: bool = True) -> dict:
     """grid.png (one row per class), images/*.png and samples.npz; returns the paths written. Each replaces the one
     a previous run left, images/ as a whole (none is left when `individual` is off), so the files always describe
-    the same samples."""
+    the same samples: all are written to a work folder first and then moved in place, a few renames (written in
+    place one after another, a run killed while writing its images left a new grid beside the old samples)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = list(result.images.split(n_per_class))
-    save_image(make_grid(rows), out_dir / "grid.png")
-    _write_images(result, out_dir / "images", individual)
-    write_adm_npz(result, out_dir / "samples.npz")
-    if result.prompts is not None:
-        (out_dir / "prompts.txt").write_text("\n".join(result.prompts) + "\n", encoding="utf-8")
-    else:
-        (out_dir / "prompts.txt").unlink(missing_ok=True)
+    remove_leftovers(out_dir)  # the work folder of a run killed while writing
+    work = out_dir / f".tmp-samples-{os.getpid()}"  # a name `remove_leftovers` recognises
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        save_image(make_grid(list(result.images.split(n_per_class))), work / "grid.png")
+        if individual:
+            _write_images(result, work / "images")
+        write_adm_npz(result, work / "samples.npz")
+        if result.prompts is not None:
+            (work / "prompts.txt").write_text("\n".join(result.prompts) + "\n", encoding="utf-8")
+        if individual:
+            replace_directory(work / "images", out_dir / "images")
+        else:
+            shutil.rmtree(out_dir / "images", ignore_errors=True)
+        for name in ("samples.npz", "grid.png", "prompts.txt"):
+            if (work / name).is_file():
+                os.replace(work / name, out_dir / name)
+            else:
+                (out_dir / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}
 
 
-def _write_images(result: SampleResult, folder: Path, individual: bool) -> None:
-    """One PNG per sample, written to a work folder that then takes the place of `folder` (a killed run leaves the
-    old pictures, never a mix of old and new)."""
-    if not individual:
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    work = folder.parent / f".{folder.name}.tmp-{os.getpid()}"  # the name `remove_leftovers` recognises
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+def _write_images(result: SampleResult, folder: Path) -> None:
+    """One PNG per sample in `folder`."""
+    folder.mkdir()
     kind = "prompt" if result.prompts is not None else "class"
     for i, (picture, label) in enumerate(zip(to_uint8(result.images), result.labels.tolist(), strict=True)):
         name = f"{kind}{label:04d}_{i:06d}.png" if label >= 0 else f"sample_{i:06d}.png"
-        save_image(picture, work / name)
-    replace_directory(work, folder)
+        save_image(picture, folder / name)
 
 
 def write_adm_npz(result: SampleResult, path: str | Path) -> None:
