@@ -150,3 +150,23 @@ def test_config_without_a_store_still_refuses_what_training_would(override, mess
     # `vqar config` used to print an impossible value there as if it were fine.
     assert main(["config", "ar", "rq-mnist", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_condition_dropout_is_refused_for_an_unconditional_store_and_the_presets_is_zeroed(vq_store_4x4, tmp_path):
+    """Saved as given in config.json, and ignored: a store without classes or captions has no condition to drop."""
+    import numpy as np
+
+    from conftest import random_tokenizer
+    from vqar.data import DataConfig, load_mnist_digits
+    from vqar.data.extraction import extract_codes
+
+    np.savez(tmp_path / "unlabelled.npz", images=load_mnist_digits()[0][:20])
+    store = tmp_path / "codes"
+    extract_codes(random_tokenizer(), DataConfig(source=str(tmp_path / "unlabelled.npz"), image_size=16, channels=1),
+                  store)  # fmt: skip
+    assert load_run_config("gpt-mnist", [f"codes={store}"]).model.class_dropout_prob == 0.0  # the preset says 0.1
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}"]).model.class_dropout_prob == 0.1  # with classes
+    with pytest.raises(ConfigError, match=re.escape(
+            f"model.class_dropout_prob=0.5 drops the class or caption for guidance, and the code store {store} has "
+            "neither (an unconditional model): leave it out")):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={store}", "model.class_dropout_prob=0.5"])

@@ -230,3 +230,26 @@ def test_torch_numbers_are_taken_as_the_numbers_they_hold():
     assert torch.equal(generate(model, conditions, tensors), generate(model, conditions, plain))
     with pytest.raises(ValueError, match=r"^top_k must be an integer >= 1 \(or None for no top-k\), got True$"):
         SamplingSettings(top_k=torch.tensor(True)).validate()
+
+
+def test_an_unconditional_model_is_told_what_it_takes(tmp_path, capsys):
+    """Prompts given to an unconditional model were answered "sample it with classes", which it then refused, and
+    `--accept-rate` "sample it without classes", which the user had not given."""
+    import vqar
+    from conftest import TINY_RUN, run_cli
+    from vqar.ar import GPT, GPTConfig
+    from vqar.sampling import make_conditions
+    from vqar.train.tokenizer import load_run_config
+
+    with pytest.raises(ValueError, match=r"^this model is not text-conditioned: sample it without prompts$"):
+        make_conditions(tiny_gpt(num_classes=0), prompts=["a seven"])
+    with pytest.raises(ValueError, match=r"^this model is not text-conditioned: sample it with classes, not prompts$"):
+        make_conditions(tiny_gpt(), prompts=["a seven"])
+    tokenizer = vqar.Tokenizer(load_run_config("rqvae-mnist", [*TINY_RUN, "model.quantizer.kind=vq", "d=1"]).model)
+    gpt = GPT(GPTConfig(vocab_size=64, code_shape=list(tokenizer.code_shape(32)), dim=32, n_layer=1, n_head=2,
+                        num_classes=0))  # fmt: skip
+    vqar.save_pretrained(gpt, tmp_path / "unconditional", tokenizer=tokenizer)
+    code, err = run_cli(["sample", "--model", str(tmp_path / "unconditional"), "--accept-rate", "0.5",
+                         "--classifier", "digits", "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and err == ("vqar: error: --accept-rate ranks samples by class, and this model is unconditional "
+                                 "(it has no classes): leave it out\n"), err  # fmt: skip

@@ -173,6 +173,9 @@ def _rejection_sample(args: argparse.Namespace, model, conditions, settings, opt
 
     if conditions.prompts is not None:
         raise ValueError("--accept-rate ranks samples by class; it does not apply to prompts")
+    if not model.num_classes:  # else refused as "classes" the user never gave
+        raise ValueError("--accept-rate ranks samples by class, and this model is unconditional (it has no classes): "
+                         "leave it out")  # fmt: skip
     if args.classifier is None:
         raise ValueError("--accept-rate needs --classifier (a TorchScript classifier file, or 'digits')")
     classes = conditions.labels[:: args.n_per_class].tolist()  # one per block, a class listed twice included

@@ -50,7 +50,8 @@ def make_conditions(
     if kind is Conditioning.TEXT:
         return _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict_prompts)
     if prompts:
-        raise ValueError("this model is not text-conditioned: sample it with classes, not prompts")
+        how = "without prompts" if kind is Conditioning.NONE else "with classes, not prompts"
+        raise ValueError(f"this model is not text-conditioned: sample it {how}")
     if kind is Conditioning.NONE:
         if classes:
             raise ValueError("this model is unconditional: sample it without classes")

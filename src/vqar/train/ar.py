@@ -227,12 +227,28 @@ def _another_family_preset(preset: str | Path | None, chosen: dict) -> str | Non
 
 def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> ARRunConfig:
     """An AR run configuration; every data-dependent field must be known (give `codes=DIR`)."""
+    overrides = list(overrides)
     node, origins = compose_run_config(preset, overrides)
     missing = [name for name in node.model if OmegaConf.is_missing(node.model, name)]
     if missing:
         raise ConfigError(f"model.{missing[0]} (and {', '.join(missing[1:]) or 'nothing else'}) come from the code "
                           "store: set data.codes (codes=DIR) to a store made by `vqar extract-codes`")  # fmt: skip
+    _no_condition_dropout_without_a_condition(node, overrides)
     return to_config(node)
+
+
+def _no_condition_dropout_without_a_condition(node: DictConfig, overrides: list[str]) -> None:
+    """A store without classes or captions trains an unconditional model, which has no condition to drop for
+    guidance: a `model.class_dropout_prob` given for it is refused, a preset's is set to 0 (config.json said 0.1,
+    where nothing was dropped, and sampling then refused guidance for want of a condition)."""
+    model = node.model
+    if model.num_classes or model.get("text_length") or not model.get("class_dropout_prob"):
+        return
+    if any(item.partition("=")[0].strip() == "model.class_dropout_prob" for item in overrides):
+        raise ConfigError(f"model.class_dropout_prob={model.class_dropout_prob} drops the class or caption for "
+                          f"guidance, and the code store {node.data.codes} has neither (an unconditional model): "
+                          "leave it out")  # fmt: skip
+    model.class_dropout_prob = 0.0
 
 
 def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> str:
