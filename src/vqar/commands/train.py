@@ -68,7 +68,7 @@ def _put_back_a_set_aside_run(run_dir: Path, group: str) -> None:
     """--resume of a folder whose --overwrite was killed before its first checkpoint continues the run that
     --overwrite set aside (`SET_ASIDE`): it is put back before its run.yaml is read (else the killed run's settings
     trained the old run's weights on)."""
-    from vqar.train.checkpoint import restore_set_aside_run
+    from vqar.train.checkpoint import put_back_a_killed_overwrites_run
     from vqar.utils.io import write_lock
     from vqar.utils.runs import SET_ASIDE
 
@@ -79,9 +79,7 @@ def _put_back_a_set_aside_run(run_dir: Path, group: str) -> None:
                           f"({SET_ASIDE}); put it back with one process first: vqar train {group} --resume --out "
                           f"{run_dir}")  # fmt: skip
     with write_lock(run_dir):
-        if restore_set_aside_run(run_dir):
-            log.warning("%s: put back the run that an --overwrite killed before its first checkpoint had set aside",
-                        run_dir)  # fmt: skip
+        put_back_a_killed_overwrites_run(run_dir)
 
 
 def _check_stage(run_dir: Path, group: str) -> None:

@@ -265,7 +265,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
-        _remove_run_files(run_dir / SET_ASIDE)  # a run set aside before, which a checkpoint replaced
+        put_back_a_killed_overwrites_run(run_dir)  # the last run that had a checkpoint is the one to set aside
         for name in RUN_FILES:
             target = run_dir / name
             if target.exists() or target.is_symlink():
@@ -292,6 +292,14 @@ def restore_set_aside_run(run_dir: Path) -> bool:
         os.replace(entry, Path(run_dir) / entry.name)
     aside.rmdir()
     return True
+
+
+def put_back_a_killed_overwrites_run(run_dir: Path) -> None:
+    """`restore_set_aside_run` where the run meant to replace the one set aside is not running: an --overwrite
+    killed before its first checkpoint (SIGKILL) left it aside; said in the log."""
+    if restore_set_aside_run(run_dir):
+        log.warning("%s: put back the run that an --overwrite killed before its first checkpoint had set aside",
+                    run_dir)  # fmt: skip
 
 
 def discard_set_aside_run(run_dir: Path) -> None:

@@ -18,6 +18,7 @@ from vqar.train.checkpoint import (
     discard_set_aside_run,
     has_run,
     prepare_run_dir,
+    put_back_a_killed_overwrites_run,
     restore_set_aside_run,
 )
 from vqar.utils.device import resolve_device
@@ -43,9 +44,7 @@ def distributed_run(
         if par.is_main:  # rank 0 locks for every rank; taken before --overwrite deletes anything
             try:
                 held.enter_context(write_lock(run_dir))
-                if restore_set_aside_run(run_dir):
-                    log.warning("%s: put back the run that an --overwrite killed before its first checkpoint had set "
-                                "aside", run_dir)  # fmt: skip
+                put_back_a_killed_overwrites_run(run_dir)  # before the folder is judged: it holds that run
                 check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
                 prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             except (OSError, ValueError) as err:
