@@ -366,6 +366,12 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=f"patch_nums \\[1, 2, 3, 4\\] apply to 'multiscale' quantizers only, "
                                              f"not '{kind}'"):  # fmt: skip
             QuantizerConfig(kind=kind, depth=depth, patch_nums=[1, 2, 3, 4]).validate()
+        # and the Phi convolutions' settings, which were saved in run.yaml and changed no weight
+        for setting in ({"phi_ratio": 0.9}, {"phi_share": 2}):
+            (name, value), = setting.items()
+            with pytest.raises(ValueError, match=f"^{name}={value} applies to 'multiscale' quantizers only .*not "
+                                                 f"'{kind}': leave model.quantizer.{name} out$"):  # fmt: skip
+                QuantizerConfig(kind=kind, depth=depth, **setting).validate()
         QuantizerConfig(kind=kind, depth=depth).validate()
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from vqar.configs import changed_settings
 from vqar.quantize.output import QuantizerOutput
 
 if TYPE_CHECKING:
@@ -117,8 +118,12 @@ def _integer_depth(depth, levels: int) -> int:
 
 
 def refuse_scales(cfg, kind: str) -> None:
-    """ValueError for patch_nums on a quantizer without scales: left over from a VAR preset whose kind was
-    changed, they would otherwise be ignored without a word."""
+    """ValueError for the scale settings (patch_nums, and the Phi convolutions' phi_ratio and phi_share) on a
+    quantizer without scales: left over from a VAR preset whose kind was changed, or given for it, they would
+    otherwise be saved in run.yaml and ignored without a word."""
     if cfg.patch_nums:
         raise ValueError(f"patch_nums {list(cfg.patch_nums)} apply to 'multiscale' quantizers only, not {kind!r}: "
                          "set model.quantizer.patch_nums=[] (or keep kind=multiscale)")  # fmt: skip
+    for name, value in changed_settings(cfg, ("phi_ratio", "phi_share")).items():
+        raise ValueError(f"{name}={value} applies to 'multiscale' quantizers only (the Phi convolutions between their "
+                         f"scales), not {kind!r}: leave model.quantizer.{name} out")  # fmt: skip
