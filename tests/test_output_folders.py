@@ -440,3 +440,64 @@ def test_the_demo_is_refused_under_torchrun_before_any_work(tmp_path, capsys, mo
     assert code == 2 and err == ("vqar: error: vqar demo runs in one process: start it without torchrun (train, "
                                  "extract-codes, sample and eval are the commands that spread over processes)\n")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow  # two quick demos, ~1 min
+@pytest.mark.timeout(1200)  # on a busy host
+def test_a_stopped_demo_is_continued_by_the_same_command(tmp_path, classifier_cache, monkeypatch, caplog):
+    """Ctrl-C in a demo said "resume with --resume", which `vqar demo` does not take, and the same command then
+    trained every stage anew, the checkpoint Ctrl-C had written gone."""
+    import logging
+    import os
+    import signal
+
+    from vqar.demo import _train_stage as demo_stage
+    from vqar.demo import run_demo
+    from vqar.train.ar import ARTask
+    from vqar.train.errors import TrainingInterrupted
+
+    out, real_step = tmp_path / "demo", ARTask.train_step
+
+    def stopped_at_step_12(self, batch, step):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
+        return real_step(self, batch, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ARTask, "train_step", stopped_at_step_12)
+        with pytest.raises(TrainingInterrupted, match="SIGINT at step 13"):
+            run_demo(out, quick=True, classifier_cache=classifier_cache)
+    assert not (out / "report.json").exists()
+    with caplog.at_level(logging.INFO, logger="vqar"):
+        report = run_demo(out, quick=True, classifier_cache=classifier_cache)
+    for stage in ("tokenizer", "ar"):
+        assert f"continuing the stopped demo's run in {out / stage}" in caplog.text
+    assert f"resumed from {out / 'ar' / 'checkpoints' / 'step-0000013'} (step 13)" in caplog.text
+    assert report["samples"] == 40 and (out / "report.json").is_file()
+    asked = []  # a finished demo's runs are trained anew, so that its times are a whole demo's
+    demo_stage(lambda cfg, folder, resume, overwrite: asked.append((resume, overwrite)) or {}, load_run_config(
+        "rqvae-mnist", ["steps=20", "train.eval_every=20", "data.max_images=600"]), out / "tokenizer", stopped=False)
+    assert asked == [(False, True)]
+
+
+def test_ctrl_c_in_a_demo_says_the_same_command_goes_on_and_early_leaves_no_folders(tmp_path, capsys, monkeypatch):
+    from vqar import demo
+    from vqar.train.errors import TrainingInterrupted
+    from vqar.train.tokenizer import TokenizerTask
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted("stopped by SIGINT at step 7; resume with --resume", 2, "stopped by SIGINT at step 7")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "run_demo", stopped)
+        code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 130 and err == ("vqar: stopped by SIGINT at step 7; the checkpoint of that step is written, and the "
+                                   "same `vqar demo` command continues from it\n")  # fmt: skip
+
+    def interrupted(*args, **kwargs):  # Ctrl-C before the tokenizer's run wrote anything
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TokenizerTask, "__init__", interrupted)
+        code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "early")], capsys)
+    assert code == 130 and err.endswith("vqar: interrupted\n") and not (tmp_path / "early").exists(), err

@@ -121,7 +121,10 @@ def _run(args: argparse.Namespace) -> int:
             print(said, file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
-        if _reports():  # under torchrun every rank stops at the same step; rank 0 says so once
+        if _reports() and args.command == "demo":  # it has no --resume: the same command goes on
+            print(f"vqar: {err.stopped}; the checkpoint of that step is written, and the same `vqar demo` command "
+                  "continues from it", file=sys.stderr)  # fmt: skip
+        elif _reports():  # under torchrun every rank stops at the same step; rank 0 says so once
             print(f"vqar: {err}; the checkpoint of that step is written", file=sys.stderr)
         return 128 + err.signal_number
     except (KeyboardInterrupt, Terminated) as stop:

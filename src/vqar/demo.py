@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vqar.bundle import load
+from vqar.configs import to_yaml
 from vqar.data import DataConfig
 from vqar.data.codes import is_code_store
 from vqar.data.extraction import extract_codes
@@ -28,7 +30,7 @@ from vqar.sampling.export import is_sample_folder, write_adm_npz, write_samples
 from vqar.train import ar as ar_training
 from vqar.train import tokenizer as tokenizer_training
 from vqar.utils.device import cpu_kind
-from vqar.utils.io import describe_entries, folder_entries
+from vqar.utils.io import created_folders_removed_on_failure, describe_entries, folder_entries
 from vqar.utils.runs import run_kind
 from vqar.utils.threads import apply_thread_policy, thread_summary
 
@@ -129,7 +131,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     start = time.perf_counter()
     log.info("1/4 training the tokenizer (%s)", pipeline.tokenizer)
     tok_cfg = tokenizer_training.load_run_config(pipeline.tokenizer, plan["tokenizer"])
-    tok_metrics = tokenizer_training.train_tokenizer(tok_cfg, out / "tokenizer", overwrite=True)
+    stopped = not (out / "report.json").exists()  # an earlier demo that did not finish: its runs are continued
+    tok_metrics = _train_stage(tokenizer_training.train_tokenizer, tok_cfg, out / "tokenizer", stopped)
     timings["tokenizer"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -142,7 +145,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     start = time.perf_counter()
     log.info("3/4 training the class-conditional AR model (%s)", pipeline.ar)
     ar_cfg = ar_training.load_run_config(pipeline.ar, [f"codes={out / 'codes'}", *plan["ar"]])
-    ar_metrics = ar_training.train_ar(ar_cfg, out / "ar", overwrite=True)
+    ar_metrics = _train_stage(ar_training.train_ar, ar_cfg, out / "ar", stopped)
     timings["ar"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -192,6 +195,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
+
+
+def _train_stage(train: Callable[..., dict], cfg, folder: Path, stopped: bool) -> dict:
+    """A stage's training run: continued where a stopped demo left a run of the same settings in `folder` (Ctrl-C
+    wrote a checkpoint, and the demo said a rerun goes on from it), else trained anew over what is there. A demo
+    that finished is trained anew, so that its times are a whole demo's. A run stopped before it wrote anything
+    leaves no empty folder."""
+    run_yaml = folder / "run.yaml"
+    resume = stopped and run_yaml.is_file() and run_yaml.read_text(encoding="utf-8") == to_yaml(cfg)
+    if resume:
+        log.info("continuing the stopped demo's run in %s", folder)
+    with created_folders_removed_on_failure(folder):
+        return train(cfg, folder, resume=resume, overwrite=not resume)
 
 
 def format_report(report: dict) -> str:

@@ -12,9 +12,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     signal's: the command exits with 128 + it, as a process the signal ended (130 for Ctrl-C, 143 for a scheduler's
     SIGTERM, which job schedulers read as a preemption)."""
 
-    def __init__(self, message: str, signal_number: int = 2):
+    def __init__(self, message: str, signal_number: int = 2, stopped: str | None = None):
         super().__init__(message)
         self.signal_number = signal_number
+        self.stopped = stopped or message  # what happened, without the advice to resume (`vqar demo` says its own)
 
 
 class TrackerUnavailable(RuntimeError):

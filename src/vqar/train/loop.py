@@ -474,7 +474,8 @@ class Trainer:
         if self.par.is_main:  # every rank stops at this step, and rank 0 writes the checkpoint: one voice says so
             log.warning("%s received: writing a checkpoint at step %d and stopping", name, self.step)
         self.save()
-        raise TrainingInterrupted(f"stopped by {name} at step {self.step}; resume with --resume", int(received))
+        stopped = f"stopped by {name} at step {self.step}"
+        raise TrainingInterrupted(f"{stopped}; resume with --resume", int(received), stopped)
 
     def _final_metrics(self) -> dict[str, float]:
         """The validation result of a run resumed at its last step: the one it logged then (rank 0 reads it and
