@@ -97,6 +97,16 @@ def test_var_trains_samples_and_serves(var_store, tmp_path):
     assert main(["sample", "--model", str(tmp_path / "ar"), "--classes", "0,1", "--n-per-class", "2", "--cfg",
                  "3", "--top-k", "50", "--smooth", "--out", str(out)]) == 0  # fmt: skip
     assert (out / "grid.png").is_file()
+    # a plain VQ tokenizer of VAR's codebook size was refused as "another codebook (the same size, other vectors)"
+    from vqar.quantize import QuantizerConfig
+    from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+
+    conv = ConvConfig(in_channels=1, out_channels=1, resolution=16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=8, norm_groups=4)  # fmt: skip
+    dim = load_pretrained(var_store / "tokenizer").code_vectors().shape[-1]  # the same codebook shape: compared
+    plain = Tokenizer(TokenizerConfig(conv=conv, quantizer=QuantizerConfig(kind="vq", codebook_size=256, dim=dim)))
+    with pytest.raises(ValueError, match=r"^VAR needs a multi-scale tokenizer \(quantizer kind 'multiscale'\)$"):
+        load_pretrained(tmp_path / "ar", tokenizer=plain)
 
     model = load_pretrained(tmp_path / "ar")
     engine = SamplingEngine(model, model.tokenizer, max_images=4)

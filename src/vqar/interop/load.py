@@ -88,6 +88,8 @@ def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=No
         if tokenizer is not None and not isinstance(model, ARModel):
             raise _does_not_apply("tokenizer", path, _NOT_AR.format(kind=f"a {type(model).__name__}"))
     if tokenizer is not None:
+        if isinstance(model, ARModel):  # the kind first: a VQ tokenizer beside VAR was "another codebook"
+            model.check_companions(tokenizer)
         _check_same_codebook(model, tokenizer, given_as, path)
         model.attach(tokenizer.eval())
     model = model.to(device)
