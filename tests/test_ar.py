@@ -188,6 +188,11 @@ def test_a_resume_on_codes_of_another_shape_names_the_run_not_an_unset_setting(t
     assert code == 2 and err == (f"vqar: error: the run of {run / 'run.yaml'} trains on codes with model.code_shape="
                                  f"[4, 4, 4], and the code store {larger} gives [6, 6, 4]: resume it on a store that "
                                  "gives [4, 4, 4], or start a new run in another --out\n"), err  # fmt: skip
+    # the same refusal of a value the user gave blamed the run's run.yaml, and advised a store that would not fit it
+    code, err = run_cli(["train", "ar", "--resume", "model.code_shape=[6,6,4]", "--out", str(run)], capsys)
+    assert code == 2 and err == ("vqar: error: resuming: model.code_shape=[6, 6, 4] differs from the run's [4, 4, 4] "
+                                 f"({run / 'run.yaml'}), whose checkpoints hold that model's weights; leave "
+                                 "model.code_shape out, or start a new run in another --out\n"), err  # fmt: skip
 
 
 def test_a_resume_that_changes_the_model_is_refused_naming_the_setting(tiny_pipeline, tmp_path, capsys):

@@ -202,7 +202,7 @@ def compose_run_config(preset: str | Path | None, overrides: Iterable[str] = ())
     node = compose_node(ARRunConfig, "ar", preset, overrides, ARRunConfig.ALIASES, base=base, shape=shape)
     # A run's own run.yaml (`--resume`) states the fields of the store it trained on, which the new store must match.
     run_yaml = preset if preset is not None and Path(str(preset)).name == "run.yaml" else None
-    origins = resolve_data_fields(node, arch.config.DATA_FIELDS, run_yaml)
+    origins = resolve_data_fields(node, arch.config.DATA_FIELDS, run_yaml, overrides)
     return node, origins
 
 
@@ -277,16 +277,24 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     return "\n".join(lines) + "\n"
 
 
-def resolve_data_fields(node: DictConfig, names: tuple[str, ...], run_yaml: str | Path | None = None) -> dict[str, str]:
+def resolve_data_fields(node: DictConfig, names: tuple[str, ...], run_yaml: str | Path | None = None,
+                        overrides: Iterable[str] = ()) -> dict[str, str]:  # fmt: skip
     """Fills the data-dependent `names` of `node.model` from the code store of `node.data.codes`; a value the
-    preset, the overrides or a resumed run's `run_yaml` state must agree with the store. Returns where each field's
+    preset, the `overrides` or a resumed run's `run_yaml` state must agree with the store. Returns where each field's
     value comes from."""
     codes = node.data.codes
     if not codes:
         return {name: "from the code store: give codes=DIR" for name in names}
+    given = {item.partition("=")[0].strip() for item in overrides}
     for name, value in data_fields(node, Path(codes)).items():
         if not OmegaConf.is_missing(node.model, name):
             stated = OmegaConf.to_container(node.model)[name]
+            if stated != value and run_yaml is not None and f"model.{name}" in given:  # the user's, not the run's
+                trained = preset_fields("ar", run_yaml, [], ("model",)).get("model")
+                trained = OmegaConf.to_container(trained).get(name) if isinstance(trained, DictConfig) else None
+                raise ConfigError(f"resuming: model.{name}={stated} differs from the run's {trained} ({run_yaml}), "
+                                  f"whose checkpoints hold that model's weights; leave model.{name} out, or start a "
+                                  "new run in another --out")  # fmt: skip
             if stated != value and run_yaml is not None:
                 raise ConfigError(f"the run of {run_yaml} trains on codes with model.{name}={stated}, and the code "
                                   f"store {codes} gives {value}: resume it on a store that gives {stated}, or start a "
