@@ -11,7 +11,7 @@ import pytest
 from test_ar import _records
 from vqar.cli import main
 from vqar.configs import ConfigError
-from vqar.train.ar import compose_run_config, load_run_config
+from vqar.train.ar import compose_run_config, describe_run_config, load_run_config
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,20 @@ def test_condition_dropout_is_refused_for_an_unconditional_store_and_the_presets
     extract_codes(random_tokenizer(), DataConfig(source=str(tmp_path / "unlabelled.npz"), image_size=16, channels=1),
                   store)  # fmt: skip
     assert load_run_config("gpt-mnist", [f"codes={store}"]).model.class_dropout_prob == 0.0  # the preset says 0.1
+    assert "  class_dropout_prob: 0.0\n" in describe_run_config("gpt-mnist", [f"codes={store}"])  # vqar config too
     assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}"]).model.class_dropout_prob == 0.1  # with classes
     with pytest.raises(ConfigError, match=re.escape(
             f"model.class_dropout_prob=0.5 drops the class or caption for guidance, and the code store {store} has "
             "neither (an unconditional model): leave it out")):  # fmt: skip
         load_run_config("gpt-mnist", [f"codes={store}", "model.class_dropout_prob=0.5"])
+
+
+def test_config_refuses_the_sample_grid_settings_training_refuses(vq_store_4x4, capsys):
+    """`vqar config ar gpt-mnist codes=DIR sample.smooth=true` printed the configuration, which training then refused
+    before its first step."""
+    assert main(["config", "ar", "gpt-mnist", f"codes={vq_store_4x4}", "sample.smooth=true"]) == 2
+    assert capsys.readouterr().err == ("vqar: error: the sample grid's settings (sample.*) do not fit the model: "
+                                       "smooth sampling feeds back a mix of code vectors, which GPT does not take "
+                                       "(VAR only)\n")  # fmt: skip
+    assert main(["config", "ar", "gpt-mnist", f"codes={vq_store_4x4}", "sample.smooth=true",
+                 "sample.n_per_class=0"]) == 0  # no grid drawn: nothing to refuse  # fmt: skip

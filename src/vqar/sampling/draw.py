@@ -48,15 +48,22 @@ class DrawStopped(Exception):
     """`draw` was told to stop (its `stop` returned True) before it drew every batch."""
 
 
-def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
-    """Everything that can be checked before any work: the settings, guidance, the tokenizer. Returns the
-    tokenizer (by default the model's own)."""
+def check_settings_fit(model: ARModel, settings: SamplingSettings) -> None:
+    """ValueError for settings the kind of model cannot take, which its configuration alone tells (a model on the
+    meta device will do): values per depth of the wrong length, speculative decoding, smooth sampling or a
+    cfg_interval where the model does not draw that way."""
     settings.per_depth(model.depth)
     if settings.speculative:
         window_of(model, settings)  # raises for a model that does not decode position by position
     if settings.smooth:
         check_smooth(model)
     check_cfg_interval(model, settings)
+
+
+def check_drawable(model: ARModel, settings: SamplingSettings, tokenizer=None):
+    """Everything that can be checked before any work: the settings, guidance, the tokenizer. Returns the
+    tokenizer (by default the model's own)."""
+    check_settings_fit(model, settings)
     if settings.guided and not model.has_null_condition:
         model.cond_embedding.null_ids(1)  # raises with the reason
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

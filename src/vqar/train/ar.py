@@ -32,7 +32,7 @@ from vqar.data.extraction import tokenizer_fingerprint
 from vqar.parallel import DistConfig, Parallel, sync
 from vqar.parallel.runtime import launch_main
 from vqar.sampling import SamplingSettings, draw, make_conditions
-from vqar.sampling.draw import check_drawable
+from vqar.sampling.draw import check_drawable, check_settings_fit
 from vqar.text import TextTokenizer
 from vqar.train.checkpoint import (
     DamagedCheckpointsError,
@@ -251,11 +251,26 @@ def _no_condition_dropout_without_a_condition(node: DictConfig, overrides: list[
     model.class_dropout_prob = 0.0
 
 
+def check_grid_settings(cfg: ARRunConfig) -> None:
+    """ConfigError for sample grid settings the configured model cannot take, told by a model on the meta device:
+    `vqar config` refuses them as training does before its first step (`ARTask._grid_settings`)."""
+    if cfg.sample.n_per_class <= 0:
+        return
+    with torch.device("meta"):  # the bare network: what it can draw does not hang on its tokenizer's codebook
+        model = get_architecture(cfg.arch).model(cfg.model)
+    try:
+        check_settings_fit(model, cfg.sample)
+    except ValueError as err:
+        raise ConfigError(f"the sample grid's settings (sample.*) do not fit the model: {err}") from None
+
+
 def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) -> str:
     """The YAML of a run configuration, the data-dependent model fields marked with where they come from."""
+    overrides = list(overrides)
     node, origins = compose_run_config(preset, overrides)
     if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
-        to_config(node.copy())  # a store that this architecture cannot model is an error here too, as in training
+        _no_condition_dropout_without_a_condition(node, overrides)  # what training would use
+        check_grid_settings(to_config(node.copy()))  # a store this architecture cannot model is an error here too
     else:  # the model waits for a store, but the other sections are whole: check them as training would
         for section in node:
             if section != "model" and isinstance(node[section], DictConfig):
