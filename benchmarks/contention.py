@@ -78,7 +78,7 @@ def worker(workload: str, seconds: float) -> dict:
 
     from vqar.ar import get_architecture
     from vqar.sampling import SamplingSettings, draw, make_conditions
-    from vqar.train.ar import LossConfig
+    from vqar.train.ar_config import LossConfig
     from vqar.train.config import TrainConfig
     from vqar.train.optim import StepGuard, adamw
     from vqar.train.tokenizer import TokenizerTask

@@ -24,7 +24,8 @@ from common import cached_code_store
 from vqar.bundle import load
 from vqar.eval.digits import class_accuracy, digit_classifier
 from vqar.sampling import SamplingSettings, draw, make_conditions
-from vqar.train.ar import load_run_config, train_ar
+from vqar.train.ar import train_ar
+from vqar.train.ar_config import load_run_config
 from vqar.train.npp import relative_cost
 
 

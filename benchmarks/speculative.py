@@ -48,7 +48,8 @@ def rq_demo_model(work: Path):
 def gpt_model(folder: Path, tokenizer_overrides: list[str]):
     if not (folder / "ar" / "config.json").is_file():
         from common import cached_code_store  # benchmarks/common.py, beside this script
-        from vqar.train.ar import load_run_config, train_ar
+        from vqar.train.ar import train_ar
+        from vqar.train.ar_config import load_run_config
 
         codes = cached_code_store(folder, "vq-mnist", 1000, tokenizer_overrides=tokenizer_overrides)
         train_ar(load_run_config("gpt-mnist", [f"codes={codes}", "sample.n_per_class=0"]), folder / "ar",

@@ -25,7 +25,8 @@ from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.export import write_samples
 from vqar.text.captions import DIGIT_TEMPLATES, HELD_OUT_DIGIT_TEMPLATES, digit_captions
 from vqar.text.tokenizer import TextTokenizer
-from vqar.train.ar import load_run_config, train_ar
+from vqar.train.ar import train_ar
+from vqar.train.ar_config import load_run_config
 from vqar.utils.device import cpu_kind
 
 

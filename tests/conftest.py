@@ -101,7 +101,8 @@ def tiny_pipeline(tmp_path_factory):
 def class_run(tiny_pipeline, tmp_path_factory):
     """A class-conditional RQ-Transformer run briefly trained on the tiny pipeline's codes (read only: tests that
     sample or serve it write elsewhere)."""
-    from vqar.train.ar import load_run_config, train_ar
+    from vqar.train.ar import train_ar
+    from vqar.train.ar_config import load_run_config
 
     run = tmp_path_factory.mktemp("class-run") / "ar"
     overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10", "train.eval_every=10",

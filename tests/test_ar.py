@@ -17,7 +17,8 @@ from conftest import TINY_AR
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.sampling import SamplingSettings, draw, generate, make_conditions
-from vqar.train.ar import build_model, load_run_config, train_ar
+from vqar.train.ar import build_model, train_ar
+from vqar.train.ar_config import load_run_config
 
 
 def _records(run_dir, split):

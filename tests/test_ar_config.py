@@ -11,7 +11,7 @@ import pytest
 from test_ar import _records
 from vqar.cli import main
 from vqar.configs import ConfigError
-from vqar.train.ar import compose_run_config, describe_run_config, load_run_config
+from vqar.train.ar_config import compose_run_config, describe_run_config, load_run_config
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def test_resuming_a_run_of_the_other_stage_says_which_stage_it_is(tmp_path, caps
     from omegaconf import OmegaConf
 
     from vqar.configs import to_yaml
-    from vqar.train import ar, tokenizer
+    from vqar.train import ar_config as ar
+    from vqar.train import tokenizer
 
     runs = {"tokenizer": tmp_path / "tok", "ar": tmp_path / "ar"}
     for run in runs.values():
@@ -119,7 +120,7 @@ def test_resume_that_changes_the_architecture_names_it_not_the_run_yaml(tmp_path
     refused as if the file were wrong ("run.yaml: unknown config key 'model.mlp_ratio'")."""
     from omegaconf import OmegaConf
 
-    from vqar.train import ar
+    from vqar.train import ar_config as ar
 
     run = tmp_path / "vim"
     run.mkdir()

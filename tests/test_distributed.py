@@ -189,7 +189,8 @@ def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_
 
 
 def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny_pipeline):
-    from vqar.train.ar import load_run_config, train_ar
+    from vqar.train.ar import train_ar
+    from vqar.train.ar_config import load_run_config
 
     run_dir = tmp_path / "ar"
     cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "sample.n_per_class=0"])

@@ -17,7 +17,8 @@ from vqar.cli import main
 def test_linear_probe_on_a_trained_model(tiny_pipeline, tmp_path):
     from conftest import TINY_AR
     from vqar.eval.probe import block_features, linear_probe
-    from vqar.train.ar import load_run_config, train_ar
+    from vqar.train.ar import train_ar
+    from vqar.train.ar_config import load_run_config
 
     run = tmp_path / "ar"
     train_ar(load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=10"]), run)

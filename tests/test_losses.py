@@ -10,7 +10,8 @@ from vqar.ar import ModelOutput, RQTransformer, RQTransformerConfig
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
-from vqar.train.ar import ARTask, LossConfig
+from vqar.train.ar import ARTask
+from vqar.train.ar_config import LossConfig
 
 
 # ---------------------------------------------------------------- stage 1

@@ -17,7 +17,8 @@ from vqar.cli import main
 from vqar.data import DataConfig
 from vqar.data.codes import CodeDataset
 from vqar.data.extraction import extract_codes
-from vqar.train.ar import load_run_config, train_ar
+from vqar.train.ar import train_ar
+from vqar.train.ar_config import load_run_config
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,8 @@ def test_tensorboard_logs_the_metric_log_and_the_pictures(tmp_path):
 
 def test_ar_training_logs_its_sample_grid_to_tensorboard(tmp_path, tiny_pipeline):
     pytest.importorskip("tensorboard", reason="train.logger=tensorboard needs the tensorboard package")
-    from vqar.train.ar import load_run_config as ar_config
     from vqar.train.ar import train_ar
+    from vqar.train.ar_config import load_run_config as ar_config
 
     run_dir = tmp_path / "ar"
     overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=4", "train.log_every=2", "train.eval_every=2"]

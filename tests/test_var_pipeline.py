@@ -33,7 +33,7 @@ def var_store(tmp_path_factory):
 
 
 def test_the_store_gives_var_its_scales_and_code_size(var_store, capsys):
-    from vqar.train.ar import describe_run_config
+    from vqar.train.ar_config import describe_run_config
 
     manifest = json.loads((var_store / "codes" / "manifest.json").read_text())
     assert manifest["code_shape"] == [30]  # 1 + 4 + 9 + 16 codes, scale by scale
@@ -81,7 +81,8 @@ def test_var_trains_samples_and_serves(var_store, tmp_path):
     from vqar import load_pretrained
     from vqar.sampling import SamplingSettings
     from vqar.serve.engine import GenerateRequest, SamplingEngine
-    from vqar.train.ar import load_run_config, train_ar
+    from vqar.train.ar import train_ar
+    from vqar.train.ar_config import load_run_config
 
     cfg = load_run_config("var-mnist", [f"codes={var_store / 'codes'}", *VAR_RUN, "steps=40", "train.eval_every=40",
                                         "lr=3e-3", "train.warmup_steps=5"])  # fmt: skip

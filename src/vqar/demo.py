@@ -28,6 +28,7 @@ from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.export import is_sample_folder, write_adm_npz, write_samples
 from vqar.train import ar as ar_training
+from vqar.train import ar_config
 from vqar.train import tokenizer as tokenizer_training
 from vqar.utils.device import cpu_kind
 from vqar.utils.io import created_folders_removed_on_failure, describe_entries, folder_entries
@@ -144,7 +145,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
 
     start = time.perf_counter()
     log.info("3/4 training the class-conditional AR model (%s)", pipeline.ar)
-    ar_cfg = ar_training.load_run_config(pipeline.ar, [f"codes={out / 'codes'}", *plan["ar"]])
+    ar_cfg = ar_config.load_run_config(pipeline.ar, [f"codes={out / 'codes'}", *plan["ar"]])
     ar_metrics = _train_stage(ar_training.train_ar, ar_cfg, out / "ar", stopped)
     timings["ar"] = time.perf_counter() - start
 

@@ -20,7 +20,7 @@ def _load_run_config(group: str, preset, overrides):
     if group == "tokenizer":
         from vqar.train.tokenizer import load_run_config
     else:
-        from vqar.train.ar import load_run_config
+        from vqar.train.ar_config import load_run_config
     return load_run_config(preset, overrides)
 
 
@@ -118,7 +118,7 @@ def _check_same_architecture(saved: Path, overrides, preset: str | None = None) 
     that family's weights, and its run.yaml would otherwise be refused for the first model field the new family
     lacks, as if the file were wrong (or, for a preset, the codes= the preset leaves unset would be asked for)."""
     from vqar.configs import preset_fields
-    from vqar.train.ar import ARRunConfig
+    from vqar.train.ar_config import ARRunConfig
 
     def arch_of(source, given=()):
         return preset_fields("ar", source, given, ("arch",)).get("arch", ARRunConfig.arch)
@@ -146,7 +146,7 @@ def run_presets(args: argparse.Namespace) -> int:
 def run_config(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
     if args.group == "ar":
-        from vqar.train.ar import describe_run_config
+        from vqar.train.ar_config import describe_run_config
 
         print(describe_run_config(preset, overrides), end="")
     else:

@@ -3,7 +3,7 @@
 Each step takes one of an image's captions at random, tokenizes it with BPE dropout, and replaces whole captions
 by the empty one with the model's `class_dropout_prob` (what classifier-free guidance later uses as "no
 condition"). An RQ-Transformer also predicts its caption with its text head (the weights of the two losses are
-`loss.txt_weight` / `loss.img_weight`, see `vqar.train.ar.LossConfig`).
+`loss.txt_weight` / `loss.img_weight`, see `vqar.train.ar_config.LossConfig`).
 """
 
 from __future__ import annotations
