@@ -152,6 +152,36 @@ def test_config_without_a_store_still_refuses_what_training_would(override, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [("gpt-mnist", ["npp.rate=0.3"], "npp.rate=0.3 shapes next patch prediction, which npp.level=1"),
+     ("gpt-mnist", ["npp.level=2", "npp.segment_lr=false", "npp.warmup_steps=50"],
+      "npp.warmup_steps=50 shapes the learning rate of each NPP segment"),
+     ("gpt-mnist", ["steps=5", "npp.level=4"], "train.steps=5 with npp.rate=0.5 gives the 8x8 patches"),
+     ("gpt-mnist", ["loss.txt_weight=0.5"], "loss.txt_weight=0.5 (the caption loss of a text head) applies to arch=rq"),
+     ("var-mnist", ["sample.cfg_interval=3"], "VAR draws a whole scale per call"),
+     ("gpt-mnist", ["sample.smooth=true"], "which GPT does not take (VAR only)")],
+)  # fmt: skip
+def test_config_without_a_store_refuses_settings_that_combine_wrongly(preset, overrides, message, capsys):
+    """How the sections combine (npp.* without npp.level, a text head's loss on a GPT, the grid's settings on the
+    model) was checked only once codes= was given: without it, `vqar config` printed them as fine."""
+    assert main(["config", "ar", preset, *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "overrides"), [
+    ("rq-mnist", ["sample.top_k=[5,5,5,5]"]),  # a value per depth: the depth is the store's
+    ("rq-mnist-text", ["loss.txt_weight=0.5"]),  # the captions are the store's
+    ("gpt-mnist", ["npp.level=4"]),  # the code grid is the store's
+    *[(preset, []) for preset in ("gpt-imagenet", "gpt-mnist", "rq-imagenet", "rq-mnist", "rq-mnist-text",
+                                  "var-imagenet", "var-mnist", "vim-imagenet", "vim-mnist")],
+])  # fmt: skip
+def test_config_without_a_store_leaves_what_hangs_on_the_store_to_it(preset, overrides, capsys):
+    """The architecture's defaults stand in for the store's fields: nothing that only the store decides is refused
+    on their account."""
+    assert main(["config", "ar", preset, *overrides]) == 0, capsys.readouterr().err
+
+
 def test_condition_dropout_is_refused_for_an_unconditional_store_and_the_presets_is_zeroed(vq_store_4x4, tmp_path):
     """Saved as given in config.json, and ignored: a store without classes or captions has no condition to drop."""
     import numpy as np

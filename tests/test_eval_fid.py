@@ -45,6 +45,14 @@ def test_reference_statistics_of_the_wrong_shape_are_refused_naming_the_file_bef
             f"vqar: error: {tmp_path / 'ref.npz'}: mu {mu.shape} and sigma {sigma.shape} are not reference "
             "statistics, a mean (D,) and its covariance (D, D); make them again with `vqar eval stats`\n"
         )
+    # features of another width (or none at all) passed, and broke precision/recall after the samples' pass
+    for features in (np.zeros((30, 64), np.float32), np.array(1.0), np.zeros(2048, np.float32)):
+        np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), features=features)
+        assert main(["eval", "fid", str(fake), "--ref", str(tmp_path / "ref.npz")]) == 2
+        assert capsys.readouterr().err == (
+            f"vqar: error: {tmp_path / 'ref.npz'}: its features {features.shape} are not the (2048-wide) features its "
+            "statistics were made from, one row (N, 2048) per image; make them again with `vqar eval stats`\n"
+        )
 
 
 def test_reference_statistics_are_read_once_before_the_samples(tmp_path, monkeypatch):

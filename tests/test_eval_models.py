@@ -42,6 +42,16 @@ def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
         assert result["perplexity"][d] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
 
 
+def test_the_table_rounds_figures_per_depth_as_single_ones(capsys):
+    """Perplexity per depth was printed with float32's noise digits (10.04092025756836) beside 4-decimal figures."""
+    from vqar.commands.evaluate import _print
+
+    _print({"psnr_db": 25.123456, "perplexity": [10.04092025756836, 3.5], "images": 40, "depths": [1, 2]}, False)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{'psnr_db':>28}: 25.1235", f"{'perplexity':>28}: [10.0409, 3.5000]", f"{'images':>28}: 40",
+        f"{'depths':>28}: [1, 2]"]  # fmt: skip
+
+
 def test_rfid_refuses_image_sizes_it_cannot_use_before_reading_any_image(tmp_path, monkeypatch, capsys, caplog):
     """--image-size 100000 went on to resize every image to 100000x100000 (a MemoryError traceback, or the OOM
     killer); sizes the tokenizer cannot encode failed only after the whole set was read."""

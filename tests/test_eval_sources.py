@@ -199,7 +199,8 @@ def test_a_folder_of_several_sizes_is_refused_before_any_pass_also_as_the_refere
     (tmp_path / "same" / "broken.png").write_bytes(b"not a png")  # left to the decoding, which skips it
     decoded = []
     monkeypatch.setattr(sources, "_read_image", lambda *args: decoded.append(args))
-    message = r"^images in .*mixed have different sizes \(height, width\) \[\(16, 16\), \(20, 12\)\]; resize them"
+    # a file of each size is named: the odd one out was left to be found among them all
+    message = r"^images in .*mixed have different sizes \(height, width\): \(16, 16\) as 0.png, \(20, 12\) as 2.png;"
     for samples, ref in (("same", "mixed"), ("mixed", "same")):
         with pytest.raises(ValueError, match=message):
             open_eval_sets(tmp_path / samples, tmp_path / ref, with_pr=False)

@@ -77,7 +77,7 @@ def test_raster_models_refuse_the_code_store_of_a_multi_scale_tokenizer():
     assert get_architecture("gpt").store_fields({**manifest, "code_shape": [8, 8]}, grid) == {}
 
 
-def test_var_trains_samples_and_serves(var_store, tmp_path):
+def test_var_trains_samples_and_serves(var_store, tmp_path, capsys):
     from vqar import load_pretrained
     from vqar.sampling import SamplingSettings
     from vqar.serve.engine import GenerateRequest, SamplingEngine
@@ -98,6 +98,11 @@ def test_var_trains_samples_and_serves(var_store, tmp_path):
     assert main(["sample", "--model", str(tmp_path / "ar"), "--classes", "0,1", "--n-per-class", "2", "--cfg",
                  "3", "--top-k", "50", "--smooth", "--out", str(out)]) == 0  # fmt: skip
     assert (out / "grid.png").is_file()
+    capsys.readouterr()
+    # --cfg-interval alone was told to add --cfg above 1, which then met the refusal below
+    assert main(["sample", "--model", str(tmp_path / "ar"), "--cfg-interval", "3", "--out", str(tmp_path / "i")]) == 2
+    err = capsys.readouterr().err
+    assert "VAR draws a whole scale per call: leave cfg_interval out" in err and "--cfg" not in err, err
     # a plain VQ tokenizer of VAR's codebook size was refused as "another codebook (the same size, other vectors)"
     from vqar.quantize import QuantizerConfig
     from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig

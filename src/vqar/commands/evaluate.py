@@ -82,7 +82,16 @@ def _print(result: dict, as_json: bool) -> None:
             for metric, why in value.items():
                 print(f"{metric:>28}: not measured ({why})")
         else:
-            print(f"{key:>28}: {value:.4f}" if isinstance(value, float) else f"{key:>28}: {value}")
+            print(f"{key:>28}: {_rounded(value)}")
+
+
+def _rounded(value) -> str:
+    """A figure as the table shows it: floats, alone or per depth, to 4 decimals (float32's digits are noise)."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and value and all(isinstance(item, float) for item in value):
+        return "[" + ", ".join(f"{item:.4f}" for item in value) + "]"
+    return str(value)
 
 
 @_on_ranks

@@ -64,7 +64,6 @@ def _sample(args: argparse.Namespace, par) -> int:
     if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
         raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
-    _check_options_apply(args)
     _check_out(args, par)  # and so is an --out that would mix these images with other files
     prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if prompts:
@@ -81,6 +80,7 @@ def _sample(args: argparse.Namespace, par) -> int:
     classes = None if prompts else _classes(args.classes, model)
     _check_memory(args, model, len(prompts or classes or [None]))  # before anything of that size is allocated
     check_drawable(model, settings)  # settings the model cannot take (--smooth on a RQ model), before any drawing
+    _check_options_apply(args)  # after: its advice (--cfg-interval needs --cfg) must not lead to a setting refused
     conditions = make_conditions(model, classes=classes, prompts=prompts or None, n_per_condition=args.n_per_class)
     options = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     if args.compile:  # every rank compiles what it runs; the progress bar shows compile time apart from sampling

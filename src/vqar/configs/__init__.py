@@ -75,13 +75,14 @@ def compose_node(
         raise ConfigError(_describe_omegaconf_error(err, base_cfg, layers)) from None
 
 
-def to_config(node: DictConfig) -> Any:
-    """The dataclass instance of a composed configuration, validated (ConfigError naming what is wrong)."""
+def to_config(node: DictConfig, validate: bool = True) -> Any:
+    """The dataclass instance of a composed configuration, validated unless `validate` is False (ConfigError
+    naming what is wrong)."""
     try:
         config = OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
-    validate = getattr(config, "validate", None)
+    validate = getattr(config, "validate", None) if validate else None
     if validate is not None:
         try:
             validate()

@@ -184,11 +184,12 @@ def read_stored_reference(
                              f"(arr_0), only {sorted(data.files)}")  # fmt: skip
         if len(arrays) < 2:
             return None
-        _check_shapes(path, arrays["mu"], arrays["sigma"])
+        features_shape = npz_array_shape(path, "features") if "features" in data else None
+        _check_shapes(path, arrays["mu"], arrays["sigma"], features_shape)
         # read on rank 0 alone: stored features are as large as the ones computed
         features = data["features"] if need_features and "features" in data and par.is_main else None
         images_only = "features" not in data and "arr_0" in data
-        feature_count = npz_array_shape(path, "features")[0] if "features" in data else None
+        feature_count = features_shape[0] if features_shape is not None else None
         resize = _recorded_text(data, "resize")
     stats = GaussianStats(mu=arrays["mu"], sigma=arrays["sigma"], count=-1)
     return StoredReference(stats, features, images_only, feature_count, resize)
@@ -204,12 +205,17 @@ def _recorded_text(data, key: str) -> str | None:
     return str(value) if value is not None and value.ndim == 0 and np.issubdtype(value.dtype, np.str_) else None
 
 
-def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    # Else found after the samples' Inception pass, by numpy, in words that name neither the file nor the array.
+def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray, features_shape: tuple | None) -> None:
+    # Else found after the samples' Inception pass, by numpy or torch, in words that name neither the file nor the
+    # array.
     dim = mu.shape[0] if mu.ndim == 1 else None
     if dim is None or sigma.shape != (dim, dim):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not reference statistics, a mean (D,) "
                          "and its covariance (D, D); make them again with `vqar eval stats`")  # fmt: skip
+    if features_shape is not None and (len(features_shape) != 2 or features_shape[1] != dim):
+        raise ValueError(f"{path}: its features {tuple(features_shape)} are not the ({dim}-wide) features its "
+                         f"statistics were made from, one row (N, {dim}) per image; make them again with `vqar eval "
+                         "stats`")  # fmt: skip
 
 
 def _reference_images(source: str | Path, stored: StoredReference | None, need_features: bool) -> ImageSource | None:

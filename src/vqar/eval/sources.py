@@ -362,13 +362,15 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def check_one_size(self) -> None:
-        sizes = set()
+        first_of_size: dict[tuple[int, int], Path] = {}  # a file of each size: the odd one out is often a stray
         for path in self.files:  # Pillow reads the header alone until the pixels are asked for
             with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), Image.open(path) as image:
-                sizes.add(image.size[::-1])
-        if len(sizes) > 1:
-            raise ValueError(f"images in {self.where} have different sizes (height, width) {sorted(sizes)[:3]}; "
-                             "resize them to one size first")  # fmt: skip
+                first_of_size.setdefault(image.size[::-1], path)
+        if len(first_of_size) > 1:
+            examples = ", ".join(f"{size} as {path.relative_to(Path(self.where))}"
+                                 for size, path in sorted(first_of_size.items())[:3])  # fmt: skip
+            raise ValueError(f"images in {self.where} have different sizes (height, width): {examples}; resize them "
+                             "to one size first")  # fmt: skip
 
     def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
         files = self.files[part]

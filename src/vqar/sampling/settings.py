@@ -59,6 +59,9 @@ class DepthSettings(NamedTuple):
     top_p: float | None
 
 
+# The filters that take one value per depth (a list) or one for all.
+PER_DEPTH = ("temperature", "top_k", "top_p")
+
 # The settings that shape speculative decoding, which they do nothing without (`check_settings_apply`).
 SPECULATIVE_OPTIONS = ("speculative_window", "speculative_drafts", "speculative_max_iterations")
 # Past any guidance anyone uses, and far below where the guided logits would overflow float32 (3.4e38).
@@ -106,11 +109,11 @@ class SamplingSettings:
     def per_depth(self, depth: int) -> list[DepthSettings]:
         """Validated filters for each of `depth` depths (ValueError naming the setting otherwise)."""
         self.validate()
-        columns = [_per_depth(getattr(self, name), depth, name) for name in ("temperature", "top_k", "top_p")]
+        columns = [_per_depth(getattr(self, name), depth, name) for name in PER_DEPTH]
         return [DepthSettings(*values) for values in zip(*columns, strict=True)]
 
     def validate(self) -> None:
-        for name in ("temperature", "top_k", "top_p"):
+        for name in PER_DEPTH:
             values = getattr(self, name)
             for value in values if _is_list(values) else [values]:
                 _CHECKS[name](value)
@@ -170,7 +173,7 @@ def check_settings_apply(given: dict[str, Any], name: Callable[[str], str] = str
         raise ValueError(f"{names} shape{'' if them == 'them' else 's'} classifier-free guidance, which "
                          f"{name('cfg_scale')} 1 (the default) leaves off: give {name('cfg_scale')} above 1, or leave "
                          f"{them} out")  # fmt: skip
-    filters = [field for field in ("temperature", "top_k", "top_p") if given.get(field) is not None]
+    filters = [field for field in PER_DEPTH if given.get(field) is not None]
     if filters and given.get("greedy"):
         names, them = listed(filters)
         raise ValueError(f"{names} {'have' if them == 'them' else 'has'} no effect with {name('greedy')}, which always "

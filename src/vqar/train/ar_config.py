@@ -11,7 +11,7 @@ contradicts the store is an error. The training itself is `vqar.train.ar`'s.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ from vqar.data.codes import read_manifest
 from vqar.parallel import DistConfig
 from vqar.sampling import SamplingSettings
 from vqar.sampling.draw import check_settings_fit
+from vqar.sampling.settings import PER_DEPTH
 from vqar.train.config import TrainConfig
 from vqar.train.npp import (
     NPPConfig,
@@ -100,6 +101,13 @@ class ARRunConfig:
                                          "bs": "data.batch_size"}  # fmt: skip
 
     def validate(self) -> None:
+        self.check_apart_from_store()
+        self.check_store_fit()
+
+    def check_apart_from_store(self) -> None:
+        """ValueError for settings wrong whatever the code store: every section, and how they combine (what
+        `vqar config` checks without `codes=`, the store's model fields standing in as the architecture's
+        defaults)."""
         for section in (self.model, self.data, self.train, self.sample, self.npp, self.dist, self.text, self.loss):
             section.validate()
         arch = get_architecture(self.arch)
@@ -107,26 +115,9 @@ class ARRunConfig:
             arch.check_option("soft_targets", "loss.soft_targets")
         if self.loss.label_smoothing:
             arch.check_option("label_smoothing", "loss.label_smoothing")
-        # Without a text head the image loss is the whole loss: both weights would go unused. Only values that
-        # differ from the defaults are refused, since every run.yaml states those.
-        weights = [f"loss.{name}={getattr(self.loss, name):g}" for name in ("txt_weight", "img_weight")
-                   if getattr(self.loss, name) != getattr(LossConfig, name)]  # fmt: skip
-        if weights:
-            setting = " and ".join(weights)
-            arch.check_option("caption_loss", f"{setting} (the caption loss of a text head)")
-            if not self.model.text_length:
-                raise ValueError(f"{setting} applies to a text-conditioned model (its caption loss against its "
-                                 "image loss), and this one is conditioned on classes (its store holds no "
-                                 "captions)")  # fmt: skip
-        # A caption preset on a store without captions (rq-mnist-text on class codes) trained a class-conditional
-        # model unsaid; every run.yaml states the defaults, so only settings that differ from them are refused.
-        stated = [f"text.{name}={getattr(self.text, name)}" for name in TextConfig.__dataclass_fields__
-                  if getattr(self.text, name) != getattr(TextConfig, name)]  # fmt: skip
-        if stated and not self.model.text_length:
-            raise ValueError(f"{' and '.join(stated)} shape{'s' * (len(stated) == 1)} the captions of a "
-                             "text-conditioned model, and this store holds no captions (the model would be "
-                             "conditioned on its classes): extract codes with captions (`vqar extract-codes --captions "
-                             "digits|FILE`), or train a class-conditional preset without text.*")  # fmt: skip
+        # Without a text head the image loss is the whole loss: both weights would go unused
+        if self._loss_weights_given():
+            arch.check_option("caption_loss", f"{self._loss_weights_given()} (the caption loss of a text head)")
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
@@ -146,8 +137,31 @@ class ARRunConfig:
                              f"set npp.segment_lr=true, or leave npp.{name} out")  # fmt: skip
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
-            check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
             check_segments(self.npp.level, self.npp.rate, self.train.steps)
+
+    def check_store_fit(self) -> None:
+        """ValueError for settings the code store's model fields (its code shape, its captions) cannot take."""
+        if self._loss_weights_given() and not self.model.text_length:
+            raise ValueError(f"{self._loss_weights_given()} applies to a text-conditioned model (its caption loss "
+                             "against its image loss), and this one is conditioned on classes (its store holds no "
+                             "captions)")  # fmt: skip
+        # A caption preset on a store without captions (rq-mnist-text on class codes) trained a class-conditional
+        # model unsaid; every run.yaml states the defaults, so only settings that differ from them are refused.
+        stated = [f"text.{name}={getattr(self.text, name)}" for name in TextConfig.__dataclass_fields__
+                  if getattr(self.text, name) != getattr(TextConfig, name)]  # fmt: skip
+        if stated and not self.model.text_length:
+            raise ValueError(f"{' and '.join(stated)} shape{'s' * (len(stated) == 1)} the captions of a "
+                             "text-conditioned model, and this store holds no captions (the model would be "
+                             "conditioned on its classes): extract codes with captions (`vqar extract-codes --captions "
+                             "digits|FILE`), or train a class-conditional preset without text.*")  # fmt: skip
+        if self.npp.level > 1:
+            check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
+
+    def _loss_weights_given(self) -> str:
+        """The loss weights that differ from the defaults, as settings ("loss.txt_weight=0.5"); only those are
+        refused where they do nothing, since every run.yaml states the defaults."""
+        return " and ".join(f"loss.{name}={getattr(self.loss, name):g}" for name in ("txt_weight", "img_weight")
+                            if getattr(self.loss, name) != getattr(LossConfig, name))  # fmt: skip
 
 
 # ---------------------------------------------------------------- configuration
@@ -222,15 +236,21 @@ def _no_condition_dropout_without_a_condition(node: DictConfig, overrides: list[
     model.class_dropout_prob = 0.0
 
 
-def check_grid_settings(cfg: ARRunConfig) -> None:
+def check_grid_settings(cfg: ARRunConfig, store_known: bool = True) -> None:
     """ConfigError for sample grid settings the configured model cannot take, told by a model on the meta device:
-    `vqar config` refuses them as training does before its first step (`ARTask._grid_settings`)."""
+    `vqar config` refuses them as training does before its first step (`ARTask._grid_settings`). Without the store
+    (`store_known` False: its model fields are the architecture's defaults), the number of values of a per-depth
+    setting is left unchecked: the depth is the store's."""
     if cfg.sample.n_per_class <= 0:
         return
     with torch.device("meta"):  # the bare network: what it can draw does not hang on its tokenizer's codebook
         model = get_architecture(cfg.arch).model(cfg.model)
+    settings = cfg.sample
+    if not store_known:
+        first = lambda values: values[0] if isinstance(values, (list, tuple)) else values  # noqa: E731
+        settings = replace(settings, **{name: first(getattr(settings, name)) for name in PER_DEPTH})
     try:
-        check_settings_fit(model, cfg.sample)
+        check_settings_fit(model, settings)
     except ValueError as err:
         raise ConfigError(f"the sample grid's settings (sample.*) do not fit the model: {err}") from None
 
@@ -242,16 +262,18 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
         _no_condition_dropout_without_a_condition(node, overrides)  # what training would use
         check_grid_settings(to_config(node.copy()))  # a store this architecture cannot model is an error here too
-    else:  # the model waits for a store, but the other sections are whole: check them as training would
-        for section in node:
-            if section != "model" and isinstance(node[section], DictConfig):
-                to_config(node[section].copy())
-        # and the model's own fields (n_layer=0), with the architecture's defaults standing in for the store's
-        model, defaults = node.model.copy(), get_architecture(node.arch).config()
-        for name in model:
-            if OmegaConf.is_missing(model, name):
-                model[name] = getattr(defaults, name)
-        to_config(model)
+    else:  # the model waits for a store: check what does not hang on it as training would, the architecture's
+        # defaults standing in for the store's fields
+        whole, defaults = node.copy(), get_architecture(node.arch).config()
+        for name in whole.model:
+            if OmegaConf.is_missing(whole.model, name):
+                whole.model[name] = getattr(defaults, name)
+        cfg = to_config(whole, validate=False)
+        try:
+            cfg.check_apart_from_store()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        check_grid_settings(cfg, store_known=False)
     lines, in_model = [], False
     for line in OmegaConf.to_yaml(node).splitlines():
         if not line.startswith(" "):
