@@ -29,9 +29,12 @@ def test_help_explains_the_commands(capsys):
     assert "d=<depth>" in capsys.readouterr().out
 
 
-def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "vqar.cli", "--version"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["vqar.cli", "vqar"])  # `python -m vqar` was "cannot be directly executed"
+def test_console_script_is_installed(module):
+    result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("vqar ")
+    bad = subprocess.run([sys.executable, "-m", module, "presets", "nothing"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'nothing'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 _EXIT_PROBE = """
