@@ -101,13 +101,12 @@ class ARRunConfig:
                                          "bs": "data.batch_size"}  # fmt: skip
 
     def validate(self) -> None:
-        self.check_apart_from_store()
-        self.check_store_fit()
+        self.check()
 
-    def check_apart_from_store(self) -> None:
-        """ValueError for settings wrong whatever the code store: every section, and how they combine (what
-        `vqar config` checks without `codes=`, the store's model fields standing in as the architecture's
-        defaults)."""
+    def check(self, store_known: bool = True) -> None:
+        """ValueError for settings training refuses. With `store_known` False (`vqar config` without `codes=`: the
+        store's model fields are the architecture's defaults), those only the store decides (its captions, its code
+        grid) are left to it."""
         for section in (self.model, self.data, self.train, self.sample, self.npp, self.dist, self.text, self.loss):
             section.validate()
         arch = get_architecture(self.arch)
@@ -115,9 +114,26 @@ class ARRunConfig:
             arch.check_option("soft_targets", "loss.soft_targets")
         if self.loss.label_smoothing:
             arch.check_option("label_smoothing", "loss.label_smoothing")
-        # Without a text head the image loss is the whole loss: both weights would go unused
-        if self._loss_weights_given():
-            arch.check_option("caption_loss", f"{self._loss_weights_given()} (the caption loss of a text head)")
+        # Without a text head the image loss is the whole loss: both weights would go unused. Only values that
+        # differ from the defaults are refused, since every run.yaml states those.
+        weights = [f"loss.{name}={getattr(self.loss, name):g}" for name in ("txt_weight", "img_weight")
+                   if getattr(self.loss, name) != getattr(LossConfig, name)]  # fmt: skip
+        if weights:
+            setting = " and ".join(weights)
+            arch.check_option("caption_loss", f"{setting} (the caption loss of a text head)")
+            if store_known and not self.model.text_length:
+                raise ValueError(f"{setting} applies to a text-conditioned model (its caption loss against its "
+                                 "image loss), and this one is conditioned on classes (its store holds no "
+                                 "captions)")  # fmt: skip
+        # A caption preset on a store without captions (rq-mnist-text on class codes) trained a class-conditional
+        # model unsaid; every run.yaml states the defaults, so only settings that differ from them are refused.
+        stated = [f"text.{name}={getattr(self.text, name)}" for name in TextConfig.__dataclass_fields__
+                  if getattr(self.text, name) != getattr(TextConfig, name)]  # fmt: skip
+        if stated and store_known and not self.model.text_length:
+            raise ValueError(f"{' and '.join(stated)} shape{'s' * (len(stated) == 1)} the captions of a "
+                             "text-conditioned model, and this store holds no captions (the model would be "
+                             "conditioned on its classes): extract codes with captions (`vqar extract-codes --captions "
+                             "digits|FILE`), or train a class-conditional preset without text.*")  # fmt: skip
         if self.dist.strategy == "fsdp" and self.train.ema_decay:
             raise ValueError(
                 "train.ema_decay is not available with dist.strategy=fsdp (the average would need sharding too); "
@@ -137,31 +153,9 @@ class ARRunConfig:
                              f"set npp.segment_lr=true, or leave npp.{name} out")  # fmt: skip
         if self.npp.level > 1:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
+            if store_known:  # before any folder or model is made
+                check_grid(self.npp.level, tuple(self.model.code_shape)[:2])
             check_segments(self.npp.level, self.npp.rate, self.train.steps)
-
-    def check_store_fit(self) -> None:
-        """ValueError for settings the code store's model fields (its code shape, its captions) cannot take."""
-        if self._loss_weights_given() and not self.model.text_length:
-            raise ValueError(f"{self._loss_weights_given()} applies to a text-conditioned model (its caption loss "
-                             "against its image loss), and this one is conditioned on classes (its store holds no "
-                             "captions)")  # fmt: skip
-        # A caption preset on a store without captions (rq-mnist-text on class codes) trained a class-conditional
-        # model unsaid; every run.yaml states the defaults, so only settings that differ from them are refused.
-        stated = [f"text.{name}={getattr(self.text, name)}" for name in TextConfig.__dataclass_fields__
-                  if getattr(self.text, name) != getattr(TextConfig, name)]  # fmt: skip
-        if stated and not self.model.text_length:
-            raise ValueError(f"{' and '.join(stated)} shape{'s' * (len(stated) == 1)} the captions of a "
-                             "text-conditioned model, and this store holds no captions (the model would be "
-                             "conditioned on its classes): extract codes with captions (`vqar extract-codes --captions "
-                             "digits|FILE`), or train a class-conditional preset without text.*")  # fmt: skip
-        if self.npp.level > 1:
-            check_grid(self.npp.level, tuple(self.model.code_shape)[:2])  # before any folder or model is made
-
-    def _loss_weights_given(self) -> str:
-        """The loss weights that differ from the defaults, as settings ("loss.txt_weight=0.5"); only those are
-        refused where they do nothing, since every run.yaml states the defaults."""
-        return " and ".join(f"loss.{name}={getattr(self.loss, name):g}" for name in ("txt_weight", "img_weight")
-                            if getattr(self.loss, name) != getattr(LossConfig, name))  # fmt: skip
 
 
 # ---------------------------------------------------------------- configuration
@@ -270,7 +264,7 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
                 whole.model[name] = getattr(defaults, name)
         cfg = to_config(whole, validate=False)
         try:
-            cfg.check_apart_from_store()
+            cfg.check(store_known=False)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         check_grid_settings(cfg, store_known=False)
