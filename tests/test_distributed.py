@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,10 +165,13 @@ def test_dead_codes_restart_from_the_global_batch(tmp_path):
 def test_two_process_ar_training_matches_one_process(tmp_path, single_view_codes, strategy):
     run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
     one, two = tmp_path / "one", tmp_path / "two"
-    _vqar([*run, "--out", str(one)], 1, tmp_path)
-    _vqar([*run, *strategy, "--out", str(two)], 2, tmp_path)
+    first = _vqar([*run, "--out", str(one)], 1, tmp_path)
+    second = _vqar([*run, *strategy, "--out", str(two)], 2, tmp_path)
     _assert_same_training(one, two)
     _assert_same_weights(_weights(two), _weights(two, "checkpoints/step-0000006/model.safetensors"))
+    # FSDP said "training a FSDPRQTransformer" with twice the parameters: a sharded parameter's size is the whole
+    said = [re.search(r"training a (\w+) \(([\d.]+M) parameters\)", done.stderr).groups() for done in (first, second)]
+    assert said[0] == said[1] and said[0][0] == "RQTransformer", said
 
 
 def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_codes):
@@ -181,11 +185,15 @@ def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_
     model = load(sharded)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     assert start.keys() == _weights(sharded).keys()
-    _vqar([*run, "--out", str(sharded), "--resume"], 1, tmp_path)
+    done = _vqar([*run, "--out", str(sharded), "--resume"], 1, tmp_path)
+    assert done.stderr.count("the checkpoint was written by 2 processes and is resumed by 1: random streams") == 1
     _vqar([*run, "--out", str(plain)], 1, tmp_path)
     resumed = _weights(sharded)
     _assert_trained(start, resumed)
     _assert_same_training(plain, sharded)
+    # said once, not by every rank, and of one process in the singular
+    again = _vqar([*run, "steps=7", "--out", str(plain), "--resume"], 2, tmp_path)
+    assert again.stderr.count("vqar: the checkpoint was written by 1 process and is resumed by 2") == 1, again.stderr
 
 
 def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny_pipeline):

@@ -290,6 +290,17 @@ def test_a_wandb_run_that_cannot_start_is_one_clear_error_before_training(tmp_pa
     ):
         _train(tmp_path / "run", "wandb")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    # The new run's folder is left as it was: run.yaml and an empty wandb/ made the same command, rerun once logged
+    # in, refuse the folder as "already holds a training run"
+    assert main(["train", "tokenizer", "rqvae-mnist", *RUN, "train.logger=wandb", "--out", str(tmp_path / "cli")]) == 2
+    assert not (tmp_path / "cli").exists()
+    # A resume whose tracker cannot start trained nothing: run.yaml still says what trained
+    short = [*RUN, "steps=4"]
+    assert main(["train", "tokenizer", "rqvae-mnist", *short, "--out", str(tmp_path / "ran")]) == 0
+    recorded = (tmp_path / "ran" / "run.yaml").read_text()
+    resume = ["train", "tokenizer", "--resume", "steps=8", "train.logger=wandb", "--out", str(tmp_path / "ran")]
+    assert main(resume) == 2
+    assert (tmp_path / "ran" / "run.yaml").read_text() == recorded and not (tmp_path / "ran" / "wandb").exists()
 
 
 def test_an_unknown_logger_is_a_config_error():

@@ -275,8 +275,8 @@ def _train_ar(cfg: ARRunConfig, run_dir: str | Path, store: CodeDataset, resume:
         params = sum(p.numel() for p in task.model.parameters())
         log.info(
             "training a %s (%.1fM parameters) on %d code maps of shape %s (%d for validation) on %s%s",
-            type(task.model).__name__,
-            params / 1e6 * (par.world_size if par.sharded else 1),
+            get_architecture(cfg.arch).model.__name__,  # FSDP's wrapper class is named FSDPRQTransformer
+            params / 1e6,  # whole: a sharded parameter (FSDP2's DTensor) counts every rank's share
             len(train_set),
             "x".join(map(str, store.code_shape)),
             len(val_set),

@@ -258,11 +258,9 @@ class Trainer:
                 torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
             self.task.load_state_dict(mine.get("task", {}))
         else:  # resumed on another number of processes: the weights are exact, the random streams start afresh
-            log.warning(
-                "the checkpoint was written by %d processes and is resumed by %d: random streams are reseeded",
-                len(ranks),
-                par.world_size,
-            )
+            if par.is_main:  # on every rank: one says so
+                log.warning("the checkpoint was written by %d process%s and is resumed by %d: random streams are "
+                            "reseeded", len(ranks), "es" * (len(ranks) != 1), par.world_size)  # fmt: skip
             torch.manual_seed(self.cfg.seed + 1000 * state["step"] + par.rank)
         self.step = state["step"]
         if par.is_main:
@@ -324,15 +322,15 @@ class Trainer:
 
     def checkpoint_bytes(self) -> int:
         """One checkpoint: the weights and buffers of every module (the EMA and the discriminator too), the
-        optimizers' state, and a margin for the trainer state and the manifest."""
+        optimizers' state, and a margin for the trainer state and the manifest. (Sharded by FSDP, each rank holds
+        1/W of a parameter, but its size counts the whole: the ranks' files add up to these bytes.)"""
         weights = sum(module_bytes(m) for m in self.task.modules().values())
         states = sum(optimizer_bytes(o) for o in self.task.optimizers().values())
-        shards = self.par.world_size if self.par.sharded else 1  # FSDP: each rank holds 1/W of the parameters
-        return (weights + states) * shards + (1 << 20)
+        return weights + states + (1 << 20)
 
     def export_bytes(self) -> int:
         """The exported model (and its companions)."""
-        return self.task.export_bytes() * (self.par.world_size if self.par.sharded else 1)
+        return self.task.export_bytes()
 
     def _fit(self, resume: bool) -> dict[str, float]:
         cfg, par = self.cfg, self.par
@@ -341,11 +339,13 @@ class Trainer:
         elif resume:
             self.export_if_behind()
         trains = self.step < cfg.steps
+        # First: a tracker that cannot start (W&B without a login) ends the run before run.yaml says it trained
+        # with these settings, or a new run's folder holds a run.yaml that makes the same command refuse it
+        self.tracker = open_tracker(cfg, self.run_dir, self.step, self.run_yaml, par)  # at the resumed step
         # A resume that trains nothing leaves run.yaml the record of what trained: its settings (a lower steps=,
         # another npp.rate) never ran, and later resumes check against the record.
         if par.is_main and (trains or not resume):
             atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
-        self.tracker = open_tracker(cfg, self.run_dir, self.step, self.run_yaml, par)  # at the resumed step
         if not trains:
             log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
             return self._final_metrics()

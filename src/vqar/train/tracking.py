@@ -22,7 +22,7 @@ from PIL import Image
 from vqar.parallel import Parallel, PeerFailed
 from vqar.train.config import TrainConfig
 from vqar.train.errors import TrackerUnavailable
-from vqar.utils.io import atomic_write_text
+from vqar.utils.io import atomic_write_text, created_folders_removed_on_failure
 
 log = logging.getLogger("vqar.train")
 
@@ -181,20 +181,21 @@ class WandbTracker(Tracker):
         # A run starting at step 0 has no curve to continue (a resume without a checkpoint logs its steps again,
         # which W&B could not take in the old run): it gets a new W&B run.
         run_id = id_file.read_text().strip() if step > 0 and id_file.is_file() else None
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.run = wandb.init(
-                project=project,
-                name=run_dir.name,
-                id=run_id,
-                resume="allow",
-                dir=str(run_dir),
-                config=OmegaConf.to_container(OmegaConf.create(run_yaml)) if run_yaml else None,
-            )
-        except Exception as err:  # not logged in, no network, a bad project name: say so before training
-            reason = " ".join(str(err).split())  # W&B's messages span lines; the CLI prints one
-            raise TrackerUnavailable(f"W&B could not start a run ({type(err).__name__}: {reason}); run `wandb login` "
-                                     "or set WANDB_MODE=offline") from err  # fmt: skip
+        with created_folders_removed_on_failure(id_file.parent):  # a run that never started leaves no wandb/
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run = wandb.init(
+                    project=project,
+                    name=run_dir.name,
+                    id=run_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    config=OmegaConf.to_container(OmegaConf.create(run_yaml)) if run_yaml else None,
+                )
+            except Exception as err:  # not logged in, no network, a bad project name: say so before training
+                reason = " ".join(str(err).split())  # W&B's messages span lines; the CLI prints one
+                raise TrackerUnavailable(f"W&B could not start a run ({type(err).__name__}: {reason}); run `wandb "
+                                         "login` or set WANDB_MODE=offline") from err  # fmt: skip
         atomic_write_text(id_file, self.run.id + "\n")
         self.first_step = self.run.step  # past 0 when W&B resumed a run that holds later steps than the checkpoint
         if self.first_step > step + 1:
