@@ -191,12 +191,22 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_leaving_no_empty_folder(tmp_path
 
 
 def test_a_mistake_in_the_command_is_said_once_per_machine_under_torchrun(tmp_path, capsys, monkeypatch):
-    """Every process of a launch reads the same command line and configuration and fails alike: LOCAL_RANK 0 says
-    why, in one line, and the others stop with the same status without repeating it."""
+    """Every process of a launch reads the same command line and configuration and fails alike: the first of each
+    machine to find the mistake says why, in one line (`first_to_say`, per machine), and the others stop with the
+    same status without repeating it. (LOCAL_RANK 0 alone said it, and a launch said nothing when another rank found
+    it first: tests/test_distributed.py shows that with real processes.)"""
+    import vqar.cli
+
     bad_option = ["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "samples"), "--top-k"]
     bad_key = ["train", "tokenizer", "rqvae-mnist", "stepz=3", "--out", str(tmp_path / "run")]
-    for local_rank, lines in (("1", 0), ("0", 1)):
-        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for first, lines in ((False, 0), (True, 1)):
+        asked: list[bool] = []
+
+        def first_to_say(said, per_machine=False, asked=asked, first=first):
+            asked.append(per_machine)
+            return first
+
+        monkeypatch.setattr(vqar.cli, "first_to_say", first_to_say)
         with pytest.raises(SystemExit) as stopped:
             main(bad_option)
         err = capsys.readouterr().err
@@ -204,6 +214,7 @@ def test_a_mistake_in_the_command_is_said_once_per_machine_under_torchrun(tmp_pa
         assert main(bad_key) == 2
         err = capsys.readouterr().err
         assert err.count("vqar: error: unknown config key 'stepz'") == lines and err.count("\n") == lines, err
+        assert asked == [True, True]
 
 
 def test_a_run_stopped_by_a_signal_under_torchrun_says_so_once(tmp_path, capsys, monkeypatch, caplog):

@@ -333,6 +333,57 @@ entry()  # as the installed `vqar`: a torchrun worker skips the interpreter's te
 """
 
 
+RANK_0_STILL_STARTING = """
+import os, time
+from vqar.cli import entry
+if os.environ["RANK"] == "0":
+    time.sleep(120)  # still starting when rank 1 finds the mistake: the launcher stops it
+entry()
+"""
+
+
+@pytest.mark.parametrize(("mistake", "said"), [
+    (["train", "ar", "rq-mnist", "codes=/no/such/store"], "vqar: error: data.codes: no code store at /no/such/store"),
+    (["train", "ar", "rq-mnist", "--bogus"], "vqar train: error: unrecognized arguments: --bogus"),
+])  # fmt: skip
+def test_a_mistake_in_the_command_is_said_by_the_first_rank_to_find_it(tmp_path, mistake, said):
+    """Said by LOCAL_RANK 0 alone, it was lost whenever another rank found it first: torchrun stopped rank 0 before
+    it printed (4 of 8 launches with a missing code store said nothing but torchrun's 'exitcode: 2')."""
+    script = tmp_path / "rank_0_still_starting.py"
+    script.write_text(RANK_0_STILL_STARTING)
+    command = [*torchrun(2), str(script), *mistake, "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=110,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0 and done.stderr.count(said) == 1, done.stderr[-3000:]
+
+
+RANK_1_KILLED_AT_STEP_3 = """
+import os, signal
+from vqar.cli import entry
+from vqar.train.loop import Trainer
+step = Trainer._train_step
+def killed_at_step_3(self, batch):  # as the OOM killer would: no handler runs, no word is said
+    if self.step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batch)
+Trainer._train_step = killed_at_step_3
+entry()
+"""
+
+
+def test_a_rank_killed_outright_is_one_line_from_the_others_naming_the_checkpoint(tmp_path):
+    """Rank 0 printed a 46-line traceback of gloo's 'Connection closed by peer' from whichever collective it was in."""
+    script = tmp_path / "rank_1_killed.py"
+    script.write_text(RANK_1_KILLED_AT_STEP_3)
+    run = ["train", "tokenizer", "rqvae-mnist", *TOKENIZER_RUN, "train.ckpt_every=2", "--out", str(tmp_path / "run")]
+    done = subprocess.run([*torchrun(2), str(script), *run], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0 and "[rank0]:" not in done.stderr, done.stderr[-3000:]  # (torchrun's own follows)
+    said = [line for line in done.stderr.splitlines() if line.startswith("vqar: error:")]
+    assert len(said) == 1 and said[0].startswith("vqar: error: another process of this torchrun launch is gone ("), said
+    assert said[0].endswith("; the newest checkpoint (step 2) is intact (resume with --resume)"), said
+
+
 def test_rank_0_stopped_by_the_launcher_removes_the_folders_it_made(tmp_path):
     """A rank that fails first ends the launch: torchrun's SIGTERM killed rank 0 outright, and the empty --out
     folders rank 0 had made stayed (2 of 6 launches of a sample with an unknown class)."""

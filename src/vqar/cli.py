@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.parallel.runtime import PeerFailed, first_to_say, launch_main, launched_by_torchrun
+from vqar.parallel.runtime import PeerFailed, first_to_say, launch_main, launched_by_torchrun, lost_a_peer
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
@@ -49,7 +49,8 @@ class Parser(argparse.ArgumentParser):
     """Argument errors in one line, naming the option (argparse would print the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _first_on_its_machine() else None)
+        said = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(2, said if first_to_say(said, per_machine=True) else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.verbose:
             raise
         said = f"vqar: error: {err}"
-        if (not isinstance(err, ConfigError) or _first_on_its_machine()) and first_to_say(said):
+        if first_to_say(said, per_machine=isinstance(err, ConfigError)):
             print(said, file=sys.stderr)
         return 2
     except (PeerFailed, StoppedByTheLauncher):  # the rank that failed printed the reason
@@ -113,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
             raise
         return 2
     except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not args.verbose and lost_a_peer(err):
+            if first_to_say(_peer_lost(args, err)):
+                print(_peer_lost(args, err), file=sys.stderr)
+            return 2
         if args.verbose or not _out_of_memory(err):
             raise
         said = (f"vqar: error: out of memory: {str(err).splitlines()[0]} (smaller settings: a model size, a batch, "
@@ -201,21 +206,34 @@ def _interrupted(args: argparse.Namespace) -> str:
     commands have nothing to resume from (their files are written at the end, or a rerun continues them)."""
     if args.command != "train":
         return "interrupted"
+    step = _newest_checkpoint(args)
+    if step is None:
+        return "interrupted before the first checkpoint was written"
+    return f"interrupted; the newest checkpoint (step {step}) is intact (resume with --resume)"
+
+
+def _peer_lost(args: argparse.Namespace, err: RuntimeError) -> str:
+    """The line for a collective that failed because another process of the launch is gone (SIGKILLed, by the OOM
+    killer say): torch's error is a traceback from whatever collective this process was in."""
+    detail = str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # "Connection closed by peer [host]:port"
+    said = (f"vqar: error: another process of this torchrun launch is gone ({detail}): it was killed or failed, "
+            "and torchrun's report names it")  # fmt: skip
+    if args.command != "train":
+        return said
+    step = _newest_checkpoint(args)
+    return said + ("; no checkpoint was written yet" if step is None else
+                   f"; the newest checkpoint (step {step}) is intact (resume with --resume)")  # fmt: skip
+
+
+def _newest_checkpoint(args: argparse.Namespace) -> int | None:
+    """The step of a training run's newest checkpoint, None before its first."""
     from pathlib import Path
 
     from vqar.train.checkpoint import list_checkpoints
 
     # Not verified: each checkpoint is renamed into place whole, and hashing a large one would keep a user waiting.
     found = list_checkpoints(Path(args.out))
-    if not found:
-        return "interrupted before the first checkpoint was written"
-    return f"interrupted; the newest checkpoint (step {found[-1].step}) is intact (resume with --resume)"
-
-
-def _first_on_its_machine() -> bool:
-    """Whether this process prints a mistake in the command line or configuration: every process of a torchrun
-    launch reads the same ones and fails alike, so one per machine (LOCAL_RANK 0) says it, instead of each."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return found[-1].step if found else None
 
 
 def _parser_of(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:

@@ -43,21 +43,34 @@ def launch_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def first_to_say(message: str) -> bool:
-    """Whether this process is the first of its torchrun launch to report `message`. Ranks mostly fail alike (a
+def first_to_say(message: str, per_machine: bool = False) -> bool:
+    """Whether this process is the first of its torchrun launch (with `per_machine`, of its machine: a mistake in
+    the command line, which every machine's console should show) to report `message`. Ranks mostly fail alike (a
     missing file, a bad setting), and each printed the same line; another error on another rank is still said.
+    The first to fail says it, whichever rank: the launcher stops the others, which may not get to say anything.
     Counted in the store of torchrun's agent, which outlives the process group (often gone by the time an error
     is printed); launched otherwise, or if that store does not answer, every process says its own."""
     if not launched_by_torchrun() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return True
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted launch says its errors again
-    key = f"vqar/said/{attempt}/{hashlib.sha1(message.encode('utf-8', 'replace')).hexdigest()}"
+    machine = f"machine-{os.environ.get('GROUP_RANK', '0')}/" if per_machine else ""
+    key = f"vqar/said/{attempt}/{machine}{hashlib.sha1(message.encode('utf-8', 'replace')).hexdigest()}"
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(seconds=5), wait_for_workers=False)  # fmt: skip
         return store.add(key, 1) == 1
     except (KeyError, ValueError, RuntimeError):  # no address, or no answer (DistStoreError is a RuntimeError)
         return True
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective of a torchrun launch that failed because another process is gone: torch's
+    distributed errors, and gloo's plain RuntimeError when the peer's connection closes."""
+    if not launched_by_torchrun():
+        return False
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo/transport/"))
 
 
 @dataclass
