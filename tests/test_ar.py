@@ -103,7 +103,7 @@ def test_class_dropout_replaces_labels_by_the_null_class_at_the_configured_rate(
     assert lo <= int(dropped.sum()) <= hi, (int(dropped.sum()), lo, hi)
     assert torch.equal(ids[~dropped], labels[~dropped])
     seen.clear()
-    task.evaluate([batch])
+    task.evaluate([(batch, len(batch))])
     assert len(seen) == 1 and torch.equal(seen[0], batch.labels)
 
 

@@ -136,7 +136,7 @@ def test_decompression_bomb_becomes_bad_sample(tmp_path: Path, monkeypatch):
 def test_loader_reports_bad_files_and_keeps_good_ones(tree_with_bad_files, num_workers: int):
     root, bad_paths = tree_with_bad_files
     data = vd.ImageFolderDataset(root, image_size=16, channels=3)
-    sampler = vd.EpochSampler(len(data), seed=0, shuffle=True)
+    sampler = vd.EpochSampler(len(data), seed=0)
     loader = vd.make_loader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
     seen, bad = [], []
     for batch in loader:
@@ -322,6 +322,23 @@ def test_build_datasets_forwards_classes_and_honours_max_images():
     assert {train[i].label for i in range(len(train))} == set(range(10))
 
 
+@pytest.mark.parametrize("world_size", [2, 4, 40])
+def test_evaluation_shares_count_each_image_once_over_ranks(tree_with_bad_files, world_size: int):
+    """Ranks' shares are padded to equal length by wrapping; the padding is scored by its own rank alone."""
+    data = vd.ImageFolderDataset(tree_with_bad_files[0], image_size=16, channels=3)
+    whole = [(batch, counted) for batch, counted in vd.evaluation_loader(data, batch_size=4)]
+    good = [i for batch, _ in whole for i in batch.indices.tolist()]
+    assert [counted for _, counted in whole] == [len(batch) for batch, _ in whole] and len(good) < len(data)
+    assert len(data) % world_size  # the case at stake: a share is padded
+    counted, lengths = [], []
+    for rank in range(world_size):
+        pairs = list(vd.evaluation_loader(data, batch_size=4, rank=rank, world_size=world_size, num_workers=rank % 2))
+        lengths.append(sum(len(batch) + len(batch.bad) for batch, _ in pairs))
+        counted += [i for batch, n in pairs for i in batch.indices[:n].tolist()]
+    assert sorted(counted) == sorted(good)  # each readable image once, the padding's repeats left out
+    assert len(set(lengths)) == 1 and lengths[0] == -(-len(data) // world_size)
+
+
 def test_epoch_sampler_order_resume_and_shards():
     sampler = vd.EpochSampler(50, seed=1)
     sampler.set_epoch(3)
@@ -332,7 +349,6 @@ def test_epoch_sampler_order_resume_and_shards():
     assert list(sampler) != order
     sampler.set_epoch(3, start=17)
     assert list(sampler) == order[17:] and len(sampler) == 33
-    assert list(vd.EpochSampler(5, seed=0, shuffle=False)) == [0, 1, 2, 3, 4]
     shards = [list(vd.EpochSampler(12, seed=2, rank=r, world_size=4)) for r in range(4)]
     assert sorted(sum(shards, [])) == list(range(12))
     uneven = [vd.EpochSampler(10, seed=2, rank=r, world_size=3) for r in range(3)]

@@ -115,13 +115,27 @@ def test_training_stream_is_seeded_and_resumes_exactly(digit_shards, workers):
     assert not shards_read[0] & shards_read[1]
 
 
+def _evaluated(loader) -> list[int]:
+    """The indices a rank scores: each batch's first `counted`, the rest padding."""
+    return [i for batch, counted in loader for i in batch.indices[:counted].tolist()]
+
+
 def test_evaluation_loader_gives_each_rank_its_share_in_order(digit_shards):
     dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1))
-    one = [i for b in _indices(evaluation_loader(dataset, batch_size=32)) for i in b]
-    assert one == list(range(300))
-    shares = [[i for b in _indices(evaluation_loader(dataset, batch_size=32, rank=r, world_size=2)) for i in b]
-              for r in (0, 1)]  # fmt: skip
+    assert _evaluated(evaluation_loader(dataset, batch_size=32)) == list(range(300))
+    shares = [_evaluated(evaluation_loader(dataset, batch_size=32, rank=r, world_size=2)) for r in (0, 1)]
     assert shares[0] == list(range(0, 300, 2)) and shares[1] == list(range(1, 300, 2))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_shares_of_an_uneven_split_count_each_sample_once(digit_shards, workers):
+    dataset = open_dataset(DataConfig(source=str(digit_shards / "shards.json"), image_size=32, channels=1))
+    shares = [list(evaluation_loader(dataset, batch_size=16, rank=r, world_size=7, num_workers=workers))
+              for r in range(7)]  # fmt: skip
+    assert {sum(len(batch) for batch, _ in share) for share in shares} == {43}  # 300 = 7 * 43 - 1: rank 6 pads
+    scored = [_evaluated(share) for share in shares]
+    assert sorted(i for share in scored for i in share) == list(range(300))
+    assert sorted(scored[0]) == list(range(0, 300, 7)) and len(scored[6]) == 42  # workers interleave batches
 
 
 def _png(value: int) -> bytes:

@@ -133,7 +133,7 @@ def test_caption_dropout_replaces_whole_captions_at_the_configured_rate(text_run
         text = captions.decode(row).replace(" ", "")
         assert any(c.lower().replace(" ", "").startswith(text) for c in store.captions[int(item)]), text
     seen.clear()
-    task.evaluate([batch])
+    task.evaluate([(batch, len(batch))])
     assert len(seen) == 1 and not (seen[0] == captions.pad_id).all(1).any()
 
 

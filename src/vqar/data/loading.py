@@ -3,6 +3,7 @@ the files that were skipped."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vqar.data.samples import BadSample, Sample
+from vqar.data.samples import BadSample, Sample, readable_own_items
 from vqar.data.shards import ShardDataset
 
 logger = logging.getLogger("vqar.data")
@@ -62,21 +63,20 @@ def collate_samples(items: Sequence[Sample | BadSample]) -> Batch:
 class EpochSampler(Sampler[int]):
     """Indices for one rank, reproducible from (seed, epoch) alone and resumable mid-epoch.
 
-    The epoch's order is a permutation drawn from a torch.Generator seeded with `seed + epoch` (the identity
-    when `shuffle` is off). It is padded by wrapping around to a multiple of `world_size`, so every rank gets
-    ceil(N / world_size) items and ranks stay in lock-step; rank r takes positions r, r + world_size, ... .
+    The epoch's order is a permutation drawn from a torch.Generator seeded with `seed + epoch`. It is padded by
+    wrapping around to a multiple of `world_size`, so every rank gets ceil(N / world_size) items and ranks stay in
+    lock-step; rank r takes positions r, r + world_size, ... .
     `set_epoch(epoch, start)` skips the first `start` items of this rank's share without loading them, so a
     run restored from a mid-epoch checkpoint sees exactly the batches it had not seen yet.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_items: int, seed: int, rank: int = 0, world_size: int = 1):
         if num_items < 1:
             raise ValueError(f"num_items must be positive, got {num_items}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.num_items = num_items
         self.seed = seed
-        self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
         self.per_rank = math.ceil(num_items / world_size)
@@ -90,8 +90,6 @@ class EpochSampler(Sampler[int]):
         self.start = start
 
     def _order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_items)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.num_items, generator=generator)
 
@@ -151,12 +149,36 @@ def training_loader(dataset: Dataset | ShardDataset, *, epoch: int, start: int, 
 
 def evaluation_loader(dataset: Dataset | ShardDataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, collate_fn=collate_samples) -> DataLoader:  # fmt: skip
-    """One rank's share of `dataset` in order: every world_size-th item, padded by wrapping to equal counts."""
+    """One rank's share of `dataset` in order: every world_size-th item, padded by wrapping to equal counts, so
+    that under FSDP every rank runs the same forwards. It yields `(batch, counted)`: the batch's first `counted`
+    items are the rank's own, the rest repeat an image another rank scores, and a metric that sums over ranks
+    sums over those first `counted` alone (else an odd split counts one image twice)."""
     if isinstance(dataset, ShardDataset):
         return dataset.evaluation_loader(batch_size=batch_size, rank=rank, world_size=world_size,
                                          num_workers=num_workers, collate=collate_fn)  # fmt: skip
-    sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size)  # type: ignore[arg-type]
-    return make_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
+    per_rank = math.ceil(len(dataset) / world_size)  # type: ignore[arg-type]
+    positions = range(rank, per_rank * world_size, world_size)
+    return make_loader(_PaddedShare(dataset), batch_size, sampler=positions, num_workers=num_workers,  # type: ignore[arg-type]
+                       collate_fn=functools.partial(_collate_counting_own, collate_fn))  # fmt: skip
+
+
+class _PaddedShare(Dataset):
+    """A dataset read at positions past its end too: position N + i is item i again, marked as padding."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.size = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, position: int) -> tuple[object, bool]:
+        return self.dataset[position % self.size], position < self.size
+
+
+def _collate_counting_own(collate_fn, pairs: Sequence[tuple[object, bool]]) -> tuple[object, int]:
+    items = [item for item, _ in pairs]
+    return collate_fn(items), readable_own_items(items, [own for _, own in pairs])
 
 
 class BadFileReport:

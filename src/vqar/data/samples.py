@@ -28,3 +28,10 @@ class BadSample:
     path: str
     error: str
     count: int = 1
+
+
+def readable_own_items(items: list, own: list[bool]) -> int:
+    """How many of `items` a rank's evaluation scores: the readable ones that are its own, not the wrap-around
+    padding that keeps every rank's count equal (another rank scores that image). The padding comes last in a
+    rank's share, so these are the leading items of the collated batch."""
+    return sum(1 for item, mine in zip(items, own, strict=True) if mine and not isinstance(item, BadSample))

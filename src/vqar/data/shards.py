@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqar.data.samples import BadSample, Sample
+from vqar.data.samples import BadSample, Sample, readable_own_items
 from vqar.data.transforms import convert_channels, fit_image, to_tensor
 from vqar.text.captions import is_unicode
 from vqar.utils.images import open_image
@@ -429,7 +429,8 @@ class ShardDataset:
 
     def evaluation_loader(self, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                           collate: Callable) -> DataLoader:  # fmt: skip
-        """Rank r's samples in source order: every world_size-th, padded by wrapping so all ranks get the same count."""
+        """Rank r's samples in source order: every world_size-th, padded by wrapping so all ranks get the same count;
+        `(batch, counted)` pairs, as `vqar.data.evaluation_loader` says."""
         return _loader(_EvaluationStream(self, batch_size, rank, world_size, collate), num_workers)
 
     def shard_loader(self, shard_ids: Sequence[int], *, batch_size: int, num_workers: int,
@@ -518,16 +519,32 @@ class _EvaluationStream(IterableDataset):
         if total == 0:
             return
         per_rank = -(-total // self.world_size)
-        # Rank r's k-th sample is the ((k * W + r) mod N)-th of the split, as EpochSampler(shuffle=False) gives;
+        # Rank r's k-th sample is the ((k * W + r) mod N)-th of the split, as the map-style evaluation loader gives;
         # worker w of L takes k = w, w + L, ...
-        wanted: dict[int, int] = {}
+        # A position past the split's end wraps to one of its first W - 1 samples, never to one of this rank's own:
+        # each position is wanted once, as the rank's own sample or as padding (see `evaluation_loader`).
+        own: dict[int, bool] = {}
         for k in range(worker, per_rank, lanes):
-            position = (k * self.world_size + self.rank) % total
-            wanted[position] = wanted.get(position, 0) + 1
+            unwrapped = k * self.world_size + self.rank
+            own[unwrapped % total] = unwrapped < total
         items = itertools.chain.from_iterable(shard_samples(shard) for shard in self.data.shards)
-        chosen = (item for position, item in enumerate(items) if position in wanted for _ in range(wanted[position]))
-        for chunk in _batched(chosen, self.batch_size):
-            yield self.collate([self.data.decode(index, raw) for index, raw in chunk])
+        for chunk in _batched(_padding_last(items, own), self.batch_size):
+            decoded = [self.data.decode(index, raw) for (index, raw), _ in chunk]
+            yield self.collate(decoded), readable_own_items(decoded, [mine for _, mine in chunk])
+
+
+def _padding_last(items: Iterable, own: dict[int, bool]) -> Iterator[tuple[object, bool]]:
+    """The items at the positions `own` names, each with whether it is the rank's own, the padding held back to
+    the end (it is read first: it wraps to the split's start) so that each batch's own items lead."""
+    padding = []
+    for position, item in enumerate(items):
+        if position not in own:
+            continue
+        if own[position]:
+            yield item, True
+        else:
+            padding.append(item)
+    yield from ((item, False) for item in padding)
 
 
 class _WholeShards(IterableDataset):

@@ -59,6 +59,11 @@ class TokenizerOutput:
 
 
 class Tokenizer(nn.Module):
+    """Stage 1 of every system here: `encode` maps images in [-1, 1] to int64 codes, `decode` maps codes (or the
+    first `depth` levels of them) back to images; `forward` is the training pass, reconstruction plus the
+    quantizer's losses and statistics. Build one from a `TokenizerConfig`, or load a trained or released one with
+    `vqar.load_pretrained`."""
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         cfg.validate()

@@ -186,13 +186,14 @@ class ARTask(TrainTask):
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[CodeBatch]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[tuple[CodeBatch, int]]) -> dict[str, float]:
         model = self.eval_model.eval()
         total_nll = total_correct = count = 0.0
-        for batch in batches:
+        for batch, counted in batches:
             codes, cond = self._inputs(batch, random_view=False)
             with autocast(self.device, self.cfg.train.precision):
-                logits = model(codes, cond).logits.float()
+                logits = model(codes, cond).logits[:counted].float()
+            codes = codes[:counted]
             total_nll += float(F.cross_entropy(logits.flatten(0, -2), codes.flatten(), reduction="sum"))
             total_correct += float((logits.argmax(-1) == codes).sum())
             count += codes.numel()

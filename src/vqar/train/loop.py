@@ -487,7 +487,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         par = self.par
         # Every rank scores its share (padded to equal length, so under FSDP all ranks run the same forwards);
-        # the tasks sum their statistics over ranks.
+        # the tasks sum their statistics over ranks, each over its `counted` own items of a batch.
         loader = evaluation_loader(
             self.val_set,
             batch_size=self.local_eval_batch,
@@ -498,10 +498,10 @@ class Trainer:
         )
 
         def batches() -> Iterable:
-            for batch in loader:
+            for batch, counted in loader:
                 self.bad_files.add(getattr(batch, "bad", ()))
                 if len(batch):
-                    yield batch
+                    yield batch, counted
 
         metrics = self.task.evaluate(batches())
         if par.is_main:

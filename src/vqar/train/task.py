@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,7 +39,10 @@ class TrainTask(ABC):
         """Forward, backward and optimizer step(s) on one batch; returns scalar metrics including "loss"."""
 
     @abstractmethod
-    def evaluate(self, batches: Iterable) -> dict[str, float]: ...
+    def evaluate(self, batches: Iterable[tuple[Any, int]]) -> dict[str, float]:
+        """Metrics of the validation split from this rank's `(batch, counted)` pairs, summed over ranks: the first
+        `counted` items of a batch are the rank's own; the rest pad its share to the others' length (see
+        `vqar.data.evaluation_loader`), run through the model for FSDP's lockstep but left out of the sums."""
 
     def lr_factor(self, step: int) -> float | None:
         """A task may bring its own learning-rate schedule (e.g. NPP's per-segment restarts): the factor of the base

@@ -178,22 +178,22 @@ class TokenizerTask(TrainTask):
         return {f"{name}_{prefix}{i}": value for i, value in enumerate(values.reshape(-1))}
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[tuple[Batch, int]]) -> dict[str, float]:
         self.model.eval()
         size, levels = self.model.codebook_size, self.model.levels
         seen = torch.zeros(levels, size, dtype=torch.bool, device=self.device)
         total_psnr = total_mse = 0.0
         count = 0
         grid = _GridPicker(GRID_IMAGES)
-        for batch in batches:
+        for batch, counted in batches:
             images = batch.images.to(self.device)
             with autocast(self.device, self.cfg.train.precision):
                 out = self.model(images)
-            recon = out.recon.float()
+            recon, images = out.recon[:counted].float(), images[:counted]
             total_psnr += float(psnr(images, recon).sum())
             total_mse += float((recon - images).pow(2).flatten(1).mean(1).sum())
-            count += len(images)
-            for level, codes in enumerate(self.model.quantizer.level_codes(out.quant.codes)):
+            count += counted
+            for level, codes in enumerate(self.model.quantizer.level_codes(out.quant.codes[:counted])):
                 seen[level, codes] = True
             grid.offer(batch)
         totals = torch.tensor([total_psnr, total_mse, count], dtype=torch.float64, device=self.device)
