@@ -7,11 +7,15 @@ full shard and FSDP hybrid shard. Each launch starts real processes, so these te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,3 +409,36 @@ def test_rank_0_stopped_by_the_launcher_removes_the_folders_it_made(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=110, env=env)
     assert done.returncode != 0 and done.stderr.count("vqar: error: rank 1 fails") == 1, done.stderr[-3000:]
     assert not (tmp_path / "made").exists()
+
+
+def test_a_launcher_killed_outright_stops_its_workers_with_a_checkpoint(tmp_path):
+    """torchrun starts each worker in a session of its own: with the launcher killed outright (`kill -9`, the OOM
+    killer), its workers trained on in the background, orphaned, holding the run's lock."""
+    run_dir = tmp_path / "run"
+    command = [*torchrun(2), "-m", "vqar.cli", "train", "tokenizer", "rqvae-mnist", *TOKENIZER_RUN, "steps=100000",
+               "train.log_every=1", "train.eval_every=100000", "--out", str(run_dir)]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        for _ in range(600):  # up to 5 minutes for the launch on a busy host
+            if '"train"' in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists() else ""):
+                break
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            time.sleep(0.5)
+        launcher.kill()
+        # the workers hold the launcher's stderr: it ends when they have
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        for pid in _processes_naming(str(run_dir)):  # without the fix: the orphans, which would train on
+            os.kill(pid, signal.SIGKILL)
+    assert re.search(r"SIGTERM received: writing a checkpoint at step \d+ and stopping", stderr), stderr[-3000:]
+    assert any(path.name.startswith("step-") for path in (run_dir / "checkpoints").iterdir())
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if text in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry))
+    return found

@@ -27,7 +27,14 @@ from collections.abc import Iterator
 from vqar.bundle import vqar_version
 from vqar.commands import MODULES
 from vqar.configs import ConfigError
-from vqar.parallel.runtime import PeerFailed, first_to_say, launch_main, launched_by_torchrun, lost_a_peer
+from vqar.parallel.runtime import (
+    PeerFailed,
+    end_with_the_launcher,
+    first_to_say,
+    launch_main,
+    launched_by_torchrun,
+    lost_a_peer,
+)
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
 from vqar.utils.threads import apply_thread_policy
@@ -257,6 +264,7 @@ def _command_words(args: argparse.Namespace) -> list[str]:
 
 def entry() -> None:
     """The installed `vqar` program and `python -m vqar.cli`: `main`, then the process ends with its status."""
+    end_with_the_launcher()
     code = main()
     if launched_by_torchrun():
         # A torchrun worker skips the interpreter's shutdown: once a module was wrapped in DDP or FSDP, torch keeps

@@ -8,9 +8,12 @@ process (cuda:LOCAL_RANK); CPU runs use gloo.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +38,28 @@ class PeerFailed(RuntimeError):
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def end_with_the_launcher() -> None:
+    """Has Linux send this torchrun worker SIGTERM when its launcher dies. torchrun starts each worker in a session
+    of its own, so a launcher killed outright (`kill -9`, the OOM killer) left its workers training on, orphaned and
+    holding the run's lock; SIGTERM stops them as the launcher's own stop does (training writes a checkpoint
+    first). Linux sends it when the thread that started the worker ends: torchrun's agent starts and restarts its
+    workers from its main thread, which lives as long as the agent."""
+    if not launched_by_torchrun() or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl: the worker outlives a killed launcher, as before
+        return
+    if os.getppid() != parent:  # the launcher died before the request: it will never be sent
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def launch_main() -> bool:
