@@ -38,7 +38,28 @@ def test_an_npp_schedule_that_gives_a_patch_size_no_step_is_refused(vq_store_4x4
     with pytest.raises(ValueError, match="train.steps=3 with npp.rate=0.5 gives the 4x4 patches of npp.level=3 no "
                                          "step"):  # fmt: skip
         load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=3"])
-    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=4"]).train.steps == 4
+    assert load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=8"]).train.steps == 8
+    # int(6 * 0.25) = 1: one step of 4x4 patches, at the per-segment warmup's learning rate 0: the level trained nothing
+    with pytest.raises(ValueError, match=re.escape("train.steps=6 with npp.rate=0.5 gives the 4x4 patches of "
+                                                   "npp.level=3 one step, which npp.warmup_steps trains at learning "
+                                                   "rate 0")):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=6"])
+    for setting in ("npp.warmup_steps=0", "npp.segment_lr=false"):  # no per-segment warmup: its step trains
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=3", "steps=6", setting])
+
+
+@pytest.mark.parametrize("setting", ["train.warmup_steps=7", "train.min_lr_ratio=0.9"])
+def test_the_runs_schedule_settings_are_refused_under_the_per_segment_schedule(vq_store_4x4, setting):
+    """NPP's per-segment learning rate replaces the run's warmup and cosine: these were ignored unsaid."""
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{key} shapes the run's warmup and cosine, which next patch "
+                                                    "prediction's per-segment schedule replaces")):  # fmt: skip
+        load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", setting])
+    with pytest.raises(ConfigError, match=re.escape(f"or npp.segment_lr=false to train with {key}")):
+        describe_run_config("gpt-mnist", ["npp.level=2", setting])  # vqar config, without the store too
+    cfg = load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "npp.level=2", "npp.segment_lr=false", setting])
+    assert cfg.train.warmup_steps == 7 or cfg.train.min_lr_ratio == 0.9  # the run's own schedule takes them
+    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", setting])  # token-level training takes them too
 
 
 def test_another_arch_on_a_preset_names_the_preset_family_and_the_presets_to_use():

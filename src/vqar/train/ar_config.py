@@ -155,7 +155,8 @@ class ARRunConfig:
             arch.check_option("next_patch", "next patch prediction (npp.level > 1)")
             if store_known:  # before any folder or model is made
                 check_grid(self.npp.level, tuple(self.model.code_shape)[:2])
-            check_segments(self.npp.level, self.npp.rate, self.train.steps)
+            check_segments(self.npp.level, self.npp.rate, self.train.steps,
+                           self.npp.warmup_steps if self.npp.segment_lr else 0)  # fmt: skip
 
 
 # ---------------------------------------------------------------- configuration
@@ -213,6 +214,7 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
         raise ConfigError(f"model.{missing[0]} (and {', '.join(missing[1:]) or 'nothing else'}) come from the code "
                           "store: set data.codes (codes=DIR) to a store made by `vqar extract-codes`")  # fmt: skip
     _no_condition_dropout_without_a_condition(node, overrides)
+    _no_run_schedule_under_npp_segments(node, overrides)
     return to_config(node)
 
 
@@ -228,6 +230,22 @@ def _no_condition_dropout_without_a_condition(node: DictConfig, overrides: list[
                           f"guidance, and the code store {node.data.codes} has neither (an unconditional model): "
                           "leave it out")  # fmt: skip
     model.class_dropout_prob = 0.0
+
+
+def _no_run_schedule_under_npp_segments(node: DictConfig, overrides: list[str]) -> None:
+    """NPP's per-segment learning rate replaces the run's warmup and cosine: a `train.warmup_steps` or
+    `train.min_lr_ratio` given for such a run is refused (it changed nothing, unsaid), as npp.* schedule settings
+    given with `npp.segment_lr=false` are. A preset's own values are every run's and go unsaid."""
+    npp = node.get("npp") or {}
+    if int(npp.get("level", 1)) <= 1 or not npp.get("segment_lr", True):
+        return
+    given = [name for name in ("train.warmup_steps", "train.min_lr_ratio")
+             if any(item.partition("=")[0].strip() == name for item in overrides)]  # fmt: skip
+    if given:
+        raise ConfigError(f"{given[0]} shapes the run's warmup and cosine, which next patch prediction's per-segment "
+                          "schedule replaces (npp.segment_lr=true, the default with npp.level > 1): set "
+                          "npp.warmup_steps, npp.decay_ratio or npp.end_lr_ratio instead, or npp.segment_lr=false "
+                          f"to train with {given[0]}")  # fmt: skip
 
 
 def check_grid_settings(cfg: ARRunConfig, store_known: bool = True) -> None:
@@ -253,6 +271,7 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     """The YAML of a run configuration, the data-dependent model fields marked with where they come from."""
     overrides = list(overrides)
     node, origins = compose_run_config(preset, overrides)
+    _no_run_schedule_under_npp_segments(node, overrides)
     if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
         _no_condition_dropout_without_a_condition(node, overrides)  # what training would use
         check_grid_settings(to_config(node.copy()))  # a store this architecture cannot model is an error here too

@@ -118,14 +118,17 @@ def check_grid(level: int, grid: tuple[int, int]) -> None:
                      f"{height}x{width} code grid: {advice}")  # fmt: skip
 
 
-def check_segments(level: int, rate: float, total: int) -> None:
+def check_segments(level: int, rate: float, total: int, warmup: int = 0) -> None:
     """ValueError when a patch size of the schedule gets no step at all (int(total * rate^i) rounds two ends
-    together): the run would silently train a lower level than the one asked for."""
+    together): the run would silently train a lower level than the one asked for. With a per-segment `warmup`,
+    which starts each segment at learning rate 0 (as NPP's scheduler does), a segment of one step trains nothing
+    either."""
     start = 0
     for end, side in zip(segment_ends(total, level, rate), patch_sides(level), strict=True):
-        if end == start:
+        if end == start or (end == start + 1 and warmup > 0):
+            said = "no step" if end == start else "one step, which npp.warmup_steps trains at learning rate 0"
             raise ValueError(f"train.steps={total} with npp.rate={rate:g} gives the {side}x{side} patches of "
-                             f"npp.level={level} no step: raise train.steps or npp.rate, or lower "
+                             f"npp.level={level} {said}: raise train.steps or npp.rate, or lower "
                              "npp.level")  # fmt: skip
         start = end
 
