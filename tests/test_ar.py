@@ -465,3 +465,20 @@ def test_rotary_embedding_rotates_each_channel_pair_by_its_angle_to_the_bit():
     rows = torch.tensor([[0, 1, 2], [9, 10, 11]])  # a window per image, as speculative decoding feeds
     window = x[:, :3]
     assert torch.equal(apply_rope(window, rotation_table(table)[rows]), rotated(window, table[rows]))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_patch_loss_is_each_tokens_cross_entropy_with_the_runs_label_smoothing(smoothing):
+    """NPP's patch stages left loss.label_smoothing out (the loss of 2x2 patches was the same at 0 and 0.5): only
+    its single-token stage was smoothed."""
+    from vqar.ar.next_patch import next_patch_loss, patchify
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2, 4, 4), generator=generator)
+    for side in (1, 2):
+        patches = (4 // side) ** 2
+        logits = torch.randn(2, patches, 16, generator=generator)
+        per_token = logits.unsqueeze(2).expand(2, patches, side * side, 16).reshape(-1, 16)
+        expected = torch.nn.functional.cross_entropy(per_token, patchify(codes, side).reshape(-1),
+                                                     label_smoothing=smoothing)  # fmt: skip
+        torch.testing.assert_close(next_patch_loss(logits, codes, side, smoothing), expected)

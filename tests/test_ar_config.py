@@ -233,3 +233,12 @@ def test_config_refuses_the_sample_grid_settings_training_refuses(vq_store_4x4, 
                                        "(VAR only)\n")  # fmt: skip
     assert main(["config", "ar", "gpt-mnist", f"codes={vq_store_4x4}", "sample.smooth=true",
                  "sample.n_per_class=0"]) == 0  # no grid drawn: nothing to refuse  # fmt: skip
+
+
+@pytest.mark.parametrize("level", [0, 13, 10**9])
+def test_an_npp_level_out_of_range_is_refused_at_once(level):
+    """npp.level=100000 ended after 11 s in Python's limit on integer digits, 10^9 hung: the schedule's arithmetic
+    ran over every level before anything named it."""
+    with pytest.raises(ConfigError, match=re.escape(f"npp.level must be in [1, 12] (its first patches are "
+                                                    f"2^(level-1) codes a side) and npp.rate in (0, 1), got {level}")):
+        describe_run_config("gpt-mnist", [f"npp.level={level}"])

@@ -52,8 +52,13 @@ def next_patch_logits(model, codes: torch.Tensor, cond: torch.Tensor | None, p: 
     return model.logits_after(cond, patch_embeddings(model, codes, p)[:, :-1], rope)
 
 
-def next_patch_loss(logits: torch.Tensor, codes: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean over patches and their p^2 tokens of -log softmax(logits of the patch)[token]."""
+def next_patch_loss(logits: torch.Tensor, codes: torch.Tensor, p: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over patches and their p^2 tokens of -log softmax(logits of the patch)[token]. With `label_smoothing`
+    e, each token's target is smoothed as `F.cross_entropy` smooths it (1 - e on the token, e spread over the
+    codebook), so that p = 1 is token-level training's loss."""
     targets = patchify(codes, p)  # (B, num_patches, p*p)
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    return -log_probs.gather(-1, targets).mean()
+    loss = -log_probs.gather(-1, targets).mean()
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * log_probs.mean()
+    return loss

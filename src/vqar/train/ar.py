@@ -169,7 +169,7 @@ class ARTask(TrainTask):
         if side == 1:
             loss, parts = self._loss(out, codes, cond)
         else:
-            loss = next_patch_loss(out.logits, codes, side)
+            loss = next_patch_loss(out.logits, codes, side, self.cfg.loss.label_smoothing)
         if not self.guard.step(loss, self.optimizer, self.cfg.train.grad_clip):
             return {"skipped": 1.0}
         if self.ema is not None:

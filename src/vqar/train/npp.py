@@ -24,6 +24,9 @@ from vqar.configs import changed_settings, preset_fields
 log = logging.getLogger("vqar.train")
 
 
+MAX_LEVEL = 12  # 2048x2048 patches: past any code grid (a huge level was a hang in the schedule's arithmetic)
+
+
 @dataclass
 class NPPConfig:
     """`level` 1 is plain next-token training."""
@@ -36,8 +39,9 @@ class NPPConfig:
     end_lr_ratio: float = 0.1
 
     def validate(self) -> None:
-        if self.level < 1 or not 0.0 < self.rate < 1.0:
-            raise ValueError(f"npp.level must be >= 1 and npp.rate in (0, 1), got {self.level}, {self.rate}")
+        if not 1 <= self.level <= MAX_LEVEL or not 0.0 < self.rate < 1.0:
+            raise ValueError(f"npp.level must be in [1, {MAX_LEVEL}] (its first patches are 2^(level-1) codes a "
+                             f"side) and npp.rate in (0, 1), got {self.level}, {self.rate}")  # fmt: skip
         # end_lr_ratio above 1 would raise the learning rate over what is meant to be each segment's decay
         if not 0.0 <= self.decay_ratio <= 1.0 or self.warmup_steps < 0 or not 0.0 <= self.end_lr_ratio <= 1.0:
             raise ValueError(f"npp.decay_ratio and npp.end_lr_ratio must be in [0, 1] and npp.warmup_steps >= 0, got "
