@@ -241,6 +241,9 @@ def test_an_ar_width_factor_or_init_scale_that_is_not_positive_is_named(setting)
         ("vq-mnist", ["loss.disc_arch=stylegan"], "loss.disc_arch=stylegan shapes the discriminator, which"),
         ("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.disc_norm=group"],
          "loss.disc_norm=group shapes the PatchGAN discriminator, and loss.disc_arch=stylegan builds the StyleGAN one"),
+        ("vitvqgan-mnist", ["loss.lpips_vgg=vgg16.pth"], "loss.lpips_vgg=vgg16.pth holds the perceptual loss's "
+                                                         "weights, which loss.perceptual_weight=0 leaves out"),
+        ("vq-mnist", ["loss.lpips_lin=lin.pth"], "loss.lpips_lin=lin.pth holds the perceptual loss's weights"),
     ],
 )  # fmt: skip
 def test_settings_of_a_network_the_run_does_not_build_are_refused(preset, overrides, message):
@@ -250,6 +253,16 @@ def test_settings_of_a_network_the_run_does_not_build_are_refused(preset, overri
         load_run_config(preset, overrides)
     load_run_config(preset, [])  # the presets themselves set nothing unbuilt
     load_run_config("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.r1_weight=10"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_a_discriminator_learning_rate_that_is_none_is_refused(value):
+    """0 was taken as 'unset' (train.lr trained the discriminator), -1 ended in torch's 'Invalid learning rate'
+    naming no setting, inf in NaN weights with advice to lower train.lr."""
+    with pytest.raises(ConfigError, match=re.escape("loss.disc_lr must be a positive learning rate (or null: "
+                                                    f"train.lr's), got {float(value)}")):  # fmt: skip
+        load_run_config("vq-mnist", ["loss.disc_weight=0.1", f"loss.disc_lr={value}"])
+    assert load_run_config("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_lr=1e-5"]).loss.disc_lr == 1e-5
 
 
 @pytest.mark.parametrize("arch", ["vim", "rq"])

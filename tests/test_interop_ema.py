@@ -13,7 +13,7 @@ import torch
 
 import vqar
 from conftest import run_cli
-from vqar.interop.safe_load import load_checkpoint
+from vqar.utils.safe_load import load_checkpoint
 
 V1 = Path(__file__).parent / "data" / "vqar_v1"
 ONE_SET = "it holds one set of weights, no separate EMA ones"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -156,6 +157,26 @@ def test_loading_errors(weights, files, tmp_path):
         LPIPS.from_files(tmp_path / "nowhere.pth", files["lin"])
     with pytest.raises(ValueError, match="linear-layer"):
         LPIPS.from_files(files["vgg"])
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"", "is not a checkpoint: it is neither a PyTorch archive"),
+    (b"junk\n", "is not a checkpoint: it is neither a PyTorch archive"),
+    (b"\x80\x02" + bytes(range(200)), "is not a checkpoint vqar can read: a damaged pickle"),
+])  # fmt: skip
+@pytest.mark.parametrize("which", ["vgg", "lin"])
+def test_a_file_that_is_no_weights_is_named_in_one_error(files, tmp_path, content, said, which):
+    """An empty file ended training in EOFError, a text file in KeyError, random bytes in a message that they held
+    'more than tensors'."""
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    setting = {"vgg": "the VGG16 weights (loss.lpips_vgg)", "lin": "the LPIPS linear layers (loss.lpips_lin)"}[which]
+    with pytest.raises(ValueError, match=re.escape(f"{setting}: {bad} {said}")):
+        LPIPS.from_files(*((bad, files["lin"]) if which == "vgg" else (files["vgg"], bad)))
+    damaged = tmp_path / "bad.safetensors"
+    damaged.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=re.escape(f"{setting}: {damaged} is not a safetensors file")):
+        LPIPS.from_files(*((damaged, files["lin"]) if which == "vgg" else (files["vgg"], damaged)))
 
 
 def test_build_perceptual_loss(files, caplog, monkeypatch):

@@ -20,13 +20,13 @@ from conftest import fixtures_root
 from vqar.data import DataConfig
 from vqar.data.codes import CodeDataset
 from vqar.data.extraction import extract_codes
-from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.var import is_var_vqvae_state, load_var_vqvae, to_upstream
 from vqar.quantize import MultiScaleQuantizer, QuantizerConfig
 from vqar.quantize.codebook import code_statistics
 from vqar.quantize.multiscale import PATCH_NUMS_256, phi_index, phi_ticks
 from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
 from vqar.train.tokenizer import load_run_config, train_tokenizer
+from vqar.utils.safe_load import load_checkpoint
 
 VAE_FILES = ("vae.pth", "config.json", "meta.json", "vae_io.safetensors")
 # Fixture tensors of the official usage EMA, which vqar does not implement (it reports per-batch usage per scale

@@ -2,6 +2,6 @@
 LlamaGen's (and NPP's) `.pt` files, with a pickle allow-list (`safe_load`)."""
 
 from vqar.interop.load import load_pretrained
-from vqar.interop.safe_load import UnsafeCheckpointError, load_checkpoint
+from vqar.utils.safe_load import UnsafeCheckpointError, load_checkpoint
 
 __all__ = ["UnsafeCheckpointError", "load_checkpoint", "load_pretrained"]

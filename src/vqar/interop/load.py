@@ -26,12 +26,12 @@ from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
 from vqar.data.shards import SHARD_INDEX
 from vqar.interop import llamagen, rq_release, var, var_transformer
-from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
 from vqar.utils.device import resolve_device
 from vqar.utils.io import describe_entries, folder_entries
 from vqar.utils.runs import SET_ASIDE, list_checkpoints, run_kind, run_of_checkpoints
+from vqar.utils.safe_load import load_checkpoint
 
 VAR_VQVAE_FILE = "vae_ch160v4096z32.pth"  # the released VAR tokenizer, looked for beside a var_d*.pth
 

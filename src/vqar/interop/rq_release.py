@@ -19,11 +19,11 @@ import torch
 from omegaconf import OmegaConf
 
 from vqar.ar import RQTransformer, RQTransformerConfig
-from vqar.interop.safe_load import load_checkpoint
 from vqar.interop.state import StateDictAdapter, build_fitting, load_into, strip_wrapper_prefixes, tensors_only
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
+from vqar.utils.safe_load import load_checkpoint
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.pt"
 

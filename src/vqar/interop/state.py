@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vqar.bundle import check_finite
-from vqar.interop.safe_load import load_checkpoint
 from vqar.utils.meta import bounded_meta_build
+from vqar.utils.safe_load import load_checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 

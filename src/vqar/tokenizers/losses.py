@@ -83,6 +83,12 @@ class TokenizerLossConfig:
             raise ValueError("loss.disc_start must be >= 0 and loss.disc_layers >= 1")
         if self.disc_channels < 1:
             raise ValueError(f"loss.disc_channels must be >= 1, got {self.disc_channels}")
+        if self.disc_lr is not None and not (math.isfinite(self.disc_lr) and self.disc_lr > 0):
+            raise ValueError(f"loss.disc_lr must be a positive learning rate (or null: train.lr's), got {self.disc_lr}")
+        if self.perceptual_weight == 0:  # saved in run.yaml, never read: a wrong path would go unnoticed too
+            self._refuse_changed(("lpips_vgg", "lpips_lin"), "holds the perceptual loss's weights, which "
+                                 "loss.perceptual_weight=0 leaves out: set loss.perceptual_weight above 0 to use "
+                                 "them, or leave it out (null)")  # fmt: skip
         # Settings of a discriminator that is not built would be saved in run.yaml and do nothing.
         if self.disc_weight == 0:
             self._refuse_changed(DISCRIMINATOR_FIELDS, "shapes the discriminator, which loss.disc_weight=0 leaves "

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vqar.utils.safe_load import load_checkpoint
 
 __all__ = ["LPIPS", "VGG16Features", "build_perceptual_loss"]
 
@@ -143,7 +144,7 @@ class LPIPS(nn.Module):
         `lins.{i}.model.1.weight`. Files are `torch.load`-ed with weights_only=True, or read with
         safetensors when named `*.safetensors`.
         """
-        vgg_tensors = _load_tensors(vgg_path)
+        vgg_tensors = _load_tensors(vgg_path, "the VGG16 weights (loss.lpips_vgg)")
         backbone = _pick_backbone(vgg_tensors)
         if lin_path is None:
             lin = _pick_lin(vgg_tensors)
@@ -155,7 +156,7 @@ class LPIPS(nn.Module):
                 )
             lin_source: PathLike = vgg_path
         else:
-            lin, lin_source = _pick_lin(_load_tensors(lin_path)), lin_path
+            lin, lin_source = _pick_lin(_load_tensors(lin_path, "the LPIPS linear layers (loss.lpips_lin)")), lin_path
 
         model = cls()
         expected_backbone = {k: v.shape for k, v in model.net.state_dict().items()}
@@ -166,23 +167,24 @@ class LPIPS(nn.Module):
         return model
 
 
-def _load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
+def _load_tensors(path: PathLike, what: str) -> dict[str, torch.Tensor]:
     """Read a flat name -> tensor dict, unwrapping a `state_dict` or `model` entry; never unpickles code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS weight file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj: object = load_file(str(path), device="cpu")
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{what}: {path} is not a safetensors file: {err}") from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} holds more than tensors and cannot be read safely (weights_only=True); save just "
-                f"its state dict: {err}"
-            ) from err
+            obj = load_checkpoint(path)
+        except ValueError as err:  # not a checkpoint, damaged, or asking for more than tensors: said by the reader
+            raise ValueError(f"{what}: {err}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

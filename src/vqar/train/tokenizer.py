@@ -113,7 +113,8 @@ class TokenizerTask(TrainTask):
         self.disc_optimizer = self.train_disc = None
         if self.objective.discriminator is not None:
             self.train_disc = self.par.wrap(self.objective.discriminator)
-            disc_cfg = dataclasses.replace(cfg.train, lr=cfg.loss.disc_lr or cfg.train.lr)
+            disc_lr = cfg.train.lr if cfg.loss.disc_lr is None else cfg.loss.disc_lr
+            disc_cfg = dataclasses.replace(cfg.train, lr=disc_lr)
             self.disc_optimizer = adamw(self.objective.discriminator, disc_cfg)
             self.disc_guard = StepGuard(cfg.train.precision, device)
         self._grid_images: torch.Tensor | None = None
