@@ -38,6 +38,7 @@ def test_store_layout_and_codes_match_the_tokenizer(tiny_pipeline):
     codes = torch.stack(labels)
     assert torch.equal(codes[:, 0], tokenizer.encode(images))
     assert torch.equal(codes[:, 1], tokenizer.encode(images.flip(-1)))
+    assert store.evaluation_view == 0  # the image as it is
 
 
 def test_ten_crop_views(tiny_pipeline, tmp_path):
@@ -52,6 +53,7 @@ def test_ten_crop_views(tiny_pipeline, tmp_path):
     center = big[None, :, 4:36, 4:36]
     assert torch.equal(store[3].codes[4], tokenizer.encode(center)[0])
     assert torch.equal(store[3].codes[9], tokenizer.encode(center.flip(-1))[0])
+    assert store.evaluation_view == 4  # validation scores the centre crop (it scored the top-left corner)
 
 
 @pytest.mark.parametrize("crop_range", [float("nan"), float("inf"), 0.5, 1e9])  # 1e9: an OverflowError traceback

@@ -131,6 +131,12 @@ class CodeDataset(Dataset):
         return len(self.manifest["views"])
 
     @property
+    def evaluation_view(self) -> int:
+        """The view validation scores: the image as it is, or for ten-crop its centre crop (crop4, after the four
+        corners), not its top-left corner."""
+        return 4 if self.manifest["views"] == VIEWS["ten-crop"] else 0
+
+    @property
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
 

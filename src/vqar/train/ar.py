@@ -140,7 +140,7 @@ class ARTask(TrainTask):
             view = torch.randint(codes.shape[1], (len(codes),))
             codes = codes[torch.arange(len(codes)), view]
         else:
-            codes = codes[:, 0]
+            codes = codes[:, self.store.evaluation_view]
         conditioning = self.model.conditioning
         if conditioning is Conditioning.TEXT:
             cond = caption_ids(self.text_tokenizer, batch.captions, train=random_view,
