@@ -69,9 +69,10 @@ class CompiledDecodeSteps(DecodeSteps):
         options = {"mode": "reduce-overhead" if cuda else "default"}
         self._code_logits = torch.compile(model.code_logits, **options)
         self._decode_block = torch.compile(model.decode_block, **options)
-        # One graph per block shape (VAR: one per scale, both halves of guidance apart) must not hit dynamo's
-        # recompilation limit, past which it silently runs the step eagerly.
-        shapes = 2 * len(set(model.block_sizes)) + 2
+        # One graph per block shape (VAR: one per scale, both halves of guidance apart) and per depth of the codes
+        # chosen so far (an RQ stack's, for one position and for a speculative window: 9 graphs at depth 4) must
+        # not hit dynamo's recompilation limit, past which it runs the step eagerly under a long warning.
+        shapes = 2 * (len(set(model.block_sizes)) + model.depth) + 4
         if torch._dynamo.config.recompile_limit < shapes:
             torch._dynamo.config.recompile_limit = shapes
         self._cuda = cuda
