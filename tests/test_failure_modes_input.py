@@ -183,6 +183,7 @@ def test_serve_refuses_a_max_images_too_large_for_memory(model_folder, capsys, m
     (["--cfg-interval", "3"], "--cfg-interval shapes classifier-free guidance, which --cfg 1 (the default) leaves off"),
     (["--cfg-schedule", "linear", "--cfg", "1"], "--cfg-schedule shapes classifier-free guidance"),
     (["--greedy", "--top-k", "5", "--temperature", "0.5"], "--temperature and --top-k have no effect with --greedy"),
+    (["--greedy", "--speculative", "--drafts", "sjd"], "--drafts has no effect with --greedy, which always takes the"),
 ])  # fmt: skip
 def test_options_that_only_shape_another_are_refused_without_it(class_run, tmp_path, capsys, args, message):
     """They were silently ignored: `--window 4` alone drew plain samples. (Checked once the model is loaded: what a

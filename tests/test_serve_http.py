@@ -71,6 +71,8 @@ def test_api_health_model_and_generate(client):
         ({"class_id": 1, "speculative": False, "speculative_drafts": "sjd"}, 422, "speculative_drafts has no effect"),
         ({"class_id": 1, "greedy": True, "top_k": 5, "temperature": 0.5}, 422,
          "temperature and top_k have no effect with greedy, which always takes the most likely code"),
+        ({"class_id": 1, "greedy": True, "speculative": True, "speculative_drafts": "sjd"}, 422,
+         "speculative_drafts has no effect with greedy"),
         ({"class_id": 1, "cfg_scale": 0.5, "cfg_interval": 3}, 422, "cfg_scale must be a finite number >= 1"),
     ],
 )

@@ -345,3 +345,25 @@ def test_the_throughput_bench_runs_speculative():
     result = measure_throughput(cfg, torch.device("cpu"), progress=False)
     assert result["code_shape"] == [4, 4] and 1 < result["model_calls_per_image"] <= 16
     assert 0.0 <= result["draft_acceptance_rate"] <= 1.0
+
+
+def test_decode_statistics_are_each_images_own_whatever_the_batch(class_run, monkeypatch):
+    """`vqar serve` answered each request of a batch drawn together with the whole batch's figures, and a compiled
+    draw counted the rows that pad its batch to a bucket as images (3 images: 7.8 calls per image, 8.0 eager)."""
+    import vqar
+    from vqar.sampling import compiled, draw, make_conditions
+
+    model = vqar.load_pretrained(class_run)
+    conditions = make_conditions(model, classes=[1, 7, 3], n_per_condition=1)
+    settings = SamplingSettings(seed=5, top_k=8, speculative=True, speculative_window=3)
+    run = lambda **options: draw(model, conditions, settings, tokenizer=model.tokenizer, progress=False,  # noqa: E731
+                                 **options).decode_stats  # fmt: skip
+    alone, together = run(batch_size=1), run(batch_size=3)
+    assert together.images == 3 and torch.equal(together.per_image, alone.per_image)
+    assert torch.equal(together.of(slice(1, 3)).per_image, run(batch_size=1).per_image[1:])
+    assert together.drafts_checked > 0 and (together.per_image[:, 0] > 1).all()
+    # compiled, 3 images run as a bucket of 4 (the compiler left out: the padding is the compiled path's)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    monkeypatch.setattr(compiled, "_compiled", compiled.weakref.WeakKeyDictionary())
+    padded = run(batch_size=4, compile=True)
+    assert padded.images == 3 and torch.equal(padded.per_image, alone.per_image)

@@ -119,16 +119,18 @@ def draw(
         noise = None if settings.greedy else image_noise(model, seeds[chunk], index[chunk], settings)
         size = bucket_for(len(chunk), batch_size) if compile else len(chunk)
         rows, noise = _pad(rows, size), _pad(noise, size)  # rows of their own: the padding changes no image
+        padded = DecodeStats()
         with autocast(device, precision):
             start = _synced(device)
             drawn = generate(model, None if rows is None else rows.to(device), settings, batch_size=size,
-                             noise=noise, compile=compile, stats=stats,
+                             noise=noise, compile=compile, stats=padded,
                              images=(_pad(seeds[chunk], size), _pad(index[chunk], size)))[: len(chunk)]  # fmt: skip
             middle = _synced(device)
             with evaluating(tokenizer):
                 images.append(tokenizer.decode(drawn).float().clamp(-1, 1).cpu())
             end = _synced(device)
         codes.append(drawn.cpu())
+        stats.add(padded.of(slice(0, len(chunk))))  # the padding's rows are no images
         sample_s, decode_s = sample_s + middle - start, decode_s + end - middle
         if settings.speculative:
             bar.set_postfix_str(stats.describe())

@@ -154,7 +154,8 @@ def generate(
                        decode=False)
         start += size
     if stats is not None:
-        stats.add(DecodeStats(n, n * len(blocks)))  # the prefill and a call per block but the last
+        calls = torch.full((n,), len(blocks), dtype=torch.long)  # the prefill and a call per block but the last
+        stats.add_rows(calls, torch.zeros_like(calls), torch.zeros_like(calls))
     return codes.view(n, *model.code_shape)
 
 

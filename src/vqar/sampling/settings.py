@@ -158,7 +158,7 @@ def check_settings_apply(given: dict[str, Any], name: Callable[[str], str] = str
     """ValueError where a setting the user gave (`given`: field -> value, None for one not given; `name` spells a
     field as the caller's user knows it: a flag, a JSON field) only shapes the work of another that is off, rather
     than ignoring it: the speculative options without `speculative`, the guidance options without a `cfg_scale`
-    above 1, a filter with `greedy`."""
+    above 1, a filter (or the speculative drafts' kind) with `greedy`."""
     def listed(fields: list[str]) -> tuple[str, str]:
         return " and ".join(map(name, fields)), "them" if len(fields) > 1 else "it"
 
@@ -173,8 +173,8 @@ def check_settings_apply(given: dict[str, Any], name: Callable[[str], str] = str
         raise ValueError(f"{names} shape{'' if them == 'them' else 's'} classifier-free guidance, which "
                          f"{name('cfg_scale')} 1 (the default) leaves off: give {name('cfg_scale')} above 1, or leave "
                          f"{them} out")  # fmt: skip
-    filters = [field for field in PER_DEPTH if given.get(field) is not None]
-    if filters and given.get("greedy"):
+    filters = [field for field in (*PER_DEPTH, "speculative_drafts") if given.get(field) is not None]
+    if filters and given.get("greedy"):  # greedy drafts are the most likely code too, however they are drawn
         names, them = listed(filters)
         raise ValueError(f"{names} {'have' if them == 'them' else 'has'} no effect with {name('greedy')}, which always "
                          f"takes the most likely code: leave {them} out, or drop {name('greedy')}")  # fmt: skip

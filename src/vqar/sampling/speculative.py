@@ -26,7 +26,7 @@ is shifted back at the end of the grid (re-feeding final positions, whose keys a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -40,17 +40,40 @@ ACCEPT, REPLACE, DRAFTS = 0, 1, 2  # columns of a code's random numbers; DRAFTS:
 
 @dataclass
 class DecodeStats:
-    """What a generation cost: model calls (the prefill and each `decode_block`, the calls an image waits for in
-    turn) summed over images, and the drafts checked and accepted by speculative decoding."""
+    """What a generation cost, per image in the order drawn: the model calls it waited for in turn (the prefill
+    and each `decode_block`) and the drafts speculative decoding checked and accepted for it. Kept per image so
+    that a compiled batch's padding rows are left out and a share of the images (one request of a batch that
+    `vqar serve` drew together) is described by its own images (`of`)."""
 
-    images: int = 0
-    model_calls: int = 0
-    drafts_checked: int = 0
-    drafts_accepted: int = 0
+    # (images, 3) int64: model calls, drafts checked, drafts accepted
+    per_image: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
 
     def add(self, other: DecodeStats) -> None:
-        for name in ("images", "model_calls", "drafts_checked", "drafts_accepted"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.per_image = torch.cat([self.per_image, other.per_image])
+
+    def add_rows(self, calls: torch.Tensor, checked: torch.Tensor, accepted: torch.Tensor) -> None:
+        """One generation's rows (each (n,)), in order."""
+        self.add(DecodeStats(torch.stack([calls, checked, accepted], 1).long().cpu()))
+
+    def of(self, images: slice) -> DecodeStats:
+        """The statistics of a contiguous share of the images."""
+        return DecodeStats(self.per_image[images])
+
+    @property
+    def images(self) -> int:
+        return len(self.per_image)
+
+    @property
+    def model_calls(self) -> int:
+        return int(self.per_image[:, 0].sum())
+
+    @property
+    def drafts_checked(self) -> int:
+        return int(self.per_image[:, 1].sum())
+
+    @property
+    def drafts_accepted(self) -> int:
+        return int(self.per_image[:, 2].sum())
 
     @property
     def calls_per_image(self) -> float:
@@ -58,7 +81,8 @@ class DecodeStats:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.drafts_accepted / self.drafts_checked if self.drafts_checked else None
+        checked = self.drafts_checked
+        return self.drafts_accepted / checked if checked else None
 
     def describe(self) -> str:
         rate = self.acceptance_rate
@@ -229,13 +253,14 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
         frontier.append(p[:, 0])
     calls = torch.ones(n, dtype=torch.long, device=ids.device)
     if positions == 1:
-        _count(stats, n, calls, 0, 0)
+        if stats is not None:
+            stats.add_rows(calls, torch.zeros_like(calls), torch.zeros_like(calls))
         return codes
     window.q = torch.stack(frontier, 1)[:, None].expand(-1, width, -1, -1).clone()
     window.draft(window.q.reshape(n, width * depth, -1), torch.ones(n, width * depth, dtype=torch.bool,
                                                                      device=ids.device), None)  # fmt: skip
     # summed without a sync per call (in place, also inside a compiled iteration)
-    checked, accepted = (torch.zeros((), dtype=torch.long, device=ids.device) for _ in range(2))
+    checked, accepted = (torch.zeros(n, dtype=torch.long, device=ids.device) for _ in range(2))
     # Compiled on a CPU, a model of one code per position runs a whole iteration (the call over the window, the
     # check, the redraft and the move) as one graph; on CUDA the model's call replays as a CUDA graph and the rest
     # compiles apart. An RQ-Transformer's iteration runs its compiled steps one by one.
@@ -251,7 +276,8 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
             break
         iterations += 1
         iterate(calls_to, settle, state, window, filters, both_halves, guided_logits, calls, checked, accepted)
-    _count(stats, n, calls, int(checked), int(accepted))
+    if stats is not None:
+        stats.add_rows(calls, checked, accepted)
     return codes
 
 
@@ -278,8 +304,8 @@ def _iterate(calls_to, settle, state, window: Window, filters, both_halves, guid
         complete = partial(_complete_positions, calls_to, state, context, window, filters, both_halves,
                            guided_logits)  # fmt: skip
     got, ok = settle(window, p, complete)
-    checked += (got * active).sum()
-    accepted += (ok * active).sum()
+    checked += got * active
+    accepted += ok * active
 
 
 def _settle(window: Window, p: torch.Tensor, complete=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,7 +405,3 @@ def _one_position_at_a_time(model, steps, state, window: Window, filters, both_h
             window.codes[rows, position, d] = torch.where(todo, code, window.codes[rows, position, d])
         window.final = torch.where(active, (position + 1) * depth, window.final)
 
-
-def _count(stats: DecodeStats | None, n: int, calls: torch.Tensor, checked: int, accepted: int) -> None:
-    if stats is not None:
-        stats.add(DecodeStats(n, int(calls.sum()), checked, accepted))

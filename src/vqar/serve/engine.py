@@ -237,7 +237,7 @@ class SamplingEngine:
         for job, levels in zip(jobs, ladders, strict=True):
             mine = slice(begin, begin + job.request.n)
             begin = mine.stop
-            stats = result.decode_stats
+            stats = result.decode_stats.of(mine)  # its own images' (they are drawn in order)
             _settle(job.future, GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
                                                stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
 
