@@ -217,9 +217,13 @@ def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny
     run_dir = tmp_path / "ar"
     cfg = load_run_config("rq-mnist", [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "sample.n_per_class=0"])
     train_ar(cfg, run_dir)
-    args = ["sample", "--model", str(run_dir), "--n-per-class", "1", "--batch-size", "3", "--seed", "3"]
-    _vqar([*args, "--out", str(tmp_path / "two")], 2, tmp_path)
-    _vqar([*args, "--out", str(tmp_path / "one")], 1, tmp_path)
+    args = ["sample", "--model", str(run_dir), "--n-per-class", "1", "--batch-size", "3", "--seed", "3",
+            "--speculative", "--window", "3"]  # fmt: skip
+    said = [_vqar([*args, "--out", str(tmp_path / name)], procs, tmp_path).stdout for name, procs in (("two", 2),
+                                                                                                    ("one", 1))]
+    # the whole run's figures (they were rank 0's share's)
+    figures = [re.search(r"[\d.]+ model calls per image, \d+% of drafts accepted", text) for text in said]
+    assert figures[0] and figures[1] and figures[0][0] == figures[1][0], said
     two = np.load(tmp_path / "two" / "samples.npz")
     one = np.load(tmp_path / "one" / "samples.npz")
     assert two["arr_0"].shape == one["arr_0"].shape == (10, 32, 32, 3)  # 10 digits x 1, batches of 3 over 2 ranks

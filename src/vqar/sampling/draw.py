@@ -155,14 +155,15 @@ def draw_distributed(model: ARModel, conditions: Conditions, settings: SamplingS
     result = draw(model, conditions, settings, shard=(par.rank, par.world_size), progress=par.is_main, **options)
     if not par.distributed:
         return result
-    parts = {"images": result.images, "labels": result.labels, "codes": result.codes, "index": result.index}
+    parts = {"images": result.images, "labels": result.labels, "codes": result.codes, "index": result.index,
+             "decode_stats": result.decode_stats.per_image}  # fmt: skip
     merged = par.gather_to_main(parts, Path(scratch))
     if merged is None:
         return None
     order = merged["index"].argsort()
     return SampleResult(merged["images"][order], merged["labels"][order], merged["codes"][order],
                         merged["index"][order], result.prompts, result.seconds_sampling, result.seconds_decoding,
-                        result.batches, result.decode_stats)  # fmt: skip (the main rank's share)
+                        result.batches, DecodeStats(merged["decode_stats"][order]))  # fmt: skip (times: rank 0's)
 
 
 def warm_up(model: ARModel, sizes: Iterable[int], *, guided: bool | None = None, precision: str = "fp32",
