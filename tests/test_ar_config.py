@@ -222,6 +222,17 @@ def test_condition_dropout_is_refused_for_an_unconditional_store_and_the_presets
             f"model.class_dropout_prob=0.5 drops the class or caption for guidance, and the code store {store} has "
             "neither (an unconditional model): leave it out")):  # fmt: skip
         load_run_config("gpt-mnist", [f"codes={store}", "model.class_dropout_prob=0.5"])
+    # A grid's guidance given for a model with no null condition: it was drawn without guidance, with a warning
+    assert load_run_config("gpt-mnist", [f"codes={store}"]).sample.cfg_scale == 1.5  # the preset's: warned in training
+    cases = [(store, [], "an unconditional model"),
+             (vq_store_4x4, ["model.class_dropout_prob=0"], "model.class_dropout_prob=0")]
+    for codes, extra, why in cases:
+        message = f"sample.cfg_scale=2 guides the sample grid with the null condition, which {why} does not learn"
+        for read in (load_run_config, describe_run_config):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                read("gpt-mnist", [f"codes={codes}", *extra, "sample.cfg_scale=2"])
+        load_run_config("gpt-mnist", [f"codes={codes}", *extra, "sample.cfg_scale=2", "sample.n_per_class=0"])
+    load_run_config("gpt-mnist", [f"codes={vq_store_4x4}", "sample.cfg_scale=2"])  # with its null class
 
 
 def test_config_refuses_the_sample_grid_settings_training_refuses(vq_store_4x4, capsys):

@@ -19,6 +19,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vqar.ar import get_architecture
+from vqar.ar.contract import Conditioning
 from vqar.bundle import read_config
 from vqar.configs import ConfigError, compose_node, preset_fields, preset_names, to_config
 from vqar.data.codes import read_manifest
@@ -215,7 +216,9 @@ def load_run_config(preset: str | Path | None, overrides: Iterable[str] = ()) ->
                           "store: set data.codes (codes=DIR) to a store made by `vqar extract-codes`")  # fmt: skip
     _no_condition_dropout_without_a_condition(node, overrides)
     _no_run_schedule_under_npp_segments(node, overrides)
-    return to_config(node)
+    cfg = to_config(node)
+    _no_grid_guidance_without_a_null_condition(cfg, overrides)
+    return cfg
 
 
 def _no_condition_dropout_without_a_condition(node: DictConfig, overrides: list[str]) -> None:
@@ -248,6 +251,22 @@ def _no_run_schedule_under_npp_segments(node: DictConfig, overrides: list[str]) 
                           f"to train with {given[0]}")  # fmt: skip
 
 
+def _no_grid_guidance_without_a_null_condition(cfg: ARRunConfig, overrides: list[str]) -> None:
+    """A `sample.cfg_scale` above 1 given for a model that learns no null condition (an unconditional store, or
+    `model.class_dropout_prob=0`) is refused: the grid was drawn without guidance, with a warning, where `vqar
+    sample --cfg` refuses it. A preset's own scale still only warns (`ARTask._grid_settings`)."""
+    given = any(item.partition("=")[0].strip() == "sample.cfg_scale" for item in overrides)
+    if not given or not cfg.sample.guided or cfg.sample.n_per_class <= 0:
+        return
+    with torch.device("meta"):
+        model = get_architecture(cfg.arch).model(cfg.model)
+    if not model.has_null_condition:
+        why = "model.class_dropout_prob=0" if model.conditioning is not Conditioning.NONE else "an unconditional model"
+        raise ConfigError(f"sample.cfg_scale={cfg.sample.cfg_scale:g} guides the sample grid with the null condition, "
+                          f"which {why} does not learn: leave it out, or train with model.class_dropout_prob above 0 "
+                          "on a store with classes or captions")  # fmt: skip
+
+
 def check_grid_settings(cfg: ARRunConfig, store_known: bool = True) -> None:
     """ConfigError for sample grid settings the configured model cannot take, told by a model on the meta device:
     `vqar config` refuses them as training does before its first step (`ARTask._grid_settings`). Without the store
@@ -274,7 +293,9 @@ def describe_run_config(preset: str | Path | None, overrides: Iterable[str] = ()
     _no_run_schedule_under_npp_segments(node, overrides)
     if not any(OmegaConf.is_missing(node.model, name) for name in node.model):
         _no_condition_dropout_without_a_condition(node, overrides)  # what training would use
-        check_grid_settings(to_config(node.copy()))  # a store this architecture cannot model is an error here too
+        cfg = to_config(node.copy())
+        check_grid_settings(cfg)  # a store this architecture cannot model is an error here too
+        _no_grid_guidance_without_a_null_condition(cfg, overrides)
     else:  # the model waits for a store: check what does not hang on it as training would, the architecture's
         # defaults standing in for the store's fields
         whole, defaults = node.copy(), get_architecture(node.arch).config()
