@@ -313,3 +313,24 @@ def test_an_npy_of_another_layout_is_named_with_the_layout_evaluation_reads(tmp_
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match=r"cannot read images from .*objects.npy: "):  # a pickle is never loaded
         open_source(tmp_path / "objects.npy")
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_a_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch, caplog, kind):
+    """A header past twice Pillow's pixel limit raises DecompressionBombError, no OSError: eval stats, rfid and fid
+    ended in its traceback, where training skips and counts the file."""
+    images = np.random.default_rng(3).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    Image.new("RGB", (32, 32)).save(folder / "bomb.png")
+    source = folder
+    if kind == "shards":
+        pack_shards(str(folder), tmp_path / "shards", shard_size=2, shuffle=False)
+        source = tmp_path / "shards" / "shards.json"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # an 8x8 image is fine, a 32x32 one (1024 > 2 x 100) a bomb
+    with caplog.at_level(logging.WARNING, logger="vqar.eval"):
+        got = load_images(source)
+    np.testing.assert_array_equal(got, images)
+    assert "DecompressionBombError" in caplog.text and "1 of 4" in caplog.text

@@ -324,6 +324,11 @@ def image_files(folder: Path, required: bool = False) -> list[Path]:
     return files
 
 
+# What Pillow raises for a file it cannot read: a decompression bomb (a header past twice Image.MAX_IMAGE_PIXELS)
+# is no OSError, and it ended eval in a traceback where training skips and counts the file.
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def _decode(image: Image.Image, mode: str) -> np.ndarray:
     # Through the data module's conversion, not Pillow's convert: that clips 16-bit and float greys at 255, which
     # turns a 16-bit picture almost entirely white (the FID of saturated images, without a word).
@@ -335,8 +340,8 @@ def _read_image(path: Path, mode: str) -> np.ndarray | None:
         with open_image(path) as image:
             image.load()
             return _decode(image, mode)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        log.warning("skipping unreadable image %s: %s", path, err)
+    except UNREADABLE as err:
+        log.warning("skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
         return None
 
 
@@ -345,7 +350,7 @@ def _common_mode(openers: Iterable[Callable[[], Image.Image]]) -> str:
     left to the decoding, which skips and counts them."""
     modes = []
     for opener in openers:
-        with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), opener() as image:
+        with contextlib.suppress(*UNREADABLE), opener() as image:
             modes.append(image.mode)
     return "L" if modes and all(mode in GREY_MODES for mode in modes) else "RGB"
 
@@ -364,7 +369,7 @@ class FolderSource(ImageSource):
     def check_one_size(self) -> None:
         first_of_size: dict[tuple[int, int], Path] = {}  # a file of each size: the odd one out is often a stray
         for path in self.files:  # Pillow reads the header alone until the pixels are asked for
-            with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), Image.open(path) as image:
+            with contextlib.suppress(*UNREADABLE), Image.open(path) as image:
                 first_of_size.setdefault(image.size[::-1], path)
         if len(first_of_size) > 1:
             examples = ", ".join(f"{size} as {path.relative_to(Path(self.where))}"
