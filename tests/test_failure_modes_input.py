@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +122,24 @@ def test_a_folder_without_a_readable_image_says_so(tmp_path, capsys):
         Image.new("L", (32, 32), color=20 * i).save(images / f"good{i}.png")
     cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={images}", "steps=2", "data.batch_size=4"])
     assert torch.isfinite(torch.tensor(train_tokenizer(cfg, tmp_path / "run2")["psnr"]))
+
+
+def test_a_validation_split_without_a_readable_image_is_refused_before_the_first_step(tmp_path):
+    """It was found at the first evaluation: every step before it ran, and no checkpoint was left."""
+    from vqar.data import DataConfig, build_datasets
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        Image.new("L", (32, 32), color=10 * i).save(images / f"{i:02d}.png")
+    val = build_datasets(DataConfig(source=str(images)))[1]
+    for index in val.indices:  # the 2 images data.split_seed=0 holds out, broken
+        Path(val.dataset.files[index]).write_bytes(b"not a png")
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, f"data.source={images}", "steps=2", "data.batch_size=4"])
+    with pytest.raises(ValueError, match=re.escape("the validation split (2 images held out by data.val_fraction=0.1, "
+                                                   "data.split_seed=0) has no readable image in")):  # fmt: skip
+        train_tokenizer(cfg, tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.jsonl")) and not list((tmp_path / "run").rglob("*.safetensors"))
 
 
 def test_a_meta_build_stops_once_it_makes_far_more_tensors_than_the_file_holds():

@@ -264,6 +264,13 @@ def train_tokenizer(
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "tokenizer") as (par, run_dir):
         train_set, val_set = build_datasets(cfg.data)
         check_readable(train_set, cfg.data.source)
+        if len(val_set):  # found at the first evaluation, the steps before it were lost with the run
+            try:
+                check_readable(val_set, cfg.data.source)
+            except ValueError as err:
+                raise ValueError(f"the validation split ({len(val_set)} images held out by data.val_fraction="
+                                 f"{cfg.data.val_fraction:g}, data.split_seed={cfg.data.split_seed}) has {err}: "
+                                 "change data.split_seed or raise data.val_fraction") from None  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         task = TokenizerTask(cfg, par.device, par)
         torch.manual_seed(cfg.train.seed + par.rank)  # then a random stream of its own per rank
