@@ -334,3 +334,22 @@ def test_a_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch, capl
         got = load_images(source)
     np.testing.assert_array_equal(got, images)
     assert "DecompressionBombError" in caplog.text and "1 of 4" in caplog.text
+
+
+def test_a_colour_image_after_many_grey_ones_keeps_its_colour(tmp_path, caplog):
+    """The first 16 files decided: a red image after 16 grey ones was read as grey 76, without a word."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("L", (8, 8), color=10 * i).save(folder / f"{i:02d}.png")
+    Image.new("RGB", (8, 8), color=(255, 0, 0)).save(folder / "99-red.png")
+    got = load_images(folder)
+    assert got.shape == (21, 8, 8, 3) and tuple(got[-1, 0, 0]) == (255, 0, 0)
+    assert tuple(got[3, 0, 0]) == (30, 30, 30)  # grey ones repeated to RGB
+    assert load_images(folder, max_images=20).shape == (20, 8, 8, 1)  # a grey set stays one channel
+    # shards are not read through to decide: a colour sample past the first 16 is said
+    pack_shards(str(folder), tmp_path / "shards", shard_size=8, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="vqar.eval"):
+        greyed = load_images(tmp_path / "shards" / "shards.json")
+    assert greyed.shape == (21, 8, 8, 1)
+    assert "is a colour image in shards whose first 16 samples are grey" in caplog.text

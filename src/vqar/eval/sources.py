@@ -47,7 +47,8 @@ from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
 log = logging.getLogger("vqar.eval")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-# How many entries from the start of a set decide whether it is read as grey ("L") or RGB.
+# How many samples from the start of tar shards decide whether they are read as grey ("L") or RGB (a folder's
+# every header decides: they are cheap to read, and a colour image among grey ones would be greyed).
 MODE_PEEK = 16
 # Pillow modes of one channel: 1-bit, 8-bit, and the 16/32-bit integer and float greys (scientific and medical PNGs
 # and TIFFs), which `convert_channels` scales to 8 bits.
@@ -346,13 +347,15 @@ def _read_image(path: Path, mode: str) -> np.ndarray | None:
 
 
 def _common_mode(openers: Iterable[Callable[[], Image.Image]]) -> str:
-    """Grey ("L") when the first readable images all are, else "RGB". Only headers are read; unreadable ones are
-    left to the decoding, which skips and counts them."""
-    modes = []
+    """Grey ("L") when the readable images all are, else "RGB" (stopping at the first colour one). Only headers are
+    read; unreadable ones are left to the decoding, which skips and counts them."""
+    grey = False
     for opener in openers:
         with contextlib.suppress(*UNREADABLE), opener() as image:
-            modes.append(image.mode)
-    return "L" if modes and all(mode in GREY_MODES for mode in modes) else "RGB"
+            if image.mode not in GREY_MODES:
+                return "RGB"
+            grey = True
+    return "L" if grey else "RGB"
 
 
 class FolderSource(ImageSource):
@@ -361,7 +364,7 @@ class FolderSource(ImageSource):
     def __init__(self, folder: Path, max_images: int | None):
         super().__init__(folder)
         self.files = image_files(folder, required=True)[:max_images]
-        self.mode = _common_mode(lambda f=f: Image.open(f) for f in self.files[:MODE_PEEK])
+        self.mode = _common_mode(lambda f=f: Image.open(f) for f in self.files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -405,6 +408,7 @@ class ShardSource(ImageSource):
         self.data = open_shards(source, image_size=0, channels=3, max_images=max_images)
         self.offsets = np.cumsum([0, *(shard.used for shard in self.data.shards)]).tolist()
         self.mode = _common_mode(lambda raw=raw: _sample_image(raw) for raw in self._first_samples(MODE_PEEK))
+        self._greyed = False  # a colour sample was read as grey (said once)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -449,6 +453,11 @@ class ShardSource(ImageSource):
         try:
             with _sample_image(raw) as image:
                 image.load()
+                if self.mode == "L" and image.mode not in GREY_MODES and not self._greyed:
+                    self._greyed = True
+                    log.warning("%s:%s is a colour image in shards whose first %d samples are grey: read as grey, as "
+                                "the set is (pack colour sets with a colour image first)", raw.get("__url__", "?"),
+                                raw.get("__key__", "?"), MODE_PEEK)  # fmt: skip
                 return _decode(image, self.mode), None
         except Exception as err:  # any decoder error means "this sample is unusable", as for a folder's files
             log.warning("skipping unreadable sample %s:%s: %s: %s", raw.get("__url__", "?"), raw.get("__key__", "?"),
