@@ -321,6 +321,12 @@ def test_caption_file_naming_no_image_of_the_folder_is_said_to_before_encoding(t
         extract_codes(tokenizer, DataConfig(source=str(folder)), tmp_path / "codes")
     assert "such as 'photos/cats/0.png'" in caplog.text and "(like 'cats/0.png')" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no store, no work folder
+    # pack-shards packed them "with captions", every one empty, and extraction from its shards failed later
+    from vqar.data.pack import pack_shards
+
+    with pytest.raises(ValueError, match="captions none of the 2 images"):
+        pack_shards(str(folder), tmp_path / "shards")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 # ---------------------------------------------------------------- models

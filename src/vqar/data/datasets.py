@@ -372,6 +372,16 @@ def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dat
     return DatasetSplit(dataset, sorted(order[n_val:])), DatasetSplit(dataset, sorted(order[:n_val]))
 
 
+def check_some_captioned(dataset: Dataset, source: str) -> None:
+    """ValueError when a folder's caption file captions none of its images (mostly names relative to another
+    folder), before any work: extraction would leave every image out, packing would write empty captions."""
+    captions, total = getattr(dataset, "captions", None), len(dataset)  # type: ignore[arg-type]
+    if captions is not None and total and not any(captions):
+        raise ValueError(f"{getattr(dataset, 'caption_file', 'the caption file')} captions none of the {total} "
+                         f"images in {source}: name them by their paths relative to that folder, or give --captions "
+                         "none for no captions")  # fmt: skip
+
+
 def check_readable(dataset: Dataset, source: str, tries: int = 64) -> None:
     """Raises ValueError when none of up to `tries` items spread over `dataset` can be read: a source of broken
     files is named before training starts on empty batches."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from vqar.data import caption_store
 from vqar.data.codes import FORMAT, MANIFEST, VIEWS, is_code_store
 from vqar.data.config import DataConfig
-from vqar.data.datasets import open_dataset
+from vqar.data.datasets import check_some_captioned, open_dataset
 from vqar.data.loading import Batch, collate_samples
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
@@ -238,11 +238,8 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     captioned = (
         dataset.captioned if isinstance(dataset, ShardDataset) else getattr(dataset, "captions", None) is not None
     )
-    if captioned and not isinstance(dataset, ShardDataset) and len(dataset) and not any(dataset.captions):
-        # Checked before any encoding: every image would be left out, and the store found empty at the end.
-        raise ValueError(f"{getattr(dataset, 'caption_file', 'the caption file')} captions none of the "
-                         f"{len(dataset)} images in {data.source}: name them by their paths relative to that folder, "
-                         "or give --captions none for a store without captions")  # fmt: skip
+    if not isinstance(dataset, ShardDataset):
+        check_some_captioned(dataset, data.source)
     units = plan_units(dataset, shard_size)
     tokenizer = tokenizer.to(device).eval()
     plan = {

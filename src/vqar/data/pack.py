@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vqar.data.config import DataConfig
-from vqar.data.datasets import ArrayDataset, ImageFolderDataset, open_dataset
+from vqar.data.datasets import ArrayDataset, ImageFolderDataset, check_some_captioned, open_dataset
 from vqar.data.shards import SHARD_INDEX, is_shard_source, shard_index
 from vqar.data.transforms import convert_channels
 from vqar.utils.images import open_image
@@ -110,6 +110,7 @@ def _pack(source: str, out_dir: Path, shard_size: int, captions: str | None, shu
     check_replaceable(out_dir, overwrite, "a folder of tar shards", is_shard_folder, own_entries=SHARD_FOLDER_ENTRIES)
     # image_size and channels are unused: packing keeps the images as they are.
     dataset = open_dataset(DataConfig(source=source, captions=captions, max_images=max_images, val_fraction=0.0))
+    check_some_captioned(dataset, source)  # else every image packed with an empty caption, "with captions"
     captioned = getattr(dataset, "captions", None) is not None
     order = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     # Keys are positions in the whole source, also where --max-images keeps a subset of it.
