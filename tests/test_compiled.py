@@ -165,26 +165,28 @@ def test_compiled_generation_with_the_opaque_attention_draws_the_eager_codes(spe
 
 
 @pytest.mark.slow
-def test_compiled_speculative_rq_sampling_stays_within_the_recompilation_limit(monkeypatch):
+def test_compiled_speculative_rq_sampling_stays_within_the_recompilation_limit():
     """An RQ-Transformer's speculative steps call `code_logits` at each depth for one position and for the window:
     9 graphs at depth 4, past dynamo's default limit of 8, and `vqar sample --speculative --compile` ran the rest
     eagerly under dynamo's multi-line warning."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default, whatever ran before
     torch._dynamo.reset()
     counters.clear()
     try:
-        torch.manual_seed(0)
-        config = RQTransformerConfig(vocab_size=32, code_shape=[2, 2, 4], code_dim=8, dim=32, n_head=4, n_layer=2,
-                                     n_depth_layer=2, num_classes=5, class_dropout_prob=0.1)  # fmt: skip
-        model = RQTransformer(config, code_embeddings=torch.randn(32, 8)).eval()
-        cond = torch.tensor([0, 2])
-        settings = SamplingSettings(seed=3, speculative=True, speculative_window=3)
-        codes = generate(model, cond, settings, compile=True)
-        over = [reason.splitlines()[0] for reason in counters["unimplemented"] if "recompile limit" in reason]
-        assert not over, over
-        assert torch.equal(codes, generate(model, cond, settings))
+        # dynamo's default limit, whatever ran before; patched through dynamo's own config API (a pytest monkeypatch
+        # of it left the setting missing for every later test)
+        with torch._dynamo.config.patch(recompile_limit=8):
+            torch.manual_seed(0)
+            config = RQTransformerConfig(vocab_size=32, code_shape=[2, 2, 4], code_dim=8, dim=32, n_head=4,
+                                         n_layer=2, n_depth_layer=2, num_classes=5, class_dropout_prob=0.1)  # fmt: skip
+            model = RQTransformer(config, code_embeddings=torch.randn(32, 8)).eval()
+            cond = torch.tensor([0, 2])
+            settings = SamplingSettings(seed=3, speculative=True, speculative_window=3)
+            codes = generate(model, cond, settings, compile=True)
+            over = [reason.splitlines()[0] for reason in counters["unimplemented"] if "recompile limit" in reason]
+            assert not over, over
+            assert torch.equal(codes, generate(model, cond, settings))
     finally:
         torch._dynamo.reset()
 

@@ -41,25 +41,37 @@ def launched_by_torchrun() -> bool:
 
 
 def end_with_the_launcher() -> None:
-    """Has Linux send this torchrun worker SIGTERM when its launcher dies. torchrun starts each worker in a session
-    of its own, so a launcher killed outright (`kill -9`, the OOM killer) left its workers training on, orphaned and
-    holding the run's lock; SIGTERM stops them as the launcher's own stop does (training writes a checkpoint
-    first). Linux sends it when the thread that started the worker ends: torchrun's agent starts and restarts its
-    workers from its main thread, which lives as long as the agent."""
+    """Has Linux tell this torchrun worker when its launcher dies, and stops it with SIGTERM then. torchrun starts
+    each worker in a session of its own, so a launcher killed outright (`kill -9`, the OOM killer) left its workers
+    training on, orphaned and holding the run's lock; SIGTERM stops them as the launcher's own stop does (training
+    writes a checkpoint first). Call it from the main thread, first thing."""
     if not launched_by_torchrun() or not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        previous = signal.signal(_LAUNCHER_GONE, _launcher_gone)
+        if libc.prctl(_PR_SET_PDEATHSIG, _LAUNCHER_GONE, 0, 0, 0) != 0:
+            signal.signal(_LAUNCHER_GONE, previous)
             return
-    except (OSError, AttributeError):  # no prctl: the worker outlives a killed launcher, as before
+    except (OSError, AttributeError, ValueError):  # no prctl, or not the main thread: as before, no notice
         return
     if os.getppid() != parent:  # the launcher died before the request: it will never be sent
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _launcher_gone(signum, frame) -> None:
+    """The notice comes again each time the dying launcher's next thread ends (Linux hands an orphan to another
+    thread of its parent first), and a second SIGTERM reads as a second Ctrl-C, which stops training at once: the
+    notice is turned off and SIGTERM sent once."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A real-time signal no library here uses, caught by `_launcher_gone` (it is only asked for on Linux)
+_LAUNCHER_GONE = getattr(signal, "SIGRTMIN", signal.SIGTERM) + 1
 
 
 def launch_main() -> bool:
