@@ -281,6 +281,20 @@ def test_a_tsv_caption_file_with_more_columns_keeps_the_caption_alone(tmp_path, 
     assert "1 line(s) with more columns than file<TAB>caption: the columns after the caption were left" in caplog.text
 
 
+def test_a_caption_line_with_an_empty_file_name_is_skipped_and_counted(tmp_path, caplog):
+    """`\ta dog` captioned "." (the folder itself, as `Path("")` reads), and was then reported as a caption of a
+    file that is not among the images."""
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text("a.png\ta cat\n\ta dog\n \ta bird\n")
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text('{"file": "a.png", "caption": "a cat"}\n{"file": "", "caption": "a dog"}\n')
+    for path, count in [(tsv, 2), (jsonl, 1)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vqar.text"):
+            assert read_captions(path) == {"a.png": ["a cat"]}
+        assert f"{count} line(s) with an empty file name skipped" in caplog.text
+
+
 def test_digit_caption_phrasings_are_disjoint():
     assert digit_captions(7)[:2] == ["a handwritten seven", "the digit 7"]
     train = {c for d in range(10) for c in digit_captions(d)}

@@ -3,8 +3,8 @@
 An image folder is captioned by a `captions.jsonl` (one `{"file": "cats/001.jpg", "caption": "..."}` per line;
 an image may have several lines, or a list of captions on one) or a `captions.tsv` (`file<TAB>caption` per line,
 the layout of the RQ release's CC-3M lists; a first line `file<TAB>caption` is a header). File names are relative
-to the folder. Lines with a missing or empty caption are counted and skipped with a warning, as are images that
-end up with no caption and captions of files that are not among the folder's images.
+to the folder. Lines with a missing or empty caption or file name are counted and skipped with a warning, as are
+images that end up with no caption and captions of files that are not among the folder's images.
 
 The digits have no captions, so vqar writes them from templates: `DIGIT_TEMPLATES` in training and the disjoint
 `HELD_OUT_DIGIT_TEMPLATES` to test that a model follows phrasings it has never seen.
@@ -64,7 +64,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     if path.suffix not in (".jsonl", ".tsv"):
         raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
     table: dict[str, list[str]] = defaultdict(list)
-    skipped = untabbed = wide = 0
+    skipped = untabbed = wide = nameless = 0
     first = True
     with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
         for number, raw in enumerate(handle, start=1):
@@ -87,6 +87,9 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                 wide += bool(more)
                 captions = [caption]
             first = False
+            if not name.strip():  # Path("") is ".": the caption would be the folder's, which is no image
+                nameless += 1
+                continue
             for caption in captions:
                 if caption is None or not caption.strip():
                     skipped += 1
@@ -100,6 +103,8 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     if wide:
         log.warning("%s: %d line(s) with more columns than file<TAB>caption: the columns after the caption were left "
                     "out", path, wide)  # fmt: skip
+    if nameless:
+        log.warning("%s: %d line(s) with an empty file name skipped", path, nameless)
     if skipped - untabbed:
         log.warning("%s: %d line(s) with a missing or empty caption skipped", path, skipped - untabbed)
     if not table:
