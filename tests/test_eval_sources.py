@@ -290,6 +290,23 @@ def test_a_link_to_a_class_folder_inside_the_folder_is_not_a_class_of_its_own(tm
     assert f"skipped {folder / 'a-cats'}: it links to {cats} inside the same folder" in caplog.text
 
 
+def test_two_class_folders_linking_to_one_folder_outside_are_said_to_be_one(tmp_path, caplog):
+    """cats -> ../shared and dogs -> ../shared: the images were read once, as cats, and the class dogs vanished
+    without a word (the walk reads each real folder once)."""
+    for name in ("shared/1.png", "pets/birds/2.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / name, format="PNG")
+    folder = tmp_path / "pets"
+    (folder / "cats").symlink_to(tmp_path / "shared")
+    (folder / "dogs").symlink_to(tmp_path / "shared")
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        dataset = ImageFolderDataset(folder, image_size=8, channels=1)
+    assert dataset.class_names == ["birds", "cats"]
+    shared = os.path.realpath(tmp_path / "shared")
+    said = f"skipped {folder / 'dogs'}: it leads to {shared}, whose images were read as {folder / 'cats'}"
+    assert said in caplog.text
+
+
 def test_a_named_pipe_with_an_image_name_is_skipped_and_a_broken_link_kept(tmp_path, caplog):
     """`vqar reconstruct FOLDER` (and evaluation, and training) waited forever on a FIFO named like an image in the
     folder; a link that leads nowhere is still listed, to be reported unreadable with the other bad files."""

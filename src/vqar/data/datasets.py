@@ -56,20 +56,22 @@ def scan_images(root: Path, extensions: Iterable[str]) -> list[Path]:
 
     Hidden files and folders (".DS_Store", ".ipynb_checkpoints", macOS "._x.jpg" forks) are skipped, and so, with a
     warning, are named pipes, sockets and devices with an image's name: reading one would wait forever.
-    Symlinked folders are followed, but each real folder is walked once so that a link cycle cannot loop, and a
-    link to a folder the walk reaches anyway (a second name for a class folder) is skipped with a warning.
+    Symlinked folders are followed, but each real folder is walked once, so that a link cycle cannot loop: a second
+    way to a folder (a link to a folder the walk reaches anyway, two links to one folder outside, a cycle) is
+    skipped with a warning naming the way taken.
     """
     extensions = frozenset(extensions)
     found: list[Path] = []
-    visited: set[str] = set()
+    walked: dict[str, Path] = {}  # real path -> the name it was read under
     real_root = os.path.realpath(root)
     pending = [Path(root)]  # depth first, each folder's entries in sorted order
     while pending:
         folder = pending.pop()
         real = os.path.realpath(folder)
-        if real in visited:
+        if real in walked:  # two links to one folder outside the tree, or a link cycle: said, or a class vanishes
+            log.warning("skipped %s: it leads to %s, whose images were read as %s", folder, real, walked[real])
             continue
-        visited.add(real)
+        walked[real] = folder
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
