@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,39 @@ def test_the_tidy_up_keeps_a_folder_that_holds_anything(tmp_path):
     with created_folders_removed_on_failure(tmp_path / "c"):  # success: what was made stays
         (tmp_path / "c").mkdir()
     assert (tmp_path / "c").is_dir()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the swap in one step is Linux's renameat2")
+def test_a_folder_replaced_by_a_killed_process_is_whole_under_its_name(tmp_path, monkeypatch):
+    """The old folder was moved aside, then the new one moved in: a kill between the two renames left neither
+    under the name (the old one hidden as `.NAME.replaced-PID`). On Linux the two now swap in one step; a kill
+    after it leaves the new folder in place and the old one under the work folder's temporary name."""
+    from vqar.utils import io
+
+    def store(name: str, text: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+        return tmp_path / name
+
+    target, built = store("codes", "old"), store(f".codes.tmp-{2**22 + 1}", "new")  # the pid of no process
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill, at whichever step comes after the swap or the first rename
+
+    real_replace = io.os.replace
+    renames = []
+
+    def replace_then_die(source, destination):
+        renames.append(destination)
+        if len(renames) > 1:
+            killed()
+        real_replace(source, destination)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_die)
+    monkeypatch.setattr(io.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_directory(built, target)
+    assert (target / "manifest.json").read_text() == "new"
+    monkeypatch.undo()
+    assert io.remove_leftovers(tmp_path) == [built]  # the old folder, tidied by the next run
+    assert file_contents(tmp_path) == {Path("codes/manifest.json"): b"new"}

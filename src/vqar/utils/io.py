@@ -8,6 +8,7 @@ that is still writing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -80,15 +81,38 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 
 def replace_directory(built: str | Path, target: str | Path) -> None:
-    """Puts the finished folder `built` at `target` (a sibling): the old `target` is moved aside first and removed
-    only once `built` is in place, so a crash leaves one complete folder or the other, never a mix."""
+    """Puts the finished folder `built` at `target` (a sibling), so that a crash leaves one complete folder or the
+    other, never a mix. On Linux the two swap places in one step and the old folder is then removed under `built`'s
+    name (a temporary one, which `remove_leftovers` tidies after a kill). Elsewhere the old `target` is moved aside
+    first and removed once `built` is in place: a kill between the two renames leaves it as
+    `.NAME.replaced-PID`, and `target` missing."""
     built, target = Path(built), Path(target)
+    if target.exists() and _exchange(built, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(built, ignore_errors=True)
+        return
     old = target.parent / f".{target.name}.replaced-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
     os.replace(built, target)
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where the C library, the kernel
+    or the filesystem cannot, for the caller to fall back on renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library older than glibc 2.28
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # an old kernel, NFS, FUSE ...
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def folder_entries(folder: str | Path) -> list[str]:
