@@ -31,6 +31,7 @@ from vqar.data.codes import FORMAT, MANIFEST, VIEWS, is_code_store
 from vqar.data.config import DataConfig
 from vqar.data.datasets import check_some_captioned, open_dataset
 from vqar.data.loading import Batch, collate_samples
+from vqar.data.shard_streams import whole_shards_loader
 from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
 from vqar.parallel import Parallel, PeerFailed
@@ -179,8 +180,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _my_batches(dataset, units: list[Unit], batch_size: int, num_workers: int) -> DataLoader:
     """The items of `units`, in batches that never span two units."""
     if isinstance(dataset, ShardDataset):
-        return dataset.shard_loader([u.shard for u in units], batch_size=batch_size, num_workers=num_workers,
-                                    collate=collate_samples)  # fmt: skip
+        return whole_shards_loader(dataset, [u.shard for u in units], batch_size=batch_size, num_workers=num_workers,
+                                   collate=collate_samples)  # fmt: skip
     chunks = [list(range(i, min(i + batch_size, u.stop))) for u in units for i in range(u.start, u.stop, batch_size)]
     return DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=collate_samples)
 

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vqar.data.samples import BadSample, Sample, readable_own_items
+from vqar.data.shard_streams import shard_evaluation_loader, shard_training_loader
 from vqar.data.shards import ShardDataset
 
 logger = logging.getLogger("vqar.data")
@@ -138,9 +139,9 @@ def training_loader(dataset: Dataset | ShardDataset, *, epoch: int, start: int, 
     """One rank's training batches `start` .. `batches` - 1 of `epoch`, a pure function of (seed, epoch): an
     `EpochSampler` over a map-style dataset, the seeded shard streams of tar shards (`ShardDataset`)."""
     if isinstance(dataset, ShardDataset):
-        return dataset.training_loader(epoch=epoch, start=start, batches=batches, batch_size=batch_size, seed=seed,
-                                       rank=rank, world_size=world_size, num_workers=num_workers,
-                                       collate=collate_fn)  # fmt: skip
+        return shard_training_loader(dataset, epoch=epoch, start=start, batches=batches, batch_size=batch_size,
+                                     seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                                     collate=collate_fn)  # fmt: skip
     sampler = EpochSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)  # type: ignore[arg-type]
     sampler.set_epoch(epoch, start=start * batch_size)
     return make_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
@@ -154,8 +155,8 @@ def evaluation_loader(dataset: Dataset | ShardDataset, *, batch_size: int, rank:
     items are the rank's own, the rest repeat an image another rank scores, and a metric that sums over ranks
     sums over those first `counted` alone (else an odd split counts one image twice)."""
     if isinstance(dataset, ShardDataset):
-        return dataset.evaluation_loader(batch_size=batch_size, rank=rank, world_size=world_size,
-                                         num_workers=num_workers, collate=collate_fn)  # fmt: skip
+        return shard_evaluation_loader(dataset, batch_size=batch_size, rank=rank, world_size=world_size,
+                                       num_workers=num_workers, collate=collate_fn)  # fmt: skip
     per_rank = math.ceil(len(dataset) / world_size)  # type: ignore[arg-type]
     positions = range(rank, per_rank * world_size, world_size)
     return make_loader(_PaddedShare(dataset), batch_size, sampler=positions, num_workers=num_workers,  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from vqar.ar import ARModel, Conditioning
 from vqar.data import BadSample, DataConfig, ShardDataset, check_readable, collate_samples, open_dataset, split_dataset
+from vqar.data.shard_streams import whole_shards_loader
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def _shard_arrays(split: ShardDataset, batch_size: int) -> tuple[torch.Tensor, n
     """The readable samples of a split of tar shards, decoded once in shard order: a stream has no random access,
     and its labels come with its images. Unreadable samples are left out with a warning."""
     images, labels, unread = [], [], 0
-    loader = split.shard_loader(range(len(split.shards)), batch_size=batch_size, num_workers=0,
-                                collate=collate_samples)  # fmt: skip
+    loader = whole_shards_loader(split, range(len(split.shards)), batch_size=batch_size, num_workers=0,
+                                 collate=collate_samples)  # fmt: skip
     for batch in loader:
         unread += sum(bad.count for bad in batch.bad)
         if len(batch.labels):
