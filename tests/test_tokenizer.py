@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -133,6 +135,26 @@ def test_encode_takes_float_images_of_any_precision():
     wide.double()
     assert torch.equal(wide.encode(images), codes)
     assert wide.decode(codes).dtype == torch.float64
+
+
+@pytest.mark.parametrize("quantizer", [{"kind": "rq", "depth": 3}, {"kind": "vq", "lookup_dim": 4, "l2_norm": True},
+                                       {"kind": "multiscale", "patch_nums": [1, 2, 4]}])  # fmt: skip
+def test_a_tokenizer_cast_to_another_precision_encodes_and_decodes(quantizer):
+    """A factorized VQ (ViT-VQGAN's project_in / project_out) or a multi-scale quantizer (VAR's Phi convs) cast
+    with its tokenizer to bf16, fp16 or float64 met the float32 the quantizer computes in: a dtype RuntimeError from
+    the layer, in encode and decode alike, and in `vqar sample --precision bf16` of a VAR model on a GPU."""
+    config = tiny_config(quantizer["kind"])
+    config.quantizer = QuantizerConfig(**{"codebook_size": 32, "dim": 6, **quantizer})
+    model = Tokenizer(config).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    codes = model.encode(images)
+    wide = copy.deepcopy(model).double()  # float32 weights widened and narrowed back are the same numbers
+    assert torch.equal(wide.encode(images), codes)
+    torch.testing.assert_close(wide.decode(codes).float(), model.decode(codes), atol=1e-5, rtol=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = copy.deepcopy(model).to(dtype)
+        assert narrow.encode(images).shape == codes.shape
+        assert narrow.decode(codes).dtype == dtype
 
 
 def test_decode_refuses_a_depth_that_is_no_integer():

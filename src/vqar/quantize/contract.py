@@ -103,6 +103,17 @@ class Quantizer(nn.Module):
         return depth
 
 
+def in_float32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed in float32 whatever dtype the model was cast to. Quantizers run in float32 (distances in
+    bf16 pick wrong codes), so a layer of theirs cast with the model (`.to(torch.bfloat16)`, `vqar sample
+    --precision bf16` on a GPU) would meet float32 inputs: its weights are used in float32 instead."""
+    x = x.float()
+    params = dict(layer.named_parameters())
+    if all(param.dtype == torch.float32 for param in params.values()):
+        return layer(x)
+    return torch.func.functional_call(layer, {name: param.float() for name, param in params.items()}, (x,))
+
+
 def _integer_depth(depth, levels: int) -> int:
     """`depth` as a Python int; TypeError for anything that is not an integer. A float slices nothing (torch's
     "slice indices must be integers" from deep in embed) and a bool would be read as depth 0 or 1 without a word."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics, sample_vectors
-from vqar.quantize.contract import Quantizer
+from vqar.quantize.contract import Quantizer, in_float32
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
@@ -179,7 +179,7 @@ class MultiScaleQuantizer(Quantizer):
         """Phi_k(x) = (1 - rho) x + rho conv3x3(x) for maps (B, dim, h, w); the identity without Phi convs."""
         if not len(self.phis):
             return x
-        return x.mul(1 - self.phi_ratio) + self.phis[self._phi_of_scale[k]](x).mul(self.phi_ratio)
+        return x.mul(1 - self.phi_ratio) + in_float32(self.phis[self._phi_of_scale[k]], x).mul(self.phi_ratio)
 
     def upsample(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """Scale k's code map (B, dim, p_k, p_k) bicubic-upsampled to P x P (the last scale is left as it is)."""

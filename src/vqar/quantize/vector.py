@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqar.quantize.codebook import Codebook, code_statistics
-from vqar.quantize.contract import Quantizer, refuse_scales
+from vqar.quantize.contract import Quantizer, in_float32, refuse_scales
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
@@ -97,7 +97,7 @@ class VectorQuantizer(Quantizer):
             raise ValueError(f"expected latents with last dimension {self.dim}, got shape {tuple(z.shape)}")
         # Distances in bf16/fp16 pick wrong codes: the quantizer always runs in float32.
         with torch.autocast(z.device.type, enabled=False):
-            h = self.project_in(z.reshape(-1, self.dim).float())
+            h = in_float32(self.project_in, z.reshape(-1, self.dim))
             if self.l2_norm:
                 h = F.normalize(h, dim=-1)
             if self.training:
@@ -113,7 +113,7 @@ class VectorQuantizer(Quantizer):
             if self.training and self.entropy_weight:
                 affinity = -self.codebook.distances(h)
                 loss = loss + self.entropy_weight * entropy_penalty(affinity, self.entropy_temperature)
-            out = self.project_out(h + (q - h).detach())
+            out = in_float32(self.project_out, h + (q - h).detach())
         usage, perplexity = code_statistics(codes, self.codebook_size)
         return QuantizerOutput(
             quantized=out.view(z.shape).to(z.dtype),
@@ -129,7 +129,7 @@ class VectorQuantizer(Quantizer):
         self.check_depth(depth)
         codes = check_codes(codes, self.codebook_size)
         with torch.autocast(codes.device.type, enabled=False):
-            return self.project_out(self.codebook.lookup(codes))
+            return in_float32(self.project_out, self.codebook.lookup(codes))
 
 
 def entropy_penalty(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
