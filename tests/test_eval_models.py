@@ -42,6 +42,27 @@ def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
         assert result["perplexity"][d] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
 
 
+def test_rfid_turns_colour_grey_as_training_does(tmp_path):
+    """A grey tokenizer's rFID took the plain mean of the three channels, which gives pure red, green and blue one
+    grey (85), where training and `vqar reconstruct` use Pillow's luma (76, 150, 29): other codes, other PSNRs."""
+    from PIL import Image
+
+    from vqar.eval.rfid import evaluate_tokenizer
+
+    tokenizer = random_tokenizer()  # 1 channel, 16 px
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 120, 40)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+    result = evaluate_tokenizer(tokenizer, tmp_path, None, batch_size=4)
+    grey = np.stack([np.asarray(Image.new("RGB", (16, 16), colour).convert("L")) for colour in colours])
+    assert grey[:3, 0, 0].tolist() == [76, 150, 29]
+    with torch.no_grad():
+        recon = tokenizer.decode(tokenizer.encode(torch.from_numpy(grey[:, None]).float() / 127.5 - 1))
+    recon = (recon[:, 0].clamp(-1, 1) * 127.5 + 127.5).round().numpy()
+    mse = (((recon - grey) / 255) ** 2).reshape(len(grey), -1).mean(1)
+    assert result["psnr_db"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
+
+
 def test_the_table_rounds_figures_per_depth_as_single_ones(capsys):
     """Perplexity per depth was printed with float32's noise digits (10.04092025756836) beside 4-decimal figures."""
     from vqar.commands.evaluate import _print
@@ -69,6 +90,7 @@ def test_rfid_refuses_image_sizes_it_cannot_use_before_reading_any_image(tmp_pat
         ("conv", "100000", "--image-size 100000: 3 images of 100000x100000"),
         ("conv", "8192", "would need about 3.2 GB of memory, and 2.0 GB is available"),
         ("conv", "18", "--image-size 18 is not a positive multiple of the tokenizer's downsampling factor 4"),
+        ("conv", "8", "--image-size 8: SSIM needs images of at least 11x11 pixels"),  # was said once all were read
         ("var", "32", "a multi-scale (VAR) tokenizer encodes images of its own size only (16)"),
         ("vit", "32", "a ViT tokenizer encodes images of its own size only (16)"),
         ("vit", "8", "a ViT tokenizer encodes images of its own size only (16)"),

@@ -138,7 +138,7 @@ def cmd_fid(args, par) -> int:
 
 @_on_ranks
 def cmd_rfid(args, par) -> int:
-    from vqar.eval.rfid import check_image_size, evaluate_tokenizer
+    from vqar.eval.rfid import check_evaluation_size, evaluate_tokenizer
     from vqar.eval.sources import check_enough_images, open_source
     from vqar.interop import load_pretrained
     from vqar.tokenizers import Tokenizer
@@ -156,7 +156,7 @@ def cmd_rfid(args, par) -> int:
     tokenizer = load_pretrained(args.tokenizer, config=args.config)
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
-    check_image_size(tokenizer, args.image_size or tokenizer.image_size)
+    check_evaluation_size(tokenizer, args.image_size or tokenizer.image_size)
     inception = None if args.no_fid else _inception(args, par.device)
     result = evaluate_tokenizer(tokenizer, images, inception, image_size=args.image_size, batch_size=args.batch_size,
                                 device=par.device, par=par)  # fmt: skip

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vqar.data import convert_channels
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import GaussianStats, frechet_distance
 from vqar.eval.shards import gather_rows, read_share, share
@@ -49,7 +50,10 @@ def center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out).reshape(n, size, size, c)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+SSIM_WINDOW = 11
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     """Per-image SSIM (Wang et al., 2004) of images in [0, 1], (B, C, H, W): Gaussian window, C1=0.01^2, C2=0.03^2,
     averaged over channels and valid positions."""
     coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
@@ -70,11 +74,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return score.flatten(1).mean(1)
 
 
-def _to_model(images: np.ndarray, channels: int) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
-    return x
+def _in_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, H, W, C) images with the tokenizer's channels, converted as training converts them (Pillow's luma
+    for grey: a plain channel mean gave pure red, green and blue the same grey, and other PSNRs than `vqar
+    reconstruct`)."""
+    if images.shape[3] == channels:
+        return images
+    converted = np.stack([convert_channels(image, channels) for image in images])
+    return converted[..., None] if converted.ndim == 3 else converted
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -97,7 +104,7 @@ def evaluate_tokenizer(
     share of the batches and rank 0 returns the result; the other ranks get None."""
     par = par or Parallel()
     size = tokenizer.image_size if image_size is None else image_size
-    check_image_size(tokenizer, size)
+    check_evaluation_size(tokenizer, size)
     images = source if isinstance(source, ImageSource) else open_source(source, max_images)
     if inception is not None:
         check_enough_images(images)
@@ -120,6 +127,14 @@ def evaluate_tokenizer(
         result["rfid"] = frechet_distance(fake, real)
         result["inception"] = str(inception.path)
     return result
+
+
+def check_evaluation_size(tokenizer, size: int) -> None:
+    """`check_image_size`, and a size SSIM can score: 8 px passed for a tokenizer that downsamples by 8, and failed
+    once every image was reconstructed."""
+    check_image_size(tokenizer, size)
+    if size < SSIM_WINDOW:
+        raise ValueError(f"--image-size {size}: SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels")
 
 
 def check_image_size(tokenizer, size: int, option: str = "--image-size") -> None:
@@ -156,16 +171,17 @@ def _reconstruct(tokenizer, originals: np.ndarray, inception: Inception | None, 
     total = (len(originals) + batch_size - 1) // batch_size
     for chunk in tqdm(batches(originals, batch_size), total=total, desc="reconstructing", leave=False,
                       disable=not progress):  # fmt: skip
-        x = _to_model(chunk, tokenizer.in_channels).to(device)
-        codes = tokenizer.encode(x)
+        given = _in_channels(chunk, tokenizer.in_channels)  # what the tokenizer sees is what it is scored against
+        x = torch.from_numpy(given).permute(0, 3, 1, 2).float() / 127.5 - 1
+        codes = tokenizer.encode(x.to(device))
         recon_u8 = _to_uint8(tokenizer.decode(codes).float().cpu())
-        a = torch.from_numpy(_to_uint8(x.cpu())).permute(0, 3, 1, 2).float() / 255
+        a = torch.from_numpy(given).permute(0, 3, 1, 2).float() / 255
         b = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 255
         rows["psnr"].append(10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)))
         rows["ssim"].append(ssim(a, b))
         rows["codes"].append(codes.cpu())
         if inception is not None:
-            rows["real"].append(torch.from_numpy(inception(chunk)))
+            rows["real"].append(torch.from_numpy(inception(given)))
             rows["fake"].append(torch.from_numpy(inception(recon_u8)))
     return {k: torch.cat(v) if v else torch.empty(0, dtype=ROW_DTYPES[k]) for k, v in rows.items()}
 
