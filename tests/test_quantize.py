@@ -167,6 +167,36 @@ def test_dead_codes_restart_from_batch_vectors():
     assert torch.allclose(cb.weight.detach()[1:4], live_before[1:4], rtol=0.05)
 
 
+@pytest.mark.parametrize(("ema", "kmeans_init"), [(True, False), (True, True), (False, False)])
+def test_a_non_finite_latent_is_left_out_of_the_codebook_statistics(ema, kmeans_init):
+    """One NaN latent (an overflowing step, which the training loop then skips) went into the EMA sums inside the
+    forward and poisoned the codebook for good: every later step was NaN too. Its row is now left out of the
+    statistics, the k-means initialisation and the restart pool: the step is the one without that row."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 4)
+    poisoned = x.clone()
+    poisoned[7, 1] = float("nan")
+    poisoned[12] = float("inf")
+    kept = torch.ones(40, dtype=torch.bool)
+    kept[[7, 12]] = False
+    states = []
+    for rows in (poisoned, x[kept]):
+        torch.manual_seed(4)
+        book = Codebook(16, 4, ema=ema, kmeans_init=kmeans_init, restart_dead=True, dead_threshold=1.0)
+        book.cluster_size_ema[8:] = 0  # half the codes dead: the restart draws from the batch
+        book.maybe_init(rows)
+        codes = book.nearest(rows)
+        book.update(rows, codes)
+        states.append(book.state_dict())
+    for name, value in states[0].items():
+        assert value.isfinite().all() if value.is_floating_point() else True, name
+        assert torch.equal(value, states[1][name]), name
+    quantizer = ResidualQuantizer(16, 4, depth=2).train()
+    quantizer(poisoned.view(2, 4, 5, 4))
+    assert all(value.isfinite().all() for value in quantizer.state_dict().values() if value.is_floating_point())
+    assert quantizer.eval()(x.view(2, 4, 5, 4)).quantized.isfinite().all()
+
+
 def test_restart_for_gradient_codebooks_copies_batch_vectors():
     vq = VectorQuantizer(8, 4, ema=False, restart_dead=True).train()
     z = torch.randn(40, 4) + 10  # far from the N(0, 1) initial codes

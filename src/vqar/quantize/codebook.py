@@ -112,7 +112,8 @@ class Codebook(nn.Module):
             x = x()
         elif items is not None:  # every rank gathers, one with an empty batch too
             x = sync.gather_batch(x, items)
-        centroids = kmeans(x.float(), self.size, self.kmeans_iters, self.l2_norm) if len(x) else self.vectors()
+        x = _finite_rows(x.float())
+        centroids = kmeans(x, self.size, self.kmeans_iters, self.l2_norm) if len(x) else self.vectors()
         sync.broadcast_(centroids)
         self.weight.data.copy_(centroids)
         if self.ema:
@@ -128,9 +129,15 @@ class Codebook(nn.Module):
         Dead codes restart from rows of `restart_pool()` (default `x`, gathered from every rank as `maybe_init`
         does with `items`), called only when there are dead codes: a multi-scale quantizer draws a pool with every
         scale equally represented, so that the few vectors of its coarse scales get codes too."""
+        # A non-finite row (one NaN latent of an overflowing step) is left out: in the running sums it would poison
+        # the codebook for good, while the training loop skips that step. Masked rather than dropped, so no sync.
         x = x.float()
-        counts = torch.bincount(codes, minlength=self.size).float()
-        sums = torch.zeros(self.size, self.dim, device=x.device).index_add_(0, codes, x) if self.ema else None
+        finite = x.isfinite().all(dim=1)
+        counts = torch.bincount(codes, weights=finite.float(), minlength=self.size).float()  # (int64 when empty)
+        sums = None
+        if self.ema:
+            sums = torch.zeros(self.size, self.dim, device=x.device)
+            sums.index_add_(0, codes, torch.where(finite.unsqueeze(1), x, 0.0))
         sync.all_reduce_sum_(*(t for t in (counts, sums) if t is not None))
 
         self.cluster_size_ema.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -152,6 +159,7 @@ class Codebook(nn.Module):
             x = pool().float()
         elif items is not None:  # every rank gathers, one with an empty batch too
             x = sync.gather_batch(x, items)
+        x = _finite_rows(x)
         candidates = sample_vectors(x, self.size) if len(x) else self.weight.detach().float().clone()
         sync.broadcast_(candidates)
         column = dead.unsqueeze(1)
@@ -160,6 +168,11 @@ class Codebook(nn.Module):
         else:
             self.weight.data.copy_(torch.where(column, candidates, self.weight.data.float()))
         self.cluster_size_ema.copy_(torch.where(dead, torch.ones_like(self.cluster_size_ema), self.cluster_size_ema))
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of `x` (N, dim) without a NaN or infinity: what codes may be initialised or restarted from."""
+    return x[x.isfinite().all(dim=1)]
 
 
 def code_statistics(codes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
