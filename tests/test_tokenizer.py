@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -121,6 +122,37 @@ def test_bad_inputs_raise_clear_errors():
         vq.decode(torch.zeros(1, 4, 4, dtype=torch.long), depth=2)
     with pytest.raises(ValueError, match="norm_groups"):
         Tokenizer(tiny_config(ch=6))
+
+
+def test_sizes_encode_refuses_are_refused_everywhere_with_their_reason():
+    """0x0 images and grids of no positions stopped a conv with a kernel-size error; `code_shape(0)` gave the
+    built resolution's codes and `code_shape(33)` those of 32, and a ViT's `code_shape(64)` a grid it cannot
+    encode; a NumPy array was told to divide by 127.5, whatever its dtype; `decode` built an autograd graph, so
+    that `.numpy()` of its images failed."""
+    import numpy as np
+
+    from conftest import random_tokenizer
+
+    rq = Tokenizer(tiny_config("rq")).eval()  # 16 px, factor 4
+    with pytest.raises(ValueError, match="images of 0x16 pixels hold no pixels to encode"):
+        rq.encode(torch.zeros(2, 1, 0, 16))
+    with pytest.raises(ValueError, match=re.escape("codes of shape (2, 0, 4, 3) hold no positions to decode")):
+        rq.decode(torch.zeros(2, 0, 4, 3, dtype=torch.long))
+    assert rq.encode(torch.zeros(0, 1, 16, 16)).shape == (0, 4, 4, 3)  # an empty batch is still fine
+    assert rq.code_shape() == (4, 4, 3) and rq.code_shape(32) == (8, 8, 3)
+    for size in (0, 33, -4, 8.0, True):
+        with pytest.raises(ValueError, match=f"image_size {size!r} is not a positive multiple of the tokenizer's "
+                                             "downsampling factor 4"):  # fmt: skip
+            rq.code_shape(size)
+    vit = random_tokenizer(arch="vit")
+    with pytest.raises(ValueError, match=r"image_size 32: a ViT tokenizer encodes images of its own size only \(16\)"):
+        vit.code_shape(32)
+    for array, hint in [(np.zeros((1, 1, 16, 16)), "float64 (torch.from_numpy(array))"),
+                        (np.zeros((1, 1, 16, 16), np.uint8), "uint8 (torch.from_numpy(array), then x / 127.5 - 1)")]:
+        with pytest.raises(TypeError, match=re.escape(f"got a NumPy array of {hint}")):
+            rq.encode(array)
+    images = rq.decode(rq.encode(torch.zeros(1, 1, 16, 16)))
+    assert not images.requires_grad and images.numpy().shape == (1, 1, 16, 16)
 
 
 def test_encode_takes_float_images_of_any_precision():

@@ -401,7 +401,7 @@ def test_tokenizer_encodes_to_scales_and_decodes_coarse_to_fine(tmp_path):
         model.decode(codes.view(3, 21, 1))
     with pytest.raises(ValueError, match=r"\(B, 21\)"):
         model.decode(codes[:, :-1])
-    with pytest.raises(ValueError, match=r"4x4 latent grid"):
+    with pytest.raises(ValueError, match=r"image_size 32: a multi-scale \(VAR\) tokenizer encodes images of its own"):
         model.code_shape(32)
     with pytest.raises(ValueError, match="last scale of patch_nums"):
         tiny_tokenizer(patch_nums=[1, 2, 3])

@@ -71,9 +71,7 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
     if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{args.tokenizer} holds a {type(tokenizer).__name__}, not a tokenizer")
     if args.image_size:  # else found at the first batch, naming latents
-        from vqar.eval.rfid import check_image_size
-
-        check_image_size(tokenizer, args.image_size)
+        tokenizer.check_image_size(args.image_size, "--image-size")
     data = DataConfig(
         source=args.data,
         image_size=args.image_size or tokenizer.image_size,

@@ -10,7 +10,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vqar.data import convert_channels, fit_image, to_tensor
-from vqar.eval.rfid import check_image_size
 from vqar.eval.sources import image_files
 from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
@@ -74,7 +73,7 @@ def reconstruct_files(
     if not isinstance(model, Tokenizer):
         raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer")
     size = size or model.image_size
-    check_image_size(model, size, "--size")
+    model.check_image_size(size, "--size")
     if depth is not None and not 1 <= depth <= model.levels:
         raise ValueError(f"--depth takes 1 .. {model.levels} (the levels this tokenizer decodes coarse to fine: "
                          f"a residual stack's depths or VAR's scales), got {depth}")  # fmt: skip

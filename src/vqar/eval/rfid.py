@@ -130,25 +130,11 @@ def evaluate_tokenizer(
 
 
 def check_evaluation_size(tokenizer, size: int) -> None:
-    """`check_image_size`, and a size SSIM can score: 8 px passed for a tokenizer that downsamples by 8, and failed
-    once every image was reconstructed."""
-    check_image_size(tokenizer, size)
+    """`Tokenizer.check_image_size`, and a size SSIM can score: 8 px passed for a tokenizer that downsamples by 8,
+    and failed once every image was reconstructed."""
+    tokenizer.check_image_size(size, "--image-size")
     if size < SSIM_WINDOW:
         raise ValueError(f"--image-size {size}: SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels")
-
-
-def check_image_size(tokenizer, size: int, option: str = "--image-size") -> None:
-    """ValueError for a size the tokenizer cannot encode (given as `option`), before any image is read (encoding
-    would refuse it only after the whole set was read, naming its latents)."""
-    built, factor = tokenizer.image_size, tokenizer.downsample_factor
-    if size < 1 or size % factor:
-        raise ValueError(f"{option} {size} is not a positive multiple of the tokenizer's downsampling factor "
-                         f"{factor} (its resolution: {built})")  # fmt: skip
-    # Both fix the latent grid: a multi-scale quantizer by its last scale, a ViT by its position embeddings (other
-    # sizes fail, or read the embeddings of the wrong patches).
-    if size != built and (tokenizer.layout == "scales" or getattr(tokenizer.cfg, "arch", None) == "vit"):
-        kind = "multi-scale (VAR)" if tokenizer.layout == "scales" else "ViT"
-        raise ValueError(f"{option} {size}: a {kind} tokenizer encodes images of its own size only ({built})")
 
 
 def _check_memory(tokenizer, size: int, images: int, batch_size: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,9 +83,20 @@ class Tokenizer(nn.Module):
 
     @property
     def image_size(self) -> int:
-        """The resolution the tokenizer was built for (any multiple of `downsample_factor` works, but for a
-        multi-scale quantizer, whose scales fix the latent size)."""
+        """The resolution the tokenizer was built for (any multiple of `downsample_factor` works, but for a ViT,
+        whose position embeddings fix its grid, and a multi-scale quantizer, whose scales fix the latent size)."""
         return self.cfg.backbone.image_size
+
+    def check_image_size(self, size: int, option: str = "image_size") -> None:
+        """ValueError for a square image size this tokenizer cannot encode, naming it as `option` (`--image-size`),
+        so that a command refuses it before reading any image (encoding would, naming latents)."""
+        built, factor = self.image_size, self.downsample_factor
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
+            raise ValueError(f"{option} {size!r} is not a positive multiple of the tokenizer's downsampling factor "
+                             f"{factor} (its resolution: {built})")  # fmt: skip
+        if size != built and (self.layout == "scales" or self.cfg.arch == "vit"):
+            kind = "multi-scale (VAR)" if self.layout == "scales" else "ViT"
+            raise ValueError(f"{option} {size}: a {kind} tokenizer encodes images of its own size only ({built})")
 
     @property
     def downsample_factor(self) -> int:
@@ -115,8 +127,12 @@ class Tokenizer(nn.Module):
         return self.layout == "stack"
 
     def code_shape(self, image_size: int | None = None) -> tuple[int, ...]:
-        """(h, w), (h, w, D) or (L,) for square images of `image_size` (default: the built resolution)."""
-        return self.quantizer.code_shape((image_size or self.image_size) // self.downsample_factor)
+        """(h, w), (h, w, D) or (L,) for square images of `image_size` (default: the built resolution); a size
+        `encode` refuses is refused (0 stood for the default, 33 gave the codes of 32)."""
+        if image_size is None:
+            image_size = self.image_size
+        self.check_image_size(image_size)
+        return self.quantizer.code_shape(image_size // self.downsample_factor)
 
     def code_vectors(self) -> torch.Tensor:
         """The code vectors (books, K, dim) that codes stand for: one codebook, or one per depth when a residual
@@ -167,14 +183,18 @@ class Tokenizer(nn.Module):
         self._check_pixels(images)
         return soft_codes(self.encode_latent(images), temperature)
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W), in the tokenizer's dtype on its device, from integer codes (B, *code_shape) on any
         device; `depth=k` decodes the first k levels only, coarse to fine (the first k codes of each residual stack,
-        or the first k scales)."""
+        or the first k scales). Without autograd, as `encode` (`decode_latent(quantizer.embed(codes))` keeps it, to
+        fine-tune the decoder)."""
         axes = self.quantizer.code_axes
         if not isinstance(codes, torch.Tensor) or codes.dim() != len(axes) + 1:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"this tokenizer decodes codes of shape (B, {', '.join(axes)}), got {shape}")
+        if 0 in codes.shape[1:]:  # a grid of no positions: else a conv's kernel-size error
+            raise ValueError(f"codes of shape {tuple(codes.shape)} hold no positions to decode")
         weight = self.post_quant_conv.weight
         latent = self.quantizer.embed(codes.to(weight.device), depth=depth)
         return self.decode_latent(latent.to(weight.dtype))
@@ -196,6 +216,9 @@ class Tokenizer(nn.Module):
                              "(pixels of 0..255: x / 127.5 - 1; of 0..1: x * 2 - 1)")  # fmt: skip
 
     def _check_images(self, images: torch.Tensor) -> None:
+        if isinstance(images, np.ndarray):
+            hint = "torch.from_numpy(array)" + (", then x / 127.5 - 1" if images.dtype == np.uint8 else "")
+            raise TypeError(f"images must be a float tensor in [-1, 1], got a NumPy array of {images.dtype} ({hint})")
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
             raise TypeError(f"images must be a float tensor in [-1, 1], got {kind} (uint8 images: x / 127.5 - 1)")
@@ -204,6 +227,8 @@ class Tokenizer(nn.Module):
                 f"images must have shape (B, {self.in_channels}, H, W) for this tokenizer, got {tuple(images.shape)}"
             )
         f = self.downsample_factor
+        if not images.shape[2] or not images.shape[3]:  # 0 is a multiple of f; the first conv then fails
+            raise ValueError(f"images of {images.shape[2]}x{images.shape[3]} pixels hold no pixels to encode")
         if images.shape[2] % f or images.shape[3] % f:
             raise ValueError(
                 f"image height and width must be multiples of the downsampling factor {f}, "
