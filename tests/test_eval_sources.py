@@ -234,6 +234,22 @@ def test_shard_sources_give_the_folder_statistics_and_fid(image_set, inception, 
     assert result["inception_score"] == pytest.approx(as_shards["inception_score"])
 
 
+def test_stats_of_grey_images_store_them_as_adm_rgb(inception, tmp_path, capsys):
+    """`eval stats --with-images` of grey images wrote arr_0 with one channel, which ADM's evaluator and vqar's own
+    reference reader (`vqar reproduce --reference`) refuse: it is repeated to RGB, as `vqar sample` writes."""
+    from vqar.eval.adm import read_reference
+
+    grey = np.random.default_rng(1).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", arr_0=grey)
+    assert main(["eval", "stats", str(tmp_path / "grey.npz"), "--out", str(tmp_path / "ref.npz"), "--inception",
+                 str(inception.path), "--with-images", "--batch-size", "6"]) == 0  # fmt: skip
+    capsys.readouterr()
+    with np.load(tmp_path / "ref.npz") as ref:
+        np.testing.assert_array_equal(ref["arr_0"], np.repeat(grey, 3, axis=3))
+    np.savez(tmp_path / "images_only.npz", arr_0=np.load(tmp_path / "ref.npz")["arr_0"])
+    assert read_reference(tmp_path / "images_only.npz").image_shape == (12, 16, 16, 3)
+
+
 def test_rfid_reads_shards_and_images_of_mixed_sizes(tiny_pipeline, tmp_path):
     from vqar.bundle import load
     from vqar.data.mnist import load_mnist_digits

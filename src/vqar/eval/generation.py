@@ -137,8 +137,8 @@ def save_stats(path: str | Path, stats: GaussianStats, images: np.ndarray | None
         arrays["resize"], arrays["inception"] = np.array(inception.resize), np.array(inception.path.name)
     if stats.features is not None:
         arrays["features"] = stats.features
-    if images is not None:
-        arrays["arr_0"] = images
+    if images is not None:  # ADM's layout, which its evaluator and `read_reference` read, is RGB: grey repeated
+        arrays["arr_0"] = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"reference statistics are written as .npz, got {path}")
