@@ -375,6 +375,23 @@ def test_bad_inputs_raise_clear_errors():
         QuantizerConfig(kind=kind, depth=depth).validate()
 
 
+def test_phi_settings_that_would_build_unused_or_no_convolutions_are_refused():
+    """`phi_share=100000000` built 10^8 Phi convolutions until memory ran out, and 20 on 4 scales built 16 that no
+    scale used; `phi_share=2` with `phi_ratio=0` was saved in run.yaml and built none."""
+    scales = {"kind": "multiscale", "patch_nums": [1, 2, 3, 4, 5, 6]}
+    for share in (7, 10**8):
+        with pytest.raises(ValueError, match=f"phi_share {share}: the 6 scales of patch_nums .* use at most 6 shared"):
+            QuantizerConfig(**scales, phi_share=share).validate()
+        with pytest.raises(ValueError, match=f"phi_share {share}: "):  # before a module is built
+            MultiScaleQuantizer(16, 4, (1, 2, 3, 4, 5, 6), phi_share=share)
+    QuantizerConfig(**scales, phi_share=6).validate()
+    QuantizerConfig(kind="multiscale", patch_nums=[1, 2], phi_share=4).validate()  # VAR's 4, kept for few scales
+    with pytest.raises(ValueError, match="phi_share=2 with phi_ratio=0: phi_ratio 0 builds no Phi convolution"):
+        QuantizerConfig(**scales, phi_ratio=0.0, phi_share=2).validate()
+    for share in (0, 4):  # the default, and what a converted file without Phi says
+        QuantizerConfig(**scales, phi_ratio=0.0, phi_share=share).validate()
+
+
 # ---------------------------------------------------------------- the tokenizer
 def tiny_tokenizer(**quantizer) -> Tokenizer:
     conv = ConvConfig(in_channels=1, out_channels=1, resolution=16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vqar.quantize.contract import Quantizer
+from vqar.quantize.multiscale import VAR_PHI_SHARE
 from vqar.quantize.registry import QUANTIZERS, quantizer_class
 
 
@@ -34,7 +35,7 @@ class QuantizerConfig:
     dead_threshold: float = 1.0
     patch_nums: list[int] = field(default_factory=list)
     phi_ratio: float = 0.5
-    phi_share: int = 4
+    phi_share: int = VAR_PHI_SHARE
 
     def validate(self, latent_side: int | None = None) -> None:
         """ValueError for an unusable config; `latent_side` (the tokenizer's latent grid side) when known."""

@@ -38,6 +38,8 @@ from vqar.quantize.contract import Quantizer, in_float32
 from vqar.quantize.output import QuantizerOutput
 from vqar.utils.codes import check_codes
 
+VAR_PHI_SHARE = 4  # VAR's share_quant_resi: 4 Phi convolutions shared by the scales, whatever their number
+
 # The scales of the released 256px VQVAE (16 x 16 latents); 512px models use (1, 2, 3, 4, 6, 9, 13, 18, 24, 32).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -101,7 +103,7 @@ class MultiScaleQuantizer(Quantizer):
         patch_nums: Sequence[int] = PATCH_NUMS_256,
         *,
         phi_ratio: float = 0.5,
-        phi_share: int = 4,
+        phi_share: int = VAR_PHI_SHARE,
         beta: float = 0.25,
         **codebook_options,
     ):
@@ -126,6 +128,9 @@ class MultiScaleQuantizer(Quantizer):
             raise ValueError("a 'multiscale' quantizer needs patch_nums, the side of every scale, e.g. "
                              f"{list(PATCH_NUMS_256)} (VAR's 256px release)")  # fmt: skip
         _check_scales(tuple(cfg.patch_nums), cfg.phi_ratio, cfg.phi_share)
+        if cfg.phi_ratio == 0 and cfg.phi_share not in (0, VAR_PHI_SHARE):  # 0: what a file without Phi converts to
+            raise ValueError(f"phi_share={cfg.phi_share} with phi_ratio=0: phi_ratio 0 builds no Phi convolution, so "
+                             "phi_share would be saved and ignored; leave model.quantizer.phi_share out")  # fmt: skip
         if cfg.depth != 1:
             raise ValueError(f"a 'multiscale' quantizer has one code per token (depth 1), got depth={cfg.depth}")
         if cfg.lookup_dim not in (None, cfg.dim) or cfg.l2_norm or cfg.entropy_weight:
@@ -329,3 +334,9 @@ def _check_scales(patch_nums: tuple[int, ...], phi_ratio: float, phi_share: int)
         raise ValueError(f"phi_ratio (VAR's quant_resi) must be in [0, 1], got {phi_ratio}")
     if phi_share < 0:
         raise ValueError(f"phi_share must be >= 0 (0 = one Phi per scale), got {phi_share}")
+    # K scales use at most K of the shared convolutions (VAR's 4 shared ones are kept for fewer scales, as VAR
+    # builds them); more were built and never used, 10^8 of them until memory ran out.
+    most = max(len(patch_nums), VAR_PHI_SHARE)
+    if phi_share > most:
+        raise ValueError(f"phi_share {phi_share}: the {len(patch_nums)} scales of patch_nums {list(patch_nums)} use at "
+                         f"most {most} shared Phi convolutions; more would be built and never used")  # fmt: skip
