@@ -146,6 +146,12 @@ def test_a_var_transformer_file_takes_a_tokenizer_folder_or_names_what_the_token
     with pytest.raises(ValueError, match=f"the tokenizer {sources['llamagen_vq']} is not a VAR VQVAE but a LlamaGen "
                                          "VQ tokenizer: a VAR transformer .* decodes its codes with a multi-scale"):
         vqar.load_pretrained(sources["var_transformer"], tokenizer=sources["llamagen_vq"])
+    # A damaged VAR VQVAE shares a LlamaGen VQ's names, and was called one: its own error is said, as alone.
+    state = torch.load(sources["var_vqvae"], weights_only=True)
+    state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].clone().fill_(float("nan"))
+    torch.save(state, tmp_path / "damaged_vqvae.pth")
+    with pytest.raises(ValueError, match="damaged_vqvae.pth holds NaN or infinite values in 1 of its"):
+        vqar.load_pretrained(sources["var_transformer"], tokenizer=tmp_path / "damaged_vqvae.pth")
 
 
 def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_path):

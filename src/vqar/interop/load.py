@@ -303,10 +303,15 @@ def _load_file(path: Path, config, ema: bool, tokenizer, vqvae_scales=None) -> t
 
 
 def _is_llamagen_vq_file(path) -> bool:
+    """Whether `path` holds a LlamaGen VQ tokenizer, and not a VAR VQVAE, whose names it shares (a damaged VAR
+    VQVAE's own error was replaced by "a LlamaGen VQ tokenizer")."""
     if not isinstance(path, (str, Path)) or not Path(path).is_file():
         return False
     try:
-        return llamagen.looks_like_vq(llamagen.checkpoint_state(load_checkpoint(Path(path)), Path(path), False))
+        checkpoint = load_checkpoint(Path(path))
+        if var.is_var_vqvae_state(checkpoint):
+            return False
+        return llamagen.looks_like_vq(llamagen.checkpoint_state(checkpoint, Path(path), False))
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
 
