@@ -226,3 +226,18 @@ def test_smooth_images_depend_on_their_seed_and_index_not_the_batch():
         assert torch.equal(draw(model, conditions, settings, batch_size=batch_size).images, whole.images), batch_size
     plain = draw(model, conditions, SamplingSettings(seed=0, cfg_scale=2.0), batch_size=6)
     assert not torch.equal(plain.images, whole.images)  # the Gumbel mix is in the pictures
+
+
+def test_greedy_smooth_sampling_is_greedy_sampling():
+    """`--greedy --smooth` fed back a Gumbel mix of the unfiltered logits: neither greedy nor the same for two seeds.
+    VAR's greedy is top-k 1, whose smooth mix is the code taken: so are vqar's now."""
+    from vqar.sampling import SamplingSettings, draw, make_conditions
+
+    torch.manual_seed(0)
+    model = tiny_var()
+    model.tokenizer.decode = lambda codes, depth=None: codes.float()[:, None, None, :] / 32  # the codes as pictures
+    conditions = make_conditions(model, classes=[1, 2], n_per_condition=3)
+    greedy = draw(model, conditions, SamplingSettings(cfg_scale=2.0, greedy=True)).codes
+    for seed in (0, 1):
+        smooth = draw(model, conditions, SamplingSettings(seed=seed, cfg_scale=2.0, greedy=True, smooth=True))
+        assert torch.equal(smooth.codes, greedy), seed

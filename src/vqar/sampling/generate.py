@@ -191,7 +191,11 @@ def draw_block(calls, state, context: torch.Tensor, codes: torch.Tensor, block: 
         codes[:, block.positions, d] = pick(logits, f, run.settings.greedy, draws)
     if not decode:
         return context
-    mix = None if smooth is None else tuple(map(both_halves, smooth.next(logits, run.filters[-1], logits.shape[1])))
+    if smooth is None:
+        mix = None
+    else:  # greedy keeps the code it took alone, as VAR's greedy (top_k=1) does: else the mix drew other codes
+        taken = codes[:, block.positions, -1] if run.settings.greedy else None
+        mix = tuple(map(both_halves, smooth.next(logits, run.filters[-1], logits.shape[1], taken)))
     return calls.decode_block(both_halves(codes[:, block.positions]), block.start, state, mix)
 
 
@@ -239,9 +243,16 @@ class SmoothNoise:
         # the image's index in its run, not its row in this batch: else another batch size changed the pictures
         self.streams = [image_stream(seed, i, salt=1) for seed, i in zip(seeds.tolist(), index.tolist(), strict=True)]
 
-    def next(self, logits: torch.Tensor, f: DepthSettings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the filtered logits (B, n, K) the codes were drawn from, Gumbel noise -log(E), E ~ Exp(1))."""
-        filtered = filter_logits(logits.float(), *f)
+    def next(self, logits: torch.Tensor, f: DepthSettings, size: int,
+             taken: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(the filtered logits (B, n, K) the codes were drawn from, Gumbel noise -log(E), E ~ Exp(1)). With `taken`
+        (greedy's codes, (B, n)) only those are kept: the mix is then their vectors, whatever the noise."""
+        if taken is None:
+            filtered = filter_logits(logits.float(), *f)
+        else:
+            index = taken.unsqueeze(-1)
+            filtered = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+            filtered.scatter_(-1, index, logits.float().gather(-1, index))
         k = logits.shape[-1]
         gumbel = torch.stack([-torch.empty(size, k).exponential_(generator=g).log() for g in self.streams])
         return filtered, gumbel.to(self.device)
