@@ -239,6 +239,8 @@ def test_vqar_serve_command(class_run, tmp_path):
         _, err = process.communicate(timeout=30)
     assert "binding to 0.0.0.0" in err
     assert not list(scratch.rglob("*")), "vqar serve left temporary files behind"
+    # SIGTERM (terminate) ends it as it ends any command: status 143 and one line (it ended in silence)
+    assert process.returncode == 143 and err.endswith("vqar: interrupted\n"), (process.returncode, err[-300:])
 
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

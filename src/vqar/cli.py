@@ -29,6 +29,7 @@ from vqar.commands import MODULES
 from vqar.configs import ConfigError
 from vqar.parallel.runtime import (
     PeerFailed,
+    Terminated,
     end_with_the_launcher,
     first_to_say,
     launch_main,
@@ -158,10 +159,6 @@ def _quiet_pillow_size_warning() -> None:
 class StoppedByTheLauncher(BaseException):
     """torchrun's SIGTERM to the ranks still running once one has failed (raised like KeyboardInterrupt, past
     `except Exception`)."""
-
-
-class Terminated(BaseException):
-    """SIGTERM to a single process (a scheduler's, `kill`): stopped as Ctrl-C stops it, with status 143."""
 
 
 @contextlib.contextmanager

@@ -36,6 +36,11 @@ class PeerFailed(RuntimeError):
     prints nothing more for these (every rank would otherwise add a line, or a traceback, to the one that matters)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM to a single process (a scheduler's, `kill`): stopped as Ctrl-C stops it, with status 143 and the
+    same one line (raised by the command line's handler, and by serve's once its server has stopped)."""
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 

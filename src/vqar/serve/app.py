@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 from fastapi import FastAPI  # noqa: E402
 
+from vqar.parallel.runtime import Terminated  # noqa: E402
 from vqar.serve.engine import SamplingEngine  # noqa: E402
 
 log = logging.getLogger("vqar.serve")
@@ -62,7 +63,7 @@ def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path |
 
 
 def _exit_on_signal(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated  # ends as any command stopped by SIGTERM: status 143 and "vqar: interrupted"
 
 
 def is_loopback(host: str) -> bool:
@@ -105,7 +106,7 @@ def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, soc
         log.warning("binding to %s: anyone who can reach this machine on port %d can use the model (and its "
                     "CPU/GPU). Put it behind a proxy with authentication for shared networks.", host, port)  # fmt: skip
     # Zip downloads and anything Gradio stores go to one temporary folder, removed when the server stops. Uvicorn
-    # stops on SIGTERM and then raises the signal again: exiting through SystemExit lets the folder be removed.
+    # stops on SIGTERM and then raises the signal again: exiting through an exception lets the folder be removed.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with tempfile.TemporaryDirectory(prefix="vqar-serve-") as work:
         os.environ["GRADIO_TEMP_DIR"] = work
