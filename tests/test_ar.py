@@ -217,6 +217,27 @@ def test_a_resume_that_changes_the_model_is_refused_naming_the_setting(tiny_pipe
     assert run_cli([*resumed, "--out", str(run)], capsys)[0] == 0
 
 
+def test_a_run_resumed_with_its_preset_trains_on_the_codes_its_run_yaml_names(tiny_pipeline, tmp_path, capsys,
+                                                                              caplog):  # fmt: skip
+    """`vqar train ar rq-mnist --resume --out RUN` asked for codes=, which the preset leaves unset, although RUN's
+    run.yaml names its store; with the preset the run now resumes as the tokenizer stage does, saying what the
+    preset changes. A store given on the command line is still the one used."""
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
+             "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    resumed = ["train", "ar", "rq-mnist", "--resume", *TINY_AR, "steps=3", "sample.n_per_class=0", "--out", str(run)]
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        code, err = run_cli(resumed, capsys)
+    assert code == 0, err
+    assert f"resuming {run} with settings other than its run.yaml's: train.eval_every 2 -> 500" in caplog.text
+    assert f"codes: {tiny_pipeline / 'codes'}" in (run / "run.yaml").read_text()
+    code, err = run_cli([*resumed[:-2], "codes=/nonexistent/store", "--out", str(run)], capsys)
+    assert code == 2 and "/nonexistent/store" in err, err
+
+
 def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(tiny_pipeline, tmp_path, capsys,
                                                                                 caplog):  # fmt: skip
     """vqar used to accept npp.rate and the segment schedule's keys with npp.level=1, where they change nothing, and

@@ -45,6 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     if args.resume and preset_given and args.group == "ar" and (run_dir / "run.yaml").is_file():
         _check_same_architecture(run_dir / "run.yaml", overrides, preset)
+        overrides = [*overrides, *_the_runs_codes(run_dir / "run.yaml", overrides)]
     cfg = _load_run_config(args.group, preset, overrides)
     if args.resume and preset_given and launch_main():
         named = {cfg.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
@@ -111,6 +112,18 @@ def _say_changed_settings(run_dir: Path, run_yaml: str, named: set[str]) -> None
                if key in before and before[key] != value and key not in named]  # fmt: skip
     if changed:
         log.warning("resuming %s with settings other than its run.yaml's: %s", run_dir, ", ".join(changed))
+
+
+def _the_runs_codes(saved: Path, overrides) -> list[str]:
+    """`data.codes=STORE` of the run resumed with a preset, unless the overrides name a store: a preset leaves it
+    unset, so `vqar train ar PRESET --resume --out RUN` asked for codes= that RUN/run.yaml names."""
+    import yaml
+
+    from vqar.train.ar_config import ARRunConfig
+
+    named = {ARRunConfig.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
+    codes = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("codes")
+    return [] if "data.codes" in named or not codes else [f"data.codes={codes}"]
 
 
 def _check_same_architecture(saved: Path, overrides, preset: str | None = None) -> None:
