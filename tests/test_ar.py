@@ -238,6 +238,22 @@ def test_a_run_resumed_with_its_preset_trains_on_the_codes_its_run_yaml_names(ti
     assert code == 2 and "/nonexistent/store" in err, err
 
 
+def test_a_damaged_checkpoint_is_reported_once_on_resume(tiny_pipeline, tmp_path, capsys, caplog):
+    """Resuming an AR run whose newest checkpoint was damaged said "falling back to the previous one" twice: once
+    for the check of the resumed schedule, once for the restore."""
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=4", "train.eval_every=4",
+             "train.ckpt_every=2", "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
+    assert run_cli(train, capsys)[0] == 0
+    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(["train", "ar", "--resume", "steps=5", "--out", str(run)], capsys)[0] == 0
+    assert caplog.text.count("falling back to the previous one") == 1, caplog.text
+
+
 def test_a_run_whose_run_yaml_holds_npp_settings_that_went_unused_still_resumes(tiny_pipeline, tmp_path, capsys,
                                                                                 caplog):  # fmt: skip
     """vqar used to accept npp.rate and the segment schedule's keys with npp.level=1, where they change nothing, and

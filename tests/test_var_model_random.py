@@ -3,6 +3,8 @@ causal mask, smooth sampling, training, condition dropout, the tokenizers and se
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +158,10 @@ def test_needs_a_fitting_tokenizer():
         model.decode_block(codes[:, 5:14, None], 5, state)  # the last scale has no next one
     with pytest.raises(ValueError, match="code_shape"):
         VARConfig(code_shape=[13], patch_nums=[1, 2, 3]).validate()
+    # the setting at fault is named with its value ("need code_dim >= 1, mlp_ratio > 0 and drop_path_rate in [0, 1)")
+    for name, value, wanted in (("code_dim", 0, ">= 1"), ("drop_path_rate", 1.5, "in [0, 1)")):
+        with pytest.raises(ValueError, match=re.escape(f"model.{name} must be {wanted}") + f".*got {value}$"):
+            VARConfig(code_shape=[14], patch_nums=[1, 2, 3], **{name: value}).validate()
 
 
 def test_a_raster_model_refuses_a_multi_scale_tokenizer_before_drawing():

@@ -102,8 +102,10 @@ class VARConfig(ARConfig):
         super().validate()
         if self.text_length:
             raise ValueError("VAR is class-conditional or unconditional; captions are not supported")
-        if self.code_dim < 1 or self.mlp_ratio <= 0 or not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError("need code_dim >= 1, mlp_ratio > 0 and drop_path_rate in [0, 1)")
+        for name, ok, wanted in (("code_dim", self.code_dim >= 1, ">= 1"),
+                                 ("drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "in [0, 1)")):  # fmt: skip
+            if not ok:  # the one at fault, by name (all were listed, with mlp_ratio, which the base checks)
+                raise ValueError(f"model.{name} must be {wanted}, got {getattr(self, name)}")
         defaults = {f.name: f.default for f in fields(self)}
         for name, why in (("token_dropout_p", "drops no input codes"),
                           ("initializer_range", "takes the official scales, sqrt(1 / (3 dim))")):  # fmt: skip

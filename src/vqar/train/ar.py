@@ -302,7 +302,7 @@ def check_same_model(cfg: ARRunConfig, run_dir: Path) -> None:
     if trained:
         refuse_changed_model(run_dir, given, before, _model_defining)
     try:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = latest_checkpoint(run_dir, report=False)  # restoring reports a damaged one
         npp = NPPConfig(**trained.get("npp") or {})
         total = int(trained.get("train", {}).get("steps"))
     except (DamagedCheckpointsError, TypeError, ValueError, AttributeError):  # the trainer names what is wrong

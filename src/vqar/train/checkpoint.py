@@ -214,16 +214,18 @@ def _check_manifest(path: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint whose files match its manifest; damaged ones are reported and skipped. None when the
-    run has no checkpoint; `DamagedCheckpointsError` when it has some but none is intact."""
+def latest_checkpoint(run_dir: Path, report: bool = True) -> Checkpoint | None:
+    """The newest checkpoint whose files match its manifest; damaged ones are skipped, and reported unless a check
+    before the resume itself asks (`report=False`: it was said twice). None when the run has no checkpoint;
+    `DamagedCheckpointsError` when it has some but none is intact."""
     found = list_checkpoints(run_dir)
     problems = []
     for ckpt in reversed(found):
         problem = verify_checkpoint(ckpt.path)
         if problem is None:
             return ckpt
-        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt.path, problem)
+        if report:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt.path, problem)
         problems.append(f"{ckpt.path.name}: {problem}")
     if found:
         raise DamagedCheckpointsError(
