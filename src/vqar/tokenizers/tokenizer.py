@@ -94,8 +94,9 @@ class Tokenizer(nn.Module):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
             raise ValueError(f"{option} {size!r} is not a positive multiple of the tokenizer's downsampling factor "
                              f"{factor} (its resolution: {built})")  # fmt: skip
-        if size != built and (self.layout == "scales" or self.cfg.arch == "vit"):
-            kind = "multi-scale (VAR)" if self.layout == "scales" else "ViT"
+        pair = backbone(self.cfg.arch)
+        if size != built and (self.layout == "scales" or pair.own_size_only):
+            kind = "multi-scale (VAR)" if self.layout == "scales" else pair.label
             raise ValueError(f"{option} {size}: a {kind} tokenizer encodes images of its own size only ({built})")
 
     @property
