@@ -131,7 +131,8 @@ def test_two_process_stats_match_one_process(image_sets, tmp_path, scratch):
     assert runs[2].keys() == runs[1].keys() == {"mu", "sigma", "features", "arr_0", "resize", "inception"}
     assert runs[2]["features"].shape == (IMAGES, 2048)
     with np.load(image_sets / "real.npz") as real:
-        np.testing.assert_array_equal(runs[2]["arr_0"], real["arr_0"])  # every image once, in order
+        # every image once, in order (grey, so stored as RGB: ADM's layout)
+        np.testing.assert_array_equal(runs[2]["arr_0"], np.repeat(real["arr_0"], 3, axis=3))
     for key in ("resize", "inception"):  # how the features were made, recorded alike
         assert str(runs[2].pop(key)) == str(runs[1].pop(key)), key
     for key in runs[1]:
