@@ -130,14 +130,14 @@ class Codebook(nn.Module):
         does with `items`), called only when there are dead codes: a multi-scale quantizer draws a pool with every
         scale equally represented, so that the few vectors of its coarse scales get codes too."""
         # A non-finite row (one NaN latent of an overflowing step) is left out: in the running sums it would poison
-        # the codebook for good, while the training loop skips that step. Masked rather than dropped, so no sync.
+        # the codebook for good, while the training loop skips that step. Its code is sent to an extra slot that
+        # is then dropped: no sync, and no pass over the vectors.
         x = x.float()
-        finite = x.isfinite().all(dim=1)
-        counts = torch.bincount(codes, weights=finite.float(), minlength=self.size).float()  # (int64 when empty)
+        slots = torch.where(_finite_row_mask(x), codes, self.size)
+        counts = torch.bincount(slots, minlength=self.size + 1)[: self.size].float()
         sums = None
         if self.ema:
-            sums = torch.zeros(self.size, self.dim, device=x.device)
-            sums.index_add_(0, codes, torch.where(finite.unsqueeze(1), x, 0.0))
+            sums = torch.zeros(self.size + 1, self.dim, device=x.device).index_add_(0, slots, x)[: self.size]
         sync.all_reduce_sum_(*(t for t in (counts, sums) if t is not None))
 
         self.cluster_size_ema.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -170,9 +170,17 @@ class Codebook(nn.Module):
         self.cluster_size_ema.copy_(torch.where(dead, torch.ones_like(self.cluster_size_ema), self.cluster_size_ema))
 
 
+def _finite_row_mask(x: torch.Tensor) -> torch.Tensor:
+    """Whether each row of `x` (N, dim) is free of NaN and infinity: a row's sum is NaN or infinite exactly then
+    (latents do not reach 1e37), at a tenth of the cost of `isfinite().all(dim=1)` on a CPU."""
+    return x.sum(dim=1).isfinite()
+
+
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """The rows of `x` (N, dim) without a NaN or infinity: what codes may be initialised or restarted from."""
-    return x[x.isfinite().all(dim=1)]
+    """The rows of `x` (N, dim) without a NaN or infinity: what codes may be initialised or restarted from. (Called
+    where the caller waits on the device anyway; all rows finite, the usual case, costs no copy.)"""
+    finite = _finite_row_mask(x)
+    return x if bool(finite.all()) else x[finite]
 
 
 def code_statistics(codes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
