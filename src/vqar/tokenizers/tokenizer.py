@@ -9,6 +9,7 @@ by `arch` (`vqar.tokenizers.registry`), the quantizer by `quantizer.kind` (`vqar
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +92,7 @@ class Tokenizer(nn.Module):
         """ValueError for a square image size this tokenizer cannot encode, naming it as `option` (`--image-size`),
         so that a command refuses it before reading any image (encoding would, naming latents)."""
         built, factor = self.image_size, self.downsample_factor
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size % factor:
             raise ValueError(f"{option} {size!r} is not a positive multiple of the tokenizer's downsampling factor "
                              f"{factor} (its resolution: {built})")  # fmt: skip
         pair = backbone(self.cfg.arch)
@@ -133,7 +134,7 @@ class Tokenizer(nn.Module):
         if image_size is None:
             image_size = self.image_size
         self.check_image_size(image_size)
-        return self.quantizer.code_shape(image_size // self.downsample_factor)
+        return self.quantizer.code_shape(int(image_size) // self.downsample_factor)
 
     def code_vectors(self) -> torch.Tensor:
         """The code vectors (books, K, dim) that codes stand for: one codebook, or one per depth when a residual
