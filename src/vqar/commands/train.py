@@ -45,11 +45,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"name a preset (one of: {', '.join(preset_names(args.group))}) or a YAML file")
     if args.resume and preset_given and args.group == "ar" and (run_dir / "run.yaml").is_file():
         _check_same_architecture(run_dir / "run.yaml", overrides, preset)
-        overrides = [*overrides, *_the_runs_codes(run_dir / "run.yaml", overrides)]
+        overrides = [*overrides, *_the_runs_codes(run_dir, overrides)]
     cfg = _load_run_config(args.group, preset, overrides)
     if args.resume and preset_given and launch_main():
-        named = {cfg.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
-        _say_changed_settings(run_dir, to_yaml(cfg), named)
+        _say_changed_settings(run_dir, to_yaml(cfg), _named_settings(overrides, cfg.ALIASES))
     if args.group == "tokenizer":
         from vqar.train.tokenizer import train_tokenizer as train
     else:
@@ -114,16 +113,21 @@ def _say_changed_settings(run_dir: Path, run_yaml: str, named: set[str]) -> None
         log.warning("resuming %s with settings other than its run.yaml's: %s", run_dir, ", ".join(changed))
 
 
-def _the_runs_codes(saved: Path, overrides) -> list[str]:
+def _named_settings(overrides, aliases: dict[str, str]) -> set[str]:
+    """The settings the command line's `key=value` overrides name, shorthands (`codes=`) spelled out."""
+    return {aliases.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
+
+
+def _the_runs_codes(run_dir: Path, overrides) -> list[str]:
     """`data.codes=STORE` of the run resumed with a preset, unless the overrides name a store: a preset leaves it
     unset, so `vqar train ar PRESET --resume --out RUN` asked for codes= that RUN/run.yaml names."""
-    import yaml
-
     from vqar.train.ar_config import ARRunConfig
+    from vqar.train.checkpoint import trained_settings
 
-    named = {ARRunConfig.ALIASES.get(key, key) for key in (item.partition("=")[0] for item in overrides)}
-    codes = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("codes")
-    return [] if "data.codes" in named or not codes else [f"data.codes={codes}"]
+    data = trained_settings(run_dir).get("data")
+    codes = data.get("codes") if isinstance(data, dict) else None
+    given = "data.codes" in _named_settings(overrides, ARRunConfig.ALIASES)
+    return [] if given or not codes else [f"data.codes={codes}"]
 
 
 def _check_same_architecture(saved: Path, overrides, preset: str | None = None) -> None:

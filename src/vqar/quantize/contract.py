@@ -108,10 +108,9 @@ def in_float32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     bf16 pick wrong codes), so a layer of theirs cast with the model (`.to(torch.bfloat16)`, `vqar sample
     --precision bf16` on a GPU) would meet float32 inputs: its weights are used in float32 instead."""
     x = x.float()
-    params = dict(layer.named_parameters())
-    if all(param.dtype == torch.float32 for param in params.values()):
+    if all(param.dtype == torch.float32 for param in layer.parameters()):  # the usual case: no copies
         return layer(x)
-    return torch.func.functional_call(layer, {name: param.float() for name, param in params.items()}, (x,))
+    return torch.func.functional_call(layer, {name: param.float() for name, param in layer.named_parameters()}, (x,))
 
 
 def _integer_depth(depth, levels: int) -> int:
