@@ -163,12 +163,13 @@ def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_pat
         state[name] = state[name].clone()
         state[name][0, 0] = float("nan") if kind == "var_transformer" else float("inf")
         torch.save(state, tmp_path / f"bad_{kind}.pth")
-        with pytest.raises(ValueError, match=f"bad_{kind}.pth holds NaN or infinite values"):
+        # Named as the file names it (vqar calls VAR's head.weight output.weight): what a user finds in the file.
+        with pytest.raises(ValueError, match=rf"bad_{kind}.pth holds NaN or infinite values .*\(the first: {name}\)"):
             vqar.load_pretrained(tmp_path / f"bad_{kind}.pth")
     checkpoint = torch.load(sources["llamagen_vq"], weights_only=True)
     checkpoint["model"]["quantize.embedding.weight"][1, 1] = float("nan")
     torch.save(checkpoint, tmp_path / "bad_vq.pt")
-    with pytest.raises(ValueError, match="bad_vq.pt holds NaN or infinite values"):
+    with pytest.raises(ValueError, match=r"bad_vq.pt holds NaN .*first: quantize.embedding.weight\)"):
         vqar.load_pretrained(tmp_path / "bad_vq.pt", config={"preset": "VQ-16", "codebook_size": 16,
                              "codebook_embed_dim": 4, "ch": 32, "z_channels": 8, "encoder_ch_mult": [1, 2],
                              "decoder_ch_mult": [1, 2], "image_size": 16})  # fmt: skip

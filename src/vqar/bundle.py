@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -299,13 +300,15 @@ def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
 
 
-def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+def check_finite(weights: dict[str, torch.Tensor], path: str | Path,
+                 name_in_file: Callable[[str], str] = str) -> None:  # fmt: skip
     """ValueError naming `path` where a weight is NaN or infinite: such a model samples NaN logits and, silently,
-    meaningless codes (a damaged file, or a run that diverged before it was saved)."""
+    meaningless codes (a damaged file, or a run that diverged before it was saved). `name_in_file` turns a key of
+    `weights` into the name the file gives it, for files whose names were mapped to vqar's."""
     bad = nonfinite_tensors(weights)
     if bad:
         raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} of its {len(weights)} tensors (the "
-                         f"first: {bad[0]}): the file is damaged, or its run diverged")  # fmt: skip
+                         f"first: {name_in_file(bad[0])}): the file is damaged, or its run diverged")  # fmt: skip
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -207,10 +207,10 @@ def convert_vq_state(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
 def build_vq(state: dict[str, torch.Tensor], config, source: str) -> Tokenizer:
     cfg = vq_config(config)
     model = Tokenizer(cfg)
-    state = convert_vq_state(state, len(cfg.conv.ch_mult))
+    ours = convert_vq_state(state, len(cfg.conv.ch_mult))
     for key in ("quantizer.codebook.cluster_size_ema", "quantizer.codebook.initialized"):
-        state.setdefault(key, model.state_dict()[key])
-    load_into(model, state, source)
+        ours.setdefault(key, model.state_dict()[key])
+    load_into(model, ours, source, file_state=state)
     return model.eval()
 
 
@@ -242,8 +242,8 @@ GPT_NAMES = StateDictAdapter([("cls_embedding.", "cond_embedding.")])
 
 def build_gpt(state: dict[str, torch.Tensor], config, source: str) -> GPT:
     cfg = gpt_config(config, state)
-    state = GPT_NAMES.from_upstream(state)
-    model = build_fitting(lambda: GPT(cfg), state, source, ignore=("freqs_cis", "causal_mask", "k_cache", "v_cache"))
+    ignore = ("freqs_cis", "causal_mask", "k_cache", "v_cache")
+    model = build_fitting(lambda: GPT(cfg), GPT_NAMES.from_upstream(state), source, ignore, file_state=state)
     return model.eval()
 
 

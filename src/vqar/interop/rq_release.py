@@ -109,7 +109,7 @@ def load_rqvae(folder: Path, ema: bool = False) -> Tokenizer:
     cfg = tokenizer_config(arch, folder / CONFIG_FILE)
     model = Tokenizer(cfg)
     state = _state_dict(folder / WEIGHTS_FILE, ema)
-    load_into(model, convert_rqvae_state(state, cfg), str(folder / WEIGHTS_FILE))
+    load_into(model, convert_rqvae_state(state, cfg), str(folder / WEIGHTS_FILE), file_state=state)
     return model.eval()
 
 
@@ -203,9 +203,10 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
             f"in {folder} (codebook size {cfg.vocab_size}, code dim {cfg.code_dim}, depth {cfg.depth})"
         )
     cfg.shared_codebook = books.shape[0] == 1
-    state = RQ_TRANSFORMER_NAMES.from_upstream(_state_dict(folder / WEIGHTS_FILE, ema))
+    file_state = _state_dict(folder / WEIGHTS_FILE, ema)
+    state = RQ_TRANSFORMER_NAMES.from_upstream(file_state)
     state["code_embeddings"] = books.detach().float()  # the model embeds codes with its tokenizer's vectors
-    model = build_fitting(lambda: RQTransformer(cfg), state, str(folder / WEIGHTS_FILE))
+    model = build_fitting(lambda: RQTransformer(cfg), state, str(folder / WEIGHTS_FILE), file_state=file_state)
     model.attach(tokenizer.eval())
     if cfg.text_length:
         attach_release_text_tokenizer(model, folder)

@@ -60,7 +60,8 @@ SELF_DESCRIBED_HINT = ("Its architecture is read off its own weights, which disa
 
 
 def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str,
-                  ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT) -> nn.Module:  # fmt: skip
+                  ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT,
+                  file_state: dict[str, torch.Tensor] | None = None) -> nn.Module:  # fmt: skip
     """`make()` with `state` loaded (see `load_into`), after checking on a model built on the meta device that the
     state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated. `hint`
     closes the error of a state that does not fit: what to check."""
@@ -68,19 +69,33 @@ def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor],
     with bounded_meta_build(2 * len(state) + 256, f"and {source} holds {len(state)}: check the configuration"):
         check_fits(make().state_dict(), state, source, ignore, hint)
     model = make()
-    load_into(model, state, source, ignore, hint)
+    load_into(model, state, source, ignore, hint, file_state)
     return model
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = (),
-              hint: str = CONFIG_HINT) -> None:  # fmt: skip
+              hint: str = CONFIG_HINT, file_state: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """Copies `state` into `model`; every parameter and persistent buffer must be present with its shape.
-    Keys ending in one of `ignore` are training-only statistics that the model may lack."""
+    Keys ending in one of `ignore` are training-only statistics that the model may lack. `file_state` is the
+    state as the file names it, where `state` was renamed from it: errors about a weight's values use its names."""
     own = model.state_dict()
     check_fits(own, state, source, ignore, hint)
     weights = {k: state[k] for k in own}
-    check_finite(weights, source)  # as for vqar's own folders: NaN weights would sample meaningless codes
+    # As for vqar's own folders: NaN weights would sample meaningless codes.
+    check_finite(weights, source, lambda key: name_in_file(weights[key], file_state, key))
     model.load_state_dict(weights, strict=True)
+
+
+def name_in_file(tensor: torch.Tensor, file_state: dict[str, torch.Tensor] | None, ours: str) -> str:
+    """The name under which `file_state` holds `tensor` (itself or a view into it, such as one of q, k, v split
+    off a fused projection): a user looking into the file finds that name, not vqar's."""
+    if file_state is not None:
+        start, storage = tensor.data_ptr(), tensor.untyped_storage().data_ptr()
+        for name, held in file_state.items():
+            same_storage = held.untyped_storage().data_ptr() == storage
+            if same_storage and held.data_ptr() <= start < held.data_ptr() + held.numel() * held.element_size():
+                return name
+    return ours if file_state is None else f"{ours}, as vqar names it"
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,

@@ -177,7 +177,7 @@ def load_var_vqvae(path_or_state, patch_nums: Sequence[int] | None = None, *, ph
     # Training statistics of vqar's codebook that the official file has no counterpart of.
     ours["quantizer.codebook.cluster_size_ema"] = torch.zeros(cfg.quantizer.codebook_size)
     ours["quantizer.codebook.initialized"] = torch.tensor(True)
-    return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT).eval()
+    return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT, file_state=state).eval()
 
 
 def _not_vqvae(state: dict, source: str) -> str:

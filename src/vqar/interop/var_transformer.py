@@ -121,7 +121,8 @@ def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None 
         overrides["num_classes"] = num_classes
     cfg = var_transformer_config(state, source, **overrides)
     ours = VAR_NAMES.from_upstream(state)
-    model = build_fitting(lambda: VAR(cfg), ours, source, ignore=VAR_BUFFERS, hint=SELF_DESCRIBED_HINT)
+    model = build_fitting(lambda: VAR(cfg), ours, source, ignore=VAR_BUFFERS, hint=SELF_DESCRIBED_HINT,
+                          file_state=state)  # fmt: skip
     if tokenizer is not None:
         model.attach(tokenizer)
     return model.eval()
