@@ -148,6 +148,13 @@ def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_set
                                      f"{trained}, whose checkpoints hold that model's weights; leave {key} out, or "
                                      "start a new run in another --out\n"), err  # fmt: skip
         assert file_contents(run) == before
+    # With a preset, a change of the model is refused before the preset's other settings are warned of.
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        code, err = run_cli(["train", "tokenizer", "--resume", "rqvae-mnist", *TINY_RUN, "d=2", "--out", str(run)],
+                            capsys)  # fmt: skip
+    assert code == 2 and "model.quantizer.depth=2 differs from the run's" in err, err
+    assert "settings other than" not in caplog.text
+    assert file_contents(run) == before
     # The settings of the backbone not in use would do nothing: refused, as for a new run.
     code, err = run_cli(["train", "tokenizer", "--resume", "model.vit.patch_size=4", "--out", str(run)], capsys)
     assert code == 2 and "model.vit.patch_size=4 shapes the vit backbone, which model.arch=conv does not" in err, err

@@ -24,6 +24,14 @@ def _load_run_config(group: str, preset, overrides):
     return load_run_config(preset, overrides)
 
 
+def _check_same_model(group: str, cfg, run_dir: Path) -> None:
+    if group == "tokenizer":
+        from vqar.train.tokenizer import check_same_model
+    else:
+        from vqar.train.ar import check_same_model
+    check_same_model(cfg, run_dir)
+
+
 def run_train(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
     run_dir = Path(args.out)
@@ -48,6 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
         overrides = [*overrides, *_the_runs_codes(run_dir, overrides)]
     cfg = _load_run_config(args.group, preset, overrides)
     if args.resume and preset_given and launch_main():
+        _check_same_model(args.group, cfg, run_dir)  # the refusal of a changed model comes first, alone
         _say_changed_settings(run_dir, to_yaml(cfg), _named_settings(overrides, cfg.ALIASES))
     if args.group == "tokenizer":
         from vqar.train.tokenizer import train_tokenizer as train
