@@ -90,13 +90,20 @@ def headless_chromium():
             browser.close()
 
 
+def open_page(page, url: str) -> None:
+    """Loads the page until its Generate button is there. Not "network idle": the page keeps a heartbeat
+    connection open (Gradio's, for the per-visitor state the page holds)."""
+    page.goto(url)
+    page.locator("#generate").wait_for(timeout=60_000)
+
+
 def test_page_generates_in_a_real_browser(server, client):
     with headless_chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server, wait_until="networkidle")
+        open_page(page, server)
         page.locator("#class input").click()
         page.get_by_role("option", name="7", exact=True).click()
-        page.locator("#seed input").fill("11")
+        page.locator("#seed textarea, #seed input").first.fill("11")
         page.locator("#n input[type=number]").fill("3")
         page.locator("#n input[type=number]").press("Enter")
 
@@ -128,7 +135,7 @@ def test_closing_the_page_while_its_request_waits_stops_its_drawing(server, engi
     first batch."""
     with headless_chromium() as browser:
         page = browser.new_page()
-        page.goto(server, wait_until="networkidle")
+        open_page(page, server)
         runs, abandoned = engine.model_runs, engine.abandoned
         with engine._lock:  # the worker takes the page's request and waits for the model while the page closes
             page.locator("#generate").click()
@@ -168,5 +175,42 @@ def test_page_settings_parse_one_value_or_one_per_depth():
     assert _or_default(parse_setting("0", float, 4, "temperature"), 1.0) == 0.0  # refused later, not defaulted
     with pytest.raises(RequestError, match="not a number"):
         parse_setting("high", float, 4, "temperature")
+    with pytest.raises(RequestError, match=r"^top-k: '1.5' is not an integer \(or one per depth"):
+        parse_setting("1.5", int, 4, "top-k")
     with pytest.raises(RequestError, match="one code per position"):
         parse_setting("1,2", int, 1, "top-k")
+
+
+def test_the_page_reads_a_seed_exactly():
+    """The seed box was a number box, a JavaScript float: seeds above 2^53 were rounded, so the page drew other
+    images than the API for the same seed, and 2^63 - 1, the largest the API takes, was refused as 2^63."""
+    from vqar.serve.ui import parse_seed
+
+    assert parse_seed(" 9223372036854775807 ") == 2**63 - 1
+    assert parse_seed(str(2**53 + 1)) == 2**53 + 1
+    assert parse_seed("") == 0
+    with pytest.raises(RequestError, match=r"^seed: '1e3' is not an integer$"):
+        parse_seed("1e3")
+
+
+def test_pages_share_the_engine_s_queue_and_count_their_own_runs(server, engine, capfd):
+    """Gradio ran one page event at a time: a second page's request waited in Gradio's own queue, unbounded by
+    --max-queue and never batched with others, while the first was drawn. Now both reach the engine's queue. Each
+    page counts its own runs (the count was shared by every visitor), and a mistake typed on the page is shown
+    there without a traceback in the server's log."""
+    with headless_chromium() as browser:
+        pages = [browser.new_page() for _ in range(2)]
+        for page in pages:
+            open_page(page, server)
+        with engine._lock:  # the worker takes the first page's request and waits for the model
+            pages[0].locator("#generate").click()
+            _wait_until_taken(engine)
+            pages[1].locator("#generate").click()
+            _wait_for(lambda: engine.jobs.qsize() == 1, "the second page's request did not reach the engine's queue")
+        for page in pages:
+            page.get_by_text("Run 1: 4 images").wait_for(timeout=120_000)
+        pages[1].locator("#top_k textarea, #top_k input").first.fill("abc")
+        capfd.readouterr()
+        pages[1].locator("#generate").click()
+        pages[1].get_by_text("top-k: 'abc' is not an integer").first.wait_for(timeout=60_000)
+        assert "Traceback" not in capfd.readouterr().err

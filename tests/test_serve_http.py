@@ -104,6 +104,10 @@ def test_a_body_not_sent_as_json_is_a_415_that_says_so(client, content_type):
     assert answer.status_code == 415
     assert answer.json()["detail"].startswith(f"the body is sent as {content_type}: send the parameters as a JSON")
     assert "content-type: application/json" in answer.json()["detail"]
+    # No content-type at all (`curl -H 'content-type:'`, a hand-written client) was a 422 about a dictionary.
+    answer = client.post("/generate", content='{"class_id": 1, "n": 1}', headers={"content-type": ""})
+    assert answer.status_code == 415, answer.text
+    assert answer.json()["detail"].startswith("the body is sent without a content-type: send the parameters as")
     vendor_json = {"content-type": "application/vnd.api+json; charset=utf-8"}  # JSON by another name is read
     assert client.post("/generate", content='{"class_id": 1, "n": 1}', headers=vendor_json).status_code == 200
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 MODEL_HELP = "an AR run directory, vqar model folder, RQ release folder, LlamaGen .pt, VAR .pth or Hub repo id"
@@ -33,8 +34,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> 
 def add_speed_options(parser: argparse.ArgumentParser, compile_note: str = "") -> None:
     """--precision and --compile, for the commands that sample; `compile_note` ends --compile's help."""
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16: bf16 weights and KV cache on CUDA, bf16 autocast on a CPU (logits sampled in "
-                        "float32 either way)")  # fmt: skip
+                        help="default fp32; bf16: bf16 weights and KV cache on CUDA, bf16 autocast on a CPU (logits "
+                        "sampled in float32 either way; slow on CPUs without AVX-512 bf16)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step (torch.compile; CUDA graphs on CUDA): the same images, faster "
                         f"once compiled; falls back to eager with a warning if compilation fails{compile_note}")
@@ -94,6 +95,17 @@ def non_negative_int(text: str) -> int:
     value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 

@@ -11,6 +11,7 @@ from vqar.commands.common import (
     add_model_options,
     add_speed_options,
     load_ar_model,
+    non_negative_float,
     positive_int,
 )
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         engine = SamplingEngine(model, max_images=args.max_images, max_queue=args.max_queue,
                                 max_batch=args.max_batch, class_names=names, compile=args.compile,
                                 precision=args.precision)  # fmt: skip
-        serve(engine, host=args.host, port=args.port, sock=sock)
+        serve(engine, host=args.host, port=args.port, sock=sock, grace=args.shutdown_grace)
     finally:
         sock.close()
     return 0
@@ -86,12 +87,16 @@ def read_class_names(path: str) -> list[str]:
 
 def _check_memory(args: argparse.Namespace, model) -> None:
     """Refuses (one line) a --max-images whose images cannot be held: a request keeps all of them in memory, as
-    float32, until its answer is encoded, so one request could otherwise take all the machine's memory."""
+    float32, until its answer is encoded (and, asked coarse to fine, each image once more per level), so one
+    request could otherwise take all the machine's memory."""
     from vqar.utils.memory import check_memory, human_bytes, sample_bytes
 
-    each = sample_bytes(model)
+    levels = getattr(model.tokenizer, "levels", 1)
+    # A request may ask for each image decoded coarse to fine too: one more image per level.
+    each = sample_bytes(model) * (1 + (levels if levels > 1 else 0))
+    ladder = f" with their {levels} coarse-to-fine decodes" if levels > 1 else ""
     check_memory(args.max_images * each, f"--max-images {args.max_images}: a request of {args.max_images} images "
-                 f"of {human_bytes(each)} each", "lower --max-images")  # fmt: skip
+                 f"of {human_bytes(each)} each{ladder}", "lower --max-images")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,9 +106,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; any other address prints a warning")
     serve.add_argument("--port", type=port_number, default=7860, help="default 7860 (0: any free port)")
     add_device_option(serve)
-    serve.add_argument("--max-images", type=positive_int, default=16, help="images per request (more: HTTP 413)")
-    serve.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting at once (more: HTTP 429)")
-    serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run")
+    serve.add_argument("--max-images", type=positive_int, default=16,
+                       help="images per request, default 16 (more: HTTP 413)")  # fmt: skip
+    serve.add_argument("--max-queue", type=positive_int, default=32,
+                       help="requests waiting at once, default 32 (more: HTTP 429)")  # fmt: skip
+    serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run, default 64")
+    serve.add_argument("--shutdown-grace", type=non_negative_float, default=10.0, metavar="SECONDS",
+                       help="stopped (Ctrl-C, SIGTERM), the server answers the requests still queued 503 at once and "
+                       "gives those being drawn this long before they are answered 503 too; default 10")  # fmt: skip
     add_speed_options(serve, ". The server compiles the default settings at start (with and without guidance, "
                       "and the speculative window); a request with a temperature other than 1, top-k, top-p "
                       "or greedy decoding compiles its graphs once, when first asked for")

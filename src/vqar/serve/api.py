@@ -5,7 +5,8 @@
     POST /generate   JSON parameters -> {"images": [base64 PNG, ...], ...}, or a zip of PNGs with "format": "zip"
 
 Invalid parameters, and a setting that would do nothing (`cfg_interval` without a `cfg_scale` above 1, say) are
-answered 422 with the reason, more images than the server allows 413, a full queue 429,
+answered 422 with the reason, more images than the server allows 413, a full queue 429, a request still waiting
+when the server begins to stop 503,
 a body that is not sent as JSON (content-type) 415, a body over MAX_BODY_BYTES 413 before it is read (`middleware`).
 """
 
@@ -21,6 +22,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from vqar.sampling import SamplingSettings
 from vqar.sampling.settings import check_settings_apply
-from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
+from vqar.serve.engine import SHUTTING_DOWN, GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
 SETTINGS_FIELDS = [f.name for f in dataclasses.fields(SamplingSettings)]
@@ -97,9 +99,11 @@ def validation_error(request, error: RequestValidationError) -> JSONResponse:
     A body sent as something else than JSON (`curl -d` without `-H`: a form) is a 415 that says so; FastAPI does
     not read it as JSON, and the 422 would say only that the body is not an object."""
     content_type = request.headers.get("content-type")
-    if content_type and not is_json(content_type):
-        message = (f"the body is sent as {content_type.split(';')[0]}: send the parameters as a JSON object with "
-                   "the header 'content-type: application/json'")  # fmt: skip
+    body_unread = any(tuple(problem.get("loc", ())) == ("body",) for problem in error.errors())
+    if (content_type and not is_json(content_type)) or (not content_type and body_unread):
+        sent = f"as {content_type.split(';')[0]}" if content_type else "without a content-type"
+        message = (f"the body is sent {sent}: send the parameters as a JSON object with the header 'content-type: "
+                   "application/json'")  # fmt: skip
         return JSONResponse({"detail": message}, status_code=415)
     detail = [{key: problem[key] for key in ("loc", "msg", "type") if key in problem} for problem in error.errors()]
     return JSONResponse({"detail": detail[:20]}, status_code=422)
@@ -142,33 +146,43 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
             raise HTTPException(status_code=err.status, detail=str(err)) from None
         except ValueError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
-        result = await _result_while_connected(engine, future, request, timeout)
+        try:
+            result = await _result_while_connected(engine, future, request, timeout)
+        except RequestError as err:  # a request still waiting when the server began to shut down: 503
+            raise HTTPException(status_code=err.status, detail=str(err)) from None
         if result is None:  # nobody is left to read an answer
             return Response(status_code=499)
-        pngs = images_as_png(result.images)
-        if body.format == "zip":
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w") as archive:
-                for i, data in enumerate(pngs):
-                    archive.writestr(f"image_{i:03d}.png", data)
-                for d, level in enumerate(result.coarse_to_fine or [], start=1):
-                    for i, data in enumerate(images_as_png(level)):
-                        archive.writestr(f"coarse_to_fine/image_{i:03d}_level{d}.png", data)
-            headers = {"Content-Disposition": 'attachment; filename="samples.zip"'}
-            return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
-        answer = {
-            "images": [base64.b64encode(data).decode() for data in pngs],
-            "seconds": result.seconds,
-            "batched_with": result.batched_with,
-            "calls_per_image": result.calls_per_image,
-            "acceptance_rate": result.acceptance_rate,
-        }
-        if result.coarse_to_fine is not None:
-            answer["coarse_to_fine"] = [[base64.b64encode(d).decode() for d in images_as_png(level)]
-                                        for level in result.coarse_to_fine]  # fmt: skip
-        return answer
+        # Encoding thousands of PNGs takes seconds: in a worker thread, the event loop goes on answering /health
+        # and noticing other clients that hang up.
+        return await run_in_threadpool(_answer, result, body.format)
 
     return router
+
+
+def _answer(result, answer_format: str) -> Response | dict:
+    """The answer to /generate: a zip of PNGs, or JSON with the images as base64 PNGs."""
+    pngs = images_as_png(result.images)
+    if answer_format == "zip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for i, data in enumerate(pngs):
+                archive.writestr(f"image_{i:03d}.png", data)
+            for d, level in enumerate(result.coarse_to_fine or [], start=1):
+                for i, data in enumerate(images_as_png(level)):
+                    archive.writestr(f"coarse_to_fine/image_{i:03d}_level{d}.png", data)
+        headers = {"Content-Disposition": 'attachment; filename="samples.zip"'}
+        return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
+    answer = {
+        "images": [base64.b64encode(data).decode() for data in pngs],
+        "seconds": result.seconds,
+        "batched_with": result.batched_with,
+        "calls_per_image": result.calls_per_image,
+        "acceptance_rate": result.acceptance_rate,
+    }
+    if result.coarse_to_fine is not None:
+        answer["coarse_to_fine"] = [[base64.b64encode(d).decode() for d in images_as_png(level)]
+                                    for level in result.coarse_to_fine]  # fmt: skip
+    return answer
 
 
 async def _result_while_connected(engine: SamplingEngine, future, request: Request, timeout: float):
@@ -177,17 +191,21 @@ async def _result_while_connected(engine: SamplingEngine, future, request: Reque
     the timeout's 504) is abandoned, which stops its drawing."""
     waiting = asyncio.wrap_future(future)
     deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        left = deadline - asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait({waiting}, timeout=max(0.0, min(HANG_UP_POLL_SECONDS, left)))
-        if done:
-            return waiting.result()
-        if await request.is_disconnected():
-            engine.abandon(future)
-            return None
-        if left <= 0:
-            engine.abandon(future)
-            raise HTTPException(status_code=504, detail=f"sampling took longer than {timeout:.0f} s")
+    try:
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, min(HANG_UP_POLL_SECONDS, left)))
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                engine.abandon(future)
+                return None
+            if left <= 0:
+                engine.abandon(future)
+                raise HTTPException(status_code=504, detail=f"sampling took longer than {timeout:.0f} s")
+    except asyncio.CancelledError:  # the server is forced to stop (a second Ctrl-C): its images are not drawn
+        engine.abandon(future)
+        raise HTTPException(status_code=503, detail=SHUTTING_DOWN) from None  # the answer, not uvicorn's 500
 
 
 def decode_png(text: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a model server
 
+import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from vqar.parallel.runtime import Terminated  # noqa: E402
@@ -22,6 +23,7 @@ from vqar.serve.engine import SamplingEngine  # noqa: E402
 log = logging.getLogger("vqar.serve")
 
 MAX_UPLOAD_BYTES = 1024
+SHUTDOWN_GRACE = 10.0  # seconds a stopping server gives the requests it is drawing (Docker's stop waits 10 s)
 
 
 def class_names_for(model_path: str | Path) -> list[str] | None:
@@ -62,6 +64,21 @@ def build_app(engine: SamplingEngine, *, ui: bool = True, work_dir: str | Path |
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C or SIGTERM also shuts the engine down at once (`SamplingEngine.shut_down`):
+    the requests still queued are answered 503 then, not drawn one after another while the server waits for their
+    connections to end (which it does before any shutdown hook runs), and the round being drawn has `grace`
+    seconds."""
+
+    def __init__(self, config: uvicorn.Config, engine: SamplingEngine, grace: float):
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.shut_down(self.grace)
+        super().handle_exit(sig, frame)
+
+
 def _exit_on_signal(signum, frame) -> None:
     raise Terminated  # ends as any command stopped by SIGTERM: status 143 and "vqar: interrupted"
 
@@ -96,10 +113,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, sock: socket.socket | None = None) -> None:
-    """Runs the server until it is stopped; `sock` is a socket from `listen(host, port)` (else one is bound here)."""
-    import uvicorn
+def server_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"  # IPv6 addresses in brackets
 
+
+def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, sock: socket.socket | None = None,
+          grace: float = SHUTDOWN_GRACE) -> None:  # fmt: skip
+    """Runs the server until it is stopped; `sock` is a socket from `listen(host, port)` (else one is bound here).
+    Stopped, it gives the requests being drawn `grace` seconds (see `SamplingEngine.shut_down`)."""
     sock = sock or listen(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     if not is_loopback(host):
@@ -111,9 +132,10 @@ def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, soc
     with tempfile.TemporaryDirectory(prefix="vqar-serve-") as work:
         os.environ["GRADIO_TEMP_DIR"] = work
         app = build_app(engine, work_dir=work)
-        print(f"vqar serve: http://{host}:{port}/ (web page), POST http://{host}:{port}/generate (API)", flush=True)
+        url = server_url(host, port)
+        print(f"vqar serve: {url} (web page), POST {url}generate (API)", flush=True)
         try:
-            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+            _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"), engine, grace).run(sockets=[sock])
         finally:
             sock.close()
             engine.close()

@@ -27,6 +27,8 @@ from vqar.sampling.draw import DrawStopped, check_drawable
 
 log = logging.getLogger("vqar.serve")
 
+SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
+
 
 class RequestError(ValueError):
     """A request that cannot be served; `status` is the HTTP status to answer with."""
@@ -52,7 +54,7 @@ class GenerateRequest:
 class GenerateResult:
     images: torch.Tensor  # (n, C, H, W) in [-1, 1]
     coarse_to_fine: list[torch.Tensor] | None  # per depth d = 1..D: (n, C, H, W), RQ models only
-    seconds: float
+    seconds: float  # drawing the round it was in, its coarse-to-fine decoding included
     batched_with: int  # images drawn in the same round of model runs
     calls_per_image: float = 0.0  # model calls each image waited for (fewer with speculative decoding)
     acceptance_rate: float | None = None  # speculative decoding: the share of drafted codes accepted
@@ -90,6 +92,8 @@ class SamplingEngine:
         self.abandoned = 0  # requests given up (their client hung up or stopped waiting) before they were answered
         self._lock = threading.Lock()  # one model run at a time, also for callers outside the worker
         self.sampling = threading.Event()  # set while the worker holds a round of requests (for /health)
+        self.closing = threading.Event()  # set by `shut_down`: no new requests, none waiting drawn
+        self.stopping = False  # set by `close`: the round being drawn stops too
         if compile:  # before the first request, so that it is not the one that waits for the compiler
             seconds = warm_up(model, batch_buckets(max_batch), precision=precision)
             if model.raster and model.num_positions > 1:  # and the window of speculative requests
@@ -166,8 +170,11 @@ class SamplingEngine:
 
     # ---------------------------------------------------------------- queueing
     def submit(self, request: GenerateRequest) -> Future:
-        """Validates and queues a request; its future gives a `GenerateResult`. A full queue is a 429."""
+        """Validates and queues a request; its future gives a `GenerateResult`. A full queue is a 429, a server
+        shutting down a 503."""
         job = Job(request, self.validate(request))
+        if self.closing.is_set():
+            raise RequestError(SHUTTING_DOWN, status=503)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -184,9 +191,37 @@ class SamplingEngine:
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
         return self.submit(request).result(timeout=timeout)
 
+    def shut_down(self, grace: float | None = None) -> None:
+        """The server is stopping: new requests are refused (503), and the waiting ones are answered 503 at once
+        instead of drawn one after another for a server that then exits. The round being drawn goes on for `grace`
+        seconds (None: to its end), then stops before its next batch and answers its requests 503, so that a
+        stopping server ends in bounded time (a service manager kills it after its own grace period). Idempotent;
+        the worker keeps running until `close`."""
+        if grace is not None and not self.closing.is_set():
+            timer = threading.Timer(grace, self._stop_drawing)
+            timer.daemon = True
+            timer.start()
+        self.closing.set()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:  # `close` already asked the worker to end: leave that to it
+                self.jobs.put(None)
+                return
+            _settle(job.future, error=RequestError(SHUTTING_DOWN, status=503))
+
     def close(self) -> None:
+        """Shuts down and ends the worker. A round it is drawing stops before its next batch (its requests are
+        answered 503): the process must not exit with the model running in the worker thread, which aborts it."""
+        self.shut_down()
+        self._stop_drawing()
         self.jobs.put(None)
-        self._worker.join(timeout=30)
+        self._worker.join()
+
+    def _stop_drawing(self) -> None:
+        self.stopping = True
 
     def _work(self) -> None:
         while True:
@@ -219,9 +254,14 @@ class SamplingEngine:
         jobs = [job for job in jobs if not job.future.cancelled()]
         if not jobs:
             return
+        began = time.perf_counter()
         try:
             result, ladders = self._draw(jobs)
         except DrawStopped:
+            if self.stopping:
+                for job in jobs:
+                    _settle(job.future, error=RequestError(SHUTTING_DOWN, status=503))
+                return
             log.info("stopped drawing %d request(s): their clients are gone", len(jobs))
             return
         except Exception as err:
@@ -233,12 +273,13 @@ class SamplingEngine:
             log.exception("sampling failed")
             _settle(jobs[0].future, error=err)  # the caller gets the error instead of waiting forever
             return
+        seconds = time.perf_counter() - began  # the round's drawing, its coarse-to-fine decoding included
         begin = 0
         for job, levels in zip(jobs, ladders, strict=True):
             mine = slice(begin, begin + job.request.n)
             begin = mine.stop
             stats = result.decode_stats.of(mine)  # its own images' (they are drawn in order)
-            _settle(job.future, GenerateResult(result.images[mine], levels, result.seconds, len(result.images),
+            _settle(job.future, GenerateResult(result.images[mine], levels, seconds, len(result.images),
                                                stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
 
     @torch.no_grad()
@@ -252,7 +293,7 @@ class SamplingEngine:
                                 torch.cat([job.conditions.labels for job in jobs]))  # fmt: skip
         seeds = torch.cat([torch.full((job.request.n,), job.request.settings.seed) for job in jobs])
         index = torch.cat([torch.arange(job.request.n) for job in jobs])
-        given_up = lambda: all(job.future.cancelled() for job in jobs)  # noqa: E731
+        given_up = lambda: self.stopping or all(job.future.cancelled() for job in jobs)  # noqa: E731
         with self._lock:
             result = draw(self.model, conditions, jobs[0].request.settings, tokenizer=self.tokenizer,
                           batch_size=self.max_batch, seeds=seeds, index=index, compile=self.compile,
@@ -265,9 +306,11 @@ class SamplingEngine:
                 if not job.request.coarse_to_fine:
                     ladders.append(None)
                     continue
-                codes = result.codes[mine].to(self.device)
-                ladders.append([self.tokenizer.decode(codes, depth=d).float().clamp(-1, 1).cpu()
-                                for d in range(1, self.levels + 1)])  # fmt: skip
+                # In batches of max_batch, as `draw` decodes: all of a large request's codes at once took
+                # several times the memory of its images, at every level.
+                chunks = result.codes[mine].split(self.max_batch)
+                ladders.append([torch.cat([self.tokenizer.decode(chunk.to(self.device), depth=d).float().clamp(-1, 1)
+                                           .cpu() for chunk in chunks]) for d in range(1, self.levels + 1)])
         return result, ladders
 
 

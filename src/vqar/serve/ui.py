@@ -35,12 +35,23 @@ def parse_setting(text: str | float | None, kind, depth: int, name: str):
     try:
         values = [None if item.strip().lower() in ("", "none") else kind(item) for item in text.split(",")]
     except ValueError:
-        raise RequestError(f"{name}: {text!r} is not a number (or one number per depth, comma-separated)") from None
+        number = "an integer" if kind is int else "a number"
+        raise RequestError(f"{name}: {text!r} is not {number} (or one per depth, comma-separated)") from None
     if len(values) == 1:
         return values[0]
     if depth == 1:
         raise RequestError(f"{name}: this model has one code per position; give one value")
     return values
+
+
+def parse_seed(text: str | int | None) -> int:
+    """The seed box's text as an exact integer (empty: 0); the range is checked with the other settings."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return 0
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise RequestError(f"seed: {text!r} is not an integer") from None
 
 
 def _or_default(value, default):
@@ -80,7 +91,9 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     class_id = gr.Dropdown(choices=choices, value=0, label="Class", elem_id="class")
                 n = gr.Slider(1, engine.max_images, value=min(4, engine.max_images), step=1,
                               label="Number of images", elem_id="n")  # fmt: skip
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                # Text, not a number box: the page's numbers are JavaScript floats, which round a seed above 2^53
+                # (and the API takes seeds up to 2^63).
+                seed = gr.Textbox("0", label="Seed", elem_id="seed")
                 temperature = gr.Textbox(
                     "1.0", label="Temperature" + per_depth_hint("1,1,0.9,0.9"), elem_id="temperature"
                 )
@@ -105,9 +118,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 ladder = gr.Gallery(label=f"Coarse to fine: each image with 1..{levels} {steps}", columns=levels,
                                     format="png", visible=levels > 1, elem_id="coarse")  # fmt: skip
 
-        runs = [0]
-
-        def run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way of asking for a progress bar)
+        def run(runs: int, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's way of asking for a progress bar)
             settings = dict(zip(keys, values, strict=True))
             try:
                 sampling = SamplingSettings(
@@ -116,7 +127,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     top_p=parse_setting(settings["top_p"], float, depth, "top-p"),
                     cfg_scale=float(settings["cfg_scale"]),
                     cfg_interval=None if settings["cfg_interval"] in (None, -1) else int(settings["cfg_interval"]),
-                    seed=int(settings["seed"] or 0),
+                    seed=parse_seed(settings["seed"]),
                     speculative=bool(settings.get("speculative") or False),
                 )
                 request = GenerateRequest(
@@ -128,8 +139,8 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 )
                 progress(0.0, desc="waiting in the queue")
                 future = engine.submit(request)
-            except RequestError as err:
-                raise gr.Error(str(err)) from None
+            except RequestError as err:  # shown on the page; the server's log needs no traceback of it
+                raise gr.Error(str(err), print_exception=False) from None
             # A generator, so that Gradio stops it when the page closes (it stops iterators of a client that is
             # gone); the request is then given up, and not drawn on for nobody.
             try:
@@ -138,7 +149,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     progress(0.5, desc="sampling")
                     if time.monotonic() - last_yield > YIELD_EVERY:
                         last_yield = time.monotonic()
-                        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     time.sleep(0.05)
             finally:
                 if not future.done():
@@ -157,17 +168,21 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                 unit = "scale(s)" if info["code_layout"] == "scales" else "code(s)"
                 for i in range(len(result.images)):
                     rows += [(pictures[d][i], f"image {i + 1}, {d + 1} {unit}") for d in range(len(pictures))]
-            runs[0] += 1
-            note = f"Run {runs[0]}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed}; " \
+            runs += 1  # this page's runs: each visitor's page counts its own
+            note = f"Run {runs}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed}; " \
                    f"{result.calls_per_image:.1f} model calls per image" + \
                    ("" if result.acceptance_rate is None else f", {100 * result.acceptance_rate:.0f}% of drafts "
                     "accepted") + ")"  # fmt: skip
-            yield _pictures(result.images), note, str(archive), rows
+            yield _pictures(result.images), note, str(archive), rows, runs
 
         controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,
                     "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
                     "speculative": speculative}  # fmt: skip
         keys = [k for k, v in controls.items() if v is not None]
         inputs = [controls[k] for k in keys]
-        button.click(run, inputs=inputs, outputs=[gallery, status, download, ladder], api_name=False)
+        runs = gr.State(0)
+        # No limit of Gradio's own (its default is one event at a time): the page's requests go to the engine's
+        # queue as they come, where they share batches with each other and the API's and --max-queue bounds them.
+        button.click(run, inputs=[runs, *inputs], outputs=[gallery, status, download, ladder, runs], api_name=False,
+                     concurrency_limit=None)  # fmt: skip
     return page
