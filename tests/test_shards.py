@@ -271,6 +271,35 @@ def test_a_caption_that_is_no_unicode_text_makes_its_sample_unusable():
     assert decode_sample(raw, 0, image_size=8, channels=1, captioned=True).captions == ["caf\u00e9"]
 
 
+@pytest.mark.parametrize(("member", "captions", "error"), [
+    (b'{"caption": {"en": "a cat", "de": "eine Katze"}}', None, 'the .json member\'s "caption" holds an object'),
+    (b'{"captions": ["a dog", null]}', ["a dog"], None),  # a null among captions is a missing one, not "None"
+    (b'{"captions": [1, 2.5]}', None, 'the .json member\'s "captions" holds a number (1)'),
+    (b'{"caption": 0}', None, 'the .json member\'s "caption" holds a number (0)'),
+    (b'{"caption": null, "text": "a bird"}', ["a bird"], None),  # the first key that holds a caption
+    (b'{"caption": "\\u200b"}', [], None),  # nothing visible: the empty caption, guidance's null condition
+    (b'{"caption": "first line\\nsecond   line"}', ["first line second line"], None),
+])
+def test_a_shard_s_json_captions_are_read_as_a_caption_file_s(member, captions, error):
+    """Captions that were not strings became caption text (a dict's keys, "None", "2.5") or vanished ({"caption":
+    0}); an invisible caption was the null caption; a line break was kept, and broke the one-caption-per-line files
+    a run writes. A shard's captions now follow the caption files' rules."""
+    sample = decode_sample({"__key__": "x0", "png": _png(10), "json": member}, 0, image_size=8, channels=1,
+                           captioned=True)  # fmt: skip
+    if error is None:
+        assert sample.captions == captions
+    else:
+        assert not hasattr(sample, "image") and error in sample.error, sample
+
+
+def test_a_shard_s_txt_captions_lose_a_bom_and_name_text_that_is_not_utf8():
+    raw = {"__key__": "x0", "png": _png(10), "txt": "\ufeffa caption\n\u200b\n  two  spaces ".encode()}
+    assert decode_sample(raw, 0, image_size=8, channels=1, captioned=True).captions == ["a caption", "two spaces"]
+    raw["txt"] = "caf\u00e9".encode("latin-1")
+    bad = decode_sample(raw, 0, image_size=8, channels=1, captioned=True)
+    assert "the .txt caption is not UTF-8 text" in bad.error
+
+
 def test_shards_whose_readable_images_have_no_caption_say_so(untrained_tokenizer, tmp_path, capsys):
     """Only a sample without an image had a caption: all readable images were left out as uncaptioned, and the
     error said 'no readable images'."""

@@ -281,6 +281,20 @@ def test_a_tsv_caption_file_with_more_columns_keeps_the_caption_alone(tmp_path, 
     assert "1 line(s) with more columns than file<TAB>caption: the columns after the caption were left" in caplog.text
 
 
+def test_an_invisible_caption_is_a_missing_one_and_another_key_is_named(tmp_path, caplog):
+    """A caption of zero-width spaces was stored, and trained as the empty caption (guidance's null condition);
+    a line naming its caption "captions" or "text" (a shard's keys) was counted as a missing caption."""
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text('{"file": "a.png", "caption": "\\u200b\\u200b"}\n{"file": "b.png", "caption": "a cat"}\n')
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert read_captions(jsonl) == {"b.png": ["a cat"]}
+    assert "1 line(s) with a missing or empty caption skipped" in caplog.text
+    jsonl.write_text('{"file": "a.png", "captions": ["a cat"]}\n')
+    with pytest.raises(ValueError, match=r'captions.jsonl:1 names its caption "captions"; a caption file\'s key is '
+                                         r'"caption"'):  # fmt: skip
+        read_captions(jsonl)
+
+
 def test_a_caption_line_with_an_empty_file_name_is_skipped_and_counted(tmp_path, caplog):
     """`\ta dog` captioned "." (the folder itself, as `Path("")` reads), and was then reported as a caption of a
     file that is not among the images."""

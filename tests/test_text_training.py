@@ -220,3 +220,22 @@ def test_a_text_run_repeated_with_its_seed_learns_the_same_vocabulary_and_weight
         assert (tmp_path / "a/text_tokenizer" / name).read_text() == (tmp_path / "b/text_tokenizer" / name).read_text()
     first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("dropout", [None, 0.3])
+def test_a_bpe_dropout_given_on_resume_is_the_one_trained_with(text_run, tmp_path, dropout):
+    """`--resume text.bpe_dropout=...` was written to run.yaml and ignored: the run's saved caption tokenizer kept
+    the rate it was made with (0.1). A rate shapes training only, and may change on resume as dropout rates do."""
+    from types import SimpleNamespace
+
+    from vqar.train.text import TextConfig, prepare_text_tokenizer
+
+    root, _ = text_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "text_tokenizer").symlink_to(root / "ar" / "text_tokenizer")  # the run's, made with 0.1
+    one_process = SimpleNamespace(is_main=True, barrier=lambda: None)
+    cfg = TextConfig(length=8, vocab_size=160, bpe_dropout=dropout)
+    tokenizer = prepare_text_tokenizer(cfg, CodeDataset(root / "codes"), [0, 1], run, one_process)
+    assert tokenizer.dropout == dropout and vqar.load_pretrained(root / "ar").text_tokenizer.dropout == 0.1
+    assert (tokenizer._dropout is None) == (dropout is None)  # the segmentation the training steps draw from

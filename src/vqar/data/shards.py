@@ -38,7 +38,7 @@ import numpy as np
 
 from vqar.data.samples import BadSample, Sample
 from vqar.data.transforms import convert_channels, fit_image, to_tensor
-from vqar.text.captions import is_unicode
+from vqar.text.captions import caption_text, check_caption_values, is_unicode
 from vqar.utils.images import open_image
 
 log = logging.getLogger("vqar.data")
@@ -266,18 +266,28 @@ def decode_sample(raw: dict, index: int, image_size: int, channels: int, caption
 
 
 def _captions(raw: dict) -> list[str]:
+    """The captions of a sample's `.txt` (one per line) or `.json` member (`captions`, `caption` or `text`: a
+    string or a list of strings), as a caption store keeps them (`caption_text`); those with nothing visible are
+    left out. A caption of another type is a ValueError naming it."""
     if "txt" in raw:
-        return [line.strip() for line in raw["txt"].decode("utf-8").splitlines() if line.strip()]
-    if "json" in raw:
+        try:
+            found = raw["txt"].decode("utf-8-sig").splitlines()  # an editor's BOM is no caption text
+        except UnicodeDecodeError as err:
+            raise ValueError(f"the .txt caption is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    elif "json" in raw:
         meta = json.loads(raw["json"].decode("utf-8"))
-        found = meta.get("captions", meta.get("caption", meta.get("text"))) if isinstance(meta, dict) else None
-        found = [found] if isinstance(found, str) else found or []
-        captions = [str(c).strip() for c in found if str(c).strip()]
-        bad = next((c for c in captions if not is_unicode(c)), None)
-        if bad is not None:  # a "\udcff" escape: the caption store could not write it, so the sample is unusable
-            raise ValueError(f"caption {bad!r} is not Unicode text (a lone surrogate escape)")
-        return captions
-    return []
+        key = next((k for k in ("captions", "caption", "text") if isinstance(meta, dict) and meta.get(k) is not None),
+                   None)  # fmt: skip
+        found = [] if key is None else meta[key]
+        found = found if isinstance(found, list) else [found]
+        check_caption_values(found, f'the .json member\'s "{key}"')
+    else:
+        return []
+    captions = [text for text in (caption_text(c) for c in found if c is not None) if text is not None]
+    bad = next((c for c in captions if not is_unicode(c)), None)
+    if bad is not None:  # a "\udcff" escape: the caption store could not write it, so the sample is unusable
+        raise ValueError(f"caption {bad!r} is not Unicode text (a lone surrogate escape)")
+    return captions
 
 
 _UNDERCOUNTED: set[str] = set()  # shards already said to hold more than their index names (once per process)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,13 +92,14 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                 nameless += 1
                 continue
             for caption in captions:
-                if caption is None or not caption.strip():
+                text = None if caption is None else caption_text(caption)
+                if text is None:
                     skipped += 1
                     continue
-                if not is_unicode(caption):  # a JSON escape such as "\udcff": no text a caption store can hold
+                if not is_unicode(text):  # a JSON escape such as "\udcff": no text a caption store can hold
                     raise ValueError(f"{path}:{number} holds a caption that is not Unicode text (a lone surrogate "
                                      f"escape in {caption!r}); write its characters as UTF-8")  # fmt: skip
-                table[Path(name).as_posix()].append(" ".join(caption.split()))
+                table[Path(name).as_posix()].append(text)
     if untabbed:
         log.warning("%s: %d line(s) without a tab between the file name and the caption skipped", path, untabbed)
     if wide:
@@ -112,6 +114,25 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     return dict(table)
 
 
+def caption_text(caption: str) -> str | None:
+    """A training caption as a caption store keeps it: on one line, each run of whitespace a single space; None
+    when nothing visible is left (only whitespace, or format characters such as a zero-width space), a missing
+    caption: the caption tokenizer would make it the empty caption, which is guidance's null condition."""
+    text = " ".join(caption.split())
+    visible = any(not (char.isspace() or unicodedata.category(char) == "Cf") for char in text)
+    return text if visible else None
+
+
+def check_caption_values(captions: list, what: str) -> None:
+    """ValueError naming `what` when a caption is neither a string nor null (missing): a number or an object
+    written where a caption goes was counted as missing, or made into its Python text ("None", a dict's keys)."""
+    for item in captions:
+        if item is not None and not isinstance(item, str):
+            kind = {bool: "true or false", int: "a number", float: "a number", dict: "an object", list: "a list"}
+            raise ValueError(f"{what} holds {kind.get(type(item), type(item).__name__)} ({item!r}); a caption is a "
+                             "string, or a list of strings for several captions of one image")  # fmt: skip
+
+
 def _jsonl_record(line: str, where: str) -> tuple[str, list[str | None]]:
     """The file name and captions of one `.jsonl` line: `"caption"` a string, a list of strings (several captions of
     one image), or missing / null / empty (skipped and counted). Any other value is an error naming the line: it
@@ -123,12 +144,12 @@ def _jsonl_record(line: str, where: str) -> tuple[str, list[str | None]]:
     if not isinstance(record, dict) or not isinstance(record.get("file"), str):
         raise ValueError(f'{where} needs {{"file": ..., "caption": ...}}')
     caption = record.get("caption")
+    if caption is None and ("captions" in record or "text" in record):  # the keys a shard's json member may use
+        other = "captions" if "captions" in record else "text"
+        raise ValueError(f'{where} names its caption "{other}"; a caption file\'s key is "caption" (a string, or a '
+                         "list of strings)")  # fmt: skip
     captions = (caption or [None]) if isinstance(caption, list) else [caption]  # [] is a missing caption too
-    for item in captions:
-        if item is not None and not isinstance(item, str):
-            kind = {bool: "true or false", int: "a number", float: "a number", dict: "an object", list: "a list"}
-            raise ValueError(f'{where}: "caption" holds {kind.get(type(item), type(item).__name__)} ({item!r}); a '
-                             "caption is a string, or a list of strings for several captions of one image")  # fmt: skip
+    check_caption_values(captions, f'{where}: "caption"')
     return record["file"], captions
 
 

@@ -67,6 +67,8 @@ def prepare_text_tokenizer(cfg: TextConfig, store: CodeDataset, train_items: lis
                                 dropout=cfg.bpe_dropout)  # fmt: skip
     par.barrier()
     tokenizer = TextTokenizer.load(folder)
+    if tokenizer.dropout != cfg.bpe_dropout:  # a rate given on --resume: it shapes training only, and may change
+        tokenizer = TextTokenizer(tokenizer.vocab_file, tokenizer.merges_file, tokenizer.length, cfg.bpe_dropout)
     expected = cfg.model_fields()
     if tokenizer.vocab_size > expected["text_vocab_size"] or tokenizer.pad_id != expected["text_pad_id"]:
         raise ValueError(f"{folder} holds a tokenizer of {tokenizer.vocab_size} text tokens padded with id "
