@@ -86,6 +86,53 @@ _OPTIONS_THAT_DO_NOT_APPLY = [
 ]
 
 
+def test_a_full_disk_or_an_unwritable_folder_is_one_line_and_the_old_model_stays(tmp_path, capsys, monkeypatch):
+    """A disk that filled while the model was written ended in safetensors' traceback (its error is no OSError);
+    an OUT_DIR that was writable in a folder that was not passed the up-front check and failed after the whole
+    load with a bare errno. Now: too little space is said before writing, a write that runs out of space is one
+    line, and the folder the model is first written in is checked with OUT_DIR."""
+    import pathlib
+    import shutil
+
+    from safetensors import SafetensorError
+
+    import vqar.bundle
+
+    release, out = tmp_path / "release", tmp_path / "converted"
+    tiny_rq_release(release)
+    assert main(["convert", str(release), str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.rglob("*.safetensors")}
+    capsys.readouterr()
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(vqar.bundle, "save_file", disk_full)
+    assert main(["convert", str(release), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vqar: error: out of disk space writing the model to {out} (") and err.count("\n") == 1
+    assert f"{out} is as it was" in err and "Traceback" not in err
+    monkeypatch.undo()
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    assert main(["convert", str(release), str(out), "--overwrite"]) == 2
+    assert "only 1000 B free on its disk, and the model needs about" in capsys.readouterr().err
+    monkeypatch.undo()
+    real_write = pathlib.Path.write_bytes
+
+    def parent_read_only(path, data):
+        if path.parent == tmp_path and path.name.startswith(".write-test-"):
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", parent_read_only)
+    assert main(["convert", str(release), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"OUT_DIR {out} cannot be written whole: the model is written in {tmp_path} first" in err, err
+    assert {path.name: path.read_bytes() for path in out.rglob("*.safetensors")} == before
+    assert not list(tmp_path.glob(".converted.tmp-*"))
+
+
 def test_convert_never_writes_into_the_tokenizer_of_a_model(tmp_path, capsys):
     """`vqar convert SRC MODEL/tokenizer --overwrite` replaced the tokenizer that decodes MODEL's codes: with an AR
     model MODEL no longer loaded; with another tokenizer it decoded through that one without a word."""

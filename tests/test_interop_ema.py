@@ -35,12 +35,13 @@ def _halved(state: dict) -> dict:
     return {k: v * 0.5 if torch.is_floating_point(v) else v for k, v in state.items()}
 
 
-def _assert_halved(ema: torch.nn.Module, raw: torch.nn.Module) -> None:
-    """Every float weight of `ema` is half the raw one: the EMA entry (written as half the raw weights) was read."""
+def _assert_halved(ema: torch.nn.Module, raw: torch.nn.Module, but: tuple[str, ...] = ()) -> None:
+    """Every float weight of `ema` is half the raw one: the EMA entry (written as half the raw weights) was read.
+    `but`: weights that come from elsewhere (an RQ-Transformer's code embeddings are its tokenizer's codebook)."""
     raw_state = raw.state_dict()
     checked = 0
     for name, value in ema.state_dict().items():
-        if torch.is_floating_point(value) and value.abs().sum() > 0 and "cluster_size" not in name:
+        if torch.is_floating_point(value) and value.abs().sum() > 0 and "cluster_size" not in name and name not in but:
             torch.testing.assert_close(value, raw_state[name] * 0.5, msg=name)
             checked += 1
     assert checked > 10
@@ -110,14 +111,20 @@ def _add_ema_entry(path: Path, key: str, base: str) -> None:
 
 
 def test_rq_release_files_without_state_dict_ema_are_refused_naming_the_file(rq_release):
+    """The EMA weights asked for are the model's: a stage 2 without them is refused, naming the file; its stage 1
+    is read with its EMA weights where it has them, else with its one set (a release whose stage 2 alone carried
+    EMA weights could not be read with them at all)."""
     stage1, stage2 = rq_release / "stage1" / "model.pt", rq_release / "stage2" / "model.pt"
     with pytest.raises(ValueError, match=f"^{stage1} has no 'state_dict_ema' \\(ema=True\\); it holds \\['epoch', "
                        "'state_dict'\\]$"):  # fmt: skip
-        vqar.load_pretrained(rq_release, ema=True)
-    _add_ema_entry(stage1, "state_dict_ema", "state_dict")
-    vqar.load_pretrained(rq_release / "stage1", ema=True)
+        vqar.load_pretrained(rq_release / "stage1", ema=True)
     with pytest.raises(ValueError, match=f"^{stage2} has no 'state_dict_ema'"):
         vqar.load_pretrained(rq_release, ema=True)
+    _add_ema_entry(stage2, "state_dict_ema", "state_dict")
+    ema, raw = vqar.load_pretrained(rq_release, ema=True), vqar.load_pretrained(rq_release)
+    _assert_halved(ema, raw, but=("code_embeddings",))  # the raw stage 1's codebook
+    assert all(torch.equal(a, b) for a, b in zip(ema.tokenizer.state_dict().values(),
+                                                 raw.tokenizer.state_dict().values(), strict=True))  # fmt: skip
 
 
 def test_an_rq_release_with_state_dict_ema_loads_it(rq_release):
@@ -128,12 +135,15 @@ def test_an_rq_release_with_state_dict_ema_loads_it(rq_release):
     _assert_halved(ema.tokenizer, raw.tokenizer)
 
 
-def test_a_vqar_folder_as_the_tokenizer_of_an_ema_load_is_refused(rq_release, tmp_path):
+def test_a_vqar_folder_as_the_tokenizer_of_an_ema_load_is_read_with_its_one_set_of_weights(rq_release, tmp_path):
+    """It was refused ("drop --ema"), and the advice loaded the model's raw weights instead of its EMA ones."""
     for stage in ("stage1", "stage2"):
         _add_ema_entry(rq_release / stage / "model.pt", "state_dict_ema", "state_dict")
     vqar.save_pretrained(vqar.load_pretrained(rq_release / "stage1"), tmp_path / "tokenizer")
-    with pytest.raises(ValueError, match=f"to the tokenizer {tmp_path / 'tokenizer'}: a vqar model folder: {ONE_SET}"):
-        vqar.load_pretrained(rq_release / "stage2", ema=True, tokenizer=tmp_path / "tokenizer")
+    given = vqar.load_pretrained(rq_release / "stage2", ema=True, tokenizer=tmp_path / "tokenizer")
+    _assert_halved(given, vqar.load_pretrained(rq_release / "stage2"), but=("code_embeddings",))
+    assert all(torch.equal(a, b) for a, b in zip(given.tokenizer.state_dict().values(),
+               vqar.load_pretrained(tmp_path / "tokenizer").state_dict().values(), strict=True))  # fmt: skip
     ema = vqar.load_pretrained(rq_release / "stage2", ema=True, tokenizer=rq_release / "stage1")  # an RQ one has EMA
     _assert_halved(ema.tokenizer, vqar.load_pretrained(rq_release / "stage1"))
 
@@ -164,7 +174,6 @@ def test_llamagen_files_with_an_ema_entry_load_it_and_their_tokenizer_too(llamag
             vqar.load_pretrained(vq, config=vq_config, ema=word)
     raw_gpt = vqar.load_pretrained(gpt, config=gpt_config)
     _assert_halved(vqar.load_pretrained(gpt, config=gpt_config, ema=True), raw_gpt)
-    # The tokenizer is loaded with ema too: a LlamaGen VQ file gives its EMA entry, a vqar folder is refused.
+    # The tokenizer is loaded with ema where it can be: a vqar folder, which holds one set, is read with it.
     vqar.save_pretrained(vqar.load_pretrained(vq, config=vq_config), tmp_path / "vq")
-    with pytest.raises(ValueError, match=f"to the tokenizer {tmp_path / 'vq'}: a vqar model folder"):
-        vqar.load_pretrained(gpt, config=gpt_config, ema=True, tokenizer=tmp_path / "vq")
+    _assert_halved(vqar.load_pretrained(gpt, config=gpt_config, ema=True, tokenizer=tmp_path / "vq"), raw_gpt)

@@ -216,6 +216,25 @@ def test_rq_release_loads_from_the_release_folder_and_its_file(tmp_path):
     assert with_tokenizer.tokenizer is stage1
 
 
+def test_a_release_without_its_stage2_weights_is_named_not_read_as_its_tokenizer(tmp_path):
+    """A release folder whose stage2/model.pt is missing (an unpacking that stopped short) was loaded, and
+    converted, as its stage-1 RQ-VAE without a word; `vqar sample` then called the release a tokenizer."""
+    tiny_rq_release(tmp_path / "release")
+    (tmp_path / "release" / "stage2" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"release/stage2 has a config.yaml but no model.pt$"):
+        vqar.load_pretrained(tmp_path / "release")
+
+
+def test_a_folder_with_another_program_s_config_json_is_not_called_a_vqar_0_1_folder(tmp_path):
+    """A Hub model's or a release's config.json was taken for vqar 0.1's, and the error advised `vqar convert`,
+    the very command that had failed with it."""
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}')
+    (tmp_path / "var_d16.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is not a vqar model folder: its config.json names no model kind, .*; to "
+                                         r"read a checkpoint in it, give its file \(var_d16.pth\)$"):  # fmt: skip
+        vqar.load_pretrained(tmp_path)
+
+
 def test_rq_transformer_without_its_stage1_says_what_to_pass(tmp_path):
     import shutil
 

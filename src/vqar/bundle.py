@@ -209,6 +209,11 @@ def read_config(folder: Path) -> tuple[str, dict, int]:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{config_path} does not describe a model (expected a JSON object)")
+    if "kind" not in meta:  # another program's config.json (a Hub model's, a release's notes): not vqar 0.1's either
+        files = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
+        hint = f"; to read a checkpoint in it, give its file ({', '.join(files)})" if files else ""
+        raise ValueError(f"{folder} is not a vqar model folder: its {CONFIG_FILE} names no model kind, as the "
+                         f"config.json vqar writes does{hint}")  # fmt: skip
     return meta.get("kind"), meta.get("config", {}), int(meta.get("vqar_format", 1))
 
 

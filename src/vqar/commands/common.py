@@ -25,7 +25,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> 
     group.add_argument("--tokenizer", help="default: the tokenizer saved with the model (or an RQ release's stage1)")
     group.add_argument("--config", help="architecture of a LlamaGen .pt: preset name (GPT-XL) or JSON file")
     group.add_argument("--ema", action="store_true", help="use the EMA weights an RQ release or LlamaGen checkpoint "
-                       "carries (refused for vqar folders, Hub repositories and VAR files, which hold one set)")
+                       "carries (refused for vqar folders, Hub repositories and VAR files, which hold one set); the "
+                       "tokenizer's too where its checkpoint carries them, else its one set")  # fmt: skip
     if text:
         group.add_argument("--text-tokenizer", help="caption tokenizer of a text-to-image model: a saved folder or "
                            "an RQ release's bpe-16k-vocab.json (default: the model's own)")  # fmt: skip

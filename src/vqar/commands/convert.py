@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     check_not_a_companion(out, "a model converted", option="OUT_DIR")
     check_replaceable(out, args.overwrite, "a vqar model folder", is_model_folder, option="OUT_DIR")
     check_folder_writable(out, option="OUT_DIR")  # before a load of gigabytes, not after
+    _check_work_folder_writable(out.resolve())
     model = load_pretrained(args.src, config=args.config, ema=args.ema, tokenizer=args.tokenizer)
     _write_model(model, out.resolve())
     params = sum(p.numel() for p in model.parameters())
@@ -43,21 +44,62 @@ def _write_model(model, out: Path) -> None:
     tokenizer/. The old model goes whole: an AR model's tokenizer/ left under a tokenizer converted over it would
     make the folder neither model."""
     from vqar.bundle import save_pretrained
+    from vqar.train.resources import out_of_space
     from vqar.utils.io import remove_leftovers, replace_directory
+    from vqar.utils.memory import human_bytes
 
-    cwd = Path.cwd().resolve()
-    inside = cwd == out or out in cwd.parents  # moving `out` aside would leave the shell in a removed folder
-    home = out if inside else out.parent
+    inside, home = _work_home(out)
     remove_leftovers(home, prefix=".convert.tmp-" if inside else f".{out.name}.tmp-")  # a killed convert's work
     work = home / (f".convert.tmp-{os.getpid()}" if inside else f".{out.name}.tmp-{os.getpid()}")
+    need = _model_bytes(model)
+    free = shutil.disk_usage(home).free
+    if free < need:
+        raise OSError(f"OUT_DIR {out}: only {human_bytes(free)} free on its disk, and the model needs about "
+                      f"{human_bytes(need)}; free some space or write it elsewhere")  # fmt: skip
     try:
-        save_pretrained(model, work)
+        try:
+            save_pretrained(model, work)
+        except Exception as err:  # safetensors reports a full disk as its own error type
+            if not out_of_space(err):
+                raise
+            raise OSError(f"out of disk space writing the model to {out} ({human_bytes(shutil.disk_usage(home).free)} "
+                          f"free, it needs about {human_bytes(need)}): {out} is as it was") from None  # fmt: skip
         if inside:
             _swap_entries(work, out)
         else:
             replace_directory(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_home(out: Path) -> tuple[bool, Path]:
+    """Whether the shell is inside `out`, and the folder the model is first written in: `out` itself then (moving
+    `out` aside would leave the shell in a removed folder), else the folder that holds `out`."""
+    cwd = Path.cwd().resolve()
+    inside = cwd == out or out in cwd.parents
+    return inside, out if inside else out.parent
+
+
+def _check_work_folder_writable(out: Path) -> None:
+    """OSError naming the folder the model is first written in, where it cannot be: an OUT_DIR that is writable
+    in a folder that is not passed the up-front check, and failed after the whole load, with a bare errno."""
+    home = _work_home(out)[1]
+    probe = home / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"OUT_DIR {out} cannot be written whole: the model is written in {home} first and then moved "
+                      f"in place, and {home} cannot be written ({err.strerror or err})") from None  # fmt: skip
+
+
+def _model_bytes(model) -> int:
+    """About what the model's folder takes: its weights and buffers, and its tokenizer's (also when attached)."""
+    tensors = [*model.state_dict().values()]
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and tokenizer is not model:
+        tensors += list(tokenizer.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)  # and the configs, a MiB at most
 
 
 def _swap_entries(built: Path, out: Path) -> None:
@@ -115,6 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--tokenizer", help="the stage-1 model an AR model uses (any format load_pretrained reads); "
                          "refused for a stage-1 model")  # fmt: skip
     convert.add_argument("--ema", action="store_true", help="convert the EMA weights an RQ release or LlamaGen "
-                         "checkpoint carries (refused for sources that hold one set of weights)")
+                         "checkpoint carries (refused for sources that hold one set of weights); the tokenizer's "
+                         "too where its checkpoint carries them, else its one set")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace the model in OUT_DIR (only a model "
                          "folder: any other non-empty folder is refused)")

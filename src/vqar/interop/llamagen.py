@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from vqar.ar import GPT, GPT_SIZES, GPTConfig
-from vqar.interop.state import StateDictAdapter, build_fitting, load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import (
+    NoEMAWeights,
+    StateDictAdapter,
+    build_fitting,
+    load_into,
+    strip_wrapper_prefixes,
+    tensors_only,
+)
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -254,11 +261,12 @@ def checkpoint_state(checkpoint, path: Path, ema: bool) -> dict[str, torch.Tenso
         raise ValueError(f"{path} does not hold a state dict")
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         if ema:
-            raise ValueError(f"{path} is a raw (FSDP-consolidated) state dict with no separate EMA weights")
+            raise NoEMAWeights(f"{path} is a raw (FSDP-consolidated) state dict with no separate EMA weights")
         return strip_wrapper_prefixes(checkpoint)
     key = "ema" if ema else next((k for k in ("model", "state_dict") if k in checkpoint), None)
     if key is None or key not in checkpoint:
-        raise ValueError(f"{path} has no {'ema' if ema else 'model'} weights; it holds {sorted(checkpoint)}")
+        error = NoEMAWeights if ema else ValueError
+        raise error(f"{path} has no {'ema' if ema else 'model'} weights; it holds {sorted(checkpoint)}")
     return strip_wrapper_prefixes(tensors_only(checkpoint[key], f"{path}[{key!r}]"))
 
 

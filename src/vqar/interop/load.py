@@ -26,6 +26,7 @@ from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
 from vqar.data.shards import SHARD_INDEX
 from vqar.interop import llamagen, rq_release, var, var_transformer
+from vqar.interop.state import NoEMAWeights
 from vqar.interop.vqar_v1 import is_v1_ar_folder, load_v1
 from vqar.sampling.export import is_sample_folder
 from vqar.utils.device import resolve_device
@@ -46,7 +47,8 @@ def load_pretrained(path, config=None, ema: bool = False, tokenizer=None, device
         ema: load the EMA weights the checkpoint carries instead of the raw ones (an RQ release's `state_dict_ema`, a
             LlamaGen file's `ema`). A ValueError, before the weights are read, for sources with no separate EMA
             weights: vqar folders and Hub repositories (which hold one set, the EMA average where the run used
-            `train.ema_decay`) and VAR's files; also for such a `tokenizer`.
+            `train.ema_decay`) and VAR's files. The tokenizer (`tokenizer`, or an RQ release's stage 1) is read
+            with its EMA weights where its checkpoint carries them, else with its one set.
         tokenizer: the stage-1 model for an AR model, a loaded tokenizer or anything `load_pretrained` reads;
             an RQ-Transformer without one looks for `stage1/` beside its folder. A ValueError for a stage-1 model.
         device: where the model (and the tokenizer it carries) is put: a name or torch.device, or "auto" (CUDA
@@ -65,8 +67,6 @@ def _load_pretrained(path, config, ema: bool, tokenizer, device, vqvae_scales=No
     of the VAR transformer it is the tokenizer of), is ignored by every other format, which records its own."""
     if ema:
         _refuse_ema_of_bundle(path)
-        if isinstance(tokenizer, (str, Path)):
-            _refuse_ema_of_bundle(tokenizer, "the tokenizer ")
     given_as = tokenizer if isinstance(tokenizer, (str, Path)) else "given"
     source = Path(path)
     if source.is_file() and source.name == rq_release.WEIGHTS_FILE and rq_release.is_release_stage(source.parent):
@@ -161,7 +161,14 @@ def _load_tokenizer(path, ema: bool, vqvae_scales=None) -> nn.Module | None:
     if path is None or isinstance(path, nn.Module):
         return path
     try:
-        tokenizer = _load_pretrained(path, None, ema, None, "cpu", vqvae_scales)
+        try:
+            tokenizer = _load_pretrained(path, None, ema, None, "cpu", vqvae_scales)
+        except (NoEMAWeights, OptionDoesNotApply) as err:
+            if isinstance(err, OptionDoesNotApply) and err.option != "ema":
+                raise
+            # ema= asks for the AR model's EMA weights; a tokenizer that carries none (a vqar folder, a file
+            # without an EMA entry) is read with its one set of weights.
+            tokenizer = _load_pretrained(path, None, False, None, "cpu", vqvae_scales)
     except llamagen.ConfigNeeded as err:  # config= (--config) is the AR model's: the tokenizer's cannot be given
         if err.what != "VQ":  # a GPT given as the tokenizer: it holds no tokenizer, and is reported as such
             raise ValueError(f"the tokenizer {path} is a LlamaGen GPT checkpoint, not a stage-1 tokenizer") from None
@@ -184,8 +191,11 @@ def _load_folder(folder: Path, config, ema: bool, tokenizer) -> tuple[nn.Module,
         tokenizer = _load_tokenizer(tokenizer, ema)
         v1 = is_v1_ar_folder(folder) and (folder / WEIGHTS_FILE).is_file()
         return (load_v1(folder) if v1 else load(folder)), tokenizer
-    if (folder / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(folder):
-        raise FileNotFoundError(f"{folder} has a {rq_release.CONFIG_FILE} but no {rq_release.WEIGHTS_FILE}")
+    # A stage with its config but not its weights (an unpacking that stopped short) is named, not passed over:
+    # a release whose stage2/model.pt is missing was loaded as its stage-1 tokenizer.
+    for stage in (folder, folder / "stage2"):
+        if (stage / rq_release.CONFIG_FILE).is_file() and not rq_release.is_release_stage(stage):
+            raise FileNotFoundError(f"{stage} has a {rq_release.CONFIG_FILE} but no {rq_release.WEIGHTS_FILE}")
     for stage in (folder, folder / "stage2", folder / "stage1"):
         if rq_release.is_release_stage(stage):
             if config is not None:

@@ -19,7 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 from vqar.ar import RQTransformer, RQTransformerConfig
-from vqar.interop.state import StateDictAdapter, build_fitting, load_into, strip_wrapper_prefixes, tensors_only
+from vqar.interop.state import (
+    NoEMAWeights,
+    StateDictAdapter,
+    build_fitting,
+    load_into,
+    strip_wrapper_prefixes,
+    tensors_only,
+)
 from vqar.quantize import QuantizerConfig
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.conv import ConvConfig
@@ -193,7 +200,10 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
                 f"{folder} is an RQ-Transformer, which embeds codes through its RQ-VAE's codebook, but there is no "
                 f"{stage1}/{{{CONFIG_FILE},{WEIGHTS_FILE}}} beside it; pass tokenizer= (a folder or a loaded model)"
             )
-        tokenizer = load_rqvae(stage1, ema=ema)
+        try:
+            tokenizer = load_rqvae(stage1, ema=ema)
+        except NoEMAWeights:  # ema= asks for the model's: a stage 1 without EMA weights is read with its one set
+            tokenizer = load_rqvae(stage1)
     if not isinstance(tokenizer, Tokenizer) or not tokenizer.is_residual:
         raise ValueError(f"the RQ-Transformer in {folder} needs a residual (RQ) tokenizer")
     books = tokenizer.code_vectors()
@@ -234,5 +244,6 @@ def _state_dict(path: Path, ema: bool) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not an RQ release checkpoint: it has no 'state_dict'")
     key = "state_dict_ema" if ema else "state_dict"
     if key not in checkpoint or checkpoint[key] is None:
-        raise ValueError(f"{path} has no {key!r} (ema={ema}); it holds {sorted(checkpoint)}")
+        error = NoEMAWeights if ema else ValueError
+        raise error(f"{path} has no {key!r} (ema={ema}); it holds {sorted(checkpoint)}")
     return strip_wrapper_prefixes(tensors_only(checkpoint[key], f"{path}[{key!r}]"))

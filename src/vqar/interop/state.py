@@ -17,6 +17,11 @@ from vqar.utils.safe_load import load_checkpoint
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
+class NoEMAWeights(ValueError):
+    """EMA weights were asked of a checkpoint that carries none: an error for the model asked for, while its
+    tokenizer is then read with its one set of weights."""
+
+
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drops the prefixes DDP, torch.compile and FSDP add to parameter names."""
     out = {}
