@@ -117,6 +117,26 @@ def test_a_store_with_the_old_single_captions_file_still_opens(tmp_path):
     _one_line_error(ValueError, tmp_path / "codes", "captions.json is missing or damaged")
 
 
+@pytest.mark.parametrize("damage", ["no checksum", "one string per item", "a dict by index", "not JSON"])
+def test_an_old_captions_file_that_is_damaged_is_one_line(tmp_path, damage):
+    """A manifest entry without its checksum was a KeyError traceback; a file of one string per item trained on
+    its single letters without a word; a dict by index failed in the first batch with a KeyError."""
+    root = tmp_path / "codes"
+    _store(root, [[["a dog"], ["a cat"]]])
+    captions = _to_old_layout(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    if damage == "no checksum":
+        manifest["captions"].pop("sha256")
+    else:
+        text = {"one string per item": json.dumps([item[0] for item in captions]),
+                "a dict by index": json.dumps(dict(enumerate(captions))), "not JSON": "[[\"a dog\"], ["}[damage]
+        (root / "captions.json").write_text(text)
+        manifest["captions"]["sha256"] = sha256_file(root / "captions.json")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    expected = "is missing or damaged" if damage == "no checksum" else "captions.json is damaged"
+    _one_line_error(ValueError, root, expected)
+
+
 def test_opening_reads_no_captions_and_workers_copy_none(tmp_path):
     small, large = tmp_path / "small", tmp_path / "large"
     _store(small, [[[f"caption {i}"] for i in range(10)]] * 2)

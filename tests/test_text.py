@@ -92,6 +92,18 @@ def test_prompts_given_as_one_string_or_as_bytes_are_refused_naming_the_type(tex
     with pytest.raises(ValueError, match=r"prompts must be strings, got 7 \(int\)$"):
         make_conditions(model, prompts=["a cat", 7])
     assert make_conditions(model, prompts=("a cat",), n_per_condition=2).prompts == ["a cat"]
+    # The prompts of a samples .npz (a NumPy array of strings) were an "ambiguous truth value" error, a generator
+    # an IndexError: both are read as the lists they hold.
+    expected = make_conditions(model, prompts=["a cat", "a dog"])
+    for given in (np.array(["a cat", "a dog"]), (p for p in ["a cat", "a dog"])):
+        conditions = make_conditions(model, prompts=given)
+        assert conditions.prompts == ["a cat", "a dog"] and torch.equal(conditions.rows, expected.rows)
+    with pytest.raises(ValueError, match=r"give prompts"):
+        make_conditions(model, prompts=np.array([], dtype=str))
+    with pytest.raises(ValueError, match=r"prompts must be a list of strings, got 7 \(int\)$"):
+        make_conditions(model, prompts=7)
+    with pytest.raises(ValueError, match=r"prompts must be strings, got array\(\['a cat'\]"):  # a 2-D array: rows
+        make_conditions(model, prompts=np.array([["a cat"]]))
 
 
 def test_prompts_that_are_not_utf8_are_refused_in_one_line(text_tokenizer):

@@ -57,9 +57,20 @@ def open_captions(root: Path, manifest: dict, verify: bool) -> Sequence[list[str
         return None
     if "file" in entry:  # a store made before caption shards: one captions.json
         file = root / entry["file"]
-        if not file.is_file() or (verify and sha256_file(file) != entry["sha256"]):
+        if not file.is_file() or (verify and sha256_file(file) != entry.get("sha256")):
             raise ValueError(f"code store {root}: {entry['file']} is missing or damaged; extract again")
-        return json.loads(file.read_text(encoding="utf-8"))
+        try:
+            captions = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"code store {root}: {entry['file']} is damaged ({err}); extract again") from None
+        # A list of each item's captions; anything else (one string per item, a dict by index) trained on single
+        # letters or failed in the first batch with a KeyError.
+        if not isinstance(captions, list) or not all(
+            isinstance(item, list) and all(isinstance(text, str) for text in item) for item in captions
+        ):
+            raise ValueError(f"code store {root}: {entry['file']} is damaged (not a list of each item's list of "
+                             "captions); extract again")  # fmt: skip
+        return captions
     if entry.get("layout") != LAYOUT:
         raise ValueError(f"code store {root} keeps its captions in an unknown layout {entry.get('layout')!r}; "
                          "it was made by a newer vqar: upgrade vqar or extract the codes again")  # fmt: skip

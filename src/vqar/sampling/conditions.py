@@ -88,9 +88,15 @@ def _is_integer(value) -> bool:
 
 
 def _prompt_conditions(model, classes, prompts, n_per_condition, text_tokenizer, strict: bool) -> Conditions:
-    if classes:
+    if classes is not None and len(list(classes)):
         raise ValueError("this model is text-conditioned: give prompts, not classes")
-    if not prompts:
+    if isinstance(prompts, np.ndarray):  # the prompts an .npz of samples keeps: NumPy strings
+        prompts = prompts.tolist() if prompts.ndim == 1 else prompts
+    if not isinstance(prompts, (str, bytes)) and isinstance(prompts, Iterable) and not isinstance(prompts, Sequence):
+        prompts = list(prompts)  # a generator: read once, as it is used twice below
+    if prompts is not None and not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of strings, got {prompts!r:.80} ({type(prompts).__name__})")
+    if prompts is None or not len(prompts):
         raise ValueError("this model is text-conditioned: give prompts (e.g. 'a painting of a cat')")
     if isinstance(prompts, str):  # a string is a sequence too: each of its characters would be a prompt
         raise ValueError(f"prompts must be a list of strings, got the single string {prompts[:80]!r}: give "
