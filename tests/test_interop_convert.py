@@ -4,6 +4,7 @@ and the model folders of vqar 0.1 with the logits they gave."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -220,6 +221,25 @@ def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_pat
         vqar.load_pretrained(tmp_path / "bad_vq.pt", config={"preset": "VQ-16", "codebook_size": 16,
                              "codebook_embed_dim": 4, "ch": 32, "z_channels": 8, "encoder_ch_mult": [1, 2],
                              "decoder_ch_mult": [1, 2], "image_size": 16})  # fmt: skip
+
+
+def test_a_file_that_does_not_fit_is_told_in_its_own_names_and_its_format_s_hint(tmp_path):
+    """A VAR file lacking head.bias was said to miss 'output.bias', a key no VAR file has; an RQ stage 2 holding
+    other weights listed vqar's names and ended with LlamaGen's advice to check --config, which RQ releases
+    refuse."""
+    sources = _sources_of_every_kind(tmp_path)
+    state = torch.load(sources["var_transformer"], weights_only=True)
+    del state["head.bias"]
+    torch.save(state, tmp_path / "var_without_head_bias.pth")
+    with pytest.raises(ValueError, match=r"1 missing keys, first: \['head.bias'\]"):
+        vqar.load_pretrained(tmp_path / "var_without_head_bias.pth")
+    release = tmp_path / "damaged_release"
+    shutil.copytree(sources["rq_release"], release)
+    stage2 = torch.load(release / "stage2" / "model.pt", weights_only=True)
+    stage2["state_dict"] = {key: value for key, value in stage2["state_dict"].items() if "head" not in key}
+    torch.save(stage2, release / "stage2" / "model.pt")
+    with pytest.raises(ValueError, match=r"missing keys.*check that both files are of the same stage of one release"):
+        vqar.load_pretrained(release)
 
 
 def _tiny_text_gpt_bundle(tmp_path):

@@ -91,7 +91,7 @@ def _check_memory(args: argparse.Namespace, model) -> None:
     request could otherwise take all the machine's memory."""
     from vqar.utils.memory import check_memory, human_bytes, sample_bytes
 
-    levels = getattr(model.tokenizer, "levels", 1)
+    levels = model.tokenizer.levels if model.tokenizer is not None else 1
     # A request may ask for each image decoded coarse to fine too: one more image per level.
     each = sample_bytes(model) * (1 + (levels if levels > 1 else 0))
     ladder = f" with their {levels} coarse-to-fine decodes" if levels > 1 else ""

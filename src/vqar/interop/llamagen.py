@@ -250,7 +250,8 @@ GPT_NAMES = StateDictAdapter([("cls_embedding.", "cond_embedding.")])
 def build_gpt(state: dict[str, torch.Tensor], config, source: str) -> GPT:
     cfg = gpt_config(config, state)
     ignore = ("freqs_cis", "causal_mask", "k_cache", "v_cache")
-    model = build_fitting(lambda: GPT(cfg), GPT_NAMES.from_upstream(state), source, ignore, file_state=state)
+    model = build_fitting(lambda: GPT(cfg), GPT_NAMES.from_upstream(state), source, ignore, file_state=state,
+                          names=GPT_NAMES)  # fmt: skip
     return model.eval()
 
 

@@ -33,6 +33,9 @@ from vqar.tokenizers.conv import ConvConfig
 from vqar.utils.safe_load import load_checkpoint
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.pt"
+# A release's architecture is its config.yaml's: a misfit is a model.pt of another stage or release beside it.
+RELEASE_HINT = (f"The architecture is read from the {CONFIG_FILE} beside it: check that both files are of the same "
+                "stage of one release (stage1: the RQ-VAE, stage2: the RQ-Transformer)")
 
 
 def is_release_stage(folder: Path) -> bool:
@@ -116,7 +119,7 @@ def load_rqvae(folder: Path, ema: bool = False) -> Tokenizer:
     cfg = tokenizer_config(arch, folder / CONFIG_FILE)
     model = Tokenizer(cfg)
     state = _state_dict(folder / WEIGHTS_FILE, ema)
-    load_into(model, convert_rqvae_state(state, cfg), str(folder / WEIGHTS_FILE), file_state=state)
+    load_into(model, convert_rqvae_state(state, cfg), str(folder / WEIGHTS_FILE), hint=RELEASE_HINT, file_state=state)
     return model.eval()
 
 
@@ -216,7 +219,8 @@ def load_rq_transformer(folder: Path, ema: bool = False, tokenizer: Tokenizer | 
     file_state = _state_dict(folder / WEIGHTS_FILE, ema)
     state = RQ_TRANSFORMER_NAMES.from_upstream(file_state)
     state["code_embeddings"] = books.detach().float()  # the model embeds codes with its tokenizer's vectors
-    model = build_fitting(lambda: RQTransformer(cfg), state, str(folder / WEIGHTS_FILE), file_state=file_state)
+    model = build_fitting(lambda: RQTransformer(cfg), state, str(folder / WEIGHTS_FILE), hint=RELEASE_HINT,
+                          file_state=file_state, names=RQ_TRANSFORMER_NAMES)  # fmt: skip
     model.attach(tokenizer.eval())
     if cfg.text_length:
         attach_release_text_tokenizer(model, folder)

@@ -66,25 +66,28 @@ SELF_DESCRIBED_HINT = ("Its architecture is read off its own weights, which disa
 
 def build_fitting(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str,
                   ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT,
-                  file_state: dict[str, torch.Tensor] | None = None) -> nn.Module:  # fmt: skip
+                  file_state: dict[str, torch.Tensor] | None = None,
+                  names: StateDictAdapter | None = None) -> nn.Module:  # fmt: skip
     """`make()` with `state` loaded (see `load_into`), after checking on a model built on the meta device that the
     state fits: a configuration that names the wrong (or an absurd) size is refused before it is allocated. `hint`
-    closes the error of a state that does not fit: what to check."""
+    closes the error of a state that does not fit: what to check. `names`: the adapter that renamed the file's
+    state into `state`, so that errors name keys as the file does."""
     # An absurd configuration (a million layers) stops once it makes far more tensors than the checkpoint holds.
     with bounded_meta_build(2 * len(state) + 256, f"and {source} holds {len(state)}: check the configuration"):
-        check_fits(make().state_dict(), state, source, ignore, hint)
+        check_fits(make().state_dict(), state, source, ignore, hint, names)
     model = make()
-    load_into(model, state, source, ignore, hint, file_state)
+    load_into(model, state, source, ignore, hint, file_state, names)
     return model
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore: tuple[str, ...] = (),
-              hint: str = CONFIG_HINT, file_state: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+              hint: str = CONFIG_HINT, file_state: dict[str, torch.Tensor] | None = None,
+              names: StateDictAdapter | None = None) -> None:  # fmt: skip
     """Copies `state` into `model`; every parameter and persistent buffer must be present with its shape.
     Keys ending in one of `ignore` are training-only statistics that the model may lack. `file_state` is the
     state as the file names it, where `state` was renamed from it: errors about a weight's values use its names."""
     own = model.state_dict()
-    check_fits(own, state, source, ignore, hint)
+    check_fits(own, state, source, ignore, hint, names)
     weights = {k: state[k] for k in own}
     # As for vqar's own folders: NaN weights would sample meaningless codes.
     check_finite(weights, source, lambda key: name_in_file(weights[key], file_state, key))
@@ -104,11 +107,15 @@ def name_in_file(tensor: torch.Tensor, file_state: dict[str, torch.Tensor] | Non
 
 
 def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
-               ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT) -> None:  # fmt: skip
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own and not k.endswith(ignore)]
+               ignore: tuple[str, ...] = (), hint: str = CONFIG_HINT,
+               names: StateDictAdapter | None = None) -> None:  # fmt: skip
+    """ValueError listing what of `state` does not fit the model's `own` state, by the file's names where `names`
+    renamed them (a key the file never has, `output.bias` for VAR's `head.bias`, was no help)."""
+    named = names.upstream_name if names is not None else str
+    missing = [named(k) for k in own if k not in state]
+    unexpected = [named(k) for k in state if k not in own and not k.endswith(ignore)]
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{named(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
@@ -141,6 +148,10 @@ class StateDictAdapter:
 
     def to_upstream(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self._rename(key, to_vqar=False): value for key, value in state.items()}
+
+    def upstream_name(self, key: str) -> str:
+        """What the upstream checkpoint calls vqar's `key`."""
+        return self._rename(key, to_vqar=False)
 
     def _rename(self, key: str, to_vqar: bool) -> str:
         for up_pattern, up, ours_pattern, ours in self.rules:

@@ -173,11 +173,12 @@ def load_var_vqvae(path_or_state, patch_nums: Sequence[int] | None = None, *, ph
     if not is_var_vqvae_state(state):
         raise ValueError(_not_vqvae(state, source))
     cfg = var_vqvae_config(state, patch_nums, phi_ratio=phi_ratio, beta=beta, source=source)
-    ours = from_upstream(state)
+    ours, names = from_upstream(state), vqvae_names(phi_layout(state)[0])
     # Training statistics of vqar's codebook that the official file has no counterpart of.
     ours["quantizer.codebook.cluster_size_ema"] = torch.zeros(cfg.quantizer.codebook_size)
     ours["quantizer.codebook.initialized"] = torch.tensor(True)
-    return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT, file_state=state).eval()
+    return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT, file_state=state,
+                         names=names).eval()  # fmt: skip
 
 
 def _not_vqvae(state: dict, source: str) -> str:

@@ -122,7 +122,7 @@ def load_var_transformer(path_or_state, tokenizer=None, num_classes: int | None 
     cfg = var_transformer_config(state, source, **overrides)
     ours = VAR_NAMES.from_upstream(state)
     model = build_fitting(lambda: VAR(cfg), ours, source, ignore=VAR_BUFFERS, hint=SELF_DESCRIBED_HINT,
-                          file_state=state)  # fmt: skip
+                          file_state=state, names=VAR_NAMES)  # fmt: skip
     if tokenizer is not None:
         model.attach(tokenizer)
     return model.eval()

@@ -47,7 +47,8 @@ def load_v1(folder: Path) -> nn.Module:
     kind, fields, _ = read_config(folder)
     arch = KINDS[kind]
     fields = {FIELDS.get(k, k): v for k, v in fields.items() if k not in DROPPED_FIELDS}
-    model = build_fitting(lambda: build(arch, fields, folder), NAMES[arch].from_upstream(read_weights(folder)),
-                          str(folder))  # fmt: skip
+    file_state = read_weights(folder)
+    model = build_fitting(lambda: build(arch, fields, folder), NAMES[arch].from_upstream(file_state), str(folder),
+                          file_state=file_state, names=NAMES[arch])  # fmt: skip
     attach_companions(model, folder)
     return model.eval()
