@@ -56,6 +56,20 @@ def test_tokenizer_round_trips_pads_and_lowercases(text_tokenizer):
     assert 1 not in unseen.tolist()[0] and text_tokenizer.decode(unseen[0]) == "jqxz ? 9"
 
 
+def test_prompt_characters_outside_the_vocabulary_are_named(text_tokenizer, caplog):
+    """Characters the caption tokenizer does not know became [UNK] without a word ("七", "🎉", accented letters of
+    a vocabulary learned from ASCII captions): the model reads them all alike, so they do not steer it."""
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):
+        text_tokenizer.encode(["a cat", "a d\u00f6g \U0001f389 \u4e03\u4e03"])
+    assert ("'a d\u00f6g \U0001f389 \u4e03\u4e03': '\u00f6', '\U0001f389', '\u4e03' are not in the caption "
+            "tokenizer's vocabulary, read as [UNK]") in caplog.text
+    assert "'a cat'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar.text"):  # training captions are not reported
+        text_tokenizer.encode(["a d\u00f6g"], strict=False)
+    assert not caplog.text
+
+
 def test_long_prompts_are_truncated_with_a_warning_and_empty_ones_refused(text_tokenizer, caplog):
     long = "a photo of a cat sitting on a red sofa near the sea with two dogs and a car"
     with caplog.at_level(logging.WARNING, logger="vqar.text"):

@@ -156,6 +156,11 @@ class TextTokenizer:
                 if all(i == self.pad_id for i in encoding.ids):  # the null caption: guidance would have no condition
                     raise ValueError(f"prompt {caption!r} holds no text the caption tokenizer keeps (only control or "
                                      "invisible characters); give some words")  # fmt: skip
+                unknown = _unknown_characters(caption, encoding, self._plain.token_to_id(UNK))
+                if unknown:  # the model reads them all as one token: they do not steer it
+                    log.warning("prompt %r: %s not in the caption tokenizer's vocabulary, read as %s",
+                                _abridged(caption), ", ".join(map(repr, unknown)) + (" is" if len(unknown) == 1
+                                                                                     else " are"), UNK)  # fmt: skip
                 if encoding.overflowing:
                     log.warning("prompt %r (%d characters) is longer than the model's %d text tokens; truncated to "
                                 "%r", _abridged(caption), len(caption), self.length,
@@ -190,6 +195,15 @@ def _word_final_forms(tokenizer: CharBPETokenizer, lines: list[str]) -> list[str
     normalize, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
     last_characters = {word[-1] for line in lines for word, _ in split(normalize(line))}
     return [f"{character}</w>" for character in sorted(last_characters)]
+
+
+def _unknown_characters(caption: str, encoding, unk_id: int | None) -> list[str]:
+    """The characters of `caption` that its encoding reads as the unknown token, each once, in order."""
+    if unk_id is None:
+        return []
+    spans = [caption[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+             if token == unk_id]  # fmt: skip
+    return list(dict.fromkeys(char for span in spans for char in span if not char.isspace()))
 
 
 def _abridged(text: str, limit: int = 80) -> str:
