@@ -149,6 +149,18 @@ def test_a_setting_tokenizer_training_would_ignore_is_refused():
     assert load_run_config("rqvae-mnist", ["train.ema_decay=null"]).train.ema_decay is None
 
 
+def test_a_tokenizer_run_under_fsdp_is_refused_by_config_as_by_train(tmp_path, capsys):
+    """`vqar config tokenizer ... dist.strategy=fsdp` printed the config, which `vqar train` then refused."""
+    from conftest import run_cli
+
+    message = "vqar: error: tokenizers train with dist.strategy=ddp (FSDP is for AR models), not fsdp\n"
+    for command in (["config"], ["train"]):
+        out = ["--out", str(tmp_path / "run")] if command == ["train"] else []
+        code, err = run_cli([*command, "tokenizer", "rqvae-mnist", "dist.strategy=fsdp", *out], capsys)
+        assert code == 2 and err == message, (command, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_preset_lists_available():
     with pytest.raises(ConfigError, match="rqvae-mnist"):
         load_run_config("no-such-preset")

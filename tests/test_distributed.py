@@ -210,6 +210,20 @@ def test_fsdp_checkpoint_loads_and_resumes_in_one_process(tmp_path, single_view_
     assert again.stderr.count("vqar: the checkpoint was written by 1 process and is resumed by 2") == 1, again.stderr
 
 
+def test_one_process_checkpoint_resumes_under_fsdp(tmp_path, single_view_codes):
+    """A checkpoint of one process (or DDP) holds the optimizer state keyed by position, which FSDP refused ("written
+    without FSDP; resume it with dist.strategy=ddp"): it now resumes sharded to the weights of an uninterrupted run."""
+    run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
+    resumed, plain = tmp_path / "resumed", tmp_path / "plain"
+    _vqar([*run, "steps=3", "--out", str(resumed)], 1, tmp_path)
+    start = _weights(resumed)
+    done = _vqar([*run, "dist.strategy=fsdp", "--out", str(resumed), "--resume"], 2, tmp_path)
+    assert "resumed from" in done.stderr
+    _vqar([*run, "--out", str(plain)], 1, tmp_path)
+    _assert_trained(start, _weights(resumed))
+    _assert_same_training(plain, resumed)
+
+
 def test_distributed_sampling_writes_one_npz_with_the_exact_count(tmp_path, tiny_pipeline):
     from vqar.train.ar import train_ar
     from vqar.train.ar_config import load_run_config
@@ -330,6 +344,41 @@ def test_an_error_every_rank_meets_is_said_once_and_one_rank_meets_alone_is_said
     done = subprocess.run([*torchrun(2), "-m", "vqar.cli", *missing], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode != 0 and done.stderr.count("vqar: error: no model at") == 1, done.stderr[-3000:]
+
+
+WARNING = """
+import logging, os
+from vqar.parallel.runtime import say_warnings_once_per_machine
+logging.basicConfig(format="vqar: %(message)s")
+say_warnings_once_per_machine()
+log = logging.getLogger("vqar.train")
+log.warning("on every rank")
+log.warning("on every rank")
+log.warning("rank %s alone", os.environ["RANK"])
+logging.getLogger("elsewhere").warning("not vqar's")
+"""
+
+
+def test_a_warning_every_rank_meets_is_said_once_and_one_rank_meets_alone_is_said(tmp_path):
+    """The other ranks' info lines were off, but each rank printed every warning (a setting, a checkpoint: all
+    ranks meet it alike), so it was said once per process. A warning of one rank alone is still said, and one a
+    process gives twice is said twice; other libraries' warnings are theirs to handle."""
+    script = tmp_path / "warning.py"
+    script.write_text(WARNING)
+    done = subprocess.run([*torchrun(2), str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stderr
+    assert said.count("vqar: on every rank") == 2, said
+    assert said.count("vqar: rank 0 alone") == 1 and said.count("vqar: rank 1 alone") == 1, said
+    assert said.count("vqar: not vqar's") == 2, said
+
+
+def test_the_warnings_of_a_two_process_run_are_said_once(tmp_path, single_view_codes):
+    """A resume that adds an EMA was told by both processes that the checkpoint holds no EMA weights."""
+    run = ["train", "ar", "rq-mnist", f"codes={single_view_codes}", *AR_RUN]
+    _vqar([*run, "steps=3", "--out", str(tmp_path / "run")], 2, tmp_path)
+    done = _vqar([*run, "steps=4", "train.ema_decay=0.9", "--out", str(tmp_path / "run"), "--resume"], 2, tmp_path)
+    assert done.stderr.count("holds no EMA weights") == 1, done.stderr
 
 
 RANK_1_FAILS_FIRST = """

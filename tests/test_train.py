@@ -195,6 +195,15 @@ def test_a_task_schedule_replaces_warmup_cosine_where_it_answers(tmp_path, monke
     assert [r["lr"] for r in _records(tmp_path / "run", "train")] == pytest.approx([train.lr * f for f in expected])
 
 
+def test_a_row_logs_the_learning_rate_of_its_step(tmp_path):
+    """The lr of a row was the mean over the steps since the last row: in warmup over 10 steps, the row of step 3
+    said 2/10 of train.lr (the rate of step 2), where step 3 trains at 3/10."""
+    cfg = load_run_config("rqvae-mnist", [*TINY_RUN, "steps=3", "train.log_every=100", "train.warmup_steps=10"])
+    train_tokenizer(cfg, tmp_path / "run")
+    (row,) = _records(tmp_path / "run", "train")
+    assert row["step"] == 3 and row["lr"] == pytest.approx(cfg.train.lr * 3 / 10)
+
+
 def test_throughput_leaves_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

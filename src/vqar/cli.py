@@ -35,6 +35,7 @@ from vqar.parallel.runtime import (
     launch_main,
     launched_by_torchrun,
     lost_a_peer,
+    say_warnings_once_per_machine,
 )
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="vqar: %(message)s", stream=sys.stderr
     )
+    say_warnings_once_per_machine()
     with _stopped_by_sigterm():
         return _run(args)
 

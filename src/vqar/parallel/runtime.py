@@ -105,6 +105,37 @@ def first_to_say(message: str, per_machine: bool = False) -> bool:
         return True
 
 
+class SaidOncePerMachine(logging.Filter):
+    """Lets a warning of the vqar loggers through on the first process of its machine to log it: every rank meets
+    the same settings and the same checkpoint, and each printed the same line. A warning of one rank alone (a file
+    of its share of the data) has its own words, so it is still said. A process that logs the same words again is
+    counted on: its n-th time is said as long as no other process of the machine said them n times before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not (record.name == "vqar" or record.name.startswith("vqar.")):
+            return True
+        message = record.getMessage()
+        self.times[message] = self.times.get(message, 0) + 1
+        return first_to_say(f"warning {self.times[message]}: {message}", per_machine=True)
+
+
+def say_warnings_once_per_machine() -> None:
+    """Has the console handlers (those of the root logger, which `logging.basicConfig` set up) print each vqar
+    warning once per machine of a torchrun launch; the other ranks' info lines are off already (see `setup`).
+    A handler filter, not a logger one: a logger's filter sees only its own records, not its children's."""
+    if not launched_by_torchrun():
+        return
+    once = SaidOncePerMachine()
+    for handler in logging.getLogger().handlers:
+        # A second filter would claim each warning again and find it said: called twice, it would silence them
+        if not any(isinstance(f, SaidOncePerMachine) for f in handler.filters):
+            handler.addFilter(once)
+
+
 def lost_a_peer(err: BaseException) -> bool:
     """Whether `err` is a collective of a torchrun launch that failed because another process is gone: torch's
     distributed errors, and gloo's plain RuntimeError when the peer's connection closes."""
@@ -244,12 +275,11 @@ class Parallel:
 
     def load_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if "by_name" not in state:
-            if self.sharded:
-                raise ValueError(
-                    "this checkpoint's optimizer state was written without FSDP; resume it with dist.strategy=ddp"
-                )
-            optimizer.load_state_dict(state)
-            return
+            if not self.sharded:
+                optimizer.load_state_dict(state)
+                return
+            # Written by one process or DDP: FSDP's loader places the full state on the shards by parameter name
+            state = {"by_name": _by_name(module, optimizer, state)}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True)
@@ -302,6 +332,24 @@ class Parallel:
             p.unlink()
         self.barrier()
         return merged
+
+
+def _by_name(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """`optimizer.state_dict()` of an unsharded run (keyed by the parameter's position in the param groups) keyed by
+    parameter name, as FSDP's full optimizer state is. The resuming optimizer is built by the same code, so its
+    groups list the same parameters in the same order; under FSDP they are the shards `module` now holds."""
+    names = {id(param): name for name, param in module.named_parameters()}
+    saved = state["param_groups"]
+    sizes = [len(group["params"]) for group in saved], [len(group["params"]) for group in optimizer.param_groups]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the checkpoint's optimizer holds parameter groups of {sizes[0]} parameters, this model's "
+                         f"{sizes[1]}: it was written for another model")  # fmt: skip
+    name_of = {index: names[id(param)] for old, new in zip(saved, optimizer.param_groups, strict=True)
+               for index, param in zip(old["params"], new["params"], strict=True)}  # fmt: skip
+    return {
+        "state": {name_of[index]: value for index, value in state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]} for group in saved],
+    }
 
 
 def setup(cfg: DistConfig | None = None, device: torch.device | None = None) -> Parallel:

@@ -67,13 +67,18 @@ def _nonfinite(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
 
 
 class _LogWindow:
-    """The training steps since the last metric log: their metrics, how many were skipped, and their time."""
+    """The training steps since the last metric log: their metrics, how many were skipped, and their time. A row
+    gives the means over its window, except for `AT_STEP`: a mean learning rate is no rate any step used (the
+    warmup's mean lags the row's step), and it would read as the schedule being off."""
+
+    AT_STEP = ("lr",)
 
     def __init__(self) -> None:
         self._restart()
 
     def _restart(self) -> None:
         self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.at_step: dict[str, float] = {}
         self.steps = self.skipped = 0
         self.start = time.perf_counter()
 
@@ -81,7 +86,10 @@ class _LogWindow:
         self.steps += 1
         self.skipped += int(skipped)
         for key, value in metrics.items():
-            self.metrics[key].append(value)
+            if key in self.AT_STEP:
+                self.at_step[key] = value
+            else:
+                self.metrics[key].append(value)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -94,6 +102,7 @@ class _LogWindow:
         """The window's metric means over all ranks (a collective), skipped steps and global throughput in samples
         per second; a new window starts."""
         means = par.mean({k: sum(v) / len(v) for k, v in self.metrics.items()})
+        means.update(self.at_step)  # the schedule is the same on every rank
         if self.skipped:
             means["skipped_steps"] = self.skipped
         means["samples_per_s"] = self.steps * batch_size / (time.perf_counter() - self.start)
@@ -442,8 +451,7 @@ class Trainer:
                 sched.step()
         if not metrics.get("skipped") and not math.isfinite(metrics.get("loss", 0.0)):
             metrics["skipped"] = 1.0  # a task that does not guard its own step: count it all the same
-        if not metrics.get("skipped"):
-            metrics["lr"] = lr
+        metrics["lr"] = lr  # a skipped step still has its place in the schedule: a row at it logs its rate
         return metrics
 
     def _count_nonfinite(self) -> None:

@@ -56,6 +56,7 @@ class TokenizerRunConfig:
         self.data.validate()
         self.train.validate()
         self.dist.validate()
+        _refuse_fsdp(self.dist)
         if self.train.ema_decay is not None:  # the AR stage's: a tokenizer run would train without it, unsaid
             raise ValueError(f"train.ema_decay={self.train.ema_decay} keeps EMA weights of AR models only; a tokenizer "
                              "trains without them: set train.ema_decay=null")  # fmt: skip
@@ -79,6 +80,11 @@ class TokenizerRunConfig:
             raise ValueError(
                 f"data.image_size={self.data.image_size} differs from model.{arch}.{name}={net.image_size}; set both"
             )
+
+
+def _refuse_fsdp(dist: DistConfig) -> None:
+    if dist.strategy != "ddp":
+        raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {dist.strategy}")
 
 
 def _refuse_unbuilt_backbones(config: TokenizerConfig) -> None:
@@ -257,8 +263,7 @@ def train_tokenizer(
     cfg: TokenizerRunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
 ) -> dict[str, float]:
     """Trains a tokenizer into `run_dir` and returns the final validation metrics."""
-    if cfg.dist.strategy != "ddp":
-        raise ValueError(f"tokenizers train with dist.strategy=ddp (FSDP is for AR models), not {cfg.dist.strategy}")
+    _refuse_fsdp(cfg.dist)  # validated already, unless the config was built in code
     if resume:
         check_same_model(cfg, Path(run_dir))
     with distributed_run(cfg.dist, cfg.train.device, run_dir, resume, overwrite, "tokenizer") as (par, run_dir):
