@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -239,3 +240,23 @@ def test_a_bpe_dropout_given_on_resume_is_the_one_trained_with(text_run, tmp_pat
     tokenizer = prepare_text_tokenizer(cfg, CodeDataset(root / "codes"), [0, 1], run, one_process)
     assert tokenizer.dropout == dropout and vqar.load_pretrained(root / "ar").text_tokenizer.dropout == 0.1
     assert (tokenizer._dropout is None) == (dropout is None)  # the segmentation the training steps draw from
+
+
+def test_a_caption_size_at_odds_with_the_text_settings_names_them_not_the_store(random_stores, text_run, tmp_path,
+                                                                                capsys):  # fmt: skip
+    """"model.text_length=8 contradicts the code store, which gives 32": the 32 was text.length's, and on --resume
+    a changed text.length was said to need "a store that gives 32"."""
+    from conftest import run_cli
+    from vqar.configs import ConfigError
+
+    codes = [f"codes={random_stores / 'rq-digits'}", "text.vocab_size=160"]
+    with pytest.raises(ConfigError, match=re.escape("model.text_length=8 contradicts text.length, which gives 32 (a "
+                                                    "text model's caption sizes come from its text settings): leave "
+                                                    "model.text_length unset and set text.length")):  # fmt: skip
+        load_run_config("rq-mnist-text", [*codes, "model.text_length=8"])
+    root, _ = text_run
+    run = tmp_path / "ar"
+    shutil.copytree(root / "ar", run)
+    code, err = run_cli(["train", "ar", "--resume", "--out", str(run), "text.length=16"], capsys)
+    assert code == 2 and "was trained with model.text_length=8, and text.length now gives 16; the caption settings " \
+                         "cannot change on --resume" in err, err  # fmt: skip

@@ -328,9 +328,12 @@ def resolve_data_fields(node: DictConfig, names: tuple[str, ...], run_yaml: str 
     if not codes:
         return {name: "from the code store: give codes=DIR" for name in names}
     given = {item.partition("=")[0].strip() for item in overrides}
-    for name, value in data_fields(node, Path(codes)).items():
+    fields = data_fields(node, Path(codes))
+    for name, value in fields.items():
         if not OmegaConf.is_missing(node.model, name):
             stated = OmegaConf.to_container(node.model)[name]
+            if stated != value and fields.get("text_length") and name in TEXT_SETTINGS:
+                _refuse_changed_text_field(name, stated, value, run_yaml)
             if stated != value and run_yaml is not None and f"model.{name}" in given:  # the user's, not the run's
                 trained = preset_fields("ar", run_yaml, [], ("model",)).get("model")
                 trained = OmegaConf.to_container(trained).get(name) if isinstance(trained, DictConfig) else None
@@ -346,6 +349,23 @@ def resolve_data_fields(node: DictConfig, names: tuple[str, ...], run_yaml: str 
                                   f"leave model.{name} unset")  # fmt: skip
         node.model[name] = value
     return {name: f"from the code store {codes}" for name in names}
+
+
+# The model's caption sizes are the text settings' (a text store's): their errors name those, not the store.
+TEXT_SETTINGS = {"text_length": "text.length", "text_vocab_size": "text.vocab_size (or text.tokenizer)",
+                 "text_pad_id": "text.tokenizer"}  # fmt: skip
+
+
+def _refuse_changed_text_field(name: str, stated, value, run_yaml) -> None:
+    setting = TEXT_SETTINGS[name]
+    if run_yaml is not None:
+        raise ConfigError(f"resuming: the run of {run_yaml} was trained with model.{name}={stated}, and "
+                          f"{setting} now gives {value}; the caption settings cannot change on --resume (its "
+                          f"checkpoints hold that model's weights): leave {setting.split(' ')[0]} out, or start a new "
+                          "run in another --out")  # fmt: skip
+    raise ConfigError(f"model.{name}={stated} contradicts {setting}, which gives {value} (a text model's caption "
+                      f"sizes come from its text settings): leave model.{name} unset and set "
+                      f"{setting.split(' ')[0]}")  # fmt: skip
 
 
 def data_fields(node: DictConfig, codes: Path) -> dict[str, Any]:
