@@ -81,8 +81,9 @@ def _work_home(out: Path) -> tuple[bool, Path]:
 
 
 def _check_work_folder_writable(out: Path) -> None:
-    """OSError naming the folder the model is first written in, where it cannot be: an OUT_DIR that is writable
-    in a folder that is not passed the up-front check, and failed after the whole load, with a bare errno."""
+    """OSError naming the folder the model is first written in, where it cannot be written: an OUT_DIR that could
+    be written, inside a folder that could not, passed the up-front check and failed after the whole load with a
+    bare errno."""
     home = _work_home(out)[1]
     probe = home / f".write-test-{os.getpid()}"
     try:
