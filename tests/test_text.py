@@ -321,6 +321,19 @@ def test_an_invisible_caption_is_a_missing_one_and_another_key_is_named(tmp_path
         read_captions(jsonl)
 
 
+def test_a_tsv_written_with_quoting_is_said_to_be(tmp_path, caplog):
+    """A .tsv from Python's csv module or pandas quotes a caption that holds a quote (or a tab, a line break): it
+    was stored with its quotes, doubled inner quotes and all, without a word."""
+    import csv
+
+    with open(tmp_path / "captions.tsv", "w", newline="") as handle:
+        csv.writer(handle, delimiter="\t").writerows([["a.png", 'the sign says "seven"'], ["b.png", "a cat"]])
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        table = read_captions(tmp_path / "captions.tsv")
+    assert table["b.png"] == ["a cat"]
+    assert "1 caption(s) in double quotes, kept as written, quotes included" in caplog.text
+
+
 def test_a_caption_line_with_an_empty_file_name_is_skipped_and_counted(tmp_path, caplog):
     """`\ta dog` captioned "." (the folder itself, as `Path("")` reads), and was then reported as a caption of a
     file that is not among the images."""

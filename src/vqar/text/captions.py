@@ -65,7 +65,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     if path.suffix not in (".jsonl", ".tsv"):
         raise ValueError(f"caption files are .jsonl or .tsv, got {path.name}")
     table: dict[str, list[str]] = defaultdict(list)
-    skipped = untabbed = wide = nameless = 0
+    skipped = untabbed = wide = nameless = quoted = 0
     first = True
     with open(path, "rb") as handle:  # read as bytes, so that a line that is not UTF-8 is named by its number
         for number, raw in enumerate(handle, start=1):
@@ -86,6 +86,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                     continue
                 untabbed += not tab
                 wide += bool(more)
+                quoted += caption.startswith('"') and caption.rstrip().endswith('"') and len(caption.rstrip()) > 1
                 captions = [caption]
             first = False
             if not name.strip():  # Path("") is ".": the caption would be the folder's, which is no image
@@ -102,6 +103,10 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
                 table[Path(name).as_posix()].append(text)
     if untabbed:
         log.warning("%s: %d line(s) without a tab between the file name and the caption skipped", path, untabbed)
+    if quoted:  # csv.writer and pandas quote fields that hold quotes, tabs or line breaks
+        log.warning('%s: %d caption(s) in double quotes, kept as written, quotes included: a .tsv is read line by '
+                    'line, unquoted; write it without quoting (csv.QUOTE_NONE) or as captions.jsonl', path,
+                    quoted)  # fmt: skip
     if wide:
         log.warning("%s: %d line(s) with more columns than file<TAB>caption: the columns after the caption were left "
                     "out", path, wide)  # fmt: skip
