@@ -13,7 +13,7 @@ import yaml
 
 import vqar
 from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
-from vqar.interop import UnsafeCheckpointError
+from vqar.interop import UnsafeCheckpointError, load_checkpoint
 from vqar.interop.llamagen import GPT_NAMES
 from vqar.interop.rq_release import RQ_TRANSFORMER_NAMES
 from vqar.quantize import QuantizerConfig
@@ -387,6 +387,17 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"system"):
         vqar.load_pretrained(tmp_path / "evil.pt", config="GPT-B")
+    assert not marker.exists()
+
+
+def test_a_legacy_format_file_asking_for_other_types_is_refused_as_such_not_called_damaged(tmp_path):
+    """torch.save's old (non-zip) format cannot be scanned for the types it asks for, and such a file was called
+    "a damaged pickle"; the types are named as for a zip file, and nothing runs."""
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, tmp_path / "evil.pt",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    with pytest.raises(UnsafeCheckpointError, match=r"not on vqar's allow-list \(it needs posix.system\)"):
+        load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import pickle
+import re
 import typing
 import zipfile
 from pathlib import Path
@@ -74,12 +75,12 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         names = {_qualified(obj) for obj in allowed}
         try:
             wanted = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in names]
-        except Exception:  # an old-format or damaged file: report what torch said
-            wanted = []
+        except Exception:  # a legacy (non-zip) file, which that scan cannot read: torch's error names the first
+            wanted = [g for g in re.findall(r"GLOBAL ([\w.]+)", str(err)) if g not in names]
         if not wanted:  # no Python object it asks for is missing: the pickle itself is damaged or not one
             raise ValueError(
                 f"{path} is not a checkpoint vqar can read: a damaged pickle, or one without tensors"
