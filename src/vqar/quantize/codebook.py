@@ -185,10 +185,15 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 def code_statistics(codes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(usage, perplexity) of integer `codes` over a codebook of `size`: usage in % of codes that occur."""
-    counts = torch.bincount(codes.reshape(-1), minlength=size).float()
-    probs = counts / counts.sum().clamp_min(1)
-    usage = (counts > 0).float().mean() * 100
-    perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+    return count_statistics(torch.bincount(codes.reshape(-1), minlength=size).float())
+
+
+def count_statistics(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(usage, perplexity) of code histograms `counts` (..., size), per histogram: usage in % of codes that occur,
+    perplexity exp(entropy)."""
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    usage = (counts > 0).float().mean(-1) * 100
+    perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))
     return usage, perplexity
 
 

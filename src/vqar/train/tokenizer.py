@@ -16,6 +16,7 @@ from vqar.bundle import save_pretrained
 from vqar.configs import changed_settings, compose_node, to_config, to_yaml
 from vqar.data import Batch, DataConfig, build_datasets, check_readable, random_hflip
 from vqar.parallel import DistConfig, Parallel, sync
+from vqar.quantize.codebook import count_statistics
 from vqar.tokenizers import Tokenizer, TokenizerConfig
 from vqar.tokenizers.losses import TokenizerLossConfig, TokenizerObjective
 from vqar.tokenizers.registry import BACKBONES, backbone
@@ -168,14 +169,26 @@ class TokenizerTask(TrainTask):
                 d_loss, d_metrics = self.objective.discriminator_step_loss(images, out.recon, self.train_disc)
             if self.disc_guard.step(d_loss, self.disc_optimizer, grad_clip):
                 metrics.update(d_metrics)
+        usage, perplexity = out.quant.usage, out.quant.perplexity
+        if self.par.distributed:
+            usage, perplexity = self._global_code_statistics(out.quant.codes)
         metrics.update(
             psnr=psnr(images, out.recon.detach()).mean(),
-            usage=out.quant.usage.float().mean(),
-            perplexity=out.quant.perplexity.float().mean(),
+            usage=usage.float().mean(),
+            perplexity=perplexity.float().mean(),
             commitment=out.quant.commitment.detach(),
         )
-        metrics.update(self._per_level("usage", out.quant.usage))
+        metrics.update(self._per_level("usage", usage))
         return {k: float(v) for k, v in metrics.items()}
+
+    def _global_code_statistics(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level (usage, perplexity) of the global batch's codes. Each process's share of the batch uses fewer
+        codes than the whole: their mean fell as processes were added, though the weights trained alike."""
+        size = self.model.codebook_size
+        levels = self.model.quantizer.level_codes(codes.detach())
+        counts = torch.stack([torch.bincount(level, minlength=size) for level in levels]).float()
+        sync.all_reduce_sum_(counts)
+        return count_statistics(counts)
 
     def _per_level(self, name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """`usage_d0`, `usage_d1`, ... (depths) or `usage_s0`, ... (scales) for a quantizer with several levels."""
