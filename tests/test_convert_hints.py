@@ -84,3 +84,16 @@ def test_convert_help_names_every_format_it_reads(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "LlamaGen .pt, VAR .pth" in " ".join(capsys.readouterr().out.split())  # what --model takes
+
+
+def test_the_hint_s_commands_quote_a_path_with_spaces(release, tmp_path, capsys):
+    """`vqar sample --model /my models/ar` could not be pasted back: the shell split the path."""
+    import shlex
+
+    out = tmp_path / "my models" / "ar"
+    assert main(["convert", str(release), str(out)]) == 0
+    (hint,) = _hint(capsys)
+    command = hint.split("`")[1]
+    assert shlex.split(command) == ["vqar", "sample", "--model", str(out)]
+    assert main(shlex.split(command)[1:] + ["--classes", "0", "--n-per-class", "1", "--out",
+                                            str(tmp_path / "samples")]) == 0  # fmt: skip

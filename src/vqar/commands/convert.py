@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def next_steps(model, out: Path) -> str:
     from vqar.ar import ARModel
 
     load = f"load it with vqar.load_pretrained({str(out)!r})"
+    out = shlex.quote(str(out))  # a path with spaces, pasted back into a shell
     if isinstance(model, ARModel) and model.tokenizer is None:  # a var_d*.pth without its VQVAE beside it, say
         return (f"{load}; it was converted without the tokenizer that decodes its codes: give one to sample, "
                 f"`vqar sample --model {out} --tokenizer TOKENIZER`, or convert again with --tokenizer")  # fmt: skip
