@@ -1,6 +1,6 @@
 """Does a small text-conditioned RQ-Transformer follow its prompts? Trained on the bundled digits with generated
 captions ("a handwritten seven", "the digit 7", ...), it is asked for each digit with phrasings it never saw in
-training ("a picture of a handwritten seven", "number 7, written by hand", "someone wrote the digit seven"); the
+training ("a picture of a handwritten seven", "number 7, written by hand", "a student wrote the digit seven"); the
 digit classifier says which digit each sample shows. Target: at least 80% of samples show the digit named.
 
     python benchmarks/text_to_image.py            # tokenizer (700 steps) + rq-mnist-text (2,000 steps), CPU
