@@ -98,11 +98,12 @@ def _check_work_folder_writable(out: Path) -> None:
 def _model_bytes(model) -> int:
     """About what the model's folder takes: its weights and buffers, and its tokenizer's (also when attached)."""
     from vqar.ar import ARModel
+    from vqar.train.resources import module_bytes
 
-    tensors = [*model.state_dict().values()]
-    if isinstance(model, ARModel) and model.tokenizer is not None:  # attached, not a submodule: not in its state
-        tensors += list(model.tokenizer.state_dict().values())
-    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)  # and the configs, a MiB at most
+    total = module_bytes(model)
+    if isinstance(model, ARModel) and model.tokenizer is not None:  # attached, not a submodule: not in its weights
+        total += module_bytes(model.tokenizer)
+    return total + (1 << 20)  # and the configs, a MiB at most
 
 
 def _swap_entries(built: Path, out: Path) -> None:

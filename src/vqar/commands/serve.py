@@ -111,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=positive_int, default=32,
                        help="requests waiting at once, default 32 (more: HTTP 429)")  # fmt: skip
     serve.add_argument("--max-batch", type=positive_int, default=64, help="images drawn in one model run, default 64")
+    # Docker's stop waits 10 s before it kills: a server that ends within them needs no SIGKILL.
     serve.add_argument("--shutdown-grace", type=non_negative_float, default=10.0, metavar="SECONDS",
                        help="stopped (Ctrl-C, SIGTERM), the server answers the requests still queued 503 at once and "
                        "gives those being drawn this long before they are answered 503 too; default 10")  # fmt: skip

@@ -23,7 +23,6 @@ from vqar.serve.engine import SamplingEngine  # noqa: E402
 log = logging.getLogger("vqar.serve")
 
 MAX_UPLOAD_BYTES = 1024
-SHUTDOWN_GRACE = 10.0  # seconds a stopping server gives the requests it is drawing (Docker's stop waits 10 s)
 
 
 def class_names_for(model_path: str | Path) -> list[str] | None:
@@ -118,7 +117,7 @@ def server_url(host: str, port: int) -> str:
 
 
 def serve(engine: SamplingEngine, host: str = "127.0.0.1", port: int = 7860, sock: socket.socket | None = None,
-          grace: float = SHUTDOWN_GRACE) -> None:  # fmt: skip
+          grace: float = 10.0) -> None:  # fmt: skip
     """Runs the server until it is stopped; `sock` is a socket from `listen(host, port)` (else one is bound here).
     Stopped, it gives the requests being drawn `grace` seconds (see `SamplingEngine.shut_down`)."""
     sock = sock or listen(host, port)
