@@ -113,9 +113,15 @@ def _check_same_codebook(model: nn.Module, tokenizer: nn.Module, given_as, path)
         known = model.tokenizer.code_vectors()
     if known is None:  # a release whose tokenizer comes from the caller alone: nothing to compare with
         return
+    # A bf16 / fp16 copy of the same codebook differs by its rounding (bf16: up to 0.4%), wherever its vectors are
+    # computed in fp32; another codebook differs by the vectors' own size.
+    stored = {known.dtype} | {weight.dtype for weight in tokenizer.parameters()}
+    if model.tokenizer is not None:
+        stored |= {weight.dtype for weight in model.tokenizer.parameters()}
+    rounding = max([torch.finfo(dtype).eps for dtype in stored if dtype.is_floating_point] + [1e-3])
     given = tokenizer.code_vectors().detach().float().cpu()
     known = known.detach().float().cpu()
-    if given.shape == known.shape and not torch.allclose(given, known, rtol=1e-3, atol=1e-5):
+    if given.shape == known.shape and not torch.allclose(given, known, rtol=rounding, atol=1e-5):
         raise ValueError(f"the tokenizer {given_as} codes with another codebook than the one {path} was trained on "
                          "(the same size, other vectors), so its codes would decode to noise: give the tokenizer "
                          "the model's codes were extracted with (a vqar AR folder carries it: leave --tokenizer "
