@@ -170,8 +170,14 @@ def test_convert_refuses_config_and_tokenizer_where_they_do_not_apply(tmp_path, 
     assert main(["convert", str(sources["var_transformer"]), str(tmp_path / "var"), "--tokenizer",
                  str(sources["var_vqvae"])]) == 0  # fmt: skip
     assert list(vqar.load_pretrained(tmp_path / "var").tokenizer.quantizer.patch_nums) == [1, 2, 4]
-    for kind in ("rq_stage1", "tokenizer_folder", "ar_folder", "var_vqvae", "var_transformer"):
+    for kind in ("rq_stage1", "tokenizer_folder", "ar_folder", "var_transformer"):
         assert main(["convert", str(sources[kind]), str(tmp_path / "plain" / kind)]) == 0, kind
+    # A VQVAE file keeps no scales, only a usage row per scale: 3 rows are not the release's 10 scales, said so
+    # (it converted at the release's scales without a word).
+    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "plain" / "var_vqvae")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "var_vqvae.pth was trained at 3 scales" in err and "patch_nums" in err, err
+    assert not (tmp_path / "plain" / "var_vqvae").exists()
     with pytest.raises(ValueError, match=r"tokenizer= \(--tokenizer\) does not apply"):
         vqar.load_pretrained(sources["tokenizer_folder"], tokenizer=vqar.load_pretrained(sources["rq_stage1"]))
 
@@ -184,7 +190,8 @@ def test_a_var_transformer_file_takes_a_tokenizer_folder_or_names_what_the_token
                  '{"patch_nums": [1, 2, 4]}']) == 0  # fmt: skip
     model = vqar.load_pretrained(sources["var_transformer"], tokenizer=tmp_path / "vqvae")
     assert list(model.tokenizer.quantizer.patch_nums) == [1, 2, 4]
-    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "vqvae-256")]) == 0  # the release's scales
+    release_scales = '{"patch_nums": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]}'
+    assert main(["convert", str(sources["var_vqvae"]), str(tmp_path / "vqvae-256"), "--config", release_scales]) == 0
     with pytest.raises(ValueError, match=r"scales \(1, 2, 3, 4, 5, 6, 8, 10, 13, 16\).*do not fit"):
         vqar.load_pretrained(sources["var_transformer"], tokenizer=tmp_path / "vqvae-256")
     for kind in ("ar_folder", "var_transformer"):
@@ -212,8 +219,9 @@ def test_released_weights_with_nan_or_inf_are_refused_like_a_vqar_folder(tmp_pat
         state[name][0, 0] = float("nan") if kind == "var_transformer" else float("inf")
         torch.save(state, tmp_path / f"bad_{kind}.pth")
         # Named as the file names it (vqar calls VAR's head.weight output.weight): what a user finds in the file.
+        config = {"patch_nums": [1, 2, 4]} if kind == "var_vqvae" else None
         with pytest.raises(ValueError, match=rf"bad_{kind}.pth holds NaN or infinite values .*\(the first: {name}\)"):
-            vqar.load_pretrained(tmp_path / f"bad_{kind}.pth")
+            vqar.load_pretrained(tmp_path / f"bad_{kind}.pth", config=config)
     checkpoint = torch.load(sources["llamagen_vq"], weights_only=True)
     checkpoint["model"]["quantize.embedding.weight"][1, 1] = float("nan")
     torch.save(checkpoint, tmp_path / "bad_vq.pt")

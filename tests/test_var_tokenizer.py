@@ -198,6 +198,12 @@ def test_wrong_files_get_one_line_errors(folder, tmp_path):
     assert is_var_vqvae_state(state) and not is_var_vqvae_state({"quantize.embedding.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="increasing"):
         load_var_vqvae(state, [1, 3, 2])
+    # No scales given: the release's ten, unless the file's usage rows (one per scale) say it had another number.
+    scales = len(_patch_nums(config))
+    with pytest.raises(ValueError, match=f"trained at {scales} scales .* not at the release's 10"):
+        load_var_vqvae(state)
+    state["quantize.ema_vocab_hit_SV"] = torch.zeros(10, state["quantize.embedding.weight"].shape[0])
+    assert list(load_var_vqvae(state).quantizer.patch_nums) == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     state["quantize.embedding.weight"] = state["quantize.embedding.weight"][:, :-1]
     with pytest.raises(ValueError, match="does not fit"):
         load_var_vqvae(state, _patch_nums(config))

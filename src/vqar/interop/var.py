@@ -114,6 +114,8 @@ def var_vqvae_config(state: dict[str, torch.Tensor], patch_nums: Sequence[int] |
     """The vqar TokenizerConfig of an official VQVAE state dict (official names); see the module docstring."""
     if not is_var_vqvae_state(state):
         raise ValueError(_not_vqvae(state, source))
+    if patch_nums is None:
+        _check_release_scales_fit(state, source)
     patch_nums = list(PATCH_NUMS_256 if patch_nums is None else patch_nums)
     codebook_size, dim = state["quantize.embedding.weight"].shape
     ch = state["encoder.conv_in.weight"].shape[0]
@@ -179,6 +181,19 @@ def load_var_vqvae(path_or_state, patch_nums: Sequence[int] | None = None, *, ph
     ours["quantizer.codebook.initialized"] = torch.tensor(True)
     return build_fitting(lambda: Tokenizer(cfg), ours, source, hint=SELF_DESCRIBED_HINT, file_state=state,
                          names=names).eval()  # fmt: skip
+
+
+def _check_release_scales_fit(state: dict[str, torch.Tensor], source: str) -> None:
+    """ValueError when a VQVAE read at the release's scales (none given) was trained at another number of them:
+    the file records no scales, but its usage statistic keeps one row per scale, and read at the release's ten a
+    VQVAE of other scales builds without a word and codes at scales no transformer of it knows."""
+    usage = state.get(USAGE_BUFFER)
+    if isinstance(usage, torch.Tensor) and usage.dim() == 2 and usage.shape[0] != len(PATCH_NUMS_256):
+        release = ", ".join(map(str, PATCH_NUMS_256))
+        raise ValueError(f"{source} was trained at {usage.shape[0]} scales (its {USAGE_BUFFER} has a row per scale), "
+                         f"not at the release's {len(PATCH_NUMS_256)} ({release}) it would be read at: give its scales "
+                         f"as config patch_nums (`--config '{{\"patch_nums\": [1, 2, ...]}}'`), or load it beside the "
+                         "VAR transformer it serves, which knows them")  # fmt: skip
 
 
 def _not_vqvae(state: dict, source: str) -> str:
