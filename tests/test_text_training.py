@@ -169,6 +169,25 @@ def test_sample_cli_draws_prompts(text_run, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+def test_a_caption_tokenizer_of_another_vocabulary_is_refused_beside_the_model(text_run, tmp_path, capsys):
+    """A `--text-tokenizer` learned from other captions, smaller than the model's text vocabulary, was taken
+    without a word: its ids mean other words to the model. The model's own vocabulary at another length is not."""
+    from vqar.text import TextTokenizer
+
+    root, _ = text_run
+    other = TextTokenizer.train(["a cat on a mat", "two dogs in the park"] * 4, tmp_path / "other", vocab_size=160)
+    args = ["sample", "--model", str(root / "ar"), "--prompt", "the digit 3", "--n-per-class", "1"]
+    assert main([*args, "--text-tokenizer", str(tmp_path / "other"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the caption tokenizer has another vocabulary than the one the model was " \
+        "trained with" in err, err
+    assert not (tmp_path / "s").exists()
+    own = vqar.load_pretrained(root / "ar").text_tokenizer
+    assert other.vocab_size < own.vocab_size and own.entries_differing_from(other) > 0
+    own.with_length(4).save(tmp_path / "own")
+    assert main([*args, "--text-tokenizer", str(tmp_path / "own"), "--out", str(tmp_path / "s")]) == 0
+
+
 def test_a_missing_text_tokenizer_is_said_to_be_missing_before_the_model_loads(tmp_path, monkeypatch, capsys):
     import vqar.interop
 
@@ -260,3 +279,25 @@ def test_a_caption_size_at_odds_with_the_text_settings_names_them_not_the_store(
     code, err = run_cli(["train", "ar", "--resume", "--out", str(run), "text.length=16"], capsys)
     assert code == 2 and "was trained with model.text_length=8, and text.length now gives 16; the caption settings " \
                          "cannot change on --resume" in err, err  # fmt: skip
+
+
+def test_a_text_vocab_size_far_above_what_the_captions_give_is_warned_about(text_run, tmp_path, caplog):
+    """`text.vocab_size=300000` on digit captions learned a vocabulary of a few hundred entries and sized the model's
+    text embedding at 300,000 rows without a word."""
+    from types import SimpleNamespace
+
+    from vqar.train.text import TextConfig, prepare_text_tokenizer
+
+    root, _ = text_run
+    one_process = SimpleNamespace(is_main=True, barrier=lambda: None)
+    store = CodeDataset(root / "codes")
+    with caplog.at_level("WARNING", logger="vqar.train"):
+        made = prepare_text_tokenizer(TextConfig(length=8, vocab_size=300_000), store, [0, 1], tmp_path / "a",
+                                      one_process)  # fmt: skip
+    assert f"gave a vocabulary of {made.vocab_size} entries, far fewer than text.vocab_size=300000" in caplog.text
+    assert f"text.vocab_size={made.vocab_size} would do" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vqar.train"):
+        prepare_text_tokenizer(TextConfig(length=8, vocab_size=made.vocab_size), store, [0, 1], tmp_path / "b",
+                               one_process)  # fmt: skip
+    assert "far fewer" not in caplog.text

@@ -211,6 +211,13 @@ class ARModel(nn.Module, ABC):
             if text_tokenizer.vocab_size > self.cfg.text_vocab_size:
                 raise ValueError(f"the caption tokenizer has {text_tokenizer.vocab_size} entries; the model knows "
                                  f"{self.cfg.text_vocab_size} text tokens")  # fmt: skip
+            # Another vocabulary of a fitting size gives the prompt's words other ids: images of other captions.
+            carried = self.text_tokenizer
+            differing = carried.entries_differing_from(text_tokenizer) if carried not in (None, text_tokenizer) else 0
+            if differing:
+                raise ValueError(f"the caption tokenizer has another vocabulary than the one the model was trained "
+                                 f"with ({differing} entries differ), so it would give a prompt's words ids that "
+                                 "mean other words to the model: leave it out and the model's own is used")  # fmt: skip
 
     def attach(self, tokenizer: CodeTokenizer | None = None, text_tokenizer=None) -> ARModel:
         """Sets the tokenizer that decodes this model's codes and the caption tokenizer of a text model, after

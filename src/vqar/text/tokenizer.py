@@ -134,6 +134,12 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._plain.get_vocab_size()
 
+    def entries_differing_from(self, other: TextTokenizer) -> int:
+        """How many vocabulary entries (text piece -> id) one of the two tokenizers has and the other has not:
+        0 when both turn every caption into the same ids (their lengths and dropout aside)."""
+        mine, theirs = set(self._plain.get_vocab().items()), set(other._plain.get_vocab().items())
+        return len(mine ^ theirs)
+
     def encode(self, captions: str | Sequence[str], *, dropout: bool = False, strict: bool = True) -> torch.Tensor:
         """Ids (B, length) for a caption or a list of captions. `dropout` applies BPE dropout (training). With
         `strict` (prompts), an empty caption or one holding a line break is an error and a truncated one a warning;

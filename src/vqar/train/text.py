@@ -76,6 +76,12 @@ def prepare_text_tokenizer(cfg: TextConfig, store: CodeDataset, train_items: lis
                          f"{expected['text_pad_id']}")  # fmt: skip
     if tokenizer.length != cfg.length:
         raise ValueError(f"{folder} holds a tokenizer for {tokenizer.length} text tokens, but text.length={cfg.length}")
+    if not cfg.tokenizer and tokenizer.vocab_size * 2 < cfg.vocab_size and par.is_main:
+        # The embedding (and an RQ-Transformer's text head) is sized by the setting; the rows past the learned
+        # vocabulary are never seen, and only cost memory and time.
+        log.warning("the training captions gave a vocabulary of %d entries, far fewer than text.vocab_size=%d that "
+                    "the model's text embedding is sized by; text.vocab_size=%d would do", tokenizer.vocab_size,
+                    cfg.vocab_size, tokenizer.vocab_size)  # fmt: skip
     return tokenizer
 
 
