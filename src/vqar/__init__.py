@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import warnings
 
-# First, before anything imports torch: its import sets OpenMP's wait policy, which OpenMP reads once, when torch
+# First, the `vqar` program's Ctrl-C while torch is imported is one line, not a traceback (vqar.utils.startup).
+import vqar.utils.startup
+
+# Then, before anything imports torch: its import sets OpenMP's wait policy, which OpenMP reads once, when torch
 # loads it (see vqar.utils.threads).
 import vqar.utils.threads
 from vqar.bundle import save_pretrained, vqar_version

@@ -39,6 +39,7 @@ from vqar.parallel.runtime import (
 )
 from vqar.train.errors import NonFiniteLossError, TrackerUnavailable, TrainingInterrupted
 from vqar.utils.io import created_folders_removed_on_failure
+from vqar.utils.startup import started
 from vqar.utils.threads import apply_thread_policy
 
 EPILOG = """examples:
@@ -101,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     """The command of `args`, and the errors a user can fix as one line (exit status 2)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    started()  # Ctrl-C is the command's to handle from here on
     try:
         apply_thread_policy()  # once, before any work (see vqar.utils.threads)
         _quiet_pillow_size_warning()
