@@ -57,6 +57,19 @@ def test_inception_score_matches_an_explicit_kl_in_splits_of_5000():
     assert adm_inception_score(np.tile(np.eye(30)[:1], (100, 1))) == pytest.approx(1.0)
 
 
+def test_the_adm_metrics_score_class_ordered_samples_as_randomly_ordered_ones():
+    """vqar's per-class protocols (VAR, RQ) write samples class by class; ADM's consecutive splits of 5000 then held
+    a few classes each: 10 classes of 1000 scored ~5 (5 classes a split), not ~10."""
+    rng = np.random.default_rng(6)
+    probs = np.eye(10)[np.repeat(np.arange(10), 1000)] * 0.99 + 0.001
+    pool = rng.normal(size=(10000, 4))
+    reference = _reference(rng.normal(size=(50, 3)), pool[:50])
+    samples = {"pool": pool, "spatial": rng.normal(size=(10000, 3)), "probabilities": probs, "count": 10000}
+    in_random_order = adm_inception_score(probs[rng.permutation(10000)])
+    assert in_random_order > 9.0 and adm_inception_score(probs) < 5.0  # the file's order, as the evaluator splits it
+    assert adm_metrics(samples, reference, None)["inception_score"] == pytest.approx(in_random_order, rel=0.01)
+
+
 # ---------------------------------------------------------------- precision / recall
 def _brute_force_pr(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """float64 squared distances by explicit differences; radius = k-th nearest other point."""

@@ -10,7 +10,11 @@ What the evaluator computes, and how each is done here:
   channel) to 2023 values. The order matters only against a reference's stored `mu_s` / `sigma_s`: a port that
   flattens channels first gets a permutation of the coordinates and a wrong sFID against ADM's statistics.
 * IS: softmax of the pool features times the graph's 2048 x 1008 classifier weights without the bias, in splits of
-  5000 samples (the last split may be shorter), exp(mean KL(p(y|x) || p(y))) averaged over the splits.
+  5000 samples (the last split may be shorter), exp(mean KL(p(y|x) || p(y))) averaged over the splits. The
+  evaluator splits a file's rows in their order, and the official pipelines write them in random order (random
+  class ids; VAR's per-class PNGs packed in the order the folder lists them); `adm_metrics` puts the rows in a
+  fixed random order first, since vqar's per-class protocols write class by class, and 5000 consecutive rows of
+  50 per class would hold 100 classes and cap the score at 100.
 * Precision / recall (Kynkäänniemi et al., NeurIPS 2019, as ADM's `ManifoldEstimator` runs it): k = 3; squared
   Euclidean distances in blocks of 10,000 x 10,000, computed in float16 first and again in float32 for a block whose
   float16 result is not finite; a point's radius is the 4th smallest distance of its row (itself included, at index
@@ -44,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vqar.eval.inception import SIZE, Inception, clean_resize, tf_bilinear_resize
-from vqar.eval.metrics import GaussianStats, frechet_distance
+from vqar.eval.metrics import GaussianStats, frechet_distance, in_fixed_random_order
 from vqar.eval.shards import gather_rows, read_share
 from vqar.eval.sources import batches, open_source
 from vqar.parallel import Parallel
@@ -284,7 +288,7 @@ def adm_metrics(samples: dict, reference: ReferenceBatch, reference_rows: dict |
     else:
         missing["sfid"] = "the reference has neither mu_s/sigma_s nor images"
     if "probabilities" in samples:
-        result["inception_score"] = adm_inception_score(samples["probabilities"])
+        result["inception_score"] = adm_inception_score(in_fixed_random_order(samples["probabilities"]))
     else:
         missing["inception_score"] = "the Inception file has no classifier head (pass StyleGAN3's with --inception)"
     if reference_rows is not None:
