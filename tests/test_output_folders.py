@@ -211,6 +211,47 @@ def test_a_sample_overwrite_stopped_while_writing_leaves_the_old_samples_whole(s
     with np.load(out / "samples.npz") as npz:
         assert npz["arr_1"].tolist() == [1, 1, 1] and len(list((out / "images").iterdir())) == 3
 
+    # Stopped while the old images/ is removed (seconds for a large set): the new images were in place beside the
+    # old samples.npz and grid. Now every new file is in place first.
+    real_rmtree = export.shutil.rmtree
+
+    def stopped_while_removing(path, *args, **kwargs):
+        if "images" in Path(path).name:
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export.shutil, "rmtree", stopped_while_removing)
+        code, err = run_cli([*sample, "--classes", "0,2", "--n-per-class", "2", "--overwrite"], capsys)
+    assert code == 130, err
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == [0, 0, 2, 2]
+    assert sorted(p.name[:9] for p in (out / "images").iterdir()) == ["class0000", "class0000", "class0002",
+                                                                      "class0002"]  # fmt: skip
+
+
+def test_a_second_sampler_into_the_same_out_is_refused_while_the_first_writes(sampler_folder, tmp_path, capsys):
+    """Two `vqar sample` runs into one new --out both passed the check, both said they wrote samples.npz, and the
+    second to finish had replaced the first one's samples without a word. The write lock that extract-codes,
+    pack-shards and training take is held from the check to the last file."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
+                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)
+        assert code == 2 and err == (f"vqar: error: another vqar process (pid {holder.pid}) is writing {out}; wait "
+                                     "for it to finish or choose another --out\n")  # fmt: skip
+        assert not out.exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # the lock file went with the run
+
 
 def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_samples(tmp_path, capsys):
     """A folder was judged by its top-level names alone: images/ of the user's photos or a prompts.txt of their own

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from vqar.commands.common import (
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from vqar.parallel import joined
     from vqar.utils.device import resolve_device
 
-    with joined(device=resolve_device(args.device)) as par:  # under torchrun, each rank draws its share
-        return _sample(args, par)
+    with joined(device=resolve_device(args.device)) as par, contextlib.ExitStack() as held:  # under torchrun,
+        return _sample(args, par, held)  # each rank draws its share
 
 
 def settings_from(args: argparse.Namespace):
@@ -54,7 +55,7 @@ def settings_from(args: argparse.Namespace):
     return settings
 
 
-def _sample(args: argparse.Namespace, par) -> int:
+def _sample(args: argparse.Namespace, par, held: contextlib.ExitStack) -> int:
     from vqar.sampling import make_conditions, warm_up
     from vqar.sampling.draw import batch_sizes_of, draw_distributed
     from vqar.sampling.export import write_samples
@@ -64,7 +65,7 @@ def _sample(args: argparse.Namespace, par) -> int:
     if args.accept_rate is not None and not 0.0 < args.accept_rate <= 1.0:  # nan too
         raise ValueError(f"--accept-rate must be in (0, 1], got {args.accept_rate}")
     settings = settings_from(args)  # bad settings are refused before the model is loaded
-    _check_out(args, par)  # and so is an --out that would mix these images with other files
+    _check_out(args, par, held)  # and so is an --out that would mix these images with other files
     prompts = (args.prompt or []) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if prompts:
         from vqar.text.captions import check_one_line
@@ -123,17 +124,19 @@ def _check_options_apply(args: argparse.Namespace) -> None:
     check_settings_apply(given, lambda field: FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
-def _check_out(args: argparse.Namespace, par) -> None:
+def _check_out(args: argparse.Namespace, par, held: contextlib.ExitStack) -> None:
     """Refuses a non-empty --out unless it is a sample folder and --overwrite is given (which replaces every sample
     output, so grid.png, images/ and samples.npz always show the same run) and one that cannot be written; rank 0
-    looks, every rank stops."""
+    looks, every rank stops. Rank 0 holds --out's write lock in `held` until the samples are written: two runs
+    into one new --out both passed the check, and the second to finish replaced the first one's samples."""
     from vqar.parallel import PeerFailed
     from vqar.sampling.export import is_sample_folder
-    from vqar.utils.io import check_folder_writable, check_replaceable
+    from vqar.utils.io import check_folder_writable, check_replaceable, write_lock
 
     problem = None
     if par.is_main:
         try:
+            held.enter_context(write_lock(args.out))
             check_replaceable(args.out, args.overwrite, "a sample folder", is_sample_folder)
             check_folder_writable(args.out)  # the images are written at the end: found there, they would be lost
         except OSError as err:  # FileExistsError too

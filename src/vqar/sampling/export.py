@@ -82,15 +82,21 @@ def write_samples(result: SampleResult, out_dir: str | Path, n_per_class: int, i
         write_adm_npz(result, work / "samples.npz")
         if result.prompts is not None:
             (work / "prompts.txt").write_text("\n".join(result.prompts) + "\n", encoding="utf-8")
+        # Every file in place before the old images are removed (seconds for a large set): a Ctrl-C while they
+        # were left new images beside the old samples.npz and grid.
+        old_images = out_dir / "images" if (out_dir / "images").exists() else None
         if individual:
-            replace_directory(work / "images", out_dir / "images")
-        else:
-            shutil.rmtree(out_dir / "images", ignore_errors=True)
+            old_images = replace_directory(work / "images", out_dir / "images", remove_old=False)
+        elif old_images is not None:
+            os.replace(old_images, work / "old-images")
+            old_images = work / "old-images"
         for name in ("samples.npz", "grid.png", "prompts.txt"):
             if (work / name).is_file():
                 os.replace(work / name, out_dir / name)
             else:
                 (out_dir / name).unlink(missing_ok=True)
+        if old_images is not None:
+            shutil.rmtree(old_images, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"grid": out_dir / "grid.png", "npz": out_dir / "samples.npz", "images": out_dir / "images"}

@@ -80,23 +80,28 @@ def atomic_write_text(target: str | Path, text: str) -> None:
     atomic_write(target, lambda p: p.write_text(text))
 
 
-def replace_directory(built: str | Path, target: str | Path) -> None:
+def replace_directory(built: str | Path, target: str | Path, remove_old: bool = True) -> Path | None:
     """Puts the finished folder `built` at `target` (a sibling), so that a crash leaves one complete folder or the
     other, never a mix. On Linux the two swap places in one step and the old folder is then removed under `built`'s
     name (a temporary one, which `remove_leftovers` tidies after a kill). Elsewhere the old `target` is moved aside
     first and removed once `built` is in place: a kill between the two renames leaves it as
-    `.NAME.replaced-PID`, and `target` missing."""
+    `.NAME.replaced-PID`, and `target` missing. Without `remove_old`, where the old folder now lies is returned
+    (None when there was none), for the caller to remove once the files that go with the new one are in place too:
+    removing a large folder takes seconds."""
     built, target = Path(built), Path(target)
     if target.exists() and _exchange(built, target):
         fsync_dir(target.parent)
-        shutil.rmtree(built, ignore_errors=True)
-        return
-    old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(built, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        old: Path | None = built
+    else:
+        old = target.parent / f".{target.name}.replaced-{os.getpid()}" if target.exists() else None
+        if old is not None:
+            os.replace(target, old)
+        os.replace(built, target)
+        fsync_dir(target.parent)
+    if remove_old and old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        return None
+    return old
 
 
 def _exchange(first: Path, second: Path) -> bool:
