@@ -210,6 +210,21 @@ def test_a_resumed_extraction_follows_its_captions_not_the_spelling_of_its_folde
     store = CodeDataset(tmp_path / "store")
     assert [store[i].captions for i in range(6)] == [[f"new {i}"] for i in range(6)]
 
+    # An image edited between the failure and the rerun, the count unchanged: resumed, the store kept its old codes
+    # (and an image moved between class folders was stored twice, another not at all).
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(RuntimeError):
+        extract(str(folder), "new.tsv", stop=RuntimeError("out of memory"))
+    Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(folder / "0.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        extract(str(folder), "new.tsv")
+    assert calls == [2, 2, 2] and "holds an extraction with other settings or of other files" in caplog.text
+    fresh = extract_codes(tokenizer, DataConfig(source=str(folder), captions=str(tmp_path / "new.tsv"),
+                                                eval_batch_size=2), tmp_path / "fresh", shard_size=2)  # fmt: skip
+    assert fresh["num_items"] == 6
+    assert torch.equal(CodeDataset(tmp_path / "store")[0].codes, CodeDataset(tmp_path / "fresh")[0].codes)
+
 
 def test_overwrite_refuses_a_store_or_shard_folder_holding_other_files(tiny_pipeline, tmp_path):
     """`extract-codes --data store/mine.npz --out store --overwrite` deleted mine.npz (the very images it was

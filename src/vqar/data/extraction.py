@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -140,8 +141,8 @@ class _WorkFolder:
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(plan_file.read_text()) == plan:
                     return sum(self.finished(u) for u in range(len(plan["units"])))
-            log.warning("%s holds an extraction with other settings (source, tokenizer, views or shard size); "
-                        "starting again", self.path)  # fmt: skip
+            log.warning("%s holds an extraction with other settings or of other files (source, its files, "
+                        "tokenizer, views or shard size); starting again", self.path)  # fmt: skip
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
         atomic_write_text(plan_file, json.dumps(plan, indent=1))
@@ -258,6 +259,7 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
         plan["caption_layout"] = caption_store.LAYOUT
     if getattr(dataset, "captions", None) is not None:  # another caption file (or the same edited) starts again
         plan["captions_sha256"] = _captions_digest(dataset.captions)
+    plan["files_sha256"] = _files_digest(dataset, data.source)
     work = _WorkFolder(out_dir)
     if par.is_main:
         done = work.prepare(plan)
@@ -300,6 +302,24 @@ def _extract(tokenizer, data: DataConfig, out_dir: Path, views: str, crop_range:
     log.info("encoded %d images in %.0f s (%.1f images/s over %d process%s)", stored, seconds,
              stored / max(seconds, 1e-9), par.world_size, "es" if par.distributed else "")  # fmt: skip
     return manifest
+
+
+def _files_digest(dataset, source) -> str:
+    """A digest of the image files' paths, sizes and modification times (a folder's files, or the one `.npz` /
+    `.npy`): a folder whose images were edited or moved between classes, with the same count, resumed an extraction
+    that then kept old codes and stored a moved image twice. Tar shards are left to their sample counts."""
+    files = getattr(dataset, "files", None)
+    if files is None:
+        path = Path(str(source)).expanduser()
+        files = [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # gone since the listing: its read will be skipped and counted
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
 
 
 def _captions_digest(captions: list) -> str:
