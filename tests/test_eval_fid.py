@@ -233,7 +233,7 @@ def test_references_and_samples_naming_no_image_set_fail_before_any_inception_pa
     nowhere = "no image folder, .npz or .npy file, sample run or tar shards at"
     cases = [
         (fake, tmp_path / "nope.npz", [], f"{nowhere} {tmp_path / 'nope.npz'}"),
-        (fake, tmp_path / "empty", [], f"{tmp_path / 'empty'} contains no image files (.bmp, .gif"),
+        (fake, tmp_path / "empty", [], f"{tmp_path / 'empty'} contains no image files (.png, .jpg, .webp"),
         (fake, tmp_path / "junk.png", [], f"{nowhere} {tmp_path / 'junk.png'}"),
         (fake, tmp_path / "junk.npz", [], f"cannot read images from {tmp_path / 'junk.npz'}: File is not a zip file"),
         (fake, tmp_path / "mu.npz", [], f"{tmp_path / 'mu.npz'} holds neither reference statistics (mu and sigma) "

@@ -4,6 +4,7 @@ downloaded) and before any image is run through it."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def bad_image_sets(root):
     np.savez(root / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
     return [
         (root / "nope", f"{NOWHERE} {root / 'nope'}"),
-        (root / "empty", f"{root / 'empty'} contains no image files (.bmp, .gif"),
+        (root / "empty", f"{root / 'empty'} contains no image files (.png, .jpg, .webp"),
         (root / "junk.png", f"{NOWHERE} {root / 'junk.png'}"),
         (root / "junk.npz", f"cannot read images from {root / 'junk.npz'}: File is not a zip file"),
         (root / "stats.npz", f"{root / 'stats.npz'} holds reference statistics (mu, sigma), not images (arr_0): use "
@@ -206,3 +207,54 @@ def test_stats_written_over_the_samples_they_are_read_from_is_refused(tmp_path, 
                                            "read from; --overwrite would replace them with their statistics: write "
                                            "the statistics to another file\n")  # fmt: skip
     assert (run / "samples.npz").read_bytes() == before
+
+
+def test_an_image_folder_is_read_with_every_format_training_reads(tmp_path):
+    """Evaluation knew 8 suffixes and passed over the rest without a word (a folder of 20 images, PNG, PPM and JFIF:
+    statistics of 8), while training read them all."""
+    from PIL import Image
+
+    from vqar.data.datasets import ImageFolderDataset
+    from vqar.eval.sources import open_source
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (suffix, fmt) in enumerate([(".png", "PNG"), (".PNG", "PNG"), (".ppm", "PPM"), (".jfif", "JPEG"),
+                                        (".pgm", "PPM")]):  # fmt: skip
+        Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8)).save(folder / f"{i}{suffix}", format=fmt)
+    assert len(open_source(folder)) == len(ImageFolderDataset(folder, 8, 1)) == 5
+
+
+def test_damaged_or_meaningless_reference_statistics_are_named_not_computed_with(tmp_path):
+    """A damaged member (its CRC), text in mu, an empty .npy were tracebacks; a sigma of negative variances gave
+    `fid: 0.0000` (a negative distance clamped: a perfect match) and NaN features precision and recall of 0."""
+    import zipfile
+
+    from vqar.eval.generation import read_stored_reference
+    from vqar.eval.sources import open_source
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(20, 4))
+    good = dict(mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features)
+    cases = {
+        "negative": ({**good, "sigma": -np.eye(4)}, "its sigma is no covariance (it has negative variances"),
+        "text": ({**good, "mu": np.array(["a", "b", "c", "d"])}, "its 'mu' holds <U1 values, not real numbers"),
+        "objects": ({**good, "mu": np.array([1, "b"], dtype=object)}, "its 'mu' holds Python objects, not numbers"),
+        "nan": ({**good, "features": np.where(features > 1, np.nan, features)}, "its features hold NaN or infinite"),
+    }
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}.npz: {message}")):
+            read_stored_reference(tmp_path / f"{name}.npz", need_features=True)
+    np.savez(tmp_path / "good.npz", **good)
+    assert read_stored_reference(tmp_path / "good.npz", need_features=True).features.shape == (20, 4)
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    with zipfile.ZipFile(tmp_path / "good.npz") as archive:
+        info = archive.getinfo("sigma.npy")
+    data[info.header_offset + 30 + len(info.filename) + 140] ^= 0xFF  # a byte of sigma's values
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'crc.npz'} is damaged: Bad CRC-32")):
+        read_stored_reference(tmp_path / "crc.npz")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"cannot read images from {tmp_path / 'empty.npy'}: the file is")):
+        open_source(tmp_path / "empty.npy")

@@ -44,7 +44,8 @@ def _spread_indices(total: int, max_images: int | None) -> np.ndarray:
     return (np.arange(max_images) * total) // max_images
 
 
-def _image_extensions() -> frozenset[str]:
+def image_extensions() -> frozenset[str]:
+    """The file name extensions of every image format Pillow opens (what training and evaluation read)."""
     # Formats Pillow can only write (PDF, Palm) are left out; MPO files are opened by the JPEG plugin.
     return frozenset(
         ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"
@@ -135,7 +136,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        extensions = _image_extensions()
+        extensions = image_extensions()
         files = scan_images(self.root, extensions)
         if not files:
             raise ValueError(

@@ -173,8 +173,15 @@ def read_stored_reference(
     if not (path.is_file() and path.suffix == ".npz" and zipfile.is_zipfile(path)):
         return None
     par = par or Parallel()
+    try:
+        return _read_stored_reference(path, need_features, par)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:  # a damaged member: its CRC, a cut-off array
+        raise ValueError(f"{path} is damaged: {err}; make its statistics again with `vqar eval stats`") from None
+
+
+def _read_stored_reference(path: Path, need_features: bool, par: Parallel) -> StoredReference | None:
     with np.load(path) as data:
-        arrays = {key: data[key] for key in ("mu", "sigma") if key in data}
+        arrays = {key: _numbers(data, key, path) for key in ("mu", "sigma") if key in data}
         for key, value in arrays.items():
             if not np.isfinite(value).all():
                 raise ValueError(f"{path}: its reference statistics hold NaN or infinite values in {key!r}; make "
@@ -187,7 +194,10 @@ def read_stored_reference(
         features_shape = npz_array_shape(path, "features") if "features" in data else None
         _check_shapes(path, arrays["mu"], arrays["sigma"], features_shape)
         # read on rank 0 alone: stored features are as large as the ones computed
-        features = data["features"] if need_features and "features" in data and par.is_main else None
+        features = _numbers(data, "features", path) if need_features and "features" in data and par.is_main else None
+        if features is not None and not np.isfinite(features).all():  # precision and recall would read 0
+            raise ValueError(f"{path}: its features hold NaN or infinite values; make them again with `vqar eval "
+                             "stats`")  # fmt: skip
         images_only = "features" not in data and "arr_0" in data
         feature_count = features_shape[0] if features_shape is not None else None
         resize = _recorded_text(data, "resize")
@@ -205,6 +215,20 @@ def _recorded_text(data, key: str) -> str | None:
     return str(value) if value is not None and value.ndim == 0 and np.issubdtype(value.dtype, np.str_) else None
 
 
+def _numbers(data, key: str, path: Path) -> np.ndarray:
+    """Array `key` of an open `.npz`, as real numbers: an array of text or Python objects is named, not left to
+    numpy's words (which name no file, and one of which suggests an unsafe load)."""
+    try:
+        value = data[key]
+    except ValueError:  # an object array: it would need a pickle
+        raise ValueError(f"{path}: its {key!r} holds Python objects, not numbers; make its statistics again with "
+                         "`vqar eval stats`") from None  # fmt: skip
+    if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+        raise ValueError(f"{path}: its {key!r} holds {value.dtype} values, not real numbers; make its statistics "
+                         "again with `vqar eval stats`")  # fmt: skip
+    return value
+
+
 def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray, features_shape: tuple | None) -> None:
     # Else found after the samples' Inception pass, by numpy or torch, in words that name neither the file nor the
     # array.
@@ -212,6 +236,9 @@ def _check_shapes(path: Path, mu: np.ndarray, sigma: np.ndarray, features_shape:
     if dim is None or sigma.shape != (dim, dim):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not reference statistics, a mean (D,) "
                          "and its covariance (D, D); make them again with `vqar eval stats`")  # fmt: skip
+    if (np.diagonal(sigma) < 0).any():  # negative variances: the FID came out negative and was read as 0
+        raise ValueError(f"{path}: its sigma is no covariance (it has negative variances on its diagonal); make the "
+                         "statistics again with `vqar eval stats`")  # fmt: skip
     if features_shape is not None and (len(features_shape) != 2 or features_shape[1] != dim):
         raise ValueError(f"{path}: its features {tuple(features_shape)} are not the ({dim}-wide) features its "
                          f"statistics were made from, one row (N, {dim}) per image; make them again with `vqar eval "

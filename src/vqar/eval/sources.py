@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from vqar.data.datasets import scan_images
+from vqar.data.datasets import image_extensions, scan_images
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_folder_index, shard_samples
 from vqar.data.transforms import convert_channels
@@ -46,7 +46,6 @@ from vqar.utils.runs import RUN_CONFIG, checkpoint_dir, run_kind
 
 log = logging.getLogger("vqar.eval")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # How many samples from the start of tar shards decide whether they are read as grey ("L") or RGB (a folder's
 # every header decides: they are cheap to read, and a colour image among grey ones would be greyed).
 MODE_PEEK = 16
@@ -254,6 +253,8 @@ class NpySource(ImageSource):
         super().__init__(path)
         try:
             self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except EOFError:  # an empty file
+            raise ValueError(f"cannot read images from {path}: the file is empty") from None
         except (OSError, ValueError) as err:  # not an .npy, or an array of Python objects (a pickle)
             raise ValueError(f"cannot read images from {path}: {err}") from None
         shape, dtype = self.array.shape, self.array.dtype
@@ -318,10 +319,11 @@ def image_files(folder: Path, required: bool = False) -> list[Path]:
     """The image files under `folder`, recursively, in sorted order, walked as a training folder is
     (`scan_images`: hidden files skipped, symlinked folders followed once); with `required`, a ValueError naming
     the folder where there are none."""
-    files = scan_images(folder, IMAGE_SUFFIXES)
+    files = scan_images(folder, image_extensions())  # training's: a format it reads was skipped here unsaid
     if required and not files:
         hint = "; for tar shards name their index (shards.json)" if (folder / "shards.json").is_file() else ""
-        raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
+        raise ValueError(f"{folder} contains no image files (.png, .jpg, .webp, .tif ... any format Pillow "
+                         f"opens){hint}")  # fmt: skip
     return files
 
 
