@@ -267,6 +267,16 @@ def test_settings_of_a_network_the_run_does_not_build_are_refused(preset, overri
     load_run_config("vq-mnist", ["loss.disc_weight=0.1", "loss.disc_arch=stylegan", "loss.r1_weight=10"])
 
 
+def test_a_tokenizer_run_whose_losses_all_skip_the_decoder_is_refused():
+    """Every reconstruction weight at 0 (the perceptual loss being off without its weights) trained with a loss of
+    0: weight decay alone moved the weights, and validation read 5.4 dB."""
+    zero = ["loss.recon_weight=0", "loss.logit_laplace_weight=0", "loss.quantizer_weight=0"]
+    with pytest.raises(ConfigError, match="no loss reaches the decoder: loss.recon_weight, loss.logit_laplace_weight"):
+        load_run_config("vitvqgan-mnist", zero)
+    load_run_config("vitvqgan-mnist", [*zero, "loss.logit_laplace_weight=0.1"])
+    load_run_config("vq-mnist", [*zero, "loss.disc_weight=0.1"])  # an adversarial decoder: a choice, not an accident
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
 def test_a_discriminator_learning_rate_that_is_none_is_refused(value):
     """0 was taken as 'unset' (train.lr trained the discriminator), -1 ended in torch's 'Invalid learning rate'

@@ -384,3 +384,13 @@ def test_bad_inputs_raise_clear_errors():
         build_quantizer(QuantizerConfig(kind="vq", depth=3))
     with pytest.raises(ValueError, match="kind must be one of"):
         build_quantizer(QuantizerConfig(kind="fsq"))
+
+
+def test_an_l2_normalised_lookup_of_one_dimension_is_refused():
+    """Each code normalised to unit length in 1 dimension is +1 or -1: a ViT-VQGAN with lookup_dim=1 trained without
+    a word and used 2 of its 512 codes."""
+    for fields, what in ((dict(lookup_dim=1), "lookup_dim=1"), (dict(dim=1), "dim=1")):
+        with pytest.raises(ValueError, match=f"l2_norm=true puts each code on the unit sphere, which in {what} holds"):
+            QuantizerConfig(kind="vq", codebook_size=512, l2_norm=True, **fields).validate()
+    QuantizerConfig(kind="vq", codebook_size=512, l2_norm=True, lookup_dim=2).validate()
+    QuantizerConfig(kind="vq", codebook_size=512, l2_norm=False, dim=1).validate()

@@ -59,6 +59,23 @@ def test_greedy_speculative_decoding_gives_the_greedy_codes(arch, cfg_scale, win
     assert 0.0 <= counted.acceptance_rate <= 1.0
 
 
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_a_model_of_one_position_samples_speculatively_as_plainly(arch):
+    """A 1x1 code grid (a ViT-VQGAN patch the size of its image) ended speculative sampling in an IndexError:
+    its window drafted a position after the only one, also at a training run's first evaluation."""
+    torch.manual_seed(0)
+    model = MODELS[arch](code_shape=[1, 1, 3] if arch == "rq" else [1, 1])
+    cond = torch.tensor([0, 1, 2])
+    for greedy in (True, False):
+        settings = dict(greedy=greedy, cfg_scale=2.0)
+        plain = generate(model, cond, SamplingSettings(**settings))
+        counted = spec.DecodeStats()
+        fast = generate(model, cond, SamplingSettings(**settings, speculative=True), stats=counted)
+        assert fast.shape == plain.shape and counted.calls_per_image == 1
+        if greedy:
+            assert torch.equal(fast, plain)
+
+
 def test_greedy_speculative_decoding_with_a_cfg_interval_and_an_iteration_cap():
     torch.manual_seed(1)
     model = tiny_gpt()

@@ -76,6 +76,14 @@ def test_a_discriminator_added_on_resume_starts_fresh_on_the_run_schedule(tmp_pa
     assert (step_4 / "discriminator.safetensors").is_file()
     state = torch.load(step_4 / "trainer.pt", weights_only=True)["schedulers"]
     assert state["discriminator"]["last_epoch"] == state["model"]["last_epoch"] == 4  # one schedule, one step
+    assert "past train.steps" not in caplog.text
+    # A discriminator that starts after the run's last step is built and saved, and never trains: said.
+    caplog.clear()
+    late = load_run_config("rqvae-mnist", [*base, "steps=6", "loss.disc_weight=0.1", "loss.disc_start=5000"])
+    with caplog.at_level(logging.WARNING, logger="vqar.train"):
+        train_tokenizer(late, run_dir, resume=True)
+    assert "loss.disc_start=5000 is past train.steps=6: the discriminator is built and saved but never trains in " \
+           "this run" in caplog.text  # fmt: skip
 
 
 def test_resume_reaches_the_same_weights(tmp_path):

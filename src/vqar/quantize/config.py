@@ -46,6 +46,12 @@ class QuantizerConfig:
             )
         if self.lookup_dim is not None and self.lookup_dim < 0:  # else a traceback building the projection
             raise ValueError(f"lookup_dim must be positive (or null or 0: no factorized lookup), got {self.lookup_dim}")
+        lookup = self.lookup_dim or self.dim
+        if self.l2_norm and lookup < 2:  # trained without a word, and its usage read 2 of the codebook's codes
+            what = "lookup_dim" if self.lookup_dim else "dim"
+            raise ValueError(f"l2_norm=true puts each code on the unit sphere, which in {what}={lookup} holds two "
+                             f"points (+1 and -1): 2 of the codebook's {self.codebook_size} codes could ever be used; "
+                             f"give {what} >= 2, or l2_norm=false")  # fmt: skip
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if self.ema and not self.eps > 0:  # the EMA update divides by the counts plus eps: 0 or less gives NaN codes

@@ -240,8 +240,7 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
     of guidance), the `numbers` (n, N * D * columns) and how logits are guided per position (`guided_logits`)."""
     width, depth, positions = window_of(model, settings), model.depth, model.num_positions
     codes = torch.zeros(n, positions, depth, dtype=torch.long, device=ids.device)
-    window = Window(codes, width, None if numbers is None else numbers.view(n, positions * depth, -1),
-                    settings.greedy, settings.speculative_drafts == "mc-sjd")  # fmt: skip
+    table = None if numbers is None else numbers.view(n, positions * depth, -1)
     state = steps.new_state(len(ids))
     context = model.prefill(ids, state)
     frontier = []
@@ -249,13 +248,14 @@ def speculative_codes(model: ARModel, steps, ids: torch.Tensor, n: int, settings
         logits = guided_logits(steps.code_logits(context, both_halves(codes[:, :1, :d]), state),
                                torch.zeros(n, 1, dtype=torch.long, device=ids.device))
         p = probabilities(logits, f)
-        codes[:, 0, d] = p.argmax(-1)[:, 0] if settings.greedy else draw_from(p[:, 0], window.numbers[:, d, REPLACE])
+        codes[:, 0, d] = p.argmax(-1)[:, 0] if settings.greedy else draw_from(p[:, 0], table[:, d, REPLACE])
         frontier.append(p[:, 0])
     calls = torch.ones(n, dtype=torch.long, device=ids.device)
-    if positions == 1:
+    if positions == 1:  # nothing after the first position to draft (a window over it indexed past the codes)
         if stats is not None:
             stats.add_rows(calls, torch.zeros_like(calls), torch.zeros_like(calls))
         return codes
+    window = Window(codes, width, table, settings.greedy, settings.speculative_drafts == "mc-sjd")
     window.q = torch.stack(frontier, 1)[:, None].expand(-1, width, -1, -1).clone()
     window.draft(window.q.reshape(n, width * depth, -1), torch.ones(n, width * depth, dtype=torch.bool,
                                                                      device=ids.device), None)  # fmt: skip

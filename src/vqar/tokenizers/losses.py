@@ -85,6 +85,12 @@ class TokenizerLossConfig:
             raise ValueError(f"loss.disc_channels must be >= 1, got {self.disc_channels}")
         if self.disc_lr is not None and not (math.isfinite(self.disc_lr) and self.disc_lr > 0):
             raise ValueError(f"loss.disc_lr must be a positive learning rate (or null: train.lr's), got {self.disc_lr}")
+        perceptual = self.perceptual_weight > 0 and self.lpips_vgg is not None and self.lpips_lin is not None
+        if not (self.recon_weight or self.logit_laplace_weight or perceptual or self.disc_weight):
+            # trained with a loss of 0: weight decay alone moved the weights, and validation said 5 dB
+            raise ValueError("no loss reaches the decoder: loss.recon_weight, loss.logit_laplace_weight and "
+                             "loss.disc_weight are 0 and the perceptual loss is off (it needs loss.lpips_vgg and "
+                             "loss.lpips_lin); set one of them above 0")  # fmt: skip
         if self.perceptual_weight == 0:  # saved in run.yaml, never read: a wrong path would go unnoticed too
             self._refuse_changed(("lpips_vgg", "lpips_lin"), "holds the perceptual loss's weights, which "
                                  "loss.perceptual_weight=0 leaves out: set loss.perceptual_weight above 0 to use "

@@ -302,6 +302,11 @@ def train_tokenizer(
             par.device,
             f" x {par.world_size} processes" if par.distributed else "",
         )
+        if cfg.loss.disc_weight > 0 and cfg.loss.disc_start >= cfg.train.steps and par.is_main:
+            # Not refused: a short run resumed with more steps reaches it. Said, as its checkpoints carry it.
+            log.warning("loss.disc_start=%d is past train.steps=%d: the discriminator is built and saved but never "
+                        "trains in this run (only a --resume with more steps reaches it)", cfg.loss.disc_start,
+                        cfg.train.steps)  # fmt: skip
         trainer = Trainer(task, train_set, val_set, cfg.data, cfg.train, run_dir, to_yaml(cfg), par)
         return trainer.fit(resume=resume)
 
