@@ -181,7 +181,12 @@ def test_config_without_a_store_still_refuses_what_training_would(override, mess
      ("gpt-mnist", ["steps=5", "npp.level=4"], "train.steps=5 with npp.rate=0.5 gives the 8x8 patches"),
      ("gpt-mnist", ["loss.txt_weight=0.5"], "loss.txt_weight=0.5 (the caption loss of a text head) applies to arch=rq"),
      ("var-mnist", ["sample.cfg_interval=3"], "VAR draws a whole scale per call"),
-     ("gpt-mnist", ["sample.smooth=true"], "which GPT does not take (VAR only)")],
+     ("gpt-mnist", ["sample.smooth=true"], "which GPT does not take (VAR only)"),
+     # saved in run.yaml and doing nothing, where `vqar sample` refuses the same flags
+     ("vim-mnist", ["sample.greedy=true", "sample.temperature=0.5", "sample.top_k=3"],
+      "sample.temperature and sample.top_k have no effect with sample.greedy, which always takes the most likely"),
+     ("gpt-mnist", ["sample.speculative_window=4"], "sample.speculative_window has no effect without "
+                                                     "sample.speculative")],
 )  # fmt: skip
 def test_config_without_a_store_refuses_settings_that_combine_wrongly(preset, overrides, message, capsys):
     """How the sections combine (npp.* without npp.level, a text head's loss on a GPT, the grid's settings on the

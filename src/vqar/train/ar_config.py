@@ -10,6 +10,7 @@ contradicts the store is an error. The training itself is `vqar.train.ar`'s.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,12 +22,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from vqar.ar import get_architecture
 from vqar.ar.contract import Conditioning
 from vqar.bundle import read_config
-from vqar.configs import ConfigError, compose_node, preset_fields, preset_names, to_config
+from vqar.configs import ConfigError, changed_settings, compose_node, preset_fields, preset_names, to_config
 from vqar.data.codes import read_manifest
 from vqar.parallel import DistConfig
 from vqar.sampling import SamplingSettings
 from vqar.sampling.draw import check_settings_fit
-from vqar.sampling.settings import PER_DEPTH
+from vqar.sampling.settings import PER_DEPTH, check_settings_apply
 from vqar.train.config import TrainConfig
 from vqar.train.npp import (
     NPPConfig,
@@ -64,6 +65,9 @@ class SampleGridConfig(SamplingSettings):
         super().validate()
         if self.n_per_class < 0 or self.max_classes < 1:
             raise ValueError("sample.n_per_class must be >= 0 and sample.max_classes >= 1")
+        # As `vqar sample` refuses its flags: a setting another one turns off is saved in run.yaml and does nothing.
+        given = changed_settings(self, [field.name for field in dataclasses.fields(SamplingSettings)])
+        check_settings_apply(given, lambda field: f"sample.{field}")
 
 
 @dataclass
