@@ -324,6 +324,11 @@ def test_a_damaged_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, na
         (["--n-per-class", "1000000000"], "--n-per-class 1000000000 x 3 classes: 3000000000 images"),
         (["--accept-rate", "1e-12", "--classifier", "digits"], "at --accept-rate 1e-12 (drawing 8000000000000 per"),
         (["--accept-rate", "0"], "--accept-rate must be in (0, 1]"),
+        # past any machine: these overflowed in tracebacks (a count of infinity, a count too large for a float)
+        (["--accept-rate", "1e-310", "--classifier", "digits"], "at --accept-rate 1e-310 is more images than any "
+                                                                "machine holds: raise --accept-rate"),
+        (["--n-per-class", str(10**400)], f"--n-per-class {10**400} x 3 classes is more images than any machine"),
+        (["--n-per-class", str(10**400), "--accept-rate", "0.5", "--classifier", "digits"], "is more images than"),
     ],
 )
 def test_a_sample_run_too_large_for_memory_is_refused_up_front(model_folder, tmp_path, capsys, monkeypatch, args,
@@ -333,8 +338,28 @@ def test_a_sample_run_too_large_for_memory_is_refused_up_front(model_folder, tmp
     monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 8 << 30)  # any machine: 8 GB
     code, err = run_cli(["sample", "--model", str(model_folder), "--out", str(tmp_path / "out"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
-    assert "8.0 GB is available" in err or "accept-rate must" in err
+    assert "8.0 GB is available" in err or "accept-rate must" in err or "more images than any machine" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_sample_memory_check_counts_the_copies_writing_makes(monkeypatch):
+    """The check budgeted one float32 copy of the images, and writing them (the grid, uint8 pictures, the npz's
+    RGB array) added 1.6 to 2.7 times that (measured): a run that passed could be killed at its end, after all its
+    drawing."""
+    import types
+
+    import vqar.utils.memory
+    from vqar.commands.sample import _check_memory
+
+    model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(out_channels=1, image_size=32),
+                                  cfg=types.SimpleNamespace(code_shape=[4, 4]))  # fmt: skip
+    args = types.SimpleNamespace(n_per_class=1000, prompt=None, prompts=None, accept_rate=None)
+    one_copy = 10 * 1000 * (4 * 32 * 32 + 8 * 16 + 16)
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 2 * one_copy)
+    with pytest.raises(ValueError, match=r"10000 images of 16.1 KB each \(with the copies writing makes\)"):
+        _check_memory(args, model, 10)
+    monkeypatch.setattr(vqar.utils.memory, "available_memory", lambda: 5 * one_copy)
+    _check_memory(args, model, 10)
 
 
 def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):

@@ -147,21 +147,25 @@ def _check_out(args: argparse.Namespace, par, held: contextlib.ExitStack) -> Non
 
 def _check_memory(args: argparse.Namespace, model, n_conditions: int) -> None:
     """Refuses (one line, with the memory it would take) a run whose images cannot all be held: every image drawn
-    is kept in memory, as float32, until the files are written."""
+    is kept in memory, as float32, until the files are written, and writing them copies them."""
     import math
 
-    from vqar.utils.memory import check_memory, human_bytes, sample_bytes
+    from vqar.utils.memory import SAMPLE_COPIES, check_count_holdable, check_memory, human_bytes, sample_bytes
 
-    each = sample_bytes(model)
+    each = sample_bytes(model, copies=SAMPLE_COPIES)
     per_condition, advice = args.n_per_class, "ask for fewer images, or split the run into several with other --seed"
     kind = "prompts" if args.prompt or args.prompts else "classes"
     what = f"--n-per-class {args.n_per_class} x {n_conditions} {kind}"
+    per_condition = check_count_holdable(per_condition, what, advice)
     if args.accept_rate is not None:
-        per_condition = math.ceil(round(args.n_per_class / args.accept_rate, 9))
-        what += f" at --accept-rate {args.accept_rate:g} (drawing {per_condition} per class)"
         advice = "raise --accept-rate or ask for fewer images"
-    images = per_condition * n_conditions
-    check_memory(images * each, f"{what}: {images} images of {human_bytes(each)} each", advice)
+        drawn = per_condition / args.accept_rate  # inf for a rate of 1e-310
+        per_condition = math.ceil(round(check_count_holdable(drawn, f"{what} at --accept-rate {args.accept_rate:g}",
+                                                             advice), 9))  # fmt: skip
+        what += f" at --accept-rate {args.accept_rate:g} (drawing {per_condition} per class)"
+    images = check_count_holdable(per_condition * n_conditions, what, advice)
+    check_memory(images * each, f"{what}: {images} images of {human_bytes(each)} each (with the copies writing "
+                 "makes)", advice)  # fmt: skip
 
 
 def _classes(chosen: str | list[int] | None, model) -> list[int] | None:
