@@ -253,3 +253,26 @@ def test_an_unconditional_model_is_told_what_it_takes(tmp_path, capsys):
                          "--classifier", "digits", "--out", str(tmp_path / "out")], capsys)  # fmt: skip
     assert code == 2 and err == ("vqar: error: --accept-rate ranks samples by class, and this model is unconditional "
                                  "(it has no classes): leave it out\n"), err  # fmt: skip
+
+
+def test_a_prompts_file_is_split_at_line_ends_alone_and_its_blank_lines_are_said(tmp_path, caplog):
+    """`str.splitlines` also cut at U+2028 and form feeds: 3 lines by `wc -l` became 5 prompts without a word, where a
+    --prompt holding U+2028 is refused. Skipped blank lines shifted label i from line i + 1 unsaid."""
+    import logging
+
+    from vqar.commands.common import read_lines
+    from vqar.text.captions import check_one_line
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\u2028sitting on a mat\r\nb dog\x0cbarking\n\nc bird\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        lines = read_lines(str(prompts), "prompts")
+    assert lines == ["a cat\u2028sitting on a mat", "b dog\x0cbarking", "c bird"]
+    assert f"{prompts}: skipped 1 blank line; the prompts are its other 3 lines, in order" in caplog.text
+    with pytest.raises(ValueError, match="holds a line break"):
+        check_one_line(lines[0])  # what `vqar sample` then says of it, as of a --prompt
+    caplog.clear()
+    prompts.write_text("one\ntwo", encoding="utf-8")  # no final line end
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert read_lines(str(prompts), "prompts") == ["one", "two"]
+    assert "skipped" not in caplog.text

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
+
+log = logging.getLogger("vqar")
 
 MODEL_HELP = "an AR run directory, vqar model folder, RQ release folder, LlamaGen .pt, VAR .pth or Hub repo id"
 
@@ -159,16 +162,24 @@ def per_depth_arg(text: str | None, kind, name: str):
 
 
 def read_lines(path: str, what: str = "lines") -> list[str]:
-    """The non-blank lines of a text file (prompts, class names); a file without any is an error naming it."""
+    """The non-blank lines of a text file (prompts, class names), split at line ends alone ("\\n", "\\r\\n"): a
+    `\\u2028` or form feed inside a line is the line's, for the prompt check to name (`str.splitlines` cut there, and
+    one line became two prompts without a word). Blank lines are skipped, and said to be. A file without any line
+    is an error naming it."""
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"{file} is a folder; give a text file of {what}, one per line")
     if not file.exists():  # not `is_file()`: a pipe is read too (`--prompts <(grep cat captions.txt)`, /dev/stdin)
         raise FileNotFoundError(f"file not found: {file}")
     try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not UTF-8 text; give a text file of {what}, one per line") from None
+    every = text.removesuffix("\n").split("\n") if text else []
+    lines = [line.strip() for line in every if line.strip()]
     if not lines:
         raise ValueError(f"{file} holds no {what} (only blank lines); give one per line")
+    if len(lines) < len(every):
+        log.warning("%s: skipped %d blank line%s; the %s are its other %d lines, in order", file,
+                    len(every) - len(lines), "s" * (len(every) - len(lines) != 1), what, len(lines))  # fmt: skip
     return lines
