@@ -410,6 +410,13 @@ def test_reconstruct_takes_folders_and_keeps_their_relative_paths(fixtures, tmp_
     err = capsys.readouterr().err
     assert err.startswith("vqar: error: --size 20000 asks for 20000x20000 images, over the") and "single" not in err
     assert not (tmp_path / "recon3").exists()
+    # The same of extract-codes' --image-size, which resized every image (0.6 GB, 2 s each) to call it unreadable
+    for size in ("24000", str(10**400)):
+        assert main(["extract-codes", "--tokenizer", str(tmp_path / "no-tokenizer"), "--data", str(tmp_path),
+                     "--image-size", size, "--out", str(tmp_path / "codes")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith(f"vqar: error: --image-size {size} asks for {size}x{size} images, over the"), err
+    assert not (tmp_path / "codes").exists()
     # A path that does not exist (a typo) was "vqar: no such image" with status 1, after the tokenizer loaded.
     assert main(["reconstruct", "--tokenizer", str(tmp_path / "no-tokenizer"), str(single), str(tmp_path / "typo.png"),
                  "--out", str(tmp_path / "recon4")]) == 2  # fmt: skip

@@ -61,6 +61,10 @@ def _extract_codes(args: argparse.Namespace, par) -> int:
 
     if args.crop_range is not None and not args.ten_crop:  # refused rather than silently ignored
         raise ValueError("--crop-range has no effect without --ten-crop: add --ten-crop, or leave it out")
+    if args.image_size:  # before the tokenizer loads
+        from vqar.utils.images import check_resizable
+
+        check_resizable(args.image_size, "--image-size", "the tokenizer's resolution")
 
     from vqar.interop.load import load_pretrained
 

@@ -14,7 +14,7 @@ from vqar.eval.sources import image_files
 from vqar.interop.load import load_pretrained
 from vqar.tokenizers import Tokenizer
 from vqar.utils.device import resolve_device
-from vqar.utils.images import make_grid, open_image, psnr, save_image
+from vqar.utils.images import check_resizable, make_grid, open_image, psnr, save_image
 from vqar.utils.io import check_folder_writable
 
 log = logging.getLogger("vqar.eval")
@@ -62,10 +62,8 @@ def reconstruct_files(
                               "choose another --out")  # fmt: skip
     if any(target.is_dir() for target in taken):
         raise FileExistsError(f"{next(t for t in taken if t.is_dir())} is a folder; choose another --out")
-    if size is not None and Image.MAX_IMAGE_PIXELS and size * size > Image.MAX_IMAGE_PIXELS:
-        # else every image is reported unreadable, as a "decompression bomb", once resized to it
-        raise ValueError(f"--size {size} asks for {size}x{size} images, over the {Image.MAX_IMAGE_PIXELS:,} pixels "
-                         "Pillow reads and writes: give a smaller --size (the tokenizer's own by default)")  # fmt: skip
+    if size is not None:
+        check_resizable(size, "--size", "the tokenizer's own")
     check_folder_writable(out_dir)  # before the tokenizer loads, not after
     dev = resolve_device(device)
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)

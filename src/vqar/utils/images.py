@@ -38,6 +38,15 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
 _SAID_LARGE: set[str] = set()  # the files `open_image` has said are large (once per process)
 
 
+def check_resizable(size: int, option: str, default: str) -> None:
+    """ValueError where images resized to `size` x `size` (the value of `option`) would be past the pixels Pillow
+    reads and writes: else every image is resized, takes its memory and time, and is then skipped as a
+    "decompression bomb", and the run ends saying the images are unreadable."""
+    if Image.MAX_IMAGE_PIXELS and size * size > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{option} {size} asks for {size}x{size} images, over the {Image.MAX_IMAGE_PIXELS:,} "
+                         f"pixels Pillow reads and writes: give a smaller {option} ({default} by default)")  # fmt: skip
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images in [-1, 1], (B, C, H, W) or (C, H, W) -> uint8 (B, H, W, C) or (H, W, C), rounded."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
