@@ -258,3 +258,65 @@ def test_damaged_or_meaningless_reference_statistics_are_named_not_computed_with
     (tmp_path / "empty.npy").write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(f"cannot read images from {tmp_path / 'empty.npy'}: the file is")):
         open_source(tmp_path / "empty.npy")
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz-compressed", "npy", "folder"])
+def test_a_limit_on_the_images_keeps_them_spread_over_the_set(tmp_path, kind):
+    """`--max-images` / `--num-samples` kept the first N: of a class-sorted set (`vqar sample` writes one, the
+    digits come so) the statistics of its first classes (`eval stats mnist --max-images 12`: twelve 0s)."""
+    from PIL import Image
+
+    from vqar.eval.sources import open_source
+
+    images = np.repeat(np.arange(100, dtype=np.uint8), 16).reshape(100, 4, 4, 1)  # image i is all i
+    path = tmp_path / f"set.{kind[:3]}"
+    if kind == "folder":
+        path.mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image[..., 0]).save(path / f"{i:03d}.png")
+    elif kind == "npy":
+        np.save(path, images)
+    else:
+        (np.savez_compressed if kind == "npz-compressed" else np.savez)(path, arr_0=images)
+    source = open_source(path, 10)
+    assert len(source) == 10 and source.limit == 10
+    assert source.read(slice(0, 10)).images[:, 0, 0, 0].tolist() == list(range(0, 100, 10))
+    assert source.read(slice(3, 6)).images[:, 0, 0, 0].tolist() == [30, 40, 50]  # a rank's share of them
+    everything = open_source(path)
+    assert everything.read(slice(0, 100)).images[:, 0, 0, 0].tolist() == list(range(100))
+    assert everything.read(slice(97, 100)).images[:, 0, 0, 0].tolist() == [97, 98, 99]
+
+
+def test_stats_json_prints_json(tmp_path, capsys, monkeypatch):
+    """`vqar eval stats --json` was documented ("print the result as JSON") and printed the plain line."""
+    np.savez(tmp_path / "set.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    import vqar.commands.evaluate as evaluate
+
+    outputs = type("Out", (), {"count": 4, "features": np.random.default_rng(0).normal(size=(4, 3)), "images": None})
+    monkeypatch.setattr("vqar.eval.generation.source_outputs", lambda *args, **kwargs: outputs)
+    monkeypatch.setattr("vqar.eval.generation.save_stats", lambda *args, **kwargs: None)
+    inception = type("Inception", (), {"path": tmp_path / "net.pt", "resize": "tf-bilinear"})()
+    monkeypatch.setattr(evaluate, "_inception", lambda args, device: inception)
+    assert main(["eval", "stats", str(tmp_path / "set.npz"), "--out", str(tmp_path / "s.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"images": 4, "inception": "net.pt", "resize": "tf-bilinear",
+                                                   "out": str(tmp_path / "s.npz")}
+
+
+def test_a_folder_of_images_beside_a_samples_npz_is_not_read_as_the_npz_alone(tmp_path):
+    """12 pictures beside a samples.npz of 4 were evaluated as the 4 (`samples: 4`), without a word; a sample run's
+    own grid.png and images/ are its samples, and are read as the npz."""
+    from PIL import Image
+
+    from vqar.eval.sources import open_source
+
+    folder = tmp_path / "photos"
+    (folder / "images").mkdir(parents=True)
+    np.savez(folder / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    for name in ("grid.png", "images/class0000_000000.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / name)
+    assert len(open_source(folder)) == 4  # a sample run
+    for i in range(12):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"photo{i:02d}.png")
+    with pytest.raises(ValueError, match=re.escape(f"{folder} holds samples.npz and 12 other image files (such as "
+                                                   f"photo00.png): name the set to evaluate")):  # fmt: skip
+        open_source(folder)

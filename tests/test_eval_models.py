@@ -22,9 +22,13 @@ def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
     result = evaluate_tokenizer(tokenizer, "mnist", None, max_images=40, batch_size=16)
     assert result["images"] == 40 and len(result["codebook_usage_percent"]) == tokenizer.depth
     assert 0 < result["ssim"] < 1
-    # The known answers, computed here from the first 40 digits in the same batches of 16: PSNR of the uint8
-    # reconstructions, and per depth the share of the 64 codes used and exp(entropy) of the code histogram.
-    digits = load_mnist_digits()[0][:40]
+    # The known answers, computed here from the 40 digits spread over the set (as --max-images takes them) in the
+    # same batches of 16: PSNR of the uint8 reconstructions, and per depth the share of the 64 codes used and
+    # exp(entropy) of the code histogram.
+    from vqar.data.datasets import spread_indices
+
+    digits = load_mnist_digits()[0]
+    digits = digits[spread_indices(len(digits), 40)]
     codes, psnr = [], []
     with torch.no_grad():
         for chunk in np.split(digits, [16, 32]):

@@ -73,6 +73,10 @@ def _on_ranks(command):
     return run
 
 
+MAX_IMAGES_HELP = ("at most this many images, spread evenly over the set (every class of a class-sorted one); "
+                   "of tar shards, the first ones (packed shards are shuffled)")
+
+
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
@@ -118,7 +122,11 @@ def cmd_stats(args, par) -> int:
         return 0
     stats = GaussianStats.of(out.features, keep_features=True)
     save_stats(args.out, stats, out.images, inception)
-    print(f"statistics of {out.count} images ({inception.path.name}, resize {inception.resize}) -> {args.out}")
+    if args.json:
+        _print({"images": out.count, "inception": inception.path.name, "resize": inception.resize,
+                "out": str(args.out)}, as_json=True)  # fmt: skip
+    else:
+        print(f"statistics of {out.count} images ({inception.path.name}, resize {inception.resize}) -> {args.out}")
     return 0
 
 
@@ -190,7 +198,8 @@ def _inception_options(parser: argparse.ArgumentParser, batch: int = 50) -> None
     parser.add_argument("--inception", help=INCEPTION_HELP)
     # no default here: --no-fid tells a --resize given from none
     parser.add_argument("--resize", choices=[DEFAULT_RESIZE, "clean"], help=RESIZE_HELP)
-    parser.add_argument("--batch-size", type=positive_int, default=batch)
+    parser.add_argument("--batch-size", type=positive_int, default=batch,
+                        help=f"images per Inception (and tokenizer) pass (default {batch})")  # fmt: skip
     add_device_option(parser, default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_allow_pipe_option(parser)
@@ -208,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="the .npz to write (an existing file only with --overwrite)")  # fmt: skip
     stats.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     stats.add_argument("--with-images", action="store_true", help="also store the images (arr_0)")
-    stats.add_argument("--max-images", type=positive_int)
+    stats.add_argument("--max-images", type=positive_int, help=MAX_IMAGES_HELP)
     _inception_options(stats)
 
     fid = add_command(metrics, "fid", cmd_fid, "FID against a reference, Inception Score, precision/recall (k=3)",
@@ -216,7 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fid.add_argument("fake", help="generated images: folder, .npz or .npy, a vqar sample run or tar shards")
     fid.add_argument("--ref", help="reference statistics .npz (ADM or vqar) or an image set (folder, tar shards...); "
                      "without it only the Inception Score is measured")  # fmt: skip
-    fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples (error if fewer)")
+    fid.add_argument("--num-samples", type=positive_int, help="use exactly this many samples, spread evenly over "
+                     "the set as --max-images takes them (error if fewer)")  # fmt: skip
     fid.add_argument("--no-is", action="store_true", help="skip the Inception Score")
     fid.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     _inception_options(fid)
@@ -230,7 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rfid.add_argument("--image-size", type=positive_int, help="evaluation size (default: the tokenizer's "
                       "resolution); a multiple of its downsampling factor, and only its own size for VAR and ViT "
                       "tokenizers")  # fmt: skip
-    rfid.add_argument("--max-images", type=positive_int)
+    rfid.add_argument("--max-images", type=positive_int, help=MAX_IMAGES_HELP)
     rfid.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception needed)")
     _inception_options(rfid, batch=32)
 
@@ -240,9 +250,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "labels or tar shards with cls members (the held-out split is whole shards)")
     add_model_options(probe, text=False)
     probe.add_argument("--layer", type=non_negative_int, required=True, help="block index N (middle blocks probe best)")
-    probe.add_argument("--max-images", type=positive_int)
-    probe.add_argument("--batch-size", type=positive_int, default=128)
-    probe.add_argument("--json", action="store_true")
+    probe.add_argument("--max-images", type=positive_int, help="at most this many images, spread evenly over the "
+                       "set (every class kept)")  # fmt: skip
+    probe.add_argument("--batch-size", type=positive_int, default=128, help="images per feature pass (default 128)")
+    probe.add_argument("--json", action="store_true", help="print the result as JSON")
 
     bench = sub.add_parser("bench", help="benchmarks: `vqar bench sample f=32 d=4 c=16384 model=RQ-1.4B ...`")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

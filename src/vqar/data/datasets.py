@@ -31,7 +31,7 @@ from vqar.utils.images import open_image
 log = logging.getLogger("vqar.data")
 
 
-def _spread_indices(total: int, max_images: int | None) -> np.ndarray:
+def spread_indices(total: int, max_images: int | None) -> np.ndarray:
     """Indices of at most `max_images` items spread evenly over `total`, in increasing order.
 
     Taking the first rows instead would keep only the first classes of class-sorted data (MNIST, image
@@ -147,7 +147,7 @@ class ImageFolderDataset(Dataset[Sample | BadSample]):
         class_ids = {name: i for i, name in enumerate(self.class_names)}
         if self.class_names:
             _warn_of_folders_without_images(self.root, self.class_names)
-        keep = _spread_indices(len(files), max_images)
+        keep = spread_indices(len(files), max_images)
         self.listed = files  # every image, where `max_images` keeps a subset: what a caption file may name
         self.source_indices = keep  # item i is file source_indices[i] of the listed ones
         self.files = [files[i] for i in keep]
@@ -240,7 +240,7 @@ class ArrayDataset(Dataset[Sample]):
                              f"given take ids 0 to {len(class_names) - 1}")  # fmt: skip
         if class_names is None:  # from every label: a `max_images` subset without the last class keeps its id
             class_names = [str(i) for i in range(int(label_array.max(initial=-1)) + 1)]
-        keep = _spread_indices(pixels.shape[0], max_images)
+        keep = spread_indices(pixels.shape[0], max_images)
         if len(keep) < pixels.shape[0]:
             pixels, label_array = pixels[keep], label_array[keep]
         self.source_indices = keep  # item i is row source_indices[i] of the array given
@@ -393,7 +393,7 @@ def check_readable(dataset: Dataset, source: str, tries: int = 64) -> None:
         return
     total = len(dataset)  # type: ignore[arg-type]
     errors = []
-    for index in _spread_indices(total, tries):
+    for index in spread_indices(total, tries):
         item = dataset[int(index)]
         if not isinstance(item, BadSample):
             return

@@ -4,7 +4,8 @@
 `shards/shard-{000000..000049}.tar`, a `.txt` list of shards, or the `shards.json` index `vqar pack-shards` writes)
 or `mnist` (the bundled real digits).
 
-A source is a fixed sequence of entries (files sorted by path, array rows, shard samples in shard order), and any
+A source is a fixed sequence of entries (files sorted by path, array rows, shard samples in shard order; a limit on
+their number keeps entries spread evenly over a folder or an array, the first ones of tar shards), and any
 range of them can be read on its own, so that under torchrun each rank holds only its share (`vqar.eval.shards`).
 What reading entries [a, b) costs:
 
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from vqar.data.datasets import image_extensions, scan_images
+from vqar.data.datasets import image_extensions, scan_images, spread_indices
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_folder_index, shard_samples
 from vqar.data.transforms import convert_channels
@@ -166,7 +167,8 @@ class MnistSource(ImageSource):
         from vqar.data.mnist import load_mnist_digits
 
         super().__init__(describe_source("mnist"))
-        self.digits = load_mnist_digits()[0][:max_images]
+        digits = load_mnist_digits()[0]
+        self.digits = digits[spread_indices(len(digits), max_images)]
 
     def __len__(self) -> int:
         return len(self.digits)
@@ -211,39 +213,54 @@ class NpzSource(ImageSource):
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
             raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {self.dtype} {self.shape}")
         self.fortran = fortran
-        self.count = min(self.shape[0], max_images) if max_images is not None else self.shape[0]
+        self.chosen = spread_indices(self.shape[0], max_images)  # the rows this source's entries are
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.chosen)
 
     def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
-        start, stop, _ = part.indices(self.count)
-        stop = max(start, stop)
+        picked = self.chosen[part]
         try:
-            rows = self._fortran_rows(start, stop) if self.fortran else self._rows(start, stop)
+            rows = self._fortran_rows(picked) if self.fortran else self._rows(picked)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise ValueError(f"cannot read images from {self.path}: {err}") from None
         return _array_part(rows, transform)
 
-    def _rows(self, start: int, stop: int) -> np.ndarray:
+    def _rows(self, picked: np.ndarray) -> np.ndarray:
+        """Rows `picked` (increasing), each run of consecutive ones read at once; the bytes between runs are
+        sought past in a stored member, and read and dropped in a compressed one."""
         row_bytes = math.prod(self.shape[1:])
-        rows = np.empty((stop - start, *self.shape[1:]), dtype=np.uint8)
+        rows = np.empty((len(picked), *self.shape[1:]), dtype=np.uint8)
+        if not len(picked):
+            return rows
+        breaks = np.flatnonzero(np.diff(picked) != 1) + 1
         with contextlib.ExitStack() as stack:
             if self.info.compress_type == zipfile.ZIP_STORED:  # the member's bytes lie in the file as they are
                 stream = stack.enter_context(open(self.path, "rb"))
-                stream.seek(_member_data_offset(stream, self.info) + self.header_size + start * row_bytes)
-            else:  # inflated from the start; what lies before row `start` is read and dropped
+                first_row = _member_data_offset(stream, self.info) + self.header_size
+
+                def move_to(row: int, at: int) -> None:
+                    stream.seek(first_row + row * row_bytes)
+            else:  # inflated from the start; what lies before a run is read and dropped
                 archive = stack.enter_context(zipfile.ZipFile(self.path))
                 stream = stack.enter_context(archive.open(self.info))
-                _skip(stream, self.header_size + start * row_bytes)
-            _read_into(stream, memoryview(rows.reshape(-1)))
+                _skip(stream, self.header_size)
+
+                def move_to(row: int, at: int) -> None:
+                    _skip(stream, (row - at) * row_bytes)
+
+            at = 0  # the row the stream is at
+            for begin, end in zip([0, *breaks], [*breaks, len(picked)], strict=True):
+                move_to(int(picked[begin]), at)
+                _read_into(stream, memoryview(rows[begin:end].reshape(-1)))
+                at = int(picked[end - 1]) + 1
         return rows
 
-    def _fortran_rows(self, start: int, stop: int) -> np.ndarray:
+    def _fortran_rows(self, picked: np.ndarray) -> np.ndarray:
         # Column-major rows are not contiguous in the file: numpy reads the whole array (rare: np.savez writes C
         # order unless handed a Fortran-ordered array).
         with np.load(self.path) as data:
-            return np.ascontiguousarray(data["arr_0"][start:stop])
+            return np.ascontiguousarray(data["arr_0"][picked])
 
 
 class NpySource(ImageSource):
@@ -261,14 +278,16 @@ class NpySource(ImageSource):
         if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
             raise ValueError(f"{path}: evaluation reads uint8 images (N, H, W, 1 or 3), got {dtype} {shape}; save "
                              "them in that layout (an .npz's arr_0, or a folder of image files)")  # fmt: skip
-        self.count = min(shape[0], max_images) if max_images is not None else shape[0]
+        self.chosen = spread_indices(shape[0], max_images)
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.chosen)
 
     def read(self, part: slice, transform: Transform | None = None, progress: bool = False) -> ImagePart:
-        start, stop, _ = part.indices(self.count)
-        return _array_part(np.ascontiguousarray(self.array[start : max(start, stop)]), transform)
+        picked = self.chosen[part]
+        if len(picked) and picked[-1] - picked[0] == len(picked) - 1:  # consecutive: one slice of the map
+            return _array_part(np.array(self.array[picked[0] : picked[-1] + 1]), transform)
+        return _array_part(np.asarray(self.array[picked]), transform)
 
 
 def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...]:
@@ -365,7 +384,8 @@ class FolderSource(ImageSource):
 
     def __init__(self, folder: Path, max_images: int | None):
         super().__init__(folder)
-        self.files = image_files(folder, required=True)[:max_images]
+        files = image_files(folder, required=True)
+        self.files = [files[i] for i in spread_indices(len(files), max_images)]
         self.mode = _common_mode(lambda f=f: Image.open(f) for f in self.files)
 
     def __len__(self) -> int:
@@ -469,7 +489,9 @@ class ShardSource(ImageSource):
 
 # ---------------------------------------------------------------- opening a source
 def open_source(source: str | Path, max_images: int | None = None) -> ImageSource:
-    """The source named `source` (see the module docstring), limited to its first `max_images` entries."""
+    """The source named `source` (see the module docstring), limited to `max_images` entries spread evenly over it,
+    as training's `data.max_images` takes them (the first ones kept only the first classes of a class-sorted set:
+    a sample run, the digits); tar shards give their first ones, as training's do (packed shards are shuffled)."""
     opened = _open_source(source, max_images)
     opened.limit = max_images
     return opened
@@ -480,6 +502,7 @@ def _open_source(source: str | Path, max_images: int | None) -> ImageSource:
         return MnistSource(max_images)
     path = Path(source)
     if path.is_dir() and (path / "samples.npz").is_file():
+        _check_samples_alone(path)
         path = path / "samples.npz"
     if path.is_file() and path.suffix == ".npz":
         return NpzSource(path, max_images)
@@ -493,6 +516,17 @@ def _open_source(source: str | Path, max_images: int | None) -> ImageSource:
     if is_shard_source(str(source)):
         return ShardSource(str(source), max_images)
     raise FileNotFoundError(f"no image folder, .npz or .npy file, sample run or tar shards at {path}")
+
+
+def _check_samples_alone(folder: Path) -> None:
+    """ValueError where a folder read as a sample run (its samples.npz) holds other images too: 12 pictures beside
+    a samples.npz of 4 were evaluated as the 4, without a word. A run's own grid.png and images/ are its samples."""
+    others = [file for file in image_files(folder)
+              if file.relative_to(folder).parts[0] not in ("grid.png", "images")]  # fmt: skip
+    if others:
+        raise ValueError(f"{folder} holds samples.npz and {len(others)} other image file{'s' * (len(others) > 1)} "
+                         f"(such as {others[0].relative_to(folder)}): name the set to evaluate, "
+                         f"{folder / 'samples.npz'} or a folder of the images alone")  # fmt: skip
 
 
 def _refuse_training_run(folder: Path) -> None:
