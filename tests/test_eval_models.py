@@ -46,6 +46,29 @@ def test_rfid_reports_reconstruction_metrics(tiny_pipeline, tmp_path):
         assert result["perplexity"][d] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
 
 
+def test_rfid_of_a_var_tokenizer_reports_each_scale(tmp_path):
+    """A VAR tokenizer's usage and perplexity were one figure pooled over its scales (86%, where the scales used
+    0.4, 10, 29 and 85%): the coarse scales' collapse, which training reports per scale, did not show."""
+    from vqar.eval.rfid import evaluate_tokenizer
+    from vqar.quantize import QuantizerConfig
+    from vqar.tokenizers import ConvConfig, Tokenizer, TokenizerConfig
+
+    conv = ConvConfig(in_channels=1, out_channels=1, resolution=16, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1,
+                      attn_resolutions=[], z_channels=8, norm_groups=8)  # fmt: skip
+    quantizer = QuantizerConfig(kind="multiscale", codebook_size=16, dim=4, patch_nums=[1, 2, 4], ema=False)
+    tokenizer = Tokenizer(TokenizerConfig(conv=conv, quantizer=quantizer, quant_conv_kernel=3)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", arr_0=images)
+    result = evaluate_tokenizer(tokenizer, tmp_path / "set.npz", None, batch_size=4)
+    with torch.no_grad():
+        codes = tokenizer.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert len(result["codebook_usage_percent"]) == len(result["perplexity"]) == 3
+    for k, (begin, end) in enumerate([(0, 1), (1, 5), (5, 21)]):
+        used = len(np.unique(codes[:, begin:end].numpy()))
+        assert result["codebook_usage_percent"][k] == pytest.approx(100 * used / 16), k
+    assert result["codebook_usage_percent"][0] <= 100 * 6 / 16  # 6 codes at most at the 1x1 scale
+
+
 def test_rfid_turns_colour_grey_as_training_does(tmp_path):
     """A grey tokenizer's rFID took the plain mean of the three channels, which gives pure red, green and blue one
     grey (85), where training and `vqar reconstruct` use Pillow's luma (76, 150, 29): other codes, other PSNRs."""

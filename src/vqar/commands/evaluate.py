@@ -232,8 +232,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _inception_options(fid)
 
     rfid = add_command(metrics, "rfid", cmd_rfid, "tokenizer reconstruction: rFID, PSNR, SSIM, codebook usage per "
-                       "depth", f"{SOURCES} Images of any size are center-cropped and resized to the evaluation "
-                       f"size. {TORCHRUN % 'rfid'}")  # fmt: skip
+                       "depth (per scale for VAR)", f"{SOURCES} Images of any size are center-cropped and resized to "
+                       f"the evaluation size. {TORCHRUN % 'rfid'}")  # fmt: skip
     rfid.add_argument("data", help="validation images: folder, .npz or .npy, tar shards or 'mnist'")
     rfid.add_argument("--tokenizer", required=True, help="a tokenizer run, vqar folder, RQ stage1 or LlamaGen .pt")
     rfid.add_argument("--config", help="architecture of a LlamaGen VQ file (VQ-16, VQ-8, JSON)")

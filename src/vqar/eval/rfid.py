@@ -99,9 +99,9 @@ def evaluate_tokenizer(
     device: str | torch.device = "cpu",
     par: Parallel | None = None,
 ) -> dict | None:
-    """rFID (with `inception`), PSNR, SSIM, codebook usage and perplexity per depth of `source` at `image_size`:
-    its first `max_images` (a source already opened is taken as it is). Under torchrun every rank reconstructs its
-    share of the batches and rank 0 returns the result; the other ranks get None."""
+    """rFID (with `inception`), PSNR, SSIM, codebook usage and perplexity per depth (per scale for VAR) of `source`
+    at `image_size`: `max_images` of it, spread over it (a source already opened is taken as it is). Under torchrun
+    every rank reconstructs its share of the batches and rank 0 returns the result; the other ranks get None."""
     par = par or Parallel()
     size = tokenizer.image_size if image_size is None else image_size
     check_evaluation_size(tokenizer, size)
@@ -121,7 +121,7 @@ def evaluate_tokenizer(
     rows = gather_rows(_reconstruct(tokenizer, originals, inception, batch_size, device, par.is_main), par)
     if rows is None:
         return None
-    result = {"images": count, "image_size": size, **_reconstruction_metrics(rows, tokenizer.codebook_size)}
+    result = {"images": count, "image_size": size, **_reconstruction_metrics(rows, tokenizer)}
     if inception is not None:
         real, fake = GaussianStats.of(rows["real"].numpy()), GaussianStats.of(rows["fake"].numpy())
         result["rfid"] = frechet_distance(fake, real)
@@ -172,11 +172,11 @@ def _reconstruct(tokenizer, originals: np.ndarray, inception: Inception | None, 
     return {k: torch.cat(v) if v else torch.empty(0, dtype=ROW_DTYPES[k]) for k, v in rows.items()}
 
 
-def _reconstruction_metrics(rows: dict[str, torch.Tensor], codebook_size: int) -> dict:
-    codes = rows["codes"] if rows["codes"].dim() == 4 else rows["codes"][..., None]
-    usage, perplexity = zip(
-        *(code_statistics(codes[..., d], codebook_size) for d in range(codes.shape[-1])), strict=True
-    )
+def _reconstruction_metrics(rows: dict[str, torch.Tensor], tokenizer) -> dict:
+    # Per level as training counts them (`level_codes`): an RQ depth, or a VAR scale (pooled over the scales, a
+    # collapse of the coarse ones hid behind the fine ones' usage).
+    levels = tokenizer.quantizer.level_codes(rows["codes"])
+    usage, perplexity = zip(*(code_statistics(codes, tokenizer.codebook_size) for codes in levels), strict=True)
     return {
         "psnr_db": float(rows["psnr"].mean()),
         "ssim": float(rows["ssim"].mean()),
