@@ -320,3 +320,23 @@ def test_a_folder_of_images_beside_a_samples_npz_is_not_read_as_the_npz_alone(tm
     with pytest.raises(ValueError, match=re.escape(f"{folder} holds samples.npz and 12 other image files (such as "
                                                    f"photo00.png): name the set to evaluate")):  # fmt: skip
         open_source(folder)
+
+
+def test_an_npz_keyed_as_training_reads_it_and_a_text_npy_are_read_or_named(tmp_path):
+    """An .npz of `images` (or `x`), which training and the linear probe take, was refused as having no arr_0, naming
+    the file twice; a text file named .npy got numpy's advice to load it unsafely, as a pickle."""
+    from vqar.eval.sources import open_source
+
+    images = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8, 1)
+    for key in ("images", "x"):
+        np.savez(tmp_path / f"{key}.npz", **{key: images, "y": np.arange(3)})
+        np.testing.assert_array_equal(open_source(tmp_path / f"{key}.npz").read(slice(0, 3)).images, images)
+    np.savez(tmp_path / "other.npz", pictures=images)
+    with pytest.raises(ValueError) as error:
+        open_source(tmp_path / "other.npz")
+    assert str(error.value) == (f"cannot read images from {tmp_path / 'other.npz'}: it has no image array (arr_0, "
+                                "images, x; keys: ['pictures'])")  # fmt: skip
+    (tmp_path / "notes.npy").write_text("just some notes\n")
+    with pytest.raises(ValueError, match="it is not a NumPy array file") as error:
+        open_source(tmp_path / "notes.npy")
+    assert "unsafely" not in str(error.value)

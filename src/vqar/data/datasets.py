@@ -275,6 +275,10 @@ class MnistDataset(ArrayDataset):
         super().__init__(images, labels, image_size, channels, class_names=names, max_images=max_images)
 
 
+# The names of the image array in an `.npz`, in the order they are looked for (ADM's samples, then common ones).
+NPZ_IMAGE_KEYS = ("arr_0", "images", "x")
+
+
 def load_array_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Read `(images, labels or None)` from a `.npy` (images only) or `.npz` file.
 
@@ -291,7 +295,7 @@ def load_array_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
             return np.load(path, allow_pickle=False), None
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
-            image_key = next((key for key in ("arr_0", "images", "x") if key in keys), None)
+            image_key = next((key for key in NPZ_IMAGE_KEYS if key in keys), None)
             if image_key is None:
                 raise ValueError(f"{path} has no image array 'arr_0', 'images' or 'x'; keys found: {keys}")
             label_key = next((key for key in ("labels", "y", "arr_1") if key in keys), None)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from vqar.data.datasets import image_extensions, scan_images, spread_indices
+from vqar.data.datasets import NPZ_IMAGE_KEYS, image_extensions, scan_images, spread_indices
 from vqar.data.samples import BadSample
 from vqar.data.shards import IMAGE_KEYS, is_shard_source, open_shards, shard_folder_index, shard_samples
 from vqar.data.transforms import convert_channels
@@ -197,12 +197,13 @@ class NpzSource(ImageSource):
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-                if "arr_0.npy" not in names and {"mu.npy", "sigma.npy"} <= set(names):
+                key = next((f"{key}.npy" for key in NPZ_IMAGE_KEYS if f"{key}.npy" in names), None)
+                if key is None and {"mu.npy", "sigma.npy"} <= set(names):
                     raise ReferenceStatsError(path)
-                if "arr_0.npy" not in names:
+                if key is None:  # said once, by the caller, with the file's name
                     found = sorted(n.removesuffix(".npy") for n in names)
-                    raise ValueError(f"{path} has no arr_0 image array (keys: {found})")
-                self.info = archive.getinfo("arr_0.npy")
+                    raise ValueError(f"it has no image array ({', '.join(NPZ_IMAGE_KEYS)}; keys: {found})")
+                self.info = archive.getinfo(key)
                 with archive.open(self.info) as member:
                     self.shape, fortran, self.dtype = _npy_header(member)
                     self.header_size = member.tell()
@@ -211,7 +212,8 @@ class NpzSource(ImageSource):
         except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise ValueError(f"cannot read images from {path}: {err}") from None
         if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] not in (1, 3):
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 1 or 3), got {self.dtype} {self.shape}")
+            raise ValueError(f"{path}: {self.info.filename.removesuffix('.npy')} must be uint8 (N, H, W, 1 or 3), got "
+                             f"{self.dtype} {self.shape}")  # fmt: skip
         self.fortran = fortran
         self.chosen = spread_indices(self.shape[0], max_images)  # the rows this source's entries are
 
@@ -260,7 +262,7 @@ class NpzSource(ImageSource):
         # Column-major rows are not contiguous in the file: numpy reads the whole array (rare: np.savez writes C
         # order unless handed a Fortran-ordered array).
         with np.load(self.path) as data:
-            return np.ascontiguousarray(data["arr_0"][picked])
+            return np.ascontiguousarray(data[self.info.filename.removesuffix(".npy")][picked])
 
 
 class NpySource(ImageSource):
@@ -273,7 +275,10 @@ class NpySource(ImageSource):
         except EOFError:  # an empty file
             raise ValueError(f"cannot read images from {path}: the file is empty") from None
         except (OSError, ValueError) as err:  # not an .npy, or an array of Python objects (a pickle)
-            raise ValueError(f"cannot read images from {path}: {err}") from None
+            why = err
+            if "pickled" in str(err):  # numpy's own words advise loading it unsafely
+                why = "it is not a NumPy array file (.npy) of numbers (numpy reads it as pickled Python objects)"
+            raise ValueError(f"cannot read images from {path}: {why}") from None
         shape, dtype = self.array.shape, self.array.dtype
         if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
             raise ValueError(f"{path}: evaluation reads uint8 images (N, H, W, 1 or 3), got {dtype} {shape}; save "
