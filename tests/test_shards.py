@@ -439,6 +439,12 @@ def test_pack_shards_says_one_image_shard_class_and_file_in_the_singular(tmp_pat
     assert capsys.readouterr().out.splitlines()[0] == (
         f"packed 1 image into 1 shard in {tmp_path / 's'} (1 class, 1 unreadable file left out)"
     )
+    # a source without labels: "(0 classes)" read as if its classes had been lost
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
+    assert main(["pack-shards", str(tmp_path / "flat"), "--out", str(tmp_path / "u")]) == 0
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said == f"packed 1 image into 1 shard in {tmp_path / 'u'} (no class labels)"
 
 
 def _index_with(digit_shards, tmp_path, first: dict) -> str:

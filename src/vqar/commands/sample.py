@@ -199,8 +199,8 @@ def _rejection_sample(args: argparse.Namespace, model, conditions, settings, opt
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (semantics: vqar.sampling.settings)")
     group.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off, > 1 = on)")
-    group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes (LlamaGen's meaning; not "
-                       "for VAR, which draws whole scales)")
+    group.add_argument("--cfg-interval", type=int, help="guide only the first N+2 codes, -1 every code (LlamaGen's "
+                       "meaning; not for VAR, which draws whole scales)")  # fmt: skip
     group.add_argument("--cfg-schedule", choices=["constant", "linear"],
                        help="spread guidance over the blocks: constant, or linear from none at the first to --cfg at "
                             "the last (VAR's default; its cfg c is --cfg 1+c, so its README's 1.5 is --cfg 2.5); "
@@ -211,7 +211,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", default=None, help="keep the k most likely codes (and any tied with the k-th)")
     group.add_argument("--top-p", default=None, help="nucleus sampling threshold in (0, 1]")
     group.add_argument("--greedy", action="store_true", help="always take the most likely code")
-    group.add_argument("--seed", type=non_negative_int, default=0, help="image j of the run depends on (seed, j) only")
+    group.add_argument("--seed", type=non_negative_int, default=0,
+                       help="image j of the run depends on (seed, j) only (default 0)")  # fmt: skip
     group.add_argument("--speculative", action="store_true",
                        help="speculative Jacobi decoding: draft a window of positions and check them in one model "
                             "call; the same distribution as without, in fewer calls (GPT, VIM, RQ; not VAR)")
@@ -233,10 +234,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--prompts", help="text-to-image models: a file with one prompt per line")
     sample.add_argument(
-        "--n-per-class", type=positive_int, default=8, help="samples per class or prompt (or in all, unconditional)"
+        "--n-per-class", type=positive_int, default=8,
+        help="samples per class or prompt (or in all, unconditional; default 8)",
     )
     add_sampling_options(sample)
-    sample.add_argument("--batch-size", type=positive_int, default=64)
+    sample.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images drawn per model run (default 64); the images do not depend on it")  # fmt: skip
     add_speed_options(sample)
     add_device_option(sample)
     sample.add_argument("--no-images", action="store_true", help="skip the individual PNG files")

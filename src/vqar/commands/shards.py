@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)  # fmt: skip
     shards = len(report.index["shardlist"])
     extra = f", {_counted(len(report.skipped), 'unreadable file')} left out" if report.skipped else ""
-    classes = _counted(len(report.index["class_names"]), "class", "classes")
+    count = len(report.index["class_names"])
+    classes = _counted(count, "class", "classes") if count else "no class labels"
     print(f"packed {_counted(report.written, 'image')} into {_counted(shards, 'shard')} in {report.out_dir} "
           f"({classes}{', with captions' if report.index['captions'] else ''}{extra})")  # fmt: skip
     print(f"use it as: data.source={report.out_dir / 'shards.json'}")

@@ -144,11 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=10_000,
         help="source images per store shard, "
-        "the unit of work that ranks share and a rerun skips when done (tar sources: one store "
-        "shard per tar shard)",
+        "the unit of work that ranks share and a rerun skips when done (default 10000; tar sources: one store "
+        "shard per tar shard, and this is not used)",
     )
-    extract.add_argument("--batch-size", type=positive_int, default=256)
-    extract.add_argument("--num-workers", type=non_negative_int, default=0)
+    extract.add_argument("--batch-size", type=positive_int, default=256,
+                         help="images per tokenizer pass (default 256); the codes do not depend on it")  # fmt: skip
+    extract.add_argument("--num-workers", type=non_negative_int, default=0,
+                         help="image-decoding worker processes (default 0: decoded in this process)")  # fmt: skip
     add_device_option(extract)
     extract.add_argument("--overwrite", action="store_true", help="replace an existing code store (only a code "
                          "store: any other non-empty folder is refused, and nothing is deleted)")  # fmt: skip
