@@ -340,3 +340,23 @@ def test_an_npz_keyed_as_training_reads_it_and_a_text_npy_are_read_or_named(tmp_
     with pytest.raises(ValueError, match="it is not a NumPy array file") as error:
         open_source(tmp_path / "notes.npy")
     assert "unsafely" not in str(error.value)
+
+
+def test_a_set_that_reads_as_one_image_is_named_before_its_inception_pass(tmp_path, no_inception, capsys,
+                                                                           monkeypatch):  # fmt: skip
+    """Four files, three of them empty: 'need at least 2 feature vectors (N, dim), got shape (1, 2048)' after the
+    Inception pass, naming neither the set nor why. (Files are read after the network loads: a stand-in here.)"""
+    from PIL import Image
+
+    import vqar.commands.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_inception", lambda args, device: object())
+
+    folder = tmp_path / "onegood"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    for name in ("b.png", "c.png", "d.png"):
+        (folder / name).write_bytes(b"")
+    assert main(["eval", "stats", str(folder), "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"vqar: error: only 1 of the 4 image files in {folder} could be read; FID statistics need at least 2" in err

@@ -101,6 +101,9 @@ def source_outputs(
     images, count = read_share(opened, batch_size, par)
     if at_least is not None and count < at_least:
         raise ValueError(f"{opened.where} holds {count} images, fewer than the {at_least} asked for")
+    if count < 2:  # the files were counted before they were read: said here, not by numpy after the pass
+        raise ValueError(f"only {count} of the {len(opened)} {opened.unit} in {opened.where} could be read; FID "
+                         "statistics need at least 2")  # fmt: skip
     rows = {"features": _own_outputs(images, inception, batch_size, False, desc, par.is_main)}
     if probabilities:
         rows["probabilities"] = _own_outputs(images, inception, batch_size, True, desc and f"{desc} (IS)", par.is_main)

@@ -113,7 +113,8 @@ def precision_recall(
     """(precision, recall) of `fake` features against `real` ones with k-NN manifolds."""
     real_t, fake_t = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
     if min(len(real_t), len(fake_t)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set, and one has "
+                         f"{min(len(real), len(fake))} (--no-pr leaves it out)")  # fmt: skip
     real_radii = _kth_neighbour_radii(real_t, k, chunk)
     fake_radii = _kth_neighbour_radii(fake_t, k, chunk)
     precision = _inside_manifold(fake_t, real_t, real_radii, chunk).float().mean()
