@@ -14,6 +14,7 @@ image order and reports what one process would report (to float rounding); the o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -100,11 +101,30 @@ def _rounded(value) -> str:
 
 @_on_ranks
 def cmd_stats(args, par) -> int:
-    from vqar.eval.generation import check_stats_path, save_stats, source_outputs
+    """`vqar eval stats`, with --out write-locked by rank 0 until it is written: two runs writing one --out both
+    passed its check, and the last to finish replaced the other's statistics unsaid."""
+    from vqar.eval.generation import check_stats_path
+    from vqar.parallel import PeerFailed
+    from vqar.utils.io import write_lock
+
+    check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
+    with contextlib.ExitStack() as held:
+        problem = None
+        if par.is_main:
+            try:
+                held.enter_context(write_lock(args.out))
+            except OSError as err:
+                problem = err
+        if par.any(problem is not None):
+            raise problem or PeerFailed(f"{args.out} cannot be written; see rank 0's error")
+        return _stats(args, par)
+
+
+def _stats(args, par) -> int:
+    from vqar.eval.generation import save_stats, source_outputs
     from vqar.eval.metrics import GaussianStats
     from vqar.eval.sources import ReferenceStatsError, check_enough_images, open_source
 
-    check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
     read = [Path(args.data), Path(args.data) / "samples.npz"]  # a .npz, or a sample run's (which is read first)
     if Path(args.out).exists() and any(p.is_file() and p.samefile(args.out) for p in read):
         raise ValueError(f"--out {args.out} is the file the images are read from; --overwrite would replace them "
