@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -201,3 +203,18 @@ def random_tokenizer(arch: str = "conv", quantizer: str = "vq"):
     fields = {"patch_nums": [1, 2, 4], "ema": False} if quantizer == "multiscale" else {}
     return Tokenizer(TokenizerConfig(arch=arch, conv=conv, vit=vit, quantizer=QuantizerConfig(
         kind=quantizer, codebook_size=16, dim=4, **fields))).eval()  # fmt: skip
+
+
+@contextlib.contextmanager
+def locked_by_another_process(out: Path):
+    """A separate process holding vqar's write lock on `out` (the lock is vqar's own, and the error names its pid);
+    it lets go, and must exit cleanly, when the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
+                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0

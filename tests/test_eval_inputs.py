@@ -365,17 +365,10 @@ def test_a_set_that_reads_as_one_image_is_named_before_its_inception_pass(tmp_pa
 def test_stats_refuses_an_out_another_process_writes(tmp_path, no_inception, capsys):
     """Two `eval stats` into one --out both passed its check; the one that finished last replaced the other's
     statistics without a word."""
-    import subprocess
-    import sys
+    from conftest import locked_by_another_process
 
     out = tmp_path / "ref.npz"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
-                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with locked_by_another_process(out) as holder:
         assert main(["eval", "stats", "mnist", "--max-images", "4", "--out", str(out)]) == 2
         assert f"another vqar process (pid {holder.pid}) is writing {out}" in capsys.readouterr().err
-    finally:
-        holder.communicate("", timeout=60)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

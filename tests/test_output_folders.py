@@ -234,21 +234,14 @@ def test_a_second_sampler_into_the_same_out_is_refused_while_the_first_writes(sa
     """Two `vqar sample` runs into one new --out both passed the check, both said they wrote samples.npz, and the
     second to finish had replaced the first one's samples without a word. The write lock that extract-codes,
     pack-shards and training take is held from the check to the last file."""
-    import subprocess
-    import sys
+    from conftest import locked_by_another_process
 
     out = tmp_path / "shared"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
-                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with locked_by_another_process(out) as holder:
         code, err = run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)
         assert code == 2 and err == (f"vqar: error: another vqar process (pid {holder.pid}) is writing {out}; wait "
                                      "for it to finish or choose another --out\n")  # fmt: skip
         assert not out.exists()
-    finally:
-        holder.communicate("", timeout=60)
     assert run_cli(["sample", "--model", str(sampler_folder), "--out", str(out)], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # the lock file went with the run
 

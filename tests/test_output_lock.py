@@ -4,18 +4,16 @@ writes it, and writes nothing; once that process is done, the command works and 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, file_contents, run_cli, torchrun
+from conftest import TINY_RUN, file_contents, locked_by_another_process, run_cli, torchrun
 
 
 @pytest.fixture
@@ -29,21 +27,6 @@ def _command(kind: str, tokenizer_folder, images) -> list[str]:
     if kind == "extract-codes":
         return ["extract-codes", "--tokenizer", str(tokenizer_folder), "--data", str(images)]
     return ["pack-shards", str(images)]
-
-
-@contextlib.contextmanager
-def _locked_by_another_process(out: Path):
-    """A separate process holding vqar's write lock on `out` (the lock is vqar's own, and the error names its pid);
-    it lets go, and must exit cleanly, when the block ends."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from vqar.utils.io import write_lock\n"
-                               f"with write_lock({str(out)!r}):\n print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.communicate("", timeout=60)
-    assert holder.returncode == 0
 
 
 def _hold(lock: Path, pid: int):
@@ -79,7 +62,7 @@ def test_overwrite_deletes_nothing_while_another_process_writes(tokenizer_folder
     command = [*_command(kind, tokenizer_folder, images), "--out", str(out)]
     assert run_cli(command, capsys)[0] == 0
     before = file_contents(out)
-    with _locked_by_another_process(out) as holder:
+    with locked_by_another_process(out) as holder:
         code, err = run_cli([*command, "--overwrite"], capsys)
         assert code == 2 and f"another vqar process (pid {holder.pid}) is writing {out};" in err, err
         assert file_contents(out) == before
@@ -154,7 +137,7 @@ def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(t
     assert run_cli([*TRAIN, "--out", str(run)], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the lock file went with the run
     before = file_contents(run)
-    with _locked_by_another_process(run) as holder:
+    with locked_by_another_process(run) as holder:
         expected = f"vqar: error: another vqar process (pid {holder.pid}) is writing {run}; wait for it to finish or " \
                    "choose another --out\n"  # fmt: skip
         for mode in (["--resume"], ["--overwrite"], ["steps=2", "--resume"]):
