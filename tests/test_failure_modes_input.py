@@ -327,6 +327,8 @@ def test_a_damaged_array_file_is_one_line(tokenizer_folder, tmp_path, capsys, na
         # past any machine: these overflowed in tracebacks (a count of infinity, a count too large for a float)
         (["--accept-rate", "1e-310", "--classifier", "digits"], "at --accept-rate 1e-310 is more images than any "
                                                                 "machine holds: raise --accept-rate"),
+        (["--n-per-class", "10000000000", "--accept-rate", "1e-300", "--classifier", "digits"],
+         "at --accept-rate 1e-300 is more images than any machine holds"),  # 1e10 / 1e-300: infinity
         (["--n-per-class", str(10**400)], f"--n-per-class {10**400} x 3 classes is more images than any machine"),
         (["--n-per-class", str(10**400), "--accept-rate", "0.5", "--classifier", "digits"], "is more images than"),
     ],

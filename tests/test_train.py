@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -84,6 +85,9 @@ def test_a_discriminator_added_on_resume_starts_fresh_on_the_run_schedule(tmp_pa
         train_tokenizer(late, run_dir, resume=True)
     assert "loss.disc_start=5000 is past train.steps=6: the discriminator is built and saved but never trains in " \
            "this run" in caplog.text  # fmt: skip
+    # Training flushes subnormal floats to zero, the CPU's setting for the whole process: it stayed on after the
+    # run, and Python's own 1e-310 then read as 0.0 (a later `--accept-rate 1e-310` was "0.0").
+    assert sys.float_info.min / 2 > 0.0 and float("1e-310") > 0.0
 
 
 def test_resume_reaches_the_same_weights(tmp_path):

@@ -149,9 +149,6 @@ class Trainer:
         self.schedulers = {
             name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in task.optimizers().items()
         }
-        # Subnormal floats (activations of near-black images drift there) slow CPU kernels several-fold;
-        # flushing them to zero changes nothing measurable in training.
-        torch.set_flush_denormal(True)
         self.bad_files = BadFileReport()
         self.step = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
@@ -300,12 +297,18 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
+        # Subnormal floats (activations of near-black images drift there) slow CPU kernels several-fold; flushing
+        # them to zero changes nothing measurable in training. It is the CPU's setting for the whole process, Python's
+        # own floats included (1e-310 read as 0.0 after a run in a notebook), so it is put back afterwards.
+        flushed_before = sys.float_info.min / 2 == 0.0
+        torch.set_flush_denormal(True)
         failed = True
         try:
             result = self._fit(resume)
             failed = False
             return result
         finally:
+            torch.set_flush_denormal(flushed_before)
             self.tracker.close(failed)  # also on errors and signals: the tracker's files end cleanly
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
