@@ -186,7 +186,10 @@ def test_config_without_a_store_still_refuses_what_training_would(override, mess
      ("vim-mnist", ["sample.greedy=true", "sample.temperature=0.5", "sample.top_k=3"],
       "sample.temperature and sample.top_k have no effect with sample.greedy, which always takes the most likely"),
      ("gpt-mnist", ["sample.speculative_window=4"], "sample.speculative_window has no effect without "
-                                                     "sample.speculative")],
+                                                     "sample.speculative"),
+     # scales out of order passed beside a fitting code_shape (and without one were a code_shape mismatch)
+     ("var-mnist", ["model.patch_nums=[1,3,2,4]", "model.code_shape=[30]"],
+      "patch_nums must be increasing positive scale sides, got [1, 3, 2, 4]")],
 )  # fmt: skip
 def test_config_without_a_store_refuses_settings_that_combine_wrongly(preset, overrides, message, capsys):
     """How the sections combine (npp.* without npp.level, a text head's loss on a GPT, the grid's settings on the

@@ -93,8 +93,9 @@ class VARConfig(ARConfig):
     def validate(self) -> None:
         if len(self.code_shape) != 1:
             raise ValueError(f"VAR lays its scales end to end: code_shape must be [L], got {self.code_shape}")
-        if not self.patch_nums or min(self.patch_nums) < 1:
-            raise ValueError(f"patch_nums must be positive scale sides, got {self.patch_nums}")
+        sides = list(self.patch_nums)
+        if not sides or min(sides) < 1 or sides != sorted(set(sides)):  # as the tokenizer's scales
+            raise ValueError(f"patch_nums must be increasing positive scale sides, got {sides}")
         total = sum(p * p for p in self.patch_nums)
         if self.code_shape[0] != total:
             raise ValueError(f"code_shape [{self.code_shape[0]}] does not match patch_nums {list(self.patch_nums)} "
