@@ -184,6 +184,14 @@ def test_sampling_into_a_used_folder_needs_overwrite_which_replaces_every_output
     code, err = run_cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite"], capsys)
     assert code == 2 and "is not a sample folder (it holds grid.png, prompts.txt, samples.npz)" in err, err
     assert file_contents(out) == before
+    # A stray file a level down was not named: the refusal listed only names a sample run writes.
+    (out / "prompts.txt").unlink()
+    assert run_cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite"], capsys)[0] == 0
+    (out / "images" / "notes.txt").write_text("mine")
+    code, err = run_cli([*sample, "--classes", "1", "--n-per-class", "1", "--overwrite"], capsys)
+    assert code == 2 and "is not a sample folder (it holds grid.png, images, samples.npz: its images/ holds " \
+                         "notes.txt, which a sample run does not write)" in err, err  # fmt: skip
+    assert (out / "images" / "notes.txt").read_text() == "mine"
 
 
 def test_a_sample_overwrite_stopped_while_writing_leaves_the_old_samples_whole(sampler_folder, tmp_path, capsys,
@@ -254,7 +262,8 @@ def test_overwrite_does_not_take_a_folder_of_the_users_pictures_or_prompts_for_s
     (photos / "images" / "holiday.jpg").write_text("mine")
     prompts.mkdir()
     (prompts / "prompts.txt").write_text("a seven\nthe digit one\n")
-    for out, held in ((photos, "images"), (prompts, "prompts.txt")):
+    for out, held in ((photos, "images: its images/ holds holiday.jpg, which a sample run does not write"),
+                      (prompts, "prompts.txt")):  # fmt: skip
         before = file_contents(out)
         code, err = run_cli(["sample", "--model", str(tmp_path / "none"), "--out", str(out), "--overwrite"], capsys)
         assert code == 2 and err == (f"vqar: error: {out} is not a sample folder (it holds {held}); --overwrite "

@@ -45,9 +45,22 @@ def is_sample_folder(path: Path) -> bool:
     if (path / "prompts.txt").exists() and not _prompts_of_the_run(path):
         return False
     images = path / "images"
-    if not images.exists():
-        return True
-    return images.is_dir() and all(IMAGE_NAME.fullmatch(name) for name in folder_entries(images))
+    return not images.exists() or (images.is_dir() and not _foreign_pictures(images))
+
+
+def foreign_in_images(path: Path) -> str | None:
+    """What in `path`/images/ a sample run does not write, in words (None where there is nothing such): the reason
+    a folder whose top level looks like a run's is not one, which the refusal names."""
+    images = Path(path) / "images"
+    foreign = _foreign_pictures(images) if images.is_dir() else []
+    if not foreign:
+        return None
+    more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    return f"its images/ holds {foreign[0]}{more}, which a sample run does not write"
+
+
+def _foreign_pictures(images: Path) -> list[str]:
+    return sorted(name for name in folder_entries(images) if not IMAGE_NAME.fullmatch(name))
 
 
 def _prompts_of_the_run(path: Path) -> bool:

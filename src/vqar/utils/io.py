@@ -136,12 +136,14 @@ def describe_entries(names: list[str], shown: int = 4) -> str:
 
 
 def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: Callable[[Path], bool],
-                      option: str = "--out", own_entries: re.Pattern | None = None) -> None:  # fmt: skip
+                      option: str = "--out", own_entries: re.Pattern | None = None,
+                      why_not: Callable[[Path], str | None] | None = None) -> None:  # fmt: skip
     """Refuses an output `target` that a command would replace (delete, then write anew) when that would lose data:
     a non-empty folder needs `overwrite`, and even then must be `kind` ("a code store"), which `is_kind` recognises;
     a file, or a folder of anything else, is named in one line and left alone. A missing or empty folder is fine.
     `option` is how the command line names the target. With `own_entries` (the names such a folder is made of), a
-    `kind` that also holds other files (the user's notes, the very images being read) is refused too."""
+    `kind` that also holds other files (the user's notes, the very images being read) is refused too. `why_not`
+    says, where it can, what inside the folder makes it no `kind` (a stray file a level down)."""
     target = Path(target)
     if not target.exists():
         return
@@ -151,8 +153,10 @@ def check_replaceable(target: str | Path, overwrite: bool, kind: str, is_kind: C
     if not entries:
         return
     if not is_kind(target):
-        raise FileExistsError(f"{target} is not {kind} (it holds {describe_entries(entries)}); --overwrite replaces "
-                              f"only {kind}, so nothing was changed: choose another {option}")  # fmt: skip
+        detail = why_not(target) if why_not is not None else None
+        held = describe_entries(entries) + (f": {detail}" if detail else "")
+        raise FileExistsError(f"{target} is not {kind} (it holds {held}); --overwrite replaces only {kind}, so "
+                              f"nothing was changed: choose another {option}")  # fmt: skip
     if not overwrite:
         raise FileExistsError(f"{target} already exists ({kind}); pass --overwrite to replace it or choose another "
                               f"{option}")  # fmt: skip
