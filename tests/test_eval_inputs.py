@@ -372,3 +372,24 @@ def test_stats_refuses_an_out_another_process_writes(tmp_path, no_inception, cap
         assert main(["eval", "stats", "mnist", "--max-images", "4", "--out", str(out)]) == 2
         assert f"another vqar process (pid {holder.pid}) is writing {out}" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_damaged_image_npz_is_named_when_all_of_it_is_read(tmp_path):
+    """A stored `arr_0` is read from its offsets, past the zip module's CRC check: a flipped byte in the images was
+    evaluated without a word (`fid: 106.9999`), where training refuses the same file."""
+    import zipfile
+
+    from vqar.eval.sources import open_source
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)  # past one zip read
+    np.savez(tmp_path / "good.npz", arr_0=images)
+    np.testing.assert_array_equal(open_source(tmp_path / "good.npz").read(slice(0, 6)).images, images)
+    assert len(open_source(tmp_path / "good.npz").read(slice(2, 4)).images) == 2  # a share: no check, no cost
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    with zipfile.ZipFile(tmp_path / "good.npz") as archive:
+        info = archive.getinfo("arr_0.npy")
+    data[info.header_offset + 30 + len(info.filename) + 20000] ^= 0xFF  # a pixel of the images
+    (tmp_path / "bad.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"cannot read images from {tmp_path / 'bad.npz'}: the file is "
+                                                   "damaged: arr_0.npy fails its CRC-32 check")):  # fmt: skip
+        open_source(tmp_path / "bad.npz").read(slice(0, 6))
