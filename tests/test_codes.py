@@ -194,8 +194,9 @@ def test_a_resumed_extraction_follows_its_captions_not_the_spelling_of_its_folde
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "new.tsv", "old.tsv"]
     with pytest.raises(RuntimeError):  # the first shard done, then a failure: kept to resume
         extract(str(folder), "old.tsv", stop=RuntimeError("out of memory"))
-    with caplog.at_level(logging.INFO, logger="vqar"):
-        extract(f"{folder}/", "old.tsv")  # the same folder, spelt otherwise
+    with caplog.at_level(logging.INFO, logger="vqar"), monkeypatch.context() as patch:
+        patch.chdir(tmp_path)
+        extract("imgs/", "old.tsv")  # the same folder, spelt otherwise (relative, with a slash)
     assert calls == [2, 2] and "1 of 3 shards are done" in caplog.text
     store = CodeDataset(tmp_path / "store")
     assert [store[i].captions for i in range(6)] == [[f"old {i}"] for i in range(6)]

@@ -314,11 +314,12 @@ def _files_digest(dataset, source) -> str:
         files = [path] if path.is_file() else []
     digest = hashlib.sha256()
     for path in files:
+        name = os.path.abspath(path)  # `imgs`, `imgs/` and its absolute path resume the same extraction
         try:
             stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         except OSError:  # gone since the listing: its read will be skipped and counted
-            digest.update(f"{path}\0missing\n".encode())
+            digest.update(f"{name}\0missing\n".encode())
     return digest.hexdigest()
 
 
