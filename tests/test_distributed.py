@@ -362,6 +362,45 @@ def test_an_error_every_rank_meets_is_said_once_and_one_rank_meets_alone_is_said
     assert done.returncode != 0 and done.stderr.count("vqar: error: no model at") == 1, done.stderr[-3000:]
 
 
+PREPARING = """
+import contextlib, json, os, sys
+from vqar.parallel import joined
+from vqar.utils.io import write_lock
+out, fail = sys.argv[1], sys.argv[2] == "fail"
+ran = []
+with joined() as par, contextlib.ExitStack() as held:
+    def prepare():
+        held.enter_context(write_lock(out))
+        ran.append(os.path.exists(os.path.join(os.path.dirname(out), ".out.lock")))
+        if fail:
+            raise FileExistsError(f"{out} is not empty")
+    try:
+        par.main_prepares(prepare, f"the folder {out}")
+        said = "prepared"
+    except Exception as err:
+        said = f"{type(err).__name__}: {err}"
+    print(json.dumps([par.rank, ran, said]))
+"""
+
+
+def test_rank_0_prepares_an_output_for_every_rank_and_its_error_reaches_every_rank(tmp_path):
+    """`Parallel.main_prepares`: the lock and the check run on rank 0 alone (the lock held while the body runs);
+    an error there is rank 0's own on rank 0 and a PeerFailed naming the output on the others, so no rank goes on
+    into the work alone."""
+    script = tmp_path / "preparing.py"
+    script.write_text(PREPARING)
+    out = tmp_path / "out"
+    refused = [f"FileExistsError: {out} is not empty",
+               f"PeerFailed: rank 0 could not prepare the folder {out}; see its error"]  # fmt: skip
+    for mode, said in (("ok", ["prepared", "prepared"]), ("fail", refused)):
+        done = subprocess.run([*torchrun(2), str(script), str(out), mode], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        ranks = sorted(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
+        assert ranks == [[0, [True], said[0]], [1, [], said[1]]], (mode, ranks)
+        assert not (tmp_path / ".out.lock").exists()  # released with the stack
+
+
 WARNING = """
 import logging, os
 from vqar.parallel.runtime import say_warnings_once_per_machine

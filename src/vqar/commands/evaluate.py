@@ -104,19 +104,11 @@ def cmd_stats(args, par) -> int:
     """`vqar eval stats`, with --out write-locked by rank 0 until it is written: two runs writing one --out both
     passed its check, and the last to finish replaced the other's statistics unsaid."""
     from vqar.eval.generation import check_stats_path
-    from vqar.parallel import PeerFailed
     from vqar.utils.io import write_lock
 
     check_stats_path(args.out, args.overwrite)  # every rank: before the Inception pass, not after it
     with contextlib.ExitStack() as held:
-        problem = None
-        if par.is_main:
-            try:
-                held.enter_context(write_lock(args.out))
-            except OSError as err:
-                problem = err
-        if par.any(problem is not None):
-            raise problem or PeerFailed(f"{args.out} cannot be written; see rank 0's error")
+        par.main_prepares(lambda: held.enter_context(write_lock(args.out)), f"the statistics file {args.out}")
         return _stats(args, par)
 
 

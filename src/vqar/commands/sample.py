@@ -129,21 +129,15 @@ def _check_out(args: argparse.Namespace, par, held: contextlib.ExitStack) -> Non
     output, so grid.png, images/ and samples.npz always show the same run) and one that cannot be written; rank 0
     looks, every rank stops. Rank 0 holds --out's write lock in `held` until the samples are written: two runs
     into one new --out both passed the check, and the second to finish replaced the first one's samples."""
-    from vqar.parallel import PeerFailed
     from vqar.sampling.export import foreign_in_images, is_sample_folder
     from vqar.utils.io import check_folder_writable, check_replaceable, write_lock
 
-    problem = None
-    if par.is_main:
-        try:
-            held.enter_context(write_lock(args.out))
-            check_replaceable(args.out, args.overwrite, "a sample folder", is_sample_folder,
-                              why_not=foreign_in_images)  # fmt: skip
-            check_folder_writable(args.out)  # the images are written at the end: found there, they would be lost
-        except OSError as err:  # FileExistsError too
-            problem = err
-    if par.any(problem is not None):
-        raise problem or PeerFailed(f"{args.out} cannot be written; see rank 0's error")
+    def prepare() -> None:
+        held.enter_context(write_lock(args.out))
+        check_replaceable(args.out, args.overwrite, "a sample folder", is_sample_folder, why_not=foreign_in_images)
+        check_folder_writable(args.out)  # the images are written at the end: found there, they would be lost
+
+    par.main_prepares(prepare, f"the sample folder {args.out}")
 
 
 def _check_memory(args: argparse.Namespace, model, n_conditions: int) -> None:

@@ -37,7 +37,6 @@ from vqar.data.shards import ShardDataset
 from vqar.data.transforms import ten_crop
 from vqar.parallel import Parallel, PeerFailed
 from vqar.utils.io import (
-    OutputLocked,
     atomic_write,
     atomic_write_text,
     check_replaceable,
@@ -218,16 +217,13 @@ def extract_codes(
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as held:
-        problem = None
-        if par.is_main:  # rank 0 locks for every rank: two runs at once would write the same shards
-            try:
-                held.enter_context(write_lock(out_dir))
-                # --overwrite deletes the old store: never a folder that is something else
-                check_replaceable(out_dir, overwrite, "a code store", is_code_store, own_entries=STORE_ENTRIES)
-            except (FileExistsError, OutputLocked) as err:
-                problem = err
-        if par.any(problem is not None):
-            raise problem or PeerFailed(f"{out_dir} cannot be written; see rank 0's error")
+
+        def prepare() -> None:  # one lock for every rank: two runs at once would write the same shards
+            held.enter_context(write_lock(out_dir))
+            # --overwrite deletes the old store: never a folder that is something else
+            check_replaceable(out_dir, overwrite, "a code store", is_code_store, own_entries=STORE_ENTRIES)
+
+        par.main_prepares(prepare, f"the code store {out_dir}")
         return _extract(tokenizer, data, out_dir, views, crop_range, device, shard_size, tokenizer_dir, par)
 
 

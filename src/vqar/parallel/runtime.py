@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -293,6 +293,19 @@ class Parallel:
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on at least one (so all ranks take the same branch)."""
         return any_rank(flag, self.device) if self.distributed else flag
+
+    def main_prepares(self, prepare: Callable[[], object], what: str) -> None:
+        """Runs `prepare` on rank 0 alone (write-locking and checking an output that every rank works for) and
+        raises its OSError or ValueError on every rank: rank 0 its own, the others PeerFailed naming `what`, the
+        output rank 0 could not prepare. A lock `prepare` enters into an ExitStack of the caller's is held there."""
+        problem: Exception | None = None
+        if self.is_main:
+            try:
+                prepare()
+            except (OSError, ValueError) as err:  # FileExistsError, OutputLocked, PermissionError, a bad folder
+                problem = err
+        if self.any(problem is not None):
+            raise problem or PeerFailed(f"rank 0 could not prepare {what}; see its error")
 
     def mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Averages scalar metrics over ranks (every rank must pass the same keys)."""

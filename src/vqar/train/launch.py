@@ -11,7 +11,7 @@ from pathlib import Path
 from vqar.bundle import MODEL_ENTRIES, TEXT_TOKENIZER_DIR, TEXT_TOKENIZER_FILES, TOKENIZER_DIR, is_model_folder
 from vqar.data.codes import is_code_store
 from vqar.data.pack import is_shard_folder
-from vqar.parallel import DistConfig, Parallel, PeerFailed, joined
+from vqar.parallel import DistConfig, Parallel, joined
 from vqar.train.checkpoint import (
     DAMAGED,
     RUN_FILES,
@@ -40,19 +40,14 @@ def distributed_run(
     body ends."""
     run_dir = Path(run_dir)
     with joined(cfg, resolve_device(device)) as par, contextlib.ExitStack() as held:
-        problem: Exception | None = None
-        if par.is_main:  # rank 0 locks for every rank; taken before --overwrite deletes anything
-            try:
-                held.enter_context(write_lock(run_dir))
-                put_back_a_killed_overwrites_run(run_dir)  # before the folder is judged: it holds that run
-                check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
-                prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-            except (OSError, ValueError) as err:
-                problem = err
-        if par.any(problem is not None):
-            if problem is not None:
-                raise problem
-            raise PeerFailed(f"rank 0 could not prepare the run directory {run_dir}; see its error")
+
+        def prepare() -> None:  # the lock is taken before --overwrite deletes anything
+            held.enter_context(write_lock(run_dir))
+            put_back_a_killed_overwrites_run(run_dir)  # before the folder is judged: it holds that run
+            check_run_folder(run_dir, kind, resume=resume, overwrite=overwrite)
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+
+        par.main_prepares(prepare, f"the run directory {run_dir}")
         try:
             yield par, run_dir
         except BaseException:
