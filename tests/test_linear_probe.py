@@ -115,6 +115,23 @@ def test_a_layer_out_of_range_is_refused_before_the_data_is_opened(tmp_path, mon
     assert "layer must be in [0, 2) for this model (its blocks are 0..1), got 2" in err and err.count("\n") == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_probe_takes_a_device_and_names_one_it_cannot_use_before_loading(tmp_path, monkeypatch, capsys):
+    """`--device` was missing: the probe's feature passes ran on the CPU whatever the machine had."""
+    import vqar.interop
+
+    _save_tiny_gpt(tmp_path / "gpt")
+    args = ["eval", "linear-probe", "mnist", "--model", str(tmp_path / "gpt"), "--layer", "0", "--max-images", "100",
+            "--json"]  # fmt: skip
+    assert main([*args, "--device", "cpu"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out)
+    assert on_cpu["test_images"] == 10 and 0 <= on_cpu["accuracy"] <= 1
+    monkeypatch.setattr(vqar.interop, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded first"))
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "vqar: error: device 'cuda' was asked for but CUDA is not available on this machine\n"
+
+
 def _save_tiny_gpt(folder) -> None:
     """An untrained unconditional GPT over the 4x4 codes of the untrained 16 px tokenizer."""
     import vqar

@@ -187,8 +187,9 @@ def cmd_rfid(args, par) -> int:
 
 def cmd_linear_probe(args) -> int:
     from vqar.eval.probe import linear_probe
+    from vqar.utils.device import resolve_device
 
-    model = load_ar_model(args, "cpu")
+    model = load_ar_model(args, resolve_device(args.device))
     result = linear_probe(model, args.data, args.layer, batch_size=args.batch_size, max_images=args.max_images)
     _print(result, args.json)
     return 0
@@ -266,6 +267,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "set (every class kept)")  # fmt: skip
     probe.add_argument("--batch-size", type=positive_int, default=128, help="images per feature pass (default 128)")
     probe.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device_option(probe)  # the logistic regression itself runs on the CPU (scikit-learn)
 
     bench = sub.add_parser("bench", help="benchmarks: `vqar bench sample f=32 d=4 c=16384 model=RQ-1.4B ...`")
     what = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

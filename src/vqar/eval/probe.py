@@ -169,10 +169,11 @@ def linear_probe(model: ARModel, data: str, layer: int, batch_size: int = 128, m
     grid = _pixel_grid(model)
     result = {"layer": layer, "train_images": len(read["train"][1]), "test_images": len(read["test"][1])}
     arrays = {}
+    device = next(model.parameters()).device  # the images stay on the CPU: only a batch at a time goes over
     for name, (images, labels) in read.items():
         feats = []
         for chunk in tqdm(images.split(batch_size), desc=f"features ({name})", leave=False):
-            feats.append(block_features(model, tokenizer.encode(chunk), layer))
+            feats.append(block_features(model, tokenizer.encode(chunk.to(device)), layer).cpu())
         pixels = F.interpolate(images, size=tuple(grid), mode="area").flatten(1)
         arrays[name] = (torch.cat(feats).numpy(), pixels.numpy(), labels)
     (tr_f, tr_p, tr_y), (te_f, te_p, te_y) = arrays["train"], arrays["test"]
