@@ -73,6 +73,40 @@ def test_make_conditions_takes_numpy_and_torch_class_ids_and_refuses_one_id_or_a
         make_conditions(tiny_gpt(num_classes=0), classes=np.array([1]))
 
 
+def test_the_python_api_names_odd_inputs_in_one_line():
+    """Each was a raw torch or Python error: `generate(batch_size=-1)` "negative dimension", `batch_size=2.0` a
+    full() TypeError, a list as noise an AttributeError, `temperature=10**400` an OverflowError; class ids as int16
+    or uint8 tensors were "cond must be a 1-D integer tensor of class ids" (they are), a dict of classes gave its
+    keys, and cfg_scale=1000001 was refused as "at most 1,000,000 ..., got 1e+06"."""
+    import numpy as np
+
+    from vqar.sampling import make_conditions
+
+    model = tiny_rq()
+    unconditional = tiny_gpt(num_classes=0)
+    for batch_size in (-1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive integer \(with cond=None\), got "
+                                             rf"{re.escape(repr(batch_size))}$"):  # fmt: skip
+            generate(unconditional, None, batch_size=batch_size)
+    assert generate(unconditional, None, batch_size=np.int64(2)).shape[0] == 2
+    with pytest.raises(TypeError, match=r"^noise must be a tensor of shape \(1, 18\), got list$"):
+        generate(model, torch.tensor([1]), noise=[[0.5] * 18])
+    for name in ("temperature", "cfg_scale"):
+        with pytest.raises(ValueError, match=rf"^{name} must be a finite number"):
+            SamplingSettings(**{name: 10**400}).validate()
+    with pytest.raises(ValueError, match=r"cfg_scale must be at most 1,000,000 .*, got 1000001$"):
+        SamplingSettings(cfg_scale=1_000_001).validate()
+    plain = generate(model, torch.tensor([1, 2]))
+    for dtype in (torch.int16, torch.int8, torch.uint8):
+        assert torch.equal(generate(model, torch.tensor([1, 2], dtype=dtype)), plain), dtype
+    with pytest.raises(TypeError, match=r"^cond must be a 1-D tensor of class ids of an integer dtype \(int64, int32, "
+                                        r"int16, int8, uint8\), got a 1-D tensor of float32$"):  # fmt: skip
+        generate(model, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"^classes must be a list of class ids, got a dict; n_per_condition gives "
+                                         r"the number of images per class$"):  # fmt: skip
+        make_conditions(model, classes={1: 2})
+
+
 def test_a_class_id_given_as_a_string_is_named_as_one():
     """`classes=["3"]` (ids read from a text file or a form) was refused as "unknown class id 3: this model has
     classes 0..4", which names 3 as unknown though it is one of them."""
@@ -217,6 +251,28 @@ def test_draw_refuses_seeds_or_index_that_are_not_one_per_image():
     listed = draw(model, conditions, tokenizer=CodesAsImages(model), batch_size=2, seeds=[4, 5, 6])
     assert torch.equal(listed.codes, draw(model, conditions, tokenizer=CodesAsImages(model),
                                           seeds=torch.tensor([4, 5, 6])).codes)  # fmt: skip
+
+
+def test_draw_takes_unsigned_seeds_and_index_as_the_numbers_they_hold():
+    """NumPy's `SeedSequence.generate_state` gives uint32 seeds, which ended in torch's NotImplementedError
+    ("min_all" not implemented for 'UInt32'), as did uint16 / uint64 arrays and tensors."""
+    import numpy as np
+
+    from vqar.sampling import draw, make_conditions
+
+    model = tiny_rq()
+    conditions = make_conditions(model, classes=[1, 2, 3])
+    signed = draw(model, conditions, tokenizer=CodesAsImages(model), seeds=torch.tensor([4, 5, 2**32 - 1]))
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        drawn = draw(model, conditions, tokenizer=CodesAsImages(model), seeds=np.array([4, 5, 2**32 - 1], np.uint64
+                     ).astype(dtype), index=np.array([0, 1, 2], dtype))  # fmt: skip
+        expected = signed if dtype != np.uint16 else draw(model, conditions, tokenizer=CodesAsImages(model),
+                                                          seeds=[4, 5, 2**16 - 1])  # fmt: skip
+        assert torch.equal(drawn.codes, expected.codes), dtype
+    unsigned = torch.tensor([4, 5, 2**32 - 1], dtype=torch.uint32)
+    assert torch.equal(draw(model, conditions, tokenizer=CodesAsImages(model), seeds=unsigned).codes, signed.codes)
+    with pytest.raises(ValueError, match=r"^seeds must be integers in \[0, 2\^63\), got 9223372036854775808$"):
+        draw(model, conditions, tokenizer=CodesAsImages(model), seeds=np.array([1, 2, 2**63], np.uint64))
 
 
 def test_torch_numbers_are_taken_as_the_numbers_they_hold():

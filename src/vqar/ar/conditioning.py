@@ -46,8 +46,9 @@ class ClassEmbedding(nn.Module):
                     f"this model is class-conditional ({self.num_classes} classes); pass class ids as cond"
                 )
             return self.null_ids(batch_size)
-        if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 1:
-            raise TypeError("cond must be a 1-D integer tensor of class ids")
+        if not isinstance(cond, torch.Tensor) or cond.dtype not in ID_DTYPES or cond.dim() != 1:
+            raise TypeError(f"cond must be a 1-D tensor of class ids of an integer dtype ({ID_DTYPE_NAMES}), got "
+                            f"{_described(cond)}")  # fmt: skip
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
             raise ValueError(
                 f"class ids must lie in [0, {self.num_classes}), got values in [{int(cond.min())}, {int(cond.max())}]"
@@ -94,8 +95,9 @@ class TextEmbedding(nn.Module):
             if not self.has_null or batch_size is None:
                 raise ValueError(f"this model is text-conditioned; pass token ids of shape (B, {self.length}) as cond")
             return self.null_ids(batch_size)
-        if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32):
-            raise TypeError("cond must be an integer tensor of text token ids")
+        if not isinstance(cond, torch.Tensor) or cond.dtype not in ID_DTYPES:
+            raise TypeError(f"cond must be a tensor of text token ids of an integer dtype ({ID_DTYPE_NAMES}), got "
+                            f"{_described(cond)}")  # fmt: skip
         if cond.dim() != 2 or cond.shape[1] != self.length:
             raise ValueError(f"text ids must have shape (B, {self.length}), got {tuple(cond.shape)}")
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.vocab_size):
@@ -111,6 +113,17 @@ class TextEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, length, dim)."""
         return self.embedding_table(ids)
+
+
+# The integer dtypes whose min() and max() torch computes (not uint16/32/64): ids are read as int64 after the check.
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+ID_DTYPE_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in ID_DTYPES)
+
+
+def _described(cond) -> str:
+    if isinstance(cond, torch.Tensor):
+        return f"a {cond.dim()}-D tensor of {str(cond.dtype).removeprefix('torch.')}"
+    return type(cond).__name__
 
 
 def _one_per_row(cond: torch.Tensor, batch_size: int | None, what: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ entry point."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +78,9 @@ def _class_ids(classes) -> list | None:
         classes = classes.tolist()
     if _is_integer(classes):
         raise ValueError(f"classes must be a list of class ids, got the single id {classes}: give [{classes}]")
+    if isinstance(classes, Mapping):  # its keys were taken, where the user may have meant {class: count}
+        raise ValueError(f"classes must be a list of class ids, got a {type(classes).__name__}; n_per_condition "
+                         "gives the number of images per class")  # fmt: skip
     if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable)):
         raise ValueError(f"classes must be a list of class ids, got {classes!r:.80} ({type(classes).__name__})")
     return None if classes is None else [int(c) if _is_integer(c) else c for c in classes]

@@ -220,6 +220,11 @@ def _per_image(values, name: str, total: int) -> torch.Tensor:
     """`values` (a tensor, array or list) as a tensor of one value per image. Too few ended in an IndexError in
     the batch that ran out, and extras were ignored without a word."""
     values = torch.as_tensor(values)
+    if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # NumPy's SeedSequence gives uint32; torch
+        wide = values.cpu().numpy().astype(np.uint64)  # reduces none of these (min() is NotImplementedError)
+        if wide.size and int(wide.max()) >= 2**63:
+            raise ValueError(f"{name} must be integers in [0, 2^63), got {int(wide.max())}")
+        values = torch.from_numpy(wide.astype(np.int64))
     if values.dim() != 1:
         raise ValueError(f"{name} must hold one value per image ({total}), got shape {tuple(values.shape)}")
     if len(values) != total:

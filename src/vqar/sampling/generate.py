@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -62,6 +63,10 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
     if settings.speculative:
         window_of(model, settings)  # raises for a model that does not decode position by position
     check_cfg_interval(model, settings)
+    if batch_size is not None:  # else torch's "negative dimension" or full()'s TypeError from inside the model
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
+            raise ValueError(f"batch_size must be a positive integer (with cond=None), got {batch_size!r}")
+        batch_size = int(batch_size)
     ids = model.cond_embedding.ids(cond, batch_size if cond is None else None)  # a batch_size beside cond: below
     n = len(ids)
     if cond is not None and batch_size is not None and batch_size != n:  # one of them is not what the caller meant
@@ -71,6 +76,8 @@ def plan(model: ARModel, cond, settings: SamplingSettings | None, batch_size: in
         raise ValueError("nothing to draw: the batch is empty (cond holds no conditions, or batch_size=0)")
     count = numbers_per_image(model, settings) if settings.speculative else model.num_positions * model.depth
     if noise is not None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a tensor of shape ({n}, {count}), got {type(noise).__name__}")
         if noise.shape != (n, count):
             raise ValueError(f"noise must have shape ({n}, {count}), got {tuple(noise.shape)}")
         if not bool(((noise >= 0) & (noise < 1)).all()):  # else every code the first or the last of the vocabulary

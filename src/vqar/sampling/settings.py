@@ -119,11 +119,11 @@ class SamplingSettings:
                 _CHECKS[name](value)
         if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)):
             raise ValueError(f"cfg_scale must be a number >= 1, got {self.cfg_scale!r}")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+        if not (_finite(self.cfg_scale) and self.cfg_scale >= 1.0):
             raise ValueError(f"cfg_scale must be a finite number >= 1 (1 turns guidance off), got {self.cfg_scale}")
         if self.cfg_scale > MAX_CFG_SCALE:  # scale * (cond - uncond) overflows float32 logits: inf, then NaN codes
             raise ValueError(f"cfg_scale must be at most {MAX_CFG_SCALE:,.0f} (guidance uses 1.5 to 10; far larger "
-                             f"scales overflow the float32 logits to inf and NaN), got {self.cfg_scale:g}")  # fmt: skip
+                             f"scales overflow the float32 logits to inf and NaN), got {self.cfg_scale!r}")  # fmt: skip
         interval = self.cfg_interval
         if interval is not None and (not _is_int(interval) or interval < -1):
             raise ValueError(f"cfg_interval must be None, -1 (guide every code) or an integer >= 0, got {interval!r}")
@@ -225,8 +225,16 @@ def _per_depth(value, depth: int, name: str) -> list:
     return [value] * depth
 
 
+def _finite(value: int | float) -> bool:
+    """math.isfinite, false for an int too large for a float (10**400 raised OverflowError there)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_temperature(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (_finite(value) and value > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
 
 
