@@ -370,3 +370,46 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_a_trainer_state_that_is_damaged_foreign_or_of_another_step_is_one_line_naming_it(tmp_path, capsys):
+    """`--resume` read trainer.pt with torch.load alone: a damaged pickle was an IndexError traceback, one asking for
+    objects off the allow-list 41 lines ending in torch's advice to load it with weights_only=False, and a step
+    that is not the checkpoint's ("four", or 10**12: training then reported itself done) was taken or a TypeError.
+    (The manifest is rewritten each time, as a copy made elsewhere would be.)"""
+    import hashlib
+    import os
+
+    run = tmp_path / "run"
+    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=64", "train.eval_every=2",
+             "train.ckpt_every=2", "--out", str(run)]  # fmt: skip
+    assert run_cli([*train, "steps=2"], capsys)[0] == 0
+    ckpt = run / "checkpoints" / "step-0000002"
+    state_file, good = ckpt / "trainer.pt", (ckpt / "trainer.pt").read_bytes()
+
+    class Runs:  # a pickle that would run a command when loaded without the allow-list
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    state = torch.load(state_file, weights_only=True)
+    cases = {
+        "damaged": lambda: state_file.write_bytes(good[:200] + bytes(50) + good[250:]),
+        "foreign": lambda: torch.save({**state, "task": Runs()}, state_file),
+        "step four": lambda: torch.save({**state, "step": "four"}, state_file),
+        "step 10**12": lambda: torch.save({**state, "step": 10**12}, state_file),
+        "a list": lambda: torch.save([1, 2], state_file),
+    }
+    for case, write in cases.items():
+        write()
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["files"]["trainer.pt"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        code, err = run_cli([*train, "steps=4", "--resume"], capsys)
+        assert code == 2 and err.count("\n") == 1 and str(state_file) in err, (case, err)
+        assert "Traceback" not in err and not (tmp_path / "ran").exists(), case
+        if case == "foreign":
+            assert err.startswith(f"vqar: error: refused to load {state_file}: it contains Python objects that are "
+                                  "not on vqar's allow-list (it needs posix.system)"), err  # fmt: skip
+        assert list_checkpoints(run)[-1].step == 2, case  # nothing was trained
+        if case == "step 10**12":
+            assert "is not the trainer state of step-0000002 (it holds step 1000000000000): move that " in err, err

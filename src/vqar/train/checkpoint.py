@@ -31,6 +31,7 @@ from torch import nn
 
 from vqar.utils.io import current_umask, fsync_dir, remove_leftovers, sha256_file
 from vqar.utils.runs import SET_ASIDE, Checkpoint, checkpoint_dir, list_checkpoints
+from vqar.utils.safe_load import load_checkpoint
 
 log = logging.getLogger("vqar.train")
 
@@ -235,8 +236,19 @@ def latest_checkpoint(run_dir: Path, report: bool = True) -> Checkpoint | None:
     return None
 
 
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+def load_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The optimizer, scheduler and random states of `ckpt`, read through the pickle allow-list's reader (a damaged
+    or foreign file is one line naming it, not torch's traceback and its advice to load it unsafely) and checked to
+    be the state of that checkpoint's step."""
+    path = ckpt.path / TRAINER_STATE
+    state = load_checkpoint(path)
+    kinds = {"step": int, "optimizers": dict, "schedulers": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)]
+    if wrong or isinstance(state["step"], bool) or state["step"] != ckpt.step:
+        found = f"step {state['step']!r}" if not wrong else f"no {' / '.join(wrong)} of the kind vqar writes"
+        raise ValueError(f"{path} is not the trainer state of {ckpt.path.name} (it holds {found}): move that "
+                         "checkpoint folder aside to resume from the one before it")  # fmt: skip
+    return state
 
 
 # What a training run writes into its folder (the trackers' logs and the export with its companions and pictures

@@ -247,7 +247,7 @@ class Trainer:
             weights = resume_weights(ckpt.path, name)
             if weights is not None:
                 par.load_full_state_dict(module, load_weights(weights, module))
-        state = load_trainer_state(ckpt.path)
+        state = load_trainer_state(ckpt)
         optimizers = self.task.optimizers()
         configured = {name: [group["initial_lr"] for group in opt.param_groups] for name, opt in optimizers.items()}
         for name, opt in optimizers.items():
