@@ -8,6 +8,7 @@ the few data-only types that the official files carry besides their weights:
 * OmegaConf containers and value nodes: the RQ trainer's optimizer state holds its config's `betas` list.
 
 A file that needs anything else is refused with the names of the types it asks for; nothing in it is executed.
+Before torch.load runs, `pickle_scan.check_pickle` refuses a pickle that would build more than its file holds.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import argparse
 import collections
 import pickle
 import re
+import struct
 import typing
 import zipfile
 from pathlib import Path
 
 import torch
+
+from vqar.utils.pickle_scan import CraftedPickleError, check_pickle
 
 
 class UnsafeCheckpointError(ValueError):
@@ -71,6 +75,10 @@ def load_checkpoint(path: str | Path) -> typing.Any:
     foreign = _foreign_zip(path)
     if foreign:
         raise ValueError(f"{path} is {foreign}, not a PyTorch checkpoint")
+    try:
+        _check_crafted(path)
+    except CraftedPickleError as err:
+        raise UnsafeCheckpointError(f"refused to load {path}: {err}") from None
     allowed = allowed_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -93,6 +101,25 @@ def load_checkpoint(path: str | Path) -> typing.Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    except (IndexError, KeyError, TypeError, struct.error) as err:  # the unpickler's own, on a damaged stream
+        raise ValueError(f"cannot read checkpoint {path}: a damaged pickle ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None  # fmt: skip
+
+
+def _check_crafted(path: Path) -> None:
+    """`check_pickle` on the pickle torch.load will run: a zip archive's data.pkl, or a legacy file's fourth pickle
+    (after its magic number, protocol version and system information)."""
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name == "data.pkl" or name.endswith("/data.pkl")]
+            if names:
+                with archive.open(names[0]) as stream:
+                    check_pickle(stream, size)
+        return
+    with open(path, "rb") as stream:
+        for _ in range(4):
+            check_pickle(stream, size)
 
 
 def _looks_like_torch_file(path: Path) -> bool:
