@@ -193,6 +193,34 @@ def test_the_page_reads_a_seed_exactly():
         parse_seed("1e3")
 
 
+def test_the_page_refuses_what_the_api_refuses(engine, tmp_path):
+    """The page drew with a CFG interval beside a CFG scale of 1, which the API and `vqar sample` refuse as a
+    setting without effect; it read a seed of "1_000" as 1000 and a top-k of "1_0" as 10 (Python's digit
+    separators), and cut a CFG interval of 2.5 to 2."""
+    import gradio as gr
+
+    from vqar.serve.ui import build_ui, parse_seed, parse_setting
+
+    page = build_ui(engine, work_dir=tmp_path)
+    event = next(f for f in page.fns.values() if getattr(f.fn, "__name__", "") == "run")
+    base = {"class": 1, "n": 1, "seed": "0", "temperature": "1.0", "top_k": "", "top_p": "", "cfg_scale": 2.0,
+            "cfg_interval": -1, "speculative": False}  # fmt: skip
+
+    def refusal(**changed) -> str:
+        values = {**base, **changed}
+        with pytest.raises(gr.Error) as raised:
+            next(event.fn(0, *[values[c.elem_id] for c in event.inputs[1:]]))
+        return raised.value.message
+
+    assert refusal(cfg_scale=1.0, cfg_interval=3) == ("CFG interval shapes classifier-free guidance, which CFG scale "
+                                                       "1 (the default) leaves off: give CFG scale above 1, or leave "
+                                                       "it out")  # fmt: skip
+    assert refusal(cfg_interval=2.5) == "CFG interval: 2.5 is not an integer"
+    assert refusal(seed="1_000") == "seed: '1_000' is not an integer"
+    assert refusal(top_k="1_0") == "top-k: '1_0' is not an integer (or one per depth, comma-separated)"
+    assert parse_seed(" 1000 ") == 1000 and parse_setting("10, 2", int, 2, "top-k") == [10, 2]
+
+
 def test_pages_share_the_engine_s_queue_and_count_their_own_runs(server, engine, capfd):
     """Gradio ran one page event at a time: a second page's request waited in Gradio's own queue, unbounded by
     --max-queue and never batched with others, while the first was drawn. Now both reach the engine's queue. Each

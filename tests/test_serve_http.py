@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import socket
 import time
@@ -187,6 +188,38 @@ def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
         answer = client.post("/generate", json={"n": 1})  # it said "give prompts", a field requests do not have
         assert answer.status_code == 422 and answer.json()["detail"] == (
             'prompt is required by this text-conditioned model: give one ("prompt": "a seven")'), answer.text
+    finally:
+        text_engine.close()
+
+
+def test_what_reading_a_prompt_changed_is_answered_and_logged_once(tmp_path, caplog):
+    """A prompt cut to the model's text length, or with characters the caption tokenizer lacks, was answered 200
+    without a word to the client, and its warning logged twice (the request was read once to check it and again to
+    queue it)."""
+    from fastapi.testclient import TestClient
+
+    from conftest import random_tokenizer
+    from vqar.ar import GPT, GPTConfig
+    from vqar.text import TextTokenizer
+
+    captions = TextTokenizer.train(["a handwritten seven", "the digit one"] * 4, tmp_path, vocab_size=200, length=8,
+                                   min_frequency=1)  # fmt: skip
+    tokenizer = random_tokenizer()
+    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=0,
+                          text_length=8, text_vocab_size=captions.vocab_size)).attach(tokenizer, captions)  # fmt: skip
+    text_engine = SamplingEngine(model, tokenizer, max_images=2)
+    try:
+        client = TestClient(build_app(text_engine, ui=False))
+        for prompt, said in (("seven " * 30, "is longer than the model's 8 text tokens; truncated to"),
+                             ("a seven \u263a", "not in the caption tokenizer's vocabulary")):  # fmt: skip
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="vqar"):
+                answer = client.post("/generate", json={"prompt": prompt, "n": 1})
+            assert answer.status_code == 200, answer.text
+            warnings = answer.json()["warnings"]
+            assert len(warnings) == 1 and said in warnings[0], warnings
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == warnings
+        assert client.post("/generate", json={"prompt": "a seven", "n": 1}).json()["warnings"] == []
     finally:
         text_engine.close()
 

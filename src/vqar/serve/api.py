@@ -139,9 +139,9 @@ def build_router(engine: SamplingEngine, timeout: float = 600.0) -> APIRouter:
         given = {name: fields[name] for name in body.model_fields_set if name in SETTINGS_FIELDS}
         asked = request_from_body(fields)
         try:
-            engine.validate(asked)  # values first: a cfg_scale of 0.5 with a cfg_interval is named as a bad scale
+            read = engine.read(asked)  # values first: a cfg_scale of 0.5 with a cfg_interval is named as a bad scale
             check_settings_apply(given)  # a setting that would do nothing is refused, as `vqar sample` refuses it
-            future = engine.submit(asked)
+            future = engine.submit(asked, read)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=str(err)) from None
         except ValueError as err:
@@ -178,6 +178,7 @@ def _answer(result, answer_format: str) -> Response | dict:
         "batched_with": result.batched_with,
         "calls_per_image": result.calls_per_image,
         "acceptance_rate": result.acceptance_rate,
+        "warnings": result.warnings,
     }
     if result.coarse_to_fine is not None:
         answer["coarse_to_fine"] = [[base64.b64encode(d).decode() for d in images_as_png(level)]

@@ -58,12 +58,14 @@ class GenerateResult:
     batched_with: int  # images drawn in the same round of model runs
     calls_per_image: float = 0.0  # model calls each image waited for (fewer with speculative decoding)
     acceptance_rate: float | None = None  # speculative decoding: the share of drafted codes accepted
+    warnings: list[str] = field(default_factory=list)  # what reading the request changed (a prompt truncated)
 
 
 @dataclass
 class Job:
     request: GenerateRequest
     conditions: Conditions
+    warnings: list[str] = field(default_factory=list)
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -133,6 +135,16 @@ class SamplingEngine:
 
     def validate(self, request: GenerateRequest) -> Conditions:
         """The conditions of a valid request; RequestError (422, or 413 for too many images) otherwise."""
+        return self.read(request)[0]
+
+    def read(self, request: GenerateRequest) -> tuple[Conditions, list[str]]:
+        """`validate`, with the warnings that reading the request gave (a prompt truncated, or with words the
+        caption tokenizer lacks): logged once, and returned to be answered, as an API client sees no log."""
+        with _warnings_of_this_thread("vqar.text") as said:
+            conditions = self._conditions(request)
+        return conditions, said
+
+    def _conditions(self, request: GenerateRequest) -> Conditions:
         if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
             raise RequestError(f"n must be a positive number of images, got {request.n}")
         if request.n > self.max_images:
@@ -169,10 +181,10 @@ class SamplingEngine:
             raise RequestError(f"class_id must be an integer in 0..{last}, got {class_id!r}")
 
     # ---------------------------------------------------------------- queueing
-    def submit(self, request: GenerateRequest) -> Future:
+    def submit(self, request: GenerateRequest, read: tuple[Conditions, list[str]] | None = None) -> Future:
         """Validates and queues a request; its future gives a `GenerateResult`. A full queue is a 429, a server
-        shutting down a 503."""
-        job = Job(request, self.validate(request))
+        shutting down a 503. `read`: what `read(request)` gave, for a request read before (not read twice)."""
+        job = Job(request, *(read or self.read(request)))
         if self.closing.is_set():
             raise RequestError(SHUTTING_DOWN, status=503)
         try:
@@ -280,7 +292,7 @@ class SamplingEngine:
             begin = mine.stop
             stats = result.decode_stats.of(mine)  # its own images' (they are drawn in order)
             _settle(job.future, GenerateResult(result.images[mine], levels, seconds, len(result.images),
-                                               stats.calls_per_image, stats.acceptance_rate))  # fmt: skip
+                                               stats.calls_per_image, stats.acceptance_rate, job.warnings))  # fmt: skip
 
     @torch.no_grad()
     def _draw(self, jobs: list[Job]):
@@ -312,6 +324,26 @@ class SamplingEngine:
                 ladders.append([torch.cat([self.tokenizer.decode(chunk.to(self.device), depth=d).float().clamp(-1, 1)
                                            .cpu() for chunk in chunks]) for d in range(1, self.levels + 1)])
         return result, ladders
+
+
+@contextlib.contextmanager
+def _warnings_of_this_thread(logger: str):
+    """The messages of warnings that `logger` logs from this thread in the body (other threads read other requests
+    at the same time); they are logged as ever too."""
+    said: list[str] = []
+    this_thread = threading.get_ident()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == this_thread and record.levelno >= logging.WARNING:
+                said.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
 
 
 def _settle(future: Future, result: GenerateResult | None = None, error: BaseException | None = None) -> None:

@@ -18,10 +18,13 @@ import gradio as gr
 from PIL import Image
 
 from vqar.sampling import SamplingSettings
+from vqar.sampling.settings import check_settings_apply
 from vqar.serve.api import png_bytes
 from vqar.serve.engine import GenerateRequest, RequestError, SamplingEngine
 from vqar.utils.images import to_uint8
 
+# The page's names of the settings that an error names.
+LABELS = {"cfg_scale": "CFG scale", "cfg_interval": "CFG interval", "speculative": "Speculative"}
 KEEP_ZIPS = 32
 YIELD_EVERY = 0.5  # seconds between the updates that let Gradio notice a closed page while a request is drawn
 
@@ -33,7 +36,7 @@ def parse_setting(text: str | float | None, kind, depth: int, name: str):
     if not isinstance(text, str):
         return kind(text)
     try:
-        values = [None if item.strip().lower() in ("", "none") else kind(item) for item in text.split(",")]
+        values = [None if item.strip().lower() in ("", "none") else _number(item, kind) for item in text.split(",")]
     except ValueError:
         number = "an integer" if kind is int else "a number"
         raise RequestError(f"{name}: {text!r} is not {number} (or one per depth, comma-separated)") from None
@@ -49,9 +52,25 @@ def parse_seed(text: str | int | None) -> int:
     if text is None or (isinstance(text, str) and not text.strip()):
         return 0
     try:
-        return int(str(text).strip())
+        return _number(str(text), int)
     except ValueError:
         raise RequestError(f"seed: {text!r} is not an integer") from None
+
+
+def _number(text: str, kind):
+    """`kind(text)`, without the digit separators Python's int() and float() take: "1_000" is a typo on a page."""
+    if "_" in text:
+        raise ValueError(text)
+    return kind(text.strip())
+
+
+def parse_interval(value) -> int | None:
+    """The CFG interval box: -1 (or empty) is every code; a fraction is refused rather than cut (2.5 ran as 2)."""
+    if value is None or value == -1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise RequestError(f"CFG interval: {value!r} is not an integer")
+    return int(value)
 
 
 def _or_default(value, default):
@@ -126,10 +145,16 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
                     top_k=parse_setting(settings["top_k"], int, depth, "top-k"),
                     top_p=parse_setting(settings["top_p"], float, depth, "top-p"),
                     cfg_scale=float(settings["cfg_scale"]),
-                    cfg_interval=None if settings["cfg_interval"] in (None, -1) else int(settings["cfg_interval"]),
+                    cfg_interval=parse_interval(settings["cfg_interval"]),
                     seed=parse_seed(settings["seed"]),
                     speculative=bool(settings.get("speculative") or False),
                 )
+                given = {"cfg_scale": sampling.cfg_scale, "cfg_interval": sampling.cfg_interval,
+                         "speculative": sampling.speculative}  # fmt: skip
+                try:  # as the API and `vqar sample` refuse them: a setting the others leave without effect
+                    check_settings_apply(given, name=lambda field: LABELS.get(field, field))
+                except ValueError as err:
+                    raise RequestError(str(err)) from None
                 request = GenerateRequest(
                     class_id=int(settings["class_id"]) if settings.get("class_id") is not None else None,
                     prompt=settings.get("prompt"),
@@ -172,7 +197,7 @@ def build_ui(engine: SamplingEngine, work_dir: str | Path | None = None) -> gr.B
             note = f"Run {runs}: {len(result.images)} images in {result.seconds:.2f} s (seed {sampling.seed}; " \
                    f"{result.calls_per_image:.1f} model calls per image" + \
                    ("" if result.acceptance_rate is None else f", {100 * result.acceptance_rate:.0f}% of drafts "
-                    "accepted") + ")"  # fmt: skip
+                    "accepted") + ")" + "".join(f"\n\n{said}" for said in result.warnings)  # fmt: skip
             yield _pictures(result.images), note, str(archive), rows, runs
 
         controls = {"class_id": class_id, "prompt": prompt, "n": n, "seed": seed, "temperature": temperature,
