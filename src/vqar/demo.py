@@ -133,6 +133,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     log.info("1/4 training the tokenizer (%s)", pipeline.tokenizer)
     tok_cfg = tokenizer_training.load_run_config(pipeline.tokenizer, plan["tokenizer"])
     stopped = not (out / "report.json").exists()  # an earlier demo that did not finish: its runs are continued
+    say_what_is_replaced(out, stopped, tok_cfg)
     tok_metrics = _train_stage(tokenizer_training.train_tokenizer, tok_cfg, out / "tokenizer", stopped)
     timings["tokenizer"] = time.perf_counter() - start
 
@@ -196,6 +197,24 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, classifier_cach
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
     return report
+
+
+def say_what_is_replaced(out: Path, stopped: bool, tok_cfg) -> None:
+    """A warning before the demo replaces what an earlier one left in `out`: a finished demo (its report, samples and
+    models: a full run's half hour, replaced by a --quick smoke test unsaid), or a stopped one whose tokenizer run
+    has other settings than this run's, which is then trained anew rather than continued."""
+    if not stopped:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))  # a demo's: check_demo_folder read it
+        kind = "--quick" if report.get("quick") else "full"
+        accuracy = report.get("class_accuracy")
+        said = f", class accuracy {100 * accuracy:.1f}%" if isinstance(accuracy, (int, float)) else ""
+        log.warning("%s holds a finished %s demo (arch %s%s), which this run replaces; give another --out to keep it",
+                    out, kind, report.get("arch", "rq"), said)  # fmt: skip
+        return
+    run_yaml = out / "tokenizer" / "run.yaml"
+    if run_yaml.is_file() and run_yaml.read_text(encoding="utf-8") != to_yaml(tok_cfg):
+        log.warning("%s holds a stopped demo of other settings (another --arch, or with or without --quick), which "
+                    "this run replaces rather than continues; give another --out to keep it", out)  # fmt: skip
 
 
 def _train_stage(train: Callable[..., dict], cfg, folder: Path, stopped: bool) -> dict:
