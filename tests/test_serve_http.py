@@ -162,13 +162,8 @@ def test_an_announced_oversized_body_is_not_read(engine):
     assert sent[0]["status"] == 413 and TOO_LARGE.encode() in sent[1]["body"]
 
 
-@pytest.mark.parametrize("prompt", ["a seven\nwritten neatly", "a seven\r\nwritten", "a seven\u2028written",
-                                    "a seven\x0c", "a seven\n"])  # fmt: skip
-def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
-    """As `vqar sample --prompt` refuses it (prompt i is line i + 1 of its prompts.txt): the same prompt is taken or
-    refused by every entry point."""
-    from fastapi.testclient import TestClient
-
+def _text_engine(tmp_path) -> SamplingEngine:
+    """An engine over an untrained GPT of 8 text tokens, with a caption tokenizer of two captions' words."""
     from conftest import random_tokenizer
     from vqar.ar import GPT, GPTConfig
     from vqar.text import TextTokenizer
@@ -178,7 +173,17 @@ def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
     tokenizer = random_tokenizer()
     model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=0,
                           text_length=8, text_vocab_size=captions.vocab_size)).attach(tokenizer, captions)  # fmt: skip
-    text_engine = SamplingEngine(model, tokenizer, max_images=2)
+    return SamplingEngine(model, tokenizer, max_images=2)
+
+
+@pytest.mark.parametrize("prompt", ["a seven\nwritten neatly", "a seven\r\nwritten", "a seven\u2028written",
+                                    "a seven\x0c", "a seven\n"])  # fmt: skip
+def test_a_prompt_holding_a_line_break_is_a_422_naming_it(tmp_path, prompt):
+    """As `vqar sample --prompt` refuses it (prompt i is line i + 1 of its prompts.txt): the same prompt is taken or
+    refused by every entry point."""
+    from fastapi.testclient import TestClient
+
+    text_engine = _text_engine(tmp_path)
     try:
         client = TestClient(build_app(text_engine, ui=False))
         answer = client.post("/generate", json={"prompt": prompt, "n": 1})
@@ -198,16 +203,7 @@ def test_what_reading_a_prompt_changed_is_answered_and_logged_once(tmp_path, cap
     queue it)."""
     from fastapi.testclient import TestClient
 
-    from conftest import random_tokenizer
-    from vqar.ar import GPT, GPTConfig
-    from vqar.text import TextTokenizer
-
-    captions = TextTokenizer.train(["a handwritten seven", "the digit one"] * 4, tmp_path, vocab_size=200, length=8,
-                                   min_frequency=1)  # fmt: skip
-    tokenizer = random_tokenizer()
-    model = GPT(GPTConfig(vocab_size=16, code_shape=[4, 4], dim=32, n_layer=1, n_head=2, num_classes=0,
-                          text_length=8, text_vocab_size=captions.vocab_size)).attach(tokenizer, captions)  # fmt: skip
-    text_engine = SamplingEngine(model, tokenizer, max_images=2)
+    text_engine = _text_engine(tmp_path)
     try:
         client = TestClient(build_app(text_engine, ui=False))
         for prompt, said in (("seven " * 30, "is longer than the model's 8 text tokens; truncated to"),
