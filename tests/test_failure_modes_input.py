@@ -97,6 +97,14 @@ def _broken_copy(model_folder, tmp_path, edit) -> str:
         (lambda meta: {**meta, "config": {**meta["config"], "n_layer": 10_000_000}}, "n_layer asks for 10000000"),
         (lambda meta: {**meta, "config": {**meta["config"], "dim": -128}}, "make no gpt model"),
         (lambda meta: {**meta, "config": {**meta["config"], "n_head": 0}}, "make no gpt model"),
+        # the top-level fields: tracebacks (TypeError, OverflowError) or messages naming no file
+        (lambda meta: {**meta, "config": [1]}, "config must be a JSON object of the model's settings, got list"),
+        (lambda meta: {**meta, "config": "x"}, "config must be a JSON object"),
+        (lambda meta: {**meta, "kind": ["gpt"]}, r"kind must be a model kind's name, got \['gpt'\]"),
+        (lambda meta: {**meta, "vqar_format": [2]}, r"vqar_format must be a format number \(1, 2, ...\), got \[2\]"),
+        (lambda meta: {**meta, "vqar_format": "two"}, "vqar_format must be a format number"),
+        (lambda meta: {**meta, "vqar_format": 1_000_000}, "is of format 1000000, written by a newer vqar than this "
+                                                          "one"),  # fmt: skip
     ],
 )
 def test_a_config_that_does_not_fit_its_weights_is_refused_before_building(model_folder, tmp_path, capsys, edit,

@@ -205,8 +205,8 @@ def read_config(folder: Path) -> tuple[str, dict, int]:
         )
     try:
         meta = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
+        raise ValueError(f"{config_path} is not valid JSON: {str(err) or type(err).__name__}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{config_path} does not describe a model (expected a JSON object)")
     if "kind" not in meta:  # another program's config.json (a Hub model's, a release's notes): not vqar 0.1's either
@@ -214,7 +214,18 @@ def read_config(folder: Path) -> tuple[str, dict, int]:
         hint = f"; to read a checkpoint in it, give its file ({', '.join(files)})" if files else ""
         raise ValueError(f"{folder} is not a vqar model folder: its {CONFIG_FILE} names no model kind, as the "
                          f"config.json vqar writes does{hint}")  # fmt: skip
-    return meta.get("kind"), meta.get("config", {}), int(meta.get("vqar_format", 1))
+    kind, fields, version = meta["kind"], meta.get("config", {}), meta.get("vqar_format", 1)
+    if not isinstance(kind, str):
+        raise ValueError(f"{config_path}: kind must be a model kind's name, got {kind!r:.80}")
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_path}: config must be a JSON object of the model's settings, got "
+                         f"{type(fields).__name__}")  # fmt: skip
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{config_path}: vqar_format must be a format number (1, 2, ...), got {version!r:.80}")
+    if version > FORMAT_VERSION:  # its names or layout may mean other things than this vqar reads into them
+        raise ValueError(f"{config_path} is of format {version}, written by a newer vqar than this one (which reads "
+                         f"formats up to {FORMAT_VERSION}): upgrade vqar to read it")  # fmt: skip
+    return kind, fields, version
 
 
 def trained_steps(folder: Path) -> int | None:
