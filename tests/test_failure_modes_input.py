@@ -178,6 +178,28 @@ def test_a_model_with_nan_weights_is_refused_not_sampled(model_folder, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_weight_of_another_kind_of_number_is_refused_and_another_precision_is_not(model_folder, tmp_path, capsys):
+    """A float weight stored as int32 (its header's dtype edited, the bytes the same size) was cast on loading: a
+    model of weights near 1e9 sampled without a word. A bf16 copy of the float32 weights still loads."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_folder / "model.safetensors")
+    name = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
+    for dtype, refused in ((torch.int32, True), (torch.bfloat16, False)):
+        copy = tmp_path / str(dtype)
+        shutil.copytree(model_folder, copy)
+        save_file({**weights, name: weights[name].to(dtype)}, copy / "model.safetensors")
+        code, err = run_cli(["sample", "--model", str(copy), "--n-per-class", "1", "--out", str(tmp_path / "out")],
+                            capsys)  # fmt: skip
+        if refused:
+            assert code == 2 and err == (f"vqar: error: {copy / 'model.safetensors'} holds 1 tensor(s) of another "
+                                         f"kind of number than the model's (the first: {name} (int32, expects "
+                                         "float32)): the file is damaged or not this model's\n")  # fmt: skip
+            assert not (tmp_path / "out").exists()
+        else:  # it has no tokenizer to sample with; loading is what is checked
+            assert "no tokenizer" in err and vqar.load_pretrained(copy) is not None
+
+
 @pytest.mark.parametrize(("names", "message"), [("a\nb\n", "names 2 classes; the model has 3"),
                                                ("\n \n", "holds no class names")])
 def test_serve_refuses_class_names_that_do_not_fit_the_model(model_folder, tmp_path, capsys, names, message):

@@ -413,3 +413,19 @@ def test_a_trainer_state_that_is_damaged_foreign_or_of_another_step_is_one_line_
         assert list_checkpoints(run)[-1].step == 2, case  # nothing was trained
         if case == "step 10**12":
             assert "is not the trainer state of step-0000002 (it holds step 1000000000000): move that " in err, err
+
+
+def test_a_checkpoint_weight_of_another_kind_of_number_is_refused_on_resume(tmp_path):
+    """An int32 tensor where the module has float32 was cast on --resume without a word."""
+    from safetensors.torch import save_file
+
+    from vqar.train.checkpoint import load_weights
+
+    module = torch.nn.Linear(3, 2)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    save_file({**state, "weight": state["weight"].to(torch.int32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit the configured model \(another kind of number: weight \(int32, "
+                                         r"expects float32\)\)"):  # fmt: skip
+        load_weights(tmp_path / "model.safetensors", module)
+    save_file({**state, "weight": state["weight"].to(torch.bfloat16)}, tmp_path / "model.safetensors")
+    assert load_weights(tmp_path / "model.safetensors", module)["weight"].dtype == torch.bfloat16

@@ -311,6 +311,28 @@ def build(kind: str, fields: dict, source: Path) -> nn.Module:
         raise ValueError(f"{source}: its settings make no {kind} model ({type(err).__name__}: {err})") from None
 
 
+def _number_kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "complex" if dtype.is_complex else "float" if dtype.is_floating_point \
+        else "integer"  # fmt: skip
+
+
+def dtype_kind_mismatches(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """'name (I32, expects F32)' for each tensor of `weights` whose kind of number (float, integer, bool, complex)
+    is not its counterpart's in `expected`: loading casts it (an int32 weight read as floats of 1e9) unsaid. Another
+    float precision (a bf16 copy of float32 weights) is the same kind."""
+    return [f"{name} ({tensor.dtype}, expects {expected[name].dtype})".replace("torch.", "")
+            for name, tensor in weights.items()
+            if name in expected and _number_kind(tensor.dtype) != _number_kind(expected[name].dtype)]  # fmt: skip
+
+
+def check_dtype_kinds(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ValueError naming `path` and the first tensors that `dtype_kind_mismatches` finds."""
+    wrong = dtype_kind_mismatches(weights, expected)
+    if wrong:
+        raise ValueError(f"{path} holds {len(wrong)} tensor(s) of another kind of number than the model's (the first: "
+                         f"{', '.join(wrong[:2])}): the file is damaged or not this model's")  # fmt: skip
+
+
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
     """The names of the floating-point tensors in `weights` that hold a NaN or an infinity."""
     return [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
@@ -344,6 +366,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     model = build(kind, fields, folder / CONFIG_FILE)
     weights = read_weights(folder)
     check_finite(weights, _weights_path(folder))
+    check_dtype_kinds(weights, model.state_dict(), _weights_path(folder))
     model.load_state_dict(weights)
     model = model.to(device).eval()
     if isinstance(model, ARModel):

@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vqar.bundle import dtype_kind_mismatches
 from vqar.utils.io import current_umask, fsync_dir, remove_leftovers, sha256_file
 from vqar.utils.runs import SET_ASIDE, Checkpoint, checkpoint_dir, list_checkpoints
 from vqar.utils.safe_load import load_checkpoint
@@ -60,9 +61,11 @@ def load_weights(path: Path, module: nn.Module) -> Weights:
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
+    kinds = dtype_kind_mismatches(state, expected)
+    if missing or unexpected or wrong or kinds:
         parts = [f"{label}: {', '.join(keys[:3])}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong)) if keys]  # fmt: skip
+                 (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong),
+                  ("another kind of number", kinds)) if keys]  # fmt: skip
         problem = "; ".join(parts)
         raise ValueError(f"{path} does not fit the configured model ({problem}); was the architecture changed?")
     return state
