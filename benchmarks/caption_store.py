@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
+from vqar.commands.common import non_negative_int, positive_int  # noqa: E402
 
 STORES = ("empty", "shards", "captions.json")
 
@@ -193,12 +194,15 @@ def cpu_kind() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=3_300_000, help="captions (items) per store (CC-3M: 3.3M)")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="items per shard (extraction's default)")
-    parser.add_argument("--batches", type=int, default=10**9, help="training batches to read (default: an epoch)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2, help="loader workers")
-    parser.add_argument("--rounds", type=int, default=2, help="measurements of each store (alternating)")
+    parser.add_argument("--items", type=positive_int, default=3_300_000,
+                        help="captions (items) per store (CC-3M: 3.3M)")  # fmt: skip
+    parser.add_argument("--shard-size", type=positive_int, default=10_000,
+                        help="items per shard (extraction's default)")  # fmt: skip
+    parser.add_argument("--batches", type=positive_int, default=10**9,
+                        help="training batches to read (default: an epoch)")  # fmt: skip
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="loader workers")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="measurements of each store (alternating)")
     parser.add_argument("--out", type=Path, default=None, help="keep the stores here for later runs (else a temp dir)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()

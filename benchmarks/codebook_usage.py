@@ -22,7 +22,8 @@ import json
 import logging
 from pathlib import Path
 
-from common import equal_budget, print_table, train_each
+from common import equal_budget, int_range, print_table, train_each
+from vqar.commands.common import positive_int
 
 GRADIENT_CODEBOOK = ["model.quantizer.ema=false", "model.quantizer.restart_dead=false"]
 CONFIGS = [
@@ -45,8 +46,8 @@ PAPER = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--codebook", type=int, default=512)
+    parser.add_argument("--steps", type=positive_int, default=800)
+    parser.add_argument("--codebook", type=int_range(2), default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="runs/bench/codebook_usage")
     parser.add_argument("--seed", type=int, default=0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
+import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vqar.bundle import load
@@ -52,3 +55,78 @@ def print_table(header: list[str], rows: list[list]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
+
+
+# ---------------------------------------------------------------- argparse types the benchmarks share, beside
+# vqar.commands.common's (positive_int, non_negative_int, non_negative_float): a bad argument is refused at once.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (no upper bound when `high` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"from {low} to {high:,}"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text}")
+        return value
+
+    return parse
+
+
+def float_at_least(low: float, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= `low` (> `low` when `strict`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+positive_float = float_at_least(0.0, strict=True)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 (batch sizes: "16,64,256")."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise argparse.ArgumentTypeError(f"takes comma-separated positive integers (16,64,256), got {text!r}")
+    return [int(item) for item in items]
+
+
+def name_list(names: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `names`."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",")]
+        unknown = [item for item in items if item not in names]
+        if unknown or not text.strip():
+            raise argparse.ArgumentTypeError(f"takes comma-separated names of {', '.join(names)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a folder that exists (returned as given)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return text
+
+
+def git_commit(text: str) -> str:
+    """An argparse type: a git revision that names a commit of this repository (as given: a commit, tag, branch)."""
+    check = ["git", "rev-parse", "--verify", "--quiet", f"{text}^{{commit}}"]
+    if text.startswith("-") or subprocess.run(check, cwd=REPO, capture_output=True).returncode != 0:
+        raise argparse.ArgumentTypeError(f"{text!r} names no commit of this repository ({REPO})")
+    return text

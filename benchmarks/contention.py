@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from common import positive_float
 from vqar.utils.device import cpu_kind
 
 WORKLOADS = ("sample", "train-tokenizer", "train-ar")
@@ -138,7 +139,7 @@ def measure(workload: str, policy: str, competitor: str | None, seconds: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per cell (default 10)")
+    parser.add_argument("--seconds", type=positive_float, default=10.0, help="measuring time per cell (default 10)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of " + ", ".join(WORKLOADS))
     parser.add_argument("--competitors", default=",".join(COMPETITORS), help="comma-separated: torch, busy")
     parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vqar.commands.common import positive_int
 from vqar.data import DataConfig, open_dataset, training_loader
 from vqar.data.pack import pack_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table  # noqa: E402
+from common import int_range, print_table  # noqa: E402
 
 
 def photo_folder(folder: Path, count: int, seed: int = 0) -> None:
@@ -125,11 +126,14 @@ def extraction(args: argparse.Namespace, root: Path) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loading", "extraction"])
-    parser.add_argument("--images", type=int, default=2000, help="photo-like JPEGs for the loading benchmark")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int_range(8), default=2000,
+                        help="photo-like JPEGs for the loading benchmark (at least 8: they are packed in 8 shards)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="at most --images")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, help="keep the data here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.only in (None, "loading") and args.batch_size > args.images:
+        parser.error(f"argument --batch-size: {args.batch_size} is more than --images {args.images} (no whole batch)")
     root = args.out or Path(tempfile.mkdtemp(prefix="vqar-data-bench-"))
     try:
         if args.only in (None, "extraction"):

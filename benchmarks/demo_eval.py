@@ -18,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import existing_dir
 from vqar.bundle import load
+from vqar.commands.common import positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.eval.generation import evaluate_samples, inception_outputs, save_stats
 from vqar.eval.inception import Inception
@@ -31,13 +33,16 @@ from vqar.sampling.export import write_adm_npz
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/demo", help="a demo output folder (holds ar/ and tokenizer/)")
-    parser.add_argument("--per-class", type=int, default=50, help="samples per digit")
+    parser.add_argument("--run", default="runs/demo", type=existing_dir,
+                        help="a demo output folder (holds ar/ and tokenizer/)")  # fmt: skip
+    parser.add_argument("--per-class", type=positive_int, default=50, help="samples per digit")
     parser.add_argument("--cfg", type=float, default=2.0)
     parser.add_argument("--reference", default="mnist", help="real images for the statistics (default: all 5,000)")
     parser.add_argument("--layer", type=int, help="probed block (default: the middle one)")
     parser.add_argument("--work", default=None, help="where to keep samples and reference stats")
     args = parser.parse_args()
+    if not (Path(args.run) / "ar" / "config.json").is_file():
+        parser.error(f"argument --run: {args.run} holds no trained model in ar/ (make one with `vqar demo`)")
     work = Path(args.work or tempfile.mkdtemp(prefix="vqar-demo-eval-"))
     work.mkdir(parents=True, exist_ok=True)
     model = load(Path(args.run) / "ar")

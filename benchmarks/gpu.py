@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from common import name_list
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.sampling import SamplingSettings, generate
 from vqar.sampling.speculative import DecodeStats
@@ -223,11 +224,14 @@ def g5(plan: dict, device) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows}
 
 
+SECTIONS = ("g1", "g3", "train", "g4", "g5")  # g1 measures g2 too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models (the default without CUDA)")
-    parser.add_argument("--sections", default="g1,g3,train,g4,g5",
-                        help="which of g1 (with g2), g3, train, g4, g5 to run")  # fmt: skip
+    parser.add_argument("--sections", default=",".join(SECTIONS), type=name_list(SECTIONS),
+                        help="which of g1 (with g2), g3, train, g4, g5 to run, comma-separated")  # fmt: skip
     parser.add_argument("--out", help="the JSON to write (default benchmarks/results/gpu-<date>.json)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,7 +245,7 @@ def main() -> None:
     sections = {"g1": lambda: g1_g2(plan, device, dtype), "g3": lambda: g3(plan, device, dtype),
                 "train": lambda: training(plan, device), "g4": lambda: g4(plan, device, dtype),
                 "g5": lambda: g5(plan, device)}  # fmt: skip
-    for name in args.sections.split(","):
+    for name in args.sections:
         start = time.perf_counter()
         report[name] = sections[name]()
         report[name]["seconds"] = time.perf_counter() - start

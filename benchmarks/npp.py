@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 
 from common import cached_code_store
+from vqar.ar import GPT_SIZES
 from vqar.bundle import load
+from vqar.commands.common import non_negative_int, positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.train.ar import train_ar
 from vqar.train.ar_config import load_run_config
 from vqar.train.npp import relative_cost
+from vqar.utils.device import resolve_device
 
 
 def positions_processed(run_dir: Path, log_every: int) -> float:
@@ -36,18 +39,24 @@ def positions_processed(run_dir: Path, log_every: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of each GPT run")
-    parser.add_argument("--tokenizer-steps", type=int, default=1000)
-    parser.add_argument("--size", default="GPT-XS")
-    parser.add_argument("--per-class", type=int, default=50, help="samples per digit for the class accuracy")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps of each GPT run")
+    parser.add_argument("--tokenizer-steps", type=positive_int, default=1000)
+    parser.add_argument("--size", default="GPT-XS", choices=list(GPT_SIZES), metavar="SIZE",
+                        help=f"the GPT's size, one of {', '.join(GPT_SIZES)} (default GPT-XS)")  # fmt: skip
+    parser.add_argument("--per-class", type=positive_int, default=50, help="samples per digit for the class accuracy")
     parser.add_argument("--out", default="runs/bench/npp")
     parser.add_argument("--device", default="auto", help="train.device of both runs (auto: CUDA when present)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: at the end)")
+    parser.add_argument("--eval-every", type=non_negative_int, default=0,
+                        help="validation every N steps (default: at the end)")  # fmt: skip
     one_lr_help = "also train NPP with the run's one warmup + cosine instead of a restart per segment"
     parser.add_argument("--one-lr-schedule", action="store_true", help=one_lr_help)
     parser.add_argument("--seed", type=int, default=0, help="train.seed of every run (initial weights, batches)")
     args = parser.parse_args()
+    try:
+        resolve_device(args.device)  # an unknown or absent device, refused before the tokenizer trains
+    except ValueError as err:
+        parser.error(f"argument --device: {err}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = Path(args.out)
     codes = cached_code_store(out, "vq-mnist", args.tokenizer_steps, views="flip")

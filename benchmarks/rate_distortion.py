@@ -28,7 +28,8 @@ import logging
 import math
 from pathlib import Path
 
-from common import equal_budget, print_table, train_each
+from common import equal_budget, int_range, print_table, train_each
+from vqar.commands.common import positive_int
 
 CONFIGS = [
     ("VQ 4x4x1", "vq-mnist-4x4", []),
@@ -44,8 +45,9 @@ CLOSE_DB = 1.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per tokenizer (default 1000)")
-    parser.add_argument("--codebook", type=int, default=64, help="codebook size K shared by all four (default 64)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per tokenizer (default 1000)")
+    parser.add_argument("--codebook", type=int_range(2), default=64,
+                        help="codebook size K shared by all four (default 64)")  # fmt: skip
     parser.add_argument("--out", default="runs/bench/rate_distortion", help="where the runs and results go")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

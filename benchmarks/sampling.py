@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from common import positive_int_list
 from vqar.ar import GPT, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.sampling import SamplingSettings, generate
 from vqar.testing import generate_uncached
@@ -111,11 +112,11 @@ def native_bf16() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch size 16 only")
-    parser.add_argument("--batch-sizes", default="16,64,256")
+    parser.add_argument("--batch-sizes", default="16,64,256", type=positive_int_list, help="comma-separated")
     parser.add_argument("--bf16", action="store_true", help="measure bf16 even where the CPU emulates it")
     args = parser.parse_args()
     torch.manual_seed(0)
-    batches = [16] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
+    batches = [16] if args.quick else args.batch_sizes
     precisions = ("fp32", "bf16") if native_bf16() or args.bf16 else ("fp32",)
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

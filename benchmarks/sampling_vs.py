@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import git_commit, positive_int_list
+
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| (\d+x\d+x\d+ vs \d+x\d+x\d+) \| (\d+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \|")
 
@@ -39,8 +41,8 @@ def table(tree: Path, batch: int) -> dict[tuple[str, int, str], tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rev", help="the git revision to compare with (a commit, tag or branch)")
-    parser.add_argument("--batch-sizes", default="16,64,256")
+    parser.add_argument("rev", type=git_commit, help="the git revision to compare with (a commit, tag or branch)")
+    parser.add_argument("--batch-sizes", default="16,64,256", type=positive_int_list, help="comma-separated")
     args = parser.parse_args()
     sha = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()  # fmt: skip
@@ -49,7 +51,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), sha], cwd=REPO, check=True)
         try:
             rows = []
-            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            for batch in args.batch_sizes:
                 before, after = table(base, batch), table(REPO, batch)
                 rows += [(key, before[key], after[key]) for key in after if key in before]
         finally:

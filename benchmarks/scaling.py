@@ -20,6 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import int_range
+from vqar.commands.common import positive_int
+from vqar.configs import preset_names
+
 
 def train(procs: int, args: argparse.Namespace, out: Path) -> list[float]:
     run = out / f"procs{procs}"
@@ -36,11 +40,21 @@ def train(procs: int, args: argparse.Namespace, out: Path) -> list[float]:
     return [r["samples_per_s"] for r in records if r["split"] == "train"]
 
 
+def tokenizer_preset(text: str) -> str:
+    """An argparse type: a tokenizer preset (`vqar presets` lists them) or a YAML file."""
+    if (Path(text).suffix in (".yaml", ".yml") and Path(text).is_file()) or text in preset_names("tokenizer"):
+        return text
+    raise argparse.ArgumentTypeError(f"no tokenizer preset or YAML file {text!r}; the presets: "
+                                     f"{', '.join(preset_names('tokenizer'))}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="vq-mnist")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=64, help="the global batch of both runs")
+    parser.add_argument("--preset", default="vq-mnist", type=tokenizer_preset,
+                        help="the tokenizer preset (see `vqar presets`) or a YAML file")  # fmt: skip
+    parser.add_argument("--steps", type=int_range(11), default=60,
+                        help="at least 11: the first 10-step window, start-up and warm-up, is not measured")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="the global batch of both runs")
     parser.add_argument("--out", default="runs/bench/scaling")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="show the training output")
@@ -50,7 +64,7 @@ def main() -> None:
     for procs in (1, 2):
         windows = train(procs, args, out)[1:]  # the first window holds start-up and warm-up
         if not windows:
-            raise SystemExit("too few steps for a measurement: raise --steps above 20")
+            raise SystemExit("too few steps for a measurement: raise --steps")
         rates[procs] = sum(windows) / len(windows)
     report = {
         "preset": args.preset,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from vqar.bundle import load
+from vqar.commands.common import positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.speculative import DecodeStats
@@ -123,9 +124,9 @@ def quality_rows(name: str, model, settings: SamplingSettings, per_digit: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/bench-speculative", help="where the trained models are (or go)")
-    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--window", type=positive_int, default=16)
     parser.add_argument("--drafts", default="mc-sjd", choices=["mc-sjd", "sjd"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer images, no quality check")
     parser.add_argument("--compile", action="store_true", help="both samplers with compiled steps (warmed first)")
     parser.add_argument("--only", choices=list(MODELS), help="one of the models")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vqar.commands.common import positive_int
 from vqar.data.extraction import _captions_digest
 from vqar.eval.sources import open_source
 from vqar.utils.device import cpu_kind
@@ -59,9 +60,9 @@ def caption_digest(count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="PNG files for the header scan")
-    parser.add_argument("--size", type=int, default=256, help="their side in pixels")
-    parser.add_argument("--captions", type=int, default=3_300_000, help="items for the caption digest")
+    parser.add_argument("--images", type=positive_int, default=2000, help="PNG files for the header scan")
+    parser.add_argument("--size", type=positive_int, default=256, help="their side in pixels")
+    parser.add_argument("--captions", type=positive_int, default=3_300_000, help="items for the caption digest")
     args = parser.parse_args()
     print(f"CPU: {cpu_kind()}")
     header, decode = header_scan(args.images, args.size)

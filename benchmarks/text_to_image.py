@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from common import cached_code_store, print_table
+from common import cached_code_store, float_at_least, print_table
 from vqar.bundle import load
+from vqar.commands.common import positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier
 from vqar.sampling import SamplingSettings, draw, make_conditions
 from vqar.sampling.export import write_samples
@@ -55,12 +56,27 @@ def caption_encoding_ms(folder: Path, repeats: int = 200) -> dict[str, float]:
     return best
 
 
+def earlier_run(out: Path) -> dict | str:
+    """What --reuse reads: the results.json of the run that trained OUT/ar, or why there is none to reuse."""
+    if not (out / "ar" / "config.json").is_file():
+        return f"no trained model in {out / 'ar'}; run without --reuse to train one"
+    results = out / "results.json"
+    try:
+        earlier = json.loads(results.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or not {"val_nll", "seconds"} <= earlier.keys():
+        return (f"{results} is missing or holds no val_nll and seconds (the run that trained {out / 'ar'} did not "
+                "finish); run without --reuse to train again")  # fmt: skip
+    return earlier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps of the RQ-Transformer")
-    parser.add_argument("--tokenizer-steps", type=int, default=700)
-    parser.add_argument("--per-prompt", type=int, default=20, help="samples per prompt")
-    parser.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of the RQ-Transformer")
+    parser.add_argument("--tokenizer-steps", type=positive_int, default=700)
+    parser.add_argument("--per-prompt", type=positive_int, default=20, help="samples per prompt")
+    parser.add_argument("--cfg", type=float_at_least(1), default=2.0, help="classifier-free guidance scale (>= 1)")
     parser.add_argument("--out", default="runs/bench/t2i")
     parser.add_argument("--reuse", action="store_true", help="evaluate the model already trained in --out/ar")
     parser.add_argument("--encoding-only", action="store_true",
@@ -68,6 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = Path(args.out)
+    earlier = earlier_run(out) if args.reuse and not args.encoding_only else None
+    if isinstance(earlier, str):
+        parser.error(f"--reuse: {earlier}")
     if args.encoding_only:
         encoding = caption_encoding_ms(out / "encoding")
         print(f"CPU: {cpu_kind()}, {torch.get_num_threads()} threads")
@@ -75,8 +94,7 @@ def main() -> None:
               f"{encoding['plain']:.2f} ms ({encoding['dropout'] / encoding['plain']:.1f}x)")
         return
     codes = cached_code_store(out, "rqvae-mnist", args.tokenizer_steps, captions="digits")
-    if args.reuse and (out / "ar" / "config.json").is_file():
-        earlier = json.loads((out / "results.json").read_text())
+    if earlier is not None:
         metrics, seconds = {"nll": earlier["val_nll"]}, earlier["seconds"]
     else:
         start = time.perf_counter()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from common import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = [(1, 1024, 16, None), (1, 16384, 1024, None), (16, 16384, 1024, None), (64, 16384, 1024, 0.9),
          (64, 1024, 16, None)]  # fmt: skip
@@ -46,7 +48,7 @@ def best_microseconds(draw, logits, uniform, calls: int, rounds: int = 5) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rev", help="the git revision to compare with")
+    parser.add_argument("rev", type=git_commit, help="the git revision to compare with")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
