@@ -78,6 +78,21 @@ TINY_RUN = [
 ]
 
 
+def overridden(base: list[str], *changes: str) -> list[str]:
+    """`base` key=value overrides with `changes` applied: a key already in `base` takes its new value in place, others
+    are appended (vqar warns when a command line gives one setting twice)."""
+    keys = {item.partition("=")[0]: i for i, item in enumerate(base)}
+    result = list(base)
+    for item in changes:
+        key = item.partition("=")[0]
+        if key in keys:
+            result[keys[key]] = item
+        else:
+            keys[key] = len(result)
+            result.append(item)
+    return result
+
+
 # A tiny AR run on top of it.
 TINY_AR = ["size=RQ-XS", "bs=32", "train.log_every=5", "train.warmup_steps=5", "sample.n_per_class=2"]
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import vqar
-from conftest import TINY_AR
+from conftest import TINY_AR, overridden
 from vqar.ar import GPT, GPT_SIZES, RQ_SIZES, GPTConfig, RQTransformer, RQTransformerConfig
 from vqar.cli import main
 from vqar.sampling import SamplingSettings, draw, generate, make_conditions
@@ -228,7 +228,8 @@ def test_a_run_resumed_with_its_preset_trains_on_the_codes_its_run_yaml_names(ti
     train = ["train", "ar", "rq-mnist", f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=2", "train.eval_every=2",
              "sample.n_per_class=0", "--out", str(run)]  # fmt: skip
     assert run_cli(train, capsys)[0] == 0
-    resumed = ["train", "ar", "rq-mnist", "--resume", *TINY_AR, "steps=3", "sample.n_per_class=0", "--out", str(run)]
+    resumed = ["train", "ar", "rq-mnist", "--resume", *overridden(TINY_AR, "steps=3", "sample.n_per_class=0"), "--out",
+               str(run)]  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="vqar.train"):
         code, err = run_cli(resumed, capsys)
     assert code == 0, err

@@ -478,6 +478,25 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
     assert "overrides are key=value pairs, got 'stray'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("group", "preset", "overrides", "shown", "said"), [
+    ("tokenizer", "rqvae-mnist", ["steps=7", "train.steps=9"], "steps: 9", "train.steps is given twice (steps=7, then "
+                                                                           "train.steps=9)"),
+    ("tokenizer", "rqvae-mnist", ["d=2", "model.quantizer.depth=3"], "depth: 3",
+     "model.quantizer.depth is given twice (d=2, then model.quantizer.depth=3)"),
+    ("tokenizer", "rqvae-mnist", ["c=64", "c=128", "c=128"], "codebook_size: 128", "model.quantizer.codebook_size is "
+                                                                                   "given twice (c=64, then c=128)"),
+    ("ar", "gpt-mnist", ["lr=1e-3", "train.lr=2e-3"], "lr: 0.002", "train.lr is given twice (lr=1e-3, then "
+                                                                   "train.lr=2e-3)"),
+])  # fmt: skip
+def test_a_setting_given_twice_says_which_value_is_used(capsys, caplog, group, preset, overrides, shown, said):
+    """`steps=7 train.steps=9` trained 9 steps and `d=2 model.quantizer.depth=3` a depth of 3, without a word. A
+    change appended to a long command is still taken; the same value twice is no change and says nothing."""
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert main(["config", group, preset, *overrides]) == 0
+    assert shown in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records] == [f"{said}: the last is used"]
+
+
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
@@ -487,6 +506,12 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
         ("image_size=0", "image_size must be a positive multiple of f=32, got 0"),
         ("ch=0", "ch (the tokenizer's base width) must be a positive multiple of 32 (its GroupNorm groups), got 0"),
         ("ch=8", "must be a positive multiple of 32 (its GroupNorm groups), got 8"),  # said norm_groups=, no key here
+        # each was "need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0", naming none of them
+        ("d=0", "d must be at least 1, got 0"),
+        ("c=1", "c must be at least 2, got 1"),
+        ("batch_size=-1", "batch_size must be at least 1, got -1"),
+        ("loops=0", "loops must be at least 1, got 0"),
+        ("warmup=-1", "warmup must be at least 0, got -1"),
     ],
 )
 def test_bench_sample_names_a_bad_setting(setting, words, capsys):

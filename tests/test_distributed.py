@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_AR, TINY_RUN, torchrun
+from conftest import TINY_AR, TINY_RUN, overridden, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,11 @@ pytestmark = pytest.mark.slow
 # many of them equal (blank digit corners), so the rounding of two processes' gradient sums flips assignments
 # between such twins and the codebooks part ways within a few steps: the runs here turn restarts off.
 # 250 images hold 25 for validation: two processes' shares are 13 and 12 + 1 of padding
-TOKENIZER_RUN = [*TINY_RUN, "data.max_images=250", "data.random_flip=false", "model.quantizer.restart_dead=false"]
-TOKENIZER_RUN += ["steps=6", "train.eval_every=6", "train.ckpt_every=3", "train.log_every=3"]
-AR_RUN = [
-    *TINY_AR,
+TOKENIZER_RUN = overridden(TINY_RUN, "data.max_images=250", "data.random_flip=false",
+                           "model.quantizer.restart_dead=false", "steps=6", "train.eval_every=6", "train.ckpt_every=3",
+                           "train.log_every=3")  # fmt: skip
+AR_RUN = overridden(
+    TINY_AR,
     "model.resid_dropout_p=0",
     "model.class_dropout_prob=0",
     "steps=6",
@@ -44,7 +45,7 @@ AR_RUN = [
     "train.ckpt_every=3",
     "train.log_every=3",
     "sample.n_per_class=1",
-]
+)
 
 
 def _vqar(args: list[str], procs: int, cwd) -> subprocess.CompletedProcess:
@@ -138,8 +139,8 @@ def test_two_process_ddp_tokenizer_matches_one_process(tmp_path):
 def test_the_training_codebook_usage_is_the_global_batch_s(tmp_path):
     """Each process counted the codes of its share of the batch, and the rows averaged those: the usage and
     perplexity fell as processes were added, though the weights trained alike (0.68 against 0.78 on 2)."""
-    small = [*TOKENIZER_RUN, "c=512", "data.batch_size=8", "steps=2", "train.log_every=1", "train.eval_every=2",
-             "train.ckpt_every=2"]  # fmt: skip (a codebook far from used up by a batch)
+    small = overridden(TOKENIZER_RUN, "c=512", "data.batch_size=8", "steps=2", "train.log_every=1",
+                       "train.eval_every=2", "train.ckpt_every=2")  # fmt: skip (a codebook far from used up by a batch)
     one, two = tmp_path / "one", tmp_path / "two"
     for run, processes in ((one, 1), (two, 2)):
         _vqar(["train", "tokenizer", "rqvae-mnist", "--out", str(run), *small], processes, tmp_path)

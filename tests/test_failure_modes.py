@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import vqar
-from conftest import TINY_RUN, file_contents, run_cli
+from conftest import TINY_RUN, file_contents, overridden, run_cli
 from vqar.train.checkpoint import DamagedCheckpointsError, list_checkpoints, verify_checkpoint
 from vqar.train.tokenizer import load_run_config, train_tokenizer
 from vqar.utils.io import atomic_write_text
 
-RUN = [*TINY_RUN, "data.max_images=200", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1"]
+RUN = overridden(TINY_RUN, "data.max_images=200", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1")
 
 
 def _train(run_dir, steps: int, keep: int = 3, **options):

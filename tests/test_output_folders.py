@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vqar
-from conftest import TINY_RUN, file_contents, run_cli
+from conftest import TINY_RUN, file_contents, overridden, run_cli
 from vqar.train.tokenizer import load_run_config
 
 
@@ -386,8 +386,9 @@ def test_training_writes_only_into_a_run_of_its_kind_unless_told_to(sampler_fold
     shutil.copytree(sampler_folder, export)
     (export / "README.txt").write_text("notes")
     before = file_contents(export)
-    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "train.ckpt_every=4", "train.log_every=1",
-             "data.max_images=64", "steps=1", "train.eval_every=1", "--out"]  # fmt: skip
+    train = ["train", "tokenizer", "rqvae-mnist", *overridden(TINY_RUN, "train.ckpt_every=4", "train.log_every=1",
+                                                              "data.max_images=64", "steps=1", "train.eval_every=1"),
+             "--out"]  # fmt: skip
     code, err = run_cli([*train, str(export)], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{export} is not a training run (it holds README.txt, config.json, model.safetensors, tokenizer)" in err

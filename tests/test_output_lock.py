@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, file_contents, locked_by_another_process, run_cli, torchrun
+from conftest import TINY_RUN, file_contents, locked_by_another_process, overridden, run_cli, torchrun
 
 
 @pytest.fixture
@@ -128,8 +128,8 @@ def test_under_torchrun_rank_0_takes_the_lock_for_every_rank(tokenizer_folder, i
 
 
 # A one-step tokenizer run on 64 digits (a second or two).
-TRAIN = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=64", "steps=1", "train.eval_every=1",
-         "train.log_every=1"]  # fmt: skip
+TRAIN = ["train", "tokenizer", "rqvae-mnist", *overridden(TINY_RUN, "data.max_images=64", "steps=1",
+                                                           "train.eval_every=1", "train.log_every=1")]  # fmt: skip
 
 
 def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(tmp_path, capsys):
@@ -141,12 +141,12 @@ def test_a_second_training_into_the_same_run_fails_at_once_and_changes_nothing(t
         expected = f"vqar: error: another vqar process (pid {holder.pid}) is writing {run}; wait for it to finish or " \
                    "choose another --out\n"  # fmt: skip
         for mode in (["--resume"], ["--overwrite"], ["steps=2", "--resume"]):
-            code, err = run_cli([*TRAIN, *mode, "--out", str(run)], capsys)
+            code, err = run_cli([*overridden(TRAIN, *mode), "--out", str(run)], capsys)
             assert (code, err) == (2, expected), mode
             assert file_contents(run) == before, mode  # --overwrite deleted nothing, --resume wrote nothing
         code, err = run_cli([*TRAIN, "--out", str(tmp_path / "run" / ".." / "run")], capsys)  # another spelling
         assert code == 2 and f"(pid {holder.pid})" in err, err
-    assert run_cli([*TRAIN, "steps=2", "--resume", "--out", str(run)], capsys)[0] == 0
+    assert run_cli([*overridden(TRAIN, "steps=2"), "--resume", "--out", str(run)], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vqar
-from conftest import TINY_AR
+from conftest import TINY_AR, overridden
 from vqar.cli import main
 from vqar.data import DataConfig
 from vqar.data.codes import CodeDataset
@@ -28,8 +28,9 @@ def text_run(tiny_pipeline, tmp_path_factory):
     tokenizer = vqar.load_pretrained(tiny_pipeline / "tokenizer")
     extract_codes(tokenizer, DataConfig(source="mnist", max_images=300, captions="digits"), root / "codes",
                   tokenizer_dir=tiny_pipeline / "tokenizer")  # fmt: skip
-    overrides = [f"codes={root / 'codes'}", *TINY_AR, "steps=30", "train.eval_every=30", "train.log_every=1",
-                 "text.length=8", "text.vocab_size=160", "loss.soft_targets=true"]  # fmt: skip
+    changes = ["steps=30", "train.eval_every=30", "train.log_every=1", "text.length=8", "text.vocab_size=160",
+               "loss.soft_targets=true"]  # fmt: skip
+    overrides = [f"codes={root / 'codes'}", *overridden(TINY_AR, *changes)]
     metrics = train_ar(load_run_config("rq-mnist-text", overrides), root / "ar")
     return root, metrics
 

@@ -16,7 +16,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import TINY_AR, TINY_RUN, torchrun
+from conftest import TINY_AR, TINY_RUN, overridden, torchrun
 from vqar.cli import main
 from vqar.configs import ConfigError
 from vqar.parallel import Parallel
@@ -25,7 +25,8 @@ from vqar.train.errors import TrackerUnavailable, TrainingInterrupted
 from vqar.train.tokenizer import TokenizerTask, load_run_config, train_tokenizer
 
 # Eight steps on 200 digits: rows at steps 2, 4, 6, 8, evaluations and checkpoints at 4 and 8.
-RUN = [*TINY_RUN, "data.max_images=200", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4", "steps=8"]
+RUN = overridden(TINY_RUN, "data.max_images=200", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4",
+                 "steps=8")
 
 
 def _train(run_dir, logger: str, resume: bool = False):
@@ -76,7 +77,8 @@ def test_ar_training_logs_its_sample_grid_to_tensorboard(tmp_path, tiny_pipeline
     from vqar.train.ar_config import load_run_config as ar_config
 
     run_dir = tmp_path / "ar"
-    overrides = [f"codes={tiny_pipeline / 'codes'}", *TINY_AR, "steps=4", "train.log_every=2", "train.eval_every=2"]
+    overrides = [f"codes={tiny_pipeline / 'codes'}", *overridden(TINY_AR, "steps=4", "train.log_every=2",
+                                                                 "train.eval_every=2")]  # fmt: skip
     train_ar(ar_config("rq-mnist", [*overrides, "train.logger=tensorboard"]), run_dir)
     events = _tensorboard(run_dir)
     logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vqar
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, overridden, run_cli
 from vqar.data import load_mnist_digits
 from vqar.tokenizers import Tokenizer
 from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
@@ -148,8 +148,8 @@ def test_a_resume_that_changes_the_tokenizer_is_refused_and_a_preset_s_other_set
     from conftest import file_contents
 
     run = tmp_path / "run"
-    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=128", "steps=2", "train.eval_every=2",
-             "--out", str(run)]  # fmt: skip
+    train = ["train", "tokenizer", "rqvae-mnist", *overridden(TINY_RUN, "data.max_images=128", "steps=2",
+                                                              "train.eval_every=2"), "--out", str(run)]  # fmt: skip
     assert run_cli(train, capsys)[0] == 0
     before = file_contents(run)
     for setting, key, trained in [("d=2", "model.quantizer.depth", 4), ("model.conv.resolution=64 data.image_size=64",

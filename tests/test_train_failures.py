@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, file_contents, run_cli
+from conftest import TINY_RUN, file_contents, overridden, run_cli
 from vqar.configs import to_yaml
 from vqar.data import load_mnist_digits
 from vqar.train.checkpoint import latest_checkpoint, list_checkpoints, prepare_run_dir, verify_checkpoint
@@ -54,7 +54,8 @@ def test_a_run_without_validation_images_is_refused_before_training(tmp_path, ca
     code, err = run_cli([*train, str(tmp_path / "a"), "data.val_fraction=0"], capsys)
     assert code == 2 and err == "vqar: error: data.val_fraction must be in (0, 1) for training (evaluation scores " \
                                 "the run on the validation split), got 0\n", err  # fmt: skip
-    code, err = run_cli([*train, str(tmp_path / "b"), "data.max_images=1", "bs=1"], capsys)  # too few to split
+    code, err = run_cli([*overridden(train, "data.max_images=1", "data.batch_size=1"), str(tmp_path / "b")],
+                        capsys)  # fmt: skip (too few to split)
     assert code == 2 and "train:" not in err, err
     assert err.endswith("vqar: error: the validation split is empty (too few images to hold any out), and "
                         "evaluation scores the run: raise data.val_fraction or add images\n"), err  # fmt: skip
@@ -381,8 +382,8 @@ def test_a_trainer_state_that_is_damaged_foreign_or_of_another_step_is_one_line_
     import os
 
     run = tmp_path / "run"
-    train = ["train", "tokenizer", "rqvae-mnist", *TINY_RUN, "data.max_images=64", "train.eval_every=2",
-             "train.ckpt_every=2", "--out", str(run)]  # fmt: skip
+    train = ["train", "tokenizer", "rqvae-mnist", *overridden(TINY_RUN, "data.max_images=64", "train.eval_every=2",
+                                                              "train.ckpt_every=2"), "--out", str(run)]  # fmt: skip
     assert run_cli([*train, "steps=2"], capsys)[0] == 0
     ckpt = run / "checkpoints" / "step-0000002"
     state_file, good = ckpt / "trainer.pt", (ckpt / "trainer.pt").read_bytes()

@@ -48,7 +48,8 @@ rounding); the others print nothing. On several machines, set TMPDIR to a folder
 the features through it)."""
 BENCH_DETAILS = """key=value settings: f (latent stride), d (depth; default 4 for RQ models, 1 for the others), c
 (codebook size), model (a named size of any architecture: RQ-1.4B, GPT-B, VIM-Base, VAR-d16, ...), num_classes,
-batch_size, image_size, loops, warmup, precision (fp32|bf16), top_k, top_p, cfg_scale, compile (true|false),
+batch_size, image_size, ch (the random tokenizer's base width), loops, warmup, precision (fp32|bf16), top_k, top_p,
+cfg_scale, compile (true|false),
 speculative (true|false) and window (its drafted positions). Prints ms/image for AR sampling and for decoding, and
 the model calls per image (and the share of drafts accepted)."""
 
@@ -196,10 +197,11 @@ def cmd_linear_probe(args) -> int:
 
 
 def cmd_bench_sample(args) -> int:
-    from vqar.configs import compose_node, to_config
+    from vqar.configs import compose_node, say_settings_given_twice, to_config
     from vqar.eval.throughput import BenchConfig, measure_throughput
     from vqar.utils.device import resolve_device
 
+    say_settings_given_twice(args.overrides)  # model=RQ-XS model=GPT-XS ran the last one unsaid
     overrides = [item[: -len("none")] + "null" if item.lower().endswith("=none") else item for item in args.overrides]
     cfg = to_config(compose_node(BenchConfig, "bench", None, overrides))  # unknown keys and bad values: one line
     result = measure_throughput(cfg, resolve_device(args.device))

@@ -24,6 +24,17 @@ def _load_run_config(group: str, preset, overrides):
     return load_run_config(preset, overrides)
 
 
+def _say_settings_given_twice(group: str, overrides) -> None:
+    """A warning for a setting the command line's overrides give twice (`steps=7 train.steps=9` trained 9 unsaid)."""
+    from vqar.configs import say_settings_given_twice
+
+    if group == "tokenizer":
+        from vqar.train.tokenizer import TokenizerRunConfig as RunConfig
+    else:
+        from vqar.train.ar_config import ARRunConfig as RunConfig
+    say_settings_given_twice(overrides, RunConfig.ALIASES)
+
+
 def _check_same_model(group: str, cfg, run_dir: Path) -> None:
     if group == "tokenizer":
         from vqar.train.tokenizer import check_same_model
@@ -34,6 +45,7 @@ def _check_same_model(group: str, cfg, run_dir: Path) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
+    _say_settings_given_twice(args.group, overrides)
     run_dir = Path(args.out)
     if args.resume:
         _put_back_a_set_aside_run(run_dir, args.group)
@@ -171,6 +183,7 @@ def run_presets(args: argparse.Namespace) -> int:
 
 def run_config(args: argparse.Namespace) -> int:
     preset, overrides = split_preset(args.overrides)
+    _say_settings_given_twice(args.group, overrides)
     if args.group == "ar":
         from vqar.train.ar_config import describe_run_config
 

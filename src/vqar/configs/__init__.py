@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("vqar.configs")
 
 T = TypeVar("T")
 
@@ -121,6 +124,19 @@ def parse_overrides(base: DictConfig, overrides: Sequence[str], aliases: Mapping
         return OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
+
+
+def say_settings_given_twice(overrides: Sequence[str], aliases: Mapping[str, str] | None = None) -> None:
+    """A warning for each setting a command line gives twice with another value, in one spelling or two
+    (`model=A ... model=B`, `steps=7 train.steps=9`, a shorthand and its long form), naming the value used: the
+    last one was taken without a word. (It may be a change appended to a long command, so it is not refused.)"""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        setting = (aliases or {}).get(key, key)
+        if setting in seen and seen[setting].partition("=")[2] != value:
+            log.warning("%s is given twice (%s, then %s): the last is used", setting, seen[setting], item)
+        seen[setting] = item
 
 
 def _override_node(item: str, entry: str) -> DictConfig:

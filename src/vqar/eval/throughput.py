@@ -71,8 +71,10 @@ class BenchConfig:
         arch = find_size(self.model)  # ValueError listing the known sizes
         if self.speculative:  # VAR draws whole scales: refused here, not after its model is built
             arch.check_option("speculative", "speculative=true")
-        if min(self.depth, self.c - 1, self.batch_size, self.loops) < 1 or self.warmup < 0:
-            raise ValueError("need d >= 1, c >= 2, batch_size >= 1, loops >= 1 and warmup >= 0")
+        for key, value, least in (("d", self.depth, 1), ("c", self.c, 2), ("batch_size", self.batch_size, 1),
+                                  ("loops", self.loops, 1), ("warmup", self.warmup, 0)):  # fmt: skip
+            if value < least:
+                raise ValueError(f"{key} must be at least {least}, got {value}")
         if self.num_classes < 1:  # each image is drawn for a random class
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.precision not in ("fp32", "bf16"):
