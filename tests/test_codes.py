@@ -325,3 +325,19 @@ def test_images_beside_class_folders_are_warned_at_extraction_and_refused_by_a_c
                                  "those images a class id >= 0, or leave them out of the array, and extract the codes "
                                  "again\n")  # fmt: skip
     assert not run.exists()
+
+
+def test_a_folder_with_a_file_name_that_is_not_utf8_is_extracted(tiny_pipeline, tmp_path, capsys):
+    """`vqar extract-codes` of a folder holding `caf\\xe9.png` (a Latin-1 name) stopped on "'utf-8' codec can't
+    encode character '\\udce9'", naming no file: the resume digest encoded the names as UTF-8."""
+    import os
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, name in enumerate([b"caf\xe9.png", b"plain.png"]):
+        Image.fromarray(np.full((28, 28), 60 * i, np.uint8)).save(os.fsdecode(bytes(folder) + b"/" + name))
+    args = ["extract-codes", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--data", str(folder), "--out",
+            str(tmp_path / "codes")]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert len(CodeDataset(tmp_path / "codes")) == 2

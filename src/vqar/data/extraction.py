@@ -313,9 +313,10 @@ def _files_digest(dataset, source) -> str:
         name = os.path.abspath(path)  # `imgs`, `imgs/` and its absolute path resume the same extraction
         try:
             stat = os.stat(path)
-            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            about = f"\0{stat.st_size}\0{stat.st_mtime_ns}\n"
         except OSError:  # gone since the listing: its read will be skipped and counted
-            digest.update(f"{name}\0missing\n".encode())
+            about = "\0missing\n"
+        digest.update(os.fsencode(name) + about.encode())  # the name's bytes: not all names are UTF-8
     return digest.hexdigest()
 
 
