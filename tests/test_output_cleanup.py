@@ -147,3 +147,31 @@ def test_a_folder_replaced_by_a_killed_process_is_whole_under_its_name(tmp_path,
     monkeypatch.undo()
     assert io.remove_leftovers(tmp_path) == [built]  # the old folder, tidied by the next run
     assert file_contents(tmp_path) == {Path("codes/manifest.json"): b"new"}
+
+
+def test_reconstruct_refuses_a_pipe_and_leaves_its_own_out_out_of_a_folder_given(tokenizer_folder, tmp_path, capsys,
+                                                                                  caplog):  # fmt: skip
+    """A named pipe given as an image hung (it was read until a writer closed it), and an --out inside a folder
+    given was read back on the next run: its earlier pictures reconstructed again and counted in the mean PSNR."""
+    import logging
+    import os
+
+    from PIL import Image
+
+    os.mkfifo(tmp_path / "fifo.png")
+    code, err = run_cli(["reconstruct", "--tokenizer", str(tokenizer_folder), str(tmp_path / "fifo.png"), "--out",
+                         str(tmp_path / "r")], capsys)  # fmt: skip
+    assert (code, err) == (2, f"vqar: error: {tmp_path / 'fifo.png'} is not a regular file (a named pipe, socket or "
+                              "device); give an image file\n")  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32), 100 * i, np.uint8)).save(images / f"{i}.png")
+    args = ["reconstruct", "--tokenizer", str(tokenizer_folder), str(images), "--out", str(images / "recon")]
+    for extra in ([], ["--overwrite"]):
+        code, err = run_cli([*args, *extra], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in (images / "recon").iterdir()) == ["0_recon.png", "1_recon.png"]  # no recon/recon
+    with caplog.at_level(logging.WARNING, logger="vqar"):
+        assert run_cli([*args, "--overwrite", "--size", "256"], capsys)[0] == 0
+    assert "--size 256 is far from the 32 px this tokenizer was built for" in caplog.text

@@ -51,7 +51,7 @@ def reconstruct_files(
     file that does not record it (a LlamaGen VQ checkpoint), as `load_pretrained` takes it. A picture already at
     one of the names is replaced only with `overwrite`: it may be the user's own file."""
     # Folders are listed before the model loads, so an empty one fails at once.
-    entries = _images_and_names(images)
+    entries = _images_and_names(images, Path(out_dir))
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # found before the tokenizer loads, not at mkdir
         raise FileExistsError(f"--out {out_dir} is a file; give a folder for the reconstructions")
     targets = _targets(entries, Path(out_dir))
@@ -72,6 +72,9 @@ def reconstruct_files(
         raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer")
     size = size or model.image_size
     model.check_image_size(size, "--size")
+    if not model.image_size / 4 <= size <= model.image_size * 4:  # as eval rfid says it; far larger fills memory
+        log.warning("--size %d is far from the %d px this tokenizer was built for: its reconstructions there say "
+                    "little about it, and its activations grow with the square of the size", size, model.image_size)
     if depth is not None and not 1 <= depth <= model.levels:
         raise ValueError(f"--depth takes 1 .. {model.levels} (the levels this tokenizer decodes coarse to fine: "
                          f"a residual stack's depths or VAR's scales), got {depth}")  # fmt: skip
@@ -114,18 +117,24 @@ def _targets(entries: list[tuple[Path, str]], out_dir: Path) -> list[Path]:
     return targets
 
 
-def _images_and_names(images: Sequence[str | Path]) -> list[tuple[Path, str]]:
+def _images_and_names(images: Sequence[str | Path], out_dir: Path) -> list[tuple[Path, str]]:
     """Each image file with the name its reconstruction takes under --out (a folder's files keep their relative
-    paths, so that equal names in two subfolders stay apart)."""
+    paths, so that equal names in two subfolders stay apart). An --out inside a folder given is left out of it: its
+    pictures of an earlier run were reconstructed again and counted in the mean PSNR."""
     entries = []
     missing = [str(given) for given in map(Path, images) if not given.exists()]
     if missing:  # a typo: said before the tokenizer loads, as the other bad arguments are
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"no such image: {missing[0]}{more}")
+    out = out_dir.resolve()
     for given in map(Path, images):
         if not given.is_dir():
+            if not given.is_file():  # a named pipe was read until its writer closed it: forever, with none
+                raise ValueError(f"{given} is not a regular file (a named pipe, socket or device); give an image file")
             entries.append((given, given.stem))
             continue
-        files = image_files(given, required=True)
+        files = [file for file in image_files(given, required=True) if out not in file.resolve().parents]
+        if not files:
+            raise ValueError(f"{given} holds no image files besides --out {out_dir}'s")
         entries += [(file, file.relative_to(given).with_suffix("").as_posix()) for file in files]
     return entries
