@@ -178,6 +178,21 @@ def test_a_model_with_nan_weights_is_refused_not_sampled(model_folder, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_are_a_device_or_a_pipe_are_named_as_such(model_folder, tmp_path, capsys):
+    """A model.safetensors linked to /dev/zero, or a named pipe, was reported missing ("has a config.json but no
+    model.safetensors"): there is one, and it is not a file."""
+    import os
+
+    for name, make in (("device", lambda p: p.symlink_to("/dev/zero")), ("pipe", os.mkfifo)):
+        copy = tmp_path / name
+        shutil.copytree(model_folder, copy)
+        (copy / "model.safetensors").unlink()
+        make(copy / "model.safetensors")
+        code, err = run_cli(["sample", "--model", str(copy), "--out", str(tmp_path / "out")], capsys)
+        assert (code, err) == (2, f"vqar: error: {copy / 'model.safetensors'} is not a regular file (a folder, named "
+                                  "pipe, socket or device); a model folder's weights are a safetensors file\n"), name
+
+
 def test_a_weight_of_another_kind_of_number_is_refused_and_another_precision_is_not(model_folder, tmp_path, capsys):
     """A float weight stored as int32 (its header's dtype edited, the bytes the same size) was cast on loading: a
     model of weights near 1e9 sampled without a word. A bf16 copy of the float32 weights still loads."""

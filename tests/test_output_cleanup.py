@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import TINY_RUN, file_contents, run_cli
 
@@ -175,3 +176,12 @@ def test_reconstruct_refuses_a_pipe_and_leaves_its_own_out_out_of_a_folder_given
     with caplog.at_level(logging.WARNING, logger="vqar"):
         assert run_cli([*args, "--overwrite", "--size", "256"], capsys)[0] == 0
     assert "--size 256 is far from the 32 px this tokenizer was built for" in caplog.text
+
+
+def test_reconstruct_given_an_ar_model_names_the_tokenizer_it_carries(class_run, tmp_path, capsys):
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    code, err = run_cli(["reconstruct", "--tokenizer", str(class_run), str(image), "--out", str(tmp_path / "r")],
+                        capsys)  # fmt: skip
+    assert code == 2 and err.endswith(f"not a tokenizer: the tokenizer it was trained on is {class_run / 'tokenizer'}"
+                                      "\n"), err  # fmt: skip

@@ -246,6 +246,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _weights_path(folder: Path) -> Path:
     path = folder / WEIGHTS_FILE
+    if path.exists() and not path.is_file():  # a device or pipe was said to be missing
+        raise ValueError(f"{path} is not a regular file (a folder, named pipe, socket or device); a model folder's "
+                         "weights are a safetensors file")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has a {CONFIG_FILE} but no {WEIGHTS_FILE}")
     return path

@@ -69,7 +69,9 @@ def reconstruct_files(
     # vqar folders and the releases' own files alike (an RQ stage1 folder, a LlamaGen .pt, VAR's VQVAE .pth)
     model = tokenizer if isinstance(tokenizer, Tokenizer) else load_pretrained(tokenizer, config=config, device=dev)
     if not isinstance(model, Tokenizer):
-        raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer")
+        carried = Path(str(tokenizer)) / "tokenizer"
+        hint = f": the tokenizer it was trained on is {carried}" if (carried / "config.json").is_file() else ""
+        raise ValueError(f"{tokenizer} holds a {type(model).__name__}, not a tokenizer{hint}")
     size = size or model.image_size
     model.check_image_size(size, "--size")
     if not model.image_size / 4 <= size <= model.image_size * 4:  # as eval rfid says it; far larger fills memory
