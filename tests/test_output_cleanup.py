@@ -157,8 +157,6 @@ def test_reconstruct_refuses_a_pipe_and_leaves_its_own_out_out_of_a_folder_given
     import logging
     import os
 
-    from PIL import Image
-
     os.mkfifo(tmp_path / "fifo.png")
     code, err = run_cli(["reconstruct", "--tokenizer", str(tokenizer_folder), str(tmp_path / "fifo.png"), "--out",
                          str(tmp_path / "r")], capsys)  # fmt: skip

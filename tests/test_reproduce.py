@@ -241,6 +241,32 @@ def test_bad_reproduce_arguments_are_refused_before_the_download(tmp_path, capsy
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_cache_that_cannot_be_written_is_refused_before_the_download(tmp_path, capsys, monkeypatch):
+    """It failed at its first download. (Permissions are simulated: the tests may run as root, whom chmod does not
+    stop.)"""
+    import errno
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "ro":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    for cache in (tmp_path / "ro", tmp_path / "ro" / "new"):
+        command = ["reproduce", "var-d16", "--mirror", str(tmp_path / "mirror"), "--cache", str(cache), "--out",
+                   str(tmp_path / "out")]  # fmt: skip
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"vqar: error: --cache {cache} cannot be written: Permission denied "
+                                           f"({tmp_path / 'ro'})\n")  # fmt: skip
+        assert not cache.exists() or cache == tmp_path / "ro"
+        assert not (tmp_path / "out").exists()
+
+
 def test_options_a_reproduction_alone_uses_are_refused_beside_download_only(tmp_path, capsys):
     """--download-only took --top-p 5, --cfg 0.1 and an --out that is a file without a word, and went on."""
     (tmp_path / "mirror").mkdir()

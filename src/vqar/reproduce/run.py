@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -333,6 +334,11 @@ def _check_cache(options: Options) -> None:
     if in_the_way is not None:
         where = "is a file" if in_the_way == cache else f"cannot be made: {in_the_way} is a file"
         raise ValueError(f"--cache {cache} {where}; give a folder for the downloads and reference features")
+    existing = next(path for path in (cache.absolute(), *cache.absolute().parents) if path.exists())
+    try:  # a read-only one failed at its first download; probed where it is (or would be) made, leaving nothing
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ValueError(f"--cache {cache} cannot be written: {err.strerror or err} ({existing})") from None
 
 
 def check_reproduction_folder(out: Path) -> None:
