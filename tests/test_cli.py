@@ -478,6 +478,24 @@ def test_commands_with_overrides_take_them_after_their_options(capsys):
     assert "overrides are key=value pairs, got 'stray'" in capsys.readouterr().err
 
 
+def test_a_preset_given_as_a_path_that_is_no_yaml_file_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """`vqar config tokenizer ./notes` and a folder were "no tokenizer preset named './notes'"; a folder that shares
+    a preset's name (a run trained into ./rqvae-mnist) still leaves the preset meant. The usage line wrote its list
+    twice ("PRESET [key=value ...] [PRESET [key=value ...] ...]")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("steps: 3\n")
+    (tmp_path / "rqvae-mnist").mkdir()
+    for given, what in (("./notes", "a file without a .yaml or .yml suffix"), (str(tmp_path), "a folder"),
+                        ("gone/x", "no file")):  # fmt: skip
+        assert main(["config", "tokenizer", given]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vqar: error: {given} is {what}: a preset is a name (") and "rqvae-mnist" in err, err
+    assert main(["config", "tokenizer", "rqvae-mnist"]) == 0 and "arch: conv" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["config", "--help"])
+    assert capsys.readouterr().out.startswith("usage: vqar config [-h] {tokenizer,ar} PRESET [key=value ...]\n")
+
+
 @pytest.mark.parametrize(("group", "preset", "overrides", "shown", "said"), [
     ("tokenizer", "rqvae-mnist", ["steps=7", "train.steps=9"], "steps: 9", "train.steps is given twice (steps=7, then "
                                                                            "train.steps=9)"),

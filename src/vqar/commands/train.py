@@ -200,7 +200,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "steps=<n> lr=<x> bs=<batch size>. See the full configuration with `vqar config tokenizer|ar "
                         "PRESET`.")  # fmt: skip
     train.add_argument("group", choices=GROUPS, help="what to train: a tokenizer (stage 1) or an AR model (stage 2)")
-    train.add_argument("overrides", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file")
+    # argparse writes a repeated list's metavar twice ("PRESET [key=value ...] [PRESET [key=value ...] ...]")
+    train.usage = "vqar train [-h] --out OUT [--resume | --overwrite] {tokenizer,ar} [PRESET] [key=value ...]"
+    train.add_argument("overrides", nargs="*", metavar="PRESET [key=value ...]", help="preset name or YAML file (a "
+                       "--resume may leave it out: the run's own), then key=value overrides")  # fmt: skip
     train.add_argument("--out", required=True, type=output_path, help="run directory (checkpoints, metrics, "
                        "pictures, model): new, empty, or a run of this kind to --resume or --overwrite")  # fmt: skip
     mode = train.add_mutually_exclusive_group()
@@ -215,4 +218,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "For AR models give codes=DIR: the vocabulary, code shape and classes come from the code "
                          "store and are marked so.")  # fmt: skip
     config.add_argument("group", choices=GROUPS)
-    config.add_argument("overrides", nargs="+", metavar="PRESET [key=value ...]")
+    config.usage = "vqar config [-h] {tokenizer,ar} PRESET [key=value ...]"
+    config.add_argument("overrides", nargs="+", metavar="PRESET [key=value ...]", help="preset name or YAML file, then "
+                        "key=value overrides")  # fmt: skip

@@ -187,6 +187,12 @@ def _preset_text(group: str, preset: str | Path) -> tuple[str, str]:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         return path.read_text(), str(path)
+    named = str(preset) in preset_names(group)  # a run folder may share a preset's name: the preset is meant
+    if not named and (path.exists() or "/" in str(preset) or "\\" in str(preset)):  # a path: say what it is
+        what = "a folder" if path.is_dir() else "a file without a .yaml or .yml suffix" if path.exists() else \
+            "no file"  # fmt: skip
+        raise ConfigError(f"{preset} is {what}: a preset is a name ({', '.join(preset_names(group))}) or a YAML "
+                          "file (.yaml / .yml)")  # fmt: skip
     return preset_text(group, str(preset)), f"preset {preset!r}"
 
 
