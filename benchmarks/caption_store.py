@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table  # noqa: E402
+from common import print_table, run_script  # noqa: E402
 from vqar.commands.common import non_negative_int, positive_int  # noqa: E402
 
 STORES = ("empty", "shards", "captions.json")
@@ -249,4 +249,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

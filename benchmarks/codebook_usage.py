@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from common import equal_budget, int_range, print_table, train_each
+from common import equal_budget, int_range, print_table, run_script, train_each
 from vqar.commands.common import positive_int
 
 GRADIENT_CODEBOOK = ["model.quantizer.ema=false", "model.quantizer.restart_dead=false"]
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from vqar.bundle import load
 from vqar.data import DataConfig
 from vqar.data.extraction import extract_codes
+from vqar.train.errors import TrainingInterrupted
 from vqar.train.tokenizer import load_run_config, train_tokenizer
 
 
@@ -130,3 +132,16 @@ def git_commit(text: str) -> str:
     if text.startswith("-") or subprocess.run(check, cwd=REPO, capture_output=True).returncode != 0:
         raise argparse.ArgumentTypeError(f"{text!r} names no commit of this repository ({REPO})")
     return text
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """Exits with `main()`'s status; Ctrl-C (or the TrainingInterrupted a training run raises for it, whose advice
+    to --resume these scripts do not take) is one line and status 130 instead of a traceback."""
+    try:
+        status = main()
+    except (KeyboardInterrupt, TrainingInterrupted):
+        print(f"{Path(sys.argv[0]).name}: stopped; the benchmark did not finish and recorded nothing: run it again "
+              "(what it trained is trained again, except a finished tokenizer and code store, which are reused)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    sys.exit(status)

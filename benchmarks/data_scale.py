@@ -35,7 +35,7 @@ from vqar.data import DataConfig, open_dataset, training_loader
 from vqar.data.pack import pack_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import int_range, print_table  # noqa: E402
+from common import int_range, print_table, run_script  # noqa: E402
 
 
 def photo_folder(folder: Path, count: int, seed: int = 0) -> None:
@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from common import cached_code_store
+from common import cached_code_store, run_script
 from vqar.ar import GPT_SIZES
 from vqar.bundle import load
 from vqar.commands.common import non_negative_int, positive_int
@@ -112,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

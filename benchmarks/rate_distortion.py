@@ -28,7 +28,7 @@ import logging
 import math
 from pathlib import Path
 
-from common import equal_budget, int_range, print_table, train_each
+from common import equal_budget, int_range, print_table, run_script, train_each
 from vqar.commands.common import positive_int
 
 CONFIGS = [
@@ -99,4 +99,4 @@ def _verdict(ok: bool) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import int_range
+from common import int_range, run_script
 from vqar.commands.common import positive_int
 from vqar.configs import preset_names
 
@@ -84,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

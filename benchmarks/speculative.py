@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common import run_script
 from vqar.bundle import load
 from vqar.commands.common import positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier, domain_fid, real_digits
@@ -154,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import cached_code_store, float_at_least, print_table
+from common import cached_code_store, float_at_least, print_table, run_script
 from vqar.bundle import load
 from vqar.commands.common import positive_int
 from vqar.eval.digits import class_accuracy, digit_classifier
@@ -131,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -86,3 +86,21 @@ def test_reuse_without_results_is_refused(tmp_path: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert "error: --reuse:" in last and "results.json" in last, last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar"]
+
+
+def test_a_benchmark_stopped_by_ctrl_c_says_so_in_one_line(tmp_path: Path) -> None:
+    """Ctrl-C ended in a traceback and TrainingInterrupted's advice to --resume, which no benchmark script takes."""
+    import signal
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "npp.py"), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "out").rglob("run.yaml")):  # training has begun
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("npp.py: stopped; the benchmark did not finish and recorded nothing"), last
+    assert "Traceback" not in err and "--resume" not in err, err[-2000:]
