@@ -268,6 +268,24 @@ def test_a_float_image_in_0_1_is_read_as_such_not_as_black():
     assert np.asarray(vd.convert_channels(eight_bit, 1)).tolist() == [[0, 100, 255]]
 
 
+def test_images_whose_files_do_not_say_their_range_are_warned_about_once(monkeypatch, caplog):
+    """Each float (F) or 32-bit (I) image is scaled by its own values: a float frame of 0.98 read near white and
+    one of 1.02 black, without a word. Said once per mode and process; 16-bit images have a fixed scale."""
+    import logging
+
+    import vqar.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "_SAID_GUESSED_RANGE", set())
+    with caplog.at_level(logging.WARNING, logger="vqar.data"):
+        for values in ([[0.98]], [[1.02]]):
+            vd.convert_channels(Image.fromarray(np.array(values, dtype=np.float32)), 1)
+        vd.convert_channels(Image.fromarray(np.array([[300]], dtype=np.int32)), 1)
+        vd.convert_channels(Image.fromarray(np.array([[300]], dtype=np.uint16)), 1)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[0].startswith("reading F images (32-bit floats), whose files do not say their "
+                                                 "range") and said[1].startswith("reading I images"), said  # fmt: skip
+
+
 def test_fit_image_keeps_the_center():
     wide = np.zeros((20, 60, 3), np.uint8)
     wide[:, :, 0] = 255

@@ -9,9 +9,14 @@ results, and a single resize is simpler to reason about.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
+
+log = logging.getLogger("vqar.data")
+_SAID_GUESSED_RANGE = set()  # the image modes whose guessed range was warned about, once per process
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
 
@@ -112,6 +117,11 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     it would be black (0 and 1 out of 255).
     """
     values = np.asarray(image, dtype=np.float64)
+    if not image.mode.startswith("I;16") and image.mode not in _SAID_GUESSED_RANGE:
+        _SAID_GUESSED_RANGE.add(image.mode)  # two images of one source may be scaled 255x apart: said, once
+        log.warning("reading %s images (32-bit %s), whose files do not say their range: each is scaled by its own "
+                    "values ([0, 1] floats, 0..255, or 16-bit); save them as 8- or 16-bit PNGs for one fixed scale",
+                    image.mode, "floats" if image.mode == "F" else "integers")  # fmt: skip
     if image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
         values = values * 255.0
     elif image.mode.startswith("I;16") or values.max(initial=0.0) > 255:
