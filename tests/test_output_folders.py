@@ -576,3 +576,10 @@ def test_ctrl_c_in_a_demo_says_the_same_command_goes_on_and_early_leaves_no_fold
         patch.setattr(TokenizerTask, "__init__", interrupted)
         code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "early")], capsys)
     assert code == 130 and err.endswith("vqar: interrupted\n") and not (tmp_path / "early").exists(), err
+    # Ctrl-C in extraction or sampling, after a training stage wrote a checkpoint: said as training's is
+    (tmp_path / "late" / "tokenizer" / "checkpoints" / "step-0000020").mkdir(parents=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "run_demo", interrupted)
+        code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "late")], capsys)
+    assert code == 130 and err == ("vqar: interrupted; the same `vqar demo` command goes on from the checkpoints its "
+                                   "training wrote\n"), err  # fmt: skip

@@ -212,6 +212,8 @@ def _out_of_memory(err: RuntimeError) -> bool:
 def _interrupted(args: argparse.Namespace) -> str:
     """What a Ctrl-C leaves: for a training run, the checkpoint it resumes from, if it wrote one yet; the other
     commands have nothing to resume from (their files are written at the end, or a rerun continues them)."""
+    if args.command == "demo" and _demo_checkpointed(args):  # its training stages go on from there, the rest redone
+        return "interrupted; the same `vqar demo` command goes on from the checkpoints its training wrote"
     if args.command != "train":
         return "interrupted"
     step = _newest_checkpoint(args)
@@ -231,6 +233,15 @@ def _peer_lost(args: argparse.Namespace, err: RuntimeError) -> str:
     step = _newest_checkpoint(args)
     return said + ("; no checkpoint was written yet" if step is None else
                    f"; the newest checkpoint (step {step}) is intact (resume with --resume)")  # fmt: skip
+
+
+def _demo_checkpointed(args: argparse.Namespace) -> bool:
+    """Whether the demo's tokenizer or AR run in --out has a checkpoint (to continue from)."""
+    from pathlib import Path
+
+    from vqar.train.checkpoint import list_checkpoints
+
+    return any(list_checkpoints(Path(args.out) / stage) for stage in ("tokenizer", "ar"))
 
 
 def _newest_checkpoint(args: argparse.Namespace) -> int | None:

@@ -359,7 +359,8 @@ class Trainer:
         if par.is_main and (trains or not resume):
             atomic_write_text(self.run_dir / "run.yaml", self.run_yaml)
         if not trains:
-            log.info("the run already reached train.steps=%d; raise it to train further", cfg.steps)
+            log.info("the run already reached train.steps=%d: nothing is left to train (a higher train.steps trains "
+                     "further)", cfg.steps)  # fmt: skip
             return self._final_metrics()
         window = _LogWindow()
         last_eval: dict[str, float] = {}
