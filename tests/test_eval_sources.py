@@ -20,7 +20,7 @@ from test_eval import _FakeStyleGANInception
 from vqar.cli import main
 from vqar.data.datasets import ImageFolderDataset, spread_indices
 from vqar.data.pack import pack_shards
-from vqar.eval import sources
+from vqar.eval import array_sources, sources
 from vqar.eval.generation import evaluate_samples, source_outputs
 from vqar.eval.inception import Inception
 from vqar.eval.shards import read_share, share
@@ -116,7 +116,7 @@ def test_a_share_opens_only_its_files_and_shards(image_set, monkeypatch):
 def test_an_npz_share_holds_only_its_rows(tmp_path, kind, monkeypatch):
     # arr_0 cannot be memory-mapped inside an npz; the rows are streamed out of the member instead of loading it,
     # through a buffer of NPZ_CHUNK bytes (made smaller here to fit the small array).
-    monkeypatch.setattr(sources, "NPZ_CHUNK", 1 << 18)
+    monkeypatch.setattr(array_sources, "NPZ_CHUNK", 1 << 18)
     images = np.random.default_rng(1).integers(0, 256, (400, 64, 64, 3), dtype=np.uint8)  # 4.9 MB
     path = tmp_path / "big.npz"
     (np.savez if kind == "npz" else np.savez_compressed)(path, arr_0=images)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vqar.eval.array_sources import npz_array_shape
 from vqar.eval.inception import Inception
 from vqar.eval.metrics import (
     IS_SPLITS,
@@ -31,14 +32,7 @@ from vqar.eval.metrics import (
     precision_recall,
 )
 from vqar.eval.shards import gather_rows, read_share, share
-from vqar.eval.sources import (
-    ImageSource,
-    batches,
-    check_enough_images,
-    describe_source,
-    npz_array_shape,
-    open_source,
-)
+from vqar.eval.sources import ImageSource, batches, check_enough_images, describe_source, open_source
 from vqar.parallel import Parallel
 from vqar.utils.io import atomic_write, check_folder_writable
 
