@@ -152,3 +152,19 @@ def test_a_damaged_pickle_is_one_line_naming_the_file(tmp_path, capsys):
             load_checkpoint(path)
         code, err = run_cli(["convert", str(path), str(tmp_path / "out")], capsys)
         assert code == 2 and err.count("\n") == 1 and "a damaged pickle" in err, (case, err)
+
+
+def test_the_pickle_read_follows_a_tensor_through_a_copy_on_the_stack():
+    """A tensor copied with DUP (or rebuilt through another call) was followed as an opaque object, so `set()` of
+    the copy passed the check. The stream: set(_rebuild_tensor_v2(storage of 100 floats, 0, (100,), (1,), False,
+    {})), with and without a DUP of the tensor before the call; the tensor alone is fine."""
+    import io
+
+    from vqar.utils.pickle_scan import CraftedPickleError, check_pickle
+
+    tensor = (b"ctorch._utils\n_rebuild_tensor_v2\n(" + b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+              b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x64tQ" + b"K\x00K\x64\x85K\x01\x85\x89}tR")  # fmt: skip
+    check_pickle(io.BytesIO(b"\x80\x02" + tensor + b"."), 10**6)
+    for copy in (b"", b"20"):  # DUP, then POP of the original
+        with pytest.raises(CraftedPickleError, match=r"^it calls set\(\) on a tensor"):
+            check_pickle(io.BytesIO(b"\x80\x02c__builtin__\nset\n" + tensor + copy + b"\x85R."), 10**6)

@@ -23,8 +23,6 @@ from typing import IO, Any
 # Functions that rebuild a tensor from (storage, storage_offset, size, stride, ...).
 TENSOR_REBUILDS = {f"torch._utils.{name}" for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
                                                       "_rebuild_qtensor")}  # fmt: skip
-# Functions whose result is the tensor given as their first argument.
-TENSOR_WRAPPERS = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"}
 # Allowed constructors that take every item of an iterable argument.
 ITERATING = {f"builtins.{name}" for name in ("set", "frozenset", "list", "tuple", "dict", "bytearray")}
 ITERATING |= {"collections.OrderedDict", "collections.Counter", "collections.defaultdict"}
@@ -97,12 +95,13 @@ def _step(op: pickletools.OpcodeInfo, arg, stack: list, memo: dict, file_bytes: 
     elif name == "REDUCE":
         args, func = stack.pop(), stack.pop()
         stack.append(_call(func, args if isinstance(args, tuple) else (), file_bytes))
-    elif name == "NEWOBJ":
-        args, cls = stack.pop(), stack.pop()
-        is_parameter = cls == "torch.nn.parameter.Parameter" and isinstance(args, tuple) and args[:1] == (_TENSOR,)
-        stack.append(_TENSOR if is_parameter else _OBJECT)
+    elif name == "NEWOBJ":  # cls.__new__(cls, *args): a Parameter or tensor subclass of a tensor is one too
+        args = stack.pop()
+        stack[-1] = _TENSOR if _holds_tensor(args) else _OBJECT
     elif name == "BUILD":
         stack.pop()  # the state; the object built keeps what it is
+    elif name == "DUP":
+        stack.append(stack[-1])  # a copy is what it copies (else a tensor passed on as an opaque object)
     else:  # containers, constants, POP, DUP ...: by the opcode's stack effect, as opaque objects
         before = op.stack_before
         if pickletools.markobject in before:
@@ -127,6 +126,13 @@ def _pop_to_mark(stack: list) -> list:
     return items
 
 
+def _holds_tensor(value, depth: int = 0) -> bool:
+    """Whether `value` is, or a tuple in it holds, a tensor or storage: what a call on it may return as a tensor."""
+    if value is _TENSOR or isinstance(value, _Storage):
+        return True
+    return isinstance(value, tuple) and depth < 8 and any(_holds_tensor(item, depth + 1) for item in value)
+
+
 def _call(func, args: tuple, file_bytes: int):
     if func in TENSOR_REBUILDS and len(args) >= 4 and isinstance(args[0], _Storage):
         size = args[2]
@@ -139,12 +145,12 @@ def _call(func, args: tuple, file_bytes: int):
                                          f"view of a storage of {int(args[0]):,}: a file saved from training holds no "
                                          "such tensor")  # fmt: skip
         return _TENSOR
-    if func in TENSOR_WRAPPERS:
-        return args[0] if args and args[0] is _TENSOR else _OBJECT
     if func in ITERATING:
-        if _TENSOR in args:
+        if any(arg is _TENSOR or isinstance(arg, _Storage) for arg in args):
             raise CraftedPickleError(f"it calls {func.rsplit('.', 1)[1]}() on a tensor, which builds one object per "
                                      "element: a file saved from training does not")  # fmt: skip
         if func == "builtins.bytearray" and args and type(args[0]) is int and args[0] > file_bytes:
             raise CraftedPickleError(f"it asks for a bytearray of {args[0]:,} bytes, more than the file holds")
-    return _OBJECT
+        return _OBJECT
+    # any other call on a tensor (a Parameter, a tensor subclass rebuilt) may return one
+    return _TENSOR if _holds_tensor(args) else _OBJECT
