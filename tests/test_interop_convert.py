@@ -122,7 +122,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_line_and_the_old_model_stays
     real_write = pathlib.Path.write_bytes
 
     def parent_read_only(path, data):
-        if path.parent == tmp_path and path.name.startswith(".write-test-"):
+        if path.parent == tmp_path and path.name.startswith(".write-test."):
             raise PermissionError(13, "Permission denied")
         return real_write(path, data)
 

@@ -337,7 +337,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_load_or_download(to
     real_write = Path.write_bytes
 
     def read_only(path, data):
-        if path.name.startswith(".write-test-"):
+        if path.name.startswith(".write-test."):
             raise PermissionError(13, "Permission denied", str(path))
         return real_write(path, data)
 
@@ -583,3 +583,23 @@ def test_ctrl_c_in_a_demo_says_the_same_command_goes_on_and_early_leaves_no_fold
         code, err = run_cli(["demo", "--quick", "--out", str(tmp_path / "late")], capsys)
     assert code == 130 and err == ("vqar: interrupted; the same `vqar demo` command goes on from the checkpoints its "
                                    "training wrote\n"), err  # fmt: skip
+
+
+def test_a_writability_probe_of_another_rank_is_not_taken_for_a_foreign_file(tmp_path):
+    """Under torchrun each rank probes --out (`check_folder_writable`) while another checks what it holds: a
+    reproduction on 2 processes was refused for "holds .write-test-20726, which no `vqar reproduce` wrote"."""
+    import os
+
+    from vqar.reproduce.run import check_reproduction_folder
+    from vqar.utils.io import check_folder_writable, folder_entries
+
+    real_unlink = Path.unlink
+    kept = []
+    try:
+        Path.unlink = lambda self, *a, **k: kept.append(self)  # the probe caught between its write and its removal
+        check_folder_writable(tmp_path / "out")
+    finally:
+        Path.unlink = real_unlink
+    assert [p.name for p in kept] == [f".write-test.tmp-{os.getpid()}"] and kept[0].exists()
+    assert folder_entries(tmp_path / "out") == []
+    check_reproduction_folder(tmp_path / "out")  # refused it before

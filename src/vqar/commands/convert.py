@@ -86,7 +86,7 @@ def _check_work_folder_writable(out: Path) -> None:
     be written, inside a folder that could not, passed the up-front check and failed after the whole load with a
     bare errno."""
     home = _work_home(out)[1]
-    probe = home / f".write-test-{os.getpid()}"
+    probe = home / f".write-test.tmp-{os.getpid()}"  # a temporary file's name (LEFTOVER), passed over by checks
     try:
         probe.write_bytes(b"")
         probe.unlink()

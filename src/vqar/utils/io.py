@@ -179,7 +179,8 @@ def check_folder_writable(folder: str | Path, out: str | Path | None = None, opt
         raise NotADirectoryError(f"{option} {named} cannot be made: {in_the_way} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        # named as vqar's temporary files are (LEFTOVER): another rank checking the folder meanwhile passes over it
+        probe = folder / f".write-test.tmp-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
